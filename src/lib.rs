@@ -1,0 +1,8 @@
+//! spatial-ssrl: self-supervised spatial reinforcement learning for vision-language models.
+//!
+//! - [`tasks`]: the five Spatial-SSRL pretext tasks from photos and RGB-D frames.
+//! - [`reward`]: EasyR1's verifiable format + accuracy reward.
+
+pub mod reward;
+pub mod rng;
+pub mod tasks;

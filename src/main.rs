@@ -1,0 +1,255 @@
+//! `ssrl`: the command-line shell over the spatial_ssrl library.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use spatial_ssrl::reward::{self, RewardConfig};
+use spatial_ssrl::tasks::{self, position::Geometry, shuffle::Variant, Format, TaskKind};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "ssrl",
+    version,
+    about = "Self-supervised spatial RL for vision-language models (Spatial-SSRL)",
+    long_about = "Self-supervised spatial RL for vision-language models (Spatial-SSRL, arXiv 2510.27606).\n\n\
+Turns ordinary photos and RGB-D frames into five pretext tasks whose answers a string compare \
+can verify, and scores model responses with EasyR1's reward.\n\n\
+Start with:\n  ssrl tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out\n  ssrl reward responses.jsonl"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate pretext-task samples (Parquet or JSONL + JPEG images) from photos and RGB-D frames.
+    #[command(long_about = "Generate pretext-task samples from photos and RGB-D frames.\n\n\
+Photos (--images, searched recursively: jpg/png/webp) feed shuffle, flip and crop; RGB-D frames \
+(--rgbd, layout detected per folder: DIODE, MegaDepth .h5, TUM, ScanNet, generic PNG16/npy + \
+intrinsics.json) feed depth and position.\n\n\
+Output folder:\n  data/part-NNNNN.parquet   samples in EasyR1's schema (problem, answer, images) + id, task, source, meta\n  \
+images/<task>/*.jpg       the images, referenced relative to the output folder\n  summary.json              produced / skipped per task and reason\n  \
+run.json, state/          what --resume needs\n\n\
+The same --seed gives byte-identical output for any --threads. An interrupted run continues \
+with --resume and loses at most the shard in progress.\n\n\
+Example:\n  ssrl tasks --images coco/val2017 --rgbd diode/val --out ssrl-data --per-image 2 --seed 1")]
+    Tasks(TasksArgs),
+    /// Score responses with the verifiable reward (JSONL {response, answer} in, scores out).
+    #[command(long_about = "Score model responses with EasyR1's img_score reward.\n\n\
+Reads JSONL lines {\"response\": ..., \"answer\": ...} (\"ground_truth\" is accepted for \"answer\") \
+from FILE or standard input and writes one JSONL line per input: \
+{\"overall\", \"format\", \"accuracy\", \"predicted\"}.\n\n\
+format = 1 when the response (after removing whitespace around <, >, /) is <think>…</think>…\\boxed{…}…; \
+predicted = the last \\boxed{} content; accuracy = exact string match; \
+overall = (1 − w)·accuracy + w·format.\n\n\
+Example:\n  echo '{\"response\":\"<think>…</think> \\\\boxed{A}\",\"answer\":\"A\"}' | ssrl reward")]
+    Reward(RewardArgs),
+}
+
+#[derive(clap::Args)]
+struct TasksArgs {
+    /// Folder of photos (searched recursively) for shuffle, flip and crop; repeatable.
+    #[arg(long, value_name = "DIR")]
+    images: Vec<PathBuf>,
+    /// Folder of RGB-D frames (any supported layout, searched recursively) for depth and position; repeatable.
+    #[arg(long, value_name = "DIR")]
+    rgbd: Vec<PathBuf>,
+    /// Output folder (created; must not hold another run unless --resume).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Tasks to generate, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "shuffle,flip,crop,depth,position")]
+    tasks: Vec<TaskKind>,
+    /// Samples per source and task.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    per_image: usize,
+    /// Random seed; the output depends only on the seed, inputs and settings.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    seed: u64,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    threads: usize,
+    /// Sample file format.
+    #[arg(long, value_enum, default_value_t = Format::Parquet)]
+    format: Format,
+    /// Continue an interrupted run in the same output folder.
+    #[arg(long)]
+    resume: bool,
+    /// Downscale sources whose longer side exceeds PX (0 = keep native size).
+    #[arg(long, default_value_t = 1600, value_name = "PX")]
+    max_side: u32,
+    /// Relative-position answers: `sign` (the official code: signs of Δcolumn and Δdepth) or
+    /// `metric` (the paper's Eq. 7–9 in the camera frame; needs intrinsics and metric depth).
+    #[arg(long, value_enum, default_value_t = GeometryArg::Sign)]
+    position_geometry: GeometryArg,
+    /// Use one shuffle variant instead of the paper's mix: 2x2, 2x2_mask, 1x3, 1x4, 3x1, 4x1.
+    #[arg(long, value_name = "V", value_parser = parse_variant)]
+    shuffle_variant: Option<Variant>,
+    /// JPEG quality of the written images.
+    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+    jpeg_quality: u8,
+    /// Sources per output shard (the unit of atomic commit and resume).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    shard_sources: usize,
+    /// No progress bar or warnings, only the summary.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GeometryArg {
+    Sign,
+    Metric,
+}
+
+fn parse_variant(s: &str) -> Result<Variant, String> {
+    Ok(match s {
+        "2x2" => Variant::Grid,
+        "2x2_mask" => Variant::GridMasked,
+        "1x3" => Variant::Horizontal(3),
+        "1x4" => Variant::Horizontal(4),
+        "3x1" => Variant::Vertical(3),
+        "4x1" => Variant::Vertical(4),
+        _ => return Err(format!("unknown variant {s:?}; one of 2x2, 2x2_mask, 1x3, 1x4, 3x1, 4x1")),
+    })
+}
+
+#[derive(clap::Args)]
+struct RewardArgs {
+    /// JSONL file of {response, answer}; standard input when omitted.
+    file: Option<PathBuf>,
+    /// Weight of the format score in `overall`.
+    #[arg(long, default_value_t = 0.1)]
+    format_weight: f64,
+}
+
+struct Bar {
+    pb: ProgressBar,
+    quiet: bool,
+    warned: std::sync::atomic::AtomicUsize,
+}
+
+const MAX_WARNINGS: usize = 50;
+
+impl tasks::Progress for Bar {
+    fn start(&self, total: u64, done: u64) {
+        self.pb.set_length(total);
+        self.pb.set_position(done);
+        self.pb.reset_eta();
+    }
+    fn source_done(&self, samples: u64) {
+        self.pb.inc(1);
+        let n = self.pb.message().parse::<u64>().unwrap_or(0) + samples;
+        self.pb.set_message(n.to_string());
+    }
+    fn warn(&self, message: &str) {
+        if self.quiet {
+            return;
+        }
+        let n = self.warned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n < MAX_WARNINGS {
+            self.pb.println(format!("warning: {message}"));
+        } else if n == MAX_WARNINGS {
+            self.pb.println("warning: more warnings suppressed; see summary.json for counts");
+        }
+    }
+}
+
+fn run_tasks(a: TasksArgs) -> Result<()> {
+    let cfg = tasks::TasksConfig {
+        images: a.images,
+        rgbd: a.rgbd,
+        out: a.out,
+        tasks: a.tasks,
+        per_image: a.per_image,
+        seed: a.seed,
+        threads: a.threads,
+        format: a.format,
+        resume: a.resume,
+        max_side: a.max_side,
+        position_geometry: match a.position_geometry {
+            GeometryArg::Sign => Geometry::Sign,
+            GeometryArg::Metric => Geometry::Metric,
+        },
+        shuffle_variant: a.shuffle_variant,
+        jpeg_quality: a.jpeg_quality,
+        shard_sources: a.shard_sources,
+    };
+    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} sources · {msg} samples · {per_sec} · ETA {eta}")
+            .expect("valid template"),
+    );
+    pb.set_message("0");
+    let bar = Bar { pb, quiet: a.quiet, warned: Default::default() };
+    let result = tasks::run(&cfg, &bar);
+    bar.pb.finish_and_clear();
+    let summary = result.with_context(|| format!("ssrl tasks → {}", cfg.out.display()))?;
+    println!("{:<10} {:>9}  skipped", "task", "produced");
+    for (t, s) in &summary.tasks {
+        let skipped: Vec<String> = s
+            .skipped
+            .iter()
+            .map(|(r, n)| format!("{}: {n}", serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
+            .collect();
+        println!("{:<10} {:>9}  {}", t.name(), s.produced, if skipped.is_empty() { "-".into() } else { skipped.join(", ") });
+    }
+    println!(
+        "{} samples from {} sources in {:.1} s ({:.1} samples/s){} → {}",
+        summary.produced,
+        summary.sources,
+        summary.elapsed_s,
+        summary.samples_per_s,
+        if summary.resumed_shards > 0 { format!(", {} shard(s) resumed", summary.resumed_shards) } else { String::new() },
+        cfg.out.join("summary.json").display()
+    );
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct RewardIn {
+    response: String,
+    #[serde(alias = "ground_truth")]
+    answer: String,
+}
+
+fn run_reward(a: RewardArgs) -> Result<()> {
+    let cfg = RewardConfig { format_weight: a.format_weight };
+    let name = a.file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<stdin>".into());
+    let input: Box<dyn BufRead> = match &a.file {
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
+        )),
+        None => Box::new(std::io::stdin().lock()),
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for (i, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("{name}: read error at line {}", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: RewardIn = serde_json::from_str(&line)
+            .with_context(|| format!("{name}:{}: expected {{\"response\": string, \"answer\": string}}", i + 1))?;
+        let s = reward::score(&r.response, &r.answer, &cfg);
+        serde_json::to_writer(&mut out, &s)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Tasks(a) => run_tasks(a),
+        Command::Reward(a) => run_reward(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

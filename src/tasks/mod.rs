@@ -1,0 +1,498 @@
+//! Pretext task engine: turns photos and RGB-D frames into verifiable QA samples.
+//!
+//! Work is split into shards of consecutive sources. Every sample draws from its own random
+//! stream keyed by `(seed, source index, task, k)`, shards are assembled in source order, and
+//! each shard file is committed with an atomic rename after its images: the output is
+//! byte-identical for any thread count, and `--resume` skips committed shards and redoes
+//! only the one that was interrupted.
+
+pub mod crop;
+pub mod depth_order;
+pub mod draw;
+pub mod flip;
+pub mod imgops;
+pub mod npy;
+pub mod position;
+pub mod shuffle;
+pub mod source;
+pub mod templates;
+pub mod window;
+pub mod write;
+
+use crate::rng::Rng;
+use image::RgbImage;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use source::{Source, SourceError};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+pub use write::{Format, SampleRecord};
+
+/// The five pretext tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Shuffled patch reordering (RGB).
+    Shuffle,
+    /// Flipped patch recognition (RGB).
+    Flip,
+    /// Cropped patch inpainting (RGB).
+    Crop,
+    /// Regional depth ordering (RGB-D).
+    Depth,
+    /// Relative 3D position (RGB-D).
+    Position,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 5] = [TaskKind::Shuffle, TaskKind::Flip, TaskKind::Crop, TaskKind::Depth, TaskKind::Position];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Shuffle => "shuffle",
+            TaskKind::Flip => "flip",
+            TaskKind::Crop => "crop",
+            TaskKind::Depth => "depth",
+            TaskKind::Position => "position",
+        }
+    }
+
+    pub fn needs_depth(self) -> bool {
+        matches!(self, TaskKind::Depth | TaskKind::Position)
+    }
+}
+
+/// Why a sample was not produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The file could not be read.
+    Io,
+    /// Corrupt, truncated or not an image / depth file.
+    Decode,
+    /// Too small for the task's grid or crop.
+    TooSmall,
+    /// Depth and colour sizes differ.
+    DepthSizeMismatch,
+    /// No valid depth (all invalid, NaN or inf).
+    InvalidDepth,
+    /// No region satisfies the depth-ordering rules.
+    NoRegion,
+    /// No pair of regions satisfies the relative-position rules.
+    NoPair,
+    /// The options (or the flip) would not be visually distinct.
+    IndistinctOptions,
+    /// `--position-geometry metric` needs intrinsics and metric depth.
+    NoIntrinsics,
+}
+
+/// What a task generator returns: text, answer, images in `<image>` order, and meta.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub problem: String,
+    pub answer: String,
+    pub images: Vec<RgbImage>,
+    pub meta: serde_json::Value,
+}
+
+/// Everything `ssrl tasks` is asked to do.
+#[derive(Debug, Clone)]
+pub struct TasksConfig {
+    /// Photo folders (searched recursively).
+    pub images: Vec<PathBuf>,
+    /// RGB-D folders (layout detected per sub-folder).
+    pub rgbd: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub tasks: Vec<TaskKind>,
+    pub per_image: usize,
+    pub seed: u64,
+    /// Worker threads; 0 uses every core.
+    pub threads: usize,
+    pub format: Format,
+    pub resume: bool,
+    /// Longer side limit for sources (0 keeps native size).
+    pub max_side: u32,
+    pub position_geometry: position::Geometry,
+    /// Fix the shuffle variant instead of the paper's mix.
+    pub shuffle_variant: Option<shuffle::Variant>,
+    pub jpeg_quality: u8,
+    /// Sources per output shard.
+    pub shard_sources: usize,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            images: Vec::new(),
+            rgbd: Vec::new(),
+            out: PathBuf::from("tasks-out"),
+            tasks: TaskKind::ALL.to_vec(),
+            per_image: 1,
+            seed: 0,
+            threads: 0,
+            format: Format::Parquet,
+            resume: false,
+            max_side: 1600,
+            position_geometry: position::Geometry::Sign,
+            shuffle_variant: None,
+            jpeg_quality: 95,
+            shard_sources: 64,
+        }
+    }
+}
+
+/// Counts for one task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskStats {
+    pub produced: u64,
+    pub skipped: BTreeMap<SkipReason, u64>,
+}
+
+/// The run's outcome, also written as `summary.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub tasks: BTreeMap<TaskKind, TaskStats>,
+    pub sources: u64,
+    pub shards: usize,
+    pub resumed_shards: usize,
+    pub produced: u64,
+    pub elapsed_s: f64,
+    /// Samples produced by this invocation per second (resumed shards excluded).
+    pub samples_per_s: f64,
+    pub data_files: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TasksError {
+    #[error("no input: pass --images DIR and/or --rgbd DIR")]
+    NoInput,
+    #[error("{path}: cannot read input folder: {source}")]
+    Input { path: PathBuf, source: std::io::Error },
+    #[error("{0}: holds an earlier run (run.json); pass --resume to continue it, or choose an empty folder")]
+    AlreadyExists(PathBuf),
+    #[error("{path}: --resume with different settings than the run being resumed ({what}); use the original settings or a new folder")]
+    ResumeMismatch { path: PathBuf, what: String },
+    #[error(transparent)]
+    Write(#[from] write::WriteError),
+    #[error("nothing was produced: {0}")]
+    NothingProduced(String),
+    #[error("thread pool: {0}")]
+    ThreadPool(String),
+}
+
+/// Progress reporting hooks (the CLI draws a bar; tests stay silent).
+pub trait Progress: Sync {
+    fn start(&self, _total_sources: u64, _done_sources: u64) {}
+    fn source_done(&self, _samples: u64) {}
+    fn warn(&self, _message: &str) {}
+}
+
+/// A `Progress` that reports nothing.
+pub struct Silent;
+impl Progress for Silent {}
+
+/// The settings that define a run's output (not the thread count), and its inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RunFingerprint {
+    version: u32,
+    tasks: Vec<TaskKind>,
+    per_image: usize,
+    seed: u64,
+    format: Format,
+    max_side: u32,
+    position_geometry: position::Geometry,
+    shuffle_variant: Option<String>,
+    jpeg_quality: u8,
+    shard_sources: usize,
+    sources: Vec<Vec<String>>,
+}
+
+fn display(p: &Path) -> String {
+    p.to_string_lossy().replace('\\', "/")
+}
+
+/// Finds every source under the configured folders, images first, each list sorted.
+pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source>, TasksError> {
+    if cfg.images.is_empty() && cfg.rgbd.is_empty() {
+        return Err(TasksError::NoInput);
+    }
+    let mut sources = Vec::new();
+    let wants_rgb = cfg.tasks.iter().any(|t| !t.needs_depth());
+    let wants_depth = cfg.tasks.iter().any(|t| t.needs_depth());
+    for dir in &cfg.images {
+        let list = source::discover_images(dir).map_err(|e| TasksError::Input { path: dir.clone(), source: e })?;
+        if list.is_empty() {
+            progress.warn(&format!("{}: no jpg/png/webp images found", dir.display()));
+        }
+        if wants_rgb {
+            sources.extend(list.into_iter().map(|path| Source::Rgb { path }));
+        }
+    }
+    for dir in &cfg.rgbd {
+        let found = source::discover_rgbd(dir).map_err(|e| TasksError::Input { path: dir.clone(), source: e })?;
+        for w in &found.warnings {
+            progress.warn(w);
+        }
+        if found.frames.is_empty() {
+            progress.warn(&format!("{}: no RGB-D frames found in any supported layout", dir.display()));
+        }
+        if wants_depth {
+            sources.extend(found.frames.into_iter().map(Source::Rgbd));
+        }
+    }
+    Ok(sources)
+}
+
+fn encode_jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(img.as_raw().len() / 8);
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
+        .encode_image(img)
+        .expect("JPEG encoding into memory does not fail");
+    buf
+}
+
+struct SourceOutput {
+    samples: Vec<SampleRecord>,
+    stats: BTreeMap<TaskKind, TaskStats>,
+    warnings: Vec<String>,
+}
+
+enum Input {
+    Rgb(RgbImage),
+    Rgbd(source::RgbdFrame),
+}
+
+fn generate_one(task: TaskKind, input: &Input, rng: &mut Rng, cfg: &TasksConfig) -> Result<Generated, SkipReason> {
+    match (task, input) {
+        (TaskKind::Shuffle, Input::Rgb(img)) => {
+            let v = cfg.shuffle_variant.unwrap_or_else(|| shuffle::Variant::sample(rng));
+            shuffle::generate(img, rng, v)
+        }
+        (TaskKind::Flip, Input::Rgb(img)) => flip::generate(img, rng),
+        (TaskKind::Crop, Input::Rgb(img)) => crop::generate(img, rng),
+        (TaskKind::Depth, Input::Rgbd(f)) => depth_order::generate(f, rng),
+        (TaskKind::Position, Input::Rgbd(f)) => position::generate(f, rng, cfg.position_geometry),
+        _ => unreachable!("tasks are routed by source kind"),
+    }
+}
+
+/// Produces all samples of one source and writes their images.
+fn process_source(gi: usize, src: &Source, cfg: &TasksConfig) -> Result<SourceOutput, write::WriteError> {
+    let tasks: Vec<TaskKind> = cfg
+        .tasks
+        .iter()
+        .copied()
+        .filter(|t| t.needs_depth() == matches!(src, Source::Rgbd(_)))
+        .collect();
+    let mut out = SourceOutput { samples: Vec::new(), stats: BTreeMap::new(), warnings: Vec::new() };
+    let loaded: Result<Input, SourceError> = match src {
+        Source::Rgb { path } => source::load_rgb(path).map(|img| Input::Rgb(source::limit_side(img, cfg.max_side).0)),
+        Source::Rgbd(s) => source::load_rgbd(s, cfg.max_side).map(Input::Rgbd),
+    };
+    let input = match loaded {
+        Ok(i) => i,
+        Err(e) => {
+            for t in &tasks {
+                *out.stats.entry(*t).or_default().skipped.entry(e.reason).or_default() += cfg.per_image as u64;
+            }
+            out.warnings.push(format!("skipped {e}"));
+            return Ok(out);
+        }
+    };
+    let source_names: Vec<String> = src.files().iter().map(|p| display(p)).collect();
+    for &task in &tasks {
+        let stats = out.stats.entry(task).or_default();
+        for k in 0..cfg.per_image {
+            let mut rng = Rng::keyed(cfg.seed, &[gi as u64, task as u64, k as u64]);
+            match generate_one(task, &input, &mut rng, cfg) {
+                Ok(g) => {
+                    let id = format!("{}-{gi:06}-{k}", task.name());
+                    let mut images = Vec::with_capacity(g.images.len());
+                    for (i, img) in g.images.iter().enumerate() {
+                        let rel = if g.images.len() == 1 {
+                            format!("images/{}/{id}.jpg", task.name())
+                        } else {
+                            format!("images/{}/{id}_{i}.jpg", task.name())
+                        };
+                        write::write_atomic(&cfg.out.join(&rel), &encode_jpeg(img, cfg.jpeg_quality), false)?;
+                        images.push(rel);
+                    }
+                    out.samples.push(SampleRecord {
+                        id,
+                        task: task.name().into(),
+                        problem: g.problem,
+                        answer: g.answer,
+                        images,
+                        source: source_names.clone(),
+                        meta: g.meta,
+                    });
+                    stats.produced += 1;
+                }
+                Err(reason) => {
+                    *stats.skipped.entry(reason).or_default() += 1;
+                    if k == 0 {
+                        out.warnings.push(format!(
+                            "{}: {} sample skipped ({})",
+                            source_names[0],
+                            task.name(),
+                            serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Serialize, Deserialize)]
+struct ShardState {
+    sources: usize,
+    samples: usize,
+    stats: BTreeMap<TaskKind, TaskStats>,
+}
+
+fn merge(into: &mut BTreeMap<TaskKind, TaskStats>, from: &BTreeMap<TaskKind, TaskStats>) {
+    for (t, s) in from {
+        let e = into.entry(*t).or_default();
+        e.produced += s.produced;
+        for (r, n) in &s.skipped {
+            *e.skipped.entry(*r).or_default() += n;
+        }
+    }
+}
+
+/// Runs the task engine: discovery, generation on `threads` workers, sharded atomic output,
+/// resume, and `summary.json`.
+pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksError> {
+    let t0 = Instant::now();
+    let sources = discover(cfg, progress)?;
+    let fp = RunFingerprint {
+        version: 1,
+        tasks: cfg.tasks.clone(),
+        per_image: cfg.per_image,
+        seed: cfg.seed,
+        format: cfg.format,
+        max_side: cfg.max_side,
+        position_geometry: cfg.position_geometry,
+        shuffle_variant: cfg.shuffle_variant.map(|v| v.name()),
+        jpeg_quality: cfg.jpeg_quality,
+        shard_sources: cfg.shard_sources.max(1),
+        sources: sources.iter().map(|s| s.files().iter().map(|p| display(p)).collect()).collect(),
+    };
+    let run_json = cfg.out.join("run.json");
+    if run_json.exists() {
+        if !cfg.resume {
+            return Err(TasksError::AlreadyExists(cfg.out.clone()));
+        }
+        let text = std::fs::read_to_string(&run_json)
+            .map_err(|e| TasksError::Write(write::WriteError::Io { path: run_json.clone(), source: e }))?;
+        let old: RunFingerprint = serde_json::from_str(&text).map_err(|e| TasksError::ResumeMismatch {
+            path: run_json.clone(),
+            what: format!("unreadable run.json: {e}"),
+        })?;
+        if old != fp {
+            let a = serde_json::to_value(&old).unwrap_or_default();
+            let b = serde_json::to_value(&fp).unwrap_or_default();
+            let diff: Vec<String> = a
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            return Err(TasksError::ResumeMismatch { path: run_json, what: diff.join(", ") });
+        }
+    } else {
+        write::write_atomic(&run_json, &serde_json::to_vec_pretty(&fp).expect("serialises"), true)?;
+    }
+
+    let per_shard = cfg.shard_sources.max(1);
+    let shards: Vec<&[Source]> = sources.chunks(per_shard).collect();
+    let data_name = |s: usize| format!("data/part-{s:05}.{}", cfg.format.ext());
+    let state_path = |s: usize| cfg.out.join(format!("state/part-{s:05}.json"));
+    let mut summary = Summary { sources: sources.len() as u64, shards: shards.len(), ..Default::default() };
+    let mut done = vec![false; shards.len()];
+    let mut done_sources = 0u64;
+    for (s, shard) in shards.iter().enumerate() {
+        let data = cfg.out.join(data_name(s));
+        if data.is_file() {
+            if let Ok(st) = std::fs::read(state_path(s)).map(|b| serde_json::from_slice::<ShardState>(&b)) {
+                if let Ok(st) = st {
+                    merge(&mut summary.tasks, &st.stats);
+                    done[s] = true;
+                    done_sources += shard.len() as u64;
+                    summary.resumed_shards += 1;
+                }
+            }
+        }
+    }
+    progress.start(sources.len() as u64, done_sources);
+
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if cfg.threads > 0 {
+        builder = builder.num_threads(cfg.threads);
+    }
+    let pool = builder.build().map_err(|e| TasksError::ThreadPool(e.to_string()))?;
+    let mut new_samples = 0u64;
+    for (s, shard) in shards.iter().enumerate() {
+        summary.data_files.push(data_name(s));
+        if done[s] {
+            continue;
+        }
+        let base = s * per_shard;
+        let results: Vec<Result<SourceOutput, write::WriteError>> = pool.install(|| {
+            shard
+                .par_iter()
+                .enumerate()
+                .map(|(i, src)| {
+                    let r = process_source(base + i, src, cfg);
+                    if let Ok(o) = &r {
+                        for w in &o.warnings {
+                            progress.warn(w);
+                        }
+                        progress.source_done(o.samples.len() as u64);
+                    }
+                    r
+                })
+                .collect()
+        });
+        let mut samples = Vec::new();
+        let mut stats = BTreeMap::new();
+        for r in results {
+            let o = r?;
+            merge(&mut stats, &o.stats);
+            samples.extend(o.samples);
+        }
+        new_samples += samples.len() as u64;
+        let state = ShardState { sources: shard.len(), samples: samples.len(), stats: stats.clone() };
+        write::write_atomic(&state_path(s), &serde_json::to_vec_pretty(&state).expect("serialises"), true)?;
+        let data = cfg.out.join(data_name(s));
+        let bytes = match cfg.format {
+            Format::Jsonl => write::jsonl_bytes(&samples),
+            Format::Parquet => write::parquet_bytes(&samples, &data)?,
+        };
+        write::write_atomic(&data, &bytes, true)?;
+        merge(&mut summary.tasks, &stats);
+    }
+    summary.produced = summary.tasks.values().map(|t| t.produced).sum();
+    summary.elapsed_s = t0.elapsed().as_secs_f64();
+    summary.samples_per_s = new_samples as f64 / summary.elapsed_s.max(1e-9);
+    let mut on_disk = summary.clone();
+    on_disk.elapsed_s = (on_disk.elapsed_s * 1000.0).round() / 1000.0;
+    write::write_atomic(&cfg.out.join("summary.json"), &serde_json::to_vec_pretty(&on_disk).expect("serialises"), true)?;
+    if summary.produced == 0 {
+        let reasons: Vec<String> = summary
+            .tasks
+            .iter()
+            .flat_map(|(t, s)| s.skipped.iter().map(move |(r, n)| format!("{} {n}× {:?}", t.name(), r)))
+            .collect();
+        return Err(TasksError::NothingProduced(if sources.is_empty() {
+            "no usable sources for the selected tasks".into()
+        } else {
+            reasons.join(", ")
+        }));
+    }
+    Ok(summary)
+}

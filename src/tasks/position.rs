@@ -1,0 +1,456 @@
+//! Relative 3D position (`data_process/Position.py`, paper §3.1.2 Eq. 7–9, Table 8).
+//!
+//! Candidate 15×15 blocks of nearly constant normalised depth are ranked by distance to the
+//! image centre, and the first pair (in that order) that satisfies the "near" or "far" rule is
+//! marked. The official search is a quadratic Python loop with a 15 s timeout; here block
+//! statistics come from O(H·W) sliding windows and the pair search prunes with suffix bounds
+//! (far) or a row index (near), so it finds the same first pair in milliseconds.
+
+use super::draw::{self, MarkerStyle};
+use super::source::RgbdFrame;
+use super::templates;
+use super::window;
+use super::{Generated, SkipReason};
+use crate::rng::Rng;
+use serde_json::json;
+
+pub const BLOCK: usize = 15;
+pub const CENTER_MARGIN: f64 = 0.45;
+pub const INNER_THR: f32 = 0.15;
+pub const DEPTH_SEP: f32 = 0.25;
+pub const DIFF_X_PX: i64 = 150;
+pub const NEAR_ROW_BAND: i64 = 30;
+/// Orientation weights: facing left of image, right of image, to me, away from me.
+pub const FACING_WEIGHTS: [f64; 4] = [30.0, 30.0, 30.0, 10.0];
+/// Upper bound on pair comparisons before a frame is reported as having no pair.
+const SEARCH_BUDGET: u64 = 200_000_000;
+
+/// How the answer is derived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Geometry {
+    /// The official code: signs of Δ(pixel column) and Δ(depth).
+    #[default]
+    Sign,
+    /// The paper's camera-frame formulation (Eq. 7–9) with intrinsics and metric depth.
+    Metric,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairKind {
+    Near,
+    Far,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Block {
+    pub y: usize,
+    pub x: usize,
+    pub min: f32,
+    pub max: f32,
+    dist2: f64,
+}
+
+/// Min-max normalised depth (valid → [0, 1], invalid NaN; a constant map becomes all 1).
+pub fn normalise(depth: &[f32]) -> Option<Vec<f32>> {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &d in depth.iter().filter(|d| d.is_finite()) {
+        lo = lo.min(d);
+        hi = hi.max(d);
+    }
+    if !lo.is_finite() {
+        return None;
+    }
+    Some(
+        depth
+            .iter()
+            .map(|&d| {
+                if !d.is_finite() {
+                    f32::NAN
+                } else if hi == lo {
+                    1.0
+                } else {
+                    (d - lo) / (hi - lo)
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Every 15×15 block centred within ±45 % of the image centre whose valid depth spans at most
+/// 0.15, sorted by distance to the centre (ties by row, then column).
+pub fn candidate_blocks(norm: &[f32], w: usize, h: usize) -> Vec<Block> {
+    let half = BLOCK / 2;
+    let mm = window::min_max(norm, w, h, BLOCK);
+    if mm.ow == 0 {
+        return vec![];
+    }
+    let (cy, cx) = (h as f64 / 2.0, w as f64 / 2.0);
+    let (my, mx) = (CENTER_MARGIN * h as f64, CENTER_MARGIN * w as f64);
+    let y_lo = half.max((cy - my).ceil().max(0.0) as usize);
+    let y_hi = (h - half - 1).min((cy + my).floor() as usize);
+    let x_lo = half.max((cx - mx).ceil().max(0.0) as usize);
+    let x_hi = (w - half - 1).min((cx + mx).floor() as usize);
+    let mut out = Vec::new();
+    for y in y_lo..=y_hi {
+        for x in x_lo..=x_hi {
+            let i = (y - half) * mm.ow + (x - half);
+            let (lo, hi) = (mm.min[i], mm.max[i]);
+            if lo.is_finite() && hi - lo <= INNER_THR {
+                let dist2 = (y as f64 - cy).powi(2) + (x as f64 - cx).powi(2);
+                out.push(Block { y, x, min: lo, max: hi, dist2 });
+            }
+        }
+    }
+    out.sort_unstable_by(|a, b| a.dist2.total_cmp(&b.dist2).then(a.y.cmp(&b.y)).then(a.x.cmp(&b.x)));
+    out
+}
+
+fn far_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
+    a.min.max(b.min) - a.max.min(b.max) >= DEPTH_SEP
+        && ((a.y as f64 - b.y as f64).powi(2) + (a.x as f64 - b.x as f64).powi(2)).sqrt() >= min_dist
+}
+
+fn near_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
+    (a.max - b.min).abs() <= DEPTH_SEP
+        && (b.max - a.min).abs() <= DEPTH_SEP
+        && (b.y as i64 - a.y as i64).abs() < NEAR_ROW_BAND
+        && (a.x as f64 - b.x as f64).abs() >= min_dist
+}
+
+/// The first pair `(i, j)`, `i < j` in candidate order, satisfying the rule of `kind`.
+pub fn find_pair(blocks: &[Block], kind: PairKind, min_dist: f64) -> Option<(usize, usize)> {
+    let n = blocks.len();
+    let mut budget = SEARCH_BUDGET;
+    match kind {
+        PairKind::Far => {
+            // suffix bounds: a partner j > i needs min_j ≥ max_i + sep or max_j ≤ min_i − sep.
+            let mut suf_max_min = vec![f32::NEG_INFINITY; n + 1];
+            let mut suf_min_max = vec![f32::INFINITY; n + 1];
+            for i in (0..n).rev() {
+                suf_max_min[i] = suf_max_min[i + 1].max(blocks[i].min);
+                suf_min_max[i] = suf_min_max[i + 1].min(blocks[i].max);
+            }
+            for i in 0..n {
+                let a = &blocks[i];
+                if suf_max_min[i + 1] < a.max + DEPTH_SEP && suf_min_max[i + 1] > a.min - DEPTH_SEP {
+                    continue;
+                }
+                for (j, b) in blocks.iter().enumerate().skip(i + 1) {
+                    if far_ok(a, b, min_dist) {
+                        return Some((i, j));
+                    }
+                }
+                budget = budget.saturating_sub((n - i) as u64);
+                if budget == 0 {
+                    return None;
+                }
+            }
+            None
+        }
+        PairKind::Near => {
+            // Row index: candidate order positions per row, ascending.
+            let h = blocks.iter().map(|b| b.y).max()? + 1;
+            let mut rows: Vec<Vec<usize>> = vec![Vec::new(); h];
+            for (i, b) in blocks.iter().enumerate() {
+                rows[b.y].push(i);
+            }
+            for (i, a) in blocks.iter().enumerate() {
+                let y0 = a.y.saturating_sub(NEAR_ROW_BAND as usize - 1);
+                let y1 = (a.y + NEAR_ROW_BAND as usize - 1).min(h - 1);
+                let mut best: Option<usize> = None;
+                for row in &rows[y0..=y1] {
+                    let start = row.partition_point(|&j| j <= i);
+                    for &j in &row[start..] {
+                        if best.is_some_and(|b| j >= b) {
+                            break;
+                        }
+                        budget = budget.saturating_sub(1);
+                        if near_ok(a, &blocks[j], min_dist) {
+                            best = Some(j);
+                            break;
+                        }
+                    }
+                }
+                if let Some(j) = best {
+                    return Some((i, j));
+                }
+                if budget == 0 {
+                    return None;
+                }
+            }
+            None
+        }
+    }
+}
+
+/// The official answer tables (`Position.py`): returns the answer text and the option set.
+pub fn sign_answer(kind: PairKind, facing: usize, dx: f64, dd: f64, x_gap: i64) -> (String, [&'static str; 4], bool) {
+    const SINGLE: [&str; 4] = ["Left", "Right", "Front", "Back"];
+    const DOUBLE: [&str; 4] = ["Left-Front", "Right-Front", "Right-Back", "Left-Back"];
+    let (px, pd) = (dx >= 0.0, dd >= 0.0);
+    match kind {
+        PairKind::Near => {
+            let t = match (facing, px) {
+                (0, true) => "Back",
+                (0, false) => "Front",
+                (1, true) => "Front",
+                (1, false) => "Back",
+                (2, true) => "Left",
+                (2, false) => "Right",
+                (_, true) => "Right",
+                (_, false) => "Left",
+            };
+            (t.into(), SINGLE, false)
+        }
+        PairKind::Far if x_gap > DIFF_X_PX => {
+            let t = match (facing, px, pd) {
+                (0, true, true) => "Right-Back",
+                (0, true, false) => "Left-Back",
+                (0, false, true) => "Right-Front",
+                (0, false, false) => "Left-Front",
+                (1, true, true) => "Left-Front",
+                (1, true, false) => "Right-Front",
+                (1, false, true) => "Left-Back",
+                (1, false, false) => "Right-Back",
+                (2, true, true) => "Left-Back",
+                (2, true, false) => "Left-Front",
+                (2, false, true) => "Right-Back",
+                (2, false, false) => "Right-Front",
+                (_, true, true) => "Right-Front",
+                (_, true, false) => "Right-Back",
+                (_, false, true) => "Left-Front",
+                (_, false, false) => "Left-Back",
+            };
+            (t.into(), DOUBLE, true)
+        }
+        PairKind::Far => {
+            let t = match (facing, pd) {
+                (0, true) => "Right",
+                (0, false) => "Left",
+                (1, true) => "Left",
+                (1, false) => "Right",
+                (2, true) => "Back",
+                (2, false) => "Front",
+                (_, true) => "Front",
+                (_, false) => "Back",
+            };
+            (t.into(), SINGLE, false)
+        }
+    }
+}
+
+/// Orientation angle θ (degrees, counter-clockwise from the camera z axis) per facing index.
+pub const FACING_THETA: [f64; 4] = [90.0, 270.0, 180.0, 0.0];
+
+/// Eq. 7–9: rotate the target's offset into the hypothetical camera's frame and threshold.
+/// Returns `(x̃, z̃, δx, δz, lateral label, depth label)`.
+pub fn metric_labels(
+    facing: usize,
+    d_x: f64,
+    d_z: f64,
+    delta_lateral: f64,
+    delta_depth: f64,
+) -> (f64, f64, f64, f64, Option<&'static str>, Option<&'static str>) {
+    let t = FACING_THETA[facing].to_radians();
+    let (s, c) = t.sin_cos();
+    let (s, c) = (s.round_ties_even_if_tiny(), c.round_ties_even_if_tiny());
+    let xt = c * d_x + s * d_z;
+    let zt = -s * d_x + c * d_z;
+    // Table 8: for θ = 0°/180° x̃ comes from the lateral offset; for 90°/270° from depth.
+    let (dxs, dzs) = if facing >= 2 { (delta_lateral, delta_depth) } else { (delta_depth, delta_lateral) };
+    let lx = if xt > dxs { Some("Right") } else if xt < -dxs { Some("Left") } else { None };
+    let lz = if zt > dzs { Some("Front") } else if zt < -dzs { Some("Back") } else { None };
+    (xt, zt, dxs, dzs, lx, lz)
+}
+
+trait Tiny {
+    fn round_ties_even_if_tiny(self) -> f64;
+}
+impl Tiny for f64 {
+    fn round_ties_even_if_tiny(self) -> f64 {
+        if self.abs() < 1e-12 {
+            0.0
+        } else {
+            self
+        }
+    }
+}
+
+/// Marks two regions 1 and 2, places a hypothetical camera at one facing one of four ways,
+/// and asks where the other region is from that camera. Near pairs (similar depth, same row
+/// band) and far pairs (depth intervals ≥ 0.25 apart) are drawn with equal probability; when
+/// the frame has no pair of the drawn kind the other kind is tried.
+pub fn generate(frame: &RgbdFrame, rng: &mut Rng, geometry: Geometry) -> Result<Generated, SkipReason> {
+    let (w, h) = (frame.width(), frame.height());
+    if geometry == Geometry::Metric && (frame.intrinsics.is_none() || !frame.metric) {
+        return Err(SkipReason::NoIntrinsics);
+    }
+    let norm = normalise(&frame.depth).ok_or(SkipReason::InvalidDepth)?;
+    let blocks = candidate_blocks(&norm, w, h);
+    let min_dist = (w.min(h) / 8) as f64;
+    let first = if rng.bool() { PairKind::Near } else { PairKind::Far };
+    let second = if first == PairKind::Near { PairKind::Far } else { PairKind::Near };
+    let (kind, (i, j)) = match find_pair(&blocks, first, min_dist) {
+        Some(p) => (first, p),
+        None => (second, find_pair(&blocks, second, min_dist).ok_or(SkipReason::NoPair)?),
+    };
+    let centres = [blocks[i], blocks[j]];
+    // Raw depth: nanmax over the block, as the official script reads it.
+    let half = BLOCK / 2;
+    let raw: Vec<f64> = centres
+        .iter()
+        .map(|b| {
+            let mut m = f32::NEG_INFINITY;
+            for y in b.y - half..=b.y + half {
+                for x in b.x - half..=b.x + half {
+                    let v = frame.depth[y * w + x];
+                    if v.is_finite() {
+                        m = m.max(v);
+                    }
+                }
+            }
+            f64::from(m)
+        })
+        .collect();
+    let mut order = [1u8, 2];
+    rng.shuffle(&mut order);
+    let facing = rng.weighted(&FACING_WEIGHTS);
+    let mut view = [0usize, 1];
+    rng.shuffle(&mut view);
+    let (cam, tgt) = (view[0], view[1]);
+    let dx = centres[tgt].x as f64 - centres[cam].x as f64;
+    let dd = raw[tgt] - raw[cam];
+    let x_gap = (centres[0].x as i64 - centres[1].x as i64).abs();
+    let mut extra = serde_json::Map::new();
+    let (answer_text, base): (String, [&str; 4]) = match geometry {
+        Geometry::Sign => {
+            let (t, base, diff_x) = sign_answer(kind, facing, dx, dd, x_gap);
+            extra.insert(
+                "far_mode".into(),
+                match kind {
+                    PairKind::Far if diff_x => json!("diff_x"),
+                    PairKind::Far => json!("same_x"),
+                    PairKind::Near => json!(null),
+                },
+            );
+            (t, base)
+        }
+        Geometry::Metric => {
+            let k = frame.intrinsics.ok_or(SkipReason::NoIntrinsics)?;
+            let xs: Vec<f64> = centres
+                .iter()
+                .zip(&raw)
+                .map(|(b, z)| (b.x as f64 + 0.5 - k.cx) * z / k.fx)
+                .collect();
+            let d_x = xs[tgt] - xs[cam];
+            let d_z = raw[tgt] - raw[cam];
+            let (lo, hi) = frame
+                .depth
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            let delta_depth = f64::from(DEPTH_SEP) * f64::from(hi - lo);
+            let delta_lateral = DIFF_X_PX as f64 * 0.5 * (raw[0] + raw[1]) / k.fx;
+            let (xt, zt, dxs, dzs, lx, lz) = metric_labels(facing, d_x, d_z, delta_lateral, delta_depth);
+            for (key, v) in [("x_tilde", xt), ("z_tilde", zt), ("delta_x", dxs), ("delta_z", dzs), ("d_x_m", d_x), ("d_z_m", d_z)] {
+                extra.insert(key.into(), json!(v));
+            }
+            match (lx, lz) {
+                (Some(a), Some(b)) => (format!("{a}-{b}"), ["Left-Front", "Right-Front", "Right-Back", "Left-Back"]),
+                (Some(a), None) | (None, Some(a)) => (a.to_string(), ["Left", "Right", "Front", "Back"]),
+                (None, None) => return Err(SkipReason::NoPair),
+            }
+        }
+    };
+    let mut options: [String; 4] = base.map(String::from);
+    rng.shuffle(&mut options);
+    let slot = options.iter().position(|o| *o == answer_text).expect("answer is one of the options");
+    let style = MarkerStyle::matplotlib_like(w as u32, h as u32, 12.0, 0.25, 1.2);
+    let mut img = frame.rgb.clone();
+    for (idx, b) in centres.iter().enumerate() {
+        draw::marker(&mut img, b.x as f32 + 0.5, b.y as f32 + 0.5, &order[idx].to_string(), &style);
+    }
+    let far = kind == PairKind::Far;
+    let problem = templates::position(order[cam], order[tgt], facing, &options, far);
+    let markers: Vec<_> = centres
+        .iter()
+        .enumerate()
+        .map(|(idx, b)| {
+            json!({"label": order[idx], "center": [b.x, b.y], "depth": raw[idx], "norm_min": b.min, "norm_max": b.max})
+        })
+        .collect();
+    let mut meta = json!({
+        "variant": if far { "far" } else { "near" },
+        "pair": if far { "far" } else { "near" },
+        "geometry": geometry,
+        "markers": markers,
+        "camera_label": order[cam],
+        "target_label": order[tgt],
+        "facing": facing,
+        "facing_text": templates::FACING[facing],
+        "dx": dx,
+        "dd": dd,
+        "x_gap": x_gap,
+        "options": options,
+        "answer_text": answer_text,
+        "block": BLOCK,
+        "min_dist": min_dist,
+        "candidates": blocks.len(),
+        "marker": style,
+        "size": [w, h],
+    });
+    if let Some(m) = meta.as_object_mut() {
+        m.extend(extra);
+    }
+    Ok(Generated {
+        problem,
+        answer: ["A", "B", "C", "D"][slot].to_string(),
+        images: vec![img],
+        meta,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The official tables are Eq. 7 with camera x right, z forward: check every cell.
+    #[test]
+    fn sign_tables_agree_with_the_rotation() {
+        for facing in 0..4 {
+            for (dx, dd) in [(5.0, 3.0), (5.0, -3.0), (-5.0, 3.0), (-5.0, -3.0)] {
+                let (_, _, _, _, lx, lz) = metric_labels(facing, dx, dd, 0.0, 0.0);
+                let (far, _, diff) = sign_answer(PairKind::Far, facing, dx, dd, 500);
+                assert!(diff);
+                assert_eq!(far, format!("{}-{}", lx.unwrap(), lz.unwrap()), "facing {facing} dx {dx} dd {dd}");
+                // same-x: only depth; near: only lateral.
+                let (_, _, _, _, lx, lz) = metric_labels(facing, 0.0, dd, 0.0, 0.0);
+                let (same, _, _) = sign_answer(PairKind::Far, facing, 0.0, dd, 10);
+                assert_eq!(Some(same.as_str()), lx.or(lz));
+                let (_, _, _, _, lx, lz) = metric_labels(facing, dx, 0.0, 0.0, 0.0);
+                let (near, _, _) = sign_answer(PairKind::Near, facing, dx, 0.0, 0);
+                assert_eq!(Some(near.as_str()), lx.or(lz));
+            }
+        }
+    }
+
+    /// The pruned search returns exactly the brute-force first pair.
+    #[test]
+    fn pair_search_equals_brute_force() {
+        let mut r = Rng::keyed(11, &[]);
+        for trial in 0..30 {
+            let n = 60 + trial * 7;
+            let blocks: Vec<Block> = (0..n)
+                .map(|i| {
+                    let lo = r.f64() as f32 * 0.85;
+                    Block { y: r.below(120), x: r.below(200), min: lo, max: lo + r.f64() as f32 * 0.15, dist2: i as f64 }
+                })
+                .collect();
+            for (kind, ok) in [(PairKind::Far, far_ok as fn(&Block, &Block, f64) -> bool), (PairKind::Near, near_ok)] {
+                let brute = (0..n).find_map(|i| (i + 1..n).find(|&j| ok(&blocks[i], &blocks[j], 40.0)).map(|j| (i, j)));
+                assert_eq!(find_pair(&blocks, kind, 40.0), brute, "trial {trial} {kind:?}");
+            }
+        }
+    }
+}

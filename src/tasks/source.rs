@@ -1,0 +1,593 @@
+//! Input discovery and decoding: RGB photos and RGB-D frames in the layouts users have.
+//!
+//! RGB: jpg / jpeg / png / webp (by content, not extension), grayscale and alpha reduced to
+//! RGB (alpha dropped, as `cv2.imread` does), EXIF orientation applied.
+//!
+//! RGB-D layouts, detected per folder (see `reference/rgbd-formats.md` for units):
+//! - **TUM**: `rgb.txt` + `depth.txt` index files; 16-bit PNG depth, value / 5000 = m;
+//!   frames associated by nearest timestamp (≤ 0.02 s).
+//! - **ScanNet** (exported): `color/N.jpg`, `depth/N.png` (mm), `intrinsic/intrinsic_color.txt`;
+//!   depth is resampled (nearest) to the colour size.
+//! - **DIODE**: `X.png` + `X_depth.npy` (m, `(H, W, 1)`) + `X_depth_mask.npy` (0/1).
+//! - **MegaDepth**: `X.jpg` + `X.h5` (dataset `depth`, relative, `> 0` valid).
+//! - **Official Spatial-SSRL samples**: `RGB-D_imgN.*` + `RGB-D_depthN.{h5,npy}` (+ `RGB-D_depth_maskN.npy`).
+//! - **Generic**: `X.png|jpg` + `X_depth.png` (uint16 mm) or `X_depth.npy` (m), or a frame
+//!   folder with `color.*` + `depth_mm.png` / `depth.npy`; optional `intrinsics.json` in the folder.
+//!
+//! Depth is returned in metres (or the source's relative unit) with NaN for every invalid pixel.
+
+use super::npy;
+use super::SkipReason;
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Why a source could not be used: a reason for the summary and a message naming the file.
+#[derive(Debug, Clone)]
+pub struct SourceError {
+    pub reason: SkipReason,
+    pub message: String,
+}
+
+impl SourceError {
+    pub fn new(reason: SkipReason, path: &Path, detail: impl std::fmt::Display) -> Self {
+        SourceError { reason, message: format!("{}: {detail}", path.display()) }
+    }
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Pinhole intrinsics in pixels of the colour image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct Intrinsics {
+    pub fx: f64,
+    pub fy: f64,
+    pub cx: f64,
+    pub cy: f64,
+}
+
+impl Intrinsics {
+    fn scaled(self, sx: f64, sy: f64) -> Self {
+        Intrinsics { fx: self.fx * sx, fy: self.fy * sy, cx: self.cx * sx, cy: self.cy * sy }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    Tum,
+    Scannet,
+    Diode,
+    Megadepth,
+    Generic,
+}
+
+/// How a depth file stores depth.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DepthEncoding {
+    /// `.npy` float metres (or relative); non-finite and ≤ 0 invalid unless a mask says otherwise.
+    Npy,
+    /// HDF5 dataset `depth`, relative depth, `> 0` valid.
+    H5,
+    /// 16-bit PNG, `metres = value * scale`, 0 invalid.
+    Png16 { scale: f32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct RgbdSource {
+    pub layout: Layout,
+    pub color: PathBuf,
+    pub depth: PathBuf,
+    pub mask: Option<PathBuf>,
+    pub encoding: DepthEncoding,
+    /// Depth and colour may differ in size and depth is resampled (ScanNet).
+    pub resample_depth: bool,
+    pub intrinsics: Option<Intrinsics>,
+    /// Depth has a metric scale (false for MegaDepth).
+    pub metric: bool,
+}
+
+/// One input of the task engine.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Rgb { path: PathBuf },
+    Rgbd(RgbdSource),
+}
+
+impl Source {
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            Source::Rgb { path } => vec![path.as_path()],
+            Source::Rgbd(s) => {
+                let mut v = vec![s.color.as_path(), s.depth.as_path()];
+                if let Some(m) = &s.mask {
+                    v.push(m.as_path());
+                }
+                v
+            }
+        }
+    }
+}
+
+fn is_image_ext(p: &Path) -> bool {
+    matches!(
+        p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+        Some("jpg" | "jpeg" | "png" | "webp")
+    )
+}
+
+fn list_dir(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let p = e.path();
+        let ft = e.file_type()?;
+        if ft.is_dir() || (ft.is_symlink() && p.is_dir()) {
+            dirs.push(p);
+        } else {
+            files.push(p);
+        }
+    }
+    files.sort();
+    dirs.sort();
+    Ok((files, dirs))
+}
+
+/// All photos under `dir` (recursively), sorted by path.
+pub fn discover_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let (files, dirs) = list_dir(&d)?;
+        out.extend(files.into_iter().filter(|p| is_image_ext(p)));
+        stack.extend(dirs);
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads `intrinsics.json`: `{fx, fy, cx, cy}` at the top level, under `K` / `intrinsics`
+/// (an object or a 3×3 matrix), or, failing those, the one nested object with all four keys
+/// (preferring a key that mentions depth when there are several).
+pub fn read_intrinsics_json(path: &Path) -> Result<Intrinsics, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
+    fn from_obj(v: &serde_json::Value) -> Option<Intrinsics> {
+        if let Some(m) = v.as_array() {
+            let row = |i: usize| m.get(i)?.as_array().cloned();
+            let (r0, r1) = (row(0)?, row(1)?);
+            return Some(Intrinsics {
+                fx: r0.first()?.as_f64()?,
+                cx: r0.get(2)?.as_f64()?,
+                fy: r1.get(1)?.as_f64()?,
+                cy: r1.get(2)?.as_f64()?,
+            });
+        }
+        let g = |k: &str| v.get(k)?.as_f64();
+        Some(Intrinsics { fx: g("fx")?, fy: g("fy")?, cx: g("cx")?, cy: g("cy")? })
+    }
+    if let Some(k) = from_obj(&v) {
+        return Ok(k);
+    }
+    for key in ["K", "intrinsics", "camera"] {
+        if let Some(k) = v.get(key).and_then(from_obj) {
+            return Ok(k);
+        }
+    }
+    let mut found: Vec<(String, Intrinsics)> = v
+        .as_object()
+        .map(|o| o.iter().filter_map(|(k, x)| from_obj(x).map(|i| (k.clone(), i))).collect())
+        .unwrap_or_default();
+    if found.len() > 1 {
+        if let Some(p) = found.iter().position(|(k, _)| k.to_ascii_lowercase().contains("depth")) {
+            return Ok(found.swap_remove(p).1);
+        }
+    }
+    found
+        .into_iter()
+        .next()
+        .map(|x| x.1)
+        .ok_or_else(|| format!("{}: no fx, fy, cx, cy found", path.display()))
+}
+
+/// ScanNet's `intrinsic_color.txt`: a 4×4 matrix, whitespace separated.
+fn read_matrix_intrinsics(path: &Path) -> Result<Intrinsics, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .map(|s| s.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if v.len() < 9 {
+        return Err(format!("{}: expected a 3×3 or 4×4 matrix", path.display()));
+    }
+    let n = if v.len() >= 16 { 4 } else { 3 };
+    Ok(Intrinsics { fx: v[0], cx: v[2], fy: v[n + 1], cy: v[n + 2] })
+}
+
+/// Parses a TUM index file: `timestamp path` lines, `#` comments.
+fn read_tum_index(path: &Path) -> Result<Vec<(f64, PathBuf)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let (Some(ts), Some(file)) = (it.next(), it.next()) else {
+            return Err(format!("{}:{}: expected 'timestamp filename'", path.display(), i + 1));
+        };
+        let ts: f64 = ts
+            .parse()
+            .map_err(|_| format!("{}:{}: bad timestamp {ts:?}", path.display(), i + 1))?;
+        out.push((ts, dir.join(file)));
+    }
+    Ok(out)
+}
+
+/// What discovery found, and what it could not use.
+#[derive(Debug, Default)]
+pub struct Discovered {
+    pub frames: Vec<RgbdSource>,
+    /// Problems that make a whole folder or file unusable (e.g. a malformed index file).
+    pub warnings: Vec<String>,
+}
+
+/// All RGB-D frames under `dir`, layout detected per folder, sorted by colour path.
+pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
+    let mut found = Discovered::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let (files, dirs) = list_dir(&d)?;
+        let folder_k = {
+            let p = d.join("intrinsics.json");
+            if p.is_file() {
+                match read_intrinsics_json(&p) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        found.warnings.push(e);
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        };
+        let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        // TUM
+        if d.join("rgb.txt").is_file() && d.join("depth.txt").is_file() {
+            match (read_tum_index(&d.join("rgb.txt")), read_tum_index(&d.join("depth.txt"))) {
+                (Ok(rgb), Ok(depth)) => {
+                    for (ts, color) in rgb {
+                        let best = depth
+                            .iter()
+                            .min_by(|a, b| (a.0 - ts).abs().total_cmp(&(b.0 - ts).abs()));
+                        match best {
+                            Some((dts, dp)) if (dts - ts).abs() <= 0.02 => {
+                                found.frames.push(RgbdSource {
+                                    layout: Layout::Tum,
+                                    color,
+                                    depth: dp.clone(),
+                                    mask: None,
+                                    encoding: DepthEncoding::Png16 { scale: 1.0 / 5000.0 },
+                                    resample_depth: false,
+                                    intrinsics: folder_k,
+                                    metric: true,
+                                });
+                            }
+                            _ => found.warnings.push(format!(
+                                "{}: no depth frame within 0.02 s of rgb timestamp {ts}",
+                                d.join("depth.txt").display()
+                            )),
+                        }
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => found.warnings.push(e),
+            }
+            stack.extend(dirs.into_iter().filter(|p| !matches!(name(p).as_str(), "rgb" | "depth")));
+            continue;
+        }
+        // ScanNet export
+        if d.join("color").is_dir() && d.join("depth").is_dir() {
+            let k = match read_matrix_intrinsics(&d.join("intrinsic").join("intrinsic_color.txt")) {
+                Ok(k) => Some(k),
+                Err(_) => folder_k,
+            };
+            let (cfiles, _) = list_dir(&d.join("color"))?;
+            for c in cfiles.into_iter().filter(|p| is_image_ext(p)) {
+                let stem = c.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
+                let dp = d.join("depth").join(format!("{stem}.png"));
+                if dp.is_file() {
+                    found.frames.push(RgbdSource {
+                        layout: Layout::Scannet,
+                        color: c,
+                        depth: dp,
+                        mask: None,
+                        encoding: DepthEncoding::Png16 { scale: 1e-3 },
+                        resample_depth: true,
+                        intrinsics: k,
+                        metric: true,
+                    });
+                } else {
+                    found.warnings.push(format!("{}: no depth frame {}", c.display(), dp.display()));
+                }
+            }
+            stack.extend(dirs.into_iter().filter(|p| {
+                !matches!(name(p).as_str(), "color" | "depth" | "intrinsic" | "pose")
+            }));
+            continue;
+        }
+        // File-level pairings in this folder.
+        let set: BTreeMap<String, PathBuf> = files.iter().map(|p| (name(p), p.clone())).collect();
+        let has = |n: &str| set.get(n).cloned();
+        for f in &files {
+            if !is_image_ext(f) {
+                continue;
+            }
+            let fname = name(f);
+            let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
+            if stem.ends_with("_depth") || stem.ends_with("_depth_mask") || stem.starts_with("depth") {
+                continue;
+            }
+            let mut push = |layout, depth: PathBuf, mask, encoding, metric| {
+                found.frames.push(RgbdSource {
+                    layout,
+                    color: f.clone(),
+                    depth,
+                    mask,
+                    encoding,
+                    resample_depth: false,
+                    intrinsics: folder_k,
+                    metric,
+                })
+            };
+            // Official sample naming: RGB-D_imgN.* ↔ RGB-D_depthN.{h5,npy}, RGB-D_depth_maskN.npy
+            if let Some(n) = stem.strip_prefix("RGB-D_img") {
+                if let Some(h5) = has(&format!("RGB-D_depth{n}.h5")) {
+                    push(Layout::Megadepth, h5, None, DepthEncoding::H5, false);
+                    continue;
+                }
+                if let Some(npy) = has(&format!("RGB-D_depth{n}.npy")) {
+                    let mask = has(&format!("RGB-D_depth_mask{n}.npy"));
+                    push(Layout::Diode, npy, mask, DepthEncoding::Npy, true);
+                    continue;
+                }
+            }
+            if let Some(npy) = has(&format!("{stem}_depth.npy")) {
+                match has(&format!("{stem}_depth_mask.npy")) {
+                    Some(mask) => push(Layout::Diode, npy, Some(mask), DepthEncoding::Npy, true),
+                    None => push(Layout::Generic, npy, None, DepthEncoding::Npy, true),
+                }
+                continue;
+            }
+            if let Some(h5) = has(&format!("{stem}.h5")) {
+                push(Layout::Megadepth, h5, None, DepthEncoding::H5, false);
+                continue;
+            }
+            if let Some(png) = has(&format!("{stem}_depth.png")) {
+                push(Layout::Generic, png, None, DepthEncoding::Png16 { scale: 1e-3 }, true);
+                continue;
+            }
+            if stem == "color" || stem == "rgb" || stem == "image" {
+                if let Some(png) = has("depth_mm.png") {
+                    push(Layout::Generic, png, None, DepthEncoding::Png16 { scale: 1e-3 }, true);
+                } else if let Some(npy) = has("depth.npy") {
+                    push(Layout::Generic, npy, None, DepthEncoding::Npy, true);
+                } else if let Some(png) = has("depth.png") {
+                    push(Layout::Generic, png, None, DepthEncoding::Png16 { scale: 1e-3 }, true);
+                }
+            }
+            let _ = fname;
+        }
+        stack.extend(dirs);
+    }
+    found.frames.sort_by(|a, b| a.color.cmp(&b.color));
+    Ok(found)
+}
+
+/// Decodes a photo to RGB: any supported format by content, EXIF orientation applied,
+/// grayscale expanded, alpha dropped.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, SourceError> {
+    let bytes = std::fs::read(path).map_err(|e| SourceError::new(SkipReason::Io, path, e))?;
+    decode_rgb(&bytes, path)
+}
+
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, SourceError> {
+    let err = |e: image::ImageError| SourceError::new(SkipReason::Decode, path, e);
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?;
+    if reader.format().is_none() {
+        return Err(SourceError::new(SkipReason::Decode, path, "not a recognised image format"));
+    }
+    let mut decoder = reader.into_decoder().map_err(err)?;
+    let orientation = decoder.orientation().map_err(err)?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(err)?;
+    img.apply_orientation(orientation);
+    Ok(match img {
+        DynamicImage::ImageRgb8(i) => i,
+        other => other.to_rgb8(),
+    })
+}
+
+/// A decoded RGB-D frame; `depth` is row-major, same size as `rgb`, NaN = invalid.
+#[derive(Debug, Clone)]
+pub struct RgbdFrame {
+    pub rgb: RgbImage,
+    pub depth: Vec<f32>,
+    pub metric: bool,
+    pub intrinsics: Option<Intrinsics>,
+}
+
+impl RgbdFrame {
+    pub fn width(&self) -> usize {
+        self.rgb.width() as usize
+    }
+    pub fn height(&self) -> usize {
+        self.rgb.height() as usize
+    }
+    pub fn valid_fraction(&self) -> f64 {
+        self.depth.iter().filter(|v| v.is_finite()).count() as f64 / self.depth.len().max(1) as f64
+    }
+}
+
+/// Loads a depth map as `(width, height, values)` with invalid pixels as NaN.
+pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceError> {
+    let p = src.depth.as_path();
+    let (w, h, mut data) = match src.encoding {
+        DepthEncoding::Npy => {
+            let a = npy::read(p).map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let (h, w) = match a.shape.as_slice() {
+                [h, w] | [h, w, 1] => (*h, *w),
+                s => {
+                    return Err(SourceError::new(
+                        SkipReason::Decode,
+                        p,
+                        format!("depth array has shape {s:?}, expected (H, W) or (H, W, 1)"),
+                    ))
+                }
+            };
+            let mut d = a.data;
+            for v in &mut d {
+                if !v.is_finite() || *v <= 0.0 {
+                    *v = f32::NAN;
+                }
+            }
+            (w, h, d)
+        }
+        DepthEncoding::H5 => {
+            let f = hdf5_pure::File::open(p).map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let ds = f
+                .dataset("depth")
+                .map_err(|e| SourceError::new(SkipReason::Decode, p, format!("no dataset 'depth': {e}")))?;
+            let shape = ds.shape().map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let [h, w] = shape.as_slice() else {
+                return Err(SourceError::new(
+                    SkipReason::Decode,
+                    p,
+                    format!("dataset 'depth' has shape {shape:?}, expected (H, W)"),
+                ));
+            };
+            let mut d = ds.read_f32().map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            for v in &mut d {
+                if !v.is_finite() || *v <= 0.0 {
+                    *v = f32::NAN;
+                }
+            }
+            (*w as usize, *h as usize, d)
+        }
+        DepthEncoding::Png16 { scale } => {
+            let img = image::open(p).map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let img = match img {
+                DynamicImage::ImageLuma16(i) => i,
+                other => {
+                    return Err(SourceError::new(
+                        SkipReason::Decode,
+                        p,
+                        format!("depth PNG must be 16-bit single channel, found {:?}", other.color()),
+                    ))
+                }
+            };
+            let (w, h) = img.dimensions();
+            let d = img
+                .into_raw()
+                .into_iter()
+                .map(|v| if v == 0 { f32::NAN } else { f32::from(v) * scale })
+                .collect();
+            (w as usize, h as usize, d)
+        }
+    };
+    if data.len() != w * h {
+        return Err(SourceError::new(SkipReason::Decode, p, "depth data size does not match its shape"));
+    }
+    if let Some(mp) = &src.mask {
+        let m = npy::read(mp).map_err(|e| SourceError::new(SkipReason::Decode, mp, e))?;
+        let (mh, mw) = match m.shape.as_slice() {
+            [h, w] | [h, w, 1] => (*h, *w),
+            s => return Err(SourceError::new(SkipReason::Decode, mp, format!("mask shape {s:?}"))),
+        };
+        // The official code crops a wider mask to the depth width.
+        if mh != h || mw < w {
+            return Err(SourceError::new(
+                SkipReason::DepthSizeMismatch,
+                mp,
+                format!("mask is {mw}×{mh}, depth is {w}×{h}"),
+            ));
+        }
+        for y in 0..h {
+            for x in 0..w {
+                if m.data[y * mw + x] == 0.0 {
+                    data[y * w + x] = f32::NAN;
+                }
+            }
+        }
+    }
+    Ok((w, h, data))
+}
+
+/// Nearest-neighbour resampling of a depth map (never mixes depths across edges).
+pub fn resample_nearest(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; dw * dh];
+    for y in 0..dh {
+        let sy = (((y as f64 + 0.5) * sh as f64 / dh as f64) as usize).min(sh - 1);
+        for x in 0..dw {
+            let sx = (((x as f64 + 0.5) * sw as f64 / dw as f64) as usize).min(sw - 1);
+            out[y * dw + x] = src[sy * sw + sx];
+        }
+    }
+    out
+}
+
+/// Reduces an image so its longer side is at most `max_side` (anti-aliased); returns the scale.
+pub fn limit_side(img: RgbImage, max_side: u32) -> (RgbImage, f64) {
+    let (w, h) = img.dimensions();
+    let long = w.max(h);
+    if max_side == 0 || long <= max_side {
+        return (img, 1.0);
+    }
+    let s = f64::from(max_side) / f64::from(long);
+    let nw = ((f64::from(w) * s).round() as u32).max(1);
+    let nh = ((f64::from(h) * s).round() as u32).max(1);
+    (image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle), s)
+}
+
+/// Loads and validates an RGB-D frame; `max_side` bounds the colour size (depth follows).
+pub fn load_rgbd(src: &RgbdSource, max_side: u32) -> Result<RgbdFrame, SourceError> {
+    let rgb = load_rgb(&src.color)?;
+    let (dw, dh, depth) = load_depth(src)?;
+    let (cw, ch) = (rgb.width() as usize, rgb.height() as usize);
+    let depth = if (dw, dh) == (cw, ch) {
+        depth
+    } else if src.resample_depth {
+        resample_nearest(&depth, dw, dh, cw, ch)
+    } else {
+        return Err(SourceError::new(
+            SkipReason::DepthSizeMismatch,
+            &src.depth,
+            format!("depth is {dw}×{dh} but {} is {cw}×{ch}", src.color.display()),
+        ));
+    };
+    if !depth.iter().any(|v| v.is_finite()) {
+        return Err(SourceError::new(SkipReason::InvalidDepth, &src.depth, "no valid depth pixel"));
+    }
+    let (rgb, s) = limit_side(rgb, max_side);
+    let (nw, nh) = (rgb.width() as usize, rgb.height() as usize);
+    let (depth, intrinsics) = if s == 1.0 {
+        (depth, src.intrinsics)
+    } else {
+        (
+            resample_nearest(&depth, cw, ch, nw, nh),
+            src.intrinsics.map(|k| k.scaled(nw as f64 / cw as f64, nh as f64 / ch as f64)),
+        )
+    };
+    Ok(RgbdFrame { rgb, depth, metric: src.metric, intrinsics })
+}

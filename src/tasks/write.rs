@@ -1,0 +1,227 @@
+//! Sample records and their files: Parquet in EasyR1's schema (`problem`, `answer`, `images`
+//! plus our columns) or JSONL with the same fields; atomic writes; a reader for both.
+
+use parquet::data_type::{ByteArray, ByteArrayType};
+use parquet::file::properties::WriterProperties;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::record::Field;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One QA sample. `images` are paths relative to the output folder; `meta` holds the
+/// geometry needed to re-check the answer without the generator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub id: String,
+    pub task: String,
+    pub problem: String,
+    pub answer: String,
+    pub images: Vec<String>,
+    pub source: Vec<String>,
+    pub meta: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Parquet,
+    Jsonl,
+}
+
+impl Format {
+    pub fn ext(self) -> &'static str {
+        match self {
+            Format::Parquet => "parquet",
+            Format::Jsonl => "jsonl",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: parquet: {source}")]
+    Parquet { path: PathBuf, source: parquet::errors::ParquetError },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
+    move |source| WriteError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a reader (or a resumed
+/// run) sees either the old file or the complete new one. `durable` also fsyncs.
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), WriteError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        if durable {
+            f.sync_all().map_err(io(&tmp))?;
+        }
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+pub fn jsonl_bytes(samples: &[SampleRecord]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in samples {
+        serde_json::to_writer(&mut out, s).expect("records serialise");
+        out.push(b'\n');
+    }
+    out
+}
+
+const SCHEMA: &str = "
+message spatial_ssrl_sample {
+  REQUIRED BYTE_ARRAY id (UTF8);
+  REQUIRED BYTE_ARRAY task (UTF8);
+  REQUIRED BYTE_ARRAY problem (UTF8);
+  REQUIRED BYTE_ARRAY answer (UTF8);
+  REQUIRED group images (LIST) {
+    REPEATED group list {
+      REQUIRED BYTE_ARRAY element (UTF8);
+    }
+  }
+  REQUIRED group source (LIST) {
+    REPEATED group list {
+      REQUIRED BYTE_ARRAY element (UTF8);
+    }
+  }
+  REQUIRED BYTE_ARRAY meta (UTF8);
+}
+";
+
+/// Parquet bytes (one row group, Snappy). `meta` is stored as a JSON string.
+pub fn parquet_bytes(samples: &[SampleRecord], path_for_errors: &Path) -> Result<Vec<u8>, WriteError> {
+    let perr = |source| WriteError::Parquet { path: path_for_errors.to_path_buf(), source };
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(SCHEMA).map_err(perr)?);
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .set_created_by("spatial-ssrl".into())
+            .build(),
+    );
+    let mut buf = Vec::new();
+    {
+        let mut writer = SerializedFileWriter::new(&mut buf, schema, props).map_err(perr)?;
+        let mut rg = writer.next_row_group().map_err(perr)?;
+        let scalar = |f: fn(&SampleRecord) -> &str| -> Vec<ByteArray> {
+            samples.iter().map(|s| ByteArray::from(f(s).as_bytes().to_vec())).collect()
+        };
+        let metas: Vec<String> = samples.iter().map(|s| s.meta.to_string()).collect();
+        let mut col = 0;
+        while let Some(mut cw) = rg.next_column().map_err(perr)? {
+            let w = cw.typed::<ByteArrayType>();
+            match col {
+                0 => w.write_batch(&scalar(|s| &s.id), None, None),
+                1 => w.write_batch(&scalar(|s| &s.task), None, None),
+                2 => w.write_batch(&scalar(|s| &s.problem), None, None),
+                3 => w.write_batch(&scalar(|s| &s.answer), None, None),
+                4 | 5 => {
+                    let (mut vals, mut def, mut rep) = (Vec::new(), Vec::new(), Vec::new());
+                    for s in samples {
+                        let list = if col == 4 { &s.images } else { &s.source };
+                        if list.is_empty() {
+                            def.push(0);
+                            rep.push(0);
+                        }
+                        for (k, v) in list.iter().enumerate() {
+                            vals.push(ByteArray::from(v.as_bytes().to_vec()));
+                            def.push(1);
+                            rep.push(i16::from(k > 0));
+                        }
+                    }
+                    w.write_batch(&vals, Some(&def), Some(&rep))
+                }
+                _ => w.write_batch(
+                    &metas.iter().map(|m| ByteArray::from(m.as_bytes().to_vec())).collect::<Vec<_>>(),
+                    None,
+                    None,
+                ),
+            }
+            .map_err(perr)?;
+            cw.close().map_err(perr)?;
+            col += 1;
+        }
+        rg.close().map_err(perr)?;
+        writer.close().map_err(perr)?;
+    }
+    Ok(buf)
+}
+
+fn field_str(f: &Field) -> Option<String> {
+    match f {
+        Field::Str(s) => Some(s.clone()),
+        Field::Bytes(b) => String::from_utf8(b.data().to_vec()).ok(),
+        _ => None,
+    }
+}
+
+/// Reads samples from a `.parquet` or `.jsonl` file written by this crate (or any file with
+/// at least `problem`, `answer` and `images` columns of the same shape).
+pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
+    let ferr = |msg: String| WriteError::Format { path: path.to_path_buf(), msg };
+    let is_parquet = path.extension().and_then(|e| e.to_str()) == Some("parquet");
+    if !is_parquet {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        return text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| serde_json::from_str(l).map_err(|e| ferr(format!("line {}: {e}", i + 1))))
+            .collect();
+    }
+    let perr = |source| WriteError::Parquet { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let reader = SerializedFileReader::new(file).map_err(perr)?;
+    let iter = reader.get_row_iter(None).map_err(perr)?;
+    let mut out = Vec::new();
+    for (i, row) in iter.enumerate() {
+        let row = row.map_err(perr)?;
+        let mut rec = SampleRecord {
+            id: String::new(),
+            task: String::new(),
+            problem: String::new(),
+            answer: String::new(),
+            images: vec![],
+            source: vec![],
+            meta: serde_json::Value::Null,
+        };
+        for (name, f) in row.get_column_iter() {
+            let list = || -> Vec<String> {
+                match f {
+                    Field::ListInternal(l) => l.elements().iter().filter_map(field_str).collect(),
+                    _ => vec![],
+                }
+            };
+            match name.as_str() {
+                "id" => rec.id = field_str(f).unwrap_or_default(),
+                "task" => rec.task = field_str(f).unwrap_or_default(),
+                "problem" => rec.problem = field_str(f).unwrap_or_default(),
+                "answer" => rec.answer = field_str(f).unwrap_or_default(),
+                "images" => rec.images = list(),
+                "source" => rec.source = list(),
+                "meta" => {
+                    rec.meta = serde_json::from_str(&field_str(f).unwrap_or_default())
+                        .map_err(|e| ferr(format!("row {i}: meta is not JSON: {e}")))?
+                }
+                _ => {}
+            }
+        }
+        if rec.id.is_empty() {
+            rec.id = format!("row-{i}");
+        }
+        out.push(rec);
+    }
+    Ok(out)
+}
