@@ -26,7 +26,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate pretext-task samples (Parquet or JSONL + JPEG images) from photos and RGB-D frames.
-    #[command(long_about = "Generate pretext-task samples from photos and RGB-D frames.\n\n\
+    #[command(
+        long_about = "Generate pretext-task samples from photos and RGB-D frames.\n\n\
 Photos (--images, searched recursively: jpg/png/webp) feed shuffle, flip and crop; RGB-D frames \
 (--rgbd, layout detected per folder: DIODE, MegaDepth .h5, TUM, ScanNet, generic PNG16/npy + \
 intrinsics.json) feed depth and position.\n\n\
@@ -35,17 +36,20 @@ images/<task>/*.jpg       the images, referenced relative to the output folder\n
 run.json, state/          what --resume needs\n\n\
 The same --seed gives byte-identical output for any --threads. An interrupted run continues \
 with --resume and loses at most the shard in progress.\n\n\
-Example:\n  ssrl tasks --images coco/val2017 --rgbd diode/val --out ssrl-data --per-image 2 --seed 1")]
+Example:\n  ssrl tasks --images coco/val2017 --rgbd diode/val --out ssrl-data --per-image 2 --seed 1"
+    )]
     Tasks(TasksArgs),
     /// Score responses with the verifiable reward (JSONL {response, answer} in, scores out).
-    #[command(long_about = "Score model responses with EasyR1's img_score reward.\n\n\
+    #[command(
+        long_about = "Score model responses with EasyR1's img_score reward.\n\n\
 Reads JSONL lines {\"response\": ..., \"answer\": ...} (\"ground_truth\" is accepted for \"answer\") \
 from FILE or standard input and writes one JSONL line per input: \
 {\"overall\", \"format\", \"accuracy\", \"predicted\"}.\n\n\
 format = 1 when the response (after removing whitespace around <, >, /) is <think>…</think>…\\boxed{…}…; \
 predicted = the last \\boxed{} content; accuracy = exact string match; \
 overall = (1 − w)·accuracy + w·format.\n\n\
-Example:\n  echo '{\"response\":\"<think>…</think> \\\\boxed{A}\",\"answer\":\"A\"}' | ssrl reward")]
+Example:\n  echo '{\"response\":\"<think>…</think> \\\\boxed{A}\",\"answer\":\"A\"}' | ssrl reward"
+    )]
     Reward(RewardArgs),
 }
 
@@ -61,7 +65,11 @@ struct TasksArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Tasks to generate, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "shuffle,flip,crop,depth,position")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "shuffle,flip,crop,depth,position"
+    )]
     tasks: Vec<TaskKind>,
     /// Samples per source and task.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -113,7 +121,11 @@ fn parse_variant(s: &str) -> Result<Variant, String> {
         "1x4" => Variant::Horizontal(4),
         "3x1" => Variant::Vertical(3),
         "4x1" => Variant::Vertical(4),
-        _ => return Err(format!("unknown variant {s:?}; one of 2x2, 2x2_mask, 1x3, 1x4, 3x1, 4x1")),
+        _ => {
+            return Err(format!(
+                "unknown variant {s:?}; one of 2x2, 2x2_mask, 1x3, 1x4, 3x1, 4x1"
+            ))
+        }
     })
 }
 
@@ -149,11 +161,14 @@ impl tasks::Progress for Bar {
         if self.quiet {
             return;
         }
-        let n = self.warned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .warned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n < MAX_WARNINGS {
             self.pb.println(format!("warning: {message}"));
         } else if n == MAX_WARNINGS {
-            self.pb.println("warning: more warnings suppressed; see summary.json for counts");
+            self.pb
+                .println("warning: more warnings suppressed; see summary.json for counts");
         }
     }
 }
@@ -178,13 +193,23 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
         jpeg_quality: a.jpeg_quality,
         shard_sources: a.shard_sources,
     };
-    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    let pb = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} sources · {msg} samples · {per_sec} · ETA {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} sources · {msg} samples · {per_sec} · ETA {eta}",
+        )
+        .expect("valid template"),
     );
     pb.set_message("0");
-    let bar = Bar { pb, quiet: a.quiet, warned: Default::default() };
+    let bar = Bar {
+        pb,
+        quiet: a.quiet,
+        warned: Default::default(),
+    };
     let result = tasks::run(&cfg, &bar);
     bar.pb.finish_and_clear();
     let summary = result.with_context(|| format!("ssrl tasks → {}", cfg.out.display()))?;
@@ -193,9 +218,26 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
         let skipped: Vec<String> = s
             .skipped
             .iter()
-            .map(|(r, n)| format!("{}: {n}", serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
+            .map(|(r, n)| {
+                format!(
+                    "{}: {n}",
+                    serde_json::to_value(r)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                )
+            })
             .collect();
-        println!("{:<10} {:>9}  {}", t.name(), s.produced, if skipped.is_empty() { "-".into() } else { skipped.join(", ") });
+        println!(
+            "{:<10} {:>9}  {}",
+            t.name(),
+            s.produced,
+            if skipped.is_empty() {
+                "-".into()
+            } else {
+                skipped.join(", ")
+            }
+        );
     }
     println!(
         "{} samples from {} sources in {:.1} s ({:.1} samples/s){} → {}",
@@ -203,7 +245,11 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
         summary.sources,
         summary.elapsed_s,
         summary.samples_per_s,
-        if summary.resumed_shards > 0 { format!(", {} shard(s) resumed", summary.resumed_shards) } else { String::new() },
+        if summary.resumed_shards > 0 {
+            format!(", {} shard(s) resumed", summary.resumed_shards)
+        } else {
+            String::new()
+        },
         cfg.out.join("summary.json").display()
     );
     Ok(())
@@ -217,8 +263,14 @@ struct RewardIn {
 }
 
 fn run_reward(a: RewardArgs) -> Result<()> {
-    let cfg = RewardConfig { format_weight: a.format_weight };
-    let name = a.file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<stdin>".into());
+    let cfg = RewardConfig {
+        format_weight: a.format_weight,
+    };
+    let name = a
+        .file
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "<stdin>".into());
     let input: Box<dyn BufRead> = match &a.file {
         Some(p) => Box::new(std::io::BufReader::new(
             std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
@@ -232,8 +284,12 @@ fn run_reward(a: RewardArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let r: RewardIn = serde_json::from_str(&line)
-            .with_context(|| format!("{name}:{}: expected {{\"response\": string, \"answer\": string}}", i + 1))?;
+        let r: RewardIn = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{name}:{}: expected {{\"response\": string, \"answer\": string}}",
+                i + 1
+            )
+        })?;
         let s = reward::score(&r.response, &r.answer, &cfg);
         serde_json::to_writer(&mut out, &s)?;
         out.write_all(b"\n")?;

@@ -138,7 +138,10 @@ mod tests {
 
     #[test]
     fn whitespace_around_tags_and_slashes() {
-        assert_eq!(normalize_whitespace("  < think >a b</ think >\n x / y"), "<think>a b</think>x/y");
+        assert_eq!(
+            normalize_whitespace("  < think >a b</ think >\n x / y"),
+            "<think>a b</think>x/y"
+        );
         assert_eq!(normalize_whitespace("a  b\tc"), "a  b\tc");
         // Leading whitespace before <think> is removed, so the format still matches.
         assert_eq!(s("\n  <think> hm </think>\n\\boxed{ A }", "A").1, 1.0);
@@ -164,7 +167,10 @@ mod tests {
         assert_eq!(s("<think>.\\boxed{A}</think>", "A").1, 0.0);
         assert_eq!(s("<think></think>\\boxed{", "A").1, 0.0);
         // `.*` spans newlines; `/` whitespace removal also touches the answer text.
-        assert_eq!(s("<think>a\nb</think>\n\\boxed{1 / 2}", "1/2"), (1.0, 1.0, 1.0, "1/2".into()));
+        assert_eq!(
+            s("<think>a\nb</think>\n\\boxed{1 / 2}", "1/2"),
+            (1.0, 1.0, 1.0, "1/2".into())
+        );
         // "<think>" must not overlap "</think>".
         assert!(!format_ok("<think>/think>\\boxed{}"));
         assert!(format_ok("<think></think>\\boxed{}"));

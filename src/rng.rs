@@ -32,7 +32,9 @@ impl Rng {
     pub fn keyed(seed: u64, parts: &[u64]) -> Self {
         let mut k = mix64(seed ^ 0x5851_f42d_4c95_7f2d);
         for (i, p) in parts.iter().enumerate() {
-            k = mix64(k ^ mix64(p.wrapping_add((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))));
+            k = mix64(
+                k ^ mix64(p.wrapping_add((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+            );
         }
         let mut x = k;
         let mut s = [0u64; 4];
@@ -114,18 +116,24 @@ mod tests {
 
     #[test]
     fn streams_are_keyed_and_reproducible() {
-        let a: Vec<u64> = (0..4).map({
-            let mut r = Rng::keyed(7, &[1, 2]);
-            move |_| r.next_u64()
-        }).collect();
-        let b: Vec<u64> = (0..4).map({
-            let mut r = Rng::keyed(7, &[1, 2]);
-            move |_| r.next_u64()
-        }).collect();
-        let c: Vec<u64> = (0..4).map({
-            let mut r = Rng::keyed(7, &[2, 1]);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::keyed(7, &[1, 2]);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::keyed(7, &[1, 2]);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let c: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::keyed(7, &[2, 1]);
+                move |_| r.next_u64()
+            })
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -15,11 +15,24 @@ const MAX_PLACEMENTS: usize = 6;
 const MIN_SIDE: u32 = 32;
 
 /// The five distractor kinds of the official code.
-pub const KINDS: [&str; 5] = ["left_rotate", "right_rotate", "interior", "large1", "large2"];
+pub const KINDS: [&str; 5] = [
+    "left_rotate",
+    "right_rotate",
+    "interior",
+    "large1",
+    "large2",
+];
 
 /// Builds one distractor of `kind` for the crop at `(x, y)` of side `side`.
 /// Returns the image and, for zooms, the source region `[x0, y0, x1, y1)` it shows.
-fn distractor(img: &RgbImage, crop: &RgbImage, kind: &str, x: u32, y: u32, side: u32) -> (RgbImage, Option<[u32; 4]>) {
+fn distractor(
+    img: &RgbImage,
+    crop: &RgbImage,
+    kind: &str,
+    x: u32,
+    y: u32,
+    side: u32,
+) -> (RgbImage, Option<[u32; 4]>) {
     let (w, h) = img.dimensions();
     match kind {
         "left_rotate" => (imgops::rotate_ccw(crop), None),
@@ -27,7 +40,10 @@ fn distractor(img: &RgbImage, crop: &RgbImage, kind: &str, x: u32, y: u32, side:
         "interior" => {
             let (a, b) = (side / 4, 3 * side / 4);
             let inner = imgops::crop(crop, a, a, b - a, b - a);
-            (imgops::resize_bilinear(&inner, side, side), Some([x + a, y + a, x + b, y + b]))
+            (
+                imgops::resize_bilinear(&inner, side, side),
+                Some([x + a, y + a, x + b, y + b]),
+            )
         }
         _ => {
             // large1: θ = 0.25 → margin side//4; large2: θ = 0.5 → margin side//2.
@@ -37,7 +53,10 @@ fn distractor(img: &RgbImage, crop: &RgbImage, kind: &str, x: u32, y: u32, side:
             let x1 = (x + side + m).min(w);
             let y1 = (y + side + m).min(h);
             let region = imgops::crop(img, x0, y0, x1 - x0, y1 - y0);
-            (imgops::resize_bilinear(&region, side, side), Some([x0, y0, x1, y1]))
+            (
+                imgops::resize_bilinear(&region, side, side),
+                Some([x0, y0, x1, y1]),
+            )
         }
     }
 }
@@ -70,8 +89,10 @@ pub fn generate(img: &RgbImage, rng: &mut Rng) -> Result<Generated, SkipReason> 
             while !pool.is_empty() {
                 let kind = pool.remove(rng.below(pool.len()));
                 let (im, region) = distractor(img, &truth, kind, x, y, side);
-                let distinct = imgops::mean_abs_diff(&im, &truth) >= MIN_OPTION_MAD
-                    && options.iter().all(|(o, _, _)| imgops::mean_abs_diff(&im, o) >= MIN_OPTION_MAD);
+                let distinct = imgops::mean_abs_diff_sampled(&im, &truth) >= MIN_OPTION_MAD
+                    && options
+                        .iter()
+                        .all(|(o, _, _)| imgops::mean_abs_diff_sampled(&im, o) >= MIN_OPTION_MAD);
                 if distinct {
                     options.push((im, kind, region));
                     placed = true;
@@ -86,7 +107,7 @@ pub fn generate(img: &RgbImage, rng: &mut Rng) -> Result<Generated, SkipReason> 
         // The true patch must also differ from distractors placed before its slot.
         if !ok
             || options.iter().enumerate().any(|(i, (o, _, _))| {
-                i != gt && imgops::mean_abs_diff(o, &options[gt].0) < MIN_OPTION_MAD
+                i != gt && imgops::mean_abs_diff_sampled(o, &options[gt].0) < MIN_OPTION_MAD
             })
         {
             continue;
@@ -94,7 +115,7 @@ pub fn generate(img: &RgbImage, rng: &mut Rng) -> Result<Generated, SkipReason> 
         let mut min_mad = f64::MAX;
         for i in 0..4 {
             for j in i + 1..4 {
-                min_mad = min_mad.min(imgops::mean_abs_diff(&options[i].0, &options[j].0));
+                min_mad = min_mad.min(imgops::mean_abs_diff_sampled(&options[i].0, &options[j].0));
             }
         }
         let mut black = img.clone();

@@ -77,11 +77,12 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
     let margin = style.radius.ceil() as usize + 1;
     let nan = NanCount::new(&norm, w, h);
     let mut regions: Vec<Region> = Vec::with_capacity(3);
+    let mut stats: [Option<window::MinMax>; 2] = [None, None];
     for (lo, hi) in BINS {
         let mut found = None;
-        for (k, thr) in WINDOWS {
+        for (wi, (k, thr)) in WINDOWS.into_iter().enumerate() {
             let half = k / 2;
-            let mm = window::min_max(&norm, w, h, k);
+            let mm = stats[wi].get_or_insert_with(|| window::min_max(&norm, w, h, k));
             let mut pass: Vec<(usize, usize)> = Vec::new();
             let (y_lo, y_hi) = (half.max(margin), h.saturating_sub(half.max(margin)));
             let (x_lo, x_hi) = (half.max(margin), w.saturating_sub(half.max(margin)));
@@ -108,7 +109,13 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
             if !pass.is_empty() {
                 let (x, y) = pass[rng.below(pass.len())];
                 let i = (y - half) * mm.ow + (x - half);
-                found = Some(Region { x, y, window: k, min: mm.min[i], max: mm.max[i] });
+                found = Some(Region {
+                    x,
+                    y,
+                    window: k,
+                    min: mm.min[i],
+                    max: mm.max[i],
+                });
                 break;
             }
         }
@@ -121,7 +128,13 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
     let mut meta_regions = Vec::new();
     for (i, &b) in lst.iter().enumerate() {
         let r = &regions[b - 1];
-        draw::marker(&mut img, r.x as f32 + 0.5, r.y as f32 + 0.5, &(i + 1).to_string(), &style);
+        draw::marker(
+            &mut img,
+            r.x as f32 + 0.5,
+            r.y as f32 + 0.5,
+            &(i + 1).to_string(),
+            &style,
+        );
         meta_regions.push(json!({
             "label": i + 1,
             "bin": b,
@@ -138,7 +151,11 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
     for (i, &b) in lst.iter().enumerate() {
         order[b - 1] = i + 1;
     }
-    let answer = order.iter().map(ToString::to_string).collect::<Vec<_>>().join("-");
+    let answer = order
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("-");
     Ok(Generated {
         problem: templates::depth_order(),
         answer,

@@ -66,7 +66,13 @@ pub fn draw_text(img: &mut RgbImage, text: &str, x: f32, y: f32, size_px: f32, r
         if let Some(outlined) = f.outline_glyph(glyph) {
             let b = outlined.px_bounds();
             outlined.draw(|gx, gy, cov| {
-                blend(img, b.min.x as i64 + i64::from(gx), b.min.y as i64 + i64::from(gy), rgb, cov);
+                blend(
+                    img,
+                    b.min.x as i64 + i64::from(gx),
+                    b.min.y as i64 + i64::from(gy),
+                    rgb,
+                    cov,
+                );
             });
         }
     }
@@ -148,7 +154,11 @@ impl MarkerStyle {
         // padded box: r = (diag/2) + pad·em.
         let half_diag = 0.5 * (0.6f32.powi(2) + 0.75f32.powi(2)).sqrt() * font_px;
         let radius = half_diag + pad * font_px;
-        MarkerStyle { font_px, radius, edge: (lw_pt * 150.0 / 72.0 * s).max(1.0) }
+        MarkerStyle {
+            font_px,
+            radius,
+            edge: (lw_pt * 150.0 / 72.0 * s).max(1.0),
+        }
     }
 }
 
@@ -216,12 +226,20 @@ mod tests {
         marker(&mut img, 100.0, 100.0, "2", &st);
         // Edge ring just inside the radius is black, the pad area is white, far outside untouched.
         let r = st.radius;
-        assert_eq!(img.get_pixel((100.0 + r - st.edge / 2.0) as u32, 100).0, BLACK);
-        assert_eq!(img.get_pixel((100.0 + r - st.edge - 3.0) as u32, 100).0, WHITE);
+        assert_eq!(
+            img.get_pixel((100.0 + r - st.edge / 2.0) as u32, 100).0,
+            BLACK
+        );
+        assert_eq!(
+            img.get_pixel((100.0 + r - st.edge - 3.0) as u32, 100).0,
+            WHITE
+        );
         assert_eq!(img.get_pixel(100, (100.0 + r + 3.0) as u32).0, [0, 128, 0]);
         // Digit ink near the centre.
-        let dark = (90..110).flat_map(|y| (90..110).map(move |x| (x, y)))
-            .filter(|&(x, y)| img.get_pixel(x, y).0[0] < 64).count();
+        let dark = (90..110)
+            .flat_map(|y| (90..110).map(move |x| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0[0] < 64)
+            .count();
         assert!(dark > 20, "digit ink {dark}");
     }
 }

@@ -46,7 +46,13 @@ pub fn generate(img: &RgbImage, rng: &mut Rng) -> Result<Generated, SkipReason> 
     for (i, p) in patches.iter().enumerate() {
         let mut p = if i == t { flipped.clone() } else { p.clone() };
         draw::border(&mut p, BORDER_BLUE);
-        draw::outlined_label(&mut p, &i.to_string(), draw::LABEL_OFFSET, draw::LABEL_OFFSET, draw::LABEL_SIZE_PX);
+        draw::outlined_label(
+            &mut p,
+            &i.to_string(),
+            draw::LABEL_OFFSET,
+            draw::LABEL_OFFSET,
+            draw::LABEL_SIZE_PX,
+        );
         imgops::paste(&mut out, &p, (i as u32 % 2) * pw, (i as u32 / 2) * ph);
     }
     Ok(Generated {

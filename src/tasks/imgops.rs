@@ -89,6 +89,28 @@ pub fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
     s as f64 / a.as_raw().len().max(1) as f64
 }
 
+/// [`mean_abs_diff`] on every other row and column: a quarter of the work, for threshold tests.
+pub fn mean_abs_diff_sampled(a: &RgbImage, b: &RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let (w, h) = a.dimensions();
+    let stride = w as usize * 3;
+    let (ra, rb) = (a.as_raw(), b.as_raw());
+    let (mut s, mut n) = (0u64, 0u64);
+    for y in (0..h as usize).step_by(2) {
+        let (pa, pb) = (
+            &ra[y * stride..(y + 1) * stride],
+            &rb[y * stride..(y + 1) * stride],
+        );
+        for x in (0..w as usize).step_by(2) {
+            for c in 0..3 {
+                s += u64::from(pa[x * 3 + c].abs_diff(pb[x * 3 + c]));
+            }
+            n += 3;
+        }
+    }
+    s as f64 / n.max(1) as f64
+}
+
 /// Fill a rectangle with one colour.
 pub fn fill_rect(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, rgb: [u8; 3]) {
     for yy in y..(y + h).min(img.height()) {

@@ -30,7 +30,19 @@ use std::time::Instant;
 pub use write::{Format, SampleRecord};
 
 /// The five pretext tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     /// Shuffled patch reordering (RGB).
@@ -46,7 +58,13 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 5] = [TaskKind::Shuffle, TaskKind::Flip, TaskKind::Crop, TaskKind::Depth, TaskKind::Position];
+    pub const ALL: [TaskKind; 5] = [
+        TaskKind::Shuffle,
+        TaskKind::Flip,
+        TaskKind::Crop,
+        TaskKind::Depth,
+        TaskKind::Position,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -168,7 +186,10 @@ pub enum TasksError {
     #[error("no input: pass --images DIR and/or --rgbd DIR")]
     NoInput,
     #[error("{path}: cannot read input folder: {source}")]
-    Input { path: PathBuf, source: std::io::Error },
+    Input {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}: holds an earlier run (run.json); pass --resume to continue it, or choose an empty folder")]
     AlreadyExists(PathBuf),
     #[error("{path}: --resume with different settings than the run being resumed ({what}); use the original settings or a new folder")]
@@ -221,7 +242,10 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
     let wants_rgb = cfg.tasks.iter().any(|t| !t.needs_depth());
     let wants_depth = cfg.tasks.iter().any(|t| t.needs_depth());
     for dir in &cfg.images {
-        let list = source::discover_images(dir).map_err(|e| TasksError::Input { path: dir.clone(), source: e })?;
+        let list = source::discover_images(dir).map_err(|e| TasksError::Input {
+            path: dir.clone(),
+            source: e,
+        })?;
         if list.is_empty() {
             progress.warn(&format!("{}: no jpg/png/webp images found", dir.display()));
         }
@@ -230,12 +254,18 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
         }
     }
     for dir in &cfg.rgbd {
-        let found = source::discover_rgbd(dir).map_err(|e| TasksError::Input { path: dir.clone(), source: e })?;
+        let found = source::discover_rgbd(dir).map_err(|e| TasksError::Input {
+            path: dir.clone(),
+            source: e,
+        })?;
         for w in &found.warnings {
             progress.warn(w);
         }
         if found.frames.is_empty() {
-            progress.warn(&format!("{}: no RGB-D frames found in any supported layout", dir.display()));
+            progress.warn(&format!(
+                "{}: no RGB-D frames found in any supported layout",
+                dir.display()
+            ));
         }
         if wants_depth {
             sources.extend(found.frames.into_iter().map(Source::Rgbd));
@@ -244,11 +274,20 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
     Ok(sources)
 }
 
-fn encode_jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
+/// Baseline JPEG with 4:2:0 chroma (libjpeg's and OpenCV's default). The scalar encoder keeps
+/// the bytes identical on every CPU.
+pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
     let mut buf = Vec::with_capacity(img.as_raw().len() / 8);
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
-        .encode_image(img)
-        .expect("JPEG encoding into memory does not fail");
+    let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+    // Dimensions are bounded by --max-side and the sources' u16-sized JPEG/PNG limits.
+    enc.encode(
+        img.as_raw(),
+        img.width() as u16,
+        img.height() as u16,
+        jpeg_encoder::ColorType::Rgb,
+    )
+    .expect("JPEG encoding into memory does not fail");
     buf
 }
 
@@ -263,10 +302,17 @@ enum Input {
     Rgbd(source::RgbdFrame),
 }
 
-fn generate_one(task: TaskKind, input: &Input, rng: &mut Rng, cfg: &TasksConfig) -> Result<Generated, SkipReason> {
+fn generate_one(
+    task: TaskKind,
+    input: &Input,
+    rng: &mut Rng,
+    cfg: &TasksConfig,
+) -> Result<Generated, SkipReason> {
     match (task, input) {
         (TaskKind::Shuffle, Input::Rgb(img)) => {
-            let v = cfg.shuffle_variant.unwrap_or_else(|| shuffle::Variant::sample(rng));
+            let v = cfg
+                .shuffle_variant
+                .unwrap_or_else(|| shuffle::Variant::sample(rng));
             shuffle::generate(img, rng, v)
         }
         (TaskKind::Flip, Input::Rgb(img)) => flip::generate(img, rng),
@@ -278,23 +324,38 @@ fn generate_one(task: TaskKind, input: &Input, rng: &mut Rng, cfg: &TasksConfig)
 }
 
 /// Produces all samples of one source and writes their images.
-fn process_source(gi: usize, src: &Source, cfg: &TasksConfig) -> Result<SourceOutput, write::WriteError> {
+fn process_source(
+    gi: usize,
+    src: &Source,
+    cfg: &TasksConfig,
+) -> Result<SourceOutput, write::WriteError> {
     let tasks: Vec<TaskKind> = cfg
         .tasks
         .iter()
         .copied()
         .filter(|t| t.needs_depth() == matches!(src, Source::Rgbd(_)))
         .collect();
-    let mut out = SourceOutput { samples: Vec::new(), stats: BTreeMap::new(), warnings: Vec::new() };
+    let mut out = SourceOutput {
+        samples: Vec::new(),
+        stats: BTreeMap::new(),
+        warnings: Vec::new(),
+    };
     let loaded: Result<Input, SourceError> = match src {
-        Source::Rgb { path } => source::load_rgb(path).map(|img| Input::Rgb(source::limit_side(img, cfg.max_side).0)),
+        Source::Rgb { path } => {
+            source::load_rgb(path).map(|img| Input::Rgb(source::limit_side(img, cfg.max_side).0))
+        }
         Source::Rgbd(s) => source::load_rgbd(s, cfg.max_side).map(Input::Rgbd),
     };
     let input = match loaded {
         Ok(i) => i,
         Err(e) => {
             for t in &tasks {
-                *out.stats.entry(*t).or_default().skipped.entry(e.reason).or_default() += cfg.per_image as u64;
+                *out.stats
+                    .entry(*t)
+                    .or_default()
+                    .skipped
+                    .entry(e.reason)
+                    .or_default() += cfg.per_image as u64;
             }
             out.warnings.push(format!("skipped {e}"));
             return Ok(out);
@@ -315,7 +376,11 @@ fn process_source(gi: usize, src: &Source, cfg: &TasksConfig) -> Result<SourceOu
                         } else {
                             format!("images/{}/{id}_{i}.jpg", task.name())
                         };
-                        write::write_atomic(&cfg.out.join(&rel), &encode_jpeg(img, cfg.jpeg_quality), false)?;
+                        write::write_atomic(
+                            &cfg.out.join(&rel),
+                            &encode_jpeg(img, cfg.jpeg_quality),
+                            false,
+                        )?;
                         images.push(rel);
                     }
                     out.samples.push(SampleRecord {
@@ -336,7 +401,10 @@ fn process_source(gi: usize, src: &Source, cfg: &TasksConfig) -> Result<SourceOu
                             "{}: {} sample skipped ({})",
                             source_names[0],
                             task.name(),
-                            serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                            serde_json::to_value(reason)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default()
                         ));
                     }
                 }
@@ -379,19 +447,27 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
         shuffle_variant: cfg.shuffle_variant.map(|v| v.name()),
         jpeg_quality: cfg.jpeg_quality,
         shard_sources: cfg.shard_sources.max(1),
-        sources: sources.iter().map(|s| s.files().iter().map(|p| display(p)).collect()).collect(),
+        sources: sources
+            .iter()
+            .map(|s| s.files().iter().map(|p| display(p)).collect())
+            .collect(),
     };
     let run_json = cfg.out.join("run.json");
     if run_json.exists() {
         if !cfg.resume {
             return Err(TasksError::AlreadyExists(cfg.out.clone()));
         }
-        let text = std::fs::read_to_string(&run_json)
-            .map_err(|e| TasksError::Write(write::WriteError::Io { path: run_json.clone(), source: e }))?;
-        let old: RunFingerprint = serde_json::from_str(&text).map_err(|e| TasksError::ResumeMismatch {
-            path: run_json.clone(),
-            what: format!("unreadable run.json: {e}"),
+        let text = std::fs::read_to_string(&run_json).map_err(|e| {
+            TasksError::Write(write::WriteError::Io {
+                path: run_json.clone(),
+                source: e,
+            })
         })?;
+        let old: RunFingerprint =
+            serde_json::from_str(&text).map_err(|e| TasksError::ResumeMismatch {
+                path: run_json.clone(),
+                what: format!("unreadable run.json: {e}"),
+            })?;
         if old != fp {
             let a = serde_json::to_value(&old).unwrap_or_default();
             let b = serde_json::to_value(&fp).unwrap_or_default();
@@ -402,30 +478,40 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
                 .filter(|(k, v)| b.get(k.as_str()) != Some(v))
                 .map(|(k, _)| k.clone())
                 .collect();
-            return Err(TasksError::ResumeMismatch { path: run_json, what: diff.join(", ") });
+            return Err(TasksError::ResumeMismatch {
+                path: run_json,
+                what: diff.join(", "),
+            });
         }
     } else {
-        write::write_atomic(&run_json, &serde_json::to_vec_pretty(&fp).expect("serialises"), true)?;
+        write::write_atomic(
+            &run_json,
+            &serde_json::to_vec_pretty(&fp).expect("serialises"),
+            true,
+        )?;
     }
 
     let per_shard = cfg.shard_sources.max(1);
     let shards: Vec<&[Source]> = sources.chunks(per_shard).collect();
     let data_name = |s: usize| format!("data/part-{s:05}.{}", cfg.format.ext());
     let state_path = |s: usize| cfg.out.join(format!("state/part-{s:05}.json"));
-    let mut summary = Summary { sources: sources.len() as u64, shards: shards.len(), ..Default::default() };
+    let mut summary = Summary {
+        sources: sources.len() as u64,
+        shards: shards.len(),
+        ..Default::default()
+    };
     let mut done = vec![false; shards.len()];
     let mut done_sources = 0u64;
     for (s, shard) in shards.iter().enumerate() {
         let data = cfg.out.join(data_name(s));
-        if data.is_file() {
-            if let Ok(st) = std::fs::read(state_path(s)).map(|b| serde_json::from_slice::<ShardState>(&b)) {
-                if let Ok(st) = st {
-                    merge(&mut summary.tasks, &st.stats);
-                    done[s] = true;
-                    done_sources += shard.len() as u64;
-                    summary.resumed_shards += 1;
-                }
-            }
+        let state = std::fs::read(state_path(s))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ShardState>(&b).ok());
+        if let (true, Some(st)) = (data.is_file(), state) {
+            merge(&mut summary.tasks, &st.stats);
+            done[s] = true;
+            done_sources += shard.len() as u64;
+            summary.resumed_shards += 1;
         }
     }
     progress.start(sources.len() as u64, done_sources);
@@ -434,7 +520,9 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
     if cfg.threads > 0 {
         builder = builder.num_threads(cfg.threads);
     }
-    let pool = builder.build().map_err(|e| TasksError::ThreadPool(e.to_string()))?;
+    let pool = builder
+        .build()
+        .map_err(|e| TasksError::ThreadPool(e.to_string()))?;
     let mut new_samples = 0u64;
     for (s, shard) in shards.iter().enumerate() {
         summary.data_files.push(data_name(s));
@@ -466,8 +554,16 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
             samples.extend(o.samples);
         }
         new_samples += samples.len() as u64;
-        let state = ShardState { sources: shard.len(), samples: samples.len(), stats: stats.clone() };
-        write::write_atomic(&state_path(s), &serde_json::to_vec_pretty(&state).expect("serialises"), true)?;
+        let state = ShardState {
+            sources: shard.len(),
+            samples: samples.len(),
+            stats: stats.clone(),
+        };
+        write::write_atomic(
+            &state_path(s),
+            &serde_json::to_vec_pretty(&state).expect("serialises"),
+            true,
+        )?;
         let data = cfg.out.join(data_name(s));
         let bytes = match cfg.format {
             Format::Jsonl => write::jsonl_bytes(&samples),
@@ -481,12 +577,20 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
     summary.samples_per_s = new_samples as f64 / summary.elapsed_s.max(1e-9);
     let mut on_disk = summary.clone();
     on_disk.elapsed_s = (on_disk.elapsed_s * 1000.0).round() / 1000.0;
-    write::write_atomic(&cfg.out.join("summary.json"), &serde_json::to_vec_pretty(&on_disk).expect("serialises"), true)?;
+    write::write_atomic(
+        &cfg.out.join("summary.json"),
+        &serde_json::to_vec_pretty(&on_disk).expect("serialises"),
+        true,
+    )?;
     if summary.produced == 0 {
         let reasons: Vec<String> = summary
             .tasks
             .iter()
-            .flat_map(|(t, s)| s.skipped.iter().map(move |(r, n)| format!("{} {n}× {:?}", t.name(), r)))
+            .flat_map(|(t, s)| {
+                s.skipped
+                    .iter()
+                    .map(move |(r, n)| format!("{} {n}× {:?}", t.name(), r))
+            })
             .collect();
         return Err(TasksError::NothingProduced(if sources.is_empty() {
             "no usable sources for the selected tasks".into()

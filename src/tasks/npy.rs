@@ -45,7 +45,10 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
         if bytes.len() < 12 {
             return Err(NpyError::Magic);
         }
-        (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+        (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        )
     };
     let header = bytes
         .get(off..off + hlen)
@@ -69,7 +72,10 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|e| NpyError::Header(format!("shape: {e}"))))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|e| NpyError::Header(format!("shape: {e}")))
+        })
         .collect::<Result<_, _>>()?;
     let n: usize = shape.iter().product();
     let body = &bytes[off + hlen..];
@@ -86,7 +92,10 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
         _ => return Err(NpyError::Dtype(descr.clone())),
     };
     if body.len() < n * width {
-        return Err(NpyError::Truncated { expected: n * width, found: body.len() });
+        return Err(NpyError::Truncated {
+            expected: n * width,
+            found: body.len(),
+        });
     }
     let get = |i: usize| -> [u8; 8] {
         let mut b = [0u8; 8];
@@ -186,25 +195,49 @@ mod tests {
 
     #[test]
     fn reads_f4_u2_bool_and_fortran() {
-        let body: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|f| f.to_le_bytes()).collect();
+        let body: Vec<u8> = [1.5f32, -2.0, 3.25]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         let a = parse(&npy("<f4", "(3,)", false, &body)).unwrap();
         assert_eq!(a.data, vec![1.5, -2.0, 3.25]);
-        let body: Vec<u8> = [1000u16, 0, 65535].iter().flat_map(|f| f.to_le_bytes()).collect();
-        assert_eq!(parse(&npy("<u2", "(1, 3)", false, &body)).unwrap().data, vec![1000.0, 0.0, 65535.0]);
-        assert_eq!(parse(&npy("|b1", "(2,)", false, &[1, 0])).unwrap().data, vec![1.0, 0.0]);
+        let body: Vec<u8> = [1000u16, 0, 65535]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        assert_eq!(
+            parse(&npy("<u2", "(1, 3)", false, &body)).unwrap().data,
+            vec![1000.0, 0.0, 65535.0]
+        );
+        assert_eq!(
+            parse(&npy("|b1", "(2,)", false, &[1, 0])).unwrap().data,
+            vec![1.0, 0.0]
+        );
         // Fortran 2x3 [[1,2,3],[4,5,6]] is stored column-major 1,4,2,5,3,6.
-        let body: Vec<u8> = [1f32, 4., 2., 5., 3., 6.].iter().flat_map(|f| f.to_le_bytes()).collect();
+        let body: Vec<u8> = [1f32, 4., 2., 5., 3., 6.]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         let a = parse(&npy("<f4", "(2, 3)", true, &body)).unwrap();
         assert_eq!(a.data, vec![1., 2., 3., 4., 5., 6.]);
         let body: Vec<u8> = [1.0f64].iter().flat_map(|f| f.to_be_bytes()).collect();
-        assert_eq!(parse(&npy(">f8", "(1,)", false, &body)).unwrap().data, vec![1.0]);
+        assert_eq!(
+            parse(&npy(">f8", "(1,)", false, &body)).unwrap().data,
+            vec![1.0]
+        );
     }
 
     #[test]
     fn rejects_truncated_and_garbage() {
         assert!(matches!(parse(b"PNG....garbage"), Err(NpyError::Magic)));
         let body = [0u8; 4];
-        assert!(matches!(parse(&npy("<f4", "(3,)", false, &body)), Err(NpyError::Truncated { .. })));
-        assert!(matches!(parse(&npy("<c8", "(1,)", false, &[0; 8])), Err(NpyError::Dtype(_))));
+        assert!(matches!(
+            parse(&npy("<f4", "(3,)", false, &body)),
+            Err(NpyError::Truncated { .. })
+        ));
+        assert!(matches!(
+            parse(&npy("<c8", "(1,)", false, &[0; 8])),
+            Err(NpyError::Dtype(_))
+        ));
     }
 }

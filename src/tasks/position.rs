@@ -48,7 +48,8 @@ pub struct Block {
     pub x: usize,
     pub min: f32,
     pub max: f32,
-    dist2: f64,
+    /// Squared distance to the centre, in half pixels: (2y − h)² + (2x − w)².
+    pub dist2: u64,
 }
 
 /// Min-max normalised depth (valid → [0, 1], invalid NaN; a constant map becomes all 1).
@@ -87,28 +88,39 @@ pub fn candidate_blocks(norm: &[f32], w: usize, h: usize) -> Vec<Block> {
     }
     let (cy, cx) = (h as f64 / 2.0, w as f64 / 2.0);
     let (my, mx) = (CENTER_MARGIN * h as f64, CENTER_MARGIN * w as f64);
+    let (h2, w2) = (h as i64, w as i64);
     let y_lo = half.max((cy - my).ceil().max(0.0) as usize);
     let y_hi = (h - half - 1).min((cy + my).floor() as usize);
     let x_lo = half.max((cx - mx).ceil().max(0.0) as usize);
     let x_hi = (w - half - 1).min((cx + mx).floor() as usize);
-    let mut out = Vec::new();
+    // Built in raster order (sequential reads of the window statistics), then sorted by
+    // (distance², row, column).
+    let mut out: Vec<Block> = Vec::new();
     for y in y_lo..=y_hi {
+        let base = (y - half) * mm.ow;
         for x in x_lo..=x_hi {
-            let i = (y - half) * mm.ow + (x - half);
+            let i = base + (x - half);
             let (lo, hi) = (mm.min[i], mm.max[i]);
             if lo.is_finite() && hi - lo <= INNER_THR {
-                let dist2 = (y as f64 - cy).powi(2) + (x as f64 - cx).powi(2);
-                out.push(Block { y, x, min: lo, max: hi, dist2 });
+                let dist2 = ((2 * y as i64 - h2).pow(2) + (2 * x as i64 - w2).pow(2)) as u64;
+                out.push(Block {
+                    y,
+                    x,
+                    min: lo,
+                    max: hi,
+                    dist2,
+                });
             }
         }
     }
-    out.sort_unstable_by(|a, b| a.dist2.total_cmp(&b.dist2).then(a.y.cmp(&b.y)).then(a.x.cmp(&b.x)));
+    out.sort_unstable_by_key(|b| (b.dist2 << 32) | (b.y * w + b.x) as u64);
     out
 }
 
 fn far_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
     a.min.max(b.min) - a.max.min(b.max) >= DEPTH_SEP
-        && ((a.y as f64 - b.y as f64).powi(2) + (a.x as f64 - b.x as f64).powi(2)).sqrt() >= min_dist
+        && ((a.y as f64 - b.y as f64).powi(2) + (a.x as f64 - b.x as f64).powi(2)).sqrt()
+            >= min_dist
 }
 
 fn near_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
@@ -133,7 +145,8 @@ pub fn find_pair(blocks: &[Block], kind: PairKind, min_dist: f64) -> Option<(usi
             }
             for i in 0..n {
                 let a = &blocks[i];
-                if suf_max_min[i + 1] < a.max + DEPTH_SEP && suf_min_max[i + 1] > a.min - DEPTH_SEP {
+                if suf_max_min[i + 1] < a.max + DEPTH_SEP && suf_min_max[i + 1] > a.min - DEPTH_SEP
+                {
                     continue;
                 }
                 for (j, b) in blocks.iter().enumerate().skip(i + 1) {
@@ -185,7 +198,13 @@ pub fn find_pair(blocks: &[Block], kind: PairKind, min_dist: f64) -> Option<(usi
 }
 
 /// The official answer tables (`Position.py`): returns the answer text and the option set.
-pub fn sign_answer(kind: PairKind, facing: usize, dx: f64, dd: f64, x_gap: i64) -> (String, [&'static str; 4], bool) {
+pub fn sign_answer(
+    kind: PairKind,
+    facing: usize,
+    dx: f64,
+    dd: f64,
+    x_gap: i64,
+) -> (String, [&'static str; 4], bool) {
     const SINGLE: [&str; 4] = ["Left", "Right", "Front", "Back"];
     const DOUBLE: [&str; 4] = ["Left-Front", "Right-Front", "Right-Back", "Left-Back"];
     let (px, pd) = (dx >= 0.0, dd >= 0.0);
@@ -251,16 +270,39 @@ pub fn metric_labels(
     d_z: f64,
     delta_lateral: f64,
     delta_depth: f64,
-) -> (f64, f64, f64, f64, Option<&'static str>, Option<&'static str>) {
+) -> (
+    f64,
+    f64,
+    f64,
+    f64,
+    Option<&'static str>,
+    Option<&'static str>,
+) {
     let t = FACING_THETA[facing].to_radians();
     let (s, c) = t.sin_cos();
     let (s, c) = (s.round_ties_even_if_tiny(), c.round_ties_even_if_tiny());
     let xt = c * d_x + s * d_z;
     let zt = -s * d_x + c * d_z;
     // Table 8: for θ = 0°/180° x̃ comes from the lateral offset; for 90°/270° from depth.
-    let (dxs, dzs) = if facing >= 2 { (delta_lateral, delta_depth) } else { (delta_depth, delta_lateral) };
-    let lx = if xt > dxs { Some("Right") } else if xt < -dxs { Some("Left") } else { None };
-    let lz = if zt > dzs { Some("Front") } else if zt < -dzs { Some("Back") } else { None };
+    let (dxs, dzs) = if facing >= 2 {
+        (delta_lateral, delta_depth)
+    } else {
+        (delta_depth, delta_lateral)
+    };
+    let lx = if xt > dxs {
+        Some("Right")
+    } else if xt < -dxs {
+        Some("Left")
+    } else {
+        None
+    };
+    let lz = if zt > dzs {
+        Some("Front")
+    } else if zt < -dzs {
+        Some("Back")
+    } else {
+        None
+    };
     (xt, zt, dxs, dzs, lx, lz)
 }
 
@@ -281,7 +323,11 @@ impl Tiny for f64 {
 /// and asks where the other region is from that camera. Near pairs (similar depth, same row
 /// band) and far pairs (depth intervals ≥ 0.25 apart) are drawn with equal probability; when
 /// the frame has no pair of the drawn kind the other kind is tried.
-pub fn generate(frame: &RgbdFrame, rng: &mut Rng, geometry: Geometry) -> Result<Generated, SkipReason> {
+pub fn generate(
+    frame: &RgbdFrame,
+    rng: &mut Rng,
+    geometry: Geometry,
+) -> Result<Generated, SkipReason> {
     let (w, h) = (frame.width(), frame.height());
     if geometry == Geometry::Metric && (frame.intrinsics.is_none() || !frame.metric) {
         return Err(SkipReason::NoIntrinsics);
@@ -289,11 +335,22 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng, geometry: Geometry) -> Result<
     let norm = normalise(&frame.depth).ok_or(SkipReason::InvalidDepth)?;
     let blocks = candidate_blocks(&norm, w, h);
     let min_dist = (w.min(h) / 8) as f64;
-    let first = if rng.bool() { PairKind::Near } else { PairKind::Far };
-    let second = if first == PairKind::Near { PairKind::Far } else { PairKind::Near };
+    let first = if rng.bool() {
+        PairKind::Near
+    } else {
+        PairKind::Far
+    };
+    let second = if first == PairKind::Near {
+        PairKind::Far
+    } else {
+        PairKind::Near
+    };
     let (kind, (i, j)) = match find_pair(&blocks, first, min_dist) {
         Some(p) => (first, p),
-        None => (second, find_pair(&blocks, second, min_dist).ok_or(SkipReason::NoPair)?),
+        None => (
+            second,
+            find_pair(&blocks, second, min_dist).ok_or(SkipReason::NoPair)?,
+        ),
     };
     let centres = [blocks[i], blocks[j]];
     // Raw depth: nanmax over the block, as the official script reads it.
@@ -349,27 +406,51 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng, geometry: Geometry) -> Result<
                 .depth
                 .iter()
                 .filter(|v| v.is_finite())
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
             let delta_depth = f64::from(DEPTH_SEP) * f64::from(hi - lo);
             let delta_lateral = DIFF_X_PX as f64 * 0.5 * (raw[0] + raw[1]) / k.fx;
-            let (xt, zt, dxs, dzs, lx, lz) = metric_labels(facing, d_x, d_z, delta_lateral, delta_depth);
-            for (key, v) in [("x_tilde", xt), ("z_tilde", zt), ("delta_x", dxs), ("delta_z", dzs), ("d_x_m", d_x), ("d_z_m", d_z)] {
+            let (xt, zt, dxs, dzs, lx, lz) =
+                metric_labels(facing, d_x, d_z, delta_lateral, delta_depth);
+            for (key, v) in [
+                ("x_tilde", xt),
+                ("z_tilde", zt),
+                ("delta_x", dxs),
+                ("delta_z", dzs),
+                ("d_x_m", d_x),
+                ("d_z_m", d_z),
+            ] {
                 extra.insert(key.into(), json!(v));
             }
             match (lx, lz) {
-                (Some(a), Some(b)) => (format!("{a}-{b}"), ["Left-Front", "Right-Front", "Right-Back", "Left-Back"]),
-                (Some(a), None) | (None, Some(a)) => (a.to_string(), ["Left", "Right", "Front", "Back"]),
+                (Some(a), Some(b)) => (
+                    format!("{a}-{b}"),
+                    ["Left-Front", "Right-Front", "Right-Back", "Left-Back"],
+                ),
+                (Some(a), None) | (None, Some(a)) => {
+                    (a.to_string(), ["Left", "Right", "Front", "Back"])
+                }
                 (None, None) => return Err(SkipReason::NoPair),
             }
         }
     };
     let mut options: [String; 4] = base.map(String::from);
     rng.shuffle(&mut options);
-    let slot = options.iter().position(|o| *o == answer_text).expect("answer is one of the options");
+    let slot = options
+        .iter()
+        .position(|o| *o == answer_text)
+        .expect("answer is one of the options");
     let style = MarkerStyle::matplotlib_like(w as u32, h as u32, 12.0, 0.25, 1.2);
     let mut img = frame.rgb.clone();
     for (idx, b) in centres.iter().enumerate() {
-        draw::marker(&mut img, b.x as f32 + 0.5, b.y as f32 + 0.5, &order[idx].to_string(), &style);
+        draw::marker(
+            &mut img,
+            b.x as f32 + 0.5,
+            b.y as f32 + 0.5,
+            &order[idx].to_string(),
+            &style,
+        );
     }
     let far = kind == PairKind::Far;
     let problem = templates::position(order[cam], order[tgt], facing, &options, far);
@@ -423,7 +504,11 @@ mod tests {
                 let (_, _, _, _, lx, lz) = metric_labels(facing, dx, dd, 0.0, 0.0);
                 let (far, _, diff) = sign_answer(PairKind::Far, facing, dx, dd, 500);
                 assert!(diff);
-                assert_eq!(far, format!("{}-{}", lx.unwrap(), lz.unwrap()), "facing {facing} dx {dx} dd {dd}");
+                assert_eq!(
+                    far,
+                    format!("{}-{}", lx.unwrap(), lz.unwrap()),
+                    "facing {facing} dx {dx} dd {dd}"
+                );
                 // same-x: only depth; near: only lateral.
                 let (_, _, _, _, lx, lz) = metric_labels(facing, 0.0, dd, 0.0, 0.0);
                 let (same, _, _) = sign_answer(PairKind::Far, facing, 0.0, dd, 10);
@@ -432,6 +517,17 @@ mod tests {
                 let (near, _, _) = sign_answer(PairKind::Near, facing, dx, 0.0, 0);
                 assert_eq!(Some(near.as_str()), lx.or(lz));
             }
+        }
+    }
+
+    #[test]
+    fn candidates_are_ordered_by_distance_then_raster() {
+        let (w, h) = (37usize, 23usize);
+        let norm: Vec<f32> = (0..w * h).map(|i| ((i * 31) % 17) as f32 / 400.0).collect();
+        let b = candidate_blocks(&norm, w, h);
+        assert!(!b.is_empty());
+        for p in b.windows(2) {
+            assert!((p[0].dist2, p[0].y, p[0].x) < (p[1].dist2, p[1].y, p[1].x));
         }
     }
 
@@ -444,12 +540,29 @@ mod tests {
             let blocks: Vec<Block> = (0..n)
                 .map(|i| {
                     let lo = r.f64() as f32 * 0.85;
-                    Block { y: r.below(120), x: r.below(200), min: lo, max: lo + r.f64() as f32 * 0.15, dist2: i as f64 }
+                    Block {
+                        y: r.below(120),
+                        x: r.below(200),
+                        min: lo,
+                        max: lo + r.f64() as f32 * 0.15,
+                        dist2: i as u64,
+                    }
                 })
                 .collect();
-            for (kind, ok) in [(PairKind::Far, far_ok as fn(&Block, &Block, f64) -> bool), (PairKind::Near, near_ok)] {
-                let brute = (0..n).find_map(|i| (i + 1..n).find(|&j| ok(&blocks[i], &blocks[j], 40.0)).map(|j| (i, j)));
-                assert_eq!(find_pair(&blocks, kind, 40.0), brute, "trial {trial} {kind:?}");
+            for (kind, ok) in [
+                (PairKind::Far, far_ok as fn(&Block, &Block, f64) -> bool),
+                (PairKind::Near, near_ok),
+            ] {
+                let brute = (0..n).find_map(|i| {
+                    (i + 1..n)
+                        .find(|&j| ok(&blocks[i], &blocks[j], 40.0))
+                        .map(|j| (i, j))
+                });
+                assert_eq!(
+                    find_pair(&blocks, kind, 40.0),
+                    brute,
+                    "trial {trial} {kind:?}"
+                );
             }
         }
     }

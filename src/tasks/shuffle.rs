@@ -78,7 +78,13 @@ pub fn generate(img: &RgbImage, rng: &mut Rng, variant: Variant) -> Result<Gener
             imgops::fill_rect(&mut p, 0, 0, pw, ph, draw::WHITE);
         }
         draw::border(&mut p, BORDER_BLUE);
-        draw::outlined_label(&mut p, &slot.to_string(), draw::LABEL_OFFSET, draw::LABEL_OFFSET, draw::LABEL_SIZE_PX);
+        draw::outlined_label(
+            &mut p,
+            &slot.to_string(),
+            draw::LABEL_OFFSET,
+            draw::LABEL_OFFSET,
+            draw::LABEL_SIZE_PX,
+        );
         let s = slot as u32;
         imgops::paste(&mut out, &p, (s % n) * pw, (s / n) * ph);
     }

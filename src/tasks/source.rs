@@ -32,7 +32,10 @@ pub struct SourceError {
 
 impl SourceError {
     pub fn new(reason: SkipReason, path: &Path, detail: impl std::fmt::Display) -> Self {
-        SourceError { reason, message: format!("{}: {detail}", path.display()) }
+        SourceError {
+            reason,
+            message: format!("{}: {detail}", path.display()),
+        }
     }
 }
 
@@ -53,7 +56,12 @@ pub struct Intrinsics {
 
 impl Intrinsics {
     fn scaled(self, sx: f64, sy: f64) -> Self {
-        Intrinsics { fx: self.fx * sx, fy: self.fy * sy, cx: self.cx * sx, cy: self.cy * sy }
+        Intrinsics {
+            fx: self.fx * sx,
+            fy: self.fy * sy,
+            cx: self.cx * sx,
+            cy: self.cy * sy,
+        }
     }
 }
 
@@ -116,7 +124,10 @@ impl Source {
 
 fn is_image_ext(p: &Path) -> bool {
     matches!(
-        p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Some("jpg" | "jpeg" | "png" | "webp")
     )
 }
@@ -157,8 +168,8 @@ pub fn discover_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// (preferring a key that mentions depth when there are several).
 pub fn read_intrinsics_json(path: &Path) -> Result<Intrinsics, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
     fn from_obj(v: &serde_json::Value) -> Option<Intrinsics> {
         if let Some(m) = v.as_array() {
             let row = |i: usize| m.get(i)?.as_array().cloned();
@@ -171,7 +182,12 @@ pub fn read_intrinsics_json(path: &Path) -> Result<Intrinsics, String> {
             });
         }
         let g = |k: &str| v.get(k)?.as_f64();
-        Some(Intrinsics { fx: g("fx")?, fy: g("fy")?, cx: g("cx")?, cy: g("cy")? })
+        Some(Intrinsics {
+            fx: g("fx")?,
+            fy: g("fy")?,
+            cx: g("cx")?,
+            cy: g("cy")?,
+        })
     }
     if let Some(k) = from_obj(&v) {
         return Ok(k);
@@ -183,10 +199,17 @@ pub fn read_intrinsics_json(path: &Path) -> Result<Intrinsics, String> {
     }
     let mut found: Vec<(String, Intrinsics)> = v
         .as_object()
-        .map(|o| o.iter().filter_map(|(k, x)| from_obj(x).map(|i| (k.clone(), i))).collect())
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, x)| from_obj(x).map(|i| (k.clone(), i)))
+                .collect()
+        })
         .unwrap_or_default();
     if found.len() > 1 {
-        if let Some(p) = found.iter().position(|(k, _)| k.to_ascii_lowercase().contains("depth")) {
+        if let Some(p) = found
+            .iter()
+            .position(|(k, _)| k.to_ascii_lowercase().contains("depth"))
+        {
             return Ok(found.swap_remove(p).1);
         }
     }
@@ -209,7 +232,12 @@ fn read_matrix_intrinsics(path: &Path) -> Result<Intrinsics, String> {
         return Err(format!("{}: expected a 3×3 or 4×4 matrix", path.display()));
     }
     let n = if v.len() >= 16 { 4 } else { 3 };
-    Ok(Intrinsics { fx: v[0], cx: v[2], fy: v[n + 1], cy: v[n + 2] })
+    Ok(Intrinsics {
+        fx: v[0],
+        cx: v[2],
+        fy: v[n + 1],
+        cy: v[n + 2],
+    })
 }
 
 /// Parses a TUM index file: `timestamp path` lines, `#` comments.
@@ -224,7 +252,11 @@ fn read_tum_index(path: &Path) -> Result<Vec<(f64, PathBuf)>, String> {
         }
         let mut it = line.split_whitespace();
         let (Some(ts), Some(file)) = (it.next(), it.next()) else {
-            return Err(format!("{}:{}: expected 'timestamp filename'", path.display(), i + 1));
+            return Err(format!(
+                "{}:{}: expected 'timestamp filename'",
+                path.display(),
+                i + 1
+            ));
         };
         let ts: f64 = ts
             .parse()
@@ -262,10 +294,18 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                 None
             }
         };
-        let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let name = |p: &Path| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string()
+        };
         // TUM
         if d.join("rgb.txt").is_file() && d.join("depth.txt").is_file() {
-            match (read_tum_index(&d.join("rgb.txt")), read_tum_index(&d.join("depth.txt"))) {
+            match (
+                read_tum_index(&d.join("rgb.txt")),
+                read_tum_index(&d.join("depth.txt")),
+            ) {
                 (Ok(rgb), Ok(depth)) => {
                     for (ts, color) in rgb {
                         let best = depth
@@ -278,7 +318,9 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                                     color,
                                     depth: dp.clone(),
                                     mask: None,
-                                    encoding: DepthEncoding::Png16 { scale: 1.0 / 5000.0 },
+                                    encoding: DepthEncoding::Png16 {
+                                        scale: 1.0 / 5000.0,
+                                    },
                                     resample_depth: false,
                                     intrinsics: folder_k,
                                     metric: true,
@@ -293,7 +335,10 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                 }
                 (Err(e), _) | (_, Err(e)) => found.warnings.push(e),
             }
-            stack.extend(dirs.into_iter().filter(|p| !matches!(name(p).as_str(), "rgb" | "depth")));
+            stack.extend(
+                dirs.into_iter()
+                    .filter(|p| !matches!(name(p).as_str(), "rgb" | "depth")),
+            );
             continue;
         }
         // ScanNet export
@@ -304,7 +349,11 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
             };
             let (cfiles, _) = list_dir(&d.join("color"))?;
             for c in cfiles.into_iter().filter(|p| is_image_ext(p)) {
-                let stem = c.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
+                let stem = c
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("")
+                    .to_string();
                 let dp = d.join("depth").join(format!("{stem}.png"));
                 if dp.is_file() {
                     found.frames.push(RgbdSource {
@@ -318,12 +367,18 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                         metric: true,
                     });
                 } else {
-                    found.warnings.push(format!("{}: no depth frame {}", c.display(), dp.display()));
+                    found.warnings.push(format!(
+                        "{}: no depth frame {}",
+                        c.display(),
+                        dp.display()
+                    ));
                 }
             }
-            stack.extend(dirs.into_iter().filter(|p| {
-                !matches!(name(p).as_str(), "color" | "depth" | "intrinsic" | "pose")
-            }));
+            stack.extend(
+                dirs.into_iter().filter(|p| {
+                    !matches!(name(p).as_str(), "color" | "depth" | "intrinsic" | "pose")
+                }),
+            );
             continue;
         }
         // File-level pairings in this folder.
@@ -334,8 +389,15 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                 continue;
             }
             let fname = name(f);
-            let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
-            if stem.ends_with("_depth") || stem.ends_with("_depth_mask") || stem.starts_with("depth") {
+            let stem = f
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("")
+                .to_string();
+            if stem.ends_with("_depth")
+                || stem.ends_with("_depth_mask")
+                || stem.starts_with("depth")
+            {
                 continue;
             }
             let mut push = |layout, depth: PathBuf, mask, encoding, metric| {
@@ -374,16 +436,34 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                 continue;
             }
             if let Some(png) = has(&format!("{stem}_depth.png")) {
-                push(Layout::Generic, png, None, DepthEncoding::Png16 { scale: 1e-3 }, true);
+                push(
+                    Layout::Generic,
+                    png,
+                    None,
+                    DepthEncoding::Png16 { scale: 1e-3 },
+                    true,
+                );
                 continue;
             }
             if stem == "color" || stem == "rgb" || stem == "image" {
                 if let Some(png) = has("depth_mm.png") {
-                    push(Layout::Generic, png, None, DepthEncoding::Png16 { scale: 1e-3 }, true);
+                    push(
+                        Layout::Generic,
+                        png,
+                        None,
+                        DepthEncoding::Png16 { scale: 1e-3 },
+                        true,
+                    );
                 } else if let Some(npy) = has("depth.npy") {
                     push(Layout::Generic, npy, None, DepthEncoding::Npy, true);
                 } else if let Some(png) = has("depth.png") {
-                    push(Layout::Generic, png, None, DepthEncoding::Png16 { scale: 1e-3 }, true);
+                    push(
+                        Layout::Generic,
+                        png,
+                        None,
+                        DepthEncoding::Png16 { scale: 1e-3 },
+                        true,
+                    );
                 }
             }
             let _ = fname;
@@ -401,13 +481,38 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, SourceError> {
     decode_rgb(&bytes, path)
 }
 
+/// A JPEG is complete when an end-of-image marker follows its last start-of-scan marker.
+/// (Decoders pad a truncated scan with grey instead of failing.) Entropy-coded data stuffs
+/// every 0xFF byte, so the markers cannot occur inside it.
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
+}
+
 pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, SourceError> {
     let err = |e: image::ImageError| SourceError::new(SkipReason::Decode, path, e);
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?;
-    if reader.format().is_none() {
-        return Err(SourceError::new(SkipReason::Decode, path, "not a recognised image format"));
+    match reader.format() {
+        None => {
+            return Err(SourceError::new(
+                SkipReason::Decode,
+                path,
+                "not a recognised image format",
+            ))
+        }
+        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
+            return Err(SourceError::new(
+                SkipReason::Decode,
+                path,
+                "truncated JPEG (no end-of-image marker)",
+            ))
+        }
+        _ => {}
     }
     let mut decoder = reader.into_decoder().map_err(err)?;
     let orientation = decoder.orientation().map_err(err)?;
@@ -465,11 +570,14 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
             (w, h, d)
         }
         DepthEncoding::H5 => {
-            let f = hdf5_pure::File::open(p).map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
-            let ds = f
-                .dataset("depth")
-                .map_err(|e| SourceError::new(SkipReason::Decode, p, format!("no dataset 'depth': {e}")))?;
-            let shape = ds.shape().map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let f =
+                hdf5_pure::File::open(p).map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let ds = f.dataset("depth").map_err(|e| {
+                SourceError::new(SkipReason::Decode, p, format!("no dataset 'depth': {e}"))
+            })?;
+            let shape = ds
+                .shape()
+                .map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
             let [h, w] = shape.as_slice() else {
                 return Err(SourceError::new(
                     SkipReason::Decode,
@@ -477,7 +585,9 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
                     format!("dataset 'depth' has shape {shape:?}, expected (H, W)"),
                 ));
             };
-            let mut d = ds.read_f32().map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let mut d = ds
+                .read_f32()
+                .map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
             for v in &mut d {
                 if !v.is_finite() || *v <= 0.0 {
                     *v = f32::NAN;
@@ -493,7 +603,10 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
                     return Err(SourceError::new(
                         SkipReason::Decode,
                         p,
-                        format!("depth PNG must be 16-bit single channel, found {:?}", other.color()),
+                        format!(
+                            "depth PNG must be 16-bit single channel, found {:?}",
+                            other.color()
+                        ),
                     ))
                 }
             };
@@ -501,19 +614,35 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
             let d = img
                 .into_raw()
                 .into_iter()
-                .map(|v| if v == 0 { f32::NAN } else { f32::from(v) * scale })
+                .map(|v| {
+                    if v == 0 {
+                        f32::NAN
+                    } else {
+                        f32::from(v) * scale
+                    }
+                })
                 .collect();
             (w as usize, h as usize, d)
         }
     };
     if data.len() != w * h {
-        return Err(SourceError::new(SkipReason::Decode, p, "depth data size does not match its shape"));
+        return Err(SourceError::new(
+            SkipReason::Decode,
+            p,
+            "depth data size does not match its shape",
+        ));
     }
     if let Some(mp) = &src.mask {
         let m = npy::read(mp).map_err(|e| SourceError::new(SkipReason::Decode, mp, e))?;
         let (mh, mw) = match m.shape.as_slice() {
             [h, w] | [h, w, 1] => (*h, *w),
-            s => return Err(SourceError::new(SkipReason::Decode, mp, format!("mask shape {s:?}"))),
+            s => {
+                return Err(SourceError::new(
+                    SkipReason::Decode,
+                    mp,
+                    format!("mask shape {s:?}"),
+                ))
+            }
         };
         // The official code crops a wider mask to the depth width.
         if mh != h || mw < w {
@@ -557,7 +686,10 @@ pub fn limit_side(img: RgbImage, max_side: u32) -> (RgbImage, f64) {
     let s = f64::from(max_side) / f64::from(long);
     let nw = ((f64::from(w) * s).round() as u32).max(1);
     let nh = ((f64::from(h) * s).round() as u32).max(1);
-    (image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle), s)
+    (
+        image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle),
+        s,
+    )
 }
 
 /// Loads and validates an RGB-D frame; `max_side` bounds the colour size (depth follows).
@@ -573,11 +705,18 @@ pub fn load_rgbd(src: &RgbdSource, max_side: u32) -> Result<RgbdFrame, SourceErr
         return Err(SourceError::new(
             SkipReason::DepthSizeMismatch,
             &src.depth,
-            format!("depth is {dw}×{dh} but {} is {cw}×{ch}", src.color.display()),
+            format!(
+                "depth is {dw}×{dh} but {} is {cw}×{ch}",
+                src.color.display()
+            ),
         ));
     };
     if !depth.iter().any(|v| v.is_finite()) {
-        return Err(SourceError::new(SkipReason::InvalidDepth, &src.depth, "no valid depth pixel"));
+        return Err(SourceError::new(
+            SkipReason::InvalidDepth,
+            &src.depth,
+            "no valid depth pixel",
+        ));
     }
     let (rgb, s) = limit_side(rgb, max_side);
     let (nw, nh) = (rgb.width() as usize, rgb.height() as usize);
@@ -586,8 +725,14 @@ pub fn load_rgbd(src: &RgbdSource, max_side: u32) -> Result<RgbdFrame, SourceErr
     } else {
         (
             resample_nearest(&depth, cw, ch, nw, nh),
-            src.intrinsics.map(|k| k.scaled(nw as f64 / cw as f64, nh as f64 / ch as f64)),
+            src.intrinsics
+                .map(|k| k.scaled(nw as f64 / cw as f64, nh as f64 / ch as f64)),
         )
     };
-    Ok(RgbdFrame { rgb, depth, metric: src.metric, intrinsics })
+    Ok(RgbdFrame {
+        rgb,
+        depth,
+        metric: src.metric,
+        intrinsics,
+    })
 }

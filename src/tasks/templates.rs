@@ -112,7 +112,9 @@ mod tests {
             "<image>The image has been divided into 4 shuffled patches labeled 0, 1, 2, and 3. Based on visual clues such as continuity, alignment, and context, answer the correct arrangement of the patches to restore the original image, where the format is 'TopLeft-TopRight-BottomLeft-BottomRight'."
         );
         assert!(shuffle_grid(true).contains("labeled 0, 1, 2, and 3. One of the four patches is masked completely by white pixels. Based on"));
-        assert!(shuffle_strips(true, 3).contains("3 shuffled horizontal strips labeled 0, 1, and 2."));
+        assert!(
+            shuffle_strips(true, 3).contains("3 shuffled horizontal strips labeled 0, 1, and 2.")
+        );
         assert!(shuffle_strips(true, 4).ends_with("'Left-Middle1-Middle2-Right'."));
         assert!(shuffle_strips(false, 3).ends_with("'Top-Middle-Bottom'."));
         assert_eq!(crop().matches(IMAGE).count(), 5);

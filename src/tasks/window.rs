@@ -2,23 +2,20 @@
 //! integral image of invalid pixels), so region searches that the official scripts run as
 //! per-pixel Python loops take milliseconds.
 
-/// Sliding minimum (or maximum with `max = true`) of window `k` over `src`; `out.len() == n-k+1`.
-fn slide_1d(src: &[f32], k: usize, max: bool, out: &mut Vec<f32>) {
-    let n = src.len();
-    out.clear();
-    if k == 0 || n < k {
-        return;
+/// Branch-free min or max for NaN-free input (compiles to `minps` / `maxps`).
+#[inline(always)]
+fn pick<const MAX: bool>(a: f32, b: f32) -> f32 {
+    if MAX {
+        if a > b {
+            a
+        } else {
+            b
+        }
+    } else if a < b {
+        a
+    } else {
+        b
     }
-    let pick = |a: f32, b: f32| if max { a.max(b) } else { a.min(b) };
-    let mut pre = vec![0f32; n];
-    let mut suf = vec![0f32; n];
-    for i in 0..n {
-        pre[i] = if i % k == 0 { src[i] } else { pick(pre[i - 1], src[i]) };
-    }
-    for i in (0..n).rev() {
-        suf[i] = if i == n - 1 || (i + 1) % k == 0 { src[i] } else { pick(suf[i + 1], src[i]) };
-    }
-    out.extend((0..=n - k).map(|i| pick(suf[i], pre[i + k - 1])));
 }
 
 /// Min and max over every `k×k` window; NaN pixels are ignored (a window of only NaN gives
@@ -31,35 +28,82 @@ pub struct MinMax {
 }
 
 pub fn min_max(src: &[f32], w: usize, h: usize, k: usize) -> MinMax {
-    if w < k || h < k {
-        return MinMax { ow: 0, oh: 0, min: vec![], max: vec![] };
+    if k == 0 || w < k || h < k {
+        return MinMax {
+            ow: 0,
+            oh: 0,
+            min: vec![],
+            max: vec![],
+        };
     }
     let (ow, oh) = (w - k + 1, h - k + 1);
-    let mut out = MinMax { ow, oh, min: vec![0.0; ow * oh], max: vec![0.0; ow * oh] };
-    for (is_max, dst) in [(false, &mut out.min), (true, &mut out.max)] {
-        let fill = if is_max { f32::NEG_INFINITY } else { f32::INFINITY };
-        let mut rows = vec![0f32; ow * h];
-        let mut row_in = vec![0f32; w];
-        let mut tmp = Vec::with_capacity(w);
-        for y in 0..h {
-            for (d, s) in row_in.iter_mut().zip(&src[y * w..(y + 1) * w]) {
-                *d = if s.is_nan() { fill } else { *s };
-            }
-            slide_1d(&row_in, k, is_max, &mut tmp);
-            rows[y * ow..(y + 1) * ow].copy_from_slice(&tmp);
+    let min = pass::<false>(src, w, h, k);
+    let max = pass::<true>(src, w, h, k);
+    debug_assert_eq!(min.len(), ow * oh);
+    MinMax { ow, oh, min, max }
+}
+
+/// Window min/max by doubling: after the pass for span `p`, `v[i]` covers `i..i+2p`; a window
+/// of `k` is then two overlapping spans. ⌊log₂k⌋ + 1 vectorised passes per axis.
+fn pass<const MAX: bool>(src: &[f32], w: usize, h: usize, k: usize) -> Vec<f32> {
+    let (ow, oh) = (w - k + 1, h - k + 1);
+    let fill = if MAX {
+        f32::NEG_INFINITY
+    } else {
+        f32::INFINITY
+    };
+    let pick = pick::<MAX>;
+    let mut span = 1;
+    while span * 2 <= k {
+        span *= 2;
+    }
+    // Horizontal, ping-ponging between two row buffers.
+    let mut rows = vec![0f32; ow * h];
+    let (mut b, mut c) = (vec![0f32; w], vec![0f32; w]);
+    for y in 0..h {
+        for (d, s) in b.iter_mut().zip(&src[y * w..(y + 1) * w]) {
+            *d = if s.is_nan() { fill } else { *s };
         }
-        let mut col = vec![0f32; h];
-        for x in 0..ow {
-            for y in 0..h {
-                col[y] = rows[y * ow + x];
+        let mut p = 1;
+        while p < span {
+            let n = w + 1 - 2 * p;
+            for ((d, x), z) in c[..n].iter_mut().zip(&b[..n]).zip(&b[p..p + n]) {
+                *d = pick(*x, *z);
             }
-            slide_1d(&col, k, is_max, &mut tmp);
-            for (y, v) in tmp.iter().enumerate() {
-                dst[y * ow + x] = *v;
-            }
+            std::mem::swap(&mut b, &mut c);
+            p *= 2;
+        }
+        let out = &mut rows[y * ow..(y + 1) * ow];
+        for ((o, x), z) in out
+            .iter_mut()
+            .zip(&b[..ow])
+            .zip(&b[k - span..k - span + ow])
+        {
+            *o = pick(*x, *z);
         }
     }
-    out
+    // Vertical, on whole rows.
+    let mut p = 1;
+    while p < span {
+        for y in 0..=h - 2 * p {
+            let (a, c) = rows.split_at_mut((y + p) * ow);
+            for (d, s) in a[y * ow..(y + 1) * ow].iter_mut().zip(&c[..ow]) {
+                *d = pick(*d, *s);
+            }
+        }
+        p *= 2;
+    }
+    let mut dst = vec![0f32; ow * oh];
+    for y0 in 0..oh {
+        let (a, c) = (
+            &rows[y0 * ow..(y0 + 1) * ow],
+            &rows[(y0 + k - span) * ow..(y0 + k - span + 1) * ow],
+        );
+        for ((d, x), z) in dst[y0 * ow..(y0 + 1) * ow].iter_mut().zip(a).zip(c) {
+            *d = pick(*x, *z);
+        }
+    }
+    dst
 }
 
 /// Integral image of NaN pixels: `count(x0, y0, k)` gives the NaNs in a `k×k` window.
@@ -93,10 +137,21 @@ mod tests {
 
     #[test]
     fn matches_brute_force_with_nans() {
-        let (w, h, k) = (13usize, 9usize, 5usize);
+        for k in [1usize, 2, 3, 4, 5, 8, 9] {
+            check(23, 17, k);
+        }
+    }
+
+    fn check(w: usize, h: usize, k: usize) {
         let mut r = crate::rng::Rng::keyed(5, &[]);
         let src: Vec<f32> = (0..w * h)
-            .map(|_| if r.below(7) == 0 { f32::NAN } else { r.f64() as f32 })
+            .map(|_| {
+                if r.below(7) == 0 {
+                    f32::NAN
+                } else {
+                    r.f64() as f32
+                }
+            })
             .collect();
         let mm = min_max(&src, w, h, k);
         let nc = NanCount::new(&src, w, h);

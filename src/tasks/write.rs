@@ -43,15 +43,24 @@ impl Format {
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: parquet: {source}")]
-    Parquet { path: PathBuf, source: parquet::errors::ParquetError },
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
-    move |source| WriteError::Io { path: path.to_path_buf(), source }
+    move |source| WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader (or a resumed
@@ -102,8 +111,14 @@ message spatial_ssrl_sample {
 ";
 
 /// Parquet bytes (one row group, Snappy). `meta` is stored as a JSON string.
-pub fn parquet_bytes(samples: &[SampleRecord], path_for_errors: &Path) -> Result<Vec<u8>, WriteError> {
-    let perr = |source| WriteError::Parquet { path: path_for_errors.to_path_buf(), source };
+pub fn parquet_bytes(
+    samples: &[SampleRecord],
+    path_for_errors: &Path,
+) -> Result<Vec<u8>, WriteError> {
+    let perr = |source| WriteError::Parquet {
+        path: path_for_errors.to_path_buf(),
+        source,
+    };
     let schema = Arc::new(parquet::schema::parser::parse_message_type(SCHEMA).map_err(perr)?);
     let props = Arc::new(
         WriterProperties::builder()
@@ -116,7 +131,10 @@ pub fn parquet_bytes(samples: &[SampleRecord], path_for_errors: &Path) -> Result
         let mut writer = SerializedFileWriter::new(&mut buf, schema, props).map_err(perr)?;
         let mut rg = writer.next_row_group().map_err(perr)?;
         let scalar = |f: fn(&SampleRecord) -> &str| -> Vec<ByteArray> {
-            samples.iter().map(|s| ByteArray::from(f(s).as_bytes().to_vec())).collect()
+            samples
+                .iter()
+                .map(|s| ByteArray::from(f(s).as_bytes().to_vec()))
+                .collect()
         };
         let metas: Vec<String> = samples.iter().map(|s| s.meta.to_string()).collect();
         let mut col = 0;
@@ -144,7 +162,10 @@ pub fn parquet_bytes(samples: &[SampleRecord], path_for_errors: &Path) -> Result
                     w.write_batch(&vals, Some(&def), Some(&rep))
                 }
                 _ => w.write_batch(
-                    &metas.iter().map(|m| ByteArray::from(m.as_bytes().to_vec())).collect::<Vec<_>>(),
+                    &metas
+                        .iter()
+                        .map(|m| ByteArray::from(m.as_bytes().to_vec()))
+                        .collect::<Vec<_>>(),
                     None,
                     None,
                 ),
@@ -170,7 +191,10 @@ fn field_str(f: &Field) -> Option<String> {
 /// Reads samples from a `.parquet` or `.jsonl` file written by this crate (or any file with
 /// at least `problem`, `answer` and `images` columns of the same shape).
 pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
-    let ferr = |msg: String| WriteError::Format { path: path.to_path_buf(), msg };
+    let ferr = |msg: String| WriteError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
     let is_parquet = path.extension().and_then(|e| e.to_str()) == Some("parquet");
     if !is_parquet {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
@@ -181,7 +205,10 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
             .map(|(i, l)| serde_json::from_str(l).map_err(|e| ferr(format!("line {}: {e}", i + 1))))
             .collect();
     }
-    let perr = |source| WriteError::Parquet { path: path.to_path_buf(), source };
+    let perr = |source| WriteError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io(path))?;
     let reader = SerializedFileReader::new(file).map_err(perr)?;
     let iter = reader.get_row_iter(None).map_err(perr)?;

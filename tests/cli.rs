@@ -1,0 +1,115 @@
+//! The `ssrl` binary: exit codes, messages, and the reward filter.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn ssrl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ssrl"))
+}
+
+#[test]
+fn reward_filter_scores_jsonl() {
+    let mut child = ssrl()
+        .arg("reward")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"response": "<think> the far region </think> so \\boxed{2-1-3}", "answer": "2-1-3"}
+{"response": "\\boxed{A}", "ground_truth": "A"}
+{"response": "<think>x</think>\\boxed{B}", "answer": "A"}
+"#,
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["overall"], 1.0);
+    assert_eq!(lines[0]["predicted"], "2-1-3");
+    assert!((lines[1]["overall"].as_f64().unwrap() - 0.9).abs() < 1e-12);
+    assert!((lines[2]["overall"].as_f64().unwrap() - 0.1).abs() < 1e-12);
+}
+
+#[test]
+fn reward_names_the_bad_line() {
+    let dir = scratch("cli-reward");
+    let f = dir.join("in.jsonl");
+    std::fs::write(
+        &f,
+        "{\"response\": \"a\", \"answer\": \"b\"}\n{\"response\": 3}\n",
+    )
+    .unwrap();
+    let out = ssrl().arg("reward").arg(&f).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("in.jsonl:2"), "{err}");
+}
+
+#[test]
+fn tasks_runs_refuses_to_overwrite_and_resumes() {
+    let dir = scratch("cli-tasks");
+    let out = dir.join("out");
+    let args = |extra: &[&str]| {
+        let mut c = ssrl();
+        c.args(["tasks", "--images"])
+            .arg(fixtures().join("photos"))
+            .args(["--tasks", "flip,crop", "--quiet", "--out"])
+            .arg(&out)
+            .args(extra);
+        c
+    };
+    let first = args(&[]).output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let stdout = String::from_utf8(first.stdout).unwrap();
+    assert!(
+        stdout.contains("flip") && stdout.contains("crop") && stdout.contains("10 samples"),
+        "{stdout}"
+    );
+    let again = args(&[]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8(again.stderr)
+        .unwrap()
+        .contains("--resume"));
+    let resumed = args(&["--resume"]).output().unwrap();
+    assert!(resumed.status.success());
+    assert!(String::from_utf8(resumed.stdout)
+        .unwrap()
+        .contains("1 shard(s) resumed"));
+}
+
+#[test]
+fn tasks_without_input_or_with_bad_values_fails_clearly() {
+    let out = ssrl()
+        .args(["tasks", "--out"])
+        .arg(scratch("cli-none").join("o"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("--images"));
+    let out = ssrl()
+        .args(["tasks", "--out", "x", "--images", "y", "--tasks", "jigsaw"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr).unwrap().contains("jigsaw"));
+    let help = ssrl().args(["tasks", "--help"]).output().unwrap();
+    let h = String::from_utf8(help.stdout).unwrap();
+    assert!(h.contains("--resume") && h.contains("Example"), "{h}");
+}

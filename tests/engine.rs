@@ -1,0 +1,292 @@
+//! Engine behaviour: byte-identical output for any thread count, exact resume, refusal to
+//! overwrite, and bad inputs skipped with counted reasons while the run goes on.
+
+mod common;
+
+use common::*;
+use spatial_ssrl::tasks::{self, Format, SkipReason, TaskKind, TasksConfig};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// A small but mixed input: two photos and two RGB-D frames of different layouts.
+fn small_inputs(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let f = fixtures();
+    let img = root.join("in-images");
+    let rgbd = root.join("in-rgbd");
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::create_dir_all(rgbd.join("tum")).unwrap();
+    for p in ["chelsea.png", "rocket.jpg", "camera.png"] {
+        std::fs::copy(f.join("photos").join(p), img.join(p)).unwrap();
+    }
+    for p in ["rgb.txt", "depth.txt"] {
+        std::fs::copy(f.join("rgbd/tum_layout").join(p), rgbd.join("tum").join(p)).unwrap();
+    }
+    for d in ["rgb", "depth"] {
+        std::fs::create_dir_all(rgbd.join("tum").join(d)).unwrap();
+        let name = "1462879443.617188.png";
+        std::fs::copy(
+            f.join("rgbd/tum_layout").join(d).join(name),
+            rgbd.join("tum").join(d).join(name),
+        )
+        .unwrap();
+    }
+    let mb = rgbd.join("motorcycle");
+    std::fs::create_dir_all(&mb).unwrap();
+    for p in ["color.png", "depth_mm.png", "intrinsics.json"] {
+        std::fs::copy(
+            f.join("rgbd/middlebury2014_motorcycle_q").join(p),
+            mb.join(p),
+        )
+        .unwrap();
+    }
+    (img, rgbd)
+}
+
+fn cfg(img: &Path, rgbd: &Path, out: &Path) -> TasksConfig {
+    TasksConfig {
+        images: vec![img.to_path_buf()],
+        rgbd: vec![rgbd.to_path_buf()],
+        out: out.to_path_buf(),
+        per_image: 2,
+        seed: 42,
+        shard_sources: 2,
+        ..Default::default()
+    }
+}
+
+fn outputs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    tree_bytes(dir)
+        .into_iter()
+        .filter(|(p, _)| p != "summary.json")
+        .collect()
+}
+
+#[test]
+fn same_seed_same_bytes_for_any_thread_count() {
+    let root = scratch("threads");
+    let (img, rgbd) = small_inputs(&root);
+    let mut a = cfg(&img, &rgbd, &root.join("t1"));
+    a.threads = 1;
+    let mut b = cfg(&img, &rgbd, &root.join("t3"));
+    b.threads = 3;
+    let sa = tasks::run(&a, &tasks::Silent).unwrap();
+    let sb = tasks::run(&b, &tasks::Silent).unwrap();
+    assert_eq!(sa.tasks, sb.tasks);
+    assert!(sa.produced >= 15, "{:?}", sa.tasks);
+    let (ta, tb) = (outputs(&root.join("t1")), outputs(&root.join("t3")));
+    assert_eq!(ta.len(), tb.len());
+    for (x, y) in ta.iter().zip(&tb) {
+        assert_eq!(x.0, y.0);
+        assert!(x.1 == y.1, "{} differs between 1 and 3 threads", x.0);
+    }
+    // A different seed gives different samples.
+    let mut c = cfg(&img, &rgbd, &root.join("s2"));
+    c.seed = 43;
+    tasks::run(&c, &tasks::Silent).unwrap();
+    assert_ne!(read_all(&root.join("t1")), read_all(&root.join("s2")));
+}
+
+#[test]
+fn resume_redoes_only_the_interrupted_shard() {
+    let root = scratch("resume");
+    let (img, rgbd) = small_inputs(&root);
+    let full = root.join("full");
+    tasks::run(&cfg(&img, &rgbd, &full), &tasks::Silent).unwrap();
+
+    // An interrupted run: all shards done, then the last one lost its data file, a state
+    // file and an image half-written, as a kill during the shard leaves it.
+    let part = root.join("part");
+    let c = cfg(&img, &rgbd, &part);
+    tasks::run(&c, &tasks::Silent).unwrap();
+    let shards: Vec<_> = std::fs::read_dir(part.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(shards.len() >= 3, "expected several shards");
+    let mut last = shards.clone();
+    last.sort();
+    std::fs::remove_file(last.last().unwrap()).unwrap();
+    let some_image = read_all(&full).last().unwrap().images[0].clone();
+    std::fs::write(part.join(&some_image), b"\xff\xd8 half a jpeg").unwrap();
+    let kept_mtime = std::fs::metadata(&last[0]).unwrap().modified().unwrap();
+
+    // Without --resume the folder is refused, and nothing is touched.
+    let err = tasks::run(&c, &tasks::Silent).unwrap_err();
+    assert!(matches!(err, tasks::TasksError::AlreadyExists(_)), "{err}");
+    // --resume with other settings is refused.
+    let mut other = c.clone();
+    other.resume = true;
+    other.seed = 1;
+    let err = tasks::run(&other, &tasks::Silent).unwrap_err();
+    assert!(err.to_string().contains("seed"), "{err}");
+
+    let mut r = c.clone();
+    r.resume = true;
+    r.threads = 2;
+    let s = tasks::run(&r, &tasks::Silent).unwrap();
+    assert_eq!(s.resumed_shards, shards.len() - 1);
+    assert_eq!(
+        std::fs::metadata(&last[0]).unwrap().modified().unwrap(),
+        kept_mtime,
+        "committed shard rewritten"
+    );
+    let (a, b) = (outputs(&full), outputs(&part));
+    assert_eq!(
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x.1 == y.1, "{} differs after resume", x.0);
+    }
+    let full_summary: tasks::Summary =
+        serde_json::from_slice(&std::fs::read(full.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s.tasks, full_summary.tasks);
+}
+
+#[test]
+fn jsonl_and_parquet_hold_the_same_samples() {
+    let root = scratch("formats");
+    let (img, rgbd) = small_inputs(&root);
+    let mut p = cfg(&img, &rgbd, &root.join("pq"));
+    p.tasks = vec![TaskKind::Shuffle, TaskKind::Depth];
+    let mut j = p.clone();
+    j.out = root.join("js");
+    j.format = Format::Jsonl;
+    tasks::run(&p, &tasks::Silent).unwrap();
+    tasks::run(&j, &tasks::Silent).unwrap();
+    let (a, b) = (read_all(&root.join("pq")), read_all(&root.join("js")));
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+    assert!(a.iter().all(|s| s.task == "shuffle" || s.task == "depth"));
+}
+
+struct Collect(Mutex<Vec<String>>);
+impl tasks::Progress for Collect {
+    fn warn(&self, m: &str) {
+        self.0.lock().unwrap().push(m.to_string());
+    }
+}
+
+#[test]
+fn bad_inputs_are_skipped_with_reasons_and_named() {
+    let root = scratch("bad");
+    let img = root.join("img");
+    let rgbd = root.join("rgbd");
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::create_dir_all(&rgbd).unwrap();
+    let f = fixtures();
+    std::fs::copy(f.join("photos/coffee.png"), img.join("good.png")).unwrap();
+    let jpg = std::fs::read(f.join("photos/rocket.jpg")).unwrap();
+    std::fs::write(img.join("truncated.jpg"), &jpg[..jpg.len() / 3]).unwrap();
+    std::fs::write(img.join("notes.png"), b"this is not an image").unwrap();
+    let png = std::fs::read(f.join("photos/chelsea.png")).unwrap();
+    std::fs::write(img.join("cut.png"), &png[..png.len() / 2]).unwrap();
+    std::fs::write(img.join("tiny.png"), {
+        let mut v = Vec::new();
+        image::RgbImage::new(40, 30)
+            .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+            .unwrap();
+        v
+    })
+    .unwrap();
+    // RGB-D: a good frame, one with mismatched depth size, one with no valid depth, one NaN npy.
+    let color = f.join("rgbd/mrpt_openni2_bookshelf/color.png");
+    std::fs::copy(&color, rgbd.join("good.png")).unwrap();
+    std::fs::copy(
+        f.join("rgbd/mrpt_openni2_bookshelf/depth_mm.png"),
+        rgbd.join("good_depth.png"),
+    )
+    .unwrap();
+    std::fs::copy(&color, rgbd.join("mismatch.png")).unwrap();
+    image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(320, 240, image::Luma([2000u16]))
+        .save(rgbd.join("mismatch_depth.png"))
+        .unwrap();
+    std::fs::copy(&color, rgbd.join("empty.png")).unwrap();
+    image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(640, 480, image::Luma([0u16]))
+        .save(rgbd.join("empty_depth.png"))
+        .unwrap();
+    std::fs::copy(&color, rgbd.join("nan.png")).unwrap();
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let mut h = "{'descr': '<f4', 'fortran_order': False, 'shape': (480, 640), }".to_string();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    npy.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    npy.extend_from_slice(h.as_bytes());
+    for i in 0..480 * 640 {
+        npy.extend_from_slice(&(if i % 2 == 0 { f32::NAN } else { f32::INFINITY }).to_le_bytes());
+    }
+    std::fs::write(rgbd.join("nan_depth.npy"), npy).unwrap();
+
+    let out = root.join("out");
+    let c = TasksConfig {
+        images: vec![img],
+        rgbd: vec![rgbd],
+        out: out.clone(),
+        ..Default::default()
+    };
+    let warn = Collect(Mutex::new(Vec::new()));
+    let s = tasks::run(&c, &warn).unwrap();
+    let t = |k| s.tasks.get(&k).cloned().unwrap_or_default();
+    assert_eq!(t(TaskKind::Shuffle).produced, 1);
+    assert_eq!(
+        t(TaskKind::Shuffle).skipped.get(&SkipReason::Decode),
+        Some(&3)
+    );
+    assert_eq!(
+        t(TaskKind::Shuffle).skipped.get(&SkipReason::TooSmall),
+        Some(&1)
+    );
+    assert_eq!(t(TaskKind::Depth).produced, 1);
+    assert_eq!(
+        t(TaskKind::Depth)
+            .skipped
+            .get(&SkipReason::DepthSizeMismatch),
+        Some(&1)
+    );
+    assert_eq!(
+        t(TaskKind::Depth).skipped.get(&SkipReason::InvalidDepth),
+        Some(&2)
+    );
+    let w = warn.0.lock().unwrap().join("\n");
+    for name in [
+        "truncated.jpg",
+        "cut.png",
+        "notes.png",
+        "mismatch_depth.png",
+        "empty_depth.png",
+        "nan_depth.npy",
+    ] {
+        assert!(w.contains(name), "no warning names {name}:\n{w}");
+    }
+    let on_disk: tasks::Summary =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(on_disk.tasks, s.tasks);
+}
+
+#[test]
+fn nothing_to_produce_is_an_error() {
+    let root = scratch("nothing");
+    let img = root.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::write(img.join("broken.jpg"), b"garbage").unwrap();
+    let c = TasksConfig {
+        images: vec![img],
+        out: root.join("out"),
+        tasks: vec![TaskKind::Flip],
+        ..Default::default()
+    };
+    let err = tasks::run(&c, &tasks::Silent).unwrap_err();
+    assert!(
+        matches!(err, tasks::TasksError::NothingProduced(_)),
+        "{err}"
+    );
+    let missing = TasksConfig {
+        images: vec![root.join("does-not-exist")],
+        out: root.join("out2"),
+        ..Default::default()
+    };
+    let err = tasks::run(&missing, &tasks::Silent).unwrap_err();
+    assert!(err.to_string().contains("does-not-exist"), "{err}");
+}
