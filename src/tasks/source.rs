@@ -86,6 +86,9 @@ pub enum DepthEncoding {
     Png16 { scale: f32 },
 }
 
+/// 16-bit PNG in millimetres.
+const PNG_MM: DepthEncoding = DepthEncoding::Png16 { scale: 1e-3 };
+
 #[derive(Debug, Clone)]
 pub struct RgbdSource {
     pub layout: Layout,
@@ -361,7 +364,7 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                         color: c,
                         depth: dp,
                         mask: None,
-                        encoding: DepthEncoding::Png16 { scale: 1e-3 },
+                        encoding: PNG_MM,
                         resample_depth: true,
                         intrinsics: k,
                         metric: true,
@@ -388,7 +391,6 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
             if !is_image_ext(f) {
                 continue;
             }
-            let fname = name(f);
             let stem = f
                 .file_stem()
                 .and_then(|s| s.to_str())
@@ -436,37 +438,18 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
                 continue;
             }
             if let Some(png) = has(&format!("{stem}_depth.png")) {
-                push(
-                    Layout::Generic,
-                    png,
-                    None,
-                    DepthEncoding::Png16 { scale: 1e-3 },
-                    true,
-                );
+                push(Layout::Generic, png, None, PNG_MM, true);
                 continue;
             }
-            if stem == "color" || stem == "rgb" || stem == "image" {
-                if let Some(png) = has("depth_mm.png") {
-                    push(
-                        Layout::Generic,
-                        png,
-                        None,
-                        DepthEncoding::Png16 { scale: 1e-3 },
-                        true,
-                    );
-                } else if let Some(npy) = has("depth.npy") {
-                    push(Layout::Generic, npy, None, DepthEncoding::Npy, true);
-                } else if let Some(png) = has("depth.png") {
-                    push(
-                        Layout::Generic,
-                        png,
-                        None,
-                        DepthEncoding::Png16 { scale: 1e-3 },
-                        true,
-                    );
+            if matches!(stem.as_str(), "color" | "rgb" | "image") {
+                let depth = has("depth_mm.png")
+                    .map(|p| (p, PNG_MM))
+                    .or_else(|| has("depth.npy").map(|p| (p, DepthEncoding::Npy)))
+                    .or_else(|| has("depth.png").map(|p| (p, PNG_MM)));
+                if let Some((d, enc)) = depth {
+                    push(Layout::Generic, d, None, enc, true);
                 }
             }
-            let _ = fname;
         }
         stack.extend(dirs);
     }
