@@ -142,6 +142,8 @@ struct Bar {
     pb: ProgressBar,
     quiet: bool,
     warned: std::sync::atomic::AtomicUsize,
+    samples: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
 
 const MAX_WARNINGS: usize = 50;
@@ -154,8 +156,13 @@ impl tasks::Progress for Bar {
     }
     fn source_done(&self, samples: u64) {
         self.pb.inc(1);
-        let n = self.pb.message().parse::<u64>().unwrap_or(0) + samples;
-        self.pb.set_message(n.to_string());
+        let n = self
+            .samples
+            .fetch_add(samples, std::sync::atomic::Ordering::Relaxed)
+            + samples;
+        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-6);
+        self.pb
+            .set_message(format!("{n} samples · {rate:.1} samples/s"));
     }
     fn warn(&self, message: &str) {
         if self.quiet {
@@ -199,16 +206,16 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
         ProgressBar::new(0)
     };
     pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} sources · {msg} samples · {per_sec} · ETA {eta}",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} sources · {msg} · ETA {eta}")
+            .expect("valid template"),
     );
-    pb.set_message("0");
+    pb.set_message("0 samples");
     let bar = Bar {
         pb,
         quiet: a.quiet,
         warned: Default::default(),
+        samples: Default::default(),
+        started: std::time::Instant::now(),
     };
     let result = tasks::run(&cfg, &bar);
     bar.pb.finish_and_clear();

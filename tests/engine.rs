@@ -108,6 +108,8 @@ fn resume_redoes_only_the_interrupted_shard() {
     std::fs::remove_file(last.last().unwrap()).unwrap();
     let some_image = read_all(&full).last().unwrap().images[0].clone();
     std::fs::write(part.join(&some_image), b"\xff\xd8 half a jpeg").unwrap();
+    let stale = part.join("data/.part-00001.parquet.tmp4242");
+    std::fs::write(&stale, b"partial").unwrap();
     let kept_mtime = std::fs::metadata(&last[0]).unwrap().modified().unwrap();
 
     // Without --resume the folder is refused, and nothing is touched.
@@ -125,6 +127,10 @@ fn resume_redoes_only_the_interrupted_shard() {
     r.threads = 2;
     let s = tasks::run(&r, &tasks::Silent).unwrap();
     assert_eq!(s.resumed_shards, shards.len() - 1);
+    assert!(
+        !stale.exists(),
+        "temporary file of the interrupted run left behind"
+    );
     assert_eq!(
         std::fs::metadata(&last[0]).unwrap().modified().unwrap(),
         kept_mtime,

@@ -414,6 +414,25 @@ fn process_source(
     Ok(out)
 }
 
+/// Deletes the `.NAME.tmpPID` files an interrupted run leaves behind (never a committed file).
+fn remove_stale_temp_files(out: &Path) {
+    let mut stack = vec![out.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.starts_with('.') && name.contains(".tmp") {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct ShardState {
     sources: usize,
@@ -491,6 +510,9 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
         )?;
     }
 
+    if cfg.resume {
+        remove_stale_temp_files(&cfg.out);
+    }
     let per_shard = cfg.shard_sources.max(1);
     let shards: Vec<&[Source]> = sources.chunks(per_shard).collect();
     let data_name = |s: usize| format!("data/part-{s:05}.{}", cfg.format.ext());
