@@ -2,7 +2,9 @@
 //!
 //! - [`tasks`]: the five Spatial-SSRL pretext tasks from photos and RGB-D frames.
 //! - [`reward`]: EasyR1's verifiable format + accuracy reward.
+//! - [`kernels`]: log-probs, sampling, advantages and the optimizer step (CPU and CUDA).
 
+pub mod kernels;
 pub mod reward;
 pub mod rng;
 pub mod tasks;

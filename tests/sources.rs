@@ -70,6 +70,16 @@ fn photos_decode_to_rgb_with_their_sizes() {
     assert_eq!(rgba.dimensions(), (902, 1186));
 }
 
+#[test]
+fn webp_sources_decode() {
+    let dir = scratch("webp");
+    let img = source::load_rgb(&fixtures().join("photos/chelsea.png")).unwrap();
+    img.save(dir.join("chelsea.webp")).unwrap();
+    let back = source::load_rgb(&dir.join("chelsea.webp")).unwrap();
+    assert_eq!(back, img, "lossless WebP round trip");
+    assert_eq!(source::discover_images(&dir).unwrap().len(), 1);
+}
+
 /// Inserts an EXIF APP1 segment with the given orientation right after the JPEG SOI marker.
 fn with_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
     let mut tiff = b"II*\x00\x08\x00\x00\x00".to_vec();

@@ -1,0 +1,264 @@
+//! CPU reference implementations (rows in parallel with rayon). Accumulation is in f64, so
+//! these are the yardstick the CUDA kernels are tested against.
+
+use super::{
+    check_rows, philox, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled,
+    SamplingParams, TokenLogprobs,
+};
+use rayon::prelude::*;
+
+/// One pass over a row: max `m`, `s = Σ exp(x'−m)` and `t = Σ exp(x'−m)·x'` for `x' = x / T`,
+/// rescaled whenever the running max grows. Entries of −∞ have zero probability and are skipped.
+#[derive(Debug, Clone, Copy)]
+pub struct RowStats {
+    pub max: f64,
+    pub sum: f64,
+    pub weighted: f64,
+}
+
+impl RowStats {
+    pub fn of(row: impl Iterator<Item = f32>, temperature: f32) -> RowStats {
+        let (mut m, mut s, mut t) = (f64::NEG_INFINITY, 0.0f64, 0.0f64);
+        for x in row {
+            let x = f64::from(x / temperature);
+            if x == f64::NEG_INFINITY {
+                continue;
+            }
+            if x > m {
+                let r = (m - x).exp();
+                s = s * r + 1.0;
+                t = t * r + x;
+                m = x;
+            } else {
+                let e = (x - m).exp();
+                s += e;
+                t += e * x;
+            }
+        }
+        RowStats {
+            max: m,
+            sum: s,
+            weighted: t,
+        }
+    }
+
+    /// `log Σ exp(x')`.
+    pub fn log_z(&self) -> f64 {
+        self.max + self.sum.ln()
+    }
+
+    /// `−Σ p log p = log Z − E[x']`.
+    pub fn entropy(&self) -> f64 {
+        self.log_z() - self.weighted / self.sum
+    }
+}
+
+fn row<'a>(logits: &Logits<'a>, r: usize, vocab: usize) -> impl Iterator<Item = f32> + 'a {
+    let l = *logits;
+    (r * vocab..(r + 1) * vocab).map(move |i| l.get(i))
+}
+
+/// Temperature-scaled log-softmax at each row's target, and each row's entropy.
+pub fn token_logprobs(
+    logits: Logits<'_>,
+    vocab: usize,
+    targets: &[Option<u32>],
+    temperature: f32,
+) -> Result<TokenLogprobs, KernelError> {
+    check_rows(logits.len(), vocab, targets.len())?;
+    if let Some(t) = targets.iter().flatten().find(|t| **t as usize >= vocab) {
+        return Err(KernelError::Shape(format!(
+            "target {t} outside a vocabulary of {vocab}"
+        )));
+    }
+    let out: Vec<(f32, f32)> = targets
+        .par_iter()
+        .enumerate()
+        .map(|(r, t)| match t {
+            None => (0.0, 0.0),
+            Some(t) => {
+                let st = RowStats::of(row(&logits, r, vocab), temperature);
+                let x = f64::from(logits.get(r * vocab + *t as usize) / temperature);
+                ((x - st.log_z()) as f32, st.entropy() as f32)
+            }
+        })
+        .collect();
+    Ok(TokenLogprobs {
+        logprobs: out.iter().map(|p| p.0).collect(),
+        entropy: out.iter().map(|p| p.1).collect(),
+    })
+}
+
+/// The k-th largest value of a row (k ≥ 1).
+pub fn kth_largest(values: &mut [f32], k: usize) -> f32 {
+    let k = k.min(values.len());
+    let (_, v, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    *v
+}
+
+/// Lowest value kept by nucleus filtering: sort descending, keep tokens while the mass before
+/// them is below `p` (at least one), and return the last kept value (ties at it are kept too).
+pub fn top_p_threshold(values: &[f32], temperature: f32, p: f32) -> f32 {
+    let mut v: Vec<f32> = values
+        .iter()
+        .copied()
+        .filter(|x| *x != f32::NEG_INFINITY)
+        .collect();
+    v.sort_unstable_by(|a, b| b.total_cmp(a));
+    let m = f64::from(v[0] / temperature);
+    let z: f64 = v
+        .iter()
+        .map(|x| (f64::from(x / temperature) - m).exp())
+        .sum();
+    let mut before = 0.0f64;
+    for x in &v {
+        if before >= f64::from(p) * z {
+            break;
+        }
+        before += (f64::from(x / temperature) - m).exp();
+        if before >= f64::from(p) * z {
+            return *x;
+        }
+    }
+    *v.last().expect("non-empty")
+}
+
+/// Draws one token per row with the Gumbel-max trick over the filtered set:
+/// `argmax_i x_i/T − ln(−ln u_i)` with `u_i` from Philox(seed; token i, step, sequence).
+pub fn sample(
+    logits: Logits<'_>,
+    vocab: usize,
+    keys: &[RowKey],
+    p: &SamplingParams,
+) -> Result<Vec<Sampled>, KernelError> {
+    check_rows(logits.len(), vocab, keys.len())?;
+    Ok(keys
+        .par_iter()
+        .enumerate()
+        .map(|(r, key)| {
+            let base = r * vocab;
+            let greedy = p.temperature <= 0.0;
+            let t = if greedy { 1.0 } else { p.temperature };
+            let st = RowStats::of(row(&logits, r, vocab), t);
+            let token = if greedy {
+                let mut best = 0usize;
+                let mut bv = f32::NEG_INFINITY;
+                for i in 0..vocab {
+                    let x = logits.get(base + i);
+                    if x > bv {
+                        bv = x;
+                        best = i;
+                    }
+                }
+                best
+            } else {
+                let mut floor = f32::NEG_INFINITY;
+                let values: Vec<f32> = row(&logits, r, vocab).collect();
+                if p.top_k > 0 && p.top_k < vocab {
+                    floor = kth_largest(&mut values.clone(), p.top_k);
+                }
+                if p.top_p < 1.0 {
+                    let kept: Vec<f32> = values.iter().copied().filter(|x| *x >= floor).collect();
+                    floor = floor.max(top_p_threshold(&kept, t, p.top_p));
+                }
+                let mut best = 0usize;
+                let mut bs = f32::NEG_INFINITY;
+                for (i, x) in values.iter().enumerate() {
+                    if *x < floor || *x == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let u = philox::token_uniform(p.seed, key.sequence, key.step, i as u32);
+                    let score = x / t - (-u.ln()).ln();
+                    if score > bs {
+                        bs = score;
+                        best = i;
+                    }
+                }
+                best
+            };
+            let x = f64::from(logits.get(base + token) / t);
+            Sampled {
+                token: token as u32,
+                logprob: (x - st.log_z()) as f32,
+            }
+        })
+        .collect())
+}
+
+/// Group-normalised advantages: `(s − mean) / (std + eps)` per group of `group_size`
+/// consecutive scores, std unbiased (N − 1) as `torch.std`; a group of equal scores gives 0.
+pub fn group_advantages(
+    scores: &[f32],
+    group_size: usize,
+    cfg: &AdvantageConfig,
+) -> Result<Vec<f32>, KernelError> {
+    if group_size < 2 || scores.len() % group_size != 0 {
+        return Err(KernelError::Shape(format!(
+            "{} scores do not split into groups of {group_size} (GRPO needs groups of 2 or more)",
+            scores.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(scores.len());
+    for g in scores.chunks(group_size) {
+        let n = g.len() as f64;
+        let mean = g.iter().map(|v| f64::from(*v)).sum::<f64>() / n;
+        let var = g
+            .iter()
+            .map(|v| (f64::from(*v) - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0);
+        let denom = if cfg.scale_by_std {
+            var.sqrt() + f64::from(cfg.eps)
+        } else {
+            1.0
+        };
+        out.extend(g.iter().map(|v| ((f64::from(*v) - mean) / denom) as f32));
+    }
+    Ok(out)
+}
+
+/// `sqrt(Σ g²)` over every tensor.
+pub fn global_norm(grads: &[&[f32]]) -> f32 {
+    grads
+        .iter()
+        .map(|g| g.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt() as f32
+}
+
+/// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)` when
+/// that is below 1; returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
+    let norm = global_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>());
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            for v in g.iter_mut() {
+                *v *= coef;
+            }
+        }
+    }
+    norm
+}
+
+/// One AdamW step (`step` counts from 1) in place, as `torch.optim.AdamW`.
+pub fn adamw_step(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    step: u32,
+    h: &AdamW,
+) {
+    let bc1 = 1.0 - f64::from(h.beta1).powi(step as i32);
+    let bc2 = 1.0 - f64::from(h.beta2).powi(step as i32);
+    for i in 0..params.len() {
+        let g = grads[i];
+        params[i] -= h.lr * h.weight_decay * params[i];
+        m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g;
+        v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g * g;
+        let mhat = f64::from(m[i]) / bc1;
+        let vhat = f64::from(v[i]) / bc2;
+        params[i] -= (f64::from(h.lr) * mhat / (vhat.sqrt() + f64::from(h.eps))) as f32;
+    }
+}

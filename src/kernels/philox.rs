@@ -1,0 +1,76 @@
+//! Philox4x32-10 (Salmon et al., SC'11), the counter-based generator both backends use, so
+//! the CPU and CUDA samplers draw the same numbers for the same `(seed, sequence, step, token)`.
+//! `kernels/common.cuh` holds the identical device version.
+
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+#[inline]
+fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let p = u64::from(a) * u64::from(b);
+    ((p >> 32) as u32, p as u32)
+}
+
+/// Ten rounds of Philox4x32 on `counter` with `key`.
+#[inline]
+pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut c, mut k) = (counter, key);
+    for _ in 0..10 {
+        let (hi0, lo0) = mulhilo(M0, c[0]);
+        let (hi1, lo1) = mulhilo(M1, c[2]);
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+        k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+    }
+    c
+}
+
+/// Uniform in the open interval (0, 1) from the top 23 bits: `((x >> 9) + 0.5) / 2^23`, exact in
+/// f32 on both backends.
+#[inline]
+pub fn uniform_open(x: u32) -> f32 {
+    ((x >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0)
+}
+
+/// The random draw for one vocabulary entry of one decoding step.
+#[inline]
+pub fn token_uniform(seed: u64, sequence: u32, step: u32, token: u32) -> f32 {
+    let key = [seed as u32, (seed >> 32) as u32];
+    uniform_open(philox4x32([token, step, sequence, 0x5353_524C], key)[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Known-answer vectors from the Random123 distribution (`kat_vectors`, philox4x32_10).
+    #[test]
+    fn random123_known_answers() {
+        assert_eq!(
+            philox4x32([0, 0, 0, 0], [0, 0]),
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+        );
+        assert_eq!(
+            philox4x32([0xffff_ffff; 4], [0xffff_ffff; 2]),
+            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
+        );
+        assert_eq!(
+            philox4x32(
+                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
+                [0xa409_3822, 0x299f_31d0]
+            ),
+            [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
+        );
+    }
+
+    #[test]
+    fn uniforms_are_open_and_spread() {
+        assert!(uniform_open(0) > 0.0 && uniform_open(u32::MAX) < 1.0);
+        let mean: f64 = (0..10_000)
+            .map(|i| f64::from(token_uniform(7, 1, 2, i)))
+            .sum::<f64>()
+            / 10_000.0;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
+    }
+}
