@@ -51,6 +51,39 @@ overall = (1 − w)·accuracy + w·format.\n\n\
 Example:\n  echo '{\"response\":\"<think>…</think> \\\\boxed{A}\",\"answer\":\"A\"}' | ssrl reward"
     )]
     Reward(RewardArgs),
+    /// Benchmarks (printed, and written as JSON).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Achieved bandwidth of the log-prob kernel over [rows, vocab] f32 logits, against this
+    /// machine's own bandwidth (one core's read bandwidth for the CPU twin, device-to-device copy
+    /// bandwidth for CUDA).
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchKernelsArgs {
+    /// Logit rows (tokens).
+    #[arg(long, default_value_t = 64)]
+    rows: usize,
+    /// Vocabulary size (Qwen2.5-VL: 151,936).
+    #[arg(long, default_value_t = 151_936)]
+    vocab: usize,
+    /// Backends to measure: cpu, cuda, or both (cuda is skipped with a note when unavailable).
+    #[arg(long, value_delimiter = ',', default_value = "cpu,cuda")]
+    device: Vec<String>,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    cuda_device: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Also write the results here.
+    #[arg(long, default_value = "bench-kernels.json")]
+    json: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -262,6 +295,42 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
+    use spatial_ssrl::kernels::{bench, KernelError};
+    let mut reports = Vec::new();
+    for d in &a.device {
+        match d.as_str() {
+            "cpu" => reports.push(bench::cpu_logprobs(a.rows, a.vocab, a.reps)),
+            "cuda" => match bench::cuda_logprobs(a.cuda_device, a.rows, a.vocab, a.reps) {
+                Ok(r) => reports.push(r),
+                Err(KernelError::Unavailable(why)) => println!("cuda: skipped ({why})"),
+                Err(e) => return Err(e.into()),
+            },
+            other => anyhow::bail!("unknown device {other:?}: use cpu and/or cuda"),
+        }
+    }
+    println!(
+        "token log-probs over [{} × {}] f32 logits ({:.1} MB)",
+        a.rows,
+        a.vocab,
+        (a.rows * a.vocab * 4) as f64 / 1e6
+    );
+    for r in &reports {
+        println!(
+            "{:<28} {:>8.3} ms  {:>7.2} GB/s  = {:>5.1} % of {} ({:.2} GB/s)",
+            r.backend,
+            r.seconds * 1e3,
+            r.kernel_gb_s,
+            r.fraction * 100.0,
+            r.reference,
+            r.reference_gb_s
+        );
+    }
+    std::fs::write(&a.json, serde_json::to_vec_pretty(&reports)?)
+        .with_context(|| format!("{}: cannot write", a.json.display()))?;
+    Ok(())
+}
+
 #[derive(serde::Deserialize)]
 struct RewardIn {
     response: String,
@@ -310,6 +379,7 @@ fn main() {
     let r = match cli.command {
         Command::Tasks(a) => run_tasks(a),
         Command::Reward(a) => run_reward(a),
+        Command::Bench(BenchCommand::Kernels(a)) => run_bench_kernels(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1,1 +1,435 @@
-pub fn _placeholder() {}
+//! The CUDA backend: `kernels/*.cu`, compiled once per process by NVRTC and launched through
+//! cudarc. Both libraries are loaded at run time (`dynamic-loading`): with no CUDA installed the
+//! crate still builds, and [`Cuda::new`] returns [`KernelError::Unavailable`] instead of
+//! panicking. These entry points take and return host memory; the rollout engine keeps logits on
+//! the device and calls the same kernels on device buffers.
+
+use super::{
+    check_rows, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled, SamplingParams,
+    TokenLogprobs,
+};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use std::sync::{Arc, OnceLock};
+
+const BLOCK: u32 = 256;
+
+/// The kernel sources in compile order (the shared header first).
+pub const SOURCES: [(&str, &str); 4] = [
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("logprobs.cu", include_str!("../../kernels/logprobs.cu")),
+    ("sample.cu", include_str!("../../kernels/sample.cu")),
+    ("optim.cu", include_str!("../../kernels/optim.cu")),
+];
+
+/// One translation unit: NVRTC gets no include paths.
+pub fn source() -> String {
+    SOURCES
+        .iter()
+        .map(|(name, s)| format!("// ---- {name}\n{s}\n"))
+        .collect()
+}
+
+/// Whether libnvrtc can be loaded (kernels can be compiled, even without a GPU).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library; no CUDA call is made.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether the CUDA driver (libcuda) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Compiles the kernels once per process (NVRTC) and returns the PTX.
+pub fn compile() -> Result<&'static Ptx, KernelError> {
+    static PTX: OnceLock<Result<Ptx, String>> = OnceLock::new();
+    if !nvrtc_present() {
+        return Err(KernelError::Unavailable("libnvrtc not found (install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and put its lib folder on LD_LIBRARY_PATH)".into()));
+    }
+    PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(source()).map_err(|e| format!("{e:?}")))
+        .as_ref()
+        .map_err(|e| KernelError::Cuda(format!("NVRTC compile of kernels/*.cu failed: {e}")))
+}
+
+fn cuda_err(e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Cuda(format!("{e:?}"))
+}
+
+/// A device with the kernels loaded.
+pub struct Cuda {
+    stream: Arc<CudaStream>,
+    name: String,
+    logprobs: CudaFunction,
+    sample: CudaFunction,
+    advantages: CudaFunction,
+    sum_squares: CudaFunction,
+    scale: CudaFunction,
+    adamw: CudaFunction,
+}
+
+enum DeviceLogits {
+    F32(CudaSlice<f32>),
+    Half(CudaSlice<u16>),
+}
+
+impl Cuda {
+    /// Opens device `ordinal`, compiling the kernels on first use.
+    pub fn new(ordinal: usize) -> Result<Cuda, KernelError> {
+        if !driver_present() {
+            return Err(KernelError::Unavailable(
+                "libcuda.so.1 not found (no NVIDIA driver)".into(),
+            ));
+        }
+        let ptx = compile()?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| KernelError::Unavailable(format!("device {ordinal}: {e:?}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let module = ctx.load_module(ptx.clone()).map_err(cuda_err)?;
+        let f = |n: &str| module.load_function(n).map_err(cuda_err);
+        Ok(Cuda {
+            stream: ctx.default_stream(),
+            name,
+            logprobs: f("token_logprobs")?,
+            sample: f("sample_rows")?,
+            advantages: f("group_advantages")?,
+            sum_squares: f("sum_squares")?,
+            scale: f("scale")?,
+            adamw: f("adamw")?,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn upload(&self, logits: Logits<'_>) -> Result<(DeviceLogits, i32), KernelError> {
+        Ok(match logits {
+            Logits::F32(v) => (
+                DeviceLogits::F32(self.stream.clone_htod(v).map_err(cuda_err)?),
+                0,
+            ),
+            Logits::F16(v) => {
+                let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+                (
+                    DeviceLogits::Half(self.stream.clone_htod(&bits).map_err(cuda_err)?),
+                    1,
+                )
+            }
+            Logits::Bf16(v) => {
+                let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+                (
+                    DeviceLogits::Half(self.stream.clone_htod(&bits).map_err(cuda_err)?),
+                    2,
+                )
+            }
+        })
+    }
+
+    fn rows_config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Device version of [`super::cpu::token_logprobs`].
+    pub fn token_logprobs(
+        &self,
+        logits: Logits<'_>,
+        vocab: usize,
+        targets: &[Option<u32>],
+        temperature: f32,
+    ) -> Result<TokenLogprobs, KernelError> {
+        check_rows(logits.len(), vocab, targets.len())?;
+        if targets.is_empty() {
+            return Ok(TokenLogprobs {
+                logprobs: vec![],
+                entropy: vec![],
+            });
+        }
+        let (d, dtype) = self.upload(logits)?;
+        let t: Vec<i32> = targets.iter().map(|t| t.map_or(-1, |v| v as i32)).collect();
+        let t = self.stream.clone_htod(&t).map_err(cuda_err)?;
+        let mut lp = self
+            .stream
+            .alloc_zeros::<f32>(targets.len())
+            .map_err(cuda_err)?;
+        let mut ent = self
+            .stream
+            .alloc_zeros::<f32>(targets.len())
+            .map_err(cuda_err)?;
+        let vocab64 = vocab as u64;
+        let mut b = self.stream.launch_builder(&self.logprobs);
+        match &d {
+            DeviceLogits::F32(x) => b.arg(x),
+            DeviceLogits::Half(x) => b.arg(x),
+        };
+        b.arg(&dtype)
+            .arg(&vocab64)
+            .arg(&t)
+            .arg(&temperature)
+            .arg(&mut lp)
+            .arg(&mut ent);
+        // SAFETY: argument list matches `token_logprobs` in kernels/logprobs.cu; buffers sized above.
+        unsafe { b.launch(Self::rows_config(targets.len())) }.map_err(cuda_err)?;
+        Ok(TokenLogprobs {
+            logprobs: self.stream.clone_dtoh(&lp).map_err(cuda_err)?,
+            entropy: self.stream.clone_dtoh(&ent).map_err(cuda_err)?,
+        })
+    }
+
+    /// Times the log-prob kernel on device-resident f32 logits `[rows, vocab]` (median of `reps`
+    /// launches) and a device-to-device copy of the same buffer; returns
+    /// `(seconds per kernel call, copy GB/s counting read + write)`.
+    pub fn bench_logprobs(
+        &self,
+        rows: usize,
+        vocab: usize,
+        reps: usize,
+    ) -> Result<(f64, f64), KernelError> {
+        let n = rows * vocab;
+        let host: Vec<f32> = (0..n).map(|i| (i % 997) as f32 / 100.0).collect();
+        let logits = self.stream.clone_htod(&host).map_err(cuda_err)?;
+        let mut copy = self.stream.alloc_zeros::<f32>(n).map_err(cuda_err)?;
+        let t: Vec<i32> = (0..rows).map(|r| (r * 7919 % vocab) as i32).collect();
+        let t = self.stream.clone_htod(&t).map_err(cuda_err)?;
+        let mut lp = self.stream.alloc_zeros::<f32>(rows).map_err(cuda_err)?;
+        let mut ent = self.stream.alloc_zeros::<f32>(rows).map_err(cuda_err)?;
+        let (dtype, vocab64, temp) = (0i32, vocab as u64, 1.0f32);
+        let mut kernel_times = Vec::new();
+        let mut copy_times = Vec::new();
+        for _ in 0..reps.max(1) + 1 {
+            self.stream.synchronize().map_err(cuda_err)?;
+            let t0 = std::time::Instant::now();
+            let mut b = self.stream.launch_builder(&self.logprobs);
+            b.arg(&logits)
+                .arg(&dtype)
+                .arg(&vocab64)
+                .arg(&t)
+                .arg(&temp)
+                .arg(&mut lp)
+                .arg(&mut ent);
+            // SAFETY: matches `token_logprobs`; buffers sized above.
+            unsafe { b.launch(Self::rows_config(rows)) }.map_err(cuda_err)?;
+            self.stream.synchronize().map_err(cuda_err)?;
+            kernel_times.push(t0.elapsed().as_secs_f64());
+            let t1 = std::time::Instant::now();
+            self.stream
+                .memcpy_dtod(&logits, &mut copy)
+                .map_err(cuda_err)?;
+            self.stream.synchronize().map_err(cuda_err)?;
+            copy_times.push(t1.elapsed().as_secs_f64());
+        }
+        // The first round warms up (module load, clocks).
+        let med = |mut v: Vec<f64>| {
+            v.remove(0);
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let copy_s = med(copy_times);
+        Ok((med(kernel_times), 2.0 * (n * 4) as f64 / copy_s / 1e9))
+    }
+
+    /// Device version of [`super::cpu::sample`].
+    pub fn sample(
+        &self,
+        logits: Logits<'_>,
+        vocab: usize,
+        keys: &[RowKey],
+        p: &SamplingParams,
+    ) -> Result<Vec<Sampled>, KernelError> {
+        check_rows(logits.len(), vocab, keys.len())?;
+        if keys.is_empty() {
+            return Ok(vec![]);
+        }
+        let (d, dtype) = self.upload(logits)?;
+        let seqs: Vec<u32> = keys.iter().map(|k| k.sequence).collect();
+        let steps: Vec<u32> = keys.iter().map(|k| k.step).collect();
+        let seqs = self.stream.clone_htod(&seqs).map_err(cuda_err)?;
+        let steps = self.stream.clone_htod(&steps).map_err(cuda_err)?;
+        let mut tok = self
+            .stream
+            .alloc_zeros::<u32>(keys.len())
+            .map_err(cuda_err)?;
+        let mut lp = self
+            .stream
+            .alloc_zeros::<f32>(keys.len())
+            .map_err(cuda_err)?;
+        let (vocab64, top_k, seed) = (vocab as u64, p.top_k.min(i32::MAX as usize) as i32, p.seed);
+        let mut b = self.stream.launch_builder(&self.sample);
+        match &d {
+            DeviceLogits::F32(x) => b.arg(x),
+            DeviceLogits::Half(x) => b.arg(x),
+        };
+        b.arg(&dtype)
+            .arg(&vocab64)
+            .arg(&seqs)
+            .arg(&steps)
+            .arg(&p.temperature)
+            .arg(&top_k)
+            .arg(&p.top_p)
+            .arg(&seed)
+            .arg(&mut tok)
+            .arg(&mut lp);
+        // SAFETY: argument list matches `sample_rows` in kernels/sample.cu.
+        unsafe { b.launch(Self::rows_config(keys.len())) }.map_err(cuda_err)?;
+        let tok = self.stream.clone_dtoh(&tok).map_err(cuda_err)?;
+        let lp = self.stream.clone_dtoh(&lp).map_err(cuda_err)?;
+        Ok(tok
+            .into_iter()
+            .zip(lp)
+            .map(|(token, logprob)| Sampled { token, logprob })
+            .collect())
+    }
+
+    /// Device version of [`super::cpu::group_advantages`].
+    pub fn group_advantages(
+        &self,
+        scores: &[f32],
+        group: usize,
+        cfg: &AdvantageConfig,
+    ) -> Result<Vec<f32>, KernelError> {
+        if group < 2 || scores.len() % group != 0 {
+            return Err(KernelError::Shape(format!(
+                "{} scores do not split into groups of {group} (GRPO needs groups of 2 or more)",
+                scores.len()
+            )));
+        }
+        let groups = (scores.len() / group) as u64;
+        let s = self.stream.clone_htod(scores).map_err(cuda_err)?;
+        let mut out = self
+            .stream
+            .alloc_zeros::<f32>(scores.len())
+            .map_err(cuda_err)?;
+        let (g32, scale) = (group as i32, i32::from(cfg.scale_by_std));
+        let mut b = self.stream.launch_builder(&self.advantages);
+        b.arg(&s)
+            .arg(&groups)
+            .arg(&g32)
+            .arg(&scale)
+            .arg(&cfg.eps)
+            .arg(&mut out);
+        // SAFETY: matches `group_advantages` in kernels/optim.cu.
+        unsafe { b.launch(LaunchConfig::for_num_elems(groups as u32)) }.map_err(cuda_err)?;
+        self.stream.clone_dtoh(&out).map_err(cuda_err)
+    }
+
+    fn sum_squares_dev(&self, x: &CudaSlice<f32>, n: usize) -> Result<f64, KernelError> {
+        let blocks = (n as u32).div_ceil(BLOCK).clamp(1, 1024);
+        let mut partial = self
+            .stream
+            .alloc_zeros::<f64>(blocks as usize)
+            .map_err(cuda_err)?;
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(&self.sum_squares);
+        b.arg(x).arg(&n64).arg(&mut partial);
+        // SAFETY: matches `sum_squares`; `partial` has one slot per block.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(cuda_err)?;
+        Ok(self
+            .stream
+            .clone_dtoh(&partial)
+            .map_err(cuda_err)?
+            .iter()
+            .sum())
+    }
+
+    /// Device version of [`super::cpu::global_norm`].
+    pub fn global_norm(&self, grads: &[&[f32]]) -> Result<f32, KernelError> {
+        let mut total = 0.0;
+        for g in grads.iter().filter(|g| !g.is_empty()) {
+            let d = self.stream.clone_htod(*g).map_err(cuda_err)?;
+            total += self.sum_squares_dev(&d, g.len())?;
+        }
+        Ok(total.sqrt() as f32)
+    }
+
+    /// Device version of [`super::cpu::clip_grad_norm`].
+    pub fn clip_grad_norm(
+        &self,
+        grads: &mut [&mut [f32]],
+        max_norm: f32,
+    ) -> Result<f32, KernelError> {
+        let mut dev = Vec::new();
+        let mut total = 0.0;
+        for g in grads.iter().filter(|g| !g.is_empty()) {
+            let d = self.stream.clone_htod(&**g).map_err(cuda_err)?;
+            total += self.sum_squares_dev(&d, g.len())?;
+            dev.push(d);
+        }
+        let norm = total.sqrt() as f32;
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for (g, d) in grads
+                .iter_mut()
+                .filter(|g| !g.is_empty())
+                .zip(dev.iter_mut())
+            {
+                let n = g.len() as u64;
+                let mut b = self.stream.launch_builder(&self.scale);
+                b.arg(&mut *d).arg(&n).arg(&coef);
+                // SAFETY: matches `scale`.
+                unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(cuda_err)?;
+                g.copy_from_slice(&self.stream.clone_dtoh(&*d).map_err(cuda_err)?);
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Device version of [`super::cpu::adamw_step`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_step(
+        &self,
+        params: &mut [f32],
+        grads: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        step: u32,
+        h: &AdamW,
+    ) -> Result<(), KernelError> {
+        let n = params.len();
+        if grads.len() != n || m.len() != n || v.len() != n {
+            return Err(KernelError::Shape("AdamW buffers differ in length".into()));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut dp = self.stream.clone_htod(&*params).map_err(cuda_err)?;
+        let dg = self.stream.clone_htod(grads).map_err(cuda_err)?;
+        let mut dm = self.stream.clone_htod(&*m).map_err(cuda_err)?;
+        let mut dv = self.stream.clone_htod(&*v).map_err(cuda_err)?;
+        let bc1 = 1.0 - f64::from(h.beta1).powi(step as i32);
+        let bc2 = 1.0 - f64::from(h.beta2).powi(step as i32);
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(&self.adamw);
+        b.arg(&mut dp).arg(&dg).arg(&mut dm).arg(&mut dv).arg(&n64);
+        b.arg(&h.lr)
+            .arg(&h.beta1)
+            .arg(&h.beta2)
+            .arg(&h.eps)
+            .arg(&h.weight_decay)
+            .arg(&bc1)
+            .arg(&bc2);
+        // SAFETY: matches `adamw` in kernels/optim.cu; all buffers have n elements.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(cuda_err)?;
+        params.copy_from_slice(&self.stream.clone_dtoh(&dp).map_err(cuda_err)?);
+        m.copy_from_slice(&self.stream.clone_dtoh(&dm).map_err(cuda_err)?);
+        v.copy_from_slice(&self.stream.clone_dtoh(&dv).map_err(cuda_err)?);
+        Ok(())
+    }
+}

@@ -6,6 +6,7 @@
 //! at first use by NVRTC and loaded through cudarc's dynamic loading, so the crate builds and
 //! runs with no CUDA installed.
 
+pub mod bench;
 pub mod cpu;
 pub mod cuda;
 pub mod philox;
