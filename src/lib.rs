@@ -5,6 +5,7 @@
 //! - [`kernels`]: log-probs, sampling, advantages and the optimizer step (CPU and CUDA).
 
 pub mod kernels;
+pub mod model;
 pub mod reward;
 pub mod rng;
 pub mod tasks;
