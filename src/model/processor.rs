@@ -21,6 +21,8 @@ pub struct PreprocessorConfig {
 }
 
 impl Default for PreprocessorConfig {
+    // The CLIP statistics exactly as preprocessor_config.json writes them.
+    #[allow(clippy::excessive_precision)]
     fn default() -> Self {
         PreprocessorConfig {
             patch_size: 14,
