@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SSRL  := ./target/release/ssrl
 
-.PHONY: demo test nvrtc bench lint fuzz clean help
+.PHONY: demo test nvrtc fixture bench lint fuzz clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,20 @@ $(NVRTC_DIR)/.done:
 
 bench: ## task-generation throughput (samples/s per core at 640x480)
 	$(CARGO) bench --locked --bench tasks
+
+EXPORT_VENV ?= .venv-export
+
+$(EXPORT_VENV)/.done: models/requirements.txt
+	python3 -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/pip install -q -r models/requirements.txt
+	touch $@
+
+fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the goldens (needs torch; not run by CI)
+	rm -rf models/tiny
+	$(EXPORT_VENV)/bin/python models/export.py --tiny --out models/tiny --verify
+	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
+	python3 models/make_pil_goldens.py
+	python3 models/make_rope_goldens.py
 
 lint: ## formatting and clippy, warnings as errors
 	$(CARGO) fmt --check
