@@ -2,23 +2,40 @@
 CARGO ?= cargo
 SSRL  := ./target/release/ssrl
 
-.PHONY: demo test nvrtc fixture bench lint fuzz clean help
+.PHONY: demo test nvrtc ort fixture bench lint fuzz clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo: ## build, then generate all five tasks from the bundled photos and RGB-D frames into ./demo-out
+demo: ort ## build, generate all five tasks from the bundled photos and RGB-D frames into ./demo-out, check the tiny model package
 	$(CARGO) build --release --locked
 	rm -rf demo-out
 	$(SSRL) tasks --images fixtures/photos --images fixtures/official \
 	              --rgbd fixtures/rgbd --rgbd fixtures/official \
 	              --out demo-out --per-image 2 --seed 0
+	$(SSRL) inspect --model models/tiny
 
 NVRTC_WHEEL := nvidia-cuda-nvrtc==13.5.37
 NVRTC_DIR   := vendor/nvrtc
 
-test: nvrtc ## build and run every test (what CI runs)
+ORT_WHEEL := onnxruntime==1.31.1
+ORT_DIR   := vendor/ort
+export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_DIR)/libonnxruntime.so
+
+test: nvrtc ort ## build and run every test (what CI runs)
 	LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked
+
+# ONNX Runtime's shared library from the PyPI wheel (ssrl loads it at run time; nothing links it).
+ort: $(ORT_DIR)/.done
+$(ORT_DIR)/.done:
+	@mkdir -p $(ORT_DIR)/wheel
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+	  --platform manylinux_2_28_x86_64 $(ORT_WHEEL) -d $(ORT_DIR)/wheel
+	python3 -m zipfile -e $(ORT_DIR)/wheel/*.whl $(ORT_DIR)/wheel/x
+	cp $(ORT_DIR)/wheel/x/onnxruntime/capi/libonnxruntime.so.* $(ORT_DIR)/
+	cp $(ORT_DIR)/wheel/x/onnxruntime/capi/libonnxruntime_providers_shared.so $(ORT_DIR)/
+	cd $(ORT_DIR) && ln -sf libonnxruntime.so.1.* libonnxruntime.so
+	rm -rf $(ORT_DIR)/wheel && touch $@
 
 # The CUDA runtime compiler from PyPI (no GPU needed) lets the tests compile kernels/*.cu.
 # Best effort: offline, the CUDA tests print SKIP instead.

@@ -51,9 +51,26 @@ overall = (1 − w)·accuracy + w·format.\n\n\
 Example:\n  echo '{\"response\":\"<think>…</think> \\\\boxed{A}\",\"answer\":\"A\"}' | ssrl reward"
     )]
     Reward(RewardArgs),
+    /// Check a model package: load every graph in ONNX Runtime and verify its inputs and outputs.
+    #[command(
+        long_about = "Check a model package written by models/export.py: the manifest, and every \
+graph loaded in ONNX Runtime with the input and output names and element types the runtime expects. \
+Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --model models/tiny"
+    )]
+    Inspect(InspectArgs),
     /// Benchmarks (printed, and written as JSON).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// Package folder (manifest.json, *.onnx, tokenizer and configs).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then vendor/ort/ from `make ort`).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -295,6 +312,43 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_inspect(a: InspectArgs) -> Result<()> {
+    use spatial_ssrl::model::package::Package;
+    let p = Package::open(&a.model)?;
+    let m = &p.manifest;
+    println!(
+        "{}: Qwen2.5-VL package ({}), text {} layers × hidden {} ({} / {} heads, head_dim {}), vocab {}, mrope {:?}",
+        a.model.display(),
+        m.dtype,
+        m.text.num_hidden_layers,
+        m.text.hidden_size,
+        m.text.num_attention_heads,
+        m.text.num_key_value_heads,
+        m.text.head_dim,
+        m.text.vocab_size,
+        m.text.mrope_section
+    );
+    println!(
+        "vision: patch {}, merge {}, window {} px → features of {}; LoRA rank {} alpha {} on {}",
+        m.vision.patch_size,
+        m.vision.spatial_merge_size,
+        m.vision.window_size,
+        m.vision.out_hidden_size,
+        m.lora.rank,
+        m.lora.alpha,
+        m.lora.targets.join(", ")
+    );
+    p.validate(a.ort_lib.as_deref())?;
+    for (file, sig) in p.signatures() {
+        println!(
+            "  {file}: ok ({} inputs, {} outputs)",
+            sig.inputs.len(),
+            sig.outputs.len()
+        );
+    }
+    Ok(())
+}
+
 fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     use spatial_ssrl::kernels::{bench, KernelError};
     let mut reports = Vec::new();
@@ -380,6 +434,7 @@ fn main() {
         Command::Tasks(a) => run_tasks(a),
         Command::Reward(a) => run_reward(a),
         Command::Bench(BenchCommand::Kernels(a)) => run_bench_kernels(a),
+        Command::Inspect(a) => run_inspect(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1,5 +1,7 @@
-//! Host-side pieces around an exported Qwen2.5-VL package: image preprocessing and M-RoPE
-//! position ids.
+//! One exported Qwen2.5-VL package and the host-side work around its graphs: loading and
+//! validation, ONNX Runtime, image preprocessing and M-RoPE position ids.
 
+pub mod package;
 pub mod processor;
 pub mod rope;
+pub mod session;

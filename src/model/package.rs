@@ -1,0 +1,263 @@
+//! A model package: the folder `models/export.py` writes (ONNX graphs, manifest, configs and
+//! tokenizer). Opening it checks the manifest; [`Package::validate`] loads every graph in ONNX
+//! Runtime and checks input and output names and element types, naming the file and the input
+//! at fault.
+
+use super::session::{environment, RuntimeError};
+use ort::value::TensorElementType as T;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{path}: input `{name}`: {msg}")]
+    Input {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
+    #[error("{path}: output `{name}`: {msg}")]
+    Output {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Graphs {
+    pub vision: String,
+    pub embedding: String,
+    pub decoder: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextSpec {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub mrope_section: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionSpec {
+    pub out_hidden_size: usize,
+    pub spatial_merge_size: u32,
+    pub patch_size: u32,
+    pub temporal_patch_size: u32,
+    pub tokens_per_second: f32,
+    pub window_size: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenSpec {
+    pub image: u32,
+    pub video: u32,
+    pub vision_start: u32,
+    pub vision_end: u32,
+    pub eos: Vec<u32>,
+    pub pad: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoraTensor {
+    pub name: String,
+    #[serde(rename = "A")]
+    pub a: Vec<usize>,
+    #[serde(rename = "B")]
+    pub b: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub scale: f64,
+    pub targets: Vec<String>,
+    pub tensors: Vec<LoraTensor>,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub dtype: String,
+    pub graphs: Graphs,
+    pub text: TextSpec,
+    pub vision: VisionSpec,
+    pub tokens: TokenSpec,
+    pub lora: LoraSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct Package {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// Expected `(name, element type)` lists of one graph.
+pub struct Signature {
+    pub inputs: Vec<(String, T)>,
+    pub outputs: Vec<(String, T)>,
+}
+
+impl Package {
+    pub fn open(dir: &Path) -> Result<Package, PackageError> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| PackageError::File {
+            path: path.clone(),
+            msg: format!("cannot read the package manifest ({e}); is {} a model package from models/export.py?", dir.display()),
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| PackageError::File {
+            path: path.clone(),
+            msg: format!("invalid manifest: {e}"),
+        })?;
+        if manifest.format != "spatial-ssrl-package" {
+            return Err(PackageError::File {
+                path,
+                msg: format!(
+                    "format is {:?}, expected \"spatial-ssrl-package\"",
+                    manifest.format
+                ),
+            });
+        }
+        for g in [
+            &manifest.graphs.vision,
+            &manifest.graphs.embedding,
+            &manifest.graphs.decoder,
+        ] {
+            let p = dir.join(g);
+            if !p.is_file() {
+                return Err(PackageError::File {
+                    path: p,
+                    msg: "graph named in manifest.json is missing".into(),
+                });
+            }
+        }
+        Ok(Package {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn graph_path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The I/O contract of each graph, from the manifest.
+    pub fn signatures(&self) -> Vec<(String, Signature)> {
+        let m = &self.manifest;
+        let s = |v: &[(&str, T)]| {
+            v.iter()
+                .map(|(n, t)| (n.to_string(), *t))
+                .collect::<Vec<_>>()
+        };
+        let mut dec_in = s(&[
+            ("inputs_embeds", T::Float32),
+            ("attention_mask", T::Int64),
+            ("position_ids", T::Int64),
+        ]);
+        let mut dec_out = s(&[("logits", T::Float32)]);
+        for i in 0..m.text.num_hidden_layers {
+            for kv in ["key", "value"] {
+                dec_in.push((format!("past_key_values.{i}.{kv}"), T::Float32));
+                dec_out.push((format!("present.{i}.{kv}"), T::Float32));
+            }
+        }
+        for t in &m.lora.tensors {
+            dec_in.push((format!("{}.A", t.name), T::Float32));
+            dec_in.push((format!("{}.B", t.name), T::Float32));
+        }
+        vec![
+            (
+                m.graphs.vision.clone(),
+                Signature {
+                    inputs: s(&[("pixel_values", T::Float32), ("image_grid_thw", T::Int64)]),
+                    outputs: s(&[("image_features", T::Float32)]),
+                },
+            ),
+            (
+                m.graphs.embedding.clone(),
+                Signature {
+                    inputs: s(&[("input_ids", T::Int64), ("image_features", T::Float32)]),
+                    outputs: s(&[("inputs_embeds", T::Float32)]),
+                },
+            ),
+            (
+                m.graphs.decoder.clone(),
+                Signature {
+                    inputs: dec_in,
+                    outputs: dec_out,
+                },
+            ),
+        ]
+    }
+
+    /// Loads every graph and checks its inputs and outputs against the contract.
+    pub fn validate(&self, ort_lib: Option<&Path>) -> Result<(), PackageError> {
+        let env = environment(ort_lib)?;
+        for (file, sig) in self.signatures() {
+            let path = self.graph_path(&file);
+            let fe = |msg: String| PackageError::File {
+                path: path.clone(),
+                msg,
+            };
+            let session = ort::session::Session::builder(env)
+                .map_err(|e| fe(e.to_string()))?
+                .commit_from_file(&path)
+                .map_err(|e| fe(format!("ONNX Runtime cannot load it: {e}")))?;
+            for (name, ty) in &sig.inputs {
+                let Some(i) = session.inputs().iter().find(|o| o.name() == name) else {
+                    return Err(PackageError::Input {
+                        path,
+                        name: name.clone(),
+                        msg: "missing".into(),
+                    });
+                };
+                if i.dtype().tensor_type() != Some(*ty) {
+                    return Err(PackageError::Input {
+                        path,
+                        name: name.clone(),
+                        msg: format!("type {:?}, expected tensor of {ty:?}", i.dtype()),
+                    });
+                }
+            }
+            if let Some(extra) = session
+                .inputs()
+                .iter()
+                .find(|i| !sig.inputs.iter().any(|(n, _)| n == i.name()))
+            {
+                return Err(PackageError::Input {
+                    path,
+                    name: extra.name().to_string(),
+                    msg: "not part of the package contract".into(),
+                });
+            }
+            for (name, ty) in &sig.outputs {
+                let Some(o) = session.outputs().iter().find(|o| o.name() == name) else {
+                    return Err(PackageError::Output {
+                        path,
+                        name: name.clone(),
+                        msg: "missing".into(),
+                    });
+                };
+                if o.dtype().tensor_type() != Some(*ty) {
+                    return Err(PackageError::Output {
+                        path,
+                        name: name.clone(),
+                        msg: format!("type {:?}, expected tensor of {ty:?}", o.dtype()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
