@@ -60,7 +60,7 @@ $(EXPORT_VENV)/.done: models/requirements.txt
 
 fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the goldens (needs torch; not run by CI)
 	rm -rf models/tiny
-	$(EXPORT_VENV)/bin/python models/export.py --tiny --out models/tiny --verify
+	$(EXPORT_VENV)/bin/python models/export.py --tiny --out models/tiny --verify --goldens
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
 	python3 models/make_pil_goldens.py
 	python3 models/make_rope_goldens.py

@@ -10,6 +10,11 @@ The package holds
   decoder.onnx    inputs_embeds, attention_mask [B, T], position_ids [3, B, S],
                   past_key_values.{i}.key/value, lora.{i}.{target}.A/B
                   → logits [B, S, V], present.{i}.key/value
+  logprobs.onnx   inputs_embeds, attention_mask, position_ids, target_ids [B, S], temperature [], lora.*
+                  → token_logprobs [B, S], token_entropy [B, S]
+  train.onnx      the GRPO step as one joint forward+backward graph (EasyR1's loss, see grpo_loss):
+                  batch, completion_mask, old/ref log-probs, advantages [B], loss settings,
+                  token_count, lora.* → loss, token_logprobs, grad.lora.*, stats [6]
   genai_config.json (onnxruntime-genai's layout), manifest.json (graphs, I/O, LoRA layout),
   config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json, chat_template.json.
 
@@ -356,14 +361,23 @@ class Decoder(nn.Module):
 # Export
 # ----------------------------------------------------------------------------------------------
 
+EXTERNAL_DATA = False  # set when the weights exceed protobuf's 2 GB limit
+
+
 def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names):
     import onnx
 
     t0 = time.time()
     torch.onnx.export(mod, args, path, input_names=input_names, output_names=output_names,
-                      dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True, external_data=False,
+                      dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True, external_data=EXTERNAL_DATA,
                       optimize=True, verbose=False)
-    m = onnx.load(path)
+    m = onnx.load(path, load_external_data=False)
+    # Drop the exporter's per-node debug metadata (stack traces with local paths and line
+    # numbers): smaller files that depend only on the model.
+    for n in m.graph.node:
+        del n.metadata_props[:]
+    for vi in m.graph.value_info:
+        del vi.metadata_props[:]
     for vi in list(m.graph.input) + list(m.graph.output):
         for ax, nm in dim_names.get(vi.name, {}).items():
             dim = vi.type.tensor_type.shape.dim[ax]
@@ -470,7 +484,11 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
     json.dump(genai, open(f"{out}/genai_config.json", "w"), indent=2)
     manifest = {
         "format": "spatial-ssrl-package", "version": 1, "dtype": dtype, "opset": OPSET,
-        "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"},
+        "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
+                   "logprobs": "logprobs.onnx", "train": "train.onnx"},
+        "train": {"inputs": TRAIN_BATCH, "stats": STATS,
+                  "loss": "EasyR1 GRPO: clamp ±20, clip low/high in log space, dual clip, k3 KL clamped to ±10, "
+                          "sum over completion tokens / token_count"},
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,
                  "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
                  "head_dim": hd, "vocab_size": tc.vocab_size, "mrope_section": mrope},
@@ -485,6 +503,151 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
                  "tensors": [{"name": n, "A": list(lora_shapes_[n][0]), "B": list(lora_shapes_[n][1])} for n in lora_names]},
     }
     json.dump(manifest, open(f"{out}/manifest.json", "w"), indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-prob and training graphs
+# ----------------------------------------------------------------------------------------------
+
+STATS = ["tokens", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl", "kl", "entropy"]
+TRAIN_BATCH = ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "completion_mask", "old_logprobs",
+               "ref_logprobs", "advantages", "temperature", "clip_ratio_low", "clip_ratio_high", "clip_ratio_dual",
+               "kl_coef", "token_count"]
+
+
+def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale):
+    """log_softmax(logits / T) at the targets, and the entropy of each position's distribution."""
+    h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale)
+    logits = model.lm_head(h).float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def grpo_loss(logp, entropy, mask, old, ref, adv, low, high, dual, kl_coef, token_count):
+    """EasyR1's policy loss (verl/trainer/core_algos.py) with the low-variance KL in the loss:
+    log-ratio clamped to ±20, asymmetric clip in log space, dual clip for negative advantages,
+    k3 KL with its clamps, and the token sum divided by `token_count` (the response tokens of
+    the whole mini-batch) so micro-batches add up to the global token mean."""
+    m = mask.to(logp.dtype)
+    a = adv[:, None]
+    nkl = logp - old
+    ratio = torch.exp(torch.clamp(nkl, -20.0, 20.0))
+    clipped = torch.exp(torch.clamp(nkl, torch.log(1.0 - low), torch.log(1.0 + high)))
+    pg1, pg2, pg3 = -a * ratio, -a * clipped, -a * dual
+    higher = torch.maximum(pg1, pg2)
+    lower = torch.minimum(higher, pg3)
+    pg = torch.where(a < 0, lower, higher)
+    k = torch.clamp(ref - logp, -20.0, 20.0)
+    kl = torch.clamp(torch.exp(k) - k - 1.0, -10.0, 10.0)
+    loss = ((pg + kl_coef * kl) * m).sum() / token_count
+    with torch.no_grad():
+        stats = torch.stack([m.sum(), ((pg1 < pg2).to(m.dtype) * m).sum(),
+                             (((higher > pg3) & (a < 0)).to(m.dtype) * m).sum(), (-nkl * m).sum(), (kl * m).sum(),
+                             (entropy * m).sum()])
+    return loss, stats
+
+
+class LogProbs(nn.Module):
+    def __init__(self, model, lora_names, scale):
+        super().__init__()
+        self.model, self.lora_names, self.scale = model, lora_names, scale
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, target_ids, temperature, lora_tensors):
+        lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
+        return token_logprobs(self.model, inputs_embeds, attention_mask, position_ids, target_ids, temperature, lora,
+                              self.scale)
+
+
+def train_step_fn(model, lora_names, scale):
+    """(batch…, lora…) → (loss, token_logprobs, grads…, stats): the function traced into train.onnx."""
+    nb = len(TRAIN_BATCH)
+
+    def step(*args):
+        b, ws = args[:nb], list(args[nb:])
+        with torch.enable_grad():
+            ws = [w.detach().requires_grad_(True) for w in ws]
+            lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
+            logp, ent = token_logprobs(model, b[0], b[1], b[2], b[3], b[8], lora, scale)
+            loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13])
+            grads = torch.autograd.grad(loss, ws)
+        return (loss.detach(), logp.detach(), *grads, stats)
+
+    return step
+
+
+def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
+    """A GRPO micro-batch: a prompt with left padding on row 1, completion tokens at the end,
+    positive and negative advantages, old/ref log-probs near the policy's."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1900, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.int64)
+    am[1 % B, :3] = 0
+    pos = (am.cumsum(-1) - 1).clamp(min=0)[None].expand(3, B, S).contiguous()
+    with torch.no_grad():
+        x = model.model.language_model.embed_tokens(ids)
+    tgt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+    cm = torch.zeros(B, S)
+    cm[:, S // 2:-1] = 1.0
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, x, am, pos, tgt, torch.tensor(settings[0]), {}, 1.0)
+    old = lp + 0.3 * torch.randn(B, S, generator=g)
+    ref = lp + 0.3 * torch.randn(B, S, generator=g)
+    adv = torch.linspace(1.0, -1.0, B)
+    t, low, high, dual, kl = (torch.tensor(v) for v in settings)
+    return [x, am, pos, tgt, cm, old, ref, adv, t, low, high, dual, kl, cm.sum() * 2]
+
+
+def export_training(model, out, lora_names, shapes_, scale):
+    from torch._decomp import core_aten_decompositions
+    from torch.export import Dim
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(2)
+    lora = []
+    for n in lora_names:
+        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+    lora_in = [f"{n}.{m}" for n in lora_names for m in ("A", "B")]
+    b, s = Dim("batch_size", min=1, max=4096), Dim("sequence_length", min=2, max=1 << 17)
+    batch = train_batch(model)
+    dims = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "sequence_length"},
+            "position_ids": {1: "batch_size", 2: "sequence_length"},
+            "target_ids": {0: "batch_size", 1: "sequence_length"},
+            "token_logprobs": {0: "batch_size", 1: "sequence_length"},
+            "token_entropy": {0: "batch_size", 1: "sequence_length"}}
+    with torch.no_grad():
+        export(LogProbs(model, lora_names, scale).eval(), (batch[0], batch[1], batch[2], batch[3], batch[8], lora),
+               f"{out}/logprobs.onnx", ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "temperature"]
+               + lora_in, ["token_logprobs", "token_entropy"],
+               {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "position_ids": {1: b, 2: s},
+                "target_ids": {0: b, 1: s}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims)
+    step = train_step_fn(model, lora_names, scale)
+    t0 = time.time()
+    gm = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
+                 _allow_non_fake_inputs=True)(*batch, *lora)
+    print(f"  train step traced: {len(gm.graph.nodes)} nodes in {time.time() - t0:.1f} s", flush=True)
+
+    class Joint(nn.Module):
+        def __init__(self, gm):
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, *args):
+            return self.gm(*args)
+
+    bs = {0: b, 1: s}
+    ds = [bs, bs, {1: b, 2: s}, bs, bs, bs, bs, {0: b}] + [None] * 6 + [None] * len(lora)
+    out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
+    for k in ("completion_mask", "old_logprobs", "ref_logprobs"):
+        dims[k] = {0: "batch_size", 1: "sequence_length"}
+    dims["advantages"] = {0: "batch_size"}
+    export(Joint(gm).eval(), tuple(batch + lora), f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names,
+           (tuple(ds),), dims)
+    return step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +690,28 @@ def rope_index(ids, mask, grids, image_id, merge):
     return pos, deltas
 
 
+def check_config_layouts(hf_dir):
+    """A transformers 4.x flat config.json and the 5.x nested one load to the same model config."""
+    from transformers import Qwen2_5_VLConfig
+
+    new = json.load(open(os.path.join(hf_dir, "config.json")))
+    tc = new["text_config"]
+    old = {k: v for k, v in new.items() if k != "text_config"}
+    old.update({k: v for k, v in tc.items() if k not in ("rope_parameters", "model_type")})
+    old["rope_theta"] = tc["rope_parameters"]["rope_theta"]
+    old["rope_scaling"] = {"type": "mrope", "mrope_section": tc["rope_parameters"]["mrope_section"]}
+    a = Qwen2_5_VLConfig(**normalise_config_dict(new)).text_config
+    b = Qwen2_5_VLConfig(**normalise_config_dict(old)).text_config
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        if getattr(a, k) != getattr(b, k):
+            raise SystemExit(f"verify: 4.x config layout gives {k}={getattr(b, k)}, 5.x gives {getattr(a, k)}")
+    if a.rope_parameters["mrope_section"] != b.rope_parameters["mrope_section"]:
+        raise SystemExit("verify: the 4.x rope_scaling mrope_section is lost")
+    print("  config.json: transformers 4.x and 5.x layouts load the same model config")
+
+
 def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
+    check_config_layouts(hf_dir)
     import onnxruntime as ort
     from tokenizers import Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -658,6 +842,196 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
     print("  verify: ok (greedy tokens identical over 6 steps, left-padded batch of 2, 5 images)")
 
 
+def verify_training(model, out, names, shapes_, step, tol=1e-5):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    train = ort.InferenceSession(f"{out}/train.onnx", so, providers=["CPUExecutionProvider"])
+    lp_sess = ort.InferenceSession(f"{out}/logprobs.onnx", so, providers=["CPUExecutionProvider"])
+    scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
+    lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
+    torch.manual_seed(5)
+    lora = []
+    for n in names:
+        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+
+    def feeds(batch):
+        return {k: v.numpy() for k, v in zip(TRAIN_BATCH + lora_in, list(batch) + lora)}
+
+    # 1. ORT against torch autograd, at the export shape and a new one
+    for tag, batch in (("B=2 S=24", train_batch(model)), ("B=3 S=40", train_batch(model, B=3, S=40, seed=1))):
+        got = train.run(None, feeds(batch))
+        ref = [t.detach().numpy() for t in step(*batch, *lora)]
+        dl, dlp = abs(float(got[0]) - float(ref[0])), np.abs(got[1] - ref[1]).max()
+        rel = max(np.abs(g - r).max() / (np.abs(r).max() + 1e-12) for g, r in zip(got[2:-1], ref[2:-1]))
+        dst = np.abs(got[-1] - ref[-1]).max()
+        print(f"  train.onnx vs torch autograd [{tag}]: loss {dl:.1e}, log-probs {dlp:.1e}, grads rel {rel:.1e}, "
+              f"stats {dst:.1e}", flush=True)
+        if rel > tol or dl > 1e-5 or dlp > 1e-4 or dst > 1e-3:
+            raise SystemExit("verify: train.onnx differs from torch autograd")
+    # 2. the wrapper against an independent path: the HF forward with LoRA added by hooks
+    batch = train_batch(model)
+    ws = [w.clone().requires_grad_(True) for w in lora]
+    hooks = []
+    for j, n in enumerate(names):
+        _, i, target = n.split(".")
+        layer = model.model.language_model.layers[int(i)]
+        lin = getattr(layer.self_attn, target, None) or getattr(layer.mlp, target)
+        A, B = ws[2 * j], ws[2 * j + 1]
+        hooks.append(lin.register_forward_hook(
+            (lambda A, B: lambda m, inp, o: o + F.linear(F.linear(inp[0], A), B) * scale)(A, B)))
+    try:
+        o = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    logp_all = torch.log_softmax(o.logits.float() / batch[8], -1)
+    logp = torch.gather(logp_all, -1, batch[3][..., None]).squeeze(-1)
+    loss, _ = grpo_loss(logp, logp, *batch[4:8], *batch[9:14])
+    loss.backward()
+    ref = step(*batch, *lora)
+    with torch.no_grad():
+        plain = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False).logits
+        base_lp = torch.gather(torch.log_softmax(plain.float() / batch[8], -1), -1, batch[3][..., None]).squeeze(-1)
+    if (base_lp - logp.detach()).abs().max() < 1e-3:
+        raise SystemExit("verify: the LoRA hooks do not change the transformers forward")
+    rel = max(((w.grad - g).abs().max() / (g.abs().max() + 1e-12)).item() for w, g in zip(ws, ref[2:-1]))
+    print(f"  train step vs transformers forward + hooks: loss {abs(loss.item() - ref[0].item()):.1e}, grads rel {rel:.1e}")
+    if rel > 1e-4:
+        raise SystemExit("verify: the training wrapper differs from the transformers forward")
+    # 3. central finite difference through ORT
+    f = feeds(batch)
+    key = f"{names[0]}.B"
+    grad = train.run([f"grad.{key}"], f)[0][0, 0]
+    h = 1e-2
+    f[key] = f[key].copy()
+    f[key][0, 0] += h
+    up = float(train.run(["loss"], f)[0])
+    f[key][0, 0] -= 2 * h
+    down = float(train.run(["loss"], f)[0])
+    fd = (up - down) / (2 * h)
+    print(f"  finite difference d loss / d {key}[0,0]: {fd:.6f} vs analytic {grad:.6f}")
+    if abs(fd - grad) > 1e-3 * max(1.0, abs(grad)) + 2e-4:
+        raise SystemExit("verify: finite difference disagrees with the gradient")
+    # 4. micro-batches add up to the mini-batch: token_count = the mini-batch's completion tokens
+    big = train_batch(model, B=4, S=20, seed=3)
+    total = big[4].sum()
+    big[13] = total
+    whole = train.run(None, feeds(big))
+    parts = []
+    for sl in (slice(0, 1), slice(1, 4)):
+        mb = [t[sl] if k in (0, 1, 3, 4, 5, 6, 7) else (t[:, sl] if k == 2 else t) for k, t in enumerate(big)]
+        parts.append(train.run(None, feeds(mb)))
+    dl = abs(float(whole[0]) - sum(float(p[0]) for p in parts))
+    dg = max(np.abs(w - (a + b)).max() for w, a, b in zip(whole[2:-1], parts[0][2:-1], parts[1][2:-1]))
+    print(f"  micro-batches 1 + 3 rows vs one batch of 4: loss {dl:.1e}, grads {dg:.1e}")
+    if dl > 1e-6 or dg > 1e-6:
+        raise SystemExit("verify: micro-batch losses do not add up to the mini-batch loss")
+    # 5. logprobs.onnx against the eager forward, at two temperatures
+    for t in (1.0, 0.7):
+        x, am, pos, tgt = batch[0], batch[1], batch[2], batch[3]
+        got = lp_sess.run(None, {"inputs_embeds": x.numpy(), "attention_mask": am.numpy(), "position_ids": pos.numpy(),
+                                 "target_ids": tgt.numpy(), "temperature": np.array(t, np.float32),
+                                 **{k: v.detach().numpy() for k, v in zip(lora_in, lora)}})
+        with torch.no_grad():
+            lr = {n: (lora[2 * j], lora[2 * j + 1]) for j, n in enumerate(names)}
+            rl, re = token_logprobs(model, x, am, pos, tgt, torch.tensor(t), lr, scale)
+        m = am.bool().numpy()
+        d = max(np.abs(got[0] - rl.numpy())[m].max(), np.abs(got[1] - re.numpy())[m].max())
+        print(f"  logprobs.onnx vs torch at T={t}: {d:.1e}")
+        if d > 1e-4:
+            raise SystemExit("verify: logprobs.onnx differs from torch")
+
+
+def write_goldens(model, hf_dir, out, names, shapes_, step):
+    """Reference values from transformers for the Rust tests: chat-template prompt ids, M-RoPE
+    positions for a left-padded batch with several images, logits of prefill + 5 greedy steps,
+    teacher-forced log-probs, and one train.onnx step (inputs and torch autograd outputs)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    gd = os.path.join(out, "goldens")
+    os.makedirs(os.path.join(gd, "train"), exist_ok=True)
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(hf_dir, "tokenizer.json"))
+    tok.chat_template = CHAT_TEMPLATE
+    proc = Qwen2VLImageProcessorPil()
+    cfg, tc = model.config, model.config.text_config
+    prompts = [("Which patch is flipped?", [(224, 168)]), ("Sort the three regions by depth.", [(84, 252), (140, 112)])]
+    rows, grids, pvs, images = [], [], [], []
+    for p_i, (text, sizes) in enumerate(prompts):
+        files = []
+        for k, (w, h) in enumerate(sizes):
+            img = synthetic_image(w, h, 10 * p_i + k)
+            name = f"image_{p_i}_{k}.png"
+            img.save(os.path.join(gd, name))
+            files.append(name)
+            pi = proc(images=[img], return_tensors="np")
+            grids += pi["image_grid_thw"].tolist()
+            pvs.append(pi["pixel_values"].astype(np.float32))
+        messages = [{"role": "user", "content": [{"type": "image"} for _ in sizes] + [{"type": "text", "text": text}]}]
+        rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images.append(files)
+        rows.append(rendered)
+    expanded, g_iter = [], iter(grids)
+    for r in rows:
+        parts = r.split("<|image_pad|>")
+        e = parts[0]
+        for rest in parts[1:]:
+            t, h, w = next(g_iter)
+            e += "<|image_pad|>" * (t * h * w // 4) + rest
+        expanded.append(e)
+    seqs = [tok(e, add_special_tokens=False)["input_ids"] for e in expanded]
+    S = max(map(len, seqs))
+    ids = np.array([[tc.pad_token_id] * (S - len(q)) + q for q in seqs], dtype=np.int64)
+    mask = np.array([[0] * (S - len(q)) + [1] * len(q) for q in seqs], dtype=np.int64)
+    pv, grid = np.concatenate(pvs), np.array(grids, dtype=np.int64)
+    pos, deltas = rope_index(ids, mask, grids, cfg.image_token_id, cfg.vision_config.spatial_merge_size)
+    logits, greedy = [], []
+    all_ids, all_mask = ids.copy(), mask.copy()
+    with torch.no_grad():
+        for _ in range(6):
+            mm = (torch.from_numpy(all_ids) == cfg.image_token_id).to(torch.int64)
+            lg = model(input_ids=torch.from_numpy(all_ids), attention_mask=torch.from_numpy(all_mask),
+                       pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
+                       mm_token_type_ids=mm).logits
+            last = lg[:, -1].numpy()
+            logits.append(last)
+            nxt = last.argmax(-1)
+            greedy.append(nxt.tolist())
+            all_ids = np.concatenate([all_ids, nxt[:, None]], 1)
+            all_mask = np.concatenate([all_mask, np.ones((2, 1), np.int64)], 1)
+        # teacher-forced log-probs of the whole sequences (prompt + 6 greedy tokens), T = 1
+        mm = (torch.from_numpy(all_ids) == cfg.image_token_id).to(torch.int64)
+        lg = model(input_ids=torch.from_numpy(all_ids), attention_mask=torch.from_numpy(all_mask),
+                   pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid), mm_token_type_ids=mm).logits
+        lp = torch.log_softmax(lg.float(), -1)
+        nxt_ids = torch.from_numpy(all_ids[:, 1:])
+        tf = torch.gather(lp[:, :-1], -1, nxt_ids[..., None]).squeeze(-1).numpy()
+    np.save(os.path.join(gd, "step_logits.npy"), np.stack(logits).astype(np.float32))
+    np.save(os.path.join(gd, "teacher_forced_logprobs.npy"), tf.astype(np.float32))
+    json.dump({"prompts": [p[0] for p in prompts], "images": images, "rendered": rows, "input_ids": ids.tolist(),
+               "attention_mask": mask.tolist(), "image_grid_thw": grids, "position_ids": pos.tolist(),
+               "rope_deltas": deltas.tolist(), "greedy_tokens": np.array(greedy).T.tolist(),
+               "sequences": all_ids.tolist(), "step_logits": "step_logits.npy [6, B, V]: last position, prefill then 5 steps",
+               "teacher_forced_logprobs": "teacher_forced_logprobs.npy [B, S-1]: log p(token t+1 | ≤ t), T = 1"},
+              open(os.path.join(gd, "rollout.json"), "w"), indent=1)
+    # one training step
+    batch = train_batch(model)
+    torch.manual_seed(5)
+    lora = []
+    for n in names:
+        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+    lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
+    res = step(*batch, *lora)
+    for k, v in zip(TRAIN_BATCH + lora_in, list(batch) + lora):
+        np.save(os.path.join(gd, "train", f"in.{k}.npy"), v.detach().numpy())
+    outs = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
+    for k, v in zip(outs, res):
+        np.save(os.path.join(gd, "train", f"out.{k}.npy"), v.detach().numpy())
+    print(f"  goldens: {gd} (greedy {np.array(greedy).T.tolist()}, rope deltas {deltas.tolist()})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_dir", nargs="?", help="Hugging Face Qwen2.5-VL checkpoint folder")
@@ -668,7 +1042,10 @@ def main(argv=None):
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-targets", default="q_proj,v_proj", help=f"comma separated, from {','.join(LORA_TARGETS)}")
     ap.add_argument("--verify", action="store_true", help="check every graph against transformers (fails above 1e-4)")
+    ap.add_argument("--goldens", action="store_true", help="write transformers goldens for the Rust tests to OUT/goldens")
+    ap.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (18 or newer)")
     a = ap.parse_args(argv)
+    globals()["OPSET"] = a.opset
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     for t in targets:
         if t not in LORA_TARGETS:
@@ -681,11 +1058,18 @@ def main(argv=None):
         print(f"building the tiny model in {hf_dir}", flush=True)
         build_tiny(hf_dir)
     model = load_model(hf_dir)
-    print(f"exporting {hf_dir} → {a.out}", flush=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    globals()["EXTERNAL_DATA"] = weight_bytes > 1_800_000_000
+    print(f"exporting {hf_dir} → {a.out} ({weight_bytes / 1e9:.2f} GB of weights"
+          f"{', external data' if EXTERNAL_DATA else ''})", flush=True)
     names, shapes = export_package(model, a.out, a.lora_rank, a.lora_alpha, targets)
+    step = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)
     write_package_files(model, hf_dir, a.out, names, shapes, a.lora_rank, a.lora_alpha, a.dtype)
     if a.verify:
         verify(model, hf_dir, a.out, names, shapes)
+        verify_training(model, a.out, names, shapes, step)
+    if a.goldens:
+        write_goldens(model, hf_dir, a.out, names, shapes, step)
 
 
 if __name__ == "__main__":

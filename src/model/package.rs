@@ -33,7 +33,34 @@ pub struct Graphs {
     pub vision: String,
     pub embedding: String,
     pub decoder: String,
+    pub logprobs: String,
+    pub train: String,
 }
+
+/// The training graph's batch inputs, in order, and its loss statistics.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrainSpec {
+    pub inputs: Vec<String>,
+    pub stats: Vec<String>,
+}
+
+/// `train.onnx` batch inputs and their element types (the contract `models/export.py` writes).
+pub const TRAIN_INPUTS: [(&str, T); 14] = [
+    ("inputs_embeds", T::Float32),
+    ("attention_mask", T::Int64),
+    ("position_ids", T::Int64),
+    ("target_ids", T::Int64),
+    ("completion_mask", T::Float32),
+    ("old_logprobs", T::Float32),
+    ("ref_logprobs", T::Float32),
+    ("advantages", T::Float32),
+    ("temperature", T::Float32),
+    ("clip_ratio_low", T::Float32),
+    ("clip_ratio_high", T::Float32),
+    ("clip_ratio_dual", T::Float32),
+    ("kl_coef", T::Float32),
+    ("token_count", T::Float32),
+];
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct TextSpec {
@@ -91,6 +118,7 @@ pub struct Manifest {
     pub version: u32,
     pub dtype: String,
     pub graphs: Graphs,
+    pub train: TrainSpec,
     pub text: TextSpec,
     pub vision: VisionSpec,
     pub tokens: TokenSpec,
@@ -172,10 +200,31 @@ impl Package {
                 dec_out.push((format!("present.{i}.{kv}"), T::Float32));
             }
         }
-        for t in &m.lora.tensors {
-            dec_in.push((format!("{}.A", t.name), T::Float32));
-            dec_in.push((format!("{}.B", t.name), T::Float32));
-        }
+        let lora: Vec<(String, T)> = m
+            .lora
+            .tensors
+            .iter()
+            .flat_map(|t| {
+                [
+                    (format!("{}.A", t.name), T::Float32),
+                    (format!("{}.B", t.name), T::Float32),
+                ]
+            })
+            .collect();
+        dec_in.extend(lora.iter().cloned());
+        let mut lp_in = s(&[
+            ("inputs_embeds", T::Float32),
+            ("attention_mask", T::Int64),
+            ("position_ids", T::Int64),
+            ("target_ids", T::Int64),
+            ("temperature", T::Float32),
+        ]);
+        lp_in.extend(lora.iter().cloned());
+        let mut train_in = s(&TRAIN_INPUTS);
+        train_in.extend(lora.iter().cloned());
+        let mut train_out = s(&[("loss", T::Float32), ("token_logprobs", T::Float32)]);
+        train_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
+        train_out.push(("stats".into(), T::Float32));
         vec![
             (
                 m.graphs.vision.clone(),
