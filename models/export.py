@@ -364,8 +364,12 @@ class Decoder(nn.Module):
 EXTERNAL_DATA = False  # set when the weights exceed protobuf's 2 GB limit
 
 
-def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names):
+def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names, defaults=None):
+    """torch.onnx (dynamo) export, then: readable dimension names, debug metadata stripped, and
+    `defaults` {input: array} stored as initializers of the same name, which makes those inputs
+    optional (ONNX Runtime uses the stored value unless the caller feeds one)."""
     import onnx
+    from onnx import numpy_helper
 
     t0 = time.time()
     torch.onnx.export(mod, args, path, input_names=input_names, output_names=output_names,
@@ -383,10 +387,22 @@ def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names
             dim = vi.type.tensor_type.shape.dim[ax]
             dim.Clear()
             dim.dim_param = nm
+    for name, value in (defaults or {}).items():
+        m.graph.initializer.append(numpy_helper.from_array(value, name))
     onnx.save(m, path)
     ops = sorted({n.domain or "ai.onnx" for n in m.graph.node})
     print(f"  {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB, {len(m.graph.node)} nodes, "
           f"domains {ops}, {time.time() - t0:.1f} s", flush=True)
+
+
+def lora_defaults(names, shapes_):
+    """Zero adapters: the LoRA inputs become optional and default to the base model, so runtimes
+    that know nothing of them (onnxruntime-genai) run the graph as is."""
+    out = {}
+    for n in names:
+        out[f"{n}.A"] = np.zeros(shapes_[n][0], np.float32)
+        out[f"{n}.B"] = np.zeros(shapes_[n][1], np.float32)
+    return out
 
 
 def export_package(model, out, lora_rank, lora_alpha, lora_targets):
@@ -445,7 +461,7 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
         ds = {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: Dim.AUTO}, "position_ids": {1: b, 2: s},
               "past_key_values": [{0: b, 2: p} for _ in range(2 * L)], "lora_tensors": [{} for _ in lora]}
         export(Decoder(model, names, lora_alpha / lora_rank).eval(), (x, am, pos, past, lora), f"{out}/decoder.onnx",
-               in_names, out_names, ds, dims)
+               in_names, out_names, ds, dims, lora_defaults(names, shapes))
     return names, shapes
 
 
@@ -482,6 +498,20 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
         "search": {"do_sample": False, "num_beams": 1, "max_length": tc.max_position_embeddings,
                    "past_present_share_buffer": False}}
     json.dump(genai, open(f"{out}/genai_config.json", "w"), indent=2)
+    pre = json.load(open(os.path.join(out, "preprocessor_config.json")))
+    json.dump({"processor": {"name": "qwen2_5_image_processor", "transforms": [
+        {"operation": {"name": "decode_image", "type": "DecodeImage", "attrs": {"color_space": "RGB"}}},
+        {"operation": {"name": "convert_to_rgb", "type": "ConvertRGB"}},
+        {"operation": {"name": "resize", "type": "Resize", "attrs": {
+            "width": 540, "height": 360, "smart_resize": 1, "min_pixels": pre["min_pixels"], "max_pixels": pre["max_pixels"],
+            "patch_size": pre["patch_size"], "merge_size": pre["merge_size"]}}},
+        {"operation": {"name": "rescale", "type": "Rescale", "attrs": {"rescale_factor": pre["rescale_factor"]}}},
+        {"operation": {"name": "normalize", "type": "Normalize",
+                       "attrs": {"mean": pre["image_mean"], "std": pre["image_std"], "qwen2_5_vl": 1}}},
+        {"operation": {"name": "patch_image", "type": "PatchImage", "attrs": {
+            "patch_size": pre["patch_size"], "temporal_patch_size": pre["temporal_patch_size"],
+            "merge_size": pre["merge_size"]}}}]}},
+        open(f"{out}/processor_config.json", "w"), indent=2)
     manifest = {
         "format": "spatial-ssrl-package", "version": 1, "dtype": dtype, "opset": OPSET,
         "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
@@ -624,7 +654,8 @@ def export_training(model, out, lora_names, shapes_, scale):
                f"{out}/logprobs.onnx", ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "temperature"]
                + lora_in, ["token_logprobs", "token_entropy"],
                {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "position_ids": {1: b, 2: s},
-                "target_ids": {0: b, 1: s}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims)
+                "target_ids": {0: b, 1: s}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims,
+               lora_defaults(lora_names, shapes_))
     step = train_step_fn(model, lora_names, scale)
     t0 = time.time()
     gm = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
@@ -767,6 +798,7 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         zeros[f"{n}.B"] = np.zeros(b, np.float32)
     past = {f"past_key_values.{i}.{kv}": np.zeros((2, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
     cur_ids, cur_mask, cur_pos, cur_feats = ids, mask, pos, feats
+    greedy0 = []
     all_ids, all_mask = ids.copy(), mask.copy()
     for step in range(6):
         emb = sess["embedding"].run(None, {"input_ids": cur_ids, "image_features": cur_feats})[0]
@@ -780,6 +812,7 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
                         mm_token_type_ids=mm).logits[:, -1].numpy()
         note("logits" if step == 0 else "decode logits", np.abs(logits - ref).max())
         nxt = logits.argmax(-1)
+        greedy0.append(int(nxt[0]))
         if not (nxt == ref.argmax(-1)).all():
             raise SystemExit(f"verify: greedy token differs at step {step}")
         past = {k.replace("present", "past_key_values"): v for k, v in zip(
@@ -790,6 +823,36 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         cur_pos = np.broadcast_to((n_seen + deltas)[None, :, None], (3, 2, 1)).astype(np.int64).copy()
         all_ids = np.concatenate([all_ids, cur_ids], 1)
         all_mask = np.concatenate([all_mask, np.ones((2, 1), np.int64)], 1)
+
+    # 2b. onnxruntime-genai runs the package with its own preprocessing, template and positions
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        og = None
+        print("  onnxruntime-genai not installed: interop check skipped")
+    if og is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as td:
+            path = os.path.join(td, "image.png")
+            synthetic_image(224, 168, 7).save(path)
+            gm = og.Model(out)
+            gp = gm.create_multimodal_processor()
+            text = prompts[0][0]
+            rendered = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                        f"<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
+            inputs = gp(rendered, images=og.Images.open(path))
+            params = og.GeneratorParams(gm)
+            params.set_search_options(max_length=len(seqs[0]) + len(greedy0), do_sample=False)
+            gen = og.Generator(gm, params)
+            gen.set_inputs(inputs)
+            toks = []
+            while not gen.is_done() and len(toks) < len(greedy0):
+                gen.generate_next_token()
+                toks.append(int(gen.get_next_tokens()[0]))
+        print(f"  onnxruntime-genai greedy {toks}, transformers {greedy0}")
+        if toks != greedy0:
+            raise SystemExit("verify: onnxruntime-genai does not reproduce the greedy tokens")
 
     # 3. LoRA inputs: a random adapter through ONNX equals the torch LoRA forward
     rng = np.random.default_rng(3)

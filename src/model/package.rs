@@ -157,11 +157,18 @@ impl Package {
                 ),
             });
         }
-        for g in [
-            &manifest.graphs.vision,
-            &manifest.graphs.embedding,
-            &manifest.graphs.decoder,
-        ] {
+        let contract: Vec<&str> = TRAIN_INPUTS.iter().map(|(n, _)| *n).collect();
+        if manifest.train.inputs != contract {
+            return Err(PackageError::File {
+                path,
+                msg: format!(
+                    "train inputs {:?} differ from this runtime's contract {contract:?}",
+                    manifest.train.inputs
+                ),
+            });
+        }
+        let g = &manifest.graphs;
+        for g in [&g.vision, &g.embedding, &g.decoder, &g.logprobs, &g.train] {
             let p = dir.join(g);
             if !p.is_file() {
                 return Err(PackageError::File {
@@ -247,6 +254,23 @@ impl Package {
                     outputs: dec_out,
                 },
             ),
+            (
+                m.graphs.logprobs.clone(),
+                Signature {
+                    inputs: lp_in,
+                    outputs: s(&[
+                        ("token_logprobs", T::Float32),
+                        ("token_entropy", T::Float32),
+                    ]),
+                },
+            ),
+            (
+                m.graphs.train.clone(),
+                Signature {
+                    inputs: train_in,
+                    outputs: train_out,
+                },
+            ),
         ]
     }
 
@@ -263,19 +287,28 @@ impl Package {
                 .map_err(|e| fe(e.to_string()))?
                 .commit_from_file(&path)
                 .map_err(|e| fe(format!("ONNX Runtime cannot load it: {e}")))?;
+            // LoRA inputs may carry a default (zero) value: ONNX Runtime lists them as overridable
+            // initializers rather than inputs; both are fed by name.
+            let overridable = session.overridable_initializers();
             for (name, ty) in &sig.inputs {
-                let Some(i) = session.inputs().iter().find(|o| o.name() == name) else {
-                    return Err(PackageError::Input {
-                        path,
-                        name: name.clone(),
-                        msg: "missing".into(),
-                    });
+                let dtype = match session.inputs().iter().find(|o| o.name() == name) {
+                    Some(i) => i.dtype().clone(),
+                    None => match overridable.iter().find(|o| o.name() == name) {
+                        Some(o) => o.dtype().clone(),
+                        None => {
+                            return Err(PackageError::Input {
+                                path,
+                                name: name.clone(),
+                                msg: "missing".into(),
+                            })
+                        }
+                    },
                 };
-                if i.dtype().tensor_type() != Some(*ty) {
+                if dtype.tensor_type() != Some(*ty) {
                     return Err(PackageError::Input {
                         path,
                         name: name.clone(),
-                        msg: format!("type {:?}, expected tensor of {ty:?}", i.dtype()),
+                        msg: format!("type {dtype:?}, expected tensor of {ty:?}"),
                     });
                 }
             }

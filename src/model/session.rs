@@ -62,6 +62,9 @@ pub fn environment(
             path: path.clone(),
             msg: e.to_string(),
         })?;
+    // Warnings such as "initializer appears in graph inputs" (the optional LoRA inputs) are
+    // expected; errors still surface through the API.
+    built.set_log_level(ort::logging::LogLevel::Error);
     let r = ENV.get_or_init(|| Ok(built));
     r.as_ref().map_err(|e| RuntimeError::Ort(e.clone()))
 }
