@@ -1081,6 +1081,16 @@ def write_goldens(model, hf_dir, out, names, shapes_, step):
     mask = np.array([[0] * (S - len(q)) + [1] * len(q) for q in seqs], dtype=np.int64)
     pv, grid = np.concatenate(pvs), np.array(grids, dtype=np.int64)
     pos, deltas = rope_index(ids, mask, grids, cfg.image_token_id, cfg.vision_config.spatial_merge_size)
+    # The goldens are transformers' own get_rope_index; the host algorithm must agree with it.
+    with torch.no_grad():
+        mm = (torch.from_numpy(ids) == cfg.image_token_id).to(torch.int32)
+        hf_pos, hf_deltas = model.model.get_rope_index(torch.from_numpy(ids), mm, image_grid_thw=torch.from_numpy(
+            np.array(grids, dtype=np.int64)), attention_mask=torch.from_numpy(mask))
+    hf_pos, hf_deltas = hf_pos.numpy(), hf_deltas.reshape(-1).numpy()
+    valid = mask.astype(bool)
+    if not ((hf_pos[:, valid] == pos[:, valid]).all() and (hf_deltas == deltas).all()):
+        raise SystemExit("goldens: transformers' get_rope_index disagrees with the host algorithm")
+    pos = np.where(valid[None], hf_pos, 0)
     logits, greedy = [], []
     all_ids, all_mask = ids.copy(), mask.copy()
     with torch.no_grad():
