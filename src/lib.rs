@@ -8,4 +8,5 @@ pub mod kernels;
 pub mod model;
 pub mod reward;
 pub mod rng;
+pub mod rollout;
 pub mod tasks;

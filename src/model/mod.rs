@@ -3,5 +3,6 @@
 
 pub mod package;
 pub mod processor;
+pub mod prompt;
 pub mod rope;
 pub mod session;

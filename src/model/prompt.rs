@@ -1,0 +1,132 @@
+//! Prompts as the trainer sees them: EasyR1's assembly (problem, one space, the format sentence,
+//! split on `<image>` into image and text parts), the package's chat template rendered with
+//! minijinja, each `<|image_pad|>` expanded to the image's token count, then tokenized.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("the prompt has {placeholders} image placeholders but {images} images were given")]
+    ImageCount { placeholders: usize, images: usize },
+}
+
+pub struct PromptBuilder {
+    tokenizer: tokenizers::Tokenizer,
+    template: String,
+    image_pad: String,
+}
+
+/// EasyR1's placeholder in `problem` texts.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+impl PromptBuilder {
+    /// Reads `tokenizer.json` and the chat template (`chat_template.json`, else
+    /// `tokenizer_config.json`) from a package folder.
+    pub fn from_dir(dir: &Path) -> Result<PromptBuilder, PromptError> {
+        let tp = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tp).map_err(|e| PromptError::File {
+            path: tp.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let mut template = None;
+        for f in ["chat_template.json", "tokenizer_config.json"] {
+            let p = dir.join(f);
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| PromptError::File {
+                        path: p.display().to_string(),
+                        msg: e.to_string(),
+                    })?;
+                if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
+                    template = Some(t.to_string());
+                    break;
+                }
+            }
+        }
+        let template = template.ok_or_else(|| PromptError::File {
+            path: dir.display().to_string(),
+            msg: "no chat_template in chat_template.json or tokenizer_config.json".into(),
+        })?;
+        Ok(PromptBuilder {
+            tokenizer,
+            template,
+            image_pad: "<|image_pad|>".into(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The user turn of EasyR1: `problem.trim()` + (" " + format sentence), split on `<image>`.
+    pub fn content(problem: &str, format_sentence: Option<&str>) -> serde_json::Value {
+        let text = match format_sentence {
+            Some(f) => format!("{} {f}", problem.trim()),
+            None => problem.trim().to_string(),
+        };
+        let mut parts = Vec::new();
+        for (i, seg) in text.split(IMAGE_PLACEHOLDER).enumerate() {
+            if i > 0 {
+                parts.push(serde_json::json!({"type": "image"}));
+            }
+            if !seg.is_empty() {
+                parts.push(serde_json::json!({"type": "text", "text": seg}));
+            }
+        }
+        serde_json::json!([{"role": "user", "content": parts}])
+    }
+
+    /// Renders the chat template for `messages` with the generation prompt.
+    pub fn render(&self, messages: &serde_json::Value) -> Result<String, PromptError> {
+        let mut env = minijinja::Environment::new();
+        env.set_keep_trailing_newline(true);
+        env.add_template("chat", &self.template)
+            .map_err(|e| PromptError::Template(e.to_string()))?;
+        let t = env
+            .get_template("chat")
+            .map_err(|e| PromptError::Template(e.to_string()))?;
+        t.render(minijinja::context! {
+            messages => minijinja::Value::from_serialize(messages),
+            add_generation_prompt => true,
+            add_vision_id => false,
+        })
+        .map_err(|e| PromptError::Template(e.to_string()))
+    }
+
+    /// Expands each `<|image_pad|>` to `tokens[i]` copies (in order) and tokenizes.
+    pub fn encode(&self, rendered: &str, image_tokens: &[usize]) -> Result<Vec<u32>, PromptError> {
+        let parts: Vec<&str> = rendered.split(self.image_pad.as_str()).collect();
+        if parts.len() - 1 != image_tokens.len() {
+            return Err(PromptError::ImageCount {
+                placeholders: parts.len() - 1,
+                images: image_tokens.len(),
+            });
+        }
+        let mut text =
+            String::with_capacity(rendered.len() + image_tokens.iter().sum::<usize>() * 13);
+        text.push_str(parts[0]);
+        for (n, rest) in image_tokens.iter().zip(&parts[1..]) {
+            for _ in 0..*n {
+                text.push_str(&self.image_pad);
+            }
+            text.push_str(rest);
+        }
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))
+    }
+}

@@ -1,0 +1,493 @@
+//! B prompts × G samples: vision and prefill once per prompt, the KV cache fanned out to its G
+//! samples, then batched decode with per-sequence stop; finished rows leave the batch. Every
+//! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
+//! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
+
+use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
+use crate::model::package::{Package, PackageError};
+use crate::model::processor::{preprocess, PreprocessorConfig, ProcessorError};
+use crate::model::prompt::{PromptBuilder, PromptError};
+use crate::model::rope::{rope_index, RopeConfig, RopeError};
+use crate::model::session::environment;
+use image::RgbImage;
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Image(#[from] ProcessorError),
+    #[error(transparent)]
+    Rope(#[from] RopeError),
+    #[error("{graph}: {msg}")]
+    Run { graph: &'static str, msg: String },
+    #[error("LoRA: {0}")]
+    Lora(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> EngineError {
+    move |e| EngineError::Run {
+        graph,
+        msg: e.to_string(),
+    }
+}
+
+/// One prompt: EasyR1's `problem` (with `<image>` placeholders) and its images.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Keys the random streams: the same id, sample and step draw the same numbers in any batch.
+    pub id: u64,
+    pub problem: String,
+    pub images: Vec<RgbImage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub group: usize,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Appended to the problem after one space (EasyR1's format prompt); `None` for none.
+    pub format_sentence: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Completion {
+    pub prompt_index: usize,
+    pub sample_index: usize,
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub finish: Finish,
+}
+
+/// Optional record of each step's last-position logits, for parity checks: `steps[s]` holds
+/// `(row ids, logits [rows, vocab])`, rows numbered `prompt · group + sample`.
+#[derive(Debug, Default)]
+pub struct Trace {
+    pub prompt_ids: Vec<Vec<u32>>,
+    pub position_ids: Vec<i64>,
+    pub rope_deltas: Vec<i64>,
+    pub steps: Vec<(Vec<usize>, Vec<f32>)>,
+}
+
+pub struct Engine {
+    pub package: Package,
+    pub prompts: PromptBuilder,
+    pub preprocessor: PreprocessorConfig,
+    vision: Session,
+    embedding: Session,
+    decoder: Session,
+    lora: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+struct Kv {
+    /// Per layer and k/v: [rows, kv_heads, len, head_dim].
+    data: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl Engine {
+    /// Opens a package on the CPU execution provider.
+    pub fn open(dir: &Path, ort_lib: Option<&Path>) -> Result<Engine, EngineError> {
+        let package = Package::open(dir)?;
+        let env = environment(ort_lib).map_err(PackageError::from)?;
+        let load = |file: &str| -> Result<Session, EngineError> {
+            let path = package.graph_path(file);
+            Session::builder(env)
+                .and_then(|mut b| b.commit_from_file(&path))
+                .map_err(|e| {
+                    EngineError::Package(PackageError::File {
+                        path,
+                        msg: e.to_string(),
+                    })
+                })
+        };
+        let m = &package.manifest;
+        let (vision, embedding, decoder) = (
+            load(&m.graphs.vision)?,
+            load(&m.graphs.embedding)?,
+            load(&m.graphs.decoder)?,
+        );
+        let pp = dir.join("preprocessor_config.json");
+        let preprocessor: PreprocessorConfig = match std::fs::read_to_string(&pp) {
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| EngineError::Config(format!("{}: {e}", pp.display())))?,
+            Err(_) => PreprocessorConfig::default(),
+        };
+        let lora = m
+            .lora
+            .tensors
+            .iter()
+            .flat_map(|t| {
+                [
+                    (
+                        format!("{}.A", t.name),
+                        t.a.clone(),
+                        vec![0.0; t.a.iter().product()],
+                    ),
+                    (
+                        format!("{}.B", t.name),
+                        t.b.clone(),
+                        vec![0.0; t.b.iter().product()],
+                    ),
+                ]
+            })
+            .collect();
+        Ok(Engine {
+            prompts: PromptBuilder::from_dir(dir)?,
+            preprocessor,
+            package,
+            vision,
+            embedding,
+            decoder,
+            lora,
+        })
+    }
+
+    /// Replaces LoRA tensors by name (PEFT layout, `lora.{layer}.{target}.A|B`); no session rebuild.
+    pub fn set_lora(&mut self, tensors: &[(String, Vec<f32>)]) -> Result<(), EngineError> {
+        for (name, values) in tensors {
+            let slot = self
+                .lora
+                .iter_mut()
+                .find(|(n, _, _)| n == name)
+                .ok_or_else(|| EngineError::Lora(format!("the package has no input {name}")))?;
+            if values.len() != slot.2.len() {
+                return Err(EngineError::Lora(format!(
+                    "{name}: {} values for shape {:?}",
+                    values.len(),
+                    slot.1
+                )));
+            }
+            slot.2.clone_from(values);
+        }
+        Ok(())
+    }
+
+    fn lora_inputs(&self) -> Result<Vec<(String, SessionInputValue<'static>)>, EngineError> {
+        self.lora
+            .iter()
+            .map(|(n, shape, v)| {
+                let s: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+                Ok((
+                    n.clone(),
+                    Tensor::from_array((s, v.clone()))
+                        .map_err(run_err("decoder"))?
+                        .into(),
+                ))
+            })
+            .collect()
+    }
+
+    fn embed(
+        &mut self,
+        ids: Vec<i64>,
+        rows: usize,
+        cols: usize,
+        features: (Vec<f32>, usize),
+    ) -> Result<Vec<f32>, EngineError> {
+        let d = self.package.manifest.vision.out_hidden_size;
+        let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
+            (
+                "input_ids".into(),
+                Tensor::from_array((vec![rows as i64, cols as i64], ids))
+                    .map_err(run_err("embedding"))?
+                    .into(),
+            ),
+            (
+                "image_features".into(),
+                Tensor::from_array((vec![features.1 as i64, d as i64], features.0))
+                    .map_err(run_err("embedding"))?
+                    .into(),
+            ),
+        ];
+        let out = self.embedding.run(inputs).map_err(run_err("embedding"))?;
+        let (_, e) = out["inputs_embeds"]
+            .try_extract_tensor::<f32>()
+            .map_err(run_err("embedding"))?;
+        Ok(e.to_vec())
+    }
+
+    /// Runs the decoder; returns the last position's logits per row and the new cache.
+    fn decode(
+        &mut self,
+        embeds: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        mask: &[Vec<i64>],
+        pos: Vec<i64>,
+        kv: Kv,
+    ) -> Result<(Vec<f32>, Kv), EngineError> {
+        let t = &self.package.manifest.text;
+        let (layers, kvh, hd, hidden, vocab) = (
+            t.num_hidden_layers,
+            t.num_key_value_heads,
+            t.head_dim,
+            t.hidden_size,
+            t.vocab_size,
+        );
+        let total = kv.len + cols;
+        let flat_mask: Vec<i64> = mask.iter().flatten().copied().collect();
+        let mut inputs: Vec<(String, SessionInputValue<'static>)> = vec![
+            (
+                "inputs_embeds".into(),
+                Tensor::from_array((vec![rows as i64, cols as i64, hidden as i64], embeds))
+                    .map_err(run_err("decoder"))?
+                    .into(),
+            ),
+            (
+                "attention_mask".into(),
+                Tensor::from_array((vec![rows as i64, total as i64], flat_mask))
+                    .map_err(run_err("decoder"))?
+                    .into(),
+            ),
+            (
+                "position_ids".into(),
+                Tensor::from_array((vec![3, rows as i64, cols as i64], pos))
+                    .map_err(run_err("decoder"))?
+                    .into(),
+            ),
+        ];
+        for (i, data) in kv.data.into_iter().enumerate() {
+            let name = format!(
+                "past_key_values.{}.{}",
+                i / 2,
+                if i % 2 == 0 { "key" } else { "value" }
+            );
+            let shape = vec![rows as i64, kvh as i64, kv.len as i64, hd as i64];
+            inputs.push((
+                name,
+                Tensor::from_array((shape, data))
+                    .map_err(run_err("decoder"))?
+                    .into(),
+            ));
+        }
+        inputs.extend(self.lora_inputs()?);
+        let out = self.decoder.run(inputs).map_err(run_err("decoder"))?;
+        let (_, logits) = out["logits"]
+            .try_extract_tensor::<f32>()
+            .map_err(run_err("decoder"))?;
+        let mut last = Vec::with_capacity(rows * vocab);
+        for r in 0..rows {
+            let start = (r * cols + cols - 1) * vocab;
+            last.extend_from_slice(&logits[start..start + vocab]);
+        }
+        let mut data = Vec::with_capacity(2 * layers);
+        for i in 0..2 * layers {
+            let name = format!(
+                "present.{}.{}",
+                i / 2,
+                if i % 2 == 0 { "key" } else { "value" }
+            );
+            let (_, p) = out[name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(run_err("decoder"))?;
+            data.push(p.to_vec());
+        }
+        Ok((last, Kv { data, len: total }))
+    }
+
+    /// Keeps the cache rows `keep` (in that order; a row may repeat, which fans prompts out).
+    fn select_rows(&self, kv: &Kv, keep: &[usize]) -> Kv {
+        let t = &self.package.manifest.text;
+        let row = t.num_key_value_heads * kv.len * t.head_dim;
+        let data = kv
+            .data
+            .iter()
+            .map(|d| {
+                let mut out = Vec::with_capacity(keep.len() * row);
+                for &r in keep {
+                    out.extend_from_slice(&d[r * row..(r + 1) * row]);
+                }
+                out
+            })
+            .collect();
+        Kv { data, len: kv.len }
+    }
+
+    /// Generates `cfg.group` samples for every request.
+    pub fn generate(
+        &mut self,
+        requests: &[Request],
+        cfg: &GenerationConfig,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<Completion>, EngineError> {
+        if requests.is_empty() || cfg.group == 0 {
+            return Ok(vec![]);
+        }
+        let m = self.package.manifest.clone();
+        let merge = m.vision.spatial_merge_size;
+        // Images → one vision call for the whole batch.
+        let (mut pixels, mut grids, mut prompts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row_len = 0;
+        for r in requests {
+            let msgs = PromptBuilder::content(&r.problem, cfg.format_sentence.as_deref());
+            let rendered = self.prompts.render(&msgs)?;
+            let mut counts = Vec::new();
+            for img in &r.images {
+                let p = preprocess(img, &self.preprocessor)?;
+                counts.push(p.num_tokens(merge));
+                row_len = p.row_len;
+                grids.push(p.grid_thw);
+                pixels.extend(p.pixel_values);
+            }
+            prompts.push(self.prompts.encode(&rendered, &counts)?);
+        }
+        let d = m.vision.out_hidden_size;
+        let features = if grids.is_empty() {
+            (Vec::new(), 0)
+        } else {
+            let n = pixels.len() / row_len;
+            let g: Vec<i64> = grids
+                .iter()
+                .flat_map(|g| g.iter().map(|v| i64::from(*v)))
+                .collect();
+            let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
+                (
+                    "pixel_values".into(),
+                    Tensor::from_array((vec![n as i64, row_len as i64], pixels))
+                        .map_err(run_err("vision"))?
+                        .into(),
+                ),
+                (
+                    "image_grid_thw".into(),
+                    Tensor::from_array((vec![grids.len() as i64, 3], g))
+                        .map_err(run_err("vision"))?
+                        .into(),
+                ),
+            ];
+            let out = self.vision.run(inputs).map_err(run_err("vision"))?;
+            let (_, f) = out["image_features"]
+                .try_extract_tensor::<f32>()
+                .map_err(run_err("vision"))?;
+            (f.to_vec(), f.len() / d)
+        };
+        // Left-padded prompt batch, M-RoPE positions.
+        let b = requests.len();
+        let s = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let pad = m.tokens.pad;
+        let mut ids = Vec::with_capacity(b * s);
+        let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
+        let mut mask_u8 = Vec::with_capacity(b * s);
+        for p in &prompts {
+            let n = s - p.len();
+            ids.extend(std::iter::repeat_n(pad, n).chain(p.iter().copied()));
+            let row: Vec<i64> = std::iter::repeat_n(0, n)
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect();
+            mask_u8.extend(row.iter().map(|v| *v as u8));
+            mask.push(row);
+        }
+        let rope_cfg = RopeConfig {
+            image_token_id: m.tokens.image,
+            video_token_id: m.tokens.video,
+            spatial_merge_size: merge,
+            tokens_per_second: m.vision.tokens_per_second,
+        };
+        let (pos, deltas) = rope_index(&ids, &mask_u8, b, &grids, &[], &[], &rope_cfg)?;
+        if let Some(t) = trace.as_deref_mut() {
+            t.prompt_ids = prompts.clone();
+            t.position_ids = pos.clone();
+            t.rope_deltas = deltas.clone();
+        }
+        let t = &m.text;
+        let empty = Kv {
+            data: vec![Vec::new(); 2 * t.num_hidden_layers],
+            len: 0,
+        };
+        let embeds = self.embed(ids.iter().map(|v| i64::from(*v)).collect(), b, s, features)?;
+        let (prefill_logits, kv) = self.decode(embeds, b, s, &mask, pos, empty)?;
+        // Fan out: row i = prompt i / G, sample i % G.
+        let g = cfg.group;
+        let fan: Vec<usize> = (0..b * g).map(|i| i / g).collect();
+        let mut kv = self.select_rows(&kv, &fan);
+        let mut masks: Vec<Vec<i64>> = fan.iter().map(|&p| mask[p].clone()).collect();
+        let vocab = t.vocab_size;
+        let mut logits: Vec<f32> = fan
+            .iter()
+            .flat_map(|&p| prefill_logits[p * vocab..(p + 1) * vocab].iter().copied())
+            .collect();
+        let mut active: Vec<usize> = (0..b * g).collect();
+        let mut seen: Vec<usize> = fan.iter().map(|&p| prompts[p].len()).collect();
+        let mut out: Vec<Completion> = (0..b * g)
+            .map(|i| Completion {
+                prompt_index: i / g,
+                sample_index: i % g,
+                tokens: vec![],
+                logprobs: vec![],
+                finish: Finish::Length,
+            })
+            .collect();
+        for step in 0..cfg.max_new_tokens {
+            if let Some(t) = trace.as_deref_mut() {
+                t.steps.push((active.clone(), logits.clone()));
+            }
+            let keys: Vec<RowKey> = active
+                .iter()
+                .map(|&i| RowKey {
+                    sequence: crate::rng::mix64(
+                        requests[i / g].id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i % g) as u64,
+                    ) as u32,
+                    step: step as u32,
+                })
+                .collect();
+            let drawn = cpu::sample(Logits::F32(&logits), vocab, &keys, &cfg.sampling)
+                .map_err(|e| EngineError::Config(e.to_string()))?;
+            let mut keep = Vec::new();
+            for (k, (&i, s)) in active.iter().zip(&drawn).enumerate() {
+                out[i].tokens.push(s.token);
+                out[i].logprobs.push(s.logprob);
+                if m.tokens.eos.contains(&s.token) {
+                    out[i].finish = Finish::Stop;
+                } else if out[i].tokens.len() < cfg.max_new_tokens {
+                    keep.push(k);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() != active.len() {
+                kv = self.select_rows(&kv, &keep);
+                masks = keep.iter().map(|&k| masks[k].clone()).collect();
+                seen = keep.iter().map(|&k| seen[k]).collect();
+                active = keep.iter().map(|&k| active[k]).collect();
+            }
+            let n = active.len();
+            let next: Vec<i64> = active
+                .iter()
+                .map(|&i| i64::from(*out[i].tokens.last().expect("one token")))
+                .collect();
+            let embeds = self.embed(next, n, 1, (Vec::new(), 0))?;
+            let mut pos = vec![0i64; 3 * n];
+            for (k, &i) in active.iter().enumerate() {
+                let p = seen[k] as i64 + deltas[i / g];
+                for r in 0..3 {
+                    pos[r * n + k] = p;
+                }
+            }
+            for mrow in masks.iter_mut() {
+                mrow.push(1);
+            }
+            let (l, new_kv) = self.decode(embeds, n, 1, &masks, pos, kv)?;
+            kv = new_kv;
+            logits = l;
+            for s in seen.iter_mut() {
+                *s += 1;
+            }
+        }
+        Ok(out)
+    }
+}

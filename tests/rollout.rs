@@ -1,0 +1,195 @@
+//! The generation engine against the transformers goldens of the tiny package: chat template,
+//! prompt ids, M-RoPE positions, logits of prefill + 5 decode steps and the greedy tokens; then
+//! batch-independent sampling and LoRA swaps.
+
+use spatial_ssrl::kernels::SamplingParams;
+use spatial_ssrl::rollout::{Engine, EngineError, GenerationConfig, Request, Trace};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
+}
+
+fn engine() -> Option<Engine> {
+    match Engine::open(&tiny(), None) {
+        Ok(e) => Some(e),
+        Err(EngineError::Package(spatial_ssrl::model::package::PackageError::Runtime(e))) => {
+            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn golden() -> (serde_json::Value, Vec<Request>) {
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny().join("goldens/rollout.json")).unwrap())
+            .unwrap();
+    let reqs = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g["images"].as_array().unwrap())
+        .enumerate()
+        .map(|(i, (text, files))| {
+            let files = files.as_array().unwrap();
+            Request {
+                id: i as u64,
+                problem: format!(
+                    "{}{}",
+                    "<image>".repeat(files.len()),
+                    text.as_str().unwrap()
+                ),
+                images: files
+                    .iter()
+                    .map(|f| {
+                        image::open(tiny().join("goldens").join(f.as_str().unwrap()))
+                            .unwrap()
+                            .to_rgb8()
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    (g, reqs)
+}
+
+fn greedy(n: usize) -> GenerationConfig {
+    GenerationConfig {
+        group: 1,
+        max_new_tokens: n,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        format_sentence: None,
+    }
+}
+
+#[test]
+fn greedy_rollout_matches_transformers() {
+    let Some(mut e) = engine() else { return };
+    let (g, reqs) = golden();
+    // Chat template rendered by minijinja exactly as transformers renders it.
+    for (r, want) in reqs.iter().zip(g["rendered"].as_array().unwrap()) {
+        let msgs = spatial_ssrl::model::prompt::PromptBuilder::content(&r.problem, None);
+        assert_eq!(e.prompts.render(&msgs).unwrap(), want.as_str().unwrap());
+    }
+    let mut trace = Trace::default();
+    let out = e.generate(&reqs, &greedy(6), Some(&mut trace)).unwrap();
+    // Prompt ids (golden rows are left-padded), positions and rope deltas.
+    for (b, ids) in trace.prompt_ids.iter().enumerate() {
+        let row: Vec<u32> = g["input_ids"][b]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids[..], row[row.len() - ids.len()..], "prompt {b} ids");
+    }
+    let pos: Vec<i64> = g["position_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|c| c.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()))
+        })
+        .collect();
+    assert_eq!(trace.position_ids, pos);
+    let deltas: Vec<i64> = g["rope_deltas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(trace.rope_deltas, deltas);
+    // Greedy tokens and the logits of every step.
+    let want = spatial_ssrl::tasks::npy::read(&tiny().join("goldens/step_logits.npy")).unwrap();
+    let (steps, b, v) = (want.shape[0], want.shape[1], want.shape[2]);
+    assert_eq!(trace.steps.len(), steps);
+    let mut worst = 0f32;
+    for (s, (rows, logits)) in trace.steps.iter().enumerate() {
+        for (k, &row) in rows.iter().enumerate() {
+            for j in 0..v {
+                worst = worst.max((logits[k * v + j] - want.data[(s * b + row) * v + j]).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-4, "max |logit − transformers| = {worst}");
+    for (c, want) in out.iter().zip(g["greedy_tokens"].as_array().unwrap()) {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(c.tokens, want);
+        assert_eq!(c.logprobs.len(), want.len());
+        assert!(c.logprobs.iter().all(|l| *l <= 0.0));
+    }
+}
+
+#[test]
+fn samples_do_not_depend_on_the_batch_and_lora_swaps_apply() {
+    let Some(mut e) = engine() else { return };
+    let (_, reqs) = golden();
+    let cfg = GenerationConfig {
+        group: 3,
+        max_new_tokens: 5,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 9,
+        },
+        format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
+    };
+    let both = e.generate(&reqs, &cfg, None).unwrap();
+    let alone = e.generate(&reqs[1..], &cfg, None).unwrap();
+    assert_eq!(both.len(), 6);
+    for (a, b) in both[3..].iter().zip(&alone) {
+        assert_eq!(
+            a.tokens, b.tokens,
+            "the same prompt id draws the same samples in any batch"
+        );
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4);
+        }
+    }
+    assert!(
+        both[0].tokens != both[1].tokens || both[1].tokens != both[2].tokens,
+        "samples of a group differ"
+    );
+    // A LoRA adapter changes the rollout; zeroing it restores the base model.
+    let base = e.generate(&reqs[..1], &greedy(4), None).unwrap();
+    let m = e.package.manifest.lora.clone();
+    let mut r = spatial_ssrl::rng::Rng::keyed(4, &[]);
+    let adapter: Vec<(String, Vec<f32>)> = m
+        .tensors
+        .iter()
+        .flat_map(|t| {
+            [
+                (format!("{}.A", t.name), t.a.iter().product::<usize>()),
+                (format!("{}.B", t.name), t.b.iter().product()),
+            ]
+        })
+        .map(|(n, len)| (n, (0..len).map(|_| (r.f64() as f32 - 0.5) * 2.0).collect()))
+        .collect();
+    e.set_lora(&adapter).unwrap();
+    let tuned = e.generate(&reqs[..1], &greedy(4), None).unwrap();
+    assert_ne!(tuned[0].logprobs, base[0].logprobs);
+    let zeros: Vec<(String, Vec<f32>)> = adapter
+        .iter()
+        .map(|(n, v)| (n.clone(), vec![0.0; v.len()]))
+        .collect();
+    e.set_lora(&zeros).unwrap();
+    let again = e.generate(&reqs[..1], &greedy(4), None).unwrap();
+    assert_eq!(again[0].tokens, base[0].tokens);
+    assert!(e
+        .set_lora(&[("lora.9.q_proj.A".into(), vec![0.0])])
+        .is_err());
+}
