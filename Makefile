@@ -14,6 +14,8 @@ demo: ort ## build, generate all five tasks from the bundled photos and RGB-D fr
 	              --rgbd fixtures/rgbd --rgbd fixtures/official \
 	              --out demo-out --per-image 2 --seed 0
 	$(SSRL) inspect --model models/tiny
+	$(SSRL) rollout --model models/tiny --data demo-out/data/part-00000.parquet --group 5 \
+	                --max-new-tokens 32 --limit 16 --out demo-out/rollouts.jsonl
 
 NVRTC_WHEEL := nvidia-cuda-nvrtc==13.5.37
 NVRTC_DIR   := vendor/nvrtc

@@ -51,6 +51,15 @@ overall = (1 − w)·accuracy + w·format.\n\n\
 Example:\n  echo '{\"response\":\"<think>…</think> \\\\boxed{A}\",\"answer\":\"A\"}' | ssrl reward"
     )]
     Reward(RewardArgs),
+    /// Sample G responses per prompt of a task dataset with a model package (CPU), scored by the reward.
+    #[command(
+        long_about = "Sample G responses for every prompt of a dataset written by `ssrl tasks` \
+(Parquet or JSONL), with EasyR1's format sentence appended, and write one JSONL line per response: prompt \
+id, sample index, token ids, text, token log-probs, finish reason and, where the data has an answer, \
+the reward.\n\nExample:\n  ssrl rollout --model models/tiny --data demo-out/data/part-00000.parquet --group 5 \
+--max-new-tokens 64 --out rollouts.jsonl"
+    )]
+    Rollout(RolloutArgs),
     /// Check a model package: load every graph in ONNX Runtime and verify its inputs and outputs.
     #[command(
         long_about = "Check a model package written by models/export.py: the manifest, and every \
@@ -61,6 +70,48 @@ Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --mode
     /// Benchmarks (printed, and written as JSON).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct RolloutArgs {
+    /// Package folder written by models/export.py.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Samples from `ssrl tasks` (.parquet or .jsonl); image paths are relative to --images-root.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Folder the samples' image paths are relative to (default: the folder above data/).
+    #[arg(long, value_name = "DIR")]
+    images_root: Option<PathBuf>,
+    /// Responses per prompt.
+    #[arg(long, default_value_t = 5)]
+    group: usize,
+    /// Prompts per engine call.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Do not append EasyR1's format sentence to the problems.
+    #[arg(long)]
+    no_format_prompt: bool,
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then vendor/ort/).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -312,6 +363,102 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_rollout(a: RolloutArgs) -> Result<()> {
+    use spatial_ssrl::kernels::SamplingParams;
+    use spatial_ssrl::rollout::{Engine, GenerationConfig, Request};
+    let samples = tasks::write::read_samples(&a.data)
+        .with_context(|| format!("{}: cannot read samples", a.data.display()))?;
+    let samples: Vec<_> = samples
+        .into_iter()
+        .take(a.limit.unwrap_or(usize::MAX))
+        .collect();
+    let root = match &a.images_root {
+        Some(r) => r.clone(),
+        None => a
+            .data
+            .parent()
+            .and_then(|p| p.parent())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let mut engine = Engine::open(&a.model, a.ort_lib.as_deref())?;
+    let cfg = GenerationConfig {
+        group: a.group,
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        format_sentence: (!a.no_format_prompt)
+            .then(|| tasks::templates::FORMAT_SENTENCE.to_string()),
+    };
+    let tmp = a.out.with_extension("jsonl.partial");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("{}: cannot write", tmp.display()))?,
+    );
+    let pb = ProgressBar::new(samples.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}")
+            .expect("valid template"),
+    );
+    let (t0, mut tokens, mut reward_sum, mut scored) =
+        (std::time::Instant::now(), 0usize, 0.0, 0usize);
+    for (chunk_index, chunk) in samples.chunks(a.batch.max(1)).enumerate() {
+        let mut reqs = Vec::with_capacity(chunk.len());
+        for (k, s) in chunk.iter().enumerate() {
+            let images = s
+                .images
+                .iter()
+                .map(|p| tasks::source::load_rgb(&root.join(p)).map_err(|e| anyhow::anyhow!("{e}")))
+                .collect::<Result<Vec<_>>>()
+                .with_context(|| format!("sample {}", s.id))?;
+            let id = spatial_ssrl::rng::hash_str(&s.id) ^ (chunk_index * a.batch.max(1) + k) as u64;
+            reqs.push(Request {
+                id,
+                problem: s.problem.clone(),
+                images,
+            });
+        }
+        let completions = engine.generate(&reqs, &cfg, None)?;
+        for c in &completions {
+            let s = &chunk[c.prompt_index];
+            let text = engine.prompts.decode(&c.tokens)?;
+            let r = reward::score(&text, &s.answer, &RewardConfig::default());
+            tokens += c.tokens.len();
+            reward_sum += r.overall;
+            scored += 1;
+            serde_json::to_writer(
+                &mut out,
+                &serde_json::json!({"prompt_id": s.id, "task": s.task, "sample": c.sample_index, "tokens": c.tokens,
+                    "text": text, "logprobs": c.logprobs, "finish": c.finish, "answer": s.answer, "reward": r}),
+            )?;
+            out.write_all(b"\n")?;
+        }
+        pb.inc(chunk.len() as u64);
+        pb.set_message(format!(
+            "{:.1} tokens/s",
+            tokens as f64 / t0.elapsed().as_secs_f64()
+        ));
+    }
+    pb.finish_and_clear();
+    out.flush()?;
+    drop(out);
+    std::fs::rename(&tmp, &a.out)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{} responses ({} prompts × {}), {tokens} tokens in {secs:.1} s ({:.1} tokens/s), mean reward {:.3} → {}",
+        scored,
+        samples.len(),
+        a.group,
+        tokens as f64 / secs,
+        reward_sum / scored.max(1) as f64,
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn run_inspect(a: InspectArgs) -> Result<()> {
     use spatial_ssrl::model::package::Package;
     let p = Package::open(&a.model)?;
@@ -435,6 +582,7 @@ fn main() {
         Command::Reward(a) => run_reward(a),
         Command::Bench(BenchCommand::Kernels(a)) => run_bench_kernels(a),
         Command::Inspect(a) => run_inspect(a),
+        Command::Rollout(a) => run_rollout(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -113,3 +113,42 @@ fn tasks_without_input_or_with_bad_values_fails_clearly() {
     let h = String::from_utf8(help.stdout).unwrap();
     assert!(h.contains("--resume") && h.contains("Example"), "{h}");
 }
+
+#[test]
+fn rollout_writes_one_scored_line_per_response() {
+    let dir = scratch("cli-rollout");
+    let data = dir.join("tasks");
+    let ok = ssrl()
+        .args(["tasks", "--images"])
+        .arg(fixtures().join("photos"))
+        .args(["--tasks", "flip", "--quiet", "--format", "jsonl", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let out = dir.join("rollouts.jsonl");
+    let r = ssrl()
+        .args(["rollout", "--model"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .arg("--data")
+        .arg(data.join("data/part-00000.jsonl"))
+        .args(["--group", "3", "--max-new-tokens", "4", "--limit", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    if err.contains("ONNX Runtime library not found") {
+        let _ = writeln!(std::io::stderr(), "SKIP: {err}");
+        return;
+    }
+    assert!(r.status.success(), "{err}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        assert_eq!(l["tokens"].as_array().unwrap().len(), l["logprobs"].as_array().unwrap().len());
+        assert!(l["reward"]["overall"].as_f64().is_some() && l["answer"].as_str().is_some());
+        assert!(l["prompt_id"].as_str().unwrap().starts_with("flip-"));
+    }
+    assert!(!dir.join("rollouts.jsonl.partial").exists());
+}
