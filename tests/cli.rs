@@ -132,7 +132,15 @@ fn rollout_writes_one_scored_line_per_response() {
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
         .arg("--data")
         .arg(data.join("data/part-00000.jsonl"))
-        .args(["--group", "3", "--max-new-tokens", "4", "--limit", "2", "--out"])
+        .args([
+            "--group",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--limit",
+            "2",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
@@ -142,11 +150,17 @@ fn rollout_writes_one_scored_line_per_response() {
         return;
     }
     assert!(r.status.success(), "{err}");
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 6);
     for l in &lines {
-        assert_eq!(l["tokens"].as_array().unwrap().len(), l["logprobs"].as_array().unwrap().len());
+        assert_eq!(
+            l["tokens"].as_array().unwrap().len(),
+            l["logprobs"].as_array().unwrap().len()
+        );
         assert!(l["reward"]["overall"].as_f64().is_some() && l["answer"].as_str().is_some());
         assert!(l["prompt_id"].as_str().unwrap().starts_with("flip-"));
     }

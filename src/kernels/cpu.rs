@@ -2,7 +2,7 @@
 //! these are the yardstick the CUDA kernels are tested against.
 
 use super::{
-    check_rows, philox, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled,
+    check_groups, check_rows, philox, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled,
     SamplingParams, TokenLogprobs,
 };
 use rayon::prelude::*;
@@ -192,12 +192,7 @@ pub fn group_advantages(
     group_size: usize,
     cfg: &AdvantageConfig,
 ) -> Result<Vec<f32>, KernelError> {
-    if group_size < 2 || scores.len() % group_size != 0 {
-        return Err(KernelError::Shape(format!(
-            "{} scores do not split into groups of {group_size} (GRPO needs groups of 2 or more)",
-            scores.len()
-        )));
-    }
+    check_groups(scores.len(), group_size)?;
     let mut out = Vec::with_capacity(scores.len());
     for g in scores.chunks(group_size) {
         let n = g.len() as f64;

@@ -5,8 +5,8 @@
 //! the device and calls the same kernels on device buffers.
 
 use super::{
-    check_rows, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled, SamplingParams,
-    TokenLogprobs,
+    check_groups, check_rows, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled,
+    SamplingParams, TokenLogprobs,
 };
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -298,12 +298,7 @@ impl Cuda {
         group: usize,
         cfg: &AdvantageConfig,
     ) -> Result<Vec<f32>, KernelError> {
-        if group < 2 || scores.len() % group != 0 {
-            return Err(KernelError::Shape(format!(
-                "{} scores do not split into groups of {group} (GRPO needs groups of 2 or more)",
-                scores.len()
-            )));
-        }
+        check_groups(scores.len(), group)?;
         let groups = (scores.len() / group) as u64;
         let s = self.stream.clone_htod(scores).map_err(cuda_err)?;
         let mut out = self

@@ -161,6 +161,15 @@ pub enum KernelError {
     Cuda(String),
 }
 
+pub(crate) fn check_groups(n: usize, group: usize) -> Result<(), KernelError> {
+    if group < 2 || n % group != 0 {
+        return Err(KernelError::Shape(format!(
+            "{n} scores do not split into groups of {group} (GRPO needs groups of 2 or more)"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_rows(n: usize, vocab: usize, rows: usize) -> Result<(), KernelError> {
     if vocab == 0 || n != rows * vocab {
         return Err(KernelError::Shape(format!(
