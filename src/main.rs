@@ -112,6 +112,31 @@ struct RolloutArgs {
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then vendor/ort/).
     #[arg(long, value_name = "PATH")]
     ort_lib: Option<PathBuf>,
+    /// Execution provider. cuda and tensorrt need onnxruntime-gpu's library (see the README).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// Run on the CPU when the chosen provider is unavailable, instead of failing.
+    #[arg(long)]
+    allow_fallback: bool,
+    /// TensorRT: build fp16 engines.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: engine and timing cache folder (reused across runs).
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+    /// TensorRT: builder workspace in bytes.
+    #[arg(long, value_name = "BYTES")]
+    trt_workspace: Option<usize>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Tensorrt,
 }
 
 #[derive(clap::Args)]
@@ -381,7 +406,30 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(".")),
     };
-    let mut engine = Engine::open(&a.model, a.ort_lib.as_deref())?;
+    use spatial_ssrl::model::session::{Device, DeviceChoice};
+    let device = match a.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda {
+            device_id: a.device_id,
+        },
+        DeviceArg::Tensorrt => Device::TensorRt {
+            device_id: a.device_id,
+            fp16: a.trt_fp16,
+            cache_dir: a.trt_cache.clone(),
+            workspace_bytes: a.trt_workspace,
+        },
+    };
+    let mut engine = Engine::open_on(
+        &a.model,
+        a.ort_lib.as_deref(),
+        &DeviceChoice {
+            device,
+            allow_fallback: a.allow_fallback,
+        },
+    )?;
+    if engine.provider() != "cpu" || !matches!(a.device, DeviceArg::Cpu) {
+        eprintln!("execution provider: {}", engine.provider());
+    }
     let cfg = GenerationConfig {
         group: a.group,
         max_new_tokens: a.max_new_tokens,

@@ -193,3 +193,40 @@ fn samples_do_not_depend_on_the_batch_and_lora_swaps_apply() {
         .set_lora(&[("lora.9.q_proj.A".into(), vec![0.0])])
         .is_err());
 }
+
+#[test]
+fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
+    use spatial_ssrl::model::session::{Device, DeviceChoice};
+    if engine().is_none() {
+        return;
+    }
+    let cuda = DeviceChoice {
+        device: Device::Cuda { device_id: 0 },
+        allow_fallback: false,
+    };
+    match Engine::open_on(&tiny(), None, &cuda) {
+        Ok(e) => assert_eq!(
+            e.provider(),
+            "cuda",
+            "a working CUDA provider is used as asked"
+        ),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("cuda execution provider unavailable")
+                    && msg.contains("--allow-fallback"),
+                "{msg}"
+            );
+            let fallback = DeviceChoice {
+                allow_fallback: true,
+                ..cuda
+            };
+            let e = Engine::open_on(&tiny(), None, &fallback).unwrap();
+            assert!(
+                e.provider().starts_with("cpu (fallback from cuda"),
+                "{}",
+                e.provider()
+            );
+        }
+    }
+}

@@ -68,3 +68,106 @@ pub fn environment(
     let r = ENV.get_or_init(|| Ok(built));
     r.as_ref().map_err(|e| RuntimeError::Ort(e.clone()))
 }
+
+/// Where graphs run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda {
+        device_id: i32,
+    },
+    /// TensorRT, with CUDA for the nodes TensorRT does not take.
+    TensorRt {
+        device_id: i32,
+        fp16: bool,
+        cache_dir: Option<PathBuf>,
+        workspace_bytes: Option<usize>,
+    },
+}
+
+impl Device {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda { .. } => "cuda",
+            Device::TensorRt { .. } => "tensorrt",
+        }
+    }
+}
+
+/// The execution provider to use, and whether falling back to the CPU is acceptable.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeviceChoice {
+    pub device: Device,
+    pub allow_fallback: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{device} execution provider unavailable: {msg} (pass --allow-fallback to run on the CPU instead)")]
+pub struct ProviderError {
+    pub device: &'static str,
+    pub msg: String,
+}
+
+/// A session builder with the chosen provider registered. Returns the builder and the name of
+/// the provider actually in use (`"cpu (fallback from cuda: …)"` when falling back).
+pub fn session_builder(
+    env: &ort::environment::Environment,
+    choice: &DeviceChoice,
+) -> Result<(ort::session::builder::SessionBuilder, String), ProviderError> {
+    use ort::ep;
+    let builder = ort::session::Session::builder(env).map_err(|e| ProviderError {
+        device: choice.device.name(),
+        msg: e.to_string(),
+    })?;
+    let eps = match &choice.device {
+        Device::Cpu => return Ok((builder, "cpu".into())),
+        Device::Cuda { device_id } => vec![ep::CUDA::default()
+            .with_device_id(*device_id)
+            .build()
+            .error_on_failure()],
+        Device::TensorRt {
+            device_id,
+            fp16,
+            cache_dir,
+            workspace_bytes,
+        } => {
+            let mut trt = ep::TensorRT::default()
+                .with_device_id(*device_id)
+                .with_fp16(*fp16);
+            if let Some(dir) = cache_dir {
+                let d = dir.display().to_string();
+                trt = trt
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&d)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&d);
+            }
+            if let Some(w) = workspace_bytes {
+                trt = trt.with_max_workspace_size(*w);
+            }
+            vec![
+                trt.build().error_on_failure(),
+                ep::CUDA::default()
+                    .with_device_id(*device_id)
+                    .build()
+                    .error_on_failure(),
+            ]
+        }
+    };
+    match builder.with_execution_providers(eps) {
+        Ok(b) => Ok((b, choice.device.name().into())),
+        Err(e) if choice.allow_fallback => {
+            let msg = e.to_string();
+            Ok((
+                e.recover(),
+                format!("cpu (fallback from {}: {msg})", choice.device.name()),
+            ))
+        }
+        Err(e) => Err(ProviderError {
+            device: choice.device.name(),
+            msg: e.to_string(),
+        }),
+    }
+}

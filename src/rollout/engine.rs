@@ -8,7 +8,7 @@ use crate::model::package::{Package, PackageError};
 use crate::model::processor::{preprocess, PreprocessorConfig, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
-use crate::model::session::environment;
+use crate::model::session::{environment, session_builder, DeviceChoice, ProviderError};
 use image::RgbImage;
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
@@ -30,6 +30,8 @@ pub enum EngineError {
     Lora(String),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
 }
 
 fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> EngineError {
@@ -91,6 +93,7 @@ pub struct Engine {
     embedding: Session,
     decoder: Session,
     lora: Vec<(String, Vec<usize>, Vec<f32>)>,
+    provider: String,
 }
 
 struct Kv {
@@ -102,18 +105,29 @@ struct Kv {
 impl Engine {
     /// Opens a package on the CPU execution provider.
     pub fn open(dir: &Path, ort_lib: Option<&Path>) -> Result<Engine, EngineError> {
+        Engine::open_on(dir, ort_lib, &DeviceChoice::default())
+    }
+
+    /// Opens a package on the chosen execution provider; an unavailable provider is an error
+    /// unless `choice.allow_fallback`.
+    pub fn open_on(
+        dir: &Path,
+        ort_lib: Option<&Path>,
+        choice: &DeviceChoice,
+    ) -> Result<Engine, EngineError> {
         let package = Package::open(dir)?;
         let env = environment(ort_lib).map_err(PackageError::from)?;
-        let load = |file: &str| -> Result<Session, EngineError> {
+        let mut provider = String::new();
+        let mut load = |file: &str| -> Result<Session, EngineError> {
             let path = package.graph_path(file);
-            Session::builder(env)
-                .and_then(|mut b| b.commit_from_file(&path))
-                .map_err(|e| {
-                    EngineError::Package(PackageError::File {
-                        path,
-                        msg: e.to_string(),
-                    })
+            let (mut b, used) = session_builder(env, choice)?;
+            provider = used;
+            b.commit_from_file(&path).map_err(|e| {
+                EngineError::Package(PackageError::File {
+                    path,
+                    msg: e.to_string(),
                 })
+            })
         };
         let m = &package.manifest;
         let (vision, embedding, decoder) = (
@@ -154,7 +168,13 @@ impl Engine {
             embedding,
             decoder,
             lora,
+            provider,
         })
+    }
+
+    /// The execution provider in use (with the reason, after a fallback).
+    pub fn provider(&self) -> &str {
+        &self.provider
     }
 
     /// Replaces LoRA tensors by name (PEFT layout, `lora.{layer}.{target}.A|B`); no session rebuild.
