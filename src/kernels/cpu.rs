@@ -2,8 +2,8 @@
 //! these are the yardstick the CUDA kernels are tested against.
 
 use super::{
-    check_groups, check_rows, philox, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled,
-    SamplingParams, TokenLogprobs,
+    check_groups, check_rows, check_targets, philox, AdamW, AdvantageConfig, KernelError, Logits,
+    RowKey, Sampled, SamplingParams, TokenLogprobs,
 };
 use rayon::prelude::*;
 
@@ -66,11 +66,7 @@ pub fn token_logprobs(
     temperature: f32,
 ) -> Result<TokenLogprobs, KernelError> {
     check_rows(logits.len(), vocab, targets.len())?;
-    if let Some(t) = targets.iter().flatten().find(|t| **t as usize >= vocab) {
-        return Err(KernelError::Shape(format!(
-            "target {t} outside a vocabulary of {vocab}"
-        )));
-    }
+    check_targets(targets, vocab)?;
     let out: Vec<(f32, f32)> = targets
         .par_iter()
         .enumerate()

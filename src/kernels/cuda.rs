@@ -5,8 +5,8 @@
 //! the device and calls the same kernels on device buffers.
 
 use super::{
-    check_groups, check_rows, AdamW, AdvantageConfig, KernelError, Logits, RowKey, Sampled,
-    SamplingParams, TokenLogprobs,
+    check_groups, check_rows, check_targets, AdamW, AdvantageConfig, KernelError, Logits, RowKey,
+    Sampled, SamplingParams, TokenLogprobs,
 };
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -150,6 +150,7 @@ impl Cuda {
         temperature: f32,
     ) -> Result<TokenLogprobs, KernelError> {
         check_rows(logits.len(), vocab, targets.len())?;
+        check_targets(targets, vocab)?;
         if targets.is_empty() {
             return Ok(TokenLogprobs {
                 logprobs: vec![],

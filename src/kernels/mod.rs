@@ -161,6 +161,16 @@ pub enum KernelError {
     Cuda(String),
 }
 
+/// Every target id must index the vocabulary (the device kernel reads `logits[row, target]`).
+pub(crate) fn check_targets(targets: &[Option<u32>], vocab: usize) -> Result<(), KernelError> {
+    match targets.iter().flatten().find(|t| **t as usize >= vocab) {
+        Some(t) => Err(KernelError::Shape(format!(
+            "target {t} outside a vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn check_groups(n: usize, group: usize) -> Result<(), KernelError> {
     if group < 2 || n % group != 0 {
         return Err(KernelError::Shape(format!(
