@@ -41,6 +41,21 @@ fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> EngineError {
     }
 }
 
+/// An owned tensor input of `graph`.
+fn input<T>(
+    graph: &'static str,
+    shape: &[usize],
+    data: Vec<T>,
+) -> Result<SessionInputValue<'static>, EngineError>
+where
+    T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+{
+    let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+    Ok(Tensor::from_array((shape, data))
+        .map_err(run_err(graph))?
+        .into())
+}
+
 /// One prompt: EasyR1's `problem` (with `<image>` placeholders) and its images.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -92,7 +107,8 @@ pub struct Engine {
     vision: Session,
     embedding: Session,
     decoder: Session,
-    lora: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// LoRA inputs as ONNX Runtime values, built when set and fed by reference every step.
+    lora: Vec<(String, Vec<usize>, Tensor<f32>)>,
     provider: String,
 }
 
@@ -141,25 +157,19 @@ impl Engine {
                 .map_err(|e| EngineError::Config(format!("{}: {e}", pp.display())))?,
             Err(_) => PreprocessorConfig::default(),
         };
-        let lora = m
-            .lora
-            .tensors
-            .iter()
-            .flat_map(|t| {
-                [
-                    (
-                        format!("{}.A", t.name),
-                        t.a.clone(),
-                        vec![0.0; t.a.iter().product()],
-                    ),
-                    (
-                        format!("{}.B", t.name),
-                        t.b.clone(),
-                        vec![0.0; t.b.iter().product()],
-                    ),
-                ]
-            })
-            .collect();
+        let zeros = |name: String,
+                     shape: &[usize]|
+         -> Result<(String, Vec<usize>, Tensor<f32>), EngineError> {
+            let dims: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+            let t = Tensor::from_array((dims, vec![0f32; shape.iter().product()]))
+                .map_err(run_err("decoder"))?;
+            Ok((name, shape.to_vec(), t))
+        };
+        let mut lora = Vec::with_capacity(2 * m.lora.tensors.len());
+        for t in &m.lora.tensors {
+            lora.push(zeros(format!("{}.A", t.name), &t.a)?);
+            lora.push(zeros(format!("{}.B", t.name), &t.b)?);
+        }
         Ok(Engine {
             prompts: PromptBuilder::from_dir(dir)?,
             preprocessor,
@@ -185,31 +195,17 @@ impl Engine {
                 .iter_mut()
                 .find(|(n, _, _)| n == name)
                 .ok_or_else(|| EngineError::Lora(format!("the package has no input {name}")))?;
-            if values.len() != slot.2.len() {
+            if values.len() != slot.1.iter().product::<usize>() {
                 return Err(EngineError::Lora(format!(
                     "{name}: {} values for shape {:?}",
                     values.len(),
                     slot.1
                 )));
             }
-            slot.2.clone_from(values);
+            let dims: Vec<i64> = slot.1.iter().map(|d| *d as i64).collect();
+            slot.2 = Tensor::from_array((dims, values.clone())).map_err(run_err("decoder"))?;
         }
         Ok(())
-    }
-
-    fn lora_inputs(&self) -> Result<Vec<(String, SessionInputValue<'static>)>, EngineError> {
-        self.lora
-            .iter()
-            .map(|(n, shape, v)| {
-                let s: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
-                Ok((
-                    n.clone(),
-                    Tensor::from_array((s, v.clone()))
-                        .map_err(run_err("decoder"))?
-                        .into(),
-                ))
-            })
-            .collect()
     }
 
     fn embed(
@@ -221,17 +217,10 @@ impl Engine {
     ) -> Result<Vec<f32>, EngineError> {
         let d = self.package.manifest.vision.out_hidden_size;
         let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
-            (
-                "input_ids".into(),
-                Tensor::from_array((vec![rows as i64, cols as i64], ids))
-                    .map_err(run_err("embedding"))?
-                    .into(),
-            ),
+            ("input_ids".into(), input("embedding", &[rows, cols], ids)?),
             (
                 "image_features".into(),
-                Tensor::from_array((vec![features.1 as i64, d as i64], features.0))
-                    .map_err(run_err("embedding"))?
-                    .into(),
+                input("embedding", &[features.1, d], features.0)?,
             ),
         ];
         let out = self.embedding.run(inputs).map_err(run_err("embedding"))?;
@@ -261,24 +250,18 @@ impl Engine {
         );
         let total = kv.len + cols;
         let flat_mask: Vec<i64> = mask.iter().flatten().copied().collect();
-        let mut inputs: Vec<(String, SessionInputValue<'static>)> = vec![
+        let mut inputs: Vec<(String, SessionInputValue<'_>)> = vec![
             (
                 "inputs_embeds".into(),
-                Tensor::from_array((vec![rows as i64, cols as i64, hidden as i64], embeds))
-                    .map_err(run_err("decoder"))?
-                    .into(),
+                input("decoder", &[rows, cols, hidden], embeds)?,
             ),
             (
                 "attention_mask".into(),
-                Tensor::from_array((vec![rows as i64, total as i64], flat_mask))
-                    .map_err(run_err("decoder"))?
-                    .into(),
+                input("decoder", &[rows, total], flat_mask)?,
             ),
             (
                 "position_ids".into(),
-                Tensor::from_array((vec![3, rows as i64, cols as i64], pos))
-                    .map_err(run_err("decoder"))?
-                    .into(),
+                input("decoder", &[3, rows, cols], pos)?,
             ),
         ];
         for (i, data) in kv.data.into_iter().enumerate() {
@@ -287,15 +270,13 @@ impl Engine {
                 i / 2,
                 if i % 2 == 0 { "key" } else { "value" }
             );
-            let shape = vec![rows as i64, kvh as i64, kv.len as i64, hd as i64];
-            inputs.push((
-                name,
-                Tensor::from_array((shape, data))
-                    .map_err(run_err("decoder"))?
-                    .into(),
-            ));
+            inputs.push((name, input("decoder", &[rows, kvh, kv.len, hd], data)?));
         }
-        inputs.extend(self.lora_inputs()?);
+        inputs.extend(
+            self.lora
+                .iter()
+                .map(|(n, _, t)| (n.clone(), SessionInputValue::from(t))),
+        );
         let out = self.decoder.run(inputs).map_err(run_err("decoder"))?;
         let (_, logits) = out["logits"]
             .try_extract_tensor::<f32>()
@@ -378,15 +359,11 @@ impl Engine {
             let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
                 (
                     "pixel_values".into(),
-                    Tensor::from_array((vec![n as i64, row_len as i64], pixels))
-                        .map_err(run_err("vision"))?
-                        .into(),
+                    input("vision", &[n, row_len], pixels)?,
                 ),
                 (
                     "image_grid_thw".into(),
-                    Tensor::from_array((vec![grids.len() as i64, 3], g))
-                        .map_err(run_err("vision"))?
-                        .into(),
+                    input("vision", &[grids.len(), 3], g)?,
                 ),
             ];
             let out = self.vision.run(inputs).map_err(run_err("vision"))?;
