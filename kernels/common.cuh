@@ -42,25 +42,33 @@ __device__ __forceinline__ float token_uniform(u64 seed, u32 sequence, u32 step,
     return ((float)(c[0] >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
-// Online softmax state: max m, s = sum exp(x - m), t = sum exp(x - m) * x.
+// Online softmax state: max m, s = sum exp(x - m), t = sum exp(x - m) * (x - m). Keeping t
+// relative to the max makes the entropy log(s) - t / s a sum of two non-negative terms, free
+// of the cancellation that m + log(s) - E[x] suffers when logits are large.
 struct Stats { float m, s, t; };
+// Re-bases a state onto a larger max m2 (scaled by e = exp(m - m2)).
+__device__ __forceinline__ float rebased_t(Stats a, float m2, float e) { return e * (a.t + (a.m - m2) * a.s); }
 __device__ __forceinline__ Stats stats_merge(Stats a, Stats b) {
     if (b.m == -INFINITY) return a;
     if (a.m == -INFINITY) return b;
     float m = fmaxf(a.m, b.m);
     float ea = __expf(a.m - m), eb = __expf(b.m - m);
-    Stats r = {m, a.s * ea + b.s * eb, a.t * ea + b.t * eb};
+    Stats r = {m, a.s * ea + b.s * eb, rebased_t(a, m, ea) + rebased_t(b, m, eb)};
     return r;
 }
 __device__ __forceinline__ Stats stats_push(Stats a, float x) {
     if (x == -INFINITY) return a;
-    if (x > a.m) {
-        float r = __expf(a.m - x);
-        Stats o = {x, a.s * r + 1.0f, a.t * r + x};
+    if (a.m == -INFINITY) {
+        Stats o = {x, 1.0f, 0.0f};
         return o;
     }
-    float e = __expf(x - a.m);
-    Stats o = {a.m, a.s + e, a.t + e * x};
+    if (x > a.m) {
+        float r = __expf(a.m - x);
+        Stats o = {x, a.s * r + 1.0f, rebased_t(a, x, r)};
+        return o;
+    }
+    float d = x - a.m, e = __expf(d);
+    Stats o = {a.m, a.s + e, a.t + e * d};
     return o;
 }
 __device__ Stats block_stats(Stats v) {

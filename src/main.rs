@@ -574,6 +574,7 @@ fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
             r.reference,
             r.reference_gb_s
         );
+        println!("{:<28} {}", "", r.launch);
     }
     std::fs::write(&a.json, serde_json::to_vec_pretty(&reports)?)
         .with_context(|| format!("{}: cannot write", a.json.display()))?;

@@ -40,20 +40,46 @@ fn kernels_compile_with_nvrtc() {
         skip("libnvrtc not found, kernels/*.cu not compiled (make test fetches it when PyPI is reachable)");
         return;
     }
-    let ptx = cuda::compile().expect("kernels compile");
-    let text = ptx.to_src();
-    for entry in [
-        "token_logprobs",
+    let cuda::Image::Ptx(text) = cuda::compile(None).expect("kernels compile to PTX") else {
+        panic!("no architecture asked for, yet no PTX");
+    };
+    let entries = [
+        "logprob_partials",
+        "logprob_finish",
         "sample_rows",
         "group_advantages",
         "sum_squares",
         "scale",
         "adamw",
-    ] {
+    ];
+    for entry in entries {
         assert!(
             text.contains(&format!(".entry {entry}")),
             "no entry {entry} in the PTX"
         );
+    }
+    // Machine code for the data-centre GPUs users train on (A100, H100/H200): an ELF image
+    // that names every kernel.
+    for arch in [(8, 0), (9, 0)] {
+        let cuda::Image::Cubin(bin) = cuda::compile(Some(arch)).expect("kernels compile to CUBIN")
+        else {
+            panic!("sm_{}{}: no CUBIN", arch.0, arch.1);
+        };
+        assert_eq!(
+            &bin[..4],
+            b"\x7fELF",
+            "sm_{}{}: not an ELF image",
+            arch.0,
+            arch.1
+        );
+        for entry in entries {
+            assert!(
+                bin.windows(entry.len()).any(|w| w == entry.as_bytes()),
+                "sm_{}{}: no {entry}",
+                arch.0,
+                arch.1
+            );
+        }
     }
 }
 
@@ -65,6 +91,7 @@ fn logprobs_match_cpu() {
         (7, 777, 3.0, 0.7),
         (3, 1023, 1e4, 1.0),
         (4, 257, 5.0, 1e-3),
+        (40, 151_936, 6.0, 0.9),
     ] {
         let l = random(rows * vocab, scale, vocab as u64);
         let mut r = Rng::keyed(2, &[]);
@@ -88,10 +115,17 @@ fn logprobs_match_cpu() {
             }
         }
         let h: Vec<half::bf16> = l.iter().map(|v| half::bf16::from_f32(*v)).collect();
-        let a = cpu::token_logprobs(Logits::Bf16(&h), vocab, &tg, t).unwrap();
-        let b = gpu.token_logprobs(Logits::Bf16(&h), vocab, &tg, t).unwrap();
-        for i in 0..rows {
-            assert!((a.logprobs[i] - b.logprobs[i]).abs() <= 1e-5 * a.logprobs[i].abs().max(1.0));
+        let f: Vec<half::f16> = l.iter().map(|v| half::f16::from_f32(*v)).collect();
+        for (name, x) in [("bf16", Logits::Bf16(&h)), ("f16", Logits::F16(&f))] {
+            let a = cpu::token_logprobs(x, vocab, &tg, t).unwrap();
+            let b = gpu.token_logprobs(x, vocab, &tg, t).unwrap();
+            for i in 0..rows {
+                let (x, y) = (a.logprobs[i], b.logprobs[i]);
+                assert!(
+                    (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                    "{name} V={vocab} T={t} row {i}: cpu {x} gpu {y}"
+                );
+            }
         }
     }
 }

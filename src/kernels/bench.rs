@@ -19,6 +19,8 @@ pub struct BandwidthReport {
     pub reference_gb_s: f64,
     pub reference: String,
     pub fraction: f64,
+    /// How the work was laid out (CUDA: grid and resident blocks).
+    pub launch: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -81,6 +83,7 @@ pub fn cpu_logprobs(rows: usize, vocab: usize, reps: usize) -> BandwidthReport {
         reference_gb_s: reference,
         reference: "one core's streaming read".into(),
         fraction: kernel / reference,
+        launch: "one thread (rayon pool of 1)".into(),
     }
 }
 
@@ -105,5 +108,10 @@ pub fn cuda_logprobs(
         reference_gb_s: copy_gb_s,
         reference: "device-to-device copy (read + write counted)".into(),
         fraction: kernel / copy_gb_s,
+        launch: format!(
+            "grid {rows} rows × {} slices of 256 threads; {} blocks resident at once",
+            gpu.logprob_splits(rows, vocab),
+            gpu.block_slots()
+        ),
     })
 }
