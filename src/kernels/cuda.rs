@@ -66,8 +66,8 @@ impl Image {
 /// newer NVRTC than the driver (a CUDA 13.5 wheel on a 13.0 driver, say) is refused by the
 /// driver's JIT, a CUBIN is not.
 pub fn compile(arch: Option<(i32, i32)>) -> Result<Image, KernelError> {
-    static CACHE: OnceLock<Mutex<HashMap<Option<(i32, i32)>, Result<Image, String>>>> =
-        OnceLock::new();
+    type Cache = HashMap<Option<(i32, i32)>, Result<Image, String>>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     if !nvrtc_present() {
         return Err(KernelError::Unavailable("libnvrtc not found (install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and put its lib folder on LD_LIBRARY_PATH)".into()));
     }
