@@ -10,3 +10,4 @@ pub mod reward;
 pub mod rng;
 pub mod rollout;
 pub mod tasks;
+pub mod train;

@@ -1,5 +1,7 @@
 //! `ssrl`: the command-line shell over the spatial_ssrl library.
 
+mod cmd_train;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -67,6 +69,13 @@ graph loaded in ONNX Runtime with the input and output names and element types t
 Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --model models/tiny"
     )]
     Inspect(InspectArgs),
+    /// GRPO fine-tuning of a package's LoRA on pretext tasks (rollout → reward → train.onnx → AdamW).
+    #[command(
+        long_about = "GRPO fine-tuning on pretext tasks, all through ONNX Runtime (no torch).\n\nEach step samples data.rollout_batch_size prompts, rolls out rollout.n responses each with the current LoRA, scores them with the verifiable reward, computes group advantages, gets old and reference log-probs (logprobs.onnx), and takes one AdamW step per mini-batch of actor.global_batch_size prompts through train.onnx (EasyR1's clipped loss with k3 KL, global token-mean). Defaults are the paper's.\n\nThe run folder gets train.toml, metrics.jsonl (one line per step), curves.png and checkpoints/global_step_N/ (PEFT adapter + optimizer state, the last trainer.save_limit kept). Ctrl-C finishes the step and saves a checkpoint; --resume continues exactly.\n\nExamples:\n  ssrl train --print-config > train.toml   # every key with its default\n  ssrl train --config train.toml\n  ssrl train --config train.toml --resume"
+    )]
+    Train(cmd_train::TrainArgs),
+    /// Draw a run's training curves (metrics.jsonl) to a PNG.
+    Plot(cmd_train::PlotArgs),
     /// Benchmarks (printed, and written as JSON).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -632,6 +641,8 @@ fn main() {
         Command::Bench(BenchCommand::Kernels(a)) => run_bench_kernels(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Rollout(a) => run_rollout(a),
+        Command::Train(a) => cmd_train::run_train(a),
+        Command::Plot(a) => cmd_train::run_plot(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -5,13 +5,14 @@
 
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
 use crate::model::package::{Package, PackageError};
-use crate::model::processor::{preprocess, PreprocessorConfig, ProcessorError};
+use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
 use crate::model::session::{environment, session_builder, DeviceChoice, ProviderError};
 use image::RgbImage;
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
+use rayon::prelude::*;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +101,16 @@ pub struct Trace {
     pub steps: Vec<(Vec<usize>, Vec<f32>)>,
 }
 
+/// Prompts ready to generate from: token ids (image placeholders expanded), image grids and
+/// vision features, per request.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    pub prompts: Vec<Vec<u32>>,
+    pub grids: Vec<Vec<[u32; 3]>>,
+    /// `[image tokens, out_hidden_size]` flattened, per request.
+    pub features: Vec<Vec<f32>>,
+}
+
 pub struct Engine {
     pub package: Package,
     pub prompts: PromptBuilder,
@@ -110,6 +121,8 @@ pub struct Engine {
     /// LoRA inputs as ONNX Runtime values, built when set and fed by reference every step.
     lora: Vec<(String, Vec<usize>, Tensor<f32>)>,
     provider: String,
+    env: &'static ort::environment::Environment,
+    choice: DeviceChoice,
 }
 
 struct Kv {
@@ -179,6 +192,21 @@ impl Engine {
             decoder,
             lora,
             provider,
+            env,
+            choice: choice.clone(),
+        })
+    }
+
+    /// Opens another graph of the package (`logprobs.onnx`, `train.onnx`) on the engine's
+    /// execution provider.
+    pub fn open_graph(&self, file: &str) -> Result<Session, EngineError> {
+        let path = self.package.graph_path(file);
+        let (mut b, _) = session_builder(self.env, &self.choice)?;
+        b.commit_from_file(&path).map_err(|e| {
+            EngineError::Package(PackageError::File {
+                path,
+                msg: e.to_string(),
+            })
         })
     }
 
@@ -319,10 +347,95 @@ impl Engine {
         Kv { data, len: kv.len }
     }
 
+    /// Tokenises every request's prompt and runs the vision tower once over all their images.
+    pub fn prepare(
+        &mut self,
+        requests: &[Request],
+        format_sentence: Option<&str>,
+    ) -> Result<Prepared, EngineError> {
+        let merge = self.package.manifest.vision.spatial_merge_size;
+        // Image preprocessing on the rayon pool; then one vision call per image (attention
+        // cost and memory grow with the square of the patches in a call).
+        let pre: Vec<Vec<ProcessedImage>> = requests
+            .par_iter()
+            .map(|r| {
+                r.images
+                    .par_iter()
+                    .map(|img| preprocess(img, &self.preprocessor))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let (mut grids, mut prompts, mut features) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, images) in requests.iter().zip(pre) {
+            let msgs = PromptBuilder::content(&r.problem, format_sentence);
+            let rendered = self.prompts.render(&msgs)?;
+            let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
+            prompts.push(self.prompts.encode(&rendered, &counts)?);
+            grids.push(images.iter().map(|p| p.grid_thw).collect());
+            let mut f = Vec::new();
+            for p in images {
+                f.extend(self.vision_features(p)?);
+            }
+            features.push(f);
+        }
+        Ok(Prepared {
+            prompts,
+            grids,
+            features,
+        })
+    }
+
+    /// The vision tower on one preprocessed image: `[tokens, out_hidden_size]` flattened.
+    fn vision_features(&mut self, p: ProcessedImage) -> Result<Vec<f32>, EngineError> {
+        let n = p.pixel_values.len() / p.row_len;
+        let g: Vec<i64> = p.grid_thw.iter().map(|v| i64::from(*v)).collect();
+        let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
+            (
+                "pixel_values".into(),
+                input("vision", &[n, p.row_len], p.pixel_values)?,
+            ),
+            ("image_grid_thw".into(), input("vision", &[1, 3], g)?),
+        ];
+        let out = self.vision.run(inputs).map_err(run_err("vision"))?;
+        let (_, f) = out["image_features"]
+            .try_extract_tensor::<f32>()
+            .map_err(run_err("vision"))?;
+        Ok(f.to_vec())
+    }
+
+    /// Token embeddings of `[rows, cols]` ids with `features` (`[n, out_hidden_size]`, in row
+    /// order) scattered over the image placeholders: `[rows, cols, hidden]`.
+    pub fn embed_rows(
+        &mut self,
+        ids: Vec<i64>,
+        rows: usize,
+        cols: usize,
+        features: Vec<f32>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = features.len() / self.package.manifest.vision.out_hidden_size;
+        self.embed(ids, rows, cols, (features, n))
+    }
+
     /// Generates `cfg.group` samples for every request.
     pub fn generate(
         &mut self,
         requests: &[Request],
+        cfg: &GenerationConfig,
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<Completion>, EngineError> {
+        if requests.is_empty() || cfg.group == 0 {
+            return Ok(vec![]);
+        }
+        let prepared = self.prepare(requests, cfg.format_sentence.as_deref())?;
+        self.generate_prepared(requests, &prepared, cfg, trace)
+    }
+
+    /// [`Engine::generate`] on prompts already prepared (the trainer keeps them for the
+    /// training batch).
+    pub fn generate_prepared(
+        &mut self,
+        requests: &[Request],
+        prepared: &Prepared,
         cfg: &GenerationConfig,
         mut trace: Option<&mut Trace>,
     ) -> Result<Vec<Completion>, EngineError> {
@@ -331,46 +444,12 @@ impl Engine {
         }
         let m = self.package.manifest.clone();
         let merge = m.vision.spatial_merge_size;
-        // Images → one vision call for the whole batch.
-        let (mut pixels, mut grids, mut prompts) = (Vec::new(), Vec::new(), Vec::new());
-        let mut row_len = 0;
-        for r in requests {
-            let msgs = PromptBuilder::content(&r.problem, cfg.format_sentence.as_deref());
-            let rendered = self.prompts.render(&msgs)?;
-            let mut counts = Vec::new();
-            for img in &r.images {
-                let p = preprocess(img, &self.preprocessor)?;
-                counts.push(p.num_tokens(merge));
-                row_len = p.row_len;
-                grids.push(p.grid_thw);
-                pixels.extend(p.pixel_values);
-            }
-            prompts.push(self.prompts.encode(&rendered, &counts)?);
-        }
-        let d = m.vision.out_hidden_size;
-        let features = if grids.is_empty() {
-            (Vec::new(), 0)
-        } else {
-            let n = pixels.len() / row_len;
-            let g: Vec<i64> = grids
-                .iter()
-                .flat_map(|g| g.iter().map(|v| i64::from(*v)))
-                .collect();
-            let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
-                (
-                    "pixel_values".into(),
-                    input("vision", &[n, row_len], pixels)?,
-                ),
-                (
-                    "image_grid_thw".into(),
-                    input("vision", &[grids.len(), 3], g)?,
-                ),
-            ];
-            let out = self.vision.run(inputs).map_err(run_err("vision"))?;
-            let (_, f) = out["image_features"]
-                .try_extract_tensor::<f32>()
-                .map_err(run_err("vision"))?;
-            (f.to_vec(), f.len() / d)
+        let prompts = &prepared.prompts;
+        let grids: Vec<[u32; 3]> = prepared.grids.iter().flatten().copied().collect();
+        let features = {
+            let f: Vec<f32> = prepared.features.concat();
+            let n = f.len() / m.vision.out_hidden_size;
+            (f, n)
         };
         // Left-padded prompt batch, M-RoPE positions.
         let b = requests.len();
@@ -379,7 +458,7 @@ impl Engine {
         let mut ids = Vec::with_capacity(b * s);
         let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
         let mut mask_u8 = Vec::with_capacity(b * s);
-        for p in &prompts {
+        for p in prompts {
             let n = s - p.len();
             ids.extend(std::iter::repeat_n(pad, n).chain(p.iter().copied()));
             let row: Vec<i64> = std::iter::repeat_n(0, n)
@@ -441,6 +520,15 @@ impl Engine {
                     step: step as u32,
                 })
                 .collect();
+            // Image and video placeholders are never sampled: the embedding graph would look for
+            // vision features behind them (vLLM likewise never emits them).
+            for row in logits.chunks_exact_mut(vocab) {
+                for id in [m.tokens.image, m.tokens.video] {
+                    if let Some(x) = row.get_mut(id as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let drawn = cpu::sample(Logits::F32(&logits), vocab, &keys, &cfg.sampling)
                 .map_err(|e| EngineError::Config(e.to_string()))?;
             let mut keep = Vec::new();

@@ -2,4 +2,6 @@
 
 pub mod engine;
 
-pub use engine::{Completion, Engine, EngineError, Finish, GenerationConfig, Request, Trace};
+pub use engine::{
+    Completion, Engine, EngineError, Finish, GenerationConfig, Prepared, Request, Trace,
+};

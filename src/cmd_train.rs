@@ -1,0 +1,216 @@
+//! `ssrl train` and `ssrl plot`.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use spatial_ssrl::train::{self, config::TrainConfig, plot, RunEnd, Trainer};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Run settings (TOML); see --print-config for every key and its default.
+    #[arg(long, value_name = "FILE", required_unless_present = "print_config")]
+    config: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the run folder, exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// Print the effective configuration (the defaults without --config) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Override trainer.max_steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct PlotArgs {
+    /// Run folder (holds metrics.jsonl).
+    #[arg(value_name = "RUN")]
+    run: PathBuf,
+    /// Output PNG (default: RUN/curves.png).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Metrics to draw, comma-separated (default: rewards, KL, entropy, grad norm, lengths).
+    #[arg(long, value_delimiter = ',')]
+    keys: Vec<String>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// A line above the progress bar, or plain stderr when the bar is hidden (not a terminal).
+fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+fn write_plot(run: &Path, out: &Path, keys: &[String]) -> Result<bool> {
+    let rows = train::read_metrics(&run.join("metrics.jsonl"))?;
+    let keys: Vec<&str> = if keys.is_empty() {
+        plot::DEFAULT_KEYS.to_vec()
+    } else {
+        keys.iter().map(String::as_str).collect()
+    };
+    let title = format!(
+        "{} — {} steps",
+        run.display(),
+        rows.iter()
+            .filter_map(|m| m.get("step"))
+            .fold(0.0f64, |a, b| a.max(*b))
+    );
+    let Some(img) = plot::plot(&rows, &keys, &title) else {
+        return Ok(false);
+    };
+    img.save(out)
+        .with_context(|| format!("{}: cannot write", out.display()))?;
+    Ok(true)
+}
+
+pub fn run_plot(a: PlotArgs) -> Result<()> {
+    let out = a.out.unwrap_or_else(|| a.run.join("curves.png"));
+    if !write_plot(&a.run, &out, &a.keys)? {
+        bail!(
+            "{}: none of the metrics {:?} are in metrics.jsonl",
+            a.run.display(),
+            a.keys
+        );
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+const COLUMNS: [(&str, &str); 8] = [
+    ("reward/overall", "reward"),
+    ("reward/accuracy", "acc"),
+    ("reward/format", "format"),
+    ("actor/kl_loss", "kl"),
+    ("actor/entropy", "entropy"),
+    ("actor/grad_norm", "grad"),
+    ("response_length/mean", "len"),
+    ("timing_s/step", "s/step"),
+];
+
+fn row(m: &train::Metrics, step: usize) -> String {
+    let mut s = format!("{step:>6}");
+    for (k, _) in COLUMNS {
+        match m.get(k) {
+            Some(v) if v.abs() >= 1e-3 || *v == 0.0 => s += &format!(" {v:>9.4}"),
+            Some(v) => s += &format!(" {v:>9.2e}"),
+            None => s += &format!(" {:>9}", "-"),
+        }
+    }
+    if let Some(v) = m.get("val/reward") {
+        s += &format!("   val reward {v:.4}");
+    }
+    s
+}
+
+pub fn run_train(a: TrainArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => TrainConfig::load(p)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(n) = a.max_steps {
+        cfg.trainer.max_steps = n;
+    }
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let log = cfg.out.join("metrics.jsonl");
+    if !a.resume && log.exists() {
+        bail!(
+            "{}: a run is already there; pass --resume to continue it, or set `out` to a new folder",
+            cfg.out.display()
+        );
+    }
+    let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
+    if a.resume {
+        match t.latest_checkpoint() {
+            Some(dir) => {
+                t.restore(&dir)?;
+                eprintln!("resumed from {} (step {})", dir.display(), t.step());
+            }
+            None => bail!(
+                "{}: no checkpoint to resume from (none was saved yet)",
+                cfg.out.join("checkpoints").display()
+            ),
+        }
+    }
+    let total = t.total_steps();
+    eprintln!(
+        "GRPO: {} prompts × {} samples per step, {} steps; ONNX Runtime on {}, kernels on {}",
+        cfg.data.rollout_batch_size,
+        cfg.rollout.n,
+        total,
+        t.provider(),
+        t.backend()
+    );
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)"
+        );
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len} · {msg} · ETA {eta}")
+            .expect("valid template"),
+    );
+    pb.set_position(t.step() as u64);
+    let mut header = format!("{:>6}", "step");
+    for (_, h) in COLUMNS {
+        header += &format!(" {h:>9}");
+    }
+    say(&pb, header);
+    let end = t.run(&STOP, |m, step, _| {
+        if step == 0 {
+            if let Some(v) = m.get("val/reward") {
+                say(
+                    &pb,
+                    format!("{:>6}   val reward {v:.4} (before training)", 0),
+                );
+            }
+            return;
+        }
+        say(&pb, row(m, step));
+        pb.set_position(step as u64);
+        pb.set_message(format!(
+            "reward {:.3}",
+            m.get("reward/overall").copied().unwrap_or(0.0)
+        ));
+    })?;
+    pb.finish_and_clear();
+    let plot_path = cfg.out.join("curves.png");
+    if write_plot(&cfg.out, &plot_path, &[])? {
+        eprintln!("curves: {}", plot_path.display());
+    }
+    match end {
+        RunEnd::Finished { checkpoint } => {
+            if let Some(c) = checkpoint {
+                eprintln!("done: adapter in {}", c.display());
+            }
+        }
+        RunEnd::Interrupted { checkpoint } => {
+            eprintln!(
+                "interrupted: checkpoint {} — continue with `ssrl train --config {} --resume`",
+                checkpoint.display(),
+                a.config
+                    .as_deref()
+                    .unwrap_or(Path::new("train.toml"))
+                    .display()
+            );
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}

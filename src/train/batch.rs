@@ -1,0 +1,116 @@
+//! Training rows: prompt + completion sequences laid out for `train.onnx` / `logprobs.onnx`.
+//!
+//! Row r of a micro-batch is `[left pad | prompt | completion | right pad]` with every prompt
+//! ending at column P − 1 (P = longest prompt), so completion token j of every row is predicted
+//! at column P − 1 + j. The graphs see the first P + C − 1 tokens (C = longest completion): the
+//! last token is only ever a target. `target_ids[t]` is the token at t + 1.
+
+use crate::model::rope::{rope_index, RopeConfig, RopeError};
+
+/// One sequence: its prompt (placeholders expanded), sampled completion and the prompt's images.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    pub prompt: &'a [u32],
+    pub completion: &'a [u32],
+    pub grids: &'a [[u32; 3]],
+    /// `[image tokens, out_hidden_size]` flattened.
+    pub features: &'a [f32],
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicroBatch {
+    pub rows: usize,
+    /// Columns fed to the graphs.
+    pub len: usize,
+    /// Column of the first completion token's prediction (P − 1).
+    pub first: usize,
+    /// Completion tokens per row.
+    pub completion_len: Vec<usize>,
+    pub ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    /// `[3, rows, len]` (M-RoPE: temporal, height, width).
+    pub position_ids: Vec<i64>,
+    pub target_ids: Vec<i64>,
+    pub completion_mask: Vec<f32>,
+    /// Image features of all rows, in row order.
+    pub features: Vec<f32>,
+}
+
+impl MicroBatch {
+    /// The completion tokens' values of a `[rows, len]` output (log-probs), row by row.
+    pub fn completion_values(&self, per_column: &[f32]) -> Vec<Vec<f32>> {
+        (0..self.rows)
+            .map(|r| {
+                let start = r * self.len + self.first;
+                per_column[start..start + self.completion_len[r]].to_vec()
+            })
+            .collect()
+    }
+
+    /// Lays per-token values (one list per row, completion order) out as `[rows, len]`, zero
+    /// elsewhere.
+    pub fn scatter(&self, values: &[&[f32]]) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.len];
+        for (r, v) in values.iter().enumerate() {
+            let start = r * self.len + self.first;
+            out[start..start + v.len()].copy_from_slice(v);
+        }
+        out
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.completion_len.iter().sum()
+    }
+}
+
+/// Builds one micro-batch. Every row needs at least one prompt and one completion token.
+pub fn build(rows: &[Row<'_>], pad: u32, rope: &RopeConfig) -> Result<MicroBatch, RopeError> {
+    let p = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let c = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0);
+    if rows.is_empty() || p == 0 || c == 0 || rows.iter().any(|r| r.completion.is_empty()) {
+        return Err(RopeError::Shape(
+            "a training row needs a prompt and at least one completion token".into(),
+        ));
+    }
+    let len = p + c - 1;
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n * len);
+    let mut ids_u32 = Vec::with_capacity(n * len);
+    let mut mask = Vec::with_capacity(n * len);
+    let mut target_ids = Vec::with_capacity(n * len);
+    let mut completion_mask = Vec::with_capacity(n * len);
+    let mut grids = Vec::new();
+    let mut features = Vec::new();
+    for r in rows {
+        let left = p - r.prompt.len();
+        let full: Vec<(u32, bool)> = std::iter::repeat_n((pad, false), left)
+            .chain(r.prompt.iter().map(|&t| (t, true)))
+            .chain(r.completion.iter().map(|&t| (t, true)))
+            .chain(std::iter::repeat_n((pad, false), c - r.completion.len()))
+            .collect();
+        for t in 0..len {
+            ids.push(i64::from(full[t].0));
+            ids_u32.push(full[t].0);
+            mask.push(i64::from(full[t].1));
+            target_ids.push(i64::from(full[t + 1].0));
+            let in_completion = t + 1 >= p && t + 1 < p + r.completion.len();
+            completion_mask.push(if in_completion { 1.0 } else { 0.0 });
+        }
+        grids.extend_from_slice(r.grids);
+        features.extend_from_slice(r.features);
+    }
+    let mask_u8: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
+    let (position_ids, _) = rope_index(&ids_u32, &mask_u8, n, &grids, &[], &[], rope)?;
+    Ok(MicroBatch {
+        rows: n,
+        len,
+        first: p - 1,
+        completion_len: rows.iter().map(|r| r.completion.len()).collect(),
+        ids,
+        attention_mask: mask,
+        position_ids,
+        target_ids,
+        completion_mask,
+        features,
+    })
+}

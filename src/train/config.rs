@@ -1,0 +1,352 @@
+//! `train.toml`: every setting of a run, with the paper's values as defaults (Spatial-SSRL's
+//! EasyR1 recipe) and EasyR1's key names where it has one. Unknown keys are errors, so a typo
+//! never silently trains with a default.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Model package folder (`models/export.py` output).
+    pub model: PathBuf,
+    /// Run folder: metrics.jsonl, checkpoints/, plots.
+    pub out: PathBuf,
+    pub data: DataConfig,
+    pub rollout: RolloutConfig,
+    pub actor: ActorConfig,
+    pub algorithm: AlgorithmConfig,
+    pub trainer: TrainerConfig,
+    pub reward: RewardSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Task datasets written by `ssrl tasks` (parquet or JSONL); images resolve against
+    /// `image_dir`, or else the folder above each file's `data/` folder.
+    pub train_files: Vec<PathBuf>,
+    /// Held-out task set for validation (from sources not used for training); empty: none.
+    pub val_files: Vec<PathBuf>,
+    pub image_dir: Option<PathBuf>,
+    /// Prompts per step (EasyR1 `data.rollout_batch_size`).
+    pub rollout_batch_size: usize,
+    /// Validation prompts per evaluation (the first N of the validation set).
+    pub val_batch_size: usize,
+    pub max_response_length: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    /// Appended to every problem after one space (EasyR1's format prompt); "" for none.
+    pub format_prompt: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// Samples per prompt (G).
+    pub n: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// -1 or 0: no top-k.
+    pub top_k: i64,
+    /// Validation sampling (EasyR1 `val_override_config`); 0 = greedy.
+    pub val_temperature: f32,
+    pub val_top_p: f32,
+    /// Execution provider for every graph: cpu, cuda or tensorrt.
+    pub device: String,
+    pub device_id: i32,
+    pub allow_fallback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f32,
+    pub betas: [f32; 2],
+    pub weight_decay: f32,
+    pub eps: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorConfig {
+    /// Prompts per optimizer step (EasyR1 `worker.actor.global_batch_size`); × n sequences.
+    pub global_batch_size: usize,
+    /// Sequences per `train.onnx` call.
+    pub micro_batch_size_per_device_for_update: usize,
+    /// Sequences per `logprobs.onnx` call.
+    pub micro_batch_size_per_device_for_experience: usize,
+    pub max_grad_norm: f32,
+    pub clip_ratio_low: f32,
+    pub clip_ratio_high: f32,
+    pub clip_ratio_dual: f32,
+    /// Where old log-probs come from: "recompute" (EasyR1: the actor recomputes them after
+    /// generation) or "rollout" (the sampler's own, one forward pass fewer).
+    pub old_logprobs: String,
+    pub optim: OptimConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlgorithmConfig {
+    /// "grpo" (EasyR1), "dr_grpo" (no std scaling) or "trl" (TRL's ε).
+    pub adv_estimator: String,
+    pub use_kl_loss: bool,
+    /// k3 ("low_var_kl") is the only penalty the training graph computes.
+    pub kl_penalty: String,
+    pub kl_coef: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// Steps to run; 0 = `total_epochs` over the training set.
+    pub max_steps: usize,
+    pub total_epochs: usize,
+    /// Validate every N steps (0 = never) and before the first step.
+    pub val_freq: usize,
+    pub val_before_train: bool,
+    /// Checkpoint every N steps (0 = only at the end and on Ctrl-C); keep the last `save_limit`.
+    pub save_freq: usize,
+    pub save_limit: usize,
+    /// Seeds sampling and the LoRA initialisation.
+    pub seed: u64,
+    /// Kernels for advantages, gradient norm and AdamW: "auto" (CUDA when a GPU is present),
+    /// "cpu" or "cuda".
+    pub kernels: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSection {
+    pub format_weight: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "models/tiny".into(),
+            out: "runs/grpo".into(),
+            data: DataConfig::default(),
+            rollout: RolloutConfig::default(),
+            actor: ActorConfig::default(),
+            algorithm: AlgorithmConfig::default(),
+            trainer: TrainerConfig::default(),
+            reward: RewardSection::default(),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train_files: vec![],
+            val_files: vec![],
+            image_dir: None,
+            rollout_batch_size: 256,
+            val_batch_size: 1024,
+            max_response_length: 2048,
+            shuffle: true,
+            seed: 1,
+            format_prompt: crate::tasks::templates::FORMAT_SENTENCE.into(),
+        }
+    }
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            n: 5,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: -1,
+            val_temperature: 0.6,
+            val_top_p: 0.95,
+            device: "cpu".into(),
+            device_id: 0,
+            allow_fallback: false,
+        }
+    }
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-6,
+            betas: [0.9, 0.999],
+            weight_decay: 1e-2,
+            eps: 1e-8,
+        }
+    }
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        ActorConfig {
+            global_batch_size: 128,
+            micro_batch_size_per_device_for_update: 4,
+            micro_batch_size_per_device_for_experience: 16,
+            max_grad_norm: 1.0,
+            clip_ratio_low: 0.2,
+            clip_ratio_high: 0.3,
+            clip_ratio_dual: 3.0,
+            old_logprobs: "recompute".into(),
+            optim: OptimConfig::default(),
+        }
+    }
+}
+
+impl Default for AlgorithmConfig {
+    fn default() -> Self {
+        AlgorithmConfig {
+            adv_estimator: "grpo".into(),
+            use_kl_loss: true,
+            kl_penalty: "low_var_kl".into(),
+            kl_coef: 1e-2,
+        }
+    }
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            max_steps: 0,
+            total_epochs: 1,
+            val_freq: 5,
+            val_before_train: true,
+            save_freq: 5,
+            save_limit: 3,
+            seed: 1,
+            kernels: "auto".into(),
+        }
+    }
+}
+
+impl Default for RewardSection {
+    fn default() -> Self {
+        RewardSection { format_weight: 0.1 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{key}: {msg}")]
+    Value { key: &'static str, msg: String },
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; relative paths in it resolve against the file's folder.
+    pub fn load(path: &Path) -> Result<TrainConfig, ConfigError> {
+        let file = |msg: String| ConfigError::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+        let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e| file(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut cfg.model);
+        fix(&mut cfg.out);
+        cfg.data.train_files.iter_mut().for_each(fix);
+        cfg.data.val_files.iter_mut().for_each(fix);
+        if let Some(d) = cfg.data.image_dir.as_mut() {
+            fix(d);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The whole configuration as TOML (what `ssrl train --print-config` shows and every
+    /// checkpoint stores).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serialises")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, msg: &str| {
+            Err(ConfigError::Value {
+                key,
+                msg: msg.into(),
+            })
+        };
+        if self.data.train_files.is_empty() {
+            return bad(
+                "data.train_files",
+                "no training data (a file written by `ssrl tasks`)",
+            );
+        }
+        if self.data.rollout_batch_size == 0 {
+            return bad("data.rollout_batch_size", "must be at least 1");
+        }
+        if self.rollout.n < 2 {
+            return bad("rollout.n", "GRPO needs at least 2 samples per prompt");
+        }
+        if self.actor.global_batch_size == 0
+            || self.data.rollout_batch_size % self.actor.global_batch_size != 0
+        {
+            return bad(
+                "actor.global_batch_size",
+                "must divide data.rollout_batch_size",
+            );
+        }
+        if self.actor.micro_batch_size_per_device_for_update == 0
+            || self.actor.micro_batch_size_per_device_for_experience == 0
+        {
+            return bad("actor.micro_batch_size_*", "must be at least 1");
+        }
+        if self.data.max_response_length == 0 {
+            return bad("data.max_response_length", "must be at least 1");
+        }
+        if !matches!(self.actor.old_logprobs.as_str(), "recompute" | "rollout") {
+            return bad("actor.old_logprobs", "\"recompute\" or \"rollout\"");
+        }
+        if !matches!(
+            self.algorithm.adv_estimator.as_str(),
+            "grpo" | "dr_grpo" | "trl"
+        ) {
+            return bad(
+                "algorithm.adv_estimator",
+                "\"grpo\", \"dr_grpo\" or \"trl\"",
+            );
+        }
+        if self.algorithm.kl_penalty != "low_var_kl" {
+            return bad(
+                "algorithm.kl_penalty",
+                "only \"low_var_kl\" (k3) is in the training graph",
+            );
+        }
+        if !matches!(self.trainer.kernels.as_str(), "auto" | "cpu" | "cuda") {
+            return bad("trainer.kernels", "\"auto\", \"cpu\" or \"cuda\"");
+        }
+        if !matches!(self.rollout.device.as_str(), "cpu" | "cuda" | "tensorrt") {
+            return bad("rollout.device", "\"cpu\", \"cuda\" or \"tensorrt\"");
+        }
+        if self.trainer.max_steps == 0 && self.trainer.total_epochs == 0 {
+            return bad("trainer.max_steps", "set max_steps or total_epochs");
+        }
+        if !(self.actor.optim.lr.is_finite() && self.actor.optim.lr >= 0.0) {
+            return bad("actor.optim.lr", "must be a finite, non-negative number");
+        }
+        Ok(())
+    }
+
+    /// What must not change between a checkpoint and `--resume` for the run to continue
+    /// exactly: everything except how long to run, how often to save/validate, and where.
+    pub fn resume_key(&self) -> String {
+        let mut c = self.clone();
+        c.trainer.max_steps = 0;
+        c.trainer.total_epochs = 0;
+        c.trainer.save_freq = 0;
+        c.trainer.save_limit = 0;
+        c.trainer.val_freq = 0;
+        c.trainer.val_before_train = false;
+        c.out = PathBuf::new();
+        c.to_toml()
+    }
+}

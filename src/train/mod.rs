@@ -1,0 +1,1075 @@
+//! GRPO on the five pretext tasks through the package's graphs: rollouts from the engine,
+//! verifiable rewards, group advantages, old/reference log-probs from `logprobs.onnx`, and the
+//! gradient step from `train.onnx` (EasyR1's loss and global token-mean normalisation), then
+//! gradient clipping and AdamW on the LoRA tensors, which go straight back into the engine.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod plot;
+
+use crate::kernels::{cpu, cuda, AdamW, AdvantageConfig, KernelError, SamplingParams};
+use crate::model::package::PackageError;
+use crate::model::rope::RopeConfig;
+use crate::model::session::{Device, DeviceChoice};
+use crate::reward::{self, RewardConfig, Score};
+use crate::rng::{mix64, Rng};
+use crate::rollout::{Engine, EngineError, GenerationConfig, Prepared, Request};
+use crate::tasks::write::{read_samples, SampleRecord};
+use batch::{MicroBatch, Row};
+use checkpoint::{CheckpointError, NamedTensor, State};
+use config::TrainConfig;
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor;
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+    #[error("{graph}: {msg}")]
+    Run { graph: &'static str, msg: String },
+    #[error("{0}")]
+    Resume(String),
+    #[error("{path}: {msg}")]
+    Io { path: PathBuf, msg: String },
+}
+
+fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> TrainError {
+    move |e| TrainError::Run {
+        graph,
+        msg: e.to_string(),
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Io {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
+}
+
+/// Scores a decoded response for a sample. The default is EasyR1's `img_score`.
+pub type RewardFn = Arc<dyn Fn(&str, &SampleRecord) -> Score + Send + Sync>;
+
+pub fn img_score(format_weight: f64) -> RewardFn {
+    let cfg = RewardConfig { format_weight };
+    Arc::new(move |text, s| reward::score(text, &s.answer, &cfg))
+}
+
+/// One LoRA tensor with its AdamW moments.
+#[derive(Debug, Clone)]
+struct Param {
+    name: String,
+    shape: Vec<usize>,
+    value: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+enum Backend {
+    Cpu,
+    Cuda(Box<cuda::Cuda>),
+}
+
+impl Backend {
+    fn name(&self) -> String {
+        match self {
+            Backend::Cpu => "cpu".into(),
+            Backend::Cuda(c) => format!("cuda ({})", c.device_name()),
+        }
+    }
+    fn advantages(
+        &self,
+        s: &[f32],
+        g: usize,
+        c: &AdvantageConfig,
+    ) -> Result<Vec<f32>, KernelError> {
+        match self {
+            Backend::Cpu => cpu::group_advantages(s, g, c),
+            Backend::Cuda(d) => d.group_advantages(s, g, c),
+        }
+    }
+    fn clip(&self, grads: &mut [&mut [f32]], max: f32) -> Result<f32, KernelError> {
+        match self {
+            Backend::Cpu => Ok(cpu::clip_grad_norm(grads, max)),
+            Backend::Cuda(d) => d.clip_grad_norm(grads, max),
+        }
+    }
+    fn adamw(&self, p: &mut Param, g: &[f32], step: u32, h: &AdamW) -> Result<(), KernelError> {
+        match self {
+            Backend::Cpu => {
+                cpu::adamw_step(&mut p.value, g, &mut p.m, &mut p.v, step, h);
+                Ok(())
+            }
+            Backend::Cuda(d) => d.adamw_step(&mut p.value, g, &mut p.m, &mut p.v, step, h),
+        }
+    }
+}
+
+/// A prompt set: samples and the folder their image paths resolve against.
+struct Dataset {
+    samples: Vec<SampleRecord>,
+    roots: Vec<PathBuf>,
+}
+
+fn load_dataset(files: &[PathBuf], image_dir: Option<&Path>) -> Result<Dataset, TrainError> {
+    let mut d = Dataset {
+        samples: vec![],
+        roots: vec![],
+    };
+    for f in files {
+        let s = read_samples(f).map_err(|e| TrainError::Data {
+            path: f.clone(),
+            msg: e.to_string(),
+        })?;
+        let root = image_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+            f.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
+        });
+        d.roots.extend(std::iter::repeat_n(root, s.len()));
+        d.samples.extend(s);
+    }
+    Ok(d)
+}
+
+/// Metrics of one step (or one validation), flat keys as EasyR1 logs them.
+pub type Metrics = BTreeMap<String, f64>;
+
+fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut s, mut n) = (0.0, 0usize);
+    for x in v {
+        s += x;
+        n += 1;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    engine: Engine,
+    logprobs: Session,
+    train: Session,
+    params: Vec<Param>,
+    /// Steps completed.
+    step: usize,
+    data: Dataset,
+    val: Dataset,
+    backend: Backend,
+    reward: RewardFn,
+    rope: RopeConfig,
+    steps_per_epoch: usize,
+}
+
+impl Trainer {
+    /// Opens the package and data and initialises LoRA (PEFT's init: A uniform in
+    /// ±1/√fan_in, B zero), seeded by `trainer.seed`.
+    pub fn new(cfg: TrainConfig, ort_lib: Option<&Path>) -> Result<Trainer, TrainError> {
+        cfg.validate()?;
+        let device = match cfg.rollout.device.as_str() {
+            "cuda" => Device::Cuda {
+                device_id: cfg.rollout.device_id,
+            },
+            "tensorrt" => Device::TensorRt {
+                device_id: cfg.rollout.device_id,
+                fp16: false,
+                cache_dir: None,
+                workspace_bytes: None,
+            },
+            _ => Device::Cpu,
+        };
+        let choice = DeviceChoice {
+            device,
+            allow_fallback: cfg.rollout.allow_fallback,
+        };
+        let engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
+        let m = engine.package.manifest.clone();
+        let logprobs = engine.open_graph(&m.graphs.logprobs)?;
+        let train = engine.open_graph(&m.graphs.train)?;
+        let data = load_dataset(&cfg.data.train_files, cfg.data.image_dir.as_deref())?;
+        let val = load_dataset(&cfg.data.val_files, cfg.data.image_dir.as_deref())?;
+        let steps_per_epoch = data.samples.len() / cfg.data.rollout_batch_size;
+        if steps_per_epoch == 0 {
+            return Err(TrainError::Data {
+                path: cfg.data.train_files[0].clone(),
+                msg: format!(
+                    "{} prompts, fewer than data.rollout_batch_size = {}",
+                    data.samples.len(),
+                    cfg.data.rollout_batch_size
+                ),
+            });
+        }
+        let backend = match cfg.trainer.kernels.as_str() {
+            "cpu" => Backend::Cpu,
+            want => match cuda::Cuda::new(cfg.rollout.device_id.max(0) as usize) {
+                Ok(c) => Backend::Cuda(Box::new(c)),
+                Err(e) if want == "cuda" => return Err(e.into()),
+                Err(_) => Backend::Cpu,
+            },
+        };
+        let mut params = Vec::new();
+        for t in &m.lora.tensors {
+            let fan_in = t.a[1] as f64;
+            let bound = 1.0 / fan_in.sqrt();
+            let mut r = Rng::keyed(cfg.trainer.seed, &[crate::rng::hash_str(&t.name)]);
+            let a: Vec<f32> = (0..t.a.iter().product::<usize>())
+                .map(|_| ((r.f64() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            for (suffix, shape, value) in
+                [("A", &t.a, a), ("B", &t.b, vec![0.0; t.b.iter().product()])]
+            {
+                let n = value.len();
+                params.push(Param {
+                    name: format!("{}.{suffix}", t.name),
+                    shape: shape.clone(),
+                    value,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                });
+            }
+        }
+        let rope = RopeConfig {
+            image_token_id: m.tokens.image,
+            video_token_id: m.tokens.video,
+            spatial_merge_size: m.vision.spatial_merge_size,
+            tokens_per_second: m.vision.tokens_per_second,
+        };
+        let reward = img_score(cfg.reward.format_weight);
+        let mut t = Trainer {
+            cfg,
+            engine,
+            logprobs,
+            train,
+            params,
+            step: 0,
+            data,
+            val,
+            backend,
+            reward,
+            rope,
+            steps_per_epoch,
+        };
+        t.push_lora()?;
+        Ok(t)
+    }
+
+    /// Replaces the reward (the default is EasyR1's `img_score`).
+    pub fn with_reward(mut self, reward: RewardFn) -> Self {
+        self.reward = reward;
+        self
+    }
+
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> usize {
+        if self.cfg.trainer.max_steps > 0 {
+            self.cfg.trainer.max_steps
+        } else {
+            self.cfg.trainer.total_epochs * self.steps_per_epoch
+        }
+    }
+
+    pub fn backend(&self) -> String {
+        self.backend.name()
+    }
+
+    pub fn provider(&self) -> &str {
+        self.engine.provider()
+    }
+
+    pub fn has_validation(&self) -> bool {
+        !self.val.samples.is_empty()
+    }
+
+    /// The LoRA tensors by package name.
+    pub fn lora(&self) -> Vec<NamedTensor> {
+        self.params
+            .iter()
+            .map(|p| NamedTensor {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                data: p.value.clone(),
+            })
+            .collect()
+    }
+
+    fn push_lora(&mut self) -> Result<(), TrainError> {
+        let t: Vec<(String, Vec<f32>)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect();
+        self.engine.set_lora(&t)?;
+        Ok(())
+    }
+
+    fn checkpoint_root(&self) -> PathBuf {
+        self.cfg.out.join("checkpoints")
+    }
+
+    /// Writes a checkpoint of the current state.
+    pub fn save(&self) -> Result<PathBuf, TrainError> {
+        let tensors = |f: fn(&Param) -> &Vec<f32>| -> Vec<NamedTensor> {
+            self.params
+                .iter()
+                .map(|p| NamedTensor {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    data: f(p).clone(),
+                })
+                .collect()
+        };
+        let state = State {
+            step: self.step,
+            config: self.cfg.resume_key(),
+            params: tensors(|p| &p.value),
+            exp_avg: tensors(|p| &p.m),
+            exp_avg_sq: tensors(|p| &p.v),
+        };
+        let base = std::fs::canonicalize(&self.cfg.model).unwrap_or(self.cfg.model.clone());
+        Ok(checkpoint::save(
+            &self.checkpoint_root(),
+            &state,
+            &self.engine.package.manifest.lora,
+            &base.display().to_string(),
+            self.cfg.trainer.save_limit,
+        )?)
+    }
+
+    /// Restores a checkpoint (its configuration must match this run's, except run length and
+    /// save/validation frequency).
+    pub fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let s = checkpoint::load(dir)?;
+        if s.config != self.cfg.resume_key() {
+            let diff: Vec<String> = s
+                .config
+                .lines()
+                .zip(self.cfg.resume_key().lines())
+                .filter(|(a, b)| a != b)
+                .map(|(a, b)| format!("checkpoint `{a}` vs now `{b}`"))
+                .take(5)
+                .collect();
+            return Err(TrainError::Resume(format!(
+                "{}: written with other settings ({}); resume with the same train.toml or start a new run folder",
+                dir.display(),
+                diff.join("; ")
+            )));
+        }
+        for p in &mut self.params {
+            let find = |v: &[NamedTensor]| -> Result<Vec<f32>, TrainError> {
+                let t = v.iter().find(|t| t.name == p.name).ok_or_else(|| {
+                    TrainError::Resume(format!("{}: no tensor {}", dir.display(), p.name))
+                })?;
+                if t.shape != p.shape {
+                    return Err(TrainError::Resume(format!(
+                        "{}: {} has shape {:?}, the package {:?}",
+                        dir.display(),
+                        p.name,
+                        t.shape,
+                        p.shape
+                    )));
+                }
+                Ok(t.data.clone())
+            };
+            p.value = find(&s.params)?;
+            p.m = find(&s.exp_avg)?;
+            p.v = find(&s.exp_avg_sq)?;
+        }
+        self.step = s.step;
+        self.push_lora()
+    }
+
+    /// The newest complete checkpoint of this run, if any.
+    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
+        checkpoint::list(&self.checkpoint_root())
+            .pop()
+            .map(|(_, p)| p)
+    }
+
+    /// Dataset indices of step `step` (0-based): epoch-wise permutation seeded by
+    /// `data.seed` and the epoch, incomplete last batch dropped.
+    fn batch_indices(&self, step: usize) -> Vec<usize> {
+        let b = self.cfg.data.rollout_batch_size;
+        let epoch = step / self.steps_per_epoch;
+        let within = step % self.steps_per_epoch;
+        let mut order: Vec<usize> = (0..self.data.samples.len()).collect();
+        if self.cfg.data.shuffle {
+            Rng::keyed(self.cfg.data.seed, &[epoch as u64]).shuffle(&mut order);
+        }
+        order[within * b..(within + 1) * b].to_vec()
+    }
+
+    fn requests(
+        &self,
+        set: &Dataset,
+        idx: &[usize],
+        salt: u64,
+    ) -> Result<Vec<Request>, TrainError> {
+        idx.par_iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let s = &set.samples[i];
+                let images = s
+                    .images
+                    .iter()
+                    .map(|p| {
+                        let path = set.roots[i].join(p);
+                        crate::tasks::source::load_rgb(&path).map_err(|e| TrainError::Data {
+                            path,
+                            msg: e.to_string(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Request {
+                    id: mix64(salt ^ mix64(k as u64 + 1)),
+                    problem: s.problem.clone(),
+                    images,
+                })
+            })
+            .collect()
+    }
+
+    fn format(&self) -> Option<String> {
+        let f = &self.cfg.data.format_prompt;
+        (!f.is_empty()).then(|| f.clone())
+    }
+
+    /// `logprobs.onnx` over rows, `chunk` sequences per call; `lora = false` runs the base
+    /// model (the reference policy). Returns each row's completion log-probs.
+    pub fn completion_logprobs(
+        &mut self,
+        rows: &[Row<'_>],
+        lora: bool,
+    ) -> Result<Vec<Vec<f32>>, TrainError> {
+        let chunk = self.cfg.actor.micro_batch_size_per_device_for_experience;
+        let mut out = Vec::with_capacity(rows.len());
+        for part in rows.chunks(chunk) {
+            let mb = batch::build(part, self.engine.package.manifest.tokens.pad, &self.rope)
+                .map_err(EngineError::from)?;
+            let mut inputs = self.batch_inputs(&mb)?;
+            inputs.push(("temperature".into(), scalar(self.cfg.rollout.temperature)?));
+            for p in &self.params {
+                let v = if lora {
+                    p.value.clone()
+                } else {
+                    vec![0.0; p.value.len()]
+                };
+                inputs.push((p.name.clone(), tensor(&p.shape, v)?));
+            }
+            let res = self.logprobs.run(inputs).map_err(run_err("logprobs"))?;
+            let (_, lp) = res["token_logprobs"]
+                .try_extract_tensor::<f32>()
+                .map_err(run_err("logprobs"))?;
+            out.extend(mb.completion_values(lp));
+        }
+        Ok(out)
+    }
+
+    /// The inputs every graph shares: embeddings, mask, positions, targets.
+    fn batch_inputs(
+        &mut self,
+        mb: &MicroBatch,
+    ) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
+        let hidden = self.engine.package.manifest.text.hidden_size;
+        let embeds =
+            self.engine
+                .embed_rows(mb.ids.clone(), mb.rows, mb.len, mb.features.clone())?;
+        Ok(vec![
+            (
+                "inputs_embeds".into(),
+                tensor(&[mb.rows, mb.len, hidden], embeds)?,
+            ),
+            (
+                "attention_mask".into(),
+                tensor(&[mb.rows, mb.len], mb.attention_mask.clone())?,
+            ),
+            (
+                "position_ids".into(),
+                tensor(&[3, mb.rows, mb.len], mb.position_ids.clone())?,
+            ),
+            (
+                "target_ids".into(),
+                tensor(&[mb.rows, mb.len], mb.target_ids.clone())?,
+            ),
+        ])
+    }
+
+    /// One `train.onnx` call: the loss of `rows` (summed over their completion tokens and
+    /// divided by `token_count`, the mini-batch's tokens), the LoRA gradients in parameter
+    /// order, and the stat sums. Per-row values are in completion order.
+    pub fn loss_and_grads(
+        &mut self,
+        rows: &[Row<'_>],
+        old: &[Vec<f32>],
+        reference: &[Vec<f32>],
+        advantages: &[f32],
+        kl_coef: f32,
+        token_count: usize,
+    ) -> Result<MicroResult, TrainError> {
+        let cfg = &self.cfg;
+        let (t, low, high, dual) = (
+            cfg.rollout.temperature,
+            cfg.actor.clip_ratio_low,
+            cfg.actor.clip_ratio_high,
+            cfg.actor.clip_ratio_dual,
+        );
+        let mb = batch::build(rows, self.engine.package.manifest.tokens.pad, &self.rope)
+            .map_err(EngineError::from)?;
+        let mut inputs = self.batch_inputs(&mb)?;
+        let olds: Vec<&[f32]> = old.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[f32]> = reference.iter().map(Vec::as_slice).collect();
+        let shape = [mb.rows, mb.len];
+        inputs.push((
+            "completion_mask".into(),
+            tensor(&shape, mb.completion_mask.clone())?,
+        ));
+        inputs.push(("old_logprobs".into(), tensor(&shape, mb.scatter(&olds))?));
+        inputs.push(("ref_logprobs".into(), tensor(&shape, mb.scatter(&refs))?));
+        inputs.push((
+            "advantages".into(),
+            tensor(&[mb.rows], advantages.to_vec())?,
+        ));
+        for (name, v) in [
+            ("temperature", t),
+            ("clip_ratio_low", low),
+            ("clip_ratio_high", high),
+            ("clip_ratio_dual", dual),
+            ("kl_coef", kl_coef),
+            ("token_count", token_count as f32),
+        ] {
+            inputs.push((name.into(), scalar(v)?));
+        }
+        for p in &self.params {
+            inputs.push((p.name.clone(), tensor(&p.shape, p.value.clone())?));
+        }
+        let res = self.train.run(inputs).map_err(run_err("train"))?;
+        let (_, loss) = res["loss"]
+            .try_extract_tensor::<f32>()
+            .map_err(run_err("train"))?;
+        let (_, st) = res["stats"]
+            .try_extract_tensor::<f32>()
+            .map_err(run_err("train"))?;
+        let mut stats = [0f64; 6];
+        for (s, v) in stats.iter_mut().zip(st) {
+            *s = f64::from(*v);
+        }
+        let mut grads = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let (_, g) = res[format!("grad.{}", p.name).as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(run_err("train"))?;
+            grads.push(g.to_vec());
+        }
+        Ok(MicroResult {
+            loss: f64::from(loss[0]),
+            grads,
+            stats,
+        })
+    }
+
+    /// Sets LoRA tensors by package name (`lora.0.q_proj.A`), in the trainer and the engine.
+    pub fn set_lora(&mut self, tensors: &[(String, Vec<f32>)]) -> Result<(), TrainError> {
+        for (name, v) in tensors {
+            let p = self
+                .params
+                .iter_mut()
+                .find(|p| &p.name == name)
+                .ok_or_else(|| TrainError::Resume(format!("no LoRA tensor {name}")))?;
+            if v.len() != p.value.len() {
+                return Err(TrainError::Resume(format!(
+                    "{name}: {} values for shape {:?}",
+                    v.len(),
+                    p.shape
+                )));
+            }
+            p.value = v.clone();
+        }
+        self.push_lora()
+    }
+
+    /// Runs validation: one greedy (or `val_temperature`) sample per held-out prompt.
+    pub fn validate(&mut self) -> Result<Metrics, TrainError> {
+        let n = self.val.samples.len().min(self.cfg.data.val_batch_size);
+        let idx: Vec<usize> = (0..n).collect();
+        let mut metrics = Metrics::new();
+        if n == 0 {
+            return Ok(metrics);
+        }
+        let mut scores = Vec::new();
+        let chunk = self
+            .cfg
+            .actor
+            .micro_batch_size_per_device_for_experience
+            .max(1);
+        for part in idx.chunks(chunk) {
+            let reqs = {
+                let set = std::mem::replace(
+                    &mut self.val,
+                    Dataset {
+                        samples: vec![],
+                        roots: vec![],
+                    },
+                );
+                let r = self.requests(&set, part, 0x7661_6c00 ^ part[0] as u64);
+                self.val = set;
+                r?
+            };
+            let gen = GenerationConfig {
+                group: 1,
+                max_new_tokens: self.cfg.data.max_response_length,
+                sampling: SamplingParams {
+                    temperature: self.cfg.rollout.val_temperature,
+                    top_k: 0,
+                    top_p: self.cfg.rollout.val_top_p,
+                    seed: self.cfg.trainer.seed,
+                },
+                format_sentence: self.format(),
+            };
+            let out = self.engine.generate(&reqs, &gen, None)?;
+            for c in out {
+                let s = &self.val.samples[part[c.prompt_index]];
+                let text = self
+                    .engine
+                    .prompts
+                    .decode(&c.tokens)
+                    .map_err(EngineError::from)?;
+                scores.push((s.task.clone(), (self.reward)(&text, s), c.tokens.len()));
+            }
+        }
+        metrics.insert(
+            "val/reward".into(),
+            mean(scores.iter().map(|s| s.1.overall)),
+        );
+        metrics.insert(
+            "val/accuracy".into(),
+            mean(scores.iter().map(|s| s.1.accuracy)),
+        );
+        metrics.insert("val/format".into(), mean(scores.iter().map(|s| s.1.format)));
+        metrics.insert(
+            "val/response_length".into(),
+            mean(scores.iter().map(|s| s.2 as f64)),
+        );
+        let tasks: std::collections::BTreeSet<&String> = scores.iter().map(|s| &s.0).collect();
+        for t in tasks {
+            metrics.insert(
+                format!("val/accuracy/{t}"),
+                mean(scores.iter().filter(|s| &s.0 == t).map(|s| s.1.accuracy)),
+            );
+        }
+        Ok(metrics)
+    }
+
+    /// One GRPO step: rollout, reward, advantages, old/ref log-probs, then one optimizer step
+    /// per mini-batch. Returns the step's metrics.
+    pub fn train_step(&mut self) -> Result<Metrics, TrainError> {
+        let cfg = self.cfg.clone();
+        let g = cfg.rollout.n;
+        let t_start = Instant::now();
+        let mut metrics = Metrics::new();
+        let time = |k: &str, t: Instant, m: &mut Metrics| {
+            m.insert(format!("timing_s/{k}"), t.elapsed().as_secs_f64());
+        };
+        // 1. Prompts (images decoded on the rayon pool).
+        let t = Instant::now();
+        let idx = self.batch_indices(self.step);
+        let data = std::mem::replace(
+            &mut self.data,
+            Dataset {
+                samples: vec![],
+                roots: vec![],
+            },
+        );
+        let reqs = self.requests(
+            &data,
+            &idx,
+            mix64(cfg.trainer.seed ^ (self.step as u64) << 20),
+        );
+        self.data = data;
+        let reqs = reqs?;
+        time("data", t, &mut metrics);
+        // 2. Rollout.
+        let t = Instant::now();
+        let prepared: Prepared = self.engine.prepare(&reqs, self.format().as_deref())?;
+        let gen = GenerationConfig {
+            group: g,
+            max_new_tokens: cfg.data.max_response_length,
+            sampling: SamplingParams {
+                temperature: cfg.rollout.temperature,
+                top_k: cfg.rollout.top_k.max(0) as usize,
+                top_p: cfg.rollout.top_p,
+                seed: cfg.trainer.seed,
+            },
+            format_sentence: self.format(),
+        };
+        let completions = self
+            .engine
+            .generate_prepared(&reqs, &prepared, &gen, None)?;
+        time("rollout", t, &mut metrics);
+        // 3. Rewards and advantages.
+        let t = Instant::now();
+        let mut scores = Vec::with_capacity(completions.len());
+        for c in &completions {
+            let s = &self.data.samples[idx[c.prompt_index]];
+            let text = self
+                .engine
+                .prompts
+                .decode(&c.tokens)
+                .map_err(EngineError::from)?;
+            scores.push((self.reward)(&text, s));
+        }
+        let overall: Vec<f32> = scores.iter().map(|s| s.overall as f32).collect();
+        let adv_cfg = match cfg.algorithm.adv_estimator.as_str() {
+            "dr_grpo" => AdvantageConfig::DR_GRPO,
+            "trl" => AdvantageConfig::TRL,
+            _ => AdvantageConfig::EASYR1,
+        };
+        let advantages = self.backend.advantages(&overall, g, &adv_cfg)?;
+        time("reward", t, &mut metrics);
+        let rows: Vec<Row<'_>> = completions
+            .iter()
+            .map(|c| Row {
+                prompt: &prepared.prompts[c.prompt_index],
+                completion: &c.tokens,
+                grids: &prepared.grids[c.prompt_index],
+                features: &prepared.features[c.prompt_index],
+            })
+            .collect();
+        // 4. Old and reference log-probs.
+        let t = Instant::now();
+        let rollout_lp: Vec<Vec<f32>> = completions.iter().map(|c| c.logprobs.clone()).collect();
+        let old = if cfg.actor.old_logprobs == "recompute" {
+            let old = self.completion_logprobs(&rows, true)?;
+            let diffs: Vec<f64> = old
+                .iter()
+                .flatten()
+                .zip(rollout_lp.iter().flatten())
+                .map(|(a, b)| f64::from((a - b).abs()))
+                .collect();
+            metrics.insert(
+                "rollout/logprob_mismatch_mean".into(),
+                mean(diffs.iter().copied()),
+            );
+            metrics.insert(
+                "rollout/logprob_mismatch_max".into(),
+                diffs.iter().copied().fold(0.0, f64::max),
+            );
+            old
+        } else {
+            rollout_lp.clone()
+        };
+        let kl_coef = if cfg.algorithm.use_kl_loss {
+            cfg.algorithm.kl_coef
+        } else {
+            0.0
+        };
+        let reference = if kl_coef != 0.0 {
+            self.completion_logprobs(&rows, false)?
+        } else {
+            old.clone()
+        };
+        time("logprobs", t, &mut metrics);
+        // 5. One optimizer step per mini-batch.
+        let (mut t_train, mut t_optim) = (0.0, 0.0);
+        let per_mini = cfg.actor.global_batch_size * g;
+        let mut sums = [0f64; 6];
+        let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
+        for (k, mini) in (0..rows.len())
+            .collect::<Vec<_>>()
+            .chunks(per_mini)
+            .enumerate()
+        {
+            let t = Instant::now();
+            let token_count: usize = mini.iter().map(|&i| rows[i].completion.len()).sum();
+            let mut grads: Vec<Vec<f32>> = self
+                .params
+                .iter()
+                .map(|p| vec![0.0; p.value.len()])
+                .collect();
+            for micro in mini.chunks(cfg.actor.micro_batch_size_per_device_for_update) {
+                let part: Vec<Row<'_>> = micro.iter().map(|&i| rows[i]).collect();
+                let pick = |v: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                    micro.iter().map(|&i| v[i].clone()).collect()
+                };
+                let adv: Vec<f32> = micro.iter().map(|&i| advantages[i]).collect();
+                let r = self.loss_and_grads(
+                    &part,
+                    &pick(&old),
+                    &pick(&reference),
+                    &adv,
+                    kl_coef,
+                    token_count,
+                )?;
+                loss_sum += r.loss;
+                for (s, v) in sums.iter_mut().zip(r.stats) {
+                    *s += v;
+                }
+                for (acc, gv) in grads.iter_mut().zip(&r.grads) {
+                    for (a, b) in acc.iter_mut().zip(gv) {
+                        *a += b;
+                    }
+                }
+            }
+            t_train += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let norm = self.backend.clip(&mut views, cfg.actor.max_grad_norm)?;
+            norms.push(f64::from(norm));
+            if norm.is_finite() {
+                let h = AdamW {
+                    lr: cfg.actor.optim.lr,
+                    beta1: cfg.actor.optim.betas[0],
+                    beta2: cfg.actor.optim.betas[1],
+                    eps: cfg.actor.optim.eps,
+                    weight_decay: cfg.actor.optim.weight_decay,
+                };
+                let opt_step = (self.step * (rows.len().div_ceil(per_mini)) + k + 1) as u32;
+                for (p, gr) in self.params.iter_mut().zip(&grads) {
+                    self.backend.adamw(p, gr, opt_step, &h)?;
+                }
+            } else {
+                skipped += 1;
+            }
+            t_optim += t.elapsed().as_secs_f64();
+        }
+        self.push_lora()?;
+        metrics.insert("timing_s/train".into(), t_train);
+        metrics.insert("timing_s/optimizer".into(), t_optim);
+        time("step", t_start, &mut metrics);
+        // 6. Metrics.
+        let tokens = sums[0].max(1.0);
+        metrics.insert(
+            "actor/pg_loss_plus_kl".into(),
+            loss_sum / rows.len().div_ceil(per_mini) as f64,
+        );
+        metrics.insert("actor/pg_clipfrac_higher".into(), sums[1] / tokens);
+        metrics.insert("actor/pg_clipfrac_lower".into(), sums[2] / tokens);
+        metrics.insert("actor/ppo_kl".into(), sums[3] / tokens);
+        metrics.insert("actor/kl_loss".into(), sums[4] / tokens);
+        metrics.insert("actor/entropy".into(), sums[5] / tokens);
+        metrics.insert("actor/grad_norm".into(), mean(norms.iter().copied()));
+        metrics.insert("actor/skipped_updates".into(), skipped as f64);
+        metrics.insert("actor/lr".into(), f64::from(cfg.actor.optim.lr));
+        metrics.insert(
+            "reward/overall".into(),
+            mean(scores.iter().map(|s| s.overall)),
+        );
+        metrics.insert(
+            "reward/format".into(),
+            mean(scores.iter().map(|s| s.format)),
+        );
+        metrics.insert(
+            "reward/accuracy".into(),
+            mean(scores.iter().map(|s| s.accuracy)),
+        );
+        let adv64: Vec<f64> = advantages.iter().map(|a| f64::from(*a)).collect();
+        metrics.insert("advantage/mean".into(), mean(adv64.iter().copied()));
+        metrics.insert(
+            "advantage/abs_mean".into(),
+            mean(adv64.iter().map(|a| a.abs())),
+        );
+        metrics.insert(
+            "advantage/max".into(),
+            adv64.iter().copied().fold(f64::MIN, f64::max),
+        );
+        metrics.insert(
+            "advantage/min".into(),
+            adv64.iter().copied().fold(f64::MAX, f64::min),
+        );
+        let lens: Vec<f64> = completions.iter().map(|c| c.tokens.len() as f64).collect();
+        metrics.insert("response_length/mean".into(), mean(lens.iter().copied()));
+        metrics.insert(
+            "response_length/max".into(),
+            lens.iter().copied().fold(0.0, f64::max),
+        );
+        metrics.insert(
+            "response_length/clip_ratio".into(),
+            mean(
+                completions
+                    .iter()
+                    .map(|c| f64::from(u8::from(c.finish == crate::rollout::Finish::Length))),
+            ),
+        );
+        let by_task: std::collections::BTreeSet<String> = idx
+            .iter()
+            .map(|&i| self.data.samples[i].task.clone())
+            .collect();
+        for task in by_task {
+            let sel: Vec<&Score> = completions
+                .iter()
+                .zip(&scores)
+                .filter(|(c, _)| self.data.samples[idx[c.prompt_index]].task == task)
+                .map(|(_, s)| s)
+                .collect();
+            metrics.insert(
+                format!("reward/overall/{task}"),
+                mean(sel.iter().map(|s| s.overall)),
+            );
+            metrics.insert(
+                format!("reward/accuracy/{task}"),
+                mean(sel.iter().map(|s| s.accuracy)),
+            );
+        }
+        metrics.insert(
+            "throughput/tokens_per_s".into(),
+            lens.iter().sum::<f64>() / metrics["timing_s/rollout"].max(1e-9),
+        );
+        self.step += 1;
+        metrics.insert("step".into(), self.step as f64);
+        metrics.insert(
+            "epoch".into(),
+            (self.step - 1) as f64 / self.steps_per_epoch as f64,
+        );
+        Ok(metrics)
+    }
+
+    /// Runs to `total_steps`, appending to `out/metrics.jsonl`, validating and checkpointing on
+    /// schedule. `stop` (set by Ctrl-C) ends the run after the current step, with a checkpoint.
+    /// `on_step` sees each step's metrics (progress display).
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        mut on_step: impl FnMut(&Metrics, usize, usize),
+    ) -> Result<RunEnd, TrainError> {
+        std::fs::create_dir_all(&self.cfg.out).map_err(io_err(&self.cfg.out))?;
+        let cfg_path = self.cfg.out.join("train.toml");
+        std::fs::write(&cfg_path, self.cfg.to_toml()).map_err(io_err(&cfg_path))?;
+        let log = self.cfg.out.join("metrics.jsonl");
+        truncate_metrics(&log, self.step)?;
+        let total = self.total_steps();
+        let val_freq = self.cfg.trainer.val_freq;
+        if self.step == 0 && self.cfg.trainer.val_before_train && self.has_validation() {
+            let mut m = self.validate()?;
+            m.insert("step".into(), 0.0);
+            append_metrics(&log, &m)?;
+            on_step(&m, 0, total);
+        }
+        while self.step < total {
+            if stop.load(Ordering::SeqCst) {
+                let ckpt = self.save()?;
+                return Ok(RunEnd::Interrupted { checkpoint: ckpt });
+            }
+            let mut m = self.train_step()?;
+            if val_freq > 0 && self.step % val_freq == 0 && self.has_validation() {
+                m.extend(self.validate()?);
+            }
+            append_metrics(&log, &m)?;
+            on_step(&m, self.step, total);
+            let save_freq = self.cfg.trainer.save_freq;
+            if (save_freq > 0 && self.step % save_freq == 0) || self.step == total {
+                self.save()?;
+            }
+        }
+        Ok(RunEnd::Finished {
+            checkpoint: self.latest_checkpoint(),
+        })
+    }
+}
+
+/// What one `train.onnx` call gives.
+#[derive(Debug, Clone)]
+pub struct MicroResult {
+    pub loss: f64,
+    /// Per LoRA tensor, in [`Trainer::lora`] order.
+    pub grads: Vec<Vec<f32>>,
+    /// Sums over completion tokens: tokens, clipped-higher, clipped-lower, −log-ratio, k3 KL,
+    /// entropy.
+    pub stats: [f64; 6],
+}
+
+#[derive(Debug)]
+pub enum RunEnd {
+    Finished { checkpoint: Option<PathBuf> },
+    Interrupted { checkpoint: PathBuf },
+}
+
+fn tensor<T>(shape: &[usize], data: Vec<T>) -> Result<SessionInputValue<'static>, TrainError>
+where
+    T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+{
+    let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+    Ok(Tensor::from_array((shape, data))
+        .map_err(run_err("train"))?
+        .into())
+}
+
+fn scalar(v: f32) -> Result<SessionInputValue<'static>, TrainError> {
+    Ok(Tensor::from_array((Vec::<i64>::new(), vec![v]))
+        .map_err(run_err("train"))?
+        .into())
+}
+
+fn append_metrics(path: &Path, m: &Metrics) -> Result<(), TrainError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let line = serde_json::to_string(m).expect("finite metrics serialise");
+    writeln!(f, "{line}").map_err(io_err(path))
+}
+
+/// Drops metric lines of steps after `step` (work a resume will redo).
+fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Metrics>(l)
+                .ok()
+                .and_then(|m| m.get("step").copied())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.partial");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Reads a run's metrics.jsonl.
+pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| TrainError::Io {
+                path: path.to_path_buf(),
+                msg: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
+impl From<PackageError> for TrainError {
+    fn from(e: PackageError) -> Self {
+        TrainError::Engine(e.into())
+    }
+}

@@ -1,0 +1,392 @@
+//! The GRPO trainer on the tiny package: the loss graph against the formulas computed here by
+//! hand, micro-batches adding up to one batch, the row layout, learning on a task the tiny
+//! model can learn, exact resume, refused checkpoints and Ctrl-C behaviour.
+
+use spatial_ssrl::model::rope::RopeConfig;
+use spatial_ssrl::reward::Score;
+use spatial_ssrl::train::batch::{self, Row};
+use spatial_ssrl::train::checkpoint;
+use spatial_ssrl::train::config::TrainConfig;
+use spatial_ssrl::train::{Metrics, RunEnd, TrainError, Trainer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ssrl-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A text-only task set: short prompts keep each CPU step well under a second.
+fn text_tasks(dir: &Path, n: usize) -> PathBuf {
+    let p = dir.join("tasks.jsonl");
+    let mut f = std::fs::File::create(&p).unwrap();
+    for i in 0..n {
+        let line = serde_json::json!({
+            "id": format!("t{i}"), "task": "letter", "answer": "a", "images": [], "source": [],
+            "meta": {}, "problem": format!("Question {i}: answer with the letter a, as often as you can."),
+        });
+        writeln!(f, "{line}").unwrap();
+    }
+    p
+}
+
+fn config(dir: &Path, data: PathBuf) -> TrainConfig {
+    let mut c = TrainConfig {
+        model: tiny(),
+        out: dir.join("run"),
+        ..Default::default()
+    };
+    c.data.train_files = vec![data];
+    c.data.rollout_batch_size = 4;
+    c.data.max_response_length = 8;
+    c.data.format_prompt = String::new();
+    c.rollout.n = 4;
+    c.actor.global_batch_size = 2;
+    c.actor.micro_batch_size_per_device_for_update = 3;
+    c.actor.micro_batch_size_per_device_for_experience = 5;
+    c.actor.optim.lr = 2e-2;
+    c.trainer.save_freq = 0;
+    c.trainer.kernels = "cpu".into();
+    c
+}
+
+/// Share of the response's non-space characters equal to the answer letter: a dense reward a
+/// random-weight model can climb.
+fn letter_reward() -> spatial_ssrl::train::RewardFn {
+    Arc::new(|text: &str, s: &spatial_ssrl::tasks::write::SampleRecord| {
+        let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
+        let hit = chars
+            .iter()
+            .filter(|c| c.to_lowercase().to_string() == s.answer)
+            .count();
+        let v = hit as f64 / chars.len().max(1) as f64;
+        Score {
+            overall: v,
+            format: 0.0,
+            accuracy: v,
+            predicted: String::new(),
+        }
+    })
+}
+
+fn trainer(c: TrainConfig) -> Option<Trainer> {
+    match Trainer::new(c, None) {
+        Ok(t) => Some(t.with_reward(letter_reward())),
+        Err(e) if e.to_string().contains("libonnxruntime") => {
+            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn rope() -> RopeConfig {
+    RopeConfig {
+        image_token_id: 2012,
+        video_token_id: 2013,
+        spatial_merge_size: 2,
+        tokens_per_second: 2.0,
+    }
+}
+
+#[test]
+fn rows_are_laid_out_for_the_graphs() {
+    let (p1, c1) = (vec![10u32, 11, 12], vec![20u32, 21]);
+    let (p2, c2) = (vec![13u32], vec![22u32, 23, 24]);
+    let rows = [
+        Row {
+            prompt: &p1,
+            completion: &c1,
+            grids: &[],
+            features: &[],
+        },
+        Row {
+            prompt: &p2,
+            completion: &c2,
+            grids: &[],
+            features: &[],
+        },
+    ];
+    let mb = batch::build(&rows, 0, &rope()).unwrap();
+    // P = 3, C = 3: 5 columns; prompts end at column 2.
+    assert_eq!((mb.rows, mb.len, mb.first), (2, 5, 2));
+    assert_eq!(mb.ids, vec![10, 11, 12, 20, 21, 0, 0, 13, 22, 23]);
+    assert_eq!(mb.attention_mask, vec![1, 1, 1, 1, 1, 0, 0, 1, 1, 1]);
+    assert_eq!(mb.target_ids, vec![11, 12, 20, 21, 0, 0, 13, 22, 23, 24]);
+    assert_eq!(
+        mb.completion_mask,
+        vec![0., 0., 1., 1., 0., 0., 0., 1., 1., 1.]
+    );
+    // Text positions count the row's real tokens from 0; pads get 0 (as get_rope_index).
+    assert_eq!(&mb.position_ids[..10], &[0, 1, 2, 3, 4, 0, 0, 0, 1, 2]);
+    assert_eq!(mb.tokens(), 5);
+    let lp: Vec<f32> = (0..10).map(|v| v as f32).collect();
+    assert_eq!(
+        mb.completion_values(&lp),
+        vec![vec![2., 3.], vec![7., 8., 9.]]
+    );
+    assert_eq!(
+        mb.scatter(&[&[1., 2.], &[3., 4., 5.]]),
+        vec![0., 0., 1., 2., 0., 0., 0., 3., 4., 5.]
+    );
+}
+
+/// EasyR1's per-token loss, written out from method.md §7.4 in f64.
+fn token_loss(logp: f64, old: f64, reference: f64, adv: f64, kl_coef: f64) -> f64 {
+    let (low, high, dual) = (0.2f64, 0.3f64, 3.0f64);
+    let nkl = logp - old;
+    let ratio = nkl.clamp(-20.0, 20.0).exp();
+    let clipped = nkl.clamp((1.0 - low).ln(), (1.0 + high).ln()).exp();
+    let higher = (-adv * ratio).max(-adv * clipped);
+    let pg = if adv < 0.0 {
+        higher.min(-adv * dual)
+    } else {
+        higher
+    };
+    let k = (reference - logp).clamp(-20.0, 20.0);
+    let kl = (k.exp() - k - 1.0).clamp(-10.0, 10.0);
+    pg + kl_coef * kl
+}
+
+#[test]
+fn the_loss_graph_is_easyr1s_loss_and_micro_batches_add_up() {
+    let dir = tempdir("loss");
+    let data = text_tasks(&dir, 8);
+    let Some(mut t) = trainer(config(&dir, data)) else {
+        return;
+    };
+    // Rows from real tokens of the tiny model's vocabulary.
+    let prompts = [vec![100u32, 200, 300, 400], vec![500u32, 600]];
+    let completions = [vec![7u32, 8, 9], vec![11u32, 12, 13, 14, 15]];
+    let rows: Vec<Row<'_>> = (0..2)
+        .map(|i| Row {
+            prompt: &prompts[i],
+            completion: &completions[i],
+            grids: &[],
+            features: &[],
+        })
+        .collect();
+    // Make LoRA non-zero so reference (LoRA off) and policy differ.
+    let lora: Vec<(String, Vec<f32>)> = t
+        .lora()
+        .into_iter()
+        .map(|p| {
+            let v = (0..p.data.len())
+                .map(|i| ((i % 7) as f32 - 3.0) * 0.02)
+                .collect();
+            (p.name, v)
+        })
+        .collect();
+    t.set_lora(&lora).unwrap();
+    let logp = t.completion_logprobs(&rows, true).unwrap();
+    let reference = t.completion_logprobs(&rows, false).unwrap();
+    assert!(logp.iter().flatten().all(|v| v.is_finite() && *v < 0.0));
+    let differs = logp
+        .iter()
+        .flatten()
+        .zip(reference.iter().flatten())
+        .any(|(a, b)| (a - b).abs() > 1e-4);
+    assert!(differs, "LoRA changes nothing");
+    // Old log-probs straddling every clip region; one positive, one negative advantage.
+    let shifts = [[0.5f32, -0.5, 0.05], [1.5, -1.5, 0.1]];
+    let old: Vec<Vec<f32>> = logp
+        .iter()
+        .enumerate()
+        .map(|(r, v)| {
+            v.iter()
+                .enumerate()
+                .map(|(j, x)| x + shifts[r % 2][j % 3])
+                .collect()
+        })
+        .collect();
+    let adv = [1.0f32, -2.0];
+    let kl_coef = 0.05;
+    let tokens = 8usize;
+    let mut want = 0.0;
+    for r in 0..2 {
+        for j in 0..completions[r].len() {
+            want += token_loss(
+                f64::from(logp[r][j]),
+                f64::from(old[r][j]),
+                f64::from(reference[r][j]),
+                f64::from(adv[r]),
+                kl_coef,
+            );
+        }
+    }
+    want /= tokens as f64;
+    let both = t
+        .loss_and_grads(&rows, &old, &reference, &adv, kl_coef as f32, tokens)
+        .unwrap();
+    assert!(
+        (both.loss - want).abs() <= 1e-5 * want.abs().max(1.0),
+        "graph loss {} vs hand-computed {want}",
+        both.loss
+    );
+    // Two micro-batches of one row each, normalised by the whole batch's token count, add up
+    // to the batch of two: loss and every gradient.
+    let a = t
+        .loss_and_grads(
+            &rows[..1],
+            &old[..1],
+            &reference[..1],
+            &adv[..1],
+            kl_coef as f32,
+            tokens,
+        )
+        .unwrap();
+    let b = t
+        .loss_and_grads(
+            &rows[1..],
+            &old[1..],
+            &reference[1..],
+            &adv[1..],
+            kl_coef as f32,
+            tokens,
+        )
+        .unwrap();
+    assert!((a.loss + b.loss - both.loss).abs() <= 1e-6 * both.loss.abs().max(1.0));
+    let mut nonzero = 0;
+    for ((ga, gb), g) in a.grads.iter().zip(&b.grads).zip(&both.grads) {
+        // f32 sums over differently padded batches: compare at the tensor's own scale.
+        let scale = g.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        for ((x, y), z) in ga.iter().zip(gb).zip(g) {
+            assert!(
+                (x + y - z).abs() <= 1e-4 * scale,
+                "{x} + {y} vs {z} (scale {scale})"
+            );
+            nonzero += usize::from(*z != 0.0);
+        }
+    }
+    assert!(nonzero > 100, "gradients are all zero");
+}
+
+fn train_metrics(m: &[Metrics]) -> Vec<Vec<(String, f64)>> {
+    m.iter()
+        .map(|s| {
+            s.iter()
+                .filter(|(k, _)| !k.starts_with("timing_s/") && !k.starts_with("throughput/"))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn learning_is_real_mean_reward_rises() {
+    let dir = tempdir("learn");
+    let data = text_tasks(&dir, 16);
+    let mut c = config(&dir, data);
+    // A single-answer task: one token per response, whose letters the reward counts.
+    c.data.max_response_length = 1;
+    c.data.rollout_batch_size = 8;
+    c.actor.global_batch_size = 4;
+    c.actor.optim.lr = 1e-2;
+    c.trainer.max_steps = 60;
+    c.trainer.seed = 3;
+    let Some(mut t) = trainer(c) else { return };
+    let stop = AtomicBool::new(false);
+    let mut rewards = Vec::new();
+    t.run(&stop, |m, step, _| {
+        if step > 0 {
+            rewards.push(m["reward/overall"]);
+        }
+    })
+    .unwrap();
+    let first = rewards[..5].iter().sum::<f64>() / 5.0;
+    let last = rewards[rewards.len() - 5..].iter().sum::<f64>() / 5.0;
+    eprintln!("mean reward: first 5 steps {first:.4}, last 5 steps {last:.4}");
+    assert!(
+        last > 3.0 * first && last > first + 0.15,
+        "no learning: first 5 steps {first:.4}, last 5 steps {last:.4} ({rewards:?})"
+    );
+}
+
+#[test]
+fn resume_equals_uninterrupted_and_bad_checkpoints_are_refused() {
+    let dir = tempdir("resume");
+    let data = text_tasks(&dir, 12);
+    let stop = AtomicBool::new(false);
+    // Uninterrupted: 4 steps.
+    let mut c = config(&dir.join("a"), data.clone());
+    c.trainer.max_steps = 4;
+    let Some(mut t) = trainer(c.clone()) else {
+        return;
+    };
+    t.run(&stop, |_, _, _| {}).unwrap();
+    let straight = spatial_ssrl::train::read_metrics(&c.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(straight.len(), 4);
+    // Interrupted after step 2 (the flag Ctrl-C sets), then resumed in a new process state.
+    let mut c2 = config(&dir.join("b"), data);
+    c2.trainer.max_steps = 4;
+    let mut t = trainer(c2.clone()).unwrap();
+    let end = t
+        .run(&stop, |_, step, _| {
+            if step == 2 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    let RunEnd::Interrupted { checkpoint: ckpt } = end else {
+        panic!("not interrupted: {end:?}");
+    };
+    assert!(ckpt.ends_with("global_step_2"), "{}", ckpt.display());
+    stop.store(false, Ordering::SeqCst);
+    let mut t = trainer(c2.clone()).unwrap();
+    t.restore(&t.latest_checkpoint().unwrap()).unwrap();
+    assert_eq!(t.step(), 2);
+    t.run(&stop, |_, _, _| {}).unwrap();
+    let resumed = spatial_ssrl::train::read_metrics(&c2.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(train_metrics(&resumed), train_metrics(&straight));
+    // The adapter is PEFT's layout.
+    let st = checkpoint::read_safetensors(&ckpt.join("adapter_model.safetensors")).unwrap();
+    assert!(st.iter().any(|t| t.name
+        == "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+        && t.shape == vec![8, 128]));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["r"].as_u64()),
+        (Some("LORA"), Some(8))
+    );
+    // A flipped byte is refused, naming the file.
+    let bad = dir.join("bad");
+    copy_dir(&ckpt, &bad);
+    let f = bad.join("optimizer.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&f, bytes).unwrap();
+    let e = checkpoint::load(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("optimizer.safetensors") && e.contains("corrupt"),
+        "{e}"
+    );
+    // A checkpoint whose writing never finished (no trainer_state.json) is refused.
+    std::fs::remove_file(bad.join("trainer_state.json")).unwrap();
+    let e = checkpoint::load(&bad).unwrap_err().to_string();
+    assert!(e.contains("trainer_state.json"), "{e}");
+    // Another configuration cannot resume this run.
+    let mut other = c2.clone();
+    other.actor.optim.lr = 1e-3;
+    let mut t = trainer(other).unwrap();
+    let e = t.restore(&ckpt).unwrap_err();
+    assert!(matches!(e, TrainError::Resume(_)), "{e}");
+    assert!(e.to_string().contains("lr"), "{e}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
