@@ -214,3 +214,68 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Package folder to start from.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// LoRA to merge into the weights: a checkpoint folder (checkpoints/global_step_N) or a
+    /// PEFT adapter folder (adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// Output package folder (replaced when complete).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Store weights as fp16 (half the size; arithmetic stays fp32).
+    #[arg(long)]
+    fp16: bool,
+    /// Apply ONNX Runtime's extended graph optimisations offline to the inference graphs
+    /// (do it on the kind of machine you deploy to).
+    #[arg(long)]
+    optimize: bool,
+    /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+}
+
+pub fn run_export(a: ExportArgs) -> Result<()> {
+    use spatial_ssrl::model::export::{export, ExportOptions};
+    let adapter = match &a.adapter {
+        Some(dir) => Some(
+            train::checkpoint::load_adapter(dir)?
+                .into_iter()
+                .map(|t| (t.name, t.data))
+                .collect(),
+        ),
+        None => None,
+    };
+    let r = export(
+        &a.model,
+        &a.out,
+        &ExportOptions {
+            adapter,
+            fp16: a.fp16,
+            optimize: a.optimize,
+        },
+        a.ort_lib.as_deref(),
+    )?;
+    for (file, targets) in &r.merged {
+        if !targets.is_empty() {
+            println!("{file}: merged {}", targets.join(", "));
+        }
+    }
+    if a.fp16 {
+        println!("{} weight tensors stored as fp16", r.fp16_weights);
+    }
+    if !r.optimized.is_empty() {
+        println!("optimised offline: {}", r.optimized.join(", "));
+    }
+    println!(
+        "wrote {} (graphs {:.1} MB → {:.1} MB)",
+        a.out.display(),
+        r.bytes_in as f64 / 1e6,
+        r.bytes_out as f64 / 1e6
+    );
+    Ok(())
+}

@@ -76,6 +76,11 @@ Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --mode
     Train(cmd_train::TrainArgs),
     /// Draw a run's training curves (metrics.jsonl) to a PNG.
     Plot(cmd_train::PlotArgs),
+    /// Write a deployment package: an adapter merged into the weights, fp16 storage, offline ORT optimisations.
+    #[command(
+        long_about = "Write a deployment copy of a model package.\n\n--adapter merges a LoRA (a training checkpoint or a PEFT adapter folder) into the base weights of every graph (W += scale·AᵀBᵀ; the graphs' LoRA inputs default to zero afterwards, so the package still takes a fresh adapter). --fp16 stores weights in half precision; --optimize applies ONNX Runtime's extended graph optimisations offline to the vision, embedding and decoder graphs. onnxruntime-genai and `ssrl rollout` run the result.\n\nExample:\n  ssrl export --model models/tiny --adapter runs/grpo/checkpoints/global_step_10 --out tiny-merged --optimize"
+    )]
+    Export(cmd_train::ExportArgs),
     /// Benchmarks (printed, and written as JSON).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -643,6 +648,7 @@ fn main() {
         Command::Rollout(a) => run_rollout(a),
         Command::Train(a) => cmd_train::run_train(a),
         Command::Plot(a) => cmd_train::run_plot(a),
+        Command::Export(a) => cmd_train::run_export(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

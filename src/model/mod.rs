@@ -1,6 +1,8 @@
 //! One exported Qwen2.5-VL package and the host-side work around its graphs: loading and
 //! validation, ONNX Runtime, image preprocessing and M-RoPE position ids.
 
+pub mod export;
+pub mod onnx_edit;
 pub mod package;
 pub mod processor;
 pub mod prompt;

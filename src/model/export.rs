@@ -1,0 +1,170 @@
+//! `ssrl export`: a deployment copy of a package — an adapter merged into the base weights,
+//! optionally fp16 weight storage and ONNX Runtime's graph optimisations applied offline.
+
+use super::onnx_edit::Graph;
+use super::package::{Package, PackageError};
+use super::session::environment;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// LoRA tensors by package name (`lora.0.q_proj.A`), merged into the weights.
+    pub adapter: Option<Vec<(String, Vec<f32>)>>,
+    pub fp16: bool,
+    pub optimize: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportReport {
+    /// Graph file → LoRA targets merged into it.
+    pub merged: Vec<(String, Vec<String>)>,
+    pub fp16_weights: usize,
+    pub optimized: Vec<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+}
+
+fn ferr(path: &Path, msg: impl std::fmt::Display) -> ExportError {
+    ExportError::File {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
+}
+
+/// Writes the exported package to `out` (through `out.partial`, renamed when complete).
+pub fn export(
+    model: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    ort_lib: Option<&Path>,
+) -> Result<ExportReport, ExportError> {
+    let pkg = Package::open(model)?;
+    let m = &pkg.manifest;
+    let tmp = out.with_extension("partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| ferr(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| ferr(&tmp, e))?;
+    let graphs = [
+        m.graphs.vision.clone(),
+        m.graphs.embedding.clone(),
+        m.graphs.decoder.clone(),
+        m.graphs.logprobs.clone(),
+        m.graphs.train.clone(),
+    ];
+    // Every other top-level file (tokenizer, configs, manifest) is copied as is.
+    for e in std::fs::read_dir(model)
+        .map_err(|e| ferr(model, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_file() && !graphs.contains(&name) {
+            std::fs::copy(e.path(), tmp.join(&name)).map_err(|er| ferr(&e.path(), er))?;
+        }
+    }
+    let adapter: Option<HashMap<String, (Vec<f32>, Vec<f32>)>> = opts.adapter.as_ref().map(|t| {
+        let mut map: HashMap<String, (Vec<f32>, Vec<f32>)> = HashMap::new();
+        for (name, v) in t {
+            if let Some(base) = name.strip_suffix(".A") {
+                map.entry(base.to_string()).or_default().0 = v.clone();
+            } else if let Some(base) = name.strip_suffix(".B") {
+                map.entry(base.to_string()).or_default().1 = v.clone();
+            }
+        }
+        map
+    });
+    if let Some(a) = &adapter {
+        for t in &m.lora.tensors {
+            if !a.contains_key(&t.name) {
+                return Err(ferr(model, format!("the adapter has no {}.A/.B", t.name)));
+            }
+        }
+    }
+    let mut report = ExportReport {
+        merged: vec![],
+        fp16_weights: 0,
+        optimized: vec![],
+        bytes_in: 0,
+        bytes_out: 0,
+    };
+    for file in &graphs {
+        let src = pkg.graph_path(file);
+        let bytes = std::fs::read(&src).map_err(|e| ferr(&src, e))?;
+        report.bytes_in += bytes.len() as u64;
+        let mut g = Graph::open(&bytes).map_err(|e| ferr(&src, e))?;
+        if let Some(a) = &adapter {
+            let merged = g
+                .merge_lora(a, m.lora.scale as f32)
+                .map_err(|e| ferr(&src, e))?;
+            if !merged.is_empty() && merged.len() != a.len() {
+                return Err(ferr(
+                    &src,
+                    format!("merged {} of {} LoRA targets", merged.len(), a.len()),
+                ));
+            }
+            report.merged.push((file.clone(), merged));
+        }
+        let dst = tmp.join(file);
+        std::fs::write(&dst, g.to_bytes()).map_err(|e| ferr(&dst, e))?;
+    }
+    if opts.optimize {
+        let env = environment(ort_lib).map_err(PackageError::from)?;
+        // The inference graphs; the training graphs keep their exported form (their gradient
+        // outputs are what the trainer checks against autograd).
+        for file in [&m.graphs.vision, &m.graphs.embedding, &m.graphs.decoder] {
+            let p = tmp.join(file);
+            let opt = tmp.join(format!("{file}.opt"));
+            ort::session::Session::builder(env)
+                .and_then(|b| {
+                    b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level2)
+                        .map_err(Into::into)
+                })
+                .and_then(|b| b.with_optimized_model_path(&opt).map_err(Into::into))
+                .and_then(|mut b| b.commit_from_file(&p))
+                .map_err(|e| ferr(&p, e))?;
+            std::fs::rename(&opt, &p).map_err(|e| ferr(&p, e))?;
+            report.optimized.push(file.clone());
+        }
+    }
+    // fp16 storage last: ORT's constant folding would turn Cast(fp16 weight) back into fp32.
+    if opts.fp16 {
+        for file in &graphs {
+            let p = tmp.join(file);
+            let bytes = std::fs::read(&p).map_err(|e| ferr(&p, e))?;
+            let mut g = Graph::open(&bytes).map_err(|e| ferr(&p, e))?;
+            report.fp16_weights += g.store_weights_fp16(1024);
+            std::fs::write(&p, g.to_bytes()).map_err(|e| ferr(&p, e))?;
+        }
+    }
+    // The manifest records what was done.
+    let mp = tmp.join("manifest.json");
+    let mut mv: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&mp).map_err(|e| ferr(&mp, e))?)
+            .map_err(|e| ferr(&mp, e))?;
+    mv["exported"] = serde_json::json!({
+        "from": model.display().to_string(),
+        "adapter_merged": adapter.is_some(),
+        "weights_fp16": opts.fp16,
+        "ort_optimized": report.optimized,
+    });
+    std::fs::write(&mp, serde_json::to_vec_pretty(&mv).expect("json")).map_err(|e| ferr(&mp, e))?;
+    for file in &graphs {
+        report.bytes_out += std::fs::metadata(tmp.join(file))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| ferr(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| ferr(out, e))?;
+    Ok(report)
+}

@@ -1,0 +1,565 @@
+//! Just enough of the ONNX protobuf to rewrite a model in place: a generic wire-format reader and
+//! writer (fields we do not touch are carried through byte for byte), plus the ModelProto /
+//! GraphProto / NodeProto / TensorProto fields `ssrl export` edits — LoRA merging into the base
+//! weights and fp16 weight storage.
+
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+#[error("ONNX protobuf: {0}")]
+pub struct ProtoError(pub String);
+
+fn perr<T>(msg: impl Into<String>) -> Result<T, ProtoError> {
+    Err(ProtoError(msg.into()))
+}
+
+/// One field of a message, in wire order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Varint(u64),
+    Fixed64(u64),
+    Bytes(Vec<u8>),
+    Fixed32(u32),
+}
+
+pub type Message = Vec<(u32, Value)>;
+
+fn varint(b: &[u8], at: &mut usize) -> Result<u64, ProtoError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let Some(&byte) = b.get(*at) else {
+            return perr("truncated varint");
+        };
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    perr("varint longer than 10 bytes")
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+pub fn parse(b: &[u8]) -> Result<Message, ProtoError> {
+    let (mut at, mut out) = (0usize, Vec::new());
+    while at < b.len() {
+        let key = varint(b, &mut at)?;
+        let (field, wire) = ((key >> 3) as u32, key & 7);
+        let take = |at: &mut usize, n: usize| -> Result<&[u8], ProtoError> {
+            let s = b
+                .get(*at..at.saturating_add(n))
+                .ok_or_else(|| ProtoError(format!("field {field} runs past the end")))?;
+            *at += n;
+            Ok(s)
+        };
+        let v = match wire {
+            0 => Value::Varint(varint(b, &mut at)?),
+            1 => Value::Fixed64(u64::from_le_bytes(take(&mut at, 8)?.try_into().expect("8"))),
+            2 => {
+                let n = varint(b, &mut at)? as usize;
+                Value::Bytes(take(&mut at, n)?.to_vec())
+            }
+            5 => Value::Fixed32(u32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4"))),
+            w => return perr(format!("field {field}: wire type {w} not supported")),
+        };
+        out.push((field, v));
+    }
+    Ok(out)
+}
+
+pub fn write(m: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (field, v) in m {
+        let wire = match v {
+            Value::Varint(_) => 0,
+            Value::Fixed64(_) => 1,
+            Value::Bytes(_) => 2,
+            Value::Fixed32(_) => 5,
+        };
+        put_varint(&mut out, (u64::from(*field) << 3) | wire);
+        match v {
+            Value::Varint(x) => put_varint(&mut out, *x),
+            Value::Fixed64(x) => out.extend_from_slice(&x.to_le_bytes()),
+            Value::Bytes(x) => {
+                put_varint(&mut out, x.len() as u64);
+                out.extend_from_slice(x);
+            }
+            Value::Fixed32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        }
+    }
+    out
+}
+
+fn string(v: &Value) -> Option<String> {
+    match v {
+        Value::Bytes(b) => String::from_utf8(b.clone()).ok(),
+        _ => None,
+    }
+}
+
+// Field numbers (onnx.proto3).
+const MODEL_GRAPH: u32 = 7;
+const GRAPH_NODE: u32 = 1;
+const GRAPH_INITIALIZER: u32 = 5;
+const GRAPH_INPUT: u32 = 11;
+const NODE_INPUT: u32 = 1;
+const NODE_OUTPUT: u32 = 2;
+const NODE_NAME: u32 = 3;
+const NODE_OP: u32 = 4;
+const NODE_ATTRIBUTE: u32 = 5;
+const TENSOR_DIMS: u32 = 1;
+const TENSOR_TYPE: u32 = 2;
+const TENSOR_FLOATS: u32 = 4;
+const TENSOR_NAME: u32 = 8;
+const TENSOR_RAW: u32 = 9;
+const TENSOR_EXTERNAL: u32 = 13;
+const FLOAT: u64 = 1;
+const FLOAT16: u64 = 10;
+
+/// A graph opened for editing: nodes and initializers parsed, everything else kept as is.
+pub struct Graph {
+    model: Message,
+    graph: Message,
+    pub nodes: Vec<Node>,
+    pub initializers: Vec<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub op: String,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    rest: Message,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    /// ONNX TensorProto.DataType.
+    pub data_type: u64,
+    pub raw: Vec<u8>,
+    rest: Message,
+}
+
+impl Tensor {
+    pub fn floats(&self) -> Option<Vec<f32>> {
+        (self.data_type == FLOAT).then(|| {
+            self.raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                .collect()
+        })
+    }
+    pub fn set_floats(&mut self, v: &[f32]) {
+        self.data_type = FLOAT;
+        self.raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    }
+}
+
+impl Node {
+    /// An INT attribute's value.
+    pub fn int_attr(&self, name: &str) -> Option<i64> {
+        self.rest
+            .iter()
+            .filter(|(f, _)| *f == NODE_ATTRIBUTE)
+            .filter_map(|(_, v)| match v {
+                Value::Bytes(b) => parse(b).ok(),
+                _ => None,
+            })
+            .find(|a| {
+                a.iter()
+                    .any(|(f, v)| *f == 1 && string(v).as_deref() == Some(name))
+            })
+            .and_then(|a| {
+                a.into_iter().find_map(|(f, v)| match (f, v) {
+                    (3, Value::Varint(i)) => Some(i as i64),
+                    _ => None,
+                })
+            })
+    }
+}
+
+fn parse_node(b: &[u8]) -> Result<Node, ProtoError> {
+    let mut n = Node {
+        op: String::new(),
+        inputs: vec![],
+        outputs: vec![],
+        rest: vec![],
+    };
+    for (f, v) in parse(b)? {
+        match f {
+            NODE_INPUT => n.inputs.push(string(&v).unwrap_or_default()),
+            NODE_OUTPUT => n.outputs.push(string(&v).unwrap_or_default()),
+            NODE_OP => n.op = string(&v).unwrap_or_default(),
+            _ => n.rest.push((f, v)),
+        }
+    }
+    Ok(n)
+}
+
+fn write_node(n: &Node) -> Vec<u8> {
+    let mut m: Message = Vec::new();
+    m.extend(
+        n.inputs
+            .iter()
+            .map(|s| (NODE_INPUT, Value::Bytes(s.as_bytes().to_vec()))),
+    );
+    m.extend(
+        n.outputs
+            .iter()
+            .map(|s| (NODE_OUTPUT, Value::Bytes(s.as_bytes().to_vec()))),
+    );
+    m.push((NODE_OP, Value::Bytes(n.op.as_bytes().to_vec())));
+    m.extend(n.rest.iter().cloned());
+    write(&m)
+}
+
+fn parse_tensor(b: &[u8]) -> Result<Tensor, ProtoError> {
+    let mut t = Tensor {
+        name: String::new(),
+        dims: vec![],
+        data_type: 0,
+        raw: vec![],
+        rest: vec![],
+    };
+    let mut floats = Vec::new();
+    for (f, v) in parse(b)? {
+        match (f, &v) {
+            (TENSOR_DIMS, Value::Varint(d)) => t.dims.push(*d as usize),
+            (TENSOR_DIMS, Value::Bytes(packed)) => {
+                let mut at = 0;
+                while at < packed.len() {
+                    t.dims.push(varint(packed, &mut at)? as usize);
+                }
+            }
+            (TENSOR_TYPE, Value::Varint(d)) => t.data_type = *d,
+            (TENSOR_NAME, _) => t.name = string(&v).unwrap_or_default(),
+            (TENSOR_RAW, Value::Bytes(r)) => t.raw = r.clone(),
+            (TENSOR_FLOATS, Value::Bytes(packed)) => floats.extend_from_slice(packed),
+            (TENSOR_FLOATS, Value::Fixed32(x)) => floats.extend_from_slice(&x.to_le_bytes()),
+            (TENSOR_EXTERNAL, _) => {
+                return perr(format!(
+                    "{}: weights in external data files are not supported here",
+                    t.name
+                ))
+            }
+            _ => t.rest.push((f, v)),
+        }
+    }
+    if t.raw.is_empty() && !floats.is_empty() {
+        t.raw = floats;
+    }
+    Ok(t)
+}
+
+fn write_tensor(t: &Tensor) -> Vec<u8> {
+    let mut m: Message = t
+        .dims
+        .iter()
+        .map(|d| (TENSOR_DIMS, Value::Varint(*d as u64)))
+        .collect();
+    m.push((TENSOR_TYPE, Value::Varint(t.data_type)));
+    m.push((TENSOR_NAME, Value::Bytes(t.name.as_bytes().to_vec())));
+    m.push((TENSOR_RAW, Value::Bytes(t.raw.clone())));
+    m.extend(t.rest.iter().cloned());
+    write(&m)
+}
+
+impl Graph {
+    pub fn open(bytes: &[u8]) -> Result<Graph, ProtoError> {
+        let model = parse(bytes)?;
+        let Some((_, Value::Bytes(g))) = model.iter().find(|(f, _)| *f == MODEL_GRAPH) else {
+            return perr("no graph in the model");
+        };
+        let mut graph = Vec::new();
+        let (mut nodes, mut initializers) = (Vec::new(), Vec::new());
+        for (f, v) in parse(g)? {
+            match (f, &v) {
+                (GRAPH_NODE, Value::Bytes(b)) => nodes.push(parse_node(b)?),
+                (GRAPH_INITIALIZER, Value::Bytes(b)) => initializers.push(parse_tensor(b)?),
+                _ => graph.push((f, v)),
+            }
+        }
+        Ok(Graph {
+            model,
+            graph,
+            nodes,
+            initializers,
+        })
+    }
+
+    /// Graph input names.
+    pub fn inputs(&self) -> Vec<String> {
+        self.graph
+            .iter()
+            .filter(|(f, _)| *f == GRAPH_INPUT)
+            .filter_map(|(_, v)| match v {
+                Value::Bytes(b) => parse(b)
+                    .ok()?
+                    .into_iter()
+                    .find(|(f, _)| *f == 1)
+                    .and_then(|(_, v)| string(&v)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn initializer(&self, name: &str) -> Option<&Tensor> {
+        self.initializers.iter().find(|t| t.name == name)
+    }
+
+    pub fn initializer_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.initializers.iter_mut().find(|t| t.name == name)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut g: Message = self.graph.clone();
+        // Nodes first (topological order kept), then initializers, then the rest.
+        let mut out: Message = self
+            .nodes
+            .iter()
+            .map(|n| (GRAPH_NODE, Value::Bytes(write_node(n))))
+            .collect();
+        out.extend(
+            self.initializers
+                .iter()
+                .map(|t| (GRAPH_INITIALIZER, Value::Bytes(write_tensor(t)))),
+        );
+        out.append(&mut g);
+        let mut model = self.model.clone();
+        for (f, v) in model.iter_mut() {
+            if *f == MODEL_GRAPH {
+                *v = Value::Bytes(write(&out));
+            }
+        }
+        write(&model)
+    }
+
+    /// Stores every float initializer of at least `min_elements` values that is not a graph
+    /// input as fp16, read back through a Cast to float (half the bytes, fp32 arithmetic).
+    /// Returns how many were converted.
+    pub fn store_weights_fp16(&mut self, min_elements: usize) -> usize {
+        let inputs: std::collections::HashSet<String> = self.inputs().into_iter().collect();
+        let mut casts = Vec::new();
+        for t in &mut self.initializers {
+            let n: usize = t.dims.iter().product();
+            if t.data_type != FLOAT || n < min_elements || inputs.contains(&t.name) {
+                continue;
+            }
+            let halves: Vec<u8> = t
+                .raw
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    half::f16::from_f32(f32::from_le_bytes(c.try_into().expect("4"))).to_le_bytes()
+                })
+                .collect();
+            let original = std::mem::take(&mut t.name);
+            t.name = format!("{original}__fp16");
+            t.data_type = FLOAT16;
+            t.raw = halves;
+            let to = vec![
+                (1, Value::Bytes(b"to".to_vec())),
+                (3, Value::Varint(FLOAT)),
+                (20, Value::Varint(2)),
+            ];
+            casts.push(Node {
+                op: "Cast".into(),
+                inputs: vec![t.name.clone()],
+                outputs: vec![original.clone()],
+                rest: vec![
+                    (
+                        NODE_NAME,
+                        Value::Bytes(format!("{original}__cast").into_bytes()),
+                    ),
+                    (NODE_ATTRIBUTE, Value::Bytes(write(&to))),
+                ],
+            });
+        }
+        let n = casts.len();
+        casts.append(&mut self.nodes);
+        self.nodes = casts;
+        n
+    }
+
+    /// Folds LoRA into the base weights. For each adapter pair `{name}.A` [r, in] / `{name}.B`
+    /// [out, r] this graph takes as inputs, follows the exporter's LoRA branch
+    /// `Mul(MatMul(MatMul(x, Aᵀ), Bᵀ), scale)` (reshapes allowed in between) to the `Add` that
+    /// joins it to the base projection, walks the base side back (through reshapes and the bias)
+    /// to `MatMul(·, W)` — W an initializer stored `[in, out]`, or `Transpose` of one stored
+    /// `[out, in]` — and sets `W += scale · Aᵀ Bᵀ`. The graph's own LoRA defaults become zero.
+    /// Returns the merged names.
+    pub fn merge_lora(
+        &mut self,
+        adapter: &HashMap<String, (Vec<f32>, Vec<f32>)>,
+        scale: f32,
+    ) -> Result<Vec<String>, ProtoError> {
+        let producer: HashMap<String, usize> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.clone(), i)))
+            .collect();
+        let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for inp in &n.inputs {
+                consumers.entry(inp.as_str()).or_default().push(i);
+            }
+        }
+        let nodes = &self.nodes;
+        let users = |name: &str, op: &str| -> Vec<usize> {
+            consumers
+                .get(name)
+                .map(|v| v.iter().copied().filter(|&i| nodes[i].op == op).collect())
+                .unwrap_or_default()
+        };
+        // Follows `name` forward through Reshapes to the first consumer with op `op`.
+        let forward = |mut name: String, op: &str| -> Option<usize> {
+            for _ in 0..4 {
+                if let Some(&i) = users(&name, op).first() {
+                    return Some(i);
+                }
+                name = nodes[*users(&name, "Reshape").first()?].outputs[0].clone();
+            }
+            None
+        };
+        let is_const = |name: &str| self.initializers.iter().any(|t| t.name == name);
+        let inputs = self.inputs();
+        let mut names: Vec<&String> = adapter.keys().collect();
+        names.sort();
+        let mut merged = Vec::new();
+        let mut updates: Vec<(String, Vec<f32>)> = Vec::new();
+        for name in names {
+            let (a_name, b_name) = (format!("{name}.A"), format!("{name}.B"));
+            if !inputs.contains(&a_name) {
+                continue;
+            }
+            let ctx = |m: &str| ProtoError(format!("{name}: {m}"));
+            let ta = *users(&a_name, "Transpose")
+                .first()
+                .ok_or_else(|| ctx("no Transpose(A)"))?;
+            let tb = *users(&b_name, "Transpose")
+                .first()
+                .ok_or_else(|| ctx("no Transpose(B)"))?;
+            let m2 = users(&nodes[tb].outputs[0], "MatMul")
+                .into_iter()
+                .find(|&i| nodes[i].inputs.get(1) == Some(&nodes[tb].outputs[0]))
+                .ok_or_else(|| ctx("no MatMul(·, Bᵀ)"))?;
+            let a_t = &nodes[ta].outputs[0];
+            if !users(a_t, "MatMul")
+                .iter()
+                .any(|&i| nodes[i].inputs.get(1) == Some(a_t))
+            {
+                return Err(ctx("no MatMul(x, Aᵀ)"));
+            }
+            let mul =
+                forward(nodes[m2].outputs[0].clone(), "Mul").ok_or_else(|| ctx("no scale Mul"))?;
+            let add =
+                forward(nodes[mul].outputs[0].clone(), "Add").ok_or_else(|| ctx("no LoRA Add"))?;
+            let lora_out = &nodes[mul].outputs[0];
+            let mut base = nodes[add]
+                .inputs
+                .iter()
+                .find(|i| {
+                    *i != lora_out
+                        && !producer
+                            .get(*i)
+                            .is_some_and(|&p| nodes[p].outputs[0] == *lora_out)
+                })
+                .cloned()
+                .ok_or_else(|| ctx("no base branch"))?;
+            let mut weight = None;
+            for _ in 0..6 {
+                let p = &nodes[*producer
+                    .get(&base)
+                    .ok_or_else(|| ctx("base has no producer"))?];
+                match p.op.as_str() {
+                    "MatMul" => {
+                        weight = Some((p.inputs[1].clone(), false));
+                        break;
+                    }
+                    // Gemm(x, W, bias): W is [out, in] when transB = 1.
+                    "Gemm" if p.int_attr("transA").unwrap_or(0) == 0 => {
+                        weight = Some((p.inputs[1].clone(), p.int_attr("transB") == Some(1)));
+                        break;
+                    }
+                    "Reshape" | "Identity" | "Cast" => base = p.inputs[0].clone(),
+                    "Add" => {
+                        base = p
+                            .inputs
+                            .iter()
+                            .find(|i| !is_const(i))
+                            .cloned()
+                            .ok_or_else(|| ctx("bias Add without a data input"))?
+                    }
+                    other => {
+                        return Err(ctx(&format!(
+                            "unexpected {other} under the base projection"
+                        )))
+                    }
+                }
+            }
+            let (w_in, flip) = weight.ok_or_else(|| ctx("no base MatMul"))?;
+            // W [in, out] directly, or Transpose(W [out, in]); a Gemm's transB flips it again.
+            let (w_name, transposed) = if is_const(&w_in) {
+                (w_in, flip)
+            } else {
+                let p = &nodes[*producer
+                    .get(&w_in)
+                    .ok_or_else(|| ctx("W has no producer"))?];
+                if p.op != "Transpose" || !is_const(&p.inputs[0]) {
+                    return Err(ctx("W is neither an initializer nor its transpose"));
+                }
+                (p.inputs[0].clone(), !flip)
+            };
+            let w = self
+                .initializer(&w_name)
+                .ok_or_else(|| ctx("W not found"))?;
+            let (inp, out) = match (w.dims.as_slice(), transposed) {
+                ([i, o], false) => (*i, *o),
+                ([o, i], true) => (*i, *o),
+                (d, _) => return Err(ctx(&format!("W has shape {d:?}"))),
+            };
+            let mut wv = w.floats().ok_or_else(|| ctx("W is not float32"))?;
+            let (a, b) = &adapter[name];
+            let r = a.len() / inp.max(1);
+            if r == 0 || a.len() != r * inp || b.len() != out * r {
+                return Err(ctx(&format!(
+                    "adapter A has {} and B {} values, which do not fit W [{inp}, {out}]",
+                    a.len(),
+                    b.len()
+                )));
+            }
+            for i in 0..inp {
+                for o in 0..out {
+                    let mut acc = 0f64;
+                    for k in 0..r {
+                        acc += f64::from(a[k * inp + i]) * f64::from(b[o * r + k]);
+                    }
+                    let at = if transposed { o * inp + i } else { i * out + o };
+                    wv[at] += (f64::from(scale) * acc) as f32;
+                }
+            }
+            updates.push((w_name, wv));
+            for n in [a_name, b_name] {
+                if let Some(t) = self.initializer(&n) {
+                    updates.push((n, vec![0f32; t.dims.iter().product()]));
+                }
+            }
+            merged.push(name.clone());
+        }
+        for (n, v) in updates {
+            self.initializer_mut(&n)
+                .expect("found above")
+                .set_floats(&v);
+        }
+        Ok(merged)
+    }
+}

@@ -1,0 +1,138 @@
+//! `ssrl export`: an adapter merged into the weights gives the same greedy tokens and logits as
+//! the unmerged package with the adapter fed as LoRA inputs; fp16 storage and offline
+//! optimisation keep the logits.
+
+use spatial_ssrl::kernels::SamplingParams;
+use spatial_ssrl::model::export::{export, ExportOptions};
+use spatial_ssrl::model::package::Package;
+use spatial_ssrl::rng::Rng;
+use spatial_ssrl::rollout::{Engine, GenerationConfig, Request, Trace};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
+}
+
+fn requests() -> Vec<Request> {
+    let img = image::open(tiny().join("goldens/image_0_0.png"))
+        .unwrap()
+        .to_rgb8();
+    vec![
+        Request {
+            id: 1,
+            problem: "<image>Which part of the picture is closer to the camera?".into(),
+            images: vec![img],
+        },
+        Request {
+            id: 2,
+            problem: "Count the objects from left to right.".into(),
+            images: vec![],
+        },
+    ]
+}
+
+fn greedy(e: &mut Engine) -> (Vec<Vec<u32>>, Trace) {
+    let cfg = GenerationConfig {
+        group: 1,
+        max_new_tokens: 12,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        format_sentence: None,
+    };
+    let mut trace = Trace::default();
+    let out = e.generate(&requests(), &cfg, Some(&mut trace)).unwrap();
+    (out.into_iter().map(|c| c.tokens).collect(), trace)
+}
+
+fn max_diff(a: &Trace, b: &Trace) -> (f32, f32) {
+    let (mut d, mut scale) = (0f32, 0f32);
+    for ((ra, la), (rb, lb)) in a.steps.iter().zip(&b.steps) {
+        assert_eq!(ra, rb);
+        for (x, y) in la.iter().zip(lb) {
+            d = d.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+    }
+    (d, scale)
+}
+
+#[test]
+fn merged_package_equals_base_plus_adapter() {
+    let base = match Engine::open(&tiny(), None) {
+        Ok(e) => e,
+        Err(e) if e.to_string().contains("libonnxruntime") => {
+            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let mut base = base;
+    let m = Package::open(&tiny()).unwrap().manifest;
+    let mut r = Rng::keyed(42, &[]);
+    let mut adapter = Vec::new();
+    for t in &m.lora.tensors {
+        for (suffix, shape) in [("A", &t.a), ("B", &t.b)] {
+            let n: usize = shape.iter().product();
+            let v = (0..n)
+                .map(|_| ((r.f64() * 2.0 - 1.0) * 0.3) as f32)
+                .collect();
+            adapter.push((format!("{}.{suffix}", t.name), v));
+        }
+    }
+    let (plain_tokens, _) = greedy(&mut base);
+    base.set_lora(&adapter).unwrap();
+    let (want, want_trace) = greedy(&mut base);
+    assert_ne!(
+        want, plain_tokens,
+        "the adapter changes nothing; the test would prove nothing"
+    );
+    let dir = std::env::temp_dir().join(format!("ssrl-export-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("merged");
+    let rep = export(
+        &tiny(),
+        &out,
+        &ExportOptions {
+            adapter: Some(adapter.clone()),
+            fp16: false,
+            optimize: true,
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(rep.merged.len(), 5);
+    assert_eq!(rep.optimized.len(), 3);
+    let mut merged = Engine::open(&out, None).unwrap();
+    let (got, got_trace) = greedy(&mut merged);
+    assert_eq!(got, want);
+    let (d, scale) = max_diff(&want_trace, &got_trace);
+    assert!(
+        d <= 1e-4 * scale.max(1.0),
+        "logits differ by {d} (scale {scale})"
+    );
+    // fp16 weight storage: half the bytes, logits within fp16 rounding.
+    let out16 = dir.join("merged16");
+    let rep16 = export(
+        &tiny(),
+        &out16,
+        &ExportOptions {
+            adapter: Some(adapter),
+            fp16: true,
+            optimize: false,
+        },
+        None,
+    )
+    .unwrap();
+    assert!(rep16.fp16_weights > 10 && rep16.bytes_out * 10 < rep16.bytes_in * 6);
+    let mut half = Engine::open(&out16, None).unwrap();
+    let (_, half_trace) = greedy(&mut half);
+    let (d, scale) = max_diff(&want_trace, &half_trace);
+    assert!(
+        d <= 2e-2 * scale.max(1.0),
+        "fp16 logits differ by {d} (scale {scale})"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
