@@ -7,15 +7,18 @@ SSRL  := ./target/release/ssrl
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo: ort ## build, generate all five tasks from the bundled photos and RGB-D frames into ./demo-out, check the tiny model package
+demo: ort ## the whole system on the bundled data: tasks → rollouts → GRPO steps → checkpoint → exported package
 	$(CARGO) build --release --locked
 	rm -rf demo-out
-	$(SSRL) tasks --images fixtures/photos --images fixtures/official \
-	              --rgbd fixtures/rgbd --rgbd fixtures/official \
-	              --out demo-out --per-image 2 --seed 0
+	$(SSRL) tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out --per-image 2 --seed 0
+	$(SSRL) tasks --images fixtures/official --rgbd fixtures/official --out demo-out/val --per-image 1 --seed 1
 	$(SSRL) inspect --model models/tiny
 	$(SSRL) rollout --model models/tiny --data demo-out/data/part-00000.parquet --group 5 \
 	                --max-new-tokens 32 --limit 16 --out demo-out/rollouts.jsonl
+	$(SSRL) train --config configs/demo.toml
+	$(SSRL) export --model models/tiny --adapter demo-out/run/checkpoints/global_step_6 \
+	               --out demo-out/tiny-grpo --optimize
+	$(SSRL) inspect --model demo-out/tiny-grpo
 
 NVRTC_WHEEL := nvidia-cuda-nvrtc==13.5.37
 NVRTC_DIR   := vendor/nvrtc

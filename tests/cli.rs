@@ -166,3 +166,99 @@ fn rollout_writes_one_scored_line_per_response() {
     }
     assert!(!dir.join("rollouts.jsonl.partial").exists());
 }
+
+#[test]
+fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
+    let dir = std::env::temp_dir().join(format!("ssrl-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // --print-config writes the defaults (the paper's) as a file --config reads back.
+    let out = ssrl().args(["train", "--print-config"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "rollout_batch_size = 256",
+        "n = 5",
+        "lr = 0.000001",
+        "kl_coef = 0.01",
+        "clip_ratio_high = 0.3",
+    ] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+    let data = dir.join("tasks.jsonl");
+    std::fs::write(&data, "").unwrap();
+    let cfg = dir.join("train.toml");
+    let with_data = text.replace("train_files = []", "train_files = [\"tasks.jsonl\"]");
+    std::fs::write(&cfg, &with_data).unwrap();
+    let out = ssrl()
+        .args(["train", "--print-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A misspelt key names the file and the key.
+    std::fs::write(
+        &cfg,
+        with_data.replace("rollout_batch_size", "rollout_batch"),
+    )
+    .unwrap();
+    let out = ssrl()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("train.toml") && err.contains("rollout_batch"),
+        "{err}"
+    );
+    // An existing run is continued only with --resume.
+    std::fs::write(&cfg, &with_data).unwrap();
+    std::fs::create_dir_all(dir.join("runs/grpo")).unwrap();
+    std::fs::write(dir.join("runs/grpo/metrics.jsonl"), "{\"step\":1.0}\n").unwrap();
+    let out = ssrl()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--resume"), "{err}");
+    let out = ssrl()
+        .args(["train", "--resume", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    // ssrl plot draws the curves it finds.
+    let run = dir.join("runs/grpo");
+    let lines: String = (1..=4)
+        .map(|s| {
+            format!(
+                "{{\"step\":{s}.0,\"reward/overall\":{},\"actor/kl_loss\":0.01}}\n",
+                s as f64 * 0.1
+            )
+        })
+        .collect();
+    std::fs::write(run.join("metrics.jsonl"), lines).unwrap();
+    let out = ssrl().arg("plot").arg(&run).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = image::open(run.join("curves.png")).unwrap();
+    assert!(png.width() >= 800 && png.height() >= 250);
+    let out = ssrl()
+        .arg("plot")
+        .arg(&run)
+        .args(["--keys", "nothing/here"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,6 +34,10 @@ pub struct DataConfig {
     /// Validation prompts per evaluation (the first N of the validation set).
     pub val_batch_size: usize,
     pub max_response_length: usize,
+    /// Image size bounds in pixels (EasyR1 `data.min_pixels` / `data.max_pixels`): every image
+    /// is resized into this range before patching.
+    pub min_pixels: u64,
+    pub max_pixels: u64,
     pub shuffle: bool,
     pub seed: u64,
     /// Appended to every problem after one space (EasyR1's format prompt); "" for none.
@@ -146,6 +150,8 @@ impl Default for DataConfig {
             rollout_batch_size: 256,
             val_batch_size: 1024,
             max_response_length: 2048,
+            min_pixels: 262_144,
+            max_pixels: 4_194_304,
             shuffle: true,
             seed: 1,
             format_prompt: crate::tasks::templates::FORMAT_SENTENCE.into(),
@@ -236,6 +242,24 @@ pub enum ConfigError {
     Value { key: &'static str, msg: String },
 }
 
+/// `a/b/../c` → `a/c`, lexically (for readable paths in messages).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            c => out.push(c.as_os_str()),
+        }
+    }
+    out
+}
+
 impl TrainConfig {
     /// Reads a TOML file; relative paths in it resolve against the file's folder.
     pub fn load(path: &Path) -> Result<TrainConfig, ConfigError> {
@@ -248,7 +272,7 @@ impl TrainConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         };
         fix(&mut cfg.model);
@@ -299,6 +323,12 @@ impl TrainConfig {
             || self.actor.micro_batch_size_per_device_for_experience == 0
         {
             return bad("actor.micro_batch_size_*", "must be at least 1");
+        }
+        if self.data.min_pixels > self.data.max_pixels || self.data.max_pixels < 3136 {
+            return bad(
+                "data.max_pixels",
+                "must be at least 3136 and at least data.min_pixels",
+            );
         }
         if self.data.max_response_length == 0 {
             return bad("data.max_response_length", "must be at least 1");

@@ -201,7 +201,9 @@ impl Trainer {
             device,
             allow_fallback: cfg.rollout.allow_fallback,
         };
-        let engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
+        let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
+        engine.preprocessor.min_pixels = cfg.data.min_pixels;
+        engine.preprocessor.max_pixels = cfg.data.max_pixels;
         let m = engine.package.manifest.clone();
         let logprobs = engine.open_graph(&m.graphs.logprobs)?;
         let train = engine.open_graph(&m.graphs.train)?;
