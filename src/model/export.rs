@@ -1,10 +1,9 @@
 //! `ssrl export`: a deployment copy of a package — an adapter merged into the base weights,
 //! optionally fp16 weight storage and ONNX Runtime's graph optimisations applied offline.
 
-use super::onnx_edit::Graph;
+use super::onnx_edit::{Adapter, Graph};
 use super::package::{Package, PackageError};
 use super::session::environment;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -71,8 +70,8 @@ pub fn export(
             std::fs::copy(e.path(), tmp.join(&name)).map_err(|er| ferr(&e.path(), er))?;
         }
     }
-    let adapter: Option<HashMap<String, (Vec<f32>, Vec<f32>)>> = opts.adapter.as_ref().map(|t| {
-        let mut map: HashMap<String, (Vec<f32>, Vec<f32>)> = HashMap::new();
+    let adapter: Option<Adapter> = opts.adapter.as_ref().map(|t| {
+        let mut map = Adapter::new();
         for (name, v) in t {
             if let Some(base) = name.strip_suffix(".A") {
                 map.entry(base.to_string()).or_default().0 = v.clone();

@@ -123,6 +123,9 @@ const TENSOR_EXTERNAL: u32 = 13;
 const FLOAT: u64 = 1;
 const FLOAT16: u64 = 10;
 
+/// LoRA factors by package name (`lora.0.q_proj`): (A [r, in], B [out, r]) row-major.
+pub type Adapter = HashMap<String, (Vec<f32>, Vec<f32>)>;
+
 /// A graph opened for editing: nodes and initializers parsed, everything else kept as is.
 pub struct Graph {
     model: Message,
@@ -396,11 +399,7 @@ impl Graph {
     /// to `MatMul(·, W)` — W an initializer stored `[in, out]`, or `Transpose` of one stored
     /// `[out, in]` — and sets `W += scale · Aᵀ Bᵀ`. The graph's own LoRA defaults become zero.
     /// Returns the merged names.
-    pub fn merge_lora(
-        &mut self,
-        adapter: &HashMap<String, (Vec<f32>, Vec<f32>)>,
-        scale: f32,
-    ) -> Result<Vec<String>, ProtoError> {
+    pub fn merge_lora(&mut self, adapter: &Adapter, scale: f32) -> Result<Vec<String>, ProtoError> {
         let producer: HashMap<String, usize> = self
             .nodes
             .iter()
@@ -468,10 +467,18 @@ impl Graph {
                 .inputs
                 .iter()
                 .find(|i| {
-                    *i != lora_out
-                        && !producer
-                            .get(*i)
-                            .is_some_and(|&p| nodes[p].outputs[0] == *lora_out)
+                    // Not the LoRA side: that one leads back to the scale Mul through reshapes.
+                    let mut name = (*i).clone();
+                    for _ in 0..4 {
+                        if name == *lora_out {
+                            return false;
+                        }
+                        match producer.get(&name).map(|&p| &nodes[p]) {
+                            Some(p) if p.op == "Reshape" => name = p.inputs[0].clone(),
+                            _ => return true,
+                        }
+                    }
+                    true
                 })
                 .cloned()
                 .ok_or_else(|| ctx("no base branch"))?;
