@@ -1,6 +1,6 @@
 //! `ssrl`: the command-line shell over the spatial_ssrl library.
 
-mod cmd_train;
+mod commands;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -73,14 +73,14 @@ Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --mode
     #[command(
         long_about = "GRPO fine-tuning on pretext tasks, all through ONNX Runtime (no torch).\n\nEach step samples data.rollout_batch_size prompts, rolls out rollout.n responses each with the current LoRA, scores them with the verifiable reward, computes group advantages, gets old and reference log-probs (logprobs.onnx), and takes one AdamW step per mini-batch of actor.global_batch_size prompts through train.onnx (EasyR1's clipped loss with k3 KL, global token-mean). Defaults are the paper's.\n\nThe run folder gets train.toml, metrics.jsonl (one line per step), curves.png and checkpoints/global_step_N/ (PEFT adapter + optimizer state, the last trainer.save_limit kept). Ctrl-C finishes the step and saves a checkpoint; --resume continues exactly.\n\nExamples:\n  ssrl train --print-config > train.toml   # every key with its default\n  ssrl train --config train.toml\n  ssrl train --config train.toml --resume"
     )]
-    Train(cmd_train::TrainArgs),
+    Train(commands::TrainArgs),
     /// Draw a run's training curves (metrics.jsonl) to a PNG.
-    Plot(cmd_train::PlotArgs),
+    Plot(commands::PlotArgs),
     /// Write a deployment package: an adapter merged into the weights, fp16 storage, offline ORT optimisations.
     #[command(
         long_about = "Write a deployment copy of a model package.\n\n--adapter merges a LoRA (a training checkpoint or a PEFT adapter folder) into the base weights of every graph (W += scale·AᵀBᵀ; the graphs' LoRA inputs default to zero afterwards, so the package still takes a fresh adapter). --fp16 stores weights in half precision; --optimize applies ONNX Runtime's extended graph optimisations offline to the vision, embedding and decoder graphs. onnxruntime-genai and `ssrl rollout` run the result.\n\nExample:\n  ssrl export --model models/tiny --adapter runs/grpo/checkpoints/global_step_10 --out tiny-merged --optimize"
     )]
-    Export(cmd_train::ExportArgs),
+    Export(commands::ExportArgs),
     /// Benchmarks (printed, and written as JSON).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -169,6 +169,9 @@ enum BenchCommand {
     /// machine's own bandwidth (one core's read bandwidth for the CPU twin, device-to-device copy
     /// bandwidth for CUDA).
     Kernels(BenchKernelsArgs),
+    /// Rollout throughput of a package: prompts/s, tokens/s, vision / prefill / decode time, the
+    /// share of wall time inside ONNX Runtime, resident memory round by round.
+    Rollout(commands::BenchRolloutArgs),
 }
 
 #[derive(clap::Args)]
@@ -644,11 +647,12 @@ fn main() {
         Command::Tasks(a) => run_tasks(a),
         Command::Reward(a) => run_reward(a),
         Command::Bench(BenchCommand::Kernels(a)) => run_bench_kernels(a),
+        Command::Bench(BenchCommand::Rollout(a)) => commands::run_bench_rollout(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Rollout(a) => run_rollout(a),
-        Command::Train(a) => cmd_train::run_train(a),
-        Command::Plot(a) => cmd_train::run_plot(a),
-        Command::Export(a) => cmd_train::run_export(a),
+        Command::Train(a) => commands::run_train(a),
+        Command::Plot(a) => commands::run_plot(a),
+        Command::Export(a) => commands::run_export(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -14,6 +14,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 use rayon::prelude::*;
 use std::path::Path;
+use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -55,6 +56,14 @@ where
     Ok(Tensor::from_array((shape, data))
         .map_err(run_err(graph))?
         .into())
+}
+
+/// A cache tensor as an ONNX Runtime value.
+fn kv_value(shape: &[usize], data: Vec<f32>) -> Result<ort::value::DynValue, EngineError> {
+    let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+    Ok(Tensor::from_array((shape, data))
+        .map_err(run_err("decoder"))?
+        .into_dyn())
 }
 
 /// One prompt: EasyR1's `problem` (with `<image>` placeholders) and its images.
@@ -101,6 +110,21 @@ pub struct Trace {
     pub steps: Vec<(Vec<usize>, Vec<f32>)>,
 }
 
+/// Where the engine's time went since the last [`Engine::take_stats`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStats {
+    /// Inside ONNX Runtime `run` calls (all graphs).
+    pub ort_s: f64,
+    pub vision_s: f64,
+    /// Prefill (embedding excluded) and the decode loop (sampling and cache bookkeeping
+    /// included).
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub prefill_tokens: usize,
+    pub decode_steps: usize,
+    pub generated_tokens: usize,
+}
+
 /// Prompts ready to generate from: token ids (image placeholders expanded), image grids and
 /// vision features, per request.
 #[derive(Debug, Clone, Default)]
@@ -121,13 +145,15 @@ pub struct Engine {
     /// LoRA inputs as ONNX Runtime values, built when set and fed by reference every step.
     lora: Vec<(String, Vec<usize>, Tensor<f32>)>,
     provider: String,
+    stats: EngineStats,
     env: &'static ort::environment::Environment,
     choice: DeviceChoice,
 }
 
 struct Kv {
-    /// Per layer and k/v: [rows, kv_heads, len, head_dim].
-    data: Vec<Vec<f32>>,
+    /// Per layer and k/v: [rows, kv_heads, len, head_dim], as ONNX Runtime returned them (fed back
+    /// without a copy).
+    data: Vec<ort::value::DynValue>,
     len: usize,
 }
 
@@ -192,6 +218,7 @@ impl Engine {
             decoder,
             lora,
             provider,
+            stats: EngineStats::default(),
             env,
             choice: choice.clone(),
         })
@@ -208,6 +235,11 @@ impl Engine {
                 msg: e.to_string(),
             })
         })
+    }
+
+    /// The time split since the last call, and resets it.
+    pub fn take_stats(&mut self) -> EngineStats {
+        std::mem::take(&mut self.stats)
     }
 
     /// The execution provider in use (with the reason, after a fallback).
@@ -251,7 +283,9 @@ impl Engine {
                 input("embedding", &[features.1, d], features.0)?,
             ),
         ];
+        let t = Instant::now();
         let out = self.embedding.run(inputs).map_err(run_err("embedding"))?;
+        self.stats.ort_s += t.elapsed().as_secs_f64();
         let (_, e) = out["inputs_embeds"]
             .try_extract_tensor::<f32>()
             .map_err(run_err("embedding"))?;
@@ -269,13 +303,7 @@ impl Engine {
         kv: Kv,
     ) -> Result<(Vec<f32>, Kv), EngineError> {
         let t = &self.package.manifest.text;
-        let (layers, kvh, hd, hidden, vocab) = (
-            t.num_hidden_layers,
-            t.num_key_value_heads,
-            t.head_dim,
-            t.hidden_size,
-            t.vocab_size,
-        );
+        let (layers, hidden, vocab) = (t.num_hidden_layers, t.hidden_size, t.vocab_size);
         let total = kv.len + cols;
         let flat_mask: Vec<i64> = mask.iter().flatten().copied().collect();
         let mut inputs: Vec<(String, SessionInputValue<'_>)> = vec![
@@ -298,14 +326,16 @@ impl Engine {
                 i / 2,
                 if i % 2 == 0 { "key" } else { "value" }
             );
-            inputs.push((name, input("decoder", &[rows, kvh, kv.len, hd], data)?));
+            inputs.push((name, SessionInputValue::from(data)));
         }
         inputs.extend(
             self.lora
                 .iter()
                 .map(|(n, _, t)| (n.clone(), SessionInputValue::from(t))),
         );
-        let out = self.decoder.run(inputs).map_err(run_err("decoder"))?;
+        let t = Instant::now();
+        let mut out = self.decoder.run(inputs).map_err(run_err("decoder"))?;
+        self.stats.ort_s += t.elapsed().as_secs_f64();
         let (_, logits) = out["logits"]
             .try_extract_tensor::<f32>()
             .map_err(run_err("decoder"))?;
@@ -321,30 +351,29 @@ impl Engine {
                 i / 2,
                 if i % 2 == 0 { "key" } else { "value" }
             );
-            let (_, p) = out[name.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(run_err("decoder"))?;
-            data.push(p.to_vec());
+            data.push(out.remove(&name).ok_or_else(|| EngineError::Run {
+                graph: "decoder",
+                msg: format!("no output {name}"),
+            })?);
         }
         Ok((last, Kv { data, len: total }))
     }
 
     /// Keeps the cache rows `keep` (in that order; a row may repeat, which fans prompts out).
-    fn select_rows(&self, kv: &Kv, keep: &[usize]) -> Kv {
+    fn select_rows(&self, kv: &Kv, keep: &[usize]) -> Result<Kv, EngineError> {
         let t = &self.package.manifest.text;
-        let row = t.num_key_value_heads * kv.len * t.head_dim;
-        let data = kv
-            .data
-            .iter()
-            .map(|d| {
-                let mut out = Vec::with_capacity(keep.len() * row);
-                for &r in keep {
-                    out.extend_from_slice(&d[r * row..(r + 1) * row]);
-                }
-                out
-            })
-            .collect();
-        Kv { data, len: kv.len }
+        let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
+        let row = kvh * kv.len * hd;
+        let mut data = Vec::with_capacity(kv.data.len());
+        for v in &kv.data {
+            let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
+            let mut out = Vec::with_capacity(keep.len() * row);
+            for &r in keep {
+                out.extend_from_slice(&d[r * row..(r + 1) * row]);
+            }
+            data.push(kv_value(&[keep.len(), kvh, kv.len, hd], out)?);
+        }
+        Ok(Kv { data, len: kv.len })
     }
 
     /// Tokenises every request's prompt and runs the vision tower once over all their images.
@@ -396,7 +425,11 @@ impl Engine {
             ),
             ("image_grid_thw".into(), input("vision", &[1, 3], g)?),
         ];
+        let t = Instant::now();
         let out = self.vision.run(inputs).map_err(run_err("vision"))?;
+        let dt = t.elapsed().as_secs_f64();
+        self.stats.ort_s += dt;
+        self.stats.vision_s += dt;
         let (_, f) = out["image_features"]
             .try_extract_tensor::<f32>()
             .map_err(run_err("vision"))?;
@@ -481,15 +514,21 @@ impl Engine {
         }
         let t = &m.text;
         let empty = Kv {
-            data: vec![Vec::new(); 2 * t.num_hidden_layers],
+            data: (0..2 * t.num_hidden_layers)
+                .map(|_| kv_value(&[b, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
+                .collect::<Result<_, _>>()?,
             len: 0,
         };
         let embeds = self.embed(ids.iter().map(|v| i64::from(*v)).collect(), b, s, features)?;
+        let t_prefill = Instant::now();
         let (prefill_logits, kv) = self.decode(embeds, b, s, &mask, pos, empty)?;
+        self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
+        self.stats.prefill_tokens += prompts.iter().map(Vec::len).sum::<usize>();
+        let t_decode = Instant::now();
         // Fan out: row i = prompt i / G, sample i % G.
         let g = cfg.group;
         let fan: Vec<usize> = (0..b * g).map(|i| i / g).collect();
-        let mut kv = self.select_rows(&kv, &fan);
+        let mut kv = self.select_rows(&kv, &fan)?;
         let mut masks: Vec<Vec<i64>> = fan.iter().map(|&p| mask[p].clone()).collect();
         let vocab = t.vocab_size;
         let mut logits: Vec<f32> = fan
@@ -545,7 +584,7 @@ impl Engine {
                 break;
             }
             if keep.len() != active.len() {
-                kv = self.select_rows(&kv, &keep);
+                kv = self.select_rows(&kv, &keep)?;
                 masks = keep.iter().map(|&k| masks[k].clone()).collect();
                 seen = keep.iter().map(|&k| seen[k]).collect();
                 active = keep.iter().map(|&k| active[k]).collect();
@@ -555,6 +594,7 @@ impl Engine {
                 .iter()
                 .map(|&i| i64::from(*out[i].tokens.last().expect("one token")))
                 .collect();
+            self.stats.decode_steps += 1;
             let embeds = self.embed(next, n, 1, (Vec::new(), 0))?;
             let mut pos = vec![0i64; 3 * n];
             for (k, &i) in active.iter().enumerate() {
@@ -573,6 +613,8 @@ impl Engine {
                 *s += 1;
             }
         }
+        self.stats.decode_s += t_decode.elapsed().as_secs_f64();
+        self.stats.generated_tokens += out.iter().map(|c| c.tokens.len()).sum::<usize>();
         Ok(out)
     }
 }

@@ -1,7 +1,9 @@
 //! The generation engine: group sampling of Qwen2.5-VL through ONNX Runtime.
 
+pub mod bench;
 pub mod engine;
 
 pub use engine::{
-    Completion, Engine, EngineError, Finish, GenerationConfig, Prepared, Request, Trace,
+    Completion, Engine, EngineError, EngineStats, Finish, GenerationConfig, Prepared, Request,
+    Trace,
 };

@@ -1,4 +1,4 @@
-//! `ssrl train` and `ssrl plot`.
+//! `ssrl train`, `ssrl plot`, `ssrl export` and `ssrl bench rollout`.
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -277,5 +277,143 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         r.bytes_in as f64 / 1e6,
         r.bytes_out as f64 / 1e6
     );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchRolloutArgs {
+    /// Package folder.
+    #[arg(long, value_name = "DIR", default_value = "models/tiny")]
+    model: PathBuf,
+    /// Prompts from a task dataset (.parquet / .jsonl, images relative to the folder above its
+    /// data/ folder); default: synthetic 448×336 photos with a depth-style question.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// Prompts per batch (B).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Samples per prompt (G).
+    #[arg(long, default_value_t = 5)]
+    group: usize,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Timed rounds after one warm-up round (16 rounds of 64 tokens ≈ 1,000 decode steps, for
+    /// the memory-growth check).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Execution provider: cpu, cuda or tensorrt.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// Also write the results here.
+    #[arg(long, default_value = "bench-rollout.json")]
+    json: PathBuf,
+    /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+}
+
+pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
+    use spatial_ssrl::kernels::SamplingParams;
+    use spatial_ssrl::model::session::{Device, DeviceChoice};
+    use spatial_ssrl::rollout::{bench, Engine, GenerationConfig, Request};
+    let device = match a.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda {
+            device_id: a.device_id,
+        },
+        "tensorrt" => Device::TensorRt {
+            device_id: a.device_id,
+            fp16: false,
+            cache_dir: None,
+            workspace_bytes: None,
+        },
+        other => bail!("--device {other}: use cpu, cuda or tensorrt"),
+    };
+    let mut engine = Engine::open_on(
+        &a.model,
+        a.ort_lib.as_deref(),
+        &DeviceChoice {
+            device,
+            allow_fallback: false,
+        },
+    )?;
+    let requests: Vec<Request> = match &a.data {
+        None => bench::synthetic_requests(a.batch),
+        Some(f) => {
+            let samples = spatial_ssrl::tasks::write::read_samples(f)
+                .with_context(|| format!("{}: cannot read samples", f.display()))?;
+            let root = f
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            samples
+                .iter()
+                .take(a.batch)
+                .enumerate()
+                .map(|(i, s)| {
+                    let images = s
+                        .images
+                        .iter()
+                        .map(|p| {
+                            spatial_ssrl::tasks::source::load_rgb(&root.join(p))
+                                .map_err(|e| anyhow::anyhow!("{e}"))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(Request {
+                        id: i as u64,
+                        problem: s.problem.clone(),
+                        images,
+                    })
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let cfg = GenerationConfig {
+        group: a.group,
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
+    };
+    eprintln!(
+        "{} prompts × {} samples, {} new tokens, {} timed rounds after one warm-up, on {}",
+        requests.len(),
+        a.group,
+        a.max_new_tokens,
+        a.rounds,
+        engine.provider()
+    );
+    let r = bench::run(&mut engine, &requests, &cfg, a.rounds, |i, s| {
+        eprintln!("  round {}: {s:.2} s", i + 1)
+    })?;
+    println!(
+        "{:.2} prompts/s, {:.1} generated tokens/s ({} tokens, {} decode steps in {:.2} s)",
+        r.prompts_per_s, r.tokens_per_s, r.generated_tokens, r.decode_steps, r.wall_s
+    );
+    println!(
+        "vision {:.2} s, prefill {:.2} s ({} prompt tokens), decode {:.2} s; inside ONNX Runtime {:.1} % of wall time",
+        r.stats.vision_s,
+        r.stats.prefill_s,
+        r.stats.prefill_tokens,
+        r.stats.decode_s,
+        100.0 * r.ort_share
+    );
+    println!(
+        "RSS {:.0} MB (peak {:.0} MB), growth over the timed rounds {:+.1} MB",
+        r.rss_mb.last().copied().unwrap_or(0.0),
+        r.peak_rss_mb,
+        r.rss_growth_mb
+    );
+    std::fs::write(&a.json, serde_json::to_vec_pretty(&r)?)
+        .with_context(|| format!("{}: cannot write", a.json.display()))?;
     Ok(())
 }
