@@ -273,7 +273,8 @@ class Vision(nn.Module):
 
 class Embedding(nn.Module):
     """Token lookup, and the vision features scattered into the image / video placeholders
-    (image_features may have 0 rows while decoding)."""
+    (image_features may have 0 rows while decoding). A placeholder with no feature behind it (a
+    sampled one, say) keeps its token embedding instead of indexing past the features."""
 
     def __init__(self, model):
         super().__init__()
@@ -285,9 +286,11 @@ class Embedding(nn.Module):
         B, S, D = emb.shape
         is_img = (input_ids == self.ids[0]) | (input_ids == self.ids[1])
         flat = is_img.reshape(-1).to(torch.int64)
-        idx = torch.cumsum(flat, 0) * flat
+        pos = torch.cumsum(flat, 0) * flat
+        has = (pos >= 1) & (pos <= image_features.shape[0])
+        idx = torch.where(has, pos, torch.zeros_like(pos))
         feats = torch.cat([torch.zeros(1, D, dtype=emb.dtype), image_features.to(emb.dtype)], 0)
-        return torch.where(is_img[..., None], feats[idx].reshape(B, S, D), emb)
+        return torch.where(has.reshape(B, S)[..., None], feats[idx].reshape(B, S, D), emb)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,0 +1,159 @@
+"""Rollout throughput of ssrl against onnxruntime-genai and transformers `generate`, side by side in
+one run on the same tiny Qwen2.5-VL package, the same prompts and images, B prompts × G samples,
+N new tokens, sampling at temperature 1. Prints generated tokens/s of each and the ratios.
+
+Run through run.sh (it makes the venv). Not part of CI."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+FORMAT = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+          "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE "
+          "put in \\boxed{}.")
+
+
+def images(n):
+    """The synthetic 448×336 pictures `ssrl bench rollout` uses by default, saved as PNG."""
+    out = []
+    for i in range(n):
+        x = np.arange(448)[None, :].repeat(336, 0)
+        y = np.arange(336)[:, None].repeat(448, 1)
+        t = (x * 7 + y * 13 + i * 31) % 97
+        r = ((x * 255 // 448) + t) % 256
+        g = ((y * 255 // 336) + t * 3) % 256
+        b = ((i * 40) % 256 + (x ^ y) // 4) % 256
+        out.append(Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8)))
+    return out
+
+
+def problem(i):
+    return f"<image>Which of the two marked regions is closer to the camera? Picture {i}."
+
+
+def run_ssrl(ssrl, model, data, a, out_json):
+    cmd = [ssrl, "bench", "rollout", "--model", model, "--data", data, "--batch", str(a.batch), "--group",
+           str(a.group), "--max-new-tokens", str(a.tokens), "--rounds", str(a.rounds), "--json", out_json]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = json.load(open(out_json))
+    return r["tokens_per_s"], r["generated_tokens"] / a.rounds
+
+
+def chat(text):
+    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"<|vision_start|><|image_pad|><|vision_end|>{text} {FORMAT}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def run_genai(model, paths, a):
+    import onnxruntime_genai as og
+    m = og.Model(model)
+    proc = m.create_multimodal_processor()
+
+    # Its multimodal pipeline takes one sequence per generator (num_return_sequences must be 1):
+    # its best setting is the G samples of each prompt one after another.
+    def one_round():
+        n = 0
+        for i, p in enumerate(paths):
+            inputs = proc(chat(problem(i).replace("<image>", "")), images=og.Images.open(p))
+            for _ in range(a.group):
+                params = og.GeneratorParams(m)
+                params.set_search_options(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_length=4096)
+                gen = og.Generator(m, params)
+                gen.set_inputs(inputs)
+                steps = 0
+                while not gen.is_done() and steps < a.tokens:
+                    gen.generate_next_token()
+                    steps += 1
+                n += steps
+        return n
+
+    one_round()
+    t0, n = time.perf_counter(), 0
+    for _ in range(a.rounds):
+        n += one_round()
+    return n / (time.perf_counter() - t0), n / a.rounds
+
+
+def run_transformers(hf, pics, a):
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    torch.set_num_threads(os.cpu_count())
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    # The image processor and tokenizer directly (AutoProcessor would also want torchvision for video).
+    ip = Qwen2VLImageProcessor.from_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    tok.padding_side = "left"
+    img = ip(images=pics, return_tensors="pt")
+    merge = ip.merge_size ** 2
+    texts = [chat(problem(i).replace("<image>", "")).replace(
+        "<|image_pad|>", "<|image_pad|>" * int(img["image_grid_thw"][i].prod() // merge)) for i in range(len(pics))]
+    batch = dict(tok(texts, return_tensors="pt", padding=True))
+    batch.update(pixel_values=img["pixel_values"], image_grid_thw=img["image_grid_thw"])
+    eos = model.generation_config.eos_token_id
+
+    def one_round():
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 num_return_sequences=a.group, max_new_tokens=a.tokens)
+        new = out[:, batch["input_ids"].shape[1]:]
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        n = 0
+        for row in new.tolist():
+            for tok in row:
+                n += 1
+                if tok in eos_ids:
+                    break
+        return n
+
+    one_round()
+    t0, n = time.perf_counter(), 0
+    for _ in range(a.rounds):
+        n += one_round()
+    return n / (time.perf_counter() - t0), n / a.rounds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--ssrl", default="target/release/ssrl")
+    ap.add_argument("--model", default="models/tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--group", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    pics = images(a.batch)
+    with tempfile.TemporaryDirectory() as td:
+        os.makedirs(f"{td}/images")
+        os.makedirs(f"{td}/data")
+        paths = []
+        with open(f"{td}/data/bench.jsonl", "w") as f:
+            for i, im in enumerate(pics):
+                p = f"images/{i}.png"
+                im.save(f"{td}/{p}")
+                paths.append(f"{td}/{p}")
+                f.write(json.dumps({"id": str(i), "task": "bench", "problem": problem(i), "answer": "",
+                                    "images": [p], "source": [], "meta": {}}) + "\n")
+        rows = [("ssrl (this project)", *run_ssrl(a.ssrl, a.model, f"{td}/data/bench.jsonl", a, f"{td}/r.json"))]
+        try:
+            rows.append(("onnxruntime-genai", *run_genai(a.model, paths, a)))
+        except Exception as e:  # a peer that cannot run is reported, not fatal
+            print(f"onnxruntime-genai: not run ({e})", file=sys.stderr)
+        try:
+            rows.append(("transformers generate", *run_transformers(f"{a.model}/hf", pics, a)))
+        except Exception as e:
+            print(f"transformers: not run ({e})", file=sys.stderr)
+    print(f"{a.batch} prompts x {a.group} samples, {a.tokens} new tokens, {a.rounds} rounds after a warm-up, "
+          f"{os.cpu_count()} CPU threads")
+    ours = rows[0][1]
+    for name, tps, per_round in rows:
+        print(f"  {name:<24} {tps:9.1f} tokens/s  ({per_round:.0f} tokens per round)  ssrl = {ours / tps:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
