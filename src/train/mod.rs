@@ -148,6 +148,51 @@ fn load_dataset(files: &[PathBuf], image_dir: Option<&Path>) -> Result<Dataset, 
     Ok(d)
 }
 
+/// What a prompt needs before its images are decoded.
+type PendingRequest = (String, Vec<PathBuf>);
+
+impl Dataset {
+    fn pending(&self, idx: &[usize]) -> Vec<PendingRequest> {
+        idx.iter()
+            .map(|&i| {
+                let s = &self.samples[i];
+                let paths = s.images.iter().map(|p| self.roots[i].join(p)).collect();
+                (s.problem.clone(), paths)
+            })
+            .collect()
+    }
+}
+
+/// Decodes the images of a batch on the rayon pool; request ids are keyed by `salt` and the
+/// position in the batch.
+fn load_requests(items: &[PendingRequest], salt: u64) -> Result<Vec<Request>, TrainError> {
+    items
+        .par_iter()
+        .enumerate()
+        .map(|(k, (problem, paths))| {
+            let images = paths
+                .iter()
+                .map(|path| {
+                    crate::tasks::source::load_rgb(path).map_err(|e| TrainError::Data {
+                        path: path.clone(),
+                        msg: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Request {
+                id: mix64(salt ^ mix64(k as u64 + 1)),
+                problem: problem.clone(),
+                images,
+            })
+        })
+        .collect()
+}
+
+type Prefetch = (
+    usize,
+    std::thread::JoinHandle<Result<Vec<Request>, TrainError>>,
+);
+
 /// Metrics of one step (or one validation), flat keys as EasyR1 logs them.
 pub type Metrics = BTreeMap<String, f64>;
 
@@ -178,6 +223,8 @@ pub struct Trainer {
     reward: RewardFn,
     rope: RopeConfig,
     steps_per_epoch: usize,
+    /// The next step's prompts, loading in the background.
+    prefetch: Option<Prefetch>,
 }
 
 impl Trainer {
@@ -269,6 +316,7 @@ impl Trainer {
             reward,
             rope,
             steps_per_epoch,
+            prefetch: None,
         };
         t.push_lora()?;
         Ok(t)
@@ -399,6 +447,7 @@ impl Trainer {
             p.v = find(&s.exp_avg_sq)?;
         }
         self.step = s.step;
+        self.prefetch = None;
         self.push_lora()
     }
 
@@ -420,36 +469,6 @@ impl Trainer {
             Rng::keyed(self.cfg.data.seed, &[epoch as u64]).shuffle(&mut order);
         }
         order[within * b..(within + 1) * b].to_vec()
-    }
-
-    fn requests(
-        &self,
-        set: &Dataset,
-        idx: &[usize],
-        salt: u64,
-    ) -> Result<Vec<Request>, TrainError> {
-        idx.par_iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                let s = &set.samples[i];
-                let images = s
-                    .images
-                    .iter()
-                    .map(|p| {
-                        let path = set.roots[i].join(p);
-                        crate::tasks::source::load_rgb(&path).map_err(|e| TrainError::Data {
-                            path,
-                            msg: e.to_string(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Request {
-                    id: mix64(salt ^ mix64(k as u64 + 1)),
-                    problem: s.problem.clone(),
-                    images,
-                })
-            })
-            .collect()
     }
 
     fn format(&self) -> Option<String> {
@@ -625,18 +644,7 @@ impl Trainer {
             .micro_batch_size_per_device_for_experience
             .max(1);
         for part in idx.chunks(chunk) {
-            let reqs = {
-                let set = std::mem::replace(
-                    &mut self.val,
-                    Dataset {
-                        samples: vec![],
-                        roots: vec![],
-                    },
-                );
-                let r = self.requests(&set, part, 0x7661_6c00 ^ part[0] as u64);
-                self.val = set;
-                r?
-            };
+            let reqs = load_requests(&self.val.pending(part), 0x7661_6c00 ^ part[0] as u64)?;
             let gen = GenerationConfig {
                 group: 1,
                 max_new_tokens: self.cfg.data.max_response_length,
@@ -692,23 +700,25 @@ impl Trainer {
         let time = |k: &str, t: Instant, m: &mut Metrics| {
             m.insert(format!("timing_s/{k}"), t.elapsed().as_secs_f64());
         };
-        // 1. Prompts (images decoded on the rayon pool).
+        // 1. Prompts: decoded in the background during the previous step (double buffering), and
+        // the next step's decoding starts now. `timing_s/data` is the wait for them.
         let t = Instant::now();
         let idx = self.batch_indices(self.step);
-        let data = std::mem::replace(
-            &mut self.data,
-            Dataset {
-                samples: vec![],
-                roots: vec![],
-            },
-        );
-        let reqs = self.requests(
-            &data,
-            &idx,
-            mix64(cfg.trainer.seed ^ (self.step as u64) << 20),
-        );
-        self.data = data;
-        let reqs = reqs?;
+        let salt = |step: usize| mix64(cfg.trainer.seed ^ (step as u64) << 20);
+        let reqs = match self.prefetch.take() {
+            Some((step, handle)) if step == self.step => handle
+                .join()
+                .map_err(|_| TrainError::Resume("the image loader thread panicked".into()))??,
+            _ => load_requests(&self.data.pending(&idx), salt(self.step))?,
+        };
+        if self.step + 1 < self.total_steps() {
+            let next = self.data.pending(&self.batch_indices(self.step + 1));
+            let salt = salt(self.step + 1);
+            self.prefetch = Some((
+                self.step + 1,
+                std::thread::spawn(move || load_requests(&next, salt)),
+            ));
+        }
         time("data", t, &mut metrics);
         // 2. Rollout.
         let t = Instant::now();
