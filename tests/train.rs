@@ -390,3 +390,34 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+#[test]
+fn micro_batches_respect_rows_and_padded_tokens() {
+    let prompts: Vec<Vec<u32>> = [10usize, 10, 400, 10, 10, 10]
+        .iter()
+        .map(|n| vec![1; *n])
+        .collect();
+    let completion = vec![2u32; 5];
+    let rows: Vec<Row<'_>> = prompts
+        .iter()
+        .map(|p| Row {
+            prompt: p,
+            completion: &completion,
+            grids: &[],
+            features: &[],
+        })
+        .collect();
+    // Rows only: chunks of 4.
+    assert_eq!(batch::split(&rows, 4, 0), vec![0..4, 4..6]);
+    // 100 padded tokens: two short rows (2 × 14) fit, the long one goes alone, then three short.
+    assert_eq!(batch::split(&rows, 8, 100), vec![0..2, 2..3, 3..6]);
+    // Every split covers each row once, in order.
+    for (r, t) in [(1, 0), (3, 50), (8, 1000)] {
+        let s = batch::split(&rows, r, t);
+        assert_eq!(s.first().unwrap().start, 0);
+        assert_eq!(s.last().unwrap().end, rows.len());
+        assert!(s
+            .windows(2)
+            .all(|w| w[0].end == w[1].start && !w[0].is_empty()));
+    }
+}

@@ -114,3 +114,31 @@ pub fn build(rows: &[Row<'_>], pad: u32, rope: &RopeConfig) -> Result<MicroBatch
         features,
     })
 }
+
+/// Splits rows (in order) into micro-batches of at most `max_rows` rows whose padded size —
+/// rows × (longest prompt + longest completion − 1) — stays within `max_tokens` (0: no token
+/// limit; a row longer than the limit goes alone). Like EasyR1's dynamic batching, this bounds
+/// the memory of one graph call when prompts with many image tokens meet short ones.
+pub fn split(rows: &[Row<'_>], max_rows: usize, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut p, mut c) = (0usize, 0usize, 0usize);
+    for (i, r) in rows.iter().enumerate() {
+        let (np, nc) = (p.max(r.prompt.len()), c.max(r.completion.len()));
+        let n = i - start + 1;
+        let over_rows = n > max_rows.max(1);
+        let over_tokens = max_tokens > 0 && n > 1 && n * (np + nc).saturating_sub(1) > max_tokens;
+        if over_rows || over_tokens {
+            out.push(start..i);
+            start = i;
+            p = r.prompt.len();
+            c = r.completion.len();
+        } else {
+            p = np;
+            c = nc;
+        }
+    }
+    if start < rows.len() {
+        out.push(start..rows.len());
+    }
+    out
+}

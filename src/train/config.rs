@@ -80,6 +80,9 @@ pub struct ActorConfig {
     pub micro_batch_size_per_device_for_update: usize,
     /// Sequences per `logprobs.onnx` call.
     pub micro_batch_size_per_device_for_experience: usize,
+    /// Also cap each graph call at this many padded tokens (rows × length; 0 = no cap), so long
+    /// image prompts do not share a call with many others (EasyR1's dynamic batching).
+    pub max_token_len_per_micro_batch: usize,
     pub max_grad_norm: f32,
     pub clip_ratio_low: f32,
     pub clip_ratio_high: f32,
@@ -192,6 +195,7 @@ impl Default for ActorConfig {
             global_batch_size: 128,
             micro_batch_size_per_device_for_update: 4,
             micro_batch_size_per_device_for_experience: 16,
+            max_token_len_per_micro_batch: 16_384,
             max_grad_norm: 1.0,
             clip_ratio_low: 0.2,
             clip_ratio_high: 0.3,

@@ -485,7 +485,9 @@ impl Trainer {
     ) -> Result<Vec<Vec<f32>>, TrainError> {
         let chunk = self.cfg.actor.micro_batch_size_per_device_for_experience;
         let mut out = Vec::with_capacity(rows.len());
-        for part in rows.chunks(chunk) {
+        let budget = self.cfg.actor.max_token_len_per_micro_batch;
+        for range in batch::split(rows, chunk, budget) {
+            let part = &rows[range];
             let mb = batch::build(part, self.engine.package.manifest.tokens.pad, &self.rope)
                 .map_err(EngineError::from)?;
             let mut inputs = self.batch_inputs(&mb)?;
@@ -818,7 +820,14 @@ impl Trainer {
                 .iter()
                 .map(|p| vec![0.0; p.value.len()])
                 .collect();
-            for micro in mini.chunks(cfg.actor.micro_batch_size_per_device_for_update) {
+            let mini_rows: Vec<Row<'_>> = mini.iter().map(|&i| rows[i]).collect();
+            let ranges = batch::split(
+                &mini_rows,
+                cfg.actor.micro_batch_size_per_device_for_update,
+                cfg.actor.max_token_len_per_micro_batch,
+            );
+            for range in ranges {
+                let micro = &mini[range];
                 let part: Vec<Row<'_>> = micro.iter().map(|&i| rows[i]).collect();
                 let pick = |v: &[Vec<f32>]| -> Vec<Vec<f32>> {
                     micro.iter().map(|&i| v[i].clone()).collect()
