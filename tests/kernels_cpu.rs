@@ -295,3 +295,40 @@ fn adamw_and_clipping_by_hand() {
     assert!((cpu::clip_grad_norm(&mut [&mut c[..]], 1.0) - 0.5).abs() < 1e-6);
     assert_eq!(c, vec![0.3, 0.4], "below the limit nothing changes");
 }
+
+/// The sampler skips tokens that cannot win (more than 19.5 below the row's top logit); its
+/// draws must equal the plain Gumbel-max argmax over every token.
+#[test]
+fn pruned_sampling_equals_the_full_gumbel_argmax() {
+    use spatial_ssrl::kernels::philox::token_uniform;
+    let vocab = 5_003;
+    for (scale, t) in [(40.0, 1.0f32), (1e4, 0.7), (3.0, 1.0), (60.0, 2.5)] {
+        let logits = random_logits(16, vocab, scale, 9);
+        let keys: Vec<RowKey> = (0..16u32)
+            .map(|i| RowKey {
+                sequence: i * 3 + 1,
+                step: i,
+            })
+            .collect();
+        let p = SamplingParams {
+            temperature: t,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 11,
+        };
+        let got = cpu::sample(Logits::F32(&logits), vocab, &keys, &p).unwrap();
+        for (r, k) in keys.iter().enumerate() {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let (mut best, mut bs) = (0usize, f32::NEG_INFINITY);
+            for (i, x) in row.iter().enumerate() {
+                let u = token_uniform(p.seed, k.sequence, k.step, i as u32);
+                let score = x / t - (-u.ln()).ln();
+                if score > bs {
+                    bs = score;
+                    best = i;
+                }
+            }
+            assert_eq!(got[r].token as usize, best, "scale {scale} T {t} row {r}");
+        }
+    }
+}

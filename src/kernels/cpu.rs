@@ -157,10 +157,15 @@ pub fn sample(
                     let kept: Vec<f32> = values.iter().copied().filter(|x| *x >= floor).collect();
                     floor = floor.max(top_p_threshold(&kept, t, p.top_p));
                 }
+                // Exact pruning: a Gumbel draw here lies in [−2.82, 16.64] (u is in
+                // [2⁻²⁴, 1 − 2⁻²⁴]), so the top logit scores at least max − 2.82 and a token more
+                // than 19.5 below it can never win; its draw is skipped (1.0 of margin for
+                // rounding). Peaked rows of a large vocabulary draw a few hundred numbers, not V.
+                let cut = (st.max - 20.5) as f32;
                 let mut best = 0usize;
                 let mut bs = f32::NEG_INFINITY;
                 for (i, x) in values.iter().enumerate() {
-                    if *x < floor || *x == f32::NEG_INFINITY {
+                    if *x < floor || *x == f32::NEG_INFINITY || x / t < cut {
                         continue;
                     }
                     let u = philox::token_uniform(p.seed, key.sequence, key.step, i as u32);
