@@ -417,3 +417,122 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         .with_context(|| format!("{}: cannot write", a.json.display()))?;
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Package folder.
+    #[arg(long, value_name = "DIR", required_unless_present = "compare")]
+    model: Option<PathBuf>,
+    /// LoRA to apply: a checkpoint folder or a PEFT adapter folder.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// What the data is: `pretext` (a held-out set written by `ssrl tasks`).
+    #[arg(long, default_value = "pretext")]
+    bench: String,
+    /// The items (.parquet / .jsonl from `ssrl tasks`).
+    #[arg(long, value_name = "FILE", required_unless_present = "compare")]
+    data: Option<PathBuf>,
+    /// Image paths resolve against this (default: the folder above the data file's folder).
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Run folder: items.jsonl, summary.json. An interrupted run continues where it stopped.
+    #[arg(long, value_name = "DIR", required_unless_present = "compare")]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_new_tokens: usize,
+    /// 0 = greedy (the default).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Ask for the answer directly instead of appending the training format sentence.
+    #[arg(long)]
+    no_format_prompt: bool,
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print two finished runs side by side with deltas instead of evaluating.
+    #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"])]
+    compare: Vec<PathBuf>,
+    /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{:.1}", 100.0 * v))
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    use spatial_ssrl::eval;
+    if let [ra, rb] = a.compare.as_slice() {
+        let (sa, sb) = (eval::read_summary(ra)?, eval::read_summary(rb)?);
+        println!("{:<28} {:>8} {:>8} {:>8}", "", "A %", "B %", "B − A");
+        for (k, x, y) in eval::compare(&sa, &sb) {
+            let d = match (x, y) {
+                (Some(x), Some(y)) => format!("{:+.1}", 100.0 * (y - x)),
+                _ => "-".into(),
+            };
+            println!("{k:<28} {:>8} {:>8} {d:>8}", pct(x), pct(y));
+        }
+        println!("A = {}\nB = {}", ra.display(), rb.display());
+        return Ok(());
+    }
+    if a.bench != "pretext" {
+        bail!(
+            "--bench {}: only `pretext` (held-out sets from `ssrl tasks`) is supported so far",
+            a.bench
+        );
+    }
+    let (model, data, out) = (
+        a.model.expect("clap requires it"),
+        a.data.expect("clap requires it"),
+        a.out.expect("clap requires it"),
+    );
+    let mut engine = spatial_ssrl::rollout::Engine::open(&model, a.ort_lib.as_deref())?;
+    if let Some(dir) = &a.adapter {
+        let t: Vec<(String, Vec<f32>)> = train::checkpoint::load_adapter(dir)?
+            .into_iter()
+            .map(|t| (t.name, t.data))
+            .collect();
+        engine.set_lora(&t)?;
+    }
+    let cfg = eval::EvalConfig {
+        data,
+        images_root: a.images,
+        out: out.clone(),
+        batch: a.batch,
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        format_sentence: (!a.no_format_prompt)
+            .then(|| spatial_ssrl::tasks::templates::FORMAT_SENTENCE.to_string()),
+        limit: a.limit,
+        model: model.display().to_string(),
+        adapter: a.adapter.map(|p| p.display().to_string()),
+    };
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} items · ETA {eta}")
+            .expect("valid template"),
+    );
+    let s = eval::run(&mut engine, &cfg, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    println!("{:<28} {:>6} {:>8}", "", "items", "acc %");
+    println!(
+        "{:<28} {:>6} {:>8.1}",
+        "overall",
+        s.overall.items,
+        100.0 * s.overall.accuracy
+    );
+    for (k, v) in s.by_task.iter().chain(&s.by_variant) {
+        println!("{k:<28} {:>6} {:>8.1}", v.items, 100.0 * v.accuracy);
+    }
+    println!(
+        "items: {}, summary: {}",
+        out.join("items.jsonl").display(),
+        out.join("summary.json").display()
+    );
+    Ok(())
+}

@@ -81,6 +81,11 @@ Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --mode
         long_about = "Write a deployment copy of a model package.\n\n--adapter merges a LoRA (a training checkpoint or a PEFT adapter folder) into the base weights of every graph (W += scale·AᵀBᵀ; the graphs' LoRA inputs default to zero afterwards, so the package still takes a fresh adapter). --fp16 stores weights in half precision; --optimize applies ONNX Runtime's extended graph optimisations offline to the vision, embedding and decoder graphs. onnxruntime-genai and `ssrl rollout` run the result.\n\nExample:\n  ssrl export --model models/tiny --adapter runs/grpo/checkpoints/global_step_10 --out tiny-merged --optimize"
     )]
     Export(commands::ExportArgs),
+    /// Accuracy of a package (with or without an adapter) on held-out pretext tasks; compare two runs.
+    #[command(
+        long_about = "Evaluate a package, or the package with an adapter, on a held-out set written by `ssrl tasks` (from sources not used for training): greedy decoding, EasyR1's format sentence appended (--no-format-prompt asks directly), the answer taken from the last \\boxed{} and compared exactly.\n\nThe run folder gets items.jsonl (prompt, response, extracted answer, correct) and summary.json (overall, per task, per task variant). An interrupted run continues where it stopped.\n\nExamples:\n  ssrl eval --model models/tiny --data heldout/data/part-00000.parquet --out eval/base\n  ssrl eval --model models/tiny --adapter runs/grpo/checkpoints/global_step_360 --data … --out eval/ssrl\n  ssrl eval --compare eval/base eval/ssrl"
+    )]
+    Eval(commands::EvalArgs),
     /// Benchmarks (printed, and written as JSON).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -653,6 +658,7 @@ fn main() {
         Command::Train(a) => commands::run_train(a),
         Command::Plot(a) => commands::run_plot(a),
         Command::Export(a) => commands::run_export(a),
+        Command::Eval(a) => commands::run_eval(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
