@@ -7,7 +7,7 @@ SSRL  := ./target/release/ssrl
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo: ort ## the whole system on the bundled data: tasks → rollouts → GRPO steps → checkpoint → exported package
+demo: ort ## the whole system on the bundled data: tasks → rollouts → GRPO steps → checkpoint → exported package → eval
 	$(CARGO) build --release --locked
 	rm -rf demo-out
 	$(SSRL) tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out --per-image 2 --seed 0
@@ -19,6 +19,11 @@ demo: ort ## the whole system on the bundled data: tasks → rollouts → GRPO s
 	$(SSRL) export --model models/tiny --adapter demo-out/run/checkpoints/global_step_6 \
 	               --out demo-out/tiny-grpo --optimize
 	$(SSRL) inspect --model demo-out/tiny-grpo
+	$(SSRL) eval --model models/tiny --data demo-out/val/data/part-00000.parquet --limit 8 \
+	             --max-new-tokens 16 --out demo-out/eval-base
+	$(SSRL) eval --model demo-out/tiny-grpo --data demo-out/val/data/part-00000.parquet --limit 8 \
+	             --max-new-tokens 16 --out demo-out/eval-grpo
+	$(SSRL) eval --compare demo-out/eval-base demo-out/eval-grpo
 
 NVRTC_WHEEL := nvidia-cuda-nvrtc==13.5.37
 NVRTC_DIR   := vendor/nvrtc
