@@ -320,18 +320,8 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
     use spatial_ssrl::model::session::{Device, DeviceChoice};
     use spatial_ssrl::rollout::{bench, Engine, GenerationConfig, Request};
-    let device = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda {
-            device_id: a.device_id,
-        },
-        "tensorrt" => Device::TensorRt {
-            device_id: a.device_id,
-            fp16: false,
-            cache_dir: None,
-            workspace_bytes: None,
-        },
-        other => bail!("--device {other}: use cpu, cuda or tensorrt"),
+    let Some(device) = Device::from_name(&a.device, a.device_id) else {
+        bail!("--device {}: use cpu, cuda or tensorrt", a.device);
     };
     let mut engine = Engine::open_on(
         &a.model,
@@ -346,28 +336,16 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         Some(f) => {
             let samples = spatial_ssrl::tasks::write::read_samples(f)
                 .with_context(|| format!("{}: cannot read samples", f.display()))?;
-            let root = f
-                .parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
+            let root = spatial_ssrl::tasks::write::default_images_root(f);
             samples
                 .iter()
                 .take(a.batch)
                 .enumerate()
                 .map(|(i, s)| {
-                    let images = s
-                        .images
-                        .iter()
-                        .map(|p| {
-                            spatial_ssrl::tasks::source::load_rgb(&root.join(p))
-                                .map_err(|e| anyhow::anyhow!("{e}"))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
                     Ok(Request {
                         id: i as u64,
                         problem: s.problem.clone(),
-                        images,
+                        images: s.load_images(&root)?,
                     })
                 })
                 .collect::<Result<_>>()?

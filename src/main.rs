@@ -419,15 +419,10 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         .into_iter()
         .take(a.limit.unwrap_or(usize::MAX))
         .collect();
-    let root = match &a.images_root {
-        Some(r) => r.clone(),
-        None => a
-            .data
-            .parent()
-            .and_then(|p| p.parent())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(".")),
-    };
+    let root = a
+        .images_root
+        .clone()
+        .unwrap_or_else(|| tasks::write::default_images_root(&a.data));
     use spatial_ssrl::model::session::{Device, DeviceChoice};
     let device = match a.device {
         DeviceArg::Cpu => Device::Cpu,
@@ -479,10 +474,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         let mut reqs = Vec::with_capacity(chunk.len());
         for (k, s) in chunk.iter().enumerate() {
             let images = s
-                .images
-                .iter()
-                .map(|p| tasks::source::load_rgb(&root.join(p)).map_err(|e| anyhow::anyhow!("{e}")))
-                .collect::<Result<Vec<_>>>()
+                .load_images(&root)
                 .with_context(|| format!("sample {}", s.id))?;
             let id = spatial_ssrl::rng::hash_str(&s.id) ^ (chunk_index * a.batch.max(1) + k) as u64;
             reqs.push(Request {

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub enum EvalError {
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Image(#[from] crate::tasks::source::SourceError),
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
 }
@@ -139,13 +141,10 @@ pub fn run(
         .into_iter()
         .take(cfg.limit.unwrap_or(usize::MAX))
         .collect();
-    let root = cfg.images_root.clone().unwrap_or_else(|| {
-        cfg.data
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."))
-    });
+    let root = cfg
+        .images_root
+        .clone()
+        .unwrap_or_else(|| crate::tasks::write::default_images_root(&cfg.data));
     std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
     let items_path = cfg.out.join("items.jsonl");
     // A torn last line (interrupted write) is dropped; complete items are kept.
@@ -182,18 +181,10 @@ pub fn run(
     for chunk in todo.chunks(cfg.batch.max(1)) {
         let mut reqs = Vec::with_capacity(chunk.len());
         for s in chunk {
-            let images = s
-                .images
-                .iter()
-                .map(|p| {
-                    let path = root.join(p);
-                    crate::tasks::source::load_rgb(&path).map_err(|e| ferr(&path, e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
             reqs.push(Request {
                 id: crate::rng::hash_str(&s.id),
                 problem: s.problem.clone(),
-                images,
+                images: s.load_images(&root)?,
             });
         }
         let out = engine.generate(&reqs, &gen, None)?;

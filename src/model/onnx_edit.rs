@@ -429,7 +429,9 @@ impl Graph {
             }
             None
         };
-        let is_const = |name: &str| self.initializers.iter().any(|t| t.name == name);
+        let consts: std::collections::HashSet<&str> =
+            self.initializers.iter().map(|t| t.name.as_str()).collect();
+        let is_const = |name: &str| consts.contains(name);
         let inputs = self.inputs();
         let mut names: Vec<&String> = adapter.keys().collect();
         names.sort();

@@ -87,6 +87,22 @@ pub enum Device {
 }
 
 impl Device {
+    /// `cpu`, `cuda` or `tensorrt` (default TensorRT options) on GPU `device_id`; `None` for
+    /// any other name.
+    pub fn from_name(name: &str, device_id: i32) -> Option<Device> {
+        match name {
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda { device_id }),
+            "tensorrt" => Some(Device::TensorRt {
+                device_id,
+                fp16: false,
+                cache_dir: None,
+                workspace_bytes: None,
+            }),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Device::Cpu => "cpu",

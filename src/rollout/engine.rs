@@ -44,7 +44,7 @@ fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> EngineError {
 }
 
 /// An owned tensor input of `graph`.
-fn input<T>(
+pub(crate) fn input<T>(
     graph: &'static str,
     shape: &[usize],
     data: Vec<T>,

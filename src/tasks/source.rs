@@ -45,6 +45,8 @@ impl std::fmt::Display for SourceError {
     }
 }
 
+impl std::error::Error for SourceError {}
+
 /// Pinhole intrinsics in pixels of the colour image.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Intrinsics {

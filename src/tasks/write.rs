@@ -188,6 +188,28 @@ fn field_str(f: &Field) -> Option<String> {
     }
 }
 
+/// Where a dataset's relative image paths resolve unless told otherwise: the folder above the
+/// data file's folder (`OUT/data/part-00000.parquet` → `OUT`, as `ssrl tasks` writes them).
+pub fn default_images_root(data: &Path) -> PathBuf {
+    data.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+impl SampleRecord {
+    /// The sample's images, their paths resolved against `root`; errors name the file.
+    pub fn load_images(
+        &self,
+        root: &Path,
+    ) -> Result<Vec<image::RgbImage>, super::source::SourceError> {
+        self.images
+            .iter()
+            .map(|p| super::source::load_rgb(&root.join(p)))
+            .collect()
+    }
+}
+
 /// Reads samples from a `.parquet` or `.jsonl` file written by this crate (or any file with
 /// at least `problem`, `answer` and `images` columns of the same shape).
 pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {

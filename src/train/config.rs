@@ -358,7 +358,7 @@ impl TrainConfig {
         if !matches!(self.trainer.kernels.as_str(), "auto" | "cpu" | "cuda") {
             return bad("trainer.kernels", "\"auto\", \"cpu\" or \"cuda\"");
         }
-        if !matches!(self.rollout.device.as_str(), "cpu" | "cuda" | "tensorrt") {
+        if crate::model::session::Device::from_name(&self.rollout.device, 0).is_none() {
             return bad("rollout.device", "\"cpu\", \"cuda\" or \"tensorrt\"");
         }
         if self.trainer.max_steps == 0 && self.trainer.total_epochs == 0 {

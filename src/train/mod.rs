@@ -20,7 +20,6 @@ use batch::{MicroBatch, Row};
 use checkpoint::{CheckpointError, NamedTensor, State};
 use config::TrainConfig;
 use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +37,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Image(#[from] crate::tasks::source::SourceError),
     #[error("{path}: {msg}")]
     Data { path: PathBuf, msg: String },
     #[error("{graph}: {msg}")]
@@ -136,29 +137,22 @@ fn load_dataset(files: &[PathBuf], image_dir: Option<&Path>) -> Result<Dataset, 
             path: f.clone(),
             msg: e.to_string(),
         })?;
-        let root = image_dir.map(Path::to_path_buf).unwrap_or_else(|| {
-            f.parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."))
-        });
+        let root = image_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| crate::tasks::write::default_images_root(f));
         d.roots.extend(std::iter::repeat_n(root, s.len()));
         d.samples.extend(s);
     }
     Ok(d)
 }
 
-/// What a prompt needs before its images are decoded.
-type PendingRequest = (String, Vec<PathBuf>);
+/// A sample and the folder its images resolve against, before the images are decoded.
+type PendingRequest = (SampleRecord, PathBuf);
 
 impl Dataset {
     fn pending(&self, idx: &[usize]) -> Vec<PendingRequest> {
         idx.iter()
-            .map(|&i| {
-                let s = &self.samples[i];
-                let paths = s.images.iter().map(|p| self.roots[i].join(p)).collect();
-                (s.problem.clone(), paths)
-            })
+            .map(|&i| (self.samples[i].clone(), self.roots[i].clone()))
             .collect()
     }
 }
@@ -169,20 +163,11 @@ fn load_requests(items: &[PendingRequest], salt: u64) -> Result<Vec<Request>, Tr
     items
         .par_iter()
         .enumerate()
-        .map(|(k, (problem, paths))| {
-            let images = paths
-                .iter()
-                .map(|path| {
-                    crate::tasks::source::load_rgb(path).map_err(|e| TrainError::Data {
-                        path: path.clone(),
-                        msg: e.to_string(),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+        .map(|(k, (sample, root))| {
             Ok(Request {
                 id: mix64(salt ^ mix64(k as u64 + 1)),
-                problem: problem.clone(),
-                images,
+                problem: sample.problem.clone(),
+                images: sample.load_images(root)?,
             })
         })
         .collect()
@@ -232,18 +217,9 @@ impl Trainer {
     /// ±1/√fan_in, B zero), seeded by `trainer.seed`.
     pub fn new(cfg: TrainConfig, ort_lib: Option<&Path>) -> Result<Trainer, TrainError> {
         cfg.validate()?;
-        let device = match cfg.rollout.device.as_str() {
-            "cuda" => Device::Cuda {
-                device_id: cfg.rollout.device_id,
-            },
-            "tensorrt" => Device::TensorRt {
-                device_id: cfg.rollout.device_id,
-                fp16: false,
-                cache_dir: None,
-                workspace_bytes: None,
-            },
-            _ => Device::Cpu,
-        };
+        // `validate` has checked the name.
+        let device =
+            Device::from_name(&cfg.rollout.device, cfg.rollout.device_id).unwrap_or_default();
         let choice = DeviceChoice {
             device,
             allow_fallback: cfg.rollout.allow_fallback,
@@ -476,48 +452,72 @@ impl Trainer {
         (!f.is_empty()).then(|| f.clone())
     }
 
-    /// `logprobs.onnx` over rows, `chunk` sequences per call; `lora = false` runs the base
-    /// model (the reference policy). Returns each row's completion log-probs.
+    /// `logprobs.onnx` over rows, in micro-batches; `lora = false` runs the base model (the
+    /// reference policy). Returns each row's completion log-probs.
     pub fn completion_logprobs(
         &mut self,
         rows: &[Row<'_>],
         lora: bool,
     ) -> Result<Vec<Vec<f32>>, TrainError> {
+        Ok(self
+            .completion_logprobs_for(rows, &[lora])?
+            .pop()
+            .expect("one setting asked for"))
+    }
+
+    /// [`Trainer::completion_logprobs`] for several LoRA settings at once: each micro-batch is
+    /// laid out and embedded once and run once per setting.
+    pub fn completion_logprobs_for(
+        &mut self,
+        rows: &[Row<'_>],
+        loras: &[bool],
+    ) -> Result<Vec<Vec<Vec<f32>>>, TrainError> {
         let chunk = self.cfg.actor.micro_batch_size_per_device_for_experience;
-        let mut out = Vec::with_capacity(rows.len());
         let budget = self.cfg.actor.max_token_len_per_micro_batch;
+        let mut out = vec![Vec::with_capacity(rows.len()); loras.len()];
         for range in batch::split(rows, chunk, budget) {
-            let part = &rows[range];
-            let mb = batch::build(part, self.engine.package.manifest.tokens.pad, &self.rope)
-                .map_err(EngineError::from)?;
-            let mut inputs = self.batch_inputs(&mb)?;
-            inputs.push(("temperature".into(), scalar(self.cfg.rollout.temperature)?));
-            for p in &self.params {
-                let v = if lora {
-                    p.value.clone()
-                } else {
-                    vec![0.0; p.value.len()]
-                };
-                inputs.push((p.name.clone(), tensor(&p.shape, v)?));
+            let mb = batch::build(
+                &rows[range],
+                self.engine.package.manifest.tokens.pad,
+                &self.rope,
+            )
+            .map_err(EngineError::from)?;
+            let embeds = self.embed(&mb)?;
+            for (slot, &lora) in out.iter_mut().zip(loras) {
+                let mut inputs = self.batch_inputs(&mb, embeds.clone())?;
+                inputs.push(("temperature".into(), scalar(self.cfg.rollout.temperature)?));
+                for p in &self.params {
+                    let v = if lora {
+                        p.value.clone()
+                    } else {
+                        vec![0.0; p.value.len()]
+                    };
+                    inputs.push((p.name.clone(), tensor(&p.shape, v)?));
+                }
+                let res = self.logprobs.run(inputs).map_err(run_err("logprobs"))?;
+                let (_, lp) = res["token_logprobs"]
+                    .try_extract_tensor::<f32>()
+                    .map_err(run_err("logprobs"))?;
+                slot.extend(mb.completion_values(lp));
             }
-            let res = self.logprobs.run(inputs).map_err(run_err("logprobs"))?;
-            let (_, lp) = res["token_logprobs"]
-                .try_extract_tensor::<f32>()
-                .map_err(run_err("logprobs"))?;
-            out.extend(mb.completion_values(lp));
         }
         Ok(out)
     }
 
+    /// The rows' token embeddings with their image features in place.
+    fn embed(&mut self, mb: &MicroBatch) -> Result<Vec<f32>, TrainError> {
+        Ok(self
+            .engine
+            .embed_rows(mb.ids.clone(), mb.rows, mb.len, mb.features.clone())?)
+    }
+
     /// The inputs every graph shares: embeddings, mask, positions, targets.
     fn batch_inputs(
-        &mut self,
+        &self,
         mb: &MicroBatch,
+        embeds: Vec<f32>,
     ) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
         let hidden = self.engine.package.manifest.text.hidden_size;
-        let embeds =
-            self.engine
-                .embed_rows(mb.ids.clone(), mb.rows, mb.len, mb.features.clone())?;
         Ok(vec![
             (
                 "inputs_embeds".into(),
@@ -559,7 +559,8 @@ impl Trainer {
         );
         let mb = batch::build(rows, self.engine.package.manifest.tokens.pad, &self.rope)
             .map_err(EngineError::from)?;
-        let mut inputs = self.batch_inputs(&mb)?;
+        let embeds = self.embed(&mb)?;
+        let mut inputs = self.batch_inputs(&mb, embeds)?;
         let olds: Vec<&[f32]> = old.iter().map(Vec::as_slice).collect();
         let refs: Vec<&[f32]> = reference.iter().map(Vec::as_slice).collect();
         let shape = [mb.rows, mb.len];
@@ -772,8 +773,19 @@ impl Trainer {
         // 4. Old and reference log-probs.
         let t = Instant::now();
         let rollout_lp: Vec<Vec<f32>> = completions.iter().map(|c| c.logprobs.clone()).collect();
-        let old = if cfg.actor.old_logprobs == "recompute" {
-            let old = self.completion_logprobs(&rows, true)?;
+        let kl_coef = if cfg.algorithm.use_kl_loss {
+            cfg.algorithm.kl_coef
+        } else {
+            0.0
+        };
+        let recompute = cfg.actor.old_logprobs == "recompute";
+        let settings: Vec<bool> = [(recompute, true), (kl_coef != 0.0, false)]
+            .into_iter()
+            .filter_map(|(wanted, lora)| wanted.then_some(lora))
+            .collect();
+        let mut computed = self.completion_logprobs_for(&rows, &settings)?.into_iter();
+        let old = if recompute {
+            let old = computed.next().expect("asked for");
             let diffs: Vec<f64> = old
                 .iter()
                 .flatten()
@@ -792,16 +804,7 @@ impl Trainer {
         } else {
             rollout_lp.clone()
         };
-        let kl_coef = if cfg.algorithm.use_kl_loss {
-            cfg.algorithm.kl_coef
-        } else {
-            0.0
-        };
-        let reference = if kl_coef != 0.0 {
-            self.completion_logprobs(&rows, false)?
-        } else {
-            old.clone()
-        };
+        let reference = computed.next().unwrap_or_else(|| old.clone());
         time("logprobs", t, &mut metrics);
         // 5. One optimizer step per mini-batch.
         let (mut t_train, mut t_optim) = (0.0, 0.0);
@@ -1028,16 +1031,11 @@ fn tensor<T>(shape: &[usize], data: Vec<T>) -> Result<SessionInputValue<'static>
 where
     T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
 {
-    let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
-    Ok(Tensor::from_array((shape, data))
-        .map_err(run_err("train"))?
-        .into())
+    Ok(crate::rollout::engine::input("train", shape, data)?)
 }
 
 fn scalar(v: f32) -> Result<SessionInputValue<'static>, TrainError> {
-    Ok(Tensor::from_array((Vec::<i64>::new(), vec![v]))
-        .map_err(run_err("train"))?
-        .into())
+    tensor(&[], vec![v])
 }
 
 fn append_metrics(path: &Path, m: &Metrics) -> Result<(), TrainError> {
