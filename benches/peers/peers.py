@@ -45,6 +45,15 @@ def run_ssrl(ssrl, model, data, a, out_json):
     return r["tokens_per_s"], r["generated_tokens"] / a.rounds
 
 
+def timed(one_round, rounds):
+    """One warm-up round, then `rounds` timed ones: (generated tokens/s, tokens per round)."""
+    one_round()
+    t0, n = time.perf_counter(), 0
+    for _ in range(rounds):
+        n += one_round()
+    return n / (time.perf_counter() - t0), n / rounds
+
+
 def chat(text):
     return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             f"<|vision_start|><|image_pad|><|vision_end|>{text} {FORMAT}<|im_end|>\n<|im_start|>assistant\n")
@@ -73,11 +82,7 @@ def run_genai(model, paths, a):
                 n += steps
         return n
 
-    one_round()
-    t0, n = time.perf_counter(), 0
-    for _ in range(a.rounds):
-        n += one_round()
-    return n / (time.perf_counter() - t0), n / a.rounds
+    return timed(one_round, a.rounds)
 
 
 def run_transformers(hf, pics, a):
@@ -111,11 +116,7 @@ def run_transformers(hf, pics, a):
                     break
         return n
 
-    one_round()
-    t0, n = time.perf_counter(), 0
-    for _ in range(a.rounds):
-        n += one_round()
-    return n / (time.perf_counter() - t0), n / a.rounds
+    return timed(one_round, a.rounds)
 
 
 def main():
