@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use spatial_ssrl::eval;
 use spatial_ssrl::train::{self, config::TrainConfig, plot, RunEnd, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -360,6 +361,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
             top_p: 1.0,
             seed: 0,
         },
+        verbatim: false,
         format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
     };
     eprintln!(
@@ -404,28 +406,50 @@ pub struct EvalArgs {
     /// LoRA to apply: a checkpoint folder or a PEFT adapter folder.
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
-    /// What the data is: `pretext` (a held-out set written by `ssrl tasks`).
-    #[arg(long, default_value = "pretext")]
-    bench: String,
-    /// The items (.parquet / .jsonl from `ssrl tasks`).
+    /// What the data file holds; sets the prompts, image sizes, token budget and scoring of
+    /// that benchmark's official evaluation.
+    #[arg(long, value_enum, default_value = "pretext")]
+    bench: eval::Bench,
+    /// The items: `ssrl tasks` output (.parquet / .jsonl), ViewSpatial-Bench / What'sUp /
+    /// VSI-Bench JSON, or a VLMEvalKit multiple-choice TSV.
     #[arg(long, value_name = "FILE", required_unless_present = "compare")]
     data: Option<PathBuf>,
-    /// Image paths resolve against this (default: the folder above the data file's folder).
+    /// Image paths and VSI-Bench video folders resolve against this (default: the folder above
+    /// the data file's folder).
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
-    /// Run folder: items.jsonl, summary.json. An interrupted run continues where it stopped.
+    /// Run folder: items.jsonl, summary.json, run.json. An interrupted run continues where it
+    /// stopped.
     #[arg(long, value_name = "DIR", required_unless_present = "compare")]
     out: Option<PathBuf>,
+    /// Prompts per generation call.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    #[arg(long, default_value_t = 2048)]
-    max_new_tokens: usize,
-    /// 0 = greedy (the default).
+    /// Default: the benchmark's official budget (4096 for ViewSpatial, What'sUp and VSI-Bench,
+    /// 2048 otherwise).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// 0 = greedy (the default, as the paper evaluates).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Ask for the answer directly instead of appending the training format sentence.
-    #[arg(long)]
+    /// Sample from the k most likely tokens only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Ask for the answer directly (each benchmark's non-reasoning prompt) instead of the
+    /// reasoning prompt with the training format sentence.
+    #[arg(long, alias = "direct")]
     no_format_prompt: bool,
+    /// VSI-Bench: frames sampled uniformly from each video folder.
+    #[arg(long, default_value_t = 128)]
+    frames: usize,
+    /// TSV: accept these extra columns (comma-separated) instead of refusing the file.
+    #[arg(long, value_delimiter = ',', value_name = "COL")]
+    allow_columns: Vec<String>,
+    /// Evaluate the first N items only.
     #[arg(long)]
     limit: Option<usize>,
     /// Print two finished runs side by side with deltas instead of evaluating.
@@ -441,25 +465,35 @@ fn pct(v: Option<f64>) -> String {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    use spatial_ssrl::eval;
     if let [ra, rb] = a.compare.as_slice() {
         let (sa, sb) = (eval::read_summary(ra)?, eval::read_summary(rb)?);
-        println!("{:<28} {:>8} {:>8} {:>8}", "", "A %", "B %", "B − A");
-        for (k, x, y) in eval::compare(&sa, &sb) {
+        let rows = eval::compare(&sa, &sb);
+        let w = rows
+            .iter()
+            .map(|(k, ..)| k.chars().count())
+            .max()
+            .unwrap_or(8);
+        println!("{:<w$} {:>8} {:>8} {:>8}", "", "A %", "B %", "B − A");
+        for (k, x, y) in rows {
             let d = match (x, y) {
                 (Some(x), Some(y)) => format!("{:+.1}", 100.0 * (y - x)),
                 _ => "-".into(),
             };
-            println!("{k:<28} {:>8} {:>8} {d:>8}", pct(x), pct(y));
+            println!("{k:<w$} {:>8} {:>8} {d:>8}", pct(x), pct(y));
         }
         println!("A = {}\nB = {}", ra.display(), rb.display());
+        if (&sa.bench, &sa.data, sa.reasoning) != (&sb.bench, &sb.data, sb.reasoning) {
+            println!(
+                "note: the runs differ in benchmark, data or prompt ({} {} {} vs {} {} {})",
+                sa.bench,
+                sa.data,
+                if sa.reasoning { "reasoning" } else { "direct" },
+                sb.bench,
+                sb.data,
+                if sb.reasoning { "reasoning" } else { "direct" }
+            );
+        }
         return Ok(());
-    }
-    if a.bench != "pretext" {
-        bail!(
-            "--bench {}: only `pretext` (held-out sets from `ssrl tasks`) is supported so far",
-            a.bench
-        );
     }
     let (model, data, out) = (
         a.model.expect("clap requires it"),
@@ -474,19 +508,21 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             .collect();
         engine.set_lora(&t)?;
     }
-    let cfg = eval::EvalConfig {
-        data,
-        images_root: a.images,
-        out: out.clone(),
-        batch: a.batch,
-        max_new_tokens: a.max_new_tokens,
+    let mut cfg = eval::EvalConfig::new(a.bench, data, out.clone(), model.display().to_string());
+    cfg.images_root = a.images;
+    cfg.batch = a.batch;
+    cfg.max_new_tokens = a.max_new_tokens;
+    cfg.sampling = spatial_ssrl::kernels::SamplingParams {
         temperature: a.temperature,
-        format_sentence: (!a.no_format_prompt)
-            .then(|| spatial_ssrl::tasks::templates::FORMAT_SENTENCE.to_string()),
-        limit: a.limit,
-        model: model.display().to_string(),
-        adapter: a.adapter.map(|p| p.display().to_string()),
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
     };
+    cfg.reasoning = !a.no_format_prompt;
+    cfg.frames = a.frames;
+    cfg.allow_columns = a.allow_columns;
+    cfg.limit = a.limit;
+    cfg.adapter = a.adapter.map(|p| p.display().to_string());
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} items · ETA {eta}")
@@ -497,15 +533,32 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
-    println!("{:<28} {:>6} {:>8}", "", "items", "acc %");
+    let rows: Vec<(&str, &eval::Score)> = std::iter::once(("overall", &s.overall))
+        .chain(s.by_category.iter().map(|(k, v)| (k.as_str(), v)))
+        .chain(s.by_variant.iter().map(|(k, v)| (k.as_str(), v)))
+        .collect();
+    let w = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(8);
+    let strict = s.overall.strict_accuracy.is_some();
     println!(
-        "{:<28} {:>6} {:>8.1}",
-        "overall",
-        s.overall.items,
-        100.0 * s.overall.accuracy
+        "{:<w$} {:>6} {:>8}{}",
+        format!(
+            "{} ({})",
+            s.bench,
+            if s.reasoning { "reasoning" } else { "direct" }
+        ),
+        "items",
+        "acc %",
+        if strict { "  strict %" } else { "" }
     );
-    for (k, v) in s.by_task.iter().chain(&s.by_variant) {
-        println!("{k:<28} {:>6} {:>8.1}", v.items, 100.0 * v.accuracy);
+    for (k, v) in rows {
+        let st = v
+            .strict_accuracy
+            .map_or(String::new(), |x| format!("  {:>8.1}", 100.0 * x));
+        println!("{k:<w$} {:>6} {:>8.1}{st}", v.items, 100.0 * v.accuracy);
     }
     println!(
         "items: {}, summary: {}",

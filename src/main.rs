@@ -456,6 +456,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
             top_p: a.top_p,
             seed: a.seed,
         },
+        verbatim: false,
         format_sentence: (!a.no_format_prompt)
             .then(|| tasks::templates::FORMAT_SENTENCE.to_string()),
     };

@@ -1,8 +1,12 @@
-//! `ssrl eval` on the tiny package: per-item results and per-task scores, resume after an
-//! interruption without duplicates or changes, and the side-by-side comparison.
+//! `ssrl eval`: the benchmark readers build the official prompts from small fixtures made from
+//! the repo's photos and refuse bad input naming the place; on the tiny package every format
+//! runs end to end, items are scored by their benchmark's rule, runs resume after an
+//! interruption without duplicates or changes, and two runs compare side by side.
 
+use spatial_ssrl::eval::bench::{self, Bench, ImageSource, ReadOptions, Rule};
 use spatial_ssrl::eval::{self, EvalConfig};
 use spatial_ssrl::rollout::Engine;
+use spatial_ssrl::tasks::templates::FORMAT_SENTENCE;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -37,29 +41,340 @@ fn dataset(dir: &Path) -> PathBuf {
 }
 
 fn config(data: &Path, out: &Path, limit: Option<usize>) -> EvalConfig {
-    EvalConfig {
-        data: data.to_path_buf(),
-        images_root: None,
-        out: out.to_path_buf(),
-        batch: 2,
-        max_new_tokens: 6,
-        temperature: 0.0,
-        format_sentence: None,
-        limit,
-        model: "tiny".into(),
-        adapter: None,
+    let mut c = EvalConfig::new(
+        Bench::Pretext,
+        data.to_path_buf(),
+        out.to_path_buf(),
+        "tiny".into(),
+    );
+    c.batch = 2;
+    c.max_new_tokens = Some(6);
+    c.reasoning = false;
+    c.limit = limit;
+    c
+}
+
+fn open_tiny() -> Option<Engine> {
+    match Engine::open(&tiny(), None) {
+        Ok(e) => Some(e),
+        Err(e) if e.to_string().contains("libonnxruntime") => {
+            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bench")
+}
+
+fn photos() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos")
+}
+
+fn opts(root: PathBuf, reasoning: bool, frames: usize) -> ReadOptions {
+    ReadOptions {
+        images_root: root,
+        reasoning,
+        frames,
+        allow_columns: vec![],
+    }
+}
+
+/// Where a benchmark's fixture lives and its images root.
+fn fixture(b: Bench) -> (PathBuf, PathBuf) {
+    match b {
+        Bench::Viewspatial => (
+            fixtures().join("viewspatial/eval/ViewSpatial-Bench.json"),
+            photos(),
+        ),
+        Bench::Whatsup => (
+            fixtures().join("whatsup/data/controlled_images_dataset.json"),
+            photos(),
+        ),
+        Bench::Vsi => (
+            fixtures().join("vsi/vsi_bench.json"),
+            fixtures().join("vsi/videos"),
+        ),
+        Bench::Mcq => (fixtures().join("mcq.tsv"), photos()),
+        Bench::Pretext => unreachable!(),
+    }
+}
+
+fn read(b: Bench, reasoning: bool) -> Vec<bench::BenchItem> {
+    let (data, root) = fixture(b);
+    bench::read(b, &data, &opts(root, reasoning, 8)).unwrap()
+}
+
+#[test]
+fn viewspatial_and_whatsup_prompts_are_the_official_ones() {
+    let vs = read(Bench::Viewspatial, true);
+    assert_eq!(vs.len(), 4);
+    assert_eq!(
+        vs[0].prompt,
+        format!(
+            "<image>Could you tell me the location of the cup in comparison to the spoon?\n\
+             A. right\nB. left\nC. above\nD. back\n\
+             The final answer should be the option letter from the given choices.\n{FORMAT_SENTENCE}"
+        )
+    );
+    assert_eq!(vs[0].category, "Camera perspective - Relative Direction");
+    assert!(vs[3].prompt.starts_with("<image><image>In the first image"));
+    // Images are resized to 420×280 before the processor, as the official code asks.
+    assert!(matches!(vs[3].images[1], ImageSource::Resized(_, 420, 280)));
+    let img = vs[0].images[0].load().unwrap();
+    assert_eq!(img.dimensions(), (420, 280));
+    let direct = read(Bench::Viewspatial, false);
+    assert!(direct[0]
+        .prompt
+        .ends_with("D. back\nReply only to the corresponding option.\nAnswer:"));
+
+    let wu = read(Bench::Whatsup, true);
+    assert_eq!(
+        wu[0].prompt,
+        format!(
+            "<image>Based on the image, choose the correct option from the list below.\
+             {FORMAT_SENTENCE}A: A cup on a saucer\nB: A cup under a saucer\n\
+             C: A cup to the left of a saucer\nD: A cup to the right of a saucer"
+        )
+    );
+    assert_eq!(wu[0].rule, Rule::Whatsup('A'));
+    assert_eq!(wu[0].category, "controlled_images");
+    let variants: Vec<&str> = wu.iter().map(|i| i.variant.as_str()).collect();
+    assert_eq!(variants, ["on", "on", "front"]);
+    let direct = read(Bench::Whatsup, false);
+    assert_eq!(
+        direct[2].prompt,
+        "<image>Based on the image, choose the correct option from the list below. Only \
+         respond the corresponding letter (e.g., C).\n\nA: A cat in front of a wall\n\
+         B: A cat behind a wall"
+    );
+}
+
+#[test]
+fn vsi_samples_frames_like_numpy_and_keeps_the_prompt_quirks() {
+    // np.linspace(0, total-1, n).round(): half to even (2.5 -> 2), ends included.
+    assert_eq!(bench::frame_indices(6, 3), [0, 2, 5]);
+    assert_eq!(bench::frame_indices(11, 4), [0, 3, 7, 10]);
+    assert_eq!(bench::frame_indices(5, 8), [0, 1, 2, 3, 4]);
+    let items = read(Bench::Vsi, true);
+    assert_eq!(items.len(), 3);
+    // 12 frames, 8 wanted: indices 0 2 3 5 6 8 9 11, in natural order (frame_10 after frame_9).
+    let names: Vec<String> = items[0]
+        .images
+        .iter()
+        .map(|s| match s {
+            ImageSource::File(p) => p.file_name().unwrap().to_string_lossy().into_owned(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "frame_1", "frame_3", "frame_4", "frame_6", "frame_7", "frame_9", "frame_10",
+            "frame_12"
+        ]
+        .map(|n| format!("{n}.jpg"))
+    );
+    assert_eq!(
+        items[0].prompt,
+        format!(
+            "{}Watch the given video and anser the following question.\n\nHow many rockets are \
+             in the video?\nThe final answer should be a number(integer or decimal).\n{FORMAT_SENTENCE}",
+            "<image>".repeat(8)
+        )
+    );
+    assert_eq!(
+        (items[0].id.as_str(), items[0].variant.as_str()),
+        ("1", "numeric")
+    );
+    // Fewer frames than asked: all of them.
+    assert_eq!(items[2].images.len(), 6);
+    let direct = read(Bench::Vsi, false);
+    // Options appended with no separator and a second "A. " prefix, as the official code does.
+    assert!(direct[1].prompt.ends_with(
+        "Which way does the camera move?A. A. leftB. B. rightC. C. upD. D. down\n\
+         Answer directly with the option letter from the given choices."
+    ));
+    assert_eq!(direct[1].answer, "B");
+}
+
+#[test]
+fn vlmevalkit_tsv_prompts_images_and_references() {
+    let items = read(Bench::Mcq, true);
+    assert_eq!(items.len(), 4);
+    assert_eq!(
+        items[1].prompt,
+        format!(
+            "<image>Hint: The spoon rests on the saucer.\nQuestion: Where is the spoon relative \
+             to the cup?\nOptions:\nA. left of the cup\nB. right of the cup\nC. inside the cup\n\
+             Please select the correct answer from the options above. \n{FORMAT_SENTENCE}"
+        )
+    );
+    match &items[1].rule {
+        Rule::Mcq(c) => assert_eq!(c.len(), 3, "an empty D cell is no option"),
+        other => panic!("{other:?}"),
+    }
+    // Row 4 names row 2's image by its index.
+    let a = items[3].images[0].load().unwrap();
+    assert_eq!(a, items[1].images[0].load().unwrap());
+    assert_eq!(a.dimensions(), (160, 107));
+    assert_eq!(
+        (items[3].category.as_str(), items[3].variant.as_str()),
+        ("viewpoint", "spatial")
+    );
+    let direct = read(Bench::Mcq, false);
+    assert!(direct[0]
+        .prompt
+        .ends_with("D. horse\nPlease select the correct answer from the options above. \n"));
+}
+
+fn expect_err(b: Bench, name: &str, text: &str, wants: &[&str]) {
+    let dir = std::env::temp_dir().join(format!("ssrl-eval-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    let e = bench::read(b, &p, &opts(photos(), true, 4))
+        .err()
+        .unwrap_or_else(|| panic!("{name} was accepted"))
+        .to_string();
+    assert!(e.contains(name), "{e}");
+    for w in wants {
+        assert!(e.contains(w), "{e} lacks {w:?}");
     }
 }
 
 #[test]
-fn eval_scores_resumes_and_compares() {
-    let mut engine = match Engine::open(&tiny(), None) {
-        Ok(e) => e,
-        Err(e) if e.to_string().contains("libonnxruntime") => {
-            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
-            return;
+fn bad_input_is_refused_naming_file_and_place() {
+    let head = "index\timage_path\tquestion\tA\tB\tanswer\n";
+    expect_err(
+        Bench::Mcq,
+        "cols.tsv",
+        "index\timage_path\tquestion\tA\tB\tAnswer\n1\tcoffee.png\tq\tx\ty\tA\n",
+        &["line 1", "unknown column \"Answer\"", "--allow-columns"],
+    );
+    expect_err(
+        Bench::Mcq,
+        "short.tsv",
+        &format!("{head}1\tcoffee.png\tq\tx\ty\tA\n2\tcoffee.png\tq\tx\n"),
+        &["line 3", "malformed row"],
+    );
+    expect_err(
+        Bench::Mcq,
+        "answer.tsv",
+        &format!("{head}1\tcoffee.png\tq\tx\ty\tC\n"),
+        &["line 2", "\"C\" is not one of the row's option letters"],
+    );
+    expect_err(
+        Bench::Mcq,
+        "ref.tsv",
+        "index\timage\tquestion\tA\tB\tanswer\n1\t7\tq\tx\ty\tA\n",
+        &["line 2", "row index \"7\""],
+    );
+    expect_err(
+        Bench::Viewspatial,
+        "vs.json",
+        "[\n{\"question_type\": \"t\", \"image_path\": [\"coffee.png\"], \"question\": \"q\",\n \
+         \"answer\": \"A. x\", \"choices\": \"A. x\\nB. y\"},\n{\"question_type\": \"t\", \
+         \"image_path\": [\"coffee.png\"], \"question\": \"q\", \"answer\": \"A. x\"}\n]",
+        &["item 1 (line 4)", "missing `choices`"],
+    );
+    expect_err(
+        Bench::Viewspatial,
+        "syntax.json",
+        "[\n{\"question\": \"q\",\n}\n]",
+        &["line 3", "not a JSON array"],
+    );
+    expect_err(
+        Bench::Vsi,
+        "vsi.json",
+        "[{\"dataset\": \"scannet\", \"scene_name\": \"nowhere\", \"question_type\": \"t\", \
+         \"question\": \"q\", \"ground_truth\": \"2\", \"options\": null}]",
+        &["item 0 (line 1)", "nowhere"],
+    );
+    // The same unknown column is accepted when named.
+    let dir = std::env::temp_dir().join(format!("ssrl-eval-ok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("extra.tsv");
+    std::fs::write(
+        &p,
+        "index\timage_path\tquestion\tA\tB\tanswer\tsource\n1\tcoffee.png\tq\tx\ty\tB\tm\n",
+    )
+    .unwrap();
+    let mut o = opts(photos(), true, 4);
+    o.allow_columns = vec!["source".into()];
+    assert_eq!(bench::read(Bench::Mcq, &p, &o).unwrap().len(), 1);
+}
+
+#[test]
+fn benchmarks_run_end_to_end_on_the_tiny_package() {
+    let Some(mut engine) = open_tiny() else {
+        return;
+    };
+    let pixels = (
+        engine.preprocessor.min_pixels,
+        engine.preprocessor.max_pixels,
+    );
+    let dir = std::env::temp_dir().join(format!("ssrl-eval-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for b in [Bench::Viewspatial, Bench::Whatsup, Bench::Vsi, Bench::Mcq] {
+        let (data, root) = fixture(b);
+        let out = dir.join(b.name());
+        let mut cfg = EvalConfig::new(b, data.clone(), out.clone(), "tiny".into());
+        cfg.images_root = Some(root.clone());
+        cfg.max_new_tokens = Some(8);
+        cfg.batch = 2;
+        cfg.frames = 4;
+        let s = eval::run(&mut engine, &cfg, |_, _| {}).unwrap();
+        let want = bench::read(b, &data, &opts(root, true, 4)).unwrap();
+        let items = eval::read_items(&out.join("items.jsonl")).unwrap();
+        assert_eq!(items.len(), want.len(), "{b:?}");
+        assert_eq!(s.overall.items, want.len());
+        let mut points = 0.0;
+        for it in &items {
+            let w = want.iter().find(|w| w.id == it.id).unwrap();
+            // The prompt sent is the reader's, and the score is the benchmark's rule.
+            assert_eq!(it.problem, w.prompt);
+            let r = w.score(&it.response, true);
+            assert_eq!(
+                (&it.predicted, it.score, it.strict),
+                (&r.predicted, r.score, r.strict)
+            );
+            assert!(it.tokens > 0 && it.tokens <= 8);
+            points += it.score;
         }
-        Err(e) => panic!("{e}"),
+        assert!((s.overall.points - points).abs() < 1e-9);
+        assert_eq!(
+            s.overall.strict_accuracy.is_some(),
+            matches!(b, Bench::Whatsup | Bench::Mcq)
+        );
+        assert_eq!(s.bench, b.name());
+        // The engine gets its own image bounds back.
+        assert_eq!(
+            (
+                engine.preprocessor.min_pixels,
+                engine.preprocessor.max_pixels
+            ),
+            pixels
+        );
+        // A run folder keeps one setting: continuing with the direct prompt is refused.
+        cfg.reasoning = false;
+        let e = eval::run(&mut engine, &cfg, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("other settings") && e.contains("run.json"),
+            "{e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn eval_scores_resumes_and_compares() {
+    let Some(mut engine) = open_tiny() else {
+        return;
     };
     let dir = std::env::temp_dir().join(format!("ssrl-eval-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -67,14 +382,14 @@ fn eval_scores_resumes_and_compares() {
     // Straight through.
     let straight = eval::run(&mut engine, &config(&data, &dir.join("a"), None), |_, _| {}).unwrap();
     assert_eq!(straight.overall.items, 5);
-    assert_eq!(straight.by_task["flip"].items, 2);
+    assert_eq!(straight.by_category["flip"].items, 2);
     assert_eq!(straight.by_variant["flip/1x2"].items, 1);
     let items = eval::read_items(&dir.join("a/items.jsonl")).unwrap();
     let e = items.iter().find(|i| i.id == "e").unwrap();
     assert_eq!((e.predicted.as_str(), e.correct), ("None", true));
     assert_eq!(
-        straight.overall.correct,
-        items.iter().filter(|i| i.correct).count()
+        straight.overall.points,
+        items.iter().filter(|i| i.correct).count() as f64
     );
     assert!(items
         .iter()

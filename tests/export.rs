@@ -40,6 +40,7 @@ fn greedy(e: &mut Engine) -> (Vec<Vec<u32>>, Trace) {
             temperature: 0.0,
             ..Default::default()
         },
+        verbatim: false,
         format_sentence: None,
     };
     let mut trace = Trace::default();

@@ -63,6 +63,7 @@ fn greedy(n: usize) -> GenerationConfig {
             temperature: 0.0,
             ..Default::default()
         },
+        verbatim: false,
         format_sentence: None,
     }
 }
@@ -146,6 +147,7 @@ fn samples_do_not_depend_on_the_batch_and_lora_swaps_apply() {
             top_p: 1.0,
             seed: 9,
         },
+        verbatim: false,
         format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
     };
     let both = e.generate(&reqs, &cfg, None).unwrap();

@@ -1,11 +1,15 @@
-//! `ssrl eval`: a package (optionally with an adapter) on held-out pretext tasks, greedy by
-//! default, scored by the training reward's answer check. Per-item JSONL, a summary per task and
-//! per variant, resumable, and side-by-side comparison of two runs.
+//! `ssrl eval`: a package (optionally with an adapter) on a benchmark or on held-out pretext
+//! tasks, greedy by default, each benchmark prompted and scored the way its official evaluation
+//! does it (see [`score`]). Per-item JSONL, a summary overall / per category / per variant,
+//! resumable, and side-by-side comparison of two runs.
+
+pub mod bench;
+pub mod score;
+
+pub use bench::Bench;
 
 use crate::kernels::SamplingParams;
-use crate::reward::{self, RewardConfig};
 use crate::rollout::{Engine, EngineError, GenerationConfig, Request};
-use crate::tasks::write::{read_samples, SampleRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -17,6 +21,8 @@ pub enum EvalError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Image(#[from] crate::tasks::source::SourceError),
+    #[error(transparent)]
+    Read(#[from] bench::ReadError),
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
 }
@@ -27,50 +33,106 @@ fn ferr(path: &Path, msg: impl std::fmt::Display) -> EvalError {
         msg: msg.to_string(),
     }
 }
-
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
+    pub bench: Bench,
     pub data: PathBuf,
     /// Image paths resolve against this (default: the folder above the data file's folder).
     pub images_root: Option<PathBuf>,
     pub out: PathBuf,
     pub batch: usize,
-    pub max_new_tokens: usize,
-    /// 0 = greedy.
-    pub temperature: f32,
-    pub format_sentence: Option<String>,
+    /// `None`: the benchmark's official budget.
+    pub max_new_tokens: Option<usize>,
+    /// Temperature 0 = greedy (the default).
+    pub sampling: SamplingParams,
+    /// The reasoning prompt (training format sentence); `false` asks for the answer directly.
+    pub reasoning: bool,
+    /// VSI-Bench: frames sampled per video.
+    pub frames: usize,
+    /// TSV columns to accept besides the known ones.
+    pub allow_columns: Vec<String>,
     pub limit: Option<usize>,
     /// Recorded in the summary.
     pub model: String,
     pub adapter: Option<String>,
 }
 
+impl EvalConfig {
+    /// Paper defaults: greedy, reasoning prompt, 128 frames, eight prompts per batch.
+    pub fn new(bench: Bench, data: PathBuf, out: PathBuf, model: String) -> EvalConfig {
+        EvalConfig {
+            bench,
+            data,
+            images_root: None,
+            out,
+            batch: 8,
+            max_new_tokens: None,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 0,
+            },
+            reasoning: true,
+            frames: 128,
+            allow_columns: vec![],
+            limit: None,
+            model,
+            adapter: None,
+        }
+    }
+
+    fn images_root(&self) -> PathBuf {
+        self.images_root
+            .clone()
+            .unwrap_or_else(|| crate::tasks::write::default_images_root(&self.data))
+    }
+}
+
 /// One scored item (a line of `items.jsonl`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Item {
     pub id: String,
-    pub task: String,
+    /// Task, question type or category, as the benchmark groups its items.
+    #[serde(alias = "task")]
+    pub category: String,
     pub variant: String,
+    /// The user text sent (`<image>` where each image goes).
     pub problem: String,
     pub response: String,
     pub predicted: String,
     pub answer: String,
+    /// In [0, 1]: 0 or 1, or VSI-Bench's mean relative accuracy for numeric answers.
+    pub score: f64,
     pub correct: bool,
+    /// The benchmark's strict variant, where it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
     pub tokens: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Score {
     pub items: usize,
-    pub correct: usize,
+    /// Sum of item scores.
+    pub points: f64,
     pub accuracy: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict_correct: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict_accuracy: Option<f64>,
 }
 
 impl Score {
-    fn add(&mut self, ok: bool) {
+    fn add(&mut self, it: &Item) {
         self.items += 1;
-        self.correct += usize::from(ok);
-        self.accuracy = self.correct as f64 / self.items as f64;
+        self.points += it.score;
+        self.accuracy = self.points / self.items as f64;
+        if let Some(ok) = it.strict {
+            let n = self.strict_correct.unwrap_or(0) + usize::from(ok);
+            self.strict_correct = Some(n);
+            self.strict_accuracy = Some(n as f64 / self.items as f64);
+        }
     }
 }
 
@@ -78,40 +140,38 @@ impl Score {
 pub struct Summary {
     pub model: String,
     pub adapter: Option<String>,
+    #[serde(default)]
+    pub bench: String,
     pub data: String,
+    #[serde(default)]
+    pub reasoning: bool,
     pub overall: Score,
-    pub by_task: BTreeMap<String, Score>,
-    /// `task/variant` (shuffle grids, flip grids, crop distractors, position geometry…).
+    #[serde(alias = "by_task")]
+    pub by_category: BTreeMap<String, Score>,
+    /// `category/variant` (shuffle grids, position geometry, What'sUp relations, …).
     pub by_variant: BTreeMap<String, Score>,
 }
 
-fn variant(s: &SampleRecord) -> String {
-    s.meta
-        .get("variant")
-        .and_then(|v| v.as_str())
-        .or_else(|| s.meta.get("geometry").and_then(|v| v.as_str()))
-        .unwrap_or("-")
-        .to_string()
-}
-
-/// Scores every item of `out/items.jsonl`.
+/// Scores every item of a run.
 pub fn summarize(items: &[Item], cfg: &EvalConfig) -> Summary {
     let mut s = Summary {
         model: cfg.model.clone(),
         adapter: cfg.adapter.clone(),
+        bench: cfg.bench.name().to_string(),
         data: cfg.data.display().to_string(),
+        reasoning: cfg.reasoning,
         ..Default::default()
     };
     for it in items {
-        s.overall.add(it.correct);
-        s.by_task
-            .entry(it.task.clone())
+        s.overall.add(it);
+        s.by_category
+            .entry(it.category.clone())
             .or_default()
-            .add(it.correct);
+            .add(it);
         s.by_variant
-            .entry(format!("{}/{}", it.task, it.variant))
+            .entry(format!("{}/{}", it.category, it.variant))
             .or_default()
-            .add(it.correct);
+            .add(it);
     }
     s
 }
@@ -129,6 +189,21 @@ pub fn read_items(path: &Path) -> Result<Vec<Item>, EvalError> {
         .collect()
 }
 
+/// What a run folder was made with; a continuation must match it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct RunKey {
+    bench: String,
+    data: String,
+    model: String,
+    adapter: Option<String>,
+    reasoning: bool,
+    frames: usize,
+    max_new_tokens: usize,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+}
+
 /// Runs (or continues) an evaluation: items already in `out/items.jsonl` are kept, the rest are
 /// generated batch by batch and appended as they finish. Writes `out/summary.json`.
 pub fn run(
@@ -136,16 +211,46 @@ pub fn run(
     cfg: &EvalConfig,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Summary, EvalError> {
-    let samples = read_samples(&cfg.data).map_err(|e| ferr(&cfg.data, e))?;
-    let samples: Vec<SampleRecord> = samples
+    let opt = bench::ReadOptions {
+        images_root: cfg.images_root(),
+        reasoning: cfg.reasoning,
+        frames: cfg.frames,
+        allow_columns: cfg.allow_columns.clone(),
+    };
+    let items: Vec<bench::BenchItem> = bench::read(cfg.bench, &cfg.data, &opt)?
         .into_iter()
         .take(cfg.limit.unwrap_or(usize::MAX))
         .collect();
-    let root = cfg
-        .images_root
-        .clone()
-        .unwrap_or_else(|| crate::tasks::write::default_images_root(&cfg.data));
+    let max_new_tokens = cfg.max_new_tokens.unwrap_or(cfg.bench.max_new_tokens());
     std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
+    let key = RunKey {
+        bench: cfg.bench.name().into(),
+        data: cfg.data.display().to_string(),
+        model: cfg.model.clone(),
+        adapter: cfg.adapter.clone(),
+        reasoning: cfg.reasoning,
+        frames: cfg.frames,
+        max_new_tokens,
+        temperature: cfg.sampling.temperature,
+        top_k: cfg.sampling.top_k,
+        top_p: cfg.sampling.top_p,
+    };
+    let key_path = cfg.out.join("run.json");
+    if let Ok(text) = std::fs::read(&key_path) {
+        let old: RunKey = serde_json::from_slice(&text).map_err(|e| ferr(&key_path, e))?;
+        if old != key {
+            return Err(ferr(
+                &key_path,
+                format!(
+                    "this folder holds a run with other settings ({}); pick another --out to keep both",
+                    serde_json::to_string(&old).expect("json")
+                ),
+            ));
+        }
+    } else {
+        std::fs::write(&key_path, serde_json::to_vec_pretty(&key).expect("json"))
+            .map_err(|e| ferr(&key_path, e))?;
+    }
     let items_path = cfg.out.join("items.jsonl");
     // A torn last line (interrupted write) is dropped; complete items are kept.
     let existing = std::fs::read_to_string(&items_path).unwrap_or_default();
@@ -159,64 +264,90 @@ pub fn run(
     }
     std::fs::write(&items_path, body).map_err(|e| ferr(&items_path, e))?;
     let done: HashSet<String> = read_items(&items_path)?.into_iter().map(|i| i.id).collect();
-    let todo: Vec<&SampleRecord> = samples.iter().filter(|s| !done.contains(&s.id)).collect();
+    let todo: Vec<&bench::BenchItem> = items.iter().filter(|s| !done.contains(&s.id)).collect();
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(&items_path)
         .map_err(|e| ferr(&items_path, e))?;
     let gen = GenerationConfig {
         group: 1,
-        max_new_tokens: cfg.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: cfg.temperature,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
-        format_sentence: cfg.format_sentence.clone(),
+        max_new_tokens,
+        sampling: cfg.sampling,
+        format_sentence: None,
+        verbatim: true,
     };
-    let total = samples.len();
+    let saved = (
+        engine.preprocessor.min_pixels,
+        engine.preprocessor.max_pixels,
+    );
+    if let Some((lo, hi)) = cfg.bench.pixels(cfg.frames) {
+        (
+            engine.preprocessor.min_pixels,
+            engine.preprocessor.max_pixels,
+        ) = (lo, hi);
+    }
+    let total = items.len();
     let mut finished = total - todo.len();
     progress(finished, total);
-    for chunk in todo.chunks(cfg.batch.max(1)) {
-        let mut reqs = Vec::with_capacity(chunk.len());
-        for s in chunk {
-            reqs.push(Request {
-                id: crate::rng::hash_str(&s.id),
-                problem: s.problem.clone(),
-                images: s.load_images(&root)?,
-            });
+    let result = (|| {
+        for chunk in todo.chunks(cfg.batch.max(1)) {
+            let mut reqs = Vec::with_capacity(chunk.len());
+            for s in chunk {
+                reqs.push(Request {
+                    id: crate::rng::hash_str(&s.id),
+                    problem: s.prompt.clone(),
+                    images: s
+                        .images
+                        .iter()
+                        .map(bench::ImageSource::load)
+                        .collect::<Result<_, _>>()?,
+                });
+            }
+            let out = engine.generate(&reqs, &gen, None)?;
+            let mut lines = String::new();
+            for c in out {
+                let s = chunk[c.prompt_index];
+                let response = engine
+                    .prompts
+                    .decode(&c.tokens)
+                    .map_err(EngineError::from)?;
+                let r = s.score(&response, cfg.reasoning);
+                let item = Item {
+                    id: s.id.clone(),
+                    category: s.category.clone(),
+                    variant: s.variant.clone(),
+                    problem: s.prompt.clone(),
+                    response,
+                    predicted: r.predicted,
+                    answer: s.answer.clone(),
+                    correct: r.score >= 1.0,
+                    score: r.score,
+                    strict: r.strict,
+                    tokens: c.tokens.len(),
+                };
+                lines += &serde_json::to_string(&item).expect("json");
+                lines.push('\n');
+            }
+            file.write_all(lines.as_bytes())
+                .and_then(|()| file.flush())
+                .map_err(|e| ferr(&items_path, e))?;
+            finished += chunk.len();
+            progress(finished, total);
         }
-        let out = engine.generate(&reqs, &gen, None)?;
-        let mut lines = String::new();
-        for c in out {
-            let s = chunk[c.prompt_index];
-            let response = engine
-                .prompts
-                .decode(&c.tokens)
-                .map_err(EngineError::from)?;
-            let r = reward::score(&response, &s.answer, &RewardConfig::default());
-            let item = Item {
-                id: s.id.clone(),
-                task: s.task.clone(),
-                variant: variant(s),
-                problem: s.problem.clone(),
-                response,
-                predicted: r.predicted,
-                answer: s.answer.clone(),
-                correct: r.accuracy > 0.0,
-                tokens: c.tokens.len(),
-            };
-            lines += &serde_json::to_string(&item).expect("json");
-            lines.push('\n');
-        }
-        file.write_all(lines.as_bytes())
-            .and_then(|()| file.flush())
-            .map_err(|e| ferr(&items_path, e))?;
-        finished += chunk.len();
-        progress(finished, total);
-    }
-    let summary = summarize(&read_items(&items_path)?, cfg);
+        Ok::<(), EvalError>(())
+    })();
+    (
+        engine.preprocessor.min_pixels,
+        engine.preprocessor.max_pixels,
+    ) = saved;
+    result?;
+    // Only this data's items count (a --limit run continued without one keeps its items).
+    let wanted: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    let scored: Vec<Item> = read_items(&items_path)?
+        .into_iter()
+        .filter(|i| wanted.contains(i.id.as_str()))
+        .collect();
+    let summary = summarize(&scored, cfg);
     let sp = cfg.out.join("summary.json");
     std::fs::write(&sp, serde_json::to_vec_pretty(&summary).expect("json"))
         .map_err(|e| ferr(&sp, e))?;
@@ -237,7 +368,17 @@ pub fn compare(a: &Summary, b: &Summary) -> Vec<(String, Option<f64>, Option<f64
         Some(a.overall.accuracy),
         Some(b.overall.accuracy),
     )];
-    for (ma, mb) in [(&a.by_task, &b.by_task), (&a.by_variant, &b.by_variant)] {
+    if a.overall.strict_accuracy.is_some() || b.overall.strict_accuracy.is_some() {
+        rows.push((
+            "overall (strict)".to_string(),
+            a.overall.strict_accuracy,
+            b.overall.strict_accuracy,
+        ));
+    }
+    for (ma, mb) in [
+        (&a.by_category, &b.by_category),
+        (&a.by_variant, &b.by_variant),
+    ] {
         let keys: std::collections::BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
         for k in keys {
             rows.push((

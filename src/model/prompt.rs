@@ -70,6 +70,11 @@ impl PromptBuilder {
             Some(f) => format!("{} {f}", problem.trim()),
             None => problem.trim().to_string(),
         };
+        Self::verbatim(&text)
+    }
+
+    /// The user turn exactly as given (benchmark prompts are byte-exact), split on `<image>`.
+    pub fn verbatim(text: &str) -> serde_json::Value {
         let mut parts = Vec::new();
         for (i, seg) in text.split(IMAGE_PLACEHOLDER).enumerate() {
             if i > 0 {

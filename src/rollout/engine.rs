@@ -82,6 +82,9 @@ pub struct GenerationConfig {
     pub sampling: SamplingParams,
     /// Appended to the problem after one space (EasyR1's format prompt); `None` for none.
     pub format_sentence: Option<String>,
+    /// Use each problem as the user text byte for byte: no trimming, no format sentence
+    /// (benchmark prompts).
+    pub verbatim: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -382,6 +385,15 @@ impl Engine {
         requests: &[Request],
         format_sentence: Option<&str>,
     ) -> Result<Prepared, EngineError> {
+        self.prepare_as(requests, format_sentence, false)
+    }
+
+    fn prepare_as(
+        &mut self,
+        requests: &[Request],
+        format_sentence: Option<&str>,
+        verbatim: bool,
+    ) -> Result<Prepared, EngineError> {
         let merge = self.package.manifest.vision.spatial_merge_size;
         // Image preprocessing on the rayon pool; then one vision call per image (attention
         // cost and memory grow with the square of the patches in a call).
@@ -396,7 +408,11 @@ impl Engine {
             .collect::<Result<_, _>>()?;
         let (mut grids, mut prompts, mut features) = (Vec::new(), Vec::new(), Vec::new());
         for (r, images) in requests.iter().zip(pre) {
-            let msgs = PromptBuilder::content(&r.problem, format_sentence);
+            let msgs = if verbatim {
+                PromptBuilder::verbatim(&r.problem)
+            } else {
+                PromptBuilder::content(&r.problem, format_sentence)
+            };
             let rendered = self.prompts.render(&msgs)?;
             let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
             prompts.push(self.prompts.encode(&rendered, &counts)?);
@@ -459,7 +475,7 @@ impl Engine {
         if requests.is_empty() || cfg.group == 0 {
             return Ok(vec![]);
         }
-        let prepared = self.prepare(requests, cfg.format_sentence.as_deref())?;
+        let prepared = self.prepare_as(requests, cfg.format_sentence.as_deref(), cfg.verbatim)?;
         self.generate_prepared(requests, &prepared, cfg, trace)
     }
 

@@ -657,6 +657,7 @@ impl Trainer {
                     top_p: self.cfg.rollout.val_top_p,
                     seed: self.cfg.trainer.seed,
                 },
+                verbatim: false,
                 format_sentence: self.format(),
             };
             let out = self.engine.generate(&reqs, &gen, None)?;
@@ -735,6 +736,7 @@ impl Trainer {
                 top_p: cfg.rollout.top_p,
                 seed: cfg.trainer.seed,
             },
+            verbatim: false,
             format_sentence: self.format(),
         };
         let completions = self
