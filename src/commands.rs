@@ -500,14 +500,6 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         a.data.expect("clap requires it"),
         a.out.expect("clap requires it"),
     );
-    let mut engine = spatial_ssrl::rollout::Engine::open(&model, a.ort_lib.as_deref())?;
-    if let Some(dir) = &a.adapter {
-        let t: Vec<(String, Vec<f32>)> = train::checkpoint::load_adapter(dir)?
-            .into_iter()
-            .map(|t| (t.name, t.data))
-            .collect();
-        engine.set_lora(&t)?;
-    }
     let mut cfg = eval::EvalConfig::new(a.bench, data, out.clone(), model.display().to_string());
     cfg.images_root = a.images;
     cfg.batch = a.batch;
@@ -522,13 +514,23 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     cfg.frames = a.frames;
     cfg.allow_columns = a.allow_columns;
     cfg.limit = a.limit;
-    cfg.adapter = a.adapter.map(|p| p.display().to_string());
+    cfg.adapter = a.adapter.as_ref().map(|p| p.display().to_string());
+    // The data is checked before the model is loaded.
+    let items = eval::load(&cfg)?;
+    let mut engine = spatial_ssrl::rollout::Engine::open(&model, a.ort_lib.as_deref())?;
+    if let Some(dir) = &a.adapter {
+        let t: Vec<(String, Vec<f32>)> = train::checkpoint::load_adapter(dir)?
+            .into_iter()
+            .map(|t| (t.name, t.data))
+            .collect();
+        engine.set_lora(&t)?;
+    }
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} items · ETA {eta}")
             .expect("valid template"),
     );
-    let s = eval::run(&mut engine, &cfg, |done, total| {
+    let s = eval::run_items(&mut engine, &cfg, &items, |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;

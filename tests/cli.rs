@@ -262,3 +262,53 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
     assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn eval_checks_the_data_before_loading_a_model() {
+    let dir = scratch("cli-eval");
+    let tsv = dir.join("bench.tsv");
+    std::fs::write(
+        &tsv,
+        "index\timage_path\tquestion\tA\tB\tanswer\n1\tcoffee.png\tq\tx\ty\tA\n2\tcoffee.png\tq\n",
+    )
+    .unwrap();
+    // No model is opened: the package path does not even exist.
+    let out = ssrl()
+        .args([
+            "eval",
+            "--bench",
+            "mcq",
+            "--model",
+            "no-such-package",
+            "--data",
+        ])
+        .arg(&tsv)
+        .arg("--images")
+        .arg(fixtures().join("photos"))
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("bench.tsv") && err.contains("line 3") && !err.contains("no-such-package"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("run").exists(),
+        "nothing is written for a bad file"
+    );
+    let help = ssrl().args(["eval", "--help"]).output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for b in [
+        "viewspatial",
+        "whatsup",
+        "vsi",
+        "mcq",
+        "--frames",
+        "--compare",
+    ] {
+        assert!(help.contains(b), "--help lacks {b}");
+    }
+}

@@ -293,6 +293,12 @@ fn bad_input_is_refused_naming_file_and_place() {
          \"question\": \"q\", \"ground_truth\": \"2\", \"options\": null}]",
         &["item 0 (line 1)", "nowhere"],
     );
+    expect_err(
+        Bench::Whatsup,
+        "wu.json",
+        "[{\"image_path\": \"no-such.png\", \"caption_options\": [\"a\", \"b\"]}]",
+        &["item 0: image", "no-such.png not found"],
+    );
     // The same unknown column is accepted when named.
     let dir = std::env::temp_dir().join(format!("ssrl-eval-ok-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

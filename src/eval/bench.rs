@@ -211,7 +211,22 @@ pub fn read(bench: Bench, path: &Path, opt: &ReadOptions) -> Result<Vec<BenchIte
             return Err(err(format!("id {:?} appears twice", it.id)));
         }
     }
+    check_files(&items).map_err(err)?;
     Ok(items)
+}
+
+/// Every image file exists (checked up front, so a run does not stop half-way on a typo).
+fn check_files(items: &[BenchItem]) -> Result<(), String> {
+    for it in items {
+        for src in &it.images {
+            if let ImageSource::File(p) | ImageSource::Resized(p, ..) = src {
+                if !p.is_file() {
+                    return Err(format!("item {}: image {} not found", it.id, p.display()));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, (usize, usize, String)> {
@@ -731,6 +746,7 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
             rule: Rule::Mcq(choices),
         });
     }
+    check_files(&items).map_err(err)?;
     let mut seen = HashSet::new();
     for (it, r) in items.iter().zip(&rows) {
         if !seen.insert(it.id.as_str()) {

@@ -204,23 +204,38 @@ struct RunKey {
     top_p: f32,
 }
 
-/// Runs (or continues) an evaluation: items already in `out/items.jsonl` are kept, the rest are
-/// generated batch by batch and appended as they finish. Writes `out/summary.json`.
-pub fn run(
-    engine: &mut Engine,
-    cfg: &EvalConfig,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Summary, EvalError> {
+/// Reads and checks the data (up to `limit` items) the way [`run`] will use it.
+pub fn load(cfg: &EvalConfig) -> Result<Vec<bench::BenchItem>, EvalError> {
     let opt = bench::ReadOptions {
         images_root: cfg.images_root(),
         reasoning: cfg.reasoning,
         frames: cfg.frames,
         allow_columns: cfg.allow_columns.clone(),
     };
-    let items: Vec<bench::BenchItem> = bench::read(cfg.bench, &cfg.data, &opt)?
+    Ok(bench::read(cfg.bench, &cfg.data, &opt)?
         .into_iter()
         .take(cfg.limit.unwrap_or(usize::MAX))
-        .collect();
+        .collect())
+}
+
+/// Runs (or continues) an evaluation: items already in `out/items.jsonl` are kept, the rest are
+/// generated batch by batch and appended as they finish. Writes `out/summary.json`.
+pub fn run(
+    engine: &mut Engine,
+    cfg: &EvalConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<Summary, EvalError> {
+    let items = load(cfg)?;
+    run_items(engine, cfg, &items, progress)
+}
+
+/// [`run`] on items already read by [`load`] (a bad file is refused before a model is loaded).
+pub fn run_items(
+    engine: &mut Engine,
+    cfg: &EvalConfig,
+    items: &[bench::BenchItem],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Summary, EvalError> {
     let max_new_tokens = cfg.max_new_tokens.unwrap_or(cfg.bench.max_new_tokens());
     std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
     let key = RunKey {
