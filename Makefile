@@ -24,6 +24,9 @@ demo: ort ## the whole system on the bundled data: tasks → rollouts → GRPO s
 	$(SSRL) eval --model demo-out/tiny-grpo --data demo-out/val/data/part-00000.parquet --limit 8 \
 	             --max-new-tokens 16 --out demo-out/eval-grpo
 	$(SSRL) eval --compare demo-out/eval-base demo-out/eval-grpo
+	$(SSRL) eval --model models/tiny --bench whatsup --images fixtures/photos --max-new-tokens 16 \
+	             --data tests/fixtures/bench/whatsup/data/controlled_images_dataset.json \
+	             --out demo-out/eval-whatsup
 
 NVRTC_WHEEL := nvidia-cuda-nvrtc==13.5.37
 NVRTC_DIR   := vendor/nvrtc

@@ -539,19 +539,21 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         .chain(s.by_category.iter().map(|(k, v)| (k.as_str(), v)))
         .chain(s.by_variant.iter().map(|(k, v)| (k.as_str(), v)))
         .collect();
+    let title = format!(
+        "{} ({})",
+        s.bench,
+        if s.reasoning { "reasoning" } else { "direct" }
+    );
     let w = rows
         .iter()
         .map(|(k, _)| k.chars().count())
+        .chain([title.chars().count()])
         .max()
         .unwrap_or(8);
     let strict = s.overall.strict_accuracy.is_some();
     println!(
         "{:<w$} {:>6} {:>8}{}",
-        format!(
-            "{} ({})",
-            s.bench,
-            if s.reasoning { "reasoning" } else { "direct" }
-        ),
+        title,
         "items",
         "acc %",
         if strict { "  strict %" } else { "" }
