@@ -94,6 +94,13 @@ fn a_wrong_package_is_refused_clearly() {
     // No manifest, and a missing graph.
     std::fs::remove_file(dir.join("manifest.json")).unwrap();
     let e = Package::open(&dir).unwrap_err().to_string();
+    // A folder with genai_config.json only is told apart from a random folder.
+    assert!(
+        e.contains("genai_config.json") && e.contains("onnxruntime-genai folder"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.join("genai_config.json")).unwrap();
+    let e = Package::open(&dir).unwrap_err().to_string();
     assert!(e.contains("manifest.json"), "{e}");
     let e = Package::open(&fixtures()).unwrap_err().to_string();
     assert!(e.contains("model package"), "{e}");

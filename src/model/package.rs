@@ -140,6 +140,15 @@ pub struct Signature {
 impl Package {
     pub fn open(dir: &Path) -> Result<Package, PackageError> {
         let path = dir.join("manifest.json");
+        if !path.exists() && dir.join("genai_config.json").is_file() {
+            return Err(PackageError::File {
+                path: dir.join("genai_config.json"),
+                msg: "an onnxruntime-genai folder without manifest.json: its decoder keeps a shared, \
+                      right-padded KV buffer (GroupQueryAttention) that this runtime does not drive yet; \
+                      export a package from the Hugging Face checkpoint with models/export.py"
+                    .into(),
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| PackageError::File {
             path: path.clone(),
             msg: format!("cannot read the package manifest ({e}); is {} a model package from models/export.py?", dir.display()),

@@ -126,6 +126,10 @@ pub struct EngineStats {
     pub prefill_tokens: usize,
     pub decode_steps: usize,
     pub generated_tokens: usize,
+    /// Outside ONNX Runtime: image preprocessing, sampling, and cache row selection.
+    pub preprocess_s: f64,
+    pub sample_s: f64,
+    pub cache_s: f64,
 }
 
 /// Prompts ready to generate from: token ids (image placeholders expanded), image grids and
@@ -363,7 +367,8 @@ impl Engine {
     }
 
     /// Keeps the cache rows `keep` (in that order; a row may repeat, which fans prompts out).
-    fn select_rows(&self, kv: &Kv, keep: &[usize]) -> Result<Kv, EngineError> {
+    fn select_rows(&mut self, kv: &Kv, keep: &[usize]) -> Result<Kv, EngineError> {
+        let t0 = Instant::now();
         let t = &self.package.manifest.text;
         let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
         let row = kvh * kv.len * hd;
@@ -376,6 +381,7 @@ impl Engine {
             }
             data.push(kv_value(&[keep.len(), kvh, kv.len, hd], out)?);
         }
+        self.stats.cache_s += t0.elapsed().as_secs_f64();
         Ok(Kv { data, len: kv.len })
     }
 
@@ -397,6 +403,7 @@ impl Engine {
         let merge = self.package.manifest.vision.spatial_merge_size;
         // Image preprocessing on the rayon pool; then one vision call per image (attention
         // cost and memory grow with the square of the patches in a call).
+        let t_pre = Instant::now();
         let pre: Vec<Vec<ProcessedImage>> = requests
             .par_iter()
             .map(|r| {
@@ -406,6 +413,7 @@ impl Engine {
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<_, _>>()?;
+        self.stats.preprocess_s += t_pre.elapsed().as_secs_f64();
         let (mut grids, mut prompts, mut features) = (Vec::new(), Vec::new(), Vec::new());
         for (r, images) in requests.iter().zip(pre) {
             let msgs = if verbatim {
@@ -584,8 +592,10 @@ impl Engine {
                     }
                 }
             }
+            let t_sample = Instant::now();
             let drawn = cpu::sample(Logits::F32(&logits), vocab, &keys, &cfg.sampling)
                 .map_err(|e| EngineError::Config(e.to_string()))?;
+            self.stats.sample_s += t_sample.elapsed().as_secs_f64();
             let mut keep = Vec::new();
             for (k, (&i, s)) in active.iter().zip(&drawn).enumerate() {
                 out[i].tokens.push(s.token);
