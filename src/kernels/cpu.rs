@@ -131,59 +131,69 @@ pub fn sample(
     Ok(keys
         .par_iter()
         .enumerate()
-        .map(|(r, key)| {
-            let base = r * vocab;
-            let greedy = p.temperature <= 0.0;
-            let t = if greedy { 1.0 } else { p.temperature };
-            let st = RowStats::of(row(&logits, r, vocab), t);
-            let token = if greedy {
-                let mut best = 0usize;
-                let mut bv = f32::NEG_INFINITY;
-                for i in 0..vocab {
-                    let x = logits.get(base + i);
-                    if x > bv {
-                        bv = x;
-                        best = i;
-                    }
-                }
-                best
-            } else {
-                let mut floor = f32::NEG_INFINITY;
-                let values: Vec<f32> = row(&logits, r, vocab).collect();
-                if p.top_k > 0 && p.top_k < vocab {
-                    floor = kth_largest(&mut values.clone(), p.top_k);
-                }
-                if p.top_p < 1.0 {
-                    let kept: Vec<f32> = values.iter().copied().filter(|x| *x >= floor).collect();
-                    floor = floor.max(top_p_threshold(&kept, t, p.top_p));
-                }
-                // Exact pruning: a Gumbel draw here lies in [−2.82, 16.64] (u is in
-                // [2⁻²⁴, 1 − 2⁻²⁴]), so the top logit scores at least max − 2.82 and a token more
-                // than 19.5 below it can never win; its draw is skipped (1.0 of margin for
-                // rounding). Peaked rows of a large vocabulary draw a few hundred numbers, not V.
-                let cut = (st.max - 20.5) as f32;
-                let mut best = 0usize;
-                let mut bs = f32::NEG_INFINITY;
-                for (i, x) in values.iter().enumerate() {
-                    if *x < floor || *x == f32::NEG_INFINITY || x / t < cut {
-                        continue;
-                    }
-                    let u = philox::token_uniform(p.seed, key.sequence, key.step, i as u32);
-                    let score = x / t - (-u.ln()).ln();
-                    if score > bs {
-                        bs = score;
-                        best = i;
-                    }
-                }
-                best
-            };
-            let x = f64::from(logits.get(base + token) / t);
-            Sampled {
-                token: token as u32,
-                logprob: (x - st.log_z()) as f32,
-            }
-        })
+        .map(|(r, key)| sample_row(&row(&logits, r, vocab).collect::<Vec<f32>>(), key, p))
         .collect())
+}
+
+/// One row of [`sample`].
+fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
+    let vocab = values.len();
+    let greedy = p.temperature <= 0.0;
+    let t = if greedy { 1.0 } else { p.temperature };
+    let scaled: Vec<f32> = values.iter().map(|x| x / t).collect();
+    let st = RowStats::of(values.iter().copied(), t);
+    let token = if greedy {
+        let mut best = 0usize;
+        let mut bv = f32::NEG_INFINITY;
+        for (i, &x) in values.iter().enumerate() {
+            if x > bv {
+                bv = x;
+                best = i;
+            }
+        }
+        best
+    } else {
+        let mut floor = f32::NEG_INFINITY;
+        if p.top_k > 0 && p.top_k < vocab {
+            floor = kth_largest(&mut values.to_vec(), p.top_k);
+        }
+        if p.top_p < 1.0 {
+            let kept: Vec<f32> = values.iter().copied().filter(|x| *x >= floor).collect();
+            floor = floor.max(top_p_threshold(&kept, t, p.top_p));
+        }
+        // Exact pruning: a Gumbel draw here lies in [−2.82, 16.64] (u is in
+        // [2⁻²⁴, 1 − 2⁻²⁴]), so the top logit scores at least max − 2.82 and a token more
+        // than 19.5 below it can never win; its draw is skipped (1.0 of margin for
+        // rounding). Peaked rows of a large vocabulary draw a few hundred numbers, not V.
+        // Draws come LANES tokens at a time; a block with no live token is skipped.
+        let cut = (st.max - 20.5) as f32;
+        let live = |i: usize| {
+            let x = values[i];
+            x >= floor && x != f32::NEG_INFINITY && scaled[i] >= cut
+        };
+        let mut best = 0usize;
+        let mut bs = f32::NEG_INFINITY;
+        for start in (0..vocab).step_by(philox::LANES) {
+            let end = (start + philox::LANES).min(vocab);
+            if !(start..end).any(live) {
+                continue;
+            }
+            let u = philox::token_uniforms(p.seed, key.sequence, key.step, start as u32);
+            let gumbel: [f32; philox::LANES] = std::array::from_fn(|j| -(-u[j].ln()).ln());
+            for i in start..end {
+                let score = scaled[i] + gumbel[i - start];
+                if live(i) && score > bs {
+                    bs = score;
+                    best = i;
+                }
+            }
+        }
+        best
+    };
+    Sampled {
+        token: token as u32,
+        logprob: (f64::from(scaled[token]) - st.log_z()) as f32,
+    }
 }
 
 /// Group-normalised advantages: `(s − mean) / (std + eps)` per group of `group_size`
