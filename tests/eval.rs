@@ -427,3 +427,55 @@ fn eval_scores_resumes_and_compares() {
     assert!(rows.iter().all(|(_, x, y)| x == y));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// 3DSRBench's grouped accuracies, as VLMEvalKit computes them: `ABCDEFGH` and its circular
+/// variants share the first 8 characters, `-flip` marks the flipped image.
+#[test]
+fn grouped_accuracies_follow_vlmevalkit() {
+    let item = |qid: &str, ok: bool| eval::Item {
+        id: qid.into(),
+        category: "height".into(),
+        variant: "-".into(),
+        problem: String::new(),
+        response: String::new(),
+        predicted: String::new(),
+        answer: "A".into(),
+        score: f64::from(u8::from(ok)),
+        correct: ok,
+        strict: None,
+        tokens: 1,
+        qid: Some(qid.into()),
+    };
+    let items = [
+        item("AAAAAAAA", true),
+        item("AAAAAAAA-flip", true),
+        item("AAAAAAAA1", false),
+        item("BBBBBBBB", true),
+        item("BBBBBBBB-flip", false),
+        item("CCCCCCCC", true),
+    ];
+    let cfg = EvalConfig::new(Bench::Mcq, "x.tsv".into(), "out".into(), "m".into());
+    let s = eval::summarize(&items, &cfg);
+    assert!((s.overall.accuracy - 4.0 / 6.0).abs() < 1e-12);
+    let g = |k: &str| s.grouped[k].accuracy;
+    // Flip pairs: AAAAAAAA (both right), AAAAAAAA1 (alone, wrong), BBBBBBBB (flip wrong), CCCCCCCC.
+    assert!((g("flip_eval") - 2.0 / 4.0).abs() < 1e-12);
+    // Circular groups by 8-character prefix, flips apart: AAAAAAAA fails through AAAAAAAA1.
+    assert!(
+        (g("circ_eval") - 3.0 / 5.0).abs() < 1e-12,
+        "{}",
+        g("circ_eval")
+    );
+    // Both: AAAAAAAA and BBBBBBBB fail, CCCCCCCC stands.
+    assert!((g("flip_circ_eval") - 1.0 / 3.0).abs() < 1e-12);
+    // Without question ids there is nothing to group.
+    let plain: Vec<eval::Item> = items
+        .iter()
+        .cloned()
+        .map(|mut i| {
+            i.qid = None;
+            i
+        })
+        .collect();
+    assert!(eval::summarize(&plain, &cfg).grouped.is_empty());
+}

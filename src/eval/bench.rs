@@ -131,6 +131,9 @@ pub struct BenchItem {
     pub images: Vec<ImageSource>,
     pub answer: String,
     pub rule: Rule,
+    /// 3DSRBench's question id (`XXXXXXXX`, circular variants `XXXXXXXX…`, flipped images
+    /// `…-flip`), for its grouped accuracies.
+    pub qid: Option<String>,
 }
 
 impl BenchItem {
@@ -257,6 +260,7 @@ fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, (usize, usi
                     .collect(),
                 answer: s.answer.clone(),
                 rule: Rule::Pretext,
+                qid: None,
             }
         })
         .collect())
@@ -359,6 +363,7 @@ fn viewspatial(i: usize, v: &Value, opt: &ReadOptions) -> Result<BenchItem, Stri
             .collect(),
         answer: answer.to_string(),
         rule: Rule::Viewspatial,
+        qid: None,
     })
 }
 
@@ -415,6 +420,7 @@ fn whatsup(i: usize, v: &Value, subset: &str, opt: &ReadOptions) -> Result<Bench
         images: vec![ImageSource::File(opt.images_root.join(image))],
         answer: "A".into(),
         rule: Rule::Whatsup('A'),
+        qid: None,
     })
 }
 
@@ -567,11 +573,12 @@ fn vsi(i: usize, v: &Value, opt: &ReadOptions) -> Result<BenchItem, String> {
         images: picked,
         answer,
         rule: Rule::Vsi,
+        qid: None,
     })
 }
 
 /// Columns a VLMEvalKit multiple-choice TSV may have besides the option letters.
-const TSV_COLUMNS: [&str; 9] = [
+const TSV_COLUMNS: [&str; 10] = [
     "index",
     "image",
     "image_path",
@@ -581,6 +588,7 @@ const TSV_COLUMNS: [&str; 9] = [
     "category",
     "l2-category",
     "split",
+    "qid",
 ];
 
 /// `"['a', 'b']"` (a Python list literal, as VLMEvalKit writes several images) or one value.
@@ -744,6 +752,7 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
             images,
             answer: answer.to_string(),
             rule: Rule::Mcq(choices),
+            qid: cell("qid").map(|q| q.trim().to_string()),
         });
     }
     check_files(&items).map_err(err)?;

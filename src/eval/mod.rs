@@ -109,6 +109,9 @@ pub struct Item {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strict: Option<bool>,
     pub tokens: usize,
+    /// 3DSRBench's question id, where the data has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qid: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -150,6 +153,53 @@ pub struct Summary {
     pub by_category: BTreeMap<String, Score>,
     /// `category/variant` (shuffle grids, position geometry, What'sUp relations, …).
     pub by_variant: BTreeMap<String, Score>,
+    /// 3DSRBench's grouped accuracies (`flip_eval`, `circ_eval`, `flip_circ_eval`) when the data
+    /// has question ids: a group counts only if every member is right.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub grouped: BTreeMap<String, Score>,
+}
+
+/// VLMEvalKit's 3DSRBench grouping: each item's score multiplies into its group key's; the
+/// groups are scored on the items whose id *is* a key.
+fn grouped(items: &[Item], key: impl Fn(&str) -> String) -> Score {
+    let mut hit: BTreeMap<String, f64> = BTreeMap::new();
+    for it in items {
+        if let Some(q) = it.qid.as_deref() {
+            if key(q) == q {
+                hit.entry(q.to_string()).or_insert(1.0);
+            }
+        }
+    }
+    for it in items {
+        if let Some(q) = it.qid.as_deref() {
+            if let Some(h) = hit.get_mut(&key(q)) {
+                *h *= it.score;
+            }
+        }
+    }
+    let mut s = Score::default();
+    for (q, h) in &hit {
+        let probe = Item {
+            id: q.clone(),
+            category: String::new(),
+            variant: String::new(),
+            problem: String::new(),
+            response: String::new(),
+            predicted: String::new(),
+            answer: String::new(),
+            score: *h,
+            correct: *h >= 1.0,
+            strict: None,
+            tokens: 0,
+            qid: None,
+        };
+        s.add(&probe);
+    }
+    s
+}
+
+fn prefix(q: &str, n: usize) -> String {
+    q.chars().take(n).collect()
 }
 
 /// Scores every item of a run.
@@ -162,6 +212,21 @@ pub fn summarize(items: &[Item], cfg: &EvalConfig) -> Summary {
         reasoning: cfg.reasoning,
         ..Default::default()
     };
+    if items.iter().any(|i| i.qid.is_some()) {
+        let g = &mut s.grouped;
+        g.insert(
+            "flip_eval".into(),
+            grouped(items, |q| q.replace("-flip", "")),
+        );
+        g.insert(
+            "circ_eval".into(),
+            grouped(items, |q| match q.contains("-flip") {
+                true => prefix(q, 13),
+                false => prefix(q, 8),
+            }),
+        );
+        g.insert("flip_circ_eval".into(), grouped(items, |q| prefix(q, 8)));
+    }
     for it in items {
         s.overall.add(it);
         s.by_category
@@ -339,6 +404,7 @@ pub fn run_items(
                     score: r.score,
                     strict: r.strict,
                     tokens: c.tokens.len(),
+                    qid: s.qid.clone(),
                 };
                 lines += &serde_json::to_string(&item).expect("json");
                 lines.push('\n');
