@@ -571,6 +571,13 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             .map_or(String::new(), |x| format!("  {:>8.1}", 100.0 * x));
         println!("{k:<w$} {:>6} {:>8.1}{st}", v.items, 100.0 * v.accuracy);
     }
+    for (k, v) in &s.grouped {
+        println!(
+            "{k:<w$} {:>6} {:>8.1}  (groups)",
+            v.items,
+            100.0 * v.accuracy
+        );
+    }
     println!(
         "items: {}, summary: {}",
         out.join("items.jsonl").display(),
