@@ -457,6 +457,7 @@ pub fn compare(a: &Summary, b: &Summary) -> Vec<(String, Option<f64>, Option<f64
         ));
     }
     for (ma, mb) in [
+        (&a.grouped, &b.grouped),
         (&a.by_category, &b.by_category),
         (&a.by_variant, &b.by_variant),
     ] {
