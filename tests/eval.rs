@@ -191,6 +191,14 @@ fn vsi_samples_frames_like_numpy_and_keeps_the_prompt_quirks() {
     );
     // Fewer frames than asked: all of them.
     assert_eq!(items[2].images.len(), 6);
+    // The Hugging Face Parquet copy (pyarrow, snappy) reads the same.
+    let from_parquet = bench::read(
+        Bench::Vsi,
+        &fixtures().join("vsi/vsi_bench.parquet"),
+        &opts(fixtures().join("vsi/videos"), true, 8),
+    )
+    .unwrap();
+    assert_eq!(from_parquet, items);
     let direct = read(Bench::Vsi, false);
     // Options appended with no separator and a second "A. " prefix, as the official code does.
     assert!(direct[1].prompt.ends_with(

@@ -266,12 +266,26 @@ fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, (usize, usi
         .collect())
 }
 
-/// A JSON array (or JSON lines) as `(index, line, value)`; syntax errors name the line.
+/// A JSON array, JSON lines or a Parquet file (as the Hugging Face copies ship) as
+/// `(index, line, value)`; syntax errors name the line (Parquet: the row).
 fn json_items(path: &Path) -> Result<Vec<(usize, usize, Value)>, ReadError> {
     let err = |msg: String| ReadError {
         path: path.to_path_buf(),
         msg,
     };
+    if path.extension().is_some_and(|e| e == "parquet") {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| err(e.to_string()))?;
+        let rows = reader.get_row_iter(None).map_err(|e| err(e.to_string()))?;
+        return rows
+            .enumerate()
+            .map(|(i, r)| {
+                r.map(|r| (i, i + 1, r.to_json_value()))
+                    .map_err(|e| err(format!("row {}: {e}", i + 1)))
+            })
+            .collect();
+    }
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let line_of = |s: &str| {
         text[..s.as_ptr() as usize - text.as_ptr() as usize]
