@@ -131,7 +131,11 @@ pub fn sample(
     Ok(keys
         .par_iter()
         .enumerate()
-        .map(|(r, key)| sample_row(&row(&logits, r, vocab).collect::<Vec<f32>>(), key, p))
+        .map(|(r, key)| match logits {
+            // f32 rows are read in place; half-precision rows are widened once.
+            Logits::F32(v) => sample_row(&v[r * vocab..(r + 1) * vocab], key, p),
+            _ => sample_row(&row(&logits, r, vocab).collect::<Vec<f32>>(), key, p),
+        })
         .collect())
 }
 
