@@ -191,6 +191,32 @@ fn vsi_samples_frames_like_numpy_and_keeps_the_prompt_quirks() {
     );
     // Fewer frames than asked: all of them.
     assert_eq!(items[2].images.len(), 6);
+    // The Spatial-SSRL layout: mp4_path (its folder holds the frames) and options A-D, null
+    // where a question has fewer.
+    let dir = std::env::temp_dir().join(format!("ssrl-eval-vsi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("vsi_ssrl.json");
+    std::fs::write(
+        &p,
+        r#"[{"mp4_path": "arkitscenes/pan_coffee.mp4", "question": "Is the cup on the left?",
+             "A": "yes", "B": "no", "C": null, "D": null, "answer": "A",
+             "question_type": "object_rel_direction"}]"#,
+    )
+    .unwrap();
+    let s = bench::read(
+        Bench::Vsi,
+        &p,
+        &opts(fixtures().join("vsi/videos"), false, 3),
+    )
+    .unwrap();
+    assert_eq!(s[0].images.len(), 3);
+    assert!(s[0]
+        .prompt
+        .starts_with("<image><image><image>Watch the given video"));
+    assert!(s[0].prompt.ends_with(
+        "Is the cup on the left?A. yesB. no\nAnswer directly with the option letter from the given choices."
+    ));
+    assert_eq!((s[0].answer.as_str(), s[0].id.as_str()), ("A", "0"));
     // The Hugging Face Parquet copy (pyarrow, snappy) reads the same.
     let from_parquet = bench::read(
         Bench::Vsi,

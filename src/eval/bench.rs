@@ -28,7 +28,7 @@ pub enum Bench {
     Viewspatial,
     /// What'sUp JSON (image_path, caption_options; the first caption is the right one).
     Whatsup,
-    /// VSI-Bench JSON / JSONL; each video is a folder of frames.
+    /// VSI-Bench JSON / JSONL / Parquet; each video is a folder of frames.
     Vsi,
     /// VLMEvalKit multiple-choice TSV (3DSRBench, SpatialEval, CV-Bench, …).
     Mcq,
