@@ -528,8 +528,13 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     let p = Package::open(&a.model)?;
     let m = &p.manifest;
     println!(
-        "{}: Qwen2.5-VL package ({}), text {} layers × hidden {} ({} / {} heads, head_dim {}), vocab {}, mrope {:?}",
+        "{}: Qwen2.5-VL {} ({}), text {} layers × hidden {} ({} / {} heads, head_dim {}), vocab {}, mrope {:?}",
         a.model.display(),
+        if p.is_genai() {
+            "onnxruntime-genai folder (rollouts only)"
+        } else {
+            "package"
+        },
         m.dtype,
         m.text.num_hidden_layers,
         m.text.hidden_size,
@@ -540,14 +545,20 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         m.text.mrope_section
     );
     println!(
-        "vision: patch {}, merge {}, window {} px → features of {}; LoRA rank {} alpha {} on {}",
+        "vision: patch {}, merge {}, window {} px → features of {}; {}",
         m.vision.patch_size,
         m.vision.spatial_merge_size,
         m.vision.window_size,
         m.vision.out_hidden_size,
-        m.lora.rank,
-        m.lora.alpha,
-        m.lora.targets.join(", ")
+        match m.lora.tensors.is_empty() {
+            true => "no LoRA inputs".to_string(),
+            false => format!(
+                "LoRA rank {} alpha {} on {}",
+                m.lora.rank,
+                m.lora.alpha,
+                m.lora.targets.join(", ")
+            ),
+        }
     );
     p.validate(a.ort_lib.as_deref())?;
     for (file, sig) in p.signatures() {

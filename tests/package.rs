@@ -93,13 +93,28 @@ fn a_wrong_package_is_refused_clearly() {
     }
     // No manifest, and a missing graph.
     std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    // Without the manifest, genai_config.json describes the folder (rollouts only).
+    let g = Package::open(&dir).unwrap();
+    assert!(g.is_genai() && g.manifest.lora.tensors.is_empty());
+    assert_eq!(g.signatures().len(), 3, "no log-prob or training graph");
+    // A config this runtime cannot drive is refused, naming the file and the field.
+    let cfg_path = dir.join("genai_config.json");
+    let orig: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    let mut cfg = orig.clone();
+    cfg["model"]["decoder"]["inputs"]["inputs_embeds"] = "embeds".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = Package::open(&dir).unwrap_err().to_string();
-    // A folder with genai_config.json only is told apart from a random folder.
     assert!(
-        e.contains("genai_config.json") && e.contains("onnxruntime-genai folder"),
+        e.contains("genai_config.json") && e.contains("inputs.inputs_embeds is \"embeds\""),
         "{e}"
     );
-    std::fs::remove_file(dir.join("genai_config.json")).unwrap();
+    let mut cfg = orig.clone();
+    cfg["model"]["type"] = "phi3".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = Package::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("only Qwen2.5-VL"), "{e}");
+    std::fs::remove_file(&cfg_path).unwrap();
     let e = Package::open(&dir).unwrap_err().to_string();
     assert!(e.contains("manifest.json"), "{e}");
     let e = Package::open(&fixtures()).unwrap_err().to_string();

@@ -47,6 +47,12 @@ pub fn export(
     ort_lib: Option<&Path>,
 ) -> Result<ExportReport, ExportError> {
     let pkg = Package::open(model)?;
+    if pkg.is_genai() {
+        return Err(ferr(
+            &model.join("genai_config.json"),
+            "an onnxruntime-genai folder is already a deployment folder; export from a package made by models/export.py",
+        ));
+    }
     let m = &pkg.manifest;
     let tmp = out.with_extension("partial");
     if tmp.exists() {

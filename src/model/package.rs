@@ -111,6 +111,18 @@ pub struct LoraSpec {
     pub tensors: Vec<LoraTensor>,
 }
 
+/// How the decoder keeps its cache. `Append`: the graph concatenates past and new keys, so
+/// prompts are left-padded and every row grows at the end (this project's graphs). `Packed`:
+/// GroupQueryAttention (onnxruntime-genai's builder) keeps each row's tokens from position 0 and
+/// writes the next one at the row's own length, so prompts are right-padded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvLayout {
+    #[default]
+    Append,
+    Packed,
+}
+
 /// `manifest.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
@@ -123,6 +135,8 @@ pub struct Manifest {
     pub vision: VisionSpec,
     pub tokens: TokenSpec,
     pub lora: LoraSpec,
+    #[serde(default)]
+    pub kv_layout: KvLayout,
 }
 
 #[derive(Debug, Clone)]
@@ -137,17 +151,36 @@ pub struct Signature {
     pub outputs: Vec<(String, T)>,
 }
 
+/// `mrope_section` of a Hugging Face Qwen2.5-VL `config.json` (either transformers layout).
+fn hf_mrope_section(dir: &Path) -> Option<Vec<usize>> {
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+    for path in [
+        ["text_config", "rope_parameters"],
+        ["text_config", "rope_scaling"],
+        ["rope_scaling", ""],
+    ] {
+        let mut v = &c[path[0]];
+        if !path[1].is_empty() {
+            v = &v[path[1]];
+        }
+        if let Some(a) = v["mrope_section"].as_array() {
+            return Some(
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect(),
+            );
+        }
+    }
+    None
+}
+
 impl Package {
     pub fn open(dir: &Path) -> Result<Package, PackageError> {
         let path = dir.join("manifest.json");
         if !path.exists() && dir.join("genai_config.json").is_file() {
-            return Err(PackageError::File {
-                path: dir.join("genai_config.json"),
-                msg: "an onnxruntime-genai folder without manifest.json: its decoder keeps a shared, \
-                      right-padded KV buffer (GroupQueryAttention) that this runtime does not drive yet; \
-                      export a package from the Hugging Face checkpoint with models/export.py"
-                    .into(),
-            });
+            return Package::from_genai(dir);
         }
         let text = std::fs::read_to_string(&path).map_err(|e| PackageError::File {
             path: path.clone(),
@@ -190,6 +223,177 @@ impl Package {
             dir: dir.to_path_buf(),
             manifest,
         })
+    }
+
+    /// A plain onnxruntime-genai Qwen2.5-VL folder (`genai_config.json` with vision, embedding
+    /// and decoder sections): rollouts and evaluation only, no LoRA, no log-prob or training
+    /// graph. The manifest is read off the config; I/O names must be the standard ones.
+    pub fn from_genai(dir: &Path) -> Result<Package, PackageError> {
+        let path = dir.join("genai_config.json");
+        let bad = |msg: String| PackageError::File {
+            path: path.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let model = &cfg["model"];
+        if model["type"] != "qwen2_5_vl" {
+            return Err(bad(format!(
+                "model type {}: only Qwen2.5-VL (\"qwen2_5_vl\") folders are supported",
+                model["type"]
+            )));
+        }
+        let num = |v: &serde_json::Value, key: &str| -> Result<u64, PackageError> {
+            v[key]
+                .as_u64()
+                .ok_or_else(|| bad(format!("missing or non-integer `{key}`")))
+        };
+        let (dec, emb, vis) = (&model["decoder"], &model["embedding"], &model["vision"]);
+        for (section, v) in [("decoder", dec), ("embedding", emb), ("vision", vis)] {
+            if !v.is_object() {
+                return Err(bad(format!(
+                    "no `model.{section}` section: rollouts need the vision, embedding and decoder graphs"
+                )));
+            }
+        }
+        let file = |v: &serde_json::Value, section: &str| -> Result<String, PackageError> {
+            v["filename"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("no `model.{section}.filename`")))
+        };
+        // The graphs must use the standard I/O names this runtime feeds.
+        let names = [
+            (dec, "inputs", "inputs_embeds", "inputs_embeds"),
+            (dec, "inputs", "attention_mask", "attention_mask"),
+            (dec, "inputs", "position_ids", "position_ids"),
+            (dec, "inputs", "past_key_names", "past_key_values.%d.key"),
+            (
+                dec,
+                "inputs",
+                "past_value_names",
+                "past_key_values.%d.value",
+            ),
+            (dec, "outputs", "logits", "logits"),
+            (dec, "outputs", "present_key_names", "present.%d.key"),
+            (dec, "outputs", "present_value_names", "present.%d.value"),
+            (emb, "inputs", "input_ids", "input_ids"),
+            (emb, "inputs", "image_features", "image_features"),
+            (emb, "outputs", "inputs_embeds", "inputs_embeds"),
+            (vis, "inputs", "pixel_values", "pixel_values"),
+            (vis, "inputs", "image_grid_thw", "image_grid_thw"),
+            (vis, "outputs", "image_features", "image_features"),
+        ];
+        for (v, io, key, want) in names {
+            if let Some(got) = v[io][key].as_str() {
+                if got != want {
+                    return Err(bad(format!(
+                        "{io}.{key} is {got:?}; this runtime feeds {want:?}"
+                    )));
+                }
+            }
+        }
+        let decoder = file(dec, "decoder")?;
+        let bytes = std::fs::read(dir.join(&decoder)).map_err(|e| PackageError::File {
+            path: dir.join(&decoder),
+            msg: e.to_string(),
+        })?;
+        let gqa = bytes
+            .windows(b"GroupQueryAttention".len())
+            .any(|w| w == b"GroupQueryAttention");
+        let hidden = num(dec, "hidden_size")? as usize;
+        let heads = num(dec, "num_attention_heads")? as usize;
+        let eos: Vec<u32> = match &model["eos_token_id"] {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
+            v => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        };
+        let vision_start = num(model, "vision_start_token_id")? as u32;
+        let hf: serde_json::Value = std::fs::read(dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let vision_end = hf["vision_end_token_id"]
+            .as_u64()
+            .map_or(vision_start + 1, |v| v as u32);
+        let manifest = Manifest {
+            format: "onnxruntime-genai".into(),
+            version: 1,
+            dtype: "fp32".into(),
+            graphs: Graphs {
+                vision: file(vis, "vision")?,
+                embedding: file(emb, "embedding")?,
+                decoder,
+                logprobs: String::new(),
+                train: String::new(),
+            },
+            train: TrainSpec {
+                inputs: vec![],
+                stats: vec![],
+            },
+            text: TextSpec {
+                hidden_size: hidden,
+                num_hidden_layers: num(dec, "num_hidden_layers")? as usize,
+                num_attention_heads: heads,
+                num_key_value_heads: num(dec, "num_key_value_heads")? as usize,
+                head_dim: dec["head_size"]
+                    .as_u64()
+                    .map_or(hidden / heads.max(1), |v| v as usize),
+                vocab_size: num(model, "vocab_size")? as usize,
+                // The split of the rotary dimensions (informational: the graphs apply it), from
+                // the Hugging Face config.json when the folder has one.
+                mrope_section: hf_mrope_section(dir).unwrap_or_else(|| vec![16, 24, 24]),
+            },
+            vision: VisionSpec {
+                out_hidden_size: hidden,
+                spatial_merge_size: num(vis, "spatial_merge_size")? as u32,
+                patch_size: vis["patch_size"].as_u64().unwrap_or(14) as u32,
+                temporal_patch_size: 2,
+                tokens_per_second: vis["tokens_per_second"].as_f64().unwrap_or(2.0) as f32,
+                window_size: vis["window_size"].as_u64().unwrap_or(112) as u32,
+            },
+            tokens: TokenSpec {
+                image: num(model, "image_token_id")? as u32,
+                video: num(model, "video_token_id")? as u32,
+                vision_start,
+                vision_end,
+                pad: num(model, "pad_token_id")? as u32,
+                eos,
+            },
+            lora: LoraSpec {
+                rank: 0,
+                alpha: 0.0,
+                scale: 0.0,
+                targets: vec![],
+                tensors: vec![],
+            },
+            kv_layout: if gqa {
+                KvLayout::Packed
+            } else {
+                KvLayout::Append
+            },
+        };
+        let g = &manifest.graphs;
+        for g in [&g.vision, &g.embedding, &g.decoder] {
+            if !dir.join(g).is_file() {
+                return Err(bad(format!(
+                    "graph {g} named in genai_config.json is missing"
+                )));
+            }
+        }
+        Ok(Package {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// A folder read from `genai_config.json` has no log-prob or training graph.
+    pub fn is_genai(&self) -> bool {
+        self.manifest.format == "onnxruntime-genai"
     }
 
     pub fn graph_path(&self, file: &str) -> PathBuf {
@@ -281,6 +485,10 @@ impl Package {
                 },
             ),
         ]
+        .into_iter()
+        // An onnxruntime-genai folder has no log-prob or training graph.
+        .filter(|(file, _)| !file.is_empty())
+        .collect()
     }
 
     /// Loads every graph and checks its inputs and outputs against the contract.

@@ -4,7 +4,7 @@
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
-use crate::model::package::{Package, PackageError};
+use crate::model::package::{KvLayout, Package, PackageError};
 use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
@@ -256,6 +256,13 @@ impl Engine {
 
     /// Replaces LoRA tensors by name (PEFT layout, `lora.{layer}.{target}.A|B`); no session rebuild.
     pub fn set_lora(&mut self, tensors: &[(String, Vec<f32>)]) -> Result<(), EngineError> {
+        if self.lora.is_empty() && !tensors.is_empty() {
+            return Err(EngineError::Lora(format!(
+                "{} has no LoRA inputs (an onnxruntime-genai folder?): merge the adapter with \
+                 `ssrl export` into a package from models/export.py instead",
+                self.package.dir.display()
+            )));
+        }
         for (name, values) in tensors {
             let slot = self
                 .lora
@@ -299,7 +306,8 @@ impl Engine {
         Ok(e.to_vec())
     }
 
-    /// Runs the decoder; returns the last position's logits per row and the new cache.
+    /// Runs the decoder; returns the logits of column `last[r]` of each row `r` and the new cache.
+    #[allow(clippy::too_many_arguments)]
     fn decode(
         &mut self,
         embeds: Vec<f32>,
@@ -308,6 +316,7 @@ impl Engine {
         mask: &[Vec<i64>],
         pos: Vec<i64>,
         kv: Kv,
+        last: &[usize],
     ) -> Result<(Vec<f32>, Kv), EngineError> {
         let t = &self.package.manifest.text;
         let (layers, hidden, vocab) = (t.num_hidden_layers, t.hidden_size, t.vocab_size);
@@ -346,10 +355,10 @@ impl Engine {
         let (_, logits) = out["logits"]
             .try_extract_tensor::<f32>()
             .map_err(run_err("decoder"))?;
-        let mut last = Vec::with_capacity(rows * vocab);
-        for r in 0..rows {
-            let start = (r * cols + cols - 1) * vocab;
-            last.extend_from_slice(&logits[start..start + vocab]);
+        let mut picked = Vec::with_capacity(rows * vocab);
+        for (r, &c) in last.iter().enumerate().take(rows) {
+            let start = (r * cols + c) * vocab;
+            picked.extend_from_slice(&logits[start..start + vocab]);
         }
         let mut data = Vec::with_capacity(2 * layers);
         for i in 0..2 * layers {
@@ -363,7 +372,7 @@ impl Engine {
                 msg: format!("no output {name}"),
             })?);
         }
-        Ok((last, Kv { data, len: total }))
+        Ok((picked, Kv { data, len: total }))
     }
 
     /// Keeps the cache rows `keep` (in that order; a row may repeat, which fans prompts out).
@@ -515,12 +524,23 @@ impl Engine {
         let mut ids = Vec::with_capacity(b * s);
         let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
         let mut mask_u8 = Vec::with_capacity(b * s);
+        // Left padding, except for decoders that keep each row's cache packed from position 0
+        // (GroupQueryAttention): those get right padding and write each new token at the row's
+        // own length.
+        let packed = m.kv_layout == KvLayout::Packed;
         for p in prompts {
             let n = s - p.len();
-            ids.extend(std::iter::repeat_n(pad, n).chain(p.iter().copied()));
-            let row: Vec<i64> = std::iter::repeat_n(0, n)
-                .chain(std::iter::repeat_n(1, p.len()))
-                .collect();
+            let row: Vec<i64> = if packed {
+                ids.extend(p.iter().copied().chain(std::iter::repeat_n(pad, n)));
+                std::iter::repeat_n(1, p.len())
+                    .chain(std::iter::repeat_n(0, n))
+                    .collect()
+            } else {
+                ids.extend(std::iter::repeat_n(pad, n).chain(p.iter().copied()));
+                std::iter::repeat_n(0, n)
+                    .chain(std::iter::repeat_n(1, p.len()))
+                    .collect()
+            };
             mask_u8.extend(row.iter().map(|v| *v as u8));
             mask.push(row);
         }
@@ -545,7 +565,11 @@ impl Engine {
         };
         let embeds = self.embed(ids.iter().map(|v| i64::from(*v)).collect(), b, s, features)?;
         let t_prefill = Instant::now();
-        let (prefill_logits, kv) = self.decode(embeds, b, s, &mask, pos, empty)?;
+        let last: Vec<usize> = match packed {
+            true => prompts.iter().map(|p| p.len().max(1) - 1).collect(),
+            false => vec![s.max(1) - 1; b],
+        };
+        let (prefill_logits, kv) = self.decode(embeds, b, s, &mask, pos, empty, &last)?;
         self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
         self.stats.prefill_tokens += prompts.iter().map(Vec::len).sum::<usize>();
         let t_decode = Instant::now();
@@ -629,10 +653,19 @@ impl Engine {
                     pos[r * n + k] = p;
                 }
             }
-            for mrow in masks.iter_mut() {
-                mrow.push(1);
+            if packed {
+                // Row k holds seen[k] tokens from position 0; the new one goes right after.
+                let width = kv.len + 1;
+                for (mrow, &sk) in masks.iter_mut().zip(&seen) {
+                    mrow.clear();
+                    mrow.extend((0..width).map(|j| i64::from(j <= sk)));
+                }
+            } else {
+                for mrow in masks.iter_mut() {
+                    mrow.push(1);
+                }
             }
-            let (l, new_kv) = self.decode(embeds, n, 1, &masks, pos, kv)?;
+            let (l, new_kv) = self.decode(embeds, n, 1, &masks, pos, kv, &vec![0; n])?;
             kv = new_kv;
             logits = l;
             for s in seen.iter_mut() {

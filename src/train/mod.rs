@@ -228,6 +228,15 @@ impl Trainer {
         engine.preprocessor.min_pixels = cfg.data.min_pixels;
         engine.preprocessor.max_pixels = cfg.data.max_pixels;
         let m = engine.package.manifest.clone();
+        if engine.package.is_genai() {
+            return Err(TrainError::Data {
+                path: cfg.model.clone(),
+                msg: "an onnxruntime-genai folder has no LoRA inputs, log-prob or training graph; \
+                      train on a package from models/export.py (ssrl export merges the result \
+                      back into one for deployment)"
+                    .into(),
+            });
+        }
         let logprobs = engine.open_graph(&m.graphs.logprobs)?;
         let train = engine.open_graph(&m.graphs.train)?;
         let data = load_dataset(&cfg.data.train_files, cfg.data.image_dir.as_deref())?;
