@@ -77,10 +77,11 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
 	python3 models/make_pil_goldens.py
 	python3 models/make_rope_goldens.py
-	rm -rf models/tiny-genai-decoder && $(EXPORT_VENV)/bin/python -m onnxruntime_genai.models.builder \
+	rm -rf models/tiny-genai-decoder.partial && $(EXPORT_VENV)/bin/python -m onnxruntime_genai.models.builder \
 	    -m models/tiny/hf -i models/tiny/hf -o models/tiny-genai-decoder.partial -p fp32 -e cpu \
 	    --extra_options exclude_embeds=true
-	mkdir models/tiny-genai-decoder && mv models/tiny-genai-decoder.partial/model.onnx* models/tiny-genai-decoder/
+	mv -f models/tiny-genai-decoder.partial/model.onnx models/tiny-genai-decoder.partial/model.onnx.data \
+	    models/tiny-genai-decoder/
 	rm -rf models/tiny-genai-decoder.partial
 
 lint: ## formatting and clippy, warnings as errors
