@@ -240,17 +240,17 @@ pub struct ExportArgs {
     ort_lib: Option<PathBuf>,
 }
 
+/// An adapter's tensors as `(package input name, values)`, from a checkpoint or PEFT folder.
+fn adapter_tensors(dir: &Path) -> Result<Vec<(String, Vec<f32>)>> {
+    Ok(train::checkpoint::load_adapter(dir)?
+        .into_iter()
+        .map(|t| (t.name, t.data))
+        .collect())
+}
+
 pub fn run_export(a: ExportArgs) -> Result<()> {
     use spatial_ssrl::model::export::{export, ExportOptions};
-    let adapter = match &a.adapter {
-        Some(dir) => Some(
-            train::checkpoint::load_adapter(dir)?
-                .into_iter()
-                .map(|t| (t.name, t.data))
-                .collect(),
-        ),
-        None => None,
-    };
+    let adapter = a.adapter.as_deref().map(adapter_tensors).transpose()?;
     let r = export(
         &a.model,
         &a.out,
@@ -522,15 +522,12 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     cfg.allow_columns = a.allow_columns;
     cfg.limit = a.limit;
     cfg.adapter = a.adapter.as_ref().map(|p| p.display().to_string());
-    // The data is checked before the model is loaded.
+    // The data and the adapter are checked before the model is loaded.
     let items = eval::load(&cfg)?;
+    let lora = a.adapter.as_deref().map(adapter_tensors).transpose()?;
     let mut engine = spatial_ssrl::rollout::Engine::open(&model, a.ort_lib.as_deref())?;
-    if let Some(dir) = &a.adapter {
-        let t: Vec<(String, Vec<f32>)> = train::checkpoint::load_adapter(dir)?
-            .into_iter()
-            .map(|t| (t.name, t.data))
-            .collect();
-        engine.set_lora(&t)?;
+    if let Some(t) = &lora {
+        engine.set_lora(t)?;
     }
     let pb = ProgressBar::new(0);
     pb.set_style(

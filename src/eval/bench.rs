@@ -160,10 +160,12 @@ impl BenchItem {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {msg}", path.display())]
-pub struct ReadError {
-    pub path: PathBuf,
-    pub msg: String,
+pub enum ReadError {
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    /// A pretext set, as the task writer's reader reports it (it names the file).
+    #[error(transparent)]
+    Samples(#[from] crate::tasks::write::WriteError),
 }
 
 /// What a reader needs besides the file.
@@ -181,33 +183,31 @@ pub struct ReadOptions {
 
 /// Reads `path` as `bench`.
 pub fn read(bench: Bench, path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
-    let err = |msg: String| ReadError {
+    let err = |msg: String| ReadError::File {
         path: path.to_path_buf(),
         msg,
     };
-    let items = match bench {
-        Bench::Pretext => pretext(path, opt),
-        Bench::Viewspatial => json_items(path)?
+    // Each JSON item through `parse`; an error names the item and its line.
+    let each = |parse: &dyn Fn(usize, &Value) -> Result<BenchItem, String>| {
+        json_items(path)?
             .iter()
-            .map(|(i, line, v)| viewspatial(*i, v, opt).map_err(|m| (*line, *i, m)))
-            .collect(),
+            .map(|(i, line, v)| {
+                parse(*i, v).map_err(|m| err(format!("item {i} (line {line}): {m}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let items = match bench {
+        Bench::Pretext => pretext(path, opt)?,
+        Bench::Viewspatial => each(&|i, v| viewspatial(i, v, opt))?,
         Bench::Whatsup => {
             let stem = path.file_stem().map_or("whatsup".into(), |s| {
                 s.to_string_lossy().trim_end_matches("_dataset").to_string()
             });
-            json_items(path)?
-                .iter()
-                .map(|(i, line, v)| whatsup(*i, v, &stem, opt).map_err(|m| (*line, *i, m)))
-                .collect()
+            each(&|i, v| whatsup(i, v, &stem, opt))?
         }
-        Bench::Vsi => json_items(path)?
-            .iter()
-            .map(|(i, line, v)| vsi(*i, v, opt).map_err(|m| (*line, *i, m)))
-            .collect(),
+        Bench::Vsi => each(&|i, v| vsi(i, v, opt))?,
         Bench::Mcq => return tsv(path, opt),
     };
-    let items: Vec<BenchItem> =
-        items.map_err(|(line, i, m)| err(format!("item {i} (line {line}): {m}")))?;
     let mut seen = HashSet::new();
     for it in &items {
         if !seen.insert(it.id.as_str()) {
@@ -232,8 +232,8 @@ fn check_files(items: &[BenchItem]) -> Result<(), String> {
     Ok(())
 }
 
-fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, (usize, usize, String)> {
-    let samples = read_samples(path).map_err(|e| (0, 0, e.to_string()))?;
+fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
+    let samples = read_samples(path)?;
     Ok(samples
         .iter()
         .map(|s: &SampleRecord| {
@@ -269,7 +269,7 @@ fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, (usize, usi
 /// A JSON array, JSON lines or a Parquet file (as the Hugging Face copies ship) as
 /// `(index, line, value)`; syntax errors name the line (Parquet: the row).
 fn json_items(path: &Path) -> Result<Vec<(usize, usize, Value)>, ReadError> {
-    let err = |msg: String| ReadError {
+    let err = |msg: String| ReadError::File {
         path: path.to_path_buf(),
         msg,
     };
@@ -619,7 +619,7 @@ fn str_list(cell: &str) -> Vec<String> {
 }
 
 fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
-    let err = |msg: String| ReadError {
+    let err = |msg: String| ReadError::File {
         path: path.to_path_buf(),
         msg,
     };
@@ -687,11 +687,7 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
     let mut items = Vec::with_capacity(rows.len());
     for r in &rows {
         let at = |msg: String| err(format!("line {}: {msg}", r.line));
-        let cell = |c: &str| {
-            col(c)
-                .map(|i| r.cells[i].as_str())
-                .filter(|s| !s.trim().is_empty())
-        };
+        let cell = |c: &str| cell_of(&r.cells, col(c));
         if r.index.is_empty() {
             return Err(at("empty `index`".into()));
         }

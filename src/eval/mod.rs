@@ -128,10 +128,14 @@ pub struct Score {
 
 impl Score {
     fn add(&mut self, it: &Item) {
+        self.push(it.score, it.strict);
+    }
+
+    fn push(&mut self, score: f64, strict: Option<bool>) {
         self.items += 1;
-        self.points += it.score;
+        self.points += score;
         self.accuracy = self.points / self.items as f64;
-        if let Some(ok) = it.strict {
+        if let Some(ok) = strict {
             let n = self.strict_correct.unwrap_or(0) + usize::from(ok);
             self.strict_correct = Some(n);
             self.strict_accuracy = Some(n as f64 / self.items as f64);
@@ -178,22 +182,8 @@ fn grouped(items: &[Item], key: impl Fn(&str) -> String) -> Score {
         }
     }
     let mut s = Score::default();
-    for (q, h) in &hit {
-        let probe = Item {
-            id: q.clone(),
-            category: String::new(),
-            variant: String::new(),
-            problem: String::new(),
-            response: String::new(),
-            predicted: String::new(),
-            answer: String::new(),
-            score: *h,
-            correct: *h >= 1.0,
-            strict: None,
-            tokens: 0,
-            qid: None,
-        };
-        s.add(&probe);
+    for h in hit.values() {
+        s.push(*h, None);
     }
     s
 }
@@ -334,16 +324,16 @@ pub fn run_items(
     let items_path = cfg.out.join("items.jsonl");
     // A torn last line (interrupted write) is dropped; complete items are kept.
     let existing = std::fs::read_to_string(&items_path).unwrap_or_default();
-    let kept: Vec<&str> = existing
-        .lines()
-        .filter(|l| serde_json::from_str::<Item>(l).is_ok())
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
+    let mut body = String::new();
+    let mut done: HashSet<String> = HashSet::new();
+    for l in existing.lines() {
+        if let Ok(it) = serde_json::from_str::<Item>(l) {
+            body += l;
+            body.push('\n');
+            done.insert(it.id);
+        }
     }
     std::fs::write(&items_path, body).map_err(|e| ferr(&items_path, e))?;
-    let done: HashSet<String> = read_items(&items_path)?.into_iter().map(|i| i.id).collect();
     let todo: Vec<&bench::BenchItem> = items.iter().filter(|s| !done.contains(&s.id)).collect();
     let mut file = std::fs::OpenOptions::new()
         .append(true)
