@@ -145,7 +145,8 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
     let greedy = p.temperature <= 0.0;
     let t = if greedy { 1.0 } else { p.temperature };
     let scaled: Vec<f32> = values.iter().map(|x| x / t).collect();
-    let st = RowStats::of(values.iter().copied(), t);
+    // Already divided: x / 1.0 is x, bit for bit.
+    let st = RowStats::of(scaled.iter().copied(), 1.0);
     let token = if greedy {
         let mut best = 0usize;
         let mut bv = f32::NEG_INFINITY;

@@ -71,22 +71,19 @@ pub fn token_uniforms(seed: u64, sequence: u32, step: u32, first: u32) -> [f32; 
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn lanes_match_the_scalar_generator() {
         for (seed, seq, step, first) in [(7u64, 3u32, 11u32, 0u32), (u64::MAX, 0, 0, u32::MAX - 3)]
         {
-            let v = super::token_uniforms(seed, seq, step, first);
+            let v = token_uniforms(seed, seq, step, first);
             for (i, x) in v.iter().enumerate() {
                 let t = first.wrapping_add(i as u32);
-                assert_eq!(
-                    x.to_bits(),
-                    super::token_uniform(seed, seq, step, t).to_bits()
-                );
+                assert_eq!(x.to_bits(), token_uniform(seed, seq, step, t).to_bits());
             }
         }
     }
-
-    use super::*;
 
     /// Known-answer vectors from the Random123 distribution (`kat_vectors`, philox4x32_10).
     #[test]

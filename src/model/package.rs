@@ -152,9 +152,7 @@ pub struct Signature {
 }
 
 /// `mrope_section` of a Hugging Face Qwen2.5-VL `config.json` (either transformers layout).
-fn hf_mrope_section(dir: &Path) -> Option<Vec<usize>> {
-    let c: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+fn hf_mrope_section(c: &serde_json::Value) -> Option<Vec<usize>> {
     for path in [
         ["text_config", "rope_parameters"],
         ["text_config", "rope_scaling"],
@@ -346,7 +344,7 @@ impl Package {
                 vocab_size: num(model, "vocab_size")? as usize,
                 // The split of the rotary dimensions (informational: the graphs apply it), from
                 // the Hugging Face config.json when the folder has one.
-                mrope_section: hf_mrope_section(dir).unwrap_or_else(|| vec![16, 24, 24]),
+                mrope_section: hf_mrope_section(&hf).unwrap_or_else(|| vec![16, 24, 24]),
             },
             vision: VisionSpec {
                 out_hidden_size: hidden,

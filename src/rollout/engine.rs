@@ -517,7 +517,7 @@ impl Engine {
             let n = f.len() / m.vision.out_hidden_size;
             (f, n)
         };
-        // Left-padded prompt batch, M-RoPE positions.
+        // Padded prompt batch, M-RoPE positions.
         let b = requests.len();
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pad = m.tokens.pad;
