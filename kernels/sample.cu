@@ -87,3 +87,15 @@ extern "C" __global__ void sample_rows(const void* logits, int dtype, u64 vocab,
         logprobs[row] = load_logit(logits, base + arg, dtype) / t - (s.m + logf(s.s));
     }
 }
+
+// Sets logits[r, ids[j]] to -inf for every row r (tokens that must never be drawn, such as the
+// image placeholders); one thread per (row, id). Ids outside the vocabulary are ignored.
+extern "C" __global__ void mask_tokens(void* logits, int dtype, u64 vocab, u32 rows, const u32* ids, u32 n) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * n) return;
+    const u32 id = ids[i % n];
+    if ((u64)id >= vocab) return;
+    const u64 at = (i / n) * vocab + id;
+    if (dtype == 0) ((float*)logits)[at] = -INFINITY;
+    else ((unsigned short*)logits)[at] = dtype == 1 ? 0xFC00u : 0xFF80u;  // f16 / bf16 -inf
+}

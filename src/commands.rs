@@ -309,6 +309,10 @@ pub struct BenchRolloutArgs {
     device: String,
     #[arg(long, default_value_t = 0)]
     device_id: i32,
+    /// On cuda / tensorrt: keep the decoder's cache and logits on the host between steps (as
+    /// without IoBinding-style device buffers), to measure what keeping them on the GPU saves.
+    #[arg(long)]
+    host_cache: bool,
     /// Also write the results here.
     #[arg(long, default_value = "bench-rollout.json")]
     json: PathBuf,
@@ -332,6 +336,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
             allow_fallback: false,
         },
     )?;
+    engine.set_host_cache(a.host_cache);
     let requests: Vec<Request> = match &a.data {
         None => bench::synthetic_requests(a.batch),
         Some(f) => {
@@ -365,12 +370,17 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
     };
     eprintln!(
-        "{} prompts × {} samples, {} new tokens, {} timed rounds after one warm-up, on {}",
+        "{} prompts × {} samples, {} new tokens, {} timed rounds after one warm-up, on {}{}",
         requests.len(),
         a.group,
         a.max_new_tokens,
         a.rounds,
-        engine.provider()
+        engine.provider(),
+        if engine.cache_on_gpu() {
+            " (cache, logits and sampling on the GPU)"
+        } else {
+            ""
+        }
     );
     let r = bench::run(&mut engine, &requests, &cfg, a.rounds, |i, s| {
         eprintln!("  round {}: {s:.2} s", i + 1)

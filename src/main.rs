@@ -141,6 +141,10 @@ struct RolloutArgs {
     /// Run on the CPU when the chosen provider is unavailable, instead of failing.
     #[arg(long)]
     allow_fallback: bool,
+    /// On cuda / tensorrt: keep the decoder's cache and logits on the host between steps
+    /// (slower; for comparisons).
+    #[arg(long)]
+    host_cache: bool,
     /// TensorRT: build fp16 engines.
     #[arg(long)]
     trt_fp16: bool,
@@ -445,8 +449,17 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
             allow_fallback: a.allow_fallback,
         },
     )?;
+    engine.set_host_cache(a.host_cache);
     if engine.provider() != "cpu" || !matches!(a.device, DeviceArg::Cpu) {
-        eprintln!("execution provider: {}", engine.provider());
+        eprintln!(
+            "execution provider: {}{}",
+            engine.provider(),
+            if engine.cache_on_gpu() {
+                " (cache, logits and sampling on the GPU)"
+            } else {
+                ""
+            }
+        );
     }
     let cfg = GenerationConfig {
         group: a.group,

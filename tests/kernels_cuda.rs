@@ -47,6 +47,7 @@ fn kernels_compile_with_nvrtc() {
         "logprob_partials",
         "logprob_finish",
         "sample_rows",
+        "mask_tokens",
         "group_advantages",
         "sum_squares",
         "scale",
@@ -178,6 +179,66 @@ fn sampling_matches_cpu() {
         for (x, y) in a.iter().zip(&b) {
             assert!((x.logprob - y.logprob).abs() <= 1e-5 * x.logprob.abs().max(1.0));
         }
+    }
+}
+
+/// Sampling from logits already on the device (the rollout engine's path, on ONNX Runtime's
+/// output buffer) with banned tokens: the same draws as the CPU twin on host-masked logits.
+#[test]
+fn device_sampling_with_banned_tokens_matches_cpu() {
+    use cudarc::driver::DevicePtr;
+    let Some(gpu) = device() else { return };
+    let (rows, vocab) = (40usize, 151_936usize);
+    let mut l = random(rows * vocab, 4.0, 91);
+    // The banned ids would win every greedy draw and most sampled ones.
+    let banned = [151_655u32, 151_656];
+    for r in 0..rows {
+        for &id in &banned {
+            l[r * vocab + id as usize] = 60.0;
+        }
+    }
+    let mut masked = l.clone();
+    for r in 0..rows {
+        for &id in &banned {
+            masked[r * vocab + id as usize] = f32::NEG_INFINITY;
+        }
+    }
+    let keys: Vec<RowKey> = (0..rows as u32)
+        .map(|i| RowKey {
+            sequence: 1000 + i,
+            step: 3,
+        })
+        .collect();
+    for p in [
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.95,
+            seed: 9,
+        },
+    ] {
+        let want = cpu::sample(Logits::F32(&masked), vocab, &keys, &p).unwrap();
+        let d = gpu.stream().clone_htod(&l).unwrap();
+        let got = {
+            let (ptr, _g) = d.device_ptr(gpu.stream());
+            // SAFETY: `d` holds rows · vocab f32 values and nothing else uses it meanwhile.
+            unsafe { gpu.sample_device(ptr, 0, vocab, &keys, &p, &banned) }.unwrap()
+        };
+        for (r, (x, y)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(x.token, y.token, "{p:?}: row {r}");
+            assert!(!banned.contains(&y.token));
+            assert!((x.logprob - y.logprob).abs() <= 1e-5 * x.logprob.abs().max(1.0));
+        }
+        let back = gpu.stream().clone_dtoh(&d).unwrap();
+        assert_eq!(
+            back[5 * vocab + 151_655],
+            f32::NEG_INFINITY,
+            "masked in place"
+        );
     }
 }
 

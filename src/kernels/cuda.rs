@@ -9,7 +9,7 @@ use super::{
     Sampled, SamplingParams, TokenLogprobs,
 };
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
@@ -141,6 +141,7 @@ pub struct Cuda {
     logprob_partials: CudaFunction,
     logprob_finish: CudaFunction,
     sample: CudaFunction,
+    mask_tokens: CudaFunction,
     advantages: CudaFunction,
     sum_squares: CudaFunction,
     scale: CudaFunction,
@@ -186,6 +187,7 @@ impl Cuda {
             logprob_partials,
             logprob_finish: f("logprob_finish")?,
             sample: f("sample_rows")?,
+            mask_tokens: f("mask_tokens")?,
             advantages: f("group_advantages")?,
             sum_squares: f("sum_squares")?,
             scale: f("scale")?,
@@ -204,6 +206,44 @@ impl Cuda {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Copies `bytes` bytes from `src` to `dst` on this device, in stream order.
+    ///
+    /// # Safety
+    /// Both ranges must be device memory of this context, not overlapping.
+    pub unsafe fn copy_device(
+        &self,
+        dst: cudarc::driver::sys::CUdeviceptr,
+        src: cudarc::driver::sys::CUdeviceptr,
+        bytes: usize,
+    ) -> Result<(), KernelError> {
+        self.stream.context().bind_to_thread().map_err(cuda_err)?;
+        // SAFETY: the caller vouches for both ranges.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+        }
+        .map_err(cuda_err)
+    }
+
+    /// Reads `out.len()` values from device address `src` (after the stream's work).
+    ///
+    /// # Safety
+    /// `src` must hold `out.len()` values of `T` in this context.
+    pub unsafe fn read_device<T: Copy>(
+        &self,
+        src: cudarc::driver::sys::CUdeviceptr,
+        out: &mut [T],
+    ) -> Result<(), KernelError> {
+        self.stream.synchronize().map_err(cuda_err)?;
+        // SAFETY: the caller vouches for the range.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, src) }.map_err(cuda_err)
+    }
+
+    /// Waits for all work in the device's primary context, other libraries' streams (ONNX
+    /// Runtime's) included.
+    pub fn synchronize_all(&self) -> Result<(), KernelError> {
+        self.stream.context().synchronize().map_err(cuda_err)
     }
 
     fn upload(&self, logits: Logits<'_>) -> Result<(DeviceLogits, i32), KernelError> {
@@ -427,6 +467,54 @@ impl Cuda {
             return Ok(vec![]);
         }
         let (d, dtype) = self.upload(logits)?;
+        let (ptr, _guard) = match &d {
+            DeviceLogits::F32(x) => x.device_ptr(&self.stream),
+            DeviceLogits::Half(x) => x.device_ptr(&self.stream),
+        };
+        // SAFETY: `ptr` holds `keys.len() · vocab` values of `dtype` (checked above), owned by `d`.
+        unsafe { self.sample_device(ptr, dtype, vocab, keys, p, &[]) }
+    }
+
+    /// Samples from logits already on this device, `[keys.len(), vocab]` at `ptr` (ONNX
+    /// Runtime's output, say), after setting the `banned` token ids to −∞ in place; only the
+    /// tokens and their log-probs come back to the host. `dtype`: 0 f32, 1 f16, 2 bf16.
+    ///
+    /// # Safety
+    /// `ptr` must point to `keys.len() · vocab` writable values of `dtype` in this device's
+    /// primary context, with no other stream using them until this returns.
+    pub unsafe fn sample_device(
+        &self,
+        ptr: cudarc::driver::sys::CUdeviceptr,
+        dtype: i32,
+        vocab: usize,
+        keys: &[RowKey],
+        p: &SamplingParams,
+        banned: &[u32],
+    ) -> Result<Vec<Sampled>, KernelError> {
+        if keys.is_empty() {
+            return Ok(vec![]);
+        }
+        if !banned.is_empty() {
+            let ids = self.stream.clone_htod(banned).map_err(cuda_err)?;
+            let (rows, n) = (keys.len() as u32, banned.len() as u32);
+            let vocab64 = vocab as u64;
+            let mut b = self.stream.launch_builder(&self.mask_tokens);
+            b.arg(&ptr)
+                .arg(&dtype)
+                .arg(&vocab64)
+                .arg(&rows)
+                .arg(&ids)
+                .arg(&n);
+            let total = rows * n;
+            let cfg = LaunchConfig {
+                grid_dim: (total.div_ceil(BLOCK), 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `mask_tokens` in kernels/sample.cu; one thread per (row, id), the
+            // caller vouches for `rows · vocab` values at `ptr`.
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+        }
         let seqs: Vec<u32> = keys.iter().map(|k| k.sequence).collect();
         let steps: Vec<u32> = keys.iter().map(|k| k.step).collect();
         let seqs = self.stream.clone_htod(&seqs).map_err(cuda_err)?;
@@ -441,11 +529,8 @@ impl Cuda {
             .map_err(cuda_err)?;
         let (vocab64, top_k, seed) = (vocab as u64, p.top_k.min(i32::MAX as usize) as i32, p.seed);
         let mut b = self.stream.launch_builder(&self.sample);
-        match &d {
-            DeviceLogits::F32(x) => b.arg(x),
-            DeviceLogits::Half(x) => b.arg(x),
-        };
-        b.arg(&dtype)
+        b.arg(&ptr)
+            .arg(&dtype)
             .arg(&vocab64)
             .arg(&seqs)
             .arg(&steps)

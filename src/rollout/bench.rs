@@ -10,6 +10,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize)]
 pub struct RolloutBench {
     pub provider: String,
+    /// Decoder cache, logits and sampling on the GPU (CUDA / TensorRT).
+    pub cache_on_gpu: bool,
     pub prompts: usize,
     pub group: usize,
     pub max_new_tokens: usize,
@@ -91,6 +93,7 @@ pub fn run(
     let rounds = rounds.max(1);
     Ok(RolloutBench {
         provider: engine.provider().to_string(),
+        cache_on_gpu: engine.cache_on_gpu(),
         prompts: requests.len(),
         group: cfg.group,
         max_new_tokens: cfg.max_new_tokens,

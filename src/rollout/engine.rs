@@ -3,15 +3,17 @@
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 
+use crate::kernels::cuda::Cuda;
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
 use crate::model::package::{KvLayout, Package, PackageError};
 use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
-use crate::model::session::{environment, session_builder, DeviceChoice, ProviderError};
+use crate::model::session::{environment, session_builder, Device, DeviceChoice, ProviderError};
 use image::RgbImage;
-use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
+use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorRefMut};
 use rayon::prelude::*;
 use std::path::Path;
 use std::time::Instant;
@@ -59,11 +61,16 @@ where
 }
 
 /// A cache tensor as an ONNX Runtime value.
-fn kv_value(shape: &[usize], data: Vec<f32>) -> Result<ort::value::DynValue, EngineError> {
+fn kv_value(shape: &[usize], data: Vec<f32>) -> Result<DynTensor, EngineError> {
     let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
     Ok(Tensor::from_array((shape, data))
         .map_err(run_err("decoder"))?
-        .into_dyn())
+        .upcast())
+}
+
+fn kv_name(prefix: &str, i: usize) -> String {
+    let kind = if i % 2 == 0 { "key" } else { "value" };
+    format!("{prefix}.{}.{kind}", i / 2)
 }
 
 /// One prompt: EasyR1's `problem` (with `<image>` placeholders) and its images.
@@ -155,13 +162,63 @@ pub struct Engine {
     stats: EngineStats,
     env: &'static ort::environment::Environment,
     choice: DeviceChoice,
+    /// On CUDA / TensorRT: the decoder's cache and logits stay on the GPU and tokens are
+    /// drawn there. `None` on the CPU, or with [`Engine::set_host_cache`].
+    gpu: Option<OnGpu>,
 }
 
+/// The GPU side of the decode loop: ONNX Runtime writes the cache and logits into buffers from
+/// its own CUDA allocator; rows are moved and tokens drawn by the CUDA kernels on them.
+struct OnGpu {
+    cuda: Cuda,
+    alloc: Allocator,
+}
+
+/// The decoder's cache between steps.
 struct Kv {
-    /// Per layer and k/v: [rows, kv_heads, len, head_dim], as ONNX Runtime returned them (fed back
-    /// without a copy).
-    data: Vec<ort::value::DynValue>,
+    /// Per layer and k/v: `[capacity, kv_heads, len, head_dim]` as ONNX Runtime returned them
+    /// (on the host, or on the GPU with [`OnGpu`]); rows `0..rows` are live and are fed back
+    /// without a copy (a view of the leading rows once some have finished).
+    data: Vec<DynTensor>,
+    rows: usize,
     len: usize,
+}
+
+/// One decoder step's logits at each row's last position: `[rows, vocab]`.
+enum StepLogits {
+    Host(Vec<f32>),
+    /// ONNX Runtime's output buffer on the GPU, `[rows, 1, vocab]`.
+    Gpu(DynTensor),
+}
+
+impl OnGpu {
+    fn new(decoder: &Session, device_id: i32) -> Result<OnGpu, String> {
+        let cuda = Cuda::new(device_id.max(0) as usize).map_err(|e| e.to_string())?;
+        let info = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device_id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(|e| e.to_string())?;
+        let alloc = Allocator::new(decoder, info).map_err(|e| e.to_string())?;
+        Ok(OnGpu { cuda, alloc })
+    }
+
+    /// An uninitialised f32 tensor on the GPU.
+    fn tensor(&self, shape: &[usize]) -> Result<DynTensor, EngineError> {
+        let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+        Ok(Tensor::<f32>::new(&self.alloc, shape)
+            .map_err(run_err("decoder"))?
+            .upcast())
+    }
+}
+
+fn gpu_err(e: crate::kernels::KernelError) -> EngineError {
+    EngineError::Run {
+        graph: "decoder",
+        msg: format!("GPU cache: {e}"),
+    }
 }
 
 impl Engine {
@@ -216,6 +273,21 @@ impl Engine {
             lora.push(zeros(format!("{}.A", t.name), &t.a)?);
             lora.push(zeros(format!("{}.B", t.name), &t.b)?);
         }
+        let gpu_id = match choice.device {
+            Device::Cuda { device_id } | Device::TensorRt { device_id, .. } => Some(device_id),
+            Device::Cpu => None,
+        };
+        let gpu = match gpu_id {
+            // After a fallback to the CPU provider the cache stays on the host.
+            Some(id) if provider == choice.device.name() => match OnGpu::new(&decoder, id) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    provider = format!("{provider} (cache and sampling on the host: {e})");
+                    None
+                }
+            },
+            _ => None,
+        };
         Ok(Engine {
             prompts: PromptBuilder::from_dir(dir)?,
             preprocessor,
@@ -228,7 +300,27 @@ impl Engine {
             stats: EngineStats::default(),
             env,
             choice: choice.clone(),
+            gpu,
         })
+    }
+
+    /// Keeps the decoder's cache and logits on the host even on a GPU provider (each step's
+    /// cache then goes through host memory; for comparisons). No effect on the CPU.
+    pub fn set_host_cache(&mut self, host: bool) {
+        if host {
+            self.gpu = None;
+        } else if self.gpu.is_none() {
+            if let Device::Cuda { device_id } | Device::TensorRt { device_id, .. } =
+                self.choice.device
+            {
+                self.gpu = OnGpu::new(&self.decoder, device_id).ok();
+            }
+        }
+    }
+
+    /// Whether the decode loop keeps its cache and logits on the GPU.
+    pub fn cache_on_gpu(&self) -> bool {
+        self.gpu.is_some()
     }
 
     /// Opens another graph of the package (`logprobs.onnx`, `train.onnx`) on the engine's
@@ -306,7 +398,9 @@ impl Engine {
         Ok(e.to_vec())
     }
 
-    /// Runs the decoder; returns the logits of column `last[r]` of each row `r` and the new cache.
+    /// Runs the decoder on the live rows of `kv`; returns the logits of column `last[r]` of each
+    /// row `r` and the new cache. With the cache on the GPU the new cache stays there, and so do
+    /// the logits of one-token steps.
     #[allow(clippy::too_many_arguments)]
     fn decode(
         &mut self,
@@ -315,11 +409,12 @@ impl Engine {
         cols: usize,
         mask: &[Vec<i64>],
         pos: Vec<i64>,
-        kv: Kv,
+        kv: &mut Kv,
         last: &[usize],
-    ) -> Result<(Vec<f32>, Kv), EngineError> {
+    ) -> Result<(StepLogits, Kv), EngineError> {
         let t = &self.package.manifest.text;
         let (layers, hidden, vocab) = (t.num_hidden_layers, t.hidden_size, t.vocab_size);
+        let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
         let total = kv.len + cols;
         let flat_mask: Vec<i64> = mask.iter().flatten().copied().collect();
         let mut inputs: Vec<(String, SessionInputValue<'_>)> = vec![
@@ -336,62 +431,215 @@ impl Engine {
                 input("decoder", &[3, rows, cols], pos)?,
             ),
         ];
-        for (i, data) in kv.data.into_iter().enumerate() {
-            let name = format!(
-                "past_key_values.{}.{}",
-                i / 2,
-                if i % 2 == 0 { "key" } else { "value" }
-            );
-            inputs.push((name, SessionInputValue::from(data)));
+        for (i, v) in kv.data.iter_mut().enumerate() {
+            let name = kv_name("past_key_values", i);
+            if v.shape()[0] as usize == kv.rows {
+                inputs.push((name, SessionInputValue::from(&*v)));
+                continue;
+            }
+            // The leading `rows` rows of a larger buffer: contiguous, fed in place.
+            let info = v.memory_info().to_owned();
+            // SAFETY: rows · kvh · len · hd ≤ the buffer's elements, and the view is dropped
+            // with `inputs`, before `v` can be dropped or written again.
+            let view = unsafe {
+                TensorRefMut::<f32>::from_raw(
+                    info,
+                    v.data_ptr_mut(),
+                    ort::value::Shape::new([kv.rows, kvh, kv.len, hd].map(|d| d as i64)),
+                )
+            }
+            .map_err(run_err("decoder"))?;
+            inputs.push((name, view.into()));
         }
         inputs.extend(
             self.lora
                 .iter()
                 .map(|(n, _, t)| (n.clone(), SessionInputValue::from(t))),
         );
-        let t = Instant::now();
-        let mut out = self.decoder.run(inputs).map_err(run_err("decoder"))?;
-        self.stats.ort_s += t.elapsed().as_secs_f64();
-        let (_, logits) = out["logits"]
-            .try_extract_tensor::<f32>()
-            .map_err(run_err("decoder"))?;
-        let mut picked = Vec::with_capacity(rows * vocab);
-        for (r, &c) in last.iter().enumerate().take(rows) {
-            let start = (r * cols + c) * vocab;
-            picked.extend_from_slice(&logits[start..start + vocab]);
+        // On the GPU: the cache (and one-token logits) into GPU buffers; the rest to the host.
+        let opts = match &self.gpu {
+            None => None,
+            Some(g) => {
+                let mut sel = OutputSelector::default();
+                for i in 0..2 * layers {
+                    sel =
+                        sel.preallocate(kv_name("present", i), g.tensor(&[rows, kvh, total, hd])?);
+                }
+                if cols == 1 {
+                    sel = sel.preallocate("logits", g.tensor(&[rows, 1, vocab])?);
+                }
+                Some(
+                    RunOptions::new()
+                        .map_err(run_err("decoder"))?
+                        .with_outputs(sel),
+                )
+            }
+        };
+        let t0 = Instant::now();
+        let mut out = match &opts {
+            None => self.decoder.run(inputs),
+            Some(o) => self.decoder.run_with_options(inputs, o),
         }
+        .map_err(run_err("decoder"))?;
+        if let Some(g) = &self.gpu {
+            g.cuda.synchronize_all().map_err(gpu_err)?;
+        }
+        self.stats.ort_s += t0.elapsed().as_secs_f64();
+        let take = |out: &mut ort::session::SessionOutputs<'_>,
+                    name: &str|
+         -> Result<DynTensor, EngineError> {
+            out.remove(name)
+                .ok_or_else(|| EngineError::Run {
+                    graph: "decoder",
+                    msg: format!("no output {name}"),
+                })?
+                .downcast::<DynTensorValueType>()
+                .map_err(run_err("decoder"))
+        };
+        let logits = if self.gpu.is_some() && cols == 1 {
+            StepLogits::Gpu(take(&mut out, "logits")?)
+        } else {
+            let (_, logits) = out["logits"]
+                .try_extract_tensor::<f32>()
+                .map_err(run_err("decoder"))?;
+            let mut picked = Vec::with_capacity(rows * vocab);
+            for (r, &c) in last.iter().enumerate().take(rows) {
+                let start = (r * cols + c) * vocab;
+                picked.extend_from_slice(&logits[start..start + vocab]);
+            }
+            StepLogits::Host(picked)
+        };
         let mut data = Vec::with_capacity(2 * layers);
         for i in 0..2 * layers {
-            let name = format!(
-                "present.{}.{}",
-                i / 2,
-                if i % 2 == 0 { "key" } else { "value" }
-            );
-            data.push(out.remove(&name).ok_or_else(|| EngineError::Run {
-                graph: "decoder",
-                msg: format!("no output {name}"),
-            })?);
+            data.push(take(&mut out, &kv_name("present", i))?);
         }
-        Ok((picked, Kv { data, len: total }))
+        Ok((
+            logits,
+            Kv {
+                data,
+                rows,
+                len: total,
+            },
+        ))
     }
 
-    /// Keeps the cache rows `keep` (in that order; a row may repeat, which fans prompts out).
-    fn select_rows(&mut self, kv: &Kv, keep: &[usize]) -> Result<Kv, EngineError> {
+    /// A new cache of the rows `src` of `kv` (in that order; a row may repeat, which fans
+    /// prompts out to their samples).
+    fn gather_rows(&mut self, kv: &mut Kv, src: &[usize]) -> Result<Kv, EngineError> {
         let t0 = Instant::now();
         let t = &self.package.manifest.text;
-        let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
-        let row = kvh * kv.len * hd;
+        let shape = [src.len(), t.num_key_value_heads, kv.len, t.head_dim];
+        let row = shape[1] * shape[2] * shape[3];
         let mut data = Vec::with_capacity(kv.data.len());
-        for v in &kv.data {
-            let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-            let mut out = Vec::with_capacity(keep.len() * row);
-            for &r in keep {
-                out.extend_from_slice(&d[r * row..(r + 1) * row]);
+        for v in &mut kv.data {
+            match &self.gpu {
+                None => {
+                    let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
+                    let mut out = Vec::with_capacity(src.len() * row);
+                    for &r in src {
+                        out.extend_from_slice(&d[r * row..(r + 1) * row]);
+                    }
+                    data.push(kv_value(&shape, out)?);
+                }
+                Some(g) => {
+                    let mut out = g.tensor(&shape)?;
+                    let (from, to) = (v.data_ptr_mut() as u64, out.data_ptr_mut() as u64);
+                    let bytes = row * 4;
+                    for (k, &r) in src.iter().enumerate() {
+                        // SAFETY: row r of `v` and row k of `out` are in bounds (k < src.len(),
+                        // r < v's rows) and the buffers are distinct.
+                        unsafe {
+                            g.cuda.copy_device(
+                                to + (k * bytes) as u64,
+                                from + (r * bytes) as u64,
+                                bytes,
+                            )
+                        }
+                        .map_err(gpu_err)?;
+                    }
+                    data.push(out);
+                }
             }
-            data.push(kv_value(&[keep.len(), kvh, kv.len, hd], out)?);
+        }
+        if let Some(g) = &self.gpu {
+            g.cuda.synchronize_all().map_err(gpu_err)?;
         }
         self.stats.cache_s += t0.elapsed().as_secs_f64();
-        Ok(Kv { data, len: kv.len })
+        Ok(Kv {
+            data,
+            rows: src.len(),
+            len: kv.len,
+        })
+    }
+
+    /// Keeps the live rows `keep` (ascending) of `kv` in place: rows from beyond the new end
+    /// move into the gaps, one row copy per finished row below it, and the buffers keep their
+    /// size. Returns, for each new row, the old row it holds.
+    fn keep_rows(&mut self, kv: &mut Kv, keep: &[usize]) -> Result<Vec<usize>, EngineError> {
+        let t0 = Instant::now();
+        let n = keep.len();
+        let mut kept = vec![false; kv.rows];
+        for &k in keep {
+            kept[k] = true;
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        let moves: Vec<(usize, usize)> = (0..n)
+            .filter(|&p| !kept[p])
+            .zip(keep.iter().copied().filter(|&k| k >= n))
+            .collect();
+        let t = &self.package.manifest.text;
+        let row = t.num_key_value_heads * kv.len * t.head_dim;
+        for &(to, from) in &moves {
+            order[to] = from;
+        }
+        for v in &mut kv.data {
+            match &self.gpu {
+                None => {
+                    let (_, d) = v
+                        .try_extract_tensor_mut::<f32>()
+                        .map_err(run_err("decoder"))?;
+                    for &(to, from) in &moves {
+                        d.copy_within(from * row..(from + 1) * row, to * row);
+                    }
+                }
+                Some(g) => {
+                    let base = v.data_ptr_mut() as u64;
+                    let bytes = row * 4;
+                    for &(to, from) in &moves {
+                        // SAFETY: both rows are within the buffer's live rows and distinct.
+                        unsafe {
+                            g.cuda.copy_device(
+                                base + (to * bytes) as u64,
+                                base + (from * bytes) as u64,
+                                bytes,
+                            )
+                        }
+                        .map_err(gpu_err)?;
+                    }
+                }
+            }
+        }
+        if let Some(g) = &self.gpu {
+            g.cuda.synchronize_all().map_err(gpu_err)?;
+        }
+        kv.rows = n;
+        self.stats.cache_s += t0.elapsed().as_secs_f64();
+        Ok(order)
+    }
+
+    /// A step's logits on the host (`[rows, vocab]`), copied back from the GPU if there.
+    fn host_logits(&self, l: StepLogits) -> Result<Vec<f32>, EngineError> {
+        match (l, &self.gpu) {
+            (StepLogits::Host(v), _) => Ok(v),
+            (StepLogits::Gpu(mut t), Some(g)) => {
+                let n = t.shape().iter().product::<i64>() as usize;
+                let mut v = vec![0f32; n];
+                // SAFETY: `t` holds n f32 values on this GPU.
+                unsafe { g.cuda.read_device(t.data_ptr_mut() as u64, &mut v) }.map_err(gpu_err)?;
+                Ok(v)
+            }
+            (StepLogits::Gpu(_), None) => unreachable!("GPU logits without a GPU cache"),
+        }
     }
 
     /// Tokenises every request's prompt and runs the vision tower once over all their images.
@@ -557,10 +805,11 @@ impl Engine {
             t.rope_deltas = deltas.clone();
         }
         let t = &m.text;
-        let empty = Kv {
+        let mut empty = Kv {
             data: (0..2 * t.num_hidden_layers)
                 .map(|_| kv_value(&[b, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
                 .collect::<Result<_, _>>()?,
+            rows: b,
             len: 0,
         };
         let embeds = self.embed(ids.iter().map(|v| i64::from(*v)).collect(), b, s, features)?;
@@ -569,20 +818,22 @@ impl Engine {
             true => prompts.iter().map(|p| p.len().max(1) - 1).collect(),
             false => vec![s.max(1) - 1; b],
         };
-        let (prefill_logits, kv) = self.decode(embeds, b, s, &mask, pos, empty, &last)?;
+        let (prefill_logits, mut kv) = self.decode(embeds, b, s, &mask, pos, &mut empty, &last)?;
+        let prefill_logits = self.host_logits(prefill_logits)?;
         self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
         self.stats.prefill_tokens += prompts.iter().map(Vec::len).sum::<usize>();
         let t_decode = Instant::now();
         // Fan out: row i = prompt i / G, sample i % G.
         let g = cfg.group;
         let fan: Vec<usize> = (0..b * g).map(|i| i / g).collect();
-        let mut kv = self.select_rows(&kv, &fan)?;
+        let mut kv = self.gather_rows(&mut kv, &fan)?;
         let mut masks: Vec<Vec<i64>> = fan.iter().map(|&p| mask[p].clone()).collect();
         let vocab = t.vocab_size;
-        let mut logits: Vec<f32> = fan
-            .iter()
-            .flat_map(|&p| prefill_logits[p * vocab..(p + 1) * vocab].iter().copied())
-            .collect();
+        let mut logits = StepLogits::Host(
+            fan.iter()
+                .flat_map(|&p| prefill_logits[p * vocab..(p + 1) * vocab].iter().copied())
+                .collect(),
+        );
         let mut active: Vec<usize> = (0..b * g).collect();
         let mut seen: Vec<usize> = fan.iter().map(|&p| prompts[p].len()).collect();
         let mut out: Vec<Completion> = (0..b * g)
@@ -595,8 +846,12 @@ impl Engine {
             })
             .collect();
         for step in 0..cfg.max_new_tokens {
-            if let Some(t) = trace.as_deref_mut() {
-                t.steps.push((active.clone(), logits.clone()));
+            if trace.is_some() {
+                let host = self.host_logits(logits)?;
+                if let Some(t) = trace.as_deref_mut() {
+                    t.steps.push((active.clone(), host.clone()));
+                }
+                logits = StepLogits::Host(host);
             }
             let keys: Vec<RowKey> = active
                 .iter()
@@ -609,16 +864,37 @@ impl Engine {
                 .collect();
             // Image and video placeholders are never sampled: the embedding graph would look for
             // vision features behind them (vLLM likewise never emits them).
-            for row in logits.chunks_exact_mut(vocab) {
-                for id in [m.tokens.image, m.tokens.video] {
-                    if let Some(x) = row.get_mut(id as usize) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-            }
+            let banned = [m.tokens.image, m.tokens.video];
             let t_sample = Instant::now();
-            let drawn = cpu::sample(Logits::F32(&logits), vocab, &keys, &cfg.sampling)
-                .map_err(|e| EngineError::Config(e.to_string()))?;
+            let drawn = match (logits, &self.gpu) {
+                (StepLogits::Host(mut l), _) => {
+                    for row in l.chunks_exact_mut(vocab) {
+                        for id in banned {
+                            if let Some(x) = row.get_mut(id as usize) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    cpu::sample(Logits::F32(&l), vocab, &keys, &cfg.sampling)
+                        .map_err(|e| EngineError::Config(e.to_string()))?
+                }
+                (StepLogits::Gpu(mut l), Some(g)) => {
+                    // SAFETY: `l` is ONNX Runtime's [rows, 1, vocab] f32 output on this GPU,
+                    // finished (the run was synchronised) and used by nothing else.
+                    unsafe {
+                        g.cuda.sample_device(
+                            l.data_ptr_mut() as u64,
+                            0,
+                            vocab,
+                            &keys,
+                            &cfg.sampling,
+                            &banned,
+                        )
+                    }
+                    .map_err(gpu_err)?
+                }
+                (StepLogits::Gpu(_), None) => unreachable!("GPU logits without a GPU cache"),
+            };
             self.stats.sample_s += t_sample.elapsed().as_secs_f64();
             let mut keep = Vec::new();
             for (k, (&i, s)) in active.iter().zip(&drawn).enumerate() {
@@ -634,10 +910,13 @@ impl Engine {
                 break;
             }
             if keep.len() != active.len() {
-                kv = self.select_rows(&kv, &keep)?;
-                masks = keep.iter().map(|&k| masks[k].clone()).collect();
-                seen = keep.iter().map(|&k| seen[k]).collect();
-                active = keep.iter().map(|&k| active[k]).collect();
+                let order = self.keep_rows(&mut kv, &keep)?;
+                masks = order
+                    .iter()
+                    .map(|&o| std::mem::take(&mut masks[o]))
+                    .collect();
+                seen = order.iter().map(|&o| seen[o]).collect();
+                active = order.iter().map(|&o| active[o]).collect();
             }
             let n = active.len();
             let next: Vec<i64> = active
@@ -665,7 +944,7 @@ impl Engine {
                     mrow.push(1);
                 }
             }
-            let (l, new_kv) = self.decode(embeds, n, 1, &masks, pos, kv, &vec![0; n])?;
+            let (l, new_kv) = self.decode(embeds, n, 1, &masks, pos, &mut kv, &vec![0; n])?;
             kv = new_kv;
             logits = l;
             for s in seen.iter_mut() {
