@@ -325,15 +325,22 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
     use spatial_ssrl::model::session::{Device, DeviceChoice};
     use spatial_ssrl::rollout::{bench, Engine, GenerationConfig, Request};
-    let Some(device) = Device::from_name(&a.device, a.device_id) else {
+    let Some(mut device) = Device::from_name(&a.device, a.device_id) else {
         bail!("--device {}: use cpu, cuda or tensorrt", a.device);
     };
+    if let Device::TensorRt { limits, .. } = &mut device {
+        *limits = Some(spatial_ssrl::model::session::TrtLimits::rollout(
+            a.batch * a.group,
+            4096,
+            a.max_new_tokens,
+        ));
+    }
     let mut engine = Engine::open_on(
         &a.model,
         a.ort_lib.as_deref(),
         &DeviceChoice {
             device,
-            allow_fallback: false,
+            ..Default::default()
         },
     )?;
     engine.set_host_cache(a.host_cache);

@@ -154,6 +154,17 @@ struct RolloutArgs {
     /// TensorRT: builder workspace in bytes.
     #[arg(long, value_name = "BYTES")]
     trt_workspace: Option<usize>,
+    /// TensorRT: the longest prompt (tokens, images included) the engines are built for; with
+    /// --batch × --group and --max-new-tokens it sets each graph's optimisation profile, so one
+    /// engine serves every shape of the run.
+    #[arg(long, default_value_t = 4096, value_name = "TOKENS")]
+    trt_max_prompt: usize,
+    /// CUDA: cap on the bytes ONNX Runtime's GPU memory arena may hold.
+    #[arg(long, value_name = "BYTES")]
+    cuda_mem_limit: Option<usize>,
+    /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
+    #[arg(long)]
+    cuda_arena_exact: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -439,6 +450,11 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
             fp16: a.trt_fp16,
             cache_dir: a.trt_cache.clone(),
             workspace_bytes: a.trt_workspace,
+            limits: Some(spatial_ssrl::model::session::TrtLimits::rollout(
+                a.batch * a.group,
+                a.trt_max_prompt,
+                a.max_new_tokens,
+            )),
         },
     };
     let mut engine = Engine::open_on(
@@ -447,6 +463,10 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         &DeviceChoice {
             device,
             allow_fallback: a.allow_fallback,
+            arena: spatial_ssrl::model::session::CudaArena {
+                mem_limit: a.cuda_mem_limit,
+                grow_as_requested: a.cuda_arena_exact,
+            },
         },
     )?;
     engine.set_host_cache(a.host_cache);

@@ -260,7 +260,7 @@ fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
     }
     let cuda = DeviceChoice {
         device: Device::Cuda { device_id: 0 },
-        allow_fallback: false,
+        ..Default::default()
     };
     match Engine::open_on(&tiny(), None, &cuda) {
         Ok(e) => assert!(
@@ -299,7 +299,7 @@ fn cuda_rollout_matches_cpu() {
     let Some(mut cpu) = engine() else { return };
     let cuda = DeviceChoice {
         device: Device::Cuda { device_id: 0 },
-        allow_fallback: false,
+        ..Default::default()
     };
     let mut gpu = match Engine::open_on(&tiny(), None, &cuda) {
         Ok(e) => e,

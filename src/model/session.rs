@@ -83,7 +83,74 @@ pub enum Device {
         fp16: bool,
         cache_dir: Option<PathBuf>,
         workspace_bytes: Option<usize>,
+        /// Shape ranges to build each graph's engine for; `None` builds per shape seen.
+        limits: Option<TrtLimits>,
     },
+}
+
+/// The rollout's size limits, from which each graph gets one TensorRT optimisation profile
+/// (min / opt / max shapes): one engine serves every batch and length within them, where
+/// without a profile a new shape means a new engine build.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrtLimits {
+    /// Sequences decoded together (prompts × samples).
+    pub max_rows: usize,
+    /// Prompt plus generated tokens of one sequence.
+    pub max_total: usize,
+    /// Vision patches of one image (before merging).
+    pub max_patches: usize,
+}
+
+impl TrtLimits {
+    /// `rows` sequences of prompts up to `max_prompt` tokens plus `max_new_tokens`, images up to
+    /// 16,384 patches (3.2 MP at 14-pixel patches).
+    pub fn rollout(rows: usize, max_prompt: usize, max_new_tokens: usize) -> TrtLimits {
+        TrtLimits {
+            max_rows: rows.max(1),
+            max_total: max_prompt + max_new_tokens,
+            max_patches: 16_384,
+        }
+    }
+}
+
+/// One optimisation profile in ONNX Runtime's TensorRT syntax (`name:d0xd1,…`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrtProfile {
+    pub min: String,
+    pub opt: String,
+    pub max: String,
+}
+
+/// One dimension's `(min, opt, max)`.
+pub type DimRange = (usize, usize, usize);
+
+impl TrtProfile {
+    /// From `(input, [range per dimension])`.
+    pub fn new(inputs: &[(String, Vec<DimRange>)]) -> TrtProfile {
+        let pick = |f: fn(&DimRange) -> usize| {
+            inputs
+                .iter()
+                .map(|(name, dims)| {
+                    let d: Vec<String> = dims.iter().map(|x| f(x).to_string()).collect();
+                    format!("{name}:{}", d.join("x"))
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        TrtProfile {
+            min: pick(|d| d.0),
+            opt: pick(|d| d.1),
+            max: pick(|d| d.2),
+        }
+    }
+}
+
+/// ONNX Runtime's CUDA memory arena: a cap on the bytes it may hold, and whether it grows by
+/// what is asked (instead of doubling, which can overshoot the cap on a shared GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CudaArena {
+    pub mem_limit: Option<usize>,
+    pub grow_as_requested: bool,
 }
 
 impl Device {
@@ -98,6 +165,7 @@ impl Device {
                 fp16: false,
                 cache_dir: None,
                 workspace_bytes: None,
+                limits: None,
             }),
             _ => None,
         }
@@ -117,6 +185,8 @@ impl Device {
 pub struct DeviceChoice {
     pub device: Device,
     pub allow_fallback: bool,
+    /// CUDA arena settings (CUDA, and TensorRT's CUDA fallback).
+    pub arena: CudaArena,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,19 +200,26 @@ pub struct ProviderError {
 /// numbers (TF32 matrix products moved token log-probs by up to 3e-3 on an H200, which GRPO's
 /// ratio against the training graph would read as policy drift); fp16 / bf16 graphs are not
 /// affected.
-fn cuda_ep(device_id: i32) -> ort::ep::ExecutionProviderDispatch {
-    ort::ep::CUDA::default()
+fn cuda_ep(device_id: i32, arena: &CudaArena) -> ort::ep::ExecutionProviderDispatch {
+    let mut ep = ort::ep::CUDA::default()
         .with_device_id(device_id)
-        .with_tf32(false)
-        .build()
-        .error_on_failure()
+        .with_tf32(false);
+    if let Some(b) = arena.mem_limit {
+        ep = ep.with_memory_limit(b);
+    }
+    if arena.grow_as_requested {
+        ep = ep.with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested);
+    }
+    ep.build().error_on_failure()
 }
 
-/// A session builder with the chosen provider registered. Returns the builder and the name of
-/// the provider actually in use (`"cpu (fallback from cuda: …)"` when falling back).
+/// A session builder with the chosen provider registered (with `profile` as TensorRT's
+/// optimisation profile, when on TensorRT). Returns the builder and the name of the provider
+/// actually in use (`"cpu (fallback from cuda: …)"` when falling back).
 pub fn session_builder(
     env: &ort::environment::Environment,
     choice: &DeviceChoice,
+    profile: Option<&TrtProfile>,
 ) -> Result<(ort::session::builder::SessionBuilder, String), ProviderError> {
     use ort::ep;
     let perr = |msg: String| ProviderError {
@@ -157,12 +234,13 @@ pub fn session_builder(
         .map_err(|e| perr(e.to_string()))?;
     let eps = match &choice.device {
         Device::Cpu => return Ok((builder, "cpu".into())),
-        Device::Cuda { device_id } => vec![cuda_ep(*device_id)],
+        Device::Cuda { device_id } => vec![cuda_ep(*device_id, &choice.arena)],
         Device::TensorRt {
             device_id,
             fp16,
             cache_dir,
             workspace_bytes,
+            limits: _,
         } => {
             let mut trt = ep::TensorRT::default()
                 .with_device_id(*device_id)
@@ -178,7 +256,16 @@ pub fn session_builder(
             if let Some(w) = workspace_bytes {
                 trt = trt.with_max_workspace_size(*w);
             }
-            vec![trt.build().error_on_failure(), cuda_ep(*device_id)]
+            if let Some(p) = profile {
+                trt = trt
+                    .with_profile_min_shapes(&p.min)
+                    .with_profile_opt_shapes(&p.opt)
+                    .with_profile_max_shapes(&p.max);
+            }
+            vec![
+                trt.build().error_on_failure(),
+                cuda_ep(*device_id, &choice.arena),
+            ]
         }
     };
     match builder.with_execution_providers(eps) {

@@ -5,11 +5,14 @@
 
 use crate::kernels::cuda::Cuda;
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
+use crate::model::package::Manifest;
 use crate::model::package::{KvLayout, Package, PackageError};
 use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
-use crate::model::session::{environment, session_builder, Device, DeviceChoice, ProviderError};
+use crate::model::session::{
+    environment, session_builder, Device, DeviceChoice, ProviderError, TrtLimits, TrtProfile,
+};
 use image::RgbImage;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
@@ -191,6 +194,53 @@ enum StepLogits {
     Gpu(DynTensor),
 }
 
+/// TensorRT optimisation profiles of the vision, embedding and decoder graphs (in that order)
+/// for rollouts within `l`: batch dimensions from 1 to `max_rows` (optimised for the full
+/// batch), token dimensions from 1 to `max_total` (optimised for one-token decode steps, the
+/// cache at half length), patches from 4 (one merge block) to `max_patches`.
+pub fn trt_profiles(m: &Manifest, l: &TrtLimits) -> [TrtProfile; 3] {
+    let (t, v) = (&m.text, &m.vision);
+    let fixed = |d: usize| (d, d, d);
+    let rows = (1, l.max_rows, l.max_rows);
+    let tokens = (1, 1, l.max_total);
+    let merge = (v.spatial_merge_size * v.spatial_merge_size) as usize;
+    let patch_row = (3 * v.temporal_patch_size * v.patch_size * v.patch_size) as usize;
+    let vision = TrtProfile::new(&[
+        (
+            "pixel_values".into(),
+            vec![(merge, l.max_patches, l.max_patches), fixed(patch_row)],
+        ),
+        ("image_grid_thw".into(), vec![fixed(1), fixed(3)]),
+    ]);
+    let features = l.max_rows * l.max_patches / merge;
+    let embedding = TrtProfile::new(&[
+        ("input_ids".into(), vec![rows, tokens]),
+        (
+            "image_features".into(),
+            vec![(0, 0, features), fixed(v.out_hidden_size)],
+        ),
+    ]);
+    let mut dec = vec![
+        (
+            "inputs_embeds".to_string(),
+            vec![rows, tokens, fixed(t.hidden_size)],
+        ),
+        (
+            "attention_mask".into(),
+            vec![rows, (1, l.max_total / 2, l.max_total)],
+        ),
+        ("position_ids".into(), vec![fixed(3), rows, tokens]),
+    ];
+    let past = (0, l.max_total / 2, l.max_total.saturating_sub(1));
+    for i in 0..2 * t.num_hidden_layers {
+        dec.push((
+            kv_name("past_key_values", i),
+            vec![rows, fixed(t.num_key_value_heads), past, fixed(t.head_dim)],
+        ));
+    }
+    [vision, embedding, TrtProfile::new(&dec)]
+}
+
 impl OnGpu {
     fn new(decoder: &Session, device_id: i32) -> Result<OnGpu, String> {
         let cuda = Cuda::new(device_id.max(0) as usize).map_err(|e| e.to_string())?;
@@ -237,9 +287,15 @@ impl Engine {
         let package = Package::open(dir)?;
         let env = environment(ort_lib).map_err(PackageError::from)?;
         let mut provider = String::new();
-        let mut load = |file: &str| -> Result<Session, EngineError> {
+        let profiles = match choice.device {
+            Device::TensorRt {
+                limits: Some(l), ..
+            } => Some(trt_profiles(&package.manifest, &l)),
+            _ => None,
+        };
+        let mut load = |file: &str, k: usize| -> Result<Session, EngineError> {
             let path = package.graph_path(file);
-            let (mut b, used) = session_builder(env, choice)?;
+            let (mut b, used) = session_builder(env, choice, profiles.as_ref().map(|p| &p[k]))?;
             provider = used;
             b.commit_from_file(&path).map_err(|e| {
                 EngineError::Package(PackageError::File {
@@ -250,9 +306,9 @@ impl Engine {
         };
         let m = &package.manifest;
         let (vision, embedding, decoder) = (
-            load(&m.graphs.vision)?,
-            load(&m.graphs.embedding)?,
-            load(&m.graphs.decoder)?,
+            load(&m.graphs.vision, 0)?,
+            load(&m.graphs.embedding, 1)?,
+            load(&m.graphs.decoder, 2)?,
         );
         let pp = dir.join("preprocessor_config.json");
         let preprocessor: PreprocessorConfig = match std::fs::read_to_string(&pp) {
@@ -327,7 +383,7 @@ impl Engine {
     /// execution provider.
     pub fn open_graph(&self, file: &str) -> Result<Session, EngineError> {
         let path = self.package.graph_path(file);
-        let (mut b, _) = session_builder(self.env, &self.choice)?;
+        let (mut b, _) = session_builder(self.env, &self.choice, None)?;
         b.commit_from_file(&path).map_err(|e| {
             EngineError::Package(PackageError::File {
                 path,
@@ -954,5 +1010,57 @@ impl Engine {
         self.stats.decode_s += t_decode.elapsed().as_secs_f64();
         self.stats.generated_tokens += out.iter().map(|c| c.tokens.len()).sum::<usize>();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every input of the vision, embedding and decoder graphs except the fixed-shape LoRA
+    /// tensors gets a range in each of min / opt / max, with min ≤ opt ≤ max per dimension.
+    #[test]
+    fn trt_profiles_cover_every_dynamic_input() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let pkg = Package::open(&dir).unwrap();
+        let t = &pkg.manifest.text;
+        let profiles = trt_profiles(&pkg.manifest, &TrtLimits::rollout(40, 4096, 64));
+        let parse = |s: &str| -> Vec<(String, Vec<usize>)> {
+            s.split(',')
+                .map(|e| {
+                    let (name, dims) = e.split_once(':').unwrap();
+                    let dims = dims.split('x').map(|d| d.parse().unwrap()).collect();
+                    (name.to_string(), dims)
+                })
+                .collect()
+        };
+        for (p, (_, sig)) in profiles.iter().zip(pkg.signatures()) {
+            let want: Vec<&String> = sig
+                .inputs
+                .iter()
+                .map(|(n, _)| n)
+                .filter(|n| !n.starts_with("lora."))
+                .collect();
+            let (min, opt, max) = (parse(&p.min), parse(&p.opt), parse(&p.max));
+            assert_eq!(min.iter().map(|(n, _)| n).collect::<Vec<_>>(), want);
+            for ((a, b), c) in min.iter().zip(&opt).zip(&max) {
+                assert_eq!((&a.0, a.1.len()), (&c.0, c.1.len()));
+                for ((x, y), z) in a.1.iter().zip(&b.1).zip(&c.1) {
+                    assert!(x <= y && y <= z, "{}: {:?} {:?} {:?}", a.0, a.1, b.1, c.1);
+                }
+            }
+        }
+        let kv = format!(
+            "past_key_values.1.value:40x{}x4159x{}",
+            t.num_key_value_heads, t.head_dim
+        );
+        assert!(profiles[2].max.contains(&kv), "{}", profiles[2].max);
+        let embeds = format!("inputs_embeds:40x1x{}", t.hidden_size);
+        assert!(profiles[2].opt.contains(&embeds), "{}", profiles[2].opt);
+        assert!(
+            profiles[0].min.starts_with("pixel_values:4x1176,"),
+            "{}",
+            profiles[0].min
+        );
     }
 }

@@ -218,11 +218,22 @@ impl Trainer {
     pub fn new(cfg: TrainConfig, ort_lib: Option<&Path>) -> Result<Trainer, TrainError> {
         cfg.validate()?;
         // `validate` has checked the name.
-        let device =
+        let mut device =
             Device::from_name(&cfg.rollout.device, cfg.rollout.device_id).unwrap_or_default();
+        if let Device::TensorRt { limits, .. } = &mut device {
+            // Rollout shapes: every prompt's samples at once, prompts up to the image budget.
+            let patch = 14 * 14;
+            let max_patches = (cfg.data.max_pixels / patch) as usize;
+            *limits = Some(crate::model::session::TrtLimits {
+                max_rows: cfg.data.rollout_batch_size * cfg.rollout.n,
+                max_total: max_patches / 4 + 1024 + cfg.data.max_response_length,
+                max_patches,
+            });
+        }
         let choice = DeviceChoice {
             device,
             allow_fallback: cfg.rollout.allow_fallback,
+            ..Default::default()
         };
         let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
         engine.preprocessor.min_pixels = cfg.data.min_pixels;
