@@ -154,8 +154,24 @@ enum DeviceLogits {
 }
 
 impl Cuda {
-    /// Opens device `ordinal`, compiling the kernels on first use.
+    /// Opens device `ordinal`, compiling the kernels on first use; work goes to the context's
+    /// default stream.
     pub fn new(ordinal: usize) -> Result<Cuda, KernelError> {
+        Cuda::open(ordinal, false)
+    }
+
+    /// [`Cuda::new`] with a stream of its own, to hand to ONNX Runtime's CUDA provider
+    /// ([`Cuda::raw_stream`]) so that its graphs and these kernels run in one stream order.
+    pub fn with_own_stream(ordinal: usize) -> Result<Cuda, KernelError> {
+        Cuda::open(ordinal, true)
+    }
+
+    /// The stream as a `cudaStream_t`.
+    pub fn raw_stream(&self) -> *mut () {
+        self.stream.cu_stream() as *mut ()
+    }
+
+    fn open(ordinal: usize, own_stream: bool) -> Result<Cuda, KernelError> {
         if !driver_present() {
             return Err(KernelError::Unavailable(
                 "libcuda.so.1 not found (no NVIDIA driver)".into(),
@@ -180,8 +196,13 @@ impl Cuda {
         let per_sm = logprob_partials
             .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
             .map_err(cuda_err)? as usize;
+        let stream = if own_stream {
+            ctx.new_stream().map_err(cuda_err)?
+        } else {
+            ctx.default_stream()
+        };
         Ok(Cuda {
-            stream: ctx.default_stream(),
+            stream,
             name,
             block_slots: sm_count * per_sm.max(1),
             logprob_partials,

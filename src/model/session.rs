@@ -200,10 +200,18 @@ pub struct ProviderError {
 /// numbers (TF32 matrix products moved token log-probs by up to 3e-3 on an H200, which GRPO's
 /// ratio against the training graph would read as policy drift); fp16 / bf16 graphs are not
 /// affected.
-fn cuda_ep(device_id: i32, arena: &CudaArena) -> ort::ep::ExecutionProviderDispatch {
+fn cuda_ep(
+    device_id: i32,
+    arena: &CudaArena,
+    stream: Option<ComputeStream>,
+) -> ort::ep::ExecutionProviderDispatch {
     let mut ep = ort::ep::CUDA::default()
         .with_device_id(device_id)
         .with_tf32(false);
+    if let Some(s) = stream {
+        // SAFETY: the caller keeps the stream alive as long as the session (ComputeStream).
+        ep = unsafe { ep.with_compute_stream(s.0) };
+    }
     if let Some(b) = arena.mem_limit {
         ep = ep.with_memory_limit(b);
     }
@@ -213,13 +221,19 @@ fn cuda_ep(device_id: i32, arena: &CudaArena) -> ort::ep::ExecutionProviderDispa
     ep.build().error_on_failure()
 }
 
+/// A CUDA stream (`cudaStream_t`) for ONNX Runtime's CUDA provider to run a session's graphs on;
+/// whoever passes one keeps the stream alive until the session is dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct ComputeStream(pub *mut ());
+
 /// A session builder with the chosen provider registered (with `profile` as TensorRT's
-/// optimisation profile, when on TensorRT). Returns the builder and the name of the provider
-/// actually in use (`"cpu (fallback from cuda: …)"` when falling back).
+/// optimisation profile, and the CUDA provider on `stream`, when given). Returns the builder and
+/// the name of the provider actually in use (`"cpu (fallback from cuda: …)"` when falling back).
 pub fn session_builder(
     env: &ort::environment::Environment,
     choice: &DeviceChoice,
     profile: Option<&TrtProfile>,
+    stream: Option<ComputeStream>,
 ) -> Result<(ort::session::builder::SessionBuilder, String), ProviderError> {
     use ort::ep;
     let perr = |msg: String| ProviderError {
@@ -234,7 +248,7 @@ pub fn session_builder(
         .map_err(|e| perr(e.to_string()))?;
     let eps = match &choice.device {
         Device::Cpu => return Ok((builder, "cpu".into())),
-        Device::Cuda { device_id } => vec![cuda_ep(*device_id, &choice.arena)],
+        Device::Cuda { device_id } => vec![cuda_ep(*device_id, &choice.arena, stream)],
         Device::TensorRt {
             device_id,
             fp16,
@@ -264,7 +278,7 @@ pub fn session_builder(
             }
             vec![
                 trt.build().error_on_failure(),
-                cuda_ep(*device_id, &choice.arena),
+                cuda_ep(*device_id, &choice.arena, stream),
             ]
         }
     };

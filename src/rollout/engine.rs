@@ -11,7 +11,8 @@ use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, Pr
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
 use crate::model::session::{
-    environment, session_builder, Device, DeviceChoice, ProviderError, TrtLimits, TrtProfile,
+    environment, session_builder, ComputeStream, Device, DeviceChoice, ProviderError, TrtLimits,
+    TrtProfile,
 };
 use image::RgbImage;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
@@ -168,6 +169,9 @@ pub struct Engine {
     /// On CUDA / TensorRT: the decoder's cache and logits stay on the GPU and tokens are
     /// drawn there. `None` on the CPU, or with [`Engine::set_host_cache`].
     gpu: Option<OnGpu>,
+    /// The GPU side while the cache is kept on the host: its stream is the one the sessions
+    /// run on, so it lives as long as they do (fields drop in order, the sessions first).
+    parked: Option<OnGpu>,
 }
 
 /// The GPU side of the decode loop: ONNX Runtime writes the cache and logits into buffers from
@@ -242,8 +246,7 @@ pub fn trt_profiles(m: &Manifest, l: &TrtLimits) -> [TrtProfile; 3] {
 }
 
 impl OnGpu {
-    fn new(decoder: &Session, device_id: i32) -> Result<OnGpu, String> {
-        let cuda = Cuda::new(device_id.max(0) as usize).map_err(|e| e.to_string())?;
+    fn new(cuda: Cuda, decoder: &Session, device_id: i32) -> Result<OnGpu, String> {
         let info = MemoryInfo::new(
             AllocationDevice::CUDA,
             device_id,
@@ -287,6 +290,17 @@ impl Engine {
         let package = Package::open(dir)?;
         let env = environment(ort_lib).map_err(PackageError::from)?;
         let mut provider = String::new();
+        let gpu_id = match choice.device {
+            Device::Cuda { device_id } | Device::TensorRt { device_id, .. } => Some(device_id),
+            Device::Cpu => None,
+        };
+        // The kernels' stream, handed to ONNX Runtime: graphs, row moves and sampling then run
+        // in one stream order.
+        let cuda = gpu_id.map(|id| Cuda::with_own_stream(id.max(0) as usize));
+        let stream = match &cuda {
+            Some(Ok(c)) => Some(ComputeStream(c.raw_stream())),
+            _ => None,
+        };
         let profiles = match choice.device {
             Device::TensorRt {
                 limits: Some(l), ..
@@ -295,7 +309,8 @@ impl Engine {
         };
         let mut load = |file: &str, k: usize| -> Result<Session, EngineError> {
             let path = package.graph_path(file);
-            let (mut b, used) = session_builder(env, choice, profiles.as_ref().map(|p| &p[k]))?;
+            let profile = profiles.as_ref().map(|p| &p[k]);
+            let (mut b, used) = session_builder(env, choice, profile, stream)?;
             provider = used;
             b.commit_from_file(&path).map_err(|e| {
                 EngineError::Package(PackageError::File {
@@ -329,19 +344,20 @@ impl Engine {
             lora.push(zeros(format!("{}.A", t.name), &t.a)?);
             lora.push(zeros(format!("{}.B", t.name), &t.b)?);
         }
-        let gpu_id = match choice.device {
-            Device::Cuda { device_id } | Device::TensorRt { device_id, .. } => Some(device_id),
-            Device::Cpu => None,
-        };
-        let gpu = match gpu_id {
+        let gpu = match (gpu_id, cuda) {
             // After a fallback to the CPU provider the cache stays on the host.
-            Some(id) if provider == choice.device.name() => match OnGpu::new(&decoder, id) {
-                Ok(g) => Some(g),
-                Err(e) => {
-                    provider = format!("{provider} (cache and sampling on the host: {e})");
-                    None
+            (Some(id), Some(c)) if provider == choice.device.name() => {
+                match c
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| OnGpu::new(c, &decoder, id))
+                {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        provider = format!("{provider} (cache and sampling on the host: {e})");
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         Ok(Engine {
@@ -357,6 +373,7 @@ impl Engine {
             env,
             choice: choice.clone(),
             gpu,
+            parked: None,
         })
     }
 
@@ -364,13 +381,11 @@ impl Engine {
     /// cache then goes through host memory; for comparisons). No effect on the CPU.
     pub fn set_host_cache(&mut self, host: bool) {
         if host {
-            self.gpu = None;
-        } else if self.gpu.is_none() {
-            if let Device::Cuda { device_id } | Device::TensorRt { device_id, .. } =
-                self.choice.device
-            {
-                self.gpu = OnGpu::new(&self.decoder, device_id).ok();
+            if let Some(g) = self.gpu.take() {
+                self.parked = Some(g);
             }
+        } else if let Some(g) = self.parked.take() {
+            self.gpu = Some(g);
         }
     }
 
@@ -383,7 +398,7 @@ impl Engine {
     /// execution provider.
     pub fn open_graph(&self, file: &str) -> Result<Session, EngineError> {
         let path = self.package.graph_path(file);
-        let (mut b, _) = session_builder(self.env, &self.choice, None)?;
+        let (mut b, _) = session_builder(self.env, &self.choice, None, None)?;
         b.commit_from_file(&path).map_err(|e| {
             EngineError::Package(PackageError::File {
                 path,
