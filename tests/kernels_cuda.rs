@@ -131,18 +131,9 @@ fn logprobs_match_cpu() {
     }
 }
 
-#[test]
-fn sampling_matches_cpu() {
-    let Some(gpu) = device() else { return };
-    let (rows, vocab) = (64usize, 32_003usize);
-    let l = random(rows * vocab, 6.0, 77);
-    let keys: Vec<RowKey> = (0..rows as u32)
-        .map(|i| RowKey {
-            sequence: i * 7,
-            step: i % 5,
-        })
-        .collect();
-    for p in [
+/// Greedy, plain, top-k, top-p and both.
+fn sampling_cases() -> Vec<SamplingParams> {
+    vec![
         SamplingParams {
             temperature: 0.0,
             ..Default::default()
@@ -171,7 +162,21 @@ fn sampling_matches_cpu() {
             top_p: 0.8,
             seed: 4,
         },
-    ] {
+    ]
+}
+
+#[test]
+fn sampling_matches_cpu() {
+    let Some(gpu) = device() else { return };
+    let (rows, vocab) = (64usize, 32_003usize);
+    let l = random(rows * vocab, 6.0, 77);
+    let keys: Vec<RowKey> = (0..rows as u32)
+        .map(|i| RowKey {
+            sequence: i * 7,
+            step: i % 5,
+        })
+        .collect();
+    for p in sampling_cases() {
         let a = cpu::sample(Logits::F32(&l), vocab, &keys, &p).unwrap();
         let b = gpu.sample(Logits::F32(&l), vocab, &keys, &p).unwrap();
         let same = a.iter().zip(&b).filter(|(x, y)| x.token == y.token).count();
@@ -209,18 +214,7 @@ fn device_sampling_with_banned_tokens_matches_cpu() {
             step: 3,
         })
         .collect();
-    for p in [
-        SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 0.95,
-            seed: 9,
-        },
-    ] {
+    for p in sampling_cases() {
         let want = cpu::sample(Logits::F32(&masked), vocab, &keys, &p).unwrap();
         let d = gpu.stream().clone_htod(&l).unwrap();
         let got = {

@@ -258,6 +258,32 @@ impl OnGpu {
         Ok(OnGpu { cuda, alloc })
     }
 
+    /// Copies f32 rows of `row` values: row `from` at `src` to row `to` at `dst`, per pair.
+    ///
+    /// # Safety
+    /// Every row named must lie within its buffer on this GPU; no two copies may overlap.
+    unsafe fn copy_rows(
+        &self,
+        dst: u64,
+        src: u64,
+        row: usize,
+        pairs: impl Iterator<Item = (usize, usize)>,
+    ) -> Result<(), EngineError> {
+        let bytes = row * 4;
+        for (to, from) in pairs {
+            // SAFETY: the caller vouches for both rows.
+            unsafe {
+                self.cuda.copy_device(
+                    dst + (to * bytes) as u64,
+                    src + (from * bytes) as u64,
+                    bytes,
+                )
+            }
+            .map_err(gpu_err)?;
+        }
+        Ok(())
+    }
+
     /// An uninitialised f32 tensor on the GPU.
     fn tensor(&self, shape: &[usize]) -> Result<DynTensor, EngineError> {
         let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
@@ -615,19 +641,9 @@ impl Engine {
                 Some(g) => {
                     let mut out = g.tensor(&shape)?;
                     let (from, to) = (v.data_ptr_mut() as u64, out.data_ptr_mut() as u64);
-                    let bytes = row * 4;
-                    for (k, &r) in src.iter().enumerate() {
-                        // SAFETY: row r of `v` and row k of `out` are in bounds (k < src.len(),
-                        // r < v's rows) and the buffers are distinct.
-                        unsafe {
-                            g.cuda.copy_device(
-                                to + (k * bytes) as u64,
-                                from + (r * bytes) as u64,
-                                bytes,
-                            )
-                        }
-                        .map_err(gpu_err)?;
-                    }
+                    // SAFETY: row r < v's rows of `v`, row k < src.len() of `out`; distinct
+                    // buffers.
+                    unsafe { g.copy_rows(to, from, row, src.iter().copied().enumerate()) }?;
                     data.push(out);
                 }
             }
@@ -675,18 +691,8 @@ impl Engine {
                 }
                 Some(g) => {
                     let base = v.data_ptr_mut() as u64;
-                    let bytes = row * 4;
-                    for &(to, from) in &moves {
-                        // SAFETY: both rows are within the buffer's live rows and distinct.
-                        unsafe {
-                            g.cuda.copy_device(
-                                base + (to * bytes) as u64,
-                                base + (from * bytes) as u64,
-                                bytes,
-                            )
-                        }
-                        .map_err(gpu_err)?;
-                    }
+                    // SAFETY: both rows of each move are live rows of the buffer, and distinct.
+                    unsafe { g.copy_rows(base, base, row, moves.iter().copied()) }?;
                 }
             }
         }
