@@ -296,13 +296,21 @@ fn adamw_and_clipping_by_hand() {
     assert_eq!(c, vec![0.3, 0.4], "below the limit nothing changes");
 }
 
-/// The sampler skips tokens that cannot win (more than 19.5 below the row's top logit); its
-/// draws must equal the plain Gumbel-max argmax over every token.
+/// The sampler skips tokens that cannot win: those more than 19.5 below the row's top logit,
+/// and those whose draw, bounded from its uniform, cannot beat the best score so far. Its draws
+/// must equal the plain Gumbel-max argmax over every token, on peaked and on flat rows.
 #[test]
 fn pruned_sampling_equals_the_full_gumbel_argmax() {
     use spatial_ssrl::kernels::philox::token_uniform;
     let vocab = 5_003;
-    for (scale, t) in [(40.0, 1.0f32), (1e4, 0.7), (3.0, 1.0), (60.0, 2.5)] {
+    for (scale, t) in [
+        (40.0, 1.0f32),
+        (1e4, 0.7),
+        (3.0, 1.0),
+        (60.0, 2.5),
+        (0.5, 1.0),
+        (0.01, 0.3),
+    ] {
         let logits = random_logits(16, vocab, scale, 9);
         let keys: Vec<RowKey> = (0..16u32)
             .map(|i| RowKey {

@@ -139,6 +139,24 @@ pub fn sample(
         .collect())
 }
 
+/// An upper bound of the Gumbel draw `−ln(−ln u)` (as computed in f32) for a uniform `u` of
+/// [`philox::token_uniforms`]: the draw grows with `u`, so the bound is its value at the top of
+/// the binade of `1 − u` (exact in f32: `u` has 24 significant bits), plus 1e-4 for rounding.
+#[inline]
+fn gumbel_bound(u: f32) -> f32 {
+    static BOUND: std::sync::OnceLock<[f32; 26]> = std::sync::OnceLock::new();
+    let table = BOUND.get_or_init(|| {
+        // k = −exponent of 1 − u: 1 − u ∈ [2⁻ᵏ, 2¹⁻ᵏ), so u ≤ 1 − 2⁻ᵏ.
+        std::array::from_fn(|k| {
+            let u = 1.0 - 2f64.powi(-(k.max(1) as i32));
+            (-(-u.ln()).ln() + 1e-4) as f32
+        })
+    });
+    let d = 1.0 - u;
+    let k = 127 - ((d.to_bits() >> 23) & 0xff) as i32;
+    table[k.clamp(1, 25) as usize]
+}
+
 /// One row of [`sample`].
 fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
     let vocab = values.len();
@@ -184,10 +202,16 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
                 continue;
             }
             let u = philox::token_uniforms(p.seed, key.sequence, key.step, start as u32);
-            let gumbel: [f32; philox::LANES] = std::array::from_fn(|j| -(-u[j].ln()).ln());
             for i in start..end {
-                let score = scaled[i] + gumbel[i - start];
-                if live(i) && score > bs {
+                let u = u[i - start];
+                // score ≤ scaled + bound (f32 addition is monotonic): a token whose bound
+                // cannot beat the best so far is skipped without its two logarithms. Most
+                // draws lie far below the maximum, so few tokens pay for them.
+                if !live(i) || scaled[i] + gumbel_bound(u) < bs {
+                    continue;
+                }
+                let score = scaled[i] + -(-u.ln()).ln();
+                if score > bs {
                     bs = score;
                     best = i;
                 }
