@@ -9,7 +9,8 @@ The package holds
   embedding.onnx  input_ids [B, S], image_features [M, D] → inputs_embeds [B, S, D]
   decoder.onnx    inputs_embeds, attention_mask [B, T], position_ids [3, B, S],
                   past_key_values.{i}.key/value, lora.{i}.{target}.A/B
-                  → logits [B, S, V], present.{i}.key/value
+                  → logits [B, 1, V] (the last position: all a generation step needs; a
+                    prefill of B × S tokens would otherwise return B·S·V floats), present.{i}.key/value
   logprobs.onnx   inputs_embeds, attention_mask, position_ids, target_ids [B, S], temperature [], lora.*
                   → token_logprobs [B, S], token_entropy [B, S]
   train.onnx      the GRPO step as one joint forward+backward graph (EasyR1's loss, see grpo_loss):
@@ -357,7 +358,8 @@ class Decoder(nn.Module):
         lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
         h, presents = decoder_core(self.model, inputs_embeds, attention_mask, position_ids, past_key_values,
                                    lora, self.scale)
-        return (self.model.lm_head(h), *presents)
+        # The last position only: the engine left-pads prompts, so that is every row's next token.
+        return (self.model.lm_head(h[:, -1:]), *presents)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +485,7 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
         dims = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
                 "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
                 "position_ids": {1: "batch_size", 2: "sequence_length"},
-                "logits": {0: "batch_size", 1: "sequence_length"}}
+                "logits": {0: "batch_size"}}
         for i in range(L):
             for kv in ("key", "value"):
                 in_names.append(f"past_key_values.{i}.{kv}")
@@ -903,12 +905,11 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
     with torch.no_grad():
         lora = {n: (torch.from_numpy(adapter[f"{n}.A"]), torch.from_numpy(adapter[f"{n}.B"])) for n in lora_names}
         h, _ = decoder_core(model, torch.from_numpy(emb), torch.from_numpy(mask), torch.from_numpy(pos), None, lora, scale)
-        ref = model.lm_head(h).numpy()
-    valid = mask.astype(bool)
-    note("lora logits", np.abs(got - ref)[valid].max())
+        ref = model.lm_head(h[:, -1:]).numpy()
+    note("lora logits", np.abs(got - ref).max())
     base = sess["decoder"].run(["logits"], {"inputs_embeds": emb, "attention_mask": mask, "position_ids": pos,
                                             **past0, **zeros})[0]
-    if np.abs(base - got)[valid].max() < 1e-3:
+    if np.abs(base - got).max() < 1e-3:
         raise SystemExit("verify: the LoRA inputs do not change the logits")
     # 4. vision speed at 896×672 (3,072 patches) against transformers eager on the same CPU
     torch.set_num_threads(2)

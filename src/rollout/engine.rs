@@ -596,12 +596,25 @@ impl Engine {
         let logits = if self.gpu.is_some() && cols == 1 {
             StepLogits::Gpu(take(&mut out, "logits")?)
         } else {
-            let (_, logits) = out["logits"]
+            let (shape, logits) = out["logits"]
                 .try_extract_tensor::<f32>()
                 .map_err(run_err("decoder"))?;
+            // Packages from models/export.py return the last position only ([rows, 1, vocab]);
+            // other decoders every position.
+            let width = shape.get(1).copied().unwrap_or(1) as usize;
             let mut picked = Vec::with_capacity(rows * vocab);
             for (r, &c) in last.iter().enumerate().take(rows) {
-                let start = (r * cols + c) * vocab;
+                let c = match width {
+                    w if w == cols => c,
+                    1 if c + 1 == cols => 0,
+                    w => return Err(EngineError::Run {
+                        graph: "decoder",
+                        msg: format!(
+                            "logits for {w} of {cols} positions, and row {r} ends at position {c}"
+                        ),
+                    }),
+                };
+                let start = (r * width + c) * vocab;
                 picked.extend_from_slice(&logits[start..start + vocab]);
             }
             StepLogits::Host(picked)
