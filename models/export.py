@@ -190,7 +190,7 @@ def load_model(hf_dir):
 # ----------------------------------------------------------------------------------------------
 
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
-    apply_rotary_pos_emb, apply_rotary_pos_emb_vision, repeat_kv)
+    apply_rotary_pos_emb, apply_rotary_pos_emb_vision)
 
 
 class Vision(nn.Module):
@@ -338,10 +338,15 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale)
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
         presents += [k, v]
-        kr, vr = repeat_kv(k, at.num_key_value_groups), repeat_kv(v, at.num_key_value_groups)
-        att = torch.matmul(q, kr.transpose(2, 3)) * at.scaling + bias
-        att = torch.softmax(att.float(), dim=-1).to(q.dtype)
-        o = torch.matmul(att, vr).transpose(1, 2).reshape(B, S, -1)
+        # GQA without repeating K and V: the g query heads of each KV head are consecutive, so
+        # they are folded into the query length ([B, kv_heads, g·S, d]) and every KV head is
+        # read once per step instead of g times (no expanded copies of the cache in the graph).
+        kvh, g, T = k.shape[1], at.num_key_value_groups, k.shape[2]
+        qg = q.reshape(B, kvh, g * S, at.head_dim)
+        att = torch.matmul(qg, k.transpose(2, 3)) * at.scaling
+        att = att.view(B, kvh, g, S, T) + bias[:, :, None]
+        att = torch.softmax(att.float(), dim=-1).to(q.dtype).view(B, kvh, g * S, T)
+        o = torch.matmul(att, v).view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
         h = h + proj(i, "o_proj", at.o_proj, o)
         mlp, x = layer.mlp, layer.post_attention_layernorm(h)
         g = mlp.act_fn(proj(i, "gate_proj", mlp.gate_proj, x)) * proj(i, "up_proj", mlp.up_proj, x)
