@@ -304,15 +304,8 @@ pub struct BenchRolloutArgs {
     rounds: usize,
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,
-    /// Execution provider: cpu, cuda or tensorrt.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value_t = 0)]
-    device_id: i32,
-    /// On cuda / tensorrt: keep the decoder's cache and logits on the host between steps (as
-    /// without IoBinding-style device buffers), to measure what keeping them on the GPU saves.
-    #[arg(long)]
-    host_cache: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Also write the results here.
     #[arg(long, default_value = "bench-rollout.json")]
     json: PathBuf,
@@ -321,29 +314,113 @@ pub struct BenchRolloutArgs {
     ort_lib: Option<PathBuf>,
 }
 
+/// Where the graphs run: the execution provider and its options (rollout, bench rollout, eval).
+#[derive(clap::Args)]
+pub struct DeviceArgs {
+    /// Execution provider. cuda and tensorrt need onnxruntime-gpu's library (see the README).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// Run on the CPU when the chosen provider is unavailable, instead of failing.
+    #[arg(long)]
+    allow_fallback: bool,
+    /// On cuda / tensorrt: keep the decoder's cache and logits on the host between steps
+    /// (slower; to measure what keeping them on the GPU saves).
+    #[arg(long)]
+    host_cache: bool,
+    /// TensorRT: build fp16 engines.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: engine and timing cache folder (reused across runs).
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+    /// TensorRT: builder workspace in bytes.
+    #[arg(long, value_name = "BYTES")]
+    trt_workspace: Option<usize>,
+    /// TensorRT: the longest prompt (tokens, images included) the engines are built for; with
+    /// the batch and the new-token budget it sets each graph's optimisation profile, so one
+    /// engine serves every shape of the run.
+    #[arg(long, default_value_t = 4096, value_name = "TOKENS")]
+    trt_max_prompt: usize,
+    /// CUDA: cap on the bytes ONNX Runtime's GPU memory arena may hold.
+    #[arg(long, value_name = "BYTES")]
+    cuda_mem_limit: Option<usize>,
+    /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
+    #[arg(long)]
+    cuda_arena_exact: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl DeviceArgs {
+    /// Opens `model` on the chosen provider for runs of up to `rows` sequences and
+    /// `max_new_tokens` new tokens (TensorRT's profiles); prints the provider when not the CPU.
+    pub fn open(
+        &self,
+        model: &Path,
+        ort_lib: Option<&Path>,
+        rows: usize,
+        max_new_tokens: usize,
+    ) -> Result<spatial_ssrl::rollout::Engine> {
+        use spatial_ssrl::model::session::{CudaArena, Device, DeviceChoice, TrtLimits};
+        let device = match self.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda {
+                device_id: self.device_id,
+            },
+            DeviceArg::Tensorrt => Device::TensorRt {
+                device_id: self.device_id,
+                fp16: self.trt_fp16,
+                cache_dir: self.trt_cache.clone(),
+                workspace_bytes: self.trt_workspace,
+                limits: Some(TrtLimits::rollout(
+                    rows,
+                    self.trt_max_prompt,
+                    max_new_tokens,
+                )),
+            },
+        };
+        let choice = DeviceChoice {
+            device,
+            allow_fallback: self.allow_fallback,
+            arena: CudaArena {
+                mem_limit: self.cuda_mem_limit,
+                grow_as_requested: self.cuda_arena_exact,
+            },
+        };
+        let mut engine = spatial_ssrl::rollout::Engine::open_on(model, ort_lib, &choice)?;
+        engine.set_host_cache(self.host_cache);
+        if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {
+            eprintln!(
+                "execution provider: {}{}",
+                engine.provider(),
+                if engine.cache_on_gpu() {
+                    " (cache, logits and sampling on the GPU)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(engine)
+    }
+}
+
 pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
-    use spatial_ssrl::model::session::{Device, DeviceChoice};
-    use spatial_ssrl::rollout::{bench, Engine, GenerationConfig, Request};
-    let Some(mut device) = Device::from_name(&a.device, a.device_id) else {
-        bail!("--device {}: use cpu, cuda or tensorrt", a.device);
-    };
-    if let Device::TensorRt { limits, .. } = &mut device {
-        *limits = Some(spatial_ssrl::model::session::TrtLimits::rollout(
-            a.batch * a.group,
-            4096,
-            a.max_new_tokens,
-        ));
-    }
-    let mut engine = Engine::open_on(
+    use spatial_ssrl::rollout::{bench, GenerationConfig, Request};
+    let mut engine = a.device.open(
         &a.model,
         a.ort_lib.as_deref(),
-        &DeviceChoice {
-            device,
-            ..Default::default()
-        },
+        a.batch * a.group,
+        a.max_new_tokens,
     )?;
-    engine.set_host_cache(a.host_cache);
     let requests: Vec<Request> = match &a.data {
         None => bench::synthetic_requests(a.batch),
         Some(f) => {
@@ -482,6 +559,8 @@ pub struct EvalArgs {
     /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
     #[arg(long, value_name = "FILE")]
     ort_lib: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -542,7 +621,12 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     // The data and the adapter are checked before the model is loaded.
     let items = eval::load(&cfg)?;
     let lora = a.adapter.as_deref().map(adapter_tensors).transpose()?;
-    let mut engine = spatial_ssrl::rollout::Engine::open(&model, a.ort_lib.as_deref())?;
+    let mut engine = a.device.open(
+        &model,
+        a.ort_lib.as_deref(),
+        cfg.batch,
+        cfg.max_new_tokens.unwrap_or(4096),
+    )?;
     if let Some(t) = &lora {
         engine.set_lora(t)?;
     }

@@ -132,46 +132,8 @@ struct RolloutArgs {
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then vendor/ort/).
     #[arg(long, value_name = "PATH")]
     ort_lib: Option<PathBuf>,
-    /// Execution provider. cuda and tensorrt need onnxruntime-gpu's library (see the README).
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    device_id: i32,
-    /// Run on the CPU when the chosen provider is unavailable, instead of failing.
-    #[arg(long)]
-    allow_fallback: bool,
-    /// On cuda / tensorrt: keep the decoder's cache and logits on the host between steps
-    /// (slower; for comparisons).
-    #[arg(long)]
-    host_cache: bool,
-    /// TensorRT: build fp16 engines.
-    #[arg(long)]
-    trt_fp16: bool,
-    /// TensorRT: engine and timing cache folder (reused across runs).
-    #[arg(long, value_name = "DIR")]
-    trt_cache: Option<PathBuf>,
-    /// TensorRT: builder workspace in bytes.
-    #[arg(long, value_name = "BYTES")]
-    trt_workspace: Option<usize>,
-    /// TensorRT: the longest prompt (tokens, images included) the engines are built for; with
-    /// --batch × --group and --max-new-tokens it sets each graph's optimisation profile, so one
-    /// engine serves every shape of the run.
-    #[arg(long, default_value_t = 4096, value_name = "TOKENS")]
-    trt_max_prompt: usize,
-    /// CUDA: cap on the bytes ONNX Runtime's GPU memory arena may hold.
-    #[arg(long, value_name = "BYTES")]
-    cuda_mem_limit: Option<usize>,
-    /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
-    #[arg(long)]
-    cuda_arena_exact: bool,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
-    Tensorrt,
+    #[command(flatten)]
+    device: commands::DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -428,7 +390,7 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
 
 fn run_rollout(a: RolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
-    use spatial_ssrl::rollout::{Engine, GenerationConfig, Request};
+    use spatial_ssrl::rollout::{GenerationConfig, Request};
     let samples = tasks::write::read_samples(&a.data)
         .with_context(|| format!("{}: cannot read samples", a.data.display()))?;
     let samples: Vec<_> = samples
@@ -439,48 +401,12 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         .images_root
         .clone()
         .unwrap_or_else(|| tasks::write::default_images_root(&a.data));
-    use spatial_ssrl::model::session::{Device, DeviceChoice};
-    let device = match a.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda {
-            device_id: a.device_id,
-        },
-        DeviceArg::Tensorrt => Device::TensorRt {
-            device_id: a.device_id,
-            fp16: a.trt_fp16,
-            cache_dir: a.trt_cache.clone(),
-            workspace_bytes: a.trt_workspace,
-            limits: Some(spatial_ssrl::model::session::TrtLimits::rollout(
-                a.batch * a.group,
-                a.trt_max_prompt,
-                a.max_new_tokens,
-            )),
-        },
-    };
-    let mut engine = Engine::open_on(
+    let mut engine = a.device.open(
         &a.model,
         a.ort_lib.as_deref(),
-        &DeviceChoice {
-            device,
-            allow_fallback: a.allow_fallback,
-            arena: spatial_ssrl::model::session::CudaArena {
-                mem_limit: a.cuda_mem_limit,
-                grow_as_requested: a.cuda_arena_exact,
-            },
-        },
+        a.batch * a.group,
+        a.max_new_tokens,
     )?;
-    engine.set_host_cache(a.host_cache);
-    if engine.provider() != "cpu" || !matches!(a.device, DeviceArg::Cpu) {
-        eprintln!(
-            "execution provider: {}{}",
-            engine.provider(),
-            if engine.cache_on_gpu() {
-                " (cache, logits and sampling on the GPU)"
-            } else {
-                ""
-            }
-        );
-    }
     let cfg = GenerationConfig {
         group: a.group,
         max_new_tokens: a.max_new_tokens,

@@ -165,6 +165,43 @@ fn rollout_writes_one_scored_line_per_response() {
         assert!(l["prompt_id"].as_str().unwrap().starts_with("flip-"));
     }
     assert!(!dir.join("rollouts.jsonl.partial").exists());
+    // --device cuda: the CPU's tokens on a GPU; elsewhere a clear error, and with
+    // --allow-fallback the CPU run, saying so.
+    let tokens = |f: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tokens"].clone())
+            .collect()
+    };
+    for fallback in [false, true] {
+        let out2 = dir.join(format!("cuda-{fallback}.jsonl"));
+        let mut cmd = ssrl();
+        cmd.args(["rollout", "--model"])
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+            .arg("--data")
+            .arg(data.join("data/part-00000.jsonl"))
+            .args(["--group", "3", "--max-new-tokens", "4", "--limit", "2"])
+            .args(["--device", "cuda", "--out"])
+            .arg(&out2);
+        if fallback {
+            cmd.arg("--allow-fallback");
+        }
+        let r = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        if r.status.success() {
+            assert!(err.contains("execution provider: "), "{err}");
+            assert_eq!(tokens(&out2), tokens(&out), "{err}");
+        } else {
+            assert!(!fallback, "the fallback runs on the CPU: {err}");
+            assert!(
+                err.contains("cuda execution provider unavailable")
+                    && err.contains("--allow-fallback"),
+                "{err}"
+            );
+            assert!(!out2.exists());
+        }
+    }
 }
 
 #[test]

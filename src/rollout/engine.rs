@@ -607,12 +607,14 @@ impl Engine {
                 let c = match width {
                     w if w == cols => c,
                     1 if c + 1 == cols => 0,
-                    w => return Err(EngineError::Run {
-                        graph: "decoder",
-                        msg: format!(
+                    w => {
+                        return Err(EngineError::Run {
+                            graph: "decoder",
+                            msg: format!(
                             "logits for {w} of {cols} positions, and row {r} ends at position {c}"
                         ),
-                    }),
+                        })
+                    }
                 };
                 let start = (r * width + c) * vocab;
                 picked.extend_from_slice(&logits[start..start + vocab]);
