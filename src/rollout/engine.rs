@@ -179,6 +179,9 @@ pub struct Engine {
 struct OnGpu {
     cuda: Cuda,
     alloc: Allocator,
+    /// The decoder returns the last position's logits only (`[rows, 1, vocab]`, packages from
+    /// models/export.py), so the prefill's logits can stay on the GPU too.
+    last_only: bool,
 }
 
 /// The decoder's cache between steps.
@@ -255,7 +258,17 @@ impl OnGpu {
         )
         .map_err(|e| e.to_string())?;
         let alloc = Allocator::new(decoder, info).map_err(|e| e.to_string())?;
-        Ok(OnGpu { cuda, alloc })
+        let last_only = decoder
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "logits")
+            .and_then(|o| o.dtype().tensor_shape())
+            .is_some_and(|s| s.len() == 3 && s[1] == 1);
+        Ok(OnGpu {
+            cuda,
+            alloc,
+            last_only,
+        })
     }
 
     /// Copies f32 rows of `row` values: row `from` at `src` to row `to` at `dst`, per pair.
@@ -562,7 +575,7 @@ impl Engine {
                     sel =
                         sel.preallocate(kv_name("present", i), g.tensor(&[rows, kvh, total, hd])?);
                 }
-                if cols == 1 {
+                if cols == 1 || g.last_only {
                     sel = sel.preallocate("logits", g.tensor(&[rows, 1, vocab])?);
                 }
                 Some(
@@ -593,7 +606,7 @@ impl Engine {
                 .downcast::<DynTensorValueType>()
                 .map_err(run_err("decoder"))
         };
-        let logits = if self.gpu.is_some() && cols == 1 {
+        let logits = if self.gpu.as_ref().is_some_and(|g| cols == 1 || g.last_only) {
             StepLogits::Gpu(take(&mut out, "logits")?)
         } else {
             let (shape, logits) = out["logits"]
@@ -911,7 +924,6 @@ impl Engine {
             false => vec![s.max(1) - 1; b],
         };
         let (prefill_logits, mut kv) = self.decode(embeds, b, s, &mask, pos, &mut empty, &last)?;
-        let prefill_logits = self.host_logits(prefill_logits)?;
         self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
         self.stats.prefill_tokens += prompts.iter().map(Vec::len).sum::<usize>();
         let t_decode = Instant::now();
@@ -921,11 +933,23 @@ impl Engine {
         let mut kv = self.gather_rows(&mut kv, &fan)?;
         let mut masks: Vec<Vec<i64>> = fan.iter().map(|&p| mask[p].clone()).collect();
         let vocab = t.vocab_size;
-        let mut logits = StepLogits::Host(
-            fan.iter()
-                .flat_map(|&p| prefill_logits[p * vocab..(p + 1) * vocab].iter().copied())
-                .collect(),
-        );
+        let mut logits = match (prefill_logits, &self.gpu) {
+            (StepLogits::Host(l), _) => StepLogits::Host(
+                fan.iter()
+                    .flat_map(|&p| l[p * vocab..(p + 1) * vocab].iter().copied())
+                    .collect(),
+            ),
+            (StepLogits::Gpu(mut l), Some(g)) => {
+                let mut out = g.tensor(&[fan.len(), 1, vocab])?;
+                let (from, to) = (l.data_ptr_mut() as u64, out.data_ptr_mut() as u64);
+                // SAFETY: row p < b of `l` ([b, 1, vocab]) and row k < fan.len() of `out`;
+                // distinct buffers.
+                unsafe { g.copy_rows(to, from, vocab, fan.iter().copied().enumerate()) }?;
+                g.cuda.synchronize_all().map_err(gpu_err)?;
+                StepLogits::Gpu(out)
+            }
+            (StepLogits::Gpu(_), None) => unreachable!("GPU logits without a GPU cache"),
+        };
         let mut active: Vec<usize> = (0..b * g).collect();
         let mut seen: Vec<usize> = fan.iter().map(|&p| prompts[p].len()).collect();
         let mut out: Vec<Completion> = (0..b * g)
