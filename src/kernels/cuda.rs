@@ -1,8 +1,8 @@
 //! The CUDA backend: `kernels/*.cu`, compiled once per process by NVRTC and launched through
 //! cudarc. Both libraries are loaded at run time (`dynamic-loading`): with no CUDA installed the
 //! crate still builds, and [`Cuda::new`] returns [`KernelError::Unavailable`] instead of
-//! panicking. These entry points take and return host memory; the rollout engine keeps logits on
-//! the device and calls the same kernels on device buffers.
+//! panicking. Most entry points take and return host memory; [`Cuda::sample_device`] draws from
+//! logits already on the device (the rollout engine's, written there by ONNX Runtime).
 
 use super::{
     check_groups, check_rows, check_targets, AdamW, AdvantageConfig, KernelError, Logits, RowKey,

@@ -2,11 +2,12 @@
 //! samples, then batched decode with per-sequence stop; finished rows leave the batch. Every
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
+//! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
+//! CUDA kernels, on the stream the sessions run on.
 
 use crate::kernels::cuda::Cuda;
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
-use crate::model::package::Manifest;
-use crate::model::package::{KvLayout, Package, PackageError};
+use crate::model::package::{KvLayout, Manifest, Package, PackageError};
 use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
