@@ -298,6 +298,22 @@ impl OnGpu {
         Ok(())
     }
 
+    /// A new GPU tensor of `shape` whose row `k` (`shape[1..]` values) is row `src[k]` of `v`.
+    fn gather(
+        &self,
+        v: &mut DynTensor,
+        shape: &[usize],
+        src: &[usize],
+    ) -> Result<DynTensor, EngineError> {
+        let row = shape[1..].iter().product();
+        let mut out = self.tensor(shape)?;
+        let (from, to) = (v.data_ptr_mut() as u64, out.data_ptr_mut() as u64);
+        // SAFETY: every src[k] is a row of `v` (the callers' indices), k < shape[0]; distinct
+        // buffers.
+        unsafe { self.copy_rows(to, from, row, src.iter().copied().enumerate()) }?;
+        Ok(out)
+    }
+
     /// An uninitialised f32 tensor on the GPU.
     fn tensor(&self, shape: &[usize]) -> Result<DynTensor, EngineError> {
         let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
@@ -305,6 +321,15 @@ impl OnGpu {
             .map_err(run_err("decoder"))?
             .upcast())
     }
+}
+
+/// Rows `src` of `d` (rows of `row` values), in that order; a row may repeat.
+fn gather_host(d: &[f32], row: usize, src: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(src.len() * row);
+    for &r in src {
+        out.extend_from_slice(&d[r * row..(r + 1) * row]);
+    }
+    out
 }
 
 fn gpu_err(e: crate::kernels::KernelError) -> EngineError {
@@ -661,20 +686,9 @@ impl Engine {
             match &self.gpu {
                 None => {
                     let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-                    let mut out = Vec::with_capacity(src.len() * row);
-                    for &r in src {
-                        out.extend_from_slice(&d[r * row..(r + 1) * row]);
-                    }
-                    data.push(kv_value(&shape, out)?);
+                    data.push(kv_value(&shape, gather_host(d, row, src))?);
                 }
-                Some(g) => {
-                    let mut out = g.tensor(&shape)?;
-                    let (from, to) = (v.data_ptr_mut() as u64, out.data_ptr_mut() as u64);
-                    // SAFETY: row r < v's rows of `v`, row k < src.len() of `out`; distinct
-                    // buffers.
-                    unsafe { g.copy_rows(to, from, row, src.iter().copied().enumerate()) }?;
-                    data.push(out);
-                }
+                Some(g) => data.push(g.gather(v, &shape, src)?),
             }
         }
         if let Some(g) = &self.gpu {
@@ -935,17 +949,9 @@ impl Engine {
         let mut masks: Vec<Vec<i64>> = fan.iter().map(|&p| mask[p].clone()).collect();
         let vocab = t.vocab_size;
         let mut logits = match (prefill_logits, &self.gpu) {
-            (StepLogits::Host(l), _) => StepLogits::Host(
-                fan.iter()
-                    .flat_map(|&p| l[p * vocab..(p + 1) * vocab].iter().copied())
-                    .collect(),
-            ),
+            (StepLogits::Host(l), _) => StepLogits::Host(gather_host(&l, vocab, &fan)),
             (StepLogits::Gpu(mut l), Some(g)) => {
-                let mut out = g.tensor(&[fan.len(), 1, vocab])?;
-                let (from, to) = (l.data_ptr_mut() as u64, out.data_ptr_mut() as u64);
-                // SAFETY: row p < b of `l` ([b, 1, vocab]) and row k < fan.len() of `out`;
-                // distinct buffers.
-                unsafe { g.copy_rows(to, from, vocab, fan.iter().copied().enumerate()) }?;
+                let out = g.gather(&mut l, &[fan.len(), 1, vocab], &fan)?;
                 g.cuda.synchronize_all().map_err(gpu_err)?;
                 StepLogits::Gpu(out)
             }
