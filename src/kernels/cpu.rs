@@ -142,19 +142,24 @@ pub fn sample(
 /// An upper bound of the Gumbel draw `−ln(−ln u)` (as computed in f32) for a uniform `u` of
 /// [`philox::token_uniforms`]: the draw grows with `u`, so the bound is its value at the top of
 /// the binade of `1 − u` (exact in f32: `u` has 24 significant bits), plus 1e-4 for rounding.
+/// `table` is [`gumbel_bounds`], fetched once per row rather than per token.
 #[inline]
-fn gumbel_bound(u: f32) -> f32 {
+fn gumbel_bound(table: &[f32; 26], u: f32) -> f32 {
+    let d = 1.0 - u;
+    let k = 127 - ((d.to_bits() >> 23) & 0xff) as i32;
+    table[k.clamp(1, 25) as usize]
+}
+
+/// The bounds of [`gumbel_bound`] by binade, computed once per process.
+fn gumbel_bounds() -> &'static [f32; 26] {
     static BOUND: std::sync::OnceLock<[f32; 26]> = std::sync::OnceLock::new();
-    let table = BOUND.get_or_init(|| {
+    BOUND.get_or_init(|| {
         // k = −exponent of 1 − u: 1 − u ∈ [2⁻ᵏ, 2¹⁻ᵏ), so u ≤ 1 − 2⁻ᵏ.
         std::array::from_fn(|k| {
             let u = 1.0 - 2f64.powi(-(k.max(1) as i32));
             (-(-u.ln()).ln() + 1e-4) as f32
         })
-    });
-    let d = 1.0 - u;
-    let k = 127 - ((d.to_bits() >> 23) & 0xff) as i32;
-    table[k.clamp(1, 25) as usize]
+    })
 }
 
 /// One row of [`sample`].
@@ -196,6 +201,7 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
         };
         let mut best = 0usize;
         let mut bs = f32::NEG_INFINITY;
+        let bounds = gumbel_bounds();
         for start in (0..vocab).step_by(philox::LANES) {
             let end = (start + philox::LANES).min(vocab);
             if !(start..end).any(live) {
@@ -207,7 +213,7 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
                 // score ≤ scaled + bound (f32 addition is monotonic): a token whose bound
                 // cannot beat the best so far is skipped without its two logarithms. Most
                 // draws lie far below the maximum, so few tokens pay for them.
-                if !live(i) || scaled[i] + gumbel_bound(u) < bs {
+                if !live(i) || scaled[i] + gumbel_bound(bounds, u) < bs {
                     continue;
                 }
                 let score = scaled[i] + -(-u.ln()).ln();
