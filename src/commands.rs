@@ -454,17 +454,12 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
     };
     eprintln!(
-        "{} prompts × {} samples, {} new tokens, {} timed rounds after one warm-up, on {}{}",
+        "{} prompts × {} samples, {} new tokens, {} timed rounds after one warm-up, on {}",
         requests.len(),
         a.group,
         a.max_new_tokens,
         a.rounds,
-        engine.provider(),
-        if engine.cache_on_gpu() {
-            " (cache, logits and sampling on the GPU)"
-        } else {
-            ""
-        }
+        engine.provider()
     );
     let r = bench::run(&mut engine, &requests, &cfg, a.rounds, |i, s| {
         eprintln!("  round {}: {s:.2} s", i + 1)
