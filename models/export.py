@@ -8,9 +8,15 @@ The package holds
   vision.onnx     pixel_values [P, 1176], image_grid_thw [N, 3] → image_features [P/4, D]
   embedding.onnx  input_ids [B, S], image_features [M, D] → inputs_embeds [B, S, D]
   decoder.onnx    inputs_embeds, attention_mask [B, T], position_ids [3, B, S],
-                  past_key_values.{i}.key/value, lora.{i}.{target}.A/B
+                  past_key_values.{i}.key/value, lora.{i}.{target}.A/B,
+                  optional shared prompt cache: prefix_key_values.{i}.key/value [Bp, kv_heads, P, d],
+                  prefix_mask [Bp, P], slot_rows [Bp·Gs], row_slots [B]
                   → logits [B, 1, V] (the last position: all a generation step needs; a
                     prefill of B × S tokens would otherwise return B·S·V floats), present.{i}.key/value
+                  A prompt's G samples read its cache in place (one [G·heads, d] × [d, P] product
+                  per prompt and KV head); past/present hold only each sample's own tokens, so a
+                  decode step copies no prompt cache. Without the prefix inputs it is a plain
+                  past/present decoder (onnxruntime-genai runs it so).
   logprobs.onnx   inputs_embeds, attention_mask, position_ids, target_ids [B, S], temperature [], lora.*
                   → token_logprobs [B, S], token_entropy [B, S]
   train.onnx      the GRPO step as one joint forward+backward graph (EasyR1's loss, see grpo_loss):
@@ -311,11 +317,28 @@ def lora_shapes(model, targets, rank):
     return out
 
 
-def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale):
+def shared_prefix_slots(prefix, rows):
+    """Unpacks `prefix` = (keys/values per layer [Bp, kv_heads, P, d], prefix_mask [Bp, P],
+    slot_rows [Bp·Gs], row_slots [rows]) for `decoder_core`. Row `r` continues prompt
+    `row_slots[r] // Gs`, whose cache every sample of that prompt reads in place; slot `j` of
+    prompt `b` is served by row `slot_rows[b·Gs + j]` (free slots name any row). An empty
+    `row_slots` (the default, for runtimes that know nothing of the prefix) puts every row on slot 0."""
+    kv, pmask, slot_rows, row_slots = prefix
+    row_slots = torch.cat([row_slots, torch.zeros(rows, dtype=row_slots.dtype)])[:rows]
+    Bp = kv[0].shape[0]
+    return kv, pmask, slot_rows, row_slots, Bp, slot_rows.shape[0] // Bp
+
+
+def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None):
     """The text decoder: M-RoPE, GQA attention with a causal ∧ padding mask, optional KV cache
-    (`past` None: no cache) and LoRA deltas `scale · (x Aᵀ) Bᵀ` on the targets in `lora`."""
+    (`past` None: no cache), an optional shared prompt cache (`prefix`, see shared_prefix_slots:
+    attention runs over the prompt's cache, then the row's own cache) and LoRA deltas
+    `scale · (x Aᵀ) Bᵀ` on the targets in `lora`."""
     lm = model.model.language_model
     B, S, _ = embeds.shape
+    if prefix is not None:
+        pkv, pmask, slot_rows, row_slots, Bp, Gs = shared_prefix_slots(prefix, B)
+        pbias = torch.where(pmask.bool(), 0.0, torch.finfo(torch.float32).min).to(embeds.dtype)
     past_len = past[0].shape[2] if past is not None else 0
     cos, sin = lm.rotary_emb(embeds, position_ids)
     q_pos = torch.arange(S) + past_len
@@ -348,9 +371,26 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale)
         kvh, g, T = k.shape[1], at.num_key_value_groups, k.shape[2]
         qg = q.reshape(B, kvh, g * S, at.head_dim)
         att = torch.matmul(qg, k.transpose(2, 3)) * at.scaling
-        att = att.view(B, kvh, g, S, T) + bias[:, :, None]
-        att = torch.softmax(att.float(), dim=-1).to(q.dtype).view(B, kvh, g * S, T)
-        o = torch.matmul(att, v).view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
+        att = (att.view(B, kvh, g, S, T) + bias[:, :, None]).view(B, kvh, g * S, T)
+        if prefix is None:
+            att = torch.softmax(att.float(), dim=-1).to(q.dtype)
+            o = torch.matmul(att, v)
+        else:
+            # The prompt's cache, shared by its samples and never copied: the queries of the
+            # rows on a prompt's slots become one [Gs·g·S, d] block against its [P, d] keys.
+            pk, pv = pkv[2 * i], pkv[2 * i + 1]
+            P, gS, d = pk.shape[2], g * S, at.head_dim
+
+            def to_slots(x, n):  # [B, kvh, gS, n] → [Bp, kvh, Gs·gS, n]
+                return x[slot_rows].view(Bp, Gs, kvh, gS, n).transpose(1, 2).reshape(Bp, kvh, Gs * gS, n)
+
+            def to_rows(x, n):  # the inverse, row by row
+                return x.view(Bp, kvh, Gs, gS, n).transpose(1, 2).reshape(Bp * Gs, kvh, gS, n)[row_slots]
+
+            ps = torch.matmul(to_slots(qg, d), pk.transpose(2, 3)) * at.scaling + pbias[:, None, None, :]
+            att = torch.softmax(torch.cat([to_rows(ps, P), att], dim=-1).float(), dim=-1).to(q.dtype)
+            o = torch.matmul(att[..., P:], v) + to_rows(torch.matmul(to_slots(att[..., :P], P), pv), d)
+        o = o.view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
         h = h + proj(i, "o_proj", at.o_proj, o)
         mlp, x = layer.mlp, layer.post_attention_layernorm(h)
         g = mlp.act_fn(proj(i, "gate_proj", mlp.gate_proj, x)) * proj(i, "up_proj", mlp.up_proj, x)
@@ -363,10 +403,12 @@ class Decoder(nn.Module):
         super().__init__()
         self.model, self.lora_names, self.scale = model, lora_names, scale
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, lora_tensors):
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, prefix_key_values, prefix_mask,
+                slot_rows, row_slots, lora_tensors):
         lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
+        prefix = (prefix_key_values, prefix_mask, slot_rows, row_slots)
         h, presents = decoder_core(self.model, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                   lora, self.scale)
+                                   lora, self.scale, prefix)
         # The last position only: the engine left-pads prompts, so that is every row's next token.
         return (self.model.lm_head(h[:, -1:]), *presents)
 
@@ -450,6 +492,15 @@ def lora_defaults(names, shapes_):
     return out
 
 
+def prefix_defaults(L, kvh, hd):
+    """No shared prompt cache: one empty prompt, every row on its slot 0. With these the decoder is a
+    plain past/present decoder (onnxruntime-genai and the trainer's full-sequence checks feed no prefix)."""
+    out = {f"prefix_key_values.{i}.{kv}": np.zeros((1, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    out.update({"prefix_mask": np.zeros((1, 0), np.int64), "slot_rows": np.zeros(1, np.int64),
+                "row_slots": np.zeros(0, np.int64)})
+    return out
+
+
 def export_package(model, out, lora_rank, lora_alpha, lora_targets):
     from torch.export import Dim
 
@@ -483,12 +534,18 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
         lora = []
         for n in names:
             lora += [torch.randn(*shapes[n][0]) * 0.1, torch.randn(*shapes[n][1]) * 0.1]
-        B, S, Pp = 2, 5, 3
+        # Example: 3 rows on 2 prompts of 2 slots each (one free), 4 prompt tokens, 3 own tokens.
+        B, S, Pp, Bp, Gs, Pre = 3, 5, 3, 2, 2, 4
         x = torch.randn(B, S, D)
         am = torch.ones(B, Pp + S, dtype=torch.int64)
         pos = torch.arange(Pp, Pp + S).view(1, 1, S).expand(3, B, S).contiguous()
         past = [torch.randn(B, kvh, Pp, hd) for _ in range(2 * L)]
+        prefix = [torch.randn(Bp, kvh, Pre, hd) for _ in range(2 * L)]
+        pmask = torch.ones(Bp, Pre, dtype=torch.int64)
+        slot_rows = torch.tensor([2, 0, 1, 1])
+        row_slots = torch.tensor([1, 2, 0])
         p = Dim("past_sequence_length", max=1 << 17)
+        bp, pre, slots = Dim("num_prompts", max=4096), Dim("prefix_length", max=1 << 17), Dim("num_slots", max=1 << 20)
         in_names = ["inputs_embeds", "attention_mask", "position_ids"]
         out_names = ["logits"]
         dims = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
@@ -501,12 +558,22 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
                 out_names.append(f"present.{i}.{kv}")
                 dims[f"past_key_values.{i}.{kv}"] = {0: "batch_size", 2: "past_sequence_length"}
                 dims[f"present.{i}.{kv}"] = {0: "batch_size", 2: "total_sequence_length"}
+        for i in range(L):
+            for kv in ("key", "value"):
+                in_names.append(f"prefix_key_values.{i}.{kv}")
+                dims[f"prefix_key_values.{i}.{kv}"] = {0: "num_prompts", 2: "prefix_length"}
+        in_names += ["prefix_mask", "slot_rows", "row_slots"]
+        dims.update({"prefix_mask": {0: "num_prompts", 1: "prefix_length"}, "slot_rows": {0: "num_slots"},
+                     "row_slots": {0: "batch_size_or_0"}})
         for n in names:
             in_names += [f"{n}.A", f"{n}.B"]
         ds = {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: Dim.AUTO}, "position_ids": {1: b, 2: s},
-              "past_key_values": [{0: b, 2: p} for _ in range(2 * L)], "lora_tensors": [{} for _ in lora]}
-        export(Decoder(model, names, lora_alpha / lora_rank).eval(), (x, am, pos, past, lora), f"{out}/decoder.onnx",
-               in_names, out_names, ds, dims, lora_defaults(names, shapes))
+              "past_key_values": [{0: b, 2: p} for _ in range(2 * L)],
+              "prefix_key_values": [{0: bp, 2: pre} for _ in range(2 * L)], "prefix_mask": {0: bp, 1: pre},
+              "slot_rows": {0: slots}, "row_slots": {0: Dim("row_slots", max=4096)}, "lora_tensors": [{} for _ in lora]}
+        export(Decoder(model, names, lora_alpha / lora_rank).eval(),
+               (x, am, pos, past, prefix, pmask, slot_rows, row_slots, lora), f"{out}/decoder.onnx",
+               in_names, out_names, ds, dims, {**lora_defaults(names, shapes), **prefix_defaults(L, kvh, hd)})
     return names, shapes
 
 
@@ -576,6 +643,10 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
         "lora": {"rank": rank, "alpha": alpha, "scale": alpha / rank,
                  "targets": sorted({n.split(".")[2] for n in lora_names}, key=LORA_TARGETS.index),
                  "tensors": [{"name": n, "A": list(lora_shapes_[n][0]), "B": list(lora_shapes_[n][1])} for n in lora_names]},
+        # decoder.onnx reads a prompt's cache in place for all its samples (prefix_key_values,
+        # prefix_mask, slot_rows, row_slots; see decoder_core); only each row's own tokens are
+        # past/present.
+        "kv_layout": "shared",
     }
     json.dump(manifest, open(f"{out}/manifest.json", "w"), indent=2)
 
@@ -786,6 +857,10 @@ def check_config_layouts(hf_dir):
     print("  config.json: transformers 4.x and 5.x layouts load the same model config")
 
 
+def past0_of(rows, kvh, hd, L):
+    return {f"past_key_values.{i}.{kv}": np.zeros((rows, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+
+
 def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
     check_config_layouts(hf_dir)
     import onnxruntime as ort
@@ -843,7 +918,7 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         zeros[f"{n}.B"] = np.zeros(b, np.float32)
     past = {f"past_key_values.{i}.{kv}": np.zeros((2, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
     cur_ids, cur_mask, cur_pos, cur_feats = ids, mask, pos, feats
-    greedy0 = []
+    greedy0, step_ids, step_logits = [], [], []
     all_ids, all_mask = ids.copy(), mask.copy()
     for step in range(6):
         emb = sess["embedding"].run(None, {"input_ids": cur_ids, "image_features": cur_feats})[0]
@@ -858,6 +933,9 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         note("logits" if step == 0 else "decode logits", np.abs(logits - ref).max())
         nxt = logits.argmax(-1)
         greedy0.append(int(nxt[0]))
+        if step > 0:
+            step_logits.append(logits)
+        step_ids.append(nxt.astype(np.int64))
         if not (nxt == ref.argmax(-1)).all():
             raise SystemExit(f"verify: greedy token differs at step {step}")
         past = {k.replace("present", "past_key_values"): v for k, v in zip(
@@ -868,6 +946,34 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         cur_pos = np.broadcast_to((n_seen + deltas)[None, :, None], (3, 2, 1)).astype(np.int64).copy()
         all_ids = np.concatenate([all_ids, cur_ids], 1)
         all_mask = np.concatenate([all_mask, np.ones((2, 1), np.int64)], 1)
+
+    # 2a. the shared prompt cache: the prefill's cache read in place by 3 samples per prompt, rows
+    # shuffled and one sample dropped after the first step, gives the same logits as step 2
+    prefill = [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+    outs = sess["decoder"].run(None, {"inputs_embeds": sess["embedding"].run(None, {"input_ids": ids, "image_features": feats})[0],
+                                      "attention_mask": mask, "position_ids": pos, **past0_of(2, kvh, hd, L), **zeros})
+    prefix = {f"prefix_key_values.{k[len('present.'):]}": v for k, v in zip(prefill, outs[1:])}
+    rows = np.array([1, 0, 1, 0, 0, 1])  # prompt of each row
+    own = past0_of(len(rows), kvh, hd, L)
+    deltas_np = np.asarray(deltas)
+    for step in range(len(step_logits)):
+        if step == 1:
+            rows = rows[[0, 1, 2, 4, 5]]
+            own = {k: v[[0, 1, 2, 4, 5]] for k, v in own.items()}
+        gs = max(int((rows == p).sum()) for p in (0, 1))
+        slot_rows, row_slots = np.zeros(2 * gs, np.int64), np.zeros(len(rows), np.int64)
+        for p in (0, 1):
+            for j, r in enumerate(np.flatnonzero(rows == p)):
+                slot_rows[p * gs + j], row_slots[r] = r, p * gs + j
+        n_seen = mask.sum(1)[rows] + step
+        o = sess["decoder"].run(None, {
+            "inputs_embeds": sess["embedding"].run(None, {"input_ids": step_ids[step][rows][:, None],
+                                                          "image_features": feats[:0]})[0],
+            "attention_mask": np.ones((len(rows), step + 1), np.int64),
+            "position_ids": np.broadcast_to((n_seen + deltas_np[rows])[None, :, None], (3, len(rows), 1)).astype(np.int64).copy(),
+            **own, **prefix, "prefix_mask": mask, "slot_rows": slot_rows, "row_slots": row_slots, **zeros})
+        note("shared-prefix logits", np.abs(o[0][:, -1] - step_logits[step][rows]).max())
+        own = {k.replace("present", "past_key_values"): v for k, v in zip(prefill, o[1:])}
 
     # 2b. onnxruntime-genai runs the package with its own preprocessing, template and positions
     try:

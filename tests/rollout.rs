@@ -252,6 +252,48 @@ fn finished_rows_leave_the_batch_without_disturbing_the_others() {
     );
 }
 
+/// With a shared prompt cache, a prompt whose samples have all stopped leaves it (the engine
+/// moves a later prompt's cache into its place and renumbers the rows' slots); the samples of
+/// the other prompts must not notice. Three prompts; every sample of the first stops at its
+/// second token, while samples of the last go on.
+#[test]
+fn a_finished_prompt_leaves_the_shared_cache_without_disturbing_the_others() {
+    let Some(mut e) = engine() else { return };
+    let (_, mut reqs) = golden();
+    let mut third = reqs[0].clone();
+    third.id = 7;
+    third.problem.push_str(" Answer briefly.");
+    reqs.push(third);
+    let cfg = GenerationConfig {
+        group: 3,
+        max_new_tokens: 12,
+        ..staggered_config()
+    };
+    let full = e.generate(&reqs, &cfg, None).unwrap();
+    let stops: Vec<u32> = full[..3].iter().map(|c| c.tokens[1]).collect();
+    e.package.manifest.tokens.eos.extend(&stops);
+    let eos = e.package.manifest.tokens.eos.clone();
+    let cut = e.generate(&reqs, &cfg, None).unwrap();
+    for (i, (f, c)) in full.iter().zip(&cut).enumerate() {
+        let end = f
+            .tokens
+            .iter()
+            .position(|t| eos.contains(t))
+            .map_or(f.tokens.len(), |p| p + 1);
+        assert_eq!(c.tokens, f.tokens[..end], "sample {i}");
+        for (x, y) in c.logprobs.iter().zip(&f.logprobs) {
+            assert!((x - y).abs() < 1e-4, "sample {i}: log-prob {x} vs {y}");
+        }
+    }
+    let longest = |p: usize| cut[3 * p..3 * p + 3].iter().map(|c| c.tokens.len()).max();
+    assert!(longest(0) <= Some(2), "prompt 0 stops by its second token");
+    assert!(
+        longest(2) > Some(3),
+        "the last prompt's samples should outlive the first prompt's: {:?}",
+        cut.iter().map(|c| c.tokens.len()).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
     use spatial_ssrl::model::session::{Device, DeviceChoice};

@@ -112,14 +112,19 @@ pub struct LoraSpec {
 }
 
 /// How the decoder keeps its cache. `Append`: the graph concatenates past and new keys, so
-/// prompts are left-padded and every row grows at the end (this project's graphs). `Packed`:
-/// GroupQueryAttention (onnxruntime-genai's builder) keeps each row's tokens from position 0 and
-/// writes the next one at the row's own length, so prompts are right-padded.
+/// prompts are left-padded and every row grows at the end (onnxruntime-genai's standard-op
+/// graphs, older packages). `Shared`: as `Append` for each row's own tokens, while the prompt's
+/// cache is a separate input that all samples of the prompt read in place (`prefix_key_values`,
+/// `prefix_mask`, `slot_rows`, `row_slots`; this project's graphs): no step copies or fans out
+/// the prompt's cache. `Packed`: GroupQueryAttention (onnxruntime-genai's builder) keeps each
+/// row's tokens from position 0 and writes the next one at the row's own length, so prompts are
+/// right-padded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvLayout {
     #[default]
     Append,
+    Shared,
     Packed,
 }
 
@@ -417,6 +422,18 @@ impl Package {
                 dec_in.push((format!("past_key_values.{i}.{kv}"), T::Float32));
                 dec_out.push((format!("present.{i}.{kv}"), T::Float32));
             }
+        }
+        if m.kv_layout == KvLayout::Shared {
+            for i in 0..m.text.num_hidden_layers {
+                for kv in ["key", "value"] {
+                    dec_in.push((format!("prefix_key_values.{i}.{kv}"), T::Float32));
+                }
+            }
+            dec_in.extend(s(&[
+                ("prefix_mask", T::Int64),
+                ("slot_rows", T::Int64),
+                ("row_slots", T::Int64),
+            ]));
         }
         let lora: Vec<(String, T)> = m
             .lora

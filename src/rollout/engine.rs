@@ -1,5 +1,7 @@
-//! B prompts × G samples: vision and prefill once per prompt, the KV cache fanned out to its G
-//! samples, then batched decode with per-sequence stop; finished rows leave the batch. Every
+//! B prompts × G samples: vision and prefill once per prompt, then batched decode of the G
+//! samples with per-sequence stop; finished rows leave the batch. With this project's packages
+//! the prompt's cache is shared: all G samples read it in place (the decoder's prefix inputs), so
+//! neither the fan-out nor any step copies it; other decoders get it fanned out. Every
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
@@ -195,6 +197,62 @@ struct Kv {
     len: usize,
 }
 
+/// The prompts' cache of a shared-prefix decoder ([`KvLayout::Shared`]), read in place by their
+/// samples every step.
+struct Prefix {
+    /// Per layer and k/v: `[capacity, kv_heads, len, head_dim]`, the prefill's cache; prompts
+    /// `0..prompts` have live samples (finished prompts are compacted away like rows).
+    data: Vec<DynTensor>,
+    /// Each prompt's padding mask (left-padded, `len` wide).
+    mask: Vec<Vec<i64>>,
+    prompts: usize,
+    len: usize,
+}
+
+/// The decoder's slot tables for rows on `prompts` prompts (`row_prompt[r]`: row r's prompt):
+/// `slot_rows` `[prompts · Gs]` (slot j of prompt p is served by row `slot_rows[p·Gs + j]`; free
+/// slots name row 0) and `row_slots` `[rows]`, with Gs the most rows on one prompt.
+fn slot_tables(row_prompt: &[usize], prompts: usize) -> (Vec<i64>, Vec<i64>) {
+    let mut count = vec![0usize; prompts];
+    for &p in row_prompt {
+        count[p] += 1;
+    }
+    let gs = count.iter().copied().max().unwrap_or(0).max(1);
+    let mut slot_rows = vec![0i64; prompts * gs];
+    let mut row_slots = vec![0i64; row_prompt.len()];
+    count.fill(0);
+    for (r, &p) in row_prompt.iter().enumerate() {
+        let slot = p * gs + count[p];
+        count[p] += 1;
+        slot_rows[slot] = r as i64;
+        row_slots[r] = slot as i64;
+    }
+    (slot_rows, row_slots)
+}
+
+/// The leading `shape[0]` rows of `v` (`[capacity, ..shape[1..]]`, contiguous) as an input fed in
+/// place: `v` itself when it has no more rows.
+fn leading_rows<'a>(
+    v: &'a mut DynTensor,
+    shape: [usize; 4],
+) -> Result<SessionInputValue<'a>, EngineError> {
+    if v.shape()[0] as usize == shape[0] {
+        return Ok(SessionInputValue::from(&*v));
+    }
+    let info = v.memory_info().to_owned();
+    // SAFETY: the shape's elements ≤ the buffer's (same trailing dimensions, fewer rows), and the
+    // view borrows `v` mutably for its lifetime, so `v` is neither dropped nor written meanwhile.
+    let view = unsafe {
+        TensorRefMut::<f32>::from_raw(
+            info,
+            v.data_ptr_mut(),
+            ort::value::Shape::new(shape.map(|d| d as i64)),
+        )
+    }
+    .map_err(run_err("decoder"))?;
+    Ok(view.into())
+}
+
 /// One decoder step's logits at each row's last position: `[rows, vocab]`.
 enum StepLogits {
     Host(Vec<f32>),
@@ -245,6 +303,20 @@ pub fn trt_profiles(m: &Manifest, l: &TrtLimits) -> [TrtProfile; 3] {
             kv_name("past_key_values", i),
             vec![rows, fixed(t.num_key_value_heads), past, fixed(t.head_dim)],
         ));
+    }
+    if m.kv_layout == KvLayout::Shared {
+        // Prompts and slots never outnumber rows (prompts ≤ B, slots ≤ B · G); the prompts'
+        // cache is empty in the prefill.
+        let prefix = (0, l.max_total / 2, l.max_total);
+        for i in 0..2 * t.num_hidden_layers {
+            dec.push((
+                kv_name("prefix_key_values", i),
+                vec![rows, fixed(t.num_key_value_heads), prefix, fixed(t.head_dim)],
+            ));
+        }
+        dec.push(("prefix_mask".into(), vec![rows, prefix]));
+        dec.push(("slot_rows".into(), vec![rows]));
+        dec.push(("row_slots".into(), vec![rows]));
     }
     [vision, embedding, TrtProfile::new(&dec)]
 }
@@ -546,6 +618,7 @@ impl Engine {
         mask: &[Vec<i64>],
         pos: Vec<i64>,
         kv: &mut Kv,
+        prefix: Option<(&mut Prefix, &[usize])>,
         last: &[usize],
     ) -> Result<(StepLogits, Kv), EngineError> {
         let t = &self.package.manifest.text;
@@ -568,24 +641,28 @@ impl Engine {
             ),
         ];
         for (i, v) in kv.data.iter_mut().enumerate() {
-            let name = kv_name("past_key_values", i);
-            if v.shape()[0] as usize == kv.rows {
-                inputs.push((name, SessionInputValue::from(&*v)));
-                continue;
+            let view = leading_rows(v, [kv.rows, kvh, kv.len, hd])?;
+            inputs.push((kv_name("past_key_values", i), view));
+        }
+        if let Some((p, row_prompt)) = prefix {
+            let (slot_rows, row_slots) = slot_tables(row_prompt, p.prompts);
+            let mask: Vec<i64> = p.mask[..p.prompts].iter().flatten().copied().collect();
+            inputs.push((
+                "prefix_mask".into(),
+                input("decoder", &[p.prompts, p.len], mask)?,
+            ));
+            inputs.push((
+                "slot_rows".into(),
+                input("decoder", &[slot_rows.len()], slot_rows)?,
+            ));
+            inputs.push((
+                "row_slots".into(),
+                input("decoder", &[row_slots.len()], row_slots)?,
+            ));
+            for (i, v) in p.data.iter_mut().enumerate() {
+                let view = leading_rows(v, [p.prompts, kvh, p.len, hd])?;
+                inputs.push((kv_name("prefix_key_values", i), view));
             }
-            // The leading `rows` rows of a larger buffer: contiguous, fed in place.
-            let info = v.memory_info().to_owned();
-            // SAFETY: rows · kvh · len · hd ≤ the buffer's elements, and the view is dropped
-            // with `inputs`, before `v` can be dropped or written again.
-            let view = unsafe {
-                TensorRefMut::<f32>::from_raw(
-                    info,
-                    v.data_ptr_mut(),
-                    ort::value::Shape::new([kv.rows, kvh, kv.len, hd].map(|d| d as i64)),
-                )
-            }
-            .map_err(run_err("decoder"))?;
-            inputs.push((name, view.into()));
         }
         inputs.extend(
             self.lora
@@ -706,9 +783,22 @@ impl Engine {
     /// move into the gaps, one row copy per finished row below it, and the buffers keep their
     /// size. Returns, for each new row, the old row it holds.
     fn keep_rows(&mut self, kv: &mut Kv, keep: &[usize]) -> Result<Vec<usize>, EngineError> {
+        let order = self.compact(&mut kv.data, kv.rows, kv.len, keep)?;
+        kv.rows = keep.len();
+        Ok(order)
+    }
+
+    /// [`Engine::keep_rows`] on cache buffers of `rows` live rows of `len` tokens.
+    fn compact(
+        &mut self,
+        data: &mut [DynTensor],
+        rows: usize,
+        len: usize,
+        keep: &[usize],
+    ) -> Result<Vec<usize>, EngineError> {
         let t0 = Instant::now();
         let n = keep.len();
-        let mut kept = vec![false; kv.rows];
+        let mut kept = vec![false; rows];
         for &k in keep {
             kept[k] = true;
         }
@@ -718,11 +808,11 @@ impl Engine {
             .zip(keep.iter().copied().filter(|&k| k >= n))
             .collect();
         let t = &self.package.manifest.text;
-        let row = t.num_key_value_heads * kv.len * t.head_dim;
+        let row = t.num_key_value_heads * len * t.head_dim;
         for &(to, from) in &moves {
             order[to] = from;
         }
-        for v in &mut kv.data {
+        for v in data.iter_mut() {
             match &self.gpu {
                 None => {
                     let (_, d) = v
@@ -742,9 +832,36 @@ impl Engine {
         if let Some(g) = &self.gpu {
             g.cuda.synchronize_all().map_err(gpu_err)?;
         }
-        kv.rows = n;
         self.stats.cache_s += t0.elapsed().as_secs_f64();
         Ok(order)
+    }
+
+    /// Compacts the prompts of `p` that no row of `row_prompt` continues away (as
+    /// [`Engine::keep_rows`] does rows) and renumbers `row_prompt` to match.
+    fn drop_finished_prompts(
+        &mut self,
+        p: &mut Prefix,
+        row_prompt: &mut [usize],
+    ) -> Result<(), EngineError> {
+        let mut live = vec![false; p.prompts];
+        for &q in row_prompt.iter() {
+            live[q] = true;
+        }
+        if live.iter().all(|&l| l) {
+            return Ok(());
+        }
+        let keep: Vec<usize> = (0..p.prompts).filter(|&q| live[q]).collect();
+        let order = self.compact(&mut p.data, p.prompts, p.len, &keep)?;
+        let mut now = vec![0; p.prompts];
+        for (k, &o) in order.iter().enumerate() {
+            now[o] = k;
+            p.mask.swap(k, o);
+        }
+        for q in row_prompt.iter_mut() {
+            *q = now[*q];
+        }
+        p.prompts = keep.len();
+        Ok(())
     }
 
     /// A step's logits on the host (`[rows, vocab]`), copied back from the GPU if there.
@@ -925,28 +1042,72 @@ impl Engine {
             t.rope_deltas = deltas.clone();
         }
         let t = &m.text;
-        let mut empty = Kv {
-            data: (0..2 * t.num_hidden_layers)
-                .map(|_| kv_value(&[b, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
-                .collect::<Result<_, _>>()?,
+        let empty = |rows: usize| -> Result<Vec<DynTensor>, EngineError> {
+            (0..2 * t.num_hidden_layers)
+                .map(|_| kv_value(&[rows, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
+                .collect()
+        };
+        let mut start = Kv {
+            data: empty(b)?,
             rows: b,
             len: 0,
         };
+        // A shared-prefix decoder gets its prefix inputs in the prefill too: every prompt on its
+        // own slot, with nothing before it.
+        let shared = m.kv_layout == KvLayout::Shared;
+        let mut no_prefix = match shared {
+            true => Some(Prefix {
+                data: empty(b)?,
+                mask: vec![Vec::new(); b],
+                prompts: b,
+                len: 0,
+            }),
+            false => None,
+        };
+        let own: Vec<usize> = (0..b).collect();
         let embeds = self.embed(ids.iter().map(|v| i64::from(*v)).collect(), b, s, features)?;
         let t_prefill = Instant::now();
         let last: Vec<usize> = match packed {
             true => prompts.iter().map(|p| p.len().max(1) - 1).collect(),
             false => vec![s.max(1) - 1; b],
         };
-        let (prefill_logits, mut kv) = self.decode(embeds, b, s, &mask, pos, &mut empty, &last)?;
+        let (prefill_logits, mut kv) = self.decode(
+            embeds,
+            b,
+            s,
+            &mask,
+            pos,
+            &mut start,
+            no_prefix.as_mut().map(|p| (p, &own[..])),
+            &last,
+        )?;
         self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
         self.stats.prefill_tokens += prompts.iter().map(Vec::len).sum::<usize>();
         let t_decode = Instant::now();
-        // Fan out: row i = prompt i / G, sample i % G.
+        // Row i = prompt i / G, sample i % G. A shared prefix: the prefill's cache becomes the
+        // prompts' cache as it is and the rows start with none of their own; otherwise the
+        // cache is fanned out to the rows.
         let g = cfg.group;
         let fan: Vec<usize> = (0..b * g).map(|i| i / g).collect();
-        let mut kv = self.gather_rows(&mut kv, &fan)?;
-        let mut masks: Vec<Vec<i64>> = fan.iter().map(|&p| mask[p].clone()).collect();
+        let (mut kv, mut prefix, mut masks) = if shared {
+            let prefix = Prefix {
+                data: std::mem::take(&mut kv.data),
+                mask: mask.clone(),
+                prompts: b,
+                len: kv.len,
+            };
+            let rows = Kv {
+                data: empty(b * g)?,
+                rows: b * g,
+                len: 0,
+            };
+            (rows, Some(prefix), vec![Vec::new(); b * g])
+        } else {
+            let rows = self.gather_rows(&mut kv, &fan)?;
+            (rows, None, fan.iter().map(|&p| mask[p].clone()).collect())
+        };
+        // Each live row's prompt, as a row of the prefix.
+        let mut row_prompt = fan.clone();
         let vocab = t.vocab_size;
         let mut logits = match (prefill_logits, &self.gpu) {
             (StepLogits::Host(l), _) => StepLogits::Host(gather_host(&l, vocab, &fan)),
@@ -1040,6 +1201,10 @@ impl Engine {
                     .collect();
                 seen = order.iter().map(|&o| seen[o]).collect();
                 active = order.iter().map(|&o| active[o]).collect();
+                row_prompt = order.iter().map(|&o| row_prompt[o]).collect();
+                if let Some(p) = prefix.as_mut() {
+                    self.drop_finished_prompts(p, &mut row_prompt)?;
+                }
             }
             let n = active.len();
             let next: Vec<i64> = active
@@ -1067,7 +1232,16 @@ impl Engine {
                     mrow.push(1);
                 }
             }
-            let (l, new_kv) = self.decode(embeds, n, 1, &masks, pos, &mut kv, &vec![0; n])?;
+            let (l, new_kv) = self.decode(
+                embeds,
+                n,
+                1,
+                &masks,
+                pos,
+                &mut kv,
+                prefix.as_mut().map(|p| (p, &row_prompt[..])),
+                &vec![0; n],
+            )?;
             kv = new_kv;
             logits = l;
             for s in seen.iter_mut() {
@@ -1083,6 +1257,24 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every row sits on one slot of its own prompt and that slot names it back; free slots name
+    /// row 0; the slot width is the most rows on one prompt.
+    #[test]
+    fn slot_tables_map_rows_to_their_prompts() {
+        let row_prompt = [2, 0, 2, 1, 2, 0];
+        let (slot_rows, row_slots) = slot_tables(&row_prompt, 3);
+        assert_eq!(slot_rows.len(), 3 * 3);
+        for (r, &p) in row_prompt.iter().enumerate() {
+            let slot = row_slots[r] as usize;
+            assert_eq!(slot / 3, p, "row {r}");
+            assert_eq!(slot_rows[slot], r as i64);
+        }
+        let used: std::collections::BTreeSet<i64> = row_slots.iter().copied().collect();
+        assert_eq!(used.len(), row_prompt.len());
+        assert_eq!(slot_rows[3 + 1], 0, "prompt 1 has one row: its second slot is free");
+        assert_eq!(slot_tables(&[0, 1], 2), (vec![0, 1], vec![0, 1]));
+    }
 
     /// Every input of the vision, embedding and decoder graphs except the fixed-shape LoRA
     /// tensors gets a range in each of min / opt / max, with min ≤ opt ≤ max per dimension.
