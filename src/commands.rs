@@ -340,10 +340,11 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "BYTES")]
     trt_workspace: Option<usize>,
     /// TensorRT: the longest prompt (tokens, images included) the engines are built for; with
-    /// the batch and the new-token budget it sets each graph's optimisation profile, so one
-    /// engine serves every shape of the run.
-    #[arg(long, default_value_t = 4096, value_name = "TOKENS")]
-    trt_max_prompt: usize,
+    /// the batch, the new-token budget and the package's max_pixels it sets each graph's
+    /// optimisation profile, so one engine serves every shape of the run [default: one image at
+    /// max_pixels plus 1,024 text tokens]
+    #[arg(long, value_name = "TOKENS")]
+    trt_max_prompt: Option<usize>,
     /// CUDA: cap on the bytes ONNX Runtime's GPU memory arena may hold.
     #[arg(long, value_name = "BYTES")]
     cuda_mem_limit: Option<usize>,
@@ -384,6 +385,7 @@ impl DeviceArgs {
                     rows,
                     self.trt_max_prompt,
                     max_new_tokens,
+                    None,
                 )),
             },
         };

@@ -95,6 +95,19 @@ pub enum Device {
 pub struct TrtLimits {
     /// Sequences decoded together (prompts × samples).
     pub max_rows: usize,
+    /// Tokens of one prompt, images included; `None`: one image at `max_pixels` plus 1,024 text
+    /// tokens.
+    pub max_prompt: Option<usize>,
+    pub max_new_tokens: usize,
+    /// Pixels of one image after resizing; `None`: the package's `max_pixels`
+    /// (preprocessor_config.json), which bounds what the preprocessor can produce.
+    pub max_pixels: Option<u64>,
+}
+
+/// [`TrtLimits`] resolved against a package: the dimensions the profiles are built from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrtShapes {
+    pub max_rows: usize,
     /// Prompt plus generated tokens of one sequence.
     pub max_total: usize,
     /// Vision patches of one image (before merging).
@@ -102,13 +115,33 @@ pub struct TrtLimits {
 }
 
 impl TrtLimits {
-    /// `rows` sequences of prompts up to `max_prompt` tokens plus `max_new_tokens`, images up to
-    /// 16,384 patches (3.2 MP at 14-pixel patches).
-    pub fn rollout(rows: usize, max_prompt: usize, max_new_tokens: usize) -> TrtLimits {
+    /// `rows` sequences of prompts up to `max_prompt` tokens plus `max_new_tokens`.
+    pub fn rollout(
+        rows: usize,
+        max_prompt: Option<usize>,
+        max_new_tokens: usize,
+        max_pixels: Option<u64>,
+    ) -> TrtLimits {
         TrtLimits {
             max_rows: rows.max(1),
-            max_total: max_prompt + max_new_tokens,
-            max_patches: 16_384,
+            max_prompt,
+            max_new_tokens,
+            max_pixels,
+        }
+    }
+
+    /// The shapes for a package of `patch_size`-pixel patches merged `merge × merge` into one
+    /// token, whose preprocessor allows `package_max_pixels`.
+    pub fn shapes(&self, patch_size: usize, merge: usize, package_max_pixels: u64) -> TrtShapes {
+        let pixels = self.max_pixels.unwrap_or(package_max_pixels) as usize;
+        let max_patches = (pixels / (patch_size * patch_size).max(1)).max(merge * merge);
+        let max_prompt = self
+            .max_prompt
+            .unwrap_or(max_patches / (merge * merge).max(1) + 1024);
+        TrtShapes {
+            max_rows: self.max_rows,
+            max_total: max_prompt + self.max_new_tokens,
+            max_patches,
         }
     }
 }
@@ -295,5 +328,27 @@ pub fn session_builder(
             device: choice.device.name(),
             msg: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Patches follow the image budget and the package's patch size; the prompt budget defaults
+    /// to one image's tokens plus 1,024 of text; explicit limits win.
+    #[test]
+    fn trt_shapes_follow_the_image_budget_and_the_package() {
+        let l = TrtLimits::rollout(40, None, 64, Some(448 * 336));
+        let s = l.shapes(14, 2, 12_845_056);
+        assert_eq!(s.max_patches, 32 * 24);
+        assert_eq!(s.max_total, 32 * 24 / 4 + 1024 + 64);
+        assert_eq!(s.max_rows, 40);
+        // A 16-pixel patch package: fewer patches for the same pixels.
+        assert_eq!(l.shapes(16, 2, 12_845_056).max_patches, 448 * 336 / 256);
+        // No pixel budget: the package's.
+        let l = TrtLimits::rollout(0, Some(4096), 64, None);
+        let s = l.shapes(14, 2, 14 * 14 * 16_384);
+        assert_eq!((s.max_rows, s.max_patches, s.max_total), (1, 16_384, 4160));
     }
 }

@@ -14,8 +14,8 @@ use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, Pr
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
 use crate::model::session::{
-    environment, session_builder, ComputeStream, Device, DeviceChoice, ProviderError, TrtLimits,
-    TrtProfile,
+    environment, session_builder, ComputeStream, Device, DeviceChoice, ProviderError, TrtProfile,
+    TrtShapes,
 };
 use image::RgbImage;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
@@ -264,7 +264,7 @@ enum StepLogits {
 /// for rollouts within `l`: batch dimensions from 1 to `max_rows` (optimised for the full
 /// batch), token dimensions from 1 to `max_total` (optimised for one-token decode steps, the
 /// cache at half length), patches from 4 (one merge block) to `max_patches`.
-pub fn trt_profiles(m: &Manifest, l: &TrtLimits) -> [TrtProfile; 3] {
+pub fn trt_profiles(m: &Manifest, l: &TrtShapes) -> [TrtProfile; 3] {
     let (t, v) = (&m.text, &m.vision);
     let fixed = |d: usize| (d, d, d);
     let rows = (1, l.max_rows, l.max_rows);
@@ -438,10 +438,24 @@ impl Engine {
             Some(Ok(c)) => Some(ComputeStream(c.raw_stream())),
             _ => None,
         };
+        let pp = dir.join("preprocessor_config.json");
+        let preprocessor: PreprocessorConfig = match std::fs::read_to_string(&pp) {
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| EngineError::Config(format!("{}: {e}", pp.display())))?,
+            Err(_) => PreprocessorConfig::default(),
+        };
         let profiles = match choice.device {
             Device::TensorRt {
                 limits: Some(l), ..
-            } => Some(trt_profiles(&package.manifest, &l)),
+            } => {
+                let v = &package.manifest.vision;
+                let shapes = l.shapes(
+                    v.patch_size as usize,
+                    v.spatial_merge_size as usize,
+                    preprocessor.max_pixels,
+                );
+                Some(trt_profiles(&package.manifest, &shapes))
+            }
             _ => None,
         };
         let mut load = |file: &str, k: usize| -> Result<Session, EngineError> {
@@ -462,12 +476,6 @@ impl Engine {
             load(&m.graphs.embedding, 1)?,
             load(&m.graphs.decoder, 2)?,
         );
-        let pp = dir.join("preprocessor_config.json");
-        let preprocessor: PreprocessorConfig = match std::fs::read_to_string(&pp) {
-            Ok(t) => serde_json::from_str(&t)
-                .map_err(|e| EngineError::Config(format!("{}: {e}", pp.display())))?,
-            Err(_) => PreprocessorConfig::default(),
-        };
         let zeros = |name: String,
                      shape: &[usize]|
          -> Result<(String, Vec<usize>, Tensor<f32>), EngineError> {
@@ -1283,7 +1291,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
         let pkg = Package::open(&dir).unwrap();
         let t = &pkg.manifest.text;
-        let profiles = trt_profiles(&pkg.manifest, &TrtLimits::rollout(40, 4096, 64));
+        let limits = crate::model::session::TrtLimits::rollout(40, Some(4096), 64, None);
+        let profiles = trt_profiles(&pkg.manifest, &limits.shapes(14, 2, 14 * 14 * 16_384));
         let parse = |s: &str| -> Vec<(String, Vec<usize>)> {
             s.split(',')
                 .map(|e| {

@@ -222,13 +222,12 @@ impl Trainer {
             Device::from_name(&cfg.rollout.device, cfg.rollout.device_id).unwrap_or_default();
         if let Device::TensorRt { limits, .. } = &mut device {
             // Rollout shapes: every prompt's samples at once, prompts up to the image budget.
-            let patch = 14 * 14;
-            let max_patches = (cfg.data.max_pixels / patch) as usize;
-            *limits = Some(crate::model::session::TrtLimits {
-                max_rows: cfg.data.rollout_batch_size * cfg.rollout.n,
-                max_total: max_patches / 4 + 1024 + cfg.data.max_response_length,
-                max_patches,
-            });
+            *limits = Some(crate::model::session::TrtLimits::rollout(
+                cfg.data.rollout_batch_size * cfg.rollout.n,
+                None,
+                cfg.data.max_response_length,
+                Some(cfg.data.max_pixels),
+            ));
         }
         let choice = DeviceChoice {
             device,
