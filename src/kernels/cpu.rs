@@ -256,7 +256,7 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
         // [2⁻²⁴, 1 − 2⁻²⁴]), so the top logit scores at least max − 2.82 and a token more
         // than 19.5 below it can never win; its draw is skipped (1.0 of margin for
         // rounding). Peaked rows of a large vocabulary draw a few hundred numbers, not V.
-        // Draws come LANES tokens at a time; a block with no live token is skipped.
+        // Draws come BLOCK tokens at a time; a block with no live token is skipped.
         let cut = max - 20.5;
         let live = |i: usize| {
             let x = values[i];
@@ -265,12 +265,15 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
         let mut best = 0usize;
         let mut bs = f32::NEG_INFINITY;
         let bounds = gumbel_bounds();
-        for start in (0..vocab).step_by(philox::LANES) {
-            let end = (start + philox::LANES).min(vocab);
+        const BLOCK: usize = 32;
+        let mut u = [0f32; BLOCK];
+        for start in (0..vocab).step_by(BLOCK) {
+            let end = (start + BLOCK).min(vocab);
             if !(start..end).any(live) {
                 continue;
             }
-            let u = philox::token_uniforms(p.seed, key.sequence, key.step, start as u32);
+            let u = &mut u[..end - start];
+            philox::fill_uniforms(p.seed, key.sequence, key.step, start as u32, u);
             for i in start..end {
                 let u = u[i - start];
                 // score ≤ scaled + bound (f32 addition is monotonic): a token whose bound

@@ -311,7 +311,12 @@ pub fn trt_profiles(m: &Manifest, l: &TrtShapes) -> [TrtProfile; 3] {
         for i in 0..2 * t.num_hidden_layers {
             dec.push((
                 kv_name("prefix_key_values", i),
-                vec![rows, fixed(t.num_key_value_heads), prefix, fixed(t.head_dim)],
+                vec![
+                    rows,
+                    fixed(t.num_key_value_heads),
+                    prefix,
+                    fixed(t.head_dim),
+                ],
             ));
         }
         dec.push(("prefix_mask".into(), vec![rows, prefix]));
@@ -1280,7 +1285,11 @@ mod tests {
         }
         let used: std::collections::BTreeSet<i64> = row_slots.iter().copied().collect();
         assert_eq!(used.len(), row_prompt.len());
-        assert_eq!(slot_rows[3 + 1], 0, "prompt 1 has one row: its second slot is free");
+        assert_eq!(
+            slot_rows[3 + 1],
+            0,
+            "prompt 1 has one row: its second slot is free"
+        );
         assert_eq!(slot_tables(&[0, 1], 2), (vec![0, 1], vec![0, 1]));
     }
 
