@@ -277,8 +277,8 @@ class Vision(nn.Module):
         pos_hw, windows, frames = self.layout(image_grid_thw, x.shape[0])
         cos, sin = self.vis.rotary_pos_emb(x, pos_hw)
         for i, blk in enumerate(self.vis.blocks):
-            x = x + self.attend(blk, blk.norm1(x), cos, sin, frames if i in self.full else windows)
-            x = x + blk.mlp(blk.norm2(x))
+            x = x + self.attend(blk, rms_norm(blk.norm1, x), cos, sin, frames if i in self.full else windows)
+            x = x + blk.mlp(rms_norm(blk.norm2, x))
         return self.vis.merger(x)
 
 
@@ -329,6 +329,13 @@ def shared_prefix_slots(prefix, rows):
     return kv, pmask, slot_rows, row_slots, Bp, slot_rows.shape[0] // Bp
 
 
+def rms_norm(norm, x):
+    """Qwen2RMSNorm as x / √(mean x² + ε) · w: with a division (transformers multiplies by rsqrt)
+    ONNX Runtime fuses the six nodes into one SimplifiedLayerNormalization."""
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x.float() / torch.sqrt(var + norm.variance_epsilon)).to(x.dtype)
+
+
 def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None):
     """The text decoder: M-RoPE, GQA attention with a causal ∧ padding mask, optional KV cache
     (`past` None: no cache), an optional shared prompt cache (`prefix`, see shared_prefix_slots:
@@ -356,7 +363,7 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
     h, presents = embeds, []
     for i, layer in enumerate(lm.layers):
         at = layer.self_attn
-        x = layer.input_layernorm(h)
+        x = rms_norm(layer.input_layernorm, h)
         q = proj(i, "q_proj", at.q_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
         k = proj(i, "k_proj", at.k_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
         v = proj(i, "v_proj", at.v_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
@@ -382,20 +389,20 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
             P, gS, d = pk.shape[2], g * S, at.head_dim
 
             def to_slots(x, n):  # [B, kvh, gS, n] → [Bp, kvh, Gs·gS, n]
-                return x[slot_rows].view(Bp, Gs, kvh, gS, n).transpose(1, 2).reshape(Bp, kvh, Gs * gS, n)
+                return x.index_select(0, slot_rows).view(Bp, Gs, kvh, gS, n).transpose(1, 2).reshape(Bp, kvh, Gs * gS, n)
 
             def to_rows(x, n):  # the inverse, row by row
-                return x.view(Bp, kvh, Gs, gS, n).transpose(1, 2).reshape(Bp * Gs, kvh, gS, n)[row_slots]
+                return x.view(Bp, kvh, Gs, gS, n).transpose(1, 2).reshape(Bp * Gs, kvh, gS, n).index_select(0, row_slots)
 
             ps = torch.matmul(to_slots(qg, d), pk.transpose(2, 3)) * at.scaling + pbias[:, None, None, :]
             att = torch.softmax(torch.cat([to_rows(ps, P), att], dim=-1).float(), dim=-1).to(q.dtype)
             o = torch.matmul(att[..., P:], v) + to_rows(torch.matmul(to_slots(att[..., :P], P), pv), d)
         o = o.view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
         h = h + proj(i, "o_proj", at.o_proj, o)
-        mlp, x = layer.mlp, layer.post_attention_layernorm(h)
+        mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, h)
         g = mlp.act_fn(proj(i, "gate_proj", mlp.gate_proj, x)) * proj(i, "up_proj", mlp.up_proj, x)
         h = h + proj(i, "down_proj", mlp.down_proj, g)
-    return lm.norm(h), presents
+    return rms_norm(lm.norm, h), presents
 
 
 class Decoder(nn.Module):
