@@ -294,6 +294,39 @@ fn a_finished_prompt_leaves_the_shared_cache_without_disturbing_the_others() {
     );
 }
 
+/// CPU slices (prompts split among concurrent single-threaded sessions) draw the same samples
+/// as the engine's own sessions: every draw is keyed by prompt id, sample and step, and each
+/// slice's completions come back under their prompts' indices.
+#[test]
+fn cpu_slices_generate_the_same_samples() {
+    let Some(mut e) = engine() else { return };
+    let (_, mut reqs) = golden();
+    let mut third = reqs[0].clone();
+    third.id = 9;
+    third.problem.push_str(" Answer briefly.");
+    reqs.push(third);
+    let cfg = staggered_config();
+    let one = e.generate(&reqs, &cfg, None).unwrap();
+    let _ = e.take_stats();
+    assert!(e.set_cpu_slices(2).unwrap());
+    let two = e.generate(&reqs, &cfg, None).unwrap();
+    let stats = e.take_stats();
+    assert_eq!(one.len(), two.len());
+    for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+        assert_eq!(
+            (a.prompt_index, a.sample_index),
+            (b.prompt_index, b.sample_index)
+        );
+        assert_eq!(a.tokens, b.tokens, "sample {i}");
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4, "sample {i}: log-prob {x} vs {y}");
+        }
+    }
+    let generated: usize = one.iter().map(|c| c.tokens.len()).sum();
+    assert_eq!(stats.generated_tokens, generated);
+    assert!(e.set_cpu_slices(1).unwrap());
+}
+
 #[test]
 fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
     use spatial_ssrl::model::session::{Device, DeviceChoice};

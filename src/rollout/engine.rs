@@ -146,6 +146,24 @@ pub struct EngineStats {
     pub cache_s: f64,
 }
 
+impl EngineStats {
+    /// Adds one of `workers` concurrent workers' stats: counts add up, times are averaged over
+    /// the workers (each time is then a share of the wall time, as with one worker).
+    fn add(&mut self, o: &EngineStats, workers: usize) {
+        let w = workers.max(1) as f64;
+        self.ort_s += o.ort_s / w;
+        self.vision_s += o.vision_s / w;
+        self.prefill_s += o.prefill_s / w;
+        self.decode_s += o.decode_s / w;
+        self.preprocess_s += o.preprocess_s / w;
+        self.sample_s += o.sample_s / w;
+        self.cache_s += o.cache_s / w;
+        self.prefill_tokens += o.prefill_tokens;
+        self.decode_steps += o.decode_steps;
+        self.generated_tokens += o.generated_tokens;
+    }
+}
+
 /// Prompts ready to generate from: token ids (image placeholders expanded), image grids and
 /// vision features, per request.
 #[derive(Debug, Clone, Default)]
@@ -156,15 +174,27 @@ pub struct Prepared {
     pub features: Vec<Vec<f32>>,
 }
 
+impl Prepared {
+    /// Requests `a..b`.
+    fn slice(&self, a: usize, b: usize) -> Prepared {
+        Prepared {
+            prompts: self.prompts[a..b].to_vec(),
+            grids: self.grids[a..b].to_vec(),
+            features: self.features[a..b].to_vec(),
+        }
+    }
+}
+
 pub struct Engine {
     pub package: Package,
     pub prompts: PromptBuilder,
     pub preprocessor: PreprocessorConfig,
-    vision: Session,
-    embedding: Session,
-    decoder: Session,
+    graphs: Graphs,
+    /// CPU slices ([`Engine::set_cpu_slices`]): single-threaded sessions of their own, each
+    /// generating a share of the prompts concurrently with the others.
+    slices: Vec<Graphs>,
     /// LoRA inputs as ONNX Runtime values, built when set and fed by reference every step.
-    lora: Vec<(String, Vec<usize>, Tensor<f32>)>,
+    lora: Vec<LoraInput>,
     provider: String,
     stats: EngineStats,
     env: &'static ort::environment::Environment,
@@ -175,6 +205,60 @@ pub struct Engine {
     /// The GPU side while the cache is kept on the host: its stream is the one the sessions
     /// run on, so it lives as long as they do (fields drop in order, the sessions first).
     parked: Option<OnGpu>,
+}
+
+/// Runs `work` on the first `shares.len()` CPU slices of `e`, one share each, concurrently:
+/// each result with its worker's stats, in slice order.
+fn on_slices<S: Send, T: Send>(
+    e: &mut Engine,
+    shares: Vec<S>,
+    work: impl Fn(&mut Runner<'_>, S) -> Result<T, EngineError> + Sync,
+) -> Vec<(Result<T, EngineError>, EngineStats)> {
+    let (m, lora, work) = (&e.package.manifest, &e.lora[..], &work);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = e
+            .slices
+            .iter_mut()
+            .zip(shares)
+            .map(|(g, share)| {
+                scope.spawn(move || {
+                    let mut r = Runner {
+                        g,
+                        m,
+                        lora,
+                        gpu: None,
+                        stats: EngineStats::default(),
+                    };
+                    let out = work(&mut r, share);
+                    (out, r.stats)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a CPU slice panicked"))
+            .collect()
+    })
+}
+
+/// A LoRA tensor: name, shape and the value fed to the decoder.
+type LoraInput = (String, Vec<usize>, Tensor<f32>);
+
+/// The sessions one worker runs.
+struct Graphs {
+    vision: Session,
+    embedding: Session,
+    decoder: Session,
+}
+
+/// One worker of the engine: its sessions and what every worker shares. The engine runs one on
+/// its own sessions, or one per CPU slice on a thread each.
+struct Runner<'e> {
+    g: &'e mut Graphs,
+    m: &'e Manifest,
+    lora: &'e [LoraInput],
+    gpu: Option<&'e OnGpu>,
+    stats: EngineStats,
 }
 
 /// The GPU side of the decode loop: ONNX Runtime writes the cache and logits into buffers from
@@ -514,9 +598,12 @@ impl Engine {
             prompts: PromptBuilder::from_dir(dir)?,
             preprocessor,
             package,
-            vision,
-            embedding,
-            decoder,
+            graphs: Graphs {
+                vision,
+                embedding,
+                decoder,
+            },
+            slices: Vec::new(),
             lora,
             provider,
             stats: EngineStats::default(),
@@ -595,6 +682,219 @@ impl Engine {
         Ok(())
     }
 
+    /// Tokenises every request's prompt and runs the vision tower once over all their images.
+    pub fn prepare(
+        &mut self,
+        requests: &[Request],
+        format_sentence: Option<&str>,
+    ) -> Result<Prepared, EngineError> {
+        self.prepare_as(requests, format_sentence, false)
+    }
+
+    fn prepare_as(
+        &mut self,
+        requests: &[Request],
+        format_sentence: Option<&str>,
+        verbatim: bool,
+    ) -> Result<Prepared, EngineError> {
+        let merge = self.package.manifest.vision.spatial_merge_size;
+        // Image preprocessing on the rayon pool; then one vision call per image (attention
+        // cost and memory grow with the square of the patches in a call).
+        let t_pre = Instant::now();
+        let pre: Vec<Vec<ProcessedImage>> = requests
+            .par_iter()
+            .map(|r| {
+                r.images
+                    .par_iter()
+                    .map(|img| preprocess(img, &self.preprocessor))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        self.stats.preprocess_s += t_pre.elapsed().as_secs_f64();
+        let (mut grids, mut prompts) = (Vec::new(), Vec::new());
+        for (r, images) in requests.iter().zip(&pre) {
+            let msgs = if verbatim {
+                PromptBuilder::verbatim(&r.problem)
+            } else {
+                PromptBuilder::content(&r.problem, format_sentence)
+            };
+            let rendered = self.prompts.render(&msgs)?;
+            let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
+            prompts.push(self.prompts.encode(&rendered, &counts)?);
+            grids.push(images.iter().map(|p| p.grid_thw).collect());
+        }
+        let per_request: Vec<usize> = pre.iter().map(Vec::len).collect();
+        let mut each = self
+            .vision_features(pre.into_iter().flatten().collect())?
+            .into_iter();
+        let features = per_request
+            .iter()
+            .map(|&n| each.by_ref().take(n).flatten().collect())
+            .collect();
+        Ok(Prepared {
+            prompts,
+            grids,
+            features,
+        })
+    }
+
+    /// The vision tower on each image, one call per image (attention cost and memory grow
+    /// with the square of the patches in a call); with CPU slices the images are shared out
+    /// among them and run concurrently.
+    fn vision_features(
+        &mut self,
+        images: Vec<ProcessedImage>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let k = self.slices.len().min(images.len());
+        if k < 2 {
+            let mut r = self.runner();
+            let out = images.into_iter().map(|p| r.vision_features(p)).collect();
+            let stats = r.stats;
+            self.stats.add(&stats, 1);
+            return out;
+        }
+        let n = images.len();
+        let mut images = images.into_iter();
+        let shares: Vec<Vec<ProcessedImage>> = (0..k)
+            .map(|i| images.by_ref().take((i + 1) * n / k - i * n / k).collect())
+            .collect();
+        let done = on_slices(self, shares, |r, share: Vec<ProcessedImage>| {
+            share
+                .into_iter()
+                .map(|p| r.vision_features(p))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let mut out = Vec::with_capacity(n);
+        for (part, stats) in done {
+            self.stats.add(&stats, k);
+            out.extend(part?);
+        }
+        Ok(out)
+    }
+
+    /// A worker on the engine's own sessions.
+    fn runner(&mut self) -> Runner<'_> {
+        Runner {
+            g: &mut self.graphs,
+            m: &self.package.manifest,
+            lora: &self.lora,
+            gpu: self.gpu.as_ref(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// Splits every later [`Engine::generate`] on the CPU into `n` slices of the prompts (and
+    /// the vision calls into `n` shares of the images), each on single-threaded sessions of its
+    /// own, run concurrently: for small models on few cores, where one step's operators are too
+    /// small to spread over threads. Each slice holds its own copy of the weights. `n` ≤ 1 goes
+    /// back to the engine's sessions; ignored (with `Ok(false)`) on a GPU provider.
+    pub fn set_cpu_slices(&mut self, n: usize) -> Result<bool, EngineError> {
+        self.slices.clear();
+        if n <= 1 || self.provider != "cpu" {
+            return Ok(n <= 1);
+        }
+        let m = &self.package.manifest;
+        let files = [&m.graphs.vision, &m.graphs.embedding, &m.graphs.decoder];
+        for _ in 0..n {
+            let open = |file: &String| -> Result<Session, EngineError> {
+                let path = self.package.graph_path(file);
+                let (b, _) = session_builder(self.env, &DeviceChoice::default(), None, None)?;
+                let fail = |msg: String| {
+                    EngineError::Package(PackageError::File {
+                        path: path.clone(),
+                        msg,
+                    })
+                };
+                b.with_intra_threads(1)
+                    .map_err(|e| fail(e.to_string()))?
+                    .commit_from_file(&path)
+                    .map_err(|e| fail(e.to_string()))
+            };
+            self.slices.push(Graphs {
+                vision: open(files[0])?,
+                embedding: open(files[1])?,
+                decoder: open(files[2])?,
+            });
+        }
+        Ok(true)
+    }
+
+    /// How many CPU slices generate concurrently (0: the engine's own sessions).
+    pub fn cpu_slices(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Token embeddings of `[rows, cols]` ids with `features` (`[n, out_hidden_size]`, in row
+    /// order) scattered over the image placeholders: `[rows, cols, hidden]`.
+    pub fn embed_rows(
+        &mut self,
+        ids: Vec<i64>,
+        rows: usize,
+        cols: usize,
+        features: Vec<f32>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = features.len() / self.package.manifest.vision.out_hidden_size;
+        let mut r = self.runner();
+        let out = r.embed(ids, rows, cols, (features, n));
+        let stats = r.stats;
+        self.stats.add(&stats, 1);
+        out
+    }
+
+    /// Generates `cfg.group` samples for every request.
+    pub fn generate(
+        &mut self,
+        requests: &[Request],
+        cfg: &GenerationConfig,
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<Completion>, EngineError> {
+        if requests.is_empty() || cfg.group == 0 {
+            return Ok(vec![]);
+        }
+        let prepared = self.prepare_as(requests, cfg.format_sentence.as_deref(), cfg.verbatim)?;
+        self.generate_prepared(requests, &prepared, cfg, trace)
+    }
+
+    /// [`Engine::generate`] on prompts already prepared (the trainer keeps them for the
+    /// training batch). With CPU slices ([`Engine::set_cpu_slices`]) the prompts are split
+    /// into contiguous shares generated concurrently; the samples are the same either way
+    /// (every draw is keyed by prompt id, sample and step).
+    pub fn generate_prepared(
+        &mut self,
+        requests: &[Request],
+        prepared: &Prepared,
+        cfg: &GenerationConfig,
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<Completion>, EngineError> {
+        if requests.is_empty() || cfg.group == 0 {
+            return Ok(vec![]);
+        }
+        let k = self.slices.len().min(requests.len());
+        if k < 2 || trace.is_some() {
+            let mut r = self.runner();
+            let out = r.generate(requests, prepared, cfg, trace);
+            let stats = r.stats;
+            self.stats.add(&stats, 1);
+            return out;
+        }
+        let bounds: Vec<usize> = (0..=k).map(|i| i * requests.len() / k).collect();
+        let shares: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
+        let done = on_slices(self, shares, |r, (a, b)| {
+            r.generate(&requests[a..b], &prepared.slice(a, b), cfg, None)
+        });
+        let mut out = Vec::with_capacity(requests.len() * cfg.group);
+        for ((part, stats), a) in done.into_iter().zip(&bounds) {
+            self.stats.add(&stats, k);
+            out.extend(part?.into_iter().map(|mut c| {
+                c.prompt_index += a;
+                c
+            }));
+        }
+        Ok(out)
+    }
+}
+
+impl Runner<'_> {
     fn embed(
         &mut self,
         ids: Vec<i64>,
@@ -602,7 +902,7 @@ impl Engine {
         cols: usize,
         features: (Vec<f32>, usize),
     ) -> Result<Vec<f32>, EngineError> {
-        let d = self.package.manifest.vision.out_hidden_size;
+        let d = self.m.vision.out_hidden_size;
         let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
             ("input_ids".into(), input("embedding", &[rows, cols], ids)?),
             (
@@ -611,7 +911,7 @@ impl Engine {
             ),
         ];
         let t = Instant::now();
-        let out = self.embedding.run(inputs).map_err(run_err("embedding"))?;
+        let out = self.g.embedding.run(inputs).map_err(run_err("embedding"))?;
         self.stats.ort_s += t.elapsed().as_secs_f64();
         let (_, e) = out["inputs_embeds"]
             .try_extract_tensor::<f32>()
@@ -634,7 +934,7 @@ impl Engine {
         prefix: Option<(&mut Prefix, &[usize])>,
         last: &[usize],
     ) -> Result<(StepLogits, Kv), EngineError> {
-        let t = &self.package.manifest.text;
+        let t = &self.m.text;
         let (layers, hidden, vocab) = (t.num_hidden_layers, t.hidden_size, t.vocab_size);
         let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
         let total = kv.len + cols;
@@ -703,8 +1003,8 @@ impl Engine {
         };
         let t0 = Instant::now();
         let mut out = match &opts {
-            None => self.decoder.run(inputs),
-            Some(o) => self.decoder.run_with_options(inputs, o),
+            None => self.g.decoder.run(inputs),
+            Some(o) => self.g.decoder.run_with_options(inputs, o),
         }
         .map_err(run_err("decoder"))?;
         if let Some(g) = &self.gpu {
@@ -768,7 +1068,7 @@ impl Engine {
     /// prompts out to their samples).
     fn gather_rows(&mut self, kv: &mut Kv, src: &[usize]) -> Result<Kv, EngineError> {
         let t0 = Instant::now();
-        let t = &self.package.manifest.text;
+        let t = &self.m.text;
         let shape = [src.len(), t.num_key_value_heads, kv.len, t.head_dim];
         let row = shape[1] * shape[2] * shape[3];
         let mut data = Vec::with_capacity(kv.data.len());
@@ -820,7 +1120,7 @@ impl Engine {
             .filter(|&p| !kept[p])
             .zip(keep.iter().copied().filter(|&k| k >= n))
             .collect();
-        let t = &self.package.manifest.text;
+        let t = &self.m.text;
         let row = t.num_key_value_heads * len * t.head_dim;
         for &(to, from) in &moves {
             order[to] = from;
@@ -892,59 +1192,6 @@ impl Engine {
         }
     }
 
-    /// Tokenises every request's prompt and runs the vision tower once over all their images.
-    pub fn prepare(
-        &mut self,
-        requests: &[Request],
-        format_sentence: Option<&str>,
-    ) -> Result<Prepared, EngineError> {
-        self.prepare_as(requests, format_sentence, false)
-    }
-
-    fn prepare_as(
-        &mut self,
-        requests: &[Request],
-        format_sentence: Option<&str>,
-        verbatim: bool,
-    ) -> Result<Prepared, EngineError> {
-        let merge = self.package.manifest.vision.spatial_merge_size;
-        // Image preprocessing on the rayon pool; then one vision call per image (attention
-        // cost and memory grow with the square of the patches in a call).
-        let t_pre = Instant::now();
-        let pre: Vec<Vec<ProcessedImage>> = requests
-            .par_iter()
-            .map(|r| {
-                r.images
-                    .par_iter()
-                    .map(|img| preprocess(img, &self.preprocessor))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<_, _>>()?;
-        self.stats.preprocess_s += t_pre.elapsed().as_secs_f64();
-        let (mut grids, mut prompts, mut features) = (Vec::new(), Vec::new(), Vec::new());
-        for (r, images) in requests.iter().zip(pre) {
-            let msgs = if verbatim {
-                PromptBuilder::verbatim(&r.problem)
-            } else {
-                PromptBuilder::content(&r.problem, format_sentence)
-            };
-            let rendered = self.prompts.render(&msgs)?;
-            let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
-            prompts.push(self.prompts.encode(&rendered, &counts)?);
-            grids.push(images.iter().map(|p| p.grid_thw).collect());
-            let mut f = Vec::new();
-            for p in images {
-                f.extend(self.vision_features(p)?);
-            }
-            features.push(f);
-        }
-        Ok(Prepared {
-            prompts,
-            grids,
-            features,
-        })
-    }
-
     /// The vision tower on one preprocessed image: `[tokens, out_hidden_size]` flattened.
     fn vision_features(&mut self, p: ProcessedImage) -> Result<Vec<f32>, EngineError> {
         let n = p.pixel_values.len() / p.row_len;
@@ -957,7 +1204,7 @@ impl Engine {
             ("image_grid_thw".into(), input("vision", &[1, 3], g)?),
         ];
         let t = Instant::now();
-        let out = self.vision.run(inputs).map_err(run_err("vision"))?;
+        let out = self.g.vision.run(inputs).map_err(run_err("vision"))?;
         let dt = t.elapsed().as_secs_f64();
         self.stats.ort_s += dt;
         self.stats.vision_s += dt;
@@ -967,46 +1214,15 @@ impl Engine {
         Ok(f.to_vec())
     }
 
-    /// Token embeddings of `[rows, cols]` ids with `features` (`[n, out_hidden_size]`, in row
-    /// order) scattered over the image placeholders: `[rows, cols, hidden]`.
-    pub fn embed_rows(
-        &mut self,
-        ids: Vec<i64>,
-        rows: usize,
-        cols: usize,
-        features: Vec<f32>,
-    ) -> Result<Vec<f32>, EngineError> {
-        let n = features.len() / self.package.manifest.vision.out_hidden_size;
-        self.embed(ids, rows, cols, (features, n))
-    }
-
-    /// Generates `cfg.group` samples for every request.
-    pub fn generate(
-        &mut self,
-        requests: &[Request],
-        cfg: &GenerationConfig,
-        trace: Option<&mut Trace>,
-    ) -> Result<Vec<Completion>, EngineError> {
-        if requests.is_empty() || cfg.group == 0 {
-            return Ok(vec![]);
-        }
-        let prepared = self.prepare_as(requests, cfg.format_sentence.as_deref(), cfg.verbatim)?;
-        self.generate_prepared(requests, &prepared, cfg, trace)
-    }
-
-    /// [`Engine::generate`] on prompts already prepared (the trainer keeps them for the
-    /// training batch).
-    pub fn generate_prepared(
+    /// [`Engine::generate_prepared`] on this worker's sessions.
+    fn generate(
         &mut self,
         requests: &[Request],
         prepared: &Prepared,
         cfg: &GenerationConfig,
         mut trace: Option<&mut Trace>,
     ) -> Result<Vec<Completion>, EngineError> {
-        if requests.is_empty() || cfg.group == 0 {
-            return Ok(vec![]);
-        }
-        let m = self.package.manifest.clone();
+        let m = self.m.clone();
         let merge = m.vision.spatial_merge_size;
         let prompts = &prepared.prompts;
         let grids: Vec<[u32; 3]> = prepared.grids.iter().flatten().copied().collect();
