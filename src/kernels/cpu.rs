@@ -150,6 +150,16 @@ fn gumbel_bound(table: &[f32; 26], u: f32) -> f32 {
     table[k.clamp(1, 25) as usize]
 }
 
+/// A looser bound than [`gumbel_bound`] without its table (so a loop of it vectorises): with
+/// `1 − u ∈ [2⁻ᵏ, 2¹⁻ᵏ)`, `−ln(−ln u) ≤ −ln(−ln(1 − 2⁻ᵏ)) < −ln 2⁻ᵏ = k · ln 2` (as
+/// `−ln(1 − ε) > ε`), plus the same 1e-4 for rounding.
+#[inline(always)]
+fn gumbel_bound_loose(u: f32) -> f32 {
+    let d = 1.0 - u;
+    let k = 127 - ((d.to_bits() >> 23) & 0xff) as i32;
+    k as f32 * std::f32::consts::LN_2 + 1e-4
+}
+
 /// The bounds of [`gumbel_bound`] by binade, computed once per process.
 fn gumbel_bounds() -> &'static [f32; 26] {
     static BOUND: std::sync::OnceLock<[f32; 26]> = std::sync::OnceLock::new();
@@ -257,11 +267,9 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
         // than 19.5 below it can never win; its draw is skipped (1.0 of margin for
         // rounding). Peaked rows of a large vocabulary draw a few hundred numbers, not V.
         // Draws come BLOCK tokens at a time; a block with no live token is skipped.
+        // `max` is finite, so `cut` is, and −∞ entries fail the second test.
         let cut = max - 20.5;
-        let live = |i: usize| {
-            let x = values[i];
-            x >= floor && x != f32::NEG_INFINITY && scaled[i] >= cut
-        };
+        let live = |i: usize| values[i] >= floor && scaled[i] >= cut;
         let mut best = 0usize;
         let mut bs = f32::NEG_INFINITY;
         let bounds = gumbel_bounds();
@@ -274,6 +282,34 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
             }
             let u = &mut u[..end - start];
             philox::fill_uniforms(p.seed, key.sequence, key.step, start as u32, u);
+            // The block's best possible score, from a looser bound that vectorises
+            // ([`gumbel_bound_loose`]): most blocks of a row cannot beat the best so far and
+            // are left after this one pass.
+            let bound = |x: f32, sc: f32, uj: f32| {
+                let b = sc + gumbel_bound_loose(uj);
+                if x >= floor && sc >= cut {
+                    b
+                } else {
+                    f32::NEG_INFINITY
+                }
+            };
+            // Eight running maxima (one per lane) rather than one, so the loop vectorises.
+            let mut tops = [f32::NEG_INFINITY; 8];
+            let (vs, ss) = (&values[start..end], &scaled[start..end]);
+            let whole = u.len() / 8 * 8;
+            for c in (0..whole).step_by(8) {
+                for j in 0..8 {
+                    let b = bound(vs[c + j], ss[c + j], u[c + j]);
+                    tops[j] = if b > tops[j] { b } else { tops[j] };
+                }
+            }
+            let top = (whole..u.len())
+                .map(|j| bound(vs[j], ss[j], u[j]))
+                .chain(tops)
+                .fold(f32::NEG_INFINITY, f32::max);
+            if top < bs {
+                continue;
+            }
             for i in start..end {
                 let u = u[i - start];
                 // score ≤ scaled + bound (f32 addition is monotonic): a token whose bound
