@@ -222,15 +222,27 @@ fn on_slices<S: Send, T: Send>(
             .zip(shares)
             .map(|(g, share)| {
                 scope.spawn(move || {
-                    let mut r = Runner {
-                        g,
-                        m,
-                        lora,
-                        gpu: None,
-                        stats: EngineStats::default(),
+                    let run = || {
+                        let mut r = Runner {
+                            g,
+                            m,
+                            lora,
+                            gpu: None,
+                            stats: EngineStats::default(),
+                        };
+                        let out = work(&mut r, share);
+                        (out, r.stats)
                     };
-                    let out = work(&mut r, share);
-                    (out, r.stats)
+                    // The slice's own parallel work (sampling) stays on its thread, as its
+                    // sessions do: a one-thread pool with this thread as its worker.
+                    match rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .use_current_thread()
+                        .build()
+                    {
+                        Ok(pool) => pool.install(run),
+                        Err(_) => run(),
+                    }
                 })
             })
             .collect();
