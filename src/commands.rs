@@ -405,18 +405,9 @@ impl DeviceArgs {
         };
         let mut engine = spatial_ssrl::rollout::Engine::open_on(model, ort_lib, &choice)?;
         engine.set_host_cache(self.host_cache);
-        let slices = self.cpu_slices.unwrap_or_else(|| {
-            let decoder = engine
-                .package
-                .graph_path(&engine.package.manifest.graphs.decoder);
-            let small = std::fs::metadata(decoder).is_ok_and(|m| m.len() < 64 << 20);
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if small {
-                cores.min(8)
-            } else {
-                1
-            }
-        });
+        let slices = self
+            .cpu_slices
+            .unwrap_or_else(|| engine.default_cpu_slices());
         engine.set_cpu_slices(slices)?;
         if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {
             eprintln!(

@@ -831,6 +831,22 @@ impl Engine {
         Ok(true)
     }
 
+    /// The CPU slices a run gets unless told: one per core up to 8 when `decoder.onnx` is under
+    /// 64 MB (a small model, whose operators are too small to spread over threads; each slice
+    /// holds a copy of the weights), else 1.
+    pub fn default_cpu_slices(&self) -> usize {
+        let decoder = self
+            .package
+            .graph_path(&self.package.manifest.graphs.decoder);
+        let small = std::fs::metadata(decoder).is_ok_and(|m| m.len() < 64 << 20);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if small {
+            cores.min(8)
+        } else {
+            1
+        }
+    }
+
     /// How many CPU slices generate concurrently (0: the engine's own sessions).
     pub fn cpu_slices(&self) -> usize {
         self.slices.len()

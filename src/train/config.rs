@@ -60,6 +60,9 @@ pub struct RolloutConfig {
     pub device: String,
     pub device_id: i32,
     pub allow_fallback: bool,
+    /// CPU: prompts generated in this many concurrent single-threaded slices (a copy of the
+    /// weights each); 0 = one per core up to 8 for a decoder.onnx under 64 MB, else 1.
+    pub cpu_slices: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +177,7 @@ impl Default for RolloutConfig {
             device: "cpu".into(),
             device_id: 0,
             allow_fallback: false,
+            cpu_slices: 0,
         }
     }
 }

@@ -237,6 +237,11 @@ impl Trainer {
         let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
         engine.preprocessor.min_pixels = cfg.data.min_pixels;
         engine.preprocessor.max_pixels = cfg.data.max_pixels;
+        let slices = match cfg.rollout.cpu_slices {
+            0 => engine.default_cpu_slices(),
+            n => n,
+        };
+        engine.set_cpu_slices(slices)?;
         let m = engine.package.manifest.clone();
         if engine.package.is_genai() {
             return Err(TrainError::Data {
