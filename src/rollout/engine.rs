@@ -802,7 +802,8 @@ impl Engine {
     /// back to the engine's sessions; ignored (with `Ok(false)`) on a GPU provider.
     pub fn set_cpu_slices(&mut self, n: usize) -> Result<bool, EngineError> {
         self.slices.clear();
-        if n <= 1 || self.provider != "cpu" {
+        // "cpu", or "cpu (fallback from …)".
+        if n <= 1 || !self.provider.starts_with("cpu") {
             return Ok(n <= 1);
         }
         let m = &self.package.manifest;
