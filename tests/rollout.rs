@@ -219,6 +219,36 @@ fn staggered_stops(full: &[spatial_ssrl::rollout::Completion]) -> Vec<u32> {
         .collect()
 }
 
+/// Every sample of `cut` is the same sample of `full` cut after its first token in `eos`, with
+/// the same log-probs.
+fn assert_cut_at_first_stop(
+    full: &[spatial_ssrl::rollout::Completion],
+    cut: &[spatial_ssrl::rollout::Completion],
+    eos: &[u32],
+) {
+    for (i, (f, c)) in full.iter().zip(cut).enumerate() {
+        let end = f
+            .tokens
+            .iter()
+            .position(|t| eos.contains(t))
+            .map_or(f.tokens.len(), |p| p + 1);
+        assert_eq!(c.tokens, f.tokens[..end], "sample {i}");
+        for (x, y) in c.logprobs.iter().zip(&f.logprobs) {
+            assert!((x - y).abs() < 1e-4, "sample {i}: log-prob {x} vs {y}");
+        }
+    }
+}
+
+/// The golden requests and a third: the first one's images with a longer question.
+fn three_requests() -> Vec<Request> {
+    let (_, mut reqs) = golden();
+    let mut third = reqs[0].clone();
+    third.id = 7;
+    third.problem.push_str(" Answer briefly.");
+    reqs.push(third);
+    reqs
+}
+
 /// Rows that stop leave the batch (the engine moves later rows into their cache slots); the rows
 /// that go on must not notice. Extra stop tokens, drawn at different depths of a first run,
 /// make rows finish at different steps: every sample of the second run is the first run's
@@ -233,19 +263,8 @@ fn finished_rows_leave_the_batch_without_disturbing_the_others() {
     e.package.manifest.tokens.eos.extend(&eos);
     let eos = e.package.manifest.tokens.eos.clone();
     let cut = e.generate(&reqs, &cfg, None).unwrap();
-    let mut lengths = std::collections::BTreeSet::new();
-    for (i, (f, c)) in full.iter().zip(&cut).enumerate() {
-        let end = f
-            .tokens
-            .iter()
-            .position(|t| eos.contains(t))
-            .map_or(f.tokens.len(), |p| p + 1);
-        assert_eq!(c.tokens, f.tokens[..end], "sample {i}");
-        for (x, y) in c.logprobs.iter().zip(&f.logprobs) {
-            assert!((x - y).abs() < 1e-4, "sample {i}: log-prob {x} vs {y}");
-        }
-        lengths.insert(c.tokens.len());
-    }
+    assert_cut_at_first_stop(&full, &cut, &eos);
+    let lengths: std::collections::BTreeSet<usize> = cut.iter().map(|c| c.tokens.len()).collect();
     assert!(
         lengths.len() >= 4,
         "rows should stop at different steps: lengths {lengths:?}"
@@ -259,11 +278,7 @@ fn finished_rows_leave_the_batch_without_disturbing_the_others() {
 #[test]
 fn a_finished_prompt_leaves_the_shared_cache_without_disturbing_the_others() {
     let Some(mut e) = engine() else { return };
-    let (_, mut reqs) = golden();
-    let mut third = reqs[0].clone();
-    third.id = 7;
-    third.problem.push_str(" Answer briefly.");
-    reqs.push(third);
+    let reqs = three_requests();
     let cfg = GenerationConfig {
         group: 3,
         max_new_tokens: 12,
@@ -274,17 +289,7 @@ fn a_finished_prompt_leaves_the_shared_cache_without_disturbing_the_others() {
     e.package.manifest.tokens.eos.extend(&stops);
     let eos = e.package.manifest.tokens.eos.clone();
     let cut = e.generate(&reqs, &cfg, None).unwrap();
-    for (i, (f, c)) in full.iter().zip(&cut).enumerate() {
-        let end = f
-            .tokens
-            .iter()
-            .position(|t| eos.contains(t))
-            .map_or(f.tokens.len(), |p| p + 1);
-        assert_eq!(c.tokens, f.tokens[..end], "sample {i}");
-        for (x, y) in c.logprobs.iter().zip(&f.logprobs) {
-            assert!((x - y).abs() < 1e-4, "sample {i}: log-prob {x} vs {y}");
-        }
-    }
+    assert_cut_at_first_stop(&full, &cut, &eos);
     let longest = |p: usize| cut[3 * p..3 * p + 3].iter().map(|c| c.tokens.len()).max();
     assert!(longest(0) <= Some(2), "prompt 0 stops by its second token");
     assert!(
@@ -300,11 +305,7 @@ fn a_finished_prompt_leaves_the_shared_cache_without_disturbing_the_others() {
 #[test]
 fn cpu_slices_generate_the_same_samples() {
     let Some(mut e) = engine() else { return };
-    let (_, mut reqs) = golden();
-    let mut third = reqs[0].clone();
-    third.id = 9;
-    third.problem.push_str(" Answer briefly.");
-    reqs.push(third);
+    let reqs = three_requests();
     let cfg = staggered_config();
     let one = e.generate(&reqs, &cfg, None).unwrap();
     let _ = e.take_stats();
