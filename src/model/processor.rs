@@ -127,28 +127,27 @@ fn coefficients(in_size: u32, out_size: u32) -> (usize, Vec<(usize, Vec<i32>)>) 
 }
 
 #[inline]
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS) * 256 {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
+fn clip8(v: i32) -> u8 {
+    // Pillow's clip8 on its 32-bit sums: 8-bit taps times 22-bit weights that sum to one stay
+    // far inside i32, as in Pillow.
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 fn pass_horizontal(src: &[u8], iw: u32, ih: u32, w: u32) -> Vec<u8> {
     let (_, cx) = coefficients(iw, w);
-    let mut out = vec![0u8; w as usize * ih as usize * 3];
-    for y in 0..ih as usize {
-        let row = &src[y * iw as usize * 3..(y + 1) * iw as usize * 3];
-        for (xx, (xmin, k)) in cx.iter().enumerate() {
-            for c in 0..3 {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (i, kv) in k.iter().enumerate() {
-                    ss += i64::from(row[(xmin + i) * 3 + c]) * i64::from(*kv);
+    let (iw, w) = (iw as usize, w as usize);
+    let mut out = vec![0u8; w * ih as usize * 3];
+    for (row, orow) in src.chunks_exact(iw * 3).zip(out.chunks_exact_mut(w * 3)) {
+        for ((xmin, k), px) in cx.iter().zip(orow.chunks_exact_mut(3)) {
+            let taps = &row[xmin * 3..(xmin + k.len()) * 3];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            for (p, &kv) in taps.chunks_exact(3).zip(k) {
+                for c in 0..3 {
+                    ss[c] += i32::from(p[c]) * kv;
                 }
-                out[(y * w as usize + xx) * 3 + c] = clip8(ss);
+            }
+            for c in 0..3 {
+                px[c] = clip8(ss[c]);
             }
         }
     }
@@ -159,13 +158,18 @@ fn pass_vertical(src: &[u8], w: u32, ih: u32, h: u32) -> Vec<u8> {
     let (_, cy) = coefficients(ih, h);
     let stride = w as usize * 3;
     let mut out = vec![0u8; stride * h as usize];
-    for (yy, (ymin, k)) in cy.iter().enumerate() {
-        for x in 0..stride {
-            let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-            for (i, kv) in k.iter().enumerate() {
-                ss += i64::from(src[(ymin + i) * stride + x]) * i64::from(*kv);
+    let mut acc = vec![0i32; stride];
+    for ((ymin, k), orow) in cy.iter().zip(out.chunks_exact_mut(stride)) {
+        // Whole rows per tap: the inner loop runs over contiguous bytes and vectorises.
+        acc.fill(1 << (PRECISION_BITS - 1));
+        for (i, &kv) in k.iter().enumerate() {
+            let line = &src[(ymin + i) * stride..(ymin + i + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(line) {
+                *a += i32::from(v) * kv;
             }
-            out[yy * stride + x] = clip8(ss);
+        }
+        for (o, &a) in orow.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     out
@@ -223,18 +227,27 @@ pub fn preprocess(
     let factor = cfg.patch_size * cfg.merge_size;
     let (hb, wb) = smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)?;
     let resized = if (wb, hb) == (w, h) {
-        img.clone()
+        std::borrow::Cow::Borrowed(img)
     } else {
-        resize_bicubic_pil(img, wb, hb)
+        std::borrow::Cow::Owned(resize_bicubic_pil(img, wb, hb))
     };
-    // Rescale and normalise to channel-first [3, H, W] (float32, as the processor's output).
+    // Rescale and normalise, as the processor does it in float32, for each of the 256 values of
+    // each channel: the pixels are then looked up.
+    let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
+        std::array::from_fn(|v| {
+            let x = (v as f64 * cfg.rescale_factor) as f32;
+            (x - cfg.image_mean[c]) / cfg.image_std[c]
+        })
+    });
+    // Channel-first [3, H, W] first (sequential writes), then rows copied out of it.
     let (hw, ww) = (hb as usize, wb as usize);
     let mut chw = vec![0f32; 3 * hw * ww];
+    let (r, rest) = chw.split_at_mut(hw * ww);
+    let (g, b) = rest.split_at_mut(hw * ww);
     for (i, p) in resized.as_raw().chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            let v = (f64::from(p[c]) * cfg.rescale_factor) as f32;
-            chw[c * hw * ww + i] = (v - cfg.image_mean[c]) / cfg.image_std[c];
-        }
+        r[i] = lut[0][p[0] as usize];
+        g[i] = lut[1][p[1] as usize];
+        b[i] = lut[2][p[2] as usize];
     }
     let (ps, ms, tp) = (
         cfg.patch_size as usize,

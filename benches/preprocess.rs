@@ -1,0 +1,33 @@
+//! The image preprocessor (smart_resize, Pillow-exact bicubic resize, rescale and normalise,
+//! patchify) per image at the rollout bench's 448×336 (no resize needed), COCO's 640×480 and a
+//! 1280×960 photo, on one thread.
+//!
+//! `cargo bench --bench preprocess`.
+
+use spatial_ssrl::model::processor::{preprocess, PreprocessorConfig};
+use std::hint::black_box;
+use std::time::Instant;
+
+fn main() {
+    let cfg = PreprocessorConfig::default();
+    for (w, h, reps) in [(448u32, 336u32, 200usize), (640, 480, 100), (1280, 960, 30)] {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7 + y) as u8, (y * 3) as u8, ((x ^ y) * 5) as u8])
+        });
+        let _ = preprocess(&img, &cfg).unwrap();
+        let mut t: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t0 = Instant::now();
+                black_box(preprocess(black_box(&img), &cfg).unwrap());
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        let p = preprocess(&img, &cfg).unwrap();
+        println!(
+            "{w:>5} × {h:<4} → grid {:?}: {:.2} ms per image (median of {reps})",
+            p.grid_thw,
+            t[reps / 2] * 1e3
+        );
+    }
+}
