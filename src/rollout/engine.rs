@@ -9,7 +9,7 @@
 
 use crate::kernels::cuda::Cuda;
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
-use crate::model::package::{KvLayout, Manifest, Package, PackageError};
+use crate::model::package::{KvLayout, Manifest, Package, PackageError, TextSpec};
 use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
@@ -283,6 +283,16 @@ struct OnGpu {
     last_only: bool,
 }
 
+impl Kv {
+    /// `rows` rows with no tokens yet (empty host tensors).
+    fn empty(t: &TextSpec, rows: usize) -> Result<Kv, EngineError> {
+        let data = (0..2 * t.num_hidden_layers)
+            .map(|_| kv_value(&[rows, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
+            .collect::<Result<_, _>>()?;
+        Ok(Kv { data, rows, len: 0 })
+    }
+}
+
 /// The decoder's cache between steps.
 struct Kv {
     /// Per layer and k/v: `[capacity, kv_heads, len, head_dim]` as ONNX Runtime returned them
@@ -296,13 +306,11 @@ struct Kv {
 /// The prompts' cache of a shared-prefix decoder ([`KvLayout::Shared`]), read in place by their
 /// samples every step.
 struct Prefix {
-    /// Per layer and k/v: `[capacity, kv_heads, len, head_dim]`, the prefill's cache; prompts
-    /// `0..prompts` have live samples (finished prompts are compacted away like rows).
-    data: Vec<DynTensor>,
-    /// Each prompt's padding mask (left-padded, `len` wide).
+    /// The prefill's cache, one row per prompt: rows `0..cache.rows` have live samples
+    /// (finished prompts leave like finished rows, [`Runner::keep_rows`]).
+    cache: Kv,
+    /// Each prompt's padding mask (left-padded, `cache.len` wide).
     mask: Vec<Vec<i64>>,
-    prompts: usize,
-    len: usize,
 }
 
 /// The decoder's slot tables for rows on `prompts` prompts (`row_prompt[r]`: row r's prompt):
@@ -987,11 +995,12 @@ impl Runner<'_> {
             inputs.push((kv_name("past_key_values", i), view));
         }
         if let Some((p, row_prompt)) = prefix {
-            let (slot_rows, row_slots) = slot_tables(row_prompt, p.prompts);
-            let mask: Vec<i64> = p.mask[..p.prompts].iter().flatten().copied().collect();
+            let (prompts, len) = (p.cache.rows, p.cache.len);
+            let (slot_rows, row_slots) = slot_tables(row_prompt, prompts);
+            let mask: Vec<i64> = p.mask[..prompts].iter().flatten().copied().collect();
             inputs.push((
                 "prefix_mask".into(),
-                input("decoder", &[p.prompts, p.len], mask)?,
+                input("decoder", &[prompts, len], mask)?,
             ));
             inputs.push((
                 "slot_rows".into(),
@@ -1001,8 +1010,8 @@ impl Runner<'_> {
                 "row_slots".into(),
                 input("decoder", &[row_slots.len()], row_slots)?,
             ));
-            for (i, v) in p.data.iter_mut().enumerate() {
-                let view = leading_rows(v, [p.prompts, kvh, p.len, hd])?;
+            for (i, v) in p.cache.data.iter_mut().enumerate() {
+                let view = leading_rows(v, [prompts, kvh, len, hd])?;
                 inputs.push((kv_name("prefix_key_values", i), view));
             }
         }
@@ -1125,22 +1134,9 @@ impl Runner<'_> {
     /// move into the gaps, one row copy per finished row below it, and the buffers keep their
     /// size. Returns, for each new row, the old row it holds.
     fn keep_rows(&mut self, kv: &mut Kv, keep: &[usize]) -> Result<Vec<usize>, EngineError> {
-        let order = self.compact(&mut kv.data, kv.rows, kv.len, keep)?;
-        kv.rows = keep.len();
-        Ok(order)
-    }
-
-    /// [`Engine::keep_rows`] on cache buffers of `rows` live rows of `len` tokens.
-    fn compact(
-        &mut self,
-        data: &mut [DynTensor],
-        rows: usize,
-        len: usize,
-        keep: &[usize],
-    ) -> Result<Vec<usize>, EngineError> {
         let t0 = Instant::now();
         let n = keep.len();
-        let mut kept = vec![false; rows];
+        let mut kept = vec![false; kv.rows];
         for &k in keep {
             kept[k] = true;
         }
@@ -1150,11 +1146,11 @@ impl Runner<'_> {
             .zip(keep.iter().copied().filter(|&k| k >= n))
             .collect();
         let t = &self.m.text;
-        let row = t.num_key_value_heads * len * t.head_dim;
+        let row = t.num_key_value_heads * kv.len * t.head_dim;
         for &(to, from) in &moves {
             order[to] = from;
         }
-        for v in data.iter_mut() {
+        for v in &mut kv.data {
             match &self.gpu {
                 None => {
                     let (_, d) = v
@@ -1174,27 +1170,29 @@ impl Runner<'_> {
         if let Some(g) = &self.gpu {
             g.cuda.synchronize_all().map_err(gpu_err)?;
         }
+        kv.rows = n;
         self.stats.cache_s += t0.elapsed().as_secs_f64();
         Ok(order)
     }
 
-    /// Compacts the prompts of `p` that no row of `row_prompt` continues away (as
-    /// [`Engine::keep_rows`] does rows) and renumbers `row_prompt` to match.
+    /// Compacts the prompts of `p` that no row of `row_prompt` continues away (with
+    /// [`Runner::keep_rows`], as rows) and renumbers `row_prompt` to match.
     fn drop_finished_prompts(
         &mut self,
         p: &mut Prefix,
         row_prompt: &mut [usize],
     ) -> Result<(), EngineError> {
-        let mut live = vec![false; p.prompts];
+        let prompts = p.cache.rows;
+        let mut live = vec![false; prompts];
         for &q in row_prompt.iter() {
             live[q] = true;
         }
         if live.iter().all(|&l| l) {
             return Ok(());
         }
-        let keep: Vec<usize> = (0..p.prompts).filter(|&q| live[q]).collect();
-        let order = self.compact(&mut p.data, p.prompts, p.len, &keep)?;
-        let mut now = vec![0; p.prompts];
+        let keep: Vec<usize> = (0..prompts).filter(|&q| live[q]).collect();
+        let order = self.keep_rows(&mut p.cache, &keep)?;
+        let mut now = vec![0; prompts];
         for (k, &o) in order.iter().enumerate() {
             now[o] = k;
             p.mask.swap(k, o);
@@ -1202,7 +1200,6 @@ impl Runner<'_> {
         for q in row_prompt.iter_mut() {
             *q = now[*q];
         }
-        p.prompts = keep.len();
         Ok(())
     }
 
@@ -1300,25 +1297,14 @@ impl Runner<'_> {
             t.rope_deltas = deltas.clone();
         }
         let t = &m.text;
-        let empty = |rows: usize| -> Result<Vec<DynTensor>, EngineError> {
-            (0..2 * t.num_hidden_layers)
-                .map(|_| kv_value(&[rows, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
-                .collect()
-        };
-        let mut start = Kv {
-            data: empty(b)?,
-            rows: b,
-            len: 0,
-        };
+        let mut start = Kv::empty(t, b)?;
         // A shared-prefix decoder gets its prefix inputs in the prefill too: every prompt on its
         // own slot, with nothing before it.
         let shared = m.kv_layout == KvLayout::Shared;
         let mut no_prefix = match shared {
             true => Some(Prefix {
-                data: empty(b)?,
+                cache: Kv::empty(t, b)?,
                 mask: vec![Vec::new(); b],
-                prompts: b,
-                len: 0,
             }),
             false => None,
         };
@@ -1348,18 +1334,8 @@ impl Runner<'_> {
         let g = cfg.group;
         let fan: Vec<usize> = (0..b * g).map(|i| i / g).collect();
         let (mut kv, mut prefix, mut masks) = if shared {
-            let prefix = Prefix {
-                data: std::mem::take(&mut kv.data),
-                mask: mask.clone(),
-                prompts: b,
-                len: kv.len,
-            };
-            let rows = Kv {
-                data: empty(b * g)?,
-                rows: b * g,
-                len: 0,
-            };
-            (rows, Some(prefix), vec![Vec::new(); b * g])
+            let prefix = Prefix { cache: kv, mask };
+            (Kv::empty(t, b * g)?, Some(prefix), vec![Vec::new(); b * g])
         } else {
             let rows = self.gather_rows(&mut kv, &fan)?;
             (rows, None, fan.iter().map(|&p| mask[p].clone()).collect())
