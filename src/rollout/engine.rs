@@ -175,12 +175,12 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Requests `a..b`.
-    fn slice(&self, a: usize, b: usize) -> Prepared {
+    /// The requests in `r`.
+    fn slice(&self, r: std::ops::Range<usize>) -> Prepared {
         Prepared {
-            prompts: self.prompts[a..b].to_vec(),
-            grids: self.grids[a..b].to_vec(),
-            features: self.features[a..b].to_vec(),
+            prompts: self.prompts[r.clone()].to_vec(),
+            grids: self.grids[r.clone()].to_vec(),
+            features: self.features[r].to_vec(),
         }
     }
 }
@@ -207,50 +207,9 @@ pub struct Engine {
     parked: Option<OnGpu>,
 }
 
-/// Runs `work` on the first `shares.len()` CPU slices of `e`, one share each, concurrently:
-/// each result with its worker's stats, in slice order.
-fn on_slices<S: Send, T: Send>(
-    e: &mut Engine,
-    shares: Vec<S>,
-    work: impl Fn(&mut Runner<'_>, S) -> Result<T, EngineError> + Sync,
-) -> Vec<(Result<T, EngineError>, EngineStats)> {
-    let (m, lora, work) = (&e.package.manifest, &e.lora[..], &work);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = e
-            .slices
-            .iter_mut()
-            .zip(shares)
-            .map(|(g, share)| {
-                scope.spawn(move || {
-                    let run = || {
-                        let mut r = Runner {
-                            g,
-                            m,
-                            lora,
-                            gpu: None,
-                            stats: EngineStats::default(),
-                        };
-                        let out = work(&mut r, share);
-                        (out, r.stats)
-                    };
-                    // The slice's own parallel work (sampling) stays on its thread, as its
-                    // sessions do: a one-thread pool with this thread as its worker.
-                    match rayon::ThreadPoolBuilder::new()
-                        .num_threads(1)
-                        .use_current_thread()
-                        .build()
-                    {
-                        Ok(pool) => pool.install(run),
-                        Err(_) => run(),
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("a CPU slice panicked"))
-            .collect()
-    })
+/// `0..n` cut into `k` contiguous ranges of sizes differing by at most one.
+fn split(n: usize, k: usize) -> Vec<std::ops::Range<usize>> {
+    (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
 }
 
 /// A LoRA tensor: name, shape and the value fed to the decoder.
@@ -767,40 +726,88 @@ impl Engine {
     ) -> Result<Vec<Vec<f32>>, EngineError> {
         let k = self.slices.len().min(images.len());
         if k < 2 {
-            let mut r = self.runner();
-            let out = images.into_iter().map(|p| r.vision_features(p)).collect();
-            let stats = r.stats;
-            self.stats.add(&stats, 1);
-            return out;
+            return self.on_own(|r| images.into_iter().map(|p| r.vision_features(p)).collect());
         }
-        let n = images.len();
+        let ranges = split(images.len(), k);
         let mut images = images.into_iter();
-        let shares: Vec<Vec<ProcessedImage>> = (0..k)
-            .map(|i| images.by_ref().take((i + 1) * n / k - i * n / k).collect())
+        let shares: Vec<Vec<ProcessedImage>> = ranges
+            .iter()
+            .map(|r| images.by_ref().take(r.len()).collect())
             .collect();
-        let done = on_slices(self, shares, |r, share: Vec<ProcessedImage>| {
+        let parts = self.on_slices(shares, |r, share: Vec<ProcessedImage>| {
             share
                 .into_iter()
                 .map(|p| r.vision_features(p))
                 .collect::<Result<Vec<_>, _>>()
-        });
-        let mut out = Vec::with_capacity(n);
-        for (part, stats) in done {
-            self.stats.add(&stats, k);
-            out.extend(part?);
-        }
-        Ok(out)
+        })?;
+        Ok(parts.into_iter().flatten().collect())
     }
 
-    /// A worker on the engine's own sessions.
-    fn runner(&mut self) -> Runner<'_> {
-        Runner {
+    /// Runs `work` on a worker over the engine's own sessions; its stats join the engine's.
+    fn on_own<T>(&mut self, work: impl FnOnce(&mut Runner<'_>) -> T) -> T {
+        let mut r = Runner {
             g: &mut self.graphs,
             m: &self.package.manifest,
             lora: &self.lora,
             gpu: self.gpu.as_ref(),
             stats: EngineStats::default(),
+        };
+        let out = work(&mut r);
+        let stats = r.stats;
+        self.stats.add(&stats, 1);
+        out
+    }
+
+    /// Runs `work` on the first `shares.len()` CPU slices, one share each, concurrently; their
+    /// stats join the engine's (times averaged over the slices) and the results come back in
+    /// slice order, or the first slice's error.
+    fn on_slices<S: Send, T: Send>(
+        &mut self,
+        shares: Vec<S>,
+        work: impl Fn(&mut Runner<'_>, S) -> Result<T, EngineError> + Sync,
+    ) -> Result<Vec<T>, EngineError> {
+        let k = shares.len();
+        let (m, lora, work) = (&self.package.manifest, &self.lora[..], &work);
+        let done: Vec<(Result<T, EngineError>, EngineStats)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = self
+                .slices
+                .iter_mut()
+                .zip(shares)
+                .map(|(g, share)| {
+                    scope.spawn(move || {
+                        let run = || {
+                            let mut r = Runner {
+                                g,
+                                m,
+                                lora,
+                                gpu: None,
+                                stats: EngineStats::default(),
+                            };
+                            let out = work(&mut r, share);
+                            (out, r.stats)
+                        };
+                        // The slice's own parallel work (sampling) stays on its thread, as its
+                        // sessions do: a one-thread pool with this thread as its worker.
+                        match rayon::ThreadPoolBuilder::new()
+                            .num_threads(1)
+                            .use_current_thread()
+                            .build()
+                        {
+                            Ok(pool) => pool.install(run),
+                            Err(_) => run(),
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a CPU slice panicked"))
+                .collect()
+        });
+        for (_, stats) in &done {
+            self.stats.add(stats, k);
         }
+        done.into_iter().map(|(out, _)| out).collect()
     }
 
     /// Splits every later [`Engine::generate`] on the CPU into `n` slices of the prompts (and
@@ -871,11 +878,7 @@ impl Engine {
         features: Vec<f32>,
     ) -> Result<Vec<f32>, EngineError> {
         let n = features.len() / self.package.manifest.vision.out_hidden_size;
-        let mut r = self.runner();
-        let out = r.embed(ids, rows, cols, (features, n));
-        let stats = r.stats;
-        self.stats.add(&stats, 1);
-        out
+        self.on_own(|r| r.embed(ids, rows, cols, (features, n)))
     }
 
     /// Generates `cfg.group` samples for every request.
@@ -908,22 +911,16 @@ impl Engine {
         }
         let k = self.slices.len().min(requests.len());
         if k < 2 || trace.is_some() {
-            let mut r = self.runner();
-            let out = r.generate(requests, prepared, cfg, trace);
-            let stats = r.stats;
-            self.stats.add(&stats, 1);
-            return out;
+            return self.on_own(|r| r.generate(requests, prepared, cfg, trace));
         }
-        let bounds: Vec<usize> = (0..=k).map(|i| i * requests.len() / k).collect();
-        let shares: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
-        let done = on_slices(self, shares, |r, (a, b)| {
-            r.generate(&requests[a..b], &prepared.slice(a, b), cfg, None)
-        });
+        let ranges = split(requests.len(), k);
+        let parts = self.on_slices(ranges.clone(), |r, range| {
+            r.generate(&requests[range.clone()], &prepared.slice(range), cfg, None)
+        })?;
         let mut out = Vec::with_capacity(requests.len() * cfg.group);
-        for ((part, stats), a) in done.into_iter().zip(&bounds) {
-            self.stats.add(&stats, k);
-            out.extend(part?.into_iter().map(|mut c| {
-                c.prompt_index += a;
+        for (part, range) in parts.into_iter().zip(ranges) {
+            out.extend(part.into_iter().map(|mut c| {
+                c.prompt_index += range.start;
                 c
             }));
         }
