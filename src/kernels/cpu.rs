@@ -145,9 +145,13 @@ pub fn sample(
 /// `table` is [`gumbel_bounds`], fetched once per row rather than per token.
 #[inline]
 fn gumbel_bound(table: &[f32; 26], u: f32) -> f32 {
-    let d = 1.0 - u;
-    let k = 127 - ((d.to_bits() >> 23) & 0xff) as i32;
-    table[k.clamp(1, 25) as usize]
+    table[binade(u).clamp(1, 25) as usize]
+}
+
+/// `k` with `1 − u ∈ [2⁻ᵏ, 2¹⁻ᵏ)`: minus the f32 exponent of `1 − u`.
+#[inline(always)]
+fn binade(u: f32) -> i32 {
+    127 - (((1.0 - u).to_bits() >> 23) & 0xff) as i32
 }
 
 /// A looser bound than [`gumbel_bound`] without its table (so a loop of it vectorises): with
@@ -155,9 +159,7 @@ fn gumbel_bound(table: &[f32; 26], u: f32) -> f32 {
 /// `−ln(1 − ε) > ε`), plus the same 1e-4 for rounding.
 #[inline(always)]
 fn gumbel_bound_loose(u: f32) -> f32 {
-    let d = 1.0 - u;
-    let k = 127 - ((d.to_bits() >> 23) & 0xff) as i32;
-    k as f32 * std::f32::consts::LN_2 + 1e-4
+    binade(u) as f32 * std::f32::consts::LN_2 + 1e-4
 }
 
 /// The bounds of [`gumbel_bound`] by binade, computed once per process.
@@ -269,7 +271,8 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
         // Draws come BLOCK tokens at a time; a block with no live token is skipped.
         // `max` is finite, so `cut` is, and −∞ entries fail the second test.
         let cut = max - 20.5;
-        let live = |i: usize| values[i] >= floor && scaled[i] >= cut;
+        let alive = |x: f32, sc: f32| x >= floor && sc >= cut;
+        let live = |i: usize| alive(values[i], scaled[i]);
         let mut best = 0usize;
         let mut bs = f32::NEG_INFINITY;
         let bounds = gumbel_bounds();
@@ -287,7 +290,7 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
             // are left after this one pass.
             let bound = |x: f32, sc: f32, uj: f32| {
                 let b = sc + gumbel_bound_loose(uj);
-                if x >= floor && sc >= cut {
+                if alive(x, sc) {
                     b
                 } else {
                     f32::NEG_INFINITY
