@@ -405,10 +405,7 @@ impl DeviceArgs {
         };
         let mut engine = spatial_ssrl::rollout::Engine::open_on(model, ort_lib, &choice)?;
         engine.set_host_cache(self.host_cache);
-        let slices = self
-            .cpu_slices
-            .unwrap_or_else(|| engine.default_cpu_slices());
-        engine.set_cpu_slices(slices)?;
+        engine.set_cpu_slices(self.cpu_slices)?;
         if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {
             eprintln!(
                 "execution provider: {}{}",

@@ -309,7 +309,7 @@ fn cpu_slices_generate_the_same_samples() {
     let cfg = staggered_config();
     let one = e.generate(&reqs, &cfg, None).unwrap();
     let _ = e.take_stats();
-    assert!(e.set_cpu_slices(2).unwrap());
+    assert!(e.set_cpu_slices(Some(2)).unwrap());
     let two = e.generate(&reqs, &cfg, None).unwrap();
     let stats = e.take_stats();
     assert_eq!(one.len(), two.len());
@@ -325,7 +325,7 @@ fn cpu_slices_generate_the_same_samples() {
     }
     let generated: usize = one.iter().map(|c| c.tokens.len()).sum();
     assert_eq!(stats.generated_tokens, generated);
-    assert!(e.set_cpu_slices(1).unwrap());
+    assert!(e.set_cpu_slices(Some(1)).unwrap());
 }
 
 #[test]

@@ -814,8 +814,10 @@ impl Engine {
     /// the vision calls into `n` shares of the images), each on single-threaded sessions of its
     /// own, run concurrently: for small models on few cores, where one step's operators are too
     /// small to spread over threads. Each slice holds its own copy of the weights. `n` ≤ 1 goes
-    /// back to the engine's sessions; ignored (with `Ok(false)`) on a GPU provider.
-    pub fn set_cpu_slices(&mut self, n: usize) -> Result<bool, EngineError> {
+    /// back to the engine's sessions; `None`: one slice per core up to 8 when `decoder.onnx` is
+    /// under 64 MB, else 1. Ignored (with `Ok(false)`) on a GPU provider.
+    pub fn set_cpu_slices(&mut self, n: Option<usize>) -> Result<bool, EngineError> {
+        let n = n.unwrap_or_else(|| self.default_cpu_slices());
         self.slices.clear();
         // "cpu", or "cpu (fallback from …)".
         if n <= 1 || !self.provider.starts_with("cpu") {
@@ -850,7 +852,7 @@ impl Engine {
     /// The CPU slices a run gets unless told: one per core up to 8 when `decoder.onnx` is under
     /// 64 MB (a small model, whose operators are too small to spread over threads; each slice
     /// holds a copy of the weights), else 1.
-    pub fn default_cpu_slices(&self) -> usize {
+    fn default_cpu_slices(&self) -> usize {
         let decoder = self
             .package
             .graph_path(&self.package.manifest.graphs.decoder);

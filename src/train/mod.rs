@@ -237,11 +237,8 @@ impl Trainer {
         let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
         engine.preprocessor.min_pixels = cfg.data.min_pixels;
         engine.preprocessor.max_pixels = cfg.data.max_pixels;
-        let slices = match cfg.rollout.cpu_slices {
-            0 => engine.default_cpu_slices(),
-            n => n,
-        };
-        engine.set_cpu_slices(slices)?;
+        // 0: the engine's default.
+        engine.set_cpu_slices(Some(cfg.rollout.cpu_slices).filter(|&n| n > 0))?;
         let m = engine.package.manifest.clone();
         if engine.package.is_genai() {
             return Err(TrainError::Data {
