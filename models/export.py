@@ -865,6 +865,7 @@ def check_config_layouts(hf_dir):
 
 
 def past0_of(rows, kvh, hd, L):
+    """An empty cache (no tokens yet) for `rows` rows, as decoder inputs."""
     return {f"past_key_values.{i}.{kv}": np.zeros((rows, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
 
 
@@ -923,7 +924,7 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         a, b = lora_shapes_[n]
         zeros[f"{n}.A"] = np.zeros(a, np.float32)
         zeros[f"{n}.B"] = np.zeros(b, np.float32)
-    past = {f"past_key_values.{i}.{kv}": np.zeros((2, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    past = past0_of(2, kvh, hd, L)
     cur_ids, cur_mask, cur_pos, cur_feats = ids, mask, pos, feats
     greedy0, step_ids, step_logits = [], [], []
     all_ids, all_mask = ids.copy(), mask.copy()
@@ -1020,7 +1021,7 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         adapter[f"{n}.A"] = (rng.standard_normal(a) * 0.1).astype(np.float32)
         adapter[f"{n}.B"] = (rng.standard_normal(b) * 0.1).astype(np.float32)
     emb = sess["embedding"].run(None, {"input_ids": ids, "image_features": feats})[0]
-    past0 = {f"past_key_values.{i}.{kv}": np.zeros((2, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    past0 = past0_of(2, kvh, hd, L)
     got = sess["decoder"].run(["logits"], {"inputs_embeds": emb, "attention_mask": mask, "position_ids": pos,
                                            **past0, **adapter})[0]
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
