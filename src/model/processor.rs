@@ -213,9 +213,21 @@ pub struct ProcessedImage {
 impl ProcessedImage {
     /// `<|image_pad|>` tokens this image takes in the prompt.
     pub fn num_tokens(&self, merge_size: u32) -> usize {
-        (self.grid_thw[0] * self.grid_thw[1] * self.grid_thw[2] / (merge_size * merge_size))
-            as usize
+        image_tokens(self.grid_thw, merge_size)
     }
+}
+
+/// `<|image_pad|>` tokens an image of patch grid `[t, h, w]` takes in the prompt.
+pub fn image_tokens(grid_thw: [u32; 3], merge_size: u32) -> usize {
+    (grid_thw[0] * grid_thw[1] * grid_thw[2] / (merge_size * merge_size)) as usize
+}
+
+/// The `[t, h, w]` patch grid [`preprocess`] gives a `w × h` image: smart_resize only, without
+/// touching a pixel (what a prompt needs to size its image tokens).
+pub fn grid_thw(w: u32, h: u32, cfg: &PreprocessorConfig) -> Result<[u32; 3], ProcessorError> {
+    let factor = cfg.patch_size * cfg.merge_size;
+    let (hb, wb) = smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)?;
+    Ok([1, hb / cfg.patch_size, wb / cfg.patch_size])
 }
 
 /// The full pipeline for one still image.
@@ -224,8 +236,14 @@ pub fn preprocess(
     cfg: &PreprocessorConfig,
 ) -> Result<ProcessedImage, ProcessorError> {
     let (w, h) = img.dimensions();
-    let factor = cfg.patch_size * cfg.merge_size;
-    let (hb, wb) = smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)?;
+    let grid = grid_thw(w, h, cfg)?;
+    let (ps, ms, tp) = (
+        cfg.patch_size as usize,
+        cfg.merge_size as usize,
+        cfg.temporal_patch_size as usize,
+    );
+    let (gh, gw) = (grid[1] as usize, grid[2] as usize);
+    let (hb, wb) = ((gh * ps) as u32, (gw * ps) as u32);
     let resized = if (wb, hb) == (w, h) {
         std::borrow::Cow::Borrowed(img)
     } else {
@@ -239,36 +257,26 @@ pub fn preprocess(
             (x - cfg.image_mean[c]) / cfg.image_std[c]
         })
     });
-    // Channel-first [3, H, W] first (sequential writes), then rows copied out of it.
-    let (hw, ww) = (hb as usize, wb as usize);
-    let mut chw = vec![0f32; 3 * hw * ww];
-    let (r, rest) = chw.split_at_mut(hw * ww);
-    let (g, b) = rest.split_at_mut(hw * ww);
-    for (i, p) in resized.as_raw().chunks_exact(3).enumerate() {
-        r[i] = lut[0][p[0] as usize];
-        g[i] = lut[1][p[1] as usize];
-        b[i] = lut[2][p[2] as usize];
-    }
-    let (ps, ms, tp) = (
-        cfg.patch_size as usize,
-        cfg.merge_size as usize,
-        cfg.temporal_patch_size as usize,
-    );
-    let (gh, gw) = (hw / ps, ww / ps);
+    // One pass from the interleaved pixels straight into the patch rows, no intermediate
+    // image. Rows: (block_row, block_col, row_in_block, col_in_block); values: (channel,
+    // temporal, y, x), the temporal copies of a still image equal.
+    let raw = resized.as_raw();
+    let stride = wb as usize * 3;
     let row_len = 3 * tp * ps * ps;
     let mut out = Vec::with_capacity(gh * gw * row_len);
-    // Rows: (block_row, block_col, row_in_block, col_in_block); values: (channel, temporal, y, x).
     for br in 0..gh / ms {
         for bc in 0..gw / ms {
             for ir in 0..ms {
                 for ic in 0..ms {
                     let (py, px) = ((br * ms + ir) * ps, (bc * ms + ic) * ps);
-                    for c in 0..3 {
-                        for _t in 0..tp {
-                            for y in 0..ps {
-                                let base = c * hw * ww + (py + y) * ww + px;
-                                out.extend_from_slice(&chw[base..base + ps]);
-                            }
+                    for (c, lut) in lut.iter().enumerate() {
+                        let first = out.len();
+                        for y in 0..ps {
+                            let line = &raw[(py + y) * stride + px * 3..][..ps * 3];
+                            out.extend(line.chunks_exact(3).map(|p| lut[p[c] as usize]));
+                        }
+                        for _ in 1..tp {
+                            out.extend_from_within(first..first + ps * ps);
                         }
                     }
                 }
@@ -278,7 +286,7 @@ pub fn preprocess(
     Ok(ProcessedImage {
         pixel_values: out,
         row_len,
-        grid_thw: [1, gh as u32, gw as u32],
+        grid_thw: grid,
     })
 }
 

@@ -10,7 +10,9 @@
 use crate::kernels::cuda::Cuda;
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
 use crate::model::package::{KvLayout, Manifest, Package, PackageError, TextSpec};
-use crate::model::processor::{preprocess, PreprocessorConfig, ProcessedImage, ProcessorError};
+use crate::model::processor::{
+    grid_thw, image_tokens, preprocess, PreprocessorConfig, ProcessedImage, ProcessorError,
+};
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
 use crate::model::session::{
@@ -677,38 +679,30 @@ impl Engine {
         verbatim: bool,
     ) -> Result<Prepared, EngineError> {
         let merge = self.package.manifest.vision.spatial_merge_size;
-        // Image preprocessing on the rayon pool; then one vision call per image (attention
-        // cost and memory grow with the square of the patches in a call).
-        let t_pre = Instant::now();
-        let pre: Vec<Vec<ProcessedImage>> = requests
-            .par_iter()
-            .map(|r| {
-                r.images
-                    .par_iter()
-                    .map(|img| preprocess(img, &self.preprocessor))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<_, _>>()?;
-        self.stats.preprocess_s += t_pre.elapsed().as_secs_f64();
+        // The prompts need only each image's patch grid; the pixels are prepared next to the
+        // vision calls.
         let (mut grids, mut prompts) = (Vec::new(), Vec::new());
-        for (r, images) in requests.iter().zip(&pre) {
+        for r in requests {
+            let g = r
+                .images
+                .iter()
+                .map(|img| grid_thw(img.width(), img.height(), &self.preprocessor))
+                .collect::<Result<Vec<_>, _>>()?;
             let msgs = if verbatim {
                 PromptBuilder::verbatim(&r.problem)
             } else {
                 PromptBuilder::content(&r.problem, format_sentence)
             };
             let rendered = self.prompts.render(&msgs)?;
-            let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
+            let counts: Vec<usize> = g.iter().map(|g| image_tokens(*g, merge)).collect();
             prompts.push(self.prompts.encode(&rendered, &counts)?);
-            grids.push(images.iter().map(|p| p.grid_thw).collect());
+            grids.push(g);
         }
-        let per_request: Vec<usize> = pre.iter().map(Vec::len).collect();
-        let mut each = self
-            .vision_features(pre.into_iter().flatten().collect())?
-            .into_iter();
-        let features = per_request
+        let images: Vec<&RgbImage> = requests.iter().flat_map(|r| &r.images).collect();
+        let mut each = self.vision_features(&images)?.into_iter();
+        let features = requests
             .iter()
-            .map(|&n| each.by_ref().take(n).flatten().collect())
+            .map(|r| each.by_ref().take(r.images.len()).flatten().collect())
             .collect();
         Ok(Prepared {
             prompts,
@@ -718,26 +712,36 @@ impl Engine {
     }
 
     /// The vision tower on each image, one call per image (attention cost and memory grow
-    /// with the square of the patches in a call); with CPU slices the images are shared out
-    /// among them and run concurrently.
-    fn vision_features(
-        &mut self,
-        images: Vec<ProcessedImage>,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+    /// with the square of the patches in a call). One set of sessions: the images are
+    /// preprocessed on the rayon pool first. With CPU slices the images are shared out among
+    /// them, and each slice preprocesses an image just before its vision call, on its own
+    /// thread (one image's pixels alive at a time, their memory reused).
+    fn vision_features(&mut self, images: &[&RgbImage]) -> Result<Vec<Vec<f32>>, EngineError> {
         let k = self.slices.len().min(images.len());
+        let cfg = &self.preprocessor;
         if k < 2 {
-            return self.on_own(|r| images.into_iter().map(|p| r.vision_features(p)).collect());
+            let t = Instant::now();
+            let pre = images
+                .par_iter()
+                .map(|img| preprocess(img, cfg))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.stats.preprocess_s += t.elapsed().as_secs_f64();
+            return self.on_own(|r| pre.into_iter().map(|p| r.vision_features(p)).collect());
         }
-        let ranges = split(images.len(), k);
-        let mut images = images.into_iter();
-        let shares: Vec<Vec<ProcessedImage>> = ranges
-            .iter()
-            .map(|r| images.by_ref().take(r.len()).collect())
+        let cfg = cfg.clone();
+        let shares = split(images.len(), k)
+            .into_iter()
+            .map(|r| &images[r])
             .collect();
-        let parts = self.on_slices(shares, |r, share: Vec<ProcessedImage>| {
+        let parts = self.on_slices(shares, |r, share: &[&RgbImage]| {
             share
-                .into_iter()
-                .map(|p| r.vision_features(p))
+                .iter()
+                .map(|img| {
+                    let t = Instant::now();
+                    let p = preprocess(img, &cfg)?;
+                    r.stats.preprocess_s += t.elapsed().as_secs_f64();
+                    r.vision_features(p)
+                })
                 .collect::<Result<Vec<_>, _>>()
         })?;
         Ok(parts.into_iter().flatten().collect())
