@@ -1,7 +1,8 @@
 //! The CPU sampler per row and per token, and its parts: the row's log-normaliser (the
-//! sampler's two-pass one, and the f64 online pass it replaced) and the Philox draws (every token of a flat row). Shapes: the rollout bench's
-//! 40 rows × 2,048 (the tiny package) and 8 rows × 151,936 (Qwen2.5-VL's vocabulary), logits
-//! with the spread of a trained model's (σ = 3).
+//! sampler's two-pass one, and the f64 online pass it replaced) and the Philox draws for every
+//! token of a row (eight Philox blocks of four tokens at a time, and one token at a time).
+//! Shapes: the rollout bench's 40 rows × 2,048 (the tiny package) and 8 rows × 151,936
+//! (Qwen2.5-VL's vocabulary), logits with the spread of a trained model's (σ = 3).
 //!
 //! `cargo bench --bench sampler`.
 
@@ -65,22 +66,22 @@ fn main() {
         let draws = time(reps, || {
             philox::fill_uniforms(11, 0, 7, 0, black_box(&mut u));
         });
-        let lanes = time(reps, || {
-            for first in (0..vocab).step_by(philox::LANES) {
-                black_box(philox::token_uniforms(11, 0, 7, first as u32));
+        let scalar = time(reps, || {
+            for t in 0..vocab as u32 {
+                black_box(philox::token_uniform(11, 0, 7, t));
             }
         });
         let ns = |s: f64| s * 1e9 / vocab as f64;
         println!(
             "{rows:>3} × {vocab:>7}: {:>8.1} µs per call ({:.2} ns per token on {threads} threads); \
              one row on one thread: log-normaliser {:.2} ns (the f64 online pass {:.2}), \
-             Philox {:.2} ns per token (8 SSE2 lanes at a time {:.2})",
+             Philox {:.2} ns per token (one token at a time {:.2})",
             all * 1e6,
             ns(all) / rows as f64 * threads as f64,
             ns(fast),
             ns(stats),
             ns(draws),
-            ns(lanes),
+            ns(scalar),
         );
     }
 }

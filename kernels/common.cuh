@@ -35,11 +35,14 @@ __device__ __forceinline__ void philox4x32(u32 c[4], u32 k0, u32 k1) {
         k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
     }
 }
-// Uniform in (0, 1): ((x >> 9) + 0.5) / 2^23, exact in f32.
+// Uniform in (0, 1): ((x >> 9) + 0.5) / 2^23, exact in f32, from word token % 4 of the block at
+// counter (token / 4, step, sequence, "SSRL") — one block serves four consecutive tokens.
 __device__ __forceinline__ float token_uniform(u64 seed, u32 sequence, u32 step, u32 token) {
-    u32 c[4] = {token, step, sequence, 0x5353524Cu};
+    u32 c[4] = {token >> 2, step, sequence, 0x5353524Cu};
     philox4x32(c, (u32)seed, (u32)(seed >> 32));
-    return ((float)(c[0] >> 9) + 0.5f) * (1.0f / 8388608.0f);
+    // Selects rather than c[token & 3], which would put c in local memory.
+    const u32 w = (token & 2) ? ((token & 1) ? c[3] : c[2]) : ((token & 1) ? c[1] : c[0]);
+    return ((float)(w >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
 // Online softmax state: max m, s = sum exp(x - m), t = sum exp(x - m) * (x - m). Keeping t

@@ -140,7 +140,7 @@ pub fn sample(
 }
 
 /// An upper bound of the Gumbel draw `−ln(−ln u)` (as computed in f32) for a uniform `u` of
-/// [`philox::token_uniforms`]: the draw grows with `u`, so the bound is its value at the top of
+/// [`philox::token_uniform`]: the draw grows with `u`, so the bound is its value at the top of
 /// the binade of `1 − u` (exact in f32: `u` has 24 significant bits), plus 1e-4 for rounding.
 /// `table` is [`gumbel_bounds`], fetched once per row rather than per token.
 #[inline]

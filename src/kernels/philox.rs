@@ -33,87 +33,78 @@ pub fn uniform_open(x: u32) -> f32 {
     ((x >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0)
 }
 
-/// The random draw for one vocabulary entry of one decoding step.
+/// The fourth counter word, a constant ("SSRL").
+const TAG: u32 = 0x5353_524C;
+
+/// Block counters are token / 4, so they live in 30 bits (token indices wrap at 2³²).
+const COUNTER_MASK: u32 = 0x3FFF_FFFF;
+
+/// The Philox block that serves tokens `4·counter .. 4·counter + 4` of one decoding step.
 #[inline]
-pub fn token_uniform(seed: u64, sequence: u32, step: u32, token: u32) -> f32 {
-    let key = [seed as u32, (seed >> 32) as u32];
-    uniform_open(philox4x32([token, step, sequence, 0x5353_524C], key)[0])
+fn block(seed: u64, sequence: u32, step: u32, counter: u32) -> [u32; 4] {
+    philox4x32(
+        [counter & COUNTER_MASK, step, sequence, TAG],
+        [seed as u32, (seed >> 32) as u32],
+    )
 }
 
-/// Lanes per [`token_uniforms`] call.
-pub const LANES: usize = 8;
-
-/// [`token_uniform`] for tokens `first .. first + LANES` at once (the same numbers, bit for
-/// bit): eight independent lanes per round keep the multipliers busy, 4-5× faster than one
-/// token at a time on the 2-core development machine.
+/// The random draw for one vocabulary entry of one decoding step: word `token mod 4` of the
+/// Philox block at counter `(token / 4, step, sequence, "SSRL")` — one block serves four
+/// consecutive entries.
 #[inline]
-pub fn token_uniforms(seed: u64, sequence: u32, step: u32, first: u32) -> [f32; LANES] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        sse2::token_uniforms(seed, sequence, step, first)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        token_uniforms_portable(seed, sequence, step, first)
-    }
+pub fn token_uniform(seed: u64, sequence: u32, step: u32, token: u32) -> f32 {
+    uniform_open(block(seed, sequence, step, token >> 2)[(token & 3) as usize])
 }
 
 /// [`token_uniform`] for tokens `first ..` into every entry of `out` (the same numbers, bit for
-/// bit): sixteen lanes at a time with AVX2 where the CPU has it (checked at run time), else
-/// [`token_uniforms`] eight at a time.
+/// bit): whole blocks eight at a time on AVX2 where the CPU has it (checked at run time), else
+/// on SSE2 (the x86-64 baseline), else one at a time.
 pub fn fill_uniforms(seed: u64, sequence: u32, step: u32, first: u32, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        unsafe { avx2::fill(seed, sequence, step, first, out) };
-        return;
-    }
-    fill_by_lanes(seed, sequence, step, first, out);
-}
-
-/// [`fill_uniforms`] from [`token_uniforms`].
-fn fill_by_lanes(seed: u64, sequence: u32, step: u32, first: u32, out: &mut [f32]) {
-    for (k, chunk) in out.chunks_mut(LANES).enumerate() {
-        let u = token_uniforms(seed, sequence, step, first.wrapping_add((k * LANES) as u32));
-        chunk.copy_from_slice(&u[..chunk.len()]);
-    }
-}
-
-/// The lanes in plain Rust (other targets, and the reference the SSE2 version is tested on).
-#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-fn token_uniforms_portable(seed: u64, sequence: u32, step: u32, first: u32) -> [f32; LANES] {
-    let (k0, k1) = (seed as u32, (seed >> 32) as u32);
-    let mut c0: [u32; LANES] = std::array::from_fn(|i| first.wrapping_add(i as u32));
-    let mut c1 = [step; LANES];
-    let mut c2 = [sequence; LANES];
-    let mut c3 = [0x5353_524C; LANES];
-    let (mut ka, mut kb) = (k0, k1);
-    for _ in 0..10 {
-        for i in 0..LANES {
-            let p0 = u64::from(M0) * u64::from(c0[i]);
-            let p1 = u64::from(M1) * u64::from(c2[i]);
-            let (hi0, lo0, hi1, lo1) = ((p0 >> 32) as u32, p0 as u32, (p1 >> 32) as u32, p1 as u32);
-            let n0 = hi1 ^ c1[i] ^ ka;
-            let n2 = hi0 ^ c3[i] ^ kb;
-            (c0[i], c1[i], c2[i], c3[i]) = (n0, lo1, n2, lo0);
+    // The entries before the first whole block.
+    let head = ((4 - (first & 3) as usize) & 3).min(out.len());
+    let (lead, rest) = out.split_at_mut(head);
+    if head > 0 {
+        let w = block(seed, sequence, step, first >> 2);
+        for (o, x) in lead.iter_mut().zip(&w[(first & 3) as usize..]) {
+            *o = uniform_open(*x);
         }
-        ka = ka.wrapping_add(W0);
-        kb = kb.wrapping_add(W1);
     }
-    c0.map(uniform_open)
+    let counter = first.wrapping_add(head as u32) >> 2;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            unsafe { x86::fill_avx2(seed, sequence, step, counter, rest) };
+        } else {
+            x86::fill_sse2(seed, sequence, step, counter, rest);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    fill_blocks(seed, sequence, step, counter, rest);
 }
 
-/// Eight lanes as two SSE2 vectors of four (SSE2 is part of the x86-64 baseline): the 32 × 32 →
-/// 64-bit products come from `pmuludq`, two lanes per instruction, where the compiler kept the
-/// plain version scalar.
+/// Whole blocks from `counter` on into `out`, one at a time (the last one cut to fit).
+fn fill_blocks(seed: u64, sequence: u32, step: u32, counter: u32, out: &mut [f32]) {
+    for (j, chunk) in out.chunks_mut(4).enumerate() {
+        let w = block(seed, sequence, step, counter.wrapping_add(j as u32));
+        for (o, x) in chunk.iter_mut().zip(w) {
+            *o = uniform_open(x);
+        }
+    }
+}
+
+/// Eight blocks (32 entries) per round of the loop: their four counter words as lanes of
+/// 128-bit (SSE2, two vectors of four blocks) or 256-bit (AVX2, one vector of eight) registers.
+/// `pmuludq` gives the 32 × 32 → 64-bit products two or four per instruction; a 4 × 4
+/// transpose then puts each block's four words next to each other, in token order.
 #[cfg(target_arch = "x86_64")]
-mod sse2 {
-    use super::{uniform_open, LANES, M0, M1, W0, W1};
+mod x86 {
+    use super::{fill_blocks, COUNTER_MASK, M0, M1, TAG, W0, W1};
     use std::arch::x86_64::*;
 
     /// High and low words of `a · m` per lane (`m` the same in every lane).
     #[inline(always)]
-    fn mulhilo(m: __m128i, a: __m128i) -> (__m128i, __m128i) {
+    fn mulhilo_sse2(m: __m128i, a: __m128i) -> (__m128i, __m128i) {
         // SAFETY: SSE2 instructions, always available on x86-64.
         unsafe {
             let p02 = _mm_mul_epu32(a, m);
@@ -130,53 +121,75 @@ mod sse2 {
         }
     }
 
-    #[inline]
-    pub fn token_uniforms(seed: u64, sequence: u32, step: u32, first: u32) -> [f32; LANES] {
-        // SAFETY: SSE2 instructions, always available on x86-64; the store writes 16 bytes
-        // into each 16-byte half of `words`.
+    /// `uniform_open` per lane: `((x >> 9) + 0.5) / 2²³`, exact (below 2²³ every step is).
+    #[inline(always)]
+    fn uniforms_sse2(x: __m128i) -> __m128 {
+        // SAFETY: SSE2 instructions, always available on x86-64.
         unsafe {
-            let (m0, m1) = (_mm_set1_epi32(M0 as i32), _mm_set1_epi32(M1 as i32));
-            let lane = |j: u32| first.wrapping_add(j) as i32;
-            let mut c0 = [
-                _mm_setr_epi32(lane(0), lane(1), lane(2), lane(3)),
-                _mm_setr_epi32(lane(4), lane(5), lane(6), lane(7)),
-            ];
-            let mut c1 = [_mm_set1_epi32(step as i32); 2];
-            let mut c2 = [_mm_set1_epi32(sequence as i32); 2];
-            let mut c3 = [_mm_set1_epi32(0x5353_524C); 2];
-            let (mut ka, mut kb) = (seed as u32, (seed >> 32) as u32);
-            for _ in 0..10 {
-                let (a, b) = (_mm_set1_epi32(ka as i32), _mm_set1_epi32(kb as i32));
-                for h in 0..2 {
-                    let (hi0, lo0) = mulhilo(m0, c0[h]);
-                    let (hi1, lo1) = mulhilo(m1, c2[h]);
-                    c0[h] = _mm_xor_si128(_mm_xor_si128(hi1, c1[h]), a);
-                    c2[h] = _mm_xor_si128(_mm_xor_si128(hi0, c3[h]), b);
-                    c1[h] = lo1;
-                    c3[h] = lo0;
-                }
-                ka = ka.wrapping_add(W0);
-                kb = kb.wrapping_add(W1);
-            }
-            let mut words = [0u32; LANES];
-            _mm_storeu_si128(words.as_mut_ptr().cast(), c0[0]);
-            _mm_storeu_si128(words.as_mut_ptr().add(4).cast(), c0[1]);
-            words.map(uniform_open)
+            let v = _mm_cvtepi32_ps(_mm_srli_epi32::<9>(x));
+            _mm_mul_ps(
+                _mm_add_ps(v, _mm_set1_ps(0.5)),
+                _mm_set1_ps(1.0 / 8_388_608.0),
+            )
         }
     }
-}
 
-/// Sixteen lanes as two AVX2 vectors of eight: the SSE2 scheme on 256-bit registers
-/// (`vpmuludq` gives four 64-bit products per instruction; shuffles stay within 128-bit halves,
-/// so lane order is kept), and the conversion to uniforms vectorised too.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{fill_by_lanes, M0, M1, W0, W1};
-    use std::arch::x86_64::*;
+    pub fn fill_sse2(seed: u64, sequence: u32, step: u32, counter: u32, out: &mut [f32]) {
+        let mut chunks = out.chunks_exact_mut(32);
+        let mut base = counter;
+        for chunk in &mut chunks {
+            // SAFETY: SSE2 instructions, always available on x86-64; the stores write 8 × 16
+            // bytes into the 32 f32 of the chunk.
+            unsafe {
+                let (m0, m1) = (_mm_set1_epi32(M0 as i32), _mm_set1_epi32(M1 as i32));
+                let mask = _mm_set1_epi32(COUNTER_MASK as i32);
+                let a = _mm_add_epi32(_mm_set1_epi32(base as i32), _mm_setr_epi32(0, 1, 2, 3));
+                let mut c0 = [
+                    _mm_and_si128(a, mask),
+                    _mm_and_si128(_mm_add_epi32(a, _mm_set1_epi32(4)), mask),
+                ];
+                let mut c1 = [_mm_set1_epi32(step as i32); 2];
+                let mut c2 = [_mm_set1_epi32(sequence as i32); 2];
+                let mut c3 = [_mm_set1_epi32(TAG as i32); 2];
+                let (mut ka, mut kb) = (seed as u32, (seed >> 32) as u32);
+                for _ in 0..10 {
+                    let (a, b) = (_mm_set1_epi32(ka as i32), _mm_set1_epi32(kb as i32));
+                    for h in 0..2 {
+                        let (hi0, lo0) = mulhilo_sse2(m0, c0[h]);
+                        let (hi1, lo1) = mulhilo_sse2(m1, c2[h]);
+                        c0[h] = _mm_xor_si128(_mm_xor_si128(hi1, c1[h]), a);
+                        c2[h] = _mm_xor_si128(_mm_xor_si128(hi0, c3[h]), b);
+                        c1[h] = lo1;
+                        c3[h] = lo0;
+                    }
+                    ka = ka.wrapping_add(W0);
+                    kb = kb.wrapping_add(W1);
+                }
+                let o = chunk.as_mut_ptr();
+                for h in 0..2 {
+                    let t0 = _mm_unpacklo_epi32(c0[h], c1[h]);
+                    let t1 = _mm_unpackhi_epi32(c0[h], c1[h]);
+                    let t2 = _mm_unpacklo_epi32(c2[h], c3[h]);
+                    let t3 = _mm_unpackhi_epi32(c2[h], c3[h]);
+                    let rows = [
+                        _mm_unpacklo_epi64(t0, t2),
+                        _mm_unpackhi_epi64(t0, t2),
+                        _mm_unpacklo_epi64(t1, t3),
+                        _mm_unpackhi_epi64(t1, t3),
+                    ];
+                    for (j, r) in rows.into_iter().enumerate() {
+                        _mm_storeu_ps(o.add(16 * h + 4 * j), uniforms_sse2(r));
+                    }
+                }
+            }
+            base = base.wrapping_add(8);
+        }
+        fill_blocks(seed, sequence, step, base, chunks.into_remainder());
+    }
 
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn mulhilo(m: __m256i, a: __m256i) -> (__m256i, __m256i) {
+    fn mulhilo_avx2(m: __m256i, a: __m256i) -> (__m256i, __m256i) {
         let p02 = _mm256_mul_epu32(a, m);
         let p13 = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
         let lo = _mm256_unpacklo_epi32(
@@ -190,10 +203,9 @@ mod avx2 {
         (hi, lo)
     }
 
-    /// `uniform_open` per lane: `((x >> 9) + 0.5) / 2²³`, exact (below 2²³ every step is).
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn uniforms(x: __m256i) -> __m256 {
+    fn uniforms_avx2(x: __m256i) -> __m256 {
         let v = _mm256_cvtepi32_ps(_mm256_srli_epi32::<9>(x));
         _mm256_mul_ps(
             _mm256_add_ps(v, _mm256_set1_ps(0.5)),
@@ -204,39 +216,53 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn fill(seed: u64, sequence: u32, step: u32, first: u32, out: &mut [f32]) {
+    pub unsafe fn fill_avx2(seed: u64, sequence: u32, step: u32, counter: u32, out: &mut [f32]) {
         let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
+        let mask = _mm256_set1_epi32(COUNTER_MASK as i32);
         let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mut chunks = out.chunks_exact_mut(16);
-        let mut base = first;
+        let mut chunks = out.chunks_exact_mut(32);
+        let mut base = counter;
         for chunk in &mut chunks {
-            let a = _mm256_add_epi32(_mm256_set1_epi32(base as i32), iota);
-            let mut c0 = [a, _mm256_add_epi32(a, _mm256_set1_epi32(8))];
-            let mut c1 = [_mm256_set1_epi32(step as i32); 2];
-            let mut c2 = [_mm256_set1_epi32(sequence as i32); 2];
-            let mut c3 = [_mm256_set1_epi32(0x5353_524C); 2];
+            let first = _mm256_add_epi32(_mm256_set1_epi32(base as i32), iota);
+            let mut c0 = _mm256_and_si256(first, mask);
+            let mut c1 = _mm256_set1_epi32(step as i32);
+            let mut c2 = _mm256_set1_epi32(sequence as i32);
+            let mut c3 = _mm256_set1_epi32(TAG as i32);
             let (mut ka, mut kb) = (seed as u32, (seed >> 32) as u32);
             for _ in 0..10 {
-                let (ka_v, kb_v) = (_mm256_set1_epi32(ka as i32), _mm256_set1_epi32(kb as i32));
-                for h in 0..2 {
-                    let (hi0, lo0) = mulhilo(m0, c0[h]);
-                    let (hi1, lo1) = mulhilo(m1, c2[h]);
-                    c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), ka_v);
-                    c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), kb_v);
-                    c1[h] = lo1;
-                    c3[h] = lo0;
-                }
+                let (hi0, lo0) = mulhilo_avx2(m0, c0);
+                let (hi1, lo1) = mulhilo_avx2(m1, c2);
+                c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(ka as i32));
+                c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(kb as i32));
+                c1 = lo1;
+                c3 = lo0;
                 ka = ka.wrapping_add(W0);
                 kb = kb.wrapping_add(W1);
             }
-            // SAFETY: the chunk holds 16 f32, written as two unaligned 8-lane stores.
-            unsafe {
-                _mm256_storeu_ps(chunk.as_mut_ptr(), uniforms(c0[0]));
-                _mm256_storeu_ps(chunk.as_mut_ptr().add(8), uniforms(c0[1]));
+            // Per 128-bit half (blocks 0-3 low, 4-7 high) a 4 × 4 transpose, then the halves
+            // put in order.
+            let t0 = _mm256_unpacklo_epi32(c0, c1);
+            let t1 = _mm256_unpackhi_epi32(c0, c1);
+            let t2 = _mm256_unpacklo_epi32(c2, c3);
+            let t3 = _mm256_unpackhi_epi32(c2, c3);
+            let u0 = _mm256_unpacklo_epi64(t0, t2); // blocks 0 | 4
+            let u1 = _mm256_unpackhi_epi64(t0, t2); // blocks 1 | 5
+            let u2 = _mm256_unpacklo_epi64(t1, t3); // blocks 2 | 6
+            let u3 = _mm256_unpackhi_epi64(t1, t3); // blocks 3 | 7
+            let rows = [
+                _mm256_permute2x128_si256::<0x20>(u0, u1), // blocks 0, 1
+                _mm256_permute2x128_si256::<0x20>(u2, u3), // blocks 2, 3
+                _mm256_permute2x128_si256::<0x31>(u0, u1), // blocks 4, 5
+                _mm256_permute2x128_si256::<0x31>(u2, u3), // blocks 6, 7
+            ];
+            let o = chunk.as_mut_ptr();
+            for (j, r) in rows.into_iter().enumerate() {
+                // SAFETY: the chunk holds 32 f32, written as four unaligned 8-lane stores.
+                unsafe { _mm256_storeu_ps(o.add(8 * j), uniforms_avx2(r)) };
             }
-            base = base.wrapping_add(16);
+            base = base.wrapping_add(8);
         }
-        fill_by_lanes(seed, sequence, step, base, chunks.into_remainder());
+        fill_blocks(seed, sequence, step, base, chunks.into_remainder());
     }
 }
 
@@ -244,52 +270,61 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn lanes_match_the_scalar_generator_on_random_keys() {
-        let mut r = crate::rng::Rng::keyed(5, &[]);
-        for _ in 0..2_000 {
-            let seed = r.next_u64();
-            let (seq, step, first) = (
-                r.next_u64() as u32,
-                r.next_u64() as u32,
-                r.next_u64() as u32,
-            );
-            let v = token_uniforms(seed, seq, step, first);
-            let w = token_uniforms_portable(seed, seq, step, first);
-            for (i, x) in v.iter().enumerate() {
-                let t = first.wrapping_add(i as u32);
-                assert_eq!(x.to_bits(), token_uniform(seed, seq, step, t).to_bits());
-                assert_eq!(x.to_bits(), w[i].to_bits());
-            }
-        }
-    }
-
-    #[test]
-    fn lanes_match_the_scalar_generator() {
-        for (seed, seq, step, first) in [(7u64, 3u32, 11u32, 0u32), (u64::MAX, 0, 0, u32::MAX - 3)]
-        {
-            let v = token_uniforms(seed, seq, step, first);
-            for (i, x) in v.iter().enumerate() {
-                let t = first.wrapping_add(i as u32);
-                assert_eq!(x.to_bits(), token_uniform(seed, seq, step, t).to_bits());
-            }
-        }
-    }
-
-    /// Every length (the 16-lane blocks and the tail) and counters that wrap past u32::MAX.
+    /// Every length (the 32-entry rounds, the blocks after them, a partial first block) and
+    /// counters that wrap past u32::MAX, on each path the CPU has.
     #[test]
     fn filled_uniforms_match_the_scalar_generator() {
+        type Fill = fn(u64, u32, u32, u32, &mut [f32]);
+        let mut paths: Vec<(&str, Fill)> = vec![("dispatch", fill_uniforms)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            // From a block boundary on.
+            paths.push(("sse2", |s, q, t, first, out| {
+                x86::fill_sse2(s, q, t, first >> 2, out)
+            }));
+            if std::is_x86_feature_detected!("avx2") {
+                paths.push(("avx2", |s, q, t, first, out| {
+                    // SAFETY: the CPU has AVX2.
+                    unsafe { x86::fill_avx2(s, q, t, first >> 2, out) }
+                }));
+            }
+        }
         let mut r = crate::rng::Rng::keyed(9, &[]);
-        for len in [0usize, 1, 7, 8, 15, 16, 17, 40, 64, 100] {
-            for first in [0u32, 5, u32::MAX - 20] {
-                let (seed, seq, step) = (r.next_u64(), r.next_u64() as u32, r.next_u64() as u32);
-                let mut out = vec![0f32; len];
-                fill_uniforms(seed, seq, step, first, &mut out);
-                for (i, x) in out.iter().enumerate() {
-                    let t = first.wrapping_add(i as u32);
-                    let want = token_uniform(seed, seq, step, t);
-                    assert_eq!(x.to_bits(), want.to_bits(), "len {len}, token {t}");
+        for (name, fill) in paths {
+            for len in [0usize, 1, 3, 4, 7, 31, 32, 33, 40, 64, 100, 2048] {
+                for first in [0u32, 4, 5, 7, 32, u32::MAX - 63, u32::MAX - 20] {
+                    if name != "dispatch" && first % 4 != 0 {
+                        continue;
+                    }
+                    let (seed, seq, step) =
+                        (r.next_u64(), r.next_u64() as u32, r.next_u64() as u32);
+                    let mut out = vec![0f32; len];
+                    fill(seed, seq, step, first, &mut out);
+                    for (i, x) in out.iter().enumerate() {
+                        let t = first.wrapping_add(i as u32);
+                        let want = token_uniform(seed, seq, step, t);
+                        assert_eq!(x.to_bits(), want.to_bits(), "{name}: len {len}, token {t}");
+                    }
                 }
+            }
+        }
+    }
+
+    /// Four entries per block, each a different word of it, and blocks keyed by token / 4.
+    #[test]
+    fn one_block_serves_four_tokens() {
+        let key = [7u32, 0];
+        for t in [0u32, 1, 2, 3, 4, 9, 4 * 1000 + 3] {
+            let w = philox4x32([t / 4, 11, 3, TAG], key);
+            assert_eq!(
+                token_uniform(7, 3, 11, t),
+                uniform_open(w[(t % 4) as usize])
+            );
+        }
+        let u: Vec<f32> = (0..8).map(|t| token_uniform(7, 3, 11, t)).collect();
+        for i in 0..8 {
+            for j in 0..i {
+                assert_ne!(u[i], u[j]);
             }
         }
     }
