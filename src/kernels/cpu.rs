@@ -206,6 +206,11 @@ fn exp_nonpositive(d: f32) -> f32 {
 /// [`exp_nonpositive`] summed in f64 — about 10× faster than the online f64 pass of
 /// [`RowStats`] and within 1e-6 of it (its terms' f32 rounding only).
 pub fn log_normaliser(row: &[f32]) -> (f32, f64) {
+    log_normaliser_body(row)
+}
+
+#[inline(always)]
+fn log_normaliser_body(row: &[f32]) -> (f32, f64) {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
@@ -238,13 +243,88 @@ pub fn log_normaliser(row: &[f32]) -> (f32, f64) {
     (m, f64::from(m) + (acc.iter().sum::<f64>() + tail).ln())
 }
 
-/// One row of [`sample`].
+/// Tokens the sampler draws for at a time.
+const BLOCK: usize = 32;
+
+/// Which tokens of a row can be drawn: kept by top-k / top-p (`x ≥ floor`) and not pruned
+/// (`x / T ≥ cut`). Written branch-free over whole blocks, so the loops vectorise.
+#[derive(Clone, Copy)]
+struct Live {
+    floor: f32,
+    cut: f32,
+}
+
+impl Live {
+    #[inline(always)]
+    fn at(self, x: f32, scaled: f32) -> bool {
+        (x >= self.floor) & (scaled >= self.cut)
+    }
+
+    /// Whether any token of the block is live.
+    #[inline(always)]
+    fn any(self, xs: &[f32; BLOCK], ss: &[f32; BLOCK]) -> bool {
+        let mut lanes = [0u32; 8];
+        for c in 0..BLOCK / 8 {
+            for (j, lane) in lanes.iter_mut().enumerate() {
+                *lane |= u32::from(self.at(xs[8 * c + j], ss[8 * c + j]));
+            }
+        }
+        lanes.iter().fold(0, |a, l| a | l) != 0
+    }
+
+    /// The block's best possible score, from the looser bound that vectorises
+    /// ([`gumbel_bound_loose`]); −∞ when no token is live. Each token's bound first (an
+    /// element-wise loop), then their maximum as eight running maxima, one per lane.
+    #[inline(always)]
+    fn block_top(self, xs: &[f32; BLOCK], ss: &[f32; BLOCK], u: &[f32; BLOCK]) -> f32 {
+        let mut b = [0f32; BLOCK];
+        for (i, b) in b.iter_mut().enumerate() {
+            let bound = ss[i] + gumbel_bound_loose(u[i]);
+            *b = if self.at(xs[i], ss[i]) {
+                bound
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        let mut tops = [f32::NEG_INFINITY; 8];
+        for c in b.chunks_exact(8) {
+            for (top, &x) in tops.iter_mut().zip(c) {
+                *top = if x > *top { x } else { *top };
+            }
+        }
+        tops.into_iter().fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// One row of [`sample`], compiled for AVX2 as well where the CPU has it (checked at run time;
+/// the same operations in the same order, so the same token and log-prob bit for bit).
 fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { sample_row_avx2(values, key, p) };
+    }
+    sample_row_body(values, key, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sample_row_avx2(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
+    sample_row_body(values, key, p)
+}
+
+#[inline(always)]
+fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
     let vocab = values.len();
     let greedy = p.temperature <= 0.0;
     let t = if greedy { 1.0 } else { p.temperature };
-    let scaled: Vec<f32> = values.iter().map(|x| x / t).collect();
-    let (max, log_z) = log_normaliser(&scaled);
+    // x / 1 is x, bit for bit: at T = 1 the row is read as it is.
+    let scaled: std::borrow::Cow<[f32]> = if t == 1.0 {
+        values.into()
+    } else {
+        values.iter().map(|x| x / t).collect::<Vec<f32>>().into()
+    };
+    let (max, log_z) = log_normaliser_body(&scaled);
     let token = if greedy {
         let mut best = 0usize;
         let mut bv = f32::NEG_INFINITY;
@@ -270,61 +350,49 @@ fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
         // rounding). Peaked rows of a large vocabulary draw a few hundred numbers, not V.
         // Draws come BLOCK tokens at a time; a block with no live token is skipped.
         // `max` is finite, so `cut` is, and −∞ entries fail the second test.
-        let cut = max - 20.5;
-        let alive = |x: f32, sc: f32| x >= floor && sc >= cut;
-        let live = |i: usize| alive(values[i], scaled[i]);
+        let live = Live {
+            floor,
+            cut: max - 20.5,
+        };
         let mut best = 0usize;
         let mut bs = f32::NEG_INFINITY;
         let bounds = gumbel_bounds();
-        const BLOCK: usize = 32;
-        let mut u = [0f32; BLOCK];
+        // The last, partial block is padded with −∞ (never live).
+        let (mut xs, mut ss, mut u) = (
+            [f32::NEG_INFINITY; BLOCK],
+            [f32::NEG_INFINITY; BLOCK],
+            [0f32; BLOCK],
+        );
         for start in (0..vocab).step_by(BLOCK) {
-            let end = (start + BLOCK).min(vocab);
-            if !(start..end).any(live) {
-                continue;
-            }
-            let u = &mut u[..end - start];
-            philox::fill_uniforms(p.seed, key.sequence, key.step, start as u32, u);
-            // The block's best possible score, from a looser bound that vectorises
-            // ([`gumbel_bound_loose`]): most blocks of a row cannot beat the best so far and
-            // are left after this one pass.
-            let bound = |x: f32, sc: f32, uj: f32| {
-                let b = sc + gumbel_bound_loose(uj);
-                if alive(x, sc) {
-                    b
-                } else {
-                    f32::NEG_INFINITY
-                }
+            let n = (vocab - start).min(BLOCK);
+            let (vb, sb): (&[f32; BLOCK], &[f32; BLOCK]) = if n == BLOCK {
+                let whole = start..start + BLOCK;
+                let v = values[whole.clone()].try_into().expect("a whole block");
+                (v, scaled[whole].try_into().expect("a whole block"))
+            } else {
+                xs[..n].copy_from_slice(&values[start..]);
+                ss[..n].copy_from_slice(&scaled[start..]);
+                (&xs, &ss)
             };
-            // Eight running maxima (one per lane) rather than one, so the loop vectorises.
-            let mut tops = [f32::NEG_INFINITY; 8];
-            let (vs, ss) = (&values[start..end], &scaled[start..end]);
-            let whole = u.len() / 8 * 8;
-            for c in (0..whole).step_by(8) {
-                for j in 0..8 {
-                    let b = bound(vs[c + j], ss[c + j], u[c + j]);
-                    tops[j] = if b > tops[j] { b } else { tops[j] };
-                }
-            }
-            let top = (whole..u.len())
-                .map(|j| bound(vs[j], ss[j], u[j]))
-                .chain(tops)
-                .fold(f32::NEG_INFINITY, f32::max);
-            if top < bs {
+            if !live.any(vb, sb) {
                 continue;
             }
-            for i in start..end {
-                let u = u[i - start];
+            philox::fill_uniforms(p.seed, key.sequence, key.step, start as u32, &mut u[..n]);
+            // Most blocks of a row cannot beat the best so far and are left after this pass.
+            if live.block_top(vb, sb, &u) < bs {
+                continue;
+            }
+            for j in 0..n {
                 // score ≤ scaled + bound (f32 addition is monotonic): a token whose bound
                 // cannot beat the best so far is skipped without its two logarithms. Most
                 // draws lie far below the maximum, so few tokens pay for them.
-                if !live(i) || scaled[i] + gumbel_bound(bounds, u) < bs {
+                if !live.at(vb[j], sb[j]) || sb[j] + gumbel_bound(bounds, u[j]) < bs {
                     continue;
                 }
-                let score = scaled[i] + -(-u.ln()).ln();
+                let score = sb[j] + -(-u[j].ln()).ln();
                 if score > bs {
                     bs = score;
-                    best = i;
+                    best = start + j;
                 }
             }
         }
@@ -406,5 +474,61 @@ pub fn adamw_step(
         let mhat = f64::from(m[i]) / bc1;
         let vhat = f64::from(v[i]) / bc2;
         params[i] -= (f64::from(h.lr) * mhat / (vhat.sqrt() + f64::from(h.eps))) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 build of the row sampler draws the same token with the same log-prob, bit for
+    /// bit, as the baseline build: flat and peaked rows, −∞ entries, partial last blocks,
+    /// temperatures, top-k and top-p.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_rows_equal_the_baseline_rows() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("SKIP: no AVX2 on this CPU, one build of the row sampler only");
+            return;
+        }
+        let mut r = crate::rng::Rng::keyed(21, &[]);
+        for (case, vocab) in [33usize, 100, 2048, 5000].into_iter().enumerate() {
+            for spread in [0.05f64, 1.0, 6.0] {
+                let row: Vec<f32> = (0..vocab)
+                    .map(|i| {
+                        if i % 97 == 5 {
+                            f32::NEG_INFINITY
+                        } else {
+                            (spread * (r.f64() - 0.5) * 8.0) as f32
+                        }
+                    })
+                    .collect();
+                for (temperature, top_k, top_p) in [
+                    (1.0, 0, 1.0),
+                    (0.7, 0, 1.0),
+                    (1.3, 20, 1.0),
+                    (1.0, 0, 0.9),
+                    (0.0, 0, 1.0),
+                ] {
+                    for step in 0..20 {
+                        let key = RowKey {
+                            sequence: case as u32,
+                            step,
+                        };
+                        let p = SamplingParams {
+                            temperature,
+                            top_k,
+                            top_p,
+                            seed: 3,
+                        };
+                        let base = sample_row_body(&row, &key, &p);
+                        // SAFETY: the CPU has AVX2.
+                        let wide = unsafe { sample_row_avx2(&row, &key, &p) };
+                        assert_eq!(base.token, wide.token, "V {vocab}, spread {spread}, {p:?}");
+                        assert_eq!(base.logprob.to_bits(), wide.logprob.to_bits());
+                    }
+                }
+            }
+        }
     }
 }
