@@ -104,7 +104,10 @@ impl PromptBuilder {
         .map_err(|e| PromptError::Template(e.to_string()))
     }
 
-    /// Expands each `<|image_pad|>` to `tokens[i]` copies (in order) and tokenizes.
+    /// Expands each `<|image_pad|>` to `tokens[i]` copies (in order) and tokenizes. The text
+    /// between the placeholders is tokenized piece by piece and the pad ids spliced in: the
+    /// same ids as tokenizing the expanded text (the tokenizer splits its text at special
+    /// tokens first and encodes the pieces independently), without matching hundreds of pads.
     pub fn encode(&self, rendered: &str, image_tokens: &[usize]) -> Result<Vec<u32>, PromptError> {
         let parts: Vec<&str> = rendered.split(self.image_pad.as_str()).collect();
         if parts.len() - 1 != image_tokens.len() {
@@ -113,25 +116,72 @@ impl PromptBuilder {
                 images: image_tokens.len(),
             });
         }
-        let mut text =
-            String::with_capacity(rendered.len() + image_tokens.iter().sum::<usize>() * 13);
-        text.push_str(parts[0]);
-        for (n, rest) in image_tokens.iter().zip(&parts[1..]) {
-            for _ in 0..*n {
-                text.push_str(&self.image_pad);
-            }
-            text.push_str(rest);
-        }
-        let enc = self
+        let pad = self
             .tokenizer
-            .encode(text, false)
-            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+            .token_to_id(&self.image_pad)
+            .ok_or_else(|| PromptError::Tokenizer(format!("no token {}", self.image_pad)))?;
+        let mut ids = Vec::with_capacity(image_tokens.iter().sum::<usize>() + rendered.len() / 2);
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                ids.extend(std::iter::repeat_n(pad, image_tokens[i - 1]));
+            }
+            if !part.is_empty() {
+                let enc = self
+                    .tokenizer
+                    .encode(*part, false)
+                    .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| PromptError::Tokenizer(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spliced pad ids equal tokenizing the expanded text in one piece, for rendered prompts
+    /// with zero, one and several images and placeholders against spaces, newlines, digits
+    /// and non-ASCII text.
+    #[test]
+    fn spliced_pads_equal_tokenizing_the_expanded_text() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let p = PromptBuilder::from_dir(&dir).unwrap();
+        let problems = [
+            "How many chairs are there?",
+            "<image>Which region is closer, A or B?",
+            "Compare <image> and <image>: which one was flipped? 12 patches.",
+            "<image>\n  <image>größer — 距离 <image>3",
+        ];
+        for (k, problem) in problems.iter().enumerate() {
+            let rendered = p.render(&PromptBuilder::content(problem, None)).unwrap();
+            let n = rendered.matches("<|image_pad|>").count();
+            assert_eq!(n, problem.matches("<image>").count());
+            let counts: Vec<usize> = (0..n).map(|i| 4 * (i + k + 1)).collect();
+            let mut text = String::new();
+            for (i, part) in rendered.split("<|image_pad|>").enumerate() {
+                if i > 0 {
+                    text.push_str(&"<|image_pad|>".repeat(counts[i - 1]));
+                }
+                text.push_str(part);
+            }
+            let whole = p.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(p.encode(&rendered, &counts).unwrap(), whole, "{problem}");
+        }
+        let rendered = p.render(&PromptBuilder::content("<image>x", None)).unwrap();
+        assert!(matches!(
+            p.encode(&rendered, &[]),
+            Err(PromptError::ImageCount {
+                placeholders: 1,
+                images: 0
+            })
+        ));
     }
 }
