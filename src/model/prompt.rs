@@ -107,7 +107,8 @@ impl PromptBuilder {
     /// Expands each `<|image_pad|>` to `tokens[i]` copies (in order) and tokenizes. The text
     /// between the placeholders is tokenized piece by piece and the pad ids spliced in: the
     /// same ids as tokenizing the expanded text (the tokenizer splits its text at special
-    /// tokens first and encodes the pieces independently), without matching hundreds of pads.
+    /// tokens first and encodes the pieces independently), without matching hundreds of pads;
+    /// offsets are not tracked.
     pub fn encode(&self, rendered: &str, image_tokens: &[usize]) -> Result<Vec<u32>, PromptError> {
         let parts: Vec<&str> = rendered.split(self.image_pad.as_str()).collect();
         if parts.len() - 1 != image_tokens.len() {
@@ -128,7 +129,7 @@ impl PromptBuilder {
             if !part.is_empty() {
                 let enc = self
                     .tokenizer
-                    .encode(*part, false)
+                    .encode_fast(*part, false)
                     .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
                 ids.extend_from_slice(enc.get_ids());
             }
