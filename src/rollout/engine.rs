@@ -194,7 +194,7 @@ pub struct Engine {
     graphs: Graphs,
     /// CPU slices ([`Engine::set_cpu_slices`]): single-threaded sessions of their own, each
     /// generating a share of the prompts concurrently with the others.
-    slices: Vec<Graphs>,
+    slices: Vec<Slice>,
     /// LoRA inputs as ONNX Runtime values, built when set and fed by reference every step.
     lora: Vec<LoraInput>,
     provider: String,
@@ -207,6 +207,13 @@ pub struct Engine {
     /// The GPU side while the cache is kept on the host: its stream is the one the sessions
     /// run on, so it lives as long as they do (fields drop in order, the sessions first).
     parked: Option<OnGpu>,
+}
+
+/// One CPU slice: its sessions and the thread they run on, kept for the engine's life.
+struct Slice {
+    graphs: Graphs,
+    /// One thread; the slice's own parallel work (sampling) runs on it as well.
+    thread: rayon::ThreadPool,
 }
 
 /// `0..n` cut into `k` contiguous ranges of sizes differing by at most one.
@@ -772,14 +779,17 @@ impl Engine {
     ) -> Result<Vec<T>, EngineError> {
         let k = shares.len();
         let (m, lora, work) = (&self.package.manifest, &self.lora[..], &work);
+        // Each slice's work runs on its own thread (`install` blocks its caller, so one
+        // short-lived caller per slice waits for it).
         let done: Vec<(Result<T, EngineError>, EngineStats)> = std::thread::scope(|scope| {
             let workers: Vec<_> = self
                 .slices
                 .iter_mut()
                 .zip(shares)
-                .map(|(g, share)| {
+                .map(|(slice, share)| {
+                    let (g, thread) = (&mut slice.graphs, &slice.thread);
                     scope.spawn(move || {
-                        let run = || {
+                        thread.install(|| {
                             let mut r = Runner {
                                 g,
                                 m,
@@ -789,17 +799,7 @@ impl Engine {
                             };
                             let out = work(&mut r, share);
                             (out, r.stats)
-                        };
-                        // The slice's own parallel work (sampling) stays on its thread, as its
-                        // sessions do: a one-thread pool with this thread as its worker.
-                        match rayon::ThreadPoolBuilder::new()
-                            .num_threads(1)
-                            .use_current_thread()
-                            .build()
-                        {
-                            Ok(pool) => pool.install(run),
-                            Err(_) => run(),
-                        }
+                        })
                     })
                 })
                 .collect();
@@ -829,7 +829,7 @@ impl Engine {
         }
         let m = &self.package.manifest;
         let files = [&m.graphs.vision, &m.graphs.embedding, &m.graphs.decoder];
-        for _ in 0..n {
+        for i in 0..n {
             let open = |file: &String| -> Result<Session, EngineError> {
                 let path = self.package.graph_path(file);
                 let (b, _) = session_builder(self.env, &DeviceChoice::default(), None, None)?;
@@ -844,10 +844,18 @@ impl Engine {
                     .commit_from_file(&path)
                     .map_err(|e| fail(e.to_string()))
             };
-            self.slices.push(Graphs {
-                vision: open(files[0])?,
-                embedding: open(files[1])?,
-                decoder: open(files[2])?,
+            let thread = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("ssrl-slice-{i}"))
+                .build()
+                .map_err(|e| EngineError::Config(format!("CPU slice {i}: no thread: {e}")))?;
+            self.slices.push(Slice {
+                graphs: Graphs {
+                    vision: open(files[0])?,
+                    embedding: open(files[1])?,
+                    decoder: open(files[2])?,
+                },
+                thread,
             });
         }
         Ok(true)
