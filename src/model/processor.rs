@@ -20,6 +20,13 @@ pub struct PreprocessorConfig {
     pub rescale_factor: f64,
 }
 
+impl PreprocessorConfig {
+    /// Values per patch row of `pixel_values`: channels × temporal patch × patch².
+    pub fn row_len(&self) -> usize {
+        (3 * self.temporal_patch_size * self.patch_size * self.patch_size) as usize
+    }
+}
+
 impl Default for PreprocessorConfig {
     // The CLIP statistics exactly as preprocessor_config.json writes them.
     #[allow(clippy::excessive_precision)]
@@ -235,6 +242,22 @@ pub fn preprocess(
     img: &RgbImage,
     cfg: &PreprocessorConfig,
 ) -> Result<ProcessedImage, ProcessorError> {
+    let mut pixel_values = Vec::new();
+    let grid_thw = preprocess_into(img, cfg, &mut pixel_values)?;
+    Ok(ProcessedImage {
+        row_len: cfg.row_len(),
+        pixel_values,
+        grid_thw,
+    })
+}
+
+/// [`preprocess`] into `out` (cleared first, its memory reused: a worker that keeps one buffer
+/// does not fault fresh pages in for every image); returns the patch grid.
+pub fn preprocess_into(
+    img: &RgbImage,
+    cfg: &PreprocessorConfig,
+    out: &mut Vec<f32>,
+) -> Result<[u32; 3], ProcessorError> {
     let (w, h) = img.dimensions();
     let grid = grid_thw(w, h, cfg)?;
     let (ps, ms, tp) = (
@@ -262,8 +285,9 @@ pub fn preprocess(
     // temporal, y, x), the temporal copies of a still image equal.
     let raw = resized.as_raw();
     let stride = wb as usize * 3;
-    let row_len = 3 * tp * ps * ps;
-    let mut out = Vec::with_capacity(gh * gw * row_len);
+    let row_len = cfg.row_len();
+    out.clear();
+    out.reserve(gh * gw * row_len);
     for br in 0..gh / ms {
         for bc in 0..gw / ms {
             for ir in 0..ms {
@@ -283,11 +307,7 @@ pub fn preprocess(
             }
         }
     }
-    Ok(ProcessedImage {
-        pixel_values: out,
-        row_len,
-        grid_thw: grid,
-    })
+    Ok(grid)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::kernels::cuda::Cuda;
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
 use crate::model::package::{KvLayout, Manifest, Package, PackageError, TextSpec};
 use crate::model::processor::{
-    grid_thw, image_tokens, preprocess, PreprocessorConfig, ProcessedImage, ProcessorError,
+    grid_thw, image_tokens, preprocess, preprocess_into, PreprocessorConfig, ProcessorError,
 };
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
@@ -22,7 +22,7 @@ use crate::model::session::{
 use image::RgbImage;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
-use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorRefMut};
+use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorRef, TensorRefMut};
 use rayon::prelude::*;
 use std::path::Path;
 use std::time::Instant;
@@ -224,11 +224,13 @@ fn split(n: usize, k: usize) -> Vec<std::ops::Range<usize>> {
 /// A LoRA tensor: name, shape and the value fed to the decoder.
 type LoraInput = (String, Vec<usize>, Tensor<f32>);
 
-/// The sessions one worker runs.
+/// The sessions one worker runs, and its buffer for one image's pixel rows (kept, so that
+/// every round does not fault fresh pages in for it).
 struct Graphs {
     vision: Session,
     embedding: Session,
     decoder: Session,
+    pixels: Vec<f32>,
 }
 
 /// One worker of the engine: its sessions and what every worker shares. The engine runs one on
@@ -590,6 +592,7 @@ impl Engine {
                 vision,
                 embedding,
                 decoder,
+                pixels: Vec::new(),
             },
             slices: Vec::new(),
             lora,
@@ -733,7 +736,11 @@ impl Engine {
                 .map(|img| preprocess(img, cfg))
                 .collect::<Result<Vec<_>, _>>()?;
             self.stats.preprocess_s += t.elapsed().as_secs_f64();
-            return self.on_own(|r| pre.into_iter().map(|p| r.vision_features(p)).collect());
+            return self.on_own(|r| {
+                pre.iter()
+                    .map(|p| r.vision_features(&p.pixel_values, p.grid_thw))
+                    .collect()
+            });
         }
         let cfg = cfg.clone();
         let shares = split(images.len(), k)
@@ -745,9 +752,12 @@ impl Engine {
                 .iter()
                 .map(|img| {
                     let t = Instant::now();
-                    let p = preprocess(img, &cfg)?;
+                    let mut pixels = std::mem::take(&mut r.g.pixels);
+                    let grid = preprocess_into(img, &cfg, &mut pixels)?;
                     r.stats.preprocess_s += t.elapsed().as_secs_f64();
-                    r.vision_features(p)
+                    let features = r.vision_features(&pixels, grid);
+                    r.g.pixels = pixels;
+                    features
                 })
                 .collect::<Result<Vec<_>, _>>()
         })?;
@@ -854,6 +864,7 @@ impl Engine {
                     vision: open(files[0])?,
                     embedding: open(files[1])?,
                     decoder: open(files[2])?,
+                    pixels: Vec::new(),
                 },
                 thread,
             });
@@ -1229,15 +1240,15 @@ impl Runner<'_> {
         }
     }
 
-    /// The vision tower on one preprocessed image: `[tokens, out_hidden_size]` flattened.
-    fn vision_features(&mut self, p: ProcessedImage) -> Result<Vec<f32>, EngineError> {
-        let n = p.pixel_values.len() / p.row_len;
-        let g: Vec<i64> = p.grid_thw.iter().map(|v| i64::from(*v)).collect();
-        let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
-            (
-                "pixel_values".into(),
-                input("vision", &[n, p.row_len], p.pixel_values)?,
-            ),
+    /// The vision tower on one preprocessed image (its pixel rows and patch grid):
+    /// `[tokens, out_hidden_size]` flattened.
+    fn vision_features(&mut self, pixels: &[f32], grid: [u32; 3]) -> Result<Vec<f32>, EngineError> {
+        let rows = (grid[0] * grid[1] * grid[2]) as usize;
+        let g: Vec<i64> = grid.iter().map(|v| i64::from(*v)).collect();
+        let view = TensorRef::from_array_view(([rows, pixels.len() / rows.max(1)], pixels))
+            .map_err(run_err("vision"))?;
+        let inputs: Vec<(String, SessionInputValue<'_>)> = vec![
+            ("pixel_values".into(), view.into()),
             ("image_grid_thw".into(), input("vision", &[1, 3], g)?),
         ];
         let t = Instant::now();
