@@ -171,7 +171,7 @@ impl EngineStats {
 #[derive(Debug, Clone, Default)]
 pub struct Prepared {
     pub prompts: Vec<Vec<u32>>,
-    pub grids: Vec<Vec<[u32; 3]>>,
+    pub grids: Vec<ImageGrids>,
     /// `[image tokens, out_hidden_size]` flattened, per request.
     pub features: Vec<Vec<f32>>,
 }
@@ -235,6 +235,9 @@ fn joined(parts: Vec<Vec<Completion>>, ranges: &[std::ops::Range<usize>]) -> Vec
 fn split(n: usize, k: usize) -> Vec<std::ops::Range<usize>> {
     (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
 }
+
+/// One request's image grids, `[t, h, w]` in patches each.
+pub type ImageGrids = Vec<[u32; 3]>;
 
 /// A LoRA tensor: name, shape and the value fed to the decoder.
 type LoraInput = (String, Vec<usize>, Tensor<f32>);
@@ -719,13 +722,12 @@ impl Engine {
 
     /// Each request's prompt ids (image placeholders expanded) and image grids. The prompts
     /// need only each image's patch grid; the pixels are prepared next to the vision calls.
-    #[allow(clippy::type_complexity)]
     fn tokenize(
         &self,
         requests: &[Request],
         format_sentence: Option<&str>,
         verbatim: bool,
-    ) -> Result<(Vec<Vec<u32>>, Vec<Vec<[u32; 3]>>), EngineError> {
+    ) -> Result<(Vec<Vec<u32>>, Vec<ImageGrids>), EngineError> {
         let merge = self.package.manifest.vision.spatial_merge_size;
         let (mut grids, mut prompts) = (Vec::new(), Vec::new());
         for r in requests {
