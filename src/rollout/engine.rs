@@ -347,9 +347,28 @@ fn leading_rows<'a>(
 
 /// One decoder step's logits at each row's last position: `[rows, vocab]`.
 enum StepLogits {
-    Host(Vec<f32>),
+    Host(HostLogits),
     /// ONNX Runtime's output buffer on the GPU, `[rows, 1, vocab]`.
     Gpu(DynTensor),
+}
+
+/// `[rows, vocab]` logits on the host: ONNX Runtime's own output where it is exactly that (this
+/// project's packages return the last position only), else the rows' last positions copied out.
+enum HostLogits {
+    Output(DynTensor),
+    Picked(Vec<f32>),
+}
+
+impl HostLogits {
+    fn values(&mut self) -> Result<&mut [f32], EngineError> {
+        match self {
+            HostLogits::Output(t) => Ok(t
+                .try_extract_tensor_mut::<f32>()
+                .map_err(run_err("decoder"))?
+                .1),
+            HostLogits::Picked(v) => Ok(v),
+        }
+    }
 }
 
 /// TensorRT optimisation profiles of the vision, embedding and decoder graphs (in that order)
@@ -1130,24 +1149,27 @@ impl Runner<'_> {
             // Packages from models/export.py return the last position only ([rows, 1, vocab]);
             // other decoders every position.
             let width = shape.get(1).copied().unwrap_or(1) as usize;
-            let mut picked = Vec::with_capacity(rows * vocab);
             for (r, &c) in last.iter().enumerate().take(rows) {
-                let c = match width {
-                    w if w == cols => c,
-                    1 if c + 1 == cols => 0,
-                    w => {
-                        return Err(EngineError::Run {
-                            graph: "decoder",
-                            msg: format!(
-                            "logits for {w} of {cols} positions, and row {r} ends at position {c}"
+                if width != cols && !(width == 1 && c + 1 == cols) {
+                    return Err(EngineError::Run {
+                        graph: "decoder",
+                        msg: format!(
+                            "logits for {width} of {cols} positions, and row {r} ends at position {c}"
                         ),
-                        })
-                    }
-                };
-                let start = (r * width + c) * vocab;
-                picked.extend_from_slice(&logits[start..start + vocab]);
+                    });
+                }
             }
-            StepLogits::Host(picked)
+            if width == 1 && shape.first() == Some(&(rows as i64)) {
+                StepLogits::Host(HostLogits::Output(take(&mut out, "logits")?))
+            } else {
+                let mut picked = Vec::with_capacity(rows * vocab);
+                for (r, &c) in last.iter().enumerate().take(rows) {
+                    let c = if width == 1 { 0 } else { c };
+                    let start = (r * width + c) * vocab;
+                    picked.extend_from_slice(&logits[start..start + vocab]);
+                }
+                StepLogits::Host(HostLogits::Picked(picked))
+            }
         };
         let mut data = Vec::with_capacity(2 * layers);
         for i in 0..2 * layers {
@@ -1267,7 +1289,8 @@ impl Runner<'_> {
     /// A step's logits on the host (`[rows, vocab]`), copied back from the GPU if there.
     fn host_logits(&self, l: StepLogits) -> Result<Vec<f32>, EngineError> {
         match (l, &self.gpu) {
-            (StepLogits::Host(v), _) => Ok(v),
+            (StepLogits::Host(HostLogits::Picked(v)), _) => Ok(v),
+            (StepLogits::Host(mut v), _) => Ok(v.values()?.to_vec()),
             (StepLogits::Gpu(mut t), Some(g)) => {
                 let n = t.shape().iter().product::<i64>() as usize;
                 let mut v = vec![0f32; n];
@@ -1422,7 +1445,9 @@ impl Runner<'_> {
         let mut row_prompt = fan.clone();
         let vocab = t.vocab_size;
         let mut logits = match (prefill_logits, &self.gpu) {
-            (StepLogits::Host(l), _) => StepLogits::Host(gather_host(&l, vocab, &fan)),
+            (StepLogits::Host(mut l), _) => {
+                StepLogits::Host(HostLogits::Picked(gather_host(l.values()?, vocab, &fan)))
+            }
             (StepLogits::Gpu(mut l), Some(g)) => {
                 let out = g.gather(&mut l, &[fan.len(), 1, vocab], &fan)?;
                 g.cuda.synchronize_all().map_err(gpu_err)?;
@@ -1447,7 +1472,7 @@ impl Runner<'_> {
                 if let Some(t) = trace.as_deref_mut() {
                     t.steps.push((active.clone(), host.clone()));
                 }
-                logits = StepLogits::Host(host);
+                logits = StepLogits::Host(HostLogits::Picked(host));
             }
             let keys: Vec<RowKey> = active
                 .iter()
@@ -1464,6 +1489,7 @@ impl Runner<'_> {
             let t_sample = Instant::now();
             let drawn = match (logits, &self.gpu) {
                 (StepLogits::Host(mut l), _) => {
+                    let l = l.values()?;
                     for row in l.chunks_exact_mut(vocab) {
                         for id in banned {
                             if let Some(x) = row.get_mut(id as usize) {
@@ -1471,7 +1497,7 @@ impl Runner<'_> {
                             }
                         }
                     }
-                    cpu::sample(Logits::F32(&l), vocab, &keys, &cfg.sampling)
+                    cpu::sample(Logits::F32(l), vocab, &keys, &cfg.sampling)
                         .map_err(|e| EngineError::Config(e.to_string()))?
                 }
                 (StepLogits::Gpu(mut l), Some(g)) => {
