@@ -217,13 +217,6 @@ pub struct ProcessedImage {
     pub grid_thw: [u32; 3],
 }
 
-impl ProcessedImage {
-    /// `<|image_pad|>` tokens this image takes in the prompt.
-    pub fn num_tokens(&self, merge_size: u32) -> usize {
-        image_tokens(self.grid_thw, merge_size)
-    }
-}
-
 /// `<|image_pad|>` tokens an image of patch grid `[t, h, w]` takes in the prompt.
 pub fn image_tokens(grid_thw: [u32; 3], merge_size: u32) -> usize {
     (grid_thw[0] * grid_thw[1] * grid_thw[2] / (merge_size * merge_size)) as usize
@@ -362,6 +355,6 @@ mod tests {
         }
         // The temporal copy repeats the frame: values 196..392 equal 0..196 in each channel.
         assert_eq!(p.pixel_values[..196], p.pixel_values[196..392]);
-        assert_eq!(p.num_tokens(2), 4);
+        assert_eq!(image_tokens(p.grid_thw, 2), 4);
     }
 }
