@@ -271,16 +271,6 @@ struct OnGpu {
     last_only: bool,
 }
 
-impl Kv {
-    /// `rows` rows with no tokens yet (empty host tensors).
-    fn empty(t: &TextSpec, rows: usize) -> Result<Kv, EngineError> {
-        let data = (0..2 * t.num_hidden_layers)
-            .map(|_| kv_value(&[rows, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
-            .collect::<Result<_, _>>()?;
-        Ok(Kv { data, rows, len: 0 })
-    }
-}
-
 /// The decoder's cache between steps.
 struct Kv {
     /// Per layer and k/v: `[capacity, kv_heads, len, head_dim]` as ONNX Runtime returned them
@@ -289,6 +279,16 @@ struct Kv {
     data: Vec<DynTensor>,
     rows: usize,
     len: usize,
+}
+
+impl Kv {
+    /// `rows` rows with no tokens yet (empty host tensors).
+    fn empty(t: &TextSpec, rows: usize) -> Result<Kv, EngineError> {
+        let data = (0..2 * t.num_hidden_layers)
+            .map(|_| kv_value(&[rows, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
+            .collect::<Result<_, _>>()?;
+        Ok(Kv { data, rows, len: 0 })
+    }
 }
 
 /// The prompts' cache of a shared-prefix decoder ([`KvLayout::Shared`]), read in place by their
