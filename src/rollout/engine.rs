@@ -25,6 +25,7 @@ use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorRef, TensorRefMut};
 use rayon::prelude::*;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +190,8 @@ impl Prepared {
 
 pub struct Engine {
     pub package: Package,
-    pub prompts: PromptBuilder,
+    /// Shared with the CPU slices, which tokenise their own prompts.
+    pub prompts: Arc<PromptBuilder>,
     pub preprocessor: PreprocessorConfig,
     graphs: Graphs,
     /// CPU slices ([`Engine::set_cpu_slices`]): single-threaded sessions of their own, each
@@ -214,6 +216,43 @@ struct Slice {
     graphs: Graphs,
     /// One thread; the slice's own parallel work (sampling) runs on it as well.
     thread: rayon::ThreadPool,
+}
+
+/// How a request's problem becomes the user turn: as it is (`verbatim`), or with the format
+/// sentence added.
+#[derive(Clone, Copy)]
+struct PromptText<'a> {
+    format_sentence: Option<&'a str>,
+    verbatim: bool,
+}
+
+/// Each request's prompt ids (image placeholders expanded) and image grids. The prompts need
+/// only each image's patch grid; the pixels are prepared next to the vision calls.
+fn tokenize(
+    builder: &PromptBuilder,
+    pre: &PreprocessorConfig,
+    merge: u32,
+    requests: &[Request],
+    text: PromptText<'_>,
+) -> Result<(Vec<Vec<u32>>, Vec<ImageGrids>), EngineError> {
+    let (mut grids, mut prompts) = (Vec::new(), Vec::new());
+    for r in requests {
+        let g = r
+            .images
+            .iter()
+            .map(|img| grid_thw(img.width(), img.height(), pre))
+            .collect::<Result<Vec<_>, _>>()?;
+        let msgs = if text.verbatim {
+            PromptBuilder::verbatim(&r.problem)
+        } else {
+            PromptBuilder::content(&r.problem, text.format_sentence)
+        };
+        let rendered = builder.render(&msgs)?;
+        let counts: Vec<usize> = g.iter().map(|g| image_tokens(*g, merge)).collect();
+        prompts.push(builder.encode(&rendered, &counts)?);
+        grids.push(g);
+    }
+    Ok((prompts, grids))
 }
 
 /// The completions of the slices' prompt ranges as one list, prompt indices counted over all
@@ -622,7 +661,7 @@ impl Engine {
             _ => None,
         };
         Ok(Engine {
-            prompts: PromptBuilder::from_dir(dir)?,
+            prompts: Arc::new(PromptBuilder::from_dir(dir)?),
             preprocessor,
             package,
             graphs: Graphs {
@@ -739,8 +778,6 @@ impl Engine {
         })
     }
 
-    /// Each request's prompt ids (image placeholders expanded) and image grids. The prompts
-    /// need only each image's patch grid; the pixels are prepared next to the vision calls.
     fn tokenize(
         &self,
         requests: &[Request],
@@ -748,24 +785,11 @@ impl Engine {
         verbatim: bool,
     ) -> Result<(Vec<Vec<u32>>, Vec<ImageGrids>), EngineError> {
         let merge = self.package.manifest.vision.spatial_merge_size;
-        let (mut grids, mut prompts) = (Vec::new(), Vec::new());
-        for r in requests {
-            let g = r
-                .images
-                .iter()
-                .map(|img| grid_thw(img.width(), img.height(), &self.preprocessor))
-                .collect::<Result<Vec<_>, _>>()?;
-            let msgs = if verbatim {
-                PromptBuilder::verbatim(&r.problem)
-            } else {
-                PromptBuilder::content(&r.problem, format_sentence)
-            };
-            let rendered = self.prompts.render(&msgs)?;
-            let counts: Vec<usize> = g.iter().map(|g| image_tokens(*g, merge)).collect();
-            prompts.push(self.prompts.encode(&rendered, &counts)?);
-            grids.push(g);
-        }
-        Ok((prompts, grids))
+        let text = PromptText {
+            format_sentence,
+            verbatim,
+        };
+        tokenize(&self.prompts, &self.preprocessor, merge, requests, text)
     }
 
     /// The vision tower on each image, one call per image (attention cost and memory grow
@@ -961,14 +985,20 @@ impl Engine {
             let prepared = self.prepare_as(requests, format, verbatim)?;
             return self.generate_prepared(requests, &prepared, cfg, trace);
         }
-        // With CPU slices each slice runs the vision tower on its own prompts' images and goes
-        // straight on to generating them: one hand-off per call instead of two, and no wait
+        // With CPU slices each slice tokenises its own prompts, runs the vision tower on their
+        // images and goes straight on to generating them: one hand-off per call, and no wait
         // for the slowest slice in between.
-        let (prompts, grids) = self.tokenize(requests, format, verbatim)?;
-        let pre = self.preprocessor.clone();
+        let text = PromptText {
+            format_sentence: format,
+            verbatim,
+        };
+        let (builder, pre) = (Arc::clone(&self.prompts), self.preprocessor.clone());
+        let merge = self.package.manifest.vision.spatial_merge_size;
         let ranges = split(requests.len(), k);
         let parts = self.on_slices(ranges.clone(), |r, range| {
-            let features = requests[range.clone()]
+            let requests = &requests[range];
+            let (prompts, grids) = tokenize(&builder, &pre, merge, requests, text)?;
+            let features = requests
                 .iter()
                 .map(|q| {
                     let f = q.images.iter().map(|img| r.image_features(img, &pre));
@@ -976,11 +1006,11 @@ impl Engine {
                 })
                 .collect::<Result<_, EngineError>>()?;
             let prepared = Prepared {
-                prompts: prompts[range.clone()].to_vec(),
-                grids: grids[range.clone()].to_vec(),
+                prompts,
+                grids,
                 features,
             };
-            r.generate(&requests[range], &prepared, cfg, None)
+            r.generate(requests, &prepared, cfg, None)
         })?;
         Ok(joined(parts, &ranges))
     }
