@@ -490,11 +490,17 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         100.0 * r.ort_share
     );
     println!(
-        "outside ONNX Runtime: image preprocessing {:.2} s, sampling {:.2} s, cache rows {:.2} s, other {:.2} s",
+        "outside ONNX Runtime: image preprocessing {:.2} s, sampling {:.2} s, cache rows {:.2} s, slices waiting for the slowest {:.2} s, other {:.2} s",
         r.stats.preprocess_s,
         r.stats.sample_s,
         r.stats.cache_s,
-        r.wall_s - r.stats.ort_s - r.stats.preprocess_s - r.stats.sample_s - r.stats.cache_s
+        r.stats.slice_wait_s,
+        r.wall_s
+            - r.stats.ort_s
+            - r.stats.preprocess_s
+            - r.stats.sample_s
+            - r.stats.cache_s
+            - r.stats.slice_wait_s
     );
     println!(
         "RSS {:.0} MB (peak {:.0} MB), growth over the timed rounds {:+.1} MB",

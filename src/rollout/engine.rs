@@ -147,6 +147,8 @@ pub struct EngineStats {
     pub preprocess_s: f64,
     pub sample_s: f64,
     pub cache_s: f64,
+    /// CPU slices: time a slice sat idle waiting for the slowest one to finish.
+    pub slice_wait_s: f64,
 }
 
 impl EngineStats {
@@ -161,6 +163,7 @@ impl EngineStats {
         self.preprocess_s += o.preprocess_s / w;
         self.sample_s += o.sample_s / w;
         self.cache_s += o.cache_s / w;
+        self.slice_wait_s += o.slice_wait_s / w;
         self.prefill_tokens += o.prefill_tokens;
         self.decode_steps += o.decode_steps;
         self.generated_tokens += o.generated_tokens;
@@ -854,37 +857,42 @@ impl Engine {
         let (m, lora, work) = (&self.package.manifest, &self.lora[..], &work);
         // Each slice's work runs on its own thread (`install` blocks its caller, so one
         // short-lived caller per slice waits for it).
-        let done: Vec<(Result<T, EngineError>, EngineStats)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = self
-                .slices
-                .iter_mut()
-                .zip(shares)
-                .map(|(slice, share)| {
-                    let (g, thread) = (&mut slice.graphs, &slice.thread);
-                    scope.spawn(move || {
-                        thread.install(|| {
-                            let mut r = Runner {
-                                g,
-                                m,
-                                lora,
-                                gpu: None,
-                                stats: EngineStats::default(),
-                            };
-                            let out = work(&mut r, share);
-                            (out, r.stats)
+        // Each slice's result, stats and busy seconds.
+        let mut done: Vec<(Result<T, EngineError>, EngineStats, f64)> =
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = self
+                    .slices
+                    .iter_mut()
+                    .zip(shares)
+                    .map(|(slice, share)| {
+                        let (g, thread) = (&mut slice.graphs, &slice.thread);
+                        scope.spawn(move || {
+                            thread.install(|| {
+                                let mut r = Runner {
+                                    g,
+                                    m,
+                                    lora,
+                                    gpu: None,
+                                    stats: EngineStats::default(),
+                                };
+                                let t = Instant::now();
+                                let out = work(&mut r, share);
+                                (out, r.stats, t.elapsed().as_secs_f64())
+                            })
                         })
                     })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().expect("a CPU slice panicked"))
-                .collect()
-        });
-        for (_, stats) in &done {
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("a CPU slice panicked"))
+                    .collect()
+            });
+        let slowest = done.iter().map(|d| d.2).fold(0.0, f64::max);
+        for (_, stats, busy) in &mut done {
+            stats.slice_wait_s = slowest - *busy;
             self.stats.add(stats, k);
         }
-        done.into_iter().map(|(out, _)| out).collect()
+        done.into_iter().map(|(out, ..)| out).collect()
     }
 
     /// Splits every later [`Engine::generate`] on the CPU into `n` slices of the prompts (and
