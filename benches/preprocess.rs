@@ -1,10 +1,11 @@
 //! The image preprocessor (smart_resize, Pillow-exact bicubic resize, rescale and normalise,
 //! patchify) per image at the rollout bench's 448×336 (no resize needed), COCO's 640×480 and a
-//! 1280×960 photo, on one thread.
+//! 1280×960 photo, on one thread: into a fresh buffer, and into one buffer reused from image to
+//! image (as the engine's workers do).
 //!
 //! `cargo bench --bench preprocess`.
 
-use spatial_ssrl::model::processor::{preprocess, PreprocessorConfig};
+use spatial_ssrl::model::processor::{preprocess, preprocess_into, PreprocessorConfig};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -15,19 +16,29 @@ fn main() {
             image::Rgb([(x * 7 + y) as u8, (y * 3) as u8, ((x ^ y) * 5) as u8])
         });
         let _ = preprocess(&img, &cfg).unwrap();
-        let mut t: Vec<f64> = (0..reps)
-            .map(|_| {
-                let t0 = Instant::now();
-                black_box(preprocess(black_box(&img), &cfg).unwrap());
-                t0.elapsed().as_secs_f64()
-            })
-            .collect();
-        t.sort_by(f64::total_cmp);
+        let median = |mut f: Box<dyn FnMut() + '_>| {
+            let mut t: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[reps / 2] * 1e3
+        };
+        let fresh = median(Box::new(|| {
+            black_box(preprocess(black_box(&img), &cfg).unwrap());
+        }));
+        let mut buf = Vec::new();
+        let reused = median(Box::new(|| {
+            black_box(preprocess_into(black_box(&img), &cfg, &mut buf).unwrap());
+        }));
         let p = preprocess(&img, &cfg).unwrap();
         println!(
-            "{w:>5} × {h:<4} → grid {:?}: {:.2} ms per image (median of {reps})",
+            "{w:>5} × {h:<4} → grid {:?}: {fresh:.2} ms per image into a fresh buffer, \
+             {reused:.2} ms into a reused one (medians of {reps})",
             p.grid_thw,
-            t[reps / 2] * 1e3
         );
     }
 }
