@@ -482,12 +482,19 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         r.prompts_per_s, r.tokens_per_s, r.generated_tokens, r.decode_steps, r.wall_s
     );
     println!(
-        "vision {:.2} s, prefill {:.2} s ({} prompt tokens), decode {:.2} s; inside ONNX Runtime {:.1} % of wall time",
+        "vision {:.2} s, prefill {:.2} s ({} prompt tokens), decode {:.2} s; inside ONNX Runtime {:.1} % of wall time{}",
         r.stats.vision_s,
         r.stats.prefill_s,
         r.stats.prefill_tokens,
         r.stats.decode_s,
-        100.0 * r.ort_share
+        100.0 * r.ort_share,
+        match engine.cpu_slices() {
+            0 => String::new(),
+            _ => format!(
+                " ({:.1} % of the time the slices were working)",
+                100.0 * r.ort_share_busy
+            ),
+        }
     );
     println!(
         "outside ONNX Runtime: image preprocessing {:.2} s, sampling {:.2} s, cache rows {:.2} s, slices waiting for the slowest {:.2} s, other {:.2} s",

@@ -25,6 +25,10 @@ pub struct RolloutBench {
     pub stats: EngineStats,
     /// `stats.ort_s / wall_s`.
     pub ort_share: f64,
+    /// `stats.ort_s / (wall_s − stats.slice_wait_s)`: the share of the time the CPU slices
+    /// were working (with one worker, the same as `ort_share`). Slices given equal work finish
+    /// apart when their cores run at different speeds, as on a shared machine.
+    pub ort_share_busy: f64,
     pub peak_rss_mb: f64,
     /// Resident set after each round (the warm-up round first).
     pub rss_mb: Vec<f64>,
@@ -104,6 +108,7 @@ pub fn run(
         generated_tokens: stats.generated_tokens,
         decode_steps: stats.decode_steps,
         ort_share: stats.ort_s / wall,
+        ort_share_busy: stats.ort_s / (wall - stats.slice_wait_s),
         stats,
         peak_rss_mb: rss_mb().1,
         rss_growth_mb: rss.last().copied().unwrap_or(0.0) - rss.get(1).copied().unwrap_or(0.0),
