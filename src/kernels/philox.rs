@@ -245,6 +245,8 @@ mod x86 {
             ka = ka.wrapping_add(W0);
             kb = kb.wrapping_add(W1);
         }
+        // Per 128-bit half (blocks 0-3 low, 4-7 high) a 4 × 4 transpose, then the halves put
+        // in order.
         std::array::from_fn(|v| {
             let t0 = _mm256_unpacklo_epi32(c0[v], c1[v]);
             let t1 = _mm256_unpackhi_epi32(c0[v], c1[v]);
@@ -278,6 +280,7 @@ mod x86 {
                 .enumerate()
             {
                 for (j, r) in rows.iter().enumerate() {
+                    // SAFETY: the chunk holds 64 f32, written as eight unaligned 8-lane stores.
                     unsafe { _mm256_storeu_ps(o.add(32 * v + 8 * j), *r) };
                 }
             }
@@ -291,6 +294,7 @@ mod x86 {
                 .iter()
                 .enumerate()
             {
+                // SAFETY: the chunk holds 32 f32, written as four unaligned 8-lane stores.
                 unsafe { _mm256_storeu_ps(o.add(8 * j), *r) };
             }
             base = base.wrapping_add(8);
