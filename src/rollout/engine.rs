@@ -758,16 +758,20 @@ impl Engine {
         requests: &[Request],
         format_sentence: Option<&str>,
     ) -> Result<Prepared, EngineError> {
-        self.prepare_as(requests, format_sentence, false)
+        let text = PromptText {
+            format_sentence,
+            verbatim: false,
+        };
+        self.prepare_as(requests, text)
     }
 
     fn prepare_as(
         &mut self,
         requests: &[Request],
-        format_sentence: Option<&str>,
-        verbatim: bool,
+        text: PromptText<'_>,
     ) -> Result<Prepared, EngineError> {
-        let (prompts, grids) = self.tokenize(requests, format_sentence, verbatim)?;
+        let merge = self.package.manifest.vision.spatial_merge_size;
+        let (prompts, grids) = tokenize(&self.prompts, &self.preprocessor, merge, requests, text)?;
         let images: Vec<&RgbImage> = requests.iter().flat_map(|r| &r.images).collect();
         let mut each = self.vision_features(&images)?.into_iter();
         let features = requests
@@ -779,20 +783,6 @@ impl Engine {
             grids,
             features,
         })
-    }
-
-    fn tokenize(
-        &self,
-        requests: &[Request],
-        format_sentence: Option<&str>,
-        verbatim: bool,
-    ) -> Result<(Vec<Vec<u32>>, Vec<ImageGrids>), EngineError> {
-        let merge = self.package.manifest.vision.spatial_merge_size;
-        let text = PromptText {
-            format_sentence,
-            verbatim,
-        };
-        tokenize(&self.prompts, &self.preprocessor, merge, requests, text)
     }
 
     /// The vision tower on each image, one call per image (attention cost and memory grow
@@ -987,19 +977,18 @@ impl Engine {
         if requests.is_empty() || cfg.group == 0 {
             return Ok(vec![]);
         }
-        let (format, verbatim) = (cfg.format_sentence.as_deref(), cfg.verbatim);
+        let text = PromptText {
+            format_sentence: cfg.format_sentence.as_deref(),
+            verbatim: cfg.verbatim,
+        };
         let k = self.slices.len().min(requests.len());
         if k < 2 || trace.is_some() {
-            let prepared = self.prepare_as(requests, format, verbatim)?;
+            let prepared = self.prepare_as(requests, text)?;
             return self.generate_prepared(requests, &prepared, cfg, trace);
         }
         // With CPU slices each slice tokenises its own prompts, runs the vision tower on their
         // images and goes straight on to generating them: one hand-off per call, and no wait
         // for the slowest slice in between.
-        let text = PromptText {
-            format_sentence: format,
-            verbatim,
-        };
         let (builder, pre) = (Arc::clone(&self.prompts), self.preprocessor.clone());
         let merge = self.package.manifest.vision.spatial_merge_size;
         let ranges = split(requests.len(), k);
