@@ -7,7 +7,8 @@
 
 use spatial_ssrl::model::processor::{preprocess, preprocess_into, PreprocessorConfig};
 use std::hint::black_box;
-use std::time::Instant;
+mod common;
+use common::median_s;
 
 fn main() {
     let cfg = PreprocessorConfig::default();
@@ -15,25 +16,15 @@ fn main() {
         let img = image::RgbImage::from_fn(w, h, |x, y| {
             image::Rgb([(x * 7 + y) as u8, (y * 3) as u8, ((x ^ y) * 5) as u8])
         });
-        let _ = preprocess(&img, &cfg).unwrap();
-        let median = |mut f: Box<dyn FnMut() + '_>| {
-            let mut t: Vec<f64> = (0..reps)
-                .map(|_| {
-                    let t0 = Instant::now();
-                    f();
-                    t0.elapsed().as_secs_f64()
-                })
-                .collect();
-            t.sort_by(f64::total_cmp);
-            t[reps / 2] * 1e3
-        };
-        let fresh = median(Box::new(|| {
-            black_box(preprocess(black_box(&img), &cfg).unwrap());
-        }));
+        let fresh = 1e3
+            * median_s(reps, || {
+                black_box(preprocess(black_box(&img), &cfg).unwrap());
+            });
         let mut buf = Vec::new();
-        let reused = median(Box::new(|| {
-            black_box(preprocess_into(black_box(&img), &cfg, &mut buf).unwrap());
-        }));
+        let reused = 1e3
+            * median_s(reps, || {
+                black_box(preprocess_into(black_box(&img), &cfg, &mut buf).unwrap());
+            });
         let p = preprocess(&img, &cfg).unwrap();
         println!(
             "{w:>5} × {h:<4} → grid {:?}: {fresh:.2} ms per image into a fresh buffer, \

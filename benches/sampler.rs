@@ -10,21 +10,8 @@ use spatial_ssrl::kernels::cpu::{self, RowStats};
 use spatial_ssrl::kernels::{philox, Logits, RowKey, SamplingParams};
 use spatial_ssrl::rng::Rng;
 use std::hint::black_box;
-use std::time::Instant;
-
-/// Median seconds of `reps` calls of `f`.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
-}
+mod common;
+use common::median_s;
 
 fn main() {
     let threads = rayon::current_num_threads();
@@ -52,21 +39,21 @@ fn main() {
             top_p: 1.0,
             seed: 11,
         };
-        let all = time(reps, || {
+        let all = median_s(reps, || {
             black_box(cpu::sample(Logits::F32(&logits), vocab, &keys, &p).unwrap());
         });
         let row = &logits[..vocab];
-        let stats = time(reps, || {
+        let stats = median_s(reps, || {
             black_box(RowStats::of(row.iter().copied(), 1.0));
         });
-        let fast = time(reps, || {
+        let fast = median_s(reps, || {
             black_box(cpu::log_normaliser(black_box(row)));
         });
         let mut u = vec![0f32; vocab];
-        let draws = time(reps, || {
+        let draws = median_s(reps, || {
             philox::fill_uniforms(11, 0, 7, 0, black_box(&mut u));
         });
-        let scalar = time(reps, || {
+        let scalar = median_s(reps, || {
             for t in 0..vocab as u32 {
                 black_box(philox::token_uniform(11, 0, 7, t));
             }
