@@ -433,8 +433,8 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     let requests: Vec<Request> = match &a.data {
         None => bench::synthetic_requests(a.batch),
         Some(f) => {
-            let samples = spatial_ssrl::tasks::write::read_samples(f)
-                .with_context(|| format!("{}: cannot read samples", f.display()))?;
+            let samples =
+                spatial_ssrl::tasks::write::read_samples(f).context("cannot read samples")?;
             let root = spatial_ssrl::tasks::write::default_images_root(f);
             samples
                 .iter()

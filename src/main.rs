@@ -391,8 +391,7 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
 fn run_rollout(a: RolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
     use spatial_ssrl::rollout::{GenerationConfig, Request};
-    let samples = tasks::write::read_samples(&a.data)
-        .with_context(|| format!("{}: cannot read samples", a.data.display()))?;
+    let samples = tasks::write::read_samples(&a.data).context("cannot read samples")?;
     let samples: Vec<_> = samples
         .into_iter()
         .take(a.limit.unwrap_or(usize::MAX))

@@ -114,6 +114,36 @@ fn tasks_without_input_or_with_bad_values_fails_clearly() {
     assert!(h.contains("--resume") && h.contains("Example"), "{h}");
 }
 
+/// A missing input is named once with its cause once, not repeated down the error chain.
+#[test]
+fn a_missing_input_is_named_once() {
+    let dir = scratch("cli-missing");
+    let missing = dir.join("no-such-folder");
+    let out = ssrl()
+        .args(["tasks", "--out"])
+        .arg(dir.join("o"))
+        .arg("--images")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.matches("no-such-folder").count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    let out = ssrl()
+        .args(["rollout", "--model", "models/tiny", "--out"])
+        .arg(dir.join("r.jsonl"))
+        .arg("--data")
+        .arg(dir.join("no-such-samples.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("cannot read samples"), "{err}");
+    assert_eq!(err.matches("no-such-samples.jsonl").count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
 #[test]
 fn rollout_writes_one_scored_line_per_response() {
     let dir = scratch("cli-rollout");

@@ -185,11 +185,9 @@ pub struct Summary {
 pub enum TasksError {
     #[error("no input: pass --images DIR and/or --rgbd DIR")]
     NoInput,
-    #[error("{path}: cannot read input folder: {source}")]
-    Input {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The cause is in the message, not an error source as well (see `WriteError`).
+    #[error("{path}: cannot read input folder: {err}")]
+    Input { path: PathBuf, err: std::io::Error },
     #[error("{0}: holds an earlier run (run.json); pass --resume to continue it, or choose an empty folder")]
     AlreadyExists(PathBuf),
     #[error("{path}: --resume with different settings than the run being resumed ({what}); use the original settings or a new folder")]
@@ -244,7 +242,7 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
     for dir in &cfg.images {
         let list = source::discover_images(dir).map_err(|e| TasksError::Input {
             path: dir.clone(),
-            source: e,
+            err: e,
         })?;
         if list.is_empty() {
             progress.warn(&format!("{}: no jpg/png/webp images found", dir.display()));
@@ -256,7 +254,7 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
     for dir in &cfg.rgbd {
         let found = source::discover_rgbd(dir).map_err(|e| TasksError::Input {
             path: dir.clone(),
-            source: e,
+            err: e,
         })?;
         for w in &found.warnings {
             progress.warn(w);
@@ -479,7 +477,7 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
         let text = std::fs::read_to_string(&run_json).map_err(|e| {
             TasksError::Write(write::WriteError::Io {
                 path: run_json.clone(),
-                source: e,
+                err: e,
             })
         })?;
         let old: RunFingerprint =

@@ -42,24 +42,23 @@ impl Format {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: parquet: {source}")]
+    // The causes are in the messages, so they are not error sources as well (a report of the
+    // whole chain would print them twice).
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: parquet: {err}")]
     Parquet {
         path: PathBuf,
-        source: parquet::errors::ParquetError,
+        err: parquet::errors::ParquetError,
     },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
-    move |source| WriteError::Io {
+    move |err| WriteError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     }
 }
 
@@ -115,9 +114,9 @@ pub fn parquet_bytes(
     samples: &[SampleRecord],
     path_for_errors: &Path,
 ) -> Result<Vec<u8>, WriteError> {
-    let perr = |source| WriteError::Parquet {
+    let perr = |err| WriteError::Parquet {
         path: path_for_errors.to_path_buf(),
-        source,
+        err,
     };
     let schema = Arc::new(parquet::schema::parser::parse_message_type(SCHEMA).map_err(perr)?);
     let props = Arc::new(
@@ -227,9 +226,9 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
             .map(|(i, l)| serde_json::from_str(l).map_err(|e| ferr(format!("line {}: {e}", i + 1))))
             .collect();
     }
-    let perr = |source| WriteError::Parquet {
+    let perr = |err| WriteError::Parquet {
         path: path.to_path_buf(),
-        source,
+        err,
     };
     let file = std::fs::File::open(path).map_err(io(path))?;
     let reader = SerializedFileReader::new(file).map_err(perr)?;
