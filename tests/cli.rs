@@ -144,6 +144,25 @@ fn a_missing_input_is_named_once() {
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
 
+/// A library named by --ort-lib that is not there is an error naming it; no other library
+/// (ORT_DYLIB_PATH, the setup location) is loaded in its place.
+#[test]
+fn a_missing_ort_lib_is_an_error_naming_it() {
+    let out = ssrl()
+        .args(["bench", "rollout", "--rounds", "1", "--ort-lib"])
+        .arg("/no/such/libonnxruntime.so")
+        .arg("--json")
+        .arg(scratch("cli-ort-lib").join("b.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("not found") && err.contains("/no/such/libonnxruntime.so"),
+        "{err}"
+    );
+}
+
 #[test]
 fn rollout_writes_one_scored_line_per_response() {
     let dir = scratch("cli-rollout");

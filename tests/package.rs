@@ -123,11 +123,16 @@ fn a_wrong_package_is_refused_clearly() {
 
 #[test]
 fn library_search_order() {
-    let c = session::candidates(Some(Path::new("/opt/ort/libonnxruntime.so")));
-    assert_eq!(c[0], Path::new("/opt/ort/libonnxruntime.so"));
-    assert!(c
-        .iter()
-        .any(|p| p.ends_with("vendor/ort/libonnxruntime.so")));
+    use std::ffi::OsStr;
+    let (lib, env) = (
+        Path::new("/opt/ort/libonnxruntime.so"),
+        OsStr::new("/env/lib.so"),
+    );
+    // Named libraries are the only candidates: --ort-lib first, then ORT_DYLIB_PATH.
+    assert_eq!(session::candidates(Some(lib), Some(env)), [lib]);
+    assert_eq!(session::candidates(None, Some(env)), [Path::new(env)]);
+    let c = session::candidates(None, None);
+    assert!(c[0].ends_with("vendor/ort/libonnxruntime.so"), "{c:?}");
 }
 
 /// One GRPO step through `train.onnx` in ONNX Runtime from Rust, against the torch autograd

@@ -15,16 +15,15 @@ pub enum RuntimeError {
     Ort(String),
 }
 
-/// Candidate library paths in order of preference.
-pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    if let Some(p) = explicit {
-        v.push(p.to_path_buf());
+/// Candidate library paths in order of preference, given `--ort-lib` and the value of
+/// `ORT_DYLIB_PATH`: a library asked for by name is the only candidate (a typo must not load
+/// another library, say the CPU build in place of the GPU one); else the setup location, then
+/// next to the executable.
+pub fn candidates(explicit: Option<&Path>, env: Option<&std::ffi::OsStr>) -> Vec<PathBuf> {
+    if let Some(p) = explicit.map(Path::as_os_str).or(env) {
+        return vec![PathBuf::from(p)];
     }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        v.push(PathBuf::from(p));
-    }
-    v.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("vendor/ort/libonnxruntime.so"));
+    let mut v = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("vendor/ort/libonnxruntime.so")];
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
             v.push(dir.join("libonnxruntime.so"));
@@ -41,14 +40,21 @@ pub fn environment(
     if let Some(r) = ENV.get() {
         return r.as_ref().map_err(|e| RuntimeError::Ort(e.clone()));
     }
-    let tried = candidates(explicit);
+    let env = std::env::var_os("ORT_DYLIB_PATH");
+    let tried = candidates(explicit, env.as_deref());
     let Some(path) = tried.iter().find(|p| p.is_file()).cloned() else {
+        let named = match (explicit, &env) {
+            (Some(_), _) => " (--ort-lib)",
+            (None, Some(_)) => " (ORT_DYLIB_PATH)",
+            (None, None) => "",
+        };
         return Err(RuntimeError::NotFound {
             tried: tried
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
-                .join(", "),
+                .join(", ")
+                + named,
         });
     };
     let built = ort::init_from(&path)
