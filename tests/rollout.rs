@@ -325,6 +325,18 @@ fn cpu_slices_generate_the_same_samples() {
     }
     let generated: usize = one.iter().map(|c| c.tokens.len()).sum();
     assert_eq!(stats.generated_tokens, generated);
+    // The trainer's path: prompts prepared first (the vision calls shared out by image), then
+    // generated.
+    let prepared = e.prepare(&reqs, cfg.format_sentence.as_deref()).unwrap();
+    let three = e.generate_prepared(&reqs, &prepared, &cfg, None).unwrap();
+    assert_eq!(one.len(), three.len());
+    for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+        assert_eq!(
+            (a.prompt_index, a.sample_index, &a.tokens),
+            (b.prompt_index, b.sample_index, &b.tokens),
+            "sample {i}"
+        );
+    }
     assert!(e.set_cpu_slices(Some(1)).unwrap());
 }
 
