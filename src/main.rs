@@ -153,7 +153,8 @@ enum BenchCommand {
     /// bandwidth for CUDA).
     Kernels(BenchKernelsArgs),
     /// Rollout throughput of a package: prompts/s, tokens/s, vision / prefill / decode time, the
-    /// share of wall time inside ONNX Runtime, resident memory round by round.
+    /// share of wall time inside ONNX Runtime (and, with CPU slices, of the time they worked, and
+    /// how long they waited for each other), resident memory round by round.
     Rollout(commands::BenchRolloutArgs),
 }
 
