@@ -298,10 +298,14 @@ pub struct BenchRolloutArgs {
     group: usize,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Timed rounds after one warm-up round (16 rounds of 64 tokens ≈ 1,000 decode steps, for
-    /// the memory-growth check).
+    /// Timed rounds after the warm-up (16 rounds of 64 tokens ≈ 1,000 decode steps, for the
+    /// memory-growth check).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Untimed rounds first. ONNX Runtime's memory settles in one round for prompts alike; task
+    /// data with prompts of several images can take three.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,
     #[command(flatten)]
@@ -467,14 +471,16 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         n => format!(" in {n} concurrent slices (--cpu-slices)"),
     };
     eprintln!(
-        "{} prompts × {} samples, {} new tokens, {} timed rounds after one warm-up, on {}{slices}",
+        "{} prompts × {} samples, {} new tokens, {} timed rounds after {} warm-up round{}, on {}{slices}",
         requests.len(),
         a.group,
         a.max_new_tokens,
-        a.rounds,
+        a.rounds.max(1),
+        a.warmup,
+        if a.warmup == 1 { "" } else { "s" },
         engine.provider()
     );
-    let r = bench::run(&mut engine, &requests, &cfg, a.rounds, |i, s| {
+    let r = bench::run(&mut engine, &requests, &cfg, a.warmup, a.rounds, |i, s| {
         eprintln!("  round {}: {s:.2} s", i + 1)
     })?;
     println!(

@@ -163,6 +163,58 @@ fn a_missing_ort_lib_is_an_error_naming_it() {
     );
 }
 
+/// `ssrl bench rollout` on two CPU slices: its JSON report adds up — warm-up and timed rounds
+/// each leave a memory reading, the time outside ONNX Runtime is split, and the share of the
+/// slices' working time is at least the share of wall time.
+#[test]
+fn bench_rollout_reports_its_rounds_and_time_split() {
+    let json = scratch("cli-bench").join("b.json");
+    let r = ssrl()
+        .args(["bench", "rollout", "--model"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .args(["--batch", "4", "--group", "2", "--max-new-tokens", "4"])
+        .args([
+            "--warmup",
+            "2",
+            "--rounds",
+            "2",
+            "--cpu-slices",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    if err.contains("ONNX Runtime library not found") {
+        let _ = writeln!(std::io::stderr(), "SKIP: {err}");
+        return;
+    }
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("2 timed rounds after 2 warm-up rounds"),
+        "{err}"
+    );
+    let b: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(b["warmup_rounds"], 2);
+    assert_eq!(b["rounds"], 2);
+    assert_eq!(b["rss_mb"].as_array().unwrap().len(), 4);
+    // Four prompts × two samples × at most four tokens, per timed round.
+    let tokens = b["generated_tokens"].as_u64().unwrap();
+    assert!((2..=64).contains(&tokens), "{tokens}");
+    let (wall, share, busy) = (
+        b["wall_s"].as_f64().unwrap(),
+        b["ort_share"].as_f64().unwrap(),
+        b["ort_share_busy"].as_f64().unwrap(),
+    );
+    let wait = b["stats"]["slice_wait_s"].as_f64().unwrap();
+    assert!(
+        share > 0.0 && share <= 1.0 && busy >= share && busy <= 1.0,
+        "{b}"
+    );
+    assert!(wait >= 0.0 && wait < wall, "{b}");
+}
+
 #[test]
 fn rollout_writes_one_scored_line_per_response() {
     let dir = scratch("cli-rollout");

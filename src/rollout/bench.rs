@@ -30,7 +30,9 @@ pub struct RolloutBench {
     /// apart when their cores run at different speeds, as on a shared machine.
     pub ort_share_busy: f64,
     pub peak_rss_mb: f64,
-    /// Resident set after each round (the warm-up round first).
+    /// Untimed rounds before the timed ones.
+    pub warmup_rounds: usize,
+    /// Resident set after each round (the warm-up rounds first).
     pub rss_mb: Vec<f64>,
     /// Last round's RSS minus the first timed round's.
     pub rss_growth_mb: f64,
@@ -73,17 +75,21 @@ pub fn synthetic_requests(n: usize) -> Vec<Request> {
         .collect()
 }
 
-/// One warm-up round, then `rounds` timed rounds of `requests` × `cfg.group`.
+/// `warmup` untimed rounds, then `rounds` (at least one) timed rounds of `requests` ×
+/// `cfg.group`.
 pub fn run(
     engine: &mut Engine,
     requests: &[Request],
     cfg: &GenerationConfig,
+    warmup: usize,
     rounds: usize,
     mut on_round: impl FnMut(usize, f64),
 ) -> Result<RolloutBench, EngineError> {
-    let mut rss = Vec::with_capacity(rounds + 1);
-    engine.generate(requests, cfg, None)?;
-    rss.push(rss_mb().0);
+    let mut rss = Vec::with_capacity(warmup + rounds.max(1));
+    for _ in 0..warmup {
+        engine.generate(requests, cfg, None)?;
+        rss.push(rss_mb().0);
+    }
     let _ = engine.take_stats();
     let t0 = Instant::now();
     for r in 0..rounds.max(1) {
@@ -111,7 +117,8 @@ pub fn run(
         ort_share_busy: stats.ort_s / (wall - stats.slice_wait_s),
         stats,
         peak_rss_mb: rss_mb().1,
-        rss_growth_mb: rss.last().copied().unwrap_or(0.0) - rss.get(1).copied().unwrap_or(0.0),
+        warmup_rounds: warmup,
+        rss_growth_mb: rss.last().copied().unwrap_or(0.0) - rss[warmup],
         rss_mb: rss,
     })
 }
