@@ -10,6 +10,18 @@ fn ssrl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ssrl"))
 }
 
+/// The stderr of a run that needs ONNX Runtime: `None` (with a visible SKIP) where no library is
+/// installed, else the run must have succeeded.
+fn succeeded_or_skip(r: &std::process::Output) -> Option<String> {
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    if err.contains("ONNX Runtime library not found") {
+        let _ = writeln!(std::io::stderr(), "SKIP: {err}");
+        return None;
+    }
+    assert!(r.status.success(), "{err}");
+    Some(err)
+}
+
 #[test]
 fn reward_filter_scores_jsonl() {
     let mut child = ssrl()
@@ -185,12 +197,9 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
         .arg(&json)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&r.stderr);
-    if err.contains("ONNX Runtime library not found") {
-        let _ = writeln!(std::io::stderr(), "SKIP: {err}");
+    let Some(err) = succeeded_or_skip(&r) else {
         return;
-    }
-    assert!(r.status.success(), "{err}");
+    };
     assert!(
         err.contains("2 timed rounds after 2 warm-up rounds"),
         "{err}"
@@ -245,12 +254,9 @@ fn rollout_writes_one_scored_line_per_response() {
         .arg(&out)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&r.stderr);
-    if err.contains("ONNX Runtime library not found") {
-        let _ = writeln!(std::io::stderr(), "SKIP: {err}");
+    if succeeded_or_skip(&r).is_none() {
         return;
     }
-    assert!(r.status.success(), "{err}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
         .unwrap()
         .lines()
