@@ -474,12 +474,7 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
         if !cfg.resume {
             return Err(TasksError::AlreadyExists(cfg.out.clone()));
         }
-        let text = std::fs::read_to_string(&run_json).map_err(|e| {
-            TasksError::Write(write::WriteError::Io {
-                path: run_json.clone(),
-                err: e,
-            })
-        })?;
+        let text = std::fs::read_to_string(&run_json).map_err(write::io(&run_json))?;
         let old: RunFingerprint =
             serde_json::from_str(&text).map_err(|e| TasksError::ResumeMismatch {
                 path: run_json.clone(),

@@ -55,7 +55,8 @@ pub enum WriteError {
     Format { path: PathBuf, msg: String },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
+/// An io error at `path`, for `map_err`.
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
     move |err| WriteError::Io {
         path: path.to_path_buf(),
         err,
