@@ -10,13 +10,18 @@ The package holds
   decoder.onnx    inputs_embeds, attention_mask [B, T], position_ids [3, B, S],
                   past_key_values.{i}.key/value, lora.{i}.{target}.A/B,
                   optional shared prompt cache: prefix_key_values.{i}.key/value [Bp, kv_heads, P, d],
-                  prefix_mask [Bp, P], slot_rows [Bp·Gs], row_slots [B]
+                  prefix_mask [Bp, P], slot_rows [Bp·Gs], row_slots [B],
+                  optional rows' own cache in place: own_key_values.{i}.key/value [B, kv_heads, C, d],
+                  own_mask [B, C]
                   → logits [B, 1, V] (the last position: all a generation step needs; a
                     prefill of B × S tokens would otherwise return B·S·V floats), present.{i}.key/value
                   A prompt's G samples read its cache in place (one [G·heads, d] × [d, P] product
                   per prompt and KV head); past/present hold only each sample's own tokens, so a
-                  decode step copies no prompt cache. Without the prefix inputs it is a plain
-                  past/present decoder (onnxruntime-genai runs it so).
+                  decode step copies no prompt cache. With own_key_values (a buffer of C slots
+                  for the row's older tokens, own_mask marking the written ones) present is only
+                  past (kept short) and the new keys and values, which the runtime moves into its
+                  buffer now and then: no step copies a row's whole own cache either. Without
+                  these inputs it is a plain past/present decoder (onnxruntime-genai runs it so).
   logprobs.onnx   inputs_embeds, attention_mask, position_ids, target_ids [B, S], temperature [], lora.*
                   → token_logprobs [B, S], token_entropy [B, S]
   train.onnx      the GRPO step as one joint forward+backward graph (EasyR1's loss, see grpo_loss):
@@ -336,16 +341,23 @@ def rms_norm(norm, x):
     return norm.weight * (x.float() / torch.sqrt(var + norm.variance_epsilon)).to(x.dtype)
 
 
-def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None):
+def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None, own=None):
     """The text decoder: M-RoPE, GQA attention with a causal ∧ padding mask, optional KV cache
     (`past` None: no cache), an optional shared prompt cache (`prefix`, see shared_prefix_slots:
-    attention runs over the prompt's cache, then the row's own cache) and LoRA deltas
-    `scale · (x Aᵀ) Bᵀ` on the targets in `lora`."""
+    attention runs over the prompt's cache, then the row's own cache), an optional buffer of the
+    rows' own earlier tokens read in place (`own` = (keys/values per layer [B, kv_heads, C, d],
+    own_mask [B, C]); with the prefix only: prompt, then this buffer, then `past` and the new
+    tokens) and LoRA deltas `scale · (x Aᵀ) Bᵀ` on the targets in `lora`."""
     lm = model.model.language_model
     B, S, _ = embeds.shape
+    neg = torch.finfo(torch.float32).min
     if prefix is not None:
         pkv, pmask, slot_rows, row_slots, Bp, Gs = shared_prefix_slots(prefix, B)
-        pbias = torch.where(pmask.bool(), 0.0, torch.finfo(torch.float32).min).to(embeds.dtype)
+        pbias = torch.where(pmask.bool(), 0.0, neg).to(embeds.dtype)
+    if own is not None:
+        assert prefix is not None, "the own-cache buffer comes with the prefix inputs"
+        okv, omask = own
+        obias = torch.where(omask.bool(), 0.0, neg).to(embeds.dtype)
     past_len = past[0].shape[2] if past is not None else 0
     cos, sin = lm.rotary_emb(embeds, position_ids)
     q_pos = torch.arange(S) + past_len
@@ -395,8 +407,23 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
                 return x.view(Bp, kvh, Gs, gS, n).transpose(1, 2).reshape(Bp * Gs, kvh, gS, n).index_select(0, row_slots)
 
             ps = torch.matmul(to_slots(qg, d), pk.transpose(2, 3)) * at.scaling + pbias[:, None, None, :]
-            att = torch.softmax(torch.cat([to_rows(ps, P), att], dim=-1).float(), dim=-1).to(q.dtype)
-            o = torch.matmul(att[..., P:], v) + to_rows(torch.matmul(to_slots(att[..., :P], P), pv), d)
+            if own is None:
+                att = torch.softmax(torch.cat([to_rows(ps, P), att], dim=-1).float(), dim=-1).to(q.dtype)
+                o = torch.matmul(att[..., P:], v) + to_rows(torch.matmul(to_slots(att[..., :P], P), pv), d)
+            else:
+                # The rows' own earlier tokens in the runtime's buffer, read where they lie;
+                # its unwritten slots are masked. Buffer row j is batch row j; the queries and
+                # scores (not the buffer) are gathered, so that the default buffer (one row, no
+                # slots) serves every row and the graph never takes the batch size from it.
+                ok, ov = okv[2 * i], okv[2 * i + 1]
+                C, ob = ok.shape[2], ok.shape[0]
+                fwd, back = torch.arange(ob), torch.arange(B).clamp(max=ob - 1)
+                cs = torch.matmul(qg.index_select(0, fwd), ok.transpose(2, 3)) * at.scaling + obias[:, None, None, :]
+                att = torch.softmax(torch.cat([to_rows(ps, P), cs.index_select(0, back), att], dim=-1).float(),
+                                    dim=-1).to(q.dtype)
+                o = (torch.matmul(att[..., P + C:], v)
+                     + torch.matmul(att[..., P:P + C].index_select(0, fwd), ov).index_select(0, back)
+                     + to_rows(torch.matmul(to_slots(att[..., :P], P), pv), d))
         o = o.view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
         h = h + proj(i, "o_proj", at.o_proj, o)
         mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, h)
@@ -411,11 +438,11 @@ class Decoder(nn.Module):
         self.model, self.lora_names, self.scale = model, lora_names, scale
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, prefix_key_values, prefix_mask,
-                slot_rows, row_slots, lora_tensors):
+                slot_rows, row_slots, own_key_values, own_mask, lora_tensors):
         lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
         prefix = (prefix_key_values, prefix_mask, slot_rows, row_slots)
         h, presents = decoder_core(self.model, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                   lora, self.scale, prefix)
+                                   lora, self.scale, prefix, (own_key_values, own_mask))
         # The last position only: the engine left-pads prompts, so that is every row's next token.
         return (self.model.lm_head(h[:, -1:]), *presents)
 
@@ -508,6 +535,13 @@ def prefix_defaults(L, kvh, hd):
     return out
 
 
+def own_defaults(L, kvh, hd):
+    """No own-cache buffer: the rows' own tokens are all in past (a plain past/present decoder)."""
+    out = {f"own_key_values.{i}.{kv}": np.zeros((1, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    out["own_mask"] = np.zeros((1, 0), np.int64)
+    return out
+
+
 def export_package(model, out, lora_rank, lora_alpha, lora_targets):
     from torch.export import Dim
 
@@ -541,8 +575,9 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
         lora = []
         for n in names:
             lora += [torch.randn(*shapes[n][0]) * 0.1, torch.randn(*shapes[n][1]) * 0.1]
-        # Example: 3 rows on 2 prompts of 2 slots each (one free), 4 prompt tokens, 3 own tokens.
-        B, S, Pp, Bp, Gs, Pre = 3, 5, 3, 2, 2, 4
+        # Example: 3 rows on 2 prompts of 2 slots each (one free), 4 prompt tokens, 3 own tokens
+        # in past and 3 in an own-cache buffer of 4 slots.
+        B, S, Pp, Bp, Gs, Pre, C = 3, 5, 3, 2, 2, 4, 4
         x = torch.randn(B, S, D)
         am = torch.ones(B, Pp + S, dtype=torch.int64)
         pos = torch.arange(Pp, Pp + S).view(1, 1, S).expand(3, B, S).contiguous()
@@ -551,8 +586,13 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
         pmask = torch.ones(Bp, Pre, dtype=torch.int64)
         slot_rows = torch.tensor([2, 0, 1, 1])
         row_slots = torch.tensor([1, 2, 0])
+        # (a buffer of fewer rows than the batch only in this trace, so that its row count stays
+        # a dimension of its own)
+        own = [torch.randn(B - 1, kvh, C, hd) for _ in range(2 * L)]
+        own_mask = torch.tensor([[1, 1, 1, 0]] * (B - 1))
         p = Dim("past_sequence_length", max=1 << 17)
         bp, pre, slots = Dim("num_prompts", max=4096), Dim("prefix_length", max=1 << 17), Dim("num_slots", max=1 << 20)
+        cap, ob = Dim("own_capacity", max=1 << 17), Dim("own_rows", max=4096)
         in_names = ["inputs_embeds", "attention_mask", "position_ids"]
         out_names = ["logits"]
         dims = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
@@ -572,15 +612,24 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
         in_names += ["prefix_mask", "slot_rows", "row_slots"]
         dims.update({"prefix_mask": {0: "num_prompts", 1: "prefix_length"}, "slot_rows": {0: "num_slots"},
                      "row_slots": {0: "batch_size_or_0"}})
+        for i in range(L):
+            for kv in ("key", "value"):
+                in_names.append(f"own_key_values.{i}.{kv}")
+                dims[f"own_key_values.{i}.{kv}"] = {0: "own_rows", 2: "own_capacity"}
+        in_names.append("own_mask")
+        dims["own_mask"] = {0: "own_rows", 1: "own_capacity"}
         for n in names:
             in_names += [f"{n}.A", f"{n}.B"]
         ds = {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: Dim.AUTO}, "position_ids": {1: b, 2: s},
               "past_key_values": [{0: b, 2: p} for _ in range(2 * L)],
               "prefix_key_values": [{0: bp, 2: pre} for _ in range(2 * L)], "prefix_mask": {0: bp, 1: pre},
-              "slot_rows": {0: slots}, "row_slots": {0: Dim("row_slots", max=4096)}, "lora_tensors": [{} for _ in lora]}
+              "slot_rows": {0: slots}, "row_slots": {0: Dim("row_slots", max=4096)},
+              "own_key_values": [{0: ob, 2: cap} for _ in range(2 * L)], "own_mask": {0: ob, 1: cap},
+              "lora_tensors": [{} for _ in lora]}
         export(Decoder(model, names, lora_alpha / lora_rank).eval(),
-               (x, am, pos, past, prefix, pmask, slot_rows, row_slots, lora), f"{out}/decoder.onnx",
-               in_names, out_names, ds, dims, {**lora_defaults(names, shapes), **prefix_defaults(L, kvh, hd)})
+               (x, am, pos, past, prefix, pmask, slot_rows, row_slots, own, own_mask, lora), f"{out}/decoder.onnx",
+               in_names, out_names, ds, dims,
+               {**lora_defaults(names, shapes), **prefix_defaults(L, kvh, hd), **own_defaults(L, kvh, hd)})
     return names, shapes
 
 
@@ -654,6 +703,9 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
         # prefix_mask, slot_rows, row_slots; see decoder_core); only each row's own tokens are
         # past/present.
         "kv_layout": "shared",
+        # ...and the rows' own tokens from a buffer the runtime keeps (own_key_values, own_mask):
+        # each step's present is its new keys and values only.
+        "own_cache": "in_place",
     }
     json.dump(manifest, open(f"{out}/manifest.json", "w"), indent=2)
 
@@ -956,32 +1008,44 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         all_mask = np.concatenate([all_mask, np.ones((2, 1), np.int64)], 1)
 
     # 2a. the shared prompt cache: the prefill's cache read in place by 3 samples per prompt, rows
-    # shuffled and one sample dropped after the first step, gives the same logits as step 2
+    # shuffled and one sample dropped after the first step, gives the same logits as step 2; so
+    # does each row's own cache read in place from a buffer of 8 slots the new keys are written to
     prefill = [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     outs = sess["decoder"].run(None, {"inputs_embeds": sess["embedding"].run(None, {"input_ids": ids, "image_features": feats})[0],
                                       "attention_mask": mask, "position_ids": pos, **past0_of(2, kvh, hd, L), **zeros})
     prefix = {f"prefix_key_values.{k[len('present.'):]}": v for k, v in zip(prefill, outs[1:])}
     rows = np.array([1, 0, 1, 0, 0, 1])  # prompt of each row
     own = past0_of(len(rows), kvh, hd, L)
+    buf = {f"own_key_values.{i}.{kv}": np.zeros((len(rows), kvh, 8, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    buf_mask = np.zeros((len(rows), 8), np.int64)
     deltas_np = np.asarray(deltas)
     for step in range(len(step_logits)):
         if step == 1:
             rows = rows[[0, 1, 2, 4, 5]]
             own = {k: v[[0, 1, 2, 4, 5]] for k, v in own.items()}
+            buf = {k: v[[0, 1, 2, 4, 5]] for k, v in buf.items()}
+            buf_mask = buf_mask[[0, 1, 2, 4, 5]]
         gs = max(int((rows == p).sum()) for p in (0, 1))
         slot_rows, row_slots = np.zeros(2 * gs, np.int64), np.zeros(len(rows), np.int64)
         for p in (0, 1):
             for j, r in enumerate(np.flatnonzero(rows == p)):
                 slot_rows[p * gs + j], row_slots[r] = r, p * gs + j
         n_seen = mask.sum(1)[rows] + step
-        o = sess["decoder"].run(None, {
+        feed = {
             "inputs_embeds": sess["embedding"].run(None, {"input_ids": step_ids[step][rows][:, None],
                                                           "image_features": feats[:0]})[0],
-            "attention_mask": np.ones((len(rows), step + 1), np.int64),
             "position_ids": np.broadcast_to((n_seen + deltas_np[rows])[None, :, None], (3, len(rows), 1)).astype(np.int64).copy(),
-            **own, **prefix, "prefix_mask": mask, "slot_rows": slot_rows, "row_slots": row_slots, **zeros})
+            **prefix, "prefix_mask": mask, "slot_rows": slot_rows, "row_slots": row_slots, **zeros}
+        o = sess["decoder"].run(None, {**feed, **own, "attention_mask": np.ones((len(rows), step + 1), np.int64)})
         note("shared-prefix logits", np.abs(o[0][:, -1] - step_logits[step][rows]).max())
         own = {k.replace("present", "past_key_values"): v for k, v in zip(prefill, o[1:])}
+        o = sess["decoder"].run(None, {**feed, **past0_of(len(rows), kvh, hd, L), **buf, "own_mask": buf_mask,
+                                       "attention_mask": np.ones((len(rows), 1), np.int64)})
+        note("own cache in place logits", np.abs(o[0][:, -1] - step_logits[step][rows]).max())
+        for k, v in zip(prefill, o[1:]):
+            assert v.shape == (len(rows), kvh, 1, hd), (k, v.shape)
+            buf[k.replace("present", "own_key_values")][:, :, step] = v[:, :, 0]
+        buf_mask[:, step] = 1
 
     # 2b. onnxruntime-genai runs the package with its own preprocessing, template and positions
     try:

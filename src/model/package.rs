@@ -128,6 +128,21 @@ pub enum KvLayout {
     Packed,
 }
 
+/// Where a [`KvLayout::Shared`] decoder keeps the rows' own tokens. `Append`: in `past` /
+/// `present`, so each step's `present` is a new tensor holding all of them (a copy that grows
+/// with the tokens so far). `InPlace`: in a buffer the runtime keeps and feeds as
+/// `own_key_values.{i}.key/value` `[rows, kv_heads, capacity, head_dim]` with `own_mask`
+/// `[rows, capacity]` marking the written slots; `present` is then only `past` (which the
+/// runtime keeps short) and the step's new keys and values, and the runtime moves tokens into
+/// the buffer itself (packages from models/export.py).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnCache {
+    #[default]
+    Append,
+    InPlace,
+}
+
 /// `manifest.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
@@ -142,6 +157,8 @@ pub struct Manifest {
     pub lora: LoraSpec,
     #[serde(default)]
     pub kv_layout: KvLayout,
+    #[serde(default)]
+    pub own_cache: OwnCache,
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +396,7 @@ impl Package {
             } else {
                 KvLayout::Append
             },
+            own_cache: OwnCache::Append,
         };
         let g = &manifest.graphs;
         for g in [&g.vision, &g.embedding, &g.decoder] {
@@ -434,6 +452,14 @@ impl Package {
                 ("slot_rows", T::Int64),
                 ("row_slots", T::Int64),
             ]));
+            if m.own_cache == OwnCache::InPlace {
+                for i in 0..m.text.num_hidden_layers {
+                    for kv in ["key", "value"] {
+                        dec_in.push((format!("own_key_values.{i}.{kv}"), T::Float32));
+                    }
+                }
+                dec_in.push(("own_mask".into(), T::Int64));
+            }
         }
         let lora: Vec<(String, T)> = m
             .lora

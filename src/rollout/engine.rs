@@ -9,7 +9,7 @@
 
 use crate::kernels::cuda::Cuda;
 use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
-use crate::model::package::{KvLayout, Manifest, Package, PackageError, TextSpec};
+use crate::model::package::{KvLayout, Manifest, OwnCache, Package, PackageError, TextSpec};
 use crate::model::processor::{
     grid_thw, image_tokens, preprocess, preprocess_into, PreprocessorConfig, ProcessorError,
 };
@@ -475,6 +475,23 @@ pub fn trt_profiles(m: &Manifest, l: &TrtShapes) -> [TrtProfile; 3] {
         dec.push(("prefix_mask".into(), vec![rows, prefix]));
         dec.push(("slot_rows".into(), vec![rows]));
         dec.push(("row_slots".into(), vec![rows]));
+        if m.own_cache == OwnCache::InPlace {
+            // Not fed on the GPU (each step's present holds the row's own tokens): the default
+            // buffer, one row with no slots.
+            let none = (1, 1, 1);
+            for i in 0..2 * t.num_hidden_layers {
+                dec.push((
+                    kv_name("own_key_values", i),
+                    vec![
+                        none,
+                        fixed(t.num_key_value_heads),
+                        (0, 0, 0),
+                        fixed(t.head_dim),
+                    ],
+                ));
+            }
+            dec.push(("own_mask".into(), vec![none, (0, 0, 0)]));
+        }
     }
     [vision, embedding, TrtProfile::new(&dec)]
 }
