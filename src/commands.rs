@@ -334,6 +334,12 @@ pub struct DeviceArgs {
     /// (slower; to measure what keeping them on the GPU saves).
     #[arg(long)]
     host_cache: bool,
+    /// CPU: feed each row's generated tokens back to the decoder as past, so every step's
+    /// present copies all of them, instead of the buffer the decoder reads in place and each
+    /// step writes one token into (slower on long generations; to measure what the buffer
+    /// saves).
+    #[arg(long)]
+    append_cache: bool,
     /// CPU: generate N slices of the prompts concurrently, each on single-threaded sessions of
     /// its own (a copy of the weights each) — for small models on few cores, whose operators
     /// are too small to spread over threads. 1: one set of sessions on every core [default:
@@ -409,6 +415,7 @@ impl DeviceArgs {
         };
         let mut engine = spatial_ssrl::rollout::Engine::open_on(model, ort_lib, &choice)?;
         engine.set_host_cache(self.host_cache);
+        engine.set_own_cache(!self.append_cache);
         engine.set_cpu_slices(self.cpu_slices)?;
         if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {
             eprintln!(

@@ -299,6 +299,46 @@ fn a_finished_prompt_leaves_the_shared_cache_without_disturbing_the_others() {
     );
 }
 
+/// The rows' own tokens kept in a buffer the decoder reads in place (the newest in past, moved
+/// into the buffer 64 at a time, the buffer growing as it fills) give the samples of the plain
+/// past/present decoder, also as rows stop at different depths and leave the buffer: each
+/// sample of the in-place run is the appended run's sample cut at its first stop token.
+#[test]
+fn the_own_cache_read_in_place_gives_the_samples_of_past_and_present() {
+    let Some(mut e) = engine() else { return };
+    let (_, reqs) = golden();
+    let cfg = GenerationConfig {
+        max_new_tokens: 300,
+        ..staggered_config()
+    };
+    assert!(!e.set_own_cache(false));
+    let full = e.generate(&reqs, &cfg, None).unwrap();
+    let longest = full.iter().map(|c| c.tokens.len()).max().unwrap();
+    assert!(
+        longest > 200,
+        "some rows should outlive three chunks: {longest}"
+    );
+    assert!(
+        e.set_own_cache(true),
+        "the tiny package reads its own cache in place"
+    );
+    let same = e.generate(&reqs, &cfg, None).unwrap();
+    assert_cut_at_first_stop(&full, &same, &e.package.manifest.tokens.eos);
+    let stops: Vec<u32> = [(0, 70), (5, 130), (3, 190), (6, 40)]
+        .iter()
+        .filter_map(|&(i, k)| full[i].tokens.get(k).copied())
+        .collect();
+    e.package.manifest.tokens.eos.extend(&stops);
+    let eos = e.package.manifest.tokens.eos.clone();
+    let cut = e.generate(&reqs, &cfg, None).unwrap();
+    assert_cut_at_first_stop(&full, &cut, &eos);
+    let lengths: std::collections::BTreeSet<usize> = cut.iter().map(|c| c.tokens.len()).collect();
+    assert!(
+        lengths.len() >= 4,
+        "rows should stop at different steps: {lengths:?}"
+    );
+}
+
 /// CPU slices (prompts split among concurrent single-threaded sessions) draw the same samples
 /// as the engine's own sessions: every draw is keyed by prompt id, sample and step, and each
 /// slice's completions come back under their prompts' indices.

@@ -1,7 +1,9 @@
 //! B prompts × G samples: vision and prefill once per prompt, then batched decode of the G
 //! samples with per-sequence stop; finished rows leave the batch. With this project's packages
 //! the prompt's cache is shared: all G samples read it in place (the decoder's prefix inputs), so
-//! neither the fan-out nor any step copies it; other decoders get it fanned out. Every
+//! neither the fan-out nor any step copies it; other decoders get it fanned out. On the CPU
+//! the rows' own tokens, all but the newest few, stay in a buffer the decoder reads in place
+//! ([`OWN_CHUNK`]), so long generations do not copy them every step. Every
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
@@ -212,6 +214,9 @@ pub struct Engine {
     /// The GPU side while the cache is kept on the host: its stream is the one the sessions
     /// run on, so it lives as long as they do (fields drop in order, the sessions first).
     parked: Option<OnGpu>,
+    /// The decode loop keeps the rows' own tokens in buffers the decoder reads in place
+    /// ([`OwnCache::InPlace`] packages on the CPU provider).
+    own_in_place: bool,
 }
 
 /// One CPU slice: its sessions and the thread they run on, kept for the engine's life.
@@ -300,6 +305,8 @@ struct Runner<'e> {
     m: &'e Manifest,
     lora: &'e [LoraInput],
     gpu: Option<&'e OnGpu>,
+    /// The rows' own tokens go in an [`OwnBuf`] read in place (see [`Engine::set_own_cache`]).
+    own_in_place: bool,
     stats: EngineStats,
 }
 
@@ -341,6 +348,129 @@ struct Prefix {
     cache: Kv,
     /// Each prompt's padding mask (left-padded, `cache.len` wide).
     mask: Vec<Vec<i64>>,
+}
+
+/// A row's newest own tokens stay in the decoder's `past` until there are this many; then they
+/// move into the [`OwnBuf`] in one copy. So a step copies at most this many tokens per row
+/// (`present` is past + new), however long the generation.
+const OWN_CHUNK: usize = 64;
+
+/// The rows' older own tokens, for a decoder that reads them in place ([`OwnCache::InPlace`]):
+/// per layer and k/v a buffer `[rows, kv_heads, cap, head_dim]` fed as it is every step, with
+/// `own_mask` marking the `len` slots written. The newest tokens (fewer than [`OWN_CHUNK`]) are
+/// the decoder's `past`; a full chunk of them moves in at once. The buffer grows by about an
+/// eighth when full (one copy of the live rows), so no step copies the tokens so far.
+struct OwnBuf {
+    data: Vec<Vec<f32>>,
+    /// `[rows, cap]`: 1 for the written slots.
+    mask: Vec<i64>,
+    rows: usize,
+    len: usize,
+    cap: usize,
+    /// The most tokens a row will hold (the buffer never grows past it).
+    limit: usize,
+    kvh: usize,
+    hd: usize,
+}
+
+impl OwnBuf {
+    fn new(t: &TextSpec, rows: usize, limit: usize) -> OwnBuf {
+        OwnBuf {
+            data: vec![Vec::new(); 2 * t.num_hidden_layers],
+            mask: Vec::new(),
+            rows,
+            len: 0,
+            cap: 0,
+            limit,
+            kvh: t.num_key_value_heads,
+            hd: t.head_dim,
+        }
+    }
+
+    /// Slots for `n` tokens: an eighth more (whole chunks), within the limit.
+    fn capacity_for(n: usize, limit: usize) -> usize {
+        (n + n / 8 / OWN_CHUNK * OWN_CHUNK).min(limit).max(n)
+    }
+
+    /// Moves the tokens of `past` (per layer and k/v `[rows.., kv_heads, n, head_dim]`, its
+    /// leading `self.rows` rows live) into slots `len..len + n`, growing the buffers first when
+    /// they are short.
+    fn absorb(&mut self, past: &mut Kv) -> Result<(), EngineError> {
+        let n = past.len;
+        if self.len + n > self.cap {
+            self.grow(self.len + n);
+        }
+        let (kvh, hd, cap, len) = (self.kvh, self.hd, self.cap, self.len);
+        for (buf, v) in self.data.iter_mut().zip(past.data.iter_mut()) {
+            let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
+            for (rh, s) in src.chunks_exact(n * hd).take(self.rows * kvh).enumerate() {
+                let at = (rh * cap + len) * hd;
+                buf[at..at + n * hd].copy_from_slice(s);
+            }
+        }
+        for r in 0..self.rows {
+            self.mask[r * cap + len..r * cap + len + n].fill(1);
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    /// Moves the live rows into buffers with room for `n` tokens.
+    fn grow(&mut self, n: usize) {
+        let (kvh, hd, old) = (self.kvh, self.hd, self.cap);
+        let cap = OwnBuf::capacity_for(n, self.limit.max(n));
+        for buf in &mut self.data {
+            let mut next = vec![0.0; self.rows * kvh * cap * hd];
+            if old > 0 {
+                for (to, from) in next
+                    .chunks_exact_mut(cap * hd)
+                    .zip(buf.chunks_exact(old * hd))
+                {
+                    to[..old * hd].copy_from_slice(from);
+                }
+            }
+            *buf = next;
+        }
+        self.mask = (0..self.rows * cap)
+            .map(|j| i64::from(j % cap < self.len))
+            .collect();
+        self.cap = cap;
+    }
+
+    /// Applies [`compaction`]'s moves: rows `from` into the freed rows `to`.
+    fn keep(&mut self, moves: &[(usize, usize)], rows: usize) {
+        let (row, cap) = (self.kvh * self.cap * self.hd, self.cap);
+        for buf in &mut self.data {
+            for &(to, from) in moves {
+                buf.copy_within(from * row..(from + 1) * row, to * row);
+            }
+        }
+        for &(to, from) in moves {
+            self.mask
+                .copy_within(from * cap..(from + 1) * cap, to * cap);
+        }
+        self.rows = rows;
+    }
+}
+
+/// How the live rows `keep` (ascending) of `rows` stay where they are: rows from beyond the new
+/// end move into the gaps, `(to, from)` each. Also returns, for each new row, the old row it
+/// holds.
+fn compaction(rows: usize, keep: &[usize]) -> (Vec<usize>, Vec<(usize, usize)>) {
+    let n = keep.len();
+    let mut kept = vec![false; rows];
+    for &k in keep {
+        kept[k] = true;
+    }
+    let moves: Vec<(usize, usize)> = (0..n)
+        .filter(|&p| !kept[p])
+        .zip(keep.iter().copied().filter(|&k| k >= n))
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    for &(to, from) in &moves {
+        order[to] = from;
+    }
+    (order, moves)
 }
 
 /// The decoder's slot tables for rows on `prompts` prompts (`row_prompt[r]`: row r's prompt):
@@ -680,7 +810,11 @@ impl Engine {
             }
             _ => None,
         };
+        let own_in_place = m.kv_layout == KvLayout::Shared
+            && m.own_cache == OwnCache::InPlace
+            && provider.starts_with("cpu");
         Ok(Engine {
+            own_in_place,
             prompts: Arc::new(PromptBuilder::from_dir(dir)?),
             preprocessor,
             package,
@@ -711,6 +845,19 @@ impl Engine {
         } else if let Some(g) = self.parked.take() {
             self.gpu = Some(g);
         }
+    }
+
+    /// With `true` (the default where the package allows it: [`OwnCache::InPlace`], on the
+    /// CPU provider) each row's own tokens, all but the newest [`OWN_CHUNK`], stay in a buffer
+    /// the decoder reads in place; `false` feeds all of them back as `past` (each step's
+    /// `present` a new copy of them; for comparisons). Returns whether the buffer is in use.
+    pub fn set_own_cache(&mut self, in_place: bool) -> bool {
+        let m = &self.package.manifest;
+        self.own_in_place = in_place
+            && m.kv_layout == KvLayout::Shared
+            && m.own_cache == OwnCache::InPlace
+            && self.provider.starts_with("cpu");
+        self.own_in_place
     }
 
     /// Whether the decode loop keeps its cache and logits on the GPU.
@@ -844,6 +991,7 @@ impl Engine {
             m: &self.package.manifest,
             lora: &self.lora,
             gpu: self.gpu.as_ref(),
+            own_in_place: self.own_in_place,
             stats: EngineStats::default(),
         };
         let out = work(&mut r);
@@ -862,6 +1010,7 @@ impl Engine {
     ) -> Result<Vec<T>, EngineError> {
         let k = shares.len();
         let (m, lora, work) = (&self.package.manifest, &self.lora[..], &work);
+        let own_in_place = self.own_in_place;
         // Each slice's work runs on its own thread (`install` blocks its caller, so one
         // short-lived caller per slice waits for it).
         // Each slice's result, stats and busy seconds.
@@ -880,6 +1029,7 @@ impl Engine {
                                     m,
                                     lora,
                                     gpu: None,
+                                    own_in_place,
                                     stats: EngineStats::default(),
                                 };
                                 let t = Instant::now();
@@ -1093,6 +1243,7 @@ impl Runner<'_> {
         pos: Vec<i64>,
         kv: &mut Kv,
         prefix: Option<(&mut Prefix, &[usize])>,
+        own: Option<&OwnBuf>,
         last: &[usize],
     ) -> Result<(StepLogits, Kv), EngineError> {
         let t = &self.m.text;
@@ -1138,6 +1289,18 @@ impl Runner<'_> {
                 let view = leading_rows(v, [prompts, kvh, len, hd])?;
                 inputs.push((kv_name("prefix_key_values", i), view));
             }
+        }
+        if let Some(o) = own {
+            let n = o.rows * kvh * o.cap * hd;
+            for (i, d) in o.data.iter().enumerate() {
+                let view = TensorRef::from_array_view(([o.rows, kvh, o.cap, hd], &d[..n]))
+                    .map_err(run_err("decoder"))?;
+                inputs.push((kv_name("own_key_values", i), view.into()));
+            }
+            let mask = &o.mask[..o.rows * o.cap];
+            let view =
+                TensorRef::from_array_view(([o.rows, o.cap], mask)).map_err(run_err("decoder"))?;
+            inputs.push(("own_mask".into(), view.into()));
         }
         inputs.extend(
             self.lora
@@ -1263,20 +1426,9 @@ impl Runner<'_> {
     fn keep_rows(&mut self, kv: &mut Kv, keep: &[usize]) -> Result<Vec<usize>, EngineError> {
         let t0 = Instant::now();
         let n = keep.len();
-        let mut kept = vec![false; kv.rows];
-        for &k in keep {
-            kept[k] = true;
-        }
-        let mut order: Vec<usize> = (0..n).collect();
-        let moves: Vec<(usize, usize)> = (0..n)
-            .filter(|&p| !kept[p])
-            .zip(keep.iter().copied().filter(|&k| k >= n))
-            .collect();
+        let (order, moves) = compaction(kv.rows, keep);
         let t = &self.m.text;
         let row = t.num_key_value_heads * kv.len * t.head_dim;
-        for &(to, from) in &moves {
-            order[to] = from;
-        }
         for v in &mut kv.data {
             match &self.gpu {
                 None => {
@@ -1468,6 +1620,7 @@ impl Runner<'_> {
             pos,
             &mut start,
             no_prefix.as_mut().map(|p| (p, &own[..])),
+            None,
             &last,
         )?;
         self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
@@ -1485,6 +1638,10 @@ impl Runner<'_> {
             let rows = self.gather_rows(&mut kv, &fan)?;
             (rows, None, fan.iter().map(|&p| mask[p].clone()).collect())
         };
+        // The rows' older own tokens in a buffer read in place, the newest in `kv` (the
+        // decoder's past); without the buffer, all of them in `kv`.
+        let mut own_buf = (shared && self.own_in_place)
+            .then(|| OwnBuf::new(t, b * g, cfg.max_new_tokens.saturating_sub(1)));
         // Each live row's prompt, as a row of the prefix.
         let mut row_prompt = fan.clone();
         let vocab = t.vocab_size;
@@ -1577,6 +1734,11 @@ impl Runner<'_> {
             }
             if keep.len() != active.len() {
                 let order = self.keep_rows(&mut kv, &keep)?;
+                if let Some(o) = own_buf.as_mut() {
+                    let t0 = Instant::now();
+                    o.keep(&compaction(o.rows, &keep).1, keep.len());
+                    self.stats.cache_s += t0.elapsed().as_secs_f64();
+                }
                 masks = order
                     .iter()
                     .map(|&o| std::mem::take(&mut masks[o]))
@@ -1602,6 +1764,16 @@ impl Runner<'_> {
                     pos[r * n + k] = p;
                 }
             }
+            if let Some(o) = own_buf.as_mut().filter(|_| kv.len == OWN_CHUNK) {
+                // A full chunk of past moves into the own buffer.
+                let t0 = Instant::now();
+                o.absorb(&mut kv)?;
+                kv = Kv::empty(t, n)?;
+                for mrow in masks.iter_mut() {
+                    mrow.clear();
+                }
+                self.stats.cache_s += t0.elapsed().as_secs_f64();
+            }
             if packed {
                 // Row k holds seen[k] tokens from position 0; the new one goes right after.
                 let width = kv.len + 1;
@@ -1622,6 +1794,7 @@ impl Runner<'_> {
                 pos,
                 &mut kv,
                 prefix.as_mut().map(|p| (p, &row_prompt[..])),
+                own_buf.as_ref().filter(|o| o.len > 0),
                 &vec![0; n],
             )?;
             kv = new_kv;
