@@ -6,6 +6,7 @@ Run through run.sh (it makes the venv). Not part of CI."""
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,28 @@ def timed(one_round, rounds):
 def chat(text):
     return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             f"<|vision_start|><|image_pad|><|vision_end|>{text} {FORMAT}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def genai_folder(model, builder, td):
+    """onnxruntime-genai's best setting for the package: its own model builder's decoder
+    (GroupQueryAttention, `builder`, made from the same weights by `make fixture`) with the
+    cache buffer shared between past and present, beside the package's vision and embedding
+    graphs. On the tiny package it runs ~30 % faster than the package's standard-op decoder.
+    Without a builder decoder: the package as it is."""
+    if not (builder and os.path.isfile(f"{builder}/model.onnx")):
+        return model
+    out = f"{td}/genai"
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns("decoder.onnx*", "logprobs.onnx", "train.onnx", "hf", "goldens"))
+    for f in os.listdir(builder):
+        if f.startswith("model.onnx"):
+            shutil.copy(f"{builder}/{f}", f"{out}/{f}")
+    with open(f"{out}/genai_config.json") as f:
+        cfg = json.load(f)
+    cfg["model"]["decoder"]["filename"] = "model.onnx"
+    cfg["search"]["past_present_share_buffer"] = True
+    with open(f"{out}/genai_config.json", "w") as f:
+        json.dump(cfg, f)
+    return out
 
 
 def run_genai(model, paths, a):
@@ -127,6 +150,9 @@ def main():
     ap.add_argument("--group", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--genai-decoder", default="models/tiny-genai-decoder",
+                    help="onnxruntime-genai's model-builder decoder of the same weights (GroupQueryAttention), "
+                         "its fastest graph; '' runs onnxruntime-genai on the package's own decoder")
     a = ap.parse_args()
     pics = images(a.batch)
     with tempfile.TemporaryDirectory() as td:
@@ -142,7 +168,7 @@ def main():
                                     "images": [p], "source": [], "meta": {}}) + "\n")
         rows = [("ssrl (this project)", *run_ssrl(a.ssrl, a.model, f"{td}/data/bench.jsonl", a, f"{td}/r.json"))]
         try:
-            rows.append(("onnxruntime-genai", *run_genai(a.model, paths, a)))
+            rows.append(("onnxruntime-genai", *run_genai(genai_folder(a.model, a.genai_decoder, td), paths, a)))
         except Exception as e:  # a peer that cannot run is reported, not fatal
             print(f"onnxruntime-genai: not run ({e})", file=sys.stderr)
         try:
