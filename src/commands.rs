@@ -334,10 +334,9 @@ pub struct DeviceArgs {
     /// (slower; to measure what keeping them on the GPU saves).
     #[arg(long)]
     host_cache: bool,
-    /// CPU: feed each row's generated tokens back to the decoder as past, so every step's
-    /// present copies all of them, instead of the buffer the decoder reads in place and each
-    /// step writes one token into (slower on long generations; to measure what the buffer
-    /// saves).
+    /// CPU: feed all of each row's generated tokens back to the decoder as past, so every
+    /// step's present copies them, instead of keeping all but the newest 64 in a buffer the
+    /// decoder reads in place (slower on long generations; to measure what the buffer saves).
     #[arg(long)]
     append_cache: bool,
     /// CPU: generate N slices of the prompts concurrently, each on single-threaded sessions of

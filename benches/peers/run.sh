@@ -1,5 +1,5 @@
 #!/bin/sh
-# Rollout throughput against onnxruntime-genai and transformers, same package, one run.
+# Rollout throughput against onnxruntime-genai and transformers on the same weights, one run.
 # Usage: benches/peers/run.sh [--batch 8 --group 5 --tokens 64 --rounds 3]
 # Uses $PEERS_VENV, else the exporter's venv (.venv-export, `make fixture` makes it), else makes
 # benches/peers/.venv from models/requirements.txt (torch from PyPI: a large download).
