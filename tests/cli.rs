@@ -222,6 +222,19 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
         "{b}"
     );
     assert!(wait >= 0.0 && wait < wall, "{b}");
+    // The tiny package's decoder reads the rows' own tokens in place unless told not to.
+    assert_eq!(b["own_cache_in_place"], true, "{b}");
+    let r = ssrl()
+        .args(["bench", "rollout", "--model"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .args(["--batch", "1", "--group", "1", "--max-new-tokens", "2"])
+        .args(["--warmup", "0", "--rounds", "1", "--append-cache", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(b["own_cache_in_place"], false, "{b}");
 }
 
 #[test]

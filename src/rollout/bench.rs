@@ -12,6 +12,9 @@ pub struct RolloutBench {
     pub provider: String,
     /// Decoder cache, logits and sampling on the GPU (CUDA / TensorRT).
     pub cache_on_gpu: bool,
+    /// The rows' older own tokens in a buffer the decoder reads in place (CPU, packages that
+    /// allow it; `--append-cache` turns it off).
+    pub own_cache_in_place: bool,
     pub prompts: usize,
     pub group: usize,
     pub max_new_tokens: usize,
@@ -104,6 +107,7 @@ pub fn run(
     Ok(RolloutBench {
         provider: engine.provider().to_string(),
         cache_on_gpu: engine.cache_on_gpu(),
+        own_cache_in_place: engine.own_cache_in_place(),
         prompts: requests.len(),
         group: cfg.group,
         max_new_tokens: cfg.max_new_tokens,

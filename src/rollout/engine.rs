@@ -860,6 +860,11 @@ impl Engine {
         self.own_in_place
     }
 
+    /// Whether the decode loop keeps the rows' older own tokens in a buffer read in place.
+    pub fn own_cache_in_place(&self) -> bool {
+        self.own_in_place
+    }
+
     /// Whether the decode loop keeps its cache and logits on the GPU.
     pub fn cache_on_gpu(&self) -> bool {
         self.gpu.is_some()
