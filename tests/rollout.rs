@@ -196,6 +196,56 @@ fn samples_do_not_depend_on_the_batch_and_lora_swaps_apply() {
         .is_err());
 }
 
+/// Every sampled token's log-prob is log-softmax(logits / T) of its step's logits, computed here in
+/// f64, over the vocabulary without the image and video placeholders (never drawn: the sampler
+/// renormalises without them). Top-p shapes the draw, not the log-prob.
+#[test]
+fn sampled_log_probs_are_the_tempered_distribution_without_placeholders() {
+    let Some(mut e) = engine() else { return };
+    let (_, reqs) = golden();
+    let t = 0.7f64;
+    let cfg = GenerationConfig {
+        group: 3,
+        max_new_tokens: 12,
+        sampling: SamplingParams {
+            temperature: t as f32,
+            top_p: 0.9,
+            top_k: 0,
+            seed: 11,
+        },
+        verbatim: false,
+        format_sentence: None,
+    };
+    let mut trace = Trace::default();
+    let out = e.generate(&reqs, &cfg, Some(&mut trace)).unwrap();
+    let tokens = &e.package.manifest.tokens;
+    let banned = [tokens.image as usize, tokens.video as usize];
+    let vocab = e.package.manifest.text.vocab_size;
+    let mut checked = 0;
+    for (step, (rows, logits)) in trace.steps.iter().enumerate() {
+        for (k, &row) in rows.iter().enumerate() {
+            let l = &logits[k * vocab..(k + 1) * vocab];
+            let kept = |i: &usize| !banned.contains(i);
+            let max = (0..vocab).filter(kept).map(|i| f64::from(l[i]) / t);
+            let max = max.fold(f64::MIN, f64::max);
+            let z: f64 = (0..vocab)
+                .filter(kept)
+                .map(|i| (f64::from(l[i]) / t - max).exp())
+                .sum();
+            let token = out[row].tokens[step] as usize;
+            assert!(!banned.contains(&token), "row {row} drew a placeholder");
+            let want = f64::from(l[token]) / t - max - z.ln();
+            let got = f64::from(out[row].logprobs[step]);
+            assert!(
+                (got - want).abs() < 2e-5,
+                "row {row} step {step}: {got} vs {want}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "{checked} tokens checked");
+}
+
 fn staggered_config() -> GenerationConfig {
     GenerationConfig {
         group: 4,
