@@ -263,10 +263,33 @@ fn staggered_config() -> GenerationConfig {
 
 /// Stop tokens that end rows of `full` at different depths.
 fn staggered_stops(full: &[spatial_ssrl::rollout::Completion]) -> Vec<u32> {
-    [(0, 2), (5, 7), (3, 12), (6, 17)]
-        .iter()
+    stops_at(full, &[(0, 2), (5, 7), (3, 12), (6, 17)])
+}
+
+/// The tokens of samples `i` of `full` at depths `k`, for each `(i, k)`.
+fn stops_at(full: &[spatial_ssrl::rollout::Completion], at: &[(usize, usize)]) -> Vec<u32> {
+    at.iter()
         .filter_map(|&(i, k)| full[i].tokens.get(k).copied())
         .collect()
+}
+
+/// With `stops` added to the stop tokens, `e` generates every sample of `full` cut after its
+/// first stop token, with the same log-probs, and the rows stop at four or more depths.
+fn assert_rows_stop_at_their_first_stop(
+    e: &mut Engine,
+    reqs: &[Request],
+    cfg: &GenerationConfig,
+    full: &[spatial_ssrl::rollout::Completion],
+    stops: &[u32],
+) {
+    e.package.manifest.tokens.eos.extend(stops);
+    let cut = e.generate(reqs, cfg, None).unwrap();
+    assert_cut_at_first_stop(full, &cut, &e.package.manifest.tokens.eos);
+    let lengths: std::collections::BTreeSet<usize> = cut.iter().map(|c| c.tokens.len()).collect();
+    assert!(
+        lengths.len() >= 4,
+        "rows should stop at different steps: lengths {lengths:?}"
+    );
 }
 
 /// Every sample of `cut` is the same sample of `full` cut after its first token in `eos`, with
@@ -309,16 +332,8 @@ fn finished_rows_leave_the_batch_without_disturbing_the_others() {
     let (_, reqs) = golden();
     let cfg = staggered_config();
     let full = e.generate(&reqs, &cfg, None).unwrap();
-    let eos = staggered_stops(&full);
-    e.package.manifest.tokens.eos.extend(&eos);
-    let eos = e.package.manifest.tokens.eos.clone();
-    let cut = e.generate(&reqs, &cfg, None).unwrap();
-    assert_cut_at_first_stop(&full, &cut, &eos);
-    let lengths: std::collections::BTreeSet<usize> = cut.iter().map(|c| c.tokens.len()).collect();
-    assert!(
-        lengths.len() >= 4,
-        "rows should stop at different steps: lengths {lengths:?}"
-    );
+    let stops = staggered_stops(&full);
+    assert_rows_stop_at_their_first_stop(&mut e, &reqs, &cfg, &full, &stops);
 }
 
 /// With a shared prompt cache, a prompt whose samples have all stopped leaves it (the engine
@@ -374,19 +389,8 @@ fn the_own_cache_read_in_place_gives_the_samples_of_past_and_present() {
     );
     let same = e.generate(&reqs, &cfg, None).unwrap();
     assert_cut_at_first_stop(&full, &same, &e.package.manifest.tokens.eos);
-    let stops: Vec<u32> = [(0, 70), (5, 130), (3, 190), (6, 40)]
-        .iter()
-        .filter_map(|&(i, k)| full[i].tokens.get(k).copied())
-        .collect();
-    e.package.manifest.tokens.eos.extend(&stops);
-    let eos = e.package.manifest.tokens.eos.clone();
-    let cut = e.generate(&reqs, &cfg, None).unwrap();
-    assert_cut_at_first_stop(&full, &cut, &eos);
-    let lengths: std::collections::BTreeSet<usize> = cut.iter().map(|c| c.tokens.len()).collect();
-    assert!(
-        lengths.len() >= 4,
-        "rows should stop at different steps: {lengths:?}"
-    );
+    let stops = stops_at(&full, &[(0, 70), (5, 130), (3, 190), (6, 40)]);
+    assert_rows_stop_at_their_first_stop(&mut e, &reqs, &cfg, &full, &stops);
 }
 
 /// CPU slices (prompts split among concurrent single-threaded sessions) draw the same samples
