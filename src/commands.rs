@@ -335,8 +335,9 @@ pub struct DeviceArgs {
     #[arg(long)]
     host_cache: bool,
     /// CPU: feed all of each row's generated tokens back to the decoder as past, so every
-    /// step's present copies them, instead of keeping all but the newest 64 in a buffer the
-    /// decoder reads in place (slower on long generations; to measure what the buffer saves).
+    /// step's present copies them, instead of keeping them where the decoder reads them (this
+    /// project's packages: all but the newest 64 in a buffer; onnxruntime-genai builder
+    /// decoders: one past/present buffer). Slower on long generations; to measure the gain.
     #[arg(long)]
     append_cache: bool,
     /// CPU: generate N slices of the prompts concurrently, each on single-threaded sessions of

@@ -598,6 +598,17 @@ fn a_genai_builder_folder_generates_like_the_package() {
             }
         }
     }
+    // A long run with rows stopping at different depths: GroupQueryAttention writes each token
+    // into the past it reads (the buffers growing as they fill, the kept rows moving into new
+    // ones as others stop), and the samples are the package's.
+    assert!(g.own_cache_in_place());
+    let long = GenerationConfig {
+        max_new_tokens: 200,
+        ..staggered_config()
+    };
+    let full = e.generate(&reqs, &long, None).unwrap();
+    let stops = stops_at(&full, &[(0, 70), (5, 130), (3, 150), (6, 20)]);
+    assert_rows_stop_at_their_first_stop(&mut g, &reqs, &long, &full, &stops);
     // No LoRA inputs: an adapter is refused with the way out.
     let err = g.set_lora(&[("lora.0.q_proj.A".into(), vec![0.0; 1024])]);
     assert!(err.unwrap_err().to_string().contains("ssrl export"));

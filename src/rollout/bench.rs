@@ -12,8 +12,8 @@ pub struct RolloutBench {
     pub provider: String,
     /// Decoder cache, logits and sampling on the GPU (CUDA / TensorRT).
     pub cache_on_gpu: bool,
-    /// The rows' older own tokens in a buffer the decoder reads in place (CPU, packages that
-    /// allow it; `--append-cache` turns it off).
+    /// The rows' own tokens stay where the decoder reads them instead of being copied every
+    /// step (CPU, decoders that allow it; `--append-cache` turns it off).
     pub own_cache_in_place: bool,
     pub prompts: usize,
     pub group: usize,

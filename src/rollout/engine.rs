@@ -214,8 +214,8 @@ pub struct Engine {
     /// The GPU side while the cache is kept on the host: its stream is the one the sessions
     /// run on, so it lives as long as they do (fields drop in order, the sessions first).
     parked: Option<OnGpu>,
-    /// The decode loop keeps the rows' own tokens in buffers the decoder reads in place
-    /// ([`OwnCache::InPlace`] packages on the CPU provider).
+    /// The decode loop keeps the rows' own tokens where the decoder reads them, not copied
+    /// every step ([`own_cache_in_place`]).
     own_in_place: bool,
 }
 
@@ -305,7 +305,9 @@ struct Runner<'e> {
     m: &'e Manifest,
     lora: &'e [LoraInput],
     gpu: Option<&'e OnGpu>,
-    /// The rows' own tokens go in an [`OwnBuf`] read in place (see [`Engine::set_own_cache`]).
+    /// The rows' own tokens stay where the decoder reads them: an [`OwnBuf`], or for
+    /// GroupQueryAttention a past with room that is also the present (see
+    /// [`Engine::set_own_cache`]).
     own_in_place: bool,
     stats: EngineStats,
 }
@@ -322,12 +324,16 @@ struct OnGpu {
 
 /// The decoder's cache between steps.
 struct Kv {
-    /// Per layer and k/v: `[capacity, kv_heads, len, head_dim]` as ONNX Runtime returned them
+    /// Per layer and k/v: `[capacity, kv_heads, cap, head_dim]` as ONNX Runtime returned them
     /// (on the host, or on the GPU with [`OnGpu`]); rows `0..rows` are live and are fed back
     /// without a copy (a view of the leading rows once some have finished).
     data: Vec<DynTensor>,
     rows: usize,
+    /// Positions in use.
     len: usize,
+    /// Positions the tensors hold: `len`, or more for a GroupQueryAttention decoder that writes
+    /// each step's token into the past it reads ([`Kv::shares_present`]).
+    cap: usize,
 }
 
 impl Kv {
@@ -336,7 +342,19 @@ impl Kv {
         let data = (0..2 * t.num_hidden_layers)
             .map(|_| kv_value(&[rows, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
             .collect::<Result<_, _>>()?;
-        Ok(Kv { data, rows, len: 0 })
+        Ok(Kv {
+            data,
+            rows,
+            len: 0,
+            cap: 0,
+        })
+    }
+
+    /// Room left for the step: GroupQueryAttention's past and present are then one buffer
+    /// (ONNX Runtime's share-buffer mode), written in place instead of copied into a new
+    /// present. Only [`Runner::generate`] makes such caches (host, exactly `rows` rows).
+    fn shares_present(&self) -> bool {
+        self.cap > self.len
     }
 }
 
@@ -451,6 +469,24 @@ impl OwnBuf {
         }
         self.rows = rows;
     }
+}
+
+/// Whether the rows' own tokens can stay where the decoder reads them on `provider`: on the CPU,
+/// with a buffer the decoder reads in place ([`OwnCache::InPlace`]), or with GroupQueryAttention
+/// writing each token into the past it reads ([`KvLayout::Packed`]).
+fn own_cache_in_place(m: &Manifest, provider: &str) -> bool {
+    provider.starts_with("cpu")
+        && match m.kv_layout {
+            KvLayout::Shared => m.own_cache == OwnCache::InPlace,
+            KvLayout::Packed => true,
+            KvLayout::Append => false,
+        }
+}
+
+/// Positions for `n` tokens in a cache that grows: an eighth more, in steps of 64, within
+/// `limit`.
+fn room_for(n: usize, limit: usize) -> usize {
+    (n + n / 8).next_multiple_of(64).min(limit).max(n)
 }
 
 /// How the live rows `keep` (ascending) of `rows` stay where they are: rows from beyond the new
@@ -810,9 +846,7 @@ impl Engine {
             }
             _ => None,
         };
-        let own_in_place = m.kv_layout == KvLayout::Shared
-            && m.own_cache == OwnCache::InPlace
-            && provider.starts_with("cpu");
+        let own_in_place = own_cache_in_place(m, &provider);
         Ok(Engine {
             own_in_place,
             prompts: Arc::new(PromptBuilder::from_dir(dir)?),
@@ -847,16 +881,14 @@ impl Engine {
         }
     }
 
-    /// With `true` (the default where the package allows it: [`OwnCache::InPlace`], on the
-    /// CPU provider) each row's own tokens, all but the newest [`OWN_CHUNK`], stay in a buffer
-    /// the decoder reads in place; `false` feeds all of them back as `past` (each step's
-    /// `present` a new copy of them; for comparisons). Returns whether the buffer is in use.
+    /// With `true` (the default where the decoder allows it, on the CPU provider) a step does
+    /// not copy the rows' own tokens: with [`OwnCache::InPlace`] all but the newest
+    /// [`OWN_CHUNK`] stay in a buffer the decoder reads in place; a GroupQueryAttention decoder
+    /// ([`KvLayout::Packed`]) gets a past with room that is also its present, so it writes each
+    /// token in place. `false` feeds them all back as `past`, each step's `present` a new copy
+    /// (for comparisons). Returns whether the in-place cache is in use.
     pub fn set_own_cache(&mut self, in_place: bool) -> bool {
-        let m = &self.package.manifest;
-        self.own_in_place = in_place
-            && m.kv_layout == KvLayout::Shared
-            && m.own_cache == OwnCache::InPlace
-            && self.provider.starts_with("cpu");
+        self.own_in_place = in_place && own_cache_in_place(&self.package.manifest, &self.provider);
         self.own_in_place
     }
 
@@ -1270,9 +1302,32 @@ impl Runner<'_> {
                 input("decoder", &[3, rows, cols], pos)?,
             ),
         ];
-        for (i, v) in kv.data.iter_mut().enumerate() {
-            let view = leading_rows(v, [kv.rows, kvh, kv.len, hd])?;
-            inputs.push((kv_name("past_key_values", i), view));
+        // A cache with room: each buffer is both the past fed and the present ONNX Runtime
+        // writes (preallocated below), so the step only writes its token.
+        let share = kv.shares_present();
+        let mut shared_present = Vec::new();
+        if share {
+            for (i, mut v) in std::mem::take(&mut kv.data).into_iter().enumerate() {
+                let info = v.memory_info().to_owned();
+                // SAFETY: `v` is a host tensor of exactly this shape; it moves into the run's
+                // preallocated outputs, which keep it alive until the run is over, and ONNX
+                // Runtime's share-buffer mode reads and writes it as one buffer.
+                let view = unsafe {
+                    TensorRefMut::<f32>::from_raw(
+                        info,
+                        v.data_ptr_mut(),
+                        ort::value::Shape::new([rows, kvh, kv.cap, hd].map(|d| d as i64)),
+                    )
+                }
+                .map_err(run_err("decoder"))?;
+                inputs.push((kv_name("past_key_values", i), view.into()));
+                shared_present.push(v);
+            }
+        } else {
+            for (i, v) in kv.data.iter_mut().enumerate() {
+                let view = leading_rows(v, [kv.rows, kvh, kv.len, hd])?;
+                inputs.push((kv_name("past_key_values", i), view));
+            }
         }
         if let Some((p, row_prompt)) = prefix {
             let (prompts, len) = (p.cache.rows, p.cache.len);
@@ -1314,6 +1369,17 @@ impl Runner<'_> {
         );
         // On the GPU: the cache (and one-token logits) into GPU buffers; the rest to the host.
         let opts = match &self.gpu {
+            None if share => {
+                let mut sel = OutputSelector::default();
+                for (i, v) in shared_present.into_iter().enumerate() {
+                    sel = sel.preallocate(kv_name("present", i), v);
+                }
+                Some(
+                    RunOptions::new()
+                        .map_err(run_err("decoder"))?
+                        .with_outputs(sel),
+                )
+            }
             None => None,
             Some(g) => {
                 let mut sel = OutputSelector::default();
@@ -1393,6 +1459,7 @@ impl Runner<'_> {
                 data,
                 rows,
                 len: total,
+                cap: if share { kv.cap } else { total },
             },
         ))
     }
@@ -1402,7 +1469,7 @@ impl Runner<'_> {
     fn gather_rows(&mut self, kv: &mut Kv, src: &[usize]) -> Result<Kv, EngineError> {
         let t0 = Instant::now();
         let t = &self.m.text;
-        let shape = [src.len(), t.num_key_value_heads, kv.len, t.head_dim];
+        let shape = [src.len(), t.num_key_value_heads, kv.cap, t.head_dim];
         let row = shape[1] * shape[2] * shape[3];
         let mut data = Vec::with_capacity(kv.data.len());
         for v in &mut kv.data {
@@ -1422,7 +1489,27 @@ impl Runner<'_> {
             data,
             rows: src.len(),
             len: kv.len,
+            cap: kv.cap,
         })
+    }
+
+    /// Host cache `kv` moved into tensors of `cap` positions (the used ones copied).
+    fn with_room(&mut self, kv: &mut Kv, cap: usize) -> Result<(), EngineError> {
+        let t0 = Instant::now();
+        let t = &self.m.text;
+        let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
+        for v in &mut kv.data {
+            let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
+            let mut next = vec![0f32; kv.rows * kvh * cap * hd];
+            for rh in 0..kv.rows * kvh {
+                let (to, from) = (rh * cap * hd, rh * kv.cap * hd);
+                next[to..to + kv.len * hd].copy_from_slice(&d[from..from + kv.len * hd]);
+            }
+            *v = kv_value(&[kv.rows, kvh, cap, hd], next)?;
+        }
+        kv.cap = cap;
+        self.stats.cache_s += t0.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// Keeps the live rows `keep` (ascending) of `kv` in place: rows from beyond the new end
@@ -1433,7 +1520,7 @@ impl Runner<'_> {
         let n = keep.len();
         let (order, moves) = compaction(kv.rows, keep);
         let t = &self.m.text;
-        let row = t.num_key_value_heads * kv.len * t.head_dim;
+        let row = t.num_key_value_heads * kv.cap * t.head_dim;
         for v in &mut kv.data {
             match &self.gpu {
                 None => {
@@ -1738,7 +1825,14 @@ impl Runner<'_> {
                 break;
             }
             if keep.len() != active.len() {
-                let order = self.keep_rows(&mut kv, &keep)?;
+                let order = if kv.shares_present() {
+                    // Shared past/present buffers must be exactly the batch: the kept rows
+                    // move into new ones.
+                    kv = self.gather_rows(&mut kv, &keep)?;
+                    keep.clone()
+                } else {
+                    self.keep_rows(&mut kv, &keep)?
+                };
                 if let Some(o) = own_buf.as_mut() {
                     let t0 = Instant::now();
                     o.keep(&compaction(o.rows, &keep).1, keep.len());
@@ -1778,6 +1872,10 @@ impl Runner<'_> {
                     mrow.clear();
                 }
                 self.stats.cache_s += t0.elapsed().as_secs_f64();
+            }
+            if packed && self.own_in_place && kv.cap < kv.len + 1 {
+                let cap = room_for(kv.len + 1, s + cfg.max_new_tokens);
+                self.with_room(&mut kv, cap)?;
             }
             if packed {
                 // Row k holds seen[k] tokens from position 0; the new one goes right after.
