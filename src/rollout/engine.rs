@@ -438,16 +438,7 @@ impl OwnBuf {
         let (kvh, hd, old) = (self.kvh, self.hd, self.cap);
         let cap = OwnBuf::capacity_for(n, self.limit.max(n));
         for buf in &mut self.data {
-            let mut next = vec![0.0; self.rows * kvh * cap * hd];
-            if old > 0 {
-                for (to, from) in next
-                    .chunks_exact_mut(cap * hd)
-                    .zip(buf.chunks_exact(old * hd))
-                {
-                    to[..old * hd].copy_from_slice(from);
-                }
-            }
-            *buf = next;
+            *buf = widened(buf, self.rows * kvh, old * hd, cap * hd, self.len * hd);
         }
         self.mask = (0..self.rows * cap)
             .map(|j| i64::from(j % cap < self.len))
@@ -469,6 +460,16 @@ impl OwnBuf {
         }
         self.rows = rows;
     }
+}
+
+/// `blocks` blocks of `from` values each (`src`) as blocks of `to`, each keeping its first
+/// `used` values (the rest zero): a cache's rows given room for more positions.
+fn widened(src: &[f32], blocks: usize, from: usize, to: usize, used: usize) -> Vec<f32> {
+    let mut out = vec![0f32; blocks * to];
+    for b in 0..blocks {
+        out[b * to..b * to + used].copy_from_slice(&src[b * from..b * from + used]);
+    }
+    out
 }
 
 /// Whether the rows' own tokens can stay where the decoder reads them on `provider`: on the CPU,
@@ -1500,11 +1501,7 @@ impl Runner<'_> {
         let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
         for v in &mut kv.data {
             let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-            let mut next = vec![0f32; kv.rows * kvh * cap * hd];
-            for rh in 0..kv.rows * kvh {
-                let (to, from) = (rh * cap * hd, rh * kv.cap * hd);
-                next[to..to + kv.len * hd].copy_from_slice(&d[from..from + kv.len * hd]);
-            }
+            let next = widened(d, kv.rows * kvh, kv.cap * hd, cap * hd, kv.len * hd);
             *v = kv_value(&[kv.rows, kvh, cap, hd], next)?;
         }
         kv.cap = cap;
@@ -1918,6 +1915,28 @@ mod tests {
 
     /// Every row sits on one slot of its own prompt and that slot names it back; free slots name
     /// row 0; the slot width is the most rows on one prompt.
+    /// Each block keeps its used values at its start, zeros after; the unused tail of the old
+    /// blocks is left behind.
+    #[test]
+    fn widened_blocks_keep_their_used_values() {
+        let src = [1.0, 2.0, 9.0, 3.0, 4.0, 9.0];
+        assert_eq!(
+            widened(&src, 2, 3, 4, 2),
+            [1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0]
+        );
+        assert_eq!(widened(&[], 3, 0, 2, 0), [0.0; 6]);
+    }
+
+    /// Room grows by an eighth in steps of 64, never past the limit nor short of the need.
+    #[test]
+    fn room_grows_by_an_eighth_within_the_limit() {
+        assert_eq!(room_for(1, 1000), 64);
+        assert_eq!(room_for(64, 1000), 128);
+        assert_eq!(room_for(600, 1000), 704);
+        assert_eq!(room_for(600, 650), 650);
+        assert_eq!(room_for(700, 650), 700);
+    }
+
     #[test]
     fn slot_tables_map_rows_to_their_prompts() {
         let row_prompt = [2, 0, 2, 1, 2, 0];
