@@ -2,8 +2,9 @@
 //! samples with per-sequence stop; finished rows leave the batch. With this project's packages
 //! the prompt's cache is shared: all G samples read it in place (the decoder's prefix inputs), so
 //! neither the fan-out nor any step copies it; other decoders get it fanned out. On the CPU
-//! the rows' own tokens, all but the newest few, stay in a buffer the decoder reads in place
-//! ([`OWN_CHUNK`]), so long generations do not copy them every step. Every
+//! the rows' own tokens stay where the decoder reads them, so long generations do not copy them
+//! every step: this project's packages keep all but the newest few in a buffer read in place
+//! ([`OWN_CHUNK`]); GroupQueryAttention decoders get one past/present buffer. Every
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
