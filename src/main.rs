@@ -519,6 +519,24 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
             ),
         }
     );
+    {
+        use spatial_ssrl::model::package::{KvLayout, OwnCache};
+        println!(
+            "cache: {}",
+            match (m.kv_layout, m.own_cache) {
+                (KvLayout::Shared, OwnCache::InPlace) => {
+                    "prompts' cache shared by their samples; rows' own tokens read in place"
+                }
+                (KvLayout::Shared, OwnCache::Append) => {
+                    "prompts' cache shared by their samples; rows' own tokens past + present"
+                }
+                (KvLayout::Packed, _) => {
+                    "GroupQueryAttention, each row's cache packed from position 0"
+                }
+                (KvLayout::Append, _) => "past + present, the prompt's cache fanned out",
+            }
+        );
+    }
     p.validate(a.ort_lib.as_deref())?;
     for (file, sig) in p.signatures() {
         println!(

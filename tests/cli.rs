@@ -178,6 +178,30 @@ fn a_missing_ort_lib_is_an_error_naming_it() {
 /// `ssrl bench rollout` on two CPU slices: its JSON report adds up — warm-up and timed rounds
 /// each leave a memory reading, the time outside ONNX Runtime is split, and the share of the
 /// slices' working time is at least the share of wall time.
+/// `inspect` checks every graph of the tiny package against its contract and says how its
+/// decoder keeps the cache.
+#[test]
+fn inspect_checks_every_graph_and_names_the_cache_layout() {
+    let r = ssrl()
+        .args(["inspect", "--model"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .output()
+        .unwrap();
+    if succeeded_or_skip(&r).is_none() {
+        return;
+    }
+    let out = String::from_utf8_lossy(&r.stdout);
+    for g in ["vision", "embedding", "decoder", "logprobs", "train"] {
+        assert!(out.contains(&format!("  {g}.onnx: ok (")), "{out}");
+    }
+    assert!(
+        out.contains(
+            "cache: prompts' cache shared by their samples; rows' own tokens read in place"
+        ),
+        "{out}"
+    );
+}
+
 #[test]
 fn bench_rollout_reports_its_rounds_and_time_split() {
     let json = scratch("cli-bench").join("b.json");
