@@ -381,7 +381,7 @@ const OWN_CHUNK: usize = 64;
 /// eighth when full (one copy of the live rows), so no step copies the tokens so far.
 struct OwnBuf {
     data: Vec<Vec<f32>>,
-    /// `[rows, cap]`: 1 for the written slots.
+    /// `[rows, cap]`: 1 for the written slots, every row alike.
     mask: Vec<i64>,
     rows: usize,
     len: usize,
@@ -447,17 +447,14 @@ impl OwnBuf {
         self.cap = cap;
     }
 
-    /// Applies [`compaction`]'s moves: rows `from` into the freed rows `to`.
+    /// Applies [`compaction`]'s moves: rows `from` into the freed rows `to`. (Every row of
+    /// the mask is the same — all rows hold `len` tokens — so the mask stays as it is.)
     fn keep(&mut self, moves: &[(usize, usize)], rows: usize) {
-        let (row, cap) = (self.kvh * self.cap * self.hd, self.cap);
+        let row = self.kvh * self.cap * self.hd;
         for buf in &mut self.data {
             for &(to, from) in moves {
                 buf.copy_within(from * row..(from + 1) * row, to * row);
             }
-        }
-        for &(to, from) in moves {
-            self.mask
-                .copy_within(from * cap..(from + 1) * cap, to * cap);
         }
         self.rows = rows;
     }
@@ -1914,8 +1911,6 @@ impl Runner<'_> {
 mod tests {
     use super::*;
 
-    /// Every row sits on one slot of its own prompt and that slot names it back; free slots name
-    /// row 0; the slot width is the most rows on one prompt.
     /// Each block keeps its used values at its start, zeros after; the unused tail of the old
     /// blocks is left behind.
     #[test]
@@ -1938,6 +1933,8 @@ mod tests {
         assert_eq!(room_for(700, 650), 700);
     }
 
+    /// Every row sits on one slot of its own prompt and that slot names it back; free slots name
+    /// row 0; the slot width is the most rows on one prompt.
     #[test]
     fn slot_tables_map_rows_to_their_prompts() {
         let row_prompt = [2, 0, 2, 1, 2, 0];
