@@ -526,10 +526,15 @@ def lora_defaults(names, shapes_):
     return out
 
 
+def empty_cache(name, rows, kvh, hd, L):
+    """`{name}.{i}.key/value` for every layer: `rows` rows with no tokens, as decoder inputs."""
+    return {f"{name}.{i}.{kv}": np.zeros((rows, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+
+
 def prefix_defaults(L, kvh, hd):
     """No shared prompt cache: one empty prompt, every row on its slot 0. With these the decoder is a
     plain past/present decoder (onnxruntime-genai and the trainer's full-sequence checks feed no prefix)."""
-    out = {f"prefix_key_values.{i}.{kv}": np.zeros((1, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    out = empty_cache("prefix_key_values", 1, kvh, hd, L)
     out.update({"prefix_mask": np.zeros((1, 0), np.int64), "slot_rows": np.zeros(1, np.int64),
                 "row_slots": np.zeros(0, np.int64)})
     return out
@@ -537,7 +542,7 @@ def prefix_defaults(L, kvh, hd):
 
 def own_defaults(L, kvh, hd):
     """No own-cache buffer: the rows' own tokens are all in past (a plain past/present decoder)."""
-    out = {f"own_key_values.{i}.{kv}": np.zeros((1, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    out = empty_cache("own_key_values", 1, kvh, hd, L)
     out["own_mask"] = np.zeros((1, 0), np.int64)
     return out
 
@@ -703,8 +708,8 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
         # prefix_mask, slot_rows, row_slots; see decoder_core); only each row's own tokens are
         # past/present.
         "kv_layout": "shared",
-        # ...and the rows' own tokens from a buffer the runtime keeps (own_key_values, own_mask):
-        # each step's present is its new keys and values only.
+        # ...and the rows' older own tokens from a buffer the runtime keeps (own_key_values,
+        # own_mask): present is then only the short past and the step's new keys and values.
         "own_cache": "in_place",
     }
     json.dump(manifest, open(f"{out}/manifest.json", "w"), indent=2)
@@ -918,7 +923,7 @@ def check_config_layouts(hf_dir):
 
 def past0_of(rows, kvh, hd, L):
     """An empty cache (no tokens yet) for `rows` rows, as decoder inputs."""
-    return {f"past_key_values.{i}.{kv}": np.zeros((rows, kvh, 0, hd), np.float32) for i in range(L) for kv in ("key", "value")}
+    return empty_cache("past_key_values", rows, kvh, hd, L)
 
 
 def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
