@@ -10,6 +10,11 @@ fn ssrl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ssrl"))
 }
 
+/// The committed tiny model package.
+fn tiny() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
+}
+
 /// The stderr of a run that needs ONNX Runtime: `None` (with a visible SKIP) where no library is
 /// installed, else the run must have succeeded.
 fn succeeded_or_skip(r: &std::process::Output) -> Option<String> {
@@ -184,7 +189,7 @@ fn a_missing_ort_lib_is_an_error_naming_it() {
 fn inspect_checks_every_graph_and_names_the_cache_layout() {
     let r = ssrl()
         .args(["inspect", "--model"])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .arg(tiny())
         .output()
         .unwrap();
     if succeeded_or_skip(&r).is_none() {
@@ -207,7 +212,7 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
     let json = scratch("cli-bench").join("b.json");
     let r = ssrl()
         .args(["bench", "rollout", "--model"])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .arg(tiny())
         .args(["--batch", "4", "--group", "2", "--max-new-tokens", "4"])
         .args([
             "--warmup",
@@ -250,7 +255,7 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
     assert_eq!(b["own_cache_in_place"], true, "{b}");
     let r = ssrl()
         .args(["bench", "rollout", "--model"])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .arg(tiny())
         .args(["--batch", "1", "--group", "1", "--max-new-tokens", "2"])
         .args(["--warmup", "0", "--rounds", "1", "--append-cache", "--json"])
         .arg(&json)
@@ -276,7 +281,7 @@ fn rollout_writes_one_scored_line_per_response() {
     let out = dir.join("rollouts.jsonl");
     let r = ssrl()
         .args(["rollout", "--model"])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .arg(tiny())
         .arg("--data")
         .arg(data.join("data/part-00000.jsonl"))
         .args([
@@ -322,7 +327,7 @@ fn rollout_writes_one_scored_line_per_response() {
         let out2 = dir.join(format!("cuda-{fallback}.jsonl"));
         let mut cmd = ssrl();
         cmd.args(["rollout", "--model"])
-            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+            .arg(tiny())
             .arg("--data")
             .arg(data.join("data/part-00000.jsonl"))
             .args(["--group", "3", "--max-new-tokens", "4", "--limit", "2"])
