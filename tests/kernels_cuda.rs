@@ -272,3 +272,37 @@ fn optimizer_kernels_match_cpu() {
         assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "{x} {y}");
     }
 }
+
+/// The rollout cache's device copies: a 2-D copy puts each of 6 blocks of 5 values at column 2
+/// of blocks 8 wide (one call for all blocks), after a zeroing of the whole destination; the
+/// values outside the copied columns are zero, not what the buffer held before.
+#[test]
+fn block_copies_land_at_their_pitch_in_a_zeroed_buffer() {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    let Some(c) = device() else { return };
+    let s = c.stream().clone();
+    let src: Vec<f32> = (0..30).map(|i| i as f32 + 1.0).collect();
+    let d_src = s.clone_htod(&src).unwrap();
+    let mut d_dst = s.clone_htod(&[7f32; 48]).unwrap();
+    {
+        let (ps, _read) = d_src.device_ptr(&s);
+        let (pd, _write) = d_dst.device_ptr_mut(&s);
+        // SAFETY: 48 floats at `pd`; 6 rows of 20 bytes, 32 bytes apart, from byte 8 end at
+        // byte 8 + 5·32 + 20 = 188 ≤ 192; the source's 6 rows of 20 bytes are its 120 bytes.
+        unsafe {
+            c.zero_device(pd, 48 * 4).unwrap();
+            c.copy_device_2d(pd + 8, 32, ps, 20, 20, 6).unwrap();
+        }
+    }
+    let got = s.clone_dtoh(&d_dst).unwrap();
+    let want: Vec<f32> = (0..48)
+        .map(|j| {
+            let (b, k) = (j / 8, j % 8);
+            match k {
+                2..=6 => (b * 5 + k - 2 + 1) as f32,
+                _ => 0.0,
+            }
+        })
+        .collect();
+    assert_eq!(got, want);
+}

@@ -128,6 +128,38 @@ fn nvrtc_compile(arch: Option<(i32, i32)>) -> Result<Image, String> {
     out
 }
 
+/// The driver's description of a device-to-device copy of `height` rows of `width` bytes,
+/// every field spelled out (its memory-type fields are enums with no zero value, so the struct
+/// cannot start zeroed).
+fn device_copy_2d(
+    dst: cudarc::driver::sys::CUdeviceptr,
+    dst_pitch: usize,
+    src: cudarc::driver::sys::CUdeviceptr,
+    src_pitch: usize,
+    width: usize,
+    height: usize,
+) -> cudarc::driver::sys::CUDA_MEMCPY2D {
+    use cudarc::driver::sys::{CUmemorytype, CUDA_MEMCPY2D};
+    CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: width,
+        Height: height,
+    }
+}
+
 fn cuda_err(e: impl std::fmt::Debug) -> KernelError {
     KernelError::Cuda(format!("{e:?}"))
 }
@@ -245,6 +277,49 @@ impl Cuda {
             cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
         }
         .map_err(cuda_err)
+    }
+
+    /// Copies `height` rows of `width` bytes from `src`, its rows `src_pitch` bytes apart, to
+    /// `dst`, its rows `dst_pitch` bytes apart, on this device in stream order: one call for a
+    /// block of a cache's rows however many there are.
+    ///
+    /// # Safety
+    /// Both regions (`height` rows at their pitch) must be device memory of this context, not
+    /// overlapping; each pitch must be at least `width`.
+    pub unsafe fn copy_device_2d(
+        &self,
+        dst: cudarc::driver::sys::CUdeviceptr,
+        dst_pitch: usize,
+        src: cudarc::driver::sys::CUdeviceptr,
+        src_pitch: usize,
+        width: usize,
+        height: usize,
+    ) -> Result<(), KernelError> {
+        use cudarc::driver::sys;
+        if width == 0 || height == 0 {
+            return Ok(());
+        }
+        self.stream.context().bind_to_thread().map_err(cuda_err)?;
+        let copy = device_copy_2d(dst, dst_pitch, src, src_pitch, width, height);
+        // SAFETY: the caller vouches for both regions; `copy` outlives the call (the driver reads
+        // it before returning).
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()).result() }
+            .map_err(cuda_err)
+    }
+
+    /// Sets `bytes` bytes at `dst` to zero, in stream order.
+    ///
+    /// # Safety
+    /// The range must be device memory of this context.
+    pub unsafe fn zero_device(
+        &self,
+        dst: cudarc::driver::sys::CUdeviceptr,
+        bytes: usize,
+    ) -> Result<(), KernelError> {
+        self.stream.context().bind_to_thread().map_err(cuda_err)?;
+        // SAFETY: the caller vouches for the range.
+        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }
+            .map_err(cuda_err)
     }
 
     /// Reads `out.len()` values from device address `src` (after the stream's work).
@@ -707,5 +782,22 @@ impl Cuda {
         m.copy_from_slice(&self.stream.clone_dtoh(&dm).map_err(cuda_err)?);
         v.copy_from_slice(&self.stream.clone_dtoh(&dv).map_err(cuda_err)?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2-D copy's description is built without touching a device: both sides device
+    /// memory at their own pitch.
+    #[test]
+    fn a_2d_device_copy_names_both_pitches() {
+        let c = device_copy_2d(0x2000, 512, 0x1000, 256, 200, 7);
+        use cudarc::driver::sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+        assert_eq!((c.srcDevice, c.srcPitch, c.srcXInBytes), (0x1000, 256, 0));
+        assert_eq!((c.dstDevice, c.dstPitch, c.dstY), (0x2000, 512, 0));
+        assert_eq!((c.WidthInBytes, c.Height), (200, 7));
+        assert!(c.srcMemoryType == CU_MEMORYTYPE_DEVICE && c.dstMemoryType == CU_MEMORYTYPE_DEVICE);
     }
 }
