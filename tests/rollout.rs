@@ -471,25 +471,60 @@ fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
     }
 }
 
+/// The tiny package on ONNX Runtime's CUDA provider, or `None` with a visible SKIP where there
+/// is none (no onnxruntime-gpu library or no CUDA device).
+fn cuda_engine() -> Option<Engine> {
+    use spatial_ssrl::model::session::{Device, DeviceChoice};
+    let cuda = DeviceChoice {
+        device: Device::Cuda { device_id: 0 },
+        ..Default::default()
+    };
+    match Engine::open_on(&tiny(), None, &cuda) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "SKIP: no CUDA execution provider ({e})");
+            None
+        }
+    }
+}
+
+/// On a GPU: the rows' own-token buffer kept on the GPU (chunks moved in by 2-D device copies,
+/// grown into zeroed buffers, rows leaving by row moves) draws the CPU's samples over 300 tokens,
+/// also with rows stopping between chunks; so does the buffer on the host under the CUDA
+/// provider (`--host-cache`). Elsewhere a visible SKIP.
+#[test]
+fn cuda_own_cache_matches_cpu() {
+    let Some(mut cpu) = engine() else { return };
+    let Some(mut gpu) = cuda_engine() else { return };
+    assert!(gpu.own_cache_in_place(), "{}", gpu.provider());
+    let (_, reqs) = golden();
+    let cfg = GenerationConfig {
+        max_new_tokens: 300,
+        ..staggered_config()
+    };
+    let full = cpu.generate(&reqs, &cfg, None).unwrap();
+    let longest = full.iter().map(|c| c.tokens.len()).max().unwrap();
+    assert!(longest > 200, "some rows should outlive three chunks");
+    let stops = stops_at(&full, &[(0, 70), (5, 130), (3, 190), (6, 40)]);
+    for host in [false, true] {
+        gpu.set_host_cache(host);
+        assert_eq!(gpu.cache_on_gpu(), !host);
+        let eos = gpu.package.manifest.tokens.eos.clone();
+        let got = gpu.generate(&reqs, &cfg, None).unwrap();
+        assert_cut_at_first_stop(&full, &got, &eos);
+        assert_rows_stop_at_their_first_stop(&mut gpu, &reqs, &cfg, &full, &stops);
+        gpu.package.manifest.tokens.eos = eos;
+    }
+}
+
 /// On a GPU (onnxruntime-gpu's library and a CUDA device): with the cache, logits and sampling
 /// on the GPU, and with the cache on the host, the CUDA provider draws the CPU provider's
 /// tokens, rows stopping at different steps, with log-probs and greedy logits within 1e-4.
 /// Elsewhere a visible SKIP.
 #[test]
 fn cuda_rollout_matches_cpu() {
-    use spatial_ssrl::model::session::{Device, DeviceChoice};
     let Some(mut cpu) = engine() else { return };
-    let cuda = DeviceChoice {
-        device: Device::Cuda { device_id: 0 },
-        ..Default::default()
-    };
-    let mut gpu = match Engine::open_on(&tiny(), None, &cuda) {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP: no CUDA execution provider ({e})");
-            return;
-        }
-    };
+    let Some(mut gpu) = cuda_engine() else { return };
     assert!(gpu.cache_on_gpu(), "{}", gpu.provider());
     let (_, reqs) = golden();
     let cfg = staggered_config();

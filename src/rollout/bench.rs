@@ -13,7 +13,7 @@ pub struct RolloutBench {
     /// Decoder cache, logits and sampling on the GPU (CUDA / TensorRT).
     pub cache_on_gpu: bool,
     /// The rows' own tokens stay where the decoder reads them instead of being copied every
-    /// step (CPU, decoders that allow it; `--append-cache` turns it off).
+    /// step (decoders that allow it, on the CPU or CUDA; `--append-cache` turns it off).
     pub own_cache_in_place: bool,
     pub prompts: usize,
     pub group: usize,

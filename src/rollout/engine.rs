@@ -375,19 +375,23 @@ struct Prefix {
 const OWN_CHUNK: usize = 64;
 
 /// The rows' older own tokens, for a decoder that reads them in place ([`OwnCache::InPlace`]):
-/// per layer and k/v a buffer `[rows, kv_heads, cap, head_dim]` fed as it is every step, with
-/// `own_mask` marking the `len` slots written. The newest tokens (fewer than [`OWN_CHUNK`]) are
-/// the decoder's `past`; a full chunk of them moves in at once. The buffer grows by about an
-/// eighth when full (one copy of the live rows), so no step copies the tokens so far.
+/// per layer and k/v a buffer `[rows.., kv_heads, cap, head_dim]` (on the host, or on the GPU
+/// with [`OnGpu`]) whose leading `rows` rows are fed as they are every step, with `own_mask`
+/// marking the `len` slots written. The newest tokens (fewer than [`OWN_CHUNK`]) are the
+/// decoder's `past`; a full chunk of them moves in at once. The buffer grows by about an eighth
+/// when full (one copy of the live rows), so no step copies the tokens so far.
 struct OwnBuf {
-    data: Vec<Vec<f32>>,
-    /// `[rows, cap]`: 1 for the written slots, every row alike.
+    /// Empty until the first chunk comes.
+    data: Vec<DynTensor>,
+    /// `[rows, cap]`: 1 for the written slots, every row alike (a host input: it changes only
+    /// with a chunk).
     mask: Vec<i64>,
     rows: usize,
     len: usize,
     cap: usize,
     /// The most tokens a row will hold (the buffer never grows past it).
     limit: usize,
+    tensors: usize,
     kvh: usize,
     hd: usize,
 }
@@ -395,12 +399,13 @@ struct OwnBuf {
 impl OwnBuf {
     fn new(t: &TextSpec, rows: usize, limit: usize) -> OwnBuf {
         OwnBuf {
-            data: vec![Vec::new(); 2 * t.num_hidden_layers],
+            data: Vec::new(),
             mask: Vec::new(),
             rows,
             len: 0,
             cap: 0,
             limit,
+            tensors: 2 * t.num_hidden_layers,
             kvh: t.num_key_value_heads,
             hd: t.head_dim,
         }
@@ -412,20 +417,49 @@ impl OwnBuf {
     }
 
     /// Moves the tokens of `past` (per layer and k/v `[rows.., kv_heads, n, head_dim]`, its
-    /// leading `self.rows` rows live) into slots `len..len + n`, growing the buffers first when
-    /// they are short.
-    fn absorb(&mut self, past: &mut Kv) -> Result<(), EngineError> {
+    /// leading `self.rows` rows live; on the GPU where `gpu` is given) into slots
+    /// `len..len + n`, growing the buffers first when they are short.
+    fn absorb(&mut self, past: &mut Kv, gpu: Option<&OnGpu>) -> Result<(), EngineError> {
         let n = past.len;
         if self.len + n > self.cap {
-            self.grow(self.len + n);
+            self.grow(self.len + n, gpu)?;
         }
         let (kvh, hd, cap, len) = (self.kvh, self.hd, self.cap, self.len);
+        let blocks = self.rows * kvh;
         for (buf, v) in self.data.iter_mut().zip(past.data.iter_mut()) {
-            let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-            for (rh, s) in src.chunks_exact(n * hd).take(self.rows * kvh).enumerate() {
-                let at = (rh * cap + len) * hd;
-                buf[at..at + n * hd].copy_from_slice(s);
+            match gpu {
+                None => {
+                    let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
+                    let (_, dst) = buf
+                        .try_extract_tensor_mut::<f32>()
+                        .map_err(run_err("decoder"))?;
+                    for (rh, s) in src.chunks_exact(n * hd).take(blocks).enumerate() {
+                        let at = (rh * cap + len) * hd;
+                        dst[at..at + n * hd].copy_from_slice(s);
+                    }
+                }
+                Some(g) => {
+                    let (dst, src) = (buf.data_ptr_mut() as u64, v.data_ptr_mut() as u64);
+                    // SAFETY: `blocks` blocks of n·hd values from `past` (live rows of its
+                    // buffer) into slots len..len + n of each block of this buffer (len + n ≤
+                    // cap, checked above); two distinct GPU buffers.
+                    unsafe {
+                        g.cuda.copy_device_2d(
+                            dst + (len * hd * 4) as u64,
+                            cap * hd * 4,
+                            src,
+                            n * hd * 4,
+                            n * hd * 4,
+                            blocks,
+                        )
+                    }
+                    .map_err(gpu_err)?;
+                }
             }
+        }
+        if let Some(g) = gpu {
+            // `past` is dropped by the caller.
+            g.cuda.synchronize_all().map_err(gpu_err)?;
         }
         for r in 0..self.rows {
             self.mask[r * cap + len..r * cap + len + n].fill(1);
@@ -434,29 +468,93 @@ impl OwnBuf {
         Ok(())
     }
 
-    /// Moves the live rows into buffers with room for `n` tokens.
-    fn grow(&mut self, n: usize) {
-        let (kvh, hd, old) = (self.kvh, self.hd, self.cap);
+    /// Moves the live rows into buffers with room for `n` tokens (the new slots zero: the
+    /// decoder weighs them by zero, and zero times a stray NaN would not be zero).
+    fn grow(&mut self, n: usize, gpu: Option<&OnGpu>) -> Result<(), EngineError> {
+        let (kvh, hd, old, len) = (self.kvh, self.hd, self.cap, self.len);
         let cap = OwnBuf::capacity_for(n, self.limit.max(n));
-        for buf in &mut self.data {
-            *buf = widened(buf, self.rows * kvh, old * hd, cap * hd, self.len * hd);
+        let blocks = self.rows * kvh;
+        let shape = [self.rows, kvh, cap, hd];
+        let mut next = Vec::with_capacity(self.tensors);
+        for i in 0..self.tensors {
+            let mut prev = self.data.get_mut(i);
+            next.push(match gpu {
+                None => {
+                    let src = match prev.as_mut() {
+                        Some(p) => p.try_extract_tensor::<f32>().map_err(run_err("decoder"))?.1,
+                        None => &[],
+                    };
+                    kv_value(&shape, widened(src, blocks, old * hd, cap * hd, len * hd))?
+                }
+                Some(g) => {
+                    let mut t = g.tensor(&shape)?;
+                    let dst = t.data_ptr_mut() as u64;
+                    // SAFETY: the whole of the new buffer; then the used slots of the live
+                    // blocks of the old one (same blocks, `old` ≥ len slots each) into the
+                    // first `len` slots of each new block.
+                    unsafe { g.cuda.zero_device(dst, shape.iter().product::<usize>() * 4) }
+                        .map_err(gpu_err)?;
+                    if let Some(p) = prev {
+                        let src = p.data_ptr_mut() as u64;
+                        unsafe {
+                            g.cuda.copy_device_2d(
+                                dst,
+                                cap * hd * 4,
+                                src,
+                                old * hd * 4,
+                                len * hd * 4,
+                                blocks,
+                            )
+                        }
+                        .map_err(gpu_err)?;
+                    }
+                    t
+                }
+            });
         }
+        if let Some(g) = gpu {
+            // The old buffers are dropped below.
+            g.cuda.synchronize_all().map_err(gpu_err)?;
+        }
+        self.data = next;
         self.mask = (0..self.rows * cap)
-            .map(|j| i64::from(j % cap < self.len))
+            .map(|j| i64::from(j % cap < len))
             .collect();
         self.cap = cap;
+        Ok(())
     }
 
     /// Applies [`compaction`]'s moves: rows `from` into the freed rows `to`. (Every row of
     /// the mask is the same — all rows hold `len` tokens — so the mask stays as it is.)
-    fn keep(&mut self, moves: &[(usize, usize)], rows: usize) {
+    fn keep(
+        &mut self,
+        moves: &[(usize, usize)],
+        rows: usize,
+        gpu: Option<&OnGpu>,
+    ) -> Result<(), EngineError> {
         let row = self.kvh * self.cap * self.hd;
         for buf in &mut self.data {
-            for &(to, from) in moves {
-                buf.copy_within(from * row..(from + 1) * row, to * row);
+            match gpu {
+                None => {
+                    let (_, d) = buf
+                        .try_extract_tensor_mut::<f32>()
+                        .map_err(run_err("decoder"))?;
+                    for &(to, from) in moves {
+                        d.copy_within(from * row..(from + 1) * row, to * row);
+                    }
+                }
+                Some(g) => {
+                    let base = buf.data_ptr_mut() as u64;
+                    // SAFETY: both rows of each move are rows of the buffer, and distinct.
+                    unsafe { g.copy_rows(base, base, row, moves.iter().copied()) }?;
+                }
             }
         }
+        if let Some(g) = gpu {
+            g.cuda.synchronize_all().map_err(gpu_err)?;
+        }
         self.rows = rows;
+        Ok(())
     }
 }
 
@@ -470,16 +568,21 @@ fn widened(src: &[f32], blocks: usize, from: usize, to: usize, used: usize) -> V
     out
 }
 
-/// Whether the rows' own tokens can stay where the decoder reads them on `provider`: on the CPU,
-/// with a buffer the decoder reads in place ([`OwnCache::InPlace`]), or with GroupQueryAttention
-/// writing each token into the past it reads ([`KvLayout::Packed`]).
+/// Whether the rows' own tokens can stay where the decoder reads them on `provider`: with a
+/// buffer the decoder reads in place ([`OwnCache::InPlace`]; CPU, or CUDA, where the buffer is on
+/// the GPU with the rest of the cache, or on the host with [`Engine::set_host_cache`]), or with
+/// GroupQueryAttention writing each token into the past it reads ([`KvLayout::Packed`], CPU
+/// only: its share-buffer mode needs past and present to be one buffer ONNX Runtime is given).
+/// Not on TensorRT, whose profiles cover the buffer's empty default only.
 fn own_cache_in_place(m: &Manifest, provider: &str) -> bool {
-    provider.starts_with("cpu")
-        && match m.kv_layout {
-            KvLayout::Shared => m.own_cache == OwnCache::InPlace,
-            KvLayout::Packed => true,
-            KvLayout::Append => false,
+    match m.kv_layout {
+        KvLayout::Shared => {
+            m.own_cache == OwnCache::InPlace
+                && (provider.starts_with("cpu") || provider.starts_with("cuda"))
         }
+        KvLayout::Packed => provider.starts_with("cpu"),
+        KvLayout::Append => false,
+    }
 }
 
 /// Positions for `n` tokens in a cache that grows: an eighth more, in steps of 64, within
@@ -880,7 +983,7 @@ impl Engine {
         }
     }
 
-    /// With `true` (the default where the decoder allows it, on the CPU provider) a step does
+    /// With `true` (the default where the decoder allows it, [`own_cache_in_place`]) a step does
     /// not copy the rows' own tokens: with [`OwnCache::InPlace`] all but the newest
     /// [`OWN_CHUNK`] stay in a buffer the decoder reads in place; a GroupQueryAttention decoder
     /// ([`KvLayout::Packed`]) gets a past with room that is also its present, so it writes each
@@ -1279,7 +1382,7 @@ impl Runner<'_> {
         pos: Vec<i64>,
         kv: &mut Kv,
         prefix: Option<(&mut Prefix, &[usize])>,
-        own: Option<&OwnBuf>,
+        own: Option<&mut OwnBuf>,
         last: &[usize],
     ) -> Result<(StepLogits, Kv), EngineError> {
         let t = &self.m.text;
@@ -1350,11 +1453,10 @@ impl Runner<'_> {
             }
         }
         if let Some(o) = own {
-            let n = o.rows * kvh * o.cap * hd;
-            for (i, d) in o.data.iter().enumerate() {
-                let view = TensorRef::from_array_view(([o.rows, kvh, o.cap, hd], &d[..n]))
-                    .map_err(run_err("decoder"))?;
-                inputs.push((kv_name("own_key_values", i), view.into()));
+            let (orows, cap) = (o.rows, o.cap);
+            for (i, v) in o.data.iter_mut().enumerate() {
+                let view = leading_rows(v, [orows, kvh, cap, hd])?;
+                inputs.push((kv_name("own_key_values", i), view));
             }
             let mask = &o.mask[..o.rows * o.cap];
             let view =
@@ -1830,7 +1932,7 @@ impl Runner<'_> {
                 };
                 if let Some(o) = own_buf.as_mut() {
                     let t0 = Instant::now();
-                    o.keep(&compaction(o.rows, &keep).1, keep.len());
+                    o.keep(&compaction(o.rows, &keep).1, keep.len(), self.gpu)?;
                     self.stats.cache_s += t0.elapsed().as_secs_f64();
                 }
                 masks = order
@@ -1861,7 +1963,7 @@ impl Runner<'_> {
             if let Some(o) = own_buf.as_mut().filter(|_| kv.len == OWN_CHUNK) {
                 // A full chunk of past moves into the own buffer.
                 let t0 = Instant::now();
-                o.absorb(&mut kv)?;
+                o.absorb(&mut kv, self.gpu)?;
                 kv = Kv::empty(t, n)?;
                 for mrow in masks.iter_mut() {
                     mrow.clear();
@@ -1892,7 +1994,7 @@ impl Runner<'_> {
                 pos,
                 &mut kv,
                 prefix.as_mut().map(|p| (p, &row_prompt[..])),
-                own_buf.as_ref().filter(|o| o.len > 0),
+                own_buf.as_mut().filter(|o| o.len > 0),
                 &vec![0; n],
             )?;
             kv = new_kv;
