@@ -41,6 +41,21 @@ pub struct PlotArgs {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Installs the Ctrl-C handler of a long command: the first Ctrl-C sets the returned flag (the
+/// command finishes its unit of work, saves and exits; `first` says so), a second exits at once
+/// (`second` says what is lost).
+pub fn stop_on_ctrl_c(first: &'static str, second: &'static str) -> Result<&'static AtomicBool> {
+    ctrlc::set_handler(move || {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: {second}");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: {first} (Ctrl-C again to abort)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(&STOP)
+}
+
 /// A line above the progress bar, or plain stderr when the bar is hidden (not a terminal).
 fn say(pb: &ProgressBar, line: String) {
     if pb.is_hidden() {
@@ -152,16 +167,10 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         t.provider(),
         t.backend()
     );
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)"
-        );
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = stop_on_ctrl_c(
+        "finishing this step, then saving a checkpoint",
+        "exiting without a checkpoint",
+    )?;
     let pb = ProgressBar::new(total as u64);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} step {pos}/{len} · {msg} · ETA {eta}")
@@ -173,7 +182,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         header += &format!(" {h:>9}");
     }
     say(&pb, header);
-    let end = t.run(&STOP, |m, step, _| {
+    let end = t.run(stop, |m, step, _| {
         if step == 0 {
             if let Some(v) = m.get("val/reward") {
                 say(
@@ -334,7 +343,7 @@ pub struct DeviceArgs {
     /// (slower; to measure what keeping them on the GPU saves).
     #[arg(long)]
     host_cache: bool,
-    /// CPU: feed all of each row's generated tokens back to the decoder as past, so every
+    /// Feed all of each row's generated tokens back to the decoder as past, so every
     /// step's present copies them, instead of keeping them where the decoder reads them (this
     /// project's packages: all but the newest 64 in a buffer; onnxruntime-genai builder
     /// decoders: one past/present buffer). Slower on long generations; to measure the gain.

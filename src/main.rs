@@ -2,7 +2,7 @@
 
 mod commands;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use spatial_ssrl::reward::{self, RewardConfig};
@@ -127,6 +127,10 @@ struct RolloutArgs {
     /// Do not append EasyR1's format sentence to the problems.
     #[arg(long)]
     no_format_prompt: bool,
+    /// Output JSONL (must not exist). Responses are written to FILE.partial a batch at a time,
+    /// with the settings in FILE.run.json; an interrupted run (Ctrl-C finishes the batch in
+    /// hand) continues where it stopped when the same command runs again. A sample whose images
+    /// cannot be read is skipped with a warning.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then vendor/ort/).
@@ -420,45 +424,134 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         format_sentence: (!a.no_format_prompt)
             .then(|| tasks::templates::FORMAT_SENTENCE.to_string()),
     };
-    let tmp = a.out.with_extension("jsonl.partial");
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("{}: cannot write", tmp.display()))?,
-    );
+    // Responses go to OUT.partial, a batch at a time, with the settings beside it; an
+    // interrupted run continues there, and the file becomes OUT when every prompt is done.
+    let beside = |suffix: &str| {
+        let mut p = a.out.clone().into_os_string();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let (tmp, key_path) = (beside(".partial"), beside(".run.json"));
+    if a.out.exists() {
+        bail!(
+            "{}: exists (a finished rollout); pick another --out, or remove it to run again",
+            a.out.display()
+        );
+    }
+    let key = serde_json::json!({
+        "model": a.model, "data": a.data, "group": a.group, "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed,
+        "format_prompt": !a.no_format_prompt,
+    });
+    let (kept, done) = match std::fs::read_to_string(&tmp) {
+        Ok(text) => {
+            let old: serde_json::Value = std::fs::read(&key_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            if old != key {
+                let differ: Vec<String> = match key.as_object() {
+                    Some(now) if old.is_object() => now
+                        .iter()
+                        .filter(|(k, v)| old[k.as_str()] != **v)
+                        .map(|(k, v)| format!("{k} {} there, {v} here", old[k.as_str()]))
+                        .collect(),
+                    _ => vec![format!("no settings in {}", key_path.display())],
+                };
+                bail!(
+                    "{}: an unfinished rollout with other settings ({}); pick another --out, or \
+                     remove it and {} to start over",
+                    tmp.display(),
+                    differ.join(", "),
+                    key_path.display()
+                );
+            }
+            finished_prompts(&text, a.group)
+        }
+        Err(_) => (String::new(), Default::default()),
+    };
+    if let Some(dir) = tmp.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    let write_err = |e: std::io::Error| anyhow::anyhow!("{}: cannot write: {e}", tmp.display());
+    std::fs::write(&key_path, key.to_string()).map_err(write_err)?;
+    // Only whole prompts are kept (a torn last line or a prompt's first samples are dropped).
+    std::fs::write(&tmp, &kept).map_err(write_err)?;
+    let mut out = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&tmp)
+        .map_err(write_err)?;
+    let todo: Vec<(usize, &tasks::write::SampleRecord)> = samples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !done.contains(i))
+        .collect();
+    if !done.is_empty() {
+        eprintln!(
+            "continuing {}: {} of {} prompts done",
+            tmp.display(),
+            samples.len() - todo.len(),
+            samples.len()
+        );
+    }
+    let stop = commands::stop_on_ctrl_c(
+        "finishing this batch of prompts, then stopping (their responses are kept)",
+        "exiting (the batches finished so far are kept)",
+    )?;
     let pb = ProgressBar::new(samples.len() as u64);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}")
             .expect("valid template"),
     );
-    let (t0, mut tokens, mut reward_sum, mut scored) =
-        (std::time::Instant::now(), 0usize, 0.0, 0usize);
-    for (chunk_index, chunk) in samples.chunks(a.batch.max(1)).enumerate() {
+    pb.set_position((samples.len() - todo.len()) as u64);
+    pb.reset_eta();
+    let (t0, mut tokens, mut skipped) = (std::time::Instant::now(), 0usize, 0usize);
+    let mut stopped = false;
+    for chunk in todo.chunks(a.batch.max(1)) {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            stopped = true;
+            break;
+        }
         let mut reqs = Vec::with_capacity(chunk.len());
-        for (k, s) in chunk.iter().enumerate() {
-            let images = s
-                .load_images(&root)
-                .with_context(|| format!("sample {}", s.id))?;
-            let id = spatial_ssrl::rng::hash_str(&s.id) ^ (chunk_index * a.batch.max(1) + k) as u64;
-            reqs.push(Request {
-                id,
-                problem: s.problem.clone(),
-                images,
-            });
+        let mut sources = Vec::with_capacity(chunk.len());
+        for &(index, s) in chunk {
+            match s.load_images(&root) {
+                Ok(images) => {
+                    reqs.push(Request {
+                        id: spatial_ssrl::rng::hash_str(&s.id) ^ index as u64,
+                        problem: s.problem.clone(),
+                        images,
+                    });
+                    sources.push((index, s));
+                }
+                Err(e) => {
+                    skipped += 1;
+                    let line = format!("skipping sample {} ({}): {e}", s.id, index);
+                    match pb.is_hidden() {
+                        true => eprintln!("{line}"),
+                        false => pb.println(line),
+                    }
+                }
+            }
         }
-        let completions = engine.generate(&reqs, &cfg, None)?;
-        for c in &completions {
-            let s = &chunk[c.prompt_index];
-            let text = engine.prompts.decode(&c.tokens)?;
-            let r = reward::score(&text, &s.answer, &RewardConfig::default());
-            tokens += c.tokens.len();
-            reward_sum += r.overall;
-            scored += 1;
-            serde_json::to_writer(
-                &mut out,
-                &serde_json::json!({"prompt_id": s.id, "task": s.task, "sample": c.sample_index, "tokens": c.tokens,
-                    "text": text, "logprobs": c.logprobs, "finish": c.finish, "answer": s.answer, "reward": r}),
-            )?;
-            out.write_all(b"\n")?;
+        let mut lines = String::new();
+        if !reqs.is_empty() {
+            for c in engine.generate(&reqs, &cfg, None)? {
+                let (index, s) = sources[c.prompt_index];
+                let text = engine.prompts.decode(&c.tokens)?;
+                let r = reward::score(&text, &s.answer, &RewardConfig::default());
+                tokens += c.tokens.len();
+                lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
+                    "task": s.task, "sample": c.sample_index, "tokens": c.tokens, "text": text,
+                    "logprobs": c.logprobs, "finish": c.finish, "answer": s.answer, "reward": r})
+                .to_string();
+                lines.push('\n');
+            }
         }
+        out.write_all(lines.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(write_err)?;
         pb.inc(chunk.len() as u64);
         pb.set_message(format!(
             "{:.1} tokens/s",
@@ -466,20 +559,75 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         ));
     }
     pb.finish_and_clear();
-    out.flush()?;
     drop(out);
-    std::fs::rename(&tmp, &a.out)?;
     let secs = t0.elapsed().as_secs_f64();
+    if stopped {
+        let (_, done) = finished_prompts(&std::fs::read_to_string(&tmp)?, a.group);
+        eprintln!(
+            "interrupted: {} of {} prompts in {} — run the same command again to continue",
+            done.len(),
+            samples.len(),
+            tmp.display()
+        );
+        std::process::exit(130);
+    }
+    let text = std::fs::read_to_string(&tmp).map_err(write_err)?;
+    let rewards: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["reward"]["overall"].as_f64())
+        .collect();
+    if rewards.is_empty() && !samples.is_empty() {
+        bail!(
+            "no sample of {} could be rolled out ({skipped} skipped; see above)",
+            a.data.display()
+        );
+    }
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("{}: cannot write", a.out.display()))?;
+    let _ = std::fs::remove_file(&key_path);
+    if skipped > 0 {
+        eprintln!("{skipped} samples skipped: their images could not be read (see above)");
+    }
     println!(
-        "{} responses ({} prompts × {}), {tokens} tokens in {secs:.1} s ({:.1} tokens/s), mean reward {:.3} → {}",
-        scored,
-        samples.len(),
+        "{} responses ({} prompts × {}), {tokens} new tokens in {secs:.1} s ({:.1} tokens/s), mean reward {:.3} → {}",
+        rewards.len(),
+        samples.len() - skipped,
         a.group,
         tokens as f64 / secs,
-        reward_sum / scored.max(1) as f64,
+        rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
         a.out.display()
     );
     Ok(())
+}
+
+/// The lines of an unfinished rollout file that belong to prompts with all `group` responses,
+/// and those prompts' indices; a torn last line and the responses of an unfinished prompt are
+/// left out.
+fn finished_prompts(text: &str, group: usize) -> (String, std::collections::HashSet<usize>) {
+    let mut lines: Vec<(usize, &str)> = Vec::new();
+    let mut count: std::collections::HashMap<usize, usize> = Default::default();
+    for l in text.lines() {
+        let index = serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v["prompt_index"].as_u64());
+        if let Some(i) = index {
+            *count.entry(i as usize).or_default() += 1;
+            lines.push((i as usize, l));
+        }
+    }
+    let done: std::collections::HashSet<usize> = count
+        .into_iter()
+        .filter(|&(_, n)| n >= group)
+        .map(|(i, _)| i)
+        .collect();
+    let mut kept = String::new();
+    for (i, l) in lines {
+        if done.contains(&i) {
+            kept += l;
+            kept.push('\n');
+        }
+    }
+    (kept, done)
 }
 
 fn run_inspect(a: InspectArgs) -> Result<()> {

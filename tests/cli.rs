@@ -266,6 +266,151 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
     assert_eq!(b["own_cache_in_place"], false, "{b}");
 }
 
+/// A rollout stopped by Ctrl-C keeps the prompts it finished (in OUT.partial) and exits 130;
+/// run again, it refuses other settings, drops a torn last line, continues, and ends with the
+/// responses of an uninterrupted run; a finished OUT is never overwritten; a sample whose image
+/// cannot be read is skipped with a warning naming the file.
+#[test]
+fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
+    let dir = scratch("cli-rollout-resume");
+    let data = dir.join("tasks");
+    let ok = ssrl()
+        .args(["tasks", "--images"])
+        .arg(fixtures().join("photos"))
+        .args([
+            "--tasks",
+            "flip,crop,shuffle",
+            "--quiet",
+            "--format",
+            "jsonl",
+            "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let file = data.join("data/part-00000.jsonl");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut c = ssrl();
+        c.args(["rollout", "--model"])
+            .arg(tiny())
+            .arg("--data")
+            .arg(&file)
+            .args(["--group", "2", "--max-new-tokens", "96", "--batch", "1"])
+            .args(extra)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let full = dir.join("full.jsonl");
+    if succeeded_or_skip(&run(&full, &[]).output().unwrap()).is_none() {
+        return;
+    }
+    let sorted = |f: &std::path::Path| {
+        let mut v: Vec<(u64, u64, serde_json::Value)> = std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| {
+                let key = (
+                    v["prompt_index"].as_u64().unwrap(),
+                    v["sample"].as_u64().unwrap(),
+                );
+                (key.0, key.1, v["tokens"].clone())
+            })
+            .collect();
+        v.sort_by_key(|x| (x.0, x.1));
+        v
+    };
+    let want = sorted(&full);
+    assert_eq!(
+        want.len(),
+        2 * std::fs::read_to_string(&file).unwrap().lines().count()
+    );
+
+    // Ctrl-C once the first prompt is written: that batch and the one in hand are kept.
+    let out = dir.join("r.jsonl");
+    let partial = dir.join("r.jsonl.partial");
+    let child = run(&out, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&partial).map_or(true, |m| m.len() == 0) {
+        assert!(t0.elapsed().as_secs() < 60, "no batch written");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let r = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(
+        r.status.code(),
+        Some(130),
+        "finished before Ctrl-C reached it? {err}"
+    );
+    assert!(err.contains("interrupted: ") && !out.exists(), "{err}");
+    let kept = std::fs::read_to_string(&partial).unwrap();
+    let kept_lines = kept.lines().count();
+    assert!(
+        kept_lines >= 2 && kept_lines < want.len(),
+        "{kept_lines} lines kept"
+    );
+    // A write cut short.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&partial)
+        .unwrap()
+        .write_all(b"{\"prompt_id\": \"flip-")
+        .unwrap();
+
+    let r = run(&out, &["--seed", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("seed 0 there, 1 here"),
+        "{err}"
+    );
+    let r = run(&out, &[]).output().unwrap();
+    let err = succeeded_or_skip(&r).unwrap();
+    assert!(err.contains("continuing "), "{err}");
+    assert_eq!(sorted(&out), want);
+    assert!(!partial.exists() && !dir.join("r.jsonl.run.json").exists());
+    let r = run(&out, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("exists"), "{err}");
+
+    // One sample's image is missing: the others are rolled out.
+    let first = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut broken: serde_json::Value = serde_json::from_str(&first).unwrap();
+    broken["id"] = "broken-1".into();
+    broken["images"] = serde_json::json!(["images/missing.png"]);
+    let mixed = data.join("data/mixed.jsonl");
+    std::fs::write(&mixed, format!("{broken}\n{first}\n")).unwrap();
+    let out = dir.join("mixed.jsonl");
+    let r = ssrl()
+        .args(["rollout", "--model"])
+        .arg(tiny())
+        .arg("--data")
+        .arg(&mixed)
+        .args(["--group", "2", "--max-new-tokens", "4", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = succeeded_or_skip(&r).unwrap();
+    assert!(
+        err.contains("skipping sample broken-1") && err.contains("missing.png"),
+        "{err}"
+    );
+    let lines = sorted(&out);
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l.0 == 1));
+}
+
 #[test]
 fn rollout_writes_one_scored_line_per_response() {
     let dir = scratch("cli-rollout");
