@@ -266,6 +266,23 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
     assert_eq!(b["own_cache_in_place"], false, "{b}");
 }
 
+/// `ssrl tasks` on the fixture photos (the tasks named, JSONL) into `out`; returns the data file.
+fn photo_tasks(out: &std::path::Path, tasks: &str) -> std::path::PathBuf {
+    let ok = ssrl()
+        .args(["tasks", "--images"])
+        .arg(fixtures().join("photos"))
+        .args(["--tasks", tasks, "--quiet", "--format", "jsonl", "--out"])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    out.join("data/part-00000.jsonl")
+}
+
 /// A rollout stopped by Ctrl-C keeps the prompts it finished (in OUT.partial) and exits 130;
 /// run again, it refuses other settings, drops a torn last line, continues, and ends with the
 /// responses of an uninterrupted run; a finished OUT is never overwritten; a sample whose image
@@ -274,22 +291,7 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
 fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
     let dir = scratch("cli-rollout-resume");
     let data = dir.join("tasks");
-    let ok = ssrl()
-        .args(["tasks", "--images"])
-        .arg(fixtures().join("photos"))
-        .args([
-            "--tasks",
-            "flip,crop,shuffle",
-            "--quiet",
-            "--format",
-            "jsonl",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
-    let file = data.join("data/part-00000.jsonl");
+    let file = photo_tasks(&data, "flip,crop,shuffle");
     let run = |out: &std::path::Path, extra: &[&str]| {
         let mut c = ssrl();
         c.args(["rollout", "--model"])
@@ -415,20 +417,13 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
 fn rollout_writes_one_scored_line_per_response() {
     let dir = scratch("cli-rollout");
     let data = dir.join("tasks");
-    let ok = ssrl()
-        .args(["tasks", "--images"])
-        .arg(fixtures().join("photos"))
-        .args(["--tasks", "flip", "--quiet", "--format", "jsonl", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
+    let file = photo_tasks(&data, "flip");
     let out = dir.join("rollouts.jsonl");
     let r = ssrl()
         .args(["rollout", "--model"])
         .arg(tiny())
         .arg("--data")
-        .arg(data.join("data/part-00000.jsonl"))
+        .arg(&file)
         .args([
             "--group",
             "3",
@@ -474,7 +469,7 @@ fn rollout_writes_one_scored_line_per_response() {
         cmd.args(["rollout", "--model"])
             .arg(tiny())
             .arg("--data")
-            .arg(data.join("data/part-00000.jsonl"))
+            .arg(&file)
             .args(["--group", "3", "--max-new-tokens", "4", "--limit", "2"])
             .args(["--device", "cuda", "--out"])
             .arg(&out2);
