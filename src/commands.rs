@@ -295,9 +295,10 @@ pub struct BenchRolloutArgs {
     /// Package folder.
     #[arg(long, value_name = "DIR", default_value = "models/tiny")]
     model: PathBuf,
-    /// Prompts from a task dataset (.parquet / .jsonl, images relative to the folder above its
-    /// data/ folder); default: synthetic 448×336 photos with a depth-style question.
-    #[arg(long, value_name = "FILE")]
+    /// Prompts from a task dataset (a .parquet / .jsonl file, or an `ssrl tasks` folder: its
+    /// shards in order; images relative to the folder above each file's folder); default:
+    /// synthetic 448×336 photos with a depth-style question.
+    #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
     /// Prompts per batch (B).
     #[arg(long, default_value_t = 8)]
@@ -452,22 +453,23 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     )?;
     let requests: Vec<Request> = match &a.data {
         None => bench::synthetic_requests(a.batch),
-        Some(f) => {
-            let samples =
-                spatial_ssrl::tasks::write::read_samples(f).context("cannot read samples")?;
-            let root = spatial_ssrl::tasks::write::default_images_root(f);
-            samples
-                .iter()
-                .take(a.batch)
-                .enumerate()
-                .map(|(i, s)| {
-                    Ok(Request {
-                        id: i as u64,
+        Some(path) => {
+            use spatial_ssrl::tasks::write;
+            let mut requests = Vec::with_capacity(a.batch);
+            for f in write::data_files(path).context("cannot read samples")? {
+                let root = write::default_images_root(&f);
+                for s in write::read_samples(&f).context("cannot read samples")? {
+                    if requests.len() == a.batch {
+                        break;
+                    }
+                    requests.push(Request {
+                        id: requests.len() as u64,
                         problem: s.problem.clone(),
                         images: s.load_images(&root)?,
-                    })
-                })
-                .collect::<Result<_>>()?
+                    });
+                }
+            }
+            requests
         }
     };
     let cfg = GenerationConfig {

@@ -97,10 +97,13 @@ struct RolloutArgs {
     /// Package folder written by models/export.py.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Samples from `ssrl tasks` (.parquet or .jsonl); image paths are relative to --images-root.
-    #[arg(long, value_name = "FILE")]
+    /// Samples from `ssrl tasks`: a .parquet or .jsonl file, or a folder (an `ssrl tasks` output
+    /// folder or its data/): all its shards in name order. Image paths are relative to
+    /// --images-root.
+    #[arg(long, value_name = "PATH")]
     data: PathBuf,
-    /// Folder the samples' image paths are relative to (default: the folder above data/).
+    /// Folder the samples' image paths are relative to (default: the folder above each data
+    /// file's folder, as `ssrl tasks` writes them).
     #[arg(long, value_name = "DIR")]
     images_root: Option<PathBuf>,
     /// Responses per prompt.
@@ -396,15 +399,21 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
 fn run_rollout(a: RolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
     use spatial_ssrl::rollout::{GenerationConfig, Request};
-    let samples = tasks::write::read_samples(&a.data).context("cannot read samples")?;
-    let samples: Vec<_> = samples
-        .into_iter()
-        .take(a.limit.unwrap_or(usize::MAX))
-        .collect();
-    let root = a
-        .images_root
-        .clone()
-        .unwrap_or_else(|| tasks::write::default_images_root(&a.data));
+    // Each sample with the folder its image paths resolve against.
+    let limit = a.limit.unwrap_or(usize::MAX);
+    let mut samples: Vec<(tasks::write::SampleRecord, PathBuf)> = Vec::new();
+    for f in tasks::write::data_files(&a.data).context("cannot read samples")? {
+        if samples.len() >= limit {
+            break;
+        }
+        let root = a
+            .images_root
+            .clone()
+            .unwrap_or_else(|| tasks::write::default_images_root(&f));
+        let read = tasks::write::read_samples(&f).context("cannot read samples")?;
+        samples.extend(read.into_iter().map(|s| (s, root.clone())));
+    }
+    samples.truncate(limit);
     let mut engine = a.device.open(
         &a.model,
         a.ort_lib.as_deref(),
@@ -482,7 +491,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         .append(true)
         .open(&tmp)
         .map_err(write_err)?;
-    let todo: Vec<(usize, &tasks::write::SampleRecord)> = samples
+    let todo: Vec<(usize, &(tasks::write::SampleRecord, PathBuf))> = samples
         .iter()
         .enumerate()
         .filter(|(i, _)| !done.contains(i))
@@ -515,8 +524,8 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         }
         let mut reqs = Vec::with_capacity(chunk.len());
         let mut sources = Vec::with_capacity(chunk.len());
-        for &(index, s) in chunk {
-            match s.load_images(&root) {
+        for &(index, (s, root)) in chunk {
+            match s.load_images(root) {
                 Ok(images) => {
                     reqs.push(Request {
                         id: spatial_ssrl::rng::hash_str(&s.id) ^ index as u64,

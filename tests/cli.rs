@@ -454,6 +454,56 @@ fn rollout_writes_one_scored_line_per_response() {
         assert!(l["prompt_id"].as_str().unwrap().starts_with("flip-"));
     }
     assert!(!dir.join("rollouts.jsonl.partial").exists());
+    // A folder of shards: read in name order, one prompt index across them, each sample the
+    // one the single file gives it.
+    let rows: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let shards = dir.join("shards");
+    std::fs::create_dir_all(shards.join("data")).unwrap();
+    std::fs::write(shards.join("data/b.jsonl"), rows[1..].join("\n")).unwrap();
+    std::fs::write(shards.join("data/a.jsonl"), format!("{}\n", rows[0])).unwrap();
+    let from_shards = dir.join("shards.jsonl");
+    let r = ssrl()
+        .args(["rollout", "--model"])
+        .arg(tiny())
+        .arg("--data")
+        .arg(&shards)
+        .arg("--images-root")
+        .arg(&data)
+        .args([
+            "--group",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--limit",
+            "3",
+            "--out",
+        ])
+        .arg(&from_shards)
+        .output()
+        .unwrap();
+    succeeded_or_skip(&r).unwrap();
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&from_shards)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 9);
+    for (k, g) in got.iter().enumerate() {
+        let index = g["prompt_index"].as_u64().unwrap() as usize;
+        let row: serde_json::Value = serde_json::from_str(&rows[index]).unwrap();
+        assert_eq!(g["prompt_id"], row["id"]);
+        if let Some(l) = lines.get(k) {
+            assert_eq!(
+                (&g["prompt_index"], &g["tokens"]),
+                (&l["prompt_index"], &l["tokens"])
+            );
+        }
+    }
+    assert_eq!(got[8]["prompt_index"], 2);
     // --device cuda: the CPU's tokens on a GPU; elsewhere a clear error, and with
     // --allow-fallback the CPU run, saying so.
     let tokens = |f: &std::path::Path| -> Vec<serde_json::Value> {

@@ -188,6 +188,37 @@ fn field_str(f: &Field) -> Option<String> {
     }
 }
 
+/// The data files `path` names: the file itself, or for a folder its `.parquet` and `.jsonl`
+/// files in name order (for an `ssrl tasks` output folder, those of its `data/`: every shard).
+pub fn data_files(path: &Path) -> Result<Vec<PathBuf>, WriteError> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let dir = match path.join("data") {
+        d if d.is_dir() => d,
+        _ => path.to_path_buf(),
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(io(&dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("parquet" | "jsonl")
+                )
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(WriteError::Format {
+            path: dir,
+            msg: "no .parquet or .jsonl files here".into(),
+        });
+    }
+    Ok(files)
+}
+
 /// Where a dataset's relative image paths resolve unless told otherwise: the folder above the
 /// data file's folder (`OUT/data/part-00000.parquet` → `OUT`, as `ssrl tasks` writes them).
 pub fn default_images_root(data: &Path) -> PathBuf {
