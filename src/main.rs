@@ -414,12 +414,6 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         samples.extend(read.into_iter().map(|s| (s, root.clone())));
     }
     samples.truncate(limit);
-    let mut engine = a.device.open(
-        &a.model,
-        a.ort_lib.as_deref(),
-        a.batch * a.group,
-        a.max_new_tokens,
-    )?;
     let cfg = GenerationConfig {
         group: a.group,
         max_new_tokens: a.max_new_tokens,
@@ -452,13 +446,15 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed,
         "format_prompt": !a.no_format_prompt,
     });
+    // A partial file with finished prompts continues only under the same settings.
     let (kept, done) = match std::fs::read_to_string(&tmp) {
         Ok(text) => {
+            let (kept, done) = finished_prompts(&text, a.group);
             let old: serde_json::Value = std::fs::read(&key_path)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or_default();
-            if old != key {
+            if old != key && !done.is_empty() {
                 let differ: Vec<String> = match key.as_object() {
                     Some(now) if old.is_object() => now
                         .iter()
@@ -475,10 +471,17 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
                     key_path.display()
                 );
             }
-            finished_prompts(&text, a.group)
+            (kept, done)
         }
         Err(_) => (String::new(), Default::default()),
     };
+    // Loaded before anything is written, so a wrong --model or library leaves no trace.
+    let mut engine = a.device.open(
+        &a.model,
+        a.ort_lib.as_deref(),
+        a.batch * a.group,
+        a.max_new_tokens,
+    )?;
     if let Some(dir) = tmp.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
