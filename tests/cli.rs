@@ -10,6 +10,17 @@ fn ssrl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ssrl"))
 }
 
+/// Runs `cmd`, which must succeed (its stderr shown otherwise).
+fn succeeded(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The committed tiny model package.
 fn tiny() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
@@ -88,12 +99,7 @@ fn tasks_runs_refuses_to_overwrite_and_resumes() {
             .args(extra);
         c
     };
-    let first = args(&[]).output().unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    let first = succeeded(&mut args(&[]));
     let stdout = String::from_utf8(first.stdout).unwrap();
     assert!(
         stdout.contains("flip") && stdout.contains("crop") && stdout.contains("10 samples"),
@@ -253,32 +259,26 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
     assert!(wait >= 0.0 && wait < wall, "{b}");
     // The tiny package's decoder reads the rows' own tokens in place unless told not to.
     assert_eq!(b["own_cache_in_place"], true, "{b}");
-    let r = ssrl()
-        .args(["bench", "rollout", "--model"])
-        .arg(tiny())
-        .args(["--batch", "1", "--group", "1", "--max-new-tokens", "2"])
-        .args(["--warmup", "0", "--rounds", "1", "--append-cache", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    succeeded(
+        ssrl()
+            .args(["bench", "rollout", "--model"])
+            .arg(tiny())
+            .args(["--batch", "1", "--group", "1", "--max-new-tokens", "2"])
+            .args(["--warmup", "0", "--rounds", "1", "--append-cache", "--json"])
+            .arg(&json),
+    );
     let b: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(b["own_cache_in_place"], false, "{b}");
 }
 
 /// `ssrl tasks` on the fixture photos (the tasks named, JSONL) into `out`; returns the data file.
 fn photo_tasks(out: &std::path::Path, tasks: &str) -> std::path::PathBuf {
-    let ok = ssrl()
-        .args(["tasks", "--images"])
-        .arg(fixtures().join("photos"))
-        .args(["--tasks", tasks, "--quiet", "--format", "jsonl", "--out"])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    succeeded(
+        ssrl()
+            .args(["tasks", "--images"])
+            .arg(fixtures().join("photos"))
+            .args(["--tasks", tasks, "--quiet", "--format", "jsonl", "--out"])
+            .arg(out),
     );
     out.join("data/part-00000.jsonl")
 }
@@ -566,15 +566,10 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
     let cfg = dir.join("train.toml");
     let with_data = text.replace("train_files = []", "train_files = [\"tasks.jsonl\"]");
     std::fs::write(&cfg, &with_data).unwrap();
-    let out = ssrl()
-        .args(["train", "--print-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeded(
+        ssrl()
+            .args(["train", "--print-config", "--config"])
+            .arg(&cfg),
     );
     // A misspelt key names the file and the key.
     std::fs::write(
@@ -621,12 +616,7 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
         })
         .collect();
     std::fs::write(run.join("metrics.jsonl"), lines).unwrap();
-    let out = ssrl().arg("plot").arg(&run).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(ssrl().arg("plot").arg(&run));
     let png = image::open(run.join("curves.png")).unwrap();
     assert!(png.width() >= 800 && png.height() >= 250);
     let out = ssrl()
