@@ -21,6 +21,16 @@ fn succeeded(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// `ssrl rollout` of the tiny package on `data`.
+fn rollout(data: &std::path::Path) -> Command {
+    let mut c = ssrl();
+    c.args(["rollout", "--model"])
+        .arg(tiny())
+        .arg("--data")
+        .arg(data);
+    c
+}
+
 /// The committed tiny model package.
 fn tiny() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
@@ -293,12 +303,8 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
     let data = dir.join("tasks");
     let file = photo_tasks(&data, "flip,crop,shuffle");
     let run = |out: &std::path::Path, extra: &[&str]| {
-        let mut c = ssrl();
-        c.args(["rollout", "--model"])
-            .arg(tiny())
-            .arg("--data")
-            .arg(&file)
-            .args(["--group", "2", "--max-new-tokens", "96", "--batch", "1"])
+        let mut c = rollout(&file);
+        c.args(["--group", "2", "--max-new-tokens", "96", "--batch", "1"])
             .args(extra)
             .arg("--out")
             .arg(out);
@@ -394,11 +400,7 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
     let mixed = data.join("data/mixed.jsonl");
     std::fs::write(&mixed, format!("{broken}\n{first}\n")).unwrap();
     let out = dir.join("mixed.jsonl");
-    let r = ssrl()
-        .args(["rollout", "--model"])
-        .arg(tiny())
-        .arg("--data")
-        .arg(&mixed)
+    let r = rollout(&mixed)
         .args(["--group", "2", "--max-new-tokens", "4", "--out"])
         .arg(&out)
         .output()
@@ -419,11 +421,7 @@ fn rollout_writes_one_scored_line_per_response() {
     let data = dir.join("tasks");
     let file = photo_tasks(&data, "flip");
     let out = dir.join("rollouts.jsonl");
-    let r = ssrl()
-        .args(["rollout", "--model"])
-        .arg(tiny())
-        .arg("--data")
-        .arg(&file)
+    let r = rollout(&file)
         .args([
             "--group",
             "3",
@@ -466,11 +464,7 @@ fn rollout_writes_one_scored_line_per_response() {
     std::fs::write(shards.join("data/b.jsonl"), rows[1..].join("\n")).unwrap();
     std::fs::write(shards.join("data/a.jsonl"), format!("{}\n", rows[0])).unwrap();
     let from_shards = dir.join("shards.jsonl");
-    let r = ssrl()
-        .args(["rollout", "--model"])
-        .arg(tiny())
-        .arg("--data")
-        .arg(&shards)
+    let r = rollout(&shards)
         .arg("--images-root")
         .arg(&data)
         .args([
@@ -515,12 +509,8 @@ fn rollout_writes_one_scored_line_per_response() {
     };
     for fallback in [false, true] {
         let out2 = dir.join(format!("cuda-{fallback}.jsonl"));
-        let mut cmd = ssrl();
-        cmd.args(["rollout", "--model"])
-            .arg(tiny())
-            .arg("--data")
-            .arg(&file)
-            .args(["--group", "3", "--max-new-tokens", "4", "--limit", "2"])
+        let mut cmd = rollout(&file);
+        cmd.args(["--group", "3", "--max-new-tokens", "4", "--limit", "2"])
             .args(["--device", "cuda", "--out"])
             .arg(&out2);
         if fallback {
