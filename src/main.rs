@@ -447,9 +447,16 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         "format_prompt": !a.no_format_prompt,
     });
     // A partial file with finished prompts continues only under the same settings.
+    let ids: Vec<&str> = samples.iter().map(|(s, _)| s.id.as_str()).collect();
     let (kept, done) = match std::fs::read_to_string(&tmp) {
         Ok(text) => {
-            let (kept, done) = finished_prompts(&text, a.group);
+            let (kept, done) = finished_prompts(&text, a.group, &ids).with_context(|| {
+                format!(
+                    "{}: cannot continue; pick another --out, or remove it and {} to start over",
+                    tmp.display(),
+                    key_path.display()
+                )
+            })?;
             let old: serde_json::Value = std::fs::read(&key_path)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
@@ -574,7 +581,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
     drop(out);
     let secs = t0.elapsed().as_secs_f64();
     if stopped {
-        let (_, done) = finished_prompts(&std::fs::read_to_string(&tmp)?, a.group);
+        let (_, done) = finished_prompts(&std::fs::read_to_string(&tmp)?, a.group, &ids)?;
         eprintln!(
             "interrupted: {} of {} prompts in {} — run the same command again to continue",
             done.len(),
@@ -614,18 +621,31 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
 
 /// The lines of an unfinished rollout file that belong to prompts with all `group` responses,
 /// and those prompts' indices; a torn last line and the responses of an unfinished prompt are
-/// left out.
-fn finished_prompts(text: &str, group: usize) -> (String, std::collections::HashSet<usize>) {
+/// left out. A line whose prompt is not the data's prompt at its index (`ids`: the data's
+/// prompt ids in order) is an error: the data changed under the file.
+fn finished_prompts(
+    text: &str,
+    group: usize,
+    ids: &[&str],
+) -> Result<(String, std::collections::HashSet<usize>)> {
     let mut lines: Vec<(usize, &str)> = Vec::new();
     let mut count: std::collections::HashMap<usize, usize> = Default::default();
-    for l in text.lines() {
-        let index = serde_json::from_str::<serde_json::Value>(l)
-            .ok()
-            .and_then(|v| v["prompt_index"].as_u64());
-        if let Some(i) = index {
-            *count.entry(i as usize).or_default() += 1;
-            lines.push((i as usize, l));
+    for (n, l) in text.lines().enumerate() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        let Some(i) = v["prompt_index"].as_u64().map(|i| i as usize) else {
+            continue;
+        };
+        if let Some(&id) = ids.get(i).filter(|&&id| v["prompt_id"] != id) {
+            bail!(
+                "line {}: prompt {i} is {} there but {id} in the data now (the data changed)",
+                n + 1,
+                v["prompt_id"]
+            );
         }
+        *count.entry(i).or_default() += 1;
+        lines.push((i, l));
     }
     let done: std::collections::HashSet<usize> = count
         .into_iter()
@@ -639,7 +659,7 @@ fn finished_prompts(text: &str, group: usize) -> (String, std::collections::Hash
             kept.push('\n');
         }
     }
-    (kept, done)
+    Ok((kept, done))
 }
 
 fn run_inspect(a: InspectArgs) -> Result<()> {

@@ -378,6 +378,19 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
         !r.status.success() && err.contains("seed 0 there, 1 here"),
         "{err}"
     );
+    // The data file rewritten with its first two samples swapped: the kept lines no longer
+    // name the prompts at their indices.
+    let original = std::fs::read_to_string(&file).unwrap();
+    let mut swapped: Vec<&str> = original.lines().collect();
+    swapped.swap(0, 1);
+    std::fs::write(&file, swapped.join("\n")).unwrap();
+    let r = run(&out, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("the data changed"),
+        "{err}"
+    );
+    std::fs::write(&file, &original).unwrap();
     let r = run(&out, &[]).output().unwrap();
     let err = succeeded_or_skip(&r).unwrap();
     assert!(err.contains("continuing "), "{err}");
