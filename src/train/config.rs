@@ -23,7 +23,8 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Task datasets written by `ssrl tasks` (parquet or JSONL); images resolve against
+    /// Task datasets written by `ssrl tasks`: parquet or JSONL files, or folders (an `ssrl tasks`
+    /// output folder or its `data/`: every shard, in name order); images resolve against
     /// `image_dir`, or else the folder above each file's `data/` folder.
     pub train_files: Vec<PathBuf>,
     /// Held-out task set for validation (from sources not used for training); empty: none.

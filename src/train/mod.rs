@@ -127,16 +127,26 @@ struct Dataset {
     roots: Vec<PathBuf>,
 }
 
+/// The samples of `files`, each a data file or a folder of them (an `ssrl tasks` output folder or
+/// its `data/`: every shard, in name order).
 fn load_dataset(files: &[PathBuf], image_dir: Option<&Path>) -> Result<Dataset, TrainError> {
     let mut d = Dataset {
         samples: vec![],
         roots: vec![],
     };
-    for f in files {
-        let s = read_samples(f).map_err(|e| TrainError::Data {
-            path: f.clone(),
+    let data_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: crate::tasks::write::WriteError| TrainError::Data {
+            path,
             msg: e.to_string(),
-        })?;
+        }
+    };
+    let mut shards = Vec::new();
+    for given in files {
+        shards.extend(crate::tasks::write::data_files(given).map_err(data_err(given))?);
+    }
+    for f in &shards {
+        let s = read_samples(f).map_err(data_err(f))?;
         let root = image_dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| crate::tasks::write::default_images_root(f));
@@ -1113,5 +1123,43 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
 impl From<PackageError> for TrainError {
     fn from(e: PackageError) -> Self {
         TrainError::Engine(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder of shards loads as its files in name order, its images resolving against the
+    /// folder above `data/`; a folder without data files is an error naming it.
+    #[test]
+    fn a_data_folder_loads_every_shard_in_order() {
+        let dir = std::env::temp_dir().join(format!("ssrl-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let line = |id: &str| {
+            format!(
+                r#"{{"id":"{id}","task":"flip","problem":"p","answer":"1","images":[],"source":[],"meta":{{}}}}"#
+            )
+        };
+        std::fs::write(dir.join("data/part-00001.jsonl"), line("c") + "\n").unwrap();
+        std::fs::write(
+            dir.join("data/part-00000.jsonl"),
+            format!("{}\n{}\n", line("a"), line("b")),
+        )
+        .unwrap();
+        std::fs::write(dir.join("data/notes.txt"), "not data").unwrap();
+        let d = load_dataset(std::slice::from_ref(&dir), None).unwrap();
+        let ids: Vec<&str> = d.samples.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert!(d.roots.iter().all(|r| r == &dir));
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let err = load_dataset(&[empty], None).err().unwrap().to_string();
+        assert!(
+            err.contains("empty") && err.contains("no .parquet or .jsonl"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
