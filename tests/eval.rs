@@ -419,6 +419,13 @@ fn eval_scores_resumes_and_compares() {
     let dir = std::env::temp_dir().join(format!("ssrl-eval-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data = dataset(&dir);
+    // The output folder of `ssrl tasks`, or its data/, reads as its file does (images found).
+    let file_items = eval::load(&config(&data, &dir.join("a"), None)).unwrap();
+    assert_eq!(file_items.len(), 5);
+    for folder in [dir.clone(), dir.join("data")] {
+        let got = eval::load(&config(&folder, &dir.join("a"), None)).unwrap();
+        assert_eq!(got, file_items, "{}", folder.display());
+    }
     // Straight through.
     let straight = eval::run(&mut engine, &config(&data, &dir.join("a"), None), |_, _| {}).unwrap();
     assert_eq!(straight.overall.items, 5);

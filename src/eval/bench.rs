@@ -233,7 +233,10 @@ fn check_files(items: &[BenchItem]) -> Result<(), String> {
 }
 
 fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
-    let samples = read_samples(path)?;
+    let mut samples = Vec::new();
+    for f in crate::tasks::write::data_files(path)? {
+        samples.extend(read_samples(&f)?);
+    }
     Ok(samples
         .iter()
         .map(|s: &SampleRecord| {
