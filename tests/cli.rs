@@ -345,8 +345,10 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
         assert!(t0.elapsed().as_secs() < 60, "no batch written");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's own `kill` (no procps needed).
+    let kill = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -INT {}", child.id()))
         .status()
         .unwrap();
     assert!(kill.success());
