@@ -471,47 +471,12 @@ impl OwnBuf {
     /// Moves the live rows into buffers with room for `n` tokens (the new slots zero: the
     /// decoder weighs them by zero, and zero times a stray NaN would not be zero).
     fn grow(&mut self, n: usize, gpu: Option<&OnGpu>) -> Result<(), EngineError> {
-        let (kvh, hd, old, len) = (self.kvh, self.hd, self.cap, self.len);
+        let (old, len) = (self.cap, self.len);
         let cap = OwnBuf::capacity_for(n, self.limit.max(n));
-        let blocks = self.rows * kvh;
-        let shape = [self.rows, kvh, cap, hd];
-        let mut next = Vec::with_capacity(self.tensors);
-        for i in 0..self.tensors {
-            let mut prev = self.data.get_mut(i);
-            next.push(match gpu {
-                None => {
-                    let src = match prev.as_mut() {
-                        Some(p) => p.try_extract_tensor::<f32>().map_err(run_err("decoder"))?.1,
-                        None => &[],
-                    };
-                    kv_value(&shape, widened(src, blocks, old * hd, cap * hd, len * hd))?
-                }
-                Some(g) => {
-                    let mut t = g.tensor(&shape)?;
-                    let dst = t.data_ptr_mut() as u64;
-                    // SAFETY: the whole of the new buffer; then the used slots of the live
-                    // blocks of the old one (same blocks, `old` ≥ len slots each) into the
-                    // first `len` slots of each new block.
-                    unsafe { g.cuda.zero_device(dst, shape.iter().product::<usize>() * 4) }
-                        .map_err(gpu_err)?;
-                    if let Some(p) = prev {
-                        let src = p.data_ptr_mut() as u64;
-                        unsafe {
-                            g.cuda.copy_device_2d(
-                                dst,
-                                cap * hd * 4,
-                                src,
-                                old * hd * 4,
-                                len * hd * 4,
-                                blocks,
-                            )
-                        }
-                        .map_err(gpu_err)?;
-                    }
-                    t
-                }
-            });
-        }
+        let shape = [self.rows, self.kvh, cap, self.hd];
+        let next = (0..self.tensors)
+            .map(|i| widened_tensor(self.data.get_mut(i), shape, old, len, gpu))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(g) = gpu {
             // The old buffers are dropped below.
             g.cuda.synchronize_all().map_err(gpu_err)?;
@@ -532,27 +497,7 @@ impl OwnBuf {
         rows: usize,
         gpu: Option<&OnGpu>,
     ) -> Result<(), EngineError> {
-        let row = self.kvh * self.cap * self.hd;
-        for buf in &mut self.data {
-            match gpu {
-                None => {
-                    let (_, d) = buf
-                        .try_extract_tensor_mut::<f32>()
-                        .map_err(run_err("decoder"))?;
-                    for &(to, from) in moves {
-                        d.copy_within(from * row..(from + 1) * row, to * row);
-                    }
-                }
-                Some(g) => {
-                    let base = buf.data_ptr_mut() as u64;
-                    // SAFETY: both rows of each move are rows of the buffer, and distinct.
-                    unsafe { g.copy_rows(base, base, row, moves.iter().copied()) }?;
-                }
-            }
-        }
-        if let Some(g) = gpu {
-            g.cuda.synchronize_all().map_err(gpu_err)?;
-        }
+        move_rows(&mut self.data, self.kvh * self.cap * self.hd, moves, gpu)?;
         self.rows = rows;
         Ok(())
     }
@@ -566,6 +511,74 @@ fn widened(src: &[f32], blocks: usize, from: usize, to: usize, used: usize) -> V
         out[b * to..b * to + used].copy_from_slice(&src[b * from..b * from + used]);
     }
     out
+}
+
+/// A new cache tensor of `shape` (`[rows, kv_heads, cap, head_dim]`) holding, in each block of
+/// `cap` positions, the first `len` positions of the same block of `prev` (blocks of `old`
+/// positions; `None`: nothing yet), the rest zero: on the host, or on the GPU with `gpu`, where
+/// the copy is queued on the stream (synchronise before `prev` is dropped).
+fn widened_tensor(
+    prev: Option<&mut DynTensor>,
+    shape: [usize; 4],
+    old: usize,
+    len: usize,
+    gpu: Option<&OnGpu>,
+) -> Result<DynTensor, EngineError> {
+    let [rows, kvh, cap, hd] = shape;
+    let blocks = rows * kvh;
+    let Some(g) = gpu else {
+        let src = match prev {
+            Some(p) => p.try_extract_tensor::<f32>().map_err(run_err("decoder"))?.1,
+            None => &[],
+        };
+        return kv_value(&shape, widened(src, blocks, old * hd, cap * hd, len * hd));
+    };
+    let mut t = g.tensor(&shape)?;
+    let dst = t.data_ptr_mut() as u64;
+    // SAFETY: the whole of the new buffer; then the used positions of the first `blocks` blocks
+    // of the old one (`old` ≥ len positions each) into the first `len` positions of each new
+    // block; two distinct GPU buffers.
+    unsafe { g.cuda.zero_device(dst, blocks * cap * hd * 4) }.map_err(gpu_err)?;
+    if let Some(p) = prev {
+        let src = p.data_ptr_mut() as u64;
+        let copy = unsafe {
+            g.cuda
+                .copy_device_2d(dst, cap * hd * 4, src, old * hd * 4, len * hd * 4, blocks)
+        };
+        copy.map_err(gpu_err)?;
+    }
+    Ok(t)
+}
+
+/// Applies row moves `(to, from)` to every tensor of `data` (rows of `row` values): on the host,
+/// or on the GPU with `gpu` (synchronised after).
+fn move_rows(
+    data: &mut [DynTensor],
+    row: usize,
+    moves: &[(usize, usize)],
+    gpu: Option<&OnGpu>,
+) -> Result<(), EngineError> {
+    for v in data {
+        match gpu {
+            None => {
+                let (_, d) = v
+                    .try_extract_tensor_mut::<f32>()
+                    .map_err(run_err("decoder"))?;
+                for &(to, from) in moves {
+                    d.copy_within(from * row..(from + 1) * row, to * row);
+                }
+            }
+            Some(g) => {
+                let base = v.data_ptr_mut() as u64;
+                // SAFETY: both rows of each move are rows of the buffer, and distinct.
+                unsafe { g.copy_rows(base, base, row, moves.iter().copied()) }?;
+            }
+        }
+    }
+    if let Some(g) = gpu {
+        g.cuda.synchronize_all().map_err(gpu_err)?;
+    }
+    Ok(())
 }
 
 /// Whether the rows' own tokens can stay where the decoder reads them on `provider`: with a
@@ -1598,11 +1611,9 @@ impl Runner<'_> {
     fn with_room(&mut self, kv: &mut Kv, cap: usize) -> Result<(), EngineError> {
         let t0 = Instant::now();
         let t = &self.m.text;
-        let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
+        let shape = [kv.rows, t.num_key_value_heads, cap, t.head_dim];
         for v in &mut kv.data {
-            let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-            let next = widened(d, kv.rows * kvh, kv.cap * hd, cap * hd, kv.len * hd);
-            *v = kv_value(&[kv.rows, kvh, cap, hd], next)?;
+            *v = widened_tensor(Some(v), shape, kv.cap, kv.len, None)?;
         }
         kv.cap = cap;
         self.stats.cache_s += t0.elapsed().as_secs_f64();
@@ -1618,26 +1629,7 @@ impl Runner<'_> {
         let (order, moves) = compaction(kv.rows, keep);
         let t = &self.m.text;
         let row = t.num_key_value_heads * kv.cap * t.head_dim;
-        for v in &mut kv.data {
-            match &self.gpu {
-                None => {
-                    let (_, d) = v
-                        .try_extract_tensor_mut::<f32>()
-                        .map_err(run_err("decoder"))?;
-                    for &(to, from) in &moves {
-                        d.copy_within(from * row..(from + 1) * row, to * row);
-                    }
-                }
-                Some(g) => {
-                    let base = v.data_ptr_mut() as u64;
-                    // SAFETY: both rows of each move are live rows of the buffer, and distinct.
-                    unsafe { g.copy_rows(base, base, row, moves.iter().copied()) }?;
-                }
-            }
-        }
-        if let Some(g) = &self.gpu {
-            g.cuda.synchronize_all().map_err(gpu_err)?;
-        }
+        move_rows(&mut kv.data, row, &moves, self.gpu)?;
         kv.rows = n;
         self.stats.cache_s += t0.elapsed().as_secs_f64();
         Ok(order)
