@@ -453,24 +453,18 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     )?;
     let requests: Vec<Request> = match &a.data {
         None => bench::synthetic_requests(a.batch),
-        Some(path) => {
-            use spatial_ssrl::tasks::write;
-            let mut requests = Vec::with_capacity(a.batch);
-            for f in write::data_files(path).context("cannot read samples")? {
-                let root = write::default_images_root(&f);
-                for s in write::read_samples(&f).context("cannot read samples")? {
-                    if requests.len() == a.batch {
-                        break;
-                    }
-                    requests.push(Request {
-                        id: requests.len() as u64,
-                        problem: s.problem.clone(),
-                        images: s.load_images(&root)?,
-                    });
-                }
-            }
-            requests
-        }
+        Some(path) => spatial_ssrl::tasks::write::read_dataset(path, None, a.batch)
+            .context("cannot read samples")?
+            .iter()
+            .enumerate()
+            .map(|(i, (s, root))| {
+                Ok(Request {
+                    id: i as u64,
+                    problem: s.problem.clone(),
+                    images: s.load_images(root)?,
+                })
+            })
+            .collect::<Result<_>>()?,
     };
     let cfg = GenerationConfig {
         group: a.group,

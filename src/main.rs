@@ -401,19 +401,8 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
     use spatial_ssrl::rollout::{GenerationConfig, Request};
     // Each sample with the folder its image paths resolve against.
     let limit = a.limit.unwrap_or(usize::MAX);
-    let mut samples: Vec<(tasks::write::SampleRecord, PathBuf)> = Vec::new();
-    for f in tasks::write::data_files(&a.data).context("cannot read samples")? {
-        if samples.len() >= limit {
-            break;
-        }
-        let root = a
-            .images_root
-            .clone()
-            .unwrap_or_else(|| tasks::write::default_images_root(&f));
-        let read = tasks::write::read_samples(&f).context("cannot read samples")?;
-        samples.extend(read.into_iter().map(|s| (s, root.clone())));
-    }
-    samples.truncate(limit);
+    let samples = tasks::write::read_dataset(&a.data, a.images_root.as_deref(), limit)
+        .context("cannot read samples")?;
     let cfg = GenerationConfig {
         group: a.group,
         max_new_tokens: a.max_new_tokens,

@@ -5,7 +5,7 @@
 use super::score::{self, Scored};
 use crate::tasks::source::{decode_rgb, load_rgb};
 use crate::tasks::templates::FORMAT_SENTENCE;
-use crate::tasks::write::{read_samples, SampleRecord};
+use crate::tasks::write::{read_dataset, SampleRecord};
 use base64::Engine as _;
 use image::RgbImage;
 use serde_json::value::RawValue;
@@ -233,13 +233,10 @@ fn check_files(items: &[BenchItem]) -> Result<(), String> {
 }
 
 fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
-    let mut samples = Vec::new();
-    for f in crate::tasks::write::data_files(path)? {
-        samples.extend(read_samples(&f)?);
-    }
+    let samples = read_dataset(path, Some(&opt.images_root), usize::MAX)?;
     Ok(samples
         .iter()
-        .map(|s: &SampleRecord| {
+        .map(|(s, root): &(SampleRecord, PathBuf)| {
             let variant = s
                 .meta
                 .get("variant")
@@ -259,7 +256,7 @@ fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> 
                 images: s
                     .images
                     .iter()
-                    .map(|p| ImageSource::File(opt.images_root.join(p)))
+                    .map(|p| ImageSource::File(root.join(p)))
                     .collect(),
                 answer: s.answer.clone(),
                 rule: Rule::Pretext,

@@ -82,19 +82,10 @@ impl EvalConfig {
         }
     }
 
-    /// `images_root`, or where `ssrl tasks` put the images of `data`: the folder above a data
-    /// file's folder, an output folder itself, or the folder above its `data/`.
     fn images_root(&self) -> PathBuf {
-        let d = &self.data;
         self.images_root
             .clone()
-            .unwrap_or_else(|| match d.is_dir() {
-                true if d.join("data").is_dir() => d.clone(),
-                true => d
-                    .parent()
-                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-                false => crate::tasks::write::default_images_root(d),
-            })
+            .unwrap_or_else(|| crate::tasks::write::default_images_root(&self.data))
     }
 }
 

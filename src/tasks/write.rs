@@ -219,13 +219,37 @@ pub fn data_files(path: &Path) -> Result<Vec<PathBuf>, WriteError> {
     Ok(files)
 }
 
-/// Where a dataset's relative image paths resolve unless told otherwise: the folder above the
-/// data file's folder (`OUT/data/part-00000.parquet` → `OUT`, as `ssrl tasks` writes them).
+/// Where a dataset's relative image paths resolve unless told otherwise, as `ssrl tasks` writes
+/// them: the folder above a data file's folder (`OUT/data/part-00000.parquet` → `OUT`), an
+/// output folder itself (`OUT` → `OUT`), or the folder above a folder of data files
+/// (`OUT/data` → `OUT`).
 pub fn default_images_root(data: &Path) -> PathBuf {
-    data.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    let up = match data.is_dir() {
+        true if data.join("data").is_dir() => Some(data),
+        true => data.parent(),
+        false => data.parent().and_then(Path::parent),
+    };
+    up.map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The samples `path` names (a data file, or a folder: [`data_files`]), the first `limit` of
+/// them, each with the folder its image paths resolve against: `images_root`, or else
+/// [`default_images_root`] of its file. Later files are not read once `limit` is reached.
+pub fn read_dataset(
+    path: &Path,
+    images_root: Option<&Path>,
+    limit: usize,
+) -> Result<Vec<(SampleRecord, PathBuf)>, WriteError> {
+    let mut out = Vec::new();
+    for f in data_files(path)? {
+        if out.len() >= limit {
+            break;
+        }
+        let root = images_root.map_or_else(|| default_images_root(&f), Path::to_path_buf);
+        out.extend(read_samples(&f)?.into_iter().map(|s| (s, root.clone())));
+    }
+    out.truncate(limit);
+    Ok(out)
 }
 
 impl SampleRecord {

@@ -15,7 +15,7 @@ use crate::model::session::{Device, DeviceChoice};
 use crate::reward::{self, RewardConfig, Score};
 use crate::rng::{mix64, Rng};
 use crate::rollout::{Engine, EngineError, GenerationConfig, Prepared, Request};
-use crate::tasks::write::{read_samples, SampleRecord};
+use crate::tasks::write::{read_dataset, SampleRecord};
 use batch::{MicroBatch, Row};
 use checkpoint::{CheckpointError, NamedTensor, State};
 use config::TrainConfig;
@@ -141,17 +141,12 @@ fn load_dataset(files: &[PathBuf], image_dir: Option<&Path>) -> Result<Dataset, 
             msg: e.to_string(),
         }
     };
-    let mut shards = Vec::new();
     for given in files {
-        shards.extend(crate::tasks::write::data_files(given).map_err(data_err(given))?);
-    }
-    for f in &shards {
-        let s = read_samples(f).map_err(data_err(f))?;
-        let root = image_dir
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| crate::tasks::write::default_images_root(f));
-        d.roots.extend(std::iter::repeat_n(root, s.len()));
-        d.samples.extend(s);
+        let read = read_dataset(given, image_dir, usize::MAX).map_err(data_err(given))?;
+        for (s, root) in read {
+            d.samples.push(s);
+            d.roots.push(root);
+        }
     }
     Ok(d)
 }
