@@ -57,7 +57,7 @@ pub fn stop_on_ctrl_c(first: &'static str, second: &'static str) -> Result<&'sta
 }
 
 /// A line above the progress bar, or plain stderr when the bar is hidden (not a terminal).
-fn say(pb: &ProgressBar, line: String) {
+pub fn say(pb: &ProgressBar, line: String) {
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {

@@ -515,7 +515,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
     pb.set_position((samples.len() - todo.len()) as u64);
     pb.reset_eta();
     let (t0, mut tokens, mut skipped) = (std::time::Instant::now(), 0usize, 0usize);
-    let mut stopped = false;
+    let (mut stopped, mut finished) = (false, done.len());
     for chunk in todo.chunks(a.batch.max(1)) {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             stopped = true;
@@ -535,11 +535,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
                 }
                 Err(e) => {
                     skipped += 1;
-                    let line = format!("skipping sample {} ({}): {e}", s.id, index);
-                    match pb.is_hidden() {
-                        true => eprintln!("{line}"),
-                        false => pb.println(line),
-                    }
+                    commands::say(&pb, format!("skipping sample {} ({}): {e}", s.id, index));
                 }
             }
         }
@@ -560,6 +556,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         out.write_all(lines.as_bytes())
             .and_then(|()| out.flush())
             .map_err(write_err)?;
+        finished += sources.len();
         pb.inc(chunk.len() as u64);
         pb.set_message(format!(
             "{:.1} tokens/s",
@@ -570,10 +567,9 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
     drop(out);
     let secs = t0.elapsed().as_secs_f64();
     if stopped {
-        let (_, done) = finished_prompts(&std::fs::read_to_string(&tmp)?, a.group, &ids)?;
         eprintln!(
             "interrupted: {} of {} prompts in {} — run the same command again to continue",
-            done.len(),
+            finished,
             samples.len(),
             tmp.display()
         );
