@@ -266,6 +266,19 @@ fn staggered_stops(full: &[spatial_ssrl::rollout::Completion]) -> Vec<u32> {
     stops_at(full, &[(0, 2), (5, 7), (3, 12), (6, 17)])
 }
 
+/// [`staggered_config`] with 300 new tokens: rows outlive several chunks of the own-token buffer.
+fn long_config() -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: 300,
+        ..staggered_config()
+    }
+}
+
+/// Stop tokens for [`long_config`]'s samples, taken at depths on both sides of chunk borders.
+fn long_stops(full: &[spatial_ssrl::rollout::Completion]) -> Vec<u32> {
+    stops_at(full, &[(0, 70), (5, 130), (3, 190), (6, 40)])
+}
+
 /// The tokens of samples `i` of `full` at depths `k`, for each `(i, k)`.
 fn stops_at(full: &[spatial_ssrl::rollout::Completion], at: &[(usize, usize)]) -> Vec<u32> {
     at.iter()
@@ -372,10 +385,7 @@ fn a_finished_prompt_leaves_the_shared_cache_without_disturbing_the_others() {
 fn the_own_cache_read_in_place_gives_the_samples_of_past_and_present() {
     let Some(mut e) = engine() else { return };
     let (_, reqs) = golden();
-    let cfg = GenerationConfig {
-        max_new_tokens: 300,
-        ..staggered_config()
-    };
+    let cfg = long_config();
     assert!(!e.set_own_cache(false));
     let full = e.generate(&reqs, &cfg, None).unwrap();
     let longest = full.iter().map(|c| c.tokens.len()).max().unwrap();
@@ -389,7 +399,7 @@ fn the_own_cache_read_in_place_gives_the_samples_of_past_and_present() {
     );
     let same = e.generate(&reqs, &cfg, None).unwrap();
     assert_cut_at_first_stop(&full, &same, &e.package.manifest.tokens.eos);
-    let stops = stops_at(&full, &[(0, 70), (5, 130), (3, 190), (6, 40)]);
+    let stops = long_stops(&full);
     assert_rows_stop_at_their_first_stop(&mut e, &reqs, &cfg, &full, &stops);
 }
 
@@ -498,14 +508,11 @@ fn cuda_own_cache_matches_cpu() {
     let Some(mut gpu) = cuda_engine() else { return };
     assert!(gpu.own_cache_in_place(), "{}", gpu.provider());
     let (_, reqs) = golden();
-    let cfg = GenerationConfig {
-        max_new_tokens: 300,
-        ..staggered_config()
-    };
+    let cfg = long_config();
     let full = cpu.generate(&reqs, &cfg, None).unwrap();
     let longest = full.iter().map(|c| c.tokens.len()).max().unwrap();
     assert!(longest > 200, "some rows should outlive three chunks");
-    let stops = stops_at(&full, &[(0, 70), (5, 130), (3, 190), (6, 40)]);
+    let stops = long_stops(&full);
     for host in [false, true] {
         gpu.set_host_cache(host);
         assert_eq!(gpu.cache_on_gpu(), !host);
