@@ -335,6 +335,22 @@ fn three_requests() -> Vec<Request> {
     reqs
 }
 
+/// Five prompts of one and of two images, the long ones not next to each other: CPU slices
+/// get shares that are not consecutive prompts.
+fn mixed_requests() -> Vec<Request> {
+    let (_, reqs) = golden();
+    [1, 0, 0, 1, 0]
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| {
+            let mut r = reqs[k].clone();
+            r.id = 10 + i as u64;
+            r.problem.push_str(&" Answer briefly.".repeat(i));
+            r
+        })
+        .collect()
+}
+
 /// Rows that stop leave the batch (the engine moves later rows into their cache slots); the rows
 /// that go on must not notice. Extra stop tokens, drawn at different depths of a first run,
 /// make rows finish at different steps: every sample of the second run is the first run's
@@ -403,13 +419,13 @@ fn the_own_cache_read_in_place_gives_the_samples_of_past_and_present() {
     assert_rows_stop_at_their_first_stop(&mut e, &reqs, &cfg, &full, &stops);
 }
 
-/// CPU slices (prompts split among concurrent single-threaded sessions) draw the same samples
-/// as the engine's own sessions: every draw is keyed by prompt id, sample and step, and each
-/// slice's completions come back under their prompts' indices.
+/// CPU slices (prompts dealt among concurrent single-threaded sessions, here not in consecutive
+/// runs) draw the same samples as the engine's own sessions: every draw is keyed by prompt id,
+/// sample and step, and each slice's completions come back under their prompts' indices.
 #[test]
 fn cpu_slices_generate_the_same_samples() {
     let Some(mut e) = engine() else { return };
-    let reqs = three_requests();
+    let reqs = mixed_requests();
     let cfg = staggered_config();
     let one = e.generate(&reqs, &cfg, None).unwrap();
     let _ = e.take_stats();
@@ -574,6 +590,69 @@ fn cuda_rollout_matches_cpu() {
     }
 }
 
+/// The package as a plain onnxruntime-genai folder in a temporary directory: no manifest (so
+/// `genai_config.json` is read), no log-prob or training graph, and `decoder` (a file name and
+/// the folder it is copied from) as the decoder, or the package's own.
+fn genai_folder(tag: &str, decoder: Option<(&str, &Path)>) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ssrl-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(tiny()).unwrap() {
+        let p = f.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let mut skip = vec!["manifest.json", "logprobs.onnx", "train.onnx"];
+        if decoder.is_some() {
+            skip.push("decoder.onnx");
+        }
+        if p.is_file() && !skip.contains(&name.as_str()) {
+            std::fs::copy(&p, dir.join(&name)).unwrap();
+        }
+    }
+    if let Some((file, from)) = decoder {
+        for f in std::fs::read_dir(from).unwrap() {
+            let p = f.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with(file) {
+                std::fs::copy(&p, dir.join(&name)).unwrap();
+            }
+        }
+        let path = dir.join("genai_config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        cfg["model"]["decoder"]["filename"] = file.into();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+    }
+    dir
+}
+
+/// The package's decoder read as a plain past/present decoder (a folder without the manifest:
+/// no shared prompt cache, each prompt's cache fanned out to its rows, prompts left-padded and
+/// prefilled a length at a time) generates what the package generates over prompts of
+/// different lengths, greedy and sampled.
+#[test]
+fn a_plain_past_present_decoder_generates_like_the_package() {
+    let Some(mut e) = engine() else { return };
+    let dir = genai_folder("plain", None);
+    let mut g = Engine::open(&dir, None).unwrap();
+    assert_eq!(
+        g.package.manifest.kv_layout,
+        spatial_ssrl::model::package::KvLayout::Append
+    );
+    let reqs = mixed_requests();
+    for cfg in [greedy(12), staggered_config()] {
+        let a = e.generate(&reqs, &cfg, None).unwrap();
+        let b = g.generate(&reqs, &cfg, None).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.tokens, y.tokens);
+            for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A plain onnxruntime-genai folder: this package's vision and embedding graphs with the decoder
 /// onnxruntime-genai's model builder makes from the same checkpoint (GroupQueryAttention, each
 /// row's cache packed from position 0, so prompts are right-padded). It generates what the
@@ -581,31 +660,8 @@ fn cuda_rollout_matches_cpu() {
 #[test]
 fn a_genai_builder_folder_generates_like_the_package() {
     let Some(mut e) = engine() else { return };
-    let dir = std::env::temp_dir().join(format!("ssrl-genai-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in std::fs::read_dir(tiny()).unwrap() {
-        let p = f.unwrap().path();
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        let skip = [
-            "manifest.json",
-            "decoder.onnx",
-            "logprobs.onnx",
-            "train.onnx",
-        ];
-        if p.is_file() && !skip.contains(&name.as_str()) {
-            std::fs::copy(&p, dir.join(&name)).unwrap();
-        }
-    }
     let builder = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-genai-decoder");
-    for f in ["model.onnx", "model.onnx.data"] {
-        std::fs::copy(builder.join(f), dir.join(f)).unwrap();
-    }
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("genai_config.json")).unwrap()).unwrap();
-    cfg["model"]["decoder"]["filename"] = "model.onnx".into();
-    std::fs::write(dir.join("genai_config.json"), cfg.to_string()).unwrap();
-
+    let dir = genai_folder("genai", Some(("model.onnx", &builder)));
     let mut g = Engine::open(&dir, None).unwrap();
     assert_eq!(
         g.package.manifest.kv_layout,

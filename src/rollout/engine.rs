@@ -184,12 +184,12 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The requests in `r`.
-    fn slice(&self, r: std::ops::Range<usize>) -> Prepared {
+    /// The requests at `share`'s indices.
+    fn pick(&self, share: &[usize]) -> Prepared {
         Prepared {
-            prompts: self.prompts[r.clone()].to_vec(),
-            grids: self.grids[r.clone()].to_vec(),
-            features: self.features[r].to_vec(),
+            prompts: share.iter().map(|&i| self.prompts[i].clone()).collect(),
+            grids: share.iter().map(|&i| self.grids[i].clone()).collect(),
+            features: share.iter().map(|&i| self.features[i].clone()).collect(),
         }
     }
 }
@@ -241,11 +241,11 @@ fn tokenize(
     builder: &PromptBuilder,
     pre: &PreprocessorConfig,
     merge: u32,
-    requests: &[Request],
+    requests: &[&Request],
     text: PromptText<'_>,
 ) -> Result<(Vec<Vec<u32>>, Vec<ImageGrids>), EngineError> {
     let (mut grids, mut prompts) = (Vec::new(), Vec::new());
-    for r in requests {
+    for &r in requests {
         let g = r
             .images
             .iter()
@@ -264,24 +264,142 @@ fn tokenize(
     Ok((prompts, grids))
 }
 
-/// The completions of the slices' prompt ranges as one list, prompt indices counted over all
-/// the prompts.
-fn joined(parts: Vec<Vec<Completion>>, ranges: &[std::ops::Range<usize>]) -> Vec<Completion> {
-    parts
+/// The completions of the slices' shares as one list in prompt order, prompt indices counted
+/// over all the prompts.
+fn joined(parts: Vec<Vec<Completion>>, shares: &[Vec<usize>]) -> Vec<Completion> {
+    let mut all: Vec<Completion> = parts
         .into_iter()
-        .zip(ranges)
-        .flat_map(|(part, range)| {
+        .zip(shares)
+        .flat_map(|(part, share)| {
             part.into_iter().map(move |mut c| {
-                c.prompt_index += range.start;
+                c.prompt_index = share[c.prompt_index];
                 c
             })
         })
-        .collect()
+        .collect();
+    // Stable: a prompt's samples stay in order.
+    all.sort_by_key(|c| c.prompt_index);
+    all
 }
 
-/// `0..n` cut into `k` contiguous ranges of sizes differing by at most one.
-fn split(n: usize, k: usize) -> Vec<std::ops::Range<usize>> {
-    (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
+/// Deals the items, with their estimated costs, into shares of at most `room[s]` items each:
+/// the costliest first, each to the share with room whose cost so far is least (ties to the
+/// lower index). Each share lists its item indices in ascending order.
+fn deal(costs: &[usize], room: &[usize]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(costs[i]));
+    let mut shares = vec![Vec::new(); room.len()];
+    let mut load = vec![0usize; room.len()];
+    for i in order {
+        let s = (0..room.len())
+            .filter(|&s| shares[s].len() < room[s])
+            .min_by_key(|&s| load[s])
+            .expect("the shares have room for every item");
+        shares[s].push(i);
+        load[s] += costs[i];
+    }
+    for share in &mut shares {
+        share.sort_unstable();
+    }
+    shares
+}
+
+/// What a prompt costs a CPU slice, estimated: its tokens (images included) and the image
+/// tokens its slice still has to run the vision tower for (0 when they ran before).
+#[derive(Debug, Clone, Copy)]
+struct PromptCost {
+    tokens: usize,
+    vision: usize,
+}
+
+/// A slice's estimated cost, in tokens: the image tokens its vision calls run, the prompts'
+/// tokens its prefill runs (each length apart, [`Runner::prefill_apart`]), and its prompts
+/// padded to the longest, which every decode step reads (the prompt cache of each row).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ShareCost {
+    /// Vision and prompt tokens of the share.
+    own: usize,
+    prompts: usize,
+    /// The longest prompt's tokens and the second longest's (0 when none).
+    longest: [usize; 2],
+}
+
+impl ShareCost {
+    fn of(costs: &[PromptCost], share: &[usize]) -> ShareCost {
+        let mut c = ShareCost {
+            own: 0,
+            prompts: share.len(),
+            longest: [0, 0],
+        };
+        for &i in share {
+            c.own += costs[i].vision + costs[i].tokens;
+            let n = costs[i].tokens;
+            if n > c.longest[0] {
+                c.longest = [n, c.longest[0]];
+            } else if n > c.longest[1] {
+                c.longest[1] = n;
+            }
+        }
+        c
+    }
+
+    fn total(&self) -> usize {
+        self.own + self.prompts * self.longest[0]
+    }
+
+    /// The total once prompt `out` leaves for prompt `into`.
+    fn swapped(&self, out: PromptCost, into: PromptCost) -> usize {
+        let rest = match out.tokens == self.longest[0] {
+            true => self.longest[1],
+            false => self.longest[0],
+        };
+        let own = self.own - out.vision - out.tokens + into.vision + into.tokens;
+        own + self.prompts * rest.max(into.tokens)
+    }
+}
+
+/// The prompts dealt into `k` shares for the CPU slices. Every share gets the same number of
+/// prompts give or take one (the slices decode the same number of rows). It starts from the
+/// prompts sorted by length, cut into consecutive shares (the least padding), then swaps
+/// prompts out of the costliest share ([`ShareCost`]) while a swap lowers it below what it
+/// was, so that a slice given the prompts with many images does not keep the others waiting.
+/// Each share lists its prompt indices in ascending order.
+fn prompt_shares(costs: &[PromptCost], k: usize) -> Vec<Vec<usize>> {
+    let n = costs.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(costs[i].tokens));
+    let mut shares: Vec<Vec<usize>> = (0..k)
+        .map(|s| order[s * n / k..(s + 1) * n / k].to_vec())
+        .collect();
+    // Every swap taken lowers the costliest share's cost or the number of shares at that cost,
+    // so this ends; the bound caps the work on very large batches.
+    for _ in 0..4 * n {
+        let cost: Vec<ShareCost> = shares.iter().map(|s| ShareCost::of(costs, s)).collect();
+        let worst = (0..k)
+            .max_by_key(|&s| (cost[s].total(), std::cmp::Reverse(s)))
+            .unwrap_or(0);
+        let mut best: Option<(usize, usize, usize, usize)> = None;
+        for other in (0..k).filter(|&s| s != worst) {
+            for (a, &x) in shares[worst].iter().enumerate() {
+                for (b, &y) in shares[other].iter().enumerate() {
+                    let after = cost[worst]
+                        .swapped(costs[x], costs[y])
+                        .max(cost[other].swapped(costs[y], costs[x]));
+                    if after < cost[worst].total() && best.is_none_or(|(c, ..)| after < c) {
+                        best = Some((after, other, a, b));
+                    }
+                }
+            }
+        }
+        let Some((_, other, a, b)) = best else { break };
+        let (x, y) = (shares[worst][a], shares[other][b]);
+        shares[worst][a] = y;
+        shares[other][b] = x;
+    }
+    for share in &mut shares {
+        share.sort_unstable();
+    }
+    shares
 }
 
 /// One request's image grids, `[t, h, w]` in patches each.
@@ -1087,7 +1205,8 @@ impl Engine {
         text: PromptText<'_>,
     ) -> Result<Prepared, EngineError> {
         let merge = self.package.manifest.vision.spatial_merge_size;
-        let (prompts, grids) = tokenize(&self.prompts, &self.preprocessor, merge, requests, text)?;
+        let all: Vec<&Request> = requests.iter().collect();
+        let (prompts, grids) = tokenize(&self.prompts, &self.preprocessor, merge, &all, text)?;
         let images: Vec<&RgbImage> = requests.iter().flat_map(|r| &r.images).collect();
         let mut each = self.vision_features(&images)?.into_iter();
         let features = requests
@@ -1122,18 +1241,28 @@ impl Engine {
                     .collect()
             });
         }
+        // Dealt by patches (a share's vision time), any number of images to a share.
+        let costs = images
+            .iter()
+            .map(|img| {
+                grid_thw(img.width(), img.height(), cfg).map(|[t, h, w]| (t * h * w) as usize)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let shares = deal(&costs, &vec![images.len(); k]);
         let cfg = cfg.clone();
-        let shares = split(images.len(), k)
-            .into_iter()
-            .map(|r| &images[r])
-            .collect();
-        let parts = self.on_slices(shares, |r, share: &[&RgbImage]| {
+        let parts = self.on_slices(shares.clone(), |r, share: Vec<usize>| {
             share
                 .iter()
-                .map(|img| r.image_features(img, &cfg))
+                .map(|&i| r.image_features(images[i], &cfg))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        Ok(parts.into_iter().flatten().collect())
+        let mut features = vec![Vec::new(); images.len()];
+        for (part, share) in parts.into_iter().zip(&shares) {
+            for (f, &i) in part.into_iter().zip(share) {
+                features[i] = f;
+            }
+        }
+        Ok(features)
     }
 
     /// Runs `work` on a worker over the engine's own sessions; its stats join the engine's.
@@ -1310,10 +1439,25 @@ impl Engine {
         // for the slowest slice in between.
         let (builder, pre) = (Arc::clone(&self.prompts), self.preprocessor.clone());
         let merge = self.package.manifest.vision.spatial_merge_size;
-        let ranges = split(requests.len(), k);
-        let parts = self.on_slices(ranges.clone(), |r, range| {
-            let requests = &requests[range];
-            let (prompts, grids) = tokenize(&builder, &pre, merge, requests, text)?;
+        // A prompt's cost before tokenising: its image tokens and about a token per four bytes
+        // of text.
+        let costs = requests
+            .iter()
+            .map(|q| {
+                let images = q.images.iter().map(|img| {
+                    grid_thw(img.width(), img.height(), &pre).map(|g| image_tokens(g, merge))
+                });
+                let vision: usize = images.collect::<Result<Vec<_>, _>>()?.iter().sum();
+                Ok(PromptCost {
+                    tokens: vision + q.problem.len() / 4,
+                    vision,
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let shares = prompt_shares(&costs, k);
+        let parts = self.on_slices(shares.clone(), |r, share: Vec<usize>| {
+            let requests: Vec<&Request> = share.iter().map(|&i| &requests[i]).collect();
+            let (prompts, grids) = tokenize(&builder, &pre, merge, &requests, text)?;
             let features = requests
                 .iter()
                 .map(|q| {
@@ -1326,15 +1470,16 @@ impl Engine {
                 grids,
                 features,
             };
-            r.generate(requests, &prepared, cfg, None)
+            let ids: Vec<u64> = requests.iter().map(|q| q.id).collect();
+            r.generate(&ids, &prepared, cfg, None)
         })?;
-        Ok(joined(parts, &ranges))
+        Ok(joined(parts, &shares))
     }
 
     /// [`Engine::generate`] on prompts already prepared (the trainer keeps them for the
-    /// training batch). With CPU slices ([`Engine::set_cpu_slices`]) the prompts are split
-    /// into contiguous shares generated concurrently; the samples are the same either way
-    /// (every draw is keyed by prompt id, sample and step).
+    /// training batch). With CPU slices ([`Engine::set_cpu_slices`]) the prompts are dealt
+    /// into shares of balanced cost ([`prompt_shares`]) generated concurrently; the samples are
+    /// the same either way (every draw is keyed by prompt id, sample and step).
     pub fn generate_prepared(
         &mut self,
         requests: &[Request],
@@ -1346,14 +1491,24 @@ impl Engine {
             return Ok(vec![]);
         }
         let k = self.slices.len().min(requests.len());
+        let ids: Vec<u64> = requests.iter().map(|q| q.id).collect();
         if k < 2 || trace.is_some() {
-            return self.on_own(|r| r.generate(requests, prepared, cfg, trace));
+            return self.on_own(|r| r.generate(&ids, prepared, cfg, trace));
         }
-        let ranges = split(requests.len(), k);
-        let parts = self.on_slices(ranges.clone(), |r, range| {
-            r.generate(&requests[range.clone()], &prepared.slice(range), cfg, None)
+        let costs: Vec<PromptCost> = prepared
+            .prompts
+            .iter()
+            .map(|p| PromptCost {
+                tokens: p.len(),
+                vision: 0,
+            })
+            .collect();
+        let shares = prompt_shares(&costs, k);
+        let parts = self.on_slices(shares.clone(), |r, share: Vec<usize>| {
+            let ids: Vec<u64> = share.iter().map(|&i| ids[i]).collect();
+            r.generate(&ids, &prepared.pick(&share), cfg, None)
         })?;
-        Ok(joined(parts, &ranges))
+        Ok(joined(parts, &shares))
     }
 }
 
@@ -1718,10 +1873,96 @@ impl Runner<'_> {
         Ok(f.to_vec())
     }
 
+    /// The prefill of left-padded prompts of several lengths, on the host: one decoder call per
+    /// length on just the prompts of that length (no work on padding: a batch of many-image and
+    /// one-image prompts would otherwise run every short prompt at the longest one's length),
+    /// their caches then placed at the end of each row of the padded `[prompts, .., longest,
+    /// ..]` cache (zero in the masked slots). Logits `[prompts, vocab]` at the last positions.
+    fn prefill_apart(
+        &mut self,
+        embeds: &[f32],
+        pos: &[i64],
+        lengths: &[usize],
+        shared: bool,
+    ) -> Result<(StepLogits, Kv), EngineError> {
+        let t = self.m.text.clone();
+        let (b, s) = (lengths.len(), lengths.iter().copied().max().unwrap_or(0));
+        let (hidden, vocab) = (t.hidden_size, t.vocab_size);
+        let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
+        let mut logits = vec![0f32; b * vocab];
+        let mut cache = vec![vec![0f32; b * kvh * s * hd]; 2 * t.num_hidden_layers];
+        let mut distinct = lengths.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for n in distinct {
+            let rows: Vec<usize> = (0..b).filter(|&i| lengths[i] == n).collect();
+            let g = rows.len();
+            let from = s - n;
+            let mut e = Vec::with_capacity(g * n * hidden);
+            for &i in &rows {
+                e.extend_from_slice(&embeds[(i * s + from) * hidden..(i + 1) * s * hidden]);
+            }
+            let mut p = Vec::with_capacity(3 * g * n);
+            for axis in 0..3 {
+                for &i in &rows {
+                    p.extend_from_slice(&pos[(axis * b + i) * s + from..(axis * b + i + 1) * s]);
+                }
+            }
+            let own: Vec<usize> = (0..g).collect();
+            let mut none = match shared {
+                true => Some(Prefix {
+                    cache: Kv::empty(&t, g)?,
+                    mask: vec![Vec::new(); g],
+                }),
+                false => None,
+            };
+            let (mut l, kv) = self.decode(
+                e,
+                g,
+                n,
+                &vec![vec![1; n]; g],
+                p,
+                &mut Kv::empty(&t, g)?,
+                none.as_mut().map(|p| (p, &own[..])),
+                None,
+                &vec![n.max(1) - 1; g],
+            )?;
+            let StepLogits::Host(l) = &mut l else {
+                unreachable!("GPU logits from a host prefill")
+            };
+            let l = l.values()?;
+            for (j, &i) in rows.iter().enumerate() {
+                logits[i * vocab..(i + 1) * vocab].copy_from_slice(&l[j * vocab..(j + 1) * vocab]);
+            }
+            for (dst, v) in cache.iter_mut().zip(&kv.data) {
+                let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
+                // `[g, kvh, n, hd]` into rows `rows` of `[b, kvh, s, hd]`, positions `from..s`.
+                for (j, &i) in rows.iter().enumerate() {
+                    for h in 0..kvh {
+                        let at = ((i * kvh + h) * s + from) * hd;
+                        let src = &src[(j * kvh + h) * n * hd..(j * kvh + h + 1) * n * hd];
+                        dst[at..at + n * hd].copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        let data = cache
+            .into_iter()
+            .map(|c| kv_value(&[b, kvh, s, hd], c))
+            .collect::<Result<_, _>>()?;
+        let kv = Kv {
+            data,
+            rows: b,
+            len: s,
+            cap: s,
+        };
+        Ok((StepLogits::Host(HostLogits::Picked(logits)), kv))
+    }
+
     /// [`Engine::generate_prepared`] on this worker's sessions.
     fn generate(
         &mut self,
-        requests: &[Request],
+        request_ids: &[u64],
         prepared: &Prepared,
         cfg: &GenerationConfig,
         mut trace: Option<&mut Trace>,
@@ -1736,7 +1977,7 @@ impl Runner<'_> {
             (f, n)
         };
         // Padded prompt batch, M-RoPE positions.
-        let b = requests.len();
+        let b = request_ids.len();
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pad = m.tokens.pad;
         let mut ids = Vec::with_capacity(b * s);
@@ -1793,17 +2034,23 @@ impl Runner<'_> {
             true => prompts.iter().map(|p| p.len().max(1) - 1).collect(),
             false => vec![s.max(1) - 1; b],
         };
-        let (prefill_logits, mut kv) = self.decode(
-            embeds,
-            b,
-            s,
-            &mask,
-            pos,
-            &mut start,
-            no_prefix.as_mut().map(|p| (p, &own[..])),
-            None,
-            &last,
-        )?;
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let apart = self.gpu.is_none() && !packed && lengths.iter().any(|&n| n != s);
+        let (prefill_logits, mut kv) = if apart {
+            self.prefill_apart(&embeds, &pos, &lengths, shared)?
+        } else {
+            self.decode(
+                embeds,
+                b,
+                s,
+                &mask,
+                pos,
+                &mut start,
+                no_prefix.as_mut().map(|p| (p, &own[..])),
+                None,
+                &last,
+            )?
+        };
         self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
         self.stats.prefill_tokens += prompts.iter().map(Vec::len).sum::<usize>();
         let t_decode = Instant::now();
@@ -1860,7 +2107,7 @@ impl Runner<'_> {
                 .iter()
                 .map(|&i| RowKey {
                     sequence: crate::rng::mix64(
-                        requests[i / g].id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i % g) as u64,
+                        request_ids[i / g].wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i % g) as u64,
                     ) as u32,
                     step: step as u32,
                 })
@@ -2047,6 +2294,102 @@ mod tests {
             "prompt 1 has one row: its second slot is free"
         );
         assert_eq!(slot_tables(&[0, 1], 2), (vec![0, 1], vec![0, 1]));
+    }
+
+    fn prompt(tokens: usize, vision: usize) -> PromptCost {
+        PromptCost { tokens, vision }
+    }
+
+    /// Two prompts of two images among six of one: each slice gets one of the long ones and
+    /// the same number of prompts, and every prompt is dealt once.
+    #[test]
+    fn prompt_shares_spread_the_long_prompts() {
+        let (long, short) = (prompt(720, 648), prompt(400, 324));
+        let costs = [short, short, long, short, short, long, short, short];
+        let shares = prompt_shares(&costs, 2);
+        assert_eq!(shares.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4]);
+        for share in &shares {
+            assert!(share.is_sorted());
+            let longs = share.iter().filter(|&&i| costs[i].tokens == 720).count();
+            assert_eq!(longs, 1, "{shares:?}");
+        }
+        let mut all: Vec<usize> = shares.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        // Prompts alike: consecutive shares, sizes within one.
+        let alike = prompt_shares(&[short; 7], 3);
+        assert_eq!(alike, [vec![0, 1], vec![2, 3], vec![4, 5, 6]]);
+        // Fewer prompts than shares: an empty share, never a lost prompt.
+        assert_eq!(prompt_shares(&[long], 2), [vec![], vec![0]]);
+    }
+
+    /// The cost after a swap, worked out from the share's totals and two longest prompts, is
+    /// the cost of the share with the prompt swapped.
+    #[test]
+    fn share_cost_after_a_swap_is_the_swapped_share_cost() {
+        let costs: Vec<PromptCost> = (0..9)
+            .map(|i| prompt([400, 720, 391, 720, 88, 5, 400, 1000, 3][i], (i * 37) % 300))
+            .collect();
+        let share = [0, 1, 3, 4, 6];
+        let c = ShareCost::of(&costs, &share);
+        assert_eq!(
+            c.total(),
+            2 * 400 + 2 * 720 + 88 + (37 + 111 + 148 + 222) + 5 * 720
+        );
+        for (pos, &out) in share.iter().enumerate() {
+            for into in [2, 5, 7, 8] {
+                let mut after = share.to_vec();
+                after[pos] = into;
+                assert_eq!(
+                    c.swapped(costs[out], costs[into]),
+                    ShareCost::of(&costs, &after).total(),
+                    "{out} for {into}"
+                );
+            }
+        }
+    }
+
+    /// Items dealt heaviest first to the lightest share with room.
+    #[test]
+    fn deal_balances_the_heaviest_first() {
+        // 5 → a; 4 → b; 3 → b (7); 2 → a (7); 1 → a (ties to the first share).
+        assert_eq!(deal(&[5, 1, 4, 2, 3], &[5, 5]), [vec![0, 1, 3], vec![2, 4]]);
+        assert_eq!(deal(&[9, 1, 1, 1], &[2, 2]), [vec![0, 3], vec![1, 2]]);
+    }
+
+    /// The slices' completions come back in prompt order, each numbered by its prompt over the
+    /// whole call, a prompt's samples in order.
+    #[test]
+    fn joined_puts_the_shares_back_in_prompt_order() {
+        let c = |prompt_index, sample_index| Completion {
+            prompt_index,
+            sample_index,
+            tokens: vec![],
+            logprobs: vec![],
+            finish: Finish::Length,
+        };
+        let parts = vec![
+            vec![c(0, 0), c(0, 1), c(1, 0), c(1, 1)],
+            vec![c(0, 0), c(0, 1), c(1, 0), c(1, 1)],
+        ];
+        let all = joined(parts, &[vec![1, 3], vec![0, 2]]);
+        let order: Vec<(usize, usize)> = all
+            .iter()
+            .map(|c| (c.prompt_index, c.sample_index))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (0, 0),
+                (0, 1),
+                (1, 0),
+                (1, 1),
+                (2, 0),
+                (2, 1),
+                (3, 0),
+                (3, 1)
+            ]
+        );
     }
 
     /// Every input of the vision, embedding and decoder graphs except the fixed-shape LoRA
