@@ -82,6 +82,17 @@ fn a_wrong_package_is_refused_clearly() {
             "{e}"
         );
     }
+    // The engine checks the graphs it loads the same way, before any run.
+    match spatial_ssrl::rollout::Engine::open(&dir, None) {
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                e.contains("decoder.onnx") && e.contains("inputs_embeds"),
+                "{e}"
+            );
+        }
+        Ok(_) => panic!("the engine opened a package whose decoder is the embedding graph"),
+    }
     // A graph that is not ONNX at all.
     std::fs::write(dir.join("vision.onnx"), b"not a model").unwrap();
     if let Some(r) = validate(&p) {

@@ -535,69 +535,137 @@ impl Package {
     /// Loads every graph and checks its inputs and outputs against the contract.
     pub fn validate(&self, ort_lib: Option<&Path>) -> Result<(), PackageError> {
         let env = environment(ort_lib)?;
-        for (file, sig) in self.signatures() {
+        for (file, _) in self.signatures() {
             let path = self.graph_path(&file);
-            let fe = |msg: String| PackageError::File {
-                path: path.clone(),
-                msg,
-            };
             let session = ort::session::Session::builder(env)
-                .map_err(|e| fe(e.to_string()))?
+                .map_err(|e| PackageError::File {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?
                 .commit_from_file(&path)
-                .map_err(|e| fe(format!("ONNX Runtime cannot load it: {e}")))?;
-            // LoRA inputs may carry a default (zero) value: ONNX Runtime lists them as overridable
-            // initializers rather than inputs; both are fed by name.
-            let overridable = session.overridable_initializers();
-            for (name, ty) in &sig.inputs {
-                let dtype = match session.inputs().iter().find(|o| o.name() == name) {
-                    Some(i) => i.dtype().clone(),
-                    None => match overridable.iter().find(|o| o.name() == name) {
-                        Some(o) => o.dtype().clone(),
-                        None => {
-                            return Err(PackageError::Input {
-                                path,
-                                name: name.clone(),
-                                msg: "missing".into(),
-                            })
-                        }
-                    },
-                };
-                if dtype.tensor_type() != Some(*ty) {
-                    return Err(PackageError::Input {
-                        path,
-                        name: name.clone(),
-                        msg: format!("type {dtype:?}, expected tensor of {ty:?}"),
-                    });
-                }
-            }
-            if let Some(extra) = session
-                .inputs()
-                .iter()
-                .find(|i| !sig.inputs.iter().any(|(n, _)| n == i.name()))
-            {
+                .map_err(|e| PackageError::File {
+                    path: path.clone(),
+                    msg: format!("ONNX Runtime cannot load it: {e}"),
+                })?;
+            self.check_graph(&file, &session)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the inputs and outputs of graph `file`, loaded as `session`, against the contract:
+    /// the first name missing, extra or of another type is the error, naming the file.
+    pub fn check_graph(
+        &self,
+        file: &str,
+        session: &ort::session::Session,
+    ) -> Result<(), PackageError> {
+        let path = self.graph_path(file);
+        let Some((_, sig)) = self.signatures().into_iter().find(|(f, _)| f == file) else {
+            return Ok(());
+        };
+        // LoRA inputs may carry a default (zero) value: ONNX Runtime lists them as overridable
+        // initializers rather than inputs; both are fed by name.
+        let overridable = session.overridable_initializers();
+        for (name, ty) in &sig.inputs {
+            let dtype = match session.inputs().iter().find(|o| o.name() == name) {
+                Some(i) => i.dtype().clone(),
+                None => match overridable.iter().find(|o| o.name() == name) {
+                    Some(o) => o.dtype().clone(),
+                    None => {
+                        return Err(PackageError::Input {
+                            path,
+                            name: name.clone(),
+                            msg: "missing".into(),
+                        })
+                    }
+                },
+            };
+            if dtype.tensor_type() != Some(*ty) {
                 return Err(PackageError::Input {
                     path,
-                    name: extra.name().to_string(),
-                    msg: "not part of the package contract".into(),
+                    name: name.clone(),
+                    msg: type_mismatch(self.is_genai(), &dtype, *ty),
                 });
             }
-            for (name, ty) in &sig.outputs {
-                let Some(o) = session.outputs().iter().find(|o| o.name() == name) else {
-                    return Err(PackageError::Output {
-                        path,
-                        name: name.clone(),
-                        msg: "missing".into(),
-                    });
-                };
-                if o.dtype().tensor_type() != Some(*ty) {
-                    return Err(PackageError::Output {
-                        path,
-                        name: name.clone(),
-                        msg: format!("type {:?}, expected tensor of {ty:?}", o.dtype()),
-                    });
-                }
+        }
+        if let Some(extra) = session
+            .inputs()
+            .iter()
+            .find(|i| !sig.inputs.iter().any(|(n, _)| n == i.name()))
+        {
+            return Err(PackageError::Input {
+                path,
+                name: extra.name().to_string(),
+                msg: "not part of the package contract".into(),
+            });
+        }
+        for (name, ty) in &sig.outputs {
+            let Some(o) = session.outputs().iter().find(|o| o.name() == name) else {
+                return Err(PackageError::Output {
+                    path,
+                    name: name.clone(),
+                    msg: "missing".into(),
+                });
+            };
+            if o.dtype().tensor_type() != Some(*ty) {
+                return Err(PackageError::Output {
+                    path,
+                    name: name.clone(),
+                    msg: type_mismatch(self.is_genai(), o.dtype(), *ty),
+                });
             }
         }
         Ok(())
+    }
+}
+
+/// "tensor of Float16, expected tensor of Float32", with the way out for a half-precision
+/// onnxruntime-genai decoder.
+fn type_mismatch(genai: bool, got: &ort::value::ValueType, want: T) -> String {
+    let got_ty = got.tensor_type();
+    let mut msg = match got_ty {
+        Some(t) => format!("tensor of {t:?}, expected tensor of {want:?}"),
+        None => format!("{got:?}, expected tensor of {want:?}"),
+    };
+    if genai && matches!(got_ty, Some(T::Float16 | T::Bfloat16)) {
+        msg.push_str(
+            " (this runtime feeds and reads fp32 embeddings, cache and logits: \
+             onnxruntime-genai's model builder makes such a decoder with `-p fp32`, or \
+             `-p int4 -e cpu`; its fp16 and bf16 decoders take half precision)",
+        );
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ort::value::{Shape, SymbolicDimensions, ValueType};
+
+    /// A type mismatch names both types; a half-precision onnxruntime-genai decoder is told
+    /// which builder precisions this runtime drives.
+    #[test]
+    fn type_mismatch_names_the_types_and_the_builder_precisions() {
+        let half = ValueType::Tensor {
+            ty: T::Float16,
+            shape: Shape::new([-1, -1, 128]),
+            dimension_symbols: SymbolicDimensions::new(vec![String::new(); 3]),
+        };
+        let plain = type_mismatch(false, &half, T::Float32);
+        assert_eq!(plain, "tensor of Float16, expected tensor of Float32");
+        let genai = type_mismatch(true, &half, T::Float32);
+        assert!(
+            genai.starts_with(&plain) && genai.contains("`-p int4 -e cpu`"),
+            "{genai}"
+        );
+        let ids = ValueType::Tensor {
+            ty: T::Int32,
+            shape: Shape::new([-1]),
+            dimension_symbols: SymbolicDimensions::new(vec![String::new()]),
+        };
+        assert_eq!(
+            type_mismatch(true, &ids, T::Int64),
+            "tensor of Int32, expected tensor of Int64"
+        );
     }
 }

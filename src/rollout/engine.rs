@@ -1037,12 +1037,16 @@ impl Engine {
             let profile = profiles.as_ref().map(|p| &p[k]);
             let (mut b, used) = session_builder(env, choice, profile, stream)?;
             provider = used;
-            b.commit_from_file(&path).map_err(|e| {
+            let session = b.commit_from_file(&path).map_err(|e| {
                 EngineError::Package(PackageError::File {
                     path,
                     msg: e.to_string(),
                 })
-            })
+            })?;
+            // Names and types up front: a wrong graph is one error naming the file and the
+            // input, not a failed run later.
+            package.check_graph(file, &session)?;
+            Ok(session)
         };
         let m = &package.manifest;
         let (vision, embedding, decoder) = (
