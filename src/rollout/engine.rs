@@ -1877,17 +1877,19 @@ impl Runner<'_> {
         Ok(f.to_vec())
     }
 
-    /// The prefill of left-padded prompts of several lengths, on the host: one decoder call per
+    /// The prefill of padded prompts of several lengths, on the host: one decoder call per
     /// length on just the prompts of that length (no work on padding: a batch of many-image and
     /// one-image prompts would otherwise run every short prompt at the longest one's length),
-    /// their caches then placed at the end of each row of the padded `[prompts, .., longest,
-    /// ..]` cache (zero in the masked slots). Logits `[prompts, vocab]` at the last positions.
+    /// their caches then placed in each row of the padded `[prompts, .., longest, ..]` cache at
+    /// the end (`left`-padded prompts) or the start (right-padded), zero in the padding slots.
+    /// Logits `[prompts, vocab]` at the prompts' last positions.
     fn prefill_apart(
         &mut self,
         embeds: &[f32],
         pos: &[i64],
         lengths: &[usize],
         shared: bool,
+        left: bool,
     ) -> Result<(StepLogits, Kv), EngineError> {
         let t = self.m.text.clone();
         let (b, s) = (lengths.len(), lengths.iter().copied().max().unwrap_or(0));
@@ -1901,15 +1903,16 @@ impl Runner<'_> {
         for n in distinct {
             let rows: Vec<usize> = (0..b).filter(|&i| lengths[i] == n).collect();
             let g = rows.len();
-            let from = s - n;
+            let from = if left { s - n } else { 0 };
             let mut e = Vec::with_capacity(g * n * hidden);
             for &i in &rows {
-                e.extend_from_slice(&embeds[(i * s + from) * hidden..(i + 1) * s * hidden]);
+                e.extend_from_slice(&embeds[(i * s + from) * hidden..(i * s + from + n) * hidden]);
             }
             let mut p = Vec::with_capacity(3 * g * n);
             for axis in 0..3 {
                 for &i in &rows {
-                    p.extend_from_slice(&pos[(axis * b + i) * s + from..(axis * b + i + 1) * s]);
+                    let at = (axis * b + i) * s + from;
+                    p.extend_from_slice(&pos[at..at + n]);
                 }
             }
             let own: Vec<usize> = (0..g).collect();
@@ -1940,7 +1943,7 @@ impl Runner<'_> {
             }
             for (dst, v) in cache.iter_mut().zip(&kv.data) {
                 let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-                // `[g, kvh, n, hd]` into rows `rows` of `[b, kvh, s, hd]`, positions `from..s`.
+                // `[g, kvh, n, hd]` into rows `rows` of `[b, kvh, s, hd]`, positions `from..`.
                 for (j, &i) in rows.iter().enumerate() {
                     for h in 0..kvh {
                         let at = ((i * kvh + h) * s + from) * hd;
@@ -2039,9 +2042,9 @@ impl Runner<'_> {
             false => vec![s.max(1) - 1; b],
         };
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let apart = self.gpu.is_none() && !packed && lengths.iter().any(|&n| n != s);
+        let apart = self.gpu.is_none() && lengths.iter().any(|&n| n != s);
         let (prefill_logits, mut kv) = if apart {
-            self.prefill_apart(&embeds, &pos, &lengths, shared)?
+            self.prefill_apart(&embeds, &pos, &lengths, shared, !packed)?
         } else {
             self.decode(
                 embeds,
