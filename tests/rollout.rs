@@ -625,6 +625,24 @@ fn genai_folder(tag: &str, decoder: Option<(&str, &Path)>) -> std::path::PathBuf
     dir
 }
 
+/// `b` draws `a`'s samples: the same tokens, log-probs within 1e-4.
+fn assert_generates_alike(
+    a: &mut Engine,
+    b: &mut Engine,
+    reqs: &[Request],
+    cfg: &GenerationConfig,
+) {
+    let x = a.generate(reqs, cfg, None).unwrap();
+    let y = b.generate(reqs, cfg, None).unwrap();
+    assert_eq!(x.len(), y.len());
+    for (x, y) in x.iter().zip(&y) {
+        assert_eq!(x.tokens, y.tokens);
+        for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+        }
+    }
+}
+
 /// The package's decoder read as a plain past/present decoder (a folder without the manifest:
 /// no shared prompt cache, each prompt's cache fanned out to its rows, prompts left-padded and
 /// prefilled a length at a time) generates what the package generates over prompts of
@@ -640,15 +658,7 @@ fn a_plain_past_present_decoder_generates_like_the_package() {
     );
     let reqs = mixed_requests();
     for cfg in [greedy(12), staggered_config()] {
-        let a = e.generate(&reqs, &cfg, None).unwrap();
-        let b = g.generate(&reqs, &cfg, None).unwrap();
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x.tokens, y.tokens);
-            for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
-                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
-            }
-        }
+        assert_generates_alike(&mut e, &mut g, &reqs, &cfg);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -686,15 +696,7 @@ fn a_genai_builder_folder_generates_like_the_package() {
         ..greedy(12)
     };
     for cfg in [greedy(12), sampled] {
-        let a = e.generate(&reqs, &cfg, None).unwrap();
-        let b = g.generate(&reqs, &cfg, None).unwrap();
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x.tokens, y.tokens);
-            for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
-                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
-            }
-        }
+        assert_generates_alike(&mut e, &mut g, &reqs, &cfg);
     }
     // A long run with rows stopping at different depths: GroupQueryAttention writes each token
     // into the past it reads (the buffers growing as they fill, the kept rows moving into new
