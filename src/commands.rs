@@ -292,7 +292,7 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct BenchRolloutArgs {
-    /// Package folder.
+    /// Package folder, or an onnxruntime-genai Qwen2.5-VL folder (genai_config.json).
     #[arg(long, value_name = "DIR", default_value = "models/tiny")]
     model: PathBuf,
     /// Prompts from a task dataset (a .parquet / .jsonl file, or an `ssrl tasks` folder: its
@@ -540,7 +540,8 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Package folder.
+    /// Package folder, or an onnxruntime-genai Qwen2.5-VL folder (genai_config.json; no
+    /// adapter then).
     #[arg(long, value_name = "DIR", required_unless_present = "compare")]
     model: Option<PathBuf>,
     /// LoRA to apply: a checkpoint folder or a PEFT adapter folder.

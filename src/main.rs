@@ -53,7 +53,7 @@ overall = (1 − w)·accuracy + w·format.\n\n\
 Example:\n  echo '{\"response\":\"<think>…</think> \\\\boxed{A}\",\"answer\":\"A\"}' | ssrl reward"
     )]
     Reward(RewardArgs),
-    /// Sample G responses per prompt of a task dataset with a model package (CPU), scored by the reward.
+    /// Sample G responses per prompt of a task dataset with a model package (CPU, CUDA or TensorRT), scored by the reward.
     #[command(
         long_about = "Sample G responses for every prompt of a dataset written by `ssrl tasks` \
 (Parquet or JSONL), with EasyR1's format sentence appended, and write one JSONL line per response: prompt \
@@ -94,7 +94,8 @@ Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --mode
 
 #[derive(clap::Args)]
 struct RolloutArgs {
-    /// Package folder written by models/export.py.
+    /// Package folder written by models/export.py, or an onnxruntime-genai Qwen2.5-VL folder
+    /// (genai_config.json; fp32 or int4 builder decoders).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// Samples from `ssrl tasks`: a .parquet or .jsonl file, or a folder (an `ssrl tasks` output
@@ -145,7 +146,8 @@ struct RolloutArgs {
 
 #[derive(clap::Args)]
 struct InspectArgs {
-    /// Package folder (manifest.json, *.onnx, tokenizer and configs).
+    /// Package folder (manifest.json, *.onnx, tokenizer and configs), or an onnxruntime-genai
+    /// Qwen2.5-VL folder (genai_config.json).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then vendor/ort/ from `make ort`).
