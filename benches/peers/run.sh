@@ -1,6 +1,6 @@
 #!/bin/sh
 # Rollout throughput against onnxruntime-genai and transformers on the same weights, one run.
-# Usage: benches/peers/run.sh [--batch 8 --group 5 --tokens 64 --rounds 3]
+# Usage: benches/peers/run.sh [--batch 8 --group 5 --tokens 64 --rounds 3 --warmup 1 --data FILE.jsonl]
 # Uses $PEERS_VENV, else the exporter's venv (.venv-export, `make fixture` makes it), else makes
 # benches/peers/.venv from models/requirements.txt (torch from PyPI: a large download).
 set -e
