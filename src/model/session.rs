@@ -332,14 +332,41 @@ pub fn session_builder(
         }
         Err(e) => Err(ProviderError {
             device: choice.device.name(),
-            msg: e.to_string(),
+            msg: with_gpu_library_hint(e.to_string()),
         }),
     }
+}
+
+/// ONNX Runtime's "not enabled in this build" means the library loaded is the CPU build: says
+/// which library to load instead.
+fn with_gpu_library_hint(msg: String) -> String {
+    if !msg.contains("not enabled in this build") {
+        return msg;
+    }
+    format!(
+        "{}; the libonnxruntime loaded is the CPU build: point --ort-lib or ORT_DYLIB_PATH at \
+         onnxruntime-gpu's (README, \"On an NVIDIA server\")",
+        msg.trim_end_matches('.')
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CPU build of the library is named as the cause, with the way to the GPU build; other
+    /// provider errors pass as they are.
+    #[test]
+    fn a_cpu_library_gets_the_gpu_library_hint() {
+        let m =
+            with_gpu_library_hint("CUDA execution provider is not enabled in this build.".into());
+        assert!(
+            m.contains("CPU build") && m.contains("ORT_DYLIB_PATH"),
+            "{m}"
+        );
+        let other = "libcudnn.so.9: cannot open shared object file".to_string();
+        assert_eq!(with_gpu_library_hint(other.clone()), other);
+    }
 
     /// Patches follow the image budget and the package's patch size; the prompt budget defaults
     /// to one image's tokens plus 1,024 of text; explicit limits win.
