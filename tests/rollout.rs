@@ -625,6 +625,66 @@ fn genai_folder(tag: &str, decoder: Option<(&str, &Path)>) -> std::path::PathBuf
     dir
 }
 
+/// Prompts far apart in length (a photo's hundreds of image tokens against a small image's
+/// few) are prefilled in separate calls, each prompt's cache then placed in its row of the
+/// padded batch: every prompt draws in the mixed batch what it draws alone, with the package's
+/// shared-prefix decoder and the plain past/present decoder (left padding) and with
+/// onnxruntime-genai's GroupQueryAttention decoder (right padding).
+#[test]
+fn prompts_far_apart_in_length_draw_in_a_batch_what_they_draw_alone() {
+    let Some(mut e) = engine() else { return };
+    let (_, golden) = golden();
+    let photo = |name: &str, id: u64, text: &str| Request {
+        id,
+        problem: format!("<image>{text}"),
+        images: vec![image::open(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/photos")
+                .join(name),
+        )
+        .unwrap()
+        .to_rgb8()],
+    };
+    let mut reqs = vec![
+        golden[0].clone(),
+        photo("chelsea.png", 21, "Where is the cat looking?"),
+        golden[1].clone(),
+        photo("coffee.png", 23, "Which side of the cup is the spoon on?"),
+    ];
+    reqs[0].id = 20;
+    reqs[2].id = 22;
+    let lens: Vec<usize> = e
+        .prepare(&reqs, None)
+        .unwrap()
+        .prompts
+        .iter()
+        .map(Vec::len)
+        .collect();
+    assert!(lens[1] > 2 * lens[0] && lens[3] > 2 * lens[2], "{lens:?}");
+    let plain = genai_folder("apart-plain", None);
+    let builder = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-genai-decoder");
+    let gqa = genai_folder("apart-gqa", Some(("model.onnx", &builder)));
+    let cfg = staggered_config();
+    for dir in [tiny(), plain.clone(), gqa.clone()] {
+        let mut e = Engine::open(&dir, None).unwrap();
+        let batch = e.generate(&reqs, &cfg, None).unwrap();
+        for (i, r) in reqs.iter().enumerate() {
+            let alone = e.generate(std::slice::from_ref(r), &cfg, None).unwrap();
+            let mixed = &batch[i * cfg.group..(i + 1) * cfg.group];
+            for (x, y) in mixed.iter().zip(&alone) {
+                let at = format!("{}: prompt {i}, sample {}", dir.display(), y.sample_index);
+                assert_eq!(x.tokens, y.tokens, "{at}");
+                for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+                    assert!((p - q).abs() < 1e-4, "{at}: {p} vs {q}");
+                }
+            }
+        }
+    }
+    for d in [plain, gqa] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// `b` draws `a`'s samples: the same tokens, log-probs within 1e-4.
 fn assert_generates_alike(
     a: &mut Engine,

@@ -402,6 +402,31 @@ fn prompt_shares(costs: &[PromptCost], k: usize) -> Vec<Vec<usize>> {
     shares
 }
 
+/// The prompts (indices into `lengths`) of each prefill call: longest first, a prompt joins the
+/// group in hand while padding it to the group's longest keeps the group's padding within an
+/// eighth of its tokens, else it starts the next group. Prompts of nearly one length share a
+/// call; a one-image prompt does not pad to a five-image one.
+fn length_groups(lengths: &[usize]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let (mut width, mut tokens) = (0, 0);
+    for i in order {
+        let n = lengths[i];
+        match groups.last_mut() {
+            Some(g) if 8 * (g.len() + 1) * width <= 9 * (tokens + n) => {
+                g.push(i);
+                tokens += n;
+            }
+            _ => {
+                groups.push(vec![i]);
+                (width, tokens) = (n, n);
+            }
+        }
+    }
+    groups
+}
+
 /// One request's image grids, `[t, h, w]` in patches each.
 pub type ImageGrids = Vec<[u32; 3]>;
 
@@ -1878,16 +1903,20 @@ impl Runner<'_> {
     }
 
     /// The prefill of padded prompts of several lengths, on the host: one decoder call per
-    /// length on just the prompts of that length (no work on padding: a batch of many-image and
-    /// one-image prompts would otherwise run every short prompt at the longest one's length),
-    /// their caches then placed in each row of the padded `[prompts, .., longest, ..]` cache at
-    /// the end (`left`-padded prompts) or the start (right-padded), zero in the padding slots.
-    /// Logits `[prompts, vocab]` at the prompts' last positions.
+    /// group of [`length_groups`], each on just its prompts padded to its own longest (a batch
+    /// of many-image and one-image prompts would otherwise run every short prompt at the
+    /// longest one's length), their caches then placed in each row of the padded `[prompts, ..,
+    /// longest, ..]` cache at the end (`left`-padded prompts) or the start (right-padded), zero
+    /// in the slots no group wrote. `mask` is the batch's padding mask. Logits `[prompts, vocab]`
+    /// at the prompts' last positions.
+    #[allow(clippy::too_many_arguments)]
     fn prefill_apart(
         &mut self,
         embeds: &[f32],
         pos: &[i64],
+        mask: &[Vec<i64>],
         lengths: &[usize],
+        groups: &[Vec<usize>],
         shared: bool,
         left: bool,
     ) -> Result<(StepLogits, Kv), EngineError> {
@@ -1897,24 +1926,29 @@ impl Runner<'_> {
         let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
         let mut logits = vec![0f32; b * vocab];
         let mut cache = vec![vec![0f32; b * kvh * s * hd]; 2 * t.num_hidden_layers];
-        let mut distinct = lengths.to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for n in distinct {
-            let rows: Vec<usize> = (0..b).filter(|&i| lengths[i] == n).collect();
+        for rows in groups {
             let g = rows.len();
-            let from = if left { s - n } else { 0 };
-            let mut e = Vec::with_capacity(g * n * hidden);
-            for &i in &rows {
-                e.extend_from_slice(&embeds[(i * s + from) * hidden..(i * s + from + n) * hidden]);
+            let w = rows.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+            let from = if left { s - w } else { 0 };
+            let mut e = Vec::with_capacity(g * w * hidden);
+            for &i in rows {
+                e.extend_from_slice(&embeds[(i * s + from) * hidden..(i * s + from + w) * hidden]);
             }
-            let mut p = Vec::with_capacity(3 * g * n);
+            let mut p = Vec::with_capacity(3 * g * w);
             for axis in 0..3 {
-                for &i in &rows {
+                for &i in rows {
                     let at = (axis * b + i) * s + from;
-                    p.extend_from_slice(&pos[at..at + n]);
+                    p.extend_from_slice(&pos[at..at + w]);
                 }
             }
+            let m: Vec<Vec<i64>> = rows
+                .iter()
+                .map(|&i| mask[i][from..from + w].to_vec())
+                .collect();
+            let last: Vec<usize> = match left {
+                true => vec![w.max(1) - 1; g],
+                false => rows.iter().map(|&i| lengths[i].max(1) - 1).collect(),
+            };
             let own: Vec<usize> = (0..g).collect();
             let mut none = match shared {
                 true => Some(Prefix {
@@ -1926,13 +1960,13 @@ impl Runner<'_> {
             let (mut l, kv) = self.decode(
                 e,
                 g,
-                n,
-                &vec![vec![1; n]; g],
+                w,
+                &m,
                 p,
                 &mut Kv::empty(&t, g)?,
                 none.as_mut().map(|p| (p, &own[..])),
                 None,
-                &vec![n.max(1) - 1; g],
+                &last,
             )?;
             let StepLogits::Host(l) = &mut l else {
                 unreachable!("GPU logits from a host prefill")
@@ -1943,12 +1977,12 @@ impl Runner<'_> {
             }
             for (dst, v) in cache.iter_mut().zip(&kv.data) {
                 let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-                // `[g, kvh, n, hd]` into rows `rows` of `[b, kvh, s, hd]`, positions `from..`.
+                // `[g, kvh, w, hd]` into rows `rows` of `[b, kvh, s, hd]`, positions `from..`.
                 for (j, &i) in rows.iter().enumerate() {
                     for h in 0..kvh {
                         let at = ((i * kvh + h) * s + from) * hd;
-                        let src = &src[(j * kvh + h) * n * hd..(j * kvh + h + 1) * n * hd];
-                        dst[at..at + n * hd].copy_from_slice(src);
+                        let src = &src[(j * kvh + h) * w * hd..(j * kvh + h + 1) * w * hd];
+                        dst[at..at + w * hd].copy_from_slice(src);
                     }
                 }
             }
@@ -2042,9 +2076,9 @@ impl Runner<'_> {
             false => vec![s.max(1) - 1; b],
         };
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let apart = self.gpu.is_none() && lengths.iter().any(|&n| n != s);
-        let (prefill_logits, mut kv) = if apart {
-            self.prefill_apart(&embeds, &pos, &lengths, shared, !packed)?
+        let groups = length_groups(&lengths);
+        let (prefill_logits, mut kv) = if self.gpu.is_none() && groups.len() > 1 {
+            self.prefill_apart(&embeds, &pos, &mask, &lengths, &groups, shared, !packed)?
         } else {
             self.decode(
                 embeds,
@@ -2353,6 +2387,26 @@ mod tests {
                     "{out} for {into}"
                 );
             }
+        }
+    }
+
+    /// Prompts within an eighth of padding share a prefill call; a two-image prompt does not
+    /// pad the one-image ones.
+    #[test]
+    fn length_groups_keep_padding_within_an_eighth() {
+        let lengths = [391, 394, 422, 422, 720, 720, 400, 391];
+        assert_eq!(
+            length_groups(&lengths),
+            [vec![4, 5], vec![2, 3, 6, 1, 0, 7]]
+        );
+        assert_eq!(length_groups(&[50, 50, 50]), [vec![0, 1, 2]]);
+        assert_eq!(length_groups(&[100, 3000]), [vec![1], vec![0]]);
+        assert!(length_groups(&[]).is_empty());
+        let lengths = [9, 400, 17, 350, 380, 1, 2000, 1900];
+        for group in length_groups(&lengths) {
+            let w = group.iter().map(|&i| lengths[i]).max().unwrap();
+            let tokens: usize = group.iter().map(|&i| lengths[i]).sum();
+            assert!(8 * group.len() * w <= 9 * tokens, "{group:?}");
         }
     }
 
