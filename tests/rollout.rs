@@ -653,16 +653,10 @@ fn prompts_far_apart_in_length_draw_in_a_batch_what_they_draw_alone() {
     ];
     reqs[0].id = 20;
     reqs[2].id = 22;
-    let lens: Vec<usize> = e
-        .prepare(&reqs, None)
-        .unwrap()
-        .prompts
-        .iter()
-        .map(Vec::len)
-        .collect();
+    let lens = prompt_lengths(&mut e, &reqs);
     assert!(lens[1] > 2 * lens[0] && lens[3] > 2 * lens[2], "{lens:?}");
     let plain = genai_folder("apart-plain", None);
-    let builder = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-genai-decoder");
+    let builder = builder_decoder();
     let gqa = genai_folder("apart-gqa", Some(("model.onnx", &builder)));
     let cfg = staggered_config();
     for dir in [tiny(), plain.clone(), gqa.clone()] {
@@ -683,6 +677,17 @@ fn prompts_far_apart_in_length_draw_in_a_batch_what_they_draw_alone() {
     for d in [plain, gqa] {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+/// Each request's prompt length in tokens, images included.
+fn prompt_lengths(e: &mut Engine, reqs: &[Request]) -> Vec<usize> {
+    let prepared = e.prepare(reqs, None).unwrap();
+    prepared.prompts.iter().map(Vec::len).collect()
+}
+
+/// The folder of onnxruntime-genai's model-builder decoder of the tiny package's weights.
+fn builder_decoder() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-genai-decoder")
 }
 
 /// `b` draws `a`'s samples: the same tokens, log-probs within 1e-4.
@@ -730,7 +735,7 @@ fn a_plain_past_present_decoder_generates_like_the_package() {
 #[test]
 fn a_genai_builder_folder_generates_like_the_package() {
     let Some(mut e) = engine() else { return };
-    let builder = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-genai-decoder");
+    let builder = builder_decoder();
     let dir = genai_folder("genai", Some(("model.onnx", &builder)));
     let mut g = Engine::open(&dir, None).unwrap();
     assert_eq!(
@@ -738,13 +743,7 @@ fn a_genai_builder_folder_generates_like_the_package() {
         spatial_ssrl::model::package::KvLayout::Packed
     );
     let (_, reqs) = golden();
-    let lens: Vec<usize> = e
-        .prepare(&reqs, None)
-        .unwrap()
-        .prompts
-        .iter()
-        .map(Vec::len)
-        .collect();
+    let lens = prompt_lengths(&mut e, &reqs);
     assert!(lens.iter().any(|l| *l != lens[0]), "{lens:?}");
     let sampled = GenerationConfig {
         group: 3,
