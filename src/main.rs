@@ -518,53 +518,72 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
     pb.reset_eta();
     let (t0, mut tokens, mut skipped) = (std::time::Instant::now(), 0usize, 0usize);
     let (mut stopped, mut finished) = (false, done.len());
-    for chunk in todo.chunks(a.batch.max(1)) {
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-            stopped = true;
-            break;
-        }
-        let mut reqs = Vec::with_capacity(chunk.len());
-        let mut sources = Vec::with_capacity(chunk.len());
-        for &(index, (s, root)) in chunk {
-            match s.load_images(root) {
-                Ok(images) => {
-                    reqs.push(Request {
-                        id: spatial_ssrl::rng::hash_str(&s.id) ^ index as u64,
-                        problem: s.problem.clone(),
-                        images,
-                    });
-                    sources.push((index, s));
-                }
-                Err(e) => {
-                    skipped += 1;
-                    commands::say(&pb, format!("skipping sample {} ({}): {e}", s.id, index));
+    // The next batch's images are read and decoded on a thread of their own while the engine
+    // generates this batch.
+    let chunks: Vec<_> = todo.chunks(a.batch.max(1)).collect();
+    let load = |chunk: &[(usize, &(tasks::write::SampleRecord, PathBuf))]| {
+        chunk
+            .iter()
+            .map(|(_, (s, root))| s.load_images(root))
+            .collect::<Vec<_>>()
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let mut next = chunks.first().map(|&c| scope.spawn(move || load(c)));
+        for (k, &chunk) in chunks.iter().enumerate() {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                stopped = true;
+                break;
+            }
+            let loaded = next
+                .take()
+                .expect("a load runs for every batch")
+                .join()
+                .expect("the image loader panicked");
+            next = chunks.get(k + 1).map(|&c| scope.spawn(move || load(c)));
+            let mut reqs = Vec::with_capacity(chunk.len());
+            let mut sources = Vec::with_capacity(chunk.len());
+            for (&(index, (s, _)), images) in chunk.iter().zip(loaded) {
+                match images {
+                    Ok(images) => {
+                        reqs.push(Request {
+                            id: spatial_ssrl::rng::hash_str(&s.id) ^ index as u64,
+                            problem: s.problem.clone(),
+                            images,
+                        });
+                        sources.push((index, s));
+                    }
+                    Err(e) => {
+                        skipped += 1;
+                        commands::say(&pb, format!("skipping sample {} ({}): {e}", s.id, index));
+                    }
                 }
             }
-        }
-        let mut lines = String::new();
-        if !reqs.is_empty() {
-            for c in engine.generate(&reqs, &cfg, None)? {
-                let (index, s) = sources[c.prompt_index];
-                let text = engine.prompts.decode(&c.tokens)?;
-                let r = reward::score(&text, &s.answer, &RewardConfig::default());
-                tokens += c.tokens.len();
-                lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
+            let mut lines = String::new();
+            if !reqs.is_empty() {
+                for c in engine.generate(&reqs, &cfg, None)? {
+                    let (index, s) = sources[c.prompt_index];
+                    let text = engine.prompts.decode(&c.tokens)?;
+                    let r = reward::score(&text, &s.answer, &RewardConfig::default());
+                    tokens += c.tokens.len();
+                    lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
                     "task": s.task, "sample": c.sample_index, "tokens": c.tokens, "text": text,
                     "logprobs": c.logprobs, "finish": c.finish, "answer": s.answer, "reward": r})
-                .to_string();
-                lines.push('\n');
+                    .to_string();
+                    lines.push('\n');
+                }
             }
+            out.write_all(lines.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(write_err)?;
+            finished += sources.len();
+            pb.inc(chunk.len() as u64);
+            pb.set_message(format!(
+                "{:.1} tokens/s",
+                tokens as f64 / t0.elapsed().as_secs_f64()
+            ));
         }
-        out.write_all(lines.as_bytes())
-            .and_then(|()| out.flush())
-            .map_err(write_err)?;
-        finished += sources.len();
-        pb.inc(chunk.len() as u64);
-        pb.set_message(format!(
-            "{:.1} tokens/s",
-            tokens as f64 / t0.elapsed().as_secs_f64()
-        ));
-    }
+        Ok(())
+    })?;
     pb.finish_and_clear();
     drop(out);
     let secs = t0.elapsed().as_secs_f64();
