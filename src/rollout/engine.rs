@@ -313,8 +313,8 @@ struct PromptCost {
 }
 
 /// A slice's estimated cost, in tokens: the image tokens its vision calls run, the prompts'
-/// tokens its prefill runs (in groups of near-equal length, [`Runner::prefill_apart`]), and its prompts
-/// padded to the longest, which every decode step reads (the prompt cache of each row).
+/// tokens its prefill runs (in groups of near-equal length, [`Runner::prefill_apart`]), and
+/// its prompts padded to the longest, which every decode step reads (each row's prompt cache).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct ShareCost {
     /// Vision and prompt tokens of the share.
