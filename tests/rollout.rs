@@ -514,6 +514,21 @@ fn cuda_engine() -> Option<Engine> {
     }
 }
 
+/// On a GPU: prompts far apart in length (hundreds of padding slots in the short prompts' rows,
+/// prefilled in one padded call there, in groups on the CPU) draw the CPU's samples, with the
+/// cache on the GPU and on the host. Elsewhere a visible SKIP.
+#[test]
+fn cuda_prompts_far_apart_in_length_match_cpu() {
+    let Some(mut cpu) = engine() else { return };
+    let Some(mut gpu) = cuda_engine() else { return };
+    let reqs = far_apart_requests(&mut cpu);
+    let cfg = staggered_config();
+    for host in [false, true] {
+        gpu.set_host_cache(host);
+        assert_generates_alike(&mut cpu, &mut gpu, &reqs, &cfg);
+    }
+}
+
 /// On a GPU: the rows' own-token buffer kept on the GPU (chunks moved in by 2-D device copies,
 /// grown into zeroed buffers, rows leaving by row moves) draws the CPU's samples over 300 tokens,
 /// also with rows stopping between chunks; so does the buffer on the host under the CUDA
@@ -625,14 +640,8 @@ fn genai_folder(tag: &str, decoder: Option<(&str, &Path)>) -> std::path::PathBuf
     dir
 }
 
-/// Prompts far apart in length (a photo's hundreds of image tokens against a small image's
-/// few) are prefilled in separate calls, each prompt's cache then placed in its row of the
-/// padded batch: every prompt draws in the mixed batch what it draws alone, with the package's
-/// shared-prefix decoder and the plain past/present decoder (left padding) and with
-/// onnxruntime-genai's GroupQueryAttention decoder (right padding).
-#[test]
-fn prompts_far_apart_in_length_draw_in_a_batch_what_they_draw_alone() {
-    let Some(mut e) = engine() else { return };
+/// Two small-image prompts and two photos of hundreds of image tokens, alternating.
+fn far_apart_requests(e: &mut Engine) -> Vec<Request> {
     let (_, golden) = golden();
     let photo = |name: &str, id: u64, text: &str| Request {
         id,
@@ -653,8 +662,20 @@ fn prompts_far_apart_in_length_draw_in_a_batch_what_they_draw_alone() {
     ];
     reqs[0].id = 20;
     reqs[2].id = 22;
-    let lens = prompt_lengths(&mut e, &reqs);
+    let lens = prompt_lengths(e, &reqs);
     assert!(lens[1] > 2 * lens[0] && lens[3] > 2 * lens[2], "{lens:?}");
+    reqs
+}
+
+/// Prompts far apart in length (a photo's hundreds of image tokens against a small image's
+/// few) are prefilled in separate calls, each prompt's cache then placed in its row of the
+/// padded batch: every prompt draws in the mixed batch what it draws alone, with the package's
+/// shared-prefix decoder and the plain past/present decoder (left padding) and with
+/// onnxruntime-genai's GroupQueryAttention decoder (right padding).
+#[test]
+fn prompts_far_apart_in_length_draw_in_a_batch_what_they_draw_alone() {
+    let Some(mut e) = engine() else { return };
+    let reqs = far_apart_requests(&mut e);
     let plain = genai_folder("apart-plain", None);
     let builder = builder_decoder();
     let gqa = genai_folder("apart-gqa", Some(("model.onnx", &builder)));
