@@ -1,10 +1,13 @@
 //! B prompts × G samples: vision and prefill once per prompt, then batched decode of the G
-//! samples with per-sequence stop; finished rows leave the batch. With this project's packages
-//! the prompt's cache is shared: all G samples read it in place (the decoder's prefix inputs), so
-//! neither the fan-out nor any step copies it; other decoders get it fanned out. On the CPU
-//! the rows' own tokens stay where the decoder reads them, so long generations do not copy them
-//! every step: this project's packages keep all but the newest few in a buffer read in place
-//! ([`OWN_CHUNK`]); GroupQueryAttention decoders get one past/present buffer. Every
+//! samples with per-sequence stop; finished rows leave the batch. On the host the prefill runs
+//! in groups of near-equal prompt length ([`length_groups`]), so short prompts are not padded to
+//! long ones. With this project's packages the prompt's cache is shared: all G samples read it
+//! in place (the decoder's prefix inputs), so neither the fan-out nor any step copies it; other
+//! decoders get it fanned out. The rows' own tokens stay where the decoder reads them, so long
+//! generations do not copy them every step: this project's packages keep all but the newest few
+//! in a buffer read in place ([`OWN_CHUNK`]; CPU and CUDA); GroupQueryAttention decoders get one
+//! past/present buffer (CPU). Small models on few cores run as CPU slices, the prompts dealt
+//! among them by estimated cost ([`prompt_shares`]). Every
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
