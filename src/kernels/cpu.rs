@@ -203,7 +203,7 @@ fn exp_nonpositive(d: f32) -> f32 {
 
 /// `(max, ln Σ exp(x))` of a row with at least one finite entry (−∞ entries have zero
 /// probability): the sampler's normaliser. Two passes, the max and then `Σ exp(x − max)` with
-/// [`exp_nonpositive`] summed in f64 — about 10× faster than the online f64 pass of
+/// `exp_nonpositive` summed in f64 — about 10× faster than the online f64 pass of
 /// [`RowStats`] and within 1e-6 of it (its terms' f32 rounding only). Always inlined, so the
 /// row sampler's AVX2 build gets an AVX2 copy of it.
 #[inline(always)]

@@ -1,13 +1,13 @@
 //! B prompts × G samples: vision and prefill once per prompt, then batched decode of the G
 //! samples with per-sequence stop; finished rows leave the batch. On the host the prefill runs
-//! in groups of near-equal prompt length ([`length_groups`]), so short prompts are not padded to
+//! in groups of near-equal prompt length (`length_groups`), so short prompts are not padded to
 //! long ones. With this project's packages the prompt's cache is shared: all G samples read it
 //! in place (the decoder's prefix inputs), so neither the fan-out nor any step copies it; other
 //! decoders get it fanned out. The rows' own tokens stay where the decoder reads them, so long
 //! generations do not copy them every step: this project's packages keep all but the newest few
-//! in a buffer read in place ([`OWN_CHUNK`]; CPU and CUDA); GroupQueryAttention decoders get one
+//! in a buffer read in place (`OWN_CHUNK`; CPU and CUDA); GroupQueryAttention decoders get one
 //! past/present buffer (CPU). Small models on few cores run as CPU slices, the prompts dealt
-//! among them by estimated cost ([`prompt_shares`]). Every
+//! among them by estimated cost (`prompt_shares`). Every
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
@@ -1146,7 +1146,7 @@ impl Engine {
         }
     }
 
-    /// With `true` (the default where the decoder allows it, [`own_cache_in_place`]) a step does
+    /// With `true` (the default where the decoder allows it, `own_cache_in_place`) a step does
     /// not copy the rows' own tokens: with [`OwnCache::InPlace`] all but the newest
     /// [`OWN_CHUNK`] stay in a buffer the decoder reads in place; a GroupQueryAttention decoder
     /// ([`KvLayout::Packed`]) gets a past with room that is also its present, so it writes each
@@ -1510,7 +1510,7 @@ impl Engine {
 
     /// [`Engine::generate`] on prompts already prepared (the trainer keeps them for the
     /// training batch). With CPU slices ([`Engine::set_cpu_slices`]) the prompts are dealt
-    /// into shares of balanced cost ([`prompt_shares`]) generated concurrently; the samples are
+    /// into shares of balanced cost (`prompt_shares`) generated concurrently; the samples are
     /// the same either way (every draw is keyed by prompt id, sample and step).
     pub fn generate_prepared(
         &mut self,
