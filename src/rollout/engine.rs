@@ -1148,7 +1148,7 @@ impl Engine {
 
     /// With `true` (the default where the decoder allows it, `own_cache_in_place`) a step does
     /// not copy the rows' own tokens: with [`OwnCache::InPlace`] all but the newest
-    /// [`OWN_CHUNK`] stay in a buffer the decoder reads in place; a GroupQueryAttention decoder
+    /// `OWN_CHUNK` stay in a buffer the decoder reads in place; a GroupQueryAttention decoder
     /// ([`KvLayout::Packed`]) gets a past with room that is also its present, so it writes each
     /// token in place. `false` feeds them all back as `past`, each step's `present` a new copy
     /// (for comparisons). Returns whether the in-place cache is in use.
