@@ -1905,6 +1905,42 @@ impl Runner<'_> {
         Ok(f.to_vec())
     }
 
+    /// One prefill call on prompts of `lengths` tokens padded to `width` positions (padding at
+    /// the start for `left`, else at the end), with nothing before them (for a shared-prefix
+    /// decoder, every prompt on its own slot of an empty prefix); logits at each prompt's last
+    /// position.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_call(
+        &mut self,
+        embeds: Vec<f32>,
+        mask: &[Vec<i64>],
+        pos: Vec<i64>,
+        lengths: &[usize],
+        width: usize,
+        shared: bool,
+        left: bool,
+    ) -> Result<(StepLogits, Kv), EngineError> {
+        let t = &self.m.text;
+        let rows = lengths.len();
+        let last: Vec<usize> = match left {
+            true => vec![width.max(1) - 1; rows],
+            false => lengths.iter().map(|&n| n.max(1) - 1).collect(),
+        };
+        let own: Vec<usize> = (0..rows).collect();
+        let mut none = match shared {
+            true => Some(Prefix {
+                cache: Kv::empty(t, rows)?,
+                mask: vec![Vec::new(); rows],
+            }),
+            false => None,
+        };
+        let mut start = Kv::empty(t, rows)?;
+        let prefix = none.as_mut().map(|p| (p, &own[..]));
+        self.decode(
+            embeds, rows, width, mask, pos, &mut start, prefix, None, &last,
+        )
+    }
+
     /// The prefill of padded prompts of several lengths, on the host: one decoder call per
     /// group of [`length_groups`], each on just its prompts padded to its own longest (a batch
     /// of many-image and one-image prompts would otherwise run every short prompt at the
@@ -1923,7 +1959,7 @@ impl Runner<'_> {
         shared: bool,
         left: bool,
     ) -> Result<(StepLogits, Kv), EngineError> {
-        let t = self.m.text.clone();
+        let t = &self.m.text;
         let (b, s) = (lengths.len(), lengths.iter().copied().max().unwrap_or(0));
         let (hidden, vocab) = (t.hidden_size, t.vocab_size);
         let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
@@ -1948,29 +1984,8 @@ impl Runner<'_> {
                 .iter()
                 .map(|&i| mask[i][from..from + w].to_vec())
                 .collect();
-            let last: Vec<usize> = match left {
-                true => vec![w.max(1) - 1; g],
-                false => rows.iter().map(|&i| lengths[i].max(1) - 1).collect(),
-            };
-            let own: Vec<usize> = (0..g).collect();
-            let mut none = match shared {
-                true => Some(Prefix {
-                    cache: Kv::empty(&t, g)?,
-                    mask: vec![Vec::new(); g],
-                }),
-                false => None,
-            };
-            let (mut l, kv) = self.decode(
-                e,
-                g,
-                w,
-                &m,
-                p,
-                &mut Kv::empty(&t, g)?,
-                none.as_mut().map(|p| (p, &own[..])),
-                None,
-                &last,
-            )?;
+            let n: Vec<usize> = rows.iter().map(|&i| lengths[i]).collect();
+            let (mut l, kv) = self.prefill_call(e, &m, p, &n, w, shared, left)?;
             let StepLogits::Host(l) = &mut l else {
                 unreachable!("GPU logits from a host prefill")
             };
@@ -2060,40 +2075,15 @@ impl Runner<'_> {
             t.rope_deltas = deltas.clone();
         }
         let t = &m.text;
-        let mut start = Kv::empty(t, b)?;
-        // A shared-prefix decoder gets its prefix inputs in the prefill too: every prompt on its
-        // own slot, with nothing before it.
         let shared = m.kv_layout == KvLayout::Shared;
-        let mut no_prefix = match shared {
-            true => Some(Prefix {
-                cache: Kv::empty(t, b)?,
-                mask: vec![Vec::new(); b],
-            }),
-            false => None,
-        };
-        let own: Vec<usize> = (0..b).collect();
         let embeds = self.embed(ids.iter().map(|v| i64::from(*v)).collect(), b, s, features)?;
         let t_prefill = Instant::now();
-        let last: Vec<usize> = match packed {
-            true => prompts.iter().map(|p| p.len().max(1) - 1).collect(),
-            false => vec![s.max(1) - 1; b],
-        };
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let groups = length_groups(&lengths);
         let (prefill_logits, mut kv) = if self.gpu.is_none() && groups.len() > 1 {
             self.prefill_apart(&embeds, &pos, &mask, &lengths, &groups, shared, !packed)?
         } else {
-            self.decode(
-                embeds,
-                b,
-                s,
-                &mask,
-                pos,
-                &mut start,
-                no_prefix.as_mut().map(|p| (p, &own[..])),
-                None,
-                &last,
-            )?
+            self.prefill_call(embeds, &mask, pos, &lengths, s, shared, !packed)?
         };
         self.stats.prefill_s += t_prefill.elapsed().as_secs_f64();
         self.stats.prefill_tokens += prompts.iter().map(Vec::len).sum::<usize>();
