@@ -285,19 +285,16 @@ fn joined(parts: Vec<Vec<Completion>>, shares: &[Vec<usize>]) -> Vec<Completion>
     all
 }
 
-/// Deals the items, with their estimated costs, into shares of at most `room[s]` items each:
-/// the costliest first, each to the share with room whose cost so far is least (ties to the
-/// lower index). Each share lists its item indices in ascending order.
-fn deal(costs: &[usize], room: &[usize]) -> Vec<Vec<usize>> {
+/// Deals the items, with their estimated costs, into `k` shares: the costliest first, each to
+/// the share whose cost so far is least (ties to the lower index). Each share lists its item
+/// indices in ascending order.
+fn deal(costs: &[usize], k: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..costs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(costs[i]));
-    let mut shares = vec![Vec::new(); room.len()];
-    let mut load = vec![0usize; room.len()];
+    let mut shares = vec![Vec::new(); k];
+    let mut load = vec![0usize; k];
     for i in order {
-        let s = (0..room.len())
-            .filter(|&s| shares[s].len() < room[s])
-            .min_by_key(|&s| load[s])
-            .expect("the shares have room for every item");
+        let s = (0..k).min_by_key(|&s| load[s]).expect("at least one share");
         shares[s].push(i);
         load[s] += costs[i];
     }
@@ -1280,7 +1277,7 @@ impl Engine {
                 grid_thw(img.width(), img.height(), cfg).map(|[t, h, w]| (t * h * w) as usize)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let shares = deal(&costs, &vec![images.len(); k]);
+        let shares = deal(&costs, k);
         let cfg = cfg.clone();
         let parts = self.on_slices(shares.clone(), |r, share: Vec<usize>| {
             share
@@ -2403,12 +2400,13 @@ mod tests {
         }
     }
 
-    /// Items dealt heaviest first to the lightest share with room.
+    /// Items dealt heaviest first to the lightest share, any number to a share.
     #[test]
     fn deal_balances_the_heaviest_first() {
         // 5 → a; 4 → b; 3 → b (7); 2 → a (7); 1 → a (ties to the first share).
-        assert_eq!(deal(&[5, 1, 4, 2, 3], &[5, 5]), [vec![0, 1, 3], vec![2, 4]]);
-        assert_eq!(deal(&[9, 1, 1, 1], &[2, 2]), [vec![0, 3], vec![1, 2]]);
+        assert_eq!(deal(&[5, 1, 4, 2, 3], 2), [vec![0, 1, 3], vec![2, 4]]);
+        // 9 → a; each 1 → b, the lighter share throughout.
+        assert_eq!(deal(&[9, 1, 1, 1], 2), [vec![0], vec![1, 2, 3]]);
     }
 
     /// The slices' completions come back in prompt order, each numbered by its prompt over the
