@@ -551,8 +551,8 @@ pub struct EvalArgs {
     /// that benchmark's official evaluation.
     #[arg(long, value_enum, default_value = "pretext")]
     bench: eval::Bench,
-    /// The items: `ssrl tasks` output (.parquet / .jsonl, or its folder: every shard), ViewSpatial-Bench / What'sUp /
-    /// VSI-Bench JSON, or a VLMEvalKit multiple-choice TSV.
+    /// The items: `ssrl tasks` output (.parquet / .jsonl, or its folder: every shard),
+    /// ViewSpatial-Bench / What'sUp / VSI-Bench JSON, or a VLMEvalKit multiple-choice TSV.
     #[arg(long, value_name = "FILE", required_unless_present = "compare")]
     data: Option<PathBuf>,
     /// Image paths and VSI-Bench video folders resolve against this (default: the folder above

@@ -134,15 +134,11 @@ fn load_dataset(files: &[PathBuf], image_dir: Option<&Path>) -> Result<Dataset, 
         samples: vec![],
         roots: vec![],
     };
-    let data_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: crate::tasks::write::WriteError| TrainError::Data {
-            path,
-            msg: e.to_string(),
-        }
-    };
     for given in files {
-        let read = read_dataset(given, image_dir, usize::MAX).map_err(data_err(given))?;
+        let read = read_dataset(given, image_dir, usize::MAX).map_err(|e| TrainError::Data {
+            path: given.clone(),
+            msg: e.to_string(),
+        })?;
         for (s, root) in read {
             d.samples.push(s);
             d.roots.push(root);
