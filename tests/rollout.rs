@@ -153,15 +153,11 @@ fn samples_do_not_depend_on_the_batch_and_lora_swaps_apply() {
     let both = e.generate(&reqs, &cfg, None).unwrap();
     let alone = e.generate(&reqs[1..], &cfg, None).unwrap();
     assert_eq!(both.len(), 6);
-    for (a, b) in both[3..].iter().zip(&alone) {
-        assert_eq!(
-            a.tokens, b.tokens,
-            "the same prompt id draws the same samples in any batch"
-        );
-        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-            assert!((x - y).abs() < 1e-4);
-        }
-    }
+    assert_same_samples(
+        &both[3..],
+        &alone,
+        "the same prompt id draws the same samples in any batch",
+    );
     assert!(
         both[0].tokens != both[1].tokens || both[1].tokens != both[2].tokens,
         "samples of a group differ"
@@ -578,15 +574,7 @@ fn cuda_rollout_matches_cpu() {
         gpu.set_host_cache(host);
         assert_eq!(gpu.cache_on_gpu(), !host);
         let got = gpu.generate(&reqs, &cfg, None).unwrap();
-        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-            assert_eq!(w.tokens, g.tokens, "host cache {host}: sample {i}");
-            for (x, y) in w.logprobs.iter().zip(&g.logprobs) {
-                assert!(
-                    (x - y).abs() < 1e-4,
-                    "host cache {host}: sample {i}: {x} vs {y}"
-                );
-            }
-        }
+        assert_same_samples(&want, &got, &format!("host cache {host}"));
         greedy_gpu.steps.clear();
         gpu.generate(&reqs, &greedy(5), Some(&mut greedy_gpu))
             .unwrap();
@@ -693,13 +681,7 @@ fn prompts_far_apart_in_length_draw_in_a_batch_what_they_draw_alone() {
         for (i, r) in reqs.iter().enumerate() {
             let alone = e.generate(std::slice::from_ref(r), &cfg, None).unwrap();
             let mixed = &batch[i * cfg.group..(i + 1) * cfg.group];
-            for (x, y) in mixed.iter().zip(&alone) {
-                let at = format!("{}: prompt {i}, sample {}", dir.display(), y.sample_index);
-                assert_eq!(x.tokens, y.tokens, "{at}");
-                for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
-                    assert!((p - q).abs() < 1e-4, "{at}: {p} vs {q}");
-                }
-            }
+            assert_same_samples(mixed, &alone, &format!("{}: prompt {i}", dir.display()));
         }
     }
     for d in [plain, gqa] {
@@ -727,11 +709,22 @@ fn assert_generates_alike(
 ) {
     let x = a.generate(reqs, cfg, None).unwrap();
     let y = b.generate(reqs, cfg, None).unwrap();
-    assert_eq!(x.len(), y.len());
-    for (x, y) in x.iter().zip(&y) {
-        assert_eq!(x.tokens, y.tokens);
+    assert_same_samples(&x, &y, "");
+}
+
+/// The same number of samples, each with the same tokens and log-probs within 1e-4; `at` leads
+/// each failure message.
+fn assert_same_samples(
+    x: &[spatial_ssrl::rollout::Completion],
+    y: &[spatial_ssrl::rollout::Completion],
+    at: &str,
+) {
+    assert_eq!(x.len(), y.len(), "{at}");
+    for (x, y) in x.iter().zip(y) {
+        let at = format!("{at}: sample {}", y.sample_index);
+        assert_eq!(x.tokens, y.tokens, "{at}");
         for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
-            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+            assert!((p - q).abs() < 1e-4, "{at}: {p} vs {q}");
         }
     }
 }
