@@ -21,6 +21,15 @@ fn succeeded(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// The JSON values of a JSONL file, one per line.
+fn json_lines(f: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(f)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// `ssrl rollout` of the tiny package on `data`.
 fn rollout(data: &std::path::Path) -> Command {
     let mut c = ssrl();
@@ -315,10 +324,8 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
         return;
     }
     let sorted = |f: &std::path::Path| {
-        let mut v: Vec<(u64, u64, serde_json::Value)> = std::fs::read_to_string(f)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        let mut v: Vec<(u64, u64, serde_json::Value)> = json_lines(f)
+            .into_iter()
             .map(|v| {
                 let key = (
                     v["prompt_index"].as_u64().unwrap(),
@@ -436,27 +443,26 @@ fn rollout_writes_one_scored_line_per_response() {
     let data = dir.join("tasks");
     let file = photo_tasks(&data, "flip");
     let out = dir.join("rollouts.jsonl");
-    let r = rollout(&file)
-        .args([
+    // Three samples of four tokens for the first `limit` prompts of `data`, into `out`.
+    let short = |data: &std::path::Path, limit: &str, out: &std::path::Path| {
+        let mut c = rollout(data);
+        c.args([
             "--group",
             "3",
             "--max-new-tokens",
             "4",
             "--limit",
-            "2",
+            limit,
             "--out",
         ])
-        .arg(&out)
-        .output()
-        .unwrap();
+        .arg(out);
+        c
+    };
+    let r = short(&file, "2", &out).output().unwrap();
     if succeeded_or_skip(&r).is_none() {
         return;
     }
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), 6);
     for l in &lines {
         assert_eq!(
@@ -479,27 +485,13 @@ fn rollout_writes_one_scored_line_per_response() {
     std::fs::write(shards.join("data/b.jsonl"), rows[1..].join("\n")).unwrap();
     std::fs::write(shards.join("data/a.jsonl"), format!("{}\n", rows[0])).unwrap();
     let from_shards = dir.join("shards.jsonl");
-    let r = rollout(&shards)
+    let r = short(&shards, "3", &from_shards)
         .arg("--images-root")
         .arg(&data)
-        .args([
-            "--group",
-            "3",
-            "--max-new-tokens",
-            "4",
-            "--limit",
-            "3",
-            "--out",
-        ])
-        .arg(&from_shards)
         .output()
         .unwrap();
     succeeded_or_skip(&r).unwrap();
-    let got: Vec<serde_json::Value> = std::fs::read_to_string(&from_shards)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let got = json_lines(&from_shards);
     assert_eq!(got.len(), 9);
     for (k, g) in got.iter().enumerate() {
         let index = g["prompt_index"].as_u64().unwrap() as usize;
@@ -516,11 +508,7 @@ fn rollout_writes_one_scored_line_per_response() {
     // --device cuda: the CPU's tokens on a GPU; elsewhere a clear error, and with
     // --allow-fallback the CPU run, saying so.
     let tokens = |f: &std::path::Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(f)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tokens"].clone())
-            .collect()
+        json_lines(f).iter().map(|v| v["tokens"].clone()).collect()
     };
     for fallback in [false, true] {
         let out2 = dir.join(format!("cuda-{fallback}.jsonl"));
