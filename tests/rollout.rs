@@ -489,6 +489,15 @@ fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
                 "{}",
                 e.provider()
             );
+            // The CPU build of the library: the error and the fallback both say which to load.
+            if msg.contains("not enabled in this build") {
+                for m in [msg.as_str(), e.provider()] {
+                    assert!(
+                        m.contains("CPU build") && m.contains("ORT_DYLIB_PATH"),
+                        "{m}"
+                    );
+                }
+            }
         }
     }
 }

@@ -324,7 +324,7 @@ pub fn session_builder(
     match builder.with_execution_providers(eps) {
         Ok(b) => Ok((b, choice.device.name().into())),
         Err(e) if choice.allow_fallback => {
-            let msg = e.to_string();
+            let msg = with_gpu_library_hint(e.to_string());
             Ok((
                 e.recover(),
                 format!("cpu (fallback from {}: {msg})", choice.device.name()),
