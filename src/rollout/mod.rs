@@ -2,6 +2,9 @@
 
 pub mod bench;
 pub mod engine;
+mod gpu;
+mod kv;
+mod share;
 
 pub use engine::{
     Completion, Engine, EngineError, EngineStats, Finish, GenerationConfig, Prepared, Request,
