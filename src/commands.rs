@@ -301,22 +301,23 @@ pub struct BenchRolloutArgs {
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
     /// Prompts per batch (B).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     batch: usize,
     /// Samples per prompt (G).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     group: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     max_new_tokens: usize,
     /// Timed rounds after the warm-up (16 rounds of 64 tokens ≈ 1,000 decode steps, for the
     /// memory-growth check).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     rounds: usize,
     /// Untimed rounds first. ONNX Runtime's memory settles in one round for prompts alike; task
     /// data with prompts of several images can take three.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    #[arg(long, default_value_t = 1.0)]
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0, value_parser = temperature, allow_negative_numbers = true)]
     temperature: f32,
     #[command(flatten)]
     device: DeviceArgs,
@@ -326,6 +327,26 @@ pub struct BenchRolloutArgs {
     /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
     #[arg(long, value_name = "FILE")]
     ort_lib: Option<PathBuf>,
+}
+
+/// clap parser for counts that must be at least one (samples, prompts per call, tokens, rounds).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>().map_err(|e| format!("{s:?}: {e}"))? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
+/// clap parser for a sampling temperature ([`spatial_ssrl::kernels::check_temperature`]).
+pub fn temperature(s: &str) -> Result<f32, String> {
+    let t = s.parse::<f32>().map_err(|e| format!("{s:?}: {e}"))?;
+    spatial_ssrl::kernels::check_temperature(t)
+}
+
+/// clap parser for a nucleus mass ([`spatial_ssrl::kernels::check_top_p`]).
+pub fn top_p(s: &str) -> Result<f32, String> {
+    let p = s.parse::<f32>().map_err(|e| format!("{s:?}: {e}"))?;
+    spatial_ssrl::kernels::check_top_p(p)
 }
 
 /// Where the graphs run: the execution provider and its options (rollout, bench rollout, eval).
@@ -564,19 +585,20 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR", required_unless_present = "compare")]
     out: Option<PathBuf>,
     /// Prompts per generation call.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     batch: usize,
     /// Default: the benchmark's official budget (4096 for ViewSpatial, What'sUp and VSI-Bench,
     /// 2048 otherwise).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     max_new_tokens: Option<usize>,
     /// 0 = greedy (the default, as the paper evaluates).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = temperature, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample from the k most likely tokens only (0 = all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    /// Sample from the most likely tokens whose mass reaches P (1 = all).
+    #[arg(long, default_value_t = 1.0, value_parser = top_p, allow_negative_numbers = true)]
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -585,7 +607,7 @@ pub struct EvalArgs {
     #[arg(long, alias = "direct")]
     no_format_prompt: bool,
     /// VSI-Bench: frames sampled uniformly from each video folder.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
     frames: usize,
     /// TSV: accept these extra columns (comma-separated) instead of refusing the file.
     #[arg(long, value_delimiter = ',', value_name = "COL")]

@@ -108,17 +108,20 @@ struct RolloutArgs {
     #[arg(long, value_name = "DIR")]
     images_root: Option<PathBuf>,
     /// Responses per prompt.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = commands::at_least_one)]
     group: usize,
     /// Prompts per engine call.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = commands::at_least_one)]
     batch: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = commands::at_least_one)]
     max_new_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = commands::temperature,
+          allow_negative_numbers = true)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Sample from the most likely tokens whose mass reaches P (1 = all).
+    #[arg(long, default_value_t = 1.0, value_parser = commands::top_p,
+          allow_negative_numbers = true)]
     top_p: f32,
     /// 0 disables top-k.
     #[arg(long, default_value_t = 0)]
@@ -208,7 +211,7 @@ struct TasksArgs {
     )]
     tasks: Vec<TaskKind>,
     /// Samples per source and task.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = commands::at_least_one)]
     per_image: usize,
     /// Random seed; the output depends only on the seed, inputs and settings.
     #[arg(long, default_value_t = 0, value_name = "S")]

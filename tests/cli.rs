@@ -156,6 +156,50 @@ fn tasks_without_input_or_with_bad_values_fails_clearly() {
     assert!(h.contains("--resume") && h.contains("Example"), "{h}");
 }
 
+/// Settings that cannot run are refused before anything is read or written, naming the flag and
+/// the range: counts of zero, temperatures below zero or not finite, top-p outside (0, 1].
+#[test]
+fn out_of_range_settings_are_refused_naming_the_flag() {
+    let dir = scratch("cli-range");
+    let data = dir.join("no-such-data.jsonl");
+    let out = dir.join("r.jsonl");
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&["--group", "0"], "--group", "at least 1"),
+        (&["--batch", "0"], "--batch", "at least 1"),
+        (&["--max-new-tokens", "0"], "--max-new-tokens", "at least 1"),
+        (&["--temperature", "-1"], "--temperature", "≥ 0"),
+        (&["--temperature=nan"], "--temperature", "≥ 0"),
+        (&["--top-p", "0"], "--top-p", "(0, 1]"),
+        (&["--top-p", "1.5"], "--top-p", "(0, 1]"),
+    ];
+    for (args, flag, range) in cases {
+        let r = rollout(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(*args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag) && err.contains(range), "{args:?}: {err}");
+    }
+    assert!(!out.exists() && !dir.join("r.jsonl.partial").exists());
+    for (cmd, args) in [
+        (&["bench", "rollout"][..], &["--rounds", "0"][..]),
+        (&["bench", "rollout"], &["--temperature=-0.5"]),
+        (&["eval", "--out", "x", "--data", "y"], &["--top-p", "2"]),
+        (
+            &["tasks", "--out", "x", "--images", "y"],
+            &["--per-image", "0"],
+        ),
+    ] {
+        let r = ssrl().args(cmd).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(args[0].split('=').next().unwrap()), "{err}");
+    }
+}
+
 /// A missing input is named once with its cause once, not repeated down the error chain.
 #[test]
 fn a_missing_input_is_named_once() {
@@ -578,6 +622,21 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("train.toml") && err.contains("rollout_batch"),
+        "{err}"
+    );
+    // A value out of range names the file, the key and the range.
+    std::fs::write(&cfg, with_data.replace("top_p = 1.0", "top_p = 1.5")).unwrap();
+    let out = ssrl()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("train.toml")
+            && err.contains("rollout.top_p")
+            && err.contains("(0, 1]"),
         "{err}"
     );
     // An existing run is continued only with --resume.

@@ -240,6 +240,46 @@ fn sampled_log_probs_are_the_tempered_distribution_without_placeholders() {
         }
     }
     assert!(checked >= 30, "{checked} tokens checked");
+    // Settings that cannot sample are an error from the library too, naming the setting.
+    for (sampling, name) in [
+        (
+            SamplingParams {
+                top_p: 0.0,
+                ..cfg.sampling
+            },
+            "top-p",
+        ),
+        (
+            SamplingParams {
+                top_p: 1.5,
+                ..cfg.sampling
+            },
+            "top-p",
+        ),
+        (
+            SamplingParams {
+                temperature: -0.5,
+                ..cfg.sampling
+            },
+            "temperature",
+        ),
+        (
+            SamplingParams {
+                temperature: f32::NAN,
+                ..cfg.sampling
+            },
+            "temperature",
+        ),
+    ] {
+        let bad = GenerationConfig {
+            sampling,
+            ..cfg.clone()
+        };
+        match e.generate(&reqs, &bad, None) {
+            Err(EngineError::Config(m)) => assert!(m.contains(name), "{m}"),
+            other => panic!("{name}: {:?}", other.map(|c| c.len())),
+        }
+    }
 }
 
 fn staggered_config() -> GenerationConfig {

@@ -59,8 +59,8 @@ pub struct TokenLogprobs {
     pub entropy: Vec<f32>,
 }
 
-/// Sampling settings. `temperature == 0` is greedy; `top_k == 0` and `top_p >= 1` disable the
-/// filters.
+/// Sampling settings. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable the
+/// filters ([`SamplingParams::check`] says which settings sample).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     pub temperature: f32,
@@ -77,6 +77,36 @@ impl Default for SamplingParams {
             top_p: 1.0,
             seed: 0,
         }
+    }
+}
+
+impl SamplingParams {
+    /// Whether these settings sample: a finite temperature ≥ 0 and top-p in (0, 1]; the error
+    /// names the setting and the range.
+    pub fn check(&self) -> Result<(), String> {
+        check_temperature(self.temperature)?;
+        check_top_p(self.top_p)?;
+        Ok(())
+    }
+}
+
+/// A sampling temperature: finite and ≥ 0 (0 is greedy).
+pub fn check_temperature(t: f32) -> Result<f32, String> {
+    match t.is_finite() && t >= 0.0 {
+        true => Ok(t),
+        false => Err(format!(
+            "temperature {t}: must be a finite number ≥ 0 (0 is greedy)"
+        )),
+    }
+}
+
+/// A nucleus (top-p) mass: in (0, 1] (1 keeps every token). At 0 no token would be kept.
+pub fn check_top_p(p: f32) -> Result<f32, String> {
+    match p > 0.0 && p <= 1.0 {
+        true => Ok(p),
+        false => Err(format!(
+            "top-p {p}: must be in (0, 1] (1 keeps every token)"
+        )),
     }
 }
 
@@ -187,4 +217,33 @@ pub(crate) fn check_rows(n: usize, vocab: usize, rows: usize) -> Result<(), Kern
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ranges' edges: greedy and every-token are settings; zero mass, negative or
+    /// non-finite temperatures and masses above one are not.
+    #[test]
+    fn sampling_checks_take_the_ranges_edges() {
+        for t in [0.0, 1e-6, 1.0, 100.0] {
+            assert_eq!(check_temperature(t), Ok(t));
+        }
+        for t in [-1e-6, -1.0, f32::NAN, f32::INFINITY] {
+            assert!(check_temperature(t).unwrap_err().contains("≥ 0"), "{t}");
+        }
+        for p in [1e-6, 0.5, 1.0] {
+            assert_eq!(check_top_p(p), Ok(p));
+        }
+        for p in [0.0, -0.5, 1.0 + 1e-6, f32::NAN] {
+            assert!(check_top_p(p).unwrap_err().contains("(0, 1]"), "{p}");
+        }
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(p.check().unwrap_err().starts_with("top-p 0"));
+        assert_eq!(SamplingParams::default().check(), Ok(()));
+    }
 }

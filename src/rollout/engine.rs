@@ -748,13 +748,15 @@ impl Engine {
         self.on_own(|r| r.embed(ids, rows, cols, (features, n)))
     }
 
-    /// Generates `cfg.group` samples for every request.
+    /// Generates `cfg.group` samples for every request. Sampling settings that cannot sample
+    /// ([`SamplingParams::check`]) are an error.
     pub fn generate(
         &mut self,
         requests: &[Request],
         cfg: &GenerationConfig,
         trace: Option<&mut Trace>,
     ) -> Result<Vec<Completion>, EngineError> {
+        cfg.sampling.check().map_err(EngineError::Config)?;
         if requests.is_empty() || cfg.group == 0 {
             return Ok(vec![]);
         }
@@ -820,6 +822,7 @@ impl Engine {
         cfg: &GenerationConfig,
         trace: Option<&mut Trace>,
     ) -> Result<Vec<Completion>, EngineError> {
+        cfg.sampling.check().map_err(EngineError::Config)?;
         if requests.is_empty() || cfg.group == 0 {
             return Ok(vec![]);
         }

@@ -291,7 +291,8 @@ impl TrainConfig {
         if let Some(d) = cfg.data.image_dir.as_mut() {
             fix(d);
         }
-        cfg.validate()?;
+        // A value out of range is named with the file it came from.
+        cfg.validate().map_err(|e| file(e.to_string()))?;
         Ok(cfg)
     }
 
@@ -319,6 +320,29 @@ impl TrainConfig {
         }
         if self.rollout.n < 2 {
             return bad("rollout.n", "GRPO needs at least 2 samples per prompt");
+        }
+        let r = &self.rollout;
+        for (key, t) in [
+            ("rollout.temperature", r.temperature),
+            ("rollout.val_temperature", r.val_temperature),
+        ] {
+            if let Err(msg) = crate::kernels::check_temperature(t) {
+                return bad(key, &msg);
+            }
+        }
+        for (key, p) in [
+            ("rollout.top_p", r.top_p),
+            ("rollout.val_top_p", r.val_top_p),
+        ] {
+            if let Err(msg) = crate::kernels::check_top_p(p) {
+                return bad(key, &msg);
+            }
+        }
+        if r.top_k < -1 {
+            return bad(
+                "rollout.top_k",
+                "-1 or 0 for no top-k, else the number of tokens kept",
+            );
         }
         if self.actor.global_batch_size == 0
             || self.data.rollout_batch_size % self.actor.global_batch_size != 0
