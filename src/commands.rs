@@ -234,7 +234,8 @@ pub struct ExportArgs {
     /// PEFT adapter folder (adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
-    /// Output package folder (replaced when complete).
+    /// Output package folder. An existing package there is replaced once the new one is
+    /// complete; any other existing folder is refused.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Store weights as fp16 (half the size; arithmetic stays fp32).

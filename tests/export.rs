@@ -137,3 +137,45 @@ fn merged_package_equals_base_plus_adapter() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An `--out` that holds anything but a package is refused before any work, and left as it
+/// was; an existing package is replaced.
+#[test]
+fn export_replaces_a_package_and_refuses_any_other_folder() {
+    let dir = std::env::temp_dir().join(format!("ssrl-export-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    let err = export(&tiny(), &dir, &ExportOptions::default(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&dir.display().to_string()) && err.contains("not a model package"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(!dir.with_extension("partial").exists());
+    // A file in the way is refused too.
+    let file = dir.join("notes.txt");
+    let err = export(&tiny(), &file, &ExportOptions::default(), None).unwrap_err();
+    assert!(err.to_string().contains("not a model package"), "{err}");
+    // A package (here a copy of the manifest, all export looks at) is replaced.
+    let pkg = dir.join("pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(tiny().join("manifest.json"), pkg.join("manifest.json")).unwrap();
+    std::fs::write(pkg.join("stale.onnx"), "old").unwrap();
+    match export(&tiny(), &pkg, &ExportOptions::default(), None) {
+        Ok(_) => {
+            assert!(!pkg.join("stale.onnx").exists() && pkg.join("decoder.onnx").is_file());
+            assert!(Package::open(&pkg).is_ok());
+        }
+        Err(e) if e.to_string().contains("libonnxruntime") => {
+            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -39,7 +39,30 @@ fn ferr(path: &Path, msg: impl std::fmt::Display) -> ExportError {
     }
 }
 
-/// Writes the exported package to `out` (through `out.partial`, renamed when complete).
+/// `out` may be written: it does not exist, or it is an empty folder or a package (which the
+/// export replaces when complete). Anything else is refused before any work, so a mistyped
+/// `--out` never deletes a folder of other files.
+fn check_replaceable(out: &Path) -> Result<(), ExportError> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none());
+    let package = std::fs::read(out.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["format"] == "spatial-ssrl-package");
+    match empty || package {
+        true => Ok(()),
+        false => Err(ferr(
+            out,
+            "exists and is not a model package (an existing package is replaced, nothing else \
+             is); pick another --out",
+        )),
+    }
+}
+
+/// Writes the exported package to `out` (through `out.partial`, renamed when complete); an
+/// existing package there is replaced, any other existing `out` refused.
 pub fn export(
     model: &Path,
     out: &Path,
@@ -53,6 +76,7 @@ pub fn export(
             "an onnxruntime-genai folder is already a deployment folder; export from a package made by models/export.py",
         ));
     }
+    check_replaceable(out)?;
     let m = &pkg.manifest;
     let tmp = out.with_extension("partial");
     if tmp.exists() {

@@ -204,7 +204,11 @@ impl Package {
         }
         let text = std::fs::read_to_string(&path).map_err(|e| PackageError::File {
             path: path.clone(),
-            msg: format!("cannot read the package manifest ({e}); is {} a model package from models/export.py?", dir.display()),
+            msg: format!(
+                "cannot read the package manifest ({e}); is {} a model package from \
+                 models/export.py, or an onnxruntime-genai folder (genai_config.json)?",
+                dir.display()
+            ),
         })?;
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| PackageError::File {
             path: path.clone(),
