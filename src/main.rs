@@ -270,7 +270,7 @@ fn parse_variant(s: &str) -> Result<Variant, String> {
 
 #[derive(clap::Args)]
 struct RewardArgs {
-    /// JSONL file of {response, answer}; standard input when omitted.
+    /// JSONL file of {response, answer}; standard input when omitted or `-`.
     file: Option<PathBuf>,
     /// Weight of the format score in `overall`.
     #[arg(long, default_value_t = 0.1)]
@@ -785,12 +785,13 @@ fn run_reward(a: RewardArgs) -> Result<()> {
     let cfg = RewardConfig {
         format_weight: a.format_weight,
     };
-    let name = a
-        .file
+    // `-` is standard input, as for most filters.
+    let file = a.file.filter(|p| p.as_os_str() != "-");
+    let name = file
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "<stdin>".into());
-    let input: Box<dyn BufRead> = match &a.file {
+    let input: Box<dyn BufRead> = match &file {
         Some(p) => Box::new(std::io::BufReader::new(
             std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
         )),

@@ -57,10 +57,18 @@ fn succeeded_or_skip(r: &std::process::Output) -> Option<String> {
     Some(err)
 }
 
+/// Standard input, with no file named or with `-`.
 #[test]
 fn reward_filter_scores_jsonl() {
+    for stdin in [&[][..], &["-"]] {
+        reward_filter_scores_jsonl_from(stdin);
+    }
+}
+
+fn reward_filter_scores_jsonl_from(stdin: &[&str]) {
     let mut child = ssrl()
         .arg("reward")
+        .args(stdin)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
