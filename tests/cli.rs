@@ -195,6 +195,7 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
     for (cmd, args) in [
         (&["bench", "rollout"][..], &["--rounds", "0"][..]),
         (&["bench", "rollout"], &["--temperature=-0.5"]),
+        (&["bench", "rollout"], &["--cpu-slices", "0"]),
         (&["eval", "--out", "x", "--data", "y"], &["--top-p", "2"]),
         (
             &["tasks", "--out", "x", "--images", "y"],
