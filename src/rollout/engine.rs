@@ -20,7 +20,7 @@ use super::kv::{
 };
 use super::share::{deal, joined, length_groups, prompt_shares, PromptCost};
 use crate::kernels::cuda::Cuda;
-use crate::kernels::{cpu, Logits, RowKey, SamplingParams};
+use crate::kernels::{cpu, Logits, RowKey, Sampled, SamplingParams};
 use crate::model::package::{KvLayout, Manifest, Package, PackageError};
 use crate::model::processor::{
     grid_thw, image_tokens, preprocess, preprocess_into, PreprocessorConfig, ProcessorError,
@@ -848,6 +848,54 @@ impl Engine {
     }
 }
 
+/// The prompts as one padded batch: ids `[b, s]` row-major, each row's attention mask, and the
+/// width `s` (the longest prompt). Left padding, except for decoders that keep each row's cache
+/// packed from position 0 (GroupQueryAttention, `packed`): those get right padding and write
+/// each new token at the row's own length.
+fn padded_batch(prompts: &[Vec<u32>], pad: u32, packed: bool) -> (Vec<u32>, Vec<Vec<i64>>, usize) {
+    let s = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * s);
+    let mut mask = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let n = s - p.len();
+        let (pads, tokens) = (std::iter::repeat_n(pad, n), p.iter().copied());
+        let (zeros, ones) = (std::iter::repeat_n(0, n), std::iter::repeat_n(1, p.len()));
+        if packed {
+            ids.extend(tokens.chain(pads));
+            mask.push(ones.chain(zeros).collect());
+        } else {
+            ids.extend(pads.chain(tokens));
+            mask.push(zeros.chain(ones).collect());
+        }
+    }
+    (ids, mask, s)
+}
+
+/// The random stream of a sample's draw at a step: keyed by its request id and sample index
+/// only, so a sample draws the same numbers in any batch, on any worker.
+fn row_key(request_id: u64, sample: usize, step: usize) -> RowKey {
+    RowKey {
+        sequence: crate::rng::mix64(request_id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ sample as u64)
+            as u32,
+        step: step as u32,
+    }
+}
+
+/// A decode step's M-RoPE positions `[3, n]` for the `n` live rows (`active[k]`: row k's index
+/// among all B·G, `seen[k]`: the tokens it holds): text positions, the same on all three axes,
+/// shifted by the row's prompt's rope delta (`deltas`, one per prompt; G rows per prompt).
+fn step_positions(active: &[usize], seen: &[usize], deltas: &[i64], g: usize) -> Vec<i64> {
+    let n = active.len();
+    let mut pos = vec![0i64; 3 * n];
+    for (k, &i) in active.iter().enumerate() {
+        let p = seen[k] as i64 + deltas[i / g];
+        for r in 0..3 {
+            pos[r * n + k] = p;
+        }
+    }
+    pos
+}
+
 impl Runner<'_> {
     fn embed(
         &mut self,
@@ -1323,6 +1371,44 @@ impl Runner<'_> {
     }
 
     /// [`Engine::generate_prepared`] on this worker's sessions.
+    /// One token per row from a step's logits, with its log-prob: on the host by the CPU
+    /// sampler, or on the GPU by the CUDA kernel where the logits are there. Image and video
+    /// placeholders are never drawn: the embedding graph would look for vision features behind
+    /// them (vLLM likewise never emits them).
+    fn draw(
+        &self,
+        logits: StepLogits,
+        keys: &[RowKey],
+        sampling: &SamplingParams,
+    ) -> Result<Vec<Sampled>, EngineError> {
+        let vocab = self.m.text.vocab_size;
+        let banned = [self.m.tokens.image, self.m.tokens.video];
+        match (logits, self.gpu) {
+            (StepLogits::Host(mut l), _) => {
+                let l = l.values()?;
+                for row in l.chunks_exact_mut(vocab) {
+                    for id in banned {
+                        if let Some(x) = row.get_mut(id as usize) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                cpu::sample(Logits::F32(l), vocab, keys, sampling)
+                    .map_err(|e| EngineError::Config(e.to_string()))
+            }
+            (StepLogits::Gpu(mut l), Some(g)) => {
+                // SAFETY: `l` is ONNX Runtime's [rows, 1, vocab] f32 output on this GPU,
+                // finished (the run was synchronised) and used by nothing else.
+                unsafe {
+                    g.cuda
+                        .sample_device(l.data_ptr_mut() as u64, 0, vocab, keys, sampling, &banned)
+                }
+                .map_err(gpu_err)
+            }
+            (StepLogits::Gpu(_), None) => unreachable!("GPU logits without a GPU cache"),
+        }
+    }
+
     fn generate(
         &mut self,
         request_ids: &[u64],
@@ -1341,31 +1427,9 @@ impl Runner<'_> {
         };
         // Padded prompt batch, M-RoPE positions.
         let b = request_ids.len();
-        let s = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let pad = m.tokens.pad;
-        let mut ids = Vec::with_capacity(b * s);
-        let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
-        let mut mask_u8 = Vec::with_capacity(b * s);
-        // Left padding, except for decoders that keep each row's cache packed from position 0
-        // (GroupQueryAttention): those get right padding and write each new token at the row's
-        // own length.
         let packed = m.kv_layout == KvLayout::Packed;
-        for p in prompts {
-            let n = s - p.len();
-            let row: Vec<i64> = if packed {
-                ids.extend(p.iter().copied().chain(std::iter::repeat_n(pad, n)));
-                std::iter::repeat_n(1, p.len())
-                    .chain(std::iter::repeat_n(0, n))
-                    .collect()
-            } else {
-                ids.extend(std::iter::repeat_n(pad, n).chain(p.iter().copied()));
-                std::iter::repeat_n(0, n)
-                    .chain(std::iter::repeat_n(1, p.len()))
-                    .collect()
-            };
-            mask_u8.extend(row.iter().map(|v| *v as u8));
-            mask.push(row);
-        }
+        let (ids, mask, s) = padded_batch(prompts, m.tokens.pad, packed);
+        let mask_u8: Vec<u8> = mask.iter().flatten().map(|&v| v as u8).collect();
         let rope_cfg = RopeConfig {
             image_token_id: m.tokens.image,
             video_token_id: m.tokens.video,
@@ -1443,47 +1507,10 @@ impl Runner<'_> {
             }
             let keys: Vec<RowKey> = active
                 .iter()
-                .map(|&i| RowKey {
-                    sequence: crate::rng::mix64(
-                        request_ids[i / g].wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i % g) as u64,
-                    ) as u32,
-                    step: step as u32,
-                })
+                .map(|&i| row_key(request_ids[i / g], i % g, step))
                 .collect();
-            // Image and video placeholders are never sampled: the embedding graph would look for
-            // vision features behind them (vLLM likewise never emits them).
-            let banned = [m.tokens.image, m.tokens.video];
             let t_sample = Instant::now();
-            let drawn = match (logits, &self.gpu) {
-                (StepLogits::Host(mut l), _) => {
-                    let l = l.values()?;
-                    for row in l.chunks_exact_mut(vocab) {
-                        for id in banned {
-                            if let Some(x) = row.get_mut(id as usize) {
-                                *x = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                    cpu::sample(Logits::F32(l), vocab, &keys, &cfg.sampling)
-                        .map_err(|e| EngineError::Config(e.to_string()))?
-                }
-                (StepLogits::Gpu(mut l), Some(g)) => {
-                    // SAFETY: `l` is ONNX Runtime's [rows, 1, vocab] f32 output on this GPU,
-                    // finished (the run was synchronised) and used by nothing else.
-                    unsafe {
-                        g.cuda.sample_device(
-                            l.data_ptr_mut() as u64,
-                            0,
-                            vocab,
-                            &keys,
-                            &cfg.sampling,
-                            &banned,
-                        )
-                    }
-                    .map_err(gpu_err)?
-                }
-                (StepLogits::Gpu(_), None) => unreachable!("GPU logits without a GPU cache"),
-            };
+            let drawn = self.draw(logits, &keys, &cfg.sampling)?;
             self.stats.sample_s += t_sample.elapsed().as_secs_f64();
             let mut keep = Vec::new();
             for (k, (&i, s)) in active.iter().zip(&drawn).enumerate() {
@@ -1530,13 +1557,7 @@ impl Runner<'_> {
                 .collect();
             self.stats.decode_steps += 1;
             let embeds = self.embed(next, n, 1, (Vec::new(), 0))?;
-            let mut pos = vec![0i64; 3 * n];
-            for (k, &i) in active.iter().enumerate() {
-                let p = seen[k] as i64 + deltas[i / g];
-                for r in 0..3 {
-                    pos[r * n + k] = p;
-                }
-            }
+            let pos = step_positions(&active, &seen, &deltas, g);
             if let Some(o) = own_buf.as_mut().filter(|_| kv.len == OWN_CHUNK) {
                 // A full chunk of past moves into the own buffer.
                 let t0 = Instant::now();
@@ -1583,5 +1604,50 @@ impl Runner<'_> {
         self.stats.decode_s += t_decode.elapsed().as_secs_f64();
         self.stats.generated_tokens += out.iter().map(|c| c.tokens.len()).sum::<usize>();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Left padding puts each prompt at the end of its row, right padding (packed caches) at
+    /// the start; the masks mark the prompt's tokens.
+    #[test]
+    fn prompts_are_padded_left_or_right_to_the_longest() {
+        let prompts = vec![vec![5, 6, 7], vec![8]];
+        let (ids, mask, s) = padded_batch(&prompts, 0, false);
+        assert_eq!(s, 3);
+        assert_eq!(ids, [5, 6, 7, 0, 0, 8]);
+        assert_eq!(mask, [vec![1, 1, 1], vec![0, 0, 1]]);
+        let (ids, mask, _) = padded_batch(&prompts, 0, true);
+        assert_eq!(ids, [5, 6, 7, 8, 0, 0]);
+        assert_eq!(mask, [vec![1, 1, 1], vec![1, 0, 0]]);
+        assert_eq!(padded_batch(&[], 0, false), (vec![], vec![], 0));
+    }
+
+    /// A sample's stream is its request's and its own: neighbouring samples, requests and steps
+    /// draw from different streams, and the same triple from the same one.
+    #[test]
+    fn row_keys_depend_on_request_sample_and_step_only() {
+        let k = row_key(7, 1, 3);
+        assert_eq!(k, row_key(7, 1, 3));
+        assert_eq!(k.step, 3);
+        let streams = [row_key(7, 0, 3), k, row_key(8, 1, 3), row_key(6, 1, 3)];
+        for (a, x) in streams.iter().enumerate() {
+            for y in &streams[a + 1..] {
+                assert_ne!(x.sequence, y.sequence);
+            }
+        }
+        assert_eq!(row_key(7, 1, 4).sequence, k.sequence);
+    }
+
+    /// Each live row's position is the tokens it holds plus its prompt's rope delta, the same on
+    /// all three axes.
+    #[test]
+    fn step_positions_follow_each_rows_tokens_and_prompt_delta() {
+        // Two prompts × 2 samples; rows 1 (prompt 0) and 2 (prompt 1) live.
+        let pos = step_positions(&[1, 2], &[10, 7], &[-3, 4], 2);
+        assert_eq!(pos, [7, 11, 7, 11, 7, 11]);
     }
 }
