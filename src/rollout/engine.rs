@@ -1370,7 +1370,6 @@ impl Runner<'_> {
         Ok((StepLogits::Host(HostLogits::Picked(logits)), kv))
     }
 
-    /// [`Engine::generate_prepared`] on this worker's sessions.
     /// One token per row from a step's logits, with its log-prob: on the host by the CPU
     /// sampler, or on the GPU by the CUDA kernel where the logits are there. Image and video
     /// placeholders are never drawn: the embedding graph would look for vision features behind
@@ -1409,6 +1408,7 @@ impl Runner<'_> {
         }
     }
 
+    /// [`Engine::generate_prepared`] on this worker's sessions.
     fn generate(
         &mut self,
         request_ids: &[u64],
