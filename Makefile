@@ -83,6 +83,12 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	mv -f models/tiny-genai-decoder.partial/model.onnx models/tiny-genai-decoder.partial/model.onnx.data \
 	    models/tiny-genai-decoder/
 	rm -rf models/tiny-genai-decoder.partial
+	rm -rf models/tiny-genai-decoder-fp16.partial && $(EXPORT_VENV)/bin/python -m onnxruntime_genai.models.builder \
+	    -m models/tiny/hf -i models/tiny/hf -o models/tiny-genai-decoder-fp16.partial -p fp16 -e cuda \
+	    --extra_options exclude_embeds=true
+	mv -f models/tiny-genai-decoder-fp16.partial/model.onnx models/tiny-genai-decoder-fp16.partial/model.onnx.data \
+	    models/tiny-genai-decoder-fp16/
+	rm -rf models/tiny-genai-decoder-fp16.partial
 
 lint: ## formatting and clippy, warnings as errors
 	$(CARGO) fmt --check

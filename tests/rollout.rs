@@ -545,12 +545,17 @@ fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
 /// The tiny package on ONNX Runtime's CUDA provider, or `None` with a visible SKIP where there
 /// is none (no onnxruntime-gpu library or no CUDA device).
 fn cuda_engine() -> Option<Engine> {
+    cuda_engine_of(&tiny())
+}
+
+/// [`cuda_engine`] of the package or folder `dir`.
+fn cuda_engine_of(dir: &Path) -> Option<Engine> {
     use spatial_ssrl::model::session::{Device, DeviceChoice};
     let cuda = DeviceChoice {
         device: Device::Cuda { device_id: 0 },
         ..Default::default()
     };
-    match Engine::open_on(&tiny(), None, &cuda) {
+    match Engine::open_on(dir, None, &cuda) {
         Ok(e) => Some(e),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "SKIP: no CUDA execution provider ({e})");
@@ -841,5 +846,123 @@ fn a_genai_builder_folder_generates_like_the_package() {
     // No LoRA inputs: an adapter is refused with the way out.
     let err = g.set_lora(&[("lora.0.q_proj.A".into(), vec![0.0; 1024])]);
     assert!(err.unwrap_err().to_string().contains("ssrl export"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The folder of onnxruntime-genai's model-builder decoder of the tiny package's weights in
+/// half precision (fp16 embeddings, cache and logits; its CUDA build, which the CPU runs too).
+fn builder_decoder_fp16() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-genai-decoder-fp16")
+}
+
+/// The largest |a − b| over two traces' steps while both drew the same tokens, and the largest
+/// |a| (the scale), and how many steps were compared.
+fn trace_gap(a: &Trace, b: &Trace) -> (f32, f32, usize) {
+    let (mut gap, mut scale) = (0f32, 0f32);
+    let mut steps = 0;
+    for ((ra, la), (rb, lb)) in a.steps.iter().zip(&b.steps) {
+        if ra != rb || la.len() != lb.len() {
+            break;
+        }
+        for (x, y) in la.iter().zip(lb) {
+            gap = gap.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+        steps += 1;
+    }
+    (gap, scale, steps)
+}
+
+/// A half-precision onnxruntime-genai folder (the builder's fp16 GroupQueryAttention decoder of
+/// the same checkpoint): the engine feeds it fp16 embeddings, keeps its fp16 cache as it comes
+/// (moved as bytes), and reads its fp16 logits. Greedy, it draws what the fp32 builder decoder
+/// draws with logits within half precision; sampled, every prompt draws in a mixed batch of
+/// far-apart lengths (grouped prefill) what it draws alone, in CPU slices what it draws in one
+/// session, and with each token written in place what it draws with past and present apart.
+#[test]
+fn a_half_precision_genai_folder_generates_like_the_fp32_one() {
+    let Some(mut e) = engine() else { return };
+    let dir16 = genai_folder("genai16", Some(("model.onnx", &builder_decoder_fp16())));
+    let dir32 = genai_folder("genai32", Some(("model.onnx", &builder_decoder())));
+    let mut h = Engine::open(&dir16, None).unwrap();
+    let mut f = Engine::open(&dir32, None).unwrap();
+    let (_, reqs) = golden();
+    let cfg = greedy(16);
+    let (mut th, mut tf) = (Trace::default(), Trace::default());
+    let a = h.generate(&reqs, &cfg, Some(&mut th)).unwrap();
+    let b = f.generate(&reqs, &cfg, Some(&mut tf)).unwrap();
+    let (gap, scale, steps) = trace_gap(&th, &tf);
+    let same: usize = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            x.tokens
+                .iter()
+                .zip(&y.tokens)
+                .take_while(|(p, q)| p == q)
+                .count()
+        })
+        .sum();
+    let total: usize = b.iter().map(|c| c.tokens.len()).sum();
+    assert_eq!((steps, same), (16, total), "greedy tokens part at a step");
+    assert!(
+        gap <= 1e-2 * scale.max(1.0),
+        "logits {gap} apart (scale {scale})"
+    );
+    let far = far_apart_requests(&mut e);
+    let sampled = staggered_config();
+    let batch = h.generate(&far, &sampled, None).unwrap();
+    for (i, r) in far.iter().enumerate() {
+        let alone = h.generate(std::slice::from_ref(r), &sampled, None).unwrap();
+        let mixed = &batch[i * sampled.group..(i + 1) * sampled.group];
+        assert_same_samples(mixed, &alone, &format!("fp16: prompt {i}"));
+    }
+    assert!(h.own_cache_in_place());
+    let long = GenerationConfig {
+        max_new_tokens: 150,
+        ..staggered_config()
+    };
+    let in_place = h.generate(&reqs, &long, None).unwrap();
+    assert!(!h.set_own_cache(false));
+    let apart = h.generate(&reqs, &long, None).unwrap();
+    assert_same_samples(&in_place, &apart, "fp16, past and present apart");
+    h.set_own_cache(true);
+    assert!(h.set_cpu_slices(Some(2)).unwrap());
+    let sliced = h.generate(&far, &sampled, None).unwrap();
+    assert_same_samples(&batch, &sliced, "fp16, two CPU slices");
+    for d in [dir16, dir32] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// On a GPU: the half-precision folder runs on the CUDA provider with its cache on the host
+/// (the GPU-resident cache is fp32), saying so, and draws the CPU's greedy tokens with logits
+/// within half precision while they agree. Elsewhere a visible SKIP.
+#[test]
+fn cuda_half_precision_genai_folder_matches_cpu() {
+    if engine().is_none() {
+        return;
+    }
+    let dir = genai_folder(
+        "genai16-cuda",
+        Some(("model.onnx", &builder_decoder_fp16())),
+    );
+    let Some(mut gpu) = cuda_engine_of(&dir) else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    assert!(!gpu.cache_on_gpu(), "{}", gpu.provider());
+    assert!(gpu.provider().contains("fp32 only"), "{}", gpu.provider());
+    let mut cpu = Engine::open(&dir, None).unwrap();
+    let (_, reqs) = golden();
+    let (mut tc, mut tg) = (Trace::default(), Trace::default());
+    cpu.generate(&reqs, &greedy(8), Some(&mut tc)).unwrap();
+    gpu.generate(&reqs, &greedy(8), Some(&mut tg)).unwrap();
+    let (gap, scale, steps) = trace_gap(&tc, &tg);
+    eprintln!("fp16 on cuda: {steps} steps alike, max |logit cpu − cuda| {gap:.2e}");
+    assert!(
+        steps >= 1 && gap <= 2e-2 * scale.max(1.0),
+        "{gap} (scale {scale})"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -584,11 +584,12 @@ impl Package {
                     }
                 },
             };
-            if dtype.tensor_type() != Some(*ty) {
+            let accepted = accepted_types(self.is_genai(), *ty);
+            if !dtype.tensor_type().is_some_and(|t| accepted.contains(&t)) {
                 return Err(PackageError::Input {
                     path,
                     name: name.clone(),
-                    msg: type_mismatch(self.is_genai(), &dtype, *ty),
+                    msg: type_mismatch(&dtype, &accepted),
                 });
             }
         }
@@ -611,11 +612,16 @@ impl Package {
                     msg: "missing".into(),
                 });
             };
-            if o.dtype().tensor_type() != Some(*ty) {
+            let accepted = accepted_types(self.is_genai(), *ty);
+            if !o
+                .dtype()
+                .tensor_type()
+                .is_some_and(|t| accepted.contains(&t))
+            {
                 return Err(PackageError::Output {
                     path,
                     name: name.clone(),
-                    msg: type_mismatch(self.is_genai(), o.dtype(), *ty),
+                    msg: type_mismatch(o.dtype(), &accepted),
                 });
             }
         }
@@ -623,22 +629,30 @@ impl Package {
     }
 }
 
-/// "tensor of Float16, expected tensor of Float32", with the way out for a half-precision
-/// onnxruntime-genai decoder.
-fn type_mismatch(genai: bool, got: &ort::value::ValueType, want: T) -> String {
-    let got_ty = got.tensor_type();
-    let mut msg = match got_ty {
-        Some(t) => format!("tensor of {t:?}, expected tensor of {want:?}"),
-        None => format!("{got:?}, expected tensor of {want:?}"),
-    };
-    if genai && matches!(got_ty, Some(T::Float16 | T::Bfloat16)) {
-        msg.push_str(
-            " (this runtime feeds and reads fp32 embeddings, cache and logits: \
-             onnxruntime-genai's model builder makes such a decoder with `-p fp32`, or \
-             `-p int4 -e cpu`; its fp16 and bf16 decoders take half precision)",
-        );
+/// The element types an input or output of contract type `want` may have: `want` itself; an
+/// onnxruntime-genai folder's floating-point ones may also be half precision (its builder's
+/// `-p fp16` / `-p bf16`), which the engine converts at the graph's edge.
+fn accepted_types(genai: bool, want: T) -> Vec<T> {
+    match (genai, want) {
+        (true, T::Float32) => vec![T::Float32, T::Float16, T::Bfloat16],
+        _ => vec![want],
     }
-    msg
+}
+
+/// "tensor of Int32, expected tensor of Int64" (or "of Float32, Float16 or Bfloat16").
+fn type_mismatch(got: &ort::value::ValueType, accepted: &[T]) -> String {
+    let want = match accepted {
+        [] => "another type".to_string(),
+        [one] => format!("{one:?}"),
+        [rest @ .., last] => {
+            let rest: Vec<String> = rest.iter().map(|t| format!("{t:?}")).collect();
+            format!("{} or {last:?}", rest.join(", "))
+        }
+    };
+    match got.tensor_type() {
+        Some(t) => format!("tensor of {t:?}, expected tensor of {want}"),
+        None => format!("{got:?}, expected tensor of {want}"),
+    }
 }
 
 #[cfg(test)]
@@ -646,30 +660,31 @@ mod tests {
     use super::*;
     use ort::value::{Shape, SymbolicDimensions, ValueType};
 
-    /// A type mismatch names both types; a half-precision onnxruntime-genai decoder is told
-    /// which builder precisions this runtime drives.
+    /// A type mismatch names the type found and the types accepted; an onnxruntime-genai
+    /// folder's floats may be half precision, this project's packages' may not.
     #[test]
-    fn type_mismatch_names_the_types_and_the_builder_precisions() {
+    fn type_mismatch_names_the_types_and_genai_floats_may_be_half() {
         let half = ValueType::Tensor {
             ty: T::Float16,
             shape: Shape::new([-1, -1, 128]),
             dimension_symbols: SymbolicDimensions::new(vec![String::new(); 3]),
         };
-        let plain = type_mismatch(false, &half, T::Float32);
-        assert_eq!(plain, "tensor of Float16, expected tensor of Float32");
-        let genai = type_mismatch(true, &half, T::Float32);
-        assert!(
-            genai.starts_with(&plain) && genai.contains("`-p int4 -e cpu`"),
-            "{genai}"
+        assert_eq!(
+            type_mismatch(&half, &accepted_types(false, T::Float32)),
+            "tensor of Float16, expected tensor of Float32"
         );
+        assert!(accepted_types(true, T::Float32).contains(&T::Float16));
+        assert!(accepted_types(true, T::Float32).contains(&T::Bfloat16));
+        assert!(!accepted_types(false, T::Float32).contains(&T::Float16));
+        assert_eq!(accepted_types(true, T::Int64), [T::Int64]);
         let ids = ValueType::Tensor {
             ty: T::Int32,
             shape: Shape::new([-1]),
             dimension_symbols: SymbolicDimensions::new(vec![String::new()]),
         };
         assert_eq!(
-            type_mismatch(true, &ids, T::Int64),
-            "tensor of Int32, expected tensor of Int64"
+            type_mismatch(&ids, &accepted_types(true, T::Float32)),
+            "tensor of Int32, expected tensor of Float32, Float16 or Bfloat16"
         );
     }
 }

@@ -11,12 +11,15 @@
 //! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
-//! CUDA kernels, on the stream the sessions run on.
+//! CUDA kernels, on the stream the sessions run on. Half-precision decoders (onnxruntime-genai's
+//! fp16 / bf16 builds) take their types at the graphs' edges (`float.rs`); their cache stays on
+//! the host.
 
+use super::float::{bytes, bytes_mut, values_f32, Float};
 use super::gpu::{gpu_err, trt_profiles, OnGpu};
 use super::kv::{
-    compaction, gather_host, kv_name, kv_value, leading_rows, move_rows, own_cache_in_place,
-    room_for, slot_tables, widened_tensor, Kv, OwnBuf, Prefix, OWN_CHUNK,
+    compaction, gather_host, kv_name, leading_rows, move_rows, own_cache_in_place, room_for,
+    slot_tables, widened_tensor, Kv, OwnBuf, Prefix, OWN_CHUNK,
 };
 use super::share::{deal, joined, length_groups, prompt_shares, PromptCost};
 use crate::kernels::cuda::Cuda;
@@ -32,7 +35,7 @@ use crate::model::session::{
 };
 use image::RgbImage;
 use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
-use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorRef, TensorRefMut};
+use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorElementType, TensorRef};
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -271,6 +274,36 @@ struct Graphs {
     embedding: Session,
     decoder: Session,
     pixels: Vec<f32>,
+    floats: Floats,
+}
+
+impl Graphs {
+    fn new(vision: Session, embedding: Session, decoder: Session) -> Graphs {
+        let floats = Floats {
+            pixels: Float::of_input(&vision, "pixel_values"),
+            features: Float::of_input(&embedding, "image_features"),
+            embeds: Float::of_input(&decoder, "inputs_embeds"),
+            cache: Float::of_input(&decoder, "past_key_values.0.key"),
+        };
+        Graphs {
+            vision,
+            embedding,
+            decoder,
+            pixels: Vec::new(),
+            floats,
+        }
+    }
+}
+
+/// The floating-point types the graphs take: fp32 throughout for this project's packages; an
+/// onnxruntime-genai folder's half-precision builds take fp16 or bf16. Outputs are read in
+/// whatever type they come.
+#[derive(Debug, Clone, Copy)]
+struct Floats {
+    pixels: Float,
+    features: Float,
+    embeds: Float,
+    cache: Float,
 }
 
 /// One worker of the engine: its sessions and what every worker shares. The engine runs one on
@@ -417,12 +450,7 @@ impl Engine {
             prompts: Arc::new(PromptBuilder::from_dir(dir)?),
             preprocessor,
             package,
-            graphs: Graphs {
-                vision,
-                embedding,
-                decoder,
-                pixels: Vec::new(),
-            },
+            graphs: Graphs::new(vision, embedding, decoder),
             slices: Vec::new(),
             lora,
             provider,
@@ -702,12 +730,7 @@ impl Engine {
                 .build()
                 .map_err(|e| EngineError::Config(format!("CPU slice {i}: no thread: {e}")))?;
             self.slices.push(Slice {
-                graphs: Graphs {
-                    vision: open(files[0])?,
-                    embedding: open(files[1])?,
-                    decoder: open(files[2])?,
-                    pixels: Vec::new(),
-                },
+                graphs: Graphs::new(open(files[0])?, open(files[1])?, open(files[2])?),
                 thread,
             });
         }
@@ -905,20 +928,17 @@ impl Runner<'_> {
         features: (Vec<f32>, usize),
     ) -> Result<Vec<f32>, EngineError> {
         let d = self.m.vision.out_hidden_size;
+        let features =
+            (self.g.floats.features).tensor("embedding", &[features.1, d], features.0)?;
         let inputs: Vec<(String, SessionInputValue<'static>)> = vec![
             ("input_ids".into(), input("embedding", &[rows, cols], ids)?),
-            (
-                "image_features".into(),
-                input("embedding", &[features.1, d], features.0)?,
-            ),
+            ("image_features".into(), features.into()),
         ];
         let t = Instant::now();
         let out = self.g.embedding.run(inputs).map_err(run_err("embedding"))?;
         self.stats.ort_s += t.elapsed().as_secs_f64();
-        let (_, e) = out["inputs_embeds"]
-            .try_extract_tensor::<f32>()
-            .map_err(run_err("embedding"))?;
-        Ok(e.to_vec())
+        let e = values_f32(&out["inputs_embeds"], "embedding")?;
+        Ok(e.into_owned())
     }
 
     /// Runs the decoder on the live rows of `kv`; returns the logits of column `last[r]` of each
@@ -942,10 +962,13 @@ impl Runner<'_> {
         let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
         let total = kv.len + cols;
         let flat_mask: Vec<i64> = mask.iter().flatten().copied().collect();
+        let floats = self.g.floats;
         let mut inputs: Vec<(String, SessionInputValue<'_>)> = vec![
             (
                 "inputs_embeds".into(),
-                input("decoder", &[rows, cols, hidden], embeds)?,
+                (floats.embeds)
+                    .tensor("decoder", &[rows, cols, hidden], embeds)?
+                    .into(),
             ),
             (
                 "attention_mask".into(),
@@ -963,18 +986,11 @@ impl Runner<'_> {
         if share {
             for (i, mut v) in std::mem::take(&mut kv.data).into_iter().enumerate() {
                 let info = v.memory_info().to_owned();
-                // SAFETY: `v` is a host tensor of exactly this shape; it moves into the run's
-                // preallocated outputs, which keep it alive until the run is over, and ONNX
-                // Runtime's share-buffer mode reads and writes it as one buffer.
-                let view = unsafe {
-                    TensorRefMut::<f32>::from_raw(
-                        info,
-                        v.data_ptr_mut(),
-                        ort::value::Shape::new([rows, kvh, kv.cap, hd].map(|d| d as i64)),
-                    )
-                }
-                .map_err(run_err("decoder"))?;
-                inputs.push((kv_name("past_key_values", i), view.into()));
+                // SAFETY: `v` is a host tensor of exactly this shape and type; it moves into
+                // the run's preallocated outputs, which keep it alive until the run is over,
+                // and ONNX Runtime's share-buffer mode reads and writes it as one buffer.
+                let view = unsafe { kv.ty.view(info, v.data_ptr_mut(), &[rows, kvh, kv.cap, hd]) }?;
+                inputs.push((kv_name("past_key_values", i), view));
                 shared_present.push(v);
             }
         } else {
@@ -1074,9 +1090,7 @@ impl Runner<'_> {
         let logits = if self.gpu.as_ref().is_some_and(|g| cols == 1 || g.last_only) {
             StepLogits::Gpu(take(&mut out, "logits")?)
         } else {
-            let (shape, logits) = out["logits"]
-                .try_extract_tensor::<f32>()
-                .map_err(run_err("decoder"))?;
+            let shape = out["logits"].shape().to_vec();
             // Packages from models/export.py return the last position only ([rows, 1, vocab]);
             // other decoders every position.
             let width = shape.get(1).copied().unwrap_or(1) as usize;
@@ -1090,9 +1104,12 @@ impl Runner<'_> {
                     });
                 }
             }
-            if width == 1 && shape.first() == Some(&(rows as i64)) {
+            let f32_out = out["logits"].dtype().tensor_type() == Some(TensorElementType::Float32);
+            if width == 1 && shape.first() == Some(&(rows as i64)) && f32_out {
                 StepLogits::Host(HostLogits::Output(take(&mut out, "logits")?))
             } else {
+                // Half-precision logits are widened here.
+                let logits = values_f32(&out["logits"], "decoder")?;
                 let mut picked = Vec::with_capacity(rows * vocab);
                 for (r, &c) in last.iter().enumerate().take(rows) {
                     let c = if width == 1 { 0 } else { c };
@@ -1113,6 +1130,7 @@ impl Runner<'_> {
                 rows,
                 len: total,
                 cap: if share { kv.cap } else { total },
+                ty: floats.cache,
             },
         ))
     }
@@ -1128,8 +1146,10 @@ impl Runner<'_> {
         for v in &mut kv.data {
             match &self.gpu {
                 None => {
-                    let (_, d) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-                    data.push(kv_value(&shape, gather_host(d, row, src))?);
+                    let mut t = kv.ty.zeros(&shape)?;
+                    let rows = gather_host(bytes(v)?, row * kv.ty.bytes(), src);
+                    bytes_mut(&mut t)?.copy_from_slice(&rows);
+                    data.push(t);
                 }
                 Some(g) => data.push(g.gather(v, &shape, src)?),
             }
@@ -1143,6 +1163,7 @@ impl Runner<'_> {
             rows: src.len(),
             len: kv.len,
             cap: kv.cap,
+            ty: kv.ty,
         })
     }
 
@@ -1152,7 +1173,7 @@ impl Runner<'_> {
         let t = &self.m.text;
         let shape = [kv.rows, t.num_key_value_heads, cap, t.head_dim];
         for v in &mut kv.data {
-            *v = widened_tensor(Some(v), shape, kv.cap, kv.len, None)?;
+            *v = widened_tensor(Some(v), shape, kv.cap, kv.len, kv.ty, None)?;
         }
         kv.cap = cap;
         self.stats.cache_s += t0.elapsed().as_secs_f64();
@@ -1240,10 +1261,15 @@ impl Runner<'_> {
     fn vision_features(&mut self, pixels: &[f32], grid: [u32; 3]) -> Result<Vec<f32>, EngineError> {
         let rows = (grid[0] * grid[1] * grid[2]) as usize;
         let g: Vec<i64> = grid.iter().map(|v| i64::from(*v)).collect();
-        let view = TensorRef::from_array_view(([rows, pixels.len() / rows.max(1)], pixels))
-            .map_err(run_err("vision"))?;
+        let shape = [rows, pixels.len() / rows.max(1)];
+        let pixels: SessionInputValue<'_> = match self.g.floats.pixels {
+            Float::F32 => TensorRef::from_array_view((shape, pixels))
+                .map_err(run_err("vision"))?
+                .into(),
+            half => half.tensor("vision", &shape, pixels.to_vec())?.into(),
+        };
         let inputs: Vec<(String, SessionInputValue<'_>)> = vec![
-            ("pixel_values".into(), view.into()),
+            ("pixel_values".into(), pixels),
             ("image_grid_thw".into(), input("vision", &[1, 3], g)?),
         ];
         let t = Instant::now();
@@ -1251,10 +1277,7 @@ impl Runner<'_> {
         let dt = t.elapsed().as_secs_f64();
         self.stats.ort_s += dt;
         self.stats.vision_s += dt;
-        let (_, f) = out["image_features"]
-            .try_extract_tensor::<f32>()
-            .map_err(run_err("vision"))?;
-        Ok(f.to_vec())
+        Ok(values_f32(&out["image_features"], "vision")?.into_owned())
     }
 
     /// One prefill call on prompts of `lengths` tokens padded to `width` positions (padding at
@@ -1279,14 +1302,15 @@ impl Runner<'_> {
             false => lengths.iter().map(|&n| n.max(1) - 1).collect(),
         };
         let own: Vec<usize> = (0..rows).collect();
+        let ty = self.g.floats.cache;
         let mut none = match shared {
             true => Some(Prefix {
-                cache: Kv::empty(t, rows)?,
+                cache: Kv::empty(t, rows, ty)?,
                 mask: vec![Vec::new(); rows],
             }),
             false => None,
         };
-        let mut start = Kv::empty(t, rows)?;
+        let mut start = Kv::empty(t, rows, ty)?;
         let prefix = none.as_mut().map(|p| (p, &own[..]));
         self.decode(
             embeds, rows, width, mask, pos, &mut start, prefix, None, &last,
@@ -1315,8 +1339,12 @@ impl Runner<'_> {
         let (b, s) = (lengths.len(), lengths.iter().copied().max().unwrap_or(0));
         let (hidden, vocab) = (t.hidden_size, t.vocab_size);
         let (kvh, hd) = (t.num_key_value_heads, t.head_dim);
+        let ty = self.g.floats.cache;
+        let vb = ty.bytes();
         let mut logits = vec![0f32; b * vocab];
-        let mut cache = vec![vec![0f32; b * kvh * s * hd]; 2 * t.num_hidden_layers];
+        let mut cache = (0..2 * t.num_hidden_layers)
+            .map(|_| ty.zeros(&[b, kvh, s, hd]))
+            .collect::<Result<Vec<_>, _>>()?;
         for rows in groups {
             let g = rows.len();
             let w = rows.iter().map(|&i| lengths[i]).max().unwrap_or(0);
@@ -1346,26 +1374,25 @@ impl Runner<'_> {
                 logits[i * vocab..(i + 1) * vocab].copy_from_slice(&l[j * vocab..(j + 1) * vocab]);
             }
             for (dst, v) in cache.iter_mut().zip(&kv.data) {
-                let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-                // `[g, kvh, w, hd]` into rows `rows` of `[b, kvh, s, hd]`, positions `from..`.
+                let (src, dst) = (bytes(v)?, bytes_mut(dst)?);
+                // `[g, kvh, w, hd]` into rows `rows` of `[b, kvh, s, hd]`, positions `from..`
+                // (bytes: e per value).
+                let block = w * hd * vb;
                 for (j, &i) in rows.iter().enumerate() {
                     for h in 0..kvh {
-                        let at = ((i * kvh + h) * s + from) * hd;
-                        let src = &src[(j * kvh + h) * w * hd..(j * kvh + h + 1) * w * hd];
-                        dst[at..at + w * hd].copy_from_slice(src);
+                        let at = ((i * kvh + h) * s + from) * hd * vb;
+                        let src = &src[(j * kvh + h) * block..(j * kvh + h + 1) * block];
+                        dst[at..at + block].copy_from_slice(src);
                     }
                 }
             }
         }
-        let data = cache
-            .into_iter()
-            .map(|c| kv_value(&[b, kvh, s, hd], c))
-            .collect::<Result<_, _>>()?;
         let kv = Kv {
-            data,
+            data: cache,
             rows: b,
             len: s,
             cap: s,
+            ty,
         };
         Ok((StepLogits::Host(HostLogits::Picked(logits)), kv))
     }
@@ -1462,8 +1489,13 @@ impl Runner<'_> {
         let g = cfg.group;
         let fan: Vec<usize> = (0..b * g).map(|i| i / g).collect();
         let (mut kv, mut prefix, mut masks) = if shared {
+            let ty = kv.ty;
             let prefix = Prefix { cache: kv, mask };
-            (Kv::empty(t, b * g)?, Some(prefix), vec![Vec::new(); b * g])
+            (
+                Kv::empty(t, b * g, ty)?,
+                Some(prefix),
+                vec![Vec::new(); b * g],
+            )
         } else {
             let rows = self.gather_rows(&mut kv, &fan)?;
             (rows, None, fan.iter().map(|&p| mask[p].clone()).collect())
@@ -1471,7 +1503,7 @@ impl Runner<'_> {
         // The rows' older own tokens in a buffer read in place, the newest in `kv` (the
         // decoder's past); without the buffer, all of them in `kv`.
         let mut own_buf = (shared && self.own_in_place)
-            .then(|| OwnBuf::new(t, b * g, cfg.max_new_tokens.saturating_sub(1)));
+            .then(|| OwnBuf::new(t, b * g, cfg.max_new_tokens.saturating_sub(1), kv.ty));
         // Each live row's prompt, as a row of the prefix.
         let mut row_prompt = fan.clone();
         let vocab = t.vocab_size;
@@ -1562,7 +1594,7 @@ impl Runner<'_> {
                 // A full chunk of past moves into the own buffer.
                 let t0 = Instant::now();
                 o.absorb(&mut kv, self.gpu)?;
-                kv = Kv::empty(t, n)?;
+                kv = Kv::empty(t, n, kv.ty)?;
                 for mrow in masks.iter_mut() {
                     mrow.clear();
                 }

@@ -2,6 +2,7 @@
 //! kernels that move rows on it), and TensorRT's optimisation profiles for the engine's graphs.
 
 use super::engine::{run_err, EngineError};
+use super::float::Float;
 use super::kv::kv_name;
 use crate::kernels::cuda::Cuda;
 use crate::model::package::{KvLayout, Manifest, OwnCache};
@@ -21,7 +22,16 @@ pub(super) struct OnGpu {
 }
 
 impl OnGpu {
+    /// The GPU side for `decoder`, whose cache must be fp32: a half-precision decoder's cache
+    /// stays on the host (its rows are moved as bytes there; the GPU copies and kernels here
+    /// take fp32 rows).
     pub(super) fn new(cuda: Cuda, decoder: &Session, device_id: i32) -> Result<OnGpu, String> {
+        let cache = Float::of_input(decoder, "past_key_values.0.key");
+        if cache != Float::F32 {
+            return Err(format!(
+                "the decoder's cache is {cache:?}; the GPU-resident cache is fp32 only"
+            ));
+        }
         let info = MemoryInfo::new(
             AllocationDevice::CUDA,
             device_id,

@@ -3,19 +3,12 @@
 //! the decoder reads in place ([`OwnBuf`]), and the row moves when rows finish — on the host,
 //! or on the GPU through [`OnGpu`].
 
-use super::engine::{run_err, EngineError};
+use super::engine::EngineError;
+use super::float::{bytes, bytes_mut, float_of, Float};
 use super::gpu::{gpu_err, OnGpu};
 use crate::model::package::{KvLayout, Manifest, OwnCache, TextSpec};
 use ort::session::SessionInputValue;
-use ort::value::{DynTensor, Tensor, TensorRefMut};
-
-/// A cache tensor as an ONNX Runtime value.
-pub(super) fn kv_value(shape: &[usize], data: Vec<f32>) -> Result<DynTensor, EngineError> {
-    let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
-    Ok(Tensor::from_array((shape, data))
-        .map_err(run_err("decoder"))?
-        .upcast())
-}
+use ort::value::DynTensor;
 
 pub(super) fn kv_name(prefix: &str, i: usize) -> String {
     let kind = if i % 2 == 0 { "key" } else { "value" };
@@ -34,19 +27,22 @@ pub(super) struct Kv {
     /// Positions the tensors hold: `len`, or more for a GroupQueryAttention decoder that writes
     /// each step's token into the past it reads ([`Kv::shares_present`]).
     pub(super) cap: usize,
+    /// The values' type (the decoder's).
+    pub(super) ty: Float,
 }
 
 impl Kv {
-    /// `rows` rows with no tokens yet (empty host tensors).
-    pub(super) fn empty(t: &TextSpec, rows: usize) -> Result<Kv, EngineError> {
+    /// `rows` rows with no tokens yet (empty host tensors of type `ty`).
+    pub(super) fn empty(t: &TextSpec, rows: usize, ty: Float) -> Result<Kv, EngineError> {
         let data = (0..2 * t.num_hidden_layers)
-            .map(|_| kv_value(&[rows, t.num_key_value_heads, 0, t.head_dim], Vec::new()))
+            .map(|_| ty.zeros(&[rows, t.num_key_value_heads, 0, t.head_dim]))
             .collect::<Result<_, _>>()?;
         Ok(Kv {
             data,
             rows,
             len: 0,
             cap: 0,
+            ty,
         })
     }
 
@@ -93,10 +89,11 @@ pub(super) struct OwnBuf {
     tensors: usize,
     kvh: usize,
     hd: usize,
+    ty: Float,
 }
 
 impl OwnBuf {
-    pub(super) fn new(t: &TextSpec, rows: usize, limit: usize) -> OwnBuf {
+    pub(super) fn new(t: &TextSpec, rows: usize, limit: usize, ty: Float) -> OwnBuf {
         OwnBuf {
             data: Vec::new(),
             mask: Vec::new(),
@@ -107,6 +104,7 @@ impl OwnBuf {
             tensors: 2 * t.num_hidden_layers,
             kvh: t.num_key_value_heads,
             hd: t.head_dim,
+            ty,
         }
     }
 
@@ -128,13 +126,12 @@ impl OwnBuf {
         for (buf, v) in self.data.iter_mut().zip(past.data.iter_mut()) {
             match gpu {
                 None => {
-                    let (_, src) = v.try_extract_tensor::<f32>().map_err(run_err("decoder"))?;
-                    let (_, dst) = buf
-                        .try_extract_tensor_mut::<f32>()
-                        .map_err(run_err("decoder"))?;
-                    for (rh, s) in src.chunks_exact(n * hd).take(blocks).enumerate() {
-                        let at = (rh * cap + len) * hd;
-                        dst[at..at + n * hd].copy_from_slice(s);
+                    // Bytes: hd values of the cache's type per position.
+                    let (src, dst) = (bytes(v)?, bytes_mut(buf)?);
+                    let e = self.ty.bytes();
+                    for (rh, s) in src.chunks_exact(n * hd * e).take(blocks).enumerate() {
+                        let at = (rh * cap + len) * hd * e;
+                        dst[at..at + n * hd * e].copy_from_slice(s);
                     }
                 }
                 Some(g) => {
@@ -174,7 +171,7 @@ impl OwnBuf {
         let cap = OwnBuf::capacity_for(n, self.limit.max(n));
         let shape = [self.rows, self.kvh, cap, self.hd];
         let next = (0..self.tensors)
-            .map(|i| widened_tensor(self.data.get_mut(i), shape, old, len, gpu))
+            .map(|i| widened_tensor(self.data.get_mut(i), shape, old, len, self.ty, gpu))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(g) = gpu {
             // The old buffers are dropped below.
@@ -202,35 +199,44 @@ impl OwnBuf {
     }
 }
 
-/// `blocks` blocks of `from` values each (`src`) as blocks of `to`, each keeping its first
-/// `used` values (the rest zero): a cache's rows given room for more positions.
-fn widened(src: &[f32], blocks: usize, from: usize, to: usize, used: usize) -> Vec<f32> {
-    let mut out = vec![0f32; blocks * to];
+/// Into `out` (blocks of `to` values, zero), `blocks` blocks of `from` values each (`src`),
+/// each keeping its first `used` values: a cache's rows given room for more positions.
+fn widen_into<V: Copy>(
+    out: &mut [V],
+    src: &[V],
+    blocks: usize,
+    from: usize,
+    to: usize,
+    used: usize,
+) {
     for b in 0..blocks {
         out[b * to..b * to + used].copy_from_slice(&src[b * from..b * from + used]);
     }
-    out
 }
 
-/// A new cache tensor of `shape` (`[rows, kv_heads, cap, head_dim]`) holding, in each block of
-/// `cap` positions, the first `len` positions of the same block of `prev` (blocks of `old`
-/// positions; `None`: nothing yet), the rest zero: on the host, or on the GPU with `gpu`, where
-/// the copy is queued on the stream (synchronise before `prev` is dropped).
+/// A new cache tensor of `shape` (`[rows, kv_heads, cap, head_dim]`, values of type `ty`)
+/// holding, in each block of `cap` positions, the first `len` positions of the same block of
+/// `prev` (blocks of `old` positions; `None`: nothing yet), the rest zero: on the host, or on
+/// the GPU with `gpu` (fp32 only, as [`OnGpu`]), where the copy is queued on the stream
+/// (synchronise before `prev` is dropped).
 pub(super) fn widened_tensor(
     prev: Option<&mut DynTensor>,
     shape: [usize; 4],
     old: usize,
     len: usize,
+    ty: Float,
     gpu: Option<&OnGpu>,
 ) -> Result<DynTensor, EngineError> {
     let [rows, kvh, cap, hd] = shape;
     let blocks = rows * kvh;
     let Some(g) = gpu else {
-        let src = match prev {
-            Some(p) => p.try_extract_tensor::<f32>().map_err(run_err("decoder"))?.1,
-            None => &[],
-        };
-        return kv_value(&shape, widened(src, blocks, old * hd, cap * hd, len * hd));
+        let mut t = ty.zeros(&shape)?;
+        if let Some(p) = prev {
+            let e = ty.bytes();
+            let (src, dst) = (bytes(p)?, bytes_mut(&mut t)?);
+            widen_into(dst, src, blocks, old * hd * e, cap * hd * e, len * hd * e);
+        }
+        return Ok(t);
     };
     let mut t = g.tensor(&shape)?;
     let dst = t.data_ptr_mut() as u64;
@@ -260,9 +266,8 @@ pub(super) fn move_rows(
     for v in data {
         match gpu {
             None => {
-                let (_, d) = v
-                    .try_extract_tensor_mut::<f32>()
-                    .map_err(run_err("decoder"))?;
+                let row = row * float_of(v, "decoder")?.bytes();
+                let d = bytes_mut(v)?;
                 for &(to, from) in moves {
                     d.copy_within(from * row..(from + 1) * row, to * row);
                 }
@@ -354,22 +359,15 @@ pub(super) fn leading_rows<'a>(
     if v.shape()[0] as usize == shape[0] {
         return Ok(SessionInputValue::from(&*v));
     }
-    let info = v.memory_info().to_owned();
-    // SAFETY: the shape's elements ≤ the buffer's (same trailing dimensions, fewer rows), and the
-    // view borrows `v` mutably for its lifetime, so `v` is neither dropped nor written meanwhile.
-    let view = unsafe {
-        TensorRefMut::<f32>::from_raw(
-            info,
-            v.data_ptr_mut(),
-            ort::value::Shape::new(shape.map(|d| d as i64)),
-        )
-    }
-    .map_err(run_err("decoder"))?;
-    Ok(view.into())
+    let (info, ty) = (v.memory_info().to_owned(), float_of(v, "decoder")?);
+    // SAFETY: the shape's elements ≤ the buffer's (same trailing dimensions and type, fewer
+    // rows), and the view borrows `v` mutably for its lifetime, so `v` is neither dropped nor
+    // written meanwhile.
+    unsafe { ty.view(info, v.data_ptr_mut(), &shape) }
 }
 
 /// Rows `src` of `d` (rows of `row` values), in that order; a row may repeat.
-pub(super) fn gather_host(d: &[f32], row: usize, src: &[usize]) -> Vec<f32> {
+pub(super) fn gather_host<V: Copy>(d: &[V], row: usize, src: &[usize]) -> Vec<V> {
     let mut out = Vec::with_capacity(src.len() * row);
     for &r in src {
         out.extend_from_slice(&d[r * row..(r + 1) * row]);
@@ -386,11 +384,19 @@ mod tests {
     #[test]
     fn widened_blocks_keep_their_used_values() {
         let src = [1.0, 2.0, 9.0, 3.0, 4.0, 9.0];
-        assert_eq!(
-            widened(&src, 2, 3, 4, 2),
-            [1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0]
-        );
-        assert_eq!(widened(&[], 3, 0, 2, 0), [0.0; 6]);
+        let mut out = [0.0; 8];
+        widen_into(&mut out, &src, 2, 3, 4, 2);
+        assert_eq!(out, [1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0]);
+        // Host tensors of each type, moved as bytes: [1, 2 heads, 3 → 4 positions, 1].
+        for ty in [Float::F32, Float::F16, Float::Bf16] {
+            let mut prev = ty.tensor("decoder", &[1, 2, 3, 1], src.to_vec()).unwrap();
+            let t = widened_tensor(Some(&mut prev), [1, 2, 4, 1], 3, 2, ty, None).unwrap();
+            let v = crate::rollout::float::values_f32(&t, "decoder").unwrap();
+            assert_eq!(*v, [1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0], "{ty:?}");
+            let empty = widened_tensor(None, [1, 3, 2, 1], 0, 0, ty, None).unwrap();
+            assert_eq!(float_of(&empty, "decoder").unwrap(), ty);
+            assert!(bytes(&empty).unwrap().iter().all(|&b| b == 0));
+        }
     }
 
     /// Room grows by an eighth in steps of 64, never past the limit nor short of the need.

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod engine;
+mod float;
 mod gpu;
 mod kv;
 mod share;
