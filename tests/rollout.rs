@@ -886,6 +886,9 @@ fn a_half_precision_genai_folder_generates_like_the_fp32_one() {
     let dir32 = genai_folder("genai32", Some(("model.onnx", &builder_decoder())));
     let mut h = Engine::open(&dir16, None).unwrap();
     let mut f = Engine::open(&dir32, None).unwrap();
+    // The folder's precision is read from its decoder.
+    assert_eq!(h.package.manifest.dtype, "fp16");
+    assert_eq!(f.package.manifest.dtype, "fp32");
     let (_, reqs) = golden();
     let cfg = greedy(16);
     let (mut th, mut tf) = (Trace::default(), Trace::default());

@@ -276,6 +276,31 @@ fn write_tensor(t: &Tensor) -> Vec<u8> {
     write(&m)
 }
 
+/// The element type of the model's graph input `name` (ONNX's code: 1 float, 10 float16, 16
+/// bfloat16, 7 int64), where it is a tensor. Only the inputs are read: weights may be in
+/// external files.
+pub fn input_elem_type(model: &[u8], name: &str) -> Option<i64> {
+    let field = |b: &[u8], f: u32| -> Option<Vec<u8>> {
+        parse(b).ok()?.into_iter().find_map(|(k, v)| match v {
+            Value::Bytes(b) if k == f => Some(b),
+            _ => None,
+        })
+    };
+    let graph = field(model, MODEL_GRAPH)?;
+    parse(&graph).ok()?.into_iter().find_map(|(f, v)| {
+        let Value::Bytes(info) = v else { return None };
+        if f != GRAPH_INPUT || field(&info, 1).and_then(|n| String::from_utf8(n).ok())? != name {
+            return None;
+        }
+        // ValueInfoProto.type → TypeProto.tensor_type → elem_type.
+        let tensor = field(&field(&info, 2)?, 1)?;
+        parse(&tensor).ok()?.into_iter().find_map(|(k, v)| match v {
+            Value::Varint(t) if k == 1 => Some(t as i64),
+            _ => None,
+        })
+    })
+}
+
 impl Graph {
     pub fn open(bytes: &[u8]) -> Result<Graph, ProtoError> {
         let model = parse(bytes)?;
@@ -570,5 +595,25 @@ impl Graph {
                 .set_floats(&v);
         }
         Ok(merged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The builder decoders' input types, read without their external weights: fp16 and fp32
+    /// embeddings, int64 masks, nothing for a name that is not an input.
+    #[test]
+    fn input_types_are_read_from_the_graph_alone() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let half = std::fs::read(models.join("tiny-genai-decoder-fp16/model.onnx")).unwrap();
+        let full = std::fs::read(models.join("tiny-genai-decoder/model.onnx")).unwrap();
+        assert_eq!(input_elem_type(&half, "inputs_embeds"), Some(10));
+        assert_eq!(input_elem_type(&half, "past_key_values.1.value"), Some(10));
+        assert_eq!(input_elem_type(&full, "inputs_embeds"), Some(1));
+        assert_eq!(input_elem_type(&full, "attention_mask"), Some(7));
+        assert_eq!(input_elem_type(&full, "logits"), None);
+        assert_eq!(input_elem_type(b"not a model", "inputs_embeds"), None);
     }
 }

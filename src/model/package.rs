@@ -326,6 +326,13 @@ impl Package {
         let gqa = bytes
             .windows(b"GroupQueryAttention".len())
             .any(|w| w == b"GroupQueryAttention");
+        // The builder's precision, as the decoder takes its embeddings (the engine reads every
+        // graph's types again when it loads them).
+        let dtype = match super::onnx_edit::input_elem_type(&bytes, "inputs_embeds") {
+            Some(10) => "fp16",
+            Some(16) => "bf16",
+            _ => "fp32",
+        };
         let hidden = num(dec, "hidden_size")? as usize;
         let heads = num(dec, "num_attention_heads")? as usize;
         let eos: Vec<u32> = match &model["eos_token_id"] {
@@ -347,7 +354,7 @@ impl Package {
         let manifest = Manifest {
             format: "onnxruntime-genai".into(),
             version: 1,
-            dtype: "fp32".into(),
+            dtype: dtype.into(),
             graphs: Graphs {
                 vision: file(vis, "vision")?,
                 embedding: file(emb, "embedding")?,
