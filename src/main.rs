@@ -819,6 +819,13 @@ fn run_reward(a: RewardArgs) -> Result<()> {
 }
 
 fn main() {
+    // Output piped into `head` and the like ends quietly when the reader closes, as other Unix
+    // tools do, rather than as a panic on the broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Tasks(a) => run_tasks(a),

@@ -98,6 +98,35 @@ fn reward_filter_scores_jsonl_from(stdin: &[&str]) {
     assert!((lines[2]["overall"].as_f64().unwrap() - 0.1).abs() < 1e-12);
 }
 
+/// Output into a pipe whose reader has gone (`ssrl reward … | head`) ends the run quietly by
+/// SIGPIPE, as other Unix tools do, not with a panic's message.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_run_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = ssrl()
+        .arg("reward")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stdin = child.stdin.take().unwrap();
+    let line = b"{\"response\": \"\\\\boxed{A}\", \"answer\": \"A\"}\n";
+    // The run may end before all of it is written: the write errors are expected.
+    for _ in 0..20_000 {
+        if stdin.write_all(line).is_err() {
+            break;
+        }
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+}
+
 #[test]
 fn reward_names_the_bad_line() {
     let dir = scratch("cli-reward");
