@@ -646,55 +646,38 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
             .args(["train", "--print-config", "--config"])
             .arg(&cfg),
     );
-    // A misspelt key names the file and the key.
-    std::fs::write(
-        &cfg,
-        with_data.replace("rollout_batch_size", "rollout_batch"),
-    )
-    .unwrap();
-    let out = ssrl()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("train.toml") && err.contains("rollout_batch"),
-        "{err}"
-    );
-    // A value out of range names the file, the key and the range.
-    std::fs::write(&cfg, with_data.replace("top_p = 1.0", "top_p = 1.5")).unwrap();
-    let out = ssrl()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && err.contains("train.toml")
-            && err.contains("rollout.top_p")
-            && err.contains("(0, 1]"),
-        "{err}"
-    );
+    // `ssrl train [flags] --config train.toml`: whether it succeeded, and its stderr.
+    let train = |flags: &[&str]| {
+        let out = ssrl()
+            .arg("train")
+            .args(flags)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), err)
+    };
+    // A misspelt key names the file and the key; a value out of range the file, the key and
+    // the range.
+    let bad: [(&str, &str, &[&str]); 2] = [
+        ("rollout_batch_size", "rollout_batch", &["rollout_batch"]),
+        ("top_p = 1.0", "top_p = 1.5", &["rollout.top_p", "(0, 1]"]),
+    ];
+    for (from, to, named) in bad {
+        std::fs::write(&cfg, with_data.replace(from, to)).unwrap();
+        let (ok, err) = train(&[]);
+        assert!(!ok && err.contains("train.toml"), "{err}");
+        assert!(named.iter().all(|n| err.contains(n)), "{named:?}: {err}");
+    }
     // An existing run is continued only with --resume.
     std::fs::write(&cfg, &with_data).unwrap();
     std::fs::create_dir_all(dir.join("runs/grpo")).unwrap();
     std::fs::write(dir.join("runs/grpo/metrics.jsonl"), "{\"step\":1.0}\n").unwrap();
-    let out = ssrl()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--resume"), "{err}");
-    let out = ssrl()
-        .args(["train", "--resume", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (ok, err) = train(&[]);
+    assert!(!ok && err.contains("--resume"), "{err}");
+    let (ok, err) = train(&["--resume"]);
+    assert!(!ok, "{err}");
     // ssrl plot draws the curves it finds.
     let run = dir.join("runs/grpo");
     let lines: String = (1..=4)
