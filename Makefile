@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SSRL  := ./target/release/ssrl
 
-.PHONY: demo test nvrtc ort fixture bench lint fuzz clean help
+.PHONY: demo test gpu-check nvrtc ort fixture bench lint fuzz clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,11 @@ export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_DIR)/libonnxruntime.so
 
 test: nvrtc ort ## build and run every test (what CI runs)
 	LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked
+
+gpu-check: nvrtc ## on an NVIDIA server: the GPU tests, failing where they would skip (ORT_DYLIB_PATH: onnxruntime-gpu's library)
+	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test kernels_cuda
+	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test rollout -- cuda
+	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test cli -- rollout_writes
 
 # ONNX Runtime's shared library from the PyPI wheel (ssrl loads it at run time; nothing links it).
 ort: $(ORT_DIR)/.done

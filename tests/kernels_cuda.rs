@@ -5,13 +5,9 @@ use spatial_ssrl::kernels::{
     cpu, cuda, AdamW, AdvantageConfig, KernelError, Logits, RowKey, SamplingParams,
 };
 use spatial_ssrl::rng::Rng;
-use std::io::Write;
 
-/// Written to the stderr handle, not through `eprintln!`, so the line shows even when the test
-/// harness captures output.
-fn skip(why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIP: {why}");
-}
+mod common;
+use common::gpu_skip as skip;
 
 fn device() -> Option<cuda::Cuda> {
     match cuda::Cuda::new(0) {

@@ -7,6 +7,8 @@ use spatial_ssrl::rollout::{Engine, EngineError, GenerationConfig, Request, Trac
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
 }
@@ -558,7 +560,7 @@ fn cuda_engine_of(dir: &Path) -> Option<Engine> {
     match Engine::open_on(dir, None, &cuda) {
         Ok(e) => Some(e),
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP: no CUDA execution provider ({e})");
+            common::gpu_skip(&format!("no CUDA execution provider ({e})"));
             None
         }
     }

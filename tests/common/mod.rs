@@ -3,6 +3,7 @@
 
 use image::RgbImage;
 use spatial_ssrl::tasks::{self, SampleRecord, TasksConfig};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub fn fixtures() -> PathBuf {
@@ -78,4 +79,14 @@ pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// A GPU test that cannot run here: a visible SKIP (written to the stderr handle, so it shows
+/// even when the harness captures output), or a failure where `SSRL_REQUIRE_GPU` is set — on a
+/// GPU server (`make gpu-check`) a broken GPU install must not pass as skipped.
+pub fn gpu_skip(why: &str) {
+    if std::env::var_os("SSRL_REQUIRE_GPU").is_some_and(|v| v != "0") {
+        panic!("SSRL_REQUIRE_GPU is set and the GPU path is unusable: {why}");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIP: {why}");
 }
