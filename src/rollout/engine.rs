@@ -1147,8 +1147,12 @@ impl Runner<'_> {
             match &self.gpu {
                 None => {
                     let mut t = kv.ty.zeros(&shape)?;
-                    let rows = gather_host(bytes(v)?, row * kv.ty.bytes(), src);
-                    bytes_mut(&mut t)?.copy_from_slice(&rows);
+                    let (from, to) = (bytes(v)?, bytes_mut(&mut t)?);
+                    // Rows of rb bytes (at least one: an empty cache has nothing to copy).
+                    let rb = (row * kv.ty.bytes()).max(1);
+                    for (dst, &r) in to.chunks_exact_mut(rb).zip(src) {
+                        dst.copy_from_slice(&from[r * rb..(r + 1) * rb]);
+                    }
                     data.push(t);
                 }
                 Some(g) => data.push(g.gather(v, &shape, src)?),

@@ -367,7 +367,7 @@ pub(super) fn leading_rows<'a>(
 }
 
 /// Rows `src` of `d` (rows of `row` values), in that order; a row may repeat.
-pub(super) fn gather_host<V: Copy>(d: &[V], row: usize, src: &[usize]) -> Vec<V> {
+pub(super) fn gather_host(d: &[f32], row: usize, src: &[usize]) -> Vec<f32> {
     let mut out = Vec::with_capacity(src.len() * row);
     for &r in src {
         out.extend_from_slice(&d[r * row..(r + 1) * row]);
