@@ -556,7 +556,10 @@ impl Package {
                 .commit_from_file(&path)
                 .map_err(|e| PackageError::File {
                     path: path.clone(),
-                    msg: format!("ONNX Runtime cannot load it: {e}"),
+                    msg: format!(
+                        "ONNX Runtime cannot load it: {}",
+                        super::session::with_kernel_hint(e.to_string(), "cpu")
+                    ),
                 })?;
             self.check_graph(&file, &session)?;
         }

@@ -337,6 +337,18 @@ pub fn session_builder(
     }
 }
 
+/// ONNX Runtime's "Could not find an implementation" on the CPU provider: an operator of the
+/// graph has no CPU kernel in its precision (a bf16 build's MatMul, say); says where it may run.
+pub fn with_kernel_hint(msg: String, provider: &str) -> String {
+    if !(provider.starts_with("cpu") && msg.contains("Could not find an implementation")) {
+        return msg;
+    }
+    format!(
+        "{msg} (ONNX Runtime's CPU provider has no kernel for it in this graph's precision: \
+         half-precision builds, bf16 above all, are made for --device cuda)"
+    )
+}
+
 /// ONNX Runtime's "not enabled in this build" means the library loaded is the CPU build: says
 /// which library to load instead.
 fn with_gpu_library_hint(msg: String) -> String {
@@ -366,6 +378,15 @@ mod tests {
         );
         let other = "libcudnn.so.9: cannot open shared object file".to_string();
         assert_eq!(with_gpu_library_hint(other.clone()), other);
+    }
+
+    /// A missing CPU kernel gets the way to the GPU; other errors, and other providers, pass.
+    #[test]
+    fn a_missing_cpu_kernel_gets_the_device_hint() {
+        let m = "Could not find an implementation for MatMul(13) node with name 'q'".to_string();
+        assert!(with_kernel_hint(m.clone(), "cpu").contains("--device cuda"));
+        assert_eq!(with_kernel_hint(m.clone(), "cuda"), m);
+        assert_eq!(with_kernel_hint("other".into(), "cpu"), "other");
     }
 
     /// Patches follow the image budget and the package's patch size; the prompt budget defaults

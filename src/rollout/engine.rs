@@ -31,7 +31,8 @@ use crate::model::processor::{
 use crate::model::prompt::{PromptBuilder, PromptError};
 use crate::model::rope::{rope_index, RopeConfig, RopeError};
 use crate::model::session::{
-    environment, session_builder, ComputeStream, Device, DeviceChoice, ProviderError,
+    environment, session_builder, with_kernel_hint, ComputeStream, Device, DeviceChoice,
+    ProviderError,
 };
 use image::RgbImage;
 use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
@@ -401,7 +402,7 @@ impl Engine {
             let session = b.commit_from_file(&path).map_err(|e| {
                 EngineError::Package(PackageError::File {
                     path,
-                    msg: e.to_string(),
+                    msg: with_kernel_hint(e.to_string(), &provider),
                 })
             })?;
             // Names and types up front: a wrong graph is one error naming the file and the
