@@ -343,6 +343,12 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
     let b: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(b["warmup_rounds"], 2);
     assert_eq!(b["rounds"], 2);
+    // What ran, for the record: the model, its precision, the slices, the temperature.
+    assert_eq!(b["model"], tiny().display().to_string());
+    assert_eq!(
+        (&b["dtype"], &b["cpu_slices"], &b["temperature"]),
+        (&"fp32".into(), &2.into(), &1.0.into())
+    );
     assert_eq!(b["rss_mb"].as_array().unwrap().len(), 4);
     // Four prompts × two samples × at most four tokens, per timed round.
     let tokens = b["generated_tokens"].as_u64().unwrap();

@@ -9,7 +9,13 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RolloutBench {
+    /// The package or onnxruntime-genai folder, and the precision of its graphs' floats.
+    pub model: String,
+    pub dtype: String,
     pub provider: String,
+    /// Concurrent CPU slices (0: one set of sessions).
+    pub cpu_slices: usize,
+    pub temperature: f32,
     /// Decoder cache, logits and sampling on the GPU (CUDA / TensorRT).
     pub cache_on_gpu: bool,
     /// The rows' own tokens stay where the decoder reads them instead of being copied every
@@ -105,7 +111,11 @@ pub fn run(
     let stats = engine.take_stats();
     let rounds = rounds.max(1);
     Ok(RolloutBench {
+        model: engine.package.dir.display().to_string(),
+        dtype: engine.package.manifest.dtype.clone(),
         provider: engine.provider().to_string(),
+        cpu_slices: engine.cpu_slices(),
+        temperature: cfg.sampling.temperature,
         cache_on_gpu: engine.cache_on_gpu(),
         own_cache_in_place: engine.own_cache_in_place(),
         prompts: requests.len(),
