@@ -614,7 +614,7 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', value_name = "COL")]
     allow_columns: Vec<String>,
     /// Evaluate the first N items only.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     /// Print two finished runs side by side with deltas instead of evaluating.
     #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"])]

@@ -129,7 +129,7 @@ struct RolloutArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Only the first N prompts.
-    #[arg(long)]
+    #[arg(long, value_parser = commands::at_least_one)]
     limit: Option<usize>,
     /// Do not append EasyR1's format sentence to the problems.
     #[arg(long)]

@@ -208,6 +208,7 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
         (&["--temperature=nan"], "--temperature", "≥ 0"),
         (&["--top-p", "0"], "--top-p", "(0, 1]"),
         (&["--top-p", "1.5"], "--top-p", "(0, 1]"),
+        (&["--limit", "0"], "--limit", "at least 1"),
     ];
     for (args, flag, range) in cases {
         let r = rollout(&data)
@@ -745,6 +746,23 @@ fn eval_checks_the_data_before_loading_a_model() {
         !dir.join("run").exists(),
         "nothing is written for a bad file"
     );
+    // Held-out tasks from a file that is not a task file: it is named, with how it was read.
+    let notes = dir.join("notes.md");
+    std::fs::write(&notes, "# Notes\n").unwrap();
+    let out = ssrl()
+        .args(["eval", "--model", "no-such-package", "--data"])
+        .arg(&notes)
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("notes.md: line 1") && err.contains("read as JSONL"),
+        "{err}"
+    );
+    assert!(!dir.join("run").exists());
     let help = ssrl().args(["eval", "--help"]).output().unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
     for b in [

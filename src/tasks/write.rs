@@ -279,7 +279,17 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).map_err(|e| ferr(format!("line {}: {e}", i + 1))))
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    // Anything but .parquet is read as JSONL: say so, since a wrong file's
+                    // first line is where it fails.
+                    ferr(format!(
+                        "line {}: {e} (read as JSONL: a sample per line with problem, answer \
+                         and images; or give a .parquet file)",
+                        i + 1
+                    ))
+                })
+            })
             .collect();
     }
     let perr = |err| WriteError::Parquet {
