@@ -94,6 +94,7 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	mv -f models/tiny-genai-decoder-fp16.partial/model.onnx models/tiny-genai-decoder-fp16.partial/model.onnx.data \
 	    models/tiny-genai-decoder-fp16/
 	rm -rf models/tiny-genai-decoder-fp16.partial
+	$(EXPORT_VENV)/bin/python models/make_half_embedding.py
 
 lint: ## formatting and clippy, warnings as errors
 	$(CARGO) fmt --check
