@@ -449,6 +449,10 @@ impl DeviceArgs {
         engine.set_host_cache(self.host_cache);
         engine.set_own_cache(!self.append_cache);
         engine.set_cpu_slices(self.cpu_slices)?;
+        let dtype = &engine.package.manifest.dtype;
+        if dtype != "fp32" {
+            eprintln!("{}: {dtype} embeddings, cache and logits", model.display());
+        }
         if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {
             eprintln!(
                 "execution provider: {}{}",
