@@ -80,8 +80,8 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	rm -rf models/tiny
 	$(EXPORT_VENV)/bin/python models/export.py --tiny --out models/tiny --verify --goldens
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
-	python3 models/make_pil_goldens.py
-	python3 models/make_rope_goldens.py
+	$(EXPORT_VENV)/bin/python models/make_pil_goldens.py
+	$(EXPORT_VENV)/bin/python models/make_rope_goldens.py
 	rm -rf models/tiny-genai-decoder.partial && $(EXPORT_VENV)/bin/python -m onnxruntime_genai.models.builder \
 	    -m models/tiny/hf -i models/tiny/hf -o models/tiny-genai-decoder.partial -p fp32 -e cpu \
 	    --extra_options exclude_embeds=true
