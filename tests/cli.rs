@@ -239,6 +239,46 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
     }
 }
 
+/// EasyR1-style rows (problem, answer, images only) roll out; a prompt with no room for the
+/// new tokens in the model's context is skipped with a warning naming it, the rest rolled out.
+#[test]
+fn rollout_skips_a_prompt_beyond_the_context_length() {
+    let dir = scratch("cli-context");
+    let data = dir.join("data.jsonl");
+    let long: Vec<&str> = ["astronaut.png", "coffee.png", "rocket.jpg"]
+        .iter()
+        .cycle()
+        .take(15)
+        .copied()
+        .collect();
+    let rows = [
+        serde_json::json!({"problem": "<image> Where is the cat looking?", "answer": "A",
+                           "images": ["chelsea.png"]}),
+        serde_json::json!({"id": "too-long", "problem": "<image>".repeat(15) + " Which?",
+                           "answer": "B", "images": long}),
+    ];
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&data, text).unwrap();
+    let out = dir.join("r.jsonl");
+    let r = rollout(&data)
+        .arg("--images-root")
+        .arg(fixtures().join("photos"))
+        .args(["--group", "2", "--max-new-tokens", "4", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let Some(err) = succeeded_or_skip(&r) else {
+        return;
+    };
+    assert!(
+        err.contains("skipping sample too-long (1)") && err.contains("context length of 4096"),
+        "{err}"
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|l| l["prompt_index"] == 0));
+}
+
 /// A missing input is named once with its cause once, not repeated down the error chain.
 #[test]
 fn a_missing_input_is_named_once() {

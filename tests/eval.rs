@@ -408,6 +408,30 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
             "{e}"
         );
     }
+    // The benchmark's own budget (4,096 new tokens) does not fit the tiny model's context of
+    // 4,096: refused before anything is written, naming the budget; a budget that leaves a
+    // prompt too little room names the item.
+    let (data, root) = fixture(Bench::Whatsup);
+    let out = dir.join("no-room");
+    let mut cfg = EvalConfig::new(Bench::Whatsup, data, out.clone(), "tiny".into());
+    cfg.images_root = Some(root);
+    let e = eval::run(&mut engine, &cfg, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the whatsup budget") && e.contains("context length of 4096"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    cfg.max_new_tokens = Some(4000);
+    let e = eval::run(&mut engine, &cfg, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("item ") && e.contains("4000 new ones"), "{e}");
+    // Nothing was scored, so the same folder takes a budget that fits.
+    cfg.max_new_tokens = Some(8);
+    let s = eval::run(&mut engine, &cfg, |_, _| {}).unwrap();
+    assert!(s.overall.items > 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

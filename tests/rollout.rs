@@ -980,3 +980,46 @@ fn cuda_half_precision_genai_folder_matches_cpu() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A prompt with no room for the new tokens in the model's context (the tiny checkpoint's
+/// 4,096, from its config.json) is an error naming its position, before any generation —
+/// whether generated directly, in CPU slices or from prepared prompts — and
+/// `Engine::prompt_lengths` finds it beforehand with the lengths the engine renders.
+#[test]
+fn a_prompt_beyond_the_context_length_is_refused_naming_it() {
+    let Some(mut e) = engine() else { return };
+    assert_eq!(e.context_length(), Some(4096));
+    let (_, golden) = golden();
+    let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos");
+    let pics: Vec<image::RgbImage> = ["astronaut.png", "coffee.png", "rocket.jpg"]
+        .iter()
+        .map(|n| image::open(photos.join(n)).unwrap().to_rgb8())
+        .collect();
+    let long = Request {
+        id: 7,
+        problem: "<image>".repeat(15) + " Which photo is brightest?",
+        images: pics.iter().cycle().take(15).cloned().collect(),
+    };
+    let reqs = vec![golden[0].clone(), long];
+    let cfg = greedy(8);
+    let lens = e.prompt_lengths(&reqs, &cfg).unwrap();
+    assert!(lens[0] + 8 <= 4096 && lens[1] + 8 > 4096, "{lens:?}");
+    assert_eq!(lens, prompt_lengths(&mut e, &reqs));
+    let refused = |r: Result<Vec<spatial_ssrl::rollout::Completion>, EngineError>| match r {
+        Err(EngineError::Config(m)) => {
+            let want = format!("prompt 1: {} tokens and 8 new ones", lens[1]);
+            assert!(
+                m.contains(&want) && m.contains("context length of 4096"),
+                "{m}"
+            );
+        }
+        other => panic!("{:?}", other.map(|c| c.len())),
+    };
+    refused(e.generate(&reqs, &cfg, None));
+    let prepared = e.prepare(&reqs, None).unwrap();
+    refused(e.generate_prepared(&reqs, &prepared, &cfg, None));
+    assert!(e.set_cpu_slices(Some(2)).unwrap());
+    refused(e.generate(&reqs, &cfg, None));
+    // The short prompt alone runs.
+    assert_eq!(e.generate(&reqs[..1], &cfg, None).unwrap().len(), 1);
+}

@@ -292,6 +292,19 @@ pub fn run_items(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Summary, EvalError> {
     let max_new_tokens = cfg.max_new_tokens.unwrap_or(cfg.bench.max_new_tokens());
+    // A budget the model's context cannot hold is refused before anything is written.
+    let context = engine.context_length();
+    if let Some(context) = context.filter(|&c| max_new_tokens >= c) {
+        return Err(EngineError::Config(format!(
+            "{max_new_tokens} new tokens ({}) leave no room for a prompt in the model's context \
+             length of {context}: pass a smaller --max-new-tokens",
+            match cfg.max_new_tokens {
+                Some(_) => "--max-new-tokens".to_string(),
+                None => format!("the {} budget", cfg.bench.name()),
+            }
+        ))
+        .into());
+    }
     std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
     let key = RunKey {
         bench: cfg.bench.name().into(),
@@ -306,24 +319,30 @@ pub fn run_items(
         top_p: cfg.sampling.top_p,
     };
     let key_path = cfg.out.join("run.json");
-    if let Ok(text) = std::fs::read(&key_path) {
-        let old: RunKey = serde_json::from_slice(&text).map_err(|e| ferr(&key_path, e))?;
-        if old != key {
-            return Err(ferr(
-                &key_path,
-                format!(
-                    "this folder holds a run with other settings ({}); pick another --out to keep both",
-                    serde_json::to_string(&old).expect("json")
-                ),
-            ));
-        }
-    } else {
-        std::fs::write(&key_path, serde_json::to_vec_pretty(&key).expect("json"))
-            .map_err(|e| ferr(&key_path, e))?;
-    }
     let items_path = cfg.out.join("items.jsonl");
     // A torn last line (interrupted write) is dropped; complete items are kept.
     let existing = std::fs::read_to_string(&items_path).unwrap_or_default();
+    let any_item = existing
+        .lines()
+        .any(|l| serde_json::from_str::<Item>(l).is_ok());
+    match std::fs::read(&key_path) {
+        // A run with items continues only with its own settings; one that stopped before its
+        // first item (a refused prompt, say) starts over with the new ones.
+        Ok(text) if any_item => {
+            let old: RunKey = serde_json::from_slice(&text).map_err(|e| ferr(&key_path, e))?;
+            if old != key {
+                return Err(ferr(
+                    &key_path,
+                    format!(
+                        "this folder holds a run with other settings ({}); pick another --out to keep both",
+                        serde_json::to_string(&old).expect("json")
+                    ),
+                ));
+            }
+        }
+        _ => std::fs::write(&key_path, serde_json::to_vec_pretty(&key).expect("json"))
+            .map_err(|e| ferr(&key_path, e))?,
+    }
     let mut body = String::new();
     let mut done: HashSet<String> = HashSet::new();
     for l in existing.lines() {
@@ -372,6 +391,22 @@ pub fn run_items(
                         .map(bench::ImageSource::load)
                         .collect::<Result<_, _>>()?,
                 });
+            }
+            // A prompt the context cannot hold with the budget is named by its item.
+            if let Some(context) = context {
+                let lens = engine.prompt_lengths(&reqs, &gen)?;
+                if let Some((s, n)) = chunk
+                    .iter()
+                    .zip(lens)
+                    .find(|(_, n)| n + max_new_tokens > context)
+                {
+                    return Err(EngineError::Config(format!(
+                        "item {}: {n} prompt tokens and {max_new_tokens} new ones exceed the \
+                         model's context length of {context}: pass a smaller --max-new-tokens",
+                        s.id
+                    ))
+                    .into());
+                }
             }
             let out = engine.generate(&reqs, &gen, None)?;
             let mut lines = String::new();

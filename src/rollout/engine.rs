@@ -216,6 +216,22 @@ pub struct Engine {
     /// The decode loop keeps the rows' own tokens where the decoder reads them, not copied
     /// every step ([`own_cache_in_place`]).
     own_in_place: bool,
+    /// The most tokens a sequence may hold, prompt and new ones ([`Engine::context_length`]).
+    context: Option<usize>,
+}
+
+/// The model's context length: an onnxruntime-genai folder's `model.context_length`, else
+/// `max_position_embeddings` of its `config.json` (transformers' 4.x or 5.x layout).
+fn context_length(dir: &Path) -> Option<usize> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(dir.join(f)).ok()?).ok()
+    };
+    let genai = read("genai_config.json").and_then(|c| c["model"]["context_length"].as_u64());
+    let hf = read("config.json").and_then(|c| {
+        let t = &c["text_config"]["max_position_embeddings"];
+        t.as_u64().or(c["max_position_embeddings"].as_u64())
+    });
+    genai.or(hf).map(|n| n as usize)
 }
 
 /// One CPU slice: its sessions and the thread they run on, kept for the engine's life.
@@ -226,24 +242,37 @@ struct Slice {
 }
 
 /// How a request's problem becomes the user turn: as it is (`verbatim`), or with the format
-/// sentence added.
+/// sentence added; and the room the prompt has: `(context length, new tokens)`, where known.
 #[derive(Clone, Copy)]
 struct PromptText<'a> {
     format_sentence: Option<&'a str>,
     verbatim: bool,
+    room: Option<(usize, usize)>,
+}
+
+/// A prompt of `len` tokens that leaves no room for `new` tokens in a `context`: the error
+/// naming the request (by its position `at`).
+fn too_long(at: usize, len: usize, new: usize, context: usize) -> EngineError {
+    EngineError::Config(format!(
+        "prompt {at}: {len} tokens and {new} new ones exceed the model's context length of \
+         {context} (fewer or smaller images, or fewer new tokens)"
+    ))
 }
 
 /// Each request's prompt ids (image placeholders expanded) and image grids. The prompts need
-/// only each image's patch grid; the pixels are prepared next to the vision calls.
+/// only each image's patch grid; the pixels are prepared next to the vision calls. A prompt
+/// without room for the new tokens ([`PromptText::room`]) is an error naming its position
+/// (`at[i]` for `requests[i]`).
 fn tokenize(
     builder: &PromptBuilder,
     pre: &PreprocessorConfig,
     merge: u32,
     requests: &[&Request],
+    at: &[usize],
     text: PromptText<'_>,
 ) -> Result<(Vec<Vec<u32>>, Vec<ImageGrids>), EngineError> {
     let (mut grids, mut prompts) = (Vec::new(), Vec::new());
-    for &r in requests {
+    for (&r, &at) in requests.iter().zip(at) {
         let g = r
             .images
             .iter()
@@ -256,7 +285,11 @@ fn tokenize(
         };
         let rendered = builder.render(&msgs)?;
         let counts: Vec<usize> = g.iter().map(|g| image_tokens(*g, merge)).collect();
-        prompts.push(builder.encode(&rendered, &counts)?);
+        let ids = builder.encode(&rendered, &counts)?;
+        if let Some((context, new)) = text.room.filter(|(c, n)| ids.len() + n > *c) {
+            return Err(too_long(at, ids.len(), new, context));
+        }
+        prompts.push(ids);
         grids.push(g);
     }
     Ok((prompts, grids))
@@ -448,6 +481,7 @@ impl Engine {
         let own_in_place = own_cache_in_place(m, &provider);
         Ok(Engine {
             own_in_place,
+            context: context_length(dir),
             prompts: Arc::new(PromptBuilder::from_dir(dir)?),
             preprocessor,
             package,
@@ -490,6 +524,32 @@ impl Engine {
     /// Whether the decode loop keeps the rows' older own tokens in a buffer read in place.
     pub fn own_cache_in_place(&self) -> bool {
         self.own_in_place
+    }
+
+    /// The most tokens a sequence may hold, prompt and generated (from the folder's
+    /// `genai_config.json` or `config.json`); `None` where neither says. A prompt without room
+    /// for `max_new_tokens` more is an error of [`Engine::generate`].
+    pub fn context_length(&self) -> Option<usize> {
+        self.context
+    }
+
+    /// Each request's prompt length in tokens (images included) as [`Engine::generate`] would
+    /// render it with `cfg` — tokenising only, to find prompts too long before generating.
+    pub fn prompt_lengths(
+        &self,
+        requests: &[Request],
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<usize>, EngineError> {
+        let text = PromptText {
+            format_sentence: cfg.format_sentence.as_deref(),
+            verbatim: cfg.verbatim,
+            room: None,
+        };
+        let all: Vec<&Request> = requests.iter().collect();
+        let at: Vec<usize> = (0..requests.len()).collect();
+        let merge = self.package.manifest.vision.spatial_merge_size;
+        let (prompts, _) = tokenize(&self.prompts, &self.preprocessor, merge, &all, &at, text)?;
+        Ok(prompts.iter().map(Vec::len).collect())
     }
 
     /// Whether the decode loop keeps its cache and logits on the GPU.
@@ -557,6 +617,7 @@ impl Engine {
         let text = PromptText {
             format_sentence,
             verbatim: false,
+            room: None,
         };
         self.prepare_as(requests, text)
     }
@@ -568,7 +629,8 @@ impl Engine {
     ) -> Result<Prepared, EngineError> {
         let merge = self.package.manifest.vision.spatial_merge_size;
         let all: Vec<&Request> = requests.iter().collect();
-        let (prompts, grids) = tokenize(&self.prompts, &self.preprocessor, merge, &all, text)?;
+        let at: Vec<usize> = (0..requests.len()).collect();
+        let (prompts, grids) = tokenize(&self.prompts, &self.preprocessor, merge, &all, &at, text)?;
         let images: Vec<&RgbImage> = requests.iter().flat_map(|r| &r.images).collect();
         let mut each = self.vision_features(&images)?.into_iter();
         let features = requests
@@ -787,6 +849,7 @@ impl Engine {
         let text = PromptText {
             format_sentence: cfg.format_sentence.as_deref(),
             verbatim: cfg.verbatim,
+            room: self.context.map(|c| (c, cfg.max_new_tokens)),
         };
         let k = self.slices.len().min(requests.len());
         if k < 2 || trace.is_some() {
@@ -816,7 +879,7 @@ impl Engine {
         let shares = prompt_shares(&costs, k);
         let parts = self.on_slices(shares.clone(), |r, share: Vec<usize>| {
             let requests: Vec<&Request> = share.iter().map(|&i| &requests[i]).collect();
-            let (prompts, grids) = tokenize(&builder, &pre, merge, &requests, text)?;
+            let (prompts, grids) = tokenize(&builder, &pre, merge, &requests, &share, text)?;
             let features = requests
                 .iter()
                 .map(|q| {
@@ -849,6 +912,14 @@ impl Engine {
         cfg.sampling.check().map_err(EngineError::Config)?;
         if requests.is_empty() || cfg.group == 0 {
             return Ok(vec![]);
+        }
+        if let Some(context) = self.context {
+            let new = cfg.max_new_tokens;
+            if let Some((at, p)) =
+                (prepared.prompts.iter().enumerate()).find(|(_, p)| p.len() + new > context)
+            {
+                return Err(too_long(at, p.len(), new, context));
+            }
         }
         let k = self.slices.len().min(requests.len());
         let ids: Vec<u64> = requests.iter().map(|q| q.id).collect();

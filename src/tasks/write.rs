@@ -12,15 +12,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One QA sample. `images` are paths relative to the output folder; `meta` holds the
-/// geometry needed to re-check the answer without the generator.
+/// geometry needed to re-check the answer without the generator. Read back, only `problem`,
+/// `answer` and `images` are required (EasyR1's columns); the rest default to empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleRecord {
+    #[serde(default)]
     pub id: String,
+    #[serde(default)]
     pub task: String,
     pub problem: String,
     pub answer: String,
     pub images: Vec<String>,
+    #[serde(default)]
     pub source: Vec<String>,
+    #[serde(default)]
     pub meta: serde_json::Value,
 }
 
