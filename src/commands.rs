@@ -146,6 +146,14 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         );
     }
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
+    if t.overlong != (0, 0) {
+        eprintln!(
+            "left out as too long (data.max_prompt_length {}, or no room for \
+             data.max_response_length {} in the model's context): {} training and {} validation \
+             prompts",
+            cfg.data.max_prompt_length, cfg.data.max_response_length, t.overlong.0, t.overlong.1
+        );
+    }
     if a.resume {
         match t.latest_checkpoint() {
             Some(dir) => {

@@ -425,3 +425,40 @@ fn micro_batches_respect_rows_and_padded_tokens() {
             .all(|w| w[0].end == w[1].start && !w[0].is_empty()));
     }
 }
+
+/// EasyR1's `filter_overlong_prompts`: prompts over `data.max_prompt_length` tokens — image
+/// tokens counted from each image's size — are left out when the trainer opens the data, so no
+/// step meets a prompt the model's context cannot hold; with the filter off they stay.
+#[test]
+fn overlong_prompts_are_left_out_of_the_data() {
+    let dir = std::env::temp_dir().join(format!("ssrl-train-overlong-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = text_tasks(&dir, 8);
+    // Two prompts of fifteen photos (about 4,500 tokens), one of a single photo.
+    let photos = ["astronaut.png", "coffee.png", "rocket.jpg"];
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&data)
+        .unwrap();
+    for (i, n) in [15usize, 1, 15].into_iter().enumerate() {
+        let images: Vec<&str> = photos.iter().cycle().take(n).copied().collect();
+        let line = serde_json::json!({
+            "id": format!("p{i}"), "task": "letter", "answer": "a", "images": images,
+            "problem": "<image>".repeat(n) + " Answer with the letter a.",
+        });
+        writeln!(f, "{line}").unwrap();
+    }
+    drop(f);
+    let mut c = config(&dir, data);
+    c.data.image_dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos"));
+    let Some(t) = trainer(c.clone()) else { return };
+    assert_eq!(t.overlong, (2, 0));
+    // A prompt limit under the text prompts' length leaves none: refused, counting them.
+    c.data.max_prompt_length = 20;
+    let e = Trainer::new(c.clone(), None).err().unwrap().to_string();
+    assert!(e.contains("0 prompts (11 more too long"), "{e}");
+    c.data.filter_overlong_prompts = false;
+    assert_eq!(trainer(c).unwrap().overlong, (0, 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

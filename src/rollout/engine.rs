@@ -273,19 +273,8 @@ fn tokenize(
 ) -> Result<(Vec<Vec<u32>>, Vec<ImageGrids>), EngineError> {
     let (mut grids, mut prompts) = (Vec::new(), Vec::new());
     for (&r, &at) in requests.iter().zip(at) {
-        let g = r
-            .images
-            .iter()
-            .map(|img| grid_thw(img.width(), img.height(), pre))
-            .collect::<Result<Vec<_>, _>>()?;
-        let msgs = if text.verbatim {
-            PromptBuilder::verbatim(&r.problem)
-        } else {
-            PromptBuilder::content(&r.problem, text.format_sentence)
-        };
-        let rendered = builder.render(&msgs)?;
-        let counts: Vec<usize> = g.iter().map(|g| image_tokens(*g, merge)).collect();
-        let ids = builder.encode(&rendered, &counts)?;
+        let sizes: Vec<(u32, u32)> = r.images.iter().map(|i| i.dimensions()).collect();
+        let (ids, g) = prompt_ids(builder, pre, merge, &r.problem, &sizes, text)?;
         if let Some((context, new)) = text.room.filter(|(c, n)| ids.len() + n > *c) {
             return Err(too_long(at, ids.len(), new, context));
         }
@@ -293,6 +282,29 @@ fn tokenize(
         grids.push(g);
     }
     Ok((prompts, grids))
+}
+
+/// A problem's prompt ids (image placeholders expanded for images of `sizes`, `(w, h)` each) and
+/// its images' grids.
+fn prompt_ids(
+    builder: &PromptBuilder,
+    pre: &PreprocessorConfig,
+    merge: u32,
+    problem: &str,
+    sizes: &[(u32, u32)],
+    text: PromptText<'_>,
+) -> Result<(Vec<u32>, ImageGrids), EngineError> {
+    let g = sizes
+        .iter()
+        .map(|&(w, h)| grid_thw(w, h, pre))
+        .collect::<Result<Vec<_>, _>>()?;
+    let msgs = match text.verbatim {
+        true => PromptBuilder::verbatim(problem),
+        false => PromptBuilder::content(problem, text.format_sentence),
+    };
+    let rendered = builder.render(&msgs)?;
+    let counts: Vec<usize> = g.iter().map(|g| image_tokens(*g, merge)).collect();
+    Ok((builder.encode(&rendered, &counts)?, g))
 }
 
 /// One request's image grids, `[t, h, w]` in patches each.
@@ -550,6 +562,32 @@ impl Engine {
         let merge = self.package.manifest.vision.spatial_merge_size;
         let (prompts, _) = tokenize(&self.prompts, &self.preprocessor, merge, &all, &at, text)?;
         Ok(prompts.iter().map(Vec::len).collect())
+    }
+
+    /// The prompt length in tokens of `problem` with images of `sizes` (`(width, height)`
+    /// each; only their sizes count), with the format sentence as given — to filter a dataset's
+    /// prompts before any image is decoded.
+    pub fn prompt_length(
+        &self,
+        problem: &str,
+        sizes: &[(u32, u32)],
+        format_sentence: Option<&str>,
+    ) -> Result<usize, EngineError> {
+        let text = PromptText {
+            format_sentence,
+            verbatim: false,
+            room: None,
+        };
+        let merge = self.package.manifest.vision.spatial_merge_size;
+        let (ids, _) = prompt_ids(
+            &self.prompts,
+            &self.preprocessor,
+            merge,
+            problem,
+            sizes,
+            text,
+        )?;
+        Ok(ids.len())
     }
 
     /// Whether the decode loop keeps its cache and logits on the GPU.

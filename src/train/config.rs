@@ -34,6 +34,13 @@ pub struct DataConfig {
     pub rollout_batch_size: usize,
     /// Validation prompts per evaluation (the first N of the validation set).
     pub val_batch_size: usize,
+    /// Prompts longer than this many tokens (images included) are left out when
+    /// `filter_overlong_prompts` (EasyR1's `data.max_prompt_length` and filter).
+    pub max_prompt_length: usize,
+    /// Leave out prompts over `max_prompt_length`, and any without room for
+    /// `max_response_length` in the model's context (EasyR1 `data.filter_overlong_prompts`);
+    /// `false` keeps them, and a rollout of one without room fails.
+    pub filter_overlong_prompts: bool,
     pub max_response_length: usize,
     /// Image size bounds in pixels (EasyR1 `data.min_pixels` / `data.max_pixels`): every image
     /// is resized into this range before patching.
@@ -156,6 +163,8 @@ impl Default for DataConfig {
             image_dir: None,
             rollout_batch_size: 256,
             val_batch_size: 1024,
+            max_prompt_length: 4096,
+            filter_overlong_prompts: true,
             max_response_length: 2048,
             min_pixels: 262_144,
             max_pixels: 4_194_304,
@@ -365,6 +374,9 @@ impl TrainConfig {
         }
         if self.data.max_response_length == 0 {
             return bad("data.max_response_length", "must be at least 1");
+        }
+        if self.data.max_prompt_length == 0 {
+            return bad("data.max_prompt_length", "must be at least 1");
         }
         if !matches!(self.actor.old_logprobs.as_str(), "recompute" | "rollout") {
             return bad("actor.old_logprobs", "\"recompute\" or \"rollout\"");

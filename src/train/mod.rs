@@ -211,6 +211,50 @@ pub struct Trainer {
     steps_per_epoch: usize,
     /// The next step's prompts, loading in the background.
     prefetch: Option<Prefetch>,
+    /// Prompts left out by `data.filter_overlong_prompts`: training, validation.
+    pub overlong: (usize, usize),
+}
+
+/// `d` without the prompts that are too long: over `data.max_prompt_length` tokens, or without
+/// room for `data.max_response_length` in the model's context (EasyR1's
+/// `filter_overlong_prompts`; its length counts the image tokens, which only need each image's
+/// size, read from its header). A sample whose images cannot be read stays: the step that loads
+/// it reports the file. Returns the dataset kept and how many were left out.
+fn without_overlong(
+    engine: &Engine,
+    cfg: &TrainConfig,
+    d: Dataset,
+) -> Result<(Dataset, usize), TrainError> {
+    if !cfg.data.filter_overlong_prompts {
+        return Ok((d, 0));
+    }
+    let format = (!cfg.data.format_prompt.is_empty()).then_some(cfg.data.format_prompt.as_str());
+    let room = engine.context_length().map_or(usize::MAX, |c| {
+        c.saturating_sub(cfg.data.max_response_length)
+    });
+    let limit = cfg.data.max_prompt_length.min(room);
+    let n = d.samples.len();
+    let mut kept = Dataset {
+        samples: Vec::with_capacity(n),
+        roots: Vec::with_capacity(n),
+    };
+    for (s, root) in d.samples.into_iter().zip(d.roots) {
+        let sizes: Result<Vec<(u32, u32)>, _> = s
+            .images
+            .iter()
+            .map(|p| image::image_dimensions(root.join(p)))
+            .collect();
+        let fits = match sizes {
+            Ok(sizes) => engine.prompt_length(&s.problem, &sizes, format)? <= limit,
+            Err(_) => true,
+        };
+        if fits {
+            kept.samples.push(s);
+            kept.roots.push(root);
+        }
+    }
+    let dropped = n - kept.samples.len();
+    Ok((kept, dropped))
 }
 
 impl Trainer {
@@ -254,13 +298,19 @@ impl Trainer {
         let train = engine.open_graph(&m.graphs.train)?;
         let data = load_dataset(&cfg.data.train_files, cfg.data.image_dir.as_deref())?;
         let val = load_dataset(&cfg.data.val_files, cfg.data.image_dir.as_deref())?;
+        let (data, overlong_train) = without_overlong(&engine, &cfg, data)?;
+        let (val, overlong_val) = without_overlong(&engine, &cfg, val)?;
         let steps_per_epoch = data.samples.len() / cfg.data.rollout_batch_size;
         if steps_per_epoch == 0 {
             return Err(TrainError::Data {
                 path: cfg.data.train_files[0].clone(),
                 msg: format!(
-                    "{} prompts, fewer than data.rollout_batch_size = {}",
+                    "{} prompts{}, fewer than data.rollout_batch_size = {}",
                     data.samples.len(),
+                    match overlong_train {
+                        0 => String::new(),
+                        n => format!(" ({n} more too long: data.max_prompt_length)"),
+                    },
                     cfg.data.rollout_batch_size
                 ),
             });
@@ -315,6 +365,7 @@ impl Trainer {
             rope,
             steps_per_epoch,
             prefetch: None,
+            overlong: (overlong_train, overlong_val),
         };
         t.push_lora()?;
         Ok(t)
