@@ -250,6 +250,26 @@ struct PromptText<'a> {
     room: Option<(usize, usize)>,
 }
 
+impl<'a> PromptText<'a> {
+    /// The problem with `format_sentence` after it, no room checked.
+    fn formatted(format_sentence: Option<&'a str>) -> PromptText<'a> {
+        PromptText {
+            format_sentence,
+            verbatim: false,
+            room: None,
+        }
+    }
+
+    /// As `cfg` renders it, no room checked.
+    fn of(cfg: &'a GenerationConfig) -> PromptText<'a> {
+        PromptText {
+            format_sentence: cfg.format_sentence.as_deref(),
+            verbatim: cfg.verbatim,
+            room: None,
+        }
+    }
+}
+
 /// A prompt of `len` tokens that leaves no room for `new` tokens in a `context`: the error
 /// naming the request (by its position `at`).
 fn too_long(at: usize, len: usize, new: usize, context: usize) -> EngineError {
@@ -552,11 +572,7 @@ impl Engine {
         requests: &[Request],
         cfg: &GenerationConfig,
     ) -> Result<Vec<usize>, EngineError> {
-        let text = PromptText {
-            format_sentence: cfg.format_sentence.as_deref(),
-            verbatim: cfg.verbatim,
-            room: None,
-        };
+        let text = PromptText::of(cfg);
         let all: Vec<&Request> = requests.iter().collect();
         let at: Vec<usize> = (0..requests.len()).collect();
         let merge = self.package.manifest.vision.spatial_merge_size;
@@ -573,11 +589,7 @@ impl Engine {
         sizes: &[(u32, u32)],
         format_sentence: Option<&str>,
     ) -> Result<usize, EngineError> {
-        let text = PromptText {
-            format_sentence,
-            verbatim: false,
-            room: None,
-        };
+        let text = PromptText::formatted(format_sentence);
         let merge = self.package.manifest.vision.spatial_merge_size;
         let (ids, _) = prompt_ids(
             &self.prompts,
@@ -652,12 +664,7 @@ impl Engine {
         requests: &[Request],
         format_sentence: Option<&str>,
     ) -> Result<Prepared, EngineError> {
-        let text = PromptText {
-            format_sentence,
-            verbatim: false,
-            room: None,
-        };
-        self.prepare_as(requests, text)
+        self.prepare_as(requests, PromptText::formatted(format_sentence))
     }
 
     fn prepare_as(
@@ -885,9 +892,8 @@ impl Engine {
             return Ok(vec![]);
         }
         let text = PromptText {
-            format_sentence: cfg.format_sentence.as_deref(),
-            verbatim: cfg.verbatim,
             room: self.context.map(|c| (c, cfg.max_new_tokens)),
+            ..PromptText::of(cfg)
         };
         let k = self.slices.len().min(requests.len());
         if k < 2 || trace.is_some() {
