@@ -191,6 +191,37 @@ fn tasks_without_input_or_with_bad_values_fails_clearly() {
     let help = ssrl().args(["tasks", "--help"]).output().unwrap();
     let h = String::from_utf8(help.stdout).unwrap();
     assert!(h.contains("--resume") && h.contains("Example"), "{h}");
+    // Tasks whose inputs were not given say which they take, and leave nothing behind: the
+    // corrected command runs into the same folder; so does one after a run that made nothing
+    // (every photo too small for --max-side 10).
+    let out = scratch("cli-no-sources").join("o");
+    let photos = fixtures().join("photos");
+    let tasks = |args: &[&str]| {
+        let r = ssrl()
+            .args(["tasks", "--images"])
+            .arg(&photos)
+            .arg("--out")
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            r.status.success(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = tasks(&["--tasks", "depth,position"]);
+    assert!(
+        !ok && err.contains("depth, position take RGB-D frames (--rgbd: none given)"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (ok, err) = tasks(&["--tasks", "flip", "--max-side", "10"]);
+    assert!(!ok && err.contains("TooSmall"), "{err}");
+    assert!(!out.exists());
+    let (ok, err) = tasks(&["--tasks", "flip"]);
+    assert!(ok, "{err}");
+    assert!(out.join("run.json").is_file());
 }
 
 /// Settings that cannot run are refused before anything is read or written, naming the flag and

@@ -450,9 +450,41 @@ fn merge(into: &mut BTreeMap<TaskKind, TaskStats>, from: &BTreeMap<TaskKind, Tas
 
 /// Runs the task engine: discovery, generation on `threads` workers, sharded atomic output,
 /// resume, and `summary.json`.
+/// Why no source serves the selected tasks: which inputs each kind of task takes, and whether
+/// they were given.
+fn no_sources(cfg: &TasksConfig) -> String {
+    let names = |depth: bool| -> String {
+        let n: Vec<&str> = (cfg.tasks.iter())
+            .filter(|t| t.needs_depth() == depth)
+            .map(|t| t.name())
+            .collect();
+        n.join(", ")
+    };
+    let state = |given: bool| if given { "none found" } else { "none given" };
+    let mut why = Vec::new();
+    let (rgb, depth) = (names(false), names(true));
+    if !rgb.is_empty() {
+        why.push(format!(
+            "{rgb} take photos (--images: {})",
+            state(!cfg.images.is_empty())
+        ));
+    }
+    if !depth.is_empty() {
+        why.push(format!(
+            "{depth} take RGB-D frames (--rgbd: {})",
+            state(!cfg.rgbd.is_empty())
+        ));
+    }
+    format!("no usable sources: {}", why.join("; "))
+}
+
 pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksError> {
     let t0 = Instant::now();
     let sources = discover(cfg, progress)?;
+    if sources.is_empty() {
+        // Nothing is written: a corrected command can use the same folder.
+        return Err(TasksError::NothingProduced(no_sources(cfg)));
+    }
     let fp = RunFingerprint {
         version: 1,
         tasks: cfg.tasks.clone(),
@@ -470,7 +502,9 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
             .collect(),
     };
     let run_json = cfg.out.join("run.json");
-    if run_json.exists() {
+    let fresh = !run_json.exists();
+    let out_existed = cfg.out.exists();
+    if !fresh {
         if !cfg.resume {
             return Err(TasksError::AlreadyExists(cfg.out.clone()));
         }
@@ -607,11 +641,19 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
                     .map(move |(r, n)| format!("{} {n}× {:?}", t.name(), r))
             })
             .collect();
-        return Err(TasksError::NothingProduced(if sources.is_empty() {
-            "no usable sources for the selected tasks".into()
-        } else {
-            reasons.join(", ")
-        }));
+        if fresh {
+            // A run that made nothing leaves no run behind to be resumed or refused.
+            for f in ["run.json", "summary.json"] {
+                let _ = std::fs::remove_file(cfg.out.join(f));
+            }
+            for d in ["state", "data"] {
+                let _ = std::fs::remove_dir_all(cfg.out.join(d));
+            }
+            if !out_existed {
+                let _ = std::fs::remove_dir(&cfg.out);
+            }
+        }
+        return Err(TasksError::NothingProduced(reasons.join(", ")));
     }
     Ok(summary)
 }
