@@ -716,6 +716,9 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         m.text.vocab_size,
         m.text.mrope_section
     );
+    if let Some(n) = p.context_length() {
+        println!("context: {n} tokens, prompt and generated");
+    }
     println!(
         "vision: patch {}, merge {}, window {} px → features of {}; {}",
         m.vision.patch_size,

@@ -384,6 +384,8 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
         ),
         "{out}"
     );
+    // The context length, from the package's config.json.
+    assert!(out.contains("context: 4096 tokens"), "{out}");
 }
 
 #[test]

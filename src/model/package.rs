@@ -543,6 +543,21 @@ impl Package {
         .collect()
     }
 
+    /// The model's context length, prompt and generated tokens together: an onnxruntime-genai
+    /// folder's `model.context_length`, else `max_position_embeddings` of its `config.json`
+    /// (transformers' 4.x or 5.x layout); `None` where neither says.
+    pub fn context_length(&self) -> Option<usize> {
+        let read = |f: &str| -> Option<serde_json::Value> {
+            serde_json::from_slice(&std::fs::read(self.dir.join(f)).ok()?).ok()
+        };
+        let genai = read("genai_config.json").and_then(|c| c["model"]["context_length"].as_u64());
+        let hf = read("config.json").and_then(|c| {
+            let t = &c["text_config"]["max_position_embeddings"];
+            t.as_u64().or(c["max_position_embeddings"].as_u64())
+        });
+        genai.or(hf).map(|n| n as usize)
+    }
+
     /// Loads every graph and checks its inputs and outputs against the contract.
     pub fn validate(&self, ort_lib: Option<&Path>) -> Result<(), PackageError> {
         let env = environment(ort_lib)?;

@@ -220,20 +220,6 @@ pub struct Engine {
     context: Option<usize>,
 }
 
-/// The model's context length: an onnxruntime-genai folder's `model.context_length`, else
-/// `max_position_embeddings` of its `config.json` (transformers' 4.x or 5.x layout).
-fn context_length(dir: &Path) -> Option<usize> {
-    let read = |f: &str| -> Option<serde_json::Value> {
-        serde_json::from_slice(&std::fs::read(dir.join(f)).ok()?).ok()
-    };
-    let genai = read("genai_config.json").and_then(|c| c["model"]["context_length"].as_u64());
-    let hf = read("config.json").and_then(|c| {
-        let t = &c["text_config"]["max_position_embeddings"];
-        t.as_u64().or(c["max_position_embeddings"].as_u64())
-    });
-    genai.or(hf).map(|n| n as usize)
-}
-
 /// One CPU slice: its sessions and the thread they run on, kept for the engine's life.
 struct Slice {
     graphs: Graphs,
@@ -513,7 +499,7 @@ impl Engine {
         let own_in_place = own_cache_in_place(m, &provider);
         Ok(Engine {
             own_in_place,
-            context: context_length(dir),
+            context: package.context_length(),
             prompts: Arc::new(PromptBuilder::from_dir(dir)?),
             preprocessor,
             package,
