@@ -563,27 +563,16 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
             }
             // A prompt without room for --max-new-tokens in the model's context is skipped
             // like an unreadable sample, not left to fail the batch.
-            if let Some(context) = engine.context_length().filter(|_| !reqs.is_empty()) {
-                let lens = engine.prompt_lengths(&reqs, &cfg)?;
-                let fits: Vec<bool> = lens
-                    .iter()
-                    .map(|n| n + cfg.max_new_tokens <= context)
-                    .collect();
-                for ((&(index, s), n), _) in
-                    sources.iter().zip(&lens).zip(&fits).filter(|(_, f)| !**f)
-                {
-                    skipped += 1;
-                    let why = format!(
-                        "{n} prompt tokens and {} new ones exceed the model's context length \
-                         of {context}",
-                        cfg.max_new_tokens
-                    );
-                    commands::say(&pb, format!("skipping sample {} ({index}): {why}", s.id));
-                }
-                let mut keep = fits.iter();
-                reqs.retain(|_| *keep.next().expect("one per request"));
-                let mut keep = fits.iter();
-                sources.retain(|_| *keep.next().expect("one per request"));
+            let no_room = engine.without_room(&reqs, &cfg)?;
+            for r in &no_room {
+                let (index, s) = sources[r.at];
+                skipped += 1;
+                let why = format!("its prompt's {r}");
+                commands::say(&pb, format!("skipping sample {} ({index}): {why}", s.id));
+            }
+            for r in no_room.iter().rev() {
+                sources.remove(r.at);
+                reqs.remove(r.at);
             }
             let mut lines = String::new();
             if !reqs.is_empty() {

@@ -393,20 +393,12 @@ pub fn run_items(
                 });
             }
             // A prompt the context cannot hold with the budget is named by its item.
-            if let Some(context) = context {
-                let lens = engine.prompt_lengths(&reqs, &gen)?;
-                if let Some((s, n)) = chunk
-                    .iter()
-                    .zip(lens)
-                    .find(|(_, n)| n + max_new_tokens > context)
-                {
-                    return Err(EngineError::Config(format!(
-                        "item {}: {n} prompt tokens and {max_new_tokens} new ones exceed the \
-                         model's context length of {context}: pass a smaller --max-new-tokens",
-                        s.id
-                    ))
-                    .into());
-                }
+            if let Some(r) = engine.without_room(&reqs, &gen)?.first() {
+                return Err(EngineError::Config(format!(
+                    "item {}: {r}: pass a smaller --max-new-tokens",
+                    chunk[r.at].id
+                ))
+                .into());
             }
             let out = engine.generate(&reqs, &gen, None)?;
             let mut lines = String::new();

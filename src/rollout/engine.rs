@@ -256,13 +256,46 @@ impl<'a> PromptText<'a> {
     }
 }
 
-/// A prompt of `len` tokens that leaves no room for `new` tokens in a `context`: the error
-/// naming the request (by its position `at`).
-fn too_long(at: usize, len: usize, new: usize, context: usize) -> EngineError {
-    EngineError::Config(format!(
-        "prompt {at}: {len} tokens and {new} new ones exceed the model's context length of \
-         {context} (fewer or smaller images, or fewer new tokens)"
-    ))
+/// A prompt without room for the new tokens in the model's context: its position among the
+/// requests, its length, the new tokens asked for and the context length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRoom {
+    pub at: usize,
+    pub len: usize,
+    pub new: usize,
+    pub context: usize,
+}
+
+impl NoRoom {
+    /// The prompt at `at` of `len` tokens, when `new` more do not fit in `context`.
+    fn of(at: usize, len: usize, new: usize, context: Option<usize>) -> Option<NoRoom> {
+        let context = context.filter(|&c| len + new > c)?;
+        Some(NoRoom {
+            at,
+            len,
+            new,
+            context,
+        })
+    }
+}
+
+impl std::fmt::Display for NoRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} tokens and {} new ones exceed the model's context length of {}",
+            self.len, self.new, self.context
+        )
+    }
+}
+
+impl From<NoRoom> for EngineError {
+    fn from(r: NoRoom) -> EngineError {
+        EngineError::Config(format!(
+            "prompt {}: {r} (fewer or smaller images, or fewer new tokens)",
+            r.at
+        ))
+    }
 }
 
 /// Each request's prompt ids (image placeholders expanded) and image grids. The prompts need
@@ -281,8 +314,10 @@ fn tokenize(
     for (&r, &at) in requests.iter().zip(at) {
         let sizes: Vec<(u32, u32)> = r.images.iter().map(|i| i.dimensions()).collect();
         let (ids, g) = prompt_ids(builder, pre, merge, &r.problem, &sizes, text)?;
-        if let Some((context, new)) = text.room.filter(|(c, n)| ids.len() + n > *c) {
-            return Err(too_long(at, ids.len(), new, context));
+        if let Some((context, new)) = text.room {
+            if let Some(r) = NoRoom::of(at, ids.len(), new, Some(context)) {
+                return Err(r.into());
+            }
         }
         prompts.push(ids);
         grids.push(g);
@@ -586,6 +621,22 @@ impl Engine {
             text,
         )?;
         Ok(ids.len())
+    }
+
+    /// The requests whose prompt leaves no room for `cfg.max_new_tokens` in the model's
+    /// context, in order ([`Engine::generate`] refuses them); none where the context is unknown.
+    pub fn without_room(
+        &self,
+        requests: &[Request],
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<NoRoom>, EngineError> {
+        if self.context.is_none() || requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lens = self.prompt_lengths(requests, cfg)?;
+        Ok((lens.into_iter().enumerate())
+            .filter_map(|(at, len)| NoRoom::of(at, len, cfg.max_new_tokens, self.context))
+            .collect())
     }
 
     /// Whether the decode loop keeps its cache and logits on the GPU.
@@ -943,13 +994,11 @@ impl Engine {
         if requests.is_empty() || cfg.group == 0 {
             return Ok(vec![]);
         }
-        if let Some(context) = self.context {
-            let new = cfg.max_new_tokens;
-            if let Some((at, p)) =
-                (prepared.prompts.iter().enumerate()).find(|(_, p)| p.len() + new > context)
-            {
-                return Err(too_long(at, p.len(), new, context));
-            }
+        let new = cfg.max_new_tokens;
+        let no_room = (prepared.prompts.iter().enumerate())
+            .find_map(|(at, p)| NoRoom::of(at, p.len(), new, self.context));
+        if let Some(r) = no_room {
+            return Err(r.into());
         }
         let k = self.slices.len().min(requests.len());
         let ids: Vec<u64> = requests.iter().map(|q| q.id).collect();

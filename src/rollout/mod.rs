@@ -8,6 +8,6 @@ mod kv;
 mod share;
 
 pub use engine::{
-    Completion, Engine, EngineError, EngineStats, Finish, GenerationConfig, Prepared, Request,
-    Trace,
+    Completion, Engine, EngineError, EngineStats, Finish, GenerationConfig, NoRoom, Prepared,
+    Request, Trace,
 };
