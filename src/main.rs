@@ -17,8 +17,17 @@ use std::path::PathBuf;
     about = "Self-supervised spatial RL for vision-language models (Spatial-SSRL)",
     long_about = "Self-supervised spatial RL for vision-language models (Spatial-SSRL, arXiv 2510.27606).\n\n\
 Turns ordinary photos and RGB-D frames into five pretext tasks whose answers a string compare \
-can verify, and scores model responses with EasyR1's reward.\n\n\
-Start with:\n  ssrl tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out\n  ssrl reward responses.jsonl"
+can verify, samples a Qwen2.5-VL model on them through ONNX Runtime (CPU, CUDA or TensorRT), scores \
+the responses with EasyR1's reward and fine-tunes the model's LoRA with GRPO — no torch at run \
+time.\n\n\
+The pipeline on the bundled data and the tiny test package (`make demo` runs it all):\n  \
+ssrl tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out --per-image 2\n  \
+ssrl tasks --images fixtures/official --rgbd fixtures/official --out demo-out/val --seed 1\n  \
+ssrl rollout --model models/tiny --data demo-out/data --group 5 --out demo-out/rollouts.jsonl\n  \
+ssrl train --config configs/demo.toml\n  \
+ssrl export --model models/tiny --adapter demo-out/run/checkpoints/global_step_6 --out tiny-grpo\n  \
+ssrl eval --model tiny-grpo --data demo-out/val/data --max-new-tokens 64 --out eval-grpo\n\n\
+`ssrl <command> --help` explains each command, its files and its defaults."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -94,8 +103,8 @@ Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --mode
 
 #[derive(clap::Args)]
 struct RolloutArgs {
-    /// Package folder written by models/export.py, or an onnxruntime-genai Qwen2.5-VL folder
-    /// (genai_config.json; fp32 or int4 builder decoders).
+    /// Package folder (models/export.py, `ssrl export`), or an onnxruntime-genai Qwen2.5-VL
+    /// folder (genai_config.json; fp32, int4, fp16 or bf16 builder decoders).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// Samples from `ssrl tasks`: a .parquet or .jsonl file, or a folder (an `ssrl tasks` output

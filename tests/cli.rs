@@ -240,6 +240,16 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
         (&["--top-p", "0"], "--top-p", "(0, 1]"),
         (&["--top-p", "1.5"], "--top-p", "(0, 1]"),
         (&["--limit", "0"], "--limit", "at least 1"),
+        (
+            &["--cuda-mem-limit", "0"],
+            "--cuda-mem-limit",
+            "at least 1 byte",
+        ),
+        (
+            &["--trt-workspace", "4 parsecs"],
+            "--trt-workspace",
+            "unknown unit",
+        ),
     ];
     for (args, flag, range) in cases {
         let r = rollout(&data)

@@ -428,6 +428,16 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("item ") && e.contains("4000 new ones"), "{e}");
+    // It says how much room the prompt leaves: the context less the prompt.
+    let number_before = |s: &str, end: &str| -> usize {
+        let head = &s[..s.find(end).unwrap_or_else(|| panic!("{end:?} in {s}"))];
+        head.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (len, room) = (
+        number_before(&e, " tokens and"),
+        number_before(&e, " new tokens)"),
+    );
+    assert_eq!(len + room, 4096, "{e}");
     // Nothing was scored, so the same folder takes a budget that fits.
     cfg.max_new_tokens = Some(8);
     let s = eval::run(&mut engine, &cfg, |_, _| {}).unwrap();

@@ -285,7 +285,11 @@ impl std::fmt::Display for NoRoom {
             f,
             "{} tokens and {} new ones exceed the model's context length of {}",
             self.len, self.new, self.context
-        )
+        )?;
+        match self.context.checked_sub(self.len) {
+            Some(room) if room > 0 => write!(f, " (room for {room} new tokens)"),
+            _ => write!(f, " (the prompt alone fills it)"),
+        }
     }
 }
 
