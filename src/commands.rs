@@ -48,7 +48,12 @@ pub fn stop_on_ctrl_c(first: &'static str, second: &'static str) -> Result<&'sta
     ctrlc::set_handler(move || {
         if STOP.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond Ctrl-C: {second}");
-            std::process::exit(130);
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            // `_exit`, not `exit`: the C++ runtime's exit handlers would tear ONNX Runtime
+            // down under the threads still running a graph (which then print errors). What
+            // is kept is on disk already; nothing else needs a clean-up.
+            // SAFETY: ends the process; no Rust state is observed afterwards.
+            unsafe { libc::_exit(130) };
         }
         eprintln!("\nCtrl-C: {first} (Ctrl-C again to abort)");
     })

@@ -545,6 +545,52 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
         kept_lines >= 2 && kept_lines < want.len(),
         "{kept_lines} lines kept"
     );
+    // Ctrl-C twice: out at once, with what was written kept and without ONNX Runtime torn
+    // down under a running graph (its exit handlers printed errors from the slices' threads).
+    let twice = dir.join("twice.jsonl");
+    // Batches long enough (4 prompts × 5 × 512 tokens) for both signals to land in one.
+    let child = rollout(&file)
+        .args([
+            "--group",
+            "5",
+            "--max-new-tokens",
+            "512",
+            "--batch",
+            "4",
+            "--out",
+        ])
+        .arg(&twice)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let twice_partial = dir.join("twice.jsonl.partial");
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&twice_partial).map_or(true, |m| m.len() == 0) {
+        assert!(t0.elapsed().as_secs() < 60, "no batch written");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let id = child.id();
+    Command::new("sh")
+        .arg("-c")
+        // Apart, as two key presses: signals sent together arrive as one.
+        .arg(format!(
+            "kill -INT {id}; sleep 0.1; kill -INT {id} 2>/dev/null; true"
+        ))
+        .status()
+        .unwrap();
+    let r = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(130), "{err}");
+    assert!(err.contains("second Ctrl-C: exiting"), "{err}");
+    assert!(!err.contains("onnxruntime") && !twice.exists(), "{err}");
+    assert!(
+        std::fs::read_to_string(&twice_partial)
+            .unwrap()
+            .lines()
+            .count()
+            >= 20
+    );
+
     // A write cut short.
     std::fs::OpenOptions::new()
         .append(true)
