@@ -428,9 +428,10 @@ fn micro_batches_respect_rows_and_padded_tokens() {
 
 /// EasyR1's `filter_overlong_prompts`: prompts over `data.max_prompt_length` tokens — image
 /// tokens counted from each image's size — are left out when the trainer opens the data, so no
-/// step meets a prompt the model's context cannot hold; with the filter off they stay.
+/// step meets a prompt the model's context cannot hold; with the filter off they stay. A data
+/// file that is not there is named once.
 #[test]
-fn overlong_prompts_are_left_out_of_the_data() {
+fn overlong_prompts_are_left_out_of_the_data_and_missing_files_named() {
     let dir = std::env::temp_dir().join(format!("ssrl-train-overlong-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -459,6 +460,15 @@ fn overlong_prompts_are_left_out_of_the_data() {
     let e = Trainer::new(c.clone(), None).err().unwrap().to_string();
     assert!(e.contains("0 prompts (11 more too long"), "{e}");
     c.data.filter_overlong_prompts = false;
-    assert_eq!(trainer(c).unwrap().overlong, (0, 0));
+    assert_eq!(trainer(c.clone()).unwrap().overlong, (0, 0));
+    // A data file that is not there: named once, with the cause.
+    let missing = dir.join("no-such-data.jsonl");
+    c.data.train_files = vec![missing.clone()];
+    let e = Trainer::new(c, None).err().unwrap().to_string();
+    let name = missing.display().to_string();
+    assert!(
+        e.matches(&name).count() == 1 && e.contains("No such file"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -39,6 +39,9 @@ pub enum TrainError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Image(#[from] crate::tasks::source::SourceError),
+    /// A data file that cannot be read (the message names the file).
+    #[error(transparent)]
+    Dataset(#[from] crate::tasks::write::WriteError),
     #[error("{path}: {msg}")]
     Data { path: PathBuf, msg: String },
     #[error("{graph}: {msg}")]
@@ -135,11 +138,7 @@ fn load_dataset(files: &[PathBuf], image_dir: Option<&Path>) -> Result<Dataset, 
         roots: vec![],
     };
     for given in files {
-        let read = read_dataset(given, image_dir, usize::MAX).map_err(|e| TrainError::Data {
-            path: given.clone(),
-            msg: e.to_string(),
-        })?;
-        for (s, root) in read {
+        for (s, root) in read_dataset(given, image_dir, usize::MAX)? {
             d.samples.push(s);
             d.roots.push(root);
         }
