@@ -345,6 +345,23 @@ fn bad_input_is_refused_naming_file_and_place() {
     let mut o = opts(photos(), true, 4);
     o.allow_columns = vec!["source".into()];
     assert_eq!(bench::read(Bench::Mcq, &p, &o).unwrap().len(), 1);
+    // `--compare` on a folder that holds no finished run says which it is.
+    let unfinished = dir.join("unfinished");
+    std::fs::create_dir_all(&unfinished).unwrap();
+    for (run, want) in [
+        (dir.join("no-such-run"), "no such folder"),
+        (unfinished.clone(), "not an `ssrl eval` run folder"),
+    ] {
+        let e = eval::read_summary(&run).unwrap_err().to_string();
+        assert!(
+            e.contains(&run.display().to_string()) && e.contains(want),
+            "{e}"
+        );
+    }
+    std::fs::write(unfinished.join("run.json"), "{}").unwrap();
+    let e = eval::read_summary(&unfinished).unwrap_err().to_string();
+    assert!(e.contains("has not finished"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

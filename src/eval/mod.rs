@@ -455,6 +455,17 @@ pub fn run_items(
 /// Reads a run's `summary.json`.
 pub fn read_summary(run: &Path) -> Result<Summary, EvalError> {
     let p = run.join("summary.json");
+    if !p.exists() {
+        let why = if !run.is_dir() {
+            "no such folder"
+        } else if run.join("run.json").exists() {
+            "the run has not finished (no summary.json yet): run its `ssrl eval` command again \
+             to complete it"
+        } else {
+            "not an `ssrl eval` run folder (no summary.json)"
+        };
+        return Err(ferr(run, why));
+    }
     let text = std::fs::read(&p).map_err(|e| ferr(&p, e))?;
     serde_json::from_slice(&text).map_err(|e| ferr(&p, e))
 }
