@@ -182,10 +182,10 @@ enum BenchCommand {
 #[derive(clap::Args)]
 struct BenchKernelsArgs {
     /// Logit rows (tokens).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = commands::at_least_one)]
     rows: usize,
     /// Vocabulary size (Qwen2.5-VL: 151,936).
-    #[arg(long, default_value_t = 151_936)]
+    #[arg(long, default_value_t = 151_936, value_parser = commands::at_least_one)]
     vocab: usize,
     /// Backends to measure: cpu, cuda, or both (cuda is skipped with a note when unavailable).
     #[arg(long, value_delimiter = ',', default_value = "cpu,cuda")]
@@ -194,7 +194,7 @@ struct BenchKernelsArgs {
     #[arg(long, default_value_t = 0)]
     cuda_device: usize,
     /// Repetitions (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = commands::at_least_one)]
     reps: usize,
     /// Also write the results here.
     #[arg(long, default_value = "bench-kernels.json")]

@@ -268,6 +268,8 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
         (&["bench", "rollout"], &["--temperature=-0.5"]),
         (&["bench", "rollout"], &["--cpu-slices", "0"]),
         (&["eval", "--out", "x", "--data", "y"], &["--top-p", "2"]),
+        (&["bench", "kernels"], &["--vocab", "0"]),
+        (&["bench", "kernels"], &["--rows", "0"]),
         (
             &["tasks", "--out", "x", "--images", "y"],
             &["--per-image", "0"],
