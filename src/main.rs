@@ -2,7 +2,7 @@
 
 mod commands;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use spatial_ssrl::reward::{self, RewardConfig};
@@ -412,285 +412,92 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
 
 fn run_rollout(a: RolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
-    use spatial_ssrl::rollout::{GenerationConfig, Request};
-    // Each sample with the folder its image paths resolve against.
-    let limit = a.limit.unwrap_or(usize::MAX);
-    let samples = tasks::write::read_dataset(&a.data, a.images_root.as_deref(), limit)
-        .context("cannot read samples")?;
-    let cfg = GenerationConfig {
-        group: a.group,
-        max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
+    use spatial_ssrl::rollout::job::{Progress, RolloutJob};
+    use spatial_ssrl::rollout::GenerationConfig;
+    let job = RolloutJob {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        images_root: a.images_root.clone(),
+        limit: a.limit,
+        batch: a.batch,
+        cfg: GenerationConfig {
+            group: a.group,
+            max_new_tokens: a.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                seed: a.seed,
+            },
+            verbatim: false,
+            format_sentence: (!a.no_format_prompt)
+                .then(|| tasks::templates::FORMAT_SENTENCE.to_string()),
         },
-        verbatim: false,
-        format_sentence: (!a.no_format_prompt)
-            .then(|| tasks::templates::FORMAT_SENTENCE.to_string()),
+        out: a.out.clone(),
     };
-    // Responses go to OUT.partial, a batch at a time, with the settings beside it; an
-    // interrupted run continues there, and the file becomes OUT when every prompt is done.
-    let beside = |suffix: &str| {
-        let mut p = a.out.clone().into_os_string();
-        p.push(suffix);
-        PathBuf::from(p)
-    };
-    let (tmp, key_path) = (beside(".partial"), beside(".run.json"));
-    if a.out.exists() {
-        bail!(
-            "{}: exists (a finished rollout); pick another --out, or remove it to run again",
-            a.out.display()
-        );
-    }
-    let key = serde_json::json!({
-        "model": a.model, "data": a.data, "group": a.group, "max_new_tokens": a.max_new_tokens,
-        "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed,
-        "format_prompt": !a.no_format_prompt,
-    });
-    // A partial file with finished prompts continues only under the same settings.
-    let ids: Vec<&str> = samples.iter().map(|(s, _)| s.id.as_str()).collect();
-    let (kept, done) = match std::fs::read_to_string(&tmp) {
-        Ok(text) => {
-            let (kept, done) = finished_prompts(&text, a.group, &ids).with_context(|| {
-                format!(
-                    "{}: cannot continue; pick another --out, or remove it and {} to start over",
-                    tmp.display(),
-                    key_path.display()
-                )
-            })?;
-            let old: serde_json::Value = std::fs::read(&key_path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            if old != key && !done.is_empty() {
-                let differ: Vec<String> = match key.as_object() {
-                    Some(now) if old.is_object() => now
-                        .iter()
-                        .filter(|(k, v)| old[k.as_str()] != **v)
-                        .map(|(k, v)| format!("{k} {} there, {v} here", old[k.as_str()]))
-                        .collect(),
-                    _ => vec![format!("no settings in {}", key_path.display())],
-                };
-                bail!(
-                    "{}: an unfinished rollout with other settings ({}); pick another --out, or \
-                     remove it and {} to start over",
-                    tmp.display(),
-                    differ.join(", "),
-                    key_path.display()
-                );
-            }
-            (kept, done)
-        }
-        Err(_) => (String::new(), Default::default()),
-    };
-    // Loaded before anything is written, so a wrong --model or library leaves no trace.
+    // The data and the output checked, then the model loaded, before anything is written: a
+    // wrong --model or library leaves no trace.
+    let plan = job.plan()?;
     let mut engine = a.device.open(
         &a.model,
         a.ort_lib.as_deref(),
         a.batch * a.group,
         a.max_new_tokens,
     )?;
-    if let Some(dir) = tmp.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
-    }
-    let write_err = |e: std::io::Error| anyhow::anyhow!("{}: cannot write: {e}", tmp.display());
-    std::fs::write(&key_path, key.to_string()).map_err(write_err)?;
-    // Only whole prompts are kept (a torn last line or a prompt's first samples are dropped).
-    std::fs::write(&tmp, &kept).map_err(write_err)?;
-    let mut out = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&tmp)
-        .map_err(write_err)?;
-    let todo: Vec<(usize, &(tasks::write::SampleRecord, PathBuf))> = samples
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !done.contains(i))
-        .collect();
-    if !done.is_empty() {
+    let (total, done) = plan.prompts();
+    if done > 0 {
         eprintln!(
-            "continuing {}: {} of {} prompts done",
-            tmp.display(),
-            samples.len() - todo.len(),
-            samples.len()
+            "continuing {}: {done} of {total} prompts done",
+            job.partial_path().display()
         );
     }
     let stop = commands::stop_on_ctrl_c(
         "finishing this batch of prompts, then stopping (their responses are kept)",
         "exiting (the batches finished so far are kept)",
     )?;
-    let pb = ProgressBar::new(samples.len() as u64);
+    let pb = ProgressBar::new(total as u64);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}")
             .expect("valid template"),
     );
-    pb.set_position((samples.len() - todo.len()) as u64);
+    pb.set_position(done as u64);
     pb.reset_eta();
-    let (t0, mut tokens, mut skipped) = (std::time::Instant::now(), 0usize, 0usize);
-    let (mut stopped, mut finished) = (false, done.len());
-    // The next batch's images are read and decoded on a thread of their own while the engine
-    // generates this batch.
-    let chunks: Vec<_> = todo.chunks(a.batch.max(1)).collect();
-    let load = |chunk: &[(usize, &(tasks::write::SampleRecord, PathBuf))]| {
-        chunk
-            .iter()
-            .map(|(_, (s, root))| s.load_images(root))
-            .collect::<Vec<_>>()
-    };
-    std::thread::scope(|scope| -> Result<()> {
-        let mut next = chunks.first().map(|&c| scope.spawn(move || load(c)));
-        for (k, &chunk) in chunks.iter().enumerate() {
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                stopped = true;
-                break;
-            }
-            let loaded = next
-                .take()
-                .expect("a load runs for every batch")
-                .join()
-                .expect("the image loader panicked");
-            next = chunks.get(k + 1).map(|&c| scope.spawn(move || load(c)));
-            let mut reqs = Vec::with_capacity(chunk.len());
-            let mut sources = Vec::with_capacity(chunk.len());
-            for (&(index, (s, _)), images) in chunk.iter().zip(loaded) {
-                match images {
-                    Ok(images) => {
-                        reqs.push(Request {
-                            id: spatial_ssrl::rng::hash_str(&s.id) ^ index as u64,
-                            problem: s.problem.clone(),
-                            images,
-                        });
-                        sources.push((index, s));
-                    }
-                    Err(e) => {
-                        skipped += 1;
-                        commands::say(&pb, format!("skipping sample {} ({}): {e}", s.id, index));
-                    }
-                }
-            }
-            // A prompt without room for --max-new-tokens in the model's context is skipped
-            // like an unreadable sample, not left to fail the batch.
-            let no_room = engine.without_room(&reqs, &cfg)?;
-            for r in &no_room {
-                let (index, s) = sources[r.at];
-                skipped += 1;
-                let why = format!("its prompt's {r}");
-                commands::say(&pb, format!("skipping sample {} ({index}): {why}", s.id));
-            }
-            for r in no_room.iter().rev() {
-                sources.remove(r.at);
-                reqs.remove(r.at);
-            }
-            let mut lines = String::new();
-            if !reqs.is_empty() {
-                for c in engine.generate(&reqs, &cfg, None)? {
-                    let (index, s) = sources[c.prompt_index];
-                    let text = engine.prompts.decode(&c.tokens)?;
-                    let r = reward::score(&text, &s.answer, &RewardConfig::default());
-                    tokens += c.tokens.len();
-                    lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
-                    "task": s.task, "sample": c.sample_index, "tokens": c.tokens, "text": text,
-                    "logprobs": c.logprobs, "finish": c.finish, "answer": s.answer, "reward": r})
-                    .to_string();
-                    lines.push('\n');
-                }
-            }
-            out.write_all(lines.as_bytes())
-                .and_then(|()| out.flush())
-                .map_err(write_err)?;
-            finished += sources.len();
-            pb.inc(chunk.len() as u64);
-            pb.set_message(format!(
-                "{:.1} tokens/s",
-                tokens as f64 / t0.elapsed().as_secs_f64()
-            ));
+    let t0 = std::time::Instant::now();
+    let s = plan.run(&mut engine, stop, |p| match p {
+        Progress::Skipped { id, index, why } => {
+            commands::say(&pb, format!("skipping sample {id} ({index}): {why}"));
         }
-        Ok(())
+        Progress::Batch { done, tokens, .. } => {
+            pb.set_position(done as u64);
+            let rate = tokens as f64 / t0.elapsed().as_secs_f64();
+            pb.set_message(format!("{rate:.1} tokens/s"));
+        }
     })?;
     pb.finish_and_clear();
-    drop(out);
-    let secs = t0.elapsed().as_secs_f64();
-    if stopped {
+    if s.stopped {
         eprintln!(
             "interrupted: {} of {} prompts in {} — run the same command again to continue",
-            finished,
-            samples.len(),
-            tmp.display()
+            s.finished,
+            s.total,
+            job.partial_path().display()
         );
         std::process::exit(130);
     }
-    let text = std::fs::read_to_string(&tmp).map_err(write_err)?;
-    let rewards: Vec<f64> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["reward"]["overall"].as_f64())
-        .collect();
-    if rewards.is_empty() && !samples.is_empty() {
-        bail!(
-            "no sample of {} could be rolled out ({skipped} skipped; see above)",
-            a.data.display()
-        );
-    }
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("{}: cannot write", a.out.display()))?;
-    let _ = std::fs::remove_file(&key_path);
-    if skipped > 0 {
-        eprintln!("{skipped} samples skipped: their images could not be read (see above)");
+    if s.skipped > 0 {
+        eprintln!("{} samples skipped (see the warnings above)", s.skipped);
     }
     println!(
-        "{} responses ({} prompts × {}), {tokens} new tokens in {secs:.1} s ({:.1} tokens/s), mean reward {:.3} → {}",
-        rewards.len(),
-        samples.len() - skipped,
+        "{} responses ({} prompts × {}), {} new tokens in {:.1} s ({:.1} tokens/s), mean reward {:.3} → {}",
+        s.responses,
+        s.finished,
         a.group,
-        tokens as f64 / secs,
-        rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
+        s.tokens,
+        s.secs,
+        s.tokens as f64 / s.secs,
+        s.mean_reward,
         a.out.display()
     );
     Ok(())
-}
-
-/// The lines of an unfinished rollout file that belong to prompts with all `group` responses,
-/// and those prompts' indices; a torn last line and the responses of an unfinished prompt are
-/// left out. A line whose prompt is not the data's prompt at its index (`ids`: the data's
-/// prompt ids in order) is an error: the data changed under the file.
-fn finished_prompts(
-    text: &str,
-    group: usize,
-    ids: &[&str],
-) -> Result<(String, std::collections::HashSet<usize>)> {
-    let mut lines: Vec<(usize, &str)> = Vec::new();
-    let mut count: std::collections::HashMap<usize, usize> = Default::default();
-    for (n, l) in text.lines().enumerate() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
-            continue;
-        };
-        let Some(i) = v["prompt_index"].as_u64().map(|i| i as usize) else {
-            continue;
-        };
-        if let Some(&id) = ids.get(i).filter(|&&id| v["prompt_id"] != id) {
-            bail!(
-                "line {}: prompt {i} is {} there but {id} in the data now (the data changed)",
-                n + 1,
-                v["prompt_id"]
-            );
-        }
-        *count.entry(i).or_default() += 1;
-        lines.push((i, l));
-    }
-    let done: std::collections::HashSet<usize> = count
-        .into_iter()
-        .filter(|&(_, n)| n >= group)
-        .map(|(i, _)| i)
-        .collect();
-    let mut kept = String::new();
-    for (i, l) in lines {
-        if done.contains(&i) {
-            kept += l;
-            kept.push('\n');
-        }
-    }
-    Ok((kept, done))
 }
 
 fn run_inspect(a: InspectArgs) -> Result<()> {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod engine;
 mod float;
 mod gpu;
+pub mod job;
 mod kv;
 mod share;
 
