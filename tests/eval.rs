@@ -258,6 +258,19 @@ fn vlmevalkit_tsv_prompts_images_and_references() {
         (items[3].category.as_str(), items[3].variant.as_str()),
         ("viewpoint", "spatial")
     );
+    // Every image's size from its header is the decoded image's (base64 cells here; files,
+    // resized ViewSpatial images and video frames below).
+    let mut all = items;
+    for b in [Bench::Viewspatial, Bench::Whatsup, Bench::Vsi] {
+        all.extend(read(b, true));
+    }
+    for src in all.iter().flat_map(|i| &i.images) {
+        assert_eq!(
+            src.size().unwrap(),
+            src.load().unwrap().dimensions(),
+            "{src:?}"
+        );
+    }
     let direct = read(Bench::Mcq, false);
     assert!(direct[0]
         .prompt
@@ -426,8 +439,9 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
         );
     }
     // The benchmark's own budget (4,096 new tokens) does not fit the tiny model's context of
-    // 4,096: refused before anything is written, naming the budget; a budget that leaves a
-    // prompt too little room names the item.
+    // 4,096: refused before anything is written, naming the budget; a budget that leaves some
+    // prompt too little room is refused before anything is generated, naming the items and the
+    // largest budget that fits them all.
     let (data, root) = fixture(Bench::Whatsup);
     let out = dir.join("no-room");
     let mut cfg = EvalConfig::new(Bench::Whatsup, data, out.clone(), "tiny".into());
@@ -440,22 +454,39 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
         "{e}"
     );
     assert!(!out.exists());
-    cfg.max_new_tokens = Some(4000);
-    let e = eval::run(&mut engine, &cfg, |_, _| {})
-        .unwrap_err()
-        .to_string();
-    assert!(e.starts_with("item ") && e.contains("4000 new ones"), "{e}");
-    // It says how much room the prompt leaves: the context less the prompt.
     let number_before = |s: &str, end: &str| -> usize {
         let head = &s[..s.find(end).unwrap_or_else(|| panic!("{end:?} in {s}"))];
         head.rsplit(' ').next().unwrap().parse().unwrap()
     };
+    cfg.max_new_tokens = Some(4000);
+    let e = eval::run(&mut engine, &cfg, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no room for 4000 new tokens (--max-new-tokens)"),
+        "{e}"
+    );
+    assert!(!out.exists(), "{e}");
+    // The largest budget that fits is the context less the longest prompt; one more is refused
+    // for that prompt alone.
     let (len, room) = (
-        number_before(&e, " tokens and"),
-        number_before(&e, " new tokens)"),
+        number_before(&e, " tokens: pass"),
+        number_before(&e, " or less"),
     );
     assert_eq!(len + room, 4096, "{e}");
-    // Nothing was scored, so the same folder takes a budget that fits.
+    cfg.max_new_tokens = Some(room + 1);
+    let e = eval::run(&mut engine, &cfg, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("1 item (") && e.contains(&format!("has {len} tokens")),
+        "{e}"
+    );
+    // A folder whose run stopped before its first item (settings written, nothing scored)
+    // takes new settings.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("run.json"), "{\"bench\": \"whatsup\"}").unwrap();
+    std::fs::write(out.join("items.jsonl"), "").unwrap();
     cfg.max_new_tokens = Some(8);
     let s = eval::run(&mut engine, &cfg, |_, _| {}).unwrap();
     assert!(s.overall.items > 0);

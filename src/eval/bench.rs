@@ -83,6 +83,27 @@ pub enum ImageSource {
 }
 
 impl ImageSource {
+    /// `(width, height)` as [`ImageSource::load`] gives it, from the file's header (a TSV
+    /// cell's base64 is decoded, its pixels are not).
+    pub fn size(&self) -> Result<(u32, u32), crate::tasks::source::SourceError> {
+        use crate::tasks::{source::SourceError, SkipReason};
+        let header = |bytes: &[u8], path: &Path| {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?
+                .into_dimensions()
+                .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
+        };
+        match self {
+            ImageSource::File(p) => {
+                let bytes = std::fs::read(p).map_err(|e| SourceError::new(SkipReason::Io, p, e))?;
+                header(&bytes, p)
+            }
+            ImageSource::Resized(_, w, h) => Ok((*w, *h)),
+            ImageSource::Base64(b64, name) => header(&base64_bytes(b64, name)?, Path::new(name)),
+        }
+    }
+
     pub fn load(&self) -> Result<RgbImage, crate::tasks::source::SourceError> {
         match self {
             ImageSource::File(p) => load_rgb(p),
@@ -93,20 +114,23 @@ impl ImageSource {
                 image::imageops::FilterType::CatmullRom,
             )),
             ImageSource::Base64(b64, name) => {
-                let path = Path::new(name);
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim().as_bytes())
-                    .map_err(|e| {
-                        crate::tasks::source::SourceError::new(
-                            crate::tasks::SkipReason::Decode,
-                            path,
-                            format!("image is not base64: {e}"),
-                        )
-                    })?;
-                decode_rgb(&bytes, path)
+                decode_rgb(&base64_bytes(b64, name)?, Path::new(name))
             }
         }
     }
+}
+
+/// The bytes of a TSV cell's base64 image (`name` names it in errors).
+fn base64_bytes(b64: &str, name: &str) -> Result<Vec<u8>, crate::tasks::source::SourceError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim().as_bytes())
+        .map_err(|e| {
+            crate::tasks::source::SourceError::new(
+                crate::tasks::SkipReason::Decode,
+                Path::new(name),
+                format!("image is not base64: {e}"),
+            )
+        })
 }
 
 /// How a response is scored.

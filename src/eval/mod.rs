@@ -289,22 +289,61 @@ pub fn run_items(
     engine: &mut Engine,
     cfg: &EvalConfig,
     items: &[bench::BenchItem],
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Summary, EvalError> {
     let max_new_tokens = cfg.max_new_tokens.unwrap_or(cfg.bench.max_new_tokens());
+    let budget = match cfg.max_new_tokens {
+        Some(_) => "--max-new-tokens".to_string(),
+        None => format!("the {} budget", cfg.bench.name()),
+    };
     // A budget the model's context cannot hold is refused before anything is written.
     let context = engine.context_length();
     if let Some(context) = context.filter(|&c| max_new_tokens >= c) {
         return Err(EngineError::Config(format!(
-            "{max_new_tokens} new tokens ({}) leave no room for a prompt in the model's context \
-             length of {context}: pass a smaller --max-new-tokens",
-            match cfg.max_new_tokens {
-                Some(_) => "--max-new-tokens".to_string(),
-                None => format!("the {} budget", cfg.bench.name()),
-            }
+            "{max_new_tokens} new tokens ({budget}) leave no room for a prompt in the model's \
+             context length of {context}: pass a smaller --max-new-tokens"
         ))
         .into());
     }
+    let gen = GenerationConfig {
+        group: 1,
+        max_new_tokens,
+        sampling: cfg.sampling,
+        format_sentence: None,
+        verbatim: true,
+    };
+    let saved = (
+        engine.preprocessor.min_pixels,
+        engine.preprocessor.max_pixels,
+    );
+    if let Some((lo, hi)) = cfg.bench.pixels(cfg.frames) {
+        (
+            engine.preprocessor.min_pixels,
+            engine.preprocessor.max_pixels,
+        ) = (lo, hi);
+    }
+    let result = run_at_bench_pixels(engine, cfg, items, &gen, &budget, progress);
+    // The engine gets its own image bounds back, whatever happened.
+    (
+        engine.preprocessor.min_pixels,
+        engine.preprocessor.max_pixels,
+    ) = saved;
+    result
+}
+
+/// [`run_items`] once the engine's image bounds are the benchmark's.
+fn run_at_bench_pixels(
+    engine: &mut Engine,
+    cfg: &EvalConfig,
+    items: &[bench::BenchItem],
+    gen: &GenerationConfig,
+    budget: &str,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Summary, EvalError> {
+    // Every item's prompt is checked against the context before anything is written: a run
+    // that stopped at an item without room would be locked to a budget it cannot finish with.
+    check_room(engine, items, gen, budget)?;
+    let max_new_tokens = gen.max_new_tokens;
     std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
     let key = RunKey {
         bench: cfg.bench.name().into(),
@@ -358,87 +397,54 @@ pub fn run_items(
         .append(true)
         .open(&items_path)
         .map_err(|e| ferr(&items_path, e))?;
-    let gen = GenerationConfig {
-        group: 1,
-        max_new_tokens,
-        sampling: cfg.sampling,
-        format_sentence: None,
-        verbatim: true,
-    };
-    let saved = (
-        engine.preprocessor.min_pixels,
-        engine.preprocessor.max_pixels,
-    );
-    if let Some((lo, hi)) = cfg.bench.pixels(cfg.frames) {
-        (
-            engine.preprocessor.min_pixels,
-            engine.preprocessor.max_pixels,
-        ) = (lo, hi);
-    }
     let total = items.len();
     let mut finished = total - todo.len();
     progress(finished, total);
-    let result = (|| {
-        for chunk in todo.chunks(cfg.batch.max(1)) {
-            let mut reqs = Vec::with_capacity(chunk.len());
-            for s in chunk {
-                reqs.push(Request {
-                    id: crate::rng::hash_str(&s.id),
-                    problem: s.prompt.clone(),
-                    images: s
-                        .images
-                        .iter()
-                        .map(bench::ImageSource::load)
-                        .collect::<Result<_, _>>()?,
-                });
-            }
-            // A prompt the context cannot hold with the budget is named by its item.
-            if let Some(r) = engine.without_room(&reqs, &gen)?.first() {
-                return Err(EngineError::Config(format!(
-                    "item {}: {r}: pass a smaller --max-new-tokens",
-                    chunk[r.at].id
-                ))
-                .into());
-            }
-            let out = engine.generate(&reqs, &gen, None)?;
-            let mut lines = String::new();
-            for c in out {
-                let s = chunk[c.prompt_index];
-                let response = engine
-                    .prompts
-                    .decode(&c.tokens)
-                    .map_err(EngineError::from)?;
-                let r = s.score(&response, cfg.reasoning);
-                let item = Item {
-                    id: s.id.clone(),
-                    category: s.category.clone(),
-                    variant: s.variant.clone(),
-                    problem: s.prompt.clone(),
-                    response,
-                    predicted: r.predicted,
-                    answer: s.answer.clone(),
-                    correct: r.score >= 1.0,
-                    score: r.score,
-                    strict: r.strict,
-                    tokens: c.tokens.len(),
-                    qid: s.qid.clone(),
-                };
-                lines += &serde_json::to_string(&item).expect("json");
-                lines.push('\n');
-            }
-            file.write_all(lines.as_bytes())
-                .and_then(|()| file.flush())
-                .map_err(|e| ferr(&items_path, e))?;
-            finished += chunk.len();
-            progress(finished, total);
+    for chunk in todo.chunks(cfg.batch.max(1)) {
+        let mut reqs = Vec::with_capacity(chunk.len());
+        for s in chunk {
+            reqs.push(Request {
+                id: crate::rng::hash_str(&s.id),
+                problem: s.prompt.clone(),
+                images: s
+                    .images
+                    .iter()
+                    .map(bench::ImageSource::load)
+                    .collect::<Result<_, _>>()?,
+            });
         }
-        Ok::<(), EvalError>(())
-    })();
-    (
-        engine.preprocessor.min_pixels,
-        engine.preprocessor.max_pixels,
-    ) = saved;
-    result?;
+        let out = engine.generate(&reqs, gen, None)?;
+        let mut lines = String::new();
+        for c in out {
+            let s = chunk[c.prompt_index];
+            let response = engine
+                .prompts
+                .decode(&c.tokens)
+                .map_err(EngineError::from)?;
+            let r = s.score(&response, cfg.reasoning);
+            let item = Item {
+                id: s.id.clone(),
+                category: s.category.clone(),
+                variant: s.variant.clone(),
+                problem: s.prompt.clone(),
+                response,
+                predicted: r.predicted,
+                answer: s.answer.clone(),
+                correct: r.score >= 1.0,
+                score: r.score,
+                strict: r.strict,
+                tokens: c.tokens.len(),
+                qid: s.qid.clone(),
+            };
+            lines += &serde_json::to_string(&item).expect("json");
+            lines.push('\n');
+        }
+        file.write_all(lines.as_bytes())
+            .and_then(|()| file.flush())
+            .map_err(|e| ferr(&items_path, e))?;
+        finished += chunk.len();
+        progress(finished, total);
+    }
     // Only this data's items count (a --limit run continued without one keeps its items).
     let wanted: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
     let scored: Vec<Item> = read_items(&items_path)?
@@ -450,6 +456,68 @@ pub fn run_items(
     std::fs::write(&sp, serde_json::to_vec_pretty(&summary).expect("json"))
         .map_err(|e| ferr(&sp, e))?;
     Ok(summary)
+}
+
+/// Refuses, before anything is generated, a budget (`gen.max_new_tokens`, named by `budget`)
+/// that leaves some item's prompt no room in the
+/// model's context, naming the items and the largest budget that fits them all. Prompt lengths
+/// come from each image's size (its header; pixels are not decoded), on all cores; an image that
+/// cannot be read is an error naming it, as it would be at generation.
+fn check_room(
+    engine: &Engine,
+    items: &[bench::BenchItem],
+    gen: &GenerationConfig,
+    budget: &str,
+) -> Result<(), EvalError> {
+    use rayon::prelude::*;
+    let Some(context) = engine.context_length() else {
+        return Ok(());
+    };
+    // The headers on all cores; the tokenizer on this thread (the engine is not shared).
+    let sizes = items
+        .par_iter()
+        .map(|it| it.images.iter().map(bench::ImageSource::size).collect())
+        .collect::<Result<Vec<Vec<(u32, u32)>>, _>>()?;
+    let lens = (items.iter().zip(&sizes))
+        .map(|(it, sizes)| engine.prompt_length(&it.prompt, sizes, gen))
+        .collect::<Result<Vec<usize>, _>>()?;
+    let over: Vec<usize> = (0..items.len())
+        .filter(|&i| lens[i] + gen.max_new_tokens > context)
+        .collect();
+    let Some(&longest) = over
+        .iter()
+        .max_by_key(|&&i| (lens[i], std::cmp::Reverse(i)))
+    else {
+        return Ok(());
+    };
+    let mut names: Vec<&str> = over.iter().take(3).map(|&i| items[i].id.as_str()).collect();
+    let more = over.len() - names.len();
+    if more > 0 {
+        names.push("…");
+    }
+    let room = context.saturating_sub(lens[longest]);
+    Err(EngineError::Config(format!(
+        "{} item{} ({}{}) leave{} no room for {} new tokens ({}) in the model's context length of \
+         {context}; the longest prompt, item {}, has {} tokens: {}",
+        over.len(),
+        if over.len() == 1 { "" } else { "s" },
+        names.join(", "),
+        if more > 0 {
+            format!(" {more} more")
+        } else {
+            String::new()
+        },
+        if over.len() == 1 { "s" } else { "" },
+        gen.max_new_tokens,
+        budget,
+        items[longest].id,
+        lens[longest],
+        match room {
+            0 => "it alone fills the context".to_string(),
+            r => format!("pass --max-new-tokens {r} or less"),
+        }
+    ))
+    .into())
 }
 
 /// Reads a run's `summary.json`.

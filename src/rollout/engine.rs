@@ -606,15 +606,15 @@ impl Engine {
     }
 
     /// The prompt length in tokens of `problem` with images of `sizes` (`(width, height)`
-    /// each; only their sizes count), with the format sentence as given — to filter a dataset's
-    /// prompts before any image is decoded.
+    /// each; only their sizes count) as [`Engine::generate`] would render it with `cfg` — to
+    /// check a dataset's prompts before any image is decoded.
     pub fn prompt_length(
         &self,
         problem: &str,
         sizes: &[(u32, u32)],
-        format_sentence: Option<&str>,
+        cfg: &GenerationConfig,
     ) -> Result<usize, EngineError> {
-        let text = PromptText::formatted(format_sentence);
+        let text = PromptText::of(cfg);
         let merge = self.package.manifest.vision.spatial_merge_size;
         let (ids, _) = prompt_ids(
             &self.prompts,

@@ -214,6 +214,12 @@ pub struct Trainer {
     pub overlong: (usize, usize),
 }
 
+/// The sentence appended to each problem (`data.format_prompt`; none when empty).
+fn format_sentence(cfg: &TrainConfig) -> Option<String> {
+    let f = &cfg.data.format_prompt;
+    (!f.is_empty()).then(|| f.clone())
+}
+
 /// `d` without the prompts that are too long: over `data.max_prompt_length` tokens, or without
 /// room for `data.max_response_length` in the model's context (EasyR1's
 /// `filter_overlong_prompts`; its length counts the image tokens, which only need each image's
@@ -227,7 +233,14 @@ fn without_overlong(
     if !cfg.data.filter_overlong_prompts {
         return Ok((d, 0));
     }
-    let format = (!cfg.data.format_prompt.is_empty()).then_some(cfg.data.format_prompt.as_str());
+    // The prompts as rollouts render them.
+    let gen = GenerationConfig {
+        group: 1,
+        max_new_tokens: cfg.data.max_response_length,
+        sampling: SamplingParams::default(),
+        verbatim: false,
+        format_sentence: format_sentence(cfg),
+    };
     let room = engine.context_length().map_or(usize::MAX, |c| {
         c.saturating_sub(cfg.data.max_response_length)
     });
@@ -244,7 +257,7 @@ fn without_overlong(
             .map(|p| image::image_dimensions(root.join(p)))
             .collect();
         let fits = match sizes {
-            Ok(sizes) => engine.prompt_length(&s.problem, &sizes, format)? <= limit,
+            Ok(sizes) => engine.prompt_length(&s.problem, &sizes, &gen)? <= limit,
             Err(_) => true,
         };
         if fits {
@@ -520,8 +533,7 @@ impl Trainer {
     }
 
     fn format(&self) -> Option<String> {
-        let f = &self.cfg.data.format_prompt;
-        (!f.is_empty()).then(|| f.clone())
+        format_sentence(&self.cfg)
     }
 
     /// `logprobs.onnx` over rows, in micro-batches; `lora = false` runs the base model (the
