@@ -94,12 +94,35 @@ fn write_plot(run: &Path, out: &Path, keys: &[String]) -> Result<bool> {
 
 pub fn run_plot(a: PlotArgs) -> Result<()> {
     let out = a.out.unwrap_or_else(|| a.run.join("curves.png"));
-    if !write_plot(&a.run, &out, &a.keys)? {
+    // Metrics asked for by name must be in the run: a typo is named, with what there is.
+    let rows = train::read_metrics(&a.run.join("metrics.jsonl"))?;
+    let have: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|m| m.keys().map(String::as_str))
+        .filter(|k| *k != "step")
+        .collect();
+    let missing: Vec<&str> = (a.keys.iter().map(String::as_str))
+        .filter(|k| !have.contains(k))
+        .collect();
+    let listed = || have.iter().copied().collect::<Vec<_>>().join(", ");
+    if !missing.is_empty() && missing.len() == a.keys.len() {
         bail!(
-            "{}: none of the metrics {:?} are in metrics.jsonl",
+            "{}: no metric {} in metrics.jsonl; it has {}",
             a.run.display(),
-            a.keys
+            missing.join(", "),
+            listed()
         );
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: not in {}/metrics.jsonl, left out: {} (it has {})",
+            a.run.display(),
+            missing.join(", "),
+            listed()
+        );
+    }
+    if !write_plot(&a.run, &out, &a.keys)? {
+        bail!("{}: no metric to draw in metrics.jsonl", a.run.display());
     }
     println!("wrote {}", out.display());
     Ok(())

@@ -837,7 +837,26 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
         .args(["--keys", "nothing/here"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    // The unknown name, and what the run has.
+    assert!(
+        err.contains("no metric nothing/here")
+            && err.contains("it has actor/kl_loss, reward/overall"),
+        "{err}"
+    );
+    // One known, one not: drawn, with a warning naming the unknown one.
+    let out = ssrl()
+        .arg("plot")
+        .arg(&run)
+        .args(["--keys", "reward/overall,rewrad"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("left out: rewrad"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
