@@ -373,15 +373,7 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
         let skipped: Vec<String> = s
             .skipped
             .iter()
-            .map(|(r, n)| {
-                format!(
-                    "{}: {n}",
-                    serde_json::to_value(r)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
-                )
-            })
+            .map(|(r, n)| format!("{}: {n}", r.name()))
             .collect();
         println!(
             "{:<10} {:>9}  {}",

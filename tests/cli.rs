@@ -217,7 +217,11 @@ fn tasks_without_input_or_with_bad_values_fails_clearly() {
     );
     assert!(!out.exists());
     let (ok, err) = tasks(&["--tasks", "flip", "--max-side", "10"]);
-    assert!(!ok && err.contains("TooSmall"), "{err}");
+    assert!(
+        !ok && err.contains("flip: ")
+            && err.contains("too_small (too small for the task's grid or crop; see --max-side)"),
+        "{err}"
+    );
     assert!(!out.exists());
     let (ok, err) = tasks(&["--tasks", "flip"]);
     assert!(ok, "{err}");

@@ -105,6 +105,40 @@ pub enum SkipReason {
     NoIntrinsics,
 }
 
+impl SkipReason {
+    /// The name in `summary.json` and the run's table.
+    pub fn name(self) -> &'static str {
+        match self {
+            SkipReason::Io => "io",
+            SkipReason::Decode => "decode",
+            SkipReason::TooSmall => "too_small",
+            SkipReason::DepthSizeMismatch => "depth_size_mismatch",
+            SkipReason::InvalidDepth => "invalid_depth",
+            SkipReason::NoRegion => "no_region",
+            SkipReason::NoPair => "no_pair",
+            SkipReason::IndistinctOptions => "indistinct_options",
+            SkipReason::NoIntrinsics => "no_intrinsics",
+        }
+    }
+
+    /// What it means, in a few words.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            SkipReason::Io => "the file could not be read",
+            SkipReason::Decode => "corrupt, truncated or not an image / depth file",
+            SkipReason::TooSmall => "too small for the task's grid or crop; see --max-side",
+            SkipReason::DepthSizeMismatch => "depth and colour sizes differ",
+            SkipReason::InvalidDepth => "no valid depth",
+            SkipReason::NoRegion => "no region satisfies the depth-ordering rules",
+            SkipReason::NoPair => "no pair of regions satisfies the relative-position rules",
+            SkipReason::IndistinctOptions => "the options would not be visually distinct",
+            SkipReason::NoIntrinsics => {
+                "--position-geometry metric needs intrinsics and metric depth"
+            }
+        }
+    }
+}
+
 /// What a task generator returns: text, answer, images in `<image>` order, and meta.
 #[derive(Debug, Clone)]
 pub struct Generated {
@@ -636,9 +670,9 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
             .tasks
             .iter()
             .flat_map(|(t, s)| {
-                s.skipped
-                    .iter()
-                    .map(move |(r, n)| format!("{} {n}× {:?}", t.name(), r))
+                s.skipped.iter().map(move |(r, n)| {
+                    format!("{}: {n} × {} ({})", t.name(), r.name(), r.meaning())
+                })
             })
             .collect();
         if fresh {
@@ -656,4 +690,29 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
         return Err(TasksError::NothingProduced(reasons.join(", ")));
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SkipReason::{self, *};
+
+    /// The names the table and the errors print are `summary.json`'s.
+    #[test]
+    fn skip_reason_names_are_the_summary_names() {
+        let all: [SkipReason; 9] = [
+            Io,
+            Decode,
+            TooSmall,
+            DepthSizeMismatch,
+            InvalidDepth,
+            NoRegion,
+            NoPair,
+            IndistinctOptions,
+            NoIntrinsics,
+        ];
+        for r in all {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+            assert!(!r.meaning().is_empty());
+        }
+    }
 }
