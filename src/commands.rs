@@ -386,44 +386,9 @@ pub fn top_p(s: &str) -> Result<f32, String> {
     spatial_ssrl::kernels::check_top_p(p)
 }
 
-/// clap parser for a size in bytes: a whole number, or one with a unit (`512MB`, `4GiB`, `1.5G`;
-/// K / M / G / T are powers of 1,000 with `B` and of 1,024 with `iB` or alone, as memory sizes
-/// are usually meant). Zero is refused: neither ONNX Runtime's arena nor TensorRT's workspace can
-/// be empty.
+/// clap parser for a size in bytes ([`spatial_ssrl::model::session::parse_size`]).
 pub fn bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    const KI: f64 = 1024.0;
-    let scale = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => KI,
-        "m" | "mib" => KI * KI,
-        "g" | "gib" => KI * KI * KI,
-        "t" | "tib" => KI * KI * KI * KI,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        u => {
-            return Err(format!(
-                "{s:?}: unknown unit {u:?} (bytes, or K/M/G/T with B or iB)"
-            ))
-        }
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: not a size (e.g. 1073741824, 1GiB, 512MB)"))?;
-    let b = (n * scale).round();
-    if b < 1.0 {
-        return Err(format!("{s:?}: must be at least 1 byte"));
-    }
-    if b > usize::MAX as f64 {
-        return Err(format!("{s:?}: too large"));
-    }
-    Ok(b as usize)
+    spatial_ssrl::model::session::parse_size(s)
 }
 
 /// Where the graphs run: the execution provider and its options (rollout, bench rollout, eval).
@@ -826,23 +791,4 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         out.join("summary.json").display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bytes;
-
-    #[test]
-    fn sizes_read_with_and_without_units() {
-        assert_eq!(bytes("1073741824"), Ok(1 << 30));
-        assert_eq!(bytes("4GiB"), Ok(4 << 30));
-        assert_eq!(bytes("4g"), Ok(4 << 30));
-        assert_eq!(bytes("512MB"), Ok(512_000_000));
-        assert_eq!(bytes("1.5 GiB"), Ok(3 << 29));
-        assert_eq!(bytes("64k"), Ok(65_536));
-        for bad in ["0", "0.1", "", "GiB", "4 parsecs", "-1", "1e9"] {
-            let e = bytes(bad).expect_err(bad);
-            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
-        }
-    }
 }

@@ -71,6 +71,36 @@ pub struct RolloutConfig {
     /// CPU: prompts generated in this many concurrent single-threaded slices (a copy of the
     /// weights each); 0 = one per core up to 8 for a decoder.onnx under 64 MB, else 1.
     pub cpu_slices: usize,
+    /// TensorRT: build fp16 engines.
+    pub trt_fp16: bool,
+    /// TensorRT: engine and timing cache folder, reused by later runs and resumes (relative
+    /// to this file); "" keeps none, so every run builds its engines again.
+    pub trt_cache: PathBuf,
+    /// TensorRT: builder workspace, bytes or with a unit ("4GiB"); 0 = ONNX Runtime's default.
+    #[serde(deserialize_with = "size_or_zero")]
+    pub trt_workspace: usize,
+    /// CUDA: cap on what ONNX Runtime's GPU arena may hold, bytes or with a unit ("40GiB");
+    /// 0 = no cap.
+    #[serde(deserialize_with = "size_or_zero")]
+    pub cuda_mem_limit: usize,
+    /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
+    pub cuda_arena_exact: bool,
+}
+
+/// A size in bytes: a TOML integer, or a string with a unit (`"40GiB"`,
+/// [`crate::model::session::parse_size`]); 0 (or `"0"`) for none.
+fn size_or_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => usize::try_from(n).map_err(serde::de::Error::custom),
+        Size::Text(t) if t.trim() == "0" => Ok(0),
+        Size::Text(t) => crate::model::session::parse_size(&t).map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +218,11 @@ impl Default for RolloutConfig {
             device_id: 0,
             allow_fallback: false,
             cpu_slices: 0,
+            trt_fp16: false,
+            trt_cache: PathBuf::new(),
+            trt_workspace: 0,
+            cuda_mem_limit: 0,
+            cuda_arena_exact: false,
         }
     }
 }
@@ -299,6 +334,9 @@ impl TrainConfig {
         cfg.data.val_files.iter_mut().for_each(fix);
         if let Some(d) = cfg.data.image_dir.as_mut() {
             fix(d);
+        }
+        if !cfg.rollout.trt_cache.as_os_str().is_empty() {
+            fix(&mut cfg.rollout.trt_cache);
         }
         // A value out of range is named with the file it came from.
         cfg.validate().map_err(|e| file(e.to_string()))?;
@@ -423,5 +461,66 @@ impl TrainConfig {
         c.trainer.val_before_train = false;
         c.out = PathBuf::new();
         c.to_toml()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(dir: &Path, rollout: &str) -> Result<TrainConfig, ConfigError> {
+        let path = dir.join("train.toml");
+        let text = format!("[data]\ntrain_files = [\"d.jsonl\"]\n[rollout]\n{rollout}");
+        std::fs::write(&path, text).unwrap();
+        TrainConfig::load(&path)
+    }
+
+    /// TensorRT and CUDA options reach the device choice: sizes as integers or with units, the
+    /// engine cache relative to the file; a size that does not read is named with the file.
+    #[test]
+    fn device_options_reach_the_device_choice() {
+        use crate::model::session::Device;
+        let dir = std::env::temp_dir().join(format!("ssrl-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = load(
+            &dir,
+            "device = \"tensorrt\"\ndevice_id = 1\ntrt_fp16 = true\ntrt_cache = \"engines\"\n\
+             trt_workspace = \"4GiB\"\ncuda_mem_limit = 1073741824\ncuda_arena_exact = true\n",
+        )
+        .unwrap();
+        let c = crate::train::device_choice(&cfg);
+        match &c.device {
+            Device::TensorRt {
+                device_id,
+                fp16,
+                cache_dir,
+                workspace_bytes,
+                limits,
+            } => {
+                assert_eq!((*device_id, *fp16), (1, true));
+                assert_eq!(cache_dir.as_deref(), Some(dir.join("engines").as_path()));
+                assert_eq!(*workspace_bytes, Some(4 << 30));
+                assert!(limits.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.arena.mem_limit, Some(1 << 30));
+        assert!(c.arena.grow_as_requested);
+        // The defaults: no cache, ONNX Runtime's workspace and arena.
+        let cfg = load(&dir, "device = \"cuda\"\n").unwrap();
+        let c = crate::train::device_choice(&cfg);
+        assert_eq!(c.device, Device::Cuda { device_id: 0 });
+        assert_eq!(
+            (c.arena.mem_limit, c.arena.grow_as_requested),
+            (None, false)
+        );
+        let e = load(&dir, "cuda_mem_limit = \"40 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.toml") && e.contains("cuda_mem_limit") && e.contains("unknown unit"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -214,6 +214,37 @@ pub struct Trainer {
     pub overlong: (usize, usize),
 }
 
+/// Where the graphs run, from `rollout.device` and its options (`validate` has checked the
+/// name): TensorRT's profiles from the rollout shapes — every prompt's samples at once, prompts
+/// up to the image budget.
+pub fn device_choice(cfg: &TrainConfig) -> DeviceChoice {
+    let r = &cfg.rollout;
+    let nonzero = |n: usize| (n > 0).then_some(n);
+    let device = match Device::from_name(&r.device, r.device_id).unwrap_or_default() {
+        Device::TensorRt { device_id, .. } => Device::TensorRt {
+            device_id,
+            fp16: r.trt_fp16,
+            cache_dir: (!r.trt_cache.as_os_str().is_empty()).then(|| r.trt_cache.clone()),
+            workspace_bytes: nonzero(r.trt_workspace),
+            limits: Some(crate::model::session::TrtLimits::rollout(
+                cfg.data.rollout_batch_size * r.n,
+                None,
+                cfg.data.max_response_length,
+                Some(cfg.data.max_pixels),
+            )),
+        },
+        other => other,
+    };
+    DeviceChoice {
+        device,
+        allow_fallback: r.allow_fallback,
+        arena: crate::model::session::CudaArena {
+            mem_limit: nonzero(r.cuda_mem_limit),
+            grow_as_requested: r.cuda_arena_exact,
+        },
+    }
+}
+
 /// The sentence appended to each problem (`data.format_prompt`; none when empty).
 fn format_sentence(cfg: &TrainConfig) -> Option<String> {
     let f = &cfg.data.format_prompt;
@@ -274,23 +305,7 @@ impl Trainer {
     /// ±1/√fan_in, B zero), seeded by `trainer.seed`.
     pub fn new(cfg: TrainConfig, ort_lib: Option<&Path>) -> Result<Trainer, TrainError> {
         cfg.validate()?;
-        // `validate` has checked the name.
-        let mut device =
-            Device::from_name(&cfg.rollout.device, cfg.rollout.device_id).unwrap_or_default();
-        if let Device::TensorRt { limits, .. } = &mut device {
-            // Rollout shapes: every prompt's samples at once, prompts up to the image budget.
-            *limits = Some(crate::model::session::TrtLimits::rollout(
-                cfg.data.rollout_batch_size * cfg.rollout.n,
-                None,
-                cfg.data.max_response_length,
-                Some(cfg.data.max_pixels),
-            ));
-        }
-        let choice = DeviceChoice {
-            device,
-            allow_fallback: cfg.rollout.allow_fallback,
-            ..Default::default()
-        };
+        let choice = device_choice(&cfg);
         let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
         engine.preprocessor.min_pixels = cfg.data.min_pixels;
         engine.preprocessor.max_pixels = cfg.data.max_pixels;
