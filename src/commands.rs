@@ -182,6 +182,16 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             cfg.data.max_prompt_length, cfg.data.max_response_length, t.overlong.0, t.overlong.1
         );
     }
+    if !t.unreadable.is_empty() {
+        let n = t.unreadable.len();
+        let shown: Vec<&str> = t.unreadable.iter().take(3).map(String::as_str).collect();
+        eprintln!(
+            "left out, an image cannot be read: {n} prompt{} ({}{})",
+            if n == 1 { "" } else { "s" },
+            shown.join("; "),
+            if n > 3 { "; …" } else { "" }
+        );
+    }
     if a.resume {
         match t.latest_checkpoint() {
             Some(dir) => {
@@ -218,7 +228,13 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         header += &format!(" {h:>9}");
     }
     say(&pb, header);
-    let end = t.run(stop, |m, step, _| {
+    let end = t.run(stop, |m, step, left_out| {
+        for e in left_out {
+            say(
+                &pb,
+                format!("step {step}: prompt left out, its image cannot be read: {e}"),
+            );
+        }
         if step == 0 {
             if let Some(v) = m.get("val/reward") {
                 say(

@@ -472,3 +472,98 @@ fn overlong_prompts_are_left_out_of_the_data_and_missing_files_named() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Prompts whose images cannot be read do not end a run: a missing file is left out when the
+/// data opens; an image that does not decode is left out of its step, named to `on_step` and
+/// counted in the step's metrics. A step left with no prompt stops the run with the finished
+/// steps saved (the error names their checkpoint), and a run resumes from them once the images
+/// are mended.
+#[test]
+fn unreadable_images_are_left_out_and_a_failed_step_keeps_the_finished_ones() {
+    let dir = tempdir("unreadable");
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos");
+    std::fs::copy(photos.join("coffee.png"), img.join("coffee.png")).unwrap();
+    let jpeg = std::fs::read(photos.join("rocket.jpg")).unwrap();
+    std::fs::write(img.join("broken.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    // Seven good prompts and one whose JPEG is cut short: two steps of four cover them all,
+    // so each epoch meets the broken one once. One more names a file that is not there.
+    let data = dir.join("tasks.jsonl");
+    let mut f = std::fs::File::create(&data).unwrap();
+    for i in 0..9 {
+        let image = match i {
+            3 => "broken.jpg",
+            8 => "gone.png",
+            _ => "coffee.png",
+        };
+        let line = serde_json::json!({
+            "id": format!("p{i}"), "answer": "a", "images": [image],
+            "problem": format!("<image> Question {i}: answer with the letter a."),
+        });
+        writeln!(f, "{line}").unwrap();
+    }
+    drop(f);
+    let mut c = config(&dir, data);
+    c.data.image_dir = Some(img.clone());
+    c.data.min_pixels = 3136;
+    c.data.max_pixels = 50_176;
+    c.trainer.total_epochs = 2;
+    let Some(mut t) = trainer(c.clone()) else {
+        return;
+    };
+    assert_eq!(t.unreadable.len(), 1, "{:?}", t.unreadable);
+    assert!(t.unreadable[0].contains("gone.png"), "{:?}", t.unreadable);
+    assert_eq!(t.total_steps(), 4);
+    let stop = AtomicBool::new(false);
+    let mut reported = Vec::new();
+    let end = t
+        .run(&stop, |m, step, left_out| {
+            for e in left_out {
+                assert!(e.contains("broken.jpg") && e.contains("truncated"), "{e}");
+                reported.push(step);
+            }
+            let counted = m.get("data/unreadable_prompts").copied().unwrap_or(0.0);
+            assert_eq!(counted, left_out.len() as f64, "step {step}");
+        })
+        .unwrap();
+    assert!(matches!(end, RunEnd::Finished { .. }));
+    assert_eq!(reported.len(), 2, "once per epoch: {reported:?}");
+
+    // Every image broken once step 1 is done: step 2's prompts were decoded during step 1, so
+    // step 3 is the first without any. The error keeps steps 1-2 in a checkpoint.
+    c.out = dir.join("run2");
+    let mut t = trainer(c.clone()).unwrap();
+    let png = std::fs::read(img.join("coffee.png")).unwrap();
+    let e = t
+        .run(&stop, |_, step, _| {
+            if step == 1 {
+                std::fs::write(img.join("coffee.png"), b"not an image").unwrap();
+            }
+        })
+        .unwrap_err();
+    let kept = match &e {
+        TrainError::Kept {
+            step, checkpoint, ..
+        } => {
+            assert_eq!(*step, 2, "{e}");
+            checkpoint.clone()
+        }
+        other => panic!("{other}"),
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("no prompt of step 3") && msg.contains("--resume"),
+        "{msg}"
+    );
+    assert_eq!(checkpoint::list(&c.out.join("checkpoints")).len(), 1);
+    // Mended, the run resumes after step 2 and finishes.
+    std::fs::write(img.join("coffee.png"), png).unwrap();
+    let mut t = trainer(c.clone()).unwrap();
+    t.restore(&kept).unwrap();
+    assert_eq!(t.step(), 2);
+    let end = t.run(&stop, |_, _, _| {}).unwrap();
+    assert!(matches!(end, RunEnd::Finished { .. }));
+    assert_eq!(t.step(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}

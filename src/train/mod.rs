@@ -48,6 +48,13 @@ pub enum TrainError {
     Run { graph: &'static str, msg: String },
     #[error("{0}")]
     Resume(String),
+    /// A failure after which the finished steps were saved.
+    #[error("{cause}\n(the {step} finished steps are saved in {checkpoint}: mend the cause, then run again with --resume)", checkpoint = .checkpoint.display())]
+    Kept {
+        cause: Box<TrainError>,
+        step: usize,
+        checkpoint: PathBuf,
+    },
     #[error("{path}: {msg}")]
     Io { path: PathBuf, msg: String },
 }
@@ -158,8 +165,8 @@ impl Dataset {
 }
 
 /// Decodes the images of a batch on the rayon pool; request ids are keyed by `salt` and the
-/// position in the batch.
-fn load_requests(items: &[PendingRequest], salt: u64) -> Result<Vec<Request>, TrainError> {
+/// position in the batch. A sample whose images cannot be decoded gives `file: cause`.
+fn load_requests(items: &[PendingRequest], salt: u64) -> Vec<Result<Request, String>> {
     items
         .par_iter()
         .enumerate()
@@ -167,16 +174,33 @@ fn load_requests(items: &[PendingRequest], salt: u64) -> Result<Vec<Request>, Tr
             Ok(Request {
                 id: mix64(salt ^ mix64(k as u64 + 1)),
                 problem: sample.problem.clone(),
-                images: sample.load_images(root)?,
+                images: sample.load_images(root).map_err(|e| e.to_string())?,
             })
         })
         .collect()
 }
 
-type Prefetch = (
-    usize,
-    std::thread::JoinHandle<Result<Vec<Request>, TrainError>>,
-);
+/// The samples of `idx` whose images decoded (`loaded`, in the same order) and their requests;
+/// the others' causes are added to `left_out`.
+fn usable(
+    idx: &[usize],
+    loaded: Vec<Result<Request, String>>,
+    left_out: &mut Vec<String>,
+) -> (Vec<usize>, Vec<Request>) {
+    let (mut kept, mut reqs) = (Vec::with_capacity(idx.len()), Vec::with_capacity(idx.len()));
+    for (&i, r) in idx.iter().zip(loaded) {
+        match r {
+            Ok(r) => {
+                kept.push(i);
+                reqs.push(r);
+            }
+            Err(e) => left_out.push(e),
+        }
+    }
+    (kept, reqs)
+}
+
+type Prefetch = (usize, std::thread::JoinHandle<Vec<Result<Request, String>>>);
 
 /// Metrics of one step (or one validation), flat keys as EasyR1 logs them.
 pub type Metrics = BTreeMap<String, f64>;
@@ -212,6 +236,15 @@ pub struct Trainer {
     prefetch: Option<Prefetch>,
     /// Prompts left out by `data.filter_overlong_prompts`: training, validation.
     pub overlong: (usize, usize),
+    /// Prompts left out because an image cannot be read (training and validation): each as
+    /// `file: cause`.
+    pub unreadable: Vec<String>,
+    /// The prompts the last step (and its validation) left out because their images cannot
+    /// be decoded, as `file: cause`.
+    pub left_out: Vec<String>,
+    /// Set while a step's optimizer updates are under way: a step that fails then leaves the
+    /// weights between two states, which no checkpoint may record.
+    updating: bool,
 }
 
 /// Where the graphs run, from `rollout.device` and its options (`validate` has checked the
@@ -251,19 +284,17 @@ fn format_sentence(cfg: &TrainConfig) -> Option<String> {
     (!f.is_empty()).then(|| f.clone())
 }
 
-/// `d` without the prompts that are too long: over `data.max_prompt_length` tokens, or without
-/// room for `data.max_response_length` in the model's context (EasyR1's
-/// `filter_overlong_prompts`; its length counts the image tokens, which only need each image's
-/// size, read from its header). A sample whose images cannot be read stays: the step that loads
-/// it reports the file. Returns the dataset kept and how many were left out.
-fn without_overlong(
+/// `d` without the prompts a step could not use: those with an image whose header cannot be
+/// read (missing, or not an image: one of them would stop the run at its step), and, with
+/// `data.filter_overlong_prompts` (EasyR1's), those over `data.max_prompt_length` tokens or
+/// without room for `data.max_response_length` in the model's context (the image tokens counted
+/// from each image's size, read from its header). Returns the dataset kept, how many were too
+/// long, and each unreadable image as `file: cause`.
+fn screened(
     engine: &Engine,
     cfg: &TrainConfig,
     d: Dataset,
-) -> Result<(Dataset, usize), TrainError> {
-    if !cfg.data.filter_overlong_prompts {
-        return Ok((d, 0));
-    }
+) -> Result<(Dataset, usize, Vec<String>), TrainError> {
     // The prompts as rollouts render them.
     let gen = GenerationConfig {
         group: 1,
@@ -281,23 +312,36 @@ fn without_overlong(
         samples: Vec::with_capacity(n),
         roots: Vec::with_capacity(n),
     };
-    for (s, root) in d.samples.into_iter().zip(d.roots) {
-        let sizes: Result<Vec<(u32, u32)>, _> = s
-            .images
-            .iter()
-            .map(|p| image::image_dimensions(root.join(p)))
-            .collect();
-        let fits = match sizes {
-            Ok(sizes) => engine.prompt_length(&s.problem, &sizes, &gen)? <= limit,
-            Err(_) => true,
+    // Headers on all cores, the tokenizer on this thread.
+    let sizes: Vec<Result<Vec<(u32, u32)>, String>> = (d.samples.par_iter().zip(&d.roots))
+        .map(|(s, root)| {
+            (s.images.iter())
+                .map(|p| {
+                    let f = root.join(p);
+                    image::image_dimensions(&f).map_err(|e| format!("{}: {e}", f.display()))
+                })
+                .collect()
+        })
+        .collect();
+    let (mut overlong, mut unreadable) = (0, Vec::new());
+    for ((s, root), sizes) in d.samples.into_iter().zip(d.roots).zip(sizes) {
+        let sizes = match sizes {
+            Ok(sizes) => sizes,
+            Err(e) => {
+                unreadable.push(e);
+                continue;
+            }
         };
-        if fits {
-            kept.samples.push(s);
-            kept.roots.push(root);
+        if cfg.data.filter_overlong_prompts
+            && engine.prompt_length(&s.problem, &sizes, &gen)? > limit
+        {
+            overlong += 1;
+            continue;
         }
+        kept.samples.push(s);
+        kept.roots.push(root);
     }
-    let dropped = n - kept.samples.len();
-    Ok((kept, dropped))
+    Ok((kept, overlong, unreadable))
 }
 
 impl Trainer {
@@ -325,8 +369,9 @@ impl Trainer {
         let train = engine.open_graph(&m.graphs.train)?;
         let data = load_dataset(&cfg.data.train_files, cfg.data.image_dir.as_deref())?;
         let val = load_dataset(&cfg.data.val_files, cfg.data.image_dir.as_deref())?;
-        let (data, overlong_train) = without_overlong(&engine, &cfg, data)?;
-        let (val, overlong_val) = without_overlong(&engine, &cfg, val)?;
+        let (data, overlong_train, mut unreadable) = screened(&engine, &cfg, data)?;
+        let (val, overlong_val, unreadable_val) = screened(&engine, &cfg, val)?;
+        unreadable.extend(unreadable_val);
         let steps_per_epoch = data.samples.len() / cfg.data.rollout_batch_size;
         if steps_per_epoch == 0 {
             return Err(TrainError::Data {
@@ -334,9 +379,14 @@ impl Trainer {
                 msg: format!(
                     "{} prompts{}, fewer than data.rollout_batch_size = {}",
                     data.samples.len(),
-                    match overlong_train {
-                        0 => String::new(),
-                        n => format!(" ({n} more too long: data.max_prompt_length)"),
+                    match (overlong_train, unreadable.len()) {
+                        (0, 0) => String::new(),
+                        (n, 0) => format!(" ({n} more too long: data.max_prompt_length)"),
+                        (n, u) => format!(
+                            " ({n} more too long: data.max_prompt_length; {u} with an image \
+                             that cannot be read, the first {})",
+                            unreadable[0]
+                        ),
                     },
                     cfg.data.rollout_batch_size
                 ),
@@ -393,6 +443,9 @@ impl Trainer {
             steps_per_epoch,
             prefetch: None,
             overlong: (overlong_train, overlong_val),
+            unreadable,
+            left_out: Vec::new(),
+            updating: false,
         };
         t.push_lora()?;
         Ok(t)
@@ -746,7 +799,11 @@ impl Trainer {
             .micro_batch_size_per_device_for_experience
             .max(1);
         for part in idx.chunks(chunk) {
-            let reqs = load_requests(&self.val.pending(part), 0x7661_6c00 ^ part[0] as u64)?;
+            let loaded = load_requests(&self.val.pending(part), 0x7661_6c00 ^ part[0] as u64);
+            let (part, reqs) = usable(part, loaded, &mut self.left_out);
+            if reqs.is_empty() {
+                continue;
+            }
             let gen = GenerationConfig {
                 group: 1,
                 max_new_tokens: self.cfg.data.max_response_length,
@@ -808,12 +865,28 @@ impl Trainer {
         let t = Instant::now();
         let idx = self.batch_indices(self.step);
         let salt = |step: usize| mix64(cfg.trainer.seed ^ (step as u64) << 20);
-        let reqs = match self.prefetch.take() {
+        let loaded = match self.prefetch.take() {
             Some((step, handle)) if step == self.step => handle
                 .join()
-                .map_err(|_| TrainError::Resume("the image loader thread panicked".into()))??,
-            _ => load_requests(&self.data.pending(&idx), salt(self.step))?,
+                .map_err(|_| TrainError::Resume("the image loader thread panicked".into()))?,
+            _ => load_requests(&self.data.pending(&idx), salt(self.step)),
         };
+        // A prompt whose images cannot be decoded is left out of the step, not the run's end.
+        self.left_out.clear();
+        let (idx, reqs) = usable(&idx, loaded, &mut self.left_out);
+        if !self.left_out.is_empty() {
+            metrics.insert("data/unreadable_prompts".into(), self.left_out.len() as f64);
+        }
+        if reqs.is_empty() {
+            return Err(TrainError::Data {
+                path: self.cfg.data.train_files[0].clone(),
+                msg: format!(
+                    "no prompt of step {} has images that can be read: {}",
+                    self.step + 1,
+                    self.left_out.join("; ")
+                ),
+            });
+        }
         if self.step + 1 < self.total_steps() {
             let next = self.data.pending(&self.batch_indices(self.step + 1));
             let salt = salt(self.step + 1);
@@ -969,6 +1042,8 @@ impl Trainer {
                     weight_decay: cfg.actor.optim.weight_decay,
                 };
                 let opt_step = (self.step * (rows.len().div_ceil(per_mini)) + k + 1) as u32;
+                // From here until the step ends, the weights are between states.
+                self.updating = true;
                 for (p, gr) in self.params.iter_mut().zip(&grads) {
                     self.backend.adamw(p, gr, opt_step, &h)?;
                 }
@@ -1060,6 +1135,7 @@ impl Trainer {
             lens.iter().sum::<f64>() / metrics["timing_s/rollout"].max(1e-9),
         );
         self.step += 1;
+        self.updating = false;
         metrics.insert("step".into(), self.step as f64);
         metrics.insert(
             "epoch".into(),
@@ -1068,13 +1144,35 @@ impl Trainer {
         Ok(metrics)
     }
 
+    /// `e`, after a checkpoint of the steps finished so far where they have none yet and the
+    /// weights are whole (the failure came before the step's first optimizer update), so that
+    /// `--resume` continues from there once the cause is mended.
+    fn kept_after(&self, e: TrainError) -> TrainError {
+        if self.updating || self.step == 0 {
+            return e;
+        }
+        let saved = checkpoint::list(&self.checkpoint_root())
+            .pop()
+            .filter(|(step, _)| *step == self.step)
+            .map(|(_, dir)| dir);
+        match saved.map_or_else(|| self.save(), Ok) {
+            Ok(checkpoint) => TrainError::Kept {
+                cause: Box::new(e),
+                step: self.step,
+                checkpoint,
+            },
+            Err(_) => e,
+        }
+    }
+
     /// Runs to `total_steps`, appending to `out/metrics.jsonl`, validating and checkpointing on
     /// schedule. `stop` (set by Ctrl-C) ends the run after the current step, with a checkpoint.
-    /// `on_step` sees each step's metrics (progress display).
+    /// `on_step` sees each step's metrics, its number and the prompts it (and its validation)
+    /// left out because their images cannot be decoded, as `file: cause` (progress display).
     pub fn run(
         &mut self,
         stop: &AtomicBool,
-        mut on_step: impl FnMut(&Metrics, usize, usize),
+        mut on_step: impl FnMut(&Metrics, usize, &[String]),
     ) -> Result<RunEnd, TrainError> {
         std::fs::create_dir_all(&self.cfg.out).map_err(io_err(&self.cfg.out))?;
         let cfg_path = self.cfg.out.join("train.toml");
@@ -1087,19 +1185,29 @@ impl Trainer {
             let mut m = self.validate()?;
             m.insert("step".into(), 0.0);
             append_metrics(&log, &m)?;
-            on_step(&m, 0, total);
+            on_step(&m, 0, &self.left_out);
         }
         while self.step < total {
             if stop.load(Ordering::SeqCst) {
                 let ckpt = self.save()?;
                 return Ok(RunEnd::Interrupted { checkpoint: ckpt });
             }
-            let mut m = self.train_step()?;
+            let mut m = match self.train_step() {
+                Ok(m) => m,
+                Err(e) => return Err(self.kept_after(e)),
+            };
             if val_freq > 0 && self.step % val_freq == 0 && self.has_validation() {
-                m.extend(self.validate()?);
+                match self.validate() {
+                    Ok(v) => m.extend(v),
+                    Err(e) => {
+                        // The step itself is done: its metrics are kept with it.
+                        append_metrics(&log, &m)?;
+                        return Err(self.kept_after(e));
+                    }
+                }
             }
             append_metrics(&log, &m)?;
-            on_step(&m, self.step, total);
+            on_step(&m, self.step, &self.left_out);
             let save_freq = self.cfg.trainer.save_freq;
             if (save_freq > 0 && self.step % save_freq == 0) || self.step == total {
                 self.save()?;
