@@ -182,11 +182,11 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             cfg.data.max_prompt_length, cfg.data.max_response_length, t.overlong.0, t.overlong.1
         );
     }
-    if !t.unreadable.is_empty() {
-        let n = t.unreadable.len();
-        let shown: Vec<&str> = t.unreadable.iter().take(3).map(String::as_str).collect();
+    if !t.unusable.is_empty() {
+        let n = t.unusable.len();
+        let shown: Vec<&str> = t.unusable.iter().take(3).map(String::as_str).collect();
         eprintln!(
-            "left out, an image cannot be read: {n} prompt{} ({}{})",
+            "left out as unusable: {n} prompt{} ({}{})",
             if n == 1 { "" } else { "s" },
             shown.join("; "),
             if n > 3 { "; …" } else { "" }

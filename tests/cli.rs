@@ -287,9 +287,10 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
 }
 
 /// EasyR1-style rows (problem, answer, images only) roll out; a prompt with no room for the
-/// new tokens in the model's context is skipped with a warning naming it, the rest rolled out.
+/// new tokens in the model's context, or whose placeholders do not match its images, is skipped
+/// with a warning naming it, the rest rolled out.
 #[test]
-fn rollout_skips_a_prompt_beyond_the_context_length() {
+fn rollout_skips_a_prompt_beyond_the_context_length_or_its_images() {
     let dir = scratch("cli-context");
     let data = dir.join("data.jsonl");
     let long: Vec<&str> = ["astronaut.png", "coffee.png", "rocket.jpg"]
@@ -303,6 +304,8 @@ fn rollout_skips_a_prompt_beyond_the_context_length() {
                            "images": ["chelsea.png"]}),
         serde_json::json!({"id": "too-long", "problem": "<image>".repeat(15) + " Which?",
                            "answer": "B", "images": long}),
+        serde_json::json!({"id": "one-short", "problem": "<image><image> Which?", "answer": "C",
+                           "images": ["chelsea.png"]}),
     ];
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(&data, text).unwrap();
@@ -319,6 +322,13 @@ fn rollout_skips_a_prompt_beyond_the_context_length() {
     };
     assert!(
         err.contains("skipping sample too-long (1)") && err.contains("context length of 4096"),
+        "{err}"
+    );
+    // So is one whose prompt does not match its images.
+    assert!(
+        err.contains(
+            "skipping sample one-short (2): the prompt has 2 image placeholders but 1 images"
+        ),
         "{err}"
     );
     let lines = json_lines(&out);

@@ -482,6 +482,31 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
         e.starts_with("1 item (") && e.contains(&format!("has {len} tokens")),
         "{e}"
     );
+    // An item whose prompt does not match its images is named, with its file, before anything
+    // is written.
+    let bad_dir = dir.join("mismatch");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    let bad = bad_dir.join("items.jsonl");
+    let row = serde_json::json!({"id": "two-marks", "problem": "<image><image> Which?",
+                                 "answer": "A", "images": ["coffee.png"]});
+    std::fs::write(&bad, format!("{row}\n")).unwrap();
+    let mut bcfg = EvalConfig::new(
+        Bench::Pretext,
+        bad.clone(),
+        bad_dir.join("run"),
+        "tiny".into(),
+    );
+    bcfg.images_root = Some(photos());
+    bcfg.max_new_tokens = Some(8);
+    let e = eval::run(&mut engine, &bcfg, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&bad.display().to_string())
+            && e.contains("item two-marks: the prompt has 2 image placeholders but 1 images"),
+        "{e}"
+    );
+    assert!(!bad_dir.join("run").exists());
     // A folder whose run stopped before its first item (settings written, nothing scored)
     // takes new settings.
     std::fs::create_dir_all(&out).unwrap();

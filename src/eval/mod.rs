@@ -342,7 +342,7 @@ fn run_at_bench_pixels(
 ) -> Result<Summary, EvalError> {
     // Every item's prompt is checked against the context before anything is written: a run
     // that stopped at an item without room would be locked to a budget it cannot finish with.
-    check_room(engine, items, gen, budget)?;
+    check_room(engine, &cfg.data, items, gen, budget)?;
     let max_new_tokens = gen.max_new_tokens;
     std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
     let key = RunKey {
@@ -462,9 +462,11 @@ fn run_at_bench_pixels(
 /// that leaves some item's prompt no room in the
 /// model's context, naming the items and the largest budget that fits them all. Prompt lengths
 /// come from each image's size (its header; pixels are not decoded), on all cores; an image that
-/// cannot be read is an error naming it, as it would be at generation.
+/// cannot be read is an error naming it, as it would be at generation, and so is a prompt that
+/// cannot be built (placeholders that do not match its images), naming the data file and item.
 fn check_room(
     engine: &Engine,
+    data: &Path,
     items: &[bench::BenchItem],
     gen: &GenerationConfig,
     budget: &str,
@@ -479,7 +481,10 @@ fn check_room(
         .map(|it| it.images.iter().map(bench::ImageSource::size).collect())
         .collect::<Result<Vec<Vec<(u32, u32)>>, _>>()?;
     let lens = (items.iter().zip(&sizes))
-        .map(|(it, sizes)| engine.prompt_length(&it.prompt, sizes, gen))
+        .map(|(it, sizes)| {
+            (engine.prompt_length(&it.prompt, sizes, gen))
+                .map_err(|e| ferr(data, format!("item {}: {e}", it.id)))
+        })
         .collect::<Result<Vec<usize>, _>>()?;
     let over: Vec<usize> = (0..items.len())
         .filter(|&i| lens[i] + gen.max_new_tokens > context)

@@ -627,20 +627,31 @@ impl Engine {
         Ok(ids.len())
     }
 
-    /// The requests whose prompt leaves no room for `cfg.max_new_tokens` in the model's
-    /// context, in order ([`Engine::generate`] refuses them); none where the context is unknown.
-    pub fn without_room(
-        &self,
-        requests: &[Request],
-        cfg: &GenerationConfig,
-    ) -> Result<Vec<NoRoom>, EngineError> {
-        if self.context.is_none() || requests.is_empty() {
-            return Ok(Vec::new());
-        }
-        let lens = self.prompt_lengths(requests, cfg)?;
-        Ok((lens.into_iter().enumerate())
-            .filter_map(|(at, len)| NoRoom::of(at, len, cfg.max_new_tokens, self.context))
-            .collect())
+    /// The requests [`Engine::generate`] would refuse with `cfg`, in order, each with the
+    /// reason: a prompt that cannot be built (image placeholders that do not match the images,
+    /// an image the processor refuses), or one without room for `cfg.max_new_tokens` in the
+    /// model's context ([`NoRoom`]).
+    pub fn unusable(&self, requests: &[Request], cfg: &GenerationConfig) -> Vec<(usize, String)> {
+        let text = PromptText::of(cfg);
+        let merge = self.package.manifest.vision.spatial_merge_size;
+        (requests.iter().enumerate())
+            .filter_map(|(at, r)| {
+                let sizes: Vec<(u32, u32)> = r.images.iter().map(|i| i.dimensions()).collect();
+                let built = prompt_ids(
+                    &self.prompts,
+                    &self.preprocessor,
+                    merge,
+                    &r.problem,
+                    &sizes,
+                    text,
+                );
+                match built {
+                    Err(e) => Some((at, e.to_string())),
+                    Ok((ids, _)) => NoRoom::of(at, ids.len(), cfg.max_new_tokens, self.context)
+                        .map(|r| (at, format!("its prompt's {r}"))),
+                }
+            })
+            .collect()
     }
 
     /// Whether the decode loop keeps its cache and logits on the GPU.

@@ -60,8 +60,8 @@ pub struct RolloutJob {
 /// What [`Plan::run`] reports as it goes.
 #[derive(Debug)]
 pub enum Progress<'a> {
-    /// A sample left out: its images cannot be read, or its prompt has no room for the new
-    /// tokens in the model's context.
+    /// A sample left out: its images cannot be read, its prompt cannot be built from them, or
+    /// it has no room for the new tokens in the model's context.
     Skipped {
         id: &'a str,
         index: usize,
@@ -273,22 +273,22 @@ impl Plan {
                         }
                     }
                 }
-                // A prompt without room for the new tokens in the model's context is skipped
-                // like an unreadable sample, not left to fail the batch.
-                let no_room = engine.without_room(&reqs, cfg)?;
-                for r in &no_room {
-                    let (index, s) = sources[r.at];
+                // A prompt that cannot be built (placeholders that do not match its images) or
+                // has no room for the new tokens in the model's context is skipped like an
+                // unreadable sample, not left to fail the batch.
+                let unusable = engine.unusable(&reqs, cfg);
+                for (at, why) in &unusable {
+                    let (index, s) = sources[*at];
                     skipped += 1;
-                    let why = format!("its prompt's {r}");
                     progress(Progress::Skipped {
                         id: &s.id,
                         index,
-                        why,
+                        why: why.clone(),
                     });
                 }
-                for r in no_room.iter().rev() {
-                    sources.remove(r.at);
-                    reqs.remove(r.at);
+                for (at, _) in unusable.iter().rev() {
+                    sources.remove(*at);
+                    reqs.remove(*at);
                 }
                 let mut lines = String::new();
                 if !reqs.is_empty() {

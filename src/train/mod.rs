@@ -236,9 +236,10 @@ pub struct Trainer {
     prefetch: Option<Prefetch>,
     /// Prompts left out by `data.filter_overlong_prompts`: training, validation.
     pub overlong: (usize, usize),
-    /// Prompts left out because an image cannot be read (training and validation): each as
-    /// `file: cause`.
-    pub unreadable: Vec<String>,
+    /// Prompts left out when the data opened (training and validation) because an image cannot
+    /// be read (`file: cause`) or the prompt cannot be built from its images (`sample ID:
+    /// cause`).
+    pub unusable: Vec<String>,
     /// The prompts the last step (and its validation) left out because their images cannot
     /// be decoded, as `file: cause`.
     pub left_out: Vec<String>,
@@ -285,11 +286,12 @@ fn format_sentence(cfg: &TrainConfig) -> Option<String> {
 }
 
 /// `d` without the prompts a step could not use: those with an image whose header cannot be
-/// read (missing, or not an image: one of them would stop the run at its step), and, with
+/// read (missing, or not an image) or whose prompt cannot be built from its images
+/// (placeholders that do not match them), either of which would stop the run at its step; with
 /// `data.filter_overlong_prompts` (EasyR1's), those over `data.max_prompt_length` tokens or
 /// without room for `data.max_response_length` in the model's context (the image tokens counted
 /// from each image's size, read from its header). Returns the dataset kept, how many were too
-/// long, and each unreadable image as `file: cause`.
+/// long, and why each unusable one was left out (`file: cause`, or `sample ID: cause`).
 fn screened(
     engine: &Engine,
     cfg: &TrainConfig,
@@ -323,25 +325,30 @@ fn screened(
                 .collect()
         })
         .collect();
-    let (mut overlong, mut unreadable) = (0, Vec::new());
+    let (mut overlong, mut unusable) = (0, Vec::new());
     for ((s, root), sizes) in d.samples.into_iter().zip(d.roots).zip(sizes) {
         let sizes = match sizes {
             Ok(sizes) => sizes,
             Err(e) => {
-                unreadable.push(e);
+                unusable.push(e);
                 continue;
             }
         };
-        if cfg.data.filter_overlong_prompts
-            && engine.prompt_length(&s.problem, &sizes, &gen)? > limit
-        {
+        let len = match engine.prompt_length(&s.problem, &sizes, &gen) {
+            Ok(len) => len,
+            Err(e) => {
+                unusable.push(format!("sample {}: {e}", s.id));
+                continue;
+            }
+        };
+        if cfg.data.filter_overlong_prompts && len > limit {
             overlong += 1;
             continue;
         }
         kept.samples.push(s);
         kept.roots.push(root);
     }
-    Ok((kept, overlong, unreadable))
+    Ok((kept, overlong, unusable))
 }
 
 impl Trainer {
@@ -369,9 +376,9 @@ impl Trainer {
         let train = engine.open_graph(&m.graphs.train)?;
         let data = load_dataset(&cfg.data.train_files, cfg.data.image_dir.as_deref())?;
         let val = load_dataset(&cfg.data.val_files, cfg.data.image_dir.as_deref())?;
-        let (data, overlong_train, mut unreadable) = screened(&engine, &cfg, data)?;
-        let (val, overlong_val, unreadable_val) = screened(&engine, &cfg, val)?;
-        unreadable.extend(unreadable_val);
+        let (data, overlong_train, mut unusable) = screened(&engine, &cfg, data)?;
+        let (val, overlong_val, unusable_val) = screened(&engine, &cfg, val)?;
+        unusable.extend(unusable_val);
         let steps_per_epoch = data.samples.len() / cfg.data.rollout_batch_size;
         if steps_per_epoch == 0 {
             return Err(TrainError::Data {
@@ -379,13 +386,13 @@ impl Trainer {
                 msg: format!(
                     "{} prompts{}, fewer than data.rollout_batch_size = {}",
                     data.samples.len(),
-                    match (overlong_train, unreadable.len()) {
+                    match (overlong_train, unusable.len()) {
                         (0, 0) => String::new(),
                         (n, 0) => format!(" ({n} more too long: data.max_prompt_length)"),
                         (n, u) => format!(
-                            " ({n} more too long: data.max_prompt_length; {u} with an image \
-                             that cannot be read, the first {})",
-                            unreadable[0]
+                            " ({n} more too long: data.max_prompt_length; {u} unusable, the \
+                             first {})",
+                            unusable[0]
                         ),
                     },
                     cfg.data.rollout_batch_size
@@ -443,7 +450,7 @@ impl Trainer {
             steps_per_epoch,
             prefetch: None,
             overlong: (overlong_train, overlong_val),
-            unreadable,
+            unusable,
             left_out: Vec::new(),
             updating: false,
         };
