@@ -60,6 +60,9 @@ pub enum EngineError {
     Config(String),
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// A request whose prompt cannot be built, by its position among the requests.
+    #[error("prompt {at}: {cause}")]
+    InPrompt { at: usize, cause: Box<EngineError> },
 }
 
 pub(super) fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> EngineError {
@@ -317,7 +320,12 @@ fn tokenize(
     let (mut grids, mut prompts) = (Vec::new(), Vec::new());
     for (&r, &at) in requests.iter().zip(at) {
         let sizes: Vec<(u32, u32)> = r.images.iter().map(|i| i.dimensions()).collect();
-        let (ids, g) = prompt_ids(builder, pre, merge, &r.problem, &sizes, text)?;
+        let (ids, g) = prompt_ids(builder, pre, merge, &r.problem, &sizes, text).map_err(|e| {
+            EngineError::InPrompt {
+                at,
+                cause: Box::new(e),
+            }
+        })?;
         if let Some((context, new)) = text.room {
             if let Some(r) = NoRoom::of(at, ids.len(), new, Some(context)) {
                 return Err(r.into());
