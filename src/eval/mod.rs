@@ -11,7 +11,7 @@ pub use bench::Bench;
 use crate::kernels::SamplingParams;
 use crate::rollout::{Engine, EngineError, GenerationConfig, Request};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -475,10 +475,27 @@ fn check_room(
     let Some(context) = engine.context_length() else {
         return Ok(());
     };
-    // The headers on all cores; the tokenizer on this thread (the engine is not shared).
+    // The headers on all cores, each file once (VSI-Bench's items share their videos' frames);
+    // the tokenizer on this thread (the engine is not shared).
+    let files: HashSet<&Path> = (items.iter().flat_map(|it| &it.images))
+        .filter_map(|i| match i {
+            bench::ImageSource::File(p) => Some(p.as_path()),
+            _ => None,
+        })
+        .collect();
+    let file_sizes: HashMap<&Path, (u32, u32)> = (files.into_par_iter())
+        .map(|p| Ok((p, bench::ImageSource::File(p.to_path_buf()).size()?)))
+        .collect::<Result<_, EvalError>>()?;
     let sizes = items
         .par_iter()
-        .map(|it| it.images.iter().map(bench::ImageSource::size).collect())
+        .map(|it| {
+            (it.images.iter())
+                .map(|i| match i {
+                    bench::ImageSource::File(p) => Ok(file_sizes[p.as_path()]),
+                    other => other.size(),
+                })
+                .collect()
+        })
         .collect::<Result<Vec<Vec<(u32, u32)>>, _>>()?;
     let lens = (items.iter().zip(&sizes))
         .map(|(it, sizes)| {
