@@ -1018,41 +1018,30 @@ fn a_prompt_beyond_the_context_length_is_refused_naming_it() {
         }
         other => panic!("{:?}", other.map(|c| c.len())),
     };
-    refused(e.generate(&reqs, &cfg, None));
     // A prompt that does not match its images is named by its position as well.
     let short = Request {
         id: 8,
         problem: "<image><image> Which?".into(),
         images: vec![pics[0].clone()],
     };
-    let m = e
-        .generate(&[golden[0].clone(), short], &cfg, None)
-        .map(|c| c.len())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        m.starts_with("prompt 1: the prompt has 2 image placeholders but 1 images"),
-        "{m}"
-    );
+    let mismatched = |e: &mut Engine| {
+        let m = e
+            .generate(&[golden[0].clone(), short.clone()], &cfg, None)
+            .map(|c| c.len())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.starts_with("prompt 1: the prompt has 2 image placeholders but 1 images"),
+            "{m}"
+        );
+    };
+    refused(e.generate(&reqs, &cfg, None));
+    mismatched(&mut e);
     let prepared = e.prepare(&reqs, None).unwrap();
     refused(e.generate_prepared(&reqs, &prepared, &cfg, None));
     assert!(e.set_cpu_slices(Some(2)).unwrap());
     refused(e.generate(&reqs, &cfg, None));
-    // A prompt that does not match its images is named by its position as well.
-    let short = Request {
-        id: 8,
-        problem: "<image><image> Which?".into(),
-        images: vec![pics[0].clone()],
-    };
-    let m = e
-        .generate(&[golden[0].clone(), short], &cfg, None)
-        .map(|c| c.len())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        m.starts_with("prompt 1: the prompt has 2 image placeholders but 1 images"),
-        "{m}"
-    );
+    mismatched(&mut e);
     // The short prompt alone runs.
     assert_eq!(e.generate(&reqs[..1], &cfg, None).unwrap().len(), 1);
 }
