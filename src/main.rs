@@ -479,14 +479,17 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         eprintln!("{} samples skipped (see the warnings above)", s.skipped);
     }
     println!(
-        "{} responses ({} prompts × {}), {} new tokens in {:.1} s ({:.1} tokens/s), mean reward {:.3} → {}",
+        "{} responses ({} prompts × {}), {} new tokens in {:.1} s ({:.1} tokens/s), {} → {}",
         s.responses,
         s.finished,
         a.group,
         s.tokens,
         s.secs,
         s.tokens as f64 / s.secs,
-        s.mean_reward,
+        match s.mean_reward {
+            Some(r) => format!("mean reward {r:.3}"),
+            None => "no answers to score".into(),
+        },
         a.out.display()
     );
     Ok(())

@@ -286,9 +286,10 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
     }
 }
 
-/// EasyR1-style rows (problem, answer, images only) roll out; a prompt with no room for the
-/// new tokens in the model's context, or whose placeholders do not match its images, is skipped
-/// with a warning naming it, the rest rolled out.
+/// EasyR1-style rows (problem, answer, images only) roll out, and rows without an answer too
+/// (not scored); a prompt with no room for the new tokens in the model's context, or whose
+/// placeholders do not match its images, is skipped with a warning naming it, the rest rolled
+/// out.
 #[test]
 fn rollout_skips_a_prompt_beyond_the_context_length_or_its_images() {
     let dir = scratch("cli-context");
@@ -305,6 +306,9 @@ fn rollout_skips_a_prompt_beyond_the_context_length_or_its_images() {
         serde_json::json!({"id": "too-long", "problem": "<image>".repeat(15) + " Which?",
                            "answer": "B", "images": long}),
         serde_json::json!({"id": "one-short", "problem": "<image><image> Which?", "answer": "C",
+                           "images": ["chelsea.png"]}),
+        // No answer: rolled out, not scored.
+        serde_json::json!({"id": "open", "problem": "<image> Describe it.",
                            "images": ["chelsea.png"]}),
     ];
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
@@ -332,8 +336,17 @@ fn rollout_skips_a_prompt_beyond_the_context_length_or_its_images() {
         "{err}"
     );
     let lines = json_lines(&out);
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(lines.iter().all(|l| l["prompt_index"] == 0));
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let (scored, open): (Vec<_>, Vec<_>) = lines.iter().partition(|l| l["prompt_index"] == 0);
+    assert!(scored
+        .iter()
+        .all(|l| l["reward"]["overall"].is_number() && l["answer"] == "A"));
+    assert_eq!(open.len(), 2);
+    assert!(open
+        .iter()
+        .all(|l| l["prompt_index"] == 3 && l["answer"].is_null() && l["reward"].is_null()));
+    let summary = String::from_utf8_lossy(&r.stdout);
+    assert!(summary.contains("mean reward"), "{summary}");
 }
 
 /// A missing input is named once with its cause once, not repeated down the error chain.

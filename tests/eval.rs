@@ -507,6 +507,14 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
         "{e}"
     );
     assert!(!bad_dir.join("run").exists());
+    // A held-out sample without an answer cannot be scored: refused before the model runs.
+    let row = serde_json::json!({"problem": "<image> Which?", "images": ["coffee.png"]});
+    std::fs::write(&bad, format!("{row}\n")).unwrap();
+    let e = eval::run(&mut engine, &bcfg, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sample 1 (no id) has no answer"), "{e}");
+    assert!(!bad_dir.join("run").exists());
     // A folder whose run stopped before its first item (settings written, nothing scored)
     // takes new settings.
     std::fs::create_dir_all(&out).unwrap();

@@ -473,8 +473,9 @@ fn overlong_prompts_are_left_out_of_the_data_and_missing_files_named() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Prompts whose images cannot be read do not end a run: a missing file, or a prompt whose
-/// placeholders do not match its images, is left out when the data opens; an image that does not
+/// Prompts whose images cannot be read do not end a run: a missing file, a prompt whose
+/// placeholders do not match its images, or one without an answer, is left out when the data
+/// opens; an image that does not
 /// decode is left out of its step, named to `on_step` and
 /// counted in the step's metrics. A step left with no prompt stops the run with the finished
 /// steps saved (the error names their checkpoint), and a run resumes from them once the images
@@ -492,16 +493,17 @@ fn unreadable_images_are_left_out_and_a_failed_step_keeps_the_finished_ones() {
     // so each epoch meets the broken one once. One more names a file that is not there.
     let data = dir.join("tasks.jsonl");
     let mut f = std::fs::File::create(&data).unwrap();
-    // And one whose prompt asks for two images but has one.
-    for i in 0..10 {
+    // And one whose prompt asks for two images but has one, and one without an answer.
+    for i in 0..11 {
         let image = match i {
             3 => "broken.jpg",
             8 => "gone.png",
             _ => "coffee.png",
         };
         let marks = if i == 9 { "<image><image>" } else { "<image>" };
+        let answer = if i == 10 { "" } else { "a" };
         let line = serde_json::json!({
-            "id": format!("p{i}"), "answer": "a", "images": [image],
+            "id": format!("p{i}"), "answer": answer, "images": [image],
             "problem": format!("{marks} Question {i}: answer with the letter a."),
         });
         writeln!(f, "{line}").unwrap();
@@ -515,7 +517,12 @@ fn unreadable_images_are_left_out_and_a_failed_step_keeps_the_finished_ones() {
     let Some(mut t) = trainer(c.clone()) else {
         return;
     };
-    assert_eq!(t.unusable.len(), 2, "{:?}", t.unusable);
+    assert_eq!(t.unusable.len(), 3, "{:?}", t.unusable);
+    assert!(
+        t.unusable[2].contains("sample p10: no answer"),
+        "{:?}",
+        t.unusable
+    );
     assert!(t.unusable[0].contains("gone.png"), "{:?}", t.unusable);
     assert!(
         t.unusable[1].contains("sample p9: the prompt has 2 image placeholders but 1 images"),

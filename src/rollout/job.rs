@@ -93,9 +93,10 @@ pub struct RolloutSummary {
     pub finished: usize,
     /// Samples skipped in this run.
     pub skipped: usize,
-    /// Responses in the output, with their mean overall reward (finished runs).
+    /// Responses in the output, and the mean overall reward of those with an answer to score
+    /// against (finished runs; `None`: no sample has an answer).
     pub responses: usize,
-    pub mean_reward: f64,
+    pub mean_reward: Option<f64>,
     /// Tokens generated in this run, and its seconds.
     pub tokens: usize,
     pub secs: f64,
@@ -298,12 +299,19 @@ impl Plan {
                             .prompts
                             .decode(&c.tokens)
                             .map_err(EngineError::from)?;
-                        let r = reward::score(&text, &s.answer, &RewardConfig::default());
+                        // Scored where the sample has an answer; null where it has none.
+                        let (answer, reward) = match s.answer.as_str() {
+                            "" => (None, None),
+                            a => (
+                                Some(a),
+                                Some(reward::score(&text, a, &RewardConfig::default())),
+                            ),
+                        };
                         tokens += c.tokens.len();
                         lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
                         "task": s.task, "sample": c.sample_index, "tokens": c.tokens,
                         "text": text, "logprobs": c.logprobs, "finish": c.finish,
-                        "answer": s.answer, "reward": r})
+                        "answer": answer, "reward": reward})
                         .to_string();
                         lines.push('\n');
                     }
@@ -327,7 +335,7 @@ impl Plan {
             finished,
             skipped,
             responses: 0,
-            mean_reward: 0.0,
+            mean_reward: None,
             tokens,
             secs: t0.elapsed().as_secs_f64(),
             stopped,
@@ -336,12 +344,11 @@ impl Plan {
             return Ok(summary);
         }
         let text = std::fs::read_to_string(&tmp).map_err(io_err(&tmp))?;
-        let rewards: Vec<f64> = text
+        let lines: Vec<serde_json::Value> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["reward"]["overall"].as_f64())
             .collect();
-        if rewards.is_empty() && total > 0 {
+        if lines.is_empty() && total > 0 {
             return Err(RolloutError::Nothing {
                 data: job.data.display().to_string(),
                 skipped,
@@ -349,8 +356,12 @@ impl Plan {
         }
         std::fs::rename(&tmp, &job.out).map_err(io_err(&job.out))?;
         let _ = std::fs::remove_file(&key_path);
-        summary.responses = rewards.len();
-        summary.mean_reward = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
+        let rewards: Vec<f64> = (lines.iter())
+            .filter_map(|v| v["reward"]["overall"].as_f64())
+            .collect();
+        summary.responses = lines.len();
+        summary.mean_reward =
+            (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
         Ok(summary)
     }
 }

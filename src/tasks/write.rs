@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One QA sample. `images` are paths relative to the output folder; `meta` holds the
-/// geometry needed to re-check the answer without the generator. Read back, only `problem`,
-/// `answer` and `images` are required (EasyR1's columns); the rest default to empty.
+/// geometry needed to re-check the answer without the generator. Read back, only `problem`
+/// and `images` are required; the rest default to empty — an empty `answer` is none (prompts to
+/// roll out without a reward; training and evaluation need one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleRecord {
     #[serde(default)]
@@ -21,6 +22,7 @@ pub struct SampleRecord {
     #[serde(default)]
     pub task: String,
     pub problem: String,
+    #[serde(default)]
     pub answer: String,
     pub images: Vec<String>,
     #[serde(default)]
@@ -289,8 +291,8 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
                     // Anything but .parquet is read as JSONL: say so, since a wrong file's
                     // first line is where it fails.
                     ferr(format!(
-                        "line {}: {e} (read as JSONL: a sample per line with problem, answer \
-                         and images; or give a .parquet file)",
+                        "line {}: {e} (read as JSONL: a sample per line with problem and \
+                         images, and answer to score; or give a .parquet file)",
                         i + 1
                     ))
                 })

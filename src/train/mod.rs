@@ -287,7 +287,8 @@ fn format_sentence(cfg: &TrainConfig) -> Option<String> {
 
 /// `d` without the prompts a step could not use: those with an image whose header cannot be
 /// read (missing, or not an image) or whose prompt cannot be built from its images
-/// (placeholders that do not match them), either of which would stop the run at its step; with
+/// (placeholders that do not match them), either of which would stop the run at its step, and
+/// those without an answer for the reward; with
 /// `data.filter_overlong_prompts` (EasyR1's), those over `data.max_prompt_length` tokens or
 /// without room for `data.max_response_length` in the model's context (the image tokens counted
 /// from each image's size, read from its header). Returns the dataset kept, how many were too
@@ -327,6 +328,10 @@ fn screened(
         .collect();
     let (mut overlong, mut unusable) = (0, Vec::new());
     for ((s, root), sizes) in d.samples.into_iter().zip(d.roots).zip(sizes) {
+        if s.answer.is_empty() {
+            unusable.push(format!("sample {}: no answer to score against", s.id));
+            continue;
+        }
         let sizes = match sizes {
             Ok(sizes) => sizes,
             Err(e) => {
