@@ -286,8 +286,8 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
     }
 }
 
-/// EasyR1-style rows (problem, answer, images only) roll out, and rows without an answer too
-/// (not scored); a prompt with no room for the new tokens in the model's context, or whose
+/// EasyR1-style rows (problem, answer, images only) roll out, and rows without an answer (not
+/// scored), an id (named by their line) or images (text only) too; a prompt with no room for the new tokens in the model's context, or whose
 /// placeholders do not match its images, is skipped with a warning naming it, the rest rolled
 /// out.
 #[test]
@@ -310,6 +310,8 @@ fn rollout_skips_a_prompt_beyond_the_context_length_or_its_images() {
         // No answer: rolled out, not scored.
         serde_json::json!({"id": "open", "problem": "<image> Describe it.",
                            "images": ["chelsea.png"]}),
+        // Text only, no images field.
+        serde_json::json!({"problem": "What is two plus two?", "answer": "4"}),
     ];
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(&data, text).unwrap();
@@ -336,11 +338,15 @@ fn rollout_skips_a_prompt_beyond_the_context_length_or_its_images() {
         "{err}"
     );
     let lines = json_lines(&out);
-    assert_eq!(lines.len(), 4, "{lines:?}");
-    let (scored, open): (Vec<_>, Vec<_>) = lines.iter().partition(|l| l["prompt_index"] == 0);
-    assert!(scored
-        .iter()
-        .all(|l| l["reward"]["overall"].is_number() && l["answer"] == "A"));
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let (scored, rest): (Vec<_>, Vec<_>) = lines.iter().partition(|l| l["prompt_index"] == 0);
+    // A row without an id is named by its line.
+    assert!(scored.iter().all(|l| l["reward"]["overall"].is_number()
+        && l["answer"] == "A"
+        && l["prompt_id"] == "line-1"));
+    let (text, open): (Vec<&serde_json::Value>, Vec<_>) =
+        rest.iter().partition(|l| l["prompt_index"] == 4);
+    assert!(text.len() == 2 && text.iter().all(|l| l["prompt_id"] == "line-5"));
     assert_eq!(open.len(), 2);
     assert!(open
         .iter()

@@ -513,7 +513,7 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
     let e = eval::run(&mut engine, &bcfg, |_, _| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("sample 1 (no id) has no answer"), "{e}");
+    assert!(e.contains("sample 1 (line-1) has no answer"), "{e}");
     assert!(!bad_dir.join("run").exists());
     // A folder whose run stopped before its first item (settings written, nothing scored)
     // takes new settings.

@@ -262,13 +262,12 @@ fn check_files(items: &[BenchItem]) -> Result<(), String> {
 fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
     let samples = read_dataset(path, Some(&opt.images_root), usize::MAX)?;
     if let Some(i) = samples.iter().position(|(s, _)| s.answer.is_empty()) {
-        let id = &samples[i].0.id;
         return Err(ReadError::File {
             path: path.to_path_buf(),
             msg: format!(
                 "sample {} ({}) has no answer to score against",
                 i + 1,
-                if id.is_empty() { "no id" } else { id }
+                samples[i].0.id
             ),
         });
     }

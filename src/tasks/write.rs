@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One QA sample. `images` are paths relative to the output folder; `meta` holds the
-/// geometry needed to re-check the answer without the generator. Read back, only `problem`
-/// and `images` are required; the rest default to empty — an empty `answer` is none (prompts to
-/// roll out without a reward; training and evaluation need one).
+/// geometry needed to re-check the answer without the generator. Read back, only `problem` is
+/// required; the rest default to empty — an empty `answer` is none (prompts to roll out without
+/// a reward; training and evaluation need one), and a row without an id is named by its line
+/// (JSONL) or row (Parquet).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleRecord {
     #[serde(default)]
@@ -24,6 +25,8 @@ pub struct SampleRecord {
     pub problem: String,
     #[serde(default)]
     pub answer: String,
+    /// None for a text-only prompt.
+    #[serde(default)]
     pub images: Vec<String>,
     #[serde(default)]
     pub source: Vec<String>,
@@ -272,8 +275,8 @@ impl SampleRecord {
     }
 }
 
-/// Reads samples from a `.parquet` or `.jsonl` file written by this crate (or any file with
-/// at least `problem`, `answer` and `images` columns of the same shape).
+/// Reads samples from a `.parquet` or `.jsonl` file written by this crate, or any with a
+/// `problem` column (EasyR1's `answer` and `images` too, usually), as [`SampleRecord`] says.
 pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
     let ferr = |msg: String| WriteError::Format {
         path: path.to_path_buf(),
@@ -287,15 +290,20 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| {
+                let mut rec: SampleRecord = serde_json::from_str(l).map_err(|e| {
                     // Anything but .parquet is read as JSONL: say so, since a wrong file's
                     // first line is where it fails.
                     ferr(format!(
-                        "line {}: {e} (read as JSONL: a sample per line with problem and \
-                         images, and answer to score; or give a .parquet file)",
+                        "line {}: {e} (read as JSONL: a sample per line with a problem, its \
+                         images and an answer to score; or give a .parquet file)",
                         i + 1
                     ))
-                })
+                })?;
+                // Rows without an id are named by their line, as Parquet rows by their row.
+                if rec.id.is_empty() {
+                    rec.id = format!("line-{}", i + 1);
+                }
+                Ok(rec)
             })
             .collect();
     }
