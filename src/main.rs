@@ -39,7 +39,8 @@ enum Command {
     /// Generate pretext-task samples (Parquet or JSONL + JPEG images) from photos and RGB-D frames.
     #[command(
         long_about = "Generate pretext-task samples from photos and RGB-D frames.\n\n\
-Photos (--images, searched recursively: jpg/png/webp) feed shuffle, flip and crop; RGB-D frames \
+Photos (--images: folders searched recursively, or jpg/png/webp files) feed shuffle, flip and \
+crop; RGB-D frames \
 (--rgbd, layout detected per folder: DIODE, MegaDepth .h5, TUM, ScanNet, generic PNG16/npy + \
 intrinsics.json) feed depth and position.\n\n\
 Output folder:\n  data/part-NNNNN.parquet   samples in EasyR1's schema (problem, answer, images) + id, task, source, meta\n  \
@@ -203,11 +204,13 @@ struct BenchKernelsArgs {
 
 #[derive(clap::Args)]
 struct TasksArgs {
-    /// Folder of photos (searched recursively) for shuffle, flip and crop; repeatable.
-    #[arg(long, value_name = "DIR")]
+    /// Photos for shuffle, flip and crop: folders (searched recursively) or files; several
+    /// after one flag (`--images shots/*.jpg`) or the flag repeated.
+    #[arg(long, value_name = "DIR|FILE", num_args = 1..)]
     images: Vec<PathBuf>,
-    /// Folder of RGB-D frames (any supported layout, searched recursively) for depth and position; repeatable.
-    #[arg(long, value_name = "DIR")]
+    /// Folders of RGB-D frames (any supported layout, searched recursively) for depth and
+    /// position; several after one flag, or the flag repeated.
+    #[arg(long, value_name = "DIR", num_args = 1..)]
     rgbd: Vec<PathBuf>,
     /// Output folder (created; must not hold another run unless --resume).
     #[arg(long, value_name = "DIR")]

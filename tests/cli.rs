@@ -226,6 +226,33 @@ fn tasks_without_input_or_with_bad_values_fails_clearly() {
     let (ok, err) = tasks(&["--tasks", "flip"]);
     assert!(ok, "{err}");
     assert!(out.join("run.json").is_file());
+    // Photos may be files, several after one flag (a shell glob); a file that is not a photo
+    // is named.
+    let files = scratch("cli-photo-files").join("o");
+    let r = ssrl()
+        .args(["tasks", "--tasks", "flip", "--images"])
+        .args([photos.join("coffee.png"), photos.join("rocket.jpg")])
+        .arg("--out")
+        .arg(&files)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(files.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["sources"], 2, "{summary}");
+    let not_photo = fixtures().join("PROVENANCE.md");
+    let r = ssrl()
+        .args(["tasks", "--images"])
+        .arg(&not_photo)
+        .arg("--out")
+        .arg(files.with_file_name("o2"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("neither a folder nor a jpg/png/webp image"),
+        "{err}"
+    );
 }
 
 /// Settings that cannot run are refused before anything is read or written, naming the flag and

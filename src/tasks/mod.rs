@@ -220,7 +220,7 @@ pub enum TasksError {
     #[error("no input: pass --images DIR and/or --rgbd DIR")]
     NoInput,
     /// The cause is in the message, not an error source as well (see `WriteError`).
-    #[error("{path}: cannot read input folder: {err}")]
+    #[error("{path}: cannot read input: {err}")]
     Input { path: PathBuf, err: std::io::Error },
     #[error("{0}: holds an earlier run (run.json); pass --resume to continue it, or choose an empty folder")]
     AlreadyExists(PathBuf),

@@ -155,8 +155,17 @@ fn list_dir(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     Ok((files, dirs))
 }
 
-/// All photos under `dir` (recursively), sorted by path.
+/// All photos under `dir` (recursively), sorted by path; `dir` may also be one photo.
 pub fn discover_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if dir.is_file() {
+        return match is_image_ext(dir) {
+            true => Ok(vec![dir.to_path_buf()]),
+            false => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "neither a folder nor a jpg/png/webp image",
+            )),
+        };
+    }
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
