@@ -135,6 +135,51 @@ fn merged_package_equals_base_plus_adapter() {
         d <= 2e-2 * scale.max(1.0),
         "fp16 logits differ by {d} (scale {scale})"
     );
+    // An optimised package takes no adapter (its graphs no longer hold the LoRA's pattern):
+    // refused before any work, naming the package it came from. Exported again, it keeps the
+    // record of what was done to it.
+    let again = dir.join("again");
+    let e = export(
+        &out,
+        &again,
+        &ExportOptions {
+            adapter: Some(vec![]),
+            fp16: false,
+            optimize: false,
+        },
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("written with --optimize") && e.contains(&tiny().display().to_string()),
+        "{e}"
+    );
+    assert!(!again.exists() && !again.with_extension("partial").exists());
+    export(
+        &out,
+        &again,
+        &ExportOptions {
+            adapter: None,
+            fp16: true,
+            optimize: false,
+        },
+        None,
+    )
+    .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(again.join("manifest.json")).unwrap()).unwrap();
+    let exported = &manifest["exported"];
+    assert_eq!(
+        exported["ort_optimized"].as_array().unwrap().len(),
+        3,
+        "{exported}"
+    );
+    assert_eq!(
+        (&exported["adapter_merged"], &exported["weights_fp16"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{exported}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

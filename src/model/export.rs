@@ -77,6 +77,33 @@ pub fn export(
         ));
     }
     check_replaceable(out)?;
+    // What earlier exports did to this package (`manifest.json`'s `exported`).
+    let mp = model.join("manifest.json");
+    let before: serde_json::Value = std::fs::read(&mp)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| v["exported"].clone())
+        .unwrap_or_default();
+    let optimized_before: Vec<String> = before["ort_optimized"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if opts.adapter.is_some() && !optimized_before.is_empty() {
+        return Err(ferr(
+            &mp,
+            format!(
+                "written with --optimize: ONNX Runtime's offline optimisations rewrote where the \
+                 LoRA enters {}, so an adapter cannot be merged into it; merge it into the \
+                 package this one came from ({}), adding --optimize there",
+                optimized_before.join(", "),
+                before["from"].as_str().unwrap_or("the original package")
+            ),
+        ));
+    }
     let m = &pkg.manifest;
     let tmp = out.with_extension("partial");
     if tmp.exists() {
@@ -179,11 +206,20 @@ pub fn export(
     let mut mv: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&mp).map_err(|e| ferr(&mp, e))?)
             .map_err(|e| ferr(&mp, e))?;
+    // Earlier exports' work is kept in the record: an optimised graph stays optimised, merged
+    // weights stay merged.
+    let flag = |k: &str| before[k].as_bool().unwrap_or(false);
+    let mut optimized = optimized_before.clone();
+    for g in &report.optimized {
+        if !optimized.contains(g) {
+            optimized.push(g.clone());
+        }
+    }
     mv["exported"] = serde_json::json!({
         "from": model.display().to_string(),
-        "adapter_merged": adapter.is_some(),
-        "weights_fp16": opts.fp16,
-        "ort_optimized": report.optimized,
+        "adapter_merged": adapter.is_some() || flag("adapter_merged"),
+        "weights_fp16": opts.fp16 || flag("weights_fp16"),
+        "ort_optimized": optimized,
     });
     std::fs::write(&mp, serde_json::to_vec_pretty(&mv).expect("json")).map_err(|e| ferr(&mp, e))?;
     for file in &graphs {
