@@ -221,7 +221,6 @@ impl Plan {
             .append(true)
             .open(&tmp)
             .map_err(io_err(&tmp))?;
-        type Todo<'s> = (usize, &'s (SampleRecord, PathBuf));
         let todo: Vec<Todo<'_>> = (self.samples.iter().enumerate())
             .filter(|(i, _)| !self.done.contains(i))
             .collect();
@@ -251,75 +250,12 @@ impl Plan {
                     .join()
                     .expect("the image loader panicked");
                 next = chunks.get(k + 1).map(|&c| scope.spawn(move || load(c)));
-                let mut reqs = Vec::with_capacity(chunk.len());
-                let mut sources = Vec::with_capacity(chunk.len());
-                for (&(index, (s, _)), images) in chunk.iter().zip(loaded) {
-                    match images {
-                        Ok(images) => {
-                            reqs.push(Request {
-                                id: crate::rng::hash_str(&s.id) ^ index as u64,
-                                problem: s.problem.clone(),
-                                images,
-                            });
-                            sources.push((index, s));
-                        }
-                        Err(e) => {
-                            skipped += 1;
-                            let why = e.to_string();
-                            progress(Progress::Skipped {
-                                id: &s.id,
-                                index,
-                                why,
-                            });
-                        }
-                    }
-                }
-                // A prompt that cannot be built (placeholders that do not match its images) or
-                // has no room for the new tokens in the model's context is skipped like an
-                // unreadable sample, not left to fail the batch.
-                let unusable = engine.unusable(&reqs, cfg);
-                for (at, why) in &unusable {
-                    let (index, s) = sources[*at];
-                    skipped += 1;
-                    progress(Progress::Skipped {
-                        id: &s.id,
-                        index,
-                        why: why.clone(),
-                    });
-                }
-                for (at, _) in unusable.iter().rev() {
-                    sources.remove(*at);
-                    reqs.remove(*at);
-                }
-                let mut lines = String::new();
-                if !reqs.is_empty() {
-                    for c in engine.generate(&reqs, cfg, None)? {
-                        let (index, s) = sources[c.prompt_index];
-                        let text = engine
-                            .prompts
-                            .decode(&c.tokens)
-                            .map_err(EngineError::from)?;
-                        // Scored where the sample has an answer; null where it has none.
-                        let (answer, reward) = match s.answer.as_str() {
-                            "" => (None, None),
-                            a => (
-                                Some(a),
-                                Some(reward::score(&text, a, &RewardConfig::default())),
-                            ),
-                        };
-                        tokens += c.tokens.len();
-                        lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
-                        "task": s.task, "sample": c.sample_index, "tokens": c.tokens,
-                        "text": text, "logprobs": c.logprobs, "finish": c.finish,
-                        "answer": answer, "reward": reward})
-                        .to_string();
-                        lines.push('\n');
-                    }
-                }
-                out.write_all(lines.as_bytes())
+                let b = roll_batch(engine, cfg, chunk, loaded, &mut progress)?;
+                out.write_all(b.lines.as_bytes())
                     .and_then(|()| out.flush())
                     .map_err(io_err(&tmp))?;
-                finished += sources.len();
+                (finished, skipped, tokens) =
+                    (finished + b.rolled, skipped + b.skipped, tokens + b.tokens);
                 attempted += chunk.len();
                 progress(Progress::Batch {
                     done: attempted,
@@ -364,6 +300,98 @@ impl Plan {
             (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
         Ok(summary)
     }
+}
+
+/// A sample to roll out: its index in the data, and it with its images' folder.
+type Todo<'s> = (usize, &'s (SampleRecord, PathBuf));
+
+/// What one batch gave: its JSONL lines, the prompts rolled out and skipped, tokens generated.
+struct Batch {
+    lines: String,
+    rolled: usize,
+    skipped: usize,
+    tokens: usize,
+}
+
+/// Rolls out one batch: `chunk`'s samples, their images decoded (`loaded`, in order). A sample
+/// whose images cannot be read, whose prompt cannot be built from them (placeholders that do
+/// not match) or that has no room for the new tokens in the model's context is skipped and
+/// reported, not left to fail the batch. Responses are scored where the sample has an answer.
+fn roll_batch(
+    engine: &mut Engine,
+    cfg: &GenerationConfig,
+    chunk: &[Todo<'_>],
+    loaded: Vec<Result<Vec<image::RgbImage>, crate::tasks::source::SourceError>>,
+    progress: &mut impl FnMut(Progress<'_>),
+) -> Result<Batch, RolloutError> {
+    let mut b = Batch {
+        lines: String::new(),
+        rolled: 0,
+        skipped: 0,
+        tokens: 0,
+    };
+    let mut reqs = Vec::with_capacity(chunk.len());
+    let mut sources = Vec::with_capacity(chunk.len());
+    for (&(index, (s, _)), images) in chunk.iter().zip(loaded) {
+        match images {
+            Ok(images) => {
+                reqs.push(Request {
+                    id: crate::rng::hash_str(&s.id) ^ index as u64,
+                    problem: s.problem.clone(),
+                    images,
+                });
+                sources.push((index, s));
+            }
+            Err(e) => {
+                b.skipped += 1;
+                let why = e.to_string();
+                progress(Progress::Skipped {
+                    id: &s.id,
+                    index,
+                    why,
+                });
+            }
+        }
+    }
+    let unusable = engine.unusable(&reqs, cfg);
+    for (at, why) in &unusable {
+        let (index, s) = sources[*at];
+        b.skipped += 1;
+        progress(Progress::Skipped {
+            id: &s.id,
+            index,
+            why: why.clone(),
+        });
+    }
+    for (at, _) in unusable.iter().rev() {
+        sources.remove(*at);
+        reqs.remove(*at);
+    }
+    b.rolled = sources.len();
+    if reqs.is_empty() {
+        return Ok(b);
+    }
+    for c in engine.generate(&reqs, cfg, None)? {
+        let (index, s) = sources[c.prompt_index];
+        let text = engine
+            .prompts
+            .decode(&c.tokens)
+            .map_err(EngineError::from)?;
+        let (answer, reward) = match s.answer.as_str() {
+            "" => (None, None),
+            a => (
+                Some(a),
+                Some(reward::score(&text, a, &RewardConfig::default())),
+            ),
+        };
+        b.tokens += c.tokens.len();
+        b.lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
+        "task": s.task, "sample": c.sample_index, "tokens": c.tokens, "text": text,
+        "logprobs": c.logprobs, "finish": c.finish, "answer": answer, "reward": reward})
+        .to_string();
+        b.lines.push('\n');
+    }
+    Ok(b)
 }
 
 /// The lines of an unfinished rollout file that belong to prompts with all `group` responses,

@@ -288,11 +288,11 @@ fn format_sentence(cfg: &TrainConfig) -> Option<String> {
 /// `d` without the prompts a step could not use: those with an image whose header cannot be
 /// read (missing, or not an image) or whose prompt cannot be built from its images
 /// (placeholders that do not match them), either of which would stop the run at its step, and
-/// those without an answer for the reward; with
-/// `data.filter_overlong_prompts` (EasyR1's), those over `data.max_prompt_length` tokens or
-/// without room for `data.max_response_length` in the model's context (the image tokens counted
-/// from each image's size, read from its header). Returns the dataset kept, how many were too
-/// long, and why each unusable one was left out (`file: cause`, or `sample ID: cause`).
+/// those without an answer for the reward. With `data.filter_overlong_prompts` (EasyR1's),
+/// also those over `data.max_prompt_length` tokens or without room for
+/// `data.max_response_length` in the model's context (the image tokens counted from each
+/// image's size, read from its header). Returns the dataset kept, how many were too long, and
+/// why each unusable one was left out (`file: cause`, or `sample ID: cause`).
 fn screened(
     engine: &Engine,
     cfg: &TrainConfig,
@@ -391,14 +391,20 @@ impl Trainer {
                 msg: format!(
                     "{} prompts{}, fewer than data.rollout_batch_size = {}",
                     data.samples.len(),
-                    match (overlong_train, unusable.len()) {
-                        (0, 0) => String::new(),
-                        (n, 0) => format!(" ({n} more too long: data.max_prompt_length)"),
-                        (n, u) => format!(
-                            " ({n} more too long: data.max_prompt_length; {u} unusable, the \
-                             first {})",
-                            unusable[0]
-                        ),
+                    {
+                        let mut why = Vec::new();
+                        if overlong_train > 0 {
+                            why.push(format!(
+                                "{overlong_train} more too long: data.max_prompt_length"
+                            ));
+                        }
+                        if let Some(first) = unusable.first() {
+                            why.push(format!("{} unusable, the first {first}", unusable.len()));
+                        }
+                        match why.is_empty() {
+                            true => String::new(),
+                            false => format!(" ({})", why.join("; ")),
+                        }
                     },
                     cfg.data.rollout_batch_size
                 ),
