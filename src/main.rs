@@ -556,6 +556,22 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
             }
         );
     }
+    if let Some(r) = spatial_ssrl::model::export::Record::of(&a.model) {
+        let mut done = Vec::new();
+        if r.adapter_merged {
+            done.push("adapter merged".to_string());
+        }
+        if r.weights_fp16 {
+            done.push("weights stored as fp16".into());
+        }
+        if !r.optimized.is_empty() {
+            done.push(format!("optimised offline: {}", r.optimized.join(", ")));
+        }
+        if done.is_empty() {
+            done.push("copied as it was".into());
+        }
+        println!("exported from {}: {}", r.from, done.join("; "));
+    }
     p.validate(a.ort_lib.as_deref())?;
     for (file, sig) in p.signatures() {
         println!(

@@ -167,19 +167,11 @@ fn merged_package_equals_base_plus_adapter() {
         None,
     )
     .unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(again.join("manifest.json")).unwrap()).unwrap();
-    let exported = &manifest["exported"];
-    assert_eq!(
-        exported["ort_optimized"].as_array().unwrap().len(),
-        3,
-        "{exported}"
-    );
-    assert_eq!(
-        (&exported["adapter_merged"], &exported["weights_fp16"]),
-        (&serde_json::json!(true), &serde_json::json!(true)),
-        "{exported}"
-    );
+    let r = spatial_ssrl::model::export::Record::of(&again).unwrap();
+    assert_eq!(r.from, out.display().to_string());
+    assert_eq!(r.optimized.len(), 3, "{r:?}");
+    assert!(r.adapter_merged && r.weights_fp16, "{r:?}");
+    assert_eq!(spatial_ssrl::model::export::Record::of(&tiny()), None);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

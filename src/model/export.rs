@@ -61,6 +61,39 @@ fn check_replaceable(out: &Path) -> Result<(), ExportError> {
     }
 }
 
+/// What `ssrl export` did to a package, from its `manifest.json`'s `exported` (across exports:
+/// an optimised graph stays optimised, merged weights stay merged).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Record {
+    /// The package the last export started from.
+    pub from: String,
+    pub adapter_merged: bool,
+    pub weights_fp16: bool,
+    /// Graphs ONNX Runtime's offline optimisations rewrote.
+    pub optimized: Vec<String>,
+}
+
+impl Record {
+    /// The record of the package in `model`; `None` when no export wrote it.
+    pub fn of(model: &Path) -> Option<Record> {
+        let bytes = std::fs::read(model.join("manifest.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let e = v.get("exported")?;
+        let flag = |k: &str| e[k].as_bool().unwrap_or(false);
+        Some(Record {
+            from: e["from"]
+                .as_str()
+                .unwrap_or("an unnamed package")
+                .to_string(),
+            adapter_merged: flag("adapter_merged"),
+            weights_fp16: flag("weights_fp16"),
+            optimized: (e["ort_optimized"].as_array().into_iter().flatten())
+                .filter_map(|g| g.as_str().map(String::from))
+                .collect(),
+        })
+    }
+}
+
 /// Writes the exported package to `out` (through `out.partial`, renamed when complete); an
 /// existing package there is replaced, any other existing `out` refused.
 pub fn export(
@@ -77,30 +110,17 @@ pub fn export(
         ));
     }
     check_replaceable(out)?;
-    // What earlier exports did to this package (`manifest.json`'s `exported`).
-    let mp = model.join("manifest.json");
-    let before: serde_json::Value = std::fs::read(&mp)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .map(|v| v["exported"].clone())
-        .unwrap_or_default();
-    let optimized_before: Vec<String> = before["ort_optimized"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    if opts.adapter.is_some() && !optimized_before.is_empty() {
+    // What earlier exports did to this package.
+    let before = Record::of(model).unwrap_or_default();
+    if opts.adapter.is_some() && !before.optimized.is_empty() {
         return Err(ferr(
-            &mp,
+            &model.join("manifest.json"),
             format!(
                 "written with --optimize: ONNX Runtime's offline optimisations rewrote where the \
                  LoRA enters {}, so an adapter cannot be merged into it; merge it into the \
                  package this one came from ({}), adding --optimize there",
-                optimized_before.join(", "),
-                before["from"].as_str().unwrap_or("the original package")
+                before.optimized.join(", "),
+                before.from
             ),
         ));
     }
@@ -208,8 +228,7 @@ pub fn export(
             .map_err(|e| ferr(&mp, e))?;
     // Earlier exports' work is kept in the record: an optimised graph stays optimised, merged
     // weights stay merged.
-    let flag = |k: &str| before[k].as_bool().unwrap_or(false);
-    let mut optimized = optimized_before.clone();
+    let mut optimized = before.optimized.clone();
     for g in &report.optimized {
         if !optimized.contains(g) {
             optimized.push(g.clone());
@@ -217,8 +236,8 @@ pub fn export(
     }
     mv["exported"] = serde_json::json!({
         "from": model.display().to_string(),
-        "adapter_merged": adapter.is_some() || flag("adapter_merged"),
-        "weights_fp16": opts.fp16 || flag("weights_fp16"),
+        "adapter_merged": adapter.is_some() || before.adapter_merged,
+        "weights_fp16": opts.fp16 || before.weights_fp16,
         "ort_optimized": optimized,
     });
     std::fs::write(&mp, serde_json::to_vec_pretty(&mv).expect("json")).map_err(|e| ferr(&mp, e))?;
