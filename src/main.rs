@@ -108,9 +108,10 @@ struct RolloutArgs {
     /// folder (genai_config.json; fp32, int4, fp16 or bf16 builder decoders).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Samples from `ssrl tasks`: a .parquet or .jsonl file, or a folder (an `ssrl tasks` output
-    /// folder or its data/): all its shards in name order. Image paths are relative to
-    /// --images-root.
+    /// Samples from `ssrl tasks`, or any in EasyR1's columns (problem, images, answer; rows
+    /// without images are text-only, rows without an answer are not scored): a .parquet or
+    /// .jsonl file, or a folder (an `ssrl tasks` output folder or its data/): all its shards in
+    /// name order. Image paths are relative to --images-root.
     #[arg(long, value_name = "PATH")]
     data: PathBuf,
     /// Folder the samples' image paths are relative to (default: the folder above each data
