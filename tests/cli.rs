@@ -688,6 +688,13 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
     let r = run(&out, &[]).output().unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success() && err.contains("exists"), "{err}");
+    // A folder as --out is named as such.
+    let r = run(&dir, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("is a folder; --out takes the JSONL file"),
+        "{err}"
+    );
 
     // One sample's image is missing: the others are rolled out.
     let first = std::fs::read_to_string(&file)

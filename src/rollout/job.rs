@@ -23,6 +23,8 @@ pub enum RolloutError {
     Data(WriteError),
     #[error("{0}: exists (a finished rollout); pick another --out, or remove it to run again")]
     Exists(String),
+    #[error("{0}: is a folder; --out takes the JSONL file to write (say, {0}/rollouts.jsonl)")]
+    OutIsFolder(String),
     /// An unfinished run that cannot be continued (other settings, changed data).
     #[error("{path}: {msg}; pick another --out, or remove it and {settings} to start over")]
     Resume {
@@ -138,6 +140,9 @@ impl RolloutJob {
         let limit = self.limit.unwrap_or(usize::MAX);
         let samples = read_dataset(&self.data, self.images_root.as_deref(), limit)
             .map_err(RolloutError::Data)?;
+        if self.out.is_dir() {
+            return Err(RolloutError::OutIsFolder(self.out.display().to_string()));
+        }
         if self.out.exists() {
             return Err(RolloutError::Exists(self.out.display().to_string()));
         }
