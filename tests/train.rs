@@ -452,7 +452,7 @@ fn overlong_prompts_are_left_out_of_the_data_and_missing_files_named() {
     }
     drop(f);
     let mut c = config(&dir, data);
-    c.data.image_dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos"));
+    c.data.image_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos");
     let Some(t) = trainer(c.clone()) else { return };
     assert_eq!(t.overlong, (2, 0));
     // A prompt limit under the text prompts' length leaves none: refused, counting them.
@@ -510,7 +510,7 @@ fn unreadable_images_are_left_out_and_a_failed_step_keeps_the_finished_ones() {
     }
     drop(f);
     let mut c = config(&dir, data);
-    c.data.image_dir = Some(img.clone());
+    c.data.image_dir = img.clone();
     c.data.min_pixels = 3136;
     c.data.max_pixels = 50_176;
     c.trainer.total_epochs = 2;

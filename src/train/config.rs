@@ -29,7 +29,9 @@ pub struct DataConfig {
     pub train_files: Vec<PathBuf>,
     /// Held-out task set for validation (from sources not used for training); empty: none.
     pub val_files: Vec<PathBuf>,
-    pub image_dir: Option<PathBuf>,
+    /// What every data file's image paths resolve against (relative to this file); "": the
+    /// folder above each file's `data/` folder, as `ssrl tasks` writes them.
+    pub image_dir: PathBuf,
     /// Prompts per step (EasyR1 `data.rollout_batch_size`).
     pub rollout_batch_size: usize,
     /// Validation prompts per evaluation (the first N of the validation set).
@@ -190,7 +192,7 @@ impl Default for DataConfig {
         DataConfig {
             train_files: vec![],
             val_files: vec![],
-            image_dir: None,
+            image_dir: PathBuf::new(),
             rollout_batch_size: 256,
             val_batch_size: 1024,
             max_prompt_length: 4096,
@@ -202,6 +204,13 @@ impl Default for DataConfig {
             seed: 1,
             format_prompt: crate::tasks::templates::FORMAT_SENTENCE.into(),
         }
+    }
+}
+
+impl DataConfig {
+    /// `image_dir` when given.
+    pub fn images_root(&self) -> Option<&Path> {
+        (!self.image_dir.as_os_str().is_empty()).then_some(self.image_dir.as_path())
     }
 }
 
@@ -332,8 +341,8 @@ impl TrainConfig {
         fix(&mut cfg.out);
         cfg.data.train_files.iter_mut().for_each(fix);
         cfg.data.val_files.iter_mut().for_each(fix);
-        if let Some(d) = cfg.data.image_dir.as_mut() {
-            fix(d);
+        if !cfg.data.image_dir.as_os_str().is_empty() {
+            fix(&mut cfg.data.image_dir);
         }
         if !cfg.rollout.trt_cache.as_os_str().is_empty() {
             fix(&mut cfg.rollout.trt_cache);
@@ -478,7 +487,7 @@ mod tests {
     /// TensorRT and CUDA options reach the device choice: sizes as integers or with units, the
     /// engine cache relative to the file; a size that does not read is named with the file.
     #[test]
-    fn device_options_reach_the_device_choice() {
+    fn device_options_and_the_image_folder_are_read_from_the_file() {
         use crate::model::session::Device;
         let dir = std::env::temp_dir().join(format!("ssrl-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -514,6 +523,22 @@ mod tests {
             (c.arena.mem_limit, c.arena.grow_as_requested),
             (None, false)
         );
+        // data.image_dir: "" (the default, shown by --print-config) is none; a folder resolves
+        // against the file's.
+        assert_eq!(cfg.data.images_root(), None);
+        std::fs::write(
+            dir.join("images.toml"),
+            "[data]\ntrain_files = [\"d.jsonl\"]\nimage_dir = \"imgs\"\n",
+        )
+        .unwrap();
+        let with_dir = TrainConfig::load(&dir.join("images.toml")).unwrap();
+        assert_eq!(
+            with_dir.data.images_root(),
+            Some(dir.join("imgs").as_path())
+        );
+        assert!(TrainConfig::default()
+            .to_toml()
+            .contains("image_dir = \"\""));
         let e = load(&dir, "cuda_mem_limit = \"40 parsecs\"\n")
             .unwrap_err()
             .to_string();

@@ -379,8 +379,8 @@ impl Trainer {
         }
         let logprobs = engine.open_graph(&m.graphs.logprobs)?;
         let train = engine.open_graph(&m.graphs.train)?;
-        let data = load_dataset(&cfg.data.train_files, cfg.data.image_dir.as_deref())?;
-        let val = load_dataset(&cfg.data.val_files, cfg.data.image_dir.as_deref())?;
+        let data = load_dataset(&cfg.data.train_files, cfg.data.images_root())?;
+        let val = load_dataset(&cfg.data.val_files, cfg.data.images_root())?;
         let (data, overlong_train, mut unusable) = screened(&engine, &cfg, data)?;
         let (val, overlong_val, unusable_val) = screened(&engine, &cfg, val)?;
         unusable.extend(unusable_val);
