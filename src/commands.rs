@@ -617,9 +617,17 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         r.peak_rss_mb,
         r.rss_growth_mb
     );
-    std::fs::write(&a.json, serde_json::to_vec_pretty(&r)?)
-        .with_context(|| format!("{}: cannot write", a.json.display()))?;
-    Ok(())
+    write_json(&a.json, &r)
+}
+
+/// A benchmark's results as JSON at `path`, its folder made first.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }
 
 #[derive(clap::Args)]

@@ -616,9 +616,7 @@ fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         );
         println!("{:<28} {}", "", r.launch);
     }
-    std::fs::write(&a.json, serde_json::to_vec_pretty(&reports)?)
-        .with_context(|| format!("{}: cannot write", a.json.display()))?;
-    Ok(())
+    commands::write_json(&a.json, &reports)
 }
 
 #[derive(serde::Deserialize)]

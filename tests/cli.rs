@@ -462,7 +462,8 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
 
 #[test]
 fn bench_rollout_reports_its_rounds_and_time_split() {
-    let json = scratch("cli-bench").join("b.json");
+    // The JSON's folder is made.
+    let json = scratch("cli-bench").join("results/b.json");
     let r = ssrl()
         .args(["bench", "rollout", "--model"])
         .arg(tiny())
