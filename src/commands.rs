@@ -70,8 +70,8 @@ pub fn say(pb: &ProgressBar, line: String) {
     }
 }
 
-fn write_plot(run: &Path, out: &Path, keys: &[String]) -> Result<bool> {
-    let rows = train::read_metrics(&run.join("metrics.jsonl"))?;
+/// Draws `rows` (the run's metrics) to `out`; false when none of `keys` has a value.
+fn write_plot(run: &Path, rows: &[train::Metrics], out: &Path, keys: &[String]) -> Result<bool> {
     let keys: Vec<&str> = if keys.is_empty() {
         plot::DEFAULT_KEYS.to_vec()
     } else {
@@ -84,7 +84,7 @@ fn write_plot(run: &Path, out: &Path, keys: &[String]) -> Result<bool> {
             .filter_map(|m| m.get("step"))
             .fold(0.0f64, |a, b| a.max(*b))
     );
-    let Some(img) = plot::plot(&rows, &keys, &title) else {
+    let Some(img) = plot::plot(rows, &keys, &title) else {
         return Ok(false);
     };
     img.save(out)
@@ -121,7 +121,7 @@ pub fn run_plot(a: PlotArgs) -> Result<()> {
             listed()
         );
     }
-    if !write_plot(&a.run, &out, &a.keys)? {
+    if !write_plot(&a.run, &rows, &out, &a.keys)? {
         bail!("{}: no metric to draw in metrics.jsonl", a.run.display());
     }
     println!("wrote {}", out.display());
@@ -253,7 +253,8 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     })?;
     pb.finish_and_clear();
     let plot_path = cfg.out.join("curves.png");
-    if write_plot(&cfg.out, &plot_path, &[])? {
+    let rows = train::read_metrics(&cfg.out.join("metrics.jsonl"))?;
+    if write_plot(&cfg.out, &rows, &plot_path, &[])? {
         eprintln!("curves: {}", plot_path.display());
     }
     match end {
@@ -622,12 +623,9 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
 
 /// A benchmark's results as JSON at `path`, its folder made first.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
-    }
-    std::fs::write(path, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("{}: cannot write", path.display()))
+    let bytes = serde_json::to_vec_pretty(value)?;
+    spatial_ssrl::tasks::write::write_atomic(path, &bytes, false)?;
+    Ok(())
 }
 
 #[derive(clap::Args)]

@@ -95,13 +95,7 @@ impl ImageSource {
                 .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
         };
         match self {
-            // Only the header is read.
-            ImageSource::File(p) => image::ImageReader::open(p)
-                .map_err(|e| SourceError::new(SkipReason::Io, p, e))?
-                .with_guessed_format()
-                .map_err(|e| SourceError::new(SkipReason::Decode, p, e))?
-                .into_dimensions()
-                .map_err(|e| SourceError::new(SkipReason::Decode, p, e)),
+            ImageSource::File(p) => crate::tasks::source::image_size(p),
             ImageSource::Resized(_, w, h) => Ok((*w, *h)),
             ImageSource::Base64(b64, name) => header(&base64_bytes(b64, name)?, Path::new(name)),
         }

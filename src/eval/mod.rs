@@ -366,7 +366,7 @@ fn run_at_bench_pixels(
         .any(|l| serde_json::from_str::<Item>(l).is_ok());
     match std::fs::read(&key_path) {
         // A run with items continues only with its own settings; one that stopped before its
-        // first item (a refused prompt, say) starts over with the new ones.
+        // first item (interrupted in its first batch, say) starts over with the new ones.
         Ok(text) if any_item => {
             let old: RunKey = serde_json::from_slice(&text).map_err(|e| ferr(&key_path, e))?;
             if old != key {
@@ -459,8 +459,8 @@ fn run_at_bench_pixels(
 }
 
 /// Refuses, before anything is generated, a budget (`gen.max_new_tokens`, named by `budget`)
-/// that leaves some item's prompt no room in the
-/// model's context, naming the items and the largest budget that fits them all. Prompt lengths
+/// that leaves some item's prompt no room in the model's context, naming the items and the
+/// largest budget that fits them all. Prompt lengths
 /// come from each image's size (its header; pixels are not decoded), on all cores; an image that
 /// cannot be read is an error naming it, as it would be at generation, and so is a prompt that
 /// cannot be built (placeholders that do not match its images), naming the data file and item.
@@ -484,7 +484,7 @@ fn check_room(
         })
         .collect();
     let file_sizes: HashMap<&Path, (u32, u32)> = (files.into_par_iter())
-        .map(|p| Ok((p, bench::ImageSource::File(p.to_path_buf()).size()?)))
+        .map(|p| Ok((p, crate::tasks::source::image_size(p)?)))
         .collect::<Result<_, EvalError>>()?;
     let sizes = items
         .par_iter()

@@ -640,22 +640,12 @@ impl Engine {
     /// an image the processor refuses), or one without room for `cfg.max_new_tokens` in the
     /// model's context ([`NoRoom`]).
     pub fn unusable(&self, requests: &[Request], cfg: &GenerationConfig) -> Vec<(usize, String)> {
-        let text = PromptText::of(cfg);
-        let merge = self.package.manifest.vision.spatial_merge_size;
         (requests.iter().enumerate())
             .filter_map(|(at, r)| {
                 let sizes: Vec<(u32, u32)> = r.images.iter().map(|i| i.dimensions()).collect();
-                let built = prompt_ids(
-                    &self.prompts,
-                    &self.preprocessor,
-                    merge,
-                    &r.problem,
-                    &sizes,
-                    text,
-                );
-                match built {
+                match self.prompt_length(&r.problem, &sizes, cfg) {
                     Err(e) => Some((at, e.to_string())),
-                    Ok((ids, _)) => NoRoom::of(at, ids.len(), cfg.max_new_tokens, self.context)
+                    Ok(len) => NoRoom::of(at, len, cfg.max_new_tokens, self.context)
                         .map(|r| (at, format!("its prompt's {r}"))),
                 }
             })

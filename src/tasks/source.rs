@@ -470,6 +470,16 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
 
 /// Decodes a photo to RGB: any supported format by content, EXIF orientation applied,
 /// grayscale expanded, alpha dropped.
+/// `(width, height)` of the image at `path`, from its header (the pixels are not decoded).
+pub fn image_size(path: &Path) -> Result<(u32, u32), SourceError> {
+    ImageReader::open(path)
+        .map_err(|e| SourceError::new(SkipReason::Io, path, e))?
+        .with_guessed_format()
+        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?
+        .into_dimensions()
+        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
+}
+
 pub fn load_rgb(path: &Path) -> Result<RgbImage, SourceError> {
     let bytes = std::fs::read(path).map_err(|e| SourceError::new(SkipReason::Io, path, e))?;
     decode_rgb(&bytes, path)

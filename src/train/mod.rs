@@ -319,10 +319,7 @@ fn screened(
     let sizes: Vec<Result<Vec<(u32, u32)>, String>> = (d.samples.par_iter().zip(&d.roots))
         .map(|(s, root)| {
             (s.images.iter())
-                .map(|p| {
-                    let f = root.join(p);
-                    image::image_dimensions(&f).map_err(|e| format!("{}: {e}", f.display()))
-                })
+                .map(|p| crate::tasks::source::image_size(&root.join(p)).map_err(|e| e.to_string()))
                 .collect()
         })
         .collect();
