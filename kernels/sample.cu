@@ -1,8 +1,8 @@
 // Sampling with temperature, top-k and top-p by the Gumbel-max trick over the filtered set;
 // Philox keyed by (seed; token, step, sequence) so the CPU twin draws the same numbers.
 // Thresholds come from an 8-bit radix select on order-preserving float keys (by count for
-// top-k, by probability mass for top-p). One block per row; only (token, log-prob) leave the
-// device. Mirrors cpu::sample.
+// top-k, by probability mass for top-p). One block per row; only (token, log-prob over the
+// kept set) leave the device. Mirrors cpu::sample.
 
 // Largest key K such that the weight of {x : key(x) >= K, x >= floor} reaches `target`.
 // by_mass = 0 counts elements, 1 sums exp(x/t - m).
@@ -73,13 +73,19 @@ extern "C" __global__ void sample_rows(const void* logits, int dtype, u64 vocab,
         }
         best = -INFINITY;
         arg = 0xffffffffu;
+        float kept = 0.0f;
         for (u64 i = threadIdx.x; i < vocab; i += BLOCK) {
             float x = load_logit(logits, base + i, dtype);
             if (x < floor_v || x == -INFINITY) continue;
+            kept += __expf(x / t - s.m);
             float u = token_uniform(seed, sequences[row], steps[row], (u32)i);
             float score = x / t - logf(-logf(u));
             if (score > best) { best = score; arg = (u32)i; }
         }
+        // The log-prob is under the distribution drawn from: renormalised over the kept set
+        // when top-k / top-p cut the row.
+        kept = block_sum(kept);
+        if (floor_v != -INFINITY) s.s = kept;
     }
     block_argmax(best, arg);
     if (threadIdx.x == 0) {

@@ -130,11 +130,12 @@ struct RolloutArgs {
     #[arg(long, default_value_t = 1.0, value_parser = commands::temperature,
           allow_negative_numbers = true)]
     temperature: f32,
-    /// Sample from the most likely tokens whose mass reaches P (1 = all).
+    /// Sample from the most likely tokens whose mass reaches P (1 = all). The written log-probs
+    /// are then over those tokens (the distribution drawn from).
     #[arg(long, default_value_t = 1.0, value_parser = commands::top_p,
           allow_negative_numbers = true)]
     top_p: f32,
-    /// 0 disables top-k.
+    /// Sample from the K most likely tokens (0 = all); log-probs as with --top-p.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     #[arg(long, default_value_t = 0)]

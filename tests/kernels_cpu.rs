@@ -172,6 +172,89 @@ fn sampling_follows_the_filtered_distribution() {
     assert!(f[1..].iter().all(|x| *x == 0.0), "{f:?}");
 }
 
+/// The log-prob of `token` under the distribution the sampler draws from, in f64: the
+/// softmax of `x / T` over the tokens top-k keeps (the k largest, ties at the k-th kept), then
+/// top-p (largest first while the mass before is below p, ties at the last kept).
+fn kept_logprob(row: &[f32], p: &SamplingParams, token: usize) -> f64 {
+    let x: Vec<f64> = row.iter().map(|v| f64::from(v / p.temperature)).collect();
+    let mut order: Vec<usize> = (0..row.len()).filter(|i| row[*i].is_finite()).collect();
+    order.sort_by(|a, b| row[*b].total_cmp(&row[*a]));
+    let mut floor = f32::NEG_INFINITY;
+    if p.top_k > 0 && p.top_k < order.len() {
+        floor = row[order[p.top_k - 1]];
+    }
+    let kept: Vec<usize> = order.into_iter().filter(|i| row[*i] >= floor).collect();
+    let m = x[kept[0]];
+    let z: f64 = kept.iter().map(|i| (x[*i] - m).exp()).sum();
+    let mut before = 0.0;
+    for i in &kept {
+        if before >= f64::from(p.top_p) * z {
+            break;
+        }
+        before += (x[*i] - m).exp();
+        floor = row[*i];
+    }
+    let z: f64 = kept
+        .iter()
+        .filter(|i| row[**i] >= floor)
+        .map(|i| (x[*i] - m).exp())
+        .sum();
+    assert!(row[token] >= floor, "token {token} is outside the kept set");
+    x[token] - m - z.ln()
+}
+
+/// Every draw's log-prob is over the set it was drawn from: the full tempered softmax without
+/// filters, renormalised over what top-k and top-p keep with them (what an importance ratio
+/// against the sampler needs; TRL's and verl's engines report it so).
+#[test]
+fn sampled_log_probs_are_over_the_kept_set() {
+    let vocab = 2048;
+    let l = random_logits(16, vocab, 5.0, 8);
+    let keys: Vec<RowKey> = (0..16)
+        .map(|i| RowKey {
+            sequence: i,
+            step: 3,
+        })
+        .collect();
+    for (temperature, top_k, top_p) in [
+        (1.0, 0, 1.0),
+        (0.7, 0, 1.0),
+        (1.0, 20, 1.0),
+        (0.7, 0, 0.9),
+        (1.3, 0, 0.5),
+        (1.0, 100, 0.8),
+        (0.6, 1, 1.0),
+    ] {
+        let p = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: 4,
+        };
+        let out = cpu::sample(Logits::F32(&l), vocab, &keys, &p).unwrap();
+        let filtered = top_k > 0 || top_p < 1.0;
+        for (r, s) in out.iter().enumerate() {
+            let row = &l[r * vocab..(r + 1) * vocab];
+            let want = kept_logprob(row, &p, s.token as usize);
+            assert!(
+                close(f64::from(s.logprob), want, 1e-6, 1e-5),
+                "{p:?} row {r}: {} vs {want}",
+                s.logprob
+            );
+            let (full, _) = direct(row, temperature, s.token as usize);
+            if filtered {
+                // The cut mass raises every kept token's probability.
+                assert!(f64::from(s.logprob) > full + 1e-4, "{p:?} row {r}");
+            } else {
+                assert!(close(f64::from(s.logprob), full, 1e-6, 1e-5));
+            }
+        }
+        if top_k == 1 {
+            assert!(out.iter().all(|s| s.logprob == 0.0), "{out:?}");
+        }
+    }
+}
+
 #[test]
 fn greedy_draws_and_batch_independence() {
     let vocab = 1001;
@@ -219,14 +302,8 @@ fn greedy_draws_and_batch_independence() {
         )
         .unwrap();
         assert_eq!(one[0], all[r]);
-        let lp = cpu::token_logprobs(
-            Logits::F32(&l[r * vocab..(r + 1) * vocab]),
-            vocab,
-            &[Some(one[0].token)],
-            1.0,
-        )
-        .unwrap();
-        assert!((one[0].logprob - lp.logprobs[0]).abs() < 1e-6);
+        let want = kept_logprob(&l[r * vocab..(r + 1) * vocab], &p, one[0].token as usize);
+        assert!(close(f64::from(one[0].logprob), want, 1e-6, 1e-5));
     }
     let other = cpu::sample(
         Logits::F32(&l),

@@ -196,52 +196,80 @@ fn samples_do_not_depend_on_the_batch_and_lora_swaps_apply() {
 
 /// Every sampled token's log-prob is log-softmax(logits / T) of its step's logits, computed here in
 /// f64, over the vocabulary without the image and video placeholders (never drawn: the sampler
-/// renormalises without them). Top-p shapes the draw, not the log-prob.
+/// renormalises without them) — and with top-p, over the nucleus it was drawn from.
 #[test]
 fn sampled_log_probs_are_the_tempered_distribution_without_placeholders() {
     let Some(mut e) = engine() else { return };
     let (_, reqs) = golden();
     let t = 0.7f64;
+    let tokens = &e.package.manifest.tokens;
+    let banned = [tokens.image as usize, tokens.video as usize];
+    let vocab = e.package.manifest.text.vocab_size;
     let cfg = GenerationConfig {
         group: 3,
         max_new_tokens: 12,
         sampling: SamplingParams {
             temperature: t as f32,
-            top_p: 0.9,
+            top_p: 1.0,
             top_k: 0,
             seed: 11,
         },
         verbatim: false,
         format_sentence: None,
     };
-    let mut trace = Trace::default();
-    let out = e.generate(&reqs, &cfg, Some(&mut trace)).unwrap();
-    let tokens = &e.package.manifest.tokens;
-    let banned = [tokens.image as usize, tokens.video as usize];
-    let vocab = e.package.manifest.text.vocab_size;
     let mut checked = 0;
-    for (step, (rows, logits)) in trace.steps.iter().enumerate() {
-        for (k, &row) in rows.iter().enumerate() {
-            let l = &logits[k * vocab..(k + 1) * vocab];
-            let kept = |i: &usize| !banned.contains(i);
-            let max = (0..vocab).filter(kept).map(|i| f64::from(l[i]) / t);
-            let max = max.fold(f64::MIN, f64::max);
-            let z: f64 = (0..vocab)
-                .filter(kept)
-                .map(|i| (f64::from(l[i]) / t - max).exp())
-                .sum();
-            let token = out[row].tokens[step] as usize;
-            assert!(!banned.contains(&token), "row {row} drew a placeholder");
-            let want = f64::from(l[token]) / t - max - z.ln();
-            let got = f64::from(out[row].logprobs[step]);
-            assert!(
-                (got - want).abs() < 2e-5,
-                "row {row} step {step}: {got} vs {want}"
-            );
-            checked += 1;
+    for top_p in [1.0f32, 0.9] {
+        let mut cfg = cfg.clone();
+        cfg.sampling.top_p = top_p;
+        let mut trace = Trace::default();
+        let out = e.generate(&reqs, &cfg, Some(&mut trace)).unwrap();
+        let mut cut = 0.0f64;
+        for (step, (rows, logits)) in trace.steps.iter().enumerate() {
+            for (k, &row) in rows.iter().enumerate() {
+                let l = &logits[k * vocab..(k + 1) * vocab];
+                // Largest first; the nucleus keeps tokens while the mass before them is below p.
+                let mut order: Vec<usize> = (0..vocab).filter(|i| !banned.contains(i)).collect();
+                order.sort_by(|a, b| l[*b].total_cmp(&l[*a]));
+                let max = f64::from(l[order[0]]) / t;
+                let e = |i: usize| (f64::from(l[i]) / t - max).exp();
+                let z: f64 = order.iter().map(|i| e(*i)).sum();
+                let (mut before, mut floor) = (0.0, f32::NEG_INFINITY);
+                for &i in &order {
+                    if before >= f64::from(top_p) * z {
+                        break;
+                    }
+                    before += e(i);
+                    floor = l[i];
+                }
+                let kept: f64 = order
+                    .iter()
+                    .filter(|i| l[**i] >= floor)
+                    .map(|i| e(*i))
+                    .sum();
+                cut = cut.max(1.0 - kept / z);
+                let token = out[row].tokens[step] as usize;
+                assert!(!banned.contains(&token), "row {row} drew a placeholder");
+                assert!(
+                    l[token] >= floor,
+                    "row {row} step {step}: drawn outside the nucleus"
+                );
+                let want = f64::from(l[token]) / t - max - kept.ln();
+                let got = f64::from(out[row].logprobs[step]);
+                assert!(
+                    (got - want).abs() < 2e-5,
+                    "top-p {top_p} row {row} step {step}: {got} vs {want}"
+                );
+                checked += 1;
+            }
         }
+        // The nucleus did cut the rows at 0.9 (else the case would check nothing new).
+        assert_eq!(
+            cut > 0.05,
+            top_p < 1.0,
+            "top-p {top_p}: largest cut mass {cut}"
+        );
     }
-    assert!(checked >= 30, "{checked} tokens checked");
+    assert!(checked >= 60, "{checked} tokens checked");
     // Settings that cannot sample are an error from the library too, naming the setting.
     for (sampling, name) in [
         (

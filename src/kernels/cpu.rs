@@ -120,7 +120,8 @@ pub fn top_p_threshold(values: &[f32], temperature: f32, p: f32) -> f32 {
 }
 
 /// Draws one token per row with the Gumbel-max trick over the filtered set:
-/// `argmax_i x_i/T − ln(−ln u_i)` with `u_i` from Philox(seed; token i, step, sequence).
+/// `argmax_i x_i/T − ln(−ln u_i)` with `u_i` from Philox(seed; token i, step, sequence); its
+/// log-prob is over that set (see [`Sampled`]).
 pub fn sample(
     logits: Logits<'_>,
     vocab: usize,
@@ -240,6 +241,18 @@ pub fn log_normaliser(row: &[f32]) -> (f32, f64) {
     (m, f64::from(m) + (acc.iter().sum::<f64>() + tail).ln())
 }
 
+/// `ln Σ exp(scaled)` over the tokens top-k / top-p keep (`values ≥ floor`, ties kept), each
+/// term as [`log_normaliser`] computes it; `max` is the row's largest scaled value.
+fn kept_log_normaliser(values: &[f32], scaled: &[f32], floor: f32, max: f32) -> f64 {
+    let kept: f64 = values
+        .iter()
+        .zip(scaled)
+        .filter(|(x, _)| **x >= floor)
+        .map(|(_, s)| f64::from(exp_nonpositive(s - max)))
+        .sum();
+    f64::from(max) + kept.ln()
+}
+
 /// Tokens the sampler draws for at a time.
 const BLOCK: usize = 32;
 
@@ -322,7 +335,7 @@ fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled 
         values.iter().map(|x| x / t).collect::<Vec<f32>>().into()
     };
     let (max, log_z) = log_normaliser(&scaled);
-    let token = if greedy {
+    let (token, log_z) = if greedy {
         let mut best = 0usize;
         let mut bv = f32::NEG_INFINITY;
         for (i, &x) in values.iter().enumerate() {
@@ -331,7 +344,7 @@ fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled 
                 best = i;
             }
         }
-        best
+        (best, log_z)
     } else {
         let mut floor = f32::NEG_INFINITY;
         if p.top_k > 0 && p.top_k < vocab {
@@ -393,7 +406,13 @@ fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled 
                 }
             }
         }
-        best
+        // The log-prob is under the distribution drawn from: renormalised over the kept set
+        // when top-k / top-p cut the row.
+        if floor == f32::NEG_INFINITY {
+            (best, log_z)
+        } else {
+            (best, kept_log_normaliser(values, &scaled, floor, max))
+        }
     };
     Sampled {
         token: token as u32,

@@ -118,8 +118,11 @@ pub struct RowKey {
     pub step: u32,
 }
 
-/// A drawn token and its log-prob under the temperature-scaled (unfiltered) distribution — the
-/// quantity the trainer recomputes, so the two can be compared. Greedy reports temperature 1.
+/// A drawn token and its log-prob under the distribution it was drawn from: the
+/// temperature-scaled softmax, renormalised over the tokens top-k / top-p keep when they cut the
+/// row (so with truncated sampling it is the sampler's probability, as an importance ratio
+/// needs; without, it is what the trainer's log-prob graph recomputes). Greedy reports the
+/// softmax at temperature 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampled {
     pub token: u32,

@@ -8,7 +8,8 @@
 //! in a buffer read in place (`OWN_CHUNK`; CPU and CUDA); GroupQueryAttention decoders get one
 //! past/present buffer (CPU). Small models on few cores run as CPU slices, the prompts dealt
 //! among them by estimated cost (`prompt_shares`). Every
-//! token carries its log-prob under the temperature-scaled distribution; LoRA tensors are plain
+//! token carries its log-prob under the distribution it was drawn from (temperature-scaled,
+//! renormalised over the top-k / top-p set when those cut the row); LoRA tensors are plain
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
 //! CUDA kernels, on the stream the sessions run on. Half-precision decoders (onnxruntime-genai's

@@ -131,7 +131,8 @@ pub struct ActorConfig {
     pub clip_ratio_high: f32,
     pub clip_ratio_dual: f32,
     /// Where old log-probs come from: "recompute" (EasyR1: the actor recomputes them after
-    /// generation) or "rollout" (the sampler's own, one forward pass fewer).
+    /// generation) or "rollout" (the sampler's own, one forward pass fewer; with top-p / top-k
+    /// they are over the filtered set, the behaviour policy's probabilities).
     pub old_logprobs: String,
     pub optim: OptimConfig,
 }
