@@ -6,7 +6,7 @@
 //! [`RolloutJob::plan`] reads the data and checks the files before anything is written or a
 //! model is loaded; [`Plan::run`] generates.
 
-use super::engine::{Engine, EngineError, GenerationConfig, Request};
+use super::{Engine, EngineError, GenerationConfig, Request};
 use crate::reward::{self, RewardConfig};
 use crate::tasks::write::{read_dataset, SampleRecord, WriteError};
 use std::collections::{HashMap, HashSet};

@@ -6,9 +6,9 @@ mod float;
 mod gpu;
 pub mod job;
 mod kv;
+pub mod request;
+mod runner;
 mod share;
 
-pub use engine::{
-    Completion, Engine, EngineError, EngineStats, Finish, GenerationConfig, NoRoom, Prepared,
-    Request, Trace,
-};
+pub use engine::{Completion, Engine, EngineError, EngineStats, Finish, Trace};
+pub use request::{GenerationConfig, ImageGrids, NoRoom, Prepared, Request};
