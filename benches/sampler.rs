@@ -1,6 +1,7 @@
 //! The CPU sampler per row and per token, and its parts: the row's log-normaliser (the
 //! sampler's two-pass one, and the f64 online pass it replaced) and the Philox draws for every
-//! token of a row (eight Philox blocks of four tokens at a time, and one token at a time).
+//! token of a row (eight Philox blocks of four tokens at a time, and one token at a time); and
+//! the whole call with top-p 0.9 and with top-k 50 (thresholds and renormalised log-probs).
 //! Shapes: the rollout bench's 40 rows × 2,048 (the tiny package) and 8 rows × 151,936
 //! (Qwen2.5-VL's vocabulary), logits with the spread of a trained model's (σ = 3).
 //!
@@ -42,6 +43,15 @@ fn main() {
         let all = median_s(reps, || {
             black_box(cpu::sample(Logits::F32(&logits), vocab, &keys, &p).unwrap());
         });
+        // Nucleus and top-k filtering: the threshold search and the renormalised log-prob.
+        let top_p = median_s(reps, || {
+            let p = SamplingParams { top_p: 0.9, ..p };
+            black_box(cpu::sample(Logits::F32(&logits), vocab, &keys, &p).unwrap());
+        });
+        let top_k = median_s(reps, || {
+            let p = SamplingParams { top_k: 50, ..p };
+            black_box(cpu::sample(Logits::F32(&logits), vocab, &keys, &p).unwrap());
+        });
         let row = &logits[..vocab];
         let stats = median_s(reps, || {
             black_box(RowStats::of(row.iter().copied(), 1.0));
@@ -62,13 +72,16 @@ fn main() {
         println!(
             "{rows:>3} × {vocab:>7}: {:>8.1} µs per call ({:.2} ns per token on {threads} threads); \
              one row on one thread: log-normaliser {:.2} ns (the f64 online pass {:.2}), \
-             Philox {:.2} ns per token (one token at a time {:.2})",
+             Philox {:.2} ns per token (one token at a time {:.2}); \
+             with top-p 0.9 {:.1} µs per call, top-k 50 {:.1} µs",
             all * 1e6,
             ns(all) / rows as f64 * threads as f64,
             ns(fast),
             ns(stats),
             ns(draws),
             ns(scalar),
+            top_p * 1e6,
+            top_k * 1e6,
         );
     }
 }

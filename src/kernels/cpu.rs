@@ -92,33 +92,6 @@ pub fn kth_largest(values: &mut [f32], k: usize) -> f32 {
     *v
 }
 
-/// Lowest value kept by nucleus filtering: sort descending, keep tokens while the mass before
-/// them is below `p` (at least one), and return the last kept value (ties at it are kept too).
-pub fn top_p_threshold(values: &[f32], temperature: f32, p: f32) -> f32 {
-    let mut v: Vec<f32> = values
-        .iter()
-        .copied()
-        .filter(|x| *x != f32::NEG_INFINITY)
-        .collect();
-    v.sort_unstable_by(|a, b| b.total_cmp(a));
-    let m = f64::from(v[0] / temperature);
-    let z: f64 = v
-        .iter()
-        .map(|x| (f64::from(x / temperature) - m).exp())
-        .sum();
-    let mut before = 0.0f64;
-    for x in &v {
-        if before >= f64::from(p) * z {
-            break;
-        }
-        before += (f64::from(x / temperature) - m).exp();
-        if before >= f64::from(p) * z {
-            return *x;
-        }
-    }
-    *v.last().expect("non-empty")
-}
-
 /// Draws one token per row with the Gumbel-max trick over the filtered set:
 /// `argmax_i x_i/T − ln(−ln u_i)` with `u_i` from Philox(seed; token i, step, sequence); its
 /// log-prob is over that set (see [`Sampled`]).
@@ -241,17 +214,116 @@ pub fn log_normaliser(row: &[f32]) -> (f32, f64) {
     (m, f64::from(m) + (acc.iter().sum::<f64>() + tail).ln())
 }
 
-/// `ln Σ exp(scaled)` over the tokens top-k / top-p keep (`values ≥ floor`, ties kept), each
-/// term as [`log_normaliser`] computes it; `max` is the row's largest scaled value.
+/// `ln Σ exp(scaled)` over the tokens top-k keeps (`values ≥ floor`, ties kept), each term as
+/// [`log_normaliser`] computes it; `max` is the row's largest scaled value. Always inlined, as
+/// [`nucleus`].
+#[inline(always)]
 fn kept_log_normaliser(values: &[f32], scaled: &[f32], floor: f32, max: f32) -> f64 {
-    let kept: f64 = values
-        .iter()
-        .zip(scaled)
-        .filter(|(x, _)| **x >= floor)
-        .map(|(_, s)| f64::from(exp_nonpositive(s - max)))
+    let term = |x: f32, s: f32| {
+        let e = exp_nonpositive(s - max);
+        if x >= floor {
+            e
+        } else {
+            0.0
+        }
+    };
+    // Eight lanes, as in `log_normaliser`, so the loop vectorises.
+    let mut acc = [0f64; 8];
+    let (vs, ss) = (values.chunks_exact(8), scaled.chunks_exact(8));
+    let tail: f64 = (vs.remainder().iter().zip(ss.remainder()))
+        .map(|(x, s)| f64::from(term(*x, *s)))
         .sum();
-    f64::from(max) + kept.ln()
+    for (v, s) in vs.zip(ss) {
+        let mut e = [0f32; 8];
+        for j in 0..8 {
+            e[j] = term(v[j], s[j]);
+        }
+        for j in 0..8 {
+            acc[j] += f64::from(e[j]);
+        }
+    }
+    f64::from(max) + (acc.iter().sum::<f64>() + tail).ln()
 }
+
+/// Nucleus filtering of the tokens `values ≥ floor`: largest first, tokens are kept while the
+/// mass before them is below `p` of theirs (at least one), and ties at the last kept value are
+/// kept too. Returns the lowest kept value and the kept tokens' normaliser `ln Σ exp(scaled)`.
+/// `scaled` is `values / T`, `max` its largest entry and `log_z` the normaliser of the tokens
+/// `≥ floor`.
+///
+/// No sort of the row: one pass puts each token's mass into one of [`NUCLEUS_BINS`] bins by
+/// its distance below `max` (every bin holds a narrower range of values than the one after
+/// it, as the nucleus is a prefix of the descending order), the bins are summed from the top to
+/// the one where the target is reached, and only that bin's tokens are sorted. Always inlined,
+/// so the row sampler's AVX2 build gets its own copy.
+#[inline(always)]
+fn nucleus(values: &[f32], scaled: &[f32], floor: f32, max: f32, log_z: f64, p: f32) -> (f32, f64) {
+    const NONE: u16 = u16::MAX;
+    let target = f64::from(p) * (log_z - f64::from(max)).exp();
+    let n = values.len();
+    assert_eq!(scaled.len(), n);
+    // Each kept token's mass and bin. Tokens more than 87 below the top have no mass in f32:
+    // they share the last bin. Indexed loops, so they stay in the AVX2 build and vectorise.
+    let (per_unit, last_bin) = (NUCLEUS_BINS as f32 / 88.0, (NUCLEUS_BINS - 1) as f32);
+    let (mut w, mut bin_of) = (vec![0f32; n], vec![NONE; n]);
+    for i in 0..n {
+        let (x, s) = (values[i], scaled[i]);
+        let kept = x >= floor && x != f32::NEG_INFINITY;
+        let e = exp_nonpositive(s - max);
+        let b = ((max - s) * per_unit).min(last_bin) as u16;
+        w[i] = if kept { e } else { 0.0 };
+        bin_of[i] = if kept { b } else { NONE };
+    }
+    let mut bins = vec![0f64; NUCLEUS_BINS];
+    for i in 0..n {
+        if bin_of[i] != NONE {
+            bins[usize::from(bin_of[i])] += f64::from(w[i]);
+        }
+    }
+    let (mut before, mut edge) = (0.0f64, None);
+    for (b, m) in bins.iter().enumerate() {
+        if before + m >= target {
+            edge = Some(b);
+            break;
+        }
+        before += m;
+    }
+    let Some(edge) = edge else {
+        // Rounding left the whole set's sum short of the target: all of it is the nucleus.
+        let mut lowest = f32::INFINITY;
+        for i in 0..n {
+            if bin_of[i] != NONE {
+                lowest = lowest.min(values[i]);
+            }
+        }
+        return (lowest, f64::from(max) + before.ln());
+    };
+    // The edge bin holds mass (the target was not reached before it), so a token: its tokens
+    // (value, mass), largest first.
+    let mut last = Vec::new();
+    for i in 0..n {
+        if usize::from(bin_of[i]) == edge {
+            last.push((values[i], w[i]));
+        }
+    }
+    last.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+    let mut cut = None;
+    for (x, m) in &last {
+        if cut.is_some_and(|c| *x < c) {
+            break;
+        }
+        before += f64::from(*m);
+        if cut.is_none() && before >= target {
+            // Kept from here on: `x` and its ties.
+            cut = Some(*x);
+        }
+    }
+    let cut = cut.unwrap_or_else(|| last.last().expect("the edge bin has a token").0);
+    (cut, f64::from(max) + before.ln())
+}
+
+/// Value bins of [`nucleus`]: 88 / 4,096 ≈ 0.02 of a logit (after temperature) each.
+const NUCLEUS_BINS: usize = 4096;
 
 /// Tokens the sampler draws for at a time.
 const BLOCK: usize = 32;
@@ -346,13 +418,14 @@ fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled 
         }
         (best, log_z)
     } else {
-        let mut floor = f32::NEG_INFINITY;
+        // The set drawn from (`values ≥ floor`) and its normaliser.
+        let (mut floor, mut norm) = (f32::NEG_INFINITY, log_z);
         if p.top_k > 0 && p.top_k < vocab {
             floor = kth_largest(&mut values.to_vec(), p.top_k);
+            norm = kept_log_normaliser(values, &scaled, floor, max);
         }
         if p.top_p < 1.0 {
-            let kept: Vec<f32> = values.iter().copied().filter(|x| *x >= floor).collect();
-            floor = floor.max(top_p_threshold(&kept, t, p.top_p));
+            (floor, norm) = nucleus(values, &scaled, floor, max, norm, p.top_p);
         }
         // Exact pruning: a Gumbel draw here lies in [−2.82, 16.64] (u is in
         // [2⁻²⁴, 1 − 2⁻²⁴]), so the top logit scores at least max − 2.82 and a token more
@@ -408,11 +481,7 @@ fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled 
         }
         // The log-prob is under the distribution drawn from: renormalised over the kept set
         // when top-k / top-p cut the row.
-        if floor == f32::NEG_INFINITY {
-            (best, log_z)
-        } else {
-            (best, kept_log_normaliser(values, &scaled, floor, max))
-        }
+        (best, norm)
     };
     Sampled {
         token: token as u32,
@@ -496,6 +565,74 @@ pub fn adamw_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The binned nucleus keeps the set a full sort keeps (each token's mass as the sampler
+    /// computes it, summed largest first in f64), and reports that set's normaliser: flat,
+    /// peaked and heavy-tailed rows, rows of a few distinct values (ties at the cut), −∞
+    /// entries, a top-k floor below, Qwen's vocabulary, nuclei from one token to nearly all.
+    #[test]
+    fn nucleus_keeps_what_a_full_sort_keeps() {
+        let mut r = crate::rng::Rng::keyed(5, &[]);
+        let mut cases = 0;
+        for vocab in [1usize, 7, 300, 2048, 151_936] {
+            for spread in [0.01f64, 1.0, 3.0, 30.0] {
+                for tied in [false, true] {
+                    let row: Vec<f32> = (0..vocab)
+                        .map(|i| {
+                            let x = spread * (r.f64() - 0.5) * 8.0;
+                            match (i % 53 == 7 && vocab > 1, tied) {
+                                (true, _) => f32::NEG_INFINITY,
+                                (false, true) => (x * 2.0).round() as f32 / 2.0,
+                                (false, false) => x as f32,
+                            }
+                        })
+                        .collect();
+                    for (t, top_k, p) in [(1.0f32, 0, 0.9f32), (0.7, 0, 0.5), (1.3, 0, 0.99)]
+                        .into_iter()
+                        .chain([(1.0, vocab / 3, 0.8), (1.0, 0, 0.05)])
+                    {
+                        let scaled: Vec<f32> = row.iter().map(|x| x / t).collect();
+                        let (max, log_z) = log_normaliser(&scaled);
+                        let (floor, z) = if top_k > 0 && top_k < vocab {
+                            let f = kth_largest(&mut row.clone(), top_k);
+                            (f, kept_log_normaliser(&row, &scaled, f, max))
+                        } else {
+                            (f32::NEG_INFINITY, log_z)
+                        };
+                        let (cut, kept_z) = nucleus(&row, &scaled, floor, max, z, p);
+                        // The reference: every kept token sorted, largest first.
+                        let mass = |s: f32| f64::from(exp_nonpositive(s - max));
+                        let mut all: Vec<(f32, f32)> = (row.iter().zip(&scaled))
+                            .filter(|(x, _)| **x >= floor && **x != f32::NEG_INFINITY)
+                            .map(|(x, s)| (*x, *s))
+                            .collect();
+                        all.sort_by(|a, b| b.0.total_cmp(&a.0));
+                        let target = f64::from(p) * all.iter().map(|a| mass(a.1)).sum::<f64>();
+                        let mut before = 0.0;
+                        let mut want = all.last().unwrap().0;
+                        for (x, s) in &all {
+                            before += mass(*s);
+                            if before >= target {
+                                want = *x;
+                                break;
+                            }
+                        }
+                        let label =
+                            format!("V {vocab} spread {spread} tied {tied} T {t} k {top_k} p {p}");
+                        assert_eq!(cut, want, "{label}");
+                        let kept: f64 = all.iter().filter(|a| a.0 >= want).map(|a| mass(a.1)).sum();
+                        let want_z = f64::from(max) + kept.ln();
+                        assert!(
+                            (kept_z - want_z).abs() < 1e-9,
+                            "{label}: {kept_z} vs {want_z}"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 5 * 4 * 2 * 5);
+    }
 
     /// The AVX2 build of the row sampler draws the same token with the same log-prob, bit for
     /// bit, as the baseline build: flat and peaked rows, −∞ entries, partial last blocks,
