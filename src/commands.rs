@@ -373,6 +373,12 @@ pub struct BenchRolloutArgs {
     /// 0 is greedy.
     #[arg(long, default_value_t = 1.0, value_parser = temperature, allow_negative_numbers = true)]
     temperature: f32,
+    /// Sample from the most likely tokens whose mass reaches P (1 = all), as a rollout would.
+    #[arg(long, default_value_t = 1.0, value_parser = top_p, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Sample from the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     #[command(flatten)]
     device: DeviceArgs,
     /// Also write the results here.
@@ -556,8 +562,8 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {
             temperature: a.temperature,
-            top_k: 0,
-            top_p: 1.0,
+            top_k: a.top_k,
+            top_p: a.top_p,
             seed: 0,
         },
         verbatim: false,

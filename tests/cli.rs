@@ -297,6 +297,7 @@ fn out_of_range_settings_are_refused_naming_the_flag() {
     for (cmd, args) in [
         (&["bench", "rollout"][..], &["--rounds", "0"][..]),
         (&["bench", "rollout"], &["--temperature=-0.5"]),
+        (&["bench", "rollout"], &["--top-p", "0"]),
         (&["bench", "rollout"], &["--cpu-slices", "0"]),
         (&["eval", "--out", "x", "--data", "y"], &["--top-p", "2"]),
         (&["bench", "kernels"], &["--vocab", "0"]),
@@ -468,6 +469,7 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
         .args(["bench", "rollout", "--model"])
         .arg(tiny())
         .args(["--batch", "4", "--group", "2", "--max-new-tokens", "4"])
+        .args(["--top-p", "0.9", "--top-k", "40"])
         .args([
             "--warmup",
             "2",
@@ -490,12 +492,13 @@ fn bench_rollout_reports_its_rounds_and_time_split() {
     let b: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(b["warmup_rounds"], 2);
     assert_eq!(b["rounds"], 2);
-    // What ran, for the record: the model, its precision, the slices, the temperature.
+    // What ran, for the record: the model, its precision, the slices, the sampling.
     assert_eq!(b["model"], tiny().display().to_string());
     assert_eq!(
         (&b["dtype"], &b["cpu_slices"], &b["temperature"]),
         (&"fp32".into(), &2.into(), &1.0.into())
     );
+    assert_eq!((b["top_p"].as_f64(), &b["top_k"]), (Some(0.9), &40.into()));
     assert_eq!(b["rss_mb"].as_array().unwrap().len(), 4);
     // Four prompts × two samples × at most four tokens, per timed round.
     let tokens = b["generated_tokens"].as_u64().unwrap();

@@ -16,6 +16,9 @@ pub struct RolloutBench {
     /// Concurrent CPU slices (0: one set of sessions).
     pub cpu_slices: usize,
     pub temperature: f32,
+    /// Nucleus mass (1: off) and top-k (0: off).
+    pub top_p: f32,
+    pub top_k: usize,
     /// Decoder cache, logits and sampling on the GPU (CUDA / TensorRT).
     pub cache_on_gpu: bool,
     /// The rows' own tokens stay where the decoder reads them instead of being copied every
@@ -116,6 +119,8 @@ pub fn run(
         provider: engine.provider().to_string(),
         cpu_slices: engine.cpu_slices(),
         temperature: cfg.sampling.temperature,
+        top_p: cfg.sampling.top_p,
+        top_k: cfg.sampling.top_k,
         cache_on_gpu: engine.cache_on_gpu(),
         own_cache_in_place: engine.own_cache_in_place(),
         prompts: requests.len(),
