@@ -60,17 +60,8 @@ fn max_diff(a: &Trace, b: &Trace) -> (f32, f32) {
     (d, scale)
 }
 
-#[test]
-fn merged_package_equals_base_plus_adapter() {
-    let base = match Engine::open(&tiny(), None) {
-        Ok(e) => e,
-        Err(e) if e.to_string().contains("libonnxruntime") => {
-            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
-    let mut base = base;
+/// A random adapter for the tiny package, strong enough to change its greedy tokens.
+fn random_adapter() -> Vec<(String, Vec<f32>)> {
     let m = Package::open(&tiny()).unwrap().manifest;
     let mut r = Rng::keyed(42, &[]);
     let mut adapter = Vec::new();
@@ -83,6 +74,131 @@ fn merged_package_equals_base_plus_adapter() {
             adapter.push((format!("{}.{suffix}", t.name), v));
         }
     }
+    adapter
+}
+
+/// The engine on `dir`, or `None` with a SKIP line when ONNX Runtime cannot be loaded.
+fn engine_or_skip(dir: &Path) -> Option<Engine> {
+    match Engine::open(dir, None) {
+        Ok(e) => Some(e),
+        Err(e) if e.to_string().contains("libonnxruntime") => {
+            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Weights in external data files, as the exporter writes models over protobuf's 2 GB limit: a
+/// package whose graphs keep every weight in `{graph}.data` runs as the inline one does, and
+/// `ssrl export` reads them in, merges the adapter, optimises or stores fp16, and writes new
+/// data files beside its graphs — the result equals the inline package plus the adapter. A
+/// data file cut short is an error naming the graph, the tensor and the file.
+#[test]
+fn external_data_packages_export_and_run() {
+    use spatial_ssrl::model::onnx_edit::Graph;
+    let Some(mut base) = engine_or_skip(&tiny()) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ssrl-export-ext-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = dir.join("external");
+    std::fs::create_dir_all(&src).unwrap();
+    let m = Package::open(&tiny()).unwrap().manifest;
+    let g = &m.graphs;
+    let graphs = [&g.vision, &g.embedding, &g.decoder, &g.logprobs, &g.train];
+    for e in std::fs::read_dir(tiny()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_file() && !graphs.iter().any(|g| **g == name) {
+            std::fs::copy(e.path(), src.join(&name)).unwrap();
+        }
+    }
+    for file in graphs {
+        let g = Graph::open_file(&tiny().join(file)).unwrap();
+        assert!(
+            !g.needs_external(),
+            "{file}: inline in the committed package"
+        );
+        g.save(&src.join(file), true).unwrap();
+    }
+    let size = |p: PathBuf| std::fs::metadata(p).unwrap().len();
+    let decoder = src.join(&g.decoder);
+    assert!(size(decoder.clone()) < 200_000, "{}", size(decoder.clone()));
+    assert!(size(decoder.with_extension("onnx.data")) > 1_000_000);
+    // The external package runs as the inline one.
+    let mut ext = Engine::open(&src, None).unwrap();
+    let (plain, plain_trace) = greedy(&mut base);
+    let (tokens, trace) = greedy(&mut ext);
+    assert_eq!(tokens, plain);
+    let (d, _) = max_diff(&plain_trace, &trace);
+    assert!(d <= 1e-6, "logits differ by {d}");
+    // Merged, optimised, written out external again.
+    let adapter = random_adapter();
+    base.set_lora(&adapter).unwrap();
+    let (want, want_trace) = greedy(&mut base);
+    assert_ne!(want, plain);
+    let out = dir.join("merged");
+    let opts = |fp16, optimize| ExportOptions {
+        adapter: Some(adapter.clone()),
+        fp16,
+        optimize,
+    };
+    let rep = export(&src, &out, &opts(false, true), None).unwrap();
+    assert_eq!((rep.merged.len(), rep.optimized.len()), (5, 3));
+    assert!(
+        rep.bytes_in > 5_000_000 && rep.bytes_out > 5_000_000,
+        "{rep:?}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for file in graphs {
+        assert!(names.contains(&format!("{file}.data")), "{file}: {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.contains(".opt")), "{names:?}");
+    let mut merged = Engine::open(&out, None).unwrap();
+    let (got, got_trace) = greedy(&mut merged);
+    assert_eq!(got, want);
+    let (d, scale) = max_diff(&want_trace, &got_trace);
+    assert!(d <= 1e-4 * scale.max(1.0), "logits differ by {d}");
+    // fp16 storage of external weights: the data files halve.
+    let out16 = dir.join("merged16");
+    let rep16 = export(&src, &out16, &opts(true, false), None).unwrap();
+    assert!(rep16.fp16_weights > 10 && rep16.bytes_out * 10 < rep16.bytes_in * 6);
+    let (_, half_trace) = greedy(&mut Engine::open(&out16, None).unwrap());
+    let (d, scale) = max_diff(&want_trace, &half_trace);
+    assert!(d <= 2e-2 * scale.max(1.0), "fp16 logits differ by {d}");
+    // A data file cut short: refused, naming what is missing, nothing written.
+    let data = src.join(format!("{}.data", g.embedding));
+    let bytes = std::fs::read(&data).unwrap();
+    std::fs::write(&data, &bytes[..bytes.len() / 2]).unwrap();
+    let bad = dir.join("bad");
+    let e = export(&src, &bad, &opts(false, false), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&g.embedding) && e.contains(".data") && e.contains("past its end"),
+        "{e}"
+    );
+    assert!(!bad.exists() && !bad.with_extension("partial").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn merged_package_equals_base_plus_adapter() {
+    let base = match Engine::open(&tiny(), None) {
+        Ok(e) => e,
+        Err(e) if e.to_string().contains("libonnxruntime") => {
+            let _ = writeln!(std::io::stderr(), "SKIP: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let mut base = base;
+    let adapter = random_adapter();
     let (plain_tokens, _) = greedy(&mut base);
     base.set_lora(&adapter).unwrap();
     let (want, want_trace) = greedy(&mut base);

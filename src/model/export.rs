@@ -94,6 +94,50 @@ impl Record {
     }
 }
 
+/// ONNX Runtime's extended optimisations of the graph at `src`, written to `dst`; with
+/// `external_data`, its weights go to that file beside it (a model over 2 GB cannot be written
+/// otherwise).
+fn optimise(
+    env: &ort::environment::Environment,
+    src: &Path,
+    dst: &Path,
+    external_data: Option<&str>,
+) -> Result<(), ExportError> {
+    use ort::session::builder::GraphOptimizationLevel;
+    let fail = |e: ort::Error| ferr(src, e);
+    let mut b = ort::session::Session::builder(env)
+        .map_err(fail)?
+        .with_optimization_level(GraphOptimizationLevel::Level2)
+        .map_err(|e| fail(e.into()))?;
+    if let Some(name) = external_data {
+        b = b
+            .with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                name,
+            )
+            .map_err(|e| fail(e.into()))?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                "1024",
+            )
+            .map_err(|e| fail(e.into()))?;
+    }
+    b.with_optimized_model_path(dst)
+        .map_err(|e| fail(e.into()))?
+        .commit_from_file(src)
+        .map_err(fail)?;
+    Ok(())
+}
+
+/// Removes a folder when dropped.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0);
+    }
+}
+
 /// Writes the exported package to `out` (through `out.partial`, renamed when complete); an
 /// existing package there is replaced, any other existing `out` refused.
 pub fn export(
@@ -130,6 +174,9 @@ pub fn export(
         std::fs::remove_dir_all(&tmp).map_err(|e| ferr(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| ferr(&tmp, e))?;
+    // A failed export leaves no half-written copy behind (a large model's is many GB); after
+    // the final rename there is nothing left to remove.
+    let _partial = RemoveOnDrop(&tmp);
     let graphs = [
         m.graphs.vision.clone(),
         m.graphs.embedding.clone(),
@@ -137,16 +184,6 @@ pub fn export(
         m.graphs.logprobs.clone(),
         m.graphs.train.clone(),
     ];
-    // Every other top-level file (tokenizer, configs, manifest) is copied as is.
-    for e in std::fs::read_dir(model)
-        .map_err(|e| ferr(model, e))?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if e.path().is_file() && !graphs.contains(&name) {
-            std::fs::copy(e.path(), tmp.join(&name)).map_err(|er| ferr(&e.path(), er))?;
-        }
-    }
     let adapter: Option<Adapter> = opts.adapter.as_ref().map(|t| {
         let mut map = Adapter::new();
         for (name, v) in t {
@@ -172,11 +209,15 @@ pub fn export(
         bytes_in: 0,
         bytes_out: 0,
     };
+    // The graphs' external data files (rewritten with the graphs, not copied), and which graphs
+    // keep their weights in one.
+    let mut data_files = std::collections::BTreeSet::new();
+    let mut external = std::collections::HashSet::new();
     for file in &graphs {
         let src = pkg.graph_path(file);
-        let bytes = std::fs::read(&src).map_err(|e| ferr(&src, e))?;
-        report.bytes_in += bytes.len() as u64;
-        let mut g = Graph::open(&bytes).map_err(|e| ferr(&src, e))?;
+        let mut g = Graph::open_file(&src).map_err(|e| ferr(&src, e))?;
+        report.bytes_in += std::fs::metadata(&src).map_or(0, |m| m.len()) + g.external_bytes;
+        data_files.extend(g.external_files.iter().cloned());
         if let Some(a) = &adapter {
             let merged = g
                 .merge_lora(a, m.lora.scale as f32)
@@ -190,7 +231,21 @@ pub fn export(
             report.merged.push((file.clone(), merged));
         }
         let dst = tmp.join(file);
-        std::fs::write(&dst, g.to_bytes()).map_err(|e| ferr(&dst, e))?;
+        if g.needs_external() {
+            external.insert(file.clone());
+        }
+        g.save(&dst, external.contains(file))
+            .map_err(|e| ferr(&dst, e))?;
+    }
+    // Every other top-level file (tokenizer, configs, manifest) is copied as is.
+    for e in std::fs::read_dir(model)
+        .map_err(|e| ferr(model, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_file() && !graphs.contains(&name) && !data_files.contains(&name) {
+            std::fs::copy(e.path(), tmp.join(&name)).map_err(|er| ferr(&e.path(), er))?;
+        }
     }
     if opts.optimize {
         let env = environment(ort_lib).map_err(PackageError::from)?;
@@ -199,15 +254,19 @@ pub fn export(
         for file in [&m.graphs.vision, &m.graphs.embedding, &m.graphs.decoder] {
             let p = tmp.join(file);
             let opt = tmp.join(format!("{file}.opt"));
-            ort::session::Session::builder(env)
-                .and_then(|b| {
-                    b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level2)
-                        .map_err(Into::into)
-                })
-                .and_then(|b| b.with_optimized_model_path(&opt).map_err(Into::into))
-                .and_then(|mut b| b.commit_from_file(&p))
-                .map_err(|e| ferr(&p, e))?;
-            std::fs::rename(&opt, &p).map_err(|e| ferr(&p, e))?;
+            let opt_data = format!("{file}.opt.data");
+            let large = external.contains(file);
+            optimise(env, &p, &opt, large.then_some(opt_data.as_str()))?;
+            if large {
+                // Back under the graph's own data file name.
+                let g = Graph::open_file(&opt).map_err(|e| ferr(&opt, e))?;
+                g.save(&p, true).map_err(|e| ferr(&p, e))?;
+                for f in [opt, tmp.join(&opt_data)] {
+                    std::fs::remove_file(&f).map_err(|e| ferr(&f, e))?;
+                }
+            } else {
+                std::fs::rename(&opt, &p).map_err(|e| ferr(&p, e))?;
+            }
             report.optimized.push(file.clone());
         }
     }
@@ -215,10 +274,10 @@ pub fn export(
     if opts.fp16 {
         for file in &graphs {
             let p = tmp.join(file);
-            let bytes = std::fs::read(&p).map_err(|e| ferr(&p, e))?;
-            let mut g = Graph::open(&bytes).map_err(|e| ferr(&p, e))?;
+            let mut g = Graph::open_file(&p).map_err(|e| ferr(&p, e))?;
             report.fp16_weights += g.store_weights_fp16(1024);
-            std::fs::write(&p, g.to_bytes()).map_err(|e| ferr(&p, e))?;
+            g.save(&p, external.contains(file))
+                .map_err(|e| ferr(&p, e))?;
         }
     }
     // The manifest records what was done.
@@ -242,9 +301,9 @@ pub fn export(
     });
     std::fs::write(&mp, serde_json::to_vec_pretty(&mv).expect("json")).map_err(|e| ferr(&mp, e))?;
     for file in &graphs {
-        report.bytes_out += std::fs::metadata(tmp.join(file))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        for f in [file.clone(), format!("{file}.data")] {
+            report.bytes_out += std::fs::metadata(tmp.join(f)).map_or(0, |m| m.len());
+        }
     }
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| ferr(out, e))?;

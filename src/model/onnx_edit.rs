@@ -1,9 +1,13 @@
 //! Just enough of the ONNX protobuf to rewrite a model in place: a generic wire-format reader and
 //! writer (fields we do not touch are carried through byte for byte), plus the ModelProto /
 //! GraphProto / NodeProto / TensorProto fields `ssrl export` edits — LoRA merging into the base
-//! weights and fp16 weight storage.
+//! weights and fp16 weight storage. Weights in external data files (models over protobuf's 2 GB
+//! limit) are read in when a graph is opened from its file and written out again by
+//! [`Graph::save`].
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 #[error("ONNX protobuf: {0}")]
@@ -120,6 +124,9 @@ const TENSOR_FLOATS: u32 = 4;
 const TENSOR_NAME: u32 = 8;
 const TENSOR_RAW: u32 = 9;
 const TENSOR_EXTERNAL: u32 = 13;
+const TENSOR_LOCATION: u32 = 14;
+/// TensorProto.DataLocation.EXTERNAL.
+const EXTERNAL: u64 = 1;
 const FLOAT: u64 = 1;
 const FLOAT16: u64 = 10;
 
@@ -132,6 +139,18 @@ pub struct Graph {
     graph: Message,
     pub nodes: Vec<Node>,
     pub initializers: Vec<Tensor>,
+    /// Bytes of weights read from external data files ([`Graph::open_file`]), and the files.
+    pub external_bytes: u64,
+    pub external_files: std::collections::BTreeSet<String>,
+}
+
+/// Where an external tensor's bytes lie: `length` bytes (to the end when absent) at `offset` of
+/// the file `location`, relative to the model's folder.
+#[derive(Debug, Clone, PartialEq)]
+struct ExternalRef {
+    location: String,
+    offset: u64,
+    length: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +168,8 @@ pub struct Tensor {
     /// ONNX TensorProto.DataType.
     pub data_type: u64,
     pub raw: Vec<u8>,
+    /// Set while the bytes are still in an external file (a graph opened from bytes alone).
+    external: Option<ExternalRef>,
     rest: Message,
 }
 
@@ -231,9 +252,11 @@ fn parse_tensor(b: &[u8]) -> Result<Tensor, ProtoError> {
         dims: vec![],
         data_type: 0,
         raw: vec![],
+        external: None,
         rest: vec![],
     };
     let mut floats = Vec::new();
+    let (mut entries, mut location) = (Vec::new(), 0);
     for (f, v) in parse(b)? {
         match (f, &v) {
             (TENSOR_DIMS, Value::Varint(d)) => t.dims.push(*d as usize),
@@ -248,22 +271,45 @@ fn parse_tensor(b: &[u8]) -> Result<Tensor, ProtoError> {
             (TENSOR_RAW, Value::Bytes(r)) => t.raw = r.clone(),
             (TENSOR_FLOATS, Value::Bytes(packed)) => floats.extend_from_slice(packed),
             (TENSOR_FLOATS, Value::Fixed32(x)) => floats.extend_from_slice(&x.to_le_bytes()),
-            (TENSOR_EXTERNAL, _) => {
-                return perr(format!(
-                    "{}: weights in external data files are not supported here",
-                    t.name
-                ))
+            (TENSOR_EXTERNAL, Value::Bytes(e)) => {
+                // StringStringEntryProto: key = 1, value = 2.
+                let e = parse(e)?;
+                let get = |k: u32| e.iter().find(|(f, _)| *f == k).and_then(|(_, v)| string(v));
+                entries.push((get(1).unwrap_or_default(), get(2).unwrap_or_default()));
             }
+            (TENSOR_LOCATION, Value::Varint(l)) => location = *l,
             _ => t.rest.push((f, v)),
         }
     }
     if t.raw.is_empty() && !floats.is_empty() {
         t.raw = floats;
     }
+    if location == EXTERNAL {
+        let name = t.name.clone();
+        let get = |k: &str| entries.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        let number = |k: &str| -> Result<Option<u64>, ProtoError> {
+            get(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| ProtoError(format!("{name}: external data {k} {v:?}")))
+                })
+                .transpose()
+        };
+        let Some(loc) = get("location") else {
+            return perr(format!("{name}: external data without a location"));
+        };
+        t.external = Some(ExternalRef {
+            location: loc.clone(),
+            offset: number("offset")?.unwrap_or(0),
+            length: number("length")?,
+        });
+    }
     Ok(t)
 }
 
-fn write_tensor(t: &Tensor) -> Vec<u8> {
+/// The tensor's protobuf: its bytes inline, or a reference to where they lie in an external
+/// file (`external`, else the tensor's own reference when its bytes were never read).
+fn write_tensor(t: &Tensor, external: Option<&ExternalRef>) -> Vec<u8> {
     let mut m: Message = t
         .dims
         .iter()
@@ -271,7 +317,24 @@ fn write_tensor(t: &Tensor) -> Vec<u8> {
         .collect();
     m.push((TENSOR_TYPE, Value::Varint(t.data_type)));
     m.push((TENSOR_NAME, Value::Bytes(t.name.as_bytes().to_vec())));
-    m.push((TENSOR_RAW, Value::Bytes(t.raw.clone())));
+    match external.or(t.external.as_ref()) {
+        None => m.push((TENSOR_RAW, Value::Bytes(t.raw.clone()))),
+        Some(e) => {
+            let entry = |k: &str, v: String| {
+                let kv = vec![
+                    (1, Value::Bytes(k.as_bytes().to_vec())),
+                    (2, Value::Bytes(v.into_bytes())),
+                ];
+                (TENSOR_EXTERNAL, Value::Bytes(write(&kv)))
+            };
+            m.push(entry("location", e.location.clone()));
+            m.push(entry("offset", e.offset.to_string()));
+            if let Some(l) = e.length {
+                m.push(entry("length", l.to_string()));
+            }
+            m.push((TENSOR_LOCATION, Value::Varint(EXTERNAL)));
+        }
+    }
     m.extend(t.rest.iter().cloned());
     write(&m)
 }
@@ -321,7 +384,106 @@ impl Graph {
             graph,
             nodes,
             initializers,
+            external_bytes: 0,
+            external_files: Default::default(),
         })
+    }
+
+    /// Opens the model at `path` with every weight in memory: tensors in external data files
+    /// (relative to the model's folder, as ONNX writes them) are read in.
+    pub fn open_file(path: &Path) -> Result<Graph, ProtoError> {
+        let bytes = std::fs::read(path).map_err(|e| ProtoError(e.to_string()))?;
+        let mut g = Graph::open(&bytes)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut files: HashMap<String, std::fs::File> = HashMap::new();
+        for t in &mut g.initializers {
+            let Some(e) = t.external.take() else { continue };
+            let bad = |msg: String| ProtoError(format!("{}: external data {msg}", t.name));
+            let rel = Path::new(&e.location);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(bad(format!(
+                    "{:?} lies outside the model's folder",
+                    e.location
+                )));
+            }
+            let file = match files.entry(e.location.clone()) {
+                std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let f = std::fs::File::open(dir.join(rel))
+                        .map_err(|err| bad(format!("{}: {err}", dir.join(rel).display())))?;
+                    v.insert(f)
+                }
+            };
+            let size = file.metadata().map_err(|err| bad(err.to_string()))?.len();
+            let length = e.length.unwrap_or(size.saturating_sub(e.offset));
+            if e.offset.checked_add(length).is_none_or(|end| end > size) {
+                return Err(bad(format!(
+                    "{}: {length} bytes at {} run past its end ({size} bytes)",
+                    e.location, e.offset
+                )));
+            }
+            let mut raw = vec![0u8; length as usize];
+            file.seek(SeekFrom::Start(e.offset))
+                .and_then(|_| file.read_exact(&mut raw))
+                .map_err(|err| bad(format!("{}: {err}", e.location)))?;
+            t.raw = raw;
+            g.external_bytes += length;
+            g.external_files.insert(e.location);
+        }
+        Ok(g)
+    }
+
+    /// Whether the graph must keep its weights in an external file: it came with one, or its
+    /// weights exceed what one protobuf may hold (2 GB, less a margin for the graph itself).
+    pub fn needs_external(&self) -> bool {
+        let weights: usize = self.initializers.iter().map(|t| t.raw.len()).sum();
+        !self.external_files.is_empty() || weights > 1_800_000_000
+    }
+
+    /// Writes the model to `path`, every weight of at least 1 KiB in `{file name}.data` beside
+    /// it when `external` (each at a 4 KiB-aligned offset, so ONNX Runtime can map it), else
+    /// all inline.
+    pub fn save(&self, path: &Path, external: bool) -> Result<(), ProtoError> {
+        let io = |e: std::io::Error| ProtoError(format!("{}: {e}", path.display()));
+        if !external {
+            return std::fs::write(path, self.to_bytes_with(|_| None)).map_err(io);
+        }
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into());
+        let data_path = path.with_file_name(format!("{name}.data"));
+        let mut data = std::io::BufWriter::new(std::fs::File::create(&data_path).map_err(io)?);
+        let mut at = 0u64;
+        let mut failed = None;
+        let bytes = self.to_bytes_with(|t| {
+            if t.raw.len() < 1024 || failed.is_some() {
+                return None;
+            }
+            let pad = (4096 - at % 4096) % 4096;
+            let written = data
+                .write_all(&vec![0u8; pad as usize])
+                .and_then(|_| data.write_all(&t.raw));
+            if let Err(e) = written {
+                failed = Some(e);
+                return None;
+            }
+            let e = ExternalRef {
+                location: format!("{name}.data"),
+                offset: at + pad,
+                length: Some(t.raw.len() as u64),
+            };
+            at += pad + t.raw.len() as u64;
+            Some(e)
+        });
+        if let Some(e) = failed {
+            return Err(io(e));
+        }
+        data.flush().map_err(io)?;
+        std::fs::write(path, bytes).map_err(io)
     }
 
     /// Graph input names.
@@ -349,6 +511,11 @@ impl Graph {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_with(|_| None)
+    }
+
+    /// The model's protobuf, each initializer inline or where `place` puts it.
+    fn to_bytes_with(&self, mut place: impl FnMut(&Tensor) -> Option<ExternalRef>) -> Vec<u8> {
         let mut g: Message = self.graph.clone();
         // Nodes first (topological order kept), then initializers, then the rest.
         let mut out: Message = self
@@ -356,11 +523,10 @@ impl Graph {
             .iter()
             .map(|n| (GRAPH_NODE, Value::Bytes(write_node(n))))
             .collect();
-        out.extend(
-            self.initializers
-                .iter()
-                .map(|t| (GRAPH_INITIALIZER, Value::Bytes(write_tensor(t)))),
-        );
+        out.extend(self.initializers.iter().map(|t| {
+            let e = place(t);
+            (GRAPH_INITIALIZER, Value::Bytes(write_tensor(t, e.as_ref())))
+        }));
         out.append(&mut g);
         let mut model = self.model.clone();
         for (f, v) in model.iter_mut() {
