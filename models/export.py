@@ -508,9 +508,23 @@ def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names
             dim.dim_param = nm
     for name, value in (defaults or {}).items():
         m.graph.initializer.append(numpy_helper.from_array(value, name))
-    if DTYPE == "fp16" and not path.endswith("train.onnx"):
+    half = DTYPE == "fp16" and not path.endswith("train.onnx")
+    if half and EXTERNAL_DATA:
+        # The weights are in torch's data file beside the graph: read them in to convert them.
+        from onnx.external_data_helper import load_external_data_for_model
+        load_external_data_for_model(m, os.path.dirname(os.path.abspath(path)))
+    if half:
         store_weights_fp16(m)
-    onnx.save(m, path)
+    if half and EXTERNAL_DATA:
+        # Written afresh under the same name (onnx appends to an existing data file).
+        data = os.path.basename(path) + ".data"
+        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), data)):
+            os.remove(os.path.join(os.path.dirname(os.path.abspath(path)), data))
+        onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                  size_threshold=1024)
+    else:
+        # Without fp16 an external model's tensors still name torch's data file.
+        onnx.save(m, path)
     ops = sorted({n.domain or "ai.onnx" for n in m.graph.node})
     print(f"  {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB, {len(m.graph.node)} nodes, "
           f"domains {ops}, {time.time() - t0:.1f} s", flush=True)
@@ -1345,6 +1359,8 @@ def main(argv=None):
     ap.add_argument("--verify", action="store_true", help="check every graph against transformers (fails above 1e-4)")
     ap.add_argument("--goldens", action="store_true", help="write transformers goldens for the Rust tests to OUT/goldens")
     ap.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (18 or newer)")
+    ap.add_argument("--external-data", action="store_true",
+                    help="weights in a .data file beside each graph even under 2 GB (automatic above)")
     a = ap.parse_args(argv)
     globals()["OPSET"] = a.opset
     globals()["DTYPE"] = a.dtype
@@ -1361,7 +1377,7 @@ def main(argv=None):
         build_tiny(hf_dir)
     model = load_model(hf_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    globals()["EXTERNAL_DATA"] = weight_bytes > 1_800_000_000
+    globals()["EXTERNAL_DATA"] = a.external_data or weight_bytes > 1_800_000_000
     print(f"exporting {hf_dir} → {a.out} ({weight_bytes / 1e9:.2f} GB of weights"
           f"{', external data' if EXTERNAL_DATA else ''})", flush=True)
     names, shapes = export_package(model, a.out, a.lora_rank, a.lora_alpha, targets)
