@@ -329,8 +329,13 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
             println!("{file}: merged {}", targets.join(", "));
         }
     }
-    if a.fp16 {
-        println!("{} weight tensors stored as fp16", r.fp16_weights);
+    if r.fp16_weights > 0 {
+        let kept = if a.fp16 {
+            ""
+        } else {
+            " again (the package was stored in fp16; the optimiser had widened them)"
+        };
+        println!("{} weight tensors stored as fp16{kept}", r.fp16_weights);
     }
     if !r.optimized.is_empty() {
         println!("optimised offline: {}", r.optimized.join(", "));
@@ -516,7 +521,15 @@ impl DeviceArgs {
         engine.set_cpu_slices(self.cpu_slices)?;
         let dtype = &engine.package.manifest.dtype;
         if dtype != "fp32" {
-            eprintln!("{}: {dtype} embeddings, cache and logits", model.display());
+            // A builder decoder's precision is its I/O's; this project's fp16 packages store
+            // their weights in fp16 and compute in fp32.
+            match engine.package.is_genai() {
+                true => eprintln!("{}: {dtype} embeddings, cache and logits", model.display()),
+                false => eprintln!(
+                    "{}: weights stored in {dtype}, arithmetic in fp32",
+                    model.display()
+                ),
+            }
         }
         if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {
             eprintln!(

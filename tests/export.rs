@@ -236,7 +236,7 @@ fn merged_package_equals_base_plus_adapter() {
         &tiny(),
         &out16,
         &ExportOptions {
-            adapter: Some(adapter),
+            adapter: Some(adapter.clone()),
             fp16: true,
             optimize: false,
         },
@@ -250,6 +250,52 @@ fn merged_package_equals_base_plus_adapter() {
     assert!(
         d <= 2e-2 * scale.max(1.0),
         "fp16 logits differ by {d} (scale {scale})"
+    );
+    // Into a package whose weights are already stored in fp16 (the exporter's --dtype fp16, or
+    // an earlier --fp16 export) the adapter merges through the Casts into the fp16 weights.
+    let opts = |adapter, fp16| ExportOptions {
+        adapter,
+        fp16,
+        optimize: false,
+    };
+    let half_base = dir.join("half");
+    export(&tiny(), &half_base, &opts(None, true), None).unwrap();
+    let half_merged = dir.join("half-merged");
+    let rep = export(&half_base, &half_merged, &opts(Some(adapter), false), None).unwrap();
+    assert_eq!(rep.merged.len(), 5);
+    let (_, merged_trace) = greedy(&mut Engine::open(&half_merged, None).unwrap());
+    let (d, scale) = max_diff(&want_trace, &merged_trace);
+    assert!(
+        d <= 2e-2 * scale.max(1.0),
+        "merged fp16 logits differ by {d}"
+    );
+    let (_, unmerged) = greedy(&mut Engine::open(&half_base, None).unwrap());
+    let (far, _) = max_diff(&want_trace, &unmerged);
+    assert!(
+        far > 10.0 * d,
+        "the merge changed little: {far} against {d}"
+    );
+    // Optimised, a package stored in fp16 stays so (ONNX Runtime's folding widens its weights).
+    let half_opt = dir.join("half-opt");
+    let rep = export(
+        &half_base,
+        &half_opt,
+        &ExportOptions {
+            adapter: None,
+            fp16: false,
+            optimize: true,
+        },
+        None,
+    )
+    .unwrap();
+    assert!(
+        rep.fp16_weights > 10 && rep.bytes_out < rep.bytes_in,
+        "{rep:?}"
+    );
+    assert!(
+        spatial_ssrl::model::export::Record::of(&half_opt)
+            .unwrap()
+            .weights_fp16
     );
     // An optimised package takes no adapter (its graphs no longer hold the LoRA's pattern):
     // refused before any work, naming the package it came from. Exported again, it keeps the

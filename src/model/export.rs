@@ -270,8 +270,11 @@ pub fn export(
             report.optimized.push(file.clone());
         }
     }
-    // fp16 storage last: ORT's constant folding would turn Cast(fp16 weight) back into fp32.
-    if opts.fp16 {
+    // fp16 storage last: ORT's constant folding would turn Cast(fp16 weight) back into fp32 —
+    // and does so to a package stored in fp16, which is therefore stored in fp16 again.
+    let source_fp16 = before.weights_fp16 || m.dtype == "fp16";
+    let fp16 = opts.fp16 || (opts.optimize && source_fp16);
+    if fp16 {
         for file in &graphs {
             let p = tmp.join(file);
             let mut g = Graph::open_file(&p).map_err(|e| ferr(&p, e))?;
@@ -296,7 +299,7 @@ pub fn export(
     mv["exported"] = serde_json::json!({
         "from": model.display().to_string(),
         "adapter_merged": adapter.is_some() || before.adapter_merged,
-        "weights_fp16": opts.fp16 || before.weights_fp16,
+        "weights_fp16": fp16 || before.weights_fp16,
         "ort_optimized": optimized,
     });
     std::fs::write(&mp, serde_json::to_vec_pretty(&mv).expect("json")).map_err(|e| ferr(&mp, e))?;

@@ -186,6 +186,28 @@ impl Tensor {
         self.data_type = FLOAT;
         self.raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     }
+    /// The values of a float32 or float16 tensor, as f32.
+    pub fn values(&self) -> Option<Vec<f32>> {
+        match self.data_type {
+            FLOAT16 => Some(
+                (self.raw.chunks_exact(2))
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            _ => self.floats(),
+        }
+    }
+    /// Stores `v` in the tensor's own type: float16 stays float16, anything else becomes
+    /// float32.
+    pub fn set_values(&mut self, v: &[f32]) {
+        if self.data_type == FLOAT16 {
+            self.raw = (v.iter())
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect();
+        } else {
+            self.set_floats(v);
+        }
+    }
 }
 
 impl Node {
@@ -708,16 +730,31 @@ impl Graph {
             }
             let (w_in, flip) = weight.ok_or_else(|| ctx("no base MatMul"))?;
             // W [in, out] directly, or Transpose(W [out, in]); a Gemm's transB flips it again.
-            let (w_name, transposed) = if is_const(&w_in) {
-                (w_in, flip)
-            } else {
-                let p = &nodes[*producer
-                    .get(&w_in)
-                    .ok_or_else(|| ctx("W has no producer"))?];
-                if p.op != "Transpose" || !is_const(&p.inputs[0]) {
-                    return Err(ctx("W is neither an initializer nor its transpose"));
+            // Either may be stored in fp16 and widened by a Cast to float where it is used.
+            let stored = |name: &String| -> Option<String> {
+                if is_const(name) {
+                    return Some(name.clone());
                 }
-                (p.inputs[0].clone(), !flip)
+                let p = &nodes[*producer.get(name)?];
+                (p.op == "Cast" && p.int_attr("to") == Some(FLOAT as i64) && is_const(&p.inputs[0]))
+                    .then(|| p.inputs[0].clone())
+            };
+            let (w_name, transposed) = match stored(&w_in) {
+                Some(w) => (w, flip),
+                None => {
+                    let p = &nodes[*producer
+                        .get(&w_in)
+                        .ok_or_else(|| ctx("W has no producer"))?];
+                    match (p.op == "Transpose")
+                        .then(|| stored(&p.inputs[0]))
+                        .flatten()
+                    {
+                        Some(w) => (w, !flip),
+                        None => {
+                            return Err(ctx("W is neither an initializer nor its transpose"));
+                        }
+                    }
+                }
             };
             let w = self
                 .initializer(&w_name)
@@ -727,7 +764,9 @@ impl Graph {
                 ([o, i], true) => (*i, *o),
                 (d, _) => return Err(ctx(&format!("W has shape {d:?}"))),
             };
-            let mut wv = w.floats().ok_or_else(|| ctx("W is not float32"))?;
+            let mut wv = w
+                .values()
+                .ok_or_else(|| ctx("W is neither float32 nor float16"))?;
             let (a, b) = &adapter[name];
             let r = a.len() / inp.max(1);
             if r == 0 || a.len() != r * inp || b.len() != out * r {
@@ -758,7 +797,7 @@ impl Graph {
         for (n, v) in updates {
             self.initializer_mut(&n)
                 .expect("found above")
-                .set_floats(&v);
+                .set_values(&v);
         }
         Ok(merged)
     }
