@@ -444,7 +444,7 @@ pub struct DeviceArgs {
     /// CPU: generate N slices of the prompts concurrently, each on single-threaded sessions of
     /// its own (a copy of the weights each) — for small models on few cores, whose operators
     /// are too small to spread over threads. 1: one set of sessions on every core [default:
-    /// one slice per core up to 8 when decoder.onnx is under 64 MB, else 1]
+    /// one slice per core up to 8 when decoder.onnx is under 64 MB with its weights, else 1]
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     cpu_slices: Option<usize>,
     /// TensorRT: build fp16 engines.

@@ -125,6 +125,11 @@ fn external_data_packages_export_and_run() {
     let decoder = src.join(&g.decoder);
     assert!(size(decoder.clone()) < 200_000, "{}", size(decoder.clone()));
     assert!(size(decoder.with_extension("onnx.data")) > 1_000_000);
+    // What decides the default CPU slices (a copy of the weights each) counts the data file.
+    assert_eq!(
+        spatial_ssrl::model::onnx_edit::size_with_data(&decoder),
+        size(decoder.clone()) + size(decoder.with_extension("onnx.data"))
+    );
     // The external package runs as the inline one.
     let mut ext = Engine::open(&src, None).unwrap();
     let (plain, plain_trace) = greedy(&mut base);

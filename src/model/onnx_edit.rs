@@ -361,6 +361,23 @@ fn write_tensor(t: &Tensor, external: Option<&ExternalRef>) -> Vec<u8> {
     write(&m)
 }
 
+/// The bytes of the model at `path` with its weights: the file and the external data files its
+/// initializers name (0 for what cannot be read).
+pub fn size_with_data(path: &Path) -> u64 {
+    let own = std::fs::metadata(path).map_or(0, |m| m.len());
+    let Some(g) = std::fs::read(path).ok().and_then(|b| Graph::open(&b).ok()) else {
+        return own;
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let files: std::collections::BTreeSet<&str> = (g.initializers.iter())
+        .filter_map(|t| t.external.as_ref().map(|e| e.location.as_str()))
+        .collect();
+    own + files
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+        .sum::<u64>()
+}
+
 /// The element type of the model's graph input `name` (ONNX's code: 1 float, 10 float16, 16
 /// bfloat16, 7 int64), where it is a tensor. Only the inputs are read: weights may be in
 /// external files.

@@ -601,7 +601,7 @@ impl Engine {
     /// own, run concurrently: for small models on few cores, where one step's operators are too
     /// small to spread over threads. Each slice holds its own copy of the weights. `n` ≤ 1 goes
     /// back to the engine's sessions; `None`: one slice per core up to 8 when `decoder.onnx` is
-    /// under 64 MB, else 1. Ignored (with `Ok(false)`) on a GPU provider.
+    /// under 64 MB (with its external data), else 1. Ignored (with `Ok(false)`) on a GPU provider.
     pub fn set_cpu_slices(&mut self, n: Option<usize>) -> Result<bool, EngineError> {
         let n = n.unwrap_or_else(|| self.default_cpu_slices());
         self.slices.clear();
@@ -646,7 +646,9 @@ impl Engine {
         let decoder = self
             .package
             .graph_path(&self.package.manifest.graphs.decoder);
-        let small = std::fs::metadata(decoder).is_ok_and(|m| m.len() < 64 << 20);
+        // Weights in an external data file count (a large model's graph file alone is small).
+        let small = std::fs::metadata(&decoder).is_ok_and(|m| m.len() < 64 << 20)
+            && crate::model::onnx_edit::size_with_data(&decoder) < 64 << 20;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         if small {
             cores.min(8)

@@ -71,7 +71,8 @@ pub struct RolloutConfig {
     pub device_id: i32,
     pub allow_fallback: bool,
     /// CPU: prompts generated in this many concurrent single-threaded slices (a copy of the
-    /// weights each); 0 = one per core up to 8 for a decoder.onnx under 64 MB, else 1.
+    /// weights each); 0 = one per core up to 8 for a decoder.onnx under 64 MB with its weights,
+    /// else 1.
     pub cpu_slices: usize,
     /// TensorRT: build fp16 engines.
     pub trt_fp16: bool,
