@@ -473,6 +473,28 @@ impl Graph {
             g.external_bytes += length;
             g.external_files.insert(e.location);
         }
+        // Tensors inside node attributes (a Constant's value) are kept as they are: one in an
+        // external file would name a file the rewritten model no longer has.
+        for n in &g.nodes {
+            for (_, v) in n.rest.iter().filter(|(f, _)| *f == NODE_ATTRIBUTE) {
+                let Value::Bytes(a) = v else { continue };
+                for (f, t) in parse(a)? {
+                    // AttributeProto.t = 5, .tensors = 11.
+                    let (5 | 11, Value::Bytes(t)) = (f, t) else {
+                        continue;
+                    };
+                    if parse_tensor(&t)?.external.is_some() {
+                        let name = n.rest.iter().find(|(f, _)| *f == NODE_NAME);
+                        let name = name.and_then(|(_, v)| string(v)).unwrap_or_default();
+                        return perr(format!(
+                            "node {name} ({}): a tensor attribute in an external data file is \
+                             not supported (only initializers are read in)",
+                            n.op
+                        ));
+                    }
+                }
+            }
+        }
         Ok(g)
     }
 
@@ -823,6 +845,69 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model of one Constant node and one initializer, each tensor with its bytes at
+    /// `location` in an external file (none when `None`).
+    fn model(init_location: Option<&str>, const_location: Option<&str>) -> Vec<u8> {
+        let tensor = |name: &str, location: Option<&str>| {
+            let t = Tensor {
+                name: name.into(),
+                dims: vec![2],
+                data_type: FLOAT,
+                raw: vec![0; 8],
+                external: location.map(|l| ExternalRef {
+                    location: l.into(),
+                    offset: 0,
+                    length: Some(8),
+                }),
+                rest: vec![],
+            };
+            write_tensor(&t, None)
+        };
+        let attr = write(&vec![
+            (1, Value::Bytes(b"value".to_vec())),
+            (5, Value::Bytes(tensor("c", const_location))),
+        ]);
+        let node = write(&vec![
+            (NODE_OUTPUT, Value::Bytes(b"c".to_vec())),
+            (NODE_NAME, Value::Bytes(b"const_0".to_vec())),
+            (NODE_OP, Value::Bytes(b"Constant".to_vec())),
+            (NODE_ATTRIBUTE, Value::Bytes(attr)),
+        ]);
+        let graph = write(&vec![
+            (GRAPH_NODE, Value::Bytes(node)),
+            (GRAPH_INITIALIZER, Value::Bytes(tensor("w", init_location))),
+        ]);
+        write(&vec![(MODEL_GRAPH, Value::Bytes(graph))])
+    }
+
+    /// External data is read from inside the model's folder only, and a tensor attribute in an
+    /// external file (which a rewrite would orphan) is refused, naming the node.
+    #[test]
+    fn external_data_stays_in_the_folder_and_in_initializers() {
+        let dir = std::env::temp_dir().join(format!("ssrl-onnx-edit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("w.data"), [1u8; 8]).unwrap();
+        let open = |bytes: Vec<u8>| {
+            std::fs::write(dir.join("m.onnx"), bytes).unwrap();
+            Graph::open_file(&dir.join("m.onnx"))
+        };
+        let g = open(model(Some("w.data"), None)).unwrap();
+        assert_eq!(g.initializers[0].raw, [1u8; 8]);
+        assert_eq!((g.external_bytes, g.needs_external()), (8, true));
+        for outside in ["../w.data", "/etc/passwd"] {
+            let e = open(model(Some(outside), None)).err().unwrap().to_string();
+            assert!(
+                e.contains("w: external data") && e.contains("outside"),
+                "{e}"
+            );
+        }
+        let e = open(model(None, Some("w.data"))).err().unwrap().to_string();
+        assert!(e.contains("node const_0 (Constant)"), "{e}");
+        let g = open(model(None, None)).unwrap();
+        assert!(!g.needs_external());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// The builder decoders' input types, read without their external weights: fp16 and fp32
     /// embeddings, int64 masks, nothing for a name that is not an input.
