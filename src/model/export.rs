@@ -272,16 +272,20 @@ pub fn export(
     }
     // fp16 storage last: ORT's constant folding would turn Cast(fp16 weight) back into fp32 —
     // and does so to a package stored in fp16, which is therefore stored in fp16 again.
+    // (Only the graphs the optimiser rewrote: the others keep their storage as it was.)
     let source_fp16 = before.weights_fp16 || m.dtype == "fp16";
     let fp16 = opts.fp16 || (opts.optimize && source_fp16);
-    if fp16 {
-        for file in &graphs {
-            let p = tmp.join(file);
-            let mut g = Graph::open_file(&p).map_err(|e| ferr(&p, e))?;
-            report.fp16_weights += g.store_weights_fp16(1024);
-            g.save(&p, external.contains(file))
-                .map_err(|e| ferr(&p, e))?;
-        }
+    let to_fp16 = match opts.fp16 {
+        true => graphs.to_vec(),
+        false if fp16 => report.optimized.clone(),
+        false => vec![],
+    };
+    for file in &to_fp16 {
+        let p = tmp.join(file);
+        let mut g = Graph::open_file(&p).map_err(|e| ferr(&p, e))?;
+        report.fp16_weights += g.store_weights_fp16(1024);
+        g.save(&p, external.contains(file))
+            .map_err(|e| ferr(&p, e))?;
     }
     // The manifest records what was done.
     let mp = tmp.join("manifest.json");
