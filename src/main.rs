@@ -576,13 +576,32 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     }
     p.validate(a.ort_lib.as_deref())?;
     for (file, sig) in p.signatures() {
+        let path = p.graph_path(&file);
+        let (own, all) = (
+            std::fs::metadata(&path).map_or(0, |m| m.len()),
+            spatial_ssrl::model::onnx_edit::size_with_data(&path),
+        );
+        let external = match all > own {
+            true => " with its external data",
+            false => "",
+        };
         println!(
-            "  {file}: ok ({} inputs, {} outputs)",
+            "  {file}: ok ({} inputs, {} outputs; {}{external})",
             sig.inputs.len(),
-            sig.outputs.len()
+            sig.outputs.len(),
+            human_bytes(all)
         );
     }
     Ok(())
+}
+
+/// `n` bytes as KB / MB / GB (powers of 1,000, one decimal).
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.1} GB", n as f64 / 1e9),
+    }
 }
 
 fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {

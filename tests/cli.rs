@@ -451,6 +451,11 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
     for g in ["vision", "embedding", "decoder", "logprobs", "train"] {
         assert!(out.contains(&format!("  {g}.onnx: ok (")), "{out}");
     }
+    // Each graph's size, weights included (the decoder's 2.27 MB file).
+    assert!(
+        out.contains("  decoder.onnx: ok (27 inputs, 5 outputs; 2.3 MB)"),
+        "{out}"
+    );
     assert!(
         out.contains(
             "cache: prompts' cache shared by their samples; rows' own tokens read in place"
