@@ -237,13 +237,15 @@ pub fn export(
         g.save(&dst, external.contains(file))
             .map_err(|e| ferr(&dst, e))?;
     }
-    // Every other top-level file (tokenizer, configs, manifest) is copied as is.
+    // Every other top-level file (tokenizer, configs, manifest) is copied as is — never over a
+    // data file just written.
     for e in std::fs::read_dir(model)
         .map_err(|e| ferr(model, e))?
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
-        if e.path().is_file() && !graphs.contains(&name) && !data_files.contains(&name) {
+        let ours = graphs.contains(&name) || data_files.contains(&name) || tmp.join(&name).exists();
+        if e.path().is_file() && !ours {
             std::fs::copy(e.path(), tmp.join(&name)).map_err(|er| ferr(&e.path(), er))?;
         }
     }
