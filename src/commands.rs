@@ -312,9 +312,17 @@ fn adapter_tensors(dir: &Path) -> Result<Vec<(String, Vec<f32>)>> {
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
-    use spatial_ssrl::model::export::{export, ExportOptions};
+    use spatial_ssrl::model::export::{export_with, ExportOptions};
     let adapter = a.adapter.as_deref().map(adapter_tensors).transpose()?;
-    let r = export(
+    // A large model's graphs take minutes each: a bar over the stages, each stage's time.
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} · {msg} · {elapsed}")
+            .expect("valid template"),
+    );
+    let t = std::time::Instant::now();
+    let mut last = 0.0;
+    let r = export_with(
         &a.model,
         &a.out,
         &ExportOptions {
@@ -323,7 +331,22 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
             optimize: a.optimize,
         },
         a.ort_lib.as_deref(),
-    )?;
+        |s| {
+            let now = t.elapsed().as_secs_f64();
+            pb.set_length(s.total as u64);
+            pb.set_position(s.done as u64);
+            pb.set_message(format!("{} {}", s.graph, s.what));
+            if now - last >= 1.0 {
+                say(
+                    &pb,
+                    format!("  {}: {} ({:.1} s)", s.graph, s.what, now - last),
+                );
+            }
+            last = now;
+        },
+    );
+    pb.finish_and_clear();
+    let r = r?;
     for (file, targets) in &r.merged {
         if !targets.is_empty() {
             println!("{file}: merged {}", targets.join(", "));

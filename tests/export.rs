@@ -3,7 +3,7 @@
 //! optimisation keep the logits.
 
 use spatial_ssrl::kernels::SamplingParams;
-use spatial_ssrl::model::export::{export, ExportOptions};
+use spatial_ssrl::model::export::{export, export_with, ExportOptions};
 use spatial_ssrl::model::package::Package;
 use spatial_ssrl::rng::Rng;
 use spatial_ssrl::rollout::{Engine, GenerationConfig, Request, Trace};
@@ -148,8 +148,23 @@ fn external_data_packages_export_and_run() {
         fp16,
         optimize,
     };
-    let rep = export(&src, &out, &opts(false, true), None).unwrap();
+    let mut stages = Vec::new();
+    let rep = export_with(&src, &out, &opts(false, true), None, |s| {
+        stages.push((s.graph.to_string(), s.what, s.done, s.total))
+    })
+    .unwrap();
     assert_eq!((rep.merged.len(), rep.optimized.len()), (5, 3));
+    // Progress: each graph written, then each inference graph optimised, counted to the end.
+    let whats: Vec<&str> = stages.iter().map(|s| s.1).collect();
+    assert_eq!(
+        whats,
+        [["written"; 5].as_slice(), &["optimised"; 3]].concat()
+    );
+    assert!(stages
+        .iter()
+        .enumerate()
+        .all(|(i, s)| s.2 == i + 1 && s.3 == 8));
+    assert_eq!(stages[7].0, g.decoder);
     assert!(
         rep.bytes_in > 5_000_000 && rep.bytes_out > 5_000_000,
         "{rep:?}"

@@ -138,6 +138,16 @@ impl Drop for RemoveOnDrop<'_> {
     }
 }
 
+/// One finished stage of an export, for progress reports: `done` of `total` stages.
+#[derive(Debug, Clone, Copy)]
+pub struct Stage<'a> {
+    pub graph: &'a str,
+    /// "written" (read, merged where asked, written), "optimised" or "stored as fp16".
+    pub what: &'static str,
+    pub done: usize,
+    pub total: usize,
+}
+
 /// Writes the exported package to `out` (through `out.partial`, renamed when complete); an
 /// existing package there is replaced, any other existing `out` refused.
 pub fn export(
@@ -145,6 +155,17 @@ pub fn export(
     out: &Path,
     opts: &ExportOptions,
     ort_lib: Option<&Path>,
+) -> Result<ExportReport, ExportError> {
+    export_with(model, out, opts, ort_lib, |_| {})
+}
+
+/// [`export`], reporting each stage as it finishes (a large model's graphs take minutes each).
+pub fn export_with(
+    model: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    ort_lib: Option<&Path>,
+    mut progress: impl FnMut(Stage<'_>),
 ) -> Result<ExportReport, ExportError> {
     let pkg = Package::open(model)?;
     if pkg.is_genai() {
@@ -209,6 +230,28 @@ pub fn export(
         bytes_in: 0,
         bytes_out: 0,
     };
+    // fp16 storage comes last: ORT's constant folding would turn Cast(fp16 weight) back into
+    // fp32 — and does so to a package stored in fp16, which is therefore stored in fp16 again
+    // (only the graphs the optimiser rewrote: the others keep their storage as it was).
+    let source_fp16 = before.weights_fp16 || m.dtype == "fp16";
+    let fp16 = opts.fp16 || (opts.optimize && source_fp16);
+    let inference = [&m.graphs.vision, &m.graphs.embedding, &m.graphs.decoder];
+    let to_fp16: Vec<String> = match (opts.fp16, fp16) {
+        (true, _) => graphs.to_vec(),
+        (false, true) => inference.iter().map(|g| g.to_string()).collect(),
+        (false, false) => vec![],
+    };
+    let total = graphs.len() + if opts.optimize { inference.len() } else { 0 } + to_fp16.len();
+    let mut done = 0;
+    let mut stage = |graph: &str, what| {
+        done += 1;
+        progress(Stage {
+            graph,
+            what,
+            done,
+            total,
+        });
+    };
     // The graphs' external data files (rewritten with the graphs, not copied), and which graphs
     // keep their weights in one.
     let mut data_files = std::collections::BTreeSet::new();
@@ -236,6 +279,7 @@ pub fn export(
         }
         g.save(&dst, external.contains(file))
             .map_err(|e| ferr(&dst, e))?;
+        stage(file, "written");
     }
     // Every other top-level file (tokenizer, configs, manifest) is copied as is — never over a
     // data file just written.
@@ -253,7 +297,7 @@ pub fn export(
         let env = environment(ort_lib).map_err(PackageError::from)?;
         // The inference graphs; the training graphs keep their exported form (their gradient
         // outputs are what the trainer checks against autograd).
-        for file in [&m.graphs.vision, &m.graphs.embedding, &m.graphs.decoder] {
+        for file in inference {
             let p = tmp.join(file);
             let opt = tmp.join(format!("{file}.opt"));
             let opt_data = format!("{file}.opt.data");
@@ -270,24 +314,16 @@ pub fn export(
                 std::fs::rename(&opt, &p).map_err(|e| ferr(&p, e))?;
             }
             report.optimized.push(file.clone());
+            stage(file, "optimised");
         }
     }
-    // fp16 storage last: ORT's constant folding would turn Cast(fp16 weight) back into fp32 —
-    // and does so to a package stored in fp16, which is therefore stored in fp16 again.
-    // (Only the graphs the optimiser rewrote: the others keep their storage as it was.)
-    let source_fp16 = before.weights_fp16 || m.dtype == "fp16";
-    let fp16 = opts.fp16 || (opts.optimize && source_fp16);
-    let to_fp16 = match opts.fp16 {
-        true => graphs.to_vec(),
-        false if fp16 => report.optimized.clone(),
-        false => vec![],
-    };
     for file in &to_fp16 {
         let p = tmp.join(file);
         let mut g = Graph::open_file(&p).map_err(|e| ferr(&p, e))?;
         report.fp16_weights += g.store_weights_fp16(1024);
         g.save(&p, external.contains(file))
             .map_err(|e| ferr(&p, e))?;
+        stage(file, "stored as fp16");
     }
     // The manifest records what was done.
     let mp = tmp.join("manifest.json");
