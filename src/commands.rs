@@ -412,6 +412,11 @@ pub struct BenchRolloutArgs {
     /// Also write the results here.
     #[arg(long, default_value = "bench-rollout.json")]
     json: PathBuf,
+    /// Write ONNX Runtime's per-operator profile of every session into DIR and print the time
+    /// per operator type of each graph (profiling slows the run: its tokens/s are not the
+    /// engine's).
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
     /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
     #[arg(long, value_name = "FILE")]
     ort_lib: Option<PathBuf>,
@@ -510,6 +515,7 @@ impl DeviceArgs {
         ort_lib: Option<&Path>,
         rows: usize,
         max_new_tokens: usize,
+        profile: Option<&Path>,
     ) -> Result<spatial_ssrl::rollout::Engine> {
         use spatial_ssrl::model::session::{CudaArena, Device, DeviceChoice, TrtLimits};
         let device = match self.device {
@@ -537,6 +543,7 @@ impl DeviceArgs {
                 mem_limit: self.cuda_mem_limit,
                 grow_as_requested: self.cuda_arena_exact,
             },
+            profile: profile.map(Path::to_path_buf),
         };
         let mut engine = spatial_ssrl::rollout::Engine::open_on(model, ort_lib, &choice)?;
         engine.set_host_cache(self.host_cache);
@@ -572,11 +579,15 @@ impl DeviceArgs {
 pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     use spatial_ssrl::kernels::SamplingParams;
     use spatial_ssrl::rollout::{bench, GenerationConfig, Request};
+    if let Some(dir) = &a.profile {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    }
     let mut engine = a.device.open(
         &a.model,
         a.ort_lib.as_deref(),
         a.batch * a.group,
         a.max_new_tokens,
+        a.profile.as_deref(),
     )?;
     let requests: Vec<Request> = match &a.data {
         None => bench::synthetic_requests(a.batch),
@@ -660,6 +671,26 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
         r.peak_rss_mb,
         r.rss_growth_mb
     );
+    if let Some(dir) = &a.profile {
+        let files = engine.end_profiling()?;
+        println!(
+            "ONNX Runtime profile, warm-up included ({} files in {}; chrome://tracing reads them):",
+            files.len(),
+            dir.display()
+        );
+        for g in bench::op_profile(&files)? {
+            let top: Vec<String> = (g.ops.iter().take(6))
+                .map(|(op, us)| format!("{op} {:.1} %", 100.0 * *us as f64 / g.total_us as f64))
+                .collect();
+            println!(
+                "  {}: {:.1} ms in {} operator runs — {}",
+                g.graph,
+                g.total_us as f64 / 1e3,
+                g.runs,
+                top.join(", ")
+            );
+        }
+    }
     write_json(&a.json, &r)
 }
 
@@ -799,6 +830,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         a.ort_lib.as_deref(),
         cfg.batch,
         cfg.max_new_tokens.unwrap_or(4096),
+        None,
     )?;
     if let Some(t) = &lora {
         engine.set_lora(t)?;

@@ -440,6 +440,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
         a.ort_lib.as_deref(),
         a.batch * a.group,
         a.max_new_tokens,
+        None,
     )?;
     let (total, done) = plan.prompts();
     if done > 0 {

@@ -466,6 +466,43 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
     assert!(out.contains("context: 4096 tokens"), "{out}");
 }
 
+/// `--profile`: ONNX Runtime's profile of every session in the folder, and the time per
+/// operator type of each graph printed.
+#[test]
+fn bench_rollout_profiles_every_session() {
+    let dir = scratch("cli-profile").join("profile");
+    let r = ssrl()
+        .args(["bench", "rollout", "--model"])
+        .arg(tiny())
+        .args(["--batch", "2", "--group", "2", "--max-new-tokens", "4"])
+        .args([
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--cpu-slices",
+            "2",
+            "--json",
+        ])
+        .arg(dir.with_file_name("b.json"))
+        .arg("--profile")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    if succeeded_or_skip(&r).is_none() {
+        return;
+    }
+    let out = String::from_utf8_lossy(&r.stdout);
+    // Three graphs, on the engine's sessions and two slices.
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files, 9, "{out}");
+    assert!(out.contains("(9 files in"), "{out}");
+    for g in ["decoder", "vision", "embedding"] {
+        assert!(out.contains(&format!("  {g}: ")), "{out}");
+    }
+    assert!(out.contains("MatMul"), "{out}");
+}
+
 #[test]
 fn bench_rollout_reports_its_rounds_and_time_split() {
     // The JSON's folder is made.

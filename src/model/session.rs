@@ -266,6 +266,8 @@ pub struct DeviceChoice {
     pub allow_fallback: bool,
     /// CUDA arena settings (CUDA, and TensorRT's CUDA fallback).
     pub arena: CudaArena,
+    /// Write ONNX Runtime's per-operator profile of every session into this folder.
+    pub profile: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

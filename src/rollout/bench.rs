@@ -50,6 +50,72 @@ pub struct RolloutBench {
     pub rss_growth_mb: f64,
 }
 
+/// One graph's operator time in ONNX Runtime profiles ([`op_profile`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphProfile {
+    /// The profile files' stem: the graph file's, without `.onnx` and a CPU slice's suffix.
+    pub graph: String,
+    /// Kernel time of every operator run, in µs, and how many runs.
+    pub total_us: u64,
+    pub runs: usize,
+    /// Per operator type, largest first.
+    pub ops: Vec<(String, u64)>,
+}
+
+/// Kernel time per operator type in ONNX Runtime profile files (`{graph}[-sliceN]_{time}.json`,
+/// as [`Engine::end_profiling`] writes them), summed over files of the same graph; graphs in
+/// order of their total time.
+pub fn op_profile(files: &[std::path::PathBuf]) -> Result<Vec<GraphProfile>, EngineError> {
+    let mut graphs: Vec<GraphProfile> = Vec::new();
+    for f in files {
+        let bad = |m: String| EngineError::Config(format!("{}: {m}", f.display()));
+        let text = std::fs::read_to_string(f).map_err(|e| bad(e.to_string()))?;
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let name = f
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into());
+        let stem = name.split('_').next().unwrap_or_default();
+        let graph = stem.split("-slice").next().unwrap_or_default().to_string();
+        let at = match graphs.iter().position(|g| g.graph == graph) {
+            Some(i) => i,
+            None => {
+                graphs.push(GraphProfile {
+                    graph,
+                    total_us: 0,
+                    runs: 0,
+                    ops: vec![],
+                });
+                graphs.len() - 1
+            }
+        };
+        let g = &mut graphs[at];
+        for e in &events {
+            let kernel = e["cat"] == "Node"
+                && e["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("_kernel_time"));
+            let (Some(op), Some(us)) = (e["args"]["op_name"].as_str(), e["dur"].as_u64()) else {
+                continue;
+            };
+            if !kernel {
+                continue;
+            }
+            g.total_us += us;
+            g.runs += 1;
+            match g.ops.iter_mut().find(|(o, _)| o == op) {
+                Some((_, t)) => *t += us,
+                None => g.ops.push((op.to_string(), us)),
+            }
+        }
+    }
+    for g in &mut graphs {
+        g.ops.sort_by_key(|(_, us)| std::cmp::Reverse(*us));
+    }
+    graphs.sort_by_key(|g| std::cmp::Reverse(g.total_us));
+    Ok(graphs)
+}
+
 /// Resident and peak resident memory of this process in MB (Linux; 0 elsewhere).
 pub fn rss_mb() -> (f64, f64) {
     let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -140,4 +206,54 @@ pub fn run(
         rss_growth_mb: rss.last().copied().unwrap_or(0.0) - rss[warmup],
         rss_mb: rss,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kernel events are summed per operator type over the files of one graph (a CPU slice's
+    /// with the engine's own), other events left out; graphs and operators largest first.
+    #[test]
+    fn op_profile_sums_kernel_time_per_graph_and_operator() {
+        let dir = std::env::temp_dir().join(format!("ssrl-op-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ev = |op: &str, us: u64| {
+            serde_json::json!({"cat": "Node", "name": format!("n_{op}_kernel_time"), "dur": us,
+                               "args": {"op_name": op}})
+        };
+        let session = serde_json::json!({"cat": "Session", "name": "model_run", "dur": 999});
+        let files = [
+            (
+                "decoder_2026-01-01_00-00-00_1.json",
+                vec![ev("MatMul", 30), ev("Add", 5), session.clone()],
+            ),
+            (
+                "decoder-slice1_2026-01-01_00-00-00_2.json",
+                vec![ev("Add", 40), ev("MatMul", 1)],
+            ),
+            ("vision_2026-01-01_00-00-00_3.json", vec![ev("Gemm", 7)]),
+        ];
+        let mut paths = Vec::new();
+        for (name, events) in files {
+            let p = dir.join(name);
+            std::fs::write(&p, serde_json::to_vec(&events).unwrap()).unwrap();
+            paths.push(p);
+        }
+        let g = op_profile(&paths).unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(
+            (g[0].graph.as_str(), g[0].total_us, g[0].runs),
+            ("decoder", 76, 4)
+        );
+        assert_eq!(
+            g[0].ops,
+            [("Add".to_string(), 45), ("MatMul".to_string(), 31)]
+        );
+        assert_eq!((g[1].graph.as_str(), g[1].total_us), ("vision", 7));
+        std::fs::write(&paths[2], "not json").unwrap();
+        let e = op_profile(&paths).unwrap_err().to_string();
+        assert!(e.contains("vision_2026"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -188,6 +188,26 @@ struct Slice {
     thread: rayon::ThreadPool,
 }
 
+/// `b`, writing ONNX Runtime's per-operator profile of the session into `dir` (when given) as
+/// `{graph file stem}{suffix}_{time}.json` once [`Engine::end_profiling`] is called.
+fn profiled(
+    b: ort::session::builder::SessionBuilder,
+    dir: Option<&Path>,
+    file: &str,
+    suffix: &str,
+    path: &Path,
+) -> Result<ort::session::builder::SessionBuilder, EngineError> {
+    let Some(dir) = dir else { return Ok(b) };
+    let stem = file.strip_suffix(".onnx").unwrap_or(file);
+    b.with_profiling(dir.join(format!("{stem}{suffix}")))
+        .map_err(|e| {
+            EngineError::Package(PackageError::File {
+                path: path.to_path_buf(),
+                msg: format!("cannot profile: {e}"),
+            })
+        })
+}
+
 impl Engine {
     /// Opens a package on the CPU execution provider.
     pub fn open(dir: &Path, ort_lib: Option<&Path>) -> Result<Engine, EngineError> {
@@ -238,8 +258,9 @@ impl Engine {
         let mut load = |file: &str, k: usize| -> Result<Session, EngineError> {
             let path = package.graph_path(file);
             let profile = profiles.as_ref().map(|p| &p[k]);
-            let (mut b, used) = session_builder(env, choice, profile, stream)?;
+            let (b, used) = session_builder(env, choice, profile, stream)?;
             provider = used;
+            let mut b = profiled(b, choice.profile.as_deref(), file, "", &path)?;
             let session = b.commit_from_file(&path).map_err(|e| {
                 EngineError::Package(PackageError::File {
                     path,
@@ -621,7 +642,9 @@ impl Engine {
                         msg,
                     })
                 };
-                b.with_intra_threads(1)
+                let slice = format!("-slice{i}");
+                profiled(b, self.choice.profile.as_deref(), file, &slice, &path)?
+                    .with_intra_threads(1)
                     .map_err(|e| fail(e.to_string()))?
                     .commit_from_file(&path)
                     .map_err(|e| fail(e.to_string()))
@@ -655,6 +678,20 @@ impl Engine {
         } else {
             1
         }
+    }
+
+    /// Ends ONNX Runtime's profiling of every session opened with
+    /// [`DeviceChoice::profile`](crate::model::session::DeviceChoice::profile) and returns the
+    /// profile files written (none without it).
+    pub fn end_profiling(&mut self) -> Result<Vec<std::path::PathBuf>, EngineError> {
+        if self.choice.profile.is_none() {
+            return Ok(vec![]);
+        }
+        let mut files = self.graphs.end_profiling()?;
+        for s in &mut self.slices {
+            files.extend(s.graphs.end_profiling()?);
+        }
+        Ok(files)
     }
 
     /// How many CPU slices generate concurrently (0: the engine's own sessions).

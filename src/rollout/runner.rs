@@ -34,6 +34,16 @@ pub(super) struct Graphs {
 }
 
 impl Graphs {
+    /// Ends profiling of the three sessions (see [`Engine::end_profiling`]); the files written.
+    ///
+    /// [`Engine::end_profiling`]: super::Engine::end_profiling
+    pub(super) fn end_profiling(&mut self) -> Result<Vec<std::path::PathBuf>, EngineError> {
+        [&mut self.vision, &mut self.embedding, &mut self.decoder]
+            .into_iter()
+            .map(|s| Ok(s.end_profiling().map_err(run_err("profile"))?.into()))
+            .collect()
+    }
+
     pub(super) fn new(vision: Session, embedding: Session, decoder: Session) -> Graphs {
         let floats = Floats {
             pixels: Float::of_input(&vision, "pixel_values"),

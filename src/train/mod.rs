@@ -276,6 +276,7 @@ pub fn device_choice(cfg: &TrainConfig) -> DeviceChoice {
             mem_limit: nonzero(r.cuda_mem_limit),
             grow_as_requested: r.cuda_arena_exact,
         },
+        profile: None,
     }
 }
 
