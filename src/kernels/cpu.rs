@@ -252,9 +252,10 @@ fn kept_log_normaliser(values: &[f32], scaled: &[f32], floor: f32, max: f32) -> 
 /// `≥ floor`.
 ///
 /// No sort of the row: one pass puts each token's mass into one of [`NUCLEUS_BINS`] bins by
-/// its distance below `max` (every bin holds a narrower range of values than the one after
-/// it, as the nucleus is a prefix of the descending order), the bins are summed from the top to
-/// the one where the target is reached, and only that bin's tokens are sorted. Always inlined,
+/// its distance below `max` (bin 0 the largest values; a larger value never lands in a later
+/// bin, so the nucleus, a prefix of the descending order, is whole bins and part of one), the
+/// bins are summed from the top to the one where the target is reached, and only that bin's
+/// tokens are sorted. Always inlined,
 /// so the row sampler's AVX2 build gets its own copy.
 #[inline(always)]
 fn nucleus(values: &[f32], scaled: &[f32], floor: f32, max: f32, log_z: f64, p: f32) -> (f32, f64) {
