@@ -195,33 +195,17 @@ pub fn log_normaliser(row: &[f32]) -> (f32, f64) {
         .chain(&lanes)
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
-    let mut acc = [0f64; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        let mut e = [0f32; 8];
-        for j in 0..8 {
-            e[j] = exp_nonpositive(c[j] - m);
-        }
-        for j in 0..8 {
-            acc[j] += f64::from(e[j]);
-        }
-    }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|x| f64::from(exp_nonpositive(x - m)))
-        .sum();
-    (m, f64::from(m) + (acc.iter().sum::<f64>() + tail).ln())
+    (m, kept_log_normaliser(row, row, None, m))
 }
 
-/// `ln Σ exp(scaled)` over the tokens top-k keeps (`values ≥ floor`, ties kept), each term as
-/// [`log_normaliser`] computes it; `max` is the row's largest scaled value. Always inlined, as
-/// [`nucleus`].
+/// `ln Σ exp(scaled)` over the tokens `values ≥ floor` (ties kept; every token with no floor,
+/// the test then compiled out), `exp(scaled − max)` in f32 summed in f64; `max` is the row's
+/// largest scaled value. Always inlined, as [`log_normaliser`].
 #[inline(always)]
-fn kept_log_normaliser(values: &[f32], scaled: &[f32], floor: f32, max: f32) -> f64 {
+fn kept_log_normaliser(values: &[f32], scaled: &[f32], floor: Option<f32>, max: f32) -> f64 {
     let term = |x: f32, s: f32| {
         let e = exp_nonpositive(s - max);
-        if x >= floor {
+        if floor.is_none_or(|f| x >= f) {
             e
         } else {
             0.0
@@ -245,6 +229,18 @@ fn kept_log_normaliser(values: &[f32], scaled: &[f32], floor: f32, max: f32) -> 
     f64::from(max) + (acc.iter().sum::<f64>() + tail).ln()
 }
 
+/// The tokens top-k keeps, `values ≥ floor` (every token, floor −∞, when `k` is 0 or the whole
+/// row), and their normaliser; `max` and `log_z` are the whole row's ([`log_normaliser`] of
+/// `scaled`). Always inlined, as [`log_normaliser`].
+#[inline(always)]
+fn top_k_set(values: &[f32], scaled: &[f32], max: f32, log_z: f64, k: usize) -> (f32, f64) {
+    if k == 0 || k >= values.len() {
+        return (f32::NEG_INFINITY, log_z);
+    }
+    let floor = kth_largest(&mut values.to_vec(), k);
+    (floor, kept_log_normaliser(values, scaled, Some(floor), max))
+}
+
 /// Nucleus filtering of the tokens `values ≥ floor`: largest first, tokens are kept while the
 /// mass before them is below `p` of theirs (at least one), and ties at the last kept value are
 /// kept too. Returns the lowest kept value and the kept tokens' normaliser `ln Σ exp(scaled)`.
@@ -255,8 +251,7 @@ fn kept_log_normaliser(values: &[f32], scaled: &[f32], floor: f32, max: f32) -> 
 /// its distance below `max` (bin 0 the largest values; a larger value never lands in a later
 /// bin, so the nucleus, a prefix of the descending order, is whole bins and part of one), the
 /// bins are summed from the top to the one where the target is reached, and only that bin's
-/// tokens are sorted. Always inlined,
-/// so the row sampler's AVX2 build gets its own copy.
+/// tokens are sorted. Always inlined, so the row sampler's AVX2 build gets its own copy.
 #[inline(always)]
 fn nucleus(values: &[f32], scaled: &[f32], floor: f32, max: f32, log_z: f64, p: f32) -> (f32, f64) {
     const NONE: u16 = u16::MAX;
@@ -420,11 +415,7 @@ fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled 
         (best, log_z)
     } else {
         // The set drawn from (`values ≥ floor`) and its normaliser.
-        let (mut floor, mut norm) = (f32::NEG_INFINITY, log_z);
-        if p.top_k > 0 && p.top_k < vocab {
-            floor = kth_largest(&mut values.to_vec(), p.top_k);
-            norm = kept_log_normaliser(values, &scaled, floor, max);
-        }
+        let (mut floor, mut norm) = top_k_set(values, &scaled, max, log_z, p.top_k);
         if p.top_p < 1.0 {
             (floor, norm) = nucleus(values, &scaled, floor, max, norm, p.top_p);
         }
@@ -594,12 +585,7 @@ mod tests {
                     {
                         let scaled: Vec<f32> = row.iter().map(|x| x / t).collect();
                         let (max, log_z) = log_normaliser(&scaled);
-                        let (floor, z) = if top_k > 0 && top_k < vocab {
-                            let f = kth_largest(&mut row.clone(), top_k);
-                            (f, kept_log_normaliser(&row, &scaled, f, max))
-                        } else {
-                            (f32::NEG_INFINITY, log_z)
-                        };
+                        let (floor, z) = top_k_set(&row, &scaled, max, log_z, top_k);
                         let (cut, kept_z) = nucleus(&row, &scaled, floor, max, z, p);
                         // The reference: every kept token sorted, largest first.
                         let mass = |s: f32| f64::from(exp_nonpositive(s - max));
