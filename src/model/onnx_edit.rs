@@ -571,10 +571,6 @@ impl Graph {
         self.initializers.iter_mut().find(|t| t.name == name)
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        self.to_bytes_with(|_| None)
-    }
-
     /// The model's protobuf, each initializer inline or where `place` puts it.
     fn to_bytes_with(&self, mut place: impl FnMut(&Tensor) -> Option<ExternalRef>) -> Vec<u8> {
         let mut g: Message = self.graph.clone();
@@ -609,17 +605,11 @@ impl Graph {
             if t.data_type != FLOAT || n < min_elements || inputs.contains(&t.name) {
                 continue;
             }
-            let halves: Vec<u8> = t
-                .raw
-                .chunks_exact(4)
-                .flat_map(|c| {
-                    half::f16::from_f32(f32::from_le_bytes(c.try_into().expect("4"))).to_le_bytes()
-                })
-                .collect();
+            let values = t.floats().expect("a float32 tensor");
             let original = std::mem::take(&mut t.name);
             t.name = format!("{original}__fp16");
             t.data_type = FLOAT16;
-            t.raw = halves;
+            t.set_values(&values);
             let to = vec![
                 (1, Value::Bytes(b"to".to_vec())),
                 (3, Value::Varint(FLOAT)),
