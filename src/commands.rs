@@ -442,11 +442,6 @@ pub fn top_p(s: &str) -> Result<f32, String> {
     spatial_ssrl::kernels::check_top_p(p)
 }
 
-/// clap parser for a size in bytes ([`spatial_ssrl::model::session::parse_size`]).
-pub fn bytes(s: &str) -> Result<usize, String> {
-    spatial_ssrl::model::session::parse_size(s)
-}
-
 /// Where the graphs run: the execution provider and its options (rollout, bench rollout, eval).
 #[derive(clap::Args)]
 pub struct DeviceArgs {
@@ -482,7 +477,7 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "DIR")]
     trt_cache: Option<PathBuf>,
     /// TensorRT: builder workspace (bytes, or with a unit: 4GiB, 512MB).
-    #[arg(long, value_name = "SIZE", value_parser = bytes)]
+    #[arg(long, value_name = "SIZE", value_parser = spatial_ssrl::model::session::parse_size)]
     trt_workspace: Option<usize>,
     /// TensorRT: the longest prompt (tokens, images included) the engines are built for; with
     /// the batch, the new-token budget and the package's max_pixels it sets each graph's
@@ -492,7 +487,7 @@ pub struct DeviceArgs {
     trt_max_prompt: Option<usize>,
     /// CUDA: cap on what ONNX Runtime's GPU memory arena may hold (bytes, or with a unit:
     /// 40GiB, 512MB).
-    #[arg(long, value_name = "SIZE", value_parser = bytes)]
+    #[arg(long, value_name = "SIZE", value_parser = spatial_ssrl::model::session::parse_size)]
     cuda_mem_limit: Option<usize>,
     /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
     #[arg(long)]
