@@ -142,7 +142,8 @@ impl Drop for RemoveOnDrop<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Stage<'a> {
     pub graph: &'a str,
-    /// "written" (read, merged where asked, written), "optimised" or "stored as fp16".
+    /// "written" (read, merged where asked, stored in fp16 where asked unless optimised next,
+    /// written) or "optimised" (and then stored in fp16 where asked).
     pub what: &'static str,
     pub done: usize,
     pub total: usize,
@@ -241,7 +242,10 @@ pub fn export_with(
         (false, true) => inference.iter().map(|g| g.to_string()).collect(),
         (false, false) => vec![],
     };
-    let total = graphs.len() + if opts.optimize { inference.len() } else { 0 } + to_fp16.len();
+    // Each graph is written once: in fp16 right away, or (an optimised one) after ONNX Runtime
+    // has rewritten it.
+    let optimised = |file: &String| opts.optimize && inference.contains(&file);
+    let total = graphs.len() + if opts.optimize { inference.len() } else { 0 };
     let mut done = 0;
     let mut stage = |graph: &str, what| {
         done += 1;
@@ -277,6 +281,9 @@ pub fn export_with(
         if g.needs_external() {
             external.insert(file.clone());
         }
+        if to_fp16.contains(file) && !optimised(file) {
+            report.fp16_weights += g.store_weights_fp16(1024);
+        }
         g.save(&dst, external.contains(file))
             .map_err(|e| ferr(&dst, e))?;
         stage(file, "written");
@@ -303,12 +310,17 @@ pub fn export_with(
             let opt_data = format!("{file}.opt.data");
             let large = external.contains(file);
             optimise(env, &p, &opt, large.then_some(opt_data.as_str()))?;
-            if large {
-                // Back under the graph's own data file name.
-                let g = Graph::open_file(&opt).map_err(|e| ferr(&opt, e))?;
-                g.save(&p, true).map_err(|e| ferr(&p, e))?;
-                for f in [opt, tmp.join(&opt_data)] {
-                    std::fs::remove_file(&f).map_err(|e| ferr(&f, e))?;
+            if large || to_fp16.contains(file) {
+                // In fp16 where asked, and back under the graph's own data file name.
+                let mut g = Graph::open_file(&opt).map_err(|e| ferr(&opt, e))?;
+                if to_fp16.contains(file) {
+                    report.fp16_weights += g.store_weights_fp16(1024);
+                }
+                g.save(&p, large).map_err(|e| ferr(&p, e))?;
+                std::fs::remove_file(&opt).map_err(|e| ferr(&opt, e))?;
+                if large {
+                    let d = tmp.join(&opt_data);
+                    std::fs::remove_file(&d).map_err(|e| ferr(&d, e))?;
                 }
             } else {
                 std::fs::rename(&opt, &p).map_err(|e| ferr(&p, e))?;
@@ -316,14 +328,6 @@ pub fn export_with(
             report.optimized.push(file.clone());
             stage(file, "optimised");
         }
-    }
-    for file in &to_fp16 {
-        let p = tmp.join(file);
-        let mut g = Graph::open_file(&p).map_err(|e| ferr(&p, e))?;
-        report.fp16_weights += g.store_weights_fp16(1024);
-        g.save(&p, external.contains(file))
-            .map_err(|e| ferr(&p, e))?;
-        stage(file, "stored as fp16");
     }
     // The manifest records what was done.
     let mp = tmp.join("manifest.json");
