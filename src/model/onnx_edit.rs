@@ -362,9 +362,13 @@ fn write_tensor(t: &Tensor, external: Option<&ExternalRef>) -> Vec<u8> {
 }
 
 /// The bytes of the model at `path` with its weights: the file and the external data files its
-/// initializers name (0 for what cannot be read).
+/// initializers name (0 for what cannot be read). A file over 64 MB is taken to hold its weights
+/// itself and is not read (exporters that write external data leave only small tensors inline).
 pub fn size_with_data(path: &Path) -> u64 {
     let own = std::fs::metadata(path).map_or(0, |m| m.len());
+    if own > 64 << 20 {
+        return own;
+    }
     let Some(g) = std::fs::read(path).ok().and_then(|b| Graph::open(&b).ok()) else {
         return own;
     };

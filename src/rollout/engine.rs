@@ -670,8 +670,7 @@ impl Engine {
             .package
             .graph_path(&self.package.manifest.graphs.decoder);
         // Weights in an external data file count (a large model's graph file alone is small).
-        let small = std::fs::metadata(&decoder).is_ok_and(|m| m.len() < 64 << 20)
-            && crate::model::onnx_edit::size_with_data(&decoder) < 64 << 20;
+        let small = crate::model::onnx_edit::size_with_data(&decoder) < 64 << 20;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         if small {
             cores.min(8)
