@@ -364,9 +364,11 @@ fn merged_package_equals_base_plus_adapter() {
 }
 
 /// An `--out` that holds anything but a package is refused before any work, and left as it
-/// was; an existing package is replaced.
+/// was; over an existing package only the files the export writes are replaced (and the old
+/// graphs' leftover data files removed): a user's notes, runs and the package's `hf/` and
+/// `goldens/` stay, in place too.
 #[test]
-fn export_replaces_a_package_and_refuses_any_other_folder() {
+fn export_replaces_only_its_own_files_and_refuses_any_other_folder() {
     let dir = std::env::temp_dir().join(format!("ssrl-export-out-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -387,15 +389,44 @@ fn export_replaces_a_package_and_refuses_any_other_folder() {
     let file = dir.join("notes.txt");
     let err = export(&tiny(), &file, &ExportOptions::default(), None).unwrap_err();
     assert!(err.to_string().contains("not a model package"), "{err}");
-    // A package (here a copy of the manifest, all export looks at) is replaced.
+    // An existing package: its graphs and top-level files are replaced, a leftover data file
+    // of an old graph removed, everything else kept.
     let pkg = dir.join("pkg");
-    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::create_dir_all(pkg.join("runs/r1")).unwrap();
+    std::fs::create_dir_all(pkg.join("hf")).unwrap();
     std::fs::copy(tiny().join("manifest.json"), pkg.join("manifest.json")).unwrap();
-    std::fs::write(pkg.join("stale.onnx"), "old").unwrap();
+    std::fs::write(pkg.join("decoder.onnx.data"), "old weights").unwrap();
+    std::fs::write(pkg.join("notes.txt"), "mine").unwrap();
+    std::fs::write(pkg.join("runs/r1/metrics.jsonl"), "{}").unwrap();
+    std::fs::write(pkg.join("hf/model.safetensors"), "weights").unwrap();
     match export(&tiny(), &pkg, &ExportOptions::default(), None) {
         Ok(_) => {
-            assert!(!pkg.join("stale.onnx").exists() && pkg.join("decoder.onnx").is_file());
+            assert!(!pkg.join("decoder.onnx.data").exists() && pkg.join("decoder.onnx").is_file());
             assert!(Package::open(&pkg).is_ok());
+            for (f, text) in [
+                ("notes.txt", "mine"),
+                ("runs/r1/metrics.jsonl", "{}"),
+                ("hf/model.safetensors", "weights"),
+            ] {
+                assert_eq!(std::fs::read_to_string(pkg.join(f)).unwrap(), text, "{f}");
+            }
+            // In place (`--model X --out X`): the same, and the graphs still run.
+            let before = std::fs::read(pkg.join("decoder.onnx")).unwrap();
+            let opts = ExportOptions {
+                fp16: true,
+                ..Default::default()
+            };
+            let r = export(&pkg, &pkg, &opts, None).unwrap();
+            assert!(r.fp16_weights > 0, "{r:?}");
+            assert_ne!(std::fs::read(pkg.join("decoder.onnx")).unwrap(), before);
+            assert!(Package::open(&pkg).is_ok() && !pkg.with_extension("partial").exists());
+            assert_eq!(
+                spatial_ssrl::model::export::Record::of(&pkg).map(|r| r.weights_fp16),
+                Some(true)
+            );
+            for f in ["notes.txt", "runs/r1/metrics.jsonl", "hf/model.safetensors"] {
+                assert!(pkg.join(f).is_file(), "{f}");
+            }
         }
         Err(e) if e.to_string().contains("libonnxruntime") => {
             let _ = writeln!(std::io::stderr(), "SKIP: {e}");

@@ -55,8 +55,8 @@ fn check_replaceable(out: &Path) -> Result<(), ExportError> {
         true => Ok(()),
         false => Err(ferr(
             out,
-            "exists and is not a model package (an existing package is replaced, nothing else \
-             is); pick another --out",
+            "exists and is not a model package (an existing package's files are replaced, other \
+             folders are not written into); pick another --out",
         )),
     }
 }
@@ -149,8 +149,10 @@ pub struct Stage<'a> {
     pub total: usize,
 }
 
-/// Writes the exported package to `out` (through `out.partial`, renamed when complete); an
-/// existing package there is replaced, any other existing `out` refused.
+/// Writes the exported package to `out` (through `out.partial`, moved in when complete); over
+/// an existing package (the source itself included) only the files the export writes are
+/// replaced and the old graphs' leftover data files removed, anything else kept; any other
+/// existing `out` is refused.
 pub fn export(
     model: &Path,
     out: &Path,
@@ -355,8 +357,68 @@ pub fn export_with(
         }
     }
     if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| ferr(out, e))?;
+        // In place or over an older package: only the files this export wrote are replaced;
+        // anything else in the folder (notes, runs, the source's `hf/` and `goldens/`) stays.
+        let in_place = same_folder(model, out);
+        replace_package(&tmp, out, in_place.then_some(&data_files))?;
+    } else {
+        std::fs::rename(&tmp, out).map_err(|e| ferr(out, e))?;
     }
-    std::fs::rename(&tmp, out).map_err(|e| ferr(out, e))?;
     Ok(report)
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Moves every file of the finished export `tmp` into the existing package `out` (one rename
+/// each, over the old file of that name) and removes what belonged to the old package's graphs
+/// alone: a graph or `{graph}.data` the new package no longer has, and (`old_data`, an export
+/// in place) the external data files the old graphs read. Nothing else in `out` is touched.
+fn replace_package(
+    tmp: &Path,
+    out: &Path,
+    old_data: Option<&std::collections::BTreeSet<String>>,
+) -> Result<(), ExportError> {
+    let mut stale: Vec<String> = old_data.into_iter().flatten().cloned().collect();
+    // The old manifest's graph names (read alone: the old package need not be whole).
+    let old: serde_json::Value = std::fs::read(out.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for f in old["graphs"]
+        .as_object()
+        .into_iter()
+        .flat_map(|g| g.values())
+    {
+        // A plain file name in the folder, never a path out of it.
+        if let Some(f) = f
+            .as_str()
+            .filter(|f| !f.is_empty() && !f.contains(['/', '\\']))
+        {
+            stale.push(f.to_string());
+            stale.push(format!("{f}.data"));
+        }
+    }
+    let mut written = Vec::new();
+    for e in std::fs::read_dir(tmp).map_err(|e| ferr(tmp, e))? {
+        let e = e.map_err(|e| ferr(tmp, e))?;
+        written.push(e.file_name().to_string_lossy().into_owned());
+    }
+    // The manifest last: until it is in, the folder still reads as the package it was.
+    written.sort_by_key(|n| n == "manifest.json");
+    for name in &written {
+        let dst = out.join(name);
+        std::fs::rename(tmp.join(name), &dst).map_err(|e| ferr(&dst, e))?;
+    }
+    for name in stale {
+        let p = out.join(&name);
+        if !written.contains(&name) && p.is_file() {
+            std::fs::remove_file(&p).map_err(|e| ferr(&p, e))?;
+        }
+    }
+    Ok(())
 }
