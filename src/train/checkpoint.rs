@@ -384,8 +384,9 @@ pub fn load(dir: &Path) -> Result<State, CheckpointError> {
     })
 }
 
-/// Only the adapter (for `ssrl export --adapter`, `ssrl rollout --adapter`): package names and
-/// values, from a checkpoint folder or a bare PEFT adapter folder.
+/// Only the adapter (for `ssrl export --adapter`, `ssrl eval --adapter`): package names and
+/// values as stored, from a checkpoint folder or a bare PEFT adapter folder. [`load_adapter_for`]
+/// is what a caller with a package wants: it also applies the adapter's `adapter_config.json`.
 pub fn load_adapter(dir: &Path) -> Result<Vec<NamedTensor>, CheckpointError> {
     if dir.join("trainer_state.json").exists() {
         return Ok(load(dir)?.params);
@@ -403,4 +404,374 @@ pub fn load_adapter(dir: &Path) -> Result<Vec<NamedTensor>, CheckpointError> {
             })
         })
         .collect()
+}
+
+/// The scale an adapter's `adapter_config.json` gives its update `scale · B·A`
+/// (`lora_alpha / r`, or `lora_alpha / √r` with `use_rslora`), after refusing what this
+/// project's graphs cannot apply, naming the field: another `peft_type`, DoRA, trained biases,
+/// `fan_in_fan_out`, `modules_to_save`, per-module `rank_pattern` / `alpha_pattern`, and listed
+/// `target_modules` the package has no LoRA input for.
+pub fn adapter_scale(config: &Path, spec: &LoraSpec) -> Result<f64, CheckpointError> {
+    let text = std::fs::read(config).map_err(|e| file_err(config, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| file_err(config, e))?;
+    let bad = |field: &str, why: String| file_err(config, format!("{field}: {why}"));
+    let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    if let Some(t) = field("peft_type") {
+        if t.as_str() != Some("LORA") {
+            return Err(bad(
+                "peft_type",
+                format!("{t}, only LORA adapters can be applied"),
+            ));
+        }
+    }
+    if field("use_dora").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(bad(
+            "use_dora",
+            "true: DoRA rescales each weight column by a learned magnitude, which this \
+             package's LoRA inputs cannot express (merge it with peft instead)"
+                .into(),
+        ));
+    }
+    if let Some(b) = field("bias").and_then(|x| x.as_str()) {
+        if b != "none" {
+            return Err(bad(
+                "bias",
+                format!("{b:?}: trained biases cannot be applied, only \"none\""),
+            ));
+        }
+    }
+    if field("fan_in_fan_out").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(bad(
+            "fan_in_fan_out",
+            "true: the adapter is for Conv1D layers (GPT-2 style), not Qwen's Linear".into(),
+        ));
+    }
+    if field("modules_to_save").is_some_and(|x| x.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(bad(
+            "modules_to_save",
+            "the adapter also replaces whole modules, which cannot be applied as LoRA".into(),
+        ));
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if field(k).is_some_and(|x| x.as_object().is_none_or(|o| !o.is_empty())) {
+            return Err(bad(
+                k,
+                "per-module ranks or alphas are not supported (one r and lora_alpha)".into(),
+            ));
+        }
+    }
+    if let Some(list) = field("target_modules").and_then(|x| x.as_array()) {
+        for t in list {
+            let name = t.as_str().unwrap_or_default();
+            // PEFT matches a listed name against the module path's last part.
+            let short = name.rsplit('.').next().unwrap_or(name);
+            if !spec.targets.iter().any(|p| p == short) {
+                return Err(bad(
+                    "target_modules",
+                    format!(
+                        "{t}: the package has LoRA inputs for {} only",
+                        spec.targets.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let number = |k: &str| -> Result<f64, CheckpointError> {
+        let x = field(k)
+            .ok_or_else(|| bad(k, "missing".into()))?
+            .as_f64()
+            .ok_or_else(|| bad(k, format!("{} is not a number", v[k])))?;
+        match x.is_finite() && x > 0.0 {
+            true => Ok(x),
+            false => Err(bad(k, format!("{x} (must be a positive number)"))),
+        }
+    };
+    let (r, alpha) = (number("r")?, number("lora_alpha")?);
+    Ok(match field("use_rslora").and_then(|x| x.as_bool()) {
+        Some(true) => alpha / r.sqrt(),
+        _ => alpha / r,
+    })
+}
+
+/// An adapter ready for `spec`'s package: [`load_adapter`]'s tensors, each checked finite and
+/// aimed at one of the package's LoRA inputs (named otherwise), with `B` rescaled so that the
+/// package's own `scale` gives the adapter's (`adapter_config.json`, [`adapter_scale`]): an
+/// adapter trained at `lora_alpha` 32 merges as 32, not as the package's 16. Its rank may
+/// differ from the package's (a merge takes any rank; a rollout's LoRA inputs take the
+/// package's), its input and output widths may not.
+pub fn load_adapter_for(dir: &Path, spec: &LoraSpec) -> Result<Vec<NamedTensor>, CheckpointError> {
+    let mut tensors = load_adapter(dir)?;
+    let ap = dir.join("adapter_model.safetensors");
+    let cp = dir.join("adapter_config.json");
+    if !cp.is_file() {
+        return Err(file_err(
+            &cp,
+            "missing: its r and lora_alpha give the adapter's scale (peft writes it beside \
+             adapter_model.safetensors)",
+        ));
+    }
+    let scale = adapter_scale(&cp, spec)?;
+    for t in &tensors {
+        let (base, which) = t.name.rsplit_once('.').unwrap_or((t.name.as_str(), ""));
+        let Some(p) = spec.tensors.iter().find(|p| p.name == base) else {
+            return Err(file_err(
+                &ap,
+                format!(
+                    "{}: the package has no LoRA input for it (its targets: {})",
+                    t.name,
+                    spec.targets.join(", ")
+                ),
+            ));
+        };
+        // A is [r, in], B [out, r]: the widths that are not the rank must be the package's.
+        let (got, want) = match which {
+            "A" => (t.shape.get(1), p.a.get(1)),
+            _ => (t.shape.first(), p.b.first()),
+        };
+        if t.shape.len() != 2 || got != want {
+            return Err(file_err(
+                &ap,
+                format!(
+                    "{}: shape {:?}, the package's is {:?} (an adapter for another model?)",
+                    t.name,
+                    t.shape,
+                    if which == "A" { &p.a } else { &p.b }
+                ),
+            ));
+        }
+        if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+            return Err(file_err(
+                &ap,
+                format!("{}: value {} at index {i} is not finite", t.name, t.data[i]),
+            ));
+        }
+    }
+    if scale != spec.scale {
+        let k = (scale / spec.scale) as f32;
+        for t in tensors.iter_mut().filter(|t| t.name.ends_with(".B")) {
+            t.data.iter_mut().for_each(|x| *x *= k);
+        }
+    }
+    Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::package::LoraTensor;
+
+    /// The tiny package's LoRA layout: rank 8, alpha 16, q_proj [8, 16] → 16, v_proj → 8.
+    fn spec() -> LoraSpec {
+        LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            scale: 2.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            tensors: ["q_proj", "v_proj"]
+                .iter()
+                .map(|t| LoraTensor {
+                    name: format!("lora.0.{t}"),
+                    a: vec![8, 16],
+                    b: vec![if *t == "q_proj" { 16 } else { 8 }, 8],
+                })
+                .collect(),
+        }
+    }
+
+    /// A PEFT adapter folder as peft writes it: rank `r` factors for `targets` of layer 0.
+    fn peft_folder(name: &str, r: usize, targets: &[&str], config: serde_json::Value) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ssrl-peft-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut tensors = Vec::new();
+        for t in targets {
+            let out = if *t == "q_proj" { 16 } else { 8 };
+            for (which, shape) in [('A', vec![r, 16]), ('B', vec![out, r])] {
+                let n = shape.iter().product::<usize>();
+                tensors.push(NamedTensor {
+                    name: peft_key(&format!("lora.0.{t}"), which).unwrap(),
+                    data: (0..n).map(|i| (i as f32 * 0.37).sin()).collect(),
+                    shape,
+                });
+            }
+        }
+        std::fs::write(
+            dir.join("adapter_model.safetensors"),
+            safetensors_bytes(&tensors, &BTreeMap::new()),
+        )
+        .unwrap();
+        std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+        dir
+    }
+
+    fn config(r: usize, alpha: f64) -> serde_json::Value {
+        let mut c = adapter_config(&spec(), "tiny");
+        c["r"] = r.into();
+        c["lora_alpha"] = alpha.into();
+        c
+    }
+
+    /// B's ratio to the stored B after loading for the package (A is never touched).
+    fn b_ratio(dir: &Path) -> f32 {
+        let stored = load_adapter(dir).unwrap();
+        let loaded = load_adapter_for(dir, &spec()).unwrap();
+        for (s, l) in stored.iter().zip(&loaded) {
+            if s.name.ends_with(".A") {
+                assert_eq!(s.data, l.data);
+            }
+        }
+        let (s, l) = (&stored[1], &loaded[1]);
+        assert!(s.name.ends_with(".B") && s.data[1] != 0.0);
+        l.data[1] / s.data[1]
+    }
+
+    /// The config's `lora_alpha`, `r` and `use_rslora` set the adapter's scale, carried into B
+    /// against the package's own (alpha 16 / r 8 = 2).
+    #[test]
+    fn adapter_config_sets_the_scale() {
+        let qv = ["q_proj", "v_proj"];
+        let same = peft_folder("same", 8, &qv, config(8, 16.0));
+        assert_eq!(b_ratio(&same), 1.0);
+        let alpha32 = peft_folder("alpha32", 8, &qv, config(8, 32.0));
+        assert_eq!(b_ratio(&alpha32), 2.0);
+        // Rank 16 at alpha 16: scale 1, half the package's.
+        let rank16 = peft_folder("rank16", 16, &qv, config(16, 16.0));
+        assert_eq!(b_ratio(&rank16), 0.5);
+        let mut rs = config(8, 16.0);
+        rs["use_rslora"] = true.into();
+        let rslora = peft_folder("rslora", 8, &qv, rs);
+        assert!((b_ratio(&rslora) - (16.0 / 8f32.sqrt()) / 2.0).abs() < 1e-6);
+        // A checkpoint of this package loads at its own scale.
+        let stored = load_adapter(&same).unwrap();
+        for d in [same, alpha32, rank16, rslora] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let root = std::env::temp_dir().join(format!("ssrl-peft-ckpt-{}", std::process::id()));
+        let state = State {
+            step: 3,
+            config: "k".into(),
+            params: stored.clone(),
+            exp_avg: stored.clone(),
+            exp_avg_sq: stored.clone(),
+        };
+        let dir = save(&root, &state, &spec(), "tiny", 0).unwrap();
+        assert_eq!(load_adapter_for(&dir, &spec()).unwrap(), stored);
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    /// What the package's LoRA inputs cannot express is refused, naming the field or tensor.
+    #[test]
+    fn adapters_that_cannot_be_applied_are_refused() {
+        let qv = ["q_proj", "v_proj"];
+        let with = |k: &str, v: serde_json::Value| {
+            let mut c = config(8, 16.0);
+            c[k] = v;
+            c
+        };
+        let cases: Vec<(&str, PathBuf, &str)> = vec![
+            (
+                "dora",
+                peft_folder("dora", 8, &qv, with("use_dora", true.into())),
+                "use_dora",
+            ),
+            (
+                "bias",
+                peft_folder("bias", 8, &qv, with("bias", "all".into())),
+                "bias",
+            ),
+            (
+                "targets",
+                peft_folder(
+                    "targets",
+                    8,
+                    &qv,
+                    with("target_modules", serde_json::json!(["q_proj", "k_proj"])),
+                ),
+                "k_proj",
+            ),
+            (
+                "k tensors",
+                peft_folder("ktensor", 8, &["q_proj", "k_proj"], config(8, 16.0)),
+                "lora.0.k_proj.A",
+            ),
+            (
+                "alpha",
+                peft_folder("alpha", 8, &qv, with("lora_alpha", "x".into())),
+                "lora_alpha",
+            ),
+            ("r", peft_folder("r0", 8, &qv, with("r", 0.into())), "r:"),
+            (
+                "saved",
+                peft_folder(
+                    "saved",
+                    8,
+                    &qv,
+                    with("modules_to_save", serde_json::json!(["lm_head"])),
+                ),
+                "modules_to_save",
+            ),
+            (
+                "pattern",
+                peft_folder(
+                    "pattern",
+                    8,
+                    &qv,
+                    with("rank_pattern", serde_json::json!({"q_proj": 4})),
+                ),
+                "rank_pattern",
+            ),
+            (
+                "type",
+                peft_folder("type", 8, &qv, with("peft_type", "IA3".into())),
+                "peft_type",
+            ),
+        ];
+        for (what, dir, needle) in cases {
+            let e = load_adapter_for(&dir, &spec()).unwrap_err().to_string();
+            assert!(
+                e.contains(needle) && e.contains(&dir.display().to_string()),
+                "{what}: {e}"
+            );
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        // Non-finite weights, naming the tensor.
+        let dir = peft_folder("nan", 8, &qv, config(8, 16.0));
+        let mut t = load_adapter(&dir).unwrap();
+        t[2].data[5] = f32::NAN;
+        for x in &mut t {
+            x.name = peft_key(
+                x.name.rsplit_once('.').unwrap().0,
+                x.name.chars().last().unwrap(),
+            )
+            .unwrap();
+        }
+        std::fs::write(
+            dir.join("adapter_model.safetensors"),
+            safetensors_bytes(&t, &BTreeMap::new()),
+        )
+        .unwrap();
+        let e = load_adapter_for(&dir, &spec()).unwrap_err().to_string();
+        assert!(
+            e.contains("lora.0.v_proj.A") && e.contains("not finite"),
+            "{e}"
+        );
+        // No adapter_config.json: the scale is unknown.
+        std::fs::remove_file(dir.join("adapter_config.json")).unwrap();
+        let e = load_adapter_for(&dir, &spec()).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter_config.json") && e.contains("missing"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        // Widths of another model.
+        let mut s = spec();
+        s.tensors[0].a = vec![8, 32];
+        let dir = peft_folder("width", 8, &qv, config(8, 16.0));
+        let e = load_adapter_for(&dir, &s).unwrap_err().to_string();
+        assert!(
+            e.contains("lora.0.q_proj.A") && e.contains("another model"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
