@@ -89,6 +89,8 @@ pub enum SkipReason {
     Io,
     /// Corrupt, truncated or not an image / depth file.
     Decode,
+    /// More pixels than a source may have (`source::MAX_PIXELS`), refused before decoding.
+    TooLarge,
     /// Too small for the task's grid or crop.
     TooSmall,
     /// Depth and colour sizes differ.
@@ -111,6 +113,7 @@ impl SkipReason {
         match self {
             SkipReason::Io => "io",
             SkipReason::Decode => "decode",
+            SkipReason::TooLarge => "too_large",
             SkipReason::TooSmall => "too_small",
             SkipReason::DepthSizeMismatch => "depth_size_mismatch",
             SkipReason::InvalidDepth => "invalid_depth",
@@ -126,6 +129,7 @@ impl SkipReason {
         match self {
             SkipReason::Io => "the file could not be read",
             SkipReason::Decode => "corrupt, truncated or not an image / depth file",
+            SkipReason::TooLarge => "over 268 M pixels (16,384²), not decoded",
             SkipReason::TooSmall => "too small for the task's grid or crop; see --max-side",
             SkipReason::DepthSizeMismatch => "depth and colour sizes differ",
             SkipReason::InvalidDepth => "no valid depth",
@@ -213,6 +217,9 @@ pub struct Summary {
     /// Samples produced by this invocation per second (resumed shards excluded).
     pub samples_per_s: f64,
     pub data_files: Vec<String>,
+    /// Stopped (Ctrl-C) before every shard was written; `--resume` continues.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +231,8 @@ pub enum TasksError {
     Input { path: PathBuf, err: std::io::Error },
     #[error("{0}: holds an earlier run (run.json); pass --resume to continue it, or choose an empty folder")]
     AlreadyExists(PathBuf),
+    #[error("{0}: is in the output folder, which holds no run.json: not a run this command can continue or overwrite; choose an empty or new folder")]
+    NotARun(PathBuf),
     #[error("{path}: --resume with different settings than the run being resumed ({what}); use the original settings or a new folder")]
     ResumeMismatch { path: PathBuf, what: String },
     #[error(transparent)]
@@ -273,23 +282,37 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
     let mut sources = Vec::new();
     let wants_rgb = cfg.tasks.iter().any(|t| !t.needs_depth());
     let wants_depth = cfg.tasks.iter().any(|t| t.needs_depth());
+    // The output folder may sit inside an input (`--images inp --out inp/out`): it is never
+    // read as input. Each file counts once however many inputs reach it.
+    let skip = [cfg.out.clone()];
+    let mut walk = source::Walk::new(&skip);
     for dir in &cfg.images {
-        let list = source::discover_images(dir).map_err(|e| TasksError::Input {
+        let list = source::discover_images_in(dir, &mut walk).map_err(|e| TasksError::Input {
             path: dir.clone(),
             err: e,
         })?;
         if list.is_empty() {
-            progress.warn(&format!("{}: no jpg/png/webp images found", dir.display()));
+            progress.warn(&match dir.is_file() {
+                true => format!("{}: given twice, counted once", dir.display()),
+                false => format!(
+                    "{}: no jpg/png/webp images found (none not listed already)",
+                    dir.display()
+                ),
+            });
         }
         if wants_rgb {
             sources.extend(list.into_iter().map(|path| Source::Rgb { path }));
         }
     }
+    // RGB-D inputs have a walk of their own: the same photo may be both a photo source and
+    // an RGB-D frame's colour.
+    let mut rgbd_walk = source::Walk::new(&skip);
     for dir in &cfg.rgbd {
-        let found = source::discover_rgbd(dir).map_err(|e| TasksError::Input {
-            path: dir.clone(),
-            err: e,
-        })?;
+        let found =
+            source::discover_rgbd_in(dir, &mut rgbd_walk).map_err(|e| TasksError::Input {
+                path: dir.clone(),
+                err: e,
+            })?;
         for w in &found.warnings {
             progress.warn(w);
         }
@@ -302,6 +325,9 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
         if wants_depth {
             sources.extend(found.frames.into_iter().map(Source::Rgbd));
         }
+    }
+    for note in walk.notes.iter().chain(&rgbd_walk.notes) {
+        progress.warn(note);
     }
     Ok(sources)
 }
@@ -513,6 +539,16 @@ fn no_sources(cfg: &TasksConfig) -> String {
 }
 
 pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksError> {
+    run_until(cfg, progress, &std::sync::atomic::AtomicBool::new(false))
+}
+
+/// [`run`], stopping after the shard in progress once `stop` is set (Ctrl-C): the shards
+/// written so far are kept, `Summary::stopped` says so, and `--resume` continues.
+pub fn run_until(
+    cfg: &TasksConfig,
+    progress: &dyn Progress,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Summary, TasksError> {
     let t0 = Instant::now();
     let sources = discover(cfg, progress)?;
     if sources.is_empty() {
@@ -538,6 +574,16 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
     let run_json = cfg.out.join("run.json");
     let fresh = !run_json.exists();
     let out_existed = cfg.out.exists();
+    if fresh {
+        // Files of this layout without a run.json (another tool's, or a run whose run.json
+        // was removed) would be overwritten where names meet and mixed in where they do not.
+        if let Some(d) = ["data", "images", "state"]
+            .iter()
+            .find(|d| cfg.out.join(d).exists())
+        {
+            return Err(TasksError::NotARun(cfg.out.join(d)));
+        }
+    }
     if !fresh {
         if !cfg.resume {
             return Err(TasksError::AlreadyExists(cfg.out.clone()));
@@ -601,7 +647,9 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
 
     let mut builder = rayon::ThreadPoolBuilder::new();
     if cfg.threads > 0 {
-        builder = builder.num_threads(cfg.threads);
+        // More threads than a shard has sources would only wait (the output does not depend
+        // on the count).
+        builder = builder.num_threads(cfg.threads.min(per_shard).min(sources.len()));
     }
     let pool = builder
         .build()
@@ -611,6 +659,10 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
         summary.data_files.push(data_name(s));
         if done[s] {
             continue;
+        }
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            summary.stopped = true;
+            break;
         }
         let base = s * per_shard;
         let results: Vec<Result<SourceOutput, write::WriteError>> = pool.install(|| {
@@ -658,6 +710,10 @@ pub fn run(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Summary, TasksE
     summary.produced = summary.tasks.values().map(|t| t.produced).sum();
     summary.elapsed_s = t0.elapsed().as_secs_f64();
     summary.samples_per_s = new_samples as f64 / summary.elapsed_s.max(1e-9);
+    if summary.stopped {
+        // No summary.json until the run is complete: the shards and their states are the record.
+        return Ok(summary);
+    }
     let mut on_disk = summary.clone();
     on_disk.elapsed_s = (on_disk.elapsed_s * 1000.0).round() / 1000.0;
     write::write_atomic(
@@ -699,9 +755,10 @@ mod tests {
     /// The names the table and the errors print are `summary.json`'s.
     #[test]
     fn skip_reason_names_are_the_summary_names() {
-        let all: [SkipReason; 9] = [
+        let all: [SkipReason; 10] = [
             Io,
             Decode,
+            TooLarge,
             TooSmall,
             DepthSizeMismatch,
             InvalidDepth,

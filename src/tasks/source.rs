@@ -137,17 +137,72 @@ fn is_image_ext(p: &Path) -> bool {
     )
 }
 
-fn list_dir(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+/// A walk over input folders: each directory is visited once by its canonical path (so a
+/// symlink loop ends and a folder reached twice is read once), a file reached twice (a folder
+/// and a file in it, or through a link) is listed once, the `skip` folders (the run's own
+/// output) are never entered, and only regular files are listed — a FIFO or device named
+/// `*.jpg` would block a read forever. What it passes over that looks like input is noted.
+#[derive(Debug, Default)]
+pub struct Walk {
+    seen_dirs: std::collections::HashSet<PathBuf>,
+    seen_files: std::collections::HashSet<PathBuf>,
+    skip: Vec<PathBuf>,
+    /// Input-looking entries passed over, each naming the path and why.
+    pub notes: Vec<String>,
+}
+
+impl Walk {
+    /// A walk that never enters `skip` (folders that do not exist yet are ignored).
+    pub fn new(skip: &[PathBuf]) -> Walk {
+        Walk {
+            skip: skip.iter().filter_map(|p| p.canonicalize().ok()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// True the first time the file at `p` (canonically) is offered.
+    fn first_visit(&mut self, p: &Path) -> bool {
+        let key = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        self.seen_files.insert(key)
+    }
+
+    /// `dir`'s regular files and subfolders, sorted; `None` when `dir` was visited already or
+    /// is a skipped folder.
+    fn list(&mut self, dir: &Path) -> std::io::Result<Option<(Vec<PathBuf>, Vec<PathBuf>)>> {
+        let canon = dir.canonicalize()?;
+        if self.skip.contains(&canon) {
+            self.notes.push(format!(
+                "{}: the run's output folder, not read as input",
+                dir.display()
+            ));
+            return Ok(None);
+        }
+        if !self.seen_dirs.insert(canon) {
+            return Ok(None);
+        }
+        let (files, dirs) = list_dir(dir, &mut self.notes)?;
+        let files = files.into_iter().filter(|f| self.first_visit(f)).collect();
+        Ok(Some((files, dirs)))
+    }
+}
+
+/// `dir`'s regular files and folders (links followed), sorted; an entry that is neither (a
+/// FIFO, socket or device, or a broken link) is noted when its name is an image's.
+fn list_dir(dir: &Path, notes: &mut Vec<String>) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let p = e.path();
-        let ft = e.file_type()?;
-        if ft.is_dir() || (ft.is_symlink() && p.is_dir()) {
-            dirs.push(p);
-        } else {
-            files.push(p);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => dirs.push(p),
+            Ok(m) if m.is_file() => files.push(p),
+            Ok(_) if is_image_ext(&p) => notes.push(format!(
+                "{}: not a regular file (a FIFO, socket or device), skipped",
+                p.display()
+            )),
+            Err(err) if is_image_ext(&p) => notes.push(format!("{}: skipped ({err})", p.display())),
+            _ => {}
         }
     }
     files.sort();
@@ -157,10 +212,24 @@ fn list_dir(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
 
 /// All photos under `dir` (recursively), sorted by path; `dir` may also be one photo.
 pub fn discover_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    if dir.is_file() {
-        return match is_image_ext(dir) {
-            true => Ok(vec![dir.to_path_buf()]),
-            false => Err(std::io::Error::new(
+    discover_images_in(dir, &mut Walk::default())
+}
+
+/// [`discover_images`] within a [`Walk`] shared by several inputs (each file once, the
+/// output left out).
+pub fn discover_images_in(dir: &Path, walk: &mut Walk) -> std::io::Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return match (meta.is_file(), is_image_ext(dir)) {
+            (true, true) => Ok(match walk.first_visit(dir) {
+                true => vec![dir.to_path_buf()],
+                false => vec![],
+            }),
+            (false, _) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or folder (a FIFO, socket or device)",
+            )),
+            (true, false) => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "neither a folder nor a jpg/png/webp image",
             )),
@@ -169,12 +238,32 @@ pub fn discover_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let (files, dirs) = list_dir(&d)?;
+        let Some((files, dirs)) = walk.list(&d)? else {
+            continue;
+        };
         out.extend(files.into_iter().filter(|p| is_image_ext(p)));
         stack.extend(dirs);
     }
     out.sort();
     Ok(out)
+}
+
+/// Refuses intrinsics no pinhole camera has: focal lengths must be positive, every value finite.
+fn check_intrinsics(k: Intrinsics, path: &Path) -> Result<Intrinsics, String> {
+    let all = [("fx", k.fx), ("fy", k.fy), ("cx", k.cx), ("cy", k.cy)];
+    if let Some((n, v)) = all.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(format!(
+            "{}: {n} = {v} is not a finite number",
+            path.display()
+        ));
+    }
+    if let Some((n, v)) = all[..2].iter().find(|(_, v)| *v <= 0.0) {
+        return Err(format!(
+            "{}: {n} = {v}: a focal length in pixels must be positive",
+            path.display()
+        ));
+    }
+    Ok(k)
 }
 
 /// Reads `intrinsics.json`: `{fx, fy, cx, cy}` at the top level, under `K` / `intrinsics`
@@ -204,11 +293,11 @@ pub fn read_intrinsics_json(path: &Path) -> Result<Intrinsics, String> {
         })
     }
     if let Some(k) = from_obj(&v) {
-        return Ok(k);
+        return check_intrinsics(k, path);
     }
     for key in ["K", "intrinsics", "camera"] {
         if let Some(k) = v.get(key).and_then(from_obj) {
-            return Ok(k);
+            return check_intrinsics(k, path);
         }
     }
     let mut found: Vec<(String, Intrinsics)> = v
@@ -224,7 +313,7 @@ pub fn read_intrinsics_json(path: &Path) -> Result<Intrinsics, String> {
             .iter()
             .position(|(k, _)| k.to_ascii_lowercase().contains("depth"))
         {
-            return Ok(found.swap_remove(p).1);
+            return check_intrinsics(found.swap_remove(p).1, path);
         }
     }
     found
@@ -232,6 +321,7 @@ pub fn read_intrinsics_json(path: &Path) -> Result<Intrinsics, String> {
         .next()
         .map(|x| x.1)
         .ok_or_else(|| format!("{}: no fx, fy, cx, cy found", path.display()))
+        .and_then(|k| check_intrinsics(k, path))
 }
 
 /// ScanNet's `intrinsic_color.txt`: a 4×4 matrix, whitespace separated.
@@ -246,12 +336,15 @@ fn read_matrix_intrinsics(path: &Path) -> Result<Intrinsics, String> {
         return Err(format!("{}: expected a 3×3 or 4×4 matrix", path.display()));
     }
     let n = if v.len() >= 16 { 4 } else { 3 };
-    Ok(Intrinsics {
-        fx: v[0],
-        cx: v[2],
-        fy: v[n + 1],
-        cy: v[n + 2],
-    })
+    check_intrinsics(
+        Intrinsics {
+            fx: v[0],
+            cx: v[2],
+            fy: v[n + 1],
+            cy: v[n + 2],
+        },
+        path,
+    )
 }
 
 /// Parses a TUM index file: `timestamp path` lines, `#` comments.
@@ -288,24 +381,31 @@ pub struct Discovered {
     pub warnings: Vec<String>,
 }
 
-/// All RGB-D frames under `dir`, layout detected per folder, sorted by colour path.
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
+/// All RGB-D frames under `dir`, layout detected per folder, sorted by colour path. A
+/// malformed `intrinsics.json` or `intrinsic_color.txt`, or one with a focal length ≤ 0, is an
+/// error naming the file: taken as missing, it would change `--position-geometry metric`'s
+/// answers.
 pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
+    discover_rgbd_in(dir, &mut Walk::default())
+}
+
+/// [`discover_rgbd`] within a [`Walk`] shared by several inputs.
+pub fn discover_rgbd_in(dir: &Path, walk: &mut Walk) -> std::io::Result<Discovered> {
     let mut found = Discovered::default();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let (files, dirs) = list_dir(&d)?;
+        let Some((files, dirs)) = walk.list(&d)? else {
+            continue;
+        };
         let folder_k = {
             let p = d.join("intrinsics.json");
-            if p.is_file() {
-                match read_intrinsics_json(&p) {
-                    Ok(k) => Some(k),
-                    Err(e) => {
-                        found.warnings.push(e);
-                        None
-                    }
-                }
-            } else {
-                None
+            match p.is_file() {
+                true => Some(read_intrinsics_json(&p).map_err(invalid)?),
+                false => None,
             }
         };
         let name = |p: &Path| {
@@ -357,11 +457,12 @@ pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
         }
         // ScanNet export
         if d.join("color").is_dir() && d.join("depth").is_dir() {
-            let k = match read_matrix_intrinsics(&d.join("intrinsic").join("intrinsic_color.txt")) {
-                Ok(k) => Some(k),
-                Err(_) => folder_k,
+            let kp = d.join("intrinsic").join("intrinsic_color.txt");
+            let k = match kp.is_file() {
+                true => Some(read_matrix_intrinsics(&kp).map_err(invalid)?),
+                false => folder_k,
             };
-            let (cfiles, _) = list_dir(&d.join("color"))?;
+            let (cfiles, _) = list_dir(&d.join("color"), &mut walk.notes)?;
             for c in cfiles.into_iter().filter(|p| is_image_ext(p)) {
                 let stem = c
                     .file_stem()
@@ -496,6 +597,42 @@ pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
     }
 }
 
+/// The most pixels a source image may have (16,384², 268 M): a larger one is skipped from its
+/// header, before any pixel is decoded (a 10 MB PNG can claim 60,000 × 60,000 pixels, 11 GB
+/// decoded). `--max-side` applies after decoding, so it cannot guard this.
+pub const MAX_PIXELS: u64 = 1 << 28;
+
+/// A decoder for `reader` under this project's limits: at most [`MAX_PIXELS`], and at most
+/// 2 GiB allocated by the decoder itself (the image crate's own check, for formats whose
+/// header understates what they allocate). Each thread that decodes goes through here.
+pub fn checked_decoder<'a, R: std::io::BufRead + std::io::Seek + 'a>(
+    mut reader: ImageReader<R>,
+    path: &Path,
+) -> Result<impl ImageDecoder + 'a, SourceError> {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(2 << 30);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(l) => SourceError::new(
+            SkipReason::TooLarge,
+            path,
+            format!("{l}: more than a source may take (at most {MAX_PIXELS} pixels; not decoded)"),
+        ),
+        e => SourceError::new(SkipReason::Decode, path, e),
+    })?;
+    let (w, h) = decoder.dimensions();
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(SourceError::new(
+            SkipReason::TooLarge,
+            path,
+            format!(
+                "{w} × {h} pixels, over the {MAX_PIXELS}-pixel limit of a source (not decoded)"
+            ),
+        ));
+    }
+    Ok(decoder)
+}
+
 pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, SourceError> {
     let err = |e: image::ImageError| SourceError::new(SkipReason::Decode, path, e);
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
@@ -518,7 +655,7 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, SourceError> {
         }
         _ => {}
     }
-    let mut decoder = reader.into_decoder().map_err(err)?;
+    let mut decoder = checked_decoder(reader, path)?;
     let orientation = decoder.orientation().map_err(err)?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(err)?;
     img.apply_orientation(orientation);
@@ -600,7 +737,12 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
             (*w as usize, *h as usize, d)
         }
         DepthEncoding::Png16 { scale } => {
-            let img = image::open(p).map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let derr = |e: image::ImageError| SourceError::new(SkipReason::Decode, p, e);
+            let reader = ImageReader::open(p)
+                .map_err(|e| SourceError::new(SkipReason::Io, p, e))?
+                .with_guessed_format()
+                .map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
+            let img = DynamicImage::from_decoder(checked_decoder(reader, p)?).map_err(derr)?;
             let img = match img {
                 DynamicImage::ImageLuma16(i) => i,
                 other => {
