@@ -63,6 +63,65 @@ fn tiny_package_matches_its_contract() {
     }
 }
 
+/// A manifest whose sizes disagree with its graphs is refused when the graphs load — by
+/// `inspect`'s validation and by the engine before any run (it indexed past a tensor's end
+/// mid-rollout) — naming the graph, the input or output, and the manifest field.
+#[test]
+fn a_manifest_that_disagrees_with_its_graphs_is_refused() {
+    let dir = scratch("manifest-sizes");
+    for e in std::fs::read_dir(tiny()).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let orig: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny().join("manifest.json")).unwrap()).unwrap();
+    let cases: [(&str, &str, serde_json::Value, &str, &str); 4] = [
+        (
+            "text",
+            "hidden_size",
+            256.into(),
+            "embedding.onnx",
+            "inputs_embeds",
+        ),
+        ("text", "vocab_size", 4096.into(), "decoder.onnx", "logits"),
+        (
+            "text",
+            "num_key_value_heads",
+            4.into(),
+            "decoder.onnx",
+            "past_key_values.0.key",
+        ),
+        (
+            "vision",
+            "out_hidden_size",
+            64.into(),
+            "vision.onnx",
+            "image_features",
+        ),
+    ];
+    for (section, key, value, graph, io) in cases {
+        let mut m = orig.clone();
+        m[section][key] = value.clone();
+        std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+        let p = Package::open(&dir).unwrap();
+        let Some(r) = validate(&p) else { return };
+        let e = r.unwrap_err().to_string();
+        let field = format!("{section}.{key} is {value}");
+        for needle in [graph, io, &field] {
+            assert!(e.contains(needle), "{key}: {needle} not in: {e}");
+        }
+        match spatial_ssrl::rollout::Engine::open(&dir, None) {
+            Err(e) => assert!(e.to_string().contains(&field), "{key}: {e}"),
+            Ok(_) => panic!("the engine opened a package whose {section}.{key} is wrong"),
+        }
+    }
+    // The same package with its own manifest is fine.
+    std::fs::write(dir.join("manifest.json"), orig.to_string()).unwrap();
+    assert!(validate(&Package::open(&dir).unwrap()).unwrap().is_ok());
+}
+
 #[test]
 fn a_wrong_package_is_refused_clearly() {
     let dir = scratch("bad-package");

@@ -581,8 +581,68 @@ impl Package {
         Ok(())
     }
 
+    /// The sizes graph `file`'s inputs and outputs must have where the graph fixes them:
+    /// `(name, axis, size, the manifest field that gives it)`. A manifest that disagrees with
+    /// its graphs would otherwise index past the end of a tensor in the middle of a rollout.
+    fn sizes(&self, file: &str) -> Vec<(String, usize, usize, String)> {
+        let (m, g) = (&self.manifest, &self.manifest.graphs);
+        let (t, v) = (&m.text, &m.vision);
+        let dim =
+            |name: &str, axis, size, field: &str| (name.to_string(), axis, size, field.to_string());
+        let mut d = Vec::new();
+        if file == g.vision {
+            d.push(dim(
+                "image_features",
+                1,
+                v.out_hidden_size,
+                "vision.out_hidden_size",
+            ));
+        }
+        if file == g.embedding {
+            d.push(dim(
+                "image_features",
+                1,
+                v.out_hidden_size,
+                "vision.out_hidden_size",
+            ));
+            d.push(dim("inputs_embeds", 2, t.hidden_size, "text.hidden_size"));
+        }
+        if [&g.decoder, &g.logprobs, &g.train].contains(&&file.to_string()) {
+            d.push(dim("inputs_embeds", 2, t.hidden_size, "text.hidden_size"));
+        }
+        if file == g.decoder {
+            d.push(dim("logits", 2, t.vocab_size, "text.vocab_size"));
+            for i in 0..t.num_hidden_layers {
+                for kv in ["past_key_values", "present"] {
+                    for part in ["key", "value"] {
+                        let n = format!("{kv}.{i}.{part}");
+                        d.push(dim(
+                            &n,
+                            1,
+                            t.num_key_value_heads,
+                            "text.num_key_value_heads",
+                        ));
+                        d.push(dim(&n, 3, t.head_dim, "text.head_dim"));
+                    }
+                }
+            }
+        }
+        if file != g.vision && file != g.embedding {
+            for l in &m.lora.tensors {
+                for (which, shape) in [("A", &l.a), ("B", &l.b)] {
+                    for (axis, &size) in shape.iter().enumerate() {
+                        let field = format!("lora.tensors[{}].{which}", l.name);
+                        d.push(dim(&format!("{}.{which}", l.name), axis, size, &field));
+                    }
+                }
+            }
+        }
+        d
+    }
+
     /// Checks the inputs and outputs of graph `file`, loaded as `session`, against the contract:
-    /// the first name missing, extra or of another type is the error, naming the file.
+    /// the first name missing, extra or of another type, or of another size than
+    /// `manifest.json` gives where the graph fixes it, is the error, naming the file.
     pub fn check_graph(
         &self,
         file: &str,
@@ -648,6 +708,40 @@ impl Package {
                     name: name.clone(),
                     msg: type_mismatch(o.dtype(), &accepted),
                 });
+            }
+        }
+        for (name, axis, size, field) in self.sizes(file) {
+            let (dtype, output) = match session.inputs().iter().find(|i| i.name() == name) {
+                Some(i) => (i.dtype(), false),
+                None => match overridable.iter().find(|o| o.name() == name) {
+                    Some(o) => (o.dtype(), false),
+                    None => match session.outputs().iter().find(|o| o.name() == name) {
+                        Some(o) => (o.dtype(), true),
+                        None => continue,
+                    },
+                },
+            };
+            let Some(shape) = dtype.tensor_shape() else {
+                continue;
+            };
+            // A dynamic axis (negative) takes any size.
+            match shape.get(axis) {
+                Some(&got) if got < 0 || got as usize == size => {}
+                got => {
+                    let msg = format!(
+                        "{} is {}, but manifest.json's {field} is {size}: the manifest does not \
+                         describe this graph",
+                        match got {
+                            Some(_) => format!("axis {axis}"),
+                            None => format!("rank {}, so axis {axis}", shape.len()),
+                        },
+                        got.map_or("missing".into(), |g| g.to_string())
+                    );
+                    return Err(match output {
+                        true => PackageError::Output { path, name, msg },
+                        false => PackageError::Input { path, name, msg },
+                    });
+                }
             }
         }
         Ok(())
