@@ -352,11 +352,11 @@ fn bad_input_is_refused_naming_file_and_place() {
     let p = dir.join("extra.tsv");
     std::fs::write(
         &p,
-        "index\timage_path\tquestion\tA\tB\tanswer\tsource\n1\tcoffee.png\tq\tx\ty\tB\tm\n",
+        "index\timage_path\tquestion\tA\tB\tanswer\tnotes\n1\tcoffee.png\tq\tx\ty\tB\tm\n",
     )
     .unwrap();
     let mut o = opts(photos(), true, 4);
-    o.allow_columns = vec!["source".into()];
+    o.allow_columns = vec!["notes".into()];
     assert_eq!(bench::read(Bench::Mcq, &p, &o).unwrap().len(), 1);
     // `--compare` on a folder that holds no finished run says which it is.
     let unfinished = dir.join("unfinished");
@@ -417,7 +417,7 @@ fn benchmarks_run_end_to_end_on_the_tiny_package() {
         assert!((s.overall.points - points).abs() < 1e-9);
         assert_eq!(
             s.overall.strict_accuracy.is_some(),
-            matches!(b, Bench::Whatsup | Bench::Mcq)
+            matches!(b, Bench::Whatsup)
         );
         assert_eq!(s.bench, b.name());
         // The engine gets its own image bounds back.
@@ -601,6 +601,7 @@ fn grouped_accuracies_follow_vlmevalkit() {
         strict: None,
         tokens: 1,
         qid: Some(qid.into()),
+        source: None,
     };
     let items = [
         item("AAAAAAAA", true),
@@ -634,4 +635,113 @@ fn grouped_accuracies_follow_vlmevalkit() {
         })
         .collect();
     assert!(eval::summarize(&plain, &cfg).grouped.is_empty());
+}
+
+/// VLMEvalKit reads its TSVs with pandas, and the prompt shows it: a numeric option column
+/// with a gap is float64 (`3` prints `3.0`), `None` / `NA` / `null` cells are missing (an
+/// option dropped, no hint), a hint of spaces is kept, an integer column stays integer.
+#[test]
+fn tsv_cells_read_as_pandas_reads_them() {
+    let dir = std::env::temp_dir().join(format!("ssrl-eval-pandas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("pandas.tsv");
+    std::fs::write(
+        &p,
+        "index\timage_path\tquestion\thint\tA\tB\tC\tD\tanswer\n\
+         1\tcoffee.png\tHow many?\t  \t3\t4\t1e-5\tNone\tA\n\
+         2\tcoffee.png\tHow many?\tNA\t5\t\t2.50\tnull\tC\n\
+         3\tcoffee.png\tHow many?\tnull\t6\t7\t+3\tx\tA\n",
+    )
+    .unwrap();
+    let items = bench::read(Bench::Mcq, &p, &opts(photos(), false, 4)).unwrap();
+    let body = |i: usize| items[i].prompt.trim_start_matches("<image>").to_string();
+    let tail = "Please select the correct answer from the options above. \n";
+    // A is integers throughout; B has a gap (float64); C has a non-integer (float64); D is text.
+    assert_eq!(
+        body(0),
+        format!("Hint:   \nQuestion: How many?\nOptions:\nA. 3\nB. 4.0\nC. 1e-05\n{tail}")
+    );
+    assert_eq!(
+        body(1),
+        format!("Question: How many?\nOptions:\nA. 5\nC. 2.5\n{tail}")
+    );
+    assert_eq!(
+        body(2),
+        format!("Question: How many?\nOptions:\nA. 6\nB. 7.0\nC. 3.0\nD. x\n{tail}")
+    );
+    match &items[1].rule {
+        Rule::Mcq(c) => assert_eq!(c.iter().map(|x| x.0).collect::<String>(), "AC"),
+        other => panic!("{other:?}"),
+    }
+    // An empty response is scored as VLMEvalKit's Excel round trip leaves it: "nan", which
+    // contains option text "a" (and so infers it).
+    let nan = vec![('A', "a".to_string()), ('B', "b".to_string())];
+    assert_eq!(
+        spatial_ssrl::eval::score::multiple_choice("", "A", &nan).score,
+        1.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CV-Bench's TSVs carry their own `prompt`, which VLMEvalKit sends as it is; CV-Bench-2D's
+/// overall accuracy is the mean of its image sources' accuracies.
+#[test]
+fn cv_bench_uses_its_prompt_and_averages_2d_over_sources() {
+    let dir = std::env::temp_dir().join(format!("ssrl-eval-cvb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("CV-Bench-2D.tsv");
+    let mut text = String::from(
+        "index\timage_path\tquestion\tA\tB\tanswer\tcategory\tprompt\tsource\tsplit\n",
+    );
+    for (i, src) in ["ADE20K", "COCO", "COCO", "COCO"].iter().enumerate() {
+        text += &format!(
+            "{i}\tcoffee.png\tHow many cups?\t1\t2\tA\tCount\tHow many cups are there? Select from the following choices.\\n(A) 1\\n(B) 2\t{src}\t2D\n"
+        );
+    }
+    std::fs::write(&p, &text).unwrap();
+    let items = bench::read(Bench::Mcq, &p, &opts(photos(), true, 4)).unwrap();
+    assert_eq!(
+        items[0].prompt,
+        format!(
+            "<image>How many cups are there? Select from the following choices.\\n(A) 1\\n(B) 2{FORMAT_SENTENCE}"
+        )
+    );
+    assert_eq!(items[1].source.as_deref(), Some("COCO"));
+    // ADE20K right (1 of 1), COCO one of three: the mean of 1 and 1/3, not 2 of 4.
+    let scored: Vec<eval::Item> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let response = if i < 2 { "A" } else { "B" };
+            let r = it.score(response, true);
+            eval::Item {
+                id: it.id.clone(),
+                category: it.category.clone(),
+                variant: it.variant.clone(),
+                problem: it.prompt.clone(),
+                response: response.into(),
+                predicted: r.predicted,
+                answer: it.answer.clone(),
+                correct: r.score >= 1.0,
+                score: r.score,
+                strict: r.strict,
+                tokens: 1,
+                qid: None,
+                source: it.source.clone(),
+            }
+        })
+        .collect();
+    let cfg = EvalConfig::new(Bench::Mcq, p.clone(), "out".into(), "m".into());
+    let s = eval::summarize(&scored, &cfg);
+    assert!(
+        (s.overall.accuracy - (1.0 + 1.0 / 3.0) / 2.0).abs() < 1e-12,
+        "{:?}",
+        s.overall
+    );
+    assert_eq!(s.by_source.len(), 2);
+    // A 3D file (or a mix) is scored over all items.
+    std::fs::write(&p, text.replace("\t2D\n", "\t3D\n")).unwrap();
+    let items = bench::read(Bench::Mcq, &p, &opts(photos(), true, 4)).unwrap();
+    assert!(items.iter().all(|i| i.source.is_none()));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -155,6 +155,9 @@ pub struct BenchItem {
     /// 3DSRBench's question id (`XXXXXXXX`, circular variants `XXXXXXXX…`, flipped images
     /// `…-flip`), for its grouped accuracies.
     pub qid: Option<String>,
+    /// CV-Bench-2D's image source (ADE20K, COCO): its overall accuracy is the mean of the
+    /// sources' accuracies. Set only where every row of the file is of split `2D`.
+    pub source: Option<String>,
 }
 
 impl BenchItem {
@@ -292,6 +295,7 @@ fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> 
                 answer: s.answer.clone(),
                 rule: Rule::Pretext,
                 qid: None,
+                source: None,
             }
         })
         .collect())
@@ -409,6 +413,7 @@ fn viewspatial(i: usize, v: &Value, opt: &ReadOptions) -> Result<BenchItem, Stri
         answer: answer.to_string(),
         rule: Rule::Viewspatial,
         qid: None,
+        source: None,
     })
 }
 
@@ -466,6 +471,7 @@ fn whatsup(i: usize, v: &Value, subset: &str, opt: &ReadOptions) -> Result<Bench
         answer: "A".into(),
         rule: Rule::Whatsup('A'),
         qid: None,
+        source: None,
     })
 }
 
@@ -619,11 +625,13 @@ fn vsi(i: usize, v: &Value, opt: &ReadOptions) -> Result<BenchItem, String> {
         answer,
         rule: Rule::Vsi,
         qid: None,
+        source: None,
     })
 }
 
-/// Columns a VLMEvalKit multiple-choice TSV may have besides the option letters.
-const TSV_COLUMNS: [&str; 10] = [
+/// Columns a VLMEvalKit multiple-choice TSV may have besides the option letters (`prompt` and
+/// `source` are CV-Bench's).
+const TSV_COLUMNS: [&str; 12] = [
     "index",
     "image",
     "image_path",
@@ -634,7 +642,128 @@ const TSV_COLUMNS: [&str; 10] = [
     "l2-category",
     "split",
     "qid",
+    "prompt",
+    "source",
 ];
+
+/// The cells pandas' `read_csv` reads as missing (NaN) by default, compared whole: `""` is
+/// one, a cell of spaces is not.
+const PANDAS_NA: [&str; 19] = [
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+];
+
+fn pandas_na(cell: &str) -> bool {
+    PANDAS_NA.contains(&cell)
+}
+
+/// Python's `repr(float)`: the shortest digits that read back, positional for exponents
+/// −4 to 15 (`3.0`, `0.0001`), else `1e-05` / `1.5e+16`.
+fn py_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "nan".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    let sci = format!("{x:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("an integer exponent");
+    let (sign, digits) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m.replace('.', "")),
+        None => ("", mantissa.replace('.', "")),
+    };
+    if (-4..16).contains(&exp) {
+        let point = exp + 1;
+        let body = if point <= 0 {
+            format!("0.{}{digits}", "0".repeat((-point) as usize))
+        } else if point as usize >= digits.len() {
+            format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
+        } else {
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
+        };
+        format!("{sign}{body}")
+    } else {
+        let frac = if digits.len() > 1 {
+            format!(".{}", &digits[1..])
+        } else {
+            String::new()
+        };
+        format!(
+            "{sign}{}{frac}e{}{:02}",
+            &digits[..1],
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
+    }
+}
+
+/// How pandas types a column, for the text VLMEvalKit's `f"{value}"` gives its cells.
+enum ColumnKind {
+    Text,
+    /// Every present cell an integer and none missing: int64, printed as the integer.
+    Int,
+    /// Every present cell a number, some not integers or some missing: float64, printed as
+    /// Python prints a float (`3` becomes `3.0`).
+    Float,
+}
+
+fn column_kind<'a>(cells: impl Iterator<Item = &'a str>) -> ColumnKind {
+    let (mut missing, mut all_int, mut any) = (false, true, false);
+    for c in cells {
+        if pandas_na(c) {
+            missing = true;
+            continue;
+        }
+        let t = c.trim_matches(|c| c == ' ' || c == '\t');
+        if t.parse::<i64>().is_err() {
+            all_int = false;
+            if !pandas_number(t) {
+                return ColumnKind::Text;
+            }
+        }
+        any = true;
+    }
+    match (any || missing, all_int && !missing && any) {
+        (_, true) => ColumnKind::Int,
+        (true, false) => ColumnKind::Float,
+        (false, _) => ColumnKind::Text,
+    }
+}
+
+/// A cell pandas' C parser reads as a float (digits with a point or exponent, `inf`, `nan`
+/// spellings it does not take as missing are text).
+fn pandas_number(t: &str) -> bool {
+    let body = t.trim_start_matches(['+', '-']);
+    let lower = body.to_ascii_lowercase();
+    matches!(lower.as_str(), "inf" | "infinity")
+        || (body.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+            && !lower.contains("inf")
+            && !lower.contains("nan")
+            && t.parse::<f64>().is_ok())
+}
+
+/// A cell's text as VLMEvalKit prints it after pandas read the column as `kind`; `None` when
+/// pandas reads it as missing.
+fn pandas_text(cell: &str, kind: &ColumnKind) -> Option<String> {
+    if pandas_na(cell) {
+        return None;
+    }
+    let t = cell.trim_matches(|c| c == ' ' || c == '\t');
+    Some(match kind {
+        ColumnKind::Text => cell.to_string(),
+        ColumnKind::Int => t
+            .parse::<i64>()
+            .map_or_else(|_| cell.to_string(), |n| n.to_string()),
+        ColumnKind::Float => t
+            .parse::<f64>()
+            .map_or_else(|_| cell.to_string(), py_float_repr),
+    })
+}
 
 /// `"['a', 'b']"` (a Python list literal, as VLMEvalKit writes several images) or one value.
 fn str_list(cell: &str) -> Vec<String> {
@@ -708,6 +837,22 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
         let index = cells[col("index").expect("checked")].trim().to_string();
         rows.push(Row { line, index, cells });
     }
+    // VLMEvalKit reads the file with pandas: a column of numbers with a gap is float64 and
+    // prints `3.0`, missing cells (`None`, `NA`, `null`, …) are dropped, spaces are kept.
+    let kinds: HashMap<usize, ColumnKind> = header
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.len() == 1 || *h == "hint" || *h == "question" || *h == "prompt")
+        .map(|(i, _)| (i, column_kind(rows.iter().map(|r| r.cells[i].as_str()))))
+        .collect();
+    let text_of = |r: &Row, name: &str| -> Option<String> {
+        let i = col(name)?;
+        pandas_text(&r.cells[i], kinds.get(&i).unwrap_or(&ColumnKind::Text))
+    };
+    // CV-Bench-2D's overall accuracy is the mean over its image sources (VLMEvalKit's
+    // `report_accuracy`, taken when every row's split is 2D).
+    let two_d = col("source").is_some()
+        && col("split").is_some_and(|i| rows.iter().all(|r| r.cells[i] == "2D"));
     // VLMEvalKit stores a repeated image once: a short `image` cell names the row that has it.
     let by_index: HashMap<&str, usize> = rows
         .iter()
@@ -722,10 +867,10 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
         if r.index.is_empty() {
             return Err(at("empty `index`".into()));
         }
-        let question = cell("question").ok_or_else(|| at("empty `question`".into()))?;
+        let question = text_of(r, "question").ok_or_else(|| at("empty `question`".into()))?;
         let choices: Vec<(char, String)> = letters
             .iter()
-            .filter_map(|&l| cell(&l.to_string()).map(|t| (l, t.to_string())))
+            .filter_map(|&l| text_of(r, &l.to_string()).map(|t| (l, t)))
             .collect();
         let answer = cell("answer")
             .ok_or_else(|| at("empty `answer`".into()))?
@@ -768,14 +913,19 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
             return Err(at("no image".into()));
         };
         let mut text = String::new();
-        if let Some(h) = cell("hint") {
-            text += &format!("Hint: {h}\n");
+        if col("prompt").is_some() {
+            // CV-Bench: the dataset's own prompt, as it is (pandas' `nan` for a missing one).
+            text += &text_of(r, "prompt").unwrap_or_else(|| "nan".into());
+        } else {
+            if let Some(h) = text_of(r, "hint") {
+                text += &format!("Hint: {h}\n");
+            }
+            text += &format!("Question: {question}\nOptions:\n");
+            for (l, t) in &choices {
+                text += &format!("{l}. {t}\n");
+            }
+            text += "Please select the correct answer from the options above. \n";
         }
-        text += &format!("Question: {question}\nOptions:\n");
-        for (l, t) in &choices {
-            text += &format!("{l}. {t}\n");
-        }
-        text += "Please select the correct answer from the options above. \n";
         if opt.reasoning {
             // Spatial-SSRL's VLMEvalKit concatenates the format sentence with no separator
             // (and asks for a direct answer where the question mentions LaTeX).
@@ -794,6 +944,7 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
             answer: answer.to_string(),
             rule: Rule::Mcq(choices),
             qid: cell("qid").map(|q| q.trim().to_string()),
+            source: two_d.then(|| cell("source").unwrap_or("nan").trim().to_string()),
         });
     }
     check_files(&items).map_err(err)?;

@@ -4,6 +4,7 @@
 //! resumable, and side-by-side comparison of two runs.
 
 pub mod bench;
+pub mod pyunicode;
 pub mod score;
 
 pub use bench::Bench;
@@ -112,6 +113,9 @@ pub struct Item {
     /// 3DSRBench's question id, where the data has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qid: Option<String>,
+    /// CV-Bench-2D's image source, whose accuracies the overall one averages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -161,6 +165,10 @@ pub struct Summary {
     /// has question ids: a group counts only if every member is right.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub grouped: BTreeMap<String, Score>,
+    /// CV-Bench-2D's accuracy per image source; where there are any, `overall.accuracy` is
+    /// their mean (VLMEvalKit's rule for it), not the share of all items.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_source: BTreeMap<String, Score>,
 }
 
 /// VLMEvalKit's 3DSRBench grouping: each item's score multiplies into its group key's; the
@@ -227,6 +235,13 @@ pub fn summarize(items: &[Item], cfg: &EvalConfig) -> Summary {
             .entry(format!("{}/{}", it.category, it.variant))
             .or_default()
             .add(it);
+        if let Some(src) = &it.source {
+            s.by_source.entry(src.clone()).or_default().add(it);
+        }
+    }
+    if !s.by_source.is_empty() {
+        let n = s.by_source.len() as f64;
+        s.overall.accuracy = s.by_source.values().map(|x| x.accuracy).sum::<f64>() / n;
     }
     s
 }
@@ -435,6 +450,7 @@ fn run_at_bench_pixels(
                 strict: r.strict,
                 tokens: c.tokens.len(),
                 qid: s.qid.clone(),
+                source: s.source.clone(),
             };
             lines += &serde_json::to_string(&item).expect("json");
             lines.push('\n');
@@ -561,6 +577,32 @@ pub fn read_summary(run: &Path) -> Result<Summary, EvalError> {
 }
 
 /// Two runs side by side: `(row, accuracy A, accuracy B)` for overall, each task and variant.
+/// How two runs differ in what they measured — benchmark, data file, prompt, number of items
+/// — each as `what: A's, B's`; empty when their accuracies are comparable. The same data
+/// reached by two paths counts as the same.
+pub fn differences(a: &Summary, b: &Summary) -> Vec<String> {
+    let mut d = Vec::new();
+    if a.bench != b.bench {
+        d.push(format!("benchmark: {}, {}", a.bench, b.bench));
+    }
+    let same_file = |x: &str, y: &str| {
+        x == y
+            || matches!((Path::new(x).canonicalize(), Path::new(y).canonicalize()),
+                        (Ok(p), Ok(q)) if p == q)
+    };
+    if !same_file(&a.data, &b.data) {
+        d.push(format!("data: {}, {}", a.data, b.data));
+    }
+    if a.reasoning != b.reasoning {
+        let p = |r: bool| if r { "reasoning" } else { "direct" };
+        d.push(format!("prompt: {}, {}", p(a.reasoning), p(b.reasoning)));
+    }
+    if a.overall.items != b.overall.items {
+        d.push(format!("items: {}, {}", a.overall.items, b.overall.items));
+    }
+    d
+}
+
 pub fn compare(a: &Summary, b: &Summary) -> Vec<(String, Option<f64>, Option<f64>)> {
     let mut rows = vec![(
         "overall".to_string(),
@@ -576,6 +618,7 @@ pub fn compare(a: &Summary, b: &Summary) -> Vec<(String, Option<f64>, Option<f64
     }
     for (ma, mb) in [
         (&a.grouped, &b.grouped),
+        (&a.by_source, &b.by_source),
         (&a.by_category, &b.by_category),
         (&a.by_variant, &b.by_variant),
     ] {

@@ -41,10 +41,7 @@ pub fn last_boxed_loose(text: &str) -> &str {
     boxed_matches(text, false).last().copied().unwrap_or("")
 }
 
-/// Python `re` word characters (Unicode letters, digits and `_`).
-fn is_word(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
-}
+use super::pyunicode::{self, is_word};
 
 /// `re.search(r"\b([A-D])\b", text, re.IGNORECASE)`, upper-cased.
 pub fn first_standalone_letter(text: &str, last: char) -> Option<char> {
@@ -105,13 +102,9 @@ pub fn whatsup(response: &str, label: char, reasoning: bool) -> Scored {
     }
 }
 
-/// Python's `float()` on a string: surrounding whitespace allowed, `inf` / `nan` accepted.
+/// Python's `float()` on a string (see [`pyunicode::float`]).
 fn py_float(s: &str) -> Option<f64> {
-    let t = s.trim().replace('_', "");
-    if t.is_empty() || t.contains(char::is_whitespace) {
-        return None;
-    }
-    t.parse::<f64>().ok()
+    pyunicode::float(s)
 }
 
 /// Mean relative accuracy: the share of θ ∈ {0.50, 0.55, …, 0.95} with `|ŷ−y|/y < 1−θ`, the
@@ -131,9 +124,11 @@ pub fn mra(pred: &str, answer: &str) -> f64 {
     hits as f64 / 10.0
 }
 
-/// VSI-Bench: `pred` is the stripped response, or its last `\boxed{}` in reasoning runs.
+/// VSI-Bench: `pred` is the response after Python's `.strip()` (which also takes U+001C–U+001F),
+/// or its last `\boxed{}` in reasoning runs; one letter (Python's `isalpha`) is compared
+/// case-insensitively, anything else by [`mra`].
 pub fn vsi(response: &str, answer: &str, reasoning: bool) -> Scored {
-    let response = response.trim();
+    let response = pyunicode::strip(response);
     let pred = if reasoning {
         last_boxed(response)
     } else {
@@ -141,7 +136,7 @@ pub fn vsi(response: &str, answer: &str, reasoning: bool) -> Scored {
     };
     let mut chars = pred.chars();
     let score = match (chars.next(), chars.next()) {
-        (Some(c), None) if c.is_alphabetic() => {
+        (Some(c), None) if pyunicode::is_alpha(c) => {
             f64::from(u8::from(pred.to_lowercase() == answer.to_lowercase()))
         }
         _ => mra(pred, answer),
@@ -207,23 +202,17 @@ pub fn can_infer(answer: &str, choices: &[(char, String)]) -> char {
         .unwrap_or('Z')
 }
 
-/// VLMEvalKit multiple choice. The score infers the letter from the last `boxed{…}` when the
-/// response has one (the rule the Spatial-SSRL evaluation applies to boxed answers), else from
-/// the whole response; the strict variant is plain exact matching on the whole response.
+/// VLMEvalKit multiple choice as its exact-matching path scores it: `can_infer` on the whole
+/// response. (Taking the last `boxed{…}` first is `image_vqa.py`'s rule for free-form datasets,
+/// not this one's: `\boxed{A}\boxed{B}` and `I think A. \boxed{B}` infer nothing, `I boxed the
+/// answer: B` infers B.)
 pub fn multiple_choice(response: &str, answer: &str, choices: &[(char, String)]) -> Scored {
-    let source = if response.contains("boxed") {
-        last_boxed_loose(response)
-    } else {
-        response
-    };
-    let letter = can_infer(source, choices);
+    // VLMEvalKit keeps predictions in an Excel file: an empty one comes back as NaN and is
+    // scored as the text "nan" (which an option text such as "a" or "an" is contained in).
+    let response = if response.is_empty() { "nan" } else { response };
+    let letter = can_infer(response, choices);
     let gt = answer.trim();
-    let whole = can_infer(response, choices);
-    Scored {
-        predicted: letter.to_string(),
-        score: f64::from(u8::from(gt.len() == 1 && gt.starts_with(letter))),
-        strict: Some(gt.len() == 1 && gt.starts_with(whole)),
-    }
+    hit(letter.to_string(), gt.len() == 1 && gt.starts_with(letter))
 }
 
 #[cfg(test)]
@@ -342,10 +331,46 @@ mod tests {
         assert_eq!(can_infer("no idea", &c), 'Z');
         // Option text must be unique: "cat" and "dog" both appear.
         assert_eq!(can_infer("a cat and a dog", &c), 'Z');
+        // The official exact-matching path: `can_infer` on the whole response, no boxed
+        // extraction (A and B both stand here, and no option text is named).
         let r = multiple_choice("<think>Maybe A, maybe B.</think>\\boxed{B}", "B", &c);
-        assert_eq!(
-            (r.predicted.as_str(), r.score, r.strict),
-            ("B", 1.0, Some(false))
-        );
+        assert_eq!((r.predicted.as_str(), r.score, r.strict), ("Z", 0.0, None));
+        for (response, letter) in [
+            ("\\boxed{A}\\boxed{B}", 'Z'),
+            ("I think A. \\boxed{B}", 'Z'),
+            ("I boxed the answer: B", 'B'),
+            ("\\boxed{B}", 'B'),
+            ("<think>It is a bird.</think> \\boxed{C}", 'C'),
+        ] {
+            let r = multiple_choice(response, "B", &c);
+            assert_eq!(r.predicted, letter.to_string(), "{response}");
+            assert_eq!(r.score, f64::from(u8::from(letter == 'B')), "{response}");
+        }
+    }
+
+    /// VSI-Bench takes Python's `strip()` and `float()`: U+001C–U+001F stripped, non-ASCII
+    /// digits read, `_` only between digits; a one-character prediction goes to the letter
+    /// rule only when Python calls it a letter.
+    #[test]
+    fn vsi_reads_numbers_as_python() {
+        assert_eq!(vsi("\x1c4\x1f", "4", false).score, 1.0);
+        assert_eq!(vsi("\u{664}", "4", false).score, 1.0);
+        assert_eq!(vsi("\u{ff14}", "4", false).score, 1.0);
+        assert_eq!(vsi("4_0", "40", false).score, 1.0);
+        assert_eq!(vsi("_40", "40", false).score, 0.0);
+        assert_eq!(vsi("40_", "40", false).score, 0.0);
+        // Ⅳ is Nl: not a letter to Python, and no number either.
+        assert_eq!(vsi("\u{2163}", "\u{2163}", false).score, 0.0);
+        assert_eq!(vsi("\u{e9}", "\u{c9}", false).score, 1.0);
+    }
+
+    /// ViewSpatial's `\b` is Python's: a combining vowel sign or a circled letter is no word
+    /// character, so a letter beside one stands alone.
+    #[test]
+    fn viewspatial_word_boundaries_are_pythons() {
+        assert_eq!(first_standalone_letter("\u{93e}B", 'D'), Some('B'));
+        assert_eq!(first_standalone_letter("\u{24b6}C", 'D'), Some('C'));
+        assert_eq!(first_standalone_letter("\u{e9}B", 'D'), None);
+        assert_eq!(first_standalone_letter("\u{b2}A", 'D'), None);
     }
 }
