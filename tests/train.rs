@@ -328,6 +328,22 @@ fn resume_equals_uninterrupted_and_bad_checkpoints_are_refused() {
     t.run(&stop, |_, _, _| {}).unwrap();
     let straight = spatial_ssrl::train::read_metrics(&c.out.join("metrics.jsonl")).unwrap();
     assert_eq!(straight.len(), 4);
+    // A run killed before its first checkpoint left metric lines (its validation before
+    // training, step 0) and nothing to resume from: a run from step 0 rewrites them all.
+    let mut c0 = config(&dir.join("killed"), data.clone());
+    c0.trainer.max_steps = 4;
+    std::fs::create_dir_all(&c0.out).unwrap();
+    std::fs::write(
+        c0.out.join("metrics.jsonl"),
+        "{\"step\":0.0,\"val/reward\":0.5}\n{\"step\":1.0,\"reward/overall\":9.0}\n",
+    )
+    .unwrap();
+    trainer(c0.clone())
+        .unwrap()
+        .run(&stop, |_, _, _| {})
+        .unwrap();
+    let again = spatial_ssrl::train::read_metrics(&c0.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(train_metrics(&again), train_metrics(&straight));
     // Interrupted after step 2 (the flag Ctrl-C sets), then resumed in a new process state.
     let mut c2 = config(&dir.join("b"), data);
     c2.trainer.max_steps = 4;

@@ -1194,7 +1194,9 @@ impl Trainer {
         let cfg_path = self.cfg.out.join("train.toml");
         std::fs::write(&cfg_path, self.cfg.to_toml()).map_err(io_err(&cfg_path))?;
         let log = self.cfg.out.join("metrics.jsonl");
-        truncate_metrics(&log, self.step)?;
+        // Lines of steps after the checkpoint are redone; from step 0 every line is (the
+        // validation before training too).
+        truncate_metrics(&log, (self.step > 0).then_some(self.step))?;
         let total = self.total_steps();
         let val_freq = self.cfg.trainer.val_freq;
         if self.step == 0 && self.cfg.trainer.val_before_train && self.has_validation() {
@@ -1274,8 +1276,8 @@ fn append_metrics(path: &Path, m: &Metrics) -> Result<(), TrainError> {
     writeln!(f, "{line}").map_err(io_err(path))
 }
 
-/// Drops metric lines of steps after `step` (work a resume will redo).
-fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
+/// Drops metric lines of steps after `step` (work a resume will redo); `None` drops them all.
+fn truncate_metrics(path: &Path, step: Option<usize>) -> Result<(), TrainError> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
@@ -1285,7 +1287,8 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
             serde_json::from_str::<Metrics>(l)
                 .ok()
                 .and_then(|m| m.get("step").copied())
-                .is_some_and(|s| s as usize <= step)
+                .zip(step)
+                .is_some_and(|(s, step)| s as usize <= step)
         })
         .collect();
     let tmp = path.with_extension("jsonl.partial");
