@@ -124,7 +124,7 @@ pub fn run_plot(a: PlotArgs) -> Result<()> {
     if !write_plot(&a.run, &rows, &out, &a.keys)? {
         bail!("{}: no metric to draw in metrics.jsonl", a.run.display());
     }
-    println!("wrote {}", out.display());
+    outln!("wrote {}", out.display());
     Ok(())
 }
 
@@ -163,11 +163,22 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         cfg.trainer.max_steps = n;
     }
     if a.print_config {
-        print!("{}", cfg.to_toml());
+        out!("{}", cfg.to_toml());
         return Ok(());
     }
     let log = cfg.out.join("metrics.jsonl");
-    if !a.resume && log.exists() {
+    // A run stopped before its first checkpoint saved nothing to continue from: it starts
+    // over (its metrics are rewritten), with or without --resume.
+    let saved = !train::checkpoint::list(&cfg.out.join("checkpoints")).is_empty();
+    let mut resume = a.resume;
+    if log.exists() && !saved {
+        eprintln!(
+            "{}: the run there stopped before its first checkpoint, so nothing was saved: \
+             starting it over",
+            cfg.out.display()
+        );
+        resume = false;
+    } else if !a.resume && log.exists() {
         bail!(
             "{}: a run is already there; pass --resume to continue it, or set `out` to a new folder",
             cfg.out.display()
@@ -192,7 +203,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             if n > 3 { "; …" } else { "" }
         );
     }
-    if a.resume {
+    if resume {
         match t.latest_checkpoint() {
             Some(dir) => {
                 t.restore(&dir)?;
@@ -287,8 +298,9 @@ pub struct ExportArgs {
     /// PEFT adapter folder (adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
-    /// Output package folder. An existing package there is replaced once the new one is
-    /// complete; any other existing folder is refused.
+    /// Output package folder. Over an existing package (the source itself too) only the
+    /// files the export writes are replaced, once all are written; other files and folders
+    /// there (notes, runs, hf/, goldens/) stay. Any other existing folder is refused.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Store weights as fp16 (half the size; arithmetic stays fp32).
@@ -303,9 +315,13 @@ pub struct ExportArgs {
     ort_lib: Option<PathBuf>,
 }
 
-/// An adapter's tensors as `(package input name, values)`, from a checkpoint or PEFT folder.
-fn adapter_tensors(dir: &Path) -> Result<Vec<(String, Vec<f32>)>> {
-    Ok(train::checkpoint::load_adapter(dir)?
+/// An adapter's tensors as `(package input name, values)`, from a checkpoint or PEFT folder,
+/// checked against `model`'s LoRA inputs and at the scale its `adapter_config.json` gives.
+fn adapter_tensors(dir: &Path, model: &Path) -> Result<Vec<(String, Vec<f32>)>> {
+    let spec = spatial_ssrl::model::package::Package::open(model)?
+        .manifest
+        .lora;
+    Ok(train::checkpoint::load_adapter_for(dir, &spec)?
         .into_iter()
         .map(|t| (t.name, t.data))
         .collect())
@@ -313,7 +329,9 @@ fn adapter_tensors(dir: &Path) -> Result<Vec<(String, Vec<f32>)>> {
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
     use spatial_ssrl::model::export::{export_with, ExportOptions};
-    let adapter = a.adapter.as_deref().map(adapter_tensors).transpose()?;
+    let adapter = (a.adapter.as_deref())
+        .map(|d| adapter_tensors(d, &a.model))
+        .transpose()?;
     // A large model's graphs take minutes each: a bar over the stages, each stage's time.
     let pb = ProgressBar::new(0);
     pb.set_style(
@@ -349,7 +367,7 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
     let r = r?;
     for (file, targets) in &r.merged {
         if !targets.is_empty() {
-            println!("{file}: merged {}", targets.join(", "));
+            outln!("{file}: merged {}", targets.join(", "));
         }
     }
     if r.fp16_weights > 0 {
@@ -358,12 +376,12 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         } else {
             " again (the package was stored in fp16; the optimiser had widened them)"
         };
-        println!("{} weight tensors stored as fp16{kept}", r.fp16_weights);
+        outln!("{} weight tensors stored as fp16{kept}", r.fp16_weights);
     }
     if !r.optimized.is_empty() {
-        println!("optimised offline: {}", r.optimized.join(", "));
+        outln!("optimised offline: {}", r.optimized.join(", "));
     }
-    println!(
+    outln!(
         "wrote {} (graphs {:.1} MB → {:.1} MB)",
         a.out.display(),
         r.bytes_in as f64 / 1e6,
@@ -426,6 +444,19 @@ pub struct BenchRolloutArgs {
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>().map_err(|e| format!("{s:?}: {e}"))? {
         0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
+/// The error of a failed write to standard output (`> /dev/full`), for `outln!`.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("cannot write to standard output: {e}")
+}
+
+/// clap parser for a worker thread count: 0 (every core) to 1,024.
+pub fn thread_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>().map_err(|e| format!("{s:?}: {e}"))? {
+        n if n > 1024 => Err(format!("{n} threads: at most 1024 (0 uses every core)")),
         n => Ok(n),
     }
 }
@@ -628,11 +659,15 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     let r = bench::run(&mut engine, &requests, &cfg, a.warmup, a.rounds, |i, s| {
         eprintln!("  round {}: {s:.2} s", i + 1)
     })?;
-    println!(
+    outln!(
         "{:.2} prompts/s, {:.1} generated tokens/s ({} tokens, {} decoder steps in {:.2} s)",
-        r.prompts_per_s, r.tokens_per_s, r.generated_tokens, r.decode_steps, r.wall_s
+        r.prompts_per_s,
+        r.tokens_per_s,
+        r.generated_tokens,
+        r.decode_steps,
+        r.wall_s
     );
-    println!(
+    outln!(
         "vision {:.2} s, prefill {:.2} s ({} prompt tokens), decode {:.2} s; inside ONNX Runtime {:.1} % of wall time{}",
         r.stats.vision_s,
         r.stats.prefill_s,
@@ -647,7 +682,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
             ),
         }
     );
-    println!(
+    outln!(
         "outside ONNX Runtime: image preprocessing {:.2} s, sampling {:.2} s, cache rows {:.2} s, slices waiting for the slowest {:.2} s, other {:.2} s",
         r.stats.preprocess_s,
         r.stats.sample_s,
@@ -660,7 +695,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
             - r.stats.cache_s
             - r.stats.slice_wait_s
     );
-    println!(
+    outln!(
         "RSS {:.0} MB (peak {:.0} MB), growth over the timed rounds {:+.1} MB",
         r.rss_mb.last().copied().unwrap_or(0.0),
         r.peak_rss_mb,
@@ -668,7 +703,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     );
     if let Some(dir) = &a.profile {
         let files = engine.end_profiling()?;
-        println!(
+        outln!(
             "ONNX Runtime profile, warm-up included ({} files in {}; chrome://tracing reads them):",
             files.len(),
             dir.display()
@@ -677,7 +712,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
             let top: Vec<String> = (g.ops.iter().take(6))
                 .map(|(op, us)| format!("{op} {:.1} %", 100.0 * *us as f64 / g.total_us as f64))
                 .collect();
-            println!(
+            outln!(
                 "  {}: {:.1} ms in {} operator runs — {}",
                 g.graph,
                 g.total_us as f64 / 1e3,
@@ -770,30 +805,31 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if let [ra, rb] = a.compare.as_slice() {
         let (sa, sb) = (eval::read_summary(ra)?, eval::read_summary(rb)?);
         let rows = eval::compare(&sa, &sb);
+        // Runs that measured different things get no deltas: their accuracies are side by
+        // side, and why they are not comparable is said first.
+        let differ = eval::differences(&sa, &sb);
+        if !differ.is_empty() {
+            eprintln!(
+                "warning: the runs are not comparable ({}): no deltas",
+                differ.join("; ")
+            );
+        }
         let w = rows
             .iter()
             .map(|(k, ..)| k.chars().count())
             .max()
             .unwrap_or(8);
-        println!("{:<w$} {:>8} {:>8} {:>8}", "", "A %", "B %", "B − A");
+        outln!("{:<w$} {:>8} {:>8} {:>8}", "", "A %", "B %", "B − A");
         for (k, x, y) in rows {
             let d = match (x, y) {
-                (Some(x), Some(y)) => format!("{:+.1}", 100.0 * (y - x)),
+                (Some(x), Some(y)) if differ.is_empty() => format!("{:+.1}", 100.0 * (y - x)),
                 _ => "-".into(),
             };
-            println!("{k:<w$} {:>8} {:>8} {d:>8}", pct(x), pct(y));
+            outln!("{k:<w$} {:>8} {:>8} {d:>8}", pct(x), pct(y));
         }
-        println!("A = {}\nB = {}", ra.display(), rb.display());
-        if (&sa.bench, &sa.data, sa.reasoning) != (&sb.bench, &sb.data, sb.reasoning) {
-            println!(
-                "note: the runs differ in benchmark, data or prompt ({} {} {} vs {} {} {})",
-                sa.bench,
-                sa.data,
-                if sa.reasoning { "reasoning" } else { "direct" },
-                sb.bench,
-                sb.data,
-                if sb.reasoning { "reasoning" } else { "direct" }
-            );
+        outln!("A = {}\nB = {}", ra.display(), rb.display());
+        if !differ.is_empty() {
+            outln!("not comparable: {}", differ.join("; "));
         }
         return Ok(());
     }
@@ -819,7 +855,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     cfg.adapter = a.adapter.as_ref().map(|p| p.display().to_string());
     // The data and the adapter are checked before the model is loaded.
     let items = eval::load(&cfg)?;
-    let lora = a.adapter.as_deref().map(adapter_tensors).transpose()?;
+    let lora = (a.adapter.as_deref())
+        .map(|d| adapter_tensors(d, &model))
+        .transpose()?;
     let mut engine = a.device.open(
         &model,
         a.ort_lib.as_deref(),
@@ -856,7 +894,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         .max()
         .unwrap_or(8);
     let strict = s.overall.strict_accuracy.is_some();
-    println!(
+    outln!(
         "{:<w$} {:>6} {:>8}{}",
         title,
         "items",
@@ -867,16 +905,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         let st = v
             .strict_accuracy
             .map_or(String::new(), |x| format!("  {:>8.1}", 100.0 * x));
-        println!("{k:<w$} {:>6} {:>8.1}{st}", v.items, 100.0 * v.accuracy);
+        outln!("{k:<w$} {:>6} {:>8.1}{st}", v.items, 100.0 * v.accuracy);
     }
     for (k, v) in &s.grouped {
-        println!(
+        outln!(
             "{k:<w$} {:>6} {:>8.1}  (groups)",
             v.items,
             100.0 * v.accuracy
         );
     }
-    println!(
+    outln!(
         "items: {}, summary: {}",
         out.join("items.jsonl").display(),
         out.join("summary.json").display()

@@ -1,5 +1,23 @@
 //! `ssrl`: the command-line shell over the spatial_ssrl library.
 
+/// `println!` that returns an error naming standard output instead of panicking when the
+/// write fails (`> /dev/full`, a full disk); a closed pipe still ends the process quietly
+/// (SIGPIPE).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*).map_err(crate::commands::stdout_error)?
+    }};
+}
+
+/// `print!`, as [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($t)*).map_err(crate::commands::stdout_error)?
+    }};
+}
+
 mod commands;
 
 use anyhow::{Context, Result};
@@ -230,8 +248,9 @@ struct TasksArgs {
     /// Random seed; the output depends only on the seed, inputs and settings.
     #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
-    /// Worker threads (0 = all cores).
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// Worker threads (0 = all cores; at most 1024, and no more are started than a shard has
+    /// sources).
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = commands::thread_count)]
     threads: usize,
     /// Sample file format.
     #[arg(long, value_enum, default_value_t = Format::Parquet)]
@@ -253,7 +272,7 @@ struct TasksArgs {
     #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
     jpeg_quality: u8,
     /// Sources per output shard (the unit of atomic commit and resume).
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = commands::at_least_one)]
     shard_sources: usize,
     /// No progress bar or warnings, only the summary.
     #[arg(long, short)]
@@ -284,7 +303,8 @@ fn parse_variant(s: &str) -> Result<Variant, String> {
 
 #[derive(clap::Args)]
 struct RewardArgs {
-    /// JSONL file of {response, answer}; standard input when omitted or `-`.
+    /// JSONL file of {response, answer}; standard input when omitted or `-`. Output line N
+    /// scores input line N (a blank line stays blank).
     file: Option<PathBuf>,
     /// Weight of the format score in `overall`.
     #[arg(long, default_value_t = 0.1)]
@@ -321,14 +341,22 @@ impl tasks::Progress for Bar {
         if self.quiet {
             return;
         }
+        // On a terminal the first MAX_WARNINGS are shown above the bar; wherever else stderr
+        // goes (a log, CI) every one is written, the bar being hidden there.
+        if self.pb.is_hidden() {
+            eprintln!("warning: {message}");
+            return;
+        }
         let n = self
             .warned
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n < MAX_WARNINGS {
             self.pb.println(format!("warning: {message}"));
         } else if n == MAX_WARNINGS {
-            self.pb
-                .println("warning: more warnings suppressed; see summary.json for counts");
+            self.pb.println(
+                "warning: more warnings not shown here (counts in summary.json; with stderr \
+                 redirected, `2>FILE`, every one is written)",
+            );
         }
     }
 }
@@ -370,17 +398,31 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
         samples: Default::default(),
         started: std::time::Instant::now(),
     };
-    let result = tasks::run(&cfg, &bar);
+    let stop = commands::stop_on_ctrl_c(
+        "finishing the shard in progress, then stopping",
+        "the shard in progress is lost; the shards written are kept (continue with --resume)",
+    )?;
+    let result = tasks::run_until(&cfg, &bar, stop);
     bar.pb.finish_and_clear();
     let summary = result.with_context(|| format!("ssrl tasks → {}", cfg.out.display()))?;
-    println!("{:<10} {:>9}  skipped", "task", "produced");
+    if summary.stopped {
+        let written = summary.data_files.len().saturating_sub(1);
+        eprintln!(
+            "interrupted: {written} of {} shards in {} — run the same command with --resume to \
+             continue",
+            summary.shards,
+            cfg.out.display()
+        );
+        std::process::exit(130);
+    }
+    outln!("{:<10} {:>9}  skipped", "task", "produced");
     for (t, s) in &summary.tasks {
         let skipped: Vec<String> = s
             .skipped
             .iter()
             .map(|(r, n)| format!("{}: {n}", r.name()))
             .collect();
-        println!(
+        outln!(
             "{:<10} {:>9}  {}",
             t.name(),
             s.produced,
@@ -391,7 +433,7 @@ fn run_tasks(a: TasksArgs) -> Result<()> {
             }
         );
     }
-    println!(
+    outln!(
         "{} samples from {} sources in {:.1} s ({:.1} samples/s){} → {}",
         summary.produced,
         summary.sources,
@@ -484,7 +526,7 @@ fn run_rollout(a: RolloutArgs) -> Result<()> {
     if s.skipped > 0 {
         eprintln!("{} samples skipped (see the warnings above)", s.skipped);
     }
-    println!(
+    outln!(
         "{} responses ({} prompts × {}), {} new tokens in {:.1} s ({:.1} tokens/s), {} → {}",
         s.responses,
         s.finished,
@@ -505,7 +547,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     use spatial_ssrl::model::package::Package;
     let p = Package::open(&a.model)?;
     let m = &p.manifest;
-    println!(
+    outln!(
         "{}: Qwen2.5-VL {} ({}), text {} layers × hidden {} ({} / {} heads, head_dim {}), vocab {}, mrope {:?}",
         a.model.display(),
         if p.is_genai() {
@@ -523,9 +565,9 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         m.text.mrope_section
     );
     if let Some(n) = p.context_length() {
-        println!("context: {n} tokens, prompt and generated");
+        outln!("context: {n} tokens, prompt and generated");
     }
-    println!(
+    outln!(
         "vision: patch {}, merge {}, window {} px → features of {}; {}",
         m.vision.patch_size,
         m.vision.spatial_merge_size,
@@ -543,7 +585,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     );
     {
         use spatial_ssrl::model::package::{KvLayout, OwnCache};
-        println!(
+        outln!(
             "cache: {}",
             match (m.kv_layout, m.own_cache) {
                 (KvLayout::Shared, OwnCache::InPlace) => {
@@ -573,7 +615,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         if done.is_empty() {
             done.push("copied as it was".into());
         }
-        println!("exported from {}: {}", r.from, done.join("; "));
+        outln!("exported from {}: {}", r.from, done.join("; "));
     }
     p.validate(a.ort_lib.as_deref())?;
     for (file, sig) in p.signatures() {
@@ -586,7 +628,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
             true => " with its external data",
             false => "",
         };
-        println!(
+        outln!(
             "  {file}: ok ({} inputs, {} outputs; {}{external})",
             sig.inputs.len(),
             sig.outputs.len(),
@@ -613,20 +655,20 @@ fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
             "cpu" => reports.push(bench::cpu_logprobs(a.rows, a.vocab, a.reps)),
             "cuda" => match bench::cuda_logprobs(a.cuda_device, a.rows, a.vocab, a.reps) {
                 Ok(r) => reports.push(r),
-                Err(KernelError::Unavailable(why)) => println!("cuda: skipped ({why})"),
+                Err(KernelError::Unavailable(why)) => outln!("cuda: skipped ({why})"),
                 Err(e) => return Err(e.into()),
             },
             other => anyhow::bail!("unknown device {other:?}: use cpu and/or cuda"),
         }
     }
-    println!(
+    outln!(
         "token log-probs over [{} × {}] f32 logits ({:.1} MB)",
         a.rows,
         a.vocab,
         (a.rows * a.vocab * 4) as f64 / 1e6
     );
     for r in &reports {
-        println!(
+        outln!(
             "{:<28} {:>8.3} ms  {:>7.2} GB/s  = {:>5.1} % of {} ({:.2} GB/s)",
             r.backend,
             r.seconds * 1e3,
@@ -635,7 +677,7 @@ fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
             r.reference,
             r.reference_gb_s
         );
-        println!("{:<28} {}", "", r.launch);
+        outln!("{:<28} {}", "", r.launch);
     }
     commands::write_json(&a.json, &reports)
 }
@@ -667,7 +709,9 @@ fn run_reward(a: RewardArgs) -> Result<()> {
     let mut out = std::io::BufWriter::new(stdout.lock());
     for (i, line) in input.lines().enumerate() {
         let line = line.with_context(|| format!("{name}: read error at line {}", i + 1))?;
+        // Output line N answers input line N: a blank line gives a blank line.
         if line.trim().is_empty() {
+            out.write_all(b"\n")?;
             continue;
         }
         let r: RewardIn = serde_json::from_str(&line).with_context(|| {

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 fn ssrl() -> Command {
@@ -79,19 +80,24 @@ fn reward_filter_scores_jsonl_from(stdin: &[&str]) {
         .unwrap()
         .write_all(
             br#"{"response": "<think> the far region </think> so \\boxed{2-1-3}", "answer": "2-1-3"}
+
 {"response": "\\boxed{A}", "ground_truth": "A"}
+  
 {"response": "<think>x</think>\\boxed{B}", "answer": "A"}
 "#,
         )
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    // Line N of the output answers line N of the input: blank lines stay blank.
+    let text = String::from_utf8(out.stdout).unwrap();
+    let raw: Vec<&str> = text.lines().collect();
+    assert_eq!(raw.len(), 5, "{text}");
+    assert!(raw[1].is_empty() && raw[3].is_empty(), "{text}");
+    let lines: Vec<serde_json::Value> = [0, 2, 4]
+        .iter()
+        .map(|&i| serde_json::from_str(raw[i]).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["overall"], 1.0);
     assert_eq!(lines[0]["predicted"], "2-1-3");
     assert!((lines[1]["overall"].as_f64().unwrap() - 0.9).abs() < 1e-12);
@@ -713,6 +719,13 @@ fn rollout_continues_after_ctrl_c_and_skips_unreadable_samples() {
         !r.status.success() && err.contains("seed 0 there, 1 here"),
         "{err}"
     );
+    // Another --limit would write more (or fewer) prompts than either run asked for.
+    let r = run(&out, &["--limit", "2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("limit null there, 2 here"),
+        "{err}"
+    );
     // The data file rewritten with its first two samples swapped: the kept lines no longer
     // name the prompts at their indices.
     let original = std::fs::read_to_string(&file).unwrap();
@@ -922,14 +935,25 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
         assert!(!ok && err.contains("train.toml"), "{err}");
         assert!(named.iter().all(|n| err.contains(n)), "{named:?}: {err}");
     }
-    // An existing run is continued only with --resume.
+    // A run stopped before its first checkpoint saved nothing: it starts over, with or
+    // without --resume (here to fail on the model, which is not there, after saying so).
     std::fs::write(&cfg, &with_data).unwrap();
     std::fs::create_dir_all(dir.join("runs/grpo")).unwrap();
     std::fs::write(dir.join("runs/grpo/metrics.jsonl"), "{\"step\":1.0}\n").unwrap();
+    for flags in [&[][..], &["--resume"]] {
+        let (ok, err) = train(flags);
+        assert!(
+            !ok && err.contains("starting it over") && !err.contains("--resume"),
+            "{err}"
+        );
+        assert!(err.contains("manifest.json"), "{err}");
+    }
+    // A run with a checkpoint is continued only with --resume.
+    std::fs::create_dir_all(dir.join("runs/grpo/checkpoints/global_step_1")).unwrap();
     let (ok, err) = train(&[]);
     assert!(!ok && err.contains("--resume"), "{err}");
     let (ok, err) = train(&["--resume"]);
-    assert!(!ok, "{err}");
+    assert!(!ok && !err.contains("starting it over"), "{err}");
     // ssrl plot draws the curves it finds.
     let run = dir.join("runs/grpo");
     let lines: String = (1..=4)
@@ -1038,4 +1062,118 @@ fn eval_checks_the_data_before_loading_a_model() {
     ] {
         assert!(help.contains(b), "--help lacks {b}");
     }
+}
+
+/// With stderr not a terminal (a log, CI) every skipped file is named, not only counted; the
+/// flags that have limits say so.
+#[test]
+fn tasks_name_every_skipped_file_wherever_stderr_goes() {
+    let dir = scratch("cli-tasks-warnings");
+    let inp = dir.join("inp");
+    std::fs::create_dir_all(&inp).unwrap();
+    std::fs::copy(fixtures().join("photos/coffee.png"), inp.join("coffee.png")).unwrap();
+    std::fs::write(inp.join("broken.jpg"), b"not a jpeg at all").unwrap();
+    std::fs::write(inp.join("empty.png"), b"").unwrap();
+    let r = ssrl()
+        .args(["tasks", "--tasks", "flip", "--images"])
+        .arg(&inp)
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    for f in ["broken.jpg", "empty.png"] {
+        assert!(
+            err.contains(&format!("warning: skipped {}", inp.join(f).display())),
+            "{err}"
+        );
+    }
+    for (flag, value, want) in [
+        ("--threads", "20000", "at most 1024"),
+        ("--shard-sources", "0", "at least 1"),
+    ] {
+        let r = ssrl()
+            .args(["tasks", "--images"])
+            .arg(&inp)
+            .arg("--out")
+            .arg(dir.join("o2"))
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success() && err.contains(flag) && err.contains(want),
+            "{err}"
+        );
+    }
+}
+
+/// A write error on standard output (`> /dev/full`) ends the command with a message, not a
+/// panic.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_standard_output_is_an_error_not_a_panic() {
+    let Ok(full) = std::fs::File::create("/dev/full") else {
+        eprintln!("SKIP: no /dev/full");
+        return;
+    };
+    let r = ssrl()
+        .args(["train", "--print-config"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write to standard output") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// `eval --compare` of runs that measured different things prints no deltas and says why.
+#[test]
+fn eval_compare_refuses_deltas_between_different_measurements() {
+    let dir = scratch("cli-compare");
+    let run = |name: &str, bench: &str, data: &str, items: usize| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let s = serde_json::json!({
+            "model": "m", "adapter": null, "bench": bench, "data": data, "reasoning": true,
+            "overall": {"items": items, "points": 1.0, "accuracy": 1.0 / items as f64},
+            "by_category": {}, "by_variant": {}
+        });
+        std::fs::write(d.join("summary.json"), s.to_string()).unwrap();
+        std::fs::write(d.join("run.json"), "{}").unwrap();
+        d
+    };
+    let a = run("a", "mcq", "3DSRBench.tsv", 4);
+    let b = run("b", "mcq", "3DSRBench.tsv", 2);
+    let c = run("c", "whatsup", "wu.json", 4);
+    let compare = |x: &Path, y: &Path| {
+        let r = ssrl()
+            .args(["eval", "--compare"])
+            .arg(x)
+            .arg(y)
+            .output()
+            .unwrap();
+        assert!(r.status.success());
+        (
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    };
+    let (out, err) = compare(&a, &a);
+    assert!(out.contains("+0.0") && err.is_empty(), "{out}{err}");
+    let (out, err) = compare(&a, &b);
+    assert!(
+        !out.contains("+25.0") && out.contains("not comparable: items: 4, 2"),
+        "{out}"
+    );
+    assert!(err.contains("not comparable"), "{err}");
+    let (out, _) = compare(&a, &c);
+    assert!(
+        out.contains("benchmark: mcq, whatsup") && out.contains("data: 3DSRBench.tsv, wu.json"),
+        "{out}"
+    );
 }

@@ -131,6 +131,7 @@ impl RolloutJob {
             "model": self.model, "data": self.data, "group": c.group,
             "max_new_tokens": c.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
             "top_k": s.top_k, "seed": s.seed, "format_prompt": c.format_sentence.is_some(),
+            "limit": self.limit,
         })
     }
 
