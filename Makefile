@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SSRL  := ./target/release/ssrl
 
-.PHONY: demo test gpu-check nvrtc ort fixture bench lint fuzz clean help
+.PHONY: demo test gpu-check nvrtc ort fixture real-3b bench lint fuzz clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -95,6 +95,13 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	    models/tiny-genai-decoder-fp16/
 	rm -rf models/tiny-genai-decoder-fp16.partial
 	$(EXPORT_VENV)/bin/python models/make_half_embedding.py
+
+REAL_3B := real/qwen2.5-vl-3b-l2
+
+real-3b: $(EXPORT_VENV)/.done ## Qwen2.5-VL-3B's real widths, 2 text layers and 2 vision blocks, random weights (2.2 GB, not committed): CPU measurements at the real geometry
+	rm -rf $(REAL_3B)
+	$(EXPORT_VENV)/bin/python models/export.py --random-init qwen2.5-vl-3b --text-layers 2 --vision-depth 2 \
+	    --out $(REAL_3B) --verify
 
 lint: ## formatting and clippy, warnings as errors
 	$(CARGO) fmt --check

@@ -3,6 +3,7 @@
 
     python models/export.py HF_DIR --out PACKAGE [--verify]
     python models/export.py --tiny --out models/tiny [--verify]
+    python models/export.py --random-init qwen2.5-vl-3b [--text-layers N] [--vision-depth N] --out PACKAGE
 
 The package holds
   vision.onnx     pixel_values [P, 1176], image_grid_thw [N, 3] → image_features [P/4, D]
@@ -160,6 +161,75 @@ def build_tiny(hf_dir, seed=0):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+    model.save_pretrained(hf_dir)
+    json.dump(PREPROCESSOR, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-geometry packages with random weights: the released models' configurations (sizes,
+# vocabulary, rope, window layout), optionally cut in depth, for benchmarks and GPU checks where
+# no checkpoint can be downloaded.
+# ----------------------------------------------------------------------------------------------
+
+QWEN_SPECIAL_BASE = 151643  # Qwen2.5's added tokens, in QWEN25VL_ADDED's order, from this id on
+REAL_TEXT = {
+    "qwen2.5-vl-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                          num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-vl-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
+                   in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                   fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+
+
+def remap_special_tokens(hf_dir):
+    """The tiny tokenizer's added tokens moved onto Qwen2.5's ids (151643 …), so that a package
+    with the real vocabulary has its special tokens where the real model has them."""
+    ids = {c: QWEN_SPECIAL_BASE + i for i, (c, _) in enumerate(QWEN25VL_ADDED)}
+    tp = os.path.join(hf_dir, "tokenizer.json")
+    tok = json.load(open(tp))
+    # An added token keeps its id only where the model's vocabulary has it at that id.
+    for t in tok["added_tokens"]:
+        t["id"] = ids[t["content"]]
+        tok["model"]["vocab"][t["content"]] = t["id"]
+    json.dump(tok, open(tp, "w"), ensure_ascii=False)
+    cp = os.path.join(hf_dir, "tokenizer_config.json")
+    tc = json.load(open(cp))
+    tc["added_tokens_decoder"] = {str(ids[v["content"]]): v for v in tc["added_tokens_decoder"].values()}
+    json.dump(tc, open(cp, "w"), indent=2)
+    return ids
+
+
+def build_random(name, hf_dir, text_layers=None, vision_depth=None, seed=0):
+    """`name`'s real configuration with random weights (transformers' own initialisation) and the
+    tiny tokenizer standing in for Qwen's; `text_layers` / `vision_depth` cut the depth only (the
+    vision tower keeps a full-attention block every 8, its last block always one)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    build_tiny_tokenizer(hf_dir)
+    sp = remap_special_tokens(hf_dir)
+    text = dict(REAL_TEXT[name], hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
+                use_sliding_window=False, initializer_range=0.02,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                bos_token_id=sp["<|endoftext|>"], eos_token_id=sp["<|im_end|>"], pad_token_id=sp["<|endoftext|>"])
+    tie = text.pop("tie_word_embeddings")
+    if text_layers:
+        text["num_hidden_layers"] = text_layers
+    vision = dict(REAL_VISION, out_hidden_size=text["hidden_size"])
+    if vision_depth:
+        vision["depth"] = vision_depth
+        vision["fullatt_block_indexes"] = sorted({i for i in range(7, vision_depth, 8)} | {vision_depth - 1})
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=sp["<|image_pad|>"],
+                           video_token_id=sp["<|video_pad|>"], vision_start_token_id=sp["<|vision_start|>"],
+                           vision_end_token_id=sp["<|vision_end|>"], tie_word_embeddings=tie)
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    t0 = time.time()
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"  {name}: {text['num_hidden_layers']} text layers, {vision['depth']} vision blocks, "
+          f"{n / 1e6:.1f} M parameters ({n * 4 / 1e9:.2f} GB fp32), built in {time.time() - t0:.1f} s", flush=True)
     model.save_pretrained(hf_dir)
     json.dump(PREPROCESSOR, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
 
@@ -1350,6 +1420,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_dir", nargs="?", help="Hugging Face Qwen2.5-VL checkpoint folder")
     ap.add_argument("--tiny", action="store_true", help="build and export the tiny random-weight test model")
+    ap.add_argument("--random-init", choices=sorted(REAL_TEXT), metavar="MODEL",
+                    help=f"build and export MODEL ({', '.join(sorted(REAL_TEXT))}) at its real geometry with random "
+                         "weights and the tiny tokenizer (special tokens on Qwen's ids): for benchmarks and GPU checks "
+                         "without a download")
+    ap.add_argument("--text-layers", type=int, help="with --random-init: text layers (default: the model's)")
+    ap.add_argument("--vision-depth", type=int, help="with --random-init: vision blocks (default: the model's)")
     ap.add_argument("--out", required=True, help="package folder to write")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                     help="weight storage: fp16 halves the inference graphs, numerics stay fp32 (train.onnx stays fp32)")
@@ -1368,13 +1444,22 @@ def main(argv=None):
     for t in targets:
         if t not in LORA_TARGETS:
             ap.error(f"unknown LoRA target {t!r}")
-    if a.tiny == bool(a.hf_dir):
-        ap.error("give either HF_DIR or --tiny")
+    if sum([a.tiny, bool(a.hf_dir), bool(a.random_init)]) != 1:
+        ap.error("give one of HF_DIR, --tiny and --random-init MODEL")
+    if (a.text_layers or a.vision_depth) and not a.random_init:
+        ap.error("--text-layers and --vision-depth go with --random-init")
+    for flag, v in (("--text-layers", a.text_layers), ("--vision-depth", a.vision_depth)):
+        if v is not None and v < 1:
+            ap.error(f"{flag} must be at least 1")
     hf_dir = a.hf_dir
     if a.tiny:
         hf_dir = os.path.join(a.out, "hf")
         print(f"building the tiny model in {hf_dir}", flush=True)
         build_tiny(hf_dir)
+    if a.random_init:
+        hf_dir = os.path.join(a.out, "hf")
+        print(f"building {a.random_init} with random weights in {hf_dir}", flush=True)
+        build_random(a.random_init, hf_dir, a.text_layers, a.vision_depth)
     model = load_model(hf_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     globals()["EXTERNAL_DATA"] = a.external_data or weight_bytes > 1_800_000_000

@@ -724,6 +724,83 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     write_json(&a.json, &r)
 }
 
+#[derive(clap::Args)]
+pub struct BenchTrainArgs {
+    /// Package folder (from models/export.py: it has the log-prob and training graphs).
+    #[arg(long, value_name = "DIR", default_value = "models/tiny")]
+    model: PathBuf,
+    /// Sequences per call (one micro-batch).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    rows: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+    prompt_len: usize,
+    /// Response tokens per sequence.
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
+    response_len: usize,
+    /// Timed rounds (one log-prob call and one training call each).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    rounds: usize,
+    /// Untimed rounds first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Where the graphs run: cpu, cuda or tensorrt (as train.toml's rollout.device).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// Also write the results here.
+    #[arg(long, default_value = "bench-train.json")]
+    json: PathBuf,
+    /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+}
+
+pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
+    use spatial_ssrl::train::bench::{self, Shape};
+    let mut cfg = TrainConfig::default();
+    cfg.model = a.model.clone();
+    cfg.rollout.device = a.device.clone();
+    cfg.rollout.device_id = a.device_id;
+    if spatial_ssrl::model::session::Device::from_name(&a.device, a.device_id).is_none() {
+        bail!("--device {}: one of cpu, cuda, tensorrt", a.device);
+    }
+    let t0 = std::time::Instant::now();
+    let mut t = Trainer::open(cfg, a.ort_lib.as_deref())?;
+    let open_s = t0.elapsed().as_secs_f64();
+    let rss_open = spatial_ssrl::rollout::bench::rss_mb().0;
+    let shape = Shape {
+        rows: a.rows,
+        prompt_len: a.prompt_len,
+        response_len: a.response_len,
+    };
+    eprintln!(
+        "{} × ({} prompt + {} response) tokens per call, {} timed rounds after {} warm-up, on {}; sessions opened in {open_s:.1} s, RSS {rss_open:.0} MB",
+        a.rows,
+        a.prompt_len,
+        a.response_len,
+        a.rounds,
+        a.warmup,
+        t.provider()
+    );
+    let mut r = bench::run(&mut t, shape, a.warmup, a.rounds, |i, lp, tr| {
+        eprintln!("  round {}: log-probs {lp:.2} s, training {tr:.2} s", i + 1)
+    })?;
+    r.open_s = open_s;
+    r.rss_open_mb = rss_open;
+    let peak = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.0} MB"));
+    outln!(
+        "log-probs: {:.1} positions/s, peak RSS {}; training step: {:.1} positions/s, peak RSS {} ({} positions per call)",
+        r.logprobs_positions_per_s,
+        peak(r.logprobs_peak_mb),
+        r.train_positions_per_s,
+        peak(r.train_peak_mb),
+        r.positions
+    );
+    write_json(&a.json, &r)
+}
+
 /// A benchmark's results as JSON at `path`, its folder made first.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value)?;

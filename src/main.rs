@@ -198,6 +198,10 @@ enum BenchCommand {
     /// share of wall time inside ONNX Runtime (and, with CPU slices, of the time they worked, and
     /// how long they waited for each other), resident memory round by round.
     Rollout(commands::BenchRolloutArgs),
+    /// Speed and memory of a GRPO step's graphs: positions/s of the log-prob and training
+    /// graphs on synthetic rows of a chosen shape, resident memory once the sessions are open
+    /// and the peak while each graph runs.
+    Train(commands::BenchTrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -742,6 +746,7 @@ fn main() {
         Command::Reward(a) => run_reward(a),
         Command::Bench(BenchCommand::Kernels(a)) => run_bench_kernels(a),
         Command::Bench(BenchCommand::Rollout(a)) => commands::run_bench_rollout(a),
+        Command::Bench(BenchCommand::Train(a)) => commands::run_bench_train(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Rollout(a) => run_rollout(a),
         Command::Train(a) => commands::run_train(a),

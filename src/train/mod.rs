@@ -4,6 +4,7 @@
 //! gradient clipping and AdamW on the LoRA tensors, which go straight back into the engine.
 
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod plot;
@@ -359,28 +360,12 @@ impl Trainer {
     /// ±1/√fan_in, B zero), seeded by `trainer.seed`.
     pub fn new(cfg: TrainConfig, ort_lib: Option<&Path>) -> Result<Trainer, TrainError> {
         cfg.validate()?;
-        let choice = device_choice(&cfg);
-        let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
-        engine.preprocessor.min_pixels = cfg.data.min_pixels;
-        engine.preprocessor.max_pixels = cfg.data.max_pixels;
-        // 0: the engine's default.
-        engine.set_cpu_slices(Some(cfg.rollout.cpu_slices).filter(|&n| n > 0))?;
-        let m = engine.package.manifest.clone();
-        if engine.package.is_genai() {
-            return Err(TrainError::Data {
-                path: cfg.model.clone(),
-                msg: "an onnxruntime-genai folder has no LoRA inputs, log-prob or training graph; \
-                      train on a package from models/export.py (ssrl export merges the result \
-                      back into one for deployment)"
-                    .into(),
-            });
-        }
-        let logprobs = engine.open_graph(&m.graphs.logprobs)?;
-        let train = engine.open_graph(&m.graphs.train)?;
+        let mut t = Trainer::open(cfg, ort_lib)?;
+        let cfg = &t.cfg;
         let data = load_dataset(&cfg.data.train_files, cfg.data.images_root())?;
         let val = load_dataset(&cfg.data.val_files, cfg.data.images_root())?;
-        let (data, overlong_train, mut unusable) = screened(&engine, &cfg, data)?;
-        let (val, overlong_val, unusable_val) = screened(&engine, &cfg, val)?;
+        let (data, overlong_train, mut unusable) = screened(&t.engine, cfg, data)?;
+        let (val, overlong_val, unusable_val) = screened(&t.engine, cfg, val)?;
         unusable.extend(unusable_val);
         let steps_per_epoch = data.samples.len() / cfg.data.rollout_batch_size;
         if steps_per_epoch == 0 {
@@ -408,6 +393,36 @@ impl Trainer {
                 ),
             });
         }
+        t.data = data;
+        t.val = val;
+        t.steps_per_epoch = steps_per_epoch;
+        t.overlong = (overlong_train, overlong_val);
+        t.unusable = unusable;
+        Ok(t)
+    }
+
+    /// The policy alone — the package's sessions (the engine's, the log-prob and the training
+    /// graph), the LoRA parameters at their initial values, the kernels — with no data: what
+    /// [`Trainer::new`] builds before it reads the data, and what `ssrl bench train` measures.
+    pub fn open(cfg: TrainConfig, ort_lib: Option<&Path>) -> Result<Trainer, TrainError> {
+        let choice = device_choice(&cfg);
+        let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
+        engine.preprocessor.min_pixels = cfg.data.min_pixels;
+        engine.preprocessor.max_pixels = cfg.data.max_pixels;
+        // 0: the engine's default.
+        engine.set_cpu_slices(Some(cfg.rollout.cpu_slices).filter(|&n| n > 0))?;
+        let m = engine.package.manifest.clone();
+        if engine.package.is_genai() {
+            return Err(TrainError::Data {
+                path: cfg.model.clone(),
+                msg: "an onnxruntime-genai folder has no LoRA inputs, log-prob or training graph; \
+                      train on a package from models/export.py (ssrl export merges the result \
+                      back into one for deployment)"
+                    .into(),
+            });
+        }
+        let logprobs = engine.open_graph(&m.graphs.logprobs)?;
+        let train = engine.open_graph(&m.graphs.train)?;
         let backend = match cfg.trainer.kernels.as_str() {
             "cpu" => Backend::Cpu,
             want => match cuda::Cuda::new(cfg.rollout.device_id.max(0) as usize) {
@@ -444,6 +459,10 @@ impl Trainer {
             tokens_per_second: m.vision.tokens_per_second,
         };
         let reward = img_score(cfg.reward.format_weight);
+        let empty = || Dataset {
+            samples: Vec::new(),
+            roots: Vec::new(),
+        };
         let mut t = Trainer {
             cfg,
             engine,
@@ -451,15 +470,15 @@ impl Trainer {
             train,
             params,
             step: 0,
-            data,
-            val,
+            data: empty(),
+            val: empty(),
             backend,
             reward,
             rope,
-            steps_per_epoch,
+            steps_per_epoch: 0,
             prefetch: None,
-            overlong: (overlong_train, overlong_val),
-            unusable,
+            overlong: (0, 0),
+            unusable: Vec::new(),
             left_out: Vec::new(),
             updating: false,
         };
