@@ -411,13 +411,39 @@ def rms_norm(norm, x):
     return norm.weight * (x.float() / torch.sqrt(var + norm.variance_epsilon)).to(x.dtype)
 
 
-def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None, own=None):
+class _Recompute(torch.autograd.Function):
+    """Activation checkpointing that graph optimisers cannot undo: the forward keeps only the
+    block's inputs; the backward recomputes the block from them plus `salt` (a zero computed from
+    a graph input), so the recomputation's values are not the forward's to a common-subexpression
+    pass (onnxscript's, ONNX Runtime's), and the forward's intermediates die with the forward."""
+
+    @staticmethod
+    def forward(ctx, fn, salt, *args):
+        ctx.fn = fn
+        ctx.save_for_backward(salt, *args)
+        with torch.no_grad():
+            return fn(*args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        salt, *args = ctx.saved_tensors
+        inputs = [(a + salt.to(a.dtype)).detach().requires_grad_(True) for a in args]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+        return (None, None, *grads)
+
+
+def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None, own=None,
+                 recompute=None):
     """The text decoder: M-RoPE, GQA attention with a causal ∧ padding mask, optional KV cache
     (`past` None: no cache), an optional shared prompt cache (`prefix`, see shared_prefix_slots:
     attention runs over the prompt's cache, then the row's own cache), an optional buffer of the
     rows' own earlier tokens read in place (`own` = (keys/values per layer [B, kv_heads, C, d],
     own_mask [B, C]); with the prefix only: prompt, then this buffer, then `past` and the new
-    tokens) and LoRA deltas `scale · (x Aᵀ) Bᵀ` on the targets in `lora`."""
+    tokens) and LoRA deltas `scale · (x Aᵀ) Bᵀ` on the targets in `lora`. `recompute` (a zero
+    scalar tensor; training only, no cache) runs each layer through _Recompute: its backward keeps
+    one layer's activations at a time instead of every layer's."""
     lm = model.model.language_model
     B, S, _ = embeds.shape
     neg = torch.finfo(torch.float32).min
@@ -443,7 +469,22 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         return y
 
     h, presents = embeds, []
+    if recompute is not None:
+        assert past is None and prefix is None and own is None, "recompute is for the training graph"
+        for i, layer in enumerate(lm.layers):
+            names = sorted(k for k in lora if k.startswith(f"lora.{i}."))
+            flat = [t for k in names for t in lora[k]]
+
+            def block(h, *ab, i=i, layer=layer, names=names):
+                lo = {k: (ab[2 * j], ab[2 * j + 1]) for j, k in enumerate(names)}
+                return decoder_layer(i, layer, h, lo, scale, cos, sin, bias, B, S)
+
+            h = _Recompute.apply(block, recompute, h, *flat)
+        return rms_norm(lm.norm, h), presents
     for i, layer in enumerate(lm.layers):
+        if past is None and prefix is None and own is None:
+            h = decoder_layer(i, layer, h, lora, scale, cos, sin, bias, B, S)
+            continue
         at = layer.self_attn
         x = rms_norm(layer.input_layernorm, h)
         q = proj(i, "q_proj", at.q_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
@@ -500,6 +541,35 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         g = mlp.act_fn(proj(i, "gate_proj", mlp.gate_proj, x)) * proj(i, "up_proj", mlp.up_proj, x)
         h = h + proj(i, "down_proj", mlp.down_proj, g)
     return rms_norm(lm.norm, h), presents
+
+
+def decoder_layer(i, layer, h, lora, scale, cos, sin, bias, B, S):
+    """One decoder layer without a cache (the log-prob and training graphs): decoder_core's
+    arithmetic for `past`, `prefix` and `own` all None."""
+    def proj(name, mod, x):
+        y = mod(x)
+        ab = lora.get(f"lora.{i}.{name}")
+        if ab is not None:
+            y = y + F.linear(F.linear(x, ab[0]), ab[1]) * scale
+        return y
+
+    at = layer.self_attn
+    x = rms_norm(layer.input_layernorm, h)
+    q = proj("q_proj", at.q_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
+    k = proj("k_proj", at.k_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
+    v = proj("v_proj", at.v_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    kvh, g, T = k.shape[1], at.num_key_value_groups, k.shape[2]
+    qg = q.reshape(B, kvh, g * S, at.head_dim)
+    att = torch.matmul(qg, k.transpose(2, 3)) * at.scaling
+    att = (att.view(B, kvh, g, S, T) + bias[:, :, None]).view(B, kvh, g * S, T)
+    att = torch.softmax(att.float(), dim=-1).to(q.dtype)
+    o = torch.matmul(att, v)
+    o = o.view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
+    h = h + proj("o_proj", at.o_proj, o)
+    mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, h)
+    gate = mlp.act_fn(proj("gate_proj", mlp.gate_proj, x)) * proj("up_proj", mlp.up_proj, x)
+    return h + proj("down_proj", mlp.down_proj, gate)
 
 
 class Decoder(nn.Module):
@@ -773,7 +843,9 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
         "format": "spatial-ssrl-package", "version": 1, "dtype": dtype, "opset": OPSET,
         "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
                    "logprobs": "logprobs.onnx", "train": "train.onnx"},
-        "train": {"inputs": TRAIN_BATCH, "stats": STATS,
+        # target_ids, completion_mask, old/ref log-probs and the log-prob outputs cover the last
+        # C columns of the rows (the completion), not all S.
+        "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion",
                   "loss": "EasyR1 GRPO: clamp ±20, clip low/high in log space, dual clip, k3 KL clamped to ±10, "
                           "sum over completion tokens / token_count"},
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,
@@ -809,13 +881,19 @@ TRAIN_BATCH = ["inputs_embeds", "attention_mask", "position_ids", "target_ids", 
                "kl_coef", "token_count"]
 
 
-def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale):
-    """log_softmax(logits / T) at the targets, and the entropy of each position's distribution."""
-    h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale)
-    logits = model.lm_head(h).float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=None):
+    """log_softmax(logits / T) at the targets, and the entropy of each position's distribution,
+    for the last C columns only (`targets` [B, C]: the completion's, which the runtime lays out
+    at the end of every row): the prompt never reaches lm_head, so no [B, S, V] tensor exists.
+    log p = logit − logsumexp and the entropy = logsumexp − Σ p·logit keep the full-vocabulary
+    tensors to the logits and one softmax."""
+    h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale, recompute=recompute)
+    C = targets.shape[1]
+    logits = model.lm_head(h.narrow(1, h.shape[1] - C, C)).float() / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logp, entropy
 
 
@@ -863,7 +941,9 @@ def train_step_fn(model, lora_names, scale):
         with torch.enable_grad():
             ws = [w.detach().requires_grad_(True) for w in ws]
             lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
-            logp, ent = token_logprobs(model, b[0], b[1], b[2], b[3], b[8], lora, scale)
+            # A zero that only the graph's input makes: see _Recompute.
+            salt = (b[8] - b[8]).to(b[0].dtype)
+            logp, ent = token_logprobs(model, b[0], b[1], b[2], b[3], b[8], lora, scale, recompute=salt)
             loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13])
             grads = torch.autograd.grad(loss, ws)
         return (loss.detach(), logp.detach(), *grads, stats)
@@ -881,13 +961,14 @@ def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
     pos = (am.cumsum(-1) - 1).clamp(min=0)[None].expand(3, B, S).contiguous()
     with torch.no_grad():
         x = model.model.language_model.embed_tokens(ids)
-    tgt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
-    cm = torch.zeros(B, S)
-    cm[:, S // 2:-1] = 1.0
+    # The completion is the last C = S − S//2 columns; its last column is padding.
+    tgt = torch.cat([ids[:, 1:], ids[:, :1]], 1)[:, S // 2:]
+    cm = torch.ones(B, S - S // 2)
+    cm[:, -1] = 0.0
     with torch.no_grad():
         lp, _ = token_logprobs(model, x, am, pos, tgt, torch.tensor(settings[0]), {}, 1.0)
-    old = lp + 0.3 * torch.randn(B, S, generator=g)
-    ref = lp + 0.3 * torch.randn(B, S, generator=g)
+    old = lp + 0.3 * torch.randn(*lp.shape, generator=g)
+    ref = lp + 0.3 * torch.randn(*lp.shape, generator=g)
     adv = torch.linspace(1.0, -1.0, B)
     t, low, high, dual, kl = (torch.tensor(v) for v in settings)
     return [x, am, pos, tgt, cm, old, ref, adv, t, low, high, dual, kl, cm.sum() * 2]
@@ -906,19 +987,20 @@ def export_training(model, out, lora_names, shapes_, scale):
         lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
     lora_in = [f"{n}.{m}" for n in lora_names for m in ("A", "B")]
     b, s = Dim("batch_size", min=1, max=4096), Dim("sequence_length", min=2, max=1 << 17)
+    c = Dim("completion_length", min=1, max=1 << 17)
     batch = train_batch(model)
     dims = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "sequence_length"},
             "position_ids": {1: "batch_size", 2: "sequence_length"},
-            "target_ids": {0: "batch_size", 1: "sequence_length"},
-            "token_logprobs": {0: "batch_size", 1: "sequence_length"},
-            "token_entropy": {0: "batch_size", 1: "sequence_length"}}
+            "target_ids": {0: "batch_size", 1: "completion_length"},
+            "token_logprobs": {0: "batch_size", 1: "completion_length"},
+            "token_entropy": {0: "batch_size", 1: "completion_length"}}
     with torch.no_grad():
         export(LogProbs(model, lora_names, scale).eval(), (batch[0], batch[1], batch[2], batch[3], batch[8], lora),
                f"{out}/logprobs.onnx", ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "temperature"]
                + lora_in, ["token_logprobs", "token_entropy"],
                {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "position_ids": {1: b, 2: s},
-                "target_ids": {0: b, 1: s}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims,
+                "target_ids": {0: b, 1: c}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims,
                lora_defaults(lora_names, shapes_))
     step = train_step_fn(model, lora_names, scale)
     t0 = time.time()
@@ -934,11 +1016,11 @@ def export_training(model, out, lora_names, shapes_, scale):
         def forward(self, *args):
             return self.gm(*args)
 
-    bs = {0: b, 1: s}
-    ds = [bs, bs, {1: b, 2: s}, bs, bs, bs, bs, {0: b}] + [None] * 6 + [None] * len(lora)
+    bs, bc = {0: b, 1: s}, {0: b, 1: c}
+    ds = [bs, bs, {1: b, 2: s}, bc, bc, bc, bc, {0: b}] + [None] * 6 + [None] * len(lora)
     out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
     for k in ("completion_mask", "old_logprobs", "ref_logprobs"):
-        dims[k] = {0: "batch_size", 1: "sequence_length"}
+        dims[k] = {0: "batch_size", 1: "completion_length"}
     dims["advantages"] = {0: "batch_size"}
     export(Joint(gm).eval(), tuple(batch + lora), f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names,
            (tuple(ds),), dims)
@@ -1260,14 +1342,16 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
     finally:
         for h in hooks:
             h.remove()
-    logp_all = torch.log_softmax(o.logits.float() / batch[8], -1)
+    C = batch[3].shape[1]
+    logp_all = torch.log_softmax(o.logits[:, -C:].float() / batch[8], -1)
     logp = torch.gather(logp_all, -1, batch[3][..., None]).squeeze(-1)
     loss, _ = grpo_loss(logp, logp, *batch[4:8], *batch[9:14])
     loss.backward()
     ref = step(*batch, *lora)
     with torch.no_grad():
         plain = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False).logits
-        base_lp = torch.gather(torch.log_softmax(plain.float() / batch[8], -1), -1, batch[3][..., None]).squeeze(-1)
+        base_lp = torch.gather(torch.log_softmax(plain[:, -C:].float() / batch[8], -1), -1,
+                               batch[3][..., None]).squeeze(-1)
     if (base_lp - logp.detach()).abs().max() < 1e-3:
         raise SystemExit("verify: the LoRA hooks do not change the transformers forward")
     rel = max(((w.grad - g).abs().max() / (g.abs().max() + 1e-12)).item() for w, g in zip(ws, ref[2:-1]))
@@ -1311,7 +1395,7 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
         with torch.no_grad():
             lr = {n: (lora[2 * j], lora[2 * j + 1]) for j, n in enumerate(names)}
             rl, re = token_logprobs(model, x, am, pos, tgt, torch.tensor(t), lr, scale)
-        m = am.bool().numpy()
+        m = am[:, am.shape[1] - tgt.shape[1]:].bool().numpy()
         d = max(np.abs(got[0] - rl.numpy())[m].max(), np.abs(got[1] - re.numpy())[m].max())
         print(f"  logprobs.onnx vs torch at T={t}: {d:.1e}")
         if d > lp_tol:

@@ -759,8 +759,10 @@ pub struct BenchTrainArgs {
 
 pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     use spatial_ssrl::train::bench::{self, Shape};
-    let mut cfg = TrainConfig::default();
-    cfg.model = a.model.clone();
+    let mut cfg = TrainConfig {
+        model: a.model.clone(),
+        ..Default::default()
+    };
     cfg.rollout.device = a.device.clone();
     cfg.rollout.device_id = a.device_id;
     if spatial_ssrl::model::session::Device::from_name(&a.device, a.device_id).is_none() {

@@ -1187,7 +1187,16 @@ fn bench_train_reports_both_graphs() {
     let r = ssrl()
         .args(["bench", "train", "--model"])
         .arg(tiny())
-        .args(["--rows", "2", "--prompt-len", "16", "--response-len", "24", "--rounds", "2"])
+        .args([
+            "--rows",
+            "2",
+            "--prompt-len",
+            "16",
+            "--response-len",
+            "24",
+            "--rounds",
+            "2",
+        ])
         .arg("--json")
         .arg(&json)
         .output()
@@ -1196,12 +1205,18 @@ fn bench_train_reports_both_graphs() {
         return;
     };
     let out = String::from_utf8_lossy(&r.stdout);
-    assert!(out.contains("log-probs:") && out.contains("training step:"), "{out}");
+    assert!(
+        out.contains("log-probs:") && out.contains("training step:"),
+        "{out}"
+    );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["positions"], 2 * (16 + 24 - 1));
     for k in ["logprobs_s", "train_s"] {
         let t = v[k].as_array().unwrap();
-        assert!(t.len() == 2 && t.iter().all(|x| x.as_f64().unwrap() > 0.0), "{v}");
+        assert!(
+            t.len() == 2 && t.iter().all(|x| x.as_f64().unwrap() > 0.0),
+            "{v}"
+        );
     }
     let open = v["rss_open_mb"].as_f64().unwrap();
     if let (Some(lp), Some(tr)) = (v["logprobs_peak_mb"].as_f64(), v["train_peak_mb"].as_f64()) {

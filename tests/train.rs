@@ -137,6 +137,23 @@ fn rows_are_laid_out_for_the_graphs() {
         mb.scatter(&[&[1., 2.], &[3., 4., 5.]]),
         vec![0., 0., 1., 2., 0., 0., 0., 3., 4., 5.]
     );
+    // The completion's columns alone (the memory-lean graphs' layout): the last C = 3 of each
+    // row, the same values where they were.
+    let mut narrow = mb.clone();
+    narrow.completion_columns();
+    assert_eq!((narrow.cols, narrow.at), (3, 0));
+    assert_eq!(narrow.target_ids, vec![20, 21, 0, 22, 23, 24]);
+    assert_eq!(narrow.completion_mask, vec![1., 1., 0., 1., 1., 1.]);
+    let lp: Vec<f32> = vec![2., 3., 4., 7., 8., 9.];
+    assert_eq!(
+        narrow.completion_values(&lp),
+        vec![vec![2., 3.], vec![7., 8., 9.]]
+    );
+    assert_eq!(
+        narrow.scatter(&[&[1., 2.], &[3., 4., 5.]]),
+        vec![1., 2., 0., 3., 4., 5.]
+    );
+    assert_eq!((narrow.ids, narrow.len), (mb.ids, mb.len));
 }
 
 /// EasyR1's per-token loss, written out from method.md §7.4 in f64.

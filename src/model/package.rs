@@ -42,6 +42,21 @@ pub struct Graphs {
 pub struct TrainSpec {
     pub inputs: Vec<String>,
     pub stats: Vec<String>,
+    /// Which columns `target_ids`, `completion_mask`, the old / reference log-probs and the
+    /// log-prob outputs of `logprobs.onnx` and `train.onnx` cover.
+    #[serde(default)]
+    pub positions: Positions,
+}
+
+/// [`TrainSpec::positions`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Every column of the rows (packages exported before the memory-lean graphs).
+    #[default]
+    All,
+    /// The last C columns: the completion's predictions only.
+    Completion,
 }
 
 /// `train.onnx` batch inputs and their element types (the contract `models/export.py` writes).
@@ -365,6 +380,7 @@ impl Package {
             train: TrainSpec {
                 inputs: vec![],
                 stats: vec![],
+                positions: Positions::All,
             },
             text: TextSpec {
                 hidden_size: hidden,

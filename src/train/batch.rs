@@ -30,6 +30,12 @@ pub struct MicroBatch {
     pub attention_mask: Vec<i64>,
     /// `[3, rows, len]` (M-RoPE: temporal, height, width).
     pub position_ids: Vec<i64>,
+    /// Columns of the per-token tensors (`target_ids`, `completion_mask`, log-probs): `len`, or
+    /// `len − first` once [`MicroBatch::completion_columns`] narrowed them to the completion.
+    pub cols: usize,
+    /// Column of the first completion prediction within them (`first`, or 0 once narrowed).
+    pub at: usize,
+    /// `[rows, cols]`.
     pub target_ids: Vec<i64>,
     pub completion_mask: Vec<f32>,
     /// Image features of all rows, in row order.
@@ -37,25 +43,47 @@ pub struct MicroBatch {
 }
 
 impl MicroBatch {
-    /// The completion tokens' values of a `[rows, len]` output (log-probs), row by row.
+    /// The completion tokens' values of a `[rows, cols]` output (log-probs), row by row.
     pub fn completion_values(&self, per_column: &[f32]) -> Vec<Vec<f32>> {
         (0..self.rows)
             .map(|r| {
-                let start = r * self.len + self.first;
+                let start = r * self.cols + self.at;
                 per_column[start..start + self.completion_len[r]].to_vec()
             })
             .collect()
     }
 
-    /// Lays per-token values (one list per row, completion order) out as `[rows, len]`, zero
+    /// Lays per-token values (one list per row, completion order) out as `[rows, cols]`, zero
     /// elsewhere.
     pub fn scatter(&self, values: &[&[f32]]) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.len];
+        let mut out = vec![0f32; self.rows * self.cols];
         for (r, v) in values.iter().enumerate() {
-            let start = r * self.len + self.first;
+            let start = r * self.cols + self.at;
             out[start..start + v.len()].copy_from_slice(v);
         }
         out
+    }
+
+    /// Narrows the per-token tensors to the completion's columns — the last `len − first` of
+    /// every row, where the graphs of a package whose `train.positions` is `completion` take
+    /// their targets and give their log-probs (the prompt never reaches the vocabulary
+    /// projection there).
+    pub fn completion_columns(&mut self) {
+        if self.at == 0 {
+            return;
+        }
+        let cols = self.len - self.first;
+        let (len, first) = (self.len, self.first);
+        let rows = 0..self.rows;
+        self.target_ids = rows
+            .clone()
+            .flat_map(|r| self.target_ids[r * len + first..(r + 1) * len].to_vec())
+            .collect();
+        self.completion_mask = rows
+            .flat_map(|r| self.completion_mask[r * len + first..(r + 1) * len].to_vec())
+            .collect();
+        self.cols = cols;
+        self.at = 0;
     }
 
     pub fn tokens(&self) -> usize {
@@ -109,6 +137,8 @@ pub fn build(rows: &[Row<'_>], pad: u32, rope: &RopeConfig) -> Result<MicroBatch
         ids,
         attention_mask: mask,
         position_ids,
+        cols: len,
+        at: p - 1,
         target_ids,
         completion_mask,
         features,

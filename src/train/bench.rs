@@ -5,7 +5,7 @@
 //! peak over the log-prob calls and the peak over the training calls that follow them.
 
 use super::batch::Row;
-use super::{Trainer, TrainError};
+use super::{TrainError, Trainer};
 use crate::rng::Rng;
 use serde::Serialize;
 use std::time::Instant;
@@ -64,7 +64,9 @@ fn median(v: &[f64]) -> f64 {
 /// Ordinary token ids (below the special tokens, which the package's vocabulary ends with).
 fn synthetic_ids(n: usize, limit: u32, key: u64) -> Vec<u32> {
     let mut r = Rng::keyed(0x7261_696e, &[key]);
-    (0..n).map(|_| (r.f64() * f64::from(limit)) as u32 % limit).collect()
+    (0..n)
+        .map(|_| (r.f64() * f64::from(limit)) as u32 % limit)
+        .collect()
 }
 
 /// Runs `warmup` untimed and `rounds` timed log-prob calls on `shape`, then as many training

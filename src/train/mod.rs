@@ -10,7 +10,7 @@ pub mod config;
 pub mod plot;
 
 use crate::kernels::{cpu, cuda, AdamW, AdvantageConfig, KernelError, SamplingParams};
-use crate::model::package::PackageError;
+use crate::model::package::{PackageError, Positions};
 use crate::model::rope::RopeConfig;
 use crate::model::session::{Device, DeviceChoice};
 use crate::reward::{self, RewardConfig, Score};
@@ -663,12 +663,7 @@ impl Trainer {
         let budget = self.cfg.actor.max_token_len_per_micro_batch;
         let mut out = vec![Vec::with_capacity(rows.len()); loras.len()];
         for range in batch::split(rows, chunk, budget) {
-            let mb = batch::build(
-                &rows[range],
-                self.engine.package.manifest.tokens.pad,
-                &self.rope,
-            )
-            .map_err(EngineError::from)?;
+            let mb = self.micro_batch(&rows[range])?;
             let embeds = self.embed(&mb)?;
             for (slot, &lora) in out.iter_mut().zip(loras) {
                 let mut inputs = self.batch_inputs(&mb, embeds.clone())?;
@@ -689,6 +684,17 @@ impl Trainer {
             }
         }
         Ok(out)
+    }
+
+    /// `rows` laid out for the graphs, the per-token tensors narrowed to the completion's
+    /// columns where the package's graphs take only those.
+    fn micro_batch(&self, rows: &[Row<'_>]) -> Result<MicroBatch, TrainError> {
+        let m = &self.engine.package.manifest;
+        let mut mb = batch::build(rows, m.tokens.pad, &self.rope).map_err(EngineError::from)?;
+        if m.train.positions == Positions::Completion {
+            mb.completion_columns();
+        }
+        Ok(mb)
     }
 
     /// The rows' token embeddings with their image features in place.
@@ -720,7 +726,7 @@ impl Trainer {
             ),
             (
                 "target_ids".into(),
-                tensor(&[mb.rows, mb.len], mb.target_ids.clone())?,
+                tensor(&[mb.rows, mb.cols], mb.target_ids.clone())?,
             ),
         ])
     }
@@ -744,13 +750,12 @@ impl Trainer {
             cfg.actor.clip_ratio_high,
             cfg.actor.clip_ratio_dual,
         );
-        let mb = batch::build(rows, self.engine.package.manifest.tokens.pad, &self.rope)
-            .map_err(EngineError::from)?;
+        let mb = self.micro_batch(rows)?;
         let embeds = self.embed(&mb)?;
         let mut inputs = self.batch_inputs(&mb, embeds)?;
         let olds: Vec<&[f32]> = old.iter().map(Vec::as_slice).collect();
         let refs: Vec<&[f32]> = reference.iter().map(Vec::as_slice).collect();
-        let shape = [mb.rows, mb.len];
+        let shape = [mb.rows, mb.cols];
         inputs.push((
             "completion_mask".into(),
             tensor(&shape, mb.completion_mask.clone())?,
