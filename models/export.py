@@ -623,6 +623,53 @@ def store_weights_fp16(m):
     return len(casts)
 
 
+def use_weights_in_place(m):
+    """Each 2-D weight used where it is stored: MatMul(x, Transpose(W)) becomes
+    com.microsoft.FusedMatMul(x, W, transB=1), Gemm(x, Transpose(W)) flips its transB, and
+    Transpose(Transpose(W)) is W. The training graph's forward, recomputation and backward read
+    one copy of each weight, where ONNX Runtime would otherwise keep a transposed copy beside it
+    (constant folding) or transpose it on every call. Returns the number of uses rewritten."""
+    from onnx import helper
+
+    inits = {i.name: i for i in m.graph.initializer}
+    trans = {}  # Transpose output → the 2-D initializer it transposes
+    for n in m.graph.node:
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        if n.op_type == "Transpose" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2 \
+                and perm in (None, [1, 0]):
+            trans[n.output[0]] = n.input[0]
+    twice = {}  # Transpose(Transpose(W)) output → W
+    for n in m.graph.node:
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        if n.op_type == "Transpose" and n.input[0] in trans and perm in (None, [1, 0]):
+            twice[n.output[0]] = trans[n.input[0]]
+    rewritten, nodes = 0, []
+    for n in m.graph.node:
+        if n.output[0] in twice:
+            continue
+        n.input[:] = [twice.get(i, i) for i in n.input]
+        if n.op_type == "MatMul" and n.input[1] in trans:
+            n = helper.make_node("FusedMatMul", [n.input[0], trans[n.input[1]]], list(n.output), name=n.name,
+                                 domain="com.microsoft", alpha=1.0, transA=0, transB=1)
+            rewritten += 1
+        elif n.op_type == "Gemm" and n.input[1] in trans:
+            tb = next((a for a in n.attribute if a.name == "transB"), None)
+            if tb is None:
+                n.attribute.append(helper.make_attribute("transB", 1))
+            else:
+                tb.i = 1 - tb.i
+            n.input[1] = trans[n.input[1]]
+            rewritten += 1
+        nodes.append(n)
+    used = {i for n in nodes for i in n.input}
+    nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in trans and n.output[0] not in used)]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    if rewritten and not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return rewritten
+
+
 def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names, defaults=None):
     """torch.onnx (dynamo) export, then: readable dimension names, debug metadata stripped, and
     `defaults` {input: array} stored as initializers of the same name, which makes those inputs
@@ -648,6 +695,8 @@ def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names
             dim.dim_param = nm
     for name, value in (defaults or {}).items():
         m.graph.initializer.append(numpy_helper.from_array(value, name))
+    if path.endswith("train.onnx"):
+        print(f"  train.onnx: {use_weights_in_place(m)} weight uses read in place", flush=True)
     half = DTYPE == "fp16" and not path.endswith("train.onnx")
     if half and EXTERNAL_DATA:
         # The weights are in torch's data file beside the graph: read them in to convert them.
@@ -888,8 +937,11 @@ def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, 
     log p = logit − logsumexp and the entropy = logsumexp − Σ p·logit keep the full-vocabulary
     tensors to the logits and one softmax."""
     h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale, recompute=recompute)
-    C = targets.shape[1]
-    logits = model.lm_head(h.narrow(1, h.shape[1] - C, C)).float() / temperature
+    B, C = targets.shape
+    # As a [B·C, hidden] matrix: on the 3-D slice torch's decomposition expands lm_head's weight
+    # to a batch of copies for a batched product (1.24 GB each call at Qwen's vocabulary).
+    hc = h.narrow(1, h.shape[1] - C, C).reshape(B * C, h.shape[2])
+    logits = (model.lm_head(hc).float() / temperature).view(B, C, -1)
     lse = torch.logsumexp(logits, dim=-1)
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse
     with torch.no_grad():

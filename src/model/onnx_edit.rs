@@ -643,7 +643,7 @@ impl Graph {
     /// `Mul(MatMul(MatMul(x, Aᵀ), Bᵀ), scale)` (reshapes allowed in between) to the `Add` that
     /// joins it to the base projection, walks the base side back (through reshapes and the bias)
     /// to `MatMul(·, W)` — W an initializer stored `[in, out]`, or `Transpose` of one stored
-    /// `[out, in]` — and sets `W += scale · Aᵀ Bᵀ`. The graph's own LoRA defaults become zero.
+    /// `[out, in]`; or `Gemm` / `FusedMatMul` with `transB` — and sets `W += scale · Aᵀ Bᵀ`. The graph's own LoRA defaults become zero.
     /// Returns the merged names.
     pub fn merge_lora(&mut self, adapter: &Adapter, scale: f32) -> Result<Vec<String>, ProtoError> {
         let producer: HashMap<String, usize> = self
@@ -740,8 +740,9 @@ impl Graph {
                         weight = Some((p.inputs[1].clone(), false));
                         break;
                     }
-                    // Gemm(x, W, bias): W is [out, in] when transB = 1.
-                    "Gemm" if p.int_attr("transA").unwrap_or(0) == 0 => {
+                    // Gemm(x, W, bias), and FusedMatMul(x, W) (the training graph reads its
+                    // weights in place): W is [out, in] when transB = 1.
+                    "Gemm" | "FusedMatMul" if p.int_attr("transA").unwrap_or(0) == 0 => {
                         weight = Some((p.inputs[1].clone(), p.int_attr("transB") == Some(1)));
                         break;
                     }
