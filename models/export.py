@@ -412,38 +412,42 @@ def rms_norm(norm, x):
 
 
 class _Recompute(torch.autograd.Function):
-    """Activation checkpointing that graph optimisers cannot undo: the forward keeps only the
-    block's inputs; the backward recomputes the block from them plus `salt` (a zero computed from
-    a graph input), so the recomputation's values are not the forward's to a common-subexpression
-    pass (onnxscript's, ONNX Runtime's), and the forward's intermediates die with the forward."""
+    """Activation checkpointing that graph optimisers and schedulers cannot undo: the forward
+    keeps only the block's inputs; the backward recomputes the block from them plus a zero taken
+    from the gradient arriving at the block. That zero makes the recomputation (a) not the
+    forward's values to a common-subexpression pass (onnxscript's, ONNX Runtime's), so the
+    forward's intermediates die with the forward, and (b) wait for the backward pass to reach the
+    block: ONNX Runtime runs a node as soon as its inputs exist, and a recomputation that needed
+    only the block's inputs ran during the forward pass, its outputs alive until the backward."""
 
     @staticmethod
-    def forward(ctx, fn, salt, *args):
+    def forward(ctx, fn, *args):
         ctx.fn = fn
-        ctx.save_for_backward(salt, *args)
+        ctx.save_for_backward(*args)
         with torch.no_grad():
             return fn(*args)
 
     @staticmethod
     def backward(ctx, grad):
-        salt, *args = ctx.saved_tensors
-        inputs = [(a + salt.to(a.dtype)).detach().requires_grad_(True) for a in args]
+        args = ctx.saved_tensors
+        zero = (grad.reshape(-1)[:1] * 0.0).sum()
+        inputs = [(a + zero.to(a.dtype)).detach().requires_grad_(True) for a in args]
         with torch.enable_grad():
             out = ctx.fn(*inputs)
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
-        return (None, None, *grads)
+        return (None, *grads)
 
 
 def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None, own=None,
-                 recompute=None):
+                 recompute=False):
     """The text decoder: M-RoPE, GQA attention with a causal ∧ padding mask, optional KV cache
     (`past` None: no cache), an optional shared prompt cache (`prefix`, see shared_prefix_slots:
     attention runs over the prompt's cache, then the row's own cache), an optional buffer of the
     rows' own earlier tokens read in place (`own` = (keys/values per layer [B, kv_heads, C, d],
     own_mask [B, C]); with the prefix only: prompt, then this buffer, then `past` and the new
-    tokens) and LoRA deltas `scale · (x Aᵀ) Bᵀ` on the targets in `lora`. `recompute` (a zero
-    scalar tensor; training only, no cache) runs each layer through _Recompute: its backward keeps
-    one layer's activations at a time instead of every layer's."""
+    tokens) and LoRA deltas `scale · (x Aᵀ) Bᵀ` on the targets in `lora`. `recompute` (training
+    only, no cache) runs each layer through _Recompute: its backward keeps one layer's
+    activations at a time instead of every layer's."""
     lm = model.model.language_model
     B, S, _ = embeds.shape
     neg = torch.finfo(torch.float32).min
@@ -469,7 +473,7 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         return y
 
     h, presents = embeds, []
-    if recompute is not None:
+    if recompute:
         assert past is None and prefix is None and own is None, "recompute is for the training graph"
         for i, layer in enumerate(lm.layers):
             names = sorted(k for k in lora if k.startswith(f"lora.{i}."))
@@ -479,7 +483,7 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
                 lo = {k: (ab[2 * j], ab[2 * j + 1]) for j, k in enumerate(names)}
                 return decoder_layer(i, layer, h, lo, scale, cos, sin, bias, B, S)
 
-            h = _Recompute.apply(block, recompute, h, *flat)
+            h = _Recompute.apply(block, h, *flat)
         return rms_norm(lm.norm, h), presents
     for i, layer in enumerate(lm.layers):
         if past is None and prefix is None and own is None:
@@ -930,23 +934,47 @@ TRAIN_BATCH = ["inputs_embeds", "attention_mask", "position_ids", "target_ids", 
                "kl_coef", "token_count"]
 
 
-def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=None):
+class _TargetLogProbs(torch.autograd.Function):
+    """log softmax(logits / T) at the targets and the distributions' entropies, for [N, V]
+    logits, keeping only the logits (and the N log-normalisers) for the backward pass, which
+    rebuilds the softmax from them: grad logits = (onehot(target) − softmax) · g / T. Autograd of
+    the plain expression keeps about six full-vocabulary tensors per position alive until the
+    backward pass; this keeps one and makes two at a time."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        m = logits.amax(-1, keepdim=True)
+        e = torch.exp((logits - m) / temperature)
+        total = e.sum(-1)
+        lse = m.squeeze(-1) / temperature + torch.log(total)
+        picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) / temperature
+        # H = lse − Σ p·z with p = e / Σe, z = logits / T.
+        entropy = lse - (e * logits).sum(-1) / (total * temperature)
+        ctx.save_for_backward(logits, targets, temperature, lse)
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse, entropy
+
+    @staticmethod
+    def backward(ctx, g, _g_entropy):
+        logits, targets, temperature, lse = ctx.saved_tensors
+        p = torch.exp(logits / temperature - lse.unsqueeze(-1))
+        grad = (-p * g.unsqueeze(-1)).scatter_add(-1, targets.unsqueeze(-1), g.unsqueeze(-1))
+        return grad / temperature, None, None
+
+
+def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=False):
     """log_softmax(logits / T) at the targets, and the entropy of each position's distribution,
     for the last C columns only (`targets` [B, C]: the completion's, which the runtime lays out
-    at the end of every row): the prompt never reaches lm_head, so no [B, S, V] tensor exists.
-    log p = logit − logsumexp and the entropy = logsumexp − Σ p·logit keep the full-vocabulary
-    tensors to the logits and one softmax."""
+    at the end of every row): the prompt never reaches lm_head, so no [B, S, V] tensor exists;
+    _TargetLogProbs keeps the full-vocabulary tensors to the logits and one at a time beside."""
     h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale, recompute=recompute)
     B, C = targets.shape
     # As a [B·C, hidden] matrix: on the 3-D slice torch's decomposition expands lm_head's weight
     # to a batch of copies for a batched product (1.24 GB each call at Qwen's vocabulary).
     hc = h.narrow(1, h.shape[1] - C, C).reshape(B * C, h.shape[2])
-    logits = (model.lm_head(hc).float() / temperature).view(B, C, -1)
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():
-        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, entropy
+    logp, entropy = _TargetLogProbs.apply(model.lm_head(hc).float(), targets.reshape(B * C),
+                                          temperature.to(torch.float32))
+    return logp.view(B, C), entropy.view(B, C)
 
 
 def grpo_loss(logp, entropy, mask, old, ref, adv, low, high, dual, kl_coef, token_count):
@@ -993,9 +1021,7 @@ def train_step_fn(model, lora_names, scale):
         with torch.enable_grad():
             ws = [w.detach().requires_grad_(True) for w in ws]
             lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
-            # A zero that only the graph's input makes: see _Recompute.
-            salt = (b[8] - b[8]).to(b[0].dtype)
-            logp, ent = token_logprobs(model, b[0], b[1], b[2], b[3], b[8], lora, scale, recompute=salt)
+            logp, ent = token_logprobs(model, b[0], b[1], b[2], b[3], b[8], lora, scale, recompute=True)
             loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13])
             grads = torch.autograd.grad(loss, ws)
         return (loss.detach(), logp.detach(), *grads, stats)
@@ -1350,6 +1376,56 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
     print("  verify: ok (greedy tokens identical over 6 steps, left-padded batch of 2, 5 images)")
 
 
+def check_recompute_order(out, feeds):
+    """ONNX Runtime's own execution order, from its profile: no node of a layer's recomputation
+    (a node downstream of a zero taken from a gradient, see _Recompute) may run before the
+    forward pass's vocabulary projection, or every layer's recomputed activations would be alive
+    at once. Returns (recomputation nodes run, layers)."""
+    import collections
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    m = onnx.load(f"{out}/train.onnx", load_external_data=False)
+    inits = {i.name: i for i in m.graph.initializer}
+    zero = {n for i in inits.values() if not list(i.dims) and i.data_type == onnx.TensorProto.FLOAT
+            and numpy_helper.to_array(i).item() == 0.0 for n in [i.name]}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    # The zeros of the recomputations: Mul(x, 0.0) where x comes from a gradient.
+    salts = [n for n in m.graph.node if n.op_type == "Mul" and zero & set(n.input)]
+    cons = collections.defaultdict(list)
+    for n in m.graph.node:
+        for i in n.input:
+            cons[i].append(n)
+    down, stack = set(), [o for n in salts for o in n.output]
+    while stack:
+        for n in cons[stack.pop()]:
+            if n.name not in down:
+                down.add(n.name)
+                stack.extend(n.output)
+    vocab = max(int(d) for i in inits.values() for d in i.dims) if inits else 0
+    lm = [n.name for n in m.graph.node if n.op_type == "MatMul" and any(
+        i in inits and vocab in list(inits[i].dims) for i in n.input)]
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.profile_file_prefix = os.path.join(out, "order-profile")
+    sess = ort.InferenceSession(f"{out}/train.onnx", so, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    prof = sess.end_profiling()
+    ev = sorted((e for e in json.load(open(prof)) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
+                key=lambda e: e["ts"])
+    os.remove(prof)
+    order = {e["name"][:-len("_kernel_time")]: k for k, e in enumerate(ev)}
+    if len(salts) == 0 or len(lm) != 1 or lm[0] not in order:
+        raise SystemExit(f"verify: train.onnx has {len(salts)} recomputations and {len(lm)} vocabulary projections")
+    early = [n for n in down if n in order and order[n] < order[lm[0]]]
+    if early:
+        raise SystemExit(f"verify: {len(early)} recomputation nodes run during the forward pass")
+    return sum(1 for n in down if n in order), len(salts)
+
+
 def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
     import onnxruntime as ort
 
@@ -1378,6 +1454,9 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
               f"stats {dst:.1e}", flush=True)
         if rel > tol or dl > 1e-5 or dlp > 1e-4 or dst > 1e-3:
             raise SystemExit("verify: train.onnx differs from torch autograd")
+    # 1b. ONNX Runtime recomputes each layer in the backward pass, not during the forward
+    ran, layers = check_recompute_order(out, feeds(train_batch(model)))
+    print(f"  recomputation of {layers} layers: {ran} nodes, none before the forward pass ends", flush=True)
     # 2. the wrapper against an independent path: the HF forward with LoRA added by hooks
     batch = train_batch(model)
     ws = [w.clone().requires_grad_(True) for w in lora]
