@@ -3,7 +3,7 @@
 and the fit  act(L, S) = a·S + b·S² + L·(c·S + d·S²)  MiB  extrapolated to the real depth (a
 memory-lean graph has d ≈ 0: no layer keeps its attention scores for the backward pass).
 
-    .venv-export/bin/python benches/train_memory.py PKG_2_LAYERS PKG_4_LAYERS [--lengths 512,1024,2048]
+    .venv-export/bin/python benches/train_memory.py PKG_2_LAYERS PKG_4_LAYERS [--lengths 512,1024,2048,3072]
 
 Each point is a fresh process that loads train.onnx alone in ONNX Runtime (2 threads, CPU arena
 and memory pattern off, so what a call allocates is returned after it), feeds one row of S
@@ -89,7 +89,7 @@ def main():
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pkgs", nargs="+", help="packages of the same widths at two or more depths")
-    ap.add_argument("--lengths", default="512,1024,2048")
+    ap.add_argument("--lengths", default="512,1024,2048,3072")
     ap.add_argument("--json", default="train-memory.json")
     a = ap.parse_args()
     points = []
