@@ -13,6 +13,18 @@ fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
 }
 
+/// A fresh copy of the tiny package's top-level files (graphs, manifest, configs).
+fn tiny_copy(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    for e in std::fs::read_dir(tiny()).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
 /// Validates, or prints a visible SKIP when no ONNX Runtime library is installed.
 fn validate(p: &Package) -> Option<Result<(), PackageError>> {
     match p.validate(None) {
@@ -68,13 +80,7 @@ fn tiny_package_matches_its_contract() {
 /// mid-rollout) — naming the graph, the input or output, and the manifest field.
 #[test]
 fn a_manifest_that_disagrees_with_its_graphs_is_refused() {
-    let dir = scratch("manifest-sizes");
-    for e in std::fs::read_dir(tiny()).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_file() {
-            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
-        }
-    }
+    let dir = tiny_copy("manifest-sizes");
     let orig: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tiny().join("manifest.json")).unwrap()).unwrap();
     let cases: [(&str, &str, serde_json::Value, &str, &str); 4] = [
@@ -124,13 +130,7 @@ fn a_manifest_that_disagrees_with_its_graphs_is_refused() {
 
 #[test]
 fn a_wrong_package_is_refused_clearly() {
-    let dir = scratch("bad-package");
-    for e in std::fs::read_dir(tiny()).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_file() {
-            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
-        }
-    }
+    let dir = tiny_copy("bad-package");
     // The decoder replaced by the embedding graph: its inputs are not the decoder's.
     std::fs::copy(tiny().join("embedding.onnx"), dir.join("decoder.onnx")).unwrap();
     let p = Package::open(&dir).unwrap();
