@@ -423,10 +423,22 @@ impl Engine {
     }
 
     /// Opens another graph of the package (`logprobs.onnx`, `train.onnx`) on the engine's
-    /// execution provider.
-    pub fn open_graph(&self, file: &str) -> Result<Session, EngineError> {
+    /// execution provider. `release` (on the CPU): no arena and no memory pattern, so what a
+    /// call allocates goes back when it ends.
+    pub fn open_graph(&self, file: &str, release: bool) -> Result<Session, EngineError> {
         let path = self.package.graph_path(file);
         let (mut b, _) = session_builder(self.env, &self.choice, None, None)?;
+        if release && self.choice.device == Device::Cpu {
+            let no_arena = ort::ep::CPU::default().with_arena_allocator(false).build();
+            b = (b.with_execution_providers([no_arena]))
+                .and_then(|b| b.with_memory_pattern(false))
+                .map_err(|e| {
+                    EngineError::Package(PackageError::File {
+                        path: path.clone(),
+                        msg: e.to_string(),
+                    })
+                })?;
+        }
         b.commit_from_file(&path).map_err(|e| {
             EngineError::Package(PackageError::File {
                 path,

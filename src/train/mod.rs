@@ -421,8 +421,12 @@ impl Trainer {
                     .into(),
             });
         }
-        let logprobs = engine.open_graph(&m.graphs.logprobs)?;
-        let train = engine.open_graph(&m.graphs.train)?;
+        let logprobs = engine.open_graph(&m.graphs.logprobs, false)?;
+        // The training step's activations (GBs at the real widths) go back after each call
+        // instead of staying in ONNX Runtime's arena through the rollouts: 3B widths, 2 layers,
+        // 1,023 positions: the step's peak 13.0 → 9.3 GB at the same speed. (The log-prob graph
+        // keeps its arena: 30 % faster for 0.6 GB.)
+        let train = engine.open_graph(&m.graphs.train, true)?;
         let backend = match cfg.trainer.kernels.as_str() {
             "cpu" => Backend::Cpu,
             want => match cuda::Cuda::new(cfg.rollout.device_id.max(0) as usize) {
