@@ -430,14 +430,16 @@ impl Engine {
         let (mut b, _) = session_builder(self.env, &self.choice, None, None)?;
         if release && self.choice.device == Device::Cpu {
             let no_arena = ort::ep::CPU::default().with_arena_allocator(false).build();
-            b = (b.with_execution_providers([no_arena]))
-                .and_then(|b| b.with_memory_pattern(false))
-                .map_err(|e| {
-                    EngineError::Package(PackageError::File {
-                        path: path.clone(),
-                        msg: e.to_string(),
-                    })
-                })?;
+            let err = |e: String| {
+                EngineError::Package(PackageError::File {
+                    path: path.clone(),
+                    msg: e,
+                })
+            };
+            b = (b.with_execution_providers([no_arena])).map_err(|e| err(e.to_string()))?;
+            b = b
+                .with_memory_pattern(false)
+                .map_err(|e| err(e.to_string()))?;
         }
         b.commit_from_file(&path).map_err(|e| {
             EngineError::Package(PackageError::File {
