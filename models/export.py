@@ -465,40 +465,24 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
     allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
     bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).to(embeds.dtype)
 
-    def proj(i, name, mod, x):
+    def proj(lora, i, name, mod, x):
         y = mod(x)
         ab = lora.get(f"lora.{i}.{name}")
         if ab is not None:
             y = y + F.linear(F.linear(x, ab[0]), ab[1]) * scale
         return y
 
-    h, presents = embeds, []
-    if recompute:
-        assert past is None and prefix is None and own is None, "recompute is for the training graph"
-        for i, layer in enumerate(lm.layers):
-            names = sorted(k for k in lora if k.startswith(f"lora.{i}."))
-            flat = [t for k in names for t in lora[k]]
-
-            def block(h, *ab, i=i, layer=layer, names=names):
-                lo = {k: (ab[2 * j], ab[2 * j + 1]) for j, k in enumerate(names)}
-                return decoder_layer(i, layer, h, lo, scale, cos, sin, bias, B, S)
-
-            h = _Recompute.apply(block, h, *flat)
-        return rms_norm(lm.norm, h), presents
-    for i, layer in enumerate(lm.layers):
-        if past is None and prefix is None and own is None:
-            h = decoder_layer(i, layer, h, lora, scale, cos, sin, bias, B, S)
-            continue
+    def layer_step(i, layer, h, lora):
+        """Layer i on h: the new h, and the layer's keys and values (past ones included)."""
         at = layer.self_attn
         x = rms_norm(layer.input_layernorm, h)
-        q = proj(i, "q_proj", at.q_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
-        k = proj(i, "k_proj", at.k_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
-        v = proj(i, "v_proj", at.v_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
+        q = proj(lora, i, "q_proj", at.q_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
+        k = proj(lora, i, "k_proj", at.k_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
+        v = proj(lora, i, "v_proj", at.v_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past is not None:
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
-        presents += [k, v]
         # GQA without repeating K and V: the g query heads of each KV head are consecutive, so
         # they are folded into the query length ([B, kv_heads, g·S, d]) and every KV head is
         # read once per step instead of g times (no expanded copies of the cache in the graph).
@@ -540,40 +524,29 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
                      + torch.matmul(att[..., P:P + C].index_select(0, fwd), ov).index_select(0, back)
                      + to_rows(torch.matmul(to_slots(att[..., :P], P), pv), d))
         o = o.view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
-        h = h + proj(i, "o_proj", at.o_proj, o)
+        h = h + proj(lora, i, "o_proj", at.o_proj, o)
         mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, h)
-        g = mlp.act_fn(proj(i, "gate_proj", mlp.gate_proj, x)) * proj(i, "up_proj", mlp.up_proj, x)
-        h = h + proj(i, "down_proj", mlp.down_proj, g)
+        g = mlp.act_fn(proj(lora, i, "gate_proj", mlp.gate_proj, x)) * proj(lora, i, "up_proj", mlp.up_proj, x)
+        h = h + proj(lora, i, "down_proj", mlp.down_proj, g)
+        return h, k, v
+
+    h, presents = embeds, []
+    if recompute:
+        assert past is None and prefix is None and own is None, "recompute is for the training graph"
+        for i, layer in enumerate(lm.layers):
+            names = sorted(k for k in lora if k.startswith(f"lora.{i}."))
+            flat = [t for k in names for t in lora[k]]
+
+            def block(h, *ab, i=i, layer=layer, names=names):
+                lo = {k: (ab[2 * j], ab[2 * j + 1]) for j, k in enumerate(names)}
+                return layer_step(i, layer, h, lo)[0]
+
+            h = _Recompute.apply(block, h, *flat)
+        return rms_norm(lm.norm, h), presents
+    for i, layer in enumerate(lm.layers):
+        h, k, v = layer_step(i, layer, h, lora)
+        presents += [k, v]
     return rms_norm(lm.norm, h), presents
-
-
-def decoder_layer(i, layer, h, lora, scale, cos, sin, bias, B, S):
-    """One decoder layer without a cache (the log-prob and training graphs): decoder_core's
-    arithmetic for `past`, `prefix` and `own` all None."""
-    def proj(name, mod, x):
-        y = mod(x)
-        ab = lora.get(f"lora.{i}.{name}")
-        if ab is not None:
-            y = y + F.linear(F.linear(x, ab[0]), ab[1]) * scale
-        return y
-
-    at = layer.self_attn
-    x = rms_norm(layer.input_layernorm, h)
-    q = proj("q_proj", at.q_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
-    k = proj("k_proj", at.k_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
-    v = proj("v_proj", at.v_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    kvh, g, T = k.shape[1], at.num_key_value_groups, k.shape[2]
-    qg = q.reshape(B, kvh, g * S, at.head_dim)
-    att = torch.matmul(qg, k.transpose(2, 3)) * at.scaling
-    att = (att.view(B, kvh, g, S, T) + bias[:, :, None]).view(B, kvh, g * S, T)
-    att = torch.softmax(att.float(), dim=-1).to(q.dtype)
-    o = torch.matmul(att, v)
-    o = o.view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
-    h = h + proj("o_proj", at.o_proj, o)
-    mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, h)
-    gate = mlp.act_fn(proj("gate_proj", mlp.gate_proj, x)) * proj("up_proj", mlp.up_proj, x)
-    return h + proj("down_proj", mlp.down_proj, gate)
 
 
 class Decoder(nn.Module):
