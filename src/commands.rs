@@ -786,11 +786,14 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         a.warmup,
         t.provider()
     );
-    let mut r = bench::run(&mut t, shape, a.warmup, a.rounds, |i, lp, tr| {
-        eprintln!("  round {}: log-probs {lp:.2} s, training {tr:.2} s", i + 1)
-    })?;
-    r.open_s = open_s;
-    r.rss_open_mb = rss_open;
+    let r = bench::run(
+        &mut t,
+        (open_s, rss_open),
+        shape,
+        a.warmup,
+        a.rounds,
+        |i, lp, tr| eprintln!("  round {}: log-probs {lp:.2} s, training {tr:.2} s", i + 1),
+    )?;
     let peak = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.0} MB"));
     outln!(
         "log-probs: {:.1} positions/s, peak RSS {}; training step: {:.1} positions/s, peak RSS {} ({} positions per call)",

@@ -606,7 +606,9 @@ impl Package {
         let dim =
             |name: &str, axis, size, field: &str| (name.to_string(), axis, size, field.to_string());
         let mut d = Vec::new();
-        if file == g.vision {
+        // The vision graph's output is the embedding graph's input; every graph but the vision
+        // graph has the text width on its embeddings' last axis.
+        if file == g.vision || file == g.embedding {
             d.push(dim(
                 "image_features",
                 1,
@@ -614,16 +616,7 @@ impl Package {
                 "vision.out_hidden_size",
             ));
         }
-        if file == g.embedding {
-            d.push(dim(
-                "image_features",
-                1,
-                v.out_hidden_size,
-                "vision.out_hidden_size",
-            ));
-            d.push(dim("inputs_embeds", 2, t.hidden_size, "text.hidden_size"));
-        }
-        if [&g.decoder, &g.logprobs, &g.train].contains(&&file.to_string()) {
+        if file != g.vision {
             d.push(dim("inputs_embeds", 2, t.hidden_size, "text.hidden_size"));
         }
         if file == g.decoder {

@@ -116,6 +116,12 @@ pub fn op_profile(files: &[std::path::PathBuf]) -> Result<Vec<GraphProfile>, Eng
     Ok(graphs)
 }
 
+/// Resets this process's peak resident memory (Linux's `clear_refs`), so that [`rss_mb`]'s peak
+/// is from here on; false where it cannot.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Resident and peak resident memory of this process in MB (Linux; 0 elsewhere).
 pub fn rss_mb() -> (f64, f64) {
     let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

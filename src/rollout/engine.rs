@@ -426,7 +426,8 @@ impl Engine {
     /// execution provider. `release` (on the CPU): no arena and no memory pattern, so what a
     /// call allocates goes back when it ends, and no pre-packed weights — the training graph
     /// reads each weight two ways (forward and backward), and ONNX Runtime packed a copy for
-    /// each beside the weight itself (3B widths, 2 layers: 1.75 GB more held, for 6 % of speed).
+    /// each beside the weight itself (3B widths, 2 layers: 1.75 GB more held, for 6–9 % of
+    /// speed).
     pub fn open_graph(&self, file: &str, release: bool) -> Result<Session, EngineError> {
         let path = self.package.graph_path(file);
         let (mut b, _) = session_builder(self.env, &self.choice, None, None)?;

@@ -72,23 +72,23 @@ impl MicroBatch {
         if self.at == 0 {
             return;
         }
-        let cols = self.len - self.first;
         let (len, first) = (self.len, self.first);
-        let rows = 0..self.rows;
-        self.target_ids = rows
-            .clone()
-            .flat_map(|r| self.target_ids[r * len + first..(r + 1) * len].to_vec())
-            .collect();
-        self.completion_mask = rows
-            .flat_map(|r| self.completion_mask[r * len + first..(r + 1) * len].to_vec())
-            .collect();
-        self.cols = cols;
+        self.target_ids = completion_part(&self.target_ids, len, first);
+        self.completion_mask = completion_part(&self.completion_mask, len, first);
+        self.cols = len - first;
         self.at = 0;
     }
 
     pub fn tokens(&self) -> usize {
         self.completion_len.iter().sum()
     }
+}
+
+/// Columns `first..len` of every `len`-column row of `v`.
+fn completion_part<T: Copy>(v: &[T], len: usize, first: usize) -> Vec<T> {
+    v.chunks(len)
+        .flat_map(|row| row[first..].iter().copied())
+        .collect()
 }
 
 /// Builds one micro-batch. Every row needs at least one prompt and one completion token.

@@ -7,6 +7,7 @@
 use super::batch::Row;
 use super::{TrainError, Trainer};
 use crate::rng::Rng;
+use crate::rollout::bench::{reset_peak_rss, rss_mb};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -46,11 +47,6 @@ pub struct TrainBench {
     pub train_peak_mb: Option<f64>,
 }
 
-/// Resets this process's peak resident memory (Linux's `clear_refs`); false where it cannot.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -70,10 +66,11 @@ fn synthetic_ids(n: usize, limit: u32, key: u64) -> Vec<u32> {
 }
 
 /// Runs `warmup` untimed and `rounds` timed log-prob calls on `shape`, then as many training
-/// calls; `on_round(i, logprobs_s, train_s)` for each timed pair at the end. `open_s` and
-/// `rss_open_mb` are the caller's (it opened `t`).
+/// calls; `on_round(i, logprobs_s, train_s)` for each timed pair at the end. `opened` is what
+/// opening `t` took: seconds, and resident MB after it.
 pub fn run(
     t: &mut Trainer,
+    opened: (f64, f64),
     shape: Shape,
     warmup: usize,
     rounds: usize,
@@ -116,7 +113,7 @@ pub fn run(
             lp_s.push(t0.elapsed().as_secs_f64());
         }
     }
-    let lp_peak = crate::rollout::bench::rss_mb().1;
+    let lp_peak = rss_mb().1;
     let mut tr_s = Vec::new();
     for i in 0..warmup + rounds.max(1) {
         let t0 = Instant::now();
@@ -125,7 +122,7 @@ pub fn run(
             tr_s.push(t0.elapsed().as_secs_f64());
         }
     }
-    let tr_peak = crate::rollout::bench::rss_mb().1;
+    let tr_peak = rss_mb().1;
     for (i, (a, b)) in lp_s.iter().zip(&tr_s).enumerate() {
         on_round(i, *a, *b);
     }
@@ -137,8 +134,8 @@ pub fn run(
         prompt_len: shape.prompt_len,
         response_len: shape.response_len,
         positions,
-        open_s: 0.0,
-        rss_open_mb: 0.0,
+        open_s: opened.0,
+        rss_open_mb: opened.1,
         logprobs_positions_per_s: positions as f64 / median(&lp_s),
         train_positions_per_s: positions as f64 / median(&tr_s),
         logprobs_s: lp_s,
