@@ -568,8 +568,170 @@ class Decoder(nn.Module):
 # Export
 # ----------------------------------------------------------------------------------------------
 
-EXTERNAL_DATA = False  # set when the weights exceed protobuf's 2 GB limit
+EXTERNAL_DATA = False  # torch writes its own data file when the weights exceed protobuf's 2 GB
 DTYPE = "fp32"
+WEIGHTS_FILE = "weights.data"
+
+
+class SharedWeights:
+    """Every graph of a package reads its weights from one file, `weights.data`, and a weight
+    used by several graphs is stored there once, in one layout, under its Hugging Face name: the
+    runtime maps the file once and hands the same tensors to every session (ONNX Runtime's
+    shared initializers), so a process holds one copy of the weights whatever graphs it opens.
+
+    torch's export gives each graph its own names and sometimes its own layout for a weight (a
+    pre-transposed constant in one graph, a Transpose node over the parameter in another). Each
+    initializer is matched to the model's parameter by content, in either layout, and renamed
+    after it; the language model's matrices are stored in the layout the inference graphs use,
+    [in, out] (named `….weight.T`), the input embedding (also the tied `lm_head`) and the vision
+    tower's as torch holds them. A use of the other layout is rewritten to read the stored one:
+    Transpose(W) becomes the stored tensor, MatMul(x, W) a FusedMatMul with transB, Gemm and
+    FusedMatMul flip their transpose flag. Tensors that match no parameter (torch's constants)
+    are stored once per distinct content."""
+
+    def __init__(self, out, model):
+        import hashlib
+        self.sha = lambda b: hashlib.sha1(b).digest()
+        self.path = os.path.join(out, WEIGHTS_FILE)
+        if os.path.exists(self.path):
+            os.remove(self.path)
+        self.at, self.stored = 0, {}
+        self.params, self.want = {}, {}
+        embed = model.get_input_embeddings().weight
+        for name, p in model.named_parameters(remove_duplicate=False):
+            a = p.detach().cpu().contiguous().numpy()
+            if a.size < 256 or a.dtype != np.float32:
+                continue
+            self.params.setdefault((a.shape, self.sha(a)), (name, "N"))
+            if a.ndim == 2:
+                self.params.setdefault((a.shape[::-1], self.sha(np.ascontiguousarray(a.T))), (name, "T"))
+            text = ".visual." not in f".{name}" and p is not embed
+            self.want.setdefault(name, "T" if text and a.ndim == 2 else "N")
+        self.kept = 0
+
+    @staticmethod
+    def _raw(init):
+        from onnx import numpy_helper
+        return init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
+
+    def canonicalise(self, m, text):
+        """Renames the initializers that are parameters and, in the text graphs (`text`), stores
+        each in its package layout, rewriting the uses of the other one. Returns (renamed,
+        rewritten uses)."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        inputs = {i.name for i in m.graph.input}
+        uses = {}
+        for n in m.graph.node:
+            for k, i in enumerate(n.input):
+                uses.setdefault(i, []).append((n, k))
+        present = {i.name for i in m.graph.initializer}
+        alias, drop_nodes, replace = {}, set(), {}
+        renamed = flipped = 0
+
+        def attr(n, key):
+            return next((a for a in n.attribute if a.name == key), None)
+
+        def can_flip(n, k):
+            perm = attr(n, "perm")
+            return ((n.op_type == "Transpose" and (perm is None or list(perm.ints) == [1, 0]))
+                    or (n.op_type == "MatMul" and k == 1)
+                    or (n.op_type in ("Gemm", "FusedMatMul") and k in (0, 1) and n.domain in ("", "com.microsoft")))
+
+        def flip(n, k, y):
+            if n.op_type == "Transpose":
+                alias[n.output[0]] = y
+                drop_nodes.add(id(n))
+            elif n.op_type == "MatMul":
+                replace[id(n)] = helper.make_node("FusedMatMul", [n.input[0], y], list(n.output), name=n.name,
+                                                  domain="com.microsoft", alpha=1.0, transA=0, transB=1)
+            else:
+                key = "transB" if k == 1 else "transA"
+                a = attr(n, key)
+                if a is None:
+                    n.attribute.append(helper.make_attribute(key, 1))
+                else:
+                    a.i = 1 - a.i
+                n.input[k] = y
+
+        keep = []
+        for init in m.graph.initializer:
+            if init.name in inputs or init.data_type != onnx.TensorProto.FLOAT:
+                keep.append(init)
+                continue
+            raw, old = self._raw(init), init.name
+            hit = self.params.get((tuple(init.dims), self.sha(raw)))
+            if hit is None:
+                keep.append(init)
+                continue
+            name, layout = hit
+            want = self.want[name]
+            mine = uses.get(init.name, [])
+            if text and layout != want and mine and all(can_flip(n, k) for n, k in mine):
+                arr = np.ascontiguousarray(numpy_helper.to_array(init).T)
+                target = name + (".T" if want == "T" else "")
+                for n, k in mine:
+                    flip(n, k, target)
+                flipped += len(mine)
+                new = numpy_helper.from_array(arr, target)
+            else:
+                if text and layout != want:
+                    self.kept += 1
+                target = name + (".T" if layout == "T" else "")
+                for n, k in mine:
+                    n.input[k] = target
+                new = init
+                new.name = target
+            renamed += 1
+            if target in present and target != old:
+                continue  # the same weight twice in one graph: the first one serves
+            present.add(target)
+            keep.append(new)
+        nodes = []
+        for n in m.graph.node:
+            if id(n) in drop_nodes:
+                continue
+            n = replace.get(id(n), n)
+            n.input[:] = [alias.get(i, i) for i in n.input]
+            nodes.append(n)
+        for o in m.graph.output:
+            if o.name in alias:
+                raise SystemExit(f"export: graph output {o.name} is a transposed weight")
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(keep)
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
+        if flipped and not any(o.domain == "com.microsoft" for o in m.opset_import):
+            m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return renamed, flipped
+
+    def save(self, m, path):
+        """Writes the graph to `path` with every initializer of at least 1 KiB in the shared
+        file (4 KiB-aligned, so ONNX Runtime and the runtime can map it), each distinct tensor
+        once."""
+        import onnx
+        with open(self.path, "ab") as f:
+            for init in m.graph.initializer:
+                raw = self._raw(init)
+                if len(raw) < 1024:
+                    continue
+                key = (init.data_type, tuple(init.dims), self.sha(raw))
+                if key not in self.stored:
+                    pad = (4096 - self.at % 4096) % 4096
+                    f.write(b"\0" * pad)
+                    f.write(raw)
+                    self.stored[key] = (self.at + pad, len(raw))
+                    self.at += pad + len(raw)
+                off, n = self.stored[key]
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                    init.ClearField(field)
+                del init.external_data[:]
+                init.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", WEIGHTS_FILE), ("offset", str(off)), ("length", str(n))):
+                    e = init.external_data.add()
+                    e.key, e.value = k, v
+        onnx.save(m, path)
 
 
 def store_weights_fp16(m):
@@ -608,7 +770,10 @@ def use_weights_in_place(m):
     (constant folding) or transpose it on every call. Returns the number of uses rewritten."""
     from onnx import helper
 
-    inits = {i.name: i for i in m.graph.initializer}
+    # Weights only: an initializer that is also a graph input (an optional input's default, such
+    # as a LoRA factor) is the caller's to replace and keeps its form.
+    inputs = {i.name for i in m.graph.input}
+    inits = {i.name: i for i in m.graph.initializer if i.name not in inputs}
     trans = {}  # Transpose output → the 2-D initializer it transposes
     for n in m.graph.node:
         perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
@@ -672,27 +837,24 @@ def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names
             dim.dim_param = nm
     for name, value in (defaults or {}).items():
         m.graph.initializer.append(numpy_helper.from_array(value, name))
-    if path.endswith("train.onnx"):
-        print(f"  train.onnx: {use_weights_in_place(m)} weight uses read in place", flush=True)
-    half = DTYPE == "fp16" and not path.endswith("train.onnx")
-    if half and EXTERNAL_DATA:
-        # The weights are in torch's data file beside the graph: read them in to convert them.
+    torch_data = path + ".data"
+    if os.path.exists(torch_data):
+        # torch's own data file beside the graph: read in, rewritten into the shared file.
         from onnx.external_data_helper import load_external_data_for_model
         load_external_data_for_model(m, os.path.dirname(os.path.abspath(path)))
-    if half:
+    text = not path.endswith("vision.onnx")
+    renamed, flipped = WEIGHTS.canonicalise(m, text)
+    in_place = use_weights_in_place(m) if text else 0
+    print(f"  {os.path.basename(path)}: {renamed} weights by their model names, {flipped + in_place} uses "
+          f"read in the stored layout", flush=True)
+    if DTYPE == "fp16" and not path.endswith("train.onnx"):
         store_weights_fp16(m)
-    if half and EXTERNAL_DATA:
-        # Written afresh under the same name (onnx appends to an existing data file).
-        data = os.path.basename(path) + ".data"
-        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), data)):
-            os.remove(os.path.join(os.path.dirname(os.path.abspath(path)), data))
-        onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                  size_threshold=1024)
-    else:
-        # Without fp16 an external model's tensors still name torch's data file.
-        onnx.save(m, path)
+    WEIGHTS.save(m, path)
+    if os.path.exists(torch_data):
+        os.remove(torch_data)
     ops = sorted({n.domain or "ai.onnx" for n in m.graph.node})
-    print(f"  {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB, {len(m.graph.node)} nodes, "
+    print(f"  {os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB (weights in {WEIGHTS_FILE}), "
+          f"{len(m.graph.node)} nodes, "
           f"domains {ops}, {time.time() - t0:.1f} s", flush=True)
 
 
@@ -1623,8 +1785,6 @@ def main(argv=None):
     ap.add_argument("--verify", action="store_true", help="check every graph against transformers (fails above 1e-4)")
     ap.add_argument("--goldens", action="store_true", help="write transformers goldens for the Rust tests to OUT/goldens")
     ap.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (18 or newer)")
-    ap.add_argument("--external-data", action="store_true",
-                    help="weights in a .data file beside each graph even under 2 GB (automatic above)")
     a = ap.parse_args(argv)
     globals()["OPSET"] = a.opset
     globals()["DTYPE"] = a.dtype
@@ -1650,11 +1810,17 @@ def main(argv=None):
         build_random(a.random_init, hf_dir, a.text_layers, a.vision_depth)
     model = load_model(hf_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    globals()["EXTERNAL_DATA"] = a.external_data or weight_bytes > 1_800_000_000
+    globals()["EXTERNAL_DATA"] = weight_bytes > 1_800_000_000
     print(f"exporting {hf_dir} → {a.out} ({weight_bytes / 1e9:.2f} GB of weights"
           f"{', external data' if EXTERNAL_DATA else ''})", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    globals()["WEIGHTS"] = SharedWeights(a.out, model)
     names, shapes = export_package(model, a.out, a.lora_rank, a.lora_alpha, targets)
     step = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)
+    if WEIGHTS.kept:
+        print(f"  {WEIGHTS.kept} weights kept a second layout (a use that cannot read the stored one)", flush=True)
+    print(f"  {WEIGHTS_FILE}: {WEIGHTS.at / 1e9:.3f} GB, {len(WEIGHTS.stored)} tensors, shared by every graph",
+          flush=True)
     write_package_files(model, hf_dir, a.out, names, shapes, a.lora_rank, a.lora_alpha, a.dtype)
     if a.verify:
         verify(model, hf_dir, a.out, names, shapes, tol=1e-4 if a.dtype == "fp32" else 2e-2)

@@ -523,6 +523,10 @@ pub struct DeviceArgs {
     /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
     #[arg(long)]
     cuda_arena_exact: bool,
+    /// CPU: every session (and CPU slice) reads one memory-mapped copy of the weights, with no
+    /// pre-packed copies (as `ssrl train` runs): less memory, slower small-batch decoding.
+    #[arg(long)]
+    shared_weights: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -570,6 +574,7 @@ impl DeviceArgs {
                 grow_as_requested: self.cuda_arena_exact,
             },
             profile: profile.map(Path::to_path_buf),
+            shared_weights: self.shared_weights,
         };
         let mut engine = spatial_ssrl::rollout::Engine::open_on(model, ort_lib, &choice)?;
         engine.set_host_cache(self.host_cache);
@@ -752,6 +757,10 @@ pub struct BenchTrainArgs {
     /// Also write the results here.
     #[arg(long, default_value = "bench-train.json")]
     json: PathBuf,
+    /// CPU: each session loads (and packs) its own copy of the weights, as with
+    /// `rollout.shared_weights = false`, instead of all reading one mapping.
+    #[arg(long)]
+    own_weights: bool,
     /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
     #[arg(long, value_name = "FILE")]
     ort_lib: Option<PathBuf>,
@@ -765,6 +774,7 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     };
     cfg.rollout.device = a.device.clone();
     cfg.rollout.device_id = a.device_id;
+    cfg.rollout.shared_weights = !a.own_weights;
     if spatial_ssrl::model::session::Device::from_name(&a.device, a.device_id).is_none() {
         bail!("--device {}: one of cpu, cuda, tensorrt", a.device);
     }
@@ -777,8 +787,15 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         prompt_len: a.prompt_len,
         response_len: a.response_len,
     };
+    let weights = match t.shared_weights() {
+        Some((n, bytes)) => format!(
+            "; {n} weight tensors ({:.0} MB) read by every session from one mapping",
+            bytes as f64 / 1e6
+        ),
+        None => "; each session with its own weights".into(),
+    };
     eprintln!(
-        "{} × ({} prompt + {} response) tokens per call, {} timed rounds after {} warm-up, on {}; sessions opened in {open_s:.1} s, RSS {rss_open:.0} MB",
+        "{} × ({} prompt + {} response) tokens per call, {} timed rounds after {} warm-up, on {}; sessions opened in {open_s:.1} s, RSS {rss_open:.0} MB{weights}",
         a.rows,
         a.prompt_len,
         a.response_len,

@@ -622,6 +622,27 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         outln!("exported from {}: {}", r.from, done.join("; "));
     }
     p.validate(a.ort_lib.as_deref())?;
+    // The data files the graphs read their weights from, and how many graphs read each.
+    let mut files: std::collections::BTreeMap<String, usize> = Default::default();
+    for (file, _) in p.signatures() {
+        let bytes = std::fs::read(p.graph_path(&file)).unwrap_or_default();
+        let named = spatial_ssrl::model::onnx_edit::external_initializers(&bytes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t.location)
+            .collect::<std::collections::BTreeSet<_>>();
+        for f in named {
+            *files.entry(f).or_default() += 1;
+        }
+    }
+    for (f, n) in &files {
+        let size = std::fs::metadata(a.model.join(f)).map_or(0, |m| m.len());
+        let shared = match n {
+            1 => "read by 1 graph".to_string(),
+            n => format!("shared by {n} graphs, each tensor stored once"),
+        };
+        outln!("weights: {f}, {} ({shared})", human_bytes(size));
+    }
     for (file, sig) in p.signatures() {
         let path = p.graph_path(&file);
         let (own, all) = (
@@ -629,7 +650,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
             spatial_ssrl::model::onnx_edit::size_with_data(&path),
         );
         let external = match all > own {
-            true => " with its external data",
+            true => " with the weights it reads",
             false => "",
         };
         outln!(

@@ -438,11 +438,8 @@ fn a_missing_ort_lib_is_an_error_naming_it() {
     );
 }
 
-/// `ssrl bench rollout` on two CPU slices: its JSON report adds up — warm-up and timed rounds
-/// each leave a memory reading, the time outside ONNX Runtime is split, and the share of the
-/// slices' working time is at least the share of wall time.
-/// `inspect` checks every graph of the tiny package against its contract and says how its
-/// decoder keeps the cache.
+/// `inspect` checks every graph of the tiny package against its contract, names the weight file
+/// the graphs share and says how its decoder keeps the cache.
 #[test]
 fn inspect_checks_every_graph_and_names_the_cache_layout() {
     let r = ssrl()
@@ -457,9 +454,13 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
     for g in ["vision", "embedding", "decoder", "logprobs", "train"] {
         assert!(out.contains(&format!("  {g}.onnx: ok (")), "{out}");
     }
-    // Each graph's size, weights included (the decoder's 2.27 MB file).
+    // Each graph's size with the weights it reads from the shared file, and the file.
     assert!(
-        out.contains("  decoder.onnx: ok (27 inputs, 5 outputs; 2.3 MB)"),
+        out.contains("  decoder.onnx: ok (27 inputs, 5 outputs; 2.3 MB with the weights it reads)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("weights: weights.data, 3.3 MB (shared by 5 graphs, each tensor stored once)"),
         "{out}"
     );
     assert!(

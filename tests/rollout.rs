@@ -1073,3 +1073,66 @@ fn a_prompt_beyond_the_context_length_is_refused_naming_it() {
     // The short prompt alone runs.
     assert_eq!(e.generate(&reqs[..1], &cfg, None).unwrap().len(), 1);
 }
+
+/// With shared weights every session reads one mapping of `weights.data`: each tensor the
+/// graphs name is made once however many graphs name it, and the samples (CPU slices too) are
+/// those of sessions that load their own weights.
+#[test]
+fn shared_weights_are_made_once_and_sample_alike() {
+    use spatial_ssrl::model::onnx_edit::external_initializers;
+    use spatial_ssrl::model::session::DeviceChoice;
+    let Some(mut own) = engine() else { return };
+    let choice = DeviceChoice {
+        shared_weights: true,
+        ..Default::default()
+    };
+    let mut shared = Engine::open_on(&tiny(), None, &choice).unwrap();
+    let m = shared.package.manifest.clone();
+    let _logprobs = shared.open_graph(&m.graphs.logprobs, false).unwrap();
+    let _train = shared.open_graph(&m.graphs.train, true).unwrap();
+    // What the five graphs name in the package's one data file, and how often.
+    let (mut named, mut distinct) = (0, std::collections::BTreeMap::new());
+    for g in [
+        &m.graphs.vision,
+        &m.graphs.embedding,
+        &m.graphs.decoder,
+        &m.graphs.logprobs,
+        &m.graphs.train,
+    ] {
+        let bytes = std::fs::read(tiny().join(g)).unwrap();
+        for t in external_initializers(&bytes).unwrap() {
+            assert_eq!(t.location, "weights.data", "{g}: {}", t.name);
+            named += 1;
+            distinct.insert(t.offset, t.length.unwrap());
+        }
+    }
+    let store = shared.shared_weights().unwrap();
+    let store = store.lock().unwrap();
+    assert_eq!(store.tensors(), distinct.len());
+    assert_eq!(store.bytes(), distinct.values().sum::<u64>());
+    assert!(
+        named > distinct.len() + 10,
+        "{named} names, {} tensors",
+        distinct.len()
+    );
+    drop(store);
+    let reqs = mixed_requests();
+    let cfg = staggered_config();
+    let a = own.generate(&reqs, &cfg, None).unwrap();
+    for slices in [1, 2] {
+        assert!(shared.set_cpu_slices(Some(slices)).unwrap());
+        let b = shared.generate(&reqs, &cfg, None).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(x.tokens, y.tokens, "{slices} slices, sample {i}");
+            for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+                assert!((p - q).abs() < 1e-4, "sample {i}: log-prob {p} vs {q}");
+            }
+        }
+    }
+    // The slices' sessions took the same tensors: none was made for them.
+    assert_eq!(
+        shared.shared_weights().unwrap().lock().unwrap().tensors(),
+        distinct.len()
+    );
+}

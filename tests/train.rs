@@ -290,7 +290,11 @@ fn train_metrics(m: &[Metrics]) -> Vec<Vec<(String, f64)>> {
     m.iter()
         .map(|s| {
             s.iter()
-                .filter(|(k, _)| !k.starts_with("timing_s/") && !k.starts_with("throughput/"))
+                .filter(|(k, _)| {
+                    !k.starts_with("timing_s/")
+                        && !k.starts_with("throughput/")
+                        && !k.starts_with("perf/")
+                })
                 .map(|(k, v)| (k.clone(), *v))
                 .collect()
         })

@@ -1,7 +1,7 @@
 //! `ssrl export`: a deployment copy of a package — an adapter merged into the base weights,
 //! optionally fp16 weight storage and ONNX Runtime's graph optimisations applied offline.
 
-use super::onnx_edit::{Adapter, Graph};
+use super::onnx_edit::{Adapter, DataFile, Graph, WEIGHTS_FILE};
 use super::package::{Package, PackageError};
 use super::session::environment;
 use std::path::{Path, PathBuf};
@@ -262,6 +262,10 @@ pub fn export_with(
     // keep their weights in one.
     let mut data_files = std::collections::BTreeSet::new();
     let mut external = std::collections::HashSet::new();
+    // The graphs that keep their weights outside share one file, each tensor stored once
+    // (SharedWeights then hands every session the same copy).
+    let data_path = tmp.join(WEIGHTS_FILE);
+    let mut data: Option<DataFile> = None;
     for file in &graphs {
         let src = pkg.graph_path(file);
         let mut g = Graph::open_file(&src).map_err(|e| ferr(&src, e))?;
@@ -286,8 +290,11 @@ pub fn export_with(
         if to_fp16.contains(file) && !optimised(file) {
             report.fp16_weights += g.store_weights_fp16(1024);
         }
-        g.save(&dst, external.contains(file))
-            .map_err(|e| ferr(&dst, e))?;
+        if external.contains(file) && data.is_none() {
+            data = Some(DataFile::create(&data_path).map_err(|e| ferr(&data_path, e))?);
+        }
+        let shared = data.as_mut().filter(|_| external.contains(file));
+        g.save(&dst, shared).map_err(|e| ferr(&dst, e))?;
         stage(file, "written");
     }
     // Every other top-level file (tokenizer, configs, manifest) is copied as is — never over a
@@ -318,7 +325,11 @@ pub fn export_with(
                 if to_fp16.contains(file) {
                     report.fp16_weights += g.store_weights_fp16(1024);
                 }
-                g.save(&p, large).map_err(|e| ferr(&p, e))?;
+                if large && data.is_none() {
+                    data = Some(DataFile::create(&data_path).map_err(|e| ferr(&data_path, e))?);
+                }
+                let shared = data.as_mut().filter(|_| large);
+                g.save(&p, shared).map_err(|e| ferr(&p, e))?;
                 std::fs::remove_file(&opt).map_err(|e| ferr(&opt, e))?;
                 if large {
                     let d = tmp.join(&opt_data);
@@ -351,10 +362,9 @@ pub fn export_with(
         "ort_optimized": optimized,
     });
     std::fs::write(&mp, serde_json::to_vec_pretty(&mv).expect("json")).map_err(|e| ferr(&mp, e))?;
-    for file in &graphs {
-        for f in [file.clone(), format!("{file}.data")] {
-            report.bytes_out += std::fs::metadata(tmp.join(f)).map_or(0, |m| m.len());
-        }
+    drop(data);
+    for f in graphs.iter().map(String::as_str).chain([WEIGHTS_FILE]) {
+        report.bytes_out += std::fs::metadata(tmp.join(f)).map_or(0, |m| m.len());
     }
     if out.exists() {
         // In place or over an older package: only the files this export wrote are replaced;

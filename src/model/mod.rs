@@ -8,3 +8,4 @@ pub mod processor;
 pub mod prompt;
 pub mod rope;
 pub mod session;
+pub mod weights;

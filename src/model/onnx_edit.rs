@@ -361,25 +361,164 @@ fn write_tensor(t: &Tensor, external: Option<&ExternalRef>) -> Vec<u8> {
     write(&m)
 }
 
-/// The bytes of the model at `path` with its weights: the file and the external data files its
-/// initializers name (0 for what cannot be read). A file over 64 MB is taken to hold its weights
-/// itself and is not read (exporters that write external data leave only small tensors inline).
+/// The bytes of the model at `path` with its weights: the file and the bytes of the tensors it
+/// reads from external data files (each once; a file the package's graphs share counts only for
+/// what this graph reads; a tensor whose length is not given counts to the end of its file, 0
+/// for what cannot be read). A file over 64 MB is taken to hold its weights itself and is not
+/// read (exporters that write external data leave only small tensors inline).
 pub fn size_with_data(path: &Path) -> u64 {
     let own = std::fs::metadata(path).map_or(0, |m| m.len());
     if own > 64 << 20 {
         return own;
     }
-    let Some(g) = std::fs::read(path).ok().and_then(|b| Graph::open(&b).ok()) else {
+    let Some(tensors) = std::fs::read(path)
+        .ok()
+        .and_then(|b| external_initializers(&b).ok())
+    else {
         return own;
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    let files: std::collections::BTreeSet<&str> = (g.initializers.iter())
-        .filter_map(|t| t.external.as_ref().map(|e| e.location.as_str()))
-        .collect();
-    own + files
-        .iter()
-        .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
-        .sum::<u64>()
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = own;
+    for t in tensors {
+        if !seen.insert((t.location.clone(), t.offset)) {
+            continue;
+        }
+        total += match t.length {
+            Some(n) => n,
+            None => std::fs::metadata(dir.join(&t.location))
+                .map_or(0, |m| m.len().saturating_sub(t.offset)),
+        };
+    }
+    total
+}
+
+/// The data file the graphs of a package share (models/export.py and `ssrl export` write it).
+pub const WEIGHTS_FILE: &str = "weights.data";
+
+/// A package's one external data file, written as its graphs are saved
+/// ([`Graph::save`]): each tensor at a 4 KiB-aligned offset (so ONNX Runtime and the runtime can
+/// map it), and a tensor with the same type, shape and bytes as one already written is stored
+/// once whichever graphs hold it.
+pub struct DataFile {
+    path: std::path::PathBuf,
+    location: String,
+    file: std::fs::File,
+    at: u64,
+    /// By (type, shape, content hash): where the tensors with them lie.
+    stored: HashMap<ContentKey, Vec<(u64, u64)>>,
+}
+
+/// A tensor's type, shape and content hash.
+type ContentKey = (u64, Vec<usize>, u64);
+
+impl DataFile {
+    /// Creates (or truncates) `path`; graphs name it by its file name.
+    pub fn create(path: &Path) -> Result<DataFile, ProtoError> {
+        let io = |e: std::io::Error| ProtoError(format!("{}: {e}", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
+        Ok(DataFile {
+            path: path.to_path_buf(),
+            location: path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into()),
+            file,
+            at: 0,
+            stored: HashMap::new(),
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.at
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at == 0
+    }
+
+    fn io(&self) -> impl Fn(std::io::Error) -> ProtoError + '_ {
+        |e| ProtoError(format!("{}: {e}", self.path.display()))
+    }
+
+    /// Where `t`'s bytes lie in the file: an equal tensor's place, or appended.
+    fn put(&mut self, t: &Tensor) -> Result<ExternalRef, ProtoError> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        t.raw.hash(&mut h);
+        let key = (t.data_type, t.dims.clone(), h.finish());
+        let len = t.raw.len() as u64;
+        for &(offset, n) in self.stored.get(&key).into_iter().flatten() {
+            // Equal only when the bytes are: read back what lies there.
+            let mut there = vec![0u8; n as usize];
+            self.file
+                .seek(SeekFrom::Start(offset))
+                .and_then(|_| self.file.read_exact(&mut there))
+                .map_err(self.io())?;
+            if there == t.raw {
+                return Ok(ExternalRef {
+                    location: self.location.clone(),
+                    offset,
+                    length: Some(n),
+                });
+            }
+        }
+        let offset = self.at.div_ceil(4096) * 4096;
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .and_then(|_| self.file.write_all(&t.raw))
+            .map_err(self.io())?;
+        self.at = offset + len;
+        self.stored.entry(key).or_default().push((offset, len));
+        Ok(ExternalRef {
+            location: self.location.clone(),
+            offset,
+            length: Some(len),
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), ProtoError> {
+        self.file.flush().map_err(self.io())
+    }
+}
+
+/// An initializer whose bytes lie in an external data file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    /// ONNX TensorProto.DataType.
+    pub data_type: u64,
+    /// The file, relative to the model's folder, and where in it.
+    pub location: String,
+    pub offset: u64,
+    /// To the end of the file when absent.
+    pub length: Option<u64>,
+}
+
+/// The model's initializers kept in external data files, read from the model's bytes alone.
+pub fn external_initializers(model: &[u8]) -> Result<Vec<ExternalTensor>, ProtoError> {
+    let g = Graph::open(model)?;
+    Ok(g.initializers
+        .into_iter()
+        .filter_map(|t| {
+            let e = t.external?;
+            Some(ExternalTensor {
+                name: t.name,
+                dims: t.dims,
+                data_type: t.data_type,
+                location: e.location,
+                offset: e.offset,
+                length: e.length,
+            })
+        })
+        .collect())
 }
 
 /// The element type of the model's graph input `name` (ONNX's code: 1 float, 10 float16, 16
@@ -509,45 +648,31 @@ impl Graph {
         !self.external_files.is_empty() || weights > 1_800_000_000
     }
 
-    /// Writes the model to `path`, every weight of at least 1 KiB in `{file name}.data` beside
-    /// it when `external` (each at a 4 KiB-aligned offset, so ONNX Runtime can map it), else
-    /// all inline.
-    pub fn save(&self, path: &Path, external: bool) -> Result<(), ProtoError> {
+    /// Writes the model to `path`: every weight of at least 1 KiB in `data` when given (the
+    /// package's one data file, shared by its graphs: a tensor already there is not written
+    /// again), else all inline.
+    pub fn save(&self, path: &Path, data: Option<&mut DataFile>) -> Result<(), ProtoError> {
         let io = |e: std::io::Error| ProtoError(format!("{}: {e}", path.display()));
-        if !external {
+        let Some(data) = data else {
             return std::fs::write(path, self.to_bytes_with(|_| None)).map_err(io);
-        }
-        let name = path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into());
-        let data_path = path.with_file_name(format!("{name}.data"));
-        let mut data = std::io::BufWriter::new(std::fs::File::create(&data_path).map_err(io)?);
-        let mut at = 0u64;
+        };
         let mut failed = None;
         let bytes = self.to_bytes_with(|t| {
             if t.raw.len() < 1024 || failed.is_some() {
                 return None;
             }
-            let pad = (4096 - at % 4096) % 4096;
-            let written = data
-                .write_all(&vec![0u8; pad as usize])
-                .and_then(|_| data.write_all(&t.raw));
-            if let Err(e) = written {
-                failed = Some(e);
-                return None;
+            match data.put(t) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
             }
-            let e = ExternalRef {
-                location: format!("{name}.data"),
-                offset: at + pad,
-                length: Some(t.raw.len() as u64),
-            };
-            at += pad + t.raw.len() as u64;
-            Some(e)
         });
         if let Some(e) = failed {
-            return Err(io(e));
+            return Err(e);
         }
-        data.flush().map_err(io)?;
+        data.flush()?;
         std::fs::write(path, bytes).map_err(io)
     }
 

@@ -268,6 +268,12 @@ pub struct DeviceChoice {
     pub arena: CudaArena,
     /// Write ONNX Runtime's per-operator profile of every session into this folder.
     pub profile: Option<std::path::PathBuf>,
+    /// CPU: every session reads the package's weights from one mapping of its data files
+    /// ([`SharedWeights`](crate::model::weights::SharedWeights)) and keeps no pre-packed copy
+    /// of them: one copy of the weights whatever graphs are open (the trainer's setting). Off,
+    /// each session loads its own and packs its matrices for speed (small batches decode up
+    /// to twice as fast).
+    pub shared_weights: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,12 +34,13 @@ use crate::model::session::{
     environment, session_builder, with_kernel_hint, ComputeStream, Device, DeviceChoice,
     ProviderError,
 };
+use crate::model::weights::SharedWeights;
 use image::RgbImage;
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 use rayon::prelude::*;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +180,27 @@ pub struct Engine {
     own_in_place: bool,
     /// The most tokens a sequence may hold, prompt and new ones ([`Engine::context_length`]).
     context: Option<usize>,
+    /// With [`DeviceChoice::shared_weights`] on the CPU: the one copy of the weights every
+    /// session reads. Last: dropped after the sessions.
+    weights: Option<Arc<Mutex<SharedWeights>>>,
+}
+
+/// `b` reading its graph's weights from `weights` (with no pre-packed copies), when given.
+fn shared(
+    b: ort::session::builder::SessionBuilder,
+    weights: Option<&Arc<Mutex<SharedWeights>>>,
+    path: &Path,
+) -> Result<ort::session::builder::SessionBuilder, EngineError> {
+    let Some(w) = weights else { return Ok(b) };
+    let fail = |msg: String| {
+        EngineError::Package(PackageError::File {
+            path: path.to_path_buf(),
+            msg,
+        })
+    };
+    let b = b.with_prepacking(false).map_err(|e| fail(e.to_string()))?;
+    let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(w.attach(b, path).map_err(fail)?.0)
 }
 
 /// One CPU slice: its sessions and the thread they run on, kept for the engine's life.
@@ -255,11 +277,14 @@ impl Engine {
             }
             _ => None,
         };
+        let weights = (choice.shared_weights && choice.device == Device::Cpu)
+            .then(|| Arc::new(Mutex::new(SharedWeights::new(dir))));
         let mut load = |file: &str, k: usize| -> Result<Session, EngineError> {
             let path = package.graph_path(file);
             let profile = profiles.as_ref().map(|p| &p[k]);
             let (b, used) = session_builder(env, choice, profile, stream)?;
             provider = used;
+            let b = shared(b, weights.as_ref(), &path)?;
             let mut b = profiled(b, choice.profile.as_deref(), file, "", &path)?;
             let session = b.commit_from_file(&path).map_err(|e| {
                 EngineError::Package(PackageError::File {
@@ -323,7 +348,14 @@ impl Engine {
             choice: choice.clone(),
             gpu,
             parked: None,
+            weights,
         })
+    }
+
+    /// The store every session reads its weights from ([`DeviceChoice::shared_weights`]); its
+    /// holders keep it past the sessions they open with it.
+    pub fn shared_weights(&self) -> Option<Arc<Mutex<SharedWeights>>> {
+        self.weights.clone()
     }
 
     /// Keeps the decoder's cache and logits on the host even on a GPU provider (each step's
@@ -430,7 +462,8 @@ impl Engine {
     /// speed).
     pub fn open_graph(&self, file: &str, release: bool) -> Result<Session, EngineError> {
         let path = self.package.graph_path(file);
-        let (mut b, _) = session_builder(self.env, &self.choice, None, None)?;
+        let (b, _) = session_builder(self.env, &self.choice, None, None)?;
+        let mut b = shared(b, self.weights.as_ref(), &path)?;
         if release && self.choice.device == Device::Cpu {
             let no_arena = ort::ep::CPU::default().with_arena_allocator(false).build();
             let err = |e: String| {
@@ -661,6 +694,7 @@ impl Engine {
                     })
                 };
                 let slice = format!("-slice{i}");
+                let b = shared(b, self.weights.as_ref(), &path)?;
                 profiled(b, self.choice.profile.as_deref(), file, &slice, &path)?
                     .with_intra_threads(1)
                     .map_err(|e| fail(e.to_string()))?

@@ -34,6 +34,9 @@ pub struct TrainBench {
     pub open_s: f64,
     /// Resident memory once the sessions are open, MB.
     pub rss_open_mb: f64,
+    /// The weights every session reads from one mapping, MB (`None`: each session has its
+    /// own).
+    pub shared_weights_mb: Option<f64>,
     /// Seconds of each timed call, in order (the embedding lookup included).
     pub logprobs_s: Vec<f64>,
     pub train_s: Vec<f64>,
@@ -136,6 +139,7 @@ pub fn run(
         positions,
         open_s: opened.0,
         rss_open_mb: opened.1,
+        shared_weights_mb: t.shared_weights().map(|(_, b)| b as f64 / 1e6),
         logprobs_positions_per_s: positions as f64 / median(&lp_s),
         train_positions_per_s: positions as f64 / median(&tr_s),
         logprobs_s: lp_s,

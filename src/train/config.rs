@@ -88,6 +88,11 @@ pub struct RolloutConfig {
     pub cuda_mem_limit: usize,
     /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
     pub cuda_arena_exact: bool,
+    /// CPU: every session (the engine's, the log-prob and the training graph's) reads one
+    /// memory-mapped copy of the weights and keeps no pre-packed copy; false: each loads its
+    /// own and packs it (small-batch decoding up to twice as fast, one copy of the weights
+    /// more per session).
+    pub shared_weights: bool,
 }
 
 /// A size in bytes: a TOML integer, or a string with a unit (`"40GiB"`,
@@ -234,6 +239,7 @@ impl Default for RolloutConfig {
             trt_workspace: 0,
             cuda_mem_limit: 0,
             cuda_arena_exact: false,
+            shared_weights: true,
         }
     }
 }

@@ -247,6 +247,8 @@ pub struct Trainer {
     /// Set while a step's optimizer updates are under way: a step that fails then leaves the
     /// weights between two states, which no checkpoint may record.
     updating: bool,
+    /// The weights the sessions read (when shared): kept until they are gone.
+    weights: Option<std::sync::Arc<std::sync::Mutex<crate::model::weights::SharedWeights>>>,
 }
 
 /// Where the graphs run, from `rollout.device` and its options (`validate` has checked the
@@ -278,6 +280,8 @@ pub fn device_choice(cfg: &TrainConfig) -> DeviceChoice {
             grow_as_requested: r.cuda_arena_exact,
         },
         profile: None,
+        // One copy of the weights for the engine's, the log-prob and the training sessions.
+        shared_weights: r.shared_weights,
     }
 }
 
@@ -401,6 +405,14 @@ impl Trainer {
         Ok(t)
     }
 
+    /// The distinct tensors and bytes every session reads from one mapping
+    /// (`rollout.shared_weights` on the CPU), `None` when each loads its own.
+    pub fn shared_weights(&self) -> Option<(usize, u64)> {
+        let w = self.weights.as_ref()?;
+        let w = w.lock().unwrap_or_else(|e| e.into_inner());
+        Some((w.tensors(), w.bytes()))
+    }
+
     /// The policy alone — the package's sessions (the engine's, the log-prob and the training
     /// graph), the LoRA parameters at their initial values, the kernels — with no data: what
     /// [`Trainer::new`] builds before it reads the data, and what `ssrl bench train` measures.
@@ -470,6 +482,7 @@ impl Trainer {
         };
         let mut t = Trainer {
             cfg,
+            weights: engine.shared_weights(),
             engine,
             logprobs,
             train,
@@ -902,8 +915,18 @@ impl Trainer {
         let g = cfg.rollout.n;
         let t_start = Instant::now();
         let mut metrics = Metrics::new();
+        // Each phase's time, and the process's peak resident memory over it (Linux: the peak is
+        // reset as each phase ends; elsewhere nothing is recorded).
+        let can_reset = crate::rollout::bench::reset_peak_rss();
         let time = |k: &str, t: Instant, m: &mut Metrics| {
             m.insert(format!("timing_s/{k}"), t.elapsed().as_secs_f64());
+            if can_reset && k != "step" {
+                m.insert(
+                    format!("perf/peak_rss_gb/{k}"),
+                    crate::rollout::bench::rss_mb().1 / 1024.0,
+                );
+                crate::rollout::bench::reset_peak_rss();
+            }
         };
         // 1. Prompts: decoded in the background during the previous step (double buffering), and
         // the next step's decoding starts now. `timing_s/data` is the wait for them.
@@ -1100,6 +1123,12 @@ impl Trainer {
         self.push_lora()?;
         metrics.insert("timing_s/train".into(), t_train);
         metrics.insert("timing_s/optimizer".into(), t_optim);
+        if can_reset {
+            metrics.insert(
+                "perf/peak_rss_gb/train".into(),
+                crate::rollout::bench::rss_mb().1 / 1024.0,
+            );
+        }
         time("step", t_start, &mut metrics);
         // 6. Metrics.
         let tokens = sums[0].max(1.0);

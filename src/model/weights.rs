@@ -1,0 +1,202 @@
+//! One copy of a package's weights per process. Packages from `models/export.py` keep every
+//! graph's weights in one file, `weights.data`, each tensor once, under one name and in one
+//! layout, whichever graphs use it. [`SharedWeights`] maps such files once and hands each
+//! session the same tensors through ONNX Runtime's shared initializers (`AddInitializer`), so
+//! the decoder, the log-prob graph, the training graph and the embedding read one copy, where
+//! each session would otherwise load (or map, and count) its own.
+//!
+//! Only the CPU provider reads them: ONNX Runtime uses a shared initializer only where it lives
+//! on the device the session planned for it, and loads its own copy otherwise.
+
+use crate::model::onnx_edit::{external_initializers, ExternalTensor};
+use ort::session::builder::SessionBuilder;
+use ort::value::DynValue;
+use ort::AsPointer;
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+/// Where a tensor's bytes lie and what they hold: one value per key, whatever its name.
+type Key = (String, u64, u64, u64, Vec<usize>);
+
+/// Memory-mapped weight files and the tensors made over them, shared by every session given
+/// them with [`SharedWeights::attach`]. Each session keeps the tensors it was given alive; the
+/// mappings live as long as this store, which its owners drop after their sessions.
+pub struct SharedWeights {
+    /// Before `maps`: the values point into them.
+    values: HashMap<Key, Arc<DynValue>>,
+    maps: HashMap<String, Arc<memmap2::Mmap>>,
+    dir: PathBuf,
+    bytes: u64,
+}
+
+/// What [`SharedWeights::attach`] did for one graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Attached {
+    /// Initializers supplied from the store.
+    pub tensors: usize,
+    /// Of them, ones another session already had.
+    pub reused: usize,
+}
+
+/// ONNX's element type code and its size in bytes, for the types a weight file holds.
+fn element(data_type: u64) -> Option<(ort::sys::ONNXTensorElementDataType, usize)> {
+    use ort::sys::ONNXTensorElementDataType as T;
+    Some(match data_type {
+        1 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 4),
+        2 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 1),
+        3 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 1),
+        6 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, 4),
+        7 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 8),
+        10 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2),
+        11 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE, 8),
+        16 => (T::ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, 2),
+        _ => return None,
+    })
+}
+
+/// An error from ONNX Runtime's C API as text (and the status released).
+fn status(st: ort::sys::OrtStatusPtr) -> Result<(), String> {
+    if st.0.is_null() {
+        return Ok(());
+    }
+    let api = ort::api();
+    // SAFETY: a non-null status from the API; its message is a C string owned by it.
+    let msg = unsafe {
+        let m = (api.GetErrorMessage)(st.0);
+        let s = std::ffi::CStr::from_ptr(m).to_string_lossy().into_owned();
+        (api.ReleaseStatus)(st.0);
+        s
+    };
+    Err(msg)
+}
+
+impl SharedWeights {
+    /// A store for the package in `dir` (the folder its graphs name their data files from).
+    pub fn new(dir: &Path) -> SharedWeights {
+        SharedWeights {
+            values: HashMap::new(),
+            maps: HashMap::new(),
+            dir: dir.to_path_buf(),
+            bytes: 0,
+        }
+    }
+
+    /// Distinct bytes handed to sessions so far (each tensor once).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Tensors made so far.
+    pub fn tensors(&self) -> usize {
+        self.values.len()
+    }
+
+    /// `b` with every external initializer of the graph at `graph` supplied from the store:
+    /// mapped and made into a tensor the first time any graph names it, the same tensor for
+    /// every graph after. An initializer the store cannot serve (a file outside the package, a
+    /// size that disagrees with its shape, an odd type or alignment) is left to ONNX Runtime,
+    /// which reads it itself and reports what is wrong with it.
+    pub fn attach(
+        &mut self,
+        mut b: SessionBuilder,
+        graph: &Path,
+    ) -> Result<(SessionBuilder, Attached), String> {
+        let bytes = std::fs::read(graph).map_err(|e| format!("{}: {e}", graph.display()))?;
+        let tensors =
+            external_initializers(&bytes).map_err(|e| format!("{}: {e}", graph.display()))?;
+        let mut done = Attached::default();
+        for t in &tensors {
+            let Some((value, reused)) = self.value(t)? else {
+                continue;
+            };
+            b = b
+                .with_initializer(&t.name, value)
+                .map_err(|e| format!("{}: shared initializer {}: {e}", graph.display(), t.name))?;
+            done.tensors += 1;
+            done.reused += usize::from(reused);
+        }
+        Ok((b, done))
+    }
+
+    /// The tensor for `t` (and whether it existed already), or `None` where the store cannot
+    /// serve it.
+    fn value(&mut self, t: &ExternalTensor) -> Result<Option<(Arc<DynValue>, bool)>, String> {
+        let Some((ty, size)) = element(t.data_type) else {
+            return Ok(None);
+        };
+        let rel = Path::new(&t.location);
+        if rel.is_absolute() || rel.components().any(|c| c == Component::ParentDir) {
+            return Ok(None);
+        }
+        let map = match self.maps.get(&t.location) {
+            Some(m) => m.clone(),
+            None => {
+                let path = self.dir.join(rel);
+                let Ok(file) = std::fs::File::open(&path) else {
+                    return Ok(None);
+                };
+                // SAFETY: the package's weight file is opened read-only and not changed while
+                // the process runs (a package is replaced by moving new files in, never by
+                // writing into an open one).
+                let m = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+                    .map_err(|e| format!("{}: cannot map: {e}", path.display()))?;
+                let m = Arc::new(m);
+                self.maps.insert(t.location.clone(), m.clone());
+                m
+            }
+        };
+        let count: usize = t.dims.iter().product();
+        let want = (count * size) as u64;
+        let length = t
+            .length
+            .unwrap_or((map.len() as u64).saturating_sub(t.offset));
+        let fits = t
+            .offset
+            .checked_add(length)
+            .is_some_and(|end| end <= map.len() as u64);
+        if length != want || !fits || t.offset % size as u64 != 0 || count == 0 {
+            return Ok(None);
+        }
+        let key: Key = (
+            t.location.clone(),
+            t.offset,
+            length,
+            t.data_type,
+            t.dims.clone(),
+        );
+        if let Some(v) = self.values.get(&key) {
+            return Ok(Some((v.clone(), true)));
+        }
+        let info = ort::memory::MemoryInfo::new(
+            ort::memory::AllocationDevice::CPU,
+            0,
+            ort::memory::AllocatorType::Device,
+            ort::memory::MemoryType::Default,
+        )
+        .map_err(|e| e.to_string())?;
+        let shape: Vec<i64> = t.dims.iter().map(|d| *d as i64).collect();
+        let mut out: *mut ort::sys::OrtValue = std::ptr::null_mut();
+        // SAFETY: the bytes lie within the mapping (checked above), which outlives every value
+        // made over it (field order); ONNX Runtime only reads initializers.
+        let st = unsafe {
+            (ort::api().CreateTensorWithDataAsOrtValue)(
+                info.ptr(),
+                map.as_ptr().add(t.offset as usize) as *mut std::ffi::c_void,
+                length as usize,
+                shape.as_ptr(),
+                shape.len(),
+                ty,
+                &mut out,
+            )
+        };
+        status(st).map_err(|e| format!("{}: {e}", t.name))?;
+        let ptr = std::ptr::NonNull::new(out).ok_or_else(|| format!("{}: no value", t.name))?;
+        // SAFETY: a tensor value just created on the CPU, owned from here on.
+        let value = unsafe { DynValue::from_ptr(ptr, Some(&ort::memory::Allocator::default())) };
+        let value = Arc::new(value);
+        self.values.insert(key, value.clone());
+        self.bytes += length;
+        Ok(Some((value, false)))
+    }
+}
