@@ -789,7 +789,7 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     };
     let weights = match t.shared_weights() {
         Some((n, bytes)) => format!(
-            "; {n} weight tensors ({:.0} MB) read by every session from one mapping",
+            "; {n} weight tensors ({:.0} MB), one copy shared by every session",
             bytes as f64 / 1e6
         ),
         None => "; each session with its own weights".into(),

@@ -1136,3 +1136,30 @@ fn shared_weights_are_made_once_and_sample_alike() {
         distinct.len()
     );
 }
+
+/// On a GPU: with shared weights every CUDA session reads one device copy of each tensor, and
+/// the samples are the CPU's. Elsewhere a visible SKIP.
+#[test]
+fn cuda_shared_weights_sample_as_cpu() {
+    use spatial_ssrl::model::session::{Device, DeviceChoice};
+    let Some(mut cpu) = engine() else { return };
+    if cuda_engine().is_none() {
+        return;
+    }
+    let choice = DeviceChoice {
+        device: Device::Cuda { device_id: 0 },
+        shared_weights: true,
+        ..Default::default()
+    };
+    let mut gpu = Engine::open_on(&tiny(), None, &choice).unwrap();
+    let store = gpu
+        .shared_weights()
+        .expect("a CUDA device is present: the store should be on it");
+    let m = gpu.package.manifest.clone();
+    let _train = gpu.open_graph(&m.graphs.train, true).unwrap();
+    let made = store.lock().unwrap().tensors();
+    assert!(made > 20, "{made} tensors on the GPU");
+    drop(store);
+    let reqs = mixed_requests();
+    assert_generates_alike(&mut cpu, &mut gpu, &reqs, &staggered_config());
+}

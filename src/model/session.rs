@@ -268,11 +268,11 @@ pub struct DeviceChoice {
     pub arena: CudaArena,
     /// Write ONNX Runtime's per-operator profile of every session into this folder.
     pub profile: Option<std::path::PathBuf>,
-    /// CPU: every session reads the package's weights from one mapping of its data files
-    /// ([`SharedWeights`](crate::model::weights::SharedWeights)) and keeps no pre-packed copy
-    /// of them: one copy of the weights whatever graphs are open (the trainer's setting). Off,
-    /// each session loads its own and packs its matrices for speed (small batches decode up
-    /// to twice as fast).
+    /// Every session reads one copy of the package's weights
+    /// ([`SharedWeights`](crate::model::weights::SharedWeights)), whatever graphs are open (the
+    /// trainer's setting): on the CPU one mapping of its data files, with no pre-packed copies;
+    /// under the CUDA provider one device copy. Off, each session loads its own (on the CPU
+    /// packed for speed: small batches decode up to 1.5–2× as fast).
     pub shared_weights: bool,
 }
 

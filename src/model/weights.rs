@@ -5,8 +5,10 @@
 //! the decoder, the log-prob graph, the training graph and the embedding read one copy, where
 //! each session would otherwise load (or map, and count) its own.
 //!
-//! Only the CPU provider reads them: ONNX Runtime uses a shared initializer only where it lives
-//! on the device the session planned for it, and loads its own copy otherwise.
+//! ONNX Runtime uses a shared initializer only where it lives on the device the session planned
+//! for it (and loads its own copy otherwise): on the CPU the tensors are the mapped file itself;
+//! for the CUDA provider ([`SharedWeights::on_cuda`]) each is copied to the GPU once and every
+//! session reads that copy.
 
 use crate::model::onnx_edit::{external_initializers, ExternalTensor};
 use ort::session::builder::SessionBuilder;
@@ -23,11 +25,24 @@ type Key = (String, u64, u64, u64, Vec<usize>);
 /// them with [`SharedWeights::attach`]. Each session keeps the tensors it was given alive; the
 /// mappings live as long as this store, which its owners drop after their sessions.
 pub struct SharedWeights {
-    /// Before `maps`: the values point into them.
+    /// Before `home` and `maps`: the values point into them.
     values: HashMap<Key, Arc<DynValue>>,
+    home: Home,
     maps: HashMap<String, Arc<memmap2::Mmap>>,
     dir: PathBuf,
     bytes: u64,
+}
+
+/// Where the tensors live.
+enum Home {
+    /// The mapped file itself.
+    Cpu,
+    /// One copy of each tensor on GPU `id`, made through `cuda`'s stream.
+    Cuda {
+        cuda: crate::kernels::cuda::Cuda,
+        id: i32,
+        buffers: Vec<cudarc::driver::CudaSlice<u8>>,
+    },
 }
 
 /// What [`SharedWeights::attach`] did for one graph.
@@ -76,10 +91,26 @@ impl SharedWeights {
     pub fn new(dir: &Path) -> SharedWeights {
         SharedWeights {
             values: HashMap::new(),
+            home: Home::Cpu,
             maps: HashMap::new(),
             dir: dir.to_path_buf(),
             bytes: 0,
         }
+    }
+
+    /// A store whose tensors live on CUDA device `id`, for sessions of the CUDA provider on it:
+    /// each tensor copied there once, whichever sessions read it.
+    pub fn on_cuda(dir: &Path, id: i32) -> Result<SharedWeights, String> {
+        let cuda =
+            crate::kernels::cuda::Cuda::new(id.max(0) as usize).map_err(|e| e.to_string())?;
+        Ok(SharedWeights {
+            home: Home::Cuda {
+                cuda,
+                id,
+                buffers: Vec::new(),
+            },
+            ..SharedWeights::new(dir)
+        })
     }
 
     /// Distinct bytes handed to sessions so far (each tensor once).
@@ -139,7 +170,13 @@ impl SharedWeights {
                 // SAFETY: the package's weight file is opened read-only and not changed while
                 // the process runs (a package is replaced by moving new files in, never by
                 // writing into an open one).
-                let m = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+                let mut options = memmap2::MmapOptions::new();
+                if matches!(self.home, Home::Cpu) {
+                    // Read in now: the sessions' first calls then find it resident, and the
+                    // memory it takes shows once they are open.
+                    options.populate();
+                }
+                let m = unsafe { options.map(&file) }
                     .map_err(|e| format!("{}: cannot map: {e}", path.display()))?;
                 let m = Arc::new(m);
                 self.maps.insert(t.location.clone(), m.clone());
@@ -168,21 +205,46 @@ impl SharedWeights {
         if let Some(v) = self.values.get(&key) {
             return Ok(Some((v.clone(), true)));
         }
-        let info = ort::memory::MemoryInfo::new(
-            ort::memory::AllocationDevice::CPU,
-            0,
-            ort::memory::AllocatorType::Device,
-            ort::memory::MemoryType::Default,
-        )
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        let at = t.offset as usize;
+        let (data, device) = match &mut self.home {
+            // SAFETY: within the mapping (checked above).
+            Home::Cpu => (unsafe { map.as_ptr().add(at) } as usize, None),
+            Home::Cuda { cuda, id, buffers } => {
+                use cudarc::driver::DevicePtr;
+                let fail = |e: cudarc::driver::DriverError| format!("{}: to the GPU: {e}", t.name);
+                let s = cuda.stream();
+                let buf = s.clone_htod(&map[at..at + length as usize]).map_err(fail)?;
+                s.synchronize().map_err(fail)?;
+                let ptr = buf.device_ptr(s).0 as usize;
+                buffers.push(buf);
+                (ptr, Some(*id))
+            }
+        };
+        let info = match device {
+            None => MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+            Some(id) => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                id,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+        }
         .map_err(|e| e.to_string())?;
         let shape: Vec<i64> = t.dims.iter().map(|d| *d as i64).collect();
         let mut out: *mut ort::sys::OrtValue = std::ptr::null_mut();
-        // SAFETY: the bytes lie within the mapping (checked above), which outlives every value
-        // made over it (field order); ONNX Runtime only reads initializers.
+        // SAFETY: `data` holds the tensor's bytes (the mapping, checked above, or the device copy
+        // of them), which outlive every value made over them (field order); ONNX Runtime only
+        // reads initializers.
         let st = unsafe {
             (ort::api().CreateTensorWithDataAsOrtValue)(
                 info.ptr(),
-                map.as_ptr().add(t.offset as usize) as *mut std::ffi::c_void,
+                data as *mut std::ffi::c_void,
                 length as usize,
                 shape.as_ptr(),
                 shape.len(),

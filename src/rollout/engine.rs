@@ -277,8 +277,15 @@ impl Engine {
             }
             _ => None,
         };
-        let weights = (choice.shared_weights && choice.device == Device::Cpu)
-            .then(|| Arc::new(Mutex::new(SharedWeights::new(dir))));
+        // One copy of the weights: the mapped file on the CPU, one device copy under the CUDA
+        // provider (where the GPU cannot be reached, each session loads its own as before);
+        // TensorRT builds its engines from each graph's own weights.
+        let weights = match (&choice.device, choice.shared_weights) {
+            (Device::Cpu, true) => Some(SharedWeights::new(dir)),
+            (Device::Cuda { device_id }, true) => SharedWeights::on_cuda(dir, *device_id).ok(),
+            _ => None,
+        }
+        .map(|w| Arc::new(Mutex::new(w)));
         let mut load = |file: &str, k: usize| -> Result<Session, EngineError> {
             let path = package.graph_path(file);
             let profile = profiles.as_ref().map(|p| &p[k]);

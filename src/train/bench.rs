@@ -34,7 +34,7 @@ pub struct TrainBench {
     pub open_s: f64,
     /// Resident memory once the sessions are open, MB.
     pub rss_open_mb: f64,
-    /// The weights every session reads from one mapping, MB (`None`: each session has its
+    /// The one copy of the weights every session reads, MB (`None`: each session has its
     /// own).
     pub shared_weights_mb: Option<f64>,
     /// Seconds of each timed call, in order (the embedding lookup included).

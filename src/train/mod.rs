@@ -433,12 +433,13 @@ impl Trainer {
                     .into(),
             });
         }
-        let logprobs = engine.open_graph(&m.graphs.logprobs, false)?;
-        // The training step's activations (GBs at the real widths) go back after each call
-        // instead of staying in ONNX Runtime's arena through the rollouts, and its weights are
-        // not packed twice beside themselves (Engine::open_graph): 3B widths, 2 layers, 1,023
-        // positions, the sessions 7.4 → 3.9 GB and the step's peak 13.0 → 9.2 GB for 9 % of its
-        // speed. (The log-prob graph keeps its arena: 30 % faster for 0.6 GB.)
+        // Both graphs' activations (GBs at the real widths) go back after each call instead of
+        // staying in ONNX Runtime's arena through the other graph's calls and the rollouts, and
+        // their weights are not packed beside themselves (Engine::open_graph). 3B widths, 2
+        // layers, one row of 190 + 1,024 tokens, weights shared: the log-prob calls' peak 7.2 →
+        // 4.1 GB for 7 % of their speed; earlier the training graph's release took its step
+        // peak 13.0 → 9.2 GB for 9 % of the step's speed.
+        let logprobs = engine.open_graph(&m.graphs.logprobs, true)?;
         let train = engine.open_graph(&m.graphs.train, true)?;
         let backend = match cfg.trainer.kernels.as_str() {
             "cpu" => Backend::Cpu,
