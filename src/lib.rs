@@ -12,3 +12,9 @@ pub mod rng;
 pub mod rollout;
 pub mod tasks;
 pub mod train;
+
+/// Whether two paths name the same file or folder: equal as written, or resolving (links,
+/// `..`, relative forms) to one existing place.
+pub fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(p), Ok(q)) if p == q)
+}

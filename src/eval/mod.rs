@@ -585,12 +585,7 @@ pub fn differences(a: &Summary, b: &Summary) -> Vec<String> {
     if a.bench != b.bench {
         d.push(format!("benchmark: {}, {}", a.bench, b.bench));
     }
-    let same_file = |x: &str, y: &str| {
-        x == y
-            || matches!((Path::new(x).canonicalize(), Path::new(y).canonicalize()),
-                        (Ok(p), Ok(q)) if p == q)
-    };
-    if !same_file(&a.data, &b.data) {
+    if !crate::same_path(Path::new(&a.data), Path::new(&b.data)) {
         d.push(format!("data: {}, {}", a.data, b.data));
     }
     if a.reasoning != b.reasoning {

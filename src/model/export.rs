@@ -369,19 +369,12 @@ pub fn export_with(
     if out.exists() {
         // In place or over an older package: only the files this export wrote are replaced;
         // anything else in the folder (notes, runs, the source's `hf/` and `goldens/`) stays.
-        let in_place = same_folder(model, out);
+        let in_place = crate::same_path(model, out);
         replace_package(&tmp, out, in_place.then_some(&data_files))?;
     } else {
         std::fs::rename(&tmp, out).map_err(|e| ferr(out, e))?;
     }
     Ok(report)
-}
-
-fn same_folder(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
 }
 
 /// Moves every file of the finished export `tmp` into the existing package `out` (one rename

@@ -1003,6 +1003,63 @@ mod tests {
 
     /// External data is read from inside the model's folder only, and a tensor attribute in an
     /// external file (which a rewrite would orphan) is refused, naming the node.
+    /// Two graphs saved into one data file: a tensor equal to one written (type, shape and
+    /// bytes) is stored once, whichever graph holds it; one that differs only in shape or bytes
+    /// gets its own place; every place is 4 KiB-aligned and reads back as written.
+    #[test]
+    fn a_shared_data_file_stores_each_tensor_once() {
+        let dir = std::env::temp_dir().join(format!("ssrl-data-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tensor = |name: &str, dims: Vec<usize>, byte: u8| Tensor {
+            name: name.into(),
+            data_type: FLOAT,
+            raw: vec![byte; 4 * dims.iter().product::<usize>()],
+            dims,
+            external: None,
+            rest: vec![],
+        };
+        let graph = |inits: Vec<Tensor>| {
+            let mut g = Graph::open(&model(None, None)).unwrap();
+            g.initializers = inits;
+            g
+        };
+        let mut data = DataFile::create(&dir.join(WEIGHTS_FILE)).unwrap();
+        let a = graph(vec![
+            tensor("w", vec![16, 32], 1),
+            tensor("small", vec![4], 9),
+        ]);
+        a.save(&dir.join("a.onnx"), Some(&mut data)).unwrap();
+        let b = graph(vec![
+            tensor("same_bytes_other_name", vec![16, 32], 1),
+            tensor("other_shape", vec![32, 16], 1),
+            tensor("other_bytes", vec![16, 32], 2),
+        ]);
+        b.save(&dir.join("b.onnx"), Some(&mut data)).unwrap();
+        assert_eq!(data.len(), 2 * 4096 + 2048);
+        let place = |file: &str| -> Vec<(String, u64)> {
+            external_initializers(&std::fs::read(dir.join(file)).unwrap())
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.name, t.offset))
+                .collect()
+        };
+        assert_eq!(place("a.onnx"), [("w".to_string(), 0)]);
+        assert_eq!(
+            place("b.onnx"),
+            [
+                ("same_bytes_other_name".to_string(), 0),
+                ("other_shape".to_string(), 4096),
+                ("other_bytes".to_string(), 8192)
+            ]
+        );
+        // Read back through the files: each graph gets its own tensors' bytes.
+        let g = Graph::open_file(&dir.join("b.onnx")).unwrap();
+        let raw: Vec<u8> = g.initializers.iter().map(|t| t.raw[0]).collect();
+        assert_eq!(raw, [1, 1, 2]);
+        assert_eq!(g.external_files.iter().collect::<Vec<_>>(), [WEIGHTS_FILE]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn external_data_stays_in_the_folder_and_in_initializers() {
         let dir = std::env::temp_dir().join(format!("ssrl-onnx-edit-{}", std::process::id()));
