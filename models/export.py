@@ -1097,18 +1097,80 @@ class _TargetLogProbs(torch.autograd.Function):
         return grad / temperature, None, None
 
 
+HEAD_CHUNKS = 8  # --head-chunks: the vocabulary head runs over the positions in this many chunks, one after another
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """log softmax(h·Wᵀ / T) at the targets and each distribution's entropy, for [N, D] hidden
+    states and the [V, D] head, with no full [N, V] tensor: the positions go through the head in
+    HEAD_CHUNKS chunks, each chunk's logits reduced to its log-normalisers and entropies before
+    the next chunk starts (each chunk's input carries a zero taken from the previous chunk's
+    result, so ONNX Runtime cannot run the chunks' products side by side), and the backward pass
+    rebuilds each chunk's softmax from h and the log-normalisers the same way:
+    grad h = (g/T)·W[target] − (softmax · g/T) W. Only h and the N log-normalisers are kept."""
+
+    @staticmethod
+    def _chunks(x, k):
+        n = (x.shape[0] + k - 1) // k
+        pad = [0, 0] * (x.dim() - 1) + [0, n * k - x.shape[0]]
+        return F.pad(x, pad).reshape(k, n, *x.shape[1:])
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature):
+        K, N = HEAD_CHUNKS, h.shape[0]
+        hp = _ChunkedHead._chunks(h, K)
+        lse, ent, link = [], [], None
+        for k in range(K):
+            hk = hp[k] if link is None else hp[k] + link
+            z = (hk @ weight.t()).float() / temperature
+            m = z.amax(-1, keepdim=True)
+            e = torch.exp(z - m)
+            total = e.sum(-1)
+            lk = m.squeeze(-1) + torch.log(total)
+            # H = lse − Σ p·z with p = e / Σe.
+            ent.append(lk - (e * z).sum(-1) / total)
+            lse.append(lk)
+            link = (lk[:1] * 0.0).sum().to(h.dtype)
+        lse = torch.cat(lse)[:N]
+        entropy = torch.cat(ent)[:N]
+        picked = (h * weight[targets]).sum(-1).float() / temperature
+        ctx.save_for_backward(h, weight, targets, temperature, lse)
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse, entropy
+
+    @staticmethod
+    def backward(ctx, g, _g_entropy):
+        h, weight, targets, temperature, lse = ctx.saved_tensors
+        K, N = HEAD_CHUNKS, h.shape[0]
+        gs = g / temperature
+        hp, lp, gp = (_ChunkedHead._chunks(x, K) for x in (h, lse, gs))
+        grads, link = [], (gs[:1] * 0.0).sum().to(h.dtype)
+        for k in range(K):
+            p = torch.exp((hp[k] + link) @ weight.t() / temperature - lp[k].unsqueeze(-1))
+            dk = -(p * gp[k].unsqueeze(-1)).to(h.dtype) @ weight
+            grads.append(dk)
+            link = (dk.reshape(-1)[:1] * 0.0).sum()
+        grad = torch.cat(grads)[:N] + gs.unsqueeze(-1).to(h.dtype) * weight[targets]
+        return grad, None, None, None
+
+
 def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=False):
     """log_softmax(logits / T) at the targets, and the entropy of each position's distribution,
     for the last C columns only (`targets` [B, C]: the completion's, which the runtime lays out
-    at the end of every row): the prompt never reaches lm_head, so no [B, S, V] tensor exists;
-    _TargetLogProbs keeps the full-vocabulary tensors to the logits and one at a time beside."""
+    at the end of every row): the prompt never reaches lm_head, and _ChunkedHead takes the
+    completion through it a chunk of positions at a time, so no [B, C, V] tensor exists
+    (--head-chunks 1: _TargetLogProbs, the logits of every position at once)."""
     h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale, recompute=recompute)
     B, C = targets.shape
     # As a [B·C, hidden] matrix: on the 3-D slice torch's decomposition expands lm_head's weight
     # to a batch of copies for a batched product (1.24 GB each call at Qwen's vocabulary).
     hc = h.narrow(1, h.shape[1] - C, C).reshape(B * C, h.shape[2])
-    logp, entropy = _TargetLogProbs.apply(model.lm_head(hc).float(), targets.reshape(B * C),
-                                          temperature.to(torch.float32))
+    if HEAD_CHUNKS == 1:
+        logp, entropy = _TargetLogProbs.apply(model.lm_head(hc).float(), targets.reshape(B * C),
+                                              temperature.to(torch.float32))
+    else:
+        logp, entropy = _ChunkedHead.apply(hc, model.lm_head.weight, targets.reshape(B * C),
+                                           temperature.to(torch.float32))
     return logp.view(B, C), entropy.view(B, C)
 
 
@@ -1512,10 +1574,11 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
 
 
 def check_recompute_order(out, feeds):
-    """ONNX Runtime's own execution order, from its profile: no node of a layer's recomputation
-    (a node downstream of a zero taken from a gradient, see _Recompute) may run before the
-    forward pass's vocabulary projection, or every layer's recomputed activations would be alive
-    at once. Returns (recomputation nodes run, layers)."""
+    """ONNX Runtime's own execution order, from its profile: no node of the backward pass's
+    recomputations (a node downstream of a zero taken from a gradient, see _Recompute and
+    _ChunkedHead) may run before the loss is computed, or every layer's recomputed activations
+    would be alive at once. The forward pass's own chaining zeros (the head's chunks) are told
+    apart as the ones the loss depends on. Returns (recomputed nodes run, gradient zeros)."""
     import collections
     import onnx
     import onnxruntime as ort
@@ -1526,8 +1589,16 @@ def check_recompute_order(out, feeds):
     zero = {n for i in inits.values() if not list(i.dims) and i.data_type == onnx.TensorProto.FLOAT
             and numpy_helper.to_array(i).item() == 0.0 for n in [i.name]}
     prod = {o: n for n in m.graph.node for o in n.output}
-    # The zeros of the recomputations: Mul(x, 0.0) where x comes from a gradient.
-    salts = [n for n in m.graph.node if n.op_type == "Mul" and zero & set(n.input)]
+    loss = prod["loss"]
+    # Everything the loss is computed from: the forward pass.
+    forward, stack = set(), list(loss.input)
+    while stack:
+        n = prod.get(stack.pop())
+        if n is not None and n.name not in forward:
+            forward.add(n.name)
+            stack.extend(n.input)
+    # The zeros of the recomputations: Mul(x, 0.0) outside the forward pass.
+    salts = [n for n in m.graph.node if n.op_type == "Mul" and zero & set(n.input) and n.name not in forward]
     cons = collections.defaultdict(list)
     for n in m.graph.node:
         for i in n.input:
@@ -1538,9 +1609,6 @@ def check_recompute_order(out, feeds):
             if n.name not in down:
                 down.add(n.name)
                 stack.extend(n.output)
-    vocab = max(int(d) for i in inits.values() for d in i.dims) if inits else 0
-    lm = [n.name for n in m.graph.node if n.op_type == "MatMul" and any(
-        i in inits and vocab in list(inits[i].dims) for i in n.input)]
     so = ort.SessionOptions()
     so.enable_profiling = True
     so.intra_op_num_threads = 1
@@ -1553,9 +1621,16 @@ def check_recompute_order(out, feeds):
                 key=lambda e: e["ts"])
     os.remove(prof)
     order = {e["name"][:-len("_kernel_time")]: k for k, e in enumerate(ev)}
-    if len(salts) == 0 or len(lm) != 1 or lm[0] not in order:
-        raise SystemExit(f"verify: train.onnx has {len(salts)} recomputations and {len(lm)} vocabulary projections")
-    early = [n for n in down if n in order and order[n] < order[lm[0]]]
+    # The forward pass ends with the last of the head's chunks: the products with the
+    # vocabulary-sized weight that the loss depends on.
+    vocab = max(int(d) for i in inits.values() for d in i.dims) if inits else 0
+    head = [n.name for n in m.graph.node if n.name in forward and n.op_type in ("MatMul", "FusedMatMul", "Gemm")
+            and any(i in inits and vocab in list(inits[i].dims) for i in n.input)]
+    if len(salts) == 0 or len(head) != HEAD_CHUNKS or not all(h in order for h in head):
+        raise SystemExit(f"verify: train.onnx has {len(salts)} recomputations and {len(head)} vocabulary "
+                         f"products in the forward pass (want {HEAD_CHUNKS})")
+    end = max(order[h] for h in head)
+    early = [n for n in down if n in order and order[n] < end]
     if early:
         raise SystemExit(f"verify: {len(early)} recomputation nodes run during the forward pass")
     return sum(1 for n in down if n in order), len(salts)
@@ -1591,7 +1666,8 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
             raise SystemExit("verify: train.onnx differs from torch autograd")
     # 1b. ONNX Runtime recomputes each layer in the backward pass, not during the forward
     ran, layers = check_recompute_order(out, feeds(train_batch(model)))
-    print(f"  recomputation of {layers} layers: {ran} nodes, none before the forward pass ends", flush=True)
+    print(f"  recomputation ({layers} gradient zeros: the layers and the head's chunks): {ran} nodes, none before "
+          f"the forward pass ends", flush=True)
     # 2. the wrapper against an independent path: the HF forward with LoRA added by hooks
     batch = train_batch(model)
     ws = [w.clone().requires_grad_(True) for w in lora]
@@ -1785,8 +1861,15 @@ def main(argv=None):
     ap.add_argument("--verify", action="store_true", help="check every graph against transformers (fails above 1e-4)")
     ap.add_argument("--goldens", action="store_true", help="write transformers goldens for the Rust tests to OUT/goldens")
     ap.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (18 or newer)")
+    ap.add_argument("--head-chunks", type=int, default=HEAD_CHUNKS,
+                    help="the log-prob and training graphs take the response through the vocabulary head in this many "
+                         "chunks of positions, none holding every position's logits (1: all at once, keeping the logits "
+                         "for the backward pass: faster on CPUs, 3 full-vocabulary tensors per position at the peak)")
     a = ap.parse_args(argv)
     globals()["OPSET"] = a.opset
+    if a.head_chunks < 1:
+        ap.error("--head-chunks must be at least 1")
+    globals()["HEAD_CHUNKS"] = a.head_chunks
     globals()["DTYPE"] = a.dtype
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     for t in targets:
