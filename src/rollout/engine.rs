@@ -466,7 +466,9 @@ impl Engine {
     /// call allocates goes back when it ends, and no pre-packed weights — the training graph
     /// reads each weight two ways (forward and backward), and ONNX Runtime packed a copy for
     /// each beside the weight itself (3B widths, 2 layers: 1.75 GB more held, for 6–9 % of
-    /// speed).
+    /// speed). With [`DeviceChoice::shared_weights`] the session reads the engine's copy of the
+    /// weights: drop it before the engine, or keep [`Engine::shared_weights`] until it is gone
+    /// (as the trainer does).
     pub fn open_graph(&self, file: &str, release: bool) -> Result<Session, EngineError> {
         let path = self.package.graph_path(file);
         let (b, _) = session_builder(self.env, &self.choice, None, None)?;
