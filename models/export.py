@@ -1033,7 +1033,7 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
                    "logprobs": "logprobs.onnx", "train": "train.onnx"},
         # target_ids, completion_mask, old/ref log-probs and the log-prob outputs cover the last
         # C columns of the rows (the completion), not all S.
-        "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion",
+        "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion", "head_chunks": HEAD_CHUNKS,
                   "loss": "EasyR1 GRPO: clamp ±20, clip low/high in log space, dual clip, k3 KL clamped to ±10, "
                           "sum over completion tokens / token_count"},
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,

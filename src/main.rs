@@ -605,6 +605,21 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
             }
         );
     }
+    if !p.is_genai() {
+        use spatial_ssrl::model::package::Positions;
+        let t = &m.train;
+        outln!(
+            "log-prob and training graphs: {}; {}",
+            match t.positions {
+                Positions::Completion => "the completion's columns only",
+                Positions::All => "every column of the rows",
+            },
+            match t.head_chunks {
+                Some(n) if n > 1 => format!("the vocabulary head in {n} chunks of positions"),
+                _ => "the vocabulary head over every position at once".to_string(),
+            }
+        );
+    }
     if let Some(r) = spatial_ssrl::model::export::Record::of(&a.model) {
         let mut done = Vec::new();
         if r.adapter_merged {

@@ -465,6 +465,12 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
     );
     assert!(
         out.contains(
+            "log-prob and training graphs: the completion's columns only; the vocabulary head in 8 chunks of positions"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
             "cache: prompts' cache shared by their samples; rows' own tokens read in place"
         ),
         "{out}"

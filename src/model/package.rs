@@ -46,6 +46,10 @@ pub struct TrainSpec {
     /// log-prob outputs of `logprobs.onnx` and `train.onnx` cover.
     #[serde(default)]
     pub positions: Positions,
+    /// The chunks of positions the vocabulary head runs over, one after another (`None`:
+    /// packages exported before the chunked head, which take every position at once).
+    #[serde(default)]
+    pub head_chunks: Option<u32>,
 }
 
 /// [`TrainSpec::positions`].
@@ -381,6 +385,7 @@ impl Package {
                 inputs: vec![],
                 stats: vec![],
                 positions: Positions::All,
+                head_chunks: None,
             },
             text: TextSpec {
                 hidden_size: hidden,
