@@ -619,7 +619,7 @@ class SharedWeights:
         each in its package layout, rewriting the uses of the other one. Returns (renamed,
         rewritten uses)."""
         import onnx
-        from onnx import helper, numpy_helper
+        from onnx import numpy_helper
 
         inputs = {i.name for i in m.graph.input}
         uses = {}
@@ -630,30 +630,17 @@ class SharedWeights:
         alias, drop_nodes, replace = {}, set(), {}
         renamed = flipped = 0
 
-        def attr(n, key):
-            return next((a for a in n.attribute if a.name == key), None)
-
         def can_flip(n, k):
-            perm = attr(n, "perm")
+            perm = next((a for a in n.attribute if a.name == "perm"), None)
             return ((n.op_type == "Transpose" and (perm is None or list(perm.ints) == [1, 0]))
-                    or (n.op_type == "MatMul" and k == 1)
-                    or (n.op_type in ("Gemm", "FusedMatMul") and k in (0, 1) and n.domain in ("", "com.microsoft")))
+                    or reads_transposed(n, k))
 
         def flip(n, k, y):
             if n.op_type == "Transpose":
                 alias[n.output[0]] = y
                 drop_nodes.add(id(n))
-            elif n.op_type == "MatMul":
-                replace[id(n)] = helper.make_node("FusedMatMul", [n.input[0], y], list(n.output), name=n.name,
-                                                  domain="com.microsoft", alpha=1.0, transA=0, transB=1)
             else:
-                key = "transB" if k == 1 else "transA"
-                a = attr(n, key)
-                if a is None:
-                    n.attribute.append(helper.make_attribute(key, 1))
-                else:
-                    a.i = 1 - a.i
-                n.input[k] = y
+                replace[id(n)] = read_transposed(n, k, y)
 
         keep = []
         for init in m.graph.initializer:
@@ -702,8 +689,8 @@ class SharedWeights:
         m.graph.initializer.extend(keep)
         del m.graph.node[:]
         m.graph.node.extend(nodes)
-        if flipped and not any(o.domain == "com.microsoft" for o in m.opset_import):
-            m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        if flipped:
+            use_ms_domain(m)
         return renamed, flipped
 
     def save(self, m, path):
@@ -762,14 +749,46 @@ def store_weights_fp16(m):
     return len(casts)
 
 
+def reads_transposed(n, k):
+    """Whether node `n` can read its input `k` as the transpose of another tensor
+    (read_transposed)."""
+    return ((n.op_type == "MatMul" and k == 1)
+            or (n.op_type in ("Gemm", "FusedMatMul") and k in (0, 1) and n.domain in ("", "com.microsoft")))
+
+
+def read_transposed(n, k, y):
+    """`n` reading its input `k` as the transpose of `y`: MatMul(x, ·) becomes
+    com.microsoft.FusedMatMul(x, y, transB=1), Gemm and FusedMatMul flip transA / transB. Returns
+    the node to keep in `n`'s place."""
+    from onnx import helper
+
+    if n.op_type == "MatMul":
+        return helper.make_node("FusedMatMul", [n.input[0], y], list(n.output), name=n.name,
+                                domain="com.microsoft", alpha=1.0, transA=0, transB=1)
+    key = "transB" if k == 1 else "transA"
+    a = next((a for a in n.attribute if a.name == key), None)
+    if a is None:
+        n.attribute.append(helper.make_attribute(key, 1))
+    else:
+        a.i = 1 - a.i
+    n.input[k] = y
+    return n
+
+
+def use_ms_domain(m):
+    """Imports ONNX Runtime's com.microsoft domain (FusedMatMul) unless the model does."""
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def use_weights_in_place(m):
     """Each 2-D weight used where it is stored: MatMul(x, Transpose(W)) becomes
     com.microsoft.FusedMatMul(x, W, transB=1), Gemm(x, Transpose(W)) flips its transB, and
     Transpose(Transpose(W)) is W. The training graph's forward, recomputation and backward read
     one copy of each weight, where ONNX Runtime would otherwise keep a transposed copy beside it
     (constant folding) or transpose it on every call. Returns the number of uses rewritten."""
-    from onnx import helper
-
     # Weights only: an initializer that is also a graph input (an optional input's default, such
     # as a LoRA factor) is the caller's to replace and keeps its form.
     inputs = {i.name for i in m.graph.input}
@@ -790,25 +809,16 @@ def use_weights_in_place(m):
         if n.output[0] in twice:
             continue
         n.input[:] = [twice.get(i, i) for i in n.input]
-        if n.op_type == "MatMul" and n.input[1] in trans:
-            n = helper.make_node("FusedMatMul", [n.input[0], trans[n.input[1]]], list(n.output), name=n.name,
-                                 domain="com.microsoft", alpha=1.0, transA=0, transB=1)
-            rewritten += 1
-        elif n.op_type == "Gemm" and n.input[1] in trans:
-            tb = next((a for a in n.attribute if a.name == "transB"), None)
-            if tb is None:
-                n.attribute.append(helper.make_attribute("transB", 1))
-            else:
-                tb.i = 1 - tb.i
-            n.input[1] = trans[n.input[1]]
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in trans:
+            n = read_transposed(n, 1, trans[n.input[1]])
             rewritten += 1
         nodes.append(n)
     used = {i for n in nodes for i in n.input}
     nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in trans and n.output[0] not in used)]
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    if rewritten and not any(o.domain == "com.microsoft" for o in m.opset_import):
-        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if rewritten:
+        use_ms_domain(m)
     return rewritten
 
 
