@@ -290,10 +290,7 @@ pub fn export_with(
         if to_fp16.contains(file) && !optimised(file) {
             report.fp16_weights += g.store_weights_fp16(1024);
         }
-        if external.contains(file) && data.is_none() {
-            data = Some(DataFile::create(&data_path).map_err(|e| ferr(&data_path, e))?);
-        }
-        let shared = data.as_mut().filter(|_| external.contains(file));
+        let shared = shared_data(&mut data, &data_path, external.contains(file))?;
         g.save(&dst, shared).map_err(|e| ferr(&dst, e))?;
         stage(file, "written");
     }
@@ -325,10 +322,7 @@ pub fn export_with(
                 if to_fp16.contains(file) {
                     report.fp16_weights += g.store_weights_fp16(1024);
                 }
-                if large && data.is_none() {
-                    data = Some(DataFile::create(&data_path).map_err(|e| ferr(&data_path, e))?);
-                }
-                let shared = data.as_mut().filter(|_| large);
+                let shared = shared_data(&mut data, &data_path, large)?;
                 g.save(&p, shared).map_err(|e| ferr(&p, e))?;
                 std::fs::remove_file(&opt).map_err(|e| ferr(&opt, e))?;
                 if large {
@@ -375,6 +369,22 @@ pub fn export_with(
         std::fs::rename(&tmp, out).map_err(|e| ferr(out, e))?;
     }
     Ok(report)
+}
+
+/// The package's shared data file for a graph that keeps its weights outside (`external`),
+/// created at `path` by the first such graph; `None` for a graph with its weights inline.
+fn shared_data<'a>(
+    data: &'a mut Option<DataFile>,
+    path: &Path,
+    external: bool,
+) -> Result<Option<&'a mut DataFile>, ExportError> {
+    if !external {
+        return Ok(None);
+    }
+    if data.is_none() {
+        *data = Some(DataFile::create(path).map_err(|e| ferr(path, e))?);
+    }
+    Ok(data.as_mut())
 }
 
 /// Moves every file of the finished export `tmp` into the existing package `out` (one rename

@@ -45,15 +45,6 @@ enum Home {
     },
 }
 
-/// What [`SharedWeights::attach`] did for one graph.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Attached {
-    /// Initializers supplied from the store.
-    pub tensors: usize,
-    /// Of them, ones another session already had.
-    pub reused: usize,
-}
-
 /// ONNX's element type code and its size in bytes, for the types a weight file holds.
 fn element(data_type: u64) -> Option<(ort::sys::ONNXTensorElementDataType, usize)> {
     use ort::sys::ONNXTensorElementDataType as T;
@@ -132,27 +123,24 @@ impl SharedWeights {
         &mut self,
         mut b: SessionBuilder,
         graph: &Path,
-    ) -> Result<(SessionBuilder, Attached), String> {
+    ) -> Result<SessionBuilder, String> {
         let bytes = std::fs::read(graph).map_err(|e| format!("{}: {e}", graph.display()))?;
         let tensors =
             external_initializers(&bytes).map_err(|e| format!("{}: {e}", graph.display()))?;
-        let mut done = Attached::default();
         for t in &tensors {
-            let Some((value, reused)) = self.value(t)? else {
+            let Some(value) = self.value(t)? else {
                 continue;
             };
             b = b
                 .with_initializer(&t.name, value)
                 .map_err(|e| format!("{}: shared initializer {}: {e}", graph.display(), t.name))?;
-            done.tensors += 1;
-            done.reused += usize::from(reused);
         }
-        Ok((b, done))
+        Ok(b)
     }
 
-    /// The tensor for `t` (and whether it existed already), or `None` where the store cannot
-    /// serve it.
-    fn value(&mut self, t: &ExternalTensor) -> Result<Option<(Arc<DynValue>, bool)>, String> {
+    /// The tensor for `t` (made the first time it is asked for), or `None` where the store
+    /// cannot serve it.
+    fn value(&mut self, t: &ExternalTensor) -> Result<Option<Arc<DynValue>>, String> {
         let Some((ty, size)) = element(t.data_type) else {
             return Ok(None);
         };
@@ -203,7 +191,7 @@ impl SharedWeights {
             t.dims.clone(),
         );
         if let Some(v) = self.values.get(&key) {
-            return Ok(Some((v.clone(), true)));
+            return Ok(Some(v.clone()));
         }
         use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
         let at = t.offset as usize;
@@ -254,11 +242,11 @@ impl SharedWeights {
         };
         status(st).map_err(|e| format!("{}: {e}", t.name))?;
         let ptr = std::ptr::NonNull::new(out).ok_or_else(|| format!("{}: no value", t.name))?;
-        // SAFETY: a tensor value just created on the CPU, owned from here on.
+        // SAFETY: a tensor value just created (over host or device memory), owned from here on.
         let value = unsafe { DynValue::from_ptr(ptr, Some(&ort::memory::Allocator::default())) };
         let value = Arc::new(value);
         self.values.insert(key, value.clone());
         self.bytes += length;
-        Ok(Some((value, false)))
+        Ok(Some(value))
     }
 }

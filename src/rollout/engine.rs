@@ -180,9 +180,17 @@ pub struct Engine {
     own_in_place: bool,
     /// The most tokens a sequence may hold, prompt and new ones ([`Engine::context_length`]).
     context: Option<usize>,
-    /// With [`DeviceChoice::shared_weights`] on the CPU: the one copy of the weights every
+    /// With [`DeviceChoice::shared_weights`] (CPU or CUDA): the one copy of the weights every
     /// session reads. Last: dropped after the sessions.
     weights: Option<Arc<Mutex<SharedWeights>>>,
+}
+
+/// An error opening the graph at `path`.
+fn file_error(path: &Path, msg: impl ToString) -> EngineError {
+    EngineError::Package(PackageError::File {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    })
 }
 
 /// `b` reading its graph's weights from `weights` (with no pre-packed copies), when given.
@@ -192,15 +200,9 @@ fn shared(
     path: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
     let Some(w) = weights else { return Ok(b) };
-    let fail = |msg: String| {
-        EngineError::Package(PackageError::File {
-            path: path.to_path_buf(),
-            msg,
-        })
-    };
-    let b = b.with_prepacking(false).map_err(|e| fail(e.to_string()))?;
+    let b = b.with_prepacking(false).map_err(|e| file_error(path, e))?;
     let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(w.attach(b, path).map_err(fail)?.0)
+    w.attach(b, path).map_err(|e| file_error(path, e))
 }
 
 /// One CPU slice: its sessions and the thread they run on, kept for the engine's life.
@@ -222,12 +224,7 @@ fn profiled(
     let Some(dir) = dir else { return Ok(b) };
     let stem = file.strip_suffix(".onnx").unwrap_or(file);
     b.with_profiling(dir.join(format!("{stem}{suffix}")))
-        .map_err(|e| {
-            EngineError::Package(PackageError::File {
-                path: path.to_path_buf(),
-                msg: format!("cannot profile: {e}"),
-            })
-        })
+        .map_err(|e| file_error(path, format!("cannot profile: {e}")))
 }
 
 impl Engine {
@@ -293,12 +290,9 @@ impl Engine {
             provider = used;
             let b = shared(b, weights.as_ref(), &path)?;
             let mut b = profiled(b, choice.profile.as_deref(), file, "", &path)?;
-            let session = b.commit_from_file(&path).map_err(|e| {
-                EngineError::Package(PackageError::File {
-                    path,
-                    msg: with_kernel_hint(e.to_string(), &provider),
-                })
-            })?;
+            let session = b
+                .commit_from_file(&path)
+                .map_err(|e| file_error(&path, with_kernel_hint(e.to_string(), &provider)))?;
             // Names and types up front: a wrong graph is one error naming the file and the
             // input, not a failed run later.
             package.check_graph(file, &session)?;
@@ -475,24 +469,12 @@ impl Engine {
         let mut b = shared(b, self.weights.as_ref(), &path)?;
         if release && self.choice.device == Device::Cpu {
             let no_arena = ort::ep::CPU::default().with_arena_allocator(false).build();
-            let err = |e: String| {
-                EngineError::Package(PackageError::File {
-                    path: path.clone(),
-                    msg: e,
-                })
-            };
-            b = (b.with_execution_providers([no_arena])).map_err(|e| err(e.to_string()))?;
-            b = b
-                .with_memory_pattern(false)
-                .map_err(|e| err(e.to_string()))?;
-            b = b.with_prepacking(false).map_err(|e| err(e.to_string()))?;
+            let err = |e: ort::Error| file_error(&path, e);
+            b = (b.with_execution_providers([no_arena])).map_err(|e| err(e.into()))?;
+            b = b.with_memory_pattern(false).map_err(|e| err(e.into()))?;
+            b = b.with_prepacking(false).map_err(|e| err(e.into()))?;
         }
-        b.commit_from_file(&path).map_err(|e| {
-            EngineError::Package(PackageError::File {
-                path,
-                msg: e.to_string(),
-            })
-        })
+        b.commit_from_file(&path).map_err(|e| file_error(&path, e))
     }
 
     /// The time split since the last call, and resets it.
@@ -696,19 +678,13 @@ impl Engine {
             let open = |file: &String| -> Result<Session, EngineError> {
                 let path = self.package.graph_path(file);
                 let (b, _) = session_builder(self.env, &DeviceChoice::default(), None, None)?;
-                let fail = |msg: String| {
-                    EngineError::Package(PackageError::File {
-                        path: path.clone(),
-                        msg,
-                    })
-                };
                 let slice = format!("-slice{i}");
                 let b = shared(b, self.weights.as_ref(), &path)?;
                 profiled(b, self.choice.profile.as_deref(), file, &slice, &path)?
                     .with_intra_threads(1)
-                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| file_error(&path, e))?
                     .commit_from_file(&path)
-                    .map_err(|e| fail(e.to_string()))
+                    .map_err(|e| file_error(&path, e))
             };
             let thread = rayon::ThreadPoolBuilder::new()
                 .num_threads(1)
