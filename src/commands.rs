@@ -523,8 +523,9 @@ pub struct DeviceArgs {
     /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
     #[arg(long)]
     cuda_arena_exact: bool,
-    /// CPU: every session (and CPU slice) reads one memory-mapped copy of the weights, with no
-    /// pre-packed copies (as `ssrl train` runs): less memory, slower small-batch decoding.
+    /// Every session (and CPU slice) reads one copy of the weights, as `ssrl train` runs: on
+    /// the CPU one memory mapping with no pre-packed copies (less memory, slower small-batch
+    /// decoding), under cuda one device copy.
     #[arg(long)]
     shared_weights: bool,
 }
@@ -757,8 +758,8 @@ pub struct BenchTrainArgs {
     /// Also write the results here.
     #[arg(long, default_value = "bench-train.json")]
     json: PathBuf,
-    /// CPU: each session loads (and packs) its own copy of the weights, as with
-    /// `rollout.shared_weights = false`, instead of all reading one mapping.
+    /// Each session loads its own copy of the weights (packed, on the CPU), as with
+    /// `rollout.shared_weights = false`, instead of all reading one copy.
     #[arg(long)]
     own_weights: bool,
     /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).

@@ -88,10 +88,10 @@ pub struct RolloutConfig {
     pub cuda_mem_limit: usize,
     /// CUDA: grow the arena by what is asked instead of doubling (tighter on a shared GPU).
     pub cuda_arena_exact: bool,
-    /// CPU: every session (the engine's, the log-prob and the training graph's) reads one
-    /// memory-mapped copy of the weights and keeps no pre-packed copy; false: each loads its
-    /// own and packs it (small-batch decoding up to twice as fast, one copy of the weights
-    /// more per session).
+    /// Every session (the engine's, the log-prob and the training graph's) reads one copy of
+    /// the weights: on the CPU one memory-mapped copy with no pre-packed copy beside it, under
+    /// CUDA one device copy; false: each loads its own (on the CPU packed: small-batch decoding
+    /// up to twice as fast, one copy of the weights more per session).
     pub shared_weights: bool,
 }
 

@@ -405,8 +405,8 @@ impl Trainer {
         Ok(t)
     }
 
-    /// The distinct tensors and bytes every session reads from one mapping
-    /// (`rollout.shared_weights` on the CPU), `None` when each loads its own.
+    /// The distinct tensors and bytes of the one copy every session reads
+    /// (`rollout.shared_weights`, on the CPU or CUDA), `None` when each loads its own.
     pub fn shared_weights(&self) -> Option<(usize, u64)> {
         let w = self.weights.as_ref()?;
         let w = w.lock().unwrap_or_else(|e| e.into_inner());
@@ -919,14 +919,19 @@ impl Trainer {
         // Each phase's time, and the process's peak resident memory over it (Linux: the peak is
         // reset as each phase ends; elsewhere nothing is recorded).
         let can_reset = crate::rollout::bench::reset_peak_rss();
-        let time = |k: &str, t: Instant, m: &mut Metrics| {
-            m.insert(format!("timing_s/{k}"), t.elapsed().as_secs_f64());
-            if can_reset && k != "step" {
+        let peak = |k: &str, m: &mut Metrics| {
+            if can_reset {
                 m.insert(
                     format!("perf/peak_rss_gb/{k}"),
                     crate::rollout::bench::rss_mb().1 / 1024.0,
                 );
                 crate::rollout::bench::reset_peak_rss();
+            }
+        };
+        let time = |k: &str, t: Instant, m: &mut Metrics| {
+            m.insert(format!("timing_s/{k}"), t.elapsed().as_secs_f64());
+            if k != "step" {
+                peak(k, m);
             }
         };
         // 1. Prompts: decoded in the background during the previous step (double buffering), and
@@ -1124,12 +1129,7 @@ impl Trainer {
         self.push_lora()?;
         metrics.insert("timing_s/train".into(), t_train);
         metrics.insert("timing_s/optimizer".into(), t_optim);
-        if can_reset {
-            metrics.insert(
-                "perf/peak_rss_gb/train".into(),
-                crate::rollout::bench::rss_mb().1 / 1024.0,
-            );
-        }
+        peak("train", &mut metrics);
         time("step", t_start, &mut metrics);
         // 6. Metrics.
         let tokens = sums[0].max(1.0);
