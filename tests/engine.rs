@@ -106,7 +106,9 @@ fn resume_redoes_only_the_interrupted_shard() {
     let mut last = shards.clone();
     last.sort();
     std::fs::remove_file(last.last().unwrap()).unwrap();
-    let some_image = read_all(&full).last().unwrap().images[0].clone();
+    let some_image = read_all(&full).last().unwrap().images[0]
+        .label()
+        .to_string();
     std::fs::write(part.join(&some_image), b"\xff\xd8 half a jpeg").unwrap();
     let stale = part.join("data/.part-00001.parquet.tmp4242");
     std::fs::write(&stale, b"partial").unwrap();
@@ -295,4 +297,172 @@ fn nothing_to_produce_is_an_error() {
     };
     let err = tasks::run(&missing, &tasks::Silent).unwrap_err();
     assert!(err.to_string().contains("does-not-exist"), "{err}");
+}
+
+/// An `Image` struct's (bytes, path), either null.
+type StructImage<'a> = (Option<Vec<u8>>, Option<&'a str>);
+
+/// A Parquet file laid out as Hugging Face `datasets` writes an `Image` list column (EasyR1's
+/// example datasets): `images: list<struct<bytes: binary, path: string>>`, then `problem` and
+/// `answer`. `rows[r]` holds each image's (bytes, path); `None` rows have a null `images`.
+fn write_image_struct_parquet(path: &Path, rows: &[Option<Vec<StructImage>>]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = "message schema {
+        optional group images (LIST) {
+            repeated group list {
+                optional group element {
+                    optional binary bytes;
+                    optional binary path (UTF8);
+                }
+            }
+        }
+        optional binary problem (UTF8);
+        optional binary answer (UTF8);
+    }";
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(schema).unwrap());
+    let file = std::fs::File::create(path).unwrap();
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut w = SerializedFileWriter::new(file, schema, props).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    // The struct's fields: values with definition level 4 (present) or 3 (null in a present
+    // element); an empty or null list has one level 1 or 0 entry.
+    let field = |pick: &dyn Fn(&StructImage) -> Option<Vec<u8>>| {
+        let (mut vals, mut def, mut rep) = (Vec::new(), Vec::new(), Vec::new());
+        for r in rows {
+            match r {
+                None => {
+                    def.push(0);
+                    rep.push(0);
+                }
+                Some(l) if l.is_empty() => {
+                    def.push(1);
+                    rep.push(0);
+                }
+                Some(l) => {
+                    for (k, im) in l.iter().enumerate() {
+                        rep.push(i16::from(k > 0));
+                        match pick(im) {
+                            Some(v) => {
+                                vals.push(ByteArray::from(v));
+                                def.push(4);
+                            }
+                            None => def.push(3),
+                        }
+                    }
+                }
+            }
+        }
+        (vals, def, rep)
+    };
+    let columns = [
+        field(&|im| im.0.clone()),
+        field(&|im| im.1.map(|p| p.as_bytes().to_vec())),
+    ];
+    for (vals, def, rep) in &columns {
+        let mut c = rg.next_column().unwrap().unwrap();
+        c.typed::<ByteArrayType>()
+            .write_batch(vals, Some(def), Some(rep))
+            .unwrap();
+        c.close().unwrap();
+    }
+    for text in ["Which patch is flipped?", "2"] {
+        let mut c = rg.next_column().unwrap().unwrap();
+        let vals: Vec<ByteArray> = rows.iter().map(|_| ByteArray::from(text)).collect();
+        c.typed::<ByteArrayType>()
+            .write_batch(&vals, Some(&vec![1; rows.len()]), None)
+            .unwrap();
+        c.close().unwrap();
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn parquet_image_structs_are_read_as_images() {
+    use spatial_ssrl::tasks::write::{read_samples, ImageRef};
+    let root = scratch("image_structs");
+    let f = fixtures();
+    let rocket = std::fs::read(f.join("photos/rocket.jpg")).unwrap();
+    let coffee = std::fs::read(f.join("photos/coffee.png")).unwrap();
+    std::fs::copy(f.join("photos/chelsea.png"), root.join("chelsea.png")).unwrap();
+    let data = root.join("train.parquet");
+    write_image_struct_parquet(
+        &data,
+        &[
+            // Stored bytes (the struct's path is only the original file name).
+            Some(vec![(Some(rocket.clone()), Some("rocket.jpg"))]),
+            // No bytes: the path, relative to the data file.
+            Some(vec![(None, Some("chelsea.png"))]),
+            // Two stored images, the second without a path.
+            Some(vec![
+                (Some(coffee.clone()), Some("coffee.png")),
+                (Some(rocket), None),
+            ]),
+            // No images: a text-only prompt.
+            None,
+        ],
+    );
+    let s = read_samples(&data).unwrap();
+    assert_eq!(s.len(), 4);
+    let kinds: Vec<Vec<&str>> = s
+        .iter()
+        .map(|r| {
+            r.images
+                .iter()
+                .map(|i| match i {
+                    ImageRef::File(p) => p.as_str(),
+                    ImageRef::Embedded { .. } => "stored",
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            vec!["stored"],
+            vec!["chelsea.png"],
+            vec!["stored", "stored"],
+            vec![]
+        ]
+    );
+    assert!(s[0].images[0]
+        .label()
+        .ends_with("train.parquet row 0 image 0 (rocket.jpg)"));
+    assert!(s[2].images[1]
+        .label()
+        .ends_with("train.parquet row 2 image 1"));
+    // Each decodes to the file it came from, and its header gives the same size.
+    let want =
+        |name: &str| spatial_ssrl::tasks::source::load_rgb(&f.join("photos").join(name)).unwrap();
+    let got = s[0].load_images(&root).unwrap();
+    assert_eq!(got[0], want("rocket.jpg"));
+    assert_eq!(s[0].images[0].size(&root).unwrap(), got[0].dimensions());
+    assert_eq!(s[1].load_images(&root).unwrap()[0], want("chelsea.png"));
+    let two = s[2].load_images(&root).unwrap();
+    assert_eq!(
+        (&two[0], &two[1]),
+        (&want("coffee.png"), &want("rocket.jpg"))
+    );
+    assert!(s[3].images.is_empty());
+
+    // Stored bytes that are no image: an error naming the data file, row and image.
+    let bad = root.join("bad.parquet");
+    write_image_struct_parquet(&bad, &[Some(vec![(Some(b"not an image".to_vec()), None)])]);
+    let e = read_samples(&bad).unwrap()[0]
+        .load_images(&root)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad.parquet row 0 image 0"), "{e}");
+    // A struct with neither bytes nor path: the reader says so, naming file, row and column.
+    let empty = root.join("empty.parquet");
+    write_image_struct_parquet(&empty, &[Some(vec![(None, None)])]);
+    let e = read_samples(&empty).unwrap_err().to_string();
+    assert!(
+        e.contains("empty.parquet")
+            && e.contains("row 0: column `images`: image 0 has neither bytes nor a path"),
+        "{e}"
+    );
 }

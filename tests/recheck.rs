@@ -76,7 +76,7 @@ fn every_task_and_shuffle_variant_is_produced() {
             s.id
         );
         for i in &s.images {
-            assert!(r.out.join(i).is_file(), "{i}");
+            assert!(r.out.join(i.label()).is_file(), "{}", i.label());
         }
     }
 }
@@ -85,7 +85,7 @@ fn every_task_and_shuffle_variant_is_produced() {
 fn shuffle_answers_reassemble_the_source() {
     for s in of_task("shuffle") {
         let src = source_rgb(s);
-        let out = load(&run().out, &s.images[0]);
+        let out = load(&run().out, s.images[0].label());
         let (m, n, pw, ph) = grid(s);
         assert_eq!(out.dimensions(), (n * pw, m * ph));
         let k = (m * n) as usize;
@@ -138,7 +138,7 @@ fn shuffle_answers_reassemble_the_source() {
 fn flip_answers_name_the_flipped_patch() {
     for s in of_task("flip") {
         let src = source_rgb(s);
-        let out = load(&run().out, &s.images[0]);
+        let out = load(&run().out, s.images[0].label());
         let (_, _, pw, ph) = grid(s);
         let mut found = Vec::new();
         for i in 0..4u32 {
@@ -173,7 +173,7 @@ fn crop_answer_is_the_blackened_region() {
             b[2].as_u64().unwrap() as u32,
         );
         let truth = image::imageops::crop_imm(&src, x, y, side, side).to_image();
-        let black = load(&run().out, &s.images[0]);
+        let black = load(&run().out, s.images[0].label());
         let inner = image::imageops::crop_imm(&black, x + 3, y + 3, side - 6, side - 6).to_image();
         let mean: f64 =
             inner.as_raw().iter().map(|v| f64::from(*v)).sum::<f64>() / inner.as_raw().len() as f64;
@@ -185,7 +185,10 @@ fn crop_answer_is_the_blackened_region() {
                 || py > y + side + 2)
                 < 6.0
         );
-        let opts: Vec<RgbImage> = s.images[1..].iter().map(|p| load(&run().out, p)).collect();
+        let opts: Vec<RgbImage> = s.images[1..]
+            .iter()
+            .map(|p| load(&run().out, p.label()))
+            .collect();
         let d: Vec<f64> = opts
             .iter()
             .map(|o| mad_where(o, &truth, |_, _| true))
@@ -264,7 +267,7 @@ fn depth_answers_follow_the_depth_under_the_markers() {
         assert!((s.meta["d_min"].as_f64().unwrap() - lo).abs() < 1e-4 * lo.abs().max(1.0));
         assert!((s.meta["d_max"].as_f64().unwrap() - hi).abs() < 1e-4 * hi.abs().max(1.0));
         let norm = |d: f32| (f64::from(d) - lo) / (hi - lo);
-        let img = load(&run().out, &s.images[0]);
+        let img = load(&run().out, s.images[0].label());
         let mut by_depth: Vec<(f32, u64)> = Vec::new();
         for reg in s.meta["regions"].as_array().unwrap() {
             let (x, y) = (
@@ -315,7 +318,7 @@ fn position_answers_follow_equation_7() {
             .iter()
             .filter(|v| v.is_finite())
             .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
-        let img = load(&run().out, &s.images[0]);
+        let img = load(&run().out, s.images[0].label());
         let mut blocks = Vec::new();
         for m in s.meta["markers"].as_array().unwrap() {
             let (x, y) = (

@@ -271,3 +271,76 @@ fn max_side_scales_frame_depth_and_intrinsics() {
     assert!(median(&small, 85, 107, 180, 225).0 < median(&small, 10, 45, 270, 345).0);
     assert!(full.width() == 741);
 }
+
+/// The released datasets' own folder trees, made from the repo's frames: MegaDepth_v1's
+/// `<scene>/dense0/imgs` + `dense0/depths`, DIODE's `val/outdoor/scene_*/scan_*`.
+#[test]
+fn released_trees_megadepth_v1_and_diode() {
+    let root = scratch("released_trees");
+    let official = fixtures().join("official");
+    let mega = root.join("MegaDepth_v1/0015/dense0");
+    std::fs::create_dir_all(mega.join("imgs")).unwrap();
+    std::fs::create_dir_all(mega.join("depths")).unwrap();
+    let copy = |from: &str, to: &Path| std::fs::copy(official.join(from), to).unwrap();
+    copy(
+        "RGB-D_img1.jpg",
+        &mega.join("imgs/5008984_74a994ce1c_o.jpg"),
+    );
+    copy(
+        "RGB-D_depth1.h5",
+        &mega.join("depths/5008984_74a994ce1c_o.h5"),
+    );
+    // A photo whose depth map is missing: named in a warning, never a frame.
+    copy("RGB-D_img2.jpg", &mega.join("imgs/no_depth.jpg"));
+    let scan = root.join("DIODE/val/outdoor/scene_00022/scan_00193");
+    std::fs::create_dir_all(&scan).unwrap();
+    let stem = "00022_00193_outdoor_000_010";
+    copy("RGB-D_img3.png", &scan.join(format!("{stem}.png")));
+    copy("RGB-D_depth3.npy", &scan.join(format!("{stem}_depth.npy")));
+    copy(
+        "RGB-D_depth_mask3.npy",
+        &scan.join(format!("{stem}_depth_mask.npy")),
+    );
+
+    let found = source::discover_rgbd(&root).unwrap();
+    let got: Vec<(String, Layout)> = found
+        .frames
+        .iter()
+        .map(|f| {
+            let rel = f.color.strip_prefix(&root).unwrap();
+            (rel.to_string_lossy().into_owned(), f.layout)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                format!("DIODE/val/outdoor/scene_00022/scan_00193/{stem}.png"),
+                Layout::Diode
+            ),
+            (
+                "MegaDepth_v1/0015/dense0/imgs/5008984_74a994ce1c_o.jpg".into(),
+                Layout::Megadepth
+            ),
+        ]
+    );
+    assert_eq!(found.warnings.len(), 1, "{:?}", found.warnings);
+    assert!(
+        found.warnings[0].contains("no_depth.jpg")
+            && found.warnings[0].contains("depths/no_depth.h5"),
+        "{:?}",
+        found.warnings
+    );
+    // The frames read as their flat twins do (see megadepth_h5_relative_depth and
+    // diode_depth_in_metres_with_mask).
+    let mega_frame = source::load_rgbd(&found.frames[1], 0).unwrap();
+    assert!(!found.frames[1].metric);
+    assert!(close(
+        median(&mega_frame, 850, 1060, 800, 1100).0,
+        100.97,
+        0.01
+    ));
+    let diode = source::load_rgbd(&found.frames[0], 0).unwrap();
+    assert!(found.frames[0].mask.is_some());
+    assert!(close(median(&diode, 600, 768, 0, 1024).0, 3.26, 0.02));
+}

@@ -5,7 +5,7 @@
 use super::score::{self, Scored};
 use crate::tasks::source::{decode_rgb, load_rgb};
 use crate::tasks::templates::FORMAT_SENTENCE;
-use crate::tasks::write::{read_dataset, SampleRecord};
+use crate::tasks::write::{read_dataset, ImageRef, SampleRecord};
 use base64::Engine as _;
 use image::RgbImage;
 use serde_json::value::RawValue;
@@ -80,6 +80,8 @@ pub enum ImageSource {
     Resized(PathBuf, u32, u32),
     /// Base64 bytes from a TSV cell; the path names the file for errors.
     Base64(std::sync::Arc<str>, String),
+    /// An image stored in a data file (a Parquet `Image` struct's bytes), and its name.
+    Stored(std::sync::Arc<[u8]>, String),
 }
 
 impl ImageSource {
@@ -98,6 +100,7 @@ impl ImageSource {
             ImageSource::File(p) => crate::tasks::source::image_size(p),
             ImageSource::Resized(_, w, h) => Ok((*w, *h)),
             ImageSource::Base64(b64, name) => header(&base64_bytes(b64, name)?, Path::new(name)),
+            ImageSource::Stored(bytes, name) => header(bytes, Path::new(name)),
         }
     }
 
@@ -113,6 +116,7 @@ impl ImageSource {
             ImageSource::Base64(b64, name) => {
                 decode_rgb(&base64_bytes(b64, name)?, Path::new(name))
             }
+            ImageSource::Stored(bytes, name) => decode_rgb(bytes, Path::new(name)),
         }
     }
 }
@@ -290,7 +294,12 @@ fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> 
                 images: s
                     .images
                     .iter()
-                    .map(|p| ImageSource::File(root.join(p)))
+                    .map(|i| match i {
+                        ImageRef::File(p) => ImageSource::File(root.join(p)),
+                        ImageRef::Embedded { name, bytes } => {
+                            ImageSource::Stored(bytes.clone(), name.clone())
+                        }
+                    })
                     .collect(),
                 answer: s.answer.clone(),
                 rule: Rule::Pretext,

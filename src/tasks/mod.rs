@@ -439,7 +439,7 @@ fn process_source(
                             &encode_jpeg(img, cfg.jpeg_quality),
                             false,
                         )?;
-                        images.push(rel);
+                        images.push(write::ImageRef::File(rel));
                     }
                     out.samples.push(SampleRecord {
                         id,

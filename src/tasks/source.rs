@@ -8,8 +8,10 @@
 //!   frames associated by nearest timestamp (≤ 0.02 s).
 //! - **ScanNet** (exported): `color/N.jpg`, `depth/N.png` (mm), `intrinsic/intrinsic_color.txt`;
 //!   depth is resampled (nearest) to the colour size.
-//! - **DIODE**: `X.png` + `X_depth.npy` (m, `(H, W, 1)`) + `X_depth_mask.npy` (0/1).
-//! - **MegaDepth**: `X.jpg` + `X.h5` (dataset `depth`, relative, `> 0` valid).
+//! - **DIODE**: `X.png` + `X_depth.npy` (m, `(H, W, 1)`) + `X_depth_mask.npy` (0/1), anywhere in
+//!   its `train|val/indoors|outdoor/scene_*/scan_*` tree.
+//! - **MegaDepth**: `X.jpg` + `X.h5` (dataset `depth`, relative, `> 0` valid), side by side or as
+//!   MegaDepth_v1 ships them: `<scene>/dense*/imgs/X.jpg` + `<scene>/dense*/depths/X.h5`.
 //! - **Official Spatial-SSRL samples**: `RGB-D_imgN.*` + `RGB-D_depthN.{h5,npy}` (+ `RGB-D_depth_maskN.npy`).
 //! - **Generic**: `X.png|jpg` + `X_depth.png` (uint16 mm) or `X_depth.npy` (m), or a frame
 //!   folder with `color.*` + `depth_mm.png` / `depth.npy`; optional `intrinsics.json` in the folder.
@@ -389,6 +391,53 @@ fn invalid(msg: String) -> std::io::Error {
 /// malformed `intrinsics.json` or `intrinsic_color.txt`, or one with a focal length ≤ 0, is an
 /// error naming the file: taken as missing, it would change `--position-geometry metric`'s
 /// answers.
+/// A layout that keeps colour and depth in two sibling folders under the same file stem
+/// (ScanNet's `color/` + `depth/`, MegaDepth's `imgs/` + `depths/`).
+struct Paired {
+    colour: &'static str,
+    depth: &'static str,
+    /// The depth file's extension.
+    ext: &'static str,
+    layout: Layout,
+    encoding: DepthEncoding,
+    resample_depth: bool,
+    metric: bool,
+}
+
+impl Paired {
+    /// Every image in `dir/colour` with its depth file, or a warning naming the missing one.
+    fn collect(
+        &self,
+        dir: &Path,
+        intrinsics: Option<Intrinsics>,
+        walk: &mut Walk,
+        found: &mut Discovered,
+    ) -> std::io::Result<()> {
+        let (files, _) = list_dir(&dir.join(self.colour), &mut walk.notes)?;
+        for c in files.into_iter().filter(|p| is_image_ext(p)) {
+            let stem = c.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            let dp = dir.join(self.depth).join(format!("{stem}.{}", self.ext));
+            if dp.is_file() {
+                found.frames.push(RgbdSource {
+                    layout: self.layout,
+                    color: c,
+                    depth: dp,
+                    mask: None,
+                    encoding: self.encoding,
+                    resample_depth: self.resample_depth,
+                    intrinsics,
+                    metric: self.metric,
+                });
+            } else {
+                found
+                    .warnings
+                    .push(format!("{}: no depth frame {}", c.display(), dp.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn discover_rgbd(dir: &Path) -> std::io::Result<Discovered> {
     discover_rgbd_in(dir, &mut Walk::default())
 }
@@ -455,44 +504,45 @@ pub fn discover_rgbd_in(dir: &Path, walk: &mut Walk) -> std::io::Result<Discover
             );
             continue;
         }
-        // ScanNet export
+        // ScanNet export: color/N.jpg ↔ depth/N.png (mm), resampled to the colour size.
         if d.join("color").is_dir() && d.join("depth").is_dir() {
             let kp = d.join("intrinsic").join("intrinsic_color.txt");
             let k = match kp.is_file() {
                 true => Some(read_matrix_intrinsics(&kp).map_err(invalid)?),
                 false => folder_k,
             };
-            let (cfiles, _) = list_dir(&d.join("color"), &mut walk.notes)?;
-            for c in cfiles.into_iter().filter(|p| is_image_ext(p)) {
-                let stem = c
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or("")
-                    .to_string();
-                let dp = d.join("depth").join(format!("{stem}.png"));
-                if dp.is_file() {
-                    found.frames.push(RgbdSource {
-                        layout: Layout::Scannet,
-                        color: c,
-                        depth: dp,
-                        mask: None,
-                        encoding: PNG_MM,
-                        resample_depth: true,
-                        intrinsics: k,
-                        metric: true,
-                    });
-                } else {
-                    found.warnings.push(format!(
-                        "{}: no depth frame {}",
-                        c.display(),
-                        dp.display()
-                    ));
-                }
-            }
+            let pairing = Paired {
+                colour: "color",
+                depth: "depth",
+                ext: "png",
+                layout: Layout::Scannet,
+                encoding: PNG_MM,
+                resample_depth: true,
+                metric: true,
+            };
+            pairing.collect(&d, k, walk, &mut found)?;
             stack.extend(
                 dirs.into_iter().filter(|p| {
                     !matches!(name(p).as_str(), "color" | "depth" | "intrinsic" | "pose")
                 }),
+            );
+            continue;
+        }
+        // MegaDepth_v1 as it ships: <scene>/dense*/imgs/X.jpg ↔ dense*/depths/X.h5.
+        if d.join("imgs").is_dir() && d.join("depths").is_dir() {
+            let pairing = Paired {
+                colour: "imgs",
+                depth: "depths",
+                ext: "h5",
+                layout: Layout::Megadepth,
+                encoding: DepthEncoding::H5,
+                resample_depth: false,
+                metric: false,
+            };
+            pairing.collect(&d, folder_k, walk, &mut found)?;
+            stack.extend(
+                dirs.into_iter()
+                    .filter(|p| !matches!(name(p).as_str(), "imgs" | "depths")),
             );
             continue;
         }

@@ -27,11 +27,75 @@ pub struct SampleRecord {
     pub answer: String,
     /// None for a text-only prompt.
     #[serde(default)]
-    pub images: Vec<String>,
+    pub images: Vec<ImageRef>,
     #[serde(default)]
     pub source: Vec<String>,
     #[serde(default)]
     pub meta: serde_json::Value,
+}
+
+/// A sample's image: a file, relative to its data file's folder (or absolute), or an image
+/// stored in the data file itself (a Hugging Face `Image` struct's bytes, as EasyR1's example
+/// datasets ship). Written and serialised as the path, or for a stored image its name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageRef {
+    File(String),
+    /// `name`: `<data file> row N image K`, with the struct's own path when it has one.
+    Embedded {
+        name: String,
+        bytes: Arc<[u8]>,
+    },
+}
+
+impl ImageRef {
+    /// The path, or the stored image's name.
+    pub fn label(&self) -> &str {
+        match self {
+            ImageRef::File(p) => p,
+            ImageRef::Embedded { name, .. } => name,
+        }
+    }
+
+    /// `(width, height)` from the header (the pixels are not decoded).
+    pub fn size(&self, root: &Path) -> Result<(u32, u32), super::source::SourceError> {
+        use super::{source::SourceError, SkipReason};
+        match self {
+            ImageRef::File(p) => super::source::image_size(&root.join(p)),
+            ImageRef::Embedded { name, bytes } => {
+                image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+                    .with_guessed_format()
+                    .map_err(|e| SourceError::new(SkipReason::Decode, Path::new(name), e))?
+                    .into_dimensions()
+                    .map_err(|e| SourceError::new(SkipReason::Decode, Path::new(name), e))
+            }
+        }
+    }
+
+    /// The decoded image (see [`super::source::decode_rgb`]).
+    pub fn load(&self, root: &Path) -> Result<image::RgbImage, super::source::SourceError> {
+        match self {
+            ImageRef::File(p) => super::source::load_rgb(&root.join(p)),
+            ImageRef::Embedded { name, bytes } => super::source::decode_rgb(bytes, Path::new(name)),
+        }
+    }
+}
+
+impl From<&str> for ImageRef {
+    fn from(p: &str) -> Self {
+        ImageRef::File(p.to_string())
+    }
+}
+
+impl Serialize for ImageRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.label())
+    }
+}
+
+impl<'de> Deserialize<'de> for ImageRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(ImageRef::File)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -158,7 +222,10 @@ pub fn parquet_bytes(
                 4 | 5 => {
                     let (mut vals, mut def, mut rep) = (Vec::new(), Vec::new(), Vec::new());
                     for s in samples {
-                        let list = if col == 4 { &s.images } else { &s.source };
+                        let list: Vec<&str> = match col {
+                            4 => s.images.iter().map(ImageRef::label).collect(),
+                            _ => s.source.iter().map(String::as_str).collect(),
+                        };
                         if list.is_empty() {
                             def.push(0);
                             rep.push(0);
@@ -195,6 +262,62 @@ fn field_str(f: &Field) -> Option<String> {
         Field::Str(s) => Some(s.clone()),
         Field::Bytes(b) => String::from_utf8(b.data().to_vec()).ok(),
         _ => None,
+    }
+}
+
+/// A Parquet row's `images`: a list (or one value) of paths, or of Hugging Face `Image`
+/// structs (`{bytes, path}`: the bytes when stored, else the path); null for none. Any other
+/// type is an error, never read as no images.
+fn parquet_images(f: &Field, file: &Path, row: usize) -> Result<Vec<ImageRef>, String> {
+    let one = |k: usize, f: &Field| -> Result<ImageRef, String> {
+        match f {
+            Field::Str(p) => Ok(ImageRef::File(p.clone())),
+            Field::Bytes(b) => String::from_utf8(b.data().to_vec())
+                .map(ImageRef::File)
+                .map_err(|_| format!("image {k} is bytes but not a path (an Image struct's bytes go in its `bytes` field)")),
+            Field::Group(g) => {
+                let (mut bytes, mut path) = (None, None);
+                for (n, v) in g.get_column_iter() {
+                    match (n.as_str(), v) {
+                        ("bytes", Field::Bytes(b)) => bytes = Some(b.data()),
+                        ("path", Field::Str(p)) => path = Some(p.clone()),
+                        ("bytes" | "path", Field::Null) => {}
+                        (n @ ("bytes" | "path"), v) => {
+                            return Err(format!("image {k}: field `{n}` holds {v}, not {}", match n {
+                                "bytes" => "bytes",
+                                _ => "a string",
+                            }))
+                        }
+                        _ => {}
+                    }
+                }
+                match (bytes, path) {
+                    (Some(b), p) => Ok(ImageRef::Embedded {
+                        name: format!(
+                            "{} row {row} image {k}{}",
+                            file.display(),
+                            p.map(|p| format!(" ({p})")).unwrap_or_default()
+                        ),
+                        bytes: Arc::from(b),
+                    }),
+                    (None, Some(p)) => Ok(ImageRef::File(p)),
+                    (None, None) => Err(format!("image {k} has neither bytes nor a path")),
+                }
+            }
+            other => Err(format!(
+                "image {k} is {other}, not a path or an Image struct ({{bytes, path}})"
+            )),
+        }
+    };
+    match f {
+        Field::Null => Ok(vec![]),
+        Field::ListInternal(l) => l
+            .elements()
+            .iter()
+            .enumerate()
+            .map(|(k, e)| one(k, e))
+            .collect(),
+        single => Ok(vec![one(0, single)?]),
     }
 }
 
@@ -268,10 +391,7 @@ impl SampleRecord {
         &self,
         root: &Path,
     ) -> Result<Vec<image::RgbImage>, super::source::SourceError> {
-        self.images
-            .iter()
-            .map(|p| super::source::load_rgb(&root.join(p)))
-            .collect()
+        self.images.iter().map(|i| i.load(root)).collect()
     }
 }
 
@@ -338,7 +458,10 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
                 "task" => rec.task = field_str(f).unwrap_or_default(),
                 "problem" => rec.problem = field_str(f).unwrap_or_default(),
                 "answer" => rec.answer = field_str(f).unwrap_or_default(),
-                "images" => rec.images = list(),
+                "images" => {
+                    rec.images = parquet_images(f, path, i)
+                        .map_err(|m| ferr(format!("row {i}: column `images`: {m}")))?
+                }
                 "source" => rec.source = list(),
                 "meta" => {
                     rec.meta = serde_json::from_str(&field_str(f).unwrap_or_default())

@@ -325,7 +325,7 @@ fn screened(
     let sizes: Vec<Result<Vec<(u32, u32)>, String>> = (d.samples.par_iter().zip(&d.roots))
         .map(|(s, root)| {
             (s.images.iter())
-                .map(|p| crate::tasks::source::image_size(&root.join(p)).map_err(|e| e.to_string()))
+                .map(|i| i.size(root).map_err(|e| e.to_string()))
                 .collect()
         })
         .collect();
