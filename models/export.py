@@ -487,6 +487,22 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         # they are folded into the query length ([B, kv_heads, g·S, d]) and every KV head is
         # read once per step instead of g times (no expanded copies of the cache in the graph).
         kvh, g, T = k.shape[1], at.num_key_value_groups, k.shape[2]
+        if past is None and prefix is None and ATTENTION_CHUNKS > 1:
+            # No cache (the log-prob and training graphs): the queries in chunks.
+            o = _ChunkedAttention.apply(q.reshape(B, kvh, g, S, at.head_dim), k, v, attention_mask, at.scaling)
+        else:
+            o = attention(q, k, v, i, kvh, g, T)
+        o = o.reshape(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
+        h = h + proj(lora, i, "o_proj", at.o_proj, o)
+        mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, h)
+        g = mlp.act_fn(proj(lora, i, "gate_proj", mlp.gate_proj, x)) * proj(lora, i, "up_proj", mlp.up_proj, x)
+        h = h + proj(lora, i, "down_proj", mlp.down_proj, g)
+        return h, k, v
+
+    def attention(q, k, v, i, kvh, g, T):
+        """Layer i's attention output, [B, kv_heads, g·S, d], over its whole score matrix (with
+        the cache, or every query at once)."""
+        at = lm.layers[i].self_attn
         qg = q.reshape(B, kvh, g * S, at.head_dim)
         att = torch.matmul(qg, k.transpose(2, 3)) * at.scaling
         att = (att.view(B, kvh, g, S, T) + bias[:, :, None]).view(B, kvh, g * S, T)
@@ -523,12 +539,7 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
                 o = (torch.matmul(att[..., P + C:], v)
                      + torch.matmul(att[..., P:P + C].index_select(0, fwd), ov).index_select(0, back)
                      + to_rows(torch.matmul(to_slots(att[..., :P], P), pv), d))
-        o = o.view(B, kvh * g, S, at.head_dim).transpose(1, 2).reshape(B, S, -1)
-        h = h + proj(lora, i, "o_proj", at.o_proj, o)
-        mlp, x = layer.mlp, rms_norm(layer.post_attention_layernorm, h)
-        g = mlp.act_fn(proj(lora, i, "gate_proj", mlp.gate_proj, x)) * proj(lora, i, "up_proj", mlp.up_proj, x)
-        h = h + proj(lora, i, "down_proj", mlp.down_proj, g)
-        return h, k, v
+        return o
 
     h, presents = embeds, []
     if recompute:
@@ -822,17 +833,30 @@ def use_weights_in_place(m):
     return rewritten
 
 
-def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names, defaults=None):
+def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names, defaults=None,
+           split_slices=True):
     """torch.onnx (dynamo) export, then: readable dimension names, debug metadata stripped, and
     `defaults` {input: array} stored as initializers of the same name, which makes those inputs
-    optional (ONNX Runtime uses the stored value unless the caller feeds one)."""
+    optional (ONNX Runtime uses the stored value unless the caller feeds one).
+
+    `split_slices=False` leaves out onnxscript's SlicesSplit rewrite (two Slices of a tensor
+    into one Split): it matches by trying every node of the graph against every Slice, which
+    took most of the training graph's export time (quadratic in its nodes: 11 of 14 minutes
+    for the 2-layer tiny package's, with attention and head in chunks)."""
     import onnx
     from onnx import numpy_helper
+    from onnxscript import rewriter
 
     t0 = time.time()
-    torch.onnx.export(mod, args, path, input_names=input_names, output_names=output_names,
-                      dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True, external_data=EXTERNAL_DATA,
-                      optimize=True, verbose=False)
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    if not split_slices:
+        rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if r.name != "SlicesSplit")
+    try:
+        torch.onnx.export(mod, args, path, input_names=input_names, output_names=output_names,
+                          dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True,
+                          external_data=EXTERNAL_DATA, optimize=True, verbose=False)
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
     m = onnx.load(path, load_external_data=False)
     # Drop the exporter's per-node debug metadata (stack traces with local paths and line
     # numbers): smaller files that depend only on the model.
@@ -1044,6 +1068,7 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
         # target_ids, completion_mask, old/ref log-probs and the log-prob outputs cover the last
         # C columns of the rows (the completion), not all S.
         "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion", "head_chunks": HEAD_CHUNKS,
+                  "attention_chunks": ATTENTION_CHUNKS,
                   "loss": "EasyR1 GRPO: clamp ±20, clip low/high in log space, dual clip, k3 KL clamped to ±10, "
                           "sum over completion tokens / token_count"},
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,
@@ -1140,7 +1165,10 @@ class _ChunkedHead(torch.autograd.Function):
             # H = lse − Σ p·z with p = e / Σe.
             ent.append(lk - (e * z).sum(-1) / total)
             lse.append(lk)
-            link = (lk[:1] * 0.0).sum().to(h.dtype)
+            # From the entropy as well: ONNX Runtime runs a node whose result is wanted only
+            # at the end (the entropies feed the statistics) as late as it can, keeping this
+            # chunk's logits alive until then.
+            link = ((lk[:1] + ent[-1][:1]) * 0.0).sum().to(h.dtype)
         lse = torch.cat(lse)[:N]
         entropy = torch.cat(ent)[:N]
         picked = (h * weight[targets]).sum(-1).float() / temperature
@@ -1162,6 +1190,87 @@ class _ChunkedHead(torch.autograd.Function):
             link = (dk.reshape(-1)[:1] * 0.0).sum()
         grad = torch.cat(grads)[:N] + gs.unsqueeze(-1).to(h.dtype) * weight[targets]
         return grad, None, None, None
+
+
+ATTENTION_CHUNKS = 8  # --attention-chunks: the log-prob and training graphs' attention runs over the queries in this many chunks
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Causal GQA attention softmax(q·kᵀ·scaling + mask) · v for the graphs without a cache (the
+    log-prob and training graphs), with no [heads, S, S] tensor larger than a chunk of queries:
+    the queries go through in ATTENTION_CHUNKS chunks, one after another (each chunk's queries
+    carry a zero from the previous chunk's output, so ONNX Runtime cannot run them side by side),
+    each chunk's mask built from the positions and the padding mask. Only the output and the
+    per-row log-normalisers are kept; the backward pass rebuilds each chunk's probabilities
+    from them, as flash attention does: with D = rowsum(dO ⊙ O), dS = P ⊙ (dO·vᵀ − D),
+    dq = dS·k·scaling, dk = dSᵀ·q·scaling, dv = Pᵀ·dO.
+
+    q is [B, kv_heads, g, S, d] (the g query heads of a KV head together), k and v
+    [B, kv_heads, T, d] with T = S, mask [B, T] (1: a token). Scores, softmax and the
+    log-normalisers are fp32 whatever the inputs' type."""
+
+    @staticmethod
+    def _chunk_scores(qc, k, c, n, keep, scaling):
+        """fp32 scores of the n queries of chunk c ([B, h, g, n, d]) against every key, masked."""
+        B, h, g, _, d = qc.shape
+        T = k.shape[2]
+        s = torch.matmul(qc.reshape(B, h, g * n, d), k.transpose(2, 3)).float().view(B, h, g, n, T) * scaling
+        q_pos = torch.arange(n) + c * n
+        allowed = (torch.arange(T)[None, :] <= q_pos[:, None])[None] & keep  # [B, n, T]
+        return s + torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None, None]
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scaling):
+        K, (B, h, g, S, d) = ATTENTION_CHUNKS, q.shape
+        qp = _ChunkedHead._chunks(q.transpose(0, 3), K)  # [K, n, h, g, B, d]
+        n = qp.shape[1]
+        keep = mask.bool()[:, None, :]
+        outs, lses, link = [], [], None
+        for c in range(K):
+            qc = qp[c].transpose(0, 3)
+            if link is not None:
+                qc = qc + link
+            s = _ChunkedAttention._chunk_scores(qc, k, c, n, keep, scaling)
+            m = s.amax(-1, keepdim=True)
+            e = torch.exp(s - m)
+            total = e.sum(-1, keepdim=True)
+            p = (e / total).to(v.dtype).reshape(B, h, g * n, -1)
+            o = torch.matmul(p, v).view(B, h, g, n, d)
+            outs.append(o)
+            lses.append((m + torch.log(total)).squeeze(-1))
+            link = (o.reshape(-1)[:1] * 0.0).sum()
+        o = torch.cat(outs, 3)[:, :, :, :S]
+        lse = torch.cat(lses, 3)[:, :, :, :S]
+        ctx.save_for_backward(q, k, v, mask, o, lse)
+        ctx.scaling = scaling
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, mask, o, lse = ctx.saved_tensors
+        scaling, K, (B, h, g, S, d) = ctx.scaling, ATTENTION_CHUNKS, q.shape
+        D = (do.float() * o.float()).sum(-1)  # [B, h, g, S]
+        qp, dop = (_ChunkedHead._chunks(x.transpose(0, 3), K) for x in (q, do))
+        lp, Dp = (_ChunkedHead._chunks(x.transpose(0, 3), K) for x in (lse, D))  # [K, n, h, g, B]
+        n = qp.shape[1]
+        keep = mask.bool()[:, None, :]
+        dqs, dk, dv = [], None, None
+        link = (do.reshape(-1)[:1] * 0.0).sum()
+        for c in range(K):
+            qc, doc = (x[c].transpose(0, 3) + link for x in (qp, dop))
+            lc, Dc = (x[c].transpose(0, 3) for x in (lp, Dp))
+            p = torch.exp(_ChunkedAttention._chunk_scores(qc, k, c, n, keep, scaling) - lc.unsqueeze(-1))
+            dp = torch.matmul(doc.reshape(B, h, g * n, d), v.transpose(2, 3)).float().view(B, h, g, n, -1)
+            ds = (p * (dp - Dc.unsqueeze(-1)) * scaling).to(q.dtype).reshape(B, h, g * n, -1)
+            dqs.append(torch.matmul(ds, k).view(B, h, g, n, d))
+            dkc = torch.matmul(ds.transpose(2, 3), qc.reshape(B, h, g * n, d))
+            dvc = torch.matmul(p.to(v.dtype).reshape(B, h, g * n, -1).transpose(2, 3), doc.reshape(B, h, g * n, d))
+            dk = dkc if dk is None else dk + dkc
+            dv = dvc if dv is None else dv + dvc
+            # From all three products: one that the chain did not wait for would run when its
+            # sum is wanted, after the last chunk, keeping every chunk's probabilities alive.
+            link = ((dqs[-1].reshape(-1)[:1] + dk.reshape(-1)[:1] + dv.reshape(-1)[:1]) * 0.0).sum()
+        return torch.cat(dqs, 3)[:, :, :, :S], dk, dv, None, None
 
 
 def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=False):
@@ -1308,7 +1417,7 @@ def export_training(model, out, lora_names, shapes_, scale):
         dims[k] = {0: "batch_size", 1: "completion_length"}
     dims["advantages"] = {0: "batch_size"}
     export(Joint(gm).eval(), tuple(batch + lora), f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names,
-           (tuple(ds),), dims)
+           (tuple(ds),), dims, split_slices=False)
     return step
 
 
@@ -1585,8 +1694,8 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
 
 def check_recompute_order(out, feeds):
     """ONNX Runtime's own execution order, from its profile: no node of the backward pass's
-    recomputations (a node downstream of a zero taken from a gradient, see _Recompute and
-    _ChunkedHead) may run before the loss is computed, or every layer's recomputed activations
+    recomputations (a node downstream of a zero taken from a gradient, see _Recompute,
+    _ChunkedHead and _ChunkedAttention) may run before the loss is computed, or every layer's recomputed activations
     would be alive at once. The forward pass's own chaining zeros (the head's chunks) are told
     apart as the ones the loss depends on. Returns (recomputed nodes run, gradient zeros)."""
     import collections
@@ -1676,7 +1785,7 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
             raise SystemExit("verify: train.onnx differs from torch autograd")
     # 1b. ONNX Runtime recomputes each layer in the backward pass, not during the forward
     ran, layers = check_recompute_order(out, feeds(train_batch(model)))
-    print(f"  recomputation ({layers} gradient zeros: the layers and the head's chunks): {ran} nodes, none before "
+    print(f"  recomputation ({layers} gradient zeros: the layers, the head's and attention's chunks): {ran} nodes, none before "
           f"the forward pass ends", flush=True)
     # 2. the wrapper against an independent path: the HF forward with LoRA added by hooks
     batch = train_batch(model)
@@ -1875,11 +1984,17 @@ def main(argv=None):
                     help="the log-prob and training graphs take the response through the vocabulary head in this many "
                          "chunks of positions, none holding every position's logits (1: all at once, keeping the logits "
                          "for the backward pass: faster on CPUs, 3 full-vocabulary tensors per position at the peak)")
+    ap.add_argument("--attention-chunks", type=int, default=ATTENTION_CHUNKS,
+                    help="the log-prob and training graphs run each layer's attention over the queries in this many "
+                         "chunks, none holding every query's scores, and the backward pass rebuilds each chunk's "
+                         "probabilities (1: all queries at once, the scores kept for the backward pass)")
     a = ap.parse_args(argv)
     globals()["OPSET"] = a.opset
-    if a.head_chunks < 1:
-        ap.error("--head-chunks must be at least 1")
+    for flag, v in (("--head-chunks", a.head_chunks), ("--attention-chunks", a.attention_chunks)):
+        if v < 1:
+            ap.error(f"{flag} must be at least 1")
     globals()["HEAD_CHUNKS"] = a.head_chunks
+    globals()["ATTENTION_CHUNKS"] = a.attention_chunks
     globals()["DTYPE"] = a.dtype
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     for t in targets:

@@ -609,7 +609,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         use spatial_ssrl::model::package::Positions;
         let t = &m.train;
         outln!(
-            "log-prob and training graphs: {}; {}",
+            "log-prob and training graphs: {}; {}; {}",
             match t.positions {
                 Positions::Completion => "the completion's columns only",
                 Positions::All => "every column of the rows",
@@ -617,6 +617,10 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
             match t.head_chunks {
                 Some(n) if n > 1 => format!("the vocabulary head in {n} chunks of positions"),
                 _ => "the vocabulary head over every position at once".to_string(),
+            },
+            match t.attention_chunks {
+                Some(n) if n > 1 => format!("attention in {n} chunks of queries"),
+                _ => "attention over every query at once".to_string(),
             }
         );
     }

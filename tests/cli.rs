@@ -465,7 +465,8 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
     );
     assert!(
         out.contains(
-            "log-prob and training graphs: the completion's columns only; the vocabulary head in 8 chunks of positions"
+            "log-prob and training graphs: the completion's columns only; the vocabulary head in 8 chunks of \
+             positions; attention in 8 chunks of queries"
         ),
         "{out}"
     );

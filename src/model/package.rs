@@ -50,6 +50,10 @@ pub struct TrainSpec {
     /// packages exported before the chunked head, which take every position at once).
     #[serde(default)]
     pub head_chunks: Option<u32>,
+    /// The chunks of queries each layer's attention runs over in these graphs, one after
+    /// another (`None`: packages exported before the chunked attention, every query at once).
+    #[serde(default)]
+    pub attention_chunks: Option<u32>,
 }
 
 /// [`TrainSpec::positions`].
@@ -386,6 +390,7 @@ impl Package {
                 stats: vec![],
                 positions: Positions::All,
                 head_chunks: None,
+                attention_chunks: None,
             },
             text: TextSpec {
                 hidden_size: hidden,
