@@ -101,6 +101,12 @@ pub struct Score {
     pub predicted: String,
 }
 
+/// Whether a response is in the reasoning format, as [`score`] checks it (whitespace
+/// normalised first).
+pub fn in_format(response: &str) -> bool {
+    format_ok(&normalize_whitespace(response))
+}
+
 /// Scores one response against its ground-truth answer.
 pub fn score(response: &str, answer: &str, cfg: &RewardConfig) -> Score {
     let r = normalize_whitespace(response);

@@ -637,6 +637,71 @@ fn grouped_accuracies_follow_vlmevalkit() {
     assert!(eval::summarize(&plain, &cfg).grouped.is_empty());
 }
 
+/// The format rate: the share of responses in the reasoning format, as the reward checks it,
+/// overall and per task in summary.json, and as rows of `--compare`.
+#[test]
+fn format_rate_per_task_and_in_compare() {
+    let item = |task: &str, response: &str| eval::Item {
+        id: format!("{task}-{response}"),
+        category: task.into(),
+        variant: "-".into(),
+        problem: String::new(),
+        response: response.into(),
+        predicted: String::new(),
+        answer: "1".into(),
+        score: 0.0,
+        correct: false,
+        strict: None,
+        tokens: 1,
+        qid: None,
+        source: None,
+    };
+    let items = [
+        item("flip", "<think>the left patch</think> \\boxed{1}"),
+        // Whitespace is normalised before the check, as in the reward.
+        item("flip", "  <think>a\n b</think>\n\\boxed{2}"),
+        item("flip", "1"),
+        item("depth", "<think>unfinished \\boxed{1}"),
+    ];
+    let cfg = EvalConfig::new(Bench::Pretext, "x.parquet".into(), "out".into(), "m".into());
+    let a = eval::summarize(&items, &cfg);
+    assert_eq!(a.overall.format_ok, Some(2));
+    assert_eq!(a.overall.format_rate, Some(0.5));
+    assert_eq!(a.by_category["flip"].format_rate, Some(2.0 / 3.0));
+    assert_eq!(a.by_category["depth"].format_rate, Some(0.0));
+    let json = serde_json::to_value(&a).unwrap();
+    assert_eq!(json["overall"]["format_rate"], 0.5);
+    // A run where every response is in the format: rows for the overall rate and each task.
+    let fixed: Vec<eval::Item> = items
+        .iter()
+        .cloned()
+        .map(|mut i| {
+            i.response = "<think>x</think>\\boxed{1}".into();
+            i
+        })
+        .collect();
+    let b = eval::summarize(&fixed, &cfg);
+    let rows = eval::compare(&a, &b);
+    let row = |k: &str| rows.iter().find(|r| r.0 == k).map(|r| (r.1, r.2));
+    assert_eq!(row("format rate"), Some((Some(0.5), Some(1.0))));
+    assert_eq!(row("format rate: depth"), Some((Some(0.0), Some(1.0))));
+    assert_eq!(row("format rate: flip"), Some((Some(2.0 / 3.0), Some(1.0))));
+    // Summaries written before the rate existed still load, with no rate rows.
+    let mut old = json.clone();
+    old["overall"].as_object_mut().unwrap().remove("format_ok");
+    old["overall"]
+        .as_object_mut()
+        .unwrap()
+        .remove("format_rate");
+    for (_, c) in old["by_category"].as_object_mut().unwrap() {
+        c.as_object_mut().unwrap().remove("format_rate");
+    }
+    let old: eval::Summary = serde_json::from_value(old).unwrap();
+    assert!(eval::compare(&old, &old)
+        .iter()
+        .all(|r| !r.0.starts_with("format")));
+}
+
 /// VLMEvalKit reads its TSVs with pandas, and the prompt shows it: a numeric option column
 /// with a gap is float64 (`3` prints `3.0`), `None` / `NA` / `null` cells are missing (an
 /// option dropped, no hint), a hint of spaces is kept, an integer column stays integer.

@@ -128,11 +128,20 @@ pub struct Score {
     pub strict_correct: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strict_accuracy: Option<f64>,
+    /// Responses in the reasoning format (`<think>…</think>` then `\boxed{…}`, the reward's
+    /// format check) and their share; none for groups scored from other groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format_ok: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format_rate: Option<f64>,
 }
 
 impl Score {
     fn add(&mut self, it: &Item) {
         self.push(it.score, it.strict);
+        let n = self.format_ok.unwrap_or(0) + usize::from(crate::reward::in_format(&it.response));
+        self.format_ok = Some(n);
+        self.format_rate = Some(n as f64 / self.items as f64);
     }
 
     fn push(&mut self, score: f64, strict: Option<bool>) {
@@ -610,6 +619,19 @@ pub fn compare(a: &Summary, b: &Summary) -> Vec<(String, Option<f64>, Option<f64
             a.overall.strict_accuracy,
             b.overall.strict_accuracy,
         ));
+    }
+    if a.overall.format_rate.is_some() || b.overall.format_rate.is_some() {
+        rows.push((
+            "format rate".to_string(),
+            a.overall.format_rate,
+            b.overall.format_rate,
+        ));
+        let keys: std::collections::BTreeSet<&String> =
+            a.by_category.keys().chain(b.by_category.keys()).collect();
+        for k in keys {
+            let rate = |s: &Summary| s.by_category.get(k).and_then(|c| c.format_rate);
+            rows.push((format!("format rate: {k}"), rate(a), rate(b)));
+        }
     }
     for (ma, mb) in [
         (&a.grouped, &b.grouped),
