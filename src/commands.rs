@@ -396,7 +396,7 @@ pub struct BenchRolloutArgs {
     #[arg(long, value_name = "DIR", default_value = "models/tiny")]
     model: PathBuf,
     /// Prompts from a task dataset (a .parquet / .jsonl file, or an `ssrl tasks` folder: its
-    /// shards in order; images relative to the folder above each file's folder); default:
+    /// shards in order; images found as `ssrl rollout --images-root` says); default:
     /// synthetic 448×336 photos with a depth-style question.
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
@@ -849,7 +849,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE", required_unless_present = "compare")]
     data: Option<PathBuf>,
     /// Image paths and VSI-Bench video folders resolve against this (default: the folder above
-    /// the data file's folder).
+    /// the data file's folder; for a task dataset, its own folder or one of the two above it,
+    /// whichever holds its first image).
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
     /// Run folder: items.jsonl, summary.json, run.json. An interrupted run continues where it

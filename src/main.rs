@@ -132,8 +132,9 @@ struct RolloutArgs {
     /// name order. Image paths are relative to --images-root.
     #[arg(long, value_name = "PATH")]
     data: PathBuf,
-    /// Folder the samples' image paths are relative to (default: the folder above each data
-    /// file's folder, as `ssrl tasks` writes them).
+    /// Folder the samples' image paths are relative to (default: each data file's own folder
+    /// or one of the two above it, whichever holds its first image: `ssrl tasks` output, the
+    /// released Spatial-SSRL-81k).
     #[arg(long, value_name = "DIR")]
     images_root: Option<PathBuf>,
     /// Responses per prompt.

@@ -466,3 +466,55 @@ fn parquet_image_structs_are_read_as_images() {
         "{e}"
     );
 }
+
+/// The released Spatial-SSRL-81k as it unpacks (`spatialssrl.parquet` beside `images/{task}/`)
+/// and as its training scripts lay it out (`data/parquets/train.parquet`, `data/images/`), next
+/// to `ssrl tasks`' own output: each file's images are found with no `image_dir`.
+#[test]
+fn released_layouts_find_their_images() {
+    use spatial_ssrl::tasks::write::{parquet_bytes, read_dataset, ImageRef, SampleRecord};
+    let root = scratch("released_layouts");
+    let photo = fixtures().join("photos/rocket.jpg");
+    let sample = |task: &str| SampleRecord {
+        id: String::new(),
+        task: String::new(),
+        problem: "<image>Which patch is flipped?".into(),
+        answer: "2".into(),
+        images: vec![ImageRef::File(format!("images/{task}/0.jpg"))],
+        source: vec![],
+        meta: serde_json::Value::Null,
+    };
+    let lay = |data: &str, images: &str, task: &str| {
+        let data = root.join(data);
+        std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+        std::fs::write(&data, parquet_bytes(&[sample(task)], &data).unwrap()).unwrap();
+        let img = root.join(images).join(format!("images/{task}/0.jpg"));
+        std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+        std::fs::copy(&photo, &img).unwrap();
+        data
+    };
+    for (data, images) in [
+        ("Spatial-SSRL-81k/spatialssrl.parquet", "Spatial-SSRL-81k"),
+        ("EasyR1/data/parquets/train.parquet", "EasyR1/data"),
+        ("tasks-out/data/part-00000.parquet", "tasks-out"),
+    ] {
+        let file = lay(data, images, "flip");
+        let got = read_dataset(&file, None, usize::MAX).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, root.join(images), "{data}");
+        let img = got[0].0.load_images(&got[0].1).unwrap();
+        assert_eq!(
+            img[0].dimensions(),
+            spatial_ssrl::tasks::source::load_rgb(&photo)
+                .unwrap()
+                .dimensions()
+        );
+    }
+    // An image_dir given is used as it is, found or not.
+    let file = root.join("Spatial-SSRL-81k/spatialssrl.parquet");
+    let other = root.join("elsewhere");
+    assert_eq!(
+        read_dataset(&file, Some(&other), usize::MAX).unwrap()[0].1,
+        other
+    );
+}

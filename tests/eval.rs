@@ -76,6 +76,7 @@ fn photos() -> PathBuf {
 fn opts(root: PathBuf, reasoning: bool, frames: usize) -> ReadOptions {
     ReadOptions {
         images_root: root,
+        detect_root: false,
         reasoning,
         frames,
         allow_columns: vec![],

@@ -201,6 +201,9 @@ pub enum ReadError {
 pub struct ReadOptions {
     /// Image paths and frame folders resolve against this.
     pub images_root: PathBuf,
+    /// `images_root` is a default, not the user's: a task dataset's (`Bench::Pretext`) folder
+    /// is found from its own image paths (see `detect_images_root`).
+    pub detect_root: bool,
     /// The reasoning prompt (the training format sentence) instead of "answer directly".
     pub reasoning: bool,
     /// VSI-Bench: frames sampled per video.
@@ -261,7 +264,8 @@ fn check_files(items: &[BenchItem]) -> Result<(), String> {
 }
 
 fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
-    let samples = read_dataset(path, Some(&opt.images_root), usize::MAX)?;
+    let given = (!opt.detect_root).then_some(opt.images_root.as_path());
+    let samples = read_dataset(path, given, usize::MAX)?;
     if let Some(i) = samples.iter().position(|(s, _)| s.answer.is_empty()) {
         return Err(ReadError::File {
             path: path.to_path_buf(),

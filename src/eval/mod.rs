@@ -287,6 +287,7 @@ struct RunKey {
 pub fn load(cfg: &EvalConfig) -> Result<Vec<bench::BenchItem>, EvalError> {
     let opt = bench::ReadOptions {
         images_root: cfg.images_root(),
+        detect_root: cfg.images_root.is_none(),
         reasoning: cfg.reasoning,
         frames: cfg.frames,
         allow_columns: cfg.allow_columns.clone(),

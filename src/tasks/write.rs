@@ -365,9 +365,38 @@ pub fn default_images_root(data: &Path) -> PathBuf {
     up.map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
+/// The folder a data file's relative image paths resolve against when none is given: the
+/// first of the file's own folder, the one above it and the one above that in which the
+/// file's first relative image path names a file — `ssrl tasks` output (`OUT/data/part-*.parquet`,
+/// `OUT/images/…`), the released Spatial-SSRL-81k as it unpacks (`spatialssrl.parquet` beside
+/// `images/{task}/…`) and as its scripts lay it out (`data/parquets/train.parquet`,
+/// `data/images/…`) — or else [`default_images_root`] (a missing image is then named when the
+/// data opens).
+pub fn detect_images_root(file: &Path, samples: &[SampleRecord]) -> PathBuf {
+    let first = samples
+        .iter()
+        .flat_map(|s| &s.images)
+        .find_map(|i| match i {
+            ImageRef::File(p) if Path::new(p).is_relative() => Some(p.as_str()),
+            _ => None,
+        });
+    let fallback = default_images_root(file);
+    let Some(first) = first else {
+        return fallback;
+    };
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    dir.ancestors()
+        .take(3)
+        .find(|d| d.join(first).is_file())
+        .map_or(fallback, Path::to_path_buf)
+}
+
 /// The samples `path` names (a data file, or a folder: [`data_files`]), the first `limit` of
 /// them, each with the folder its image paths resolve against: `images_root`, or else
-/// [`default_images_root`] of its file. Later files are not read once `limit` is reached.
+/// [`detect_images_root`] of its file. Later files are not read once `limit` is reached.
 pub fn read_dataset(
     path: &Path,
     images_root: Option<&Path>,
@@ -378,8 +407,9 @@ pub fn read_dataset(
         if out.len() >= limit {
             break;
         }
-        let root = images_root.map_or_else(|| default_images_root(&f), Path::to_path_buf);
-        out.extend(read_samples(&f)?.into_iter().map(|s| (s, root.clone())));
+        let samples = read_samples(&f)?;
+        let root = images_root.map_or_else(|| detect_images_root(&f, &samples), Path::to_path_buf);
+        out.extend(samples.into_iter().map(|s| (s, root.clone())));
     }
     out.truncate(limit);
     Ok(out)

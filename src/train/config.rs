@@ -25,12 +25,13 @@ pub struct TrainConfig {
 pub struct DataConfig {
     /// Task datasets written by `ssrl tasks`: parquet or JSONL files, or folders (an `ssrl tasks`
     /// output folder or its `data/`: every shard, in name order); images resolve against
-    /// `image_dir`, or else the folder above each file's `data/` folder.
+    /// `image_dir`, or else each file's own folder or one of the two above it, whichever holds
+    /// its first image (`ssrl tasks` output, the released Spatial-SSRL-81k).
     pub train_files: Vec<PathBuf>,
     /// Held-out task set for validation (from sources not used for training); empty: none.
     pub val_files: Vec<PathBuf>,
     /// What every data file's image paths resolve against (relative to this file); "": the
-    /// folder above each file's `data/` folder, as `ssrl tasks` writes them.
+    /// file's own folder or one of the two above it, whichever holds its first image.
     pub image_dir: PathBuf,
     /// Prompts per step (EasyR1 `data.rollout_batch_size`).
     pub rollout_batch_size: usize,
