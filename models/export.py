@@ -1101,7 +1101,7 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
 STATS = ["tokens", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl", "kl", "entropy"]
 TRAIN_BATCH = ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "completion_mask", "old_logprobs",
                "ref_logprobs", "advantages", "temperature", "clip_ratio_low", "clip_ratio_high", "clip_ratio_dual",
-               "kl_coef", "token_count"]
+               "kl_coef", "token_count", "rollout_is_weights"]
 
 
 class _TargetLogProbs(torch.autograd.Function):
@@ -1293,11 +1293,13 @@ def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, 
     return logp.view(B, C), entropy.view(B, C)
 
 
-def grpo_loss(logp, entropy, mask, old, ref, adv, low, high, dual, kl_coef, token_count):
+def grpo_loss(logp, entropy, mask, old, ref, adv, low, high, dual, kl_coef, token_count, is_weights):
     """EasyR1's policy loss (verl/trainer/core_algos.py) with the low-variance KL in the loss:
     log-ratio clamped to ±20, asymmetric clip in log space, dual clip for negative advantages,
     k3 KL with its clamps, and the token sum divided by `token_count` (the response tokens of
-    the whole mini-batch) so micro-batches add up to the global token mean."""
+    the whole mini-batch) so micro-batches add up to the global token mean. `is_weights` [B, C]
+    multiplies each token's policy loss, not its KL (verl's rollout correction: truncated
+    importance sampling by min(π_old / π_rollout, C); ones for none)."""
     m = mask.to(logp.dtype)
     a = adv[:, None]
     nkl = logp - old
@@ -1306,7 +1308,7 @@ def grpo_loss(logp, entropy, mask, old, ref, adv, low, high, dual, kl_coef, toke
     pg1, pg2, pg3 = -a * ratio, -a * clipped, -a * dual
     higher = torch.maximum(pg1, pg2)
     lower = torch.minimum(higher, pg3)
-    pg = torch.where(a < 0, lower, higher)
+    pg = torch.where(a < 0, lower, higher) * is_weights
     k = torch.clamp(ref - logp, -20.0, 20.0)
     kl = torch.clamp(torch.exp(k) - k - 1.0, -10.0, 10.0)
     loss = ((pg + kl_coef * kl) * m).sum() / token_count
@@ -1338,7 +1340,8 @@ def train_step_fn(model, lora_names, scale):
             ws = [w.detach().requires_grad_(True) for w in ws]
             lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
             logp, ent = token_logprobs(model, b[0], b[1], b[2], b[3], b[8], lora, scale, recompute=True)
-            loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13])
+            loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13],
+                                    b[14])
             grads = torch.autograd.grad(loss, ws)
         return (loss.detach(), logp.detach(), *grads, stats)
 
@@ -1347,7 +1350,8 @@ def train_step_fn(model, lora_names, scale):
 
 def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
     """A GRPO micro-batch: a prompt with left padding on row 1, completion tokens at the end,
-    positive and negative advantages, old/ref log-probs near the policy's."""
+    positive and negative advantages, old/ref log-probs near the policy's, rollout-correction
+    weights in [0.5, 1.5)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 1900, (B, S), generator=g)
     am = torch.ones(B, S, dtype=torch.int64)
@@ -1365,7 +1369,8 @@ def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
     ref = lp + 0.3 * torch.randn(*lp.shape, generator=g)
     adv = torch.linspace(1.0, -1.0, B)
     t, low, high, dual, kl = (torch.tensor(v) for v in settings)
-    return [x, am, pos, tgt, cm, old, ref, adv, t, low, high, dual, kl, cm.sum() * 2]
+    isw = 0.5 + torch.rand(*lp.shape, generator=g)
+    return [x, am, pos, tgt, cm, old, ref, adv, t, low, high, dual, kl, cm.sum() * 2, isw]
 
 
 def export_training(model, out, lora_names, shapes_, scale):
@@ -1411,9 +1416,9 @@ def export_training(model, out, lora_names, shapes_, scale):
             return self.gm(*args)
 
     bs, bc = {0: b, 1: s}, {0: b, 1: c}
-    ds = [bs, bs, {1: b, 2: s}, bc, bc, bc, bc, {0: b}] + [None] * 6 + [None] * len(lora)
+    ds = [bs, bs, {1: b, 2: s}, bc, bc, bc, bc, {0: b}] + [None] * 6 + [bc] + [None] * len(lora)
     out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
-    for k in ("completion_mask", "old_logprobs", "ref_logprobs"):
+    for k in ("completion_mask", "old_logprobs", "ref_logprobs", "rollout_is_weights"):
         dims[k] = {0: "batch_size", 1: "completion_length"}
     dims["advantages"] = {0: "batch_size"}
     export(Joint(gm).eval(), tuple(batch + lora), f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names,
@@ -1806,7 +1811,7 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
     C = batch[3].shape[1]
     logp_all = torch.log_softmax(o.logits[:, -C:].float() / batch[8], -1)
     logp = torch.gather(logp_all, -1, batch[3][..., None]).squeeze(-1)
-    loss, _ = grpo_loss(logp, logp, *batch[4:8], *batch[9:14])
+    loss, _ = grpo_loss(logp, logp, *batch[4:8], *batch[9:15])
     loss.backward()
     ref = step(*batch, *lora)
     with torch.no_grad():
@@ -1840,7 +1845,7 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
     whole = train.run(None, feeds(big))
     parts = []
     for sl in (slice(0, 1), slice(1, 4)):
-        mb = [t[sl] if k in (0, 1, 3, 4, 5, 6, 7) else (t[:, sl] if k == 2 else t) for k, t in enumerate(big)]
+        mb = [t[sl] if k in (0, 1, 3, 4, 5, 6, 7, 14) else (t[:, sl] if k == 2 else t) for k, t in enumerate(big)]
         parts.append(train.run(None, feeds(mb)))
     dl = abs(float(whole[0]) - sum(float(p[0]) for p in parts))
     dg = max(np.abs(w - (a + b)).max() for w, a, b in zip(whole[2:-1], parts[0][2:-1], parts[1][2:-1]))

@@ -157,7 +157,7 @@ fn rows_are_laid_out_for_the_graphs() {
 }
 
 /// EasyR1's per-token loss, written out from method.md §7.4 in f64.
-fn token_loss(logp: f64, old: f64, reference: f64, adv: f64, kl_coef: f64) -> f64 {
+fn token_loss(logp: f64, old: f64, reference: f64, adv: f64, kl_coef: f64, is_weight: f64) -> f64 {
     let (low, high, dual) = (0.2f64, 0.3f64, 3.0f64);
     let nkl = logp - old;
     let ratio = nkl.clamp(-20.0, 20.0).exp();
@@ -170,7 +170,7 @@ fn token_loss(logp: f64, old: f64, reference: f64, adv: f64, kl_coef: f64) -> f6
     };
     let k = (reference - logp).clamp(-20.0, 20.0);
     let kl = (k.exp() - k - 1.0).clamp(-10.0, 10.0);
-    pg + kl_coef * kl
+    pg * is_weight + kl_coef * kl
 }
 
 #[test]
@@ -227,26 +227,55 @@ fn the_loss_graph_is_easyr1s_loss_and_micro_batches_add_up() {
     let adv = [1.0f32, -2.0];
     let kl_coef = 0.05;
     let tokens = 8usize;
-    let mut want = 0.0;
-    for r in 0..2 {
-        for j in 0..completions[r].len() {
-            want += token_loss(
-                f64::from(logp[r][j]),
-                f64::from(old[r][j]),
-                f64::from(reference[r][j]),
-                f64::from(adv[r]),
-                kl_coef,
-            );
+    // Rollout-correction weights on the policy loss (not the KL), as verl applies them.
+    let isw: Vec<Vec<f32>> = completions
+        .iter()
+        .map(|c| (0..c.len()).map(|j| 0.5 + 0.5 * (j % 3) as f32).collect())
+        .collect();
+    let want = |weighted: bool| {
+        let mut want = 0.0;
+        for r in 0..2 {
+            for j in 0..completions[r].len() {
+                want += token_loss(
+                    f64::from(logp[r][j]),
+                    f64::from(old[r][j]),
+                    f64::from(reference[r][j]),
+                    f64::from(adv[r]),
+                    kl_coef,
+                    if weighted { f64::from(isw[r][j]) } else { 1.0 },
+                );
+            }
         }
-    }
-    want /= tokens as f64;
+        want / tokens as f64
+    };
+    let plain = t
+        .loss_and_grads(&rows, &old, &reference, &adv, kl_coef as f32, tokens, None)
+        .unwrap();
+    let (want_plain, want) = (want(false), want(true));
+    assert!(
+        (plain.loss - want_plain).abs() <= 1e-5 * want_plain.abs().max(1.0),
+        "graph loss {} vs hand-computed {want_plain}",
+        plain.loss
+    );
     let both = t
-        .loss_and_grads(&rows, &old, &reference, &adv, kl_coef as f32, tokens)
+        .loss_and_grads(
+            &rows,
+            &old,
+            &reference,
+            &adv,
+            kl_coef as f32,
+            tokens,
+            Some(&isw),
+        )
         .unwrap();
     assert!(
         (both.loss - want).abs() <= 1e-5 * want.abs().max(1.0),
-        "graph loss {} vs hand-computed {want}",
+        "weighted graph loss {} vs hand-computed {want}",
         both.loss
+    );
+    assert!(
+        (both.loss - plain.loss).abs() > 1e-3,
+        "the weights change nothing"
     );
     // Two micro-batches of one row each, normalised by the whole batch's token count, add up
     // to the batch of two: loss and every gradient.
@@ -258,6 +287,7 @@ fn the_loss_graph_is_easyr1s_loss_and_micro_batches_add_up() {
             &adv[..1],
             kl_coef as f32,
             tokens,
+            Some(&isw[..1]),
         )
         .unwrap();
     let b = t
@@ -268,6 +298,7 @@ fn the_loss_graph_is_easyr1s_loss_and_micro_batches_add_up() {
             &adv[1..],
             kl_coef as f32,
             tokens,
+            Some(&isw[1..]),
         )
         .unwrap();
     assert!((a.loss + b.loss - both.loss).abs() <= 1e-6 * both.loss.abs().max(1.0));
@@ -299,6 +330,37 @@ fn train_metrics(m: &[Metrics]) -> Vec<Vec<(String, f64)>> {
                 .collect()
         })
         .collect()
+}
+
+/// Rollout correction (actor.tis_cap): the step weights each token's policy loss by the capped
+/// ratio of the recomputed old probability to the sampler's and reports the weights. On the
+/// CPU the sampler and the training graph compute the same numbers, so every weight is ≈ 1.
+#[test]
+fn rollout_correction_is_reported_and_near_one_on_the_cpu() {
+    let dir = tempdir("tis");
+    let data = text_tasks(&dir, 8);
+    let mut c = config(&dir, data);
+    c.trainer.max_steps = 1;
+    c.actor.tis_cap = 2.0;
+    let Some(mut t) = trainer(c) else { return };
+    let stop = AtomicBool::new(false);
+    let mut seen = Vec::new();
+    t.run(&stop, |m, step, _| {
+        if step > 0 {
+            seen.push(m.clone());
+        }
+    })
+    .unwrap();
+    let m = &seen[0];
+    let (mean, max, capped) = (
+        m["rollout/tis_weight_mean"],
+        m["rollout/tis_weight_max"],
+        m["rollout/tis_capped_frac"],
+    );
+    assert!((mean - 1.0).abs() < 1e-3, "mean weight {mean}");
+    assert!(max <= 2.0 && (max - 1.0).abs() < 1e-2, "max weight {max}");
+    assert_eq!(capped, 0.0);
+    assert!(m["rollout/logprob_mismatch_max"] < 1e-2);
 }
 
 #[test]

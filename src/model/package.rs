@@ -68,7 +68,7 @@ pub enum Positions {
 }
 
 /// `train.onnx` batch inputs and their element types (the contract `models/export.py` writes).
-pub const TRAIN_INPUTS: [(&str, T); 14] = [
+pub const TRAIN_INPUTS: [(&str, T); 15] = [
     ("inputs_embeds", T::Float32),
     ("attention_mask", T::Int64),
     ("position_ids", T::Int64),
@@ -83,6 +83,7 @@ pub const TRAIN_INPUTS: [(&str, T); 14] = [
     ("clip_ratio_dual", T::Float32),
     ("kl_coef", T::Float32),
     ("token_count", T::Float32),
+    ("rollout_is_weights", T::Float32),
 ];
 
 #[derive(Debug, Clone, Deserialize)]

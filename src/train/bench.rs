@@ -120,7 +120,7 @@ pub fn run(
     let mut tr_s = Vec::new();
     for i in 0..warmup + rounds.max(1) {
         let t0 = Instant::now();
-        t.loss_and_grads(&rows, &old, &old, &advantages, 0.01, tokens)?;
+        t.loss_and_grads(&rows, &old, &old, &advantages, 0.01, tokens, None)?;
         if i >= warmup {
             tr_s.push(t0.elapsed().as_secs_f64());
         }

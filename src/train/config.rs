@@ -141,6 +141,12 @@ pub struct ActorConfig {
     /// generation) or "rollout" (the sampler's own, one forward pass fewer; with top-p / top-k
     /// they are over the filtered set, the behaviour policy's probabilities).
     pub old_logprobs: String,
+    /// Rollout correction (verl's truncated importance sampling): each token's policy loss is
+    /// weighted by min(π_old / π_rollout, tis_cap), the recomputed old log-prob against the
+    /// sampler's, correcting for the sampler not being the training graph (precision, kernels,
+    /// top-p / top-k). 0: off (EasyR1's default); verl suggests 2. Needs old_logprobs =
+    /// "recompute".
+    pub tis_cap: f32,
     pub optim: OptimConfig,
 }
 
@@ -268,6 +274,7 @@ impl Default for ActorConfig {
             clip_ratio_high: 0.3,
             clip_ratio_dual: 3.0,
             old_logprobs: "recompute".into(),
+            tis_cap: 0.0,
             optim: OptimConfig::default(),
         }
     }
@@ -437,6 +444,16 @@ impl TrainConfig {
         if !matches!(self.actor.old_logprobs.as_str(), "recompute" | "rollout") {
             return bad("actor.old_logprobs", "\"recompute\" or \"rollout\"");
         }
+        if !(self.actor.tis_cap >= 0.0 && self.actor.tis_cap.is_finite()) {
+            return bad("actor.tis_cap", "0 (off) or a positive cap");
+        }
+        if self.actor.tis_cap > 0.0 && self.actor.old_logprobs != "recompute" {
+            return bad(
+                "actor.tis_cap",
+                "needs actor.old_logprobs = \"recompute\" (with the sampler's own log-probs as \
+                 the old policy every weight is 1)",
+            );
+        }
         if !matches!(
             self.algorithm.adv_estimator.as_str(),
             "grpo" | "dr_grpo" | "trl"
@@ -491,6 +508,30 @@ mod tests {
         let text = format!("[data]\ntrain_files = [\"d.jsonl\"]\n[rollout]\n{rollout}");
         std::fs::write(&path, text).unwrap();
         TrainConfig::load(&path)
+    }
+
+    /// actor.tis_cap: off by default, a positive cap with recomputed old log-probs, and a clear
+    /// error otherwise.
+    #[test]
+    fn tis_cap_needs_recomputed_old_logprobs() {
+        let mut c = TrainConfig::default();
+        c.data.train_files = vec!["d.jsonl".into()];
+        assert_eq!(c.actor.tis_cap, 0.0);
+        c.actor.tis_cap = 2.0;
+        assert!(c.validate().is_ok());
+        c.actor.old_logprobs = "rollout".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("actor.tis_cap") && e.contains("recompute"),
+            "{e}"
+        );
+        c.actor.old_logprobs = "recompute".into();
+        c.actor.tis_cap = -1.0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("actor.tis_cap"));
     }
 
     /// TensorRT and CUDA options reach the device choice: sizes as integers or with units, the

@@ -206,6 +206,44 @@ type Prefetch = (usize, std::thread::JoinHandle<Vec<Result<Request, String>>>);
 /// Metrics of one step (or one validation), flat keys as EasyR1 logs them.
 pub type Metrics = BTreeMap<String, f64>;
 
+/// Rollout correction as verl's truncated importance sampling: each token's weight
+/// min(exp(old − rollout), cap), the training graph's recomputed old log-prob against the
+/// sampler's. Returns the weights (per row, in completion order) and their statistics:
+/// `tis_weight_mean`, `tis_weight_max` (both after the cap) and `tis_capped_frac`, the share of
+/// tokens the cap cut.
+pub fn tis_weights(
+    old: &[Vec<f32>],
+    rollout: &[Vec<f32>],
+    cap: f32,
+) -> (Vec<Vec<f32>>, Vec<(&'static str, f64)>) {
+    let (mut n, mut sum, mut max, mut capped) = (0usize, 0f64, 0f64, 0usize);
+    let w: Vec<Vec<f32>> = old
+        .iter()
+        .zip(rollout)
+        .map(|(o, r)| {
+            o.iter()
+                .zip(r)
+                .map(|(a, b)| {
+                    let ratio = (a - b).clamp(-20.0, 20.0).exp();
+                    let v = ratio.min(cap);
+                    n += 1;
+                    sum += f64::from(v);
+                    max = max.max(f64::from(v));
+                    capped += usize::from(ratio > cap);
+                    v
+                })
+                .collect()
+        })
+        .collect();
+    let n_f = n.max(1) as f64;
+    let stats = vec![
+        ("tis_weight_mean", sum / n_f),
+        ("tis_weight_max", max),
+        ("tis_capped_frac", capped as f64 / n_f),
+    ];
+    (w, stats)
+}
+
 fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
     let (mut s, mut n) = (0.0, 0usize);
     for x in v {
@@ -752,7 +790,9 @@ impl Trainer {
 
     /// One `train.onnx` call: the loss of `rows` (summed over their completion tokens and
     /// divided by `token_count`, the mini-batch's tokens), the LoRA gradients in parameter
-    /// order, and the stat sums. Per-row values are in completion order.
+    /// order, and the stat sums. Per-row values are in completion order; `is_weights`, when
+    /// given, weights each token's policy loss (rollout correction, [`tis_weights`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads(
         &mut self,
         rows: &[Row<'_>],
@@ -761,6 +801,7 @@ impl Trainer {
         advantages: &[f32],
         kl_coef: f32,
         token_count: usize,
+        is_weights: Option<&[Vec<f32>]>,
     ) -> Result<MicroResult, TrainError> {
         let cfg = &self.cfg;
         let (t, low, high, dual) = (
@@ -781,6 +822,11 @@ impl Trainer {
         ));
         inputs.push(("old_logprobs".into(), tensor(&shape, mb.scatter(&olds))?));
         inputs.push(("ref_logprobs".into(), tensor(&shape, mb.scatter(&refs))?));
+        let weights = match is_weights {
+            Some(w) => mb.scatter(&w.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+            None => vec![1.0; mb.rows * mb.cols],
+        };
+        inputs.push(("rollout_is_weights".into(), tensor(&shape, weights)?));
         inputs.push((
             "advantages".into(),
             tensor(&[mb.rows], advantages.to_vec())?,
@@ -1053,6 +1099,13 @@ impl Trainer {
             rollout_lp.clone()
         };
         let reference = computed.next().unwrap_or_else(|| old.clone());
+        let is_weights = (cfg.actor.tis_cap > 0.0).then(|| {
+            let (w, stats) = tis_weights(&old, &rollout_lp, cfg.actor.tis_cap);
+            for (k, v) in stats {
+                metrics.insert(format!("rollout/{k}"), v);
+            }
+            w
+        });
         time("logprobs", t, &mut metrics);
         // 5. One optimizer step per mini-batch.
         let (mut t_train, mut t_optim) = (0.0, 0.0);
@@ -1091,6 +1144,7 @@ impl Trainer {
                     &adv,
                     kl_coef,
                     token_count,
+                    is_weights.as_deref().map(pick).as_deref(),
                 )?;
                 loss_sum += r.loss;
                 for (s, v) in sums.iter_mut().zip(r.stats) {
@@ -1382,6 +1436,23 @@ impl From<PackageError> for TrainError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tis_weights_are_capped_ratios_of_old_to_rollout() {
+        let old = vec![vec![-1.0f32, -0.5, -3.0], vec![-2.0]];
+        let rollout = vec![vec![-1.0f32, -1.5, -2.0], vec![-0.5]];
+        let (w, stats) = super::tis_weights(&old, &rollout, 2.0);
+        let e = |x: f32| x.exp();
+        assert_eq!(w[0][0], 1.0);
+        assert_eq!(w[0][1], 2.0, "e^1 = 2.72 is capped at 2");
+        assert!((w[0][2] - e(-1.0)).abs() < 1e-7);
+        assert!((w[1][0] - e(-1.5)).abs() < 1e-7);
+        let get = |k: &str| stats.iter().find(|s| s.0 == k).unwrap().1;
+        let mean = (1.0 + 2.0 + f64::from(e(-1.0)) + f64::from(e(-1.5))) / 4.0;
+        assert!((get("tis_weight_mean") - mean).abs() < 1e-6);
+        assert_eq!(get("tis_weight_max"), 2.0);
+        assert_eq!(get("tis_capped_frac"), 0.25);
+    }
+
     use super::*;
 
     /// A folder of shards loads as its files in name order, its images resolving against the
