@@ -269,3 +269,22 @@ fn train_graph_matches_torch_autograd_goldens() {
     }
     assert_eq!(checked, 2 + 2 * p.manifest.lora.tensors.len() + 1);
 }
+
+/// A package whose training graph takes another set of batch inputs (exported by an earlier
+/// models/export.py, before `rollout_is_weights`) is refused by name, with what to do.
+#[test]
+fn a_package_from_another_exporter_version_is_refused_with_the_fix() {
+    let dir = scratch("old_contract");
+    let text = std::fs::read_to_string(tiny().join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let inputs = m["train"]["inputs"].as_array_mut().unwrap();
+    assert_eq!(inputs.pop().unwrap(), "rollout_is_weights");
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    let e = Package::open(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("manifest.json")
+            && e.contains("differ from this runtime's contract")
+            && e.contains("export it again"),
+        "{e}"
+    );
+}

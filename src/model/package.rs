@@ -252,7 +252,8 @@ impl Package {
             return Err(PackageError::File {
                 path,
                 msg: format!(
-                    "train inputs {:?} differ from this runtime's contract {contract:?}",
+                    "train inputs {:?} differ from this runtime's contract {contract:?} (a \
+                     package from another version of models/export.py: export it again)",
                     manifest.train.inputs
                 ),
             });
