@@ -995,18 +995,25 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         .max()
         .unwrap_or(8);
     let strict = s.overall.strict_accuracy.is_some();
+    // The share of responses in the reasoning format, where the prompt asks for it.
+    let format = s.reasoning && s.overall.format_rate.is_some();
     outln!(
-        "{:<w$} {:>6} {:>8}{}",
+        "{:<w$} {:>6} {:>8}{}{}",
         title,
         "items",
         "acc %",
-        if strict { "  strict %" } else { "" }
+        if strict { "  strict %" } else { "" },
+        if format { "  format %" } else { "" }
     );
     for (k, v) in rows {
         let st = v
             .strict_accuracy
             .map_or(String::new(), |x| format!("  {:>8.1}", 100.0 * x));
-        outln!("{k:<w$} {:>6} {:>8.1}{st}", v.items, 100.0 * v.accuracy);
+        let fr = match (format, v.format_rate) {
+            (true, Some(x)) => format!("  {:>8.1}", 100.0 * x),
+            _ => String::new(),
+        };
+        outln!("{k:<w$} {:>6} {:>8.1}{st}{fr}", v.items, 100.0 * v.accuracy);
     }
     for (k, v) in &s.grouped {
         outln!(
