@@ -332,6 +332,20 @@ fn train_metrics(m: &[Metrics]) -> Vec<Vec<(String, f64)>> {
         .collect()
 }
 
+/// Every step's metrics of a run of `c` (none where the tiny package cannot open).
+fn step_metrics(c: TrainConfig) -> Option<Vec<Metrics>> {
+    let mut t = trainer(c)?;
+    let stop = AtomicBool::new(false);
+    let mut seen = Vec::new();
+    t.run(&stop, |m, step, _| {
+        if step > 0 {
+            seen.push(m.clone());
+        }
+    })
+    .unwrap();
+    Some(seen)
+}
+
 /// Rollout correction (actor.tis_cap): the step weights each token's policy loss by the capped
 /// ratio of the recomputed old probability to the sampler's and reports the weights. On the
 /// CPU the sampler and the training graph compute the same numbers, so every weight is ≈ 1.
@@ -342,15 +356,7 @@ fn rollout_correction_is_reported_and_near_one_on_the_cpu() {
     let mut c = config(&dir, data);
     c.trainer.max_steps = 1;
     c.actor.tis_cap = 2.0;
-    let Some(mut t) = trainer(c) else { return };
-    let stop = AtomicBool::new(false);
-    let mut seen = Vec::new();
-    t.run(&stop, |m, step, _| {
-        if step > 0 {
-            seen.push(m.clone());
-        }
-    })
-    .unwrap();
+    let Some(seen) = step_metrics(c) else { return };
     let m = &seen[0];
     let (mean, max, capped) = (
         m["rollout/tis_weight_mean"],
@@ -379,15 +385,8 @@ fn learning_is_real_mean_reward_rises() {
     c.rollout.n = 8;
     c.trainer.max_steps = 60;
     c.trainer.seed = 3;
-    let Some(mut t) = trainer(c) else { return };
-    let stop = AtomicBool::new(false);
-    let mut rewards = Vec::new();
-    t.run(&stop, |m, step, _| {
-        if step > 0 {
-            rewards.push(m["reward/overall"]);
-        }
-    })
-    .unwrap();
+    let Some(steps) = step_metrics(c) else { return };
+    let rewards: Vec<f64> = steps.iter().map(|m| m["reward/overall"]).collect();
     let first = rewards[..5].iter().sum::<f64>() / 5.0;
     let last = rewards[rewards.len() - 5..].iter().sum::<f64>() / 5.0;
     eprintln!("mean reward: first 5 steps {first:.4}, last 5 steps {last:.4}");
