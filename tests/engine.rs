@@ -518,3 +518,58 @@ fn released_layouts_find_their_images() {
         other
     );
 }
+
+/// The released cold-start set as it ships: LLaMA-Factory's alpaca JSON (`SFT-coldstart.json`)
+/// beside `coldstart_SFT_images/`, read with its images found, the boxed answer to score
+/// against and the response kept as the SFT target.
+#[test]
+fn alpaca_json_reads_as_the_cold_start_set_ships() {
+    use spatial_ssrl::tasks::write::{read_dataset, read_samples, ImageRef};
+    let root = scratch("alpaca").join("Spatial-SSRL-81k");
+    std::fs::create_dir_all(root.join("coldstart_SFT_images")).unwrap();
+    std::fs::copy(
+        fixtures().join("photos/rocket.jpg"),
+        root.join("coldstart_SFT_images/img_0.jpg"),
+    )
+    .unwrap();
+    let json = root.join("SFT-coldstart.json");
+    let rows = serde_json::json!([
+        {"instruction": "<image>Which patch is flipped? Options: 1, 2, 3.", "input": "",
+         "output": "<think>The second patch is mirrored.</think> \\boxed{2}",
+         "images": ["coldstart_SFT_images/img_0.jpg"]},
+        {"instruction": "Order the regions.", "input": "A, B, C",
+         "output": "no box here", "images": []}
+    ]);
+    std::fs::write(&json, rows.to_string()).unwrap();
+    let got = read_dataset(&json, None, usize::MAX).unwrap();
+    assert_eq!(got.len(), 2);
+    let (s, root_found) = &got[0];
+    assert_eq!(root_found, &root);
+    assert_eq!(
+        s.problem,
+        "<image>Which patch is flipped? Options: 1, 2, 3."
+    );
+    assert_eq!(s.answer, "2");
+    assert_eq!(
+        s.images,
+        vec![ImageRef::File("coldstart_SFT_images/img_0.jpg".into())]
+    );
+    assert_eq!(
+        s.meta["response"],
+        "<think>The second patch is mirrored.</think> \\boxed{2}"
+    );
+    assert_eq!(s.load_images(root_found).unwrap().len(), 1);
+    // `input` joins the instruction on a new line; no box, no answer.
+    assert_eq!(got[1].0.problem, "Order the regions.\nA, B, C");
+    assert_eq!(got[1].0.answer, "");
+    // A row without an instruction, and a file that is no alpaca array, are named.
+    std::fs::write(&json, r#"[{"output": "x"}]"#).unwrap();
+    let e = read_samples(&json).unwrap_err().to_string();
+    assert!(
+        e.contains("SFT-coldstart.json") && e.contains("row 0: no `instruction`"),
+        "{e}"
+    );
+    std::fs::write(&json, r#"{"instruction": "x"}"#).unwrap();
+    let e = read_samples(&json).unwrap_err().to_string();
+    assert!(e.contains("alpaca JSON"), "{e}");
+}

@@ -425,6 +425,66 @@ impl SampleRecord {
     }
 }
 
+/// LLaMA-Factory's alpaca JSON, as the released `SFT-coldstart.json` is: an array of
+/// `{instruction, input, output, images}` with `<image>` placeholders in the text and image
+/// paths relative to the file. The problem is the instruction (and `input` on the next line
+/// when there is one, as LLaMA-Factory joins them), the answer the `\boxed{…}` of `output`
+/// (empty when it has none: such a row has nothing to score), and `meta.response` the
+/// output itself, the SFT target. A row without an instruction is an error naming the file and
+/// row.
+fn read_alpaca(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
+    #[derive(Deserialize)]
+    struct Row {
+        instruction: Option<String>,
+        #[serde(default)]
+        input: String,
+        #[serde(default)]
+        output: String,
+        #[serde(default)]
+        images: Vec<String>,
+    }
+    let ferr = |msg: String| WriteError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let rows: Vec<Row> = serde_json::from_str(&text).map_err(|e| {
+        ferr(format!(
+            "{e} (read as alpaca JSON: an array of {{instruction, input, output, images}}, as \
+             LLaMA-Factory's SFT files are)"
+        ))
+    })?;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let Some(instruction) = r.instruction else {
+                return Err(ferr(format!("row {i}: no `instruction`")));
+            };
+            let problem = match r.input.trim().is_empty() {
+                true => instruction,
+                false => format!("{instruction}\n{}", r.input),
+            };
+            let boxed =
+                crate::reward::extract_boxed(&crate::reward::normalize_whitespace(&r.output));
+            // mathruler's "None": no box, or one that never closes — nothing to score against.
+            let answer = if boxed == "None" {
+                String::new()
+            } else {
+                boxed
+            };
+            Ok(SampleRecord {
+                id: format!("row-{i}"),
+                task: String::new(),
+                problem,
+                answer,
+                images: r.images.into_iter().map(ImageRef::File).collect(),
+                source: vec![],
+                meta: serde_json::json!({ "response": r.output }),
+            })
+        })
+        .collect()
+}
+
 /// Reads samples from a `.parquet` or `.jsonl` file written by this crate, or any with a
 /// `problem` column (EasyR1's `answer` and `images` too, usually), as [`SampleRecord`] says.
 pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
@@ -432,7 +492,11 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
         path: path.to_path_buf(),
         msg,
     };
-    let is_parquet = path.extension().and_then(|e| e.to_str()) == Some("parquet");
+    let ext = path.extension().and_then(|e| e.to_str());
+    if ext == Some("json") {
+        return read_alpaca(path);
+    }
+    let is_parquet = ext == Some("parquet");
     if !is_parquet {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
         return text
