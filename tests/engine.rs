@@ -562,14 +562,42 @@ fn alpaca_json_reads_as_the_cold_start_set_ships() {
     // `input` joins the instruction on a new line; no box, no answer.
     assert_eq!(got[1].0.problem, "Order the regions.\nA, B, C");
     assert_eq!(got[1].0.answer, "");
-    // A row without an instruction, and a file that is no alpaca array, are named.
+    // ShareGPT rows, both spellings, a system turn allowed: the same sample.
+    let share = serde_json::json!([
+        {"messages": [{"role": "system", "content": "You are helpful."},
+                      {"role": "user", "content": "<image>Which patch is flipped? Options: 1, 2, 3."},
+                      {"role": "assistant", "content": "<think>The second patch is mirrored.</think> \\boxed{2}"}],
+         "images": ["coldstart_SFT_images/img_0.jpg"]},
+        {"conversations": [{"from": "human", "value": "<image>Which patch is flipped? Options: 1, 2, 3."},
+                           {"from": "gpt", "value": "<think>The second patch is mirrored.</think> \\boxed{2}"}],
+         "images": ["coldstart_SFT_images/img_0.jpg"]}
+    ]);
+    std::fs::write(root.join("sharegpt.json"), share.to_string()).unwrap();
+    let sg = read_samples(&root.join("sharegpt.json")).unwrap();
+    assert_eq!(sg.len(), 2);
+    for r in &sg {
+        assert_eq!(
+            (&r.problem, &r.answer, &r.images),
+            (&s.problem, &s.answer, &s.images)
+        );
+        assert_eq!(r.meta, s.meta);
+    }
+    // A row of neither form, a longer conversation, and a file that is no array are named.
     std::fs::write(&json, r#"[{"output": "x"}]"#).unwrap();
     let e = read_samples(&json).unwrap_err().to_string();
     assert!(
-        e.contains("SFT-coldstart.json") && e.contains("row 0: no `instruction`"),
+        e.contains("SFT-coldstart.json") && e.contains("row 0: neither `instruction`"),
+        "{e}"
+    );
+    let long = r#"[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]"#;
+    std::fs::write(&json, long).unwrap();
+    let e = read_samples(&json).unwrap_err().to_string();
+    assert!(
+        e.contains("row 0") && e.contains("user, assistant, user, assistant"),
         "{e}"
     );
     std::fs::write(&json, r#"{"instruction": "x"}"#).unwrap();
     let e = read_samples(&json).unwrap_err().to_string();
-    assert!(e.contains("alpaca JSON"), "{e}");
+    assert!(e.contains("SFT JSON"), "{e}");
 }

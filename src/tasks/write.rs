@@ -425,14 +425,23 @@ impl SampleRecord {
     }
 }
 
-/// LLaMA-Factory's alpaca JSON, as the released `SFT-coldstart.json` is: an array of
-/// `{instruction, input, output, images}` with `<image>` placeholders in the text and image
-/// paths relative to the file. The problem is the instruction (and `input` on the next line
-/// when there is one, as LLaMA-Factory joins them), the answer the `\boxed{…}` of `output`
-/// (empty when it has none: such a row has nothing to score), and `meta.response` the
-/// output itself, the SFT target. A row without an instruction is an error naming the file and
-/// row.
-fn read_alpaca(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
+/// LLaMA-Factory's SFT JSON: an array of rows in its alpaca form, as the released
+/// `SFT-coldstart.json` is (`{instruction, input, output, images}`), or its ShareGPT form
+/// (`{messages: [{role, content}], images}` or `{conversations: [{from, value}], images}`, a
+/// system turn allowed), `<image>` placeholders in the text and image paths relative to the
+/// file. The problem is the instruction (`input` on the next line when there is one, as
+/// LLaMA-Factory joins them) or the user turn, the answer the `\boxed{…}` of the response
+/// (empty when it has none: such a row has nothing to score), and `meta.response` the response
+/// itself, the SFT target. A row of neither form, or a conversation of more than one exchange,
+/// is an error naming the file and row.
+fn read_sft_json(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
+    #[derive(Deserialize)]
+    struct Turn {
+        #[serde(alias = "from")]
+        role: String,
+        #[serde(alias = "value")]
+        content: String,
+    }
     #[derive(Deserialize)]
     struct Row {
         instruction: Option<String>,
@@ -440,6 +449,8 @@ fn read_alpaca(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
         input: String,
         #[serde(default)]
         output: String,
+        #[serde(alias = "conversations")]
+        messages: Option<Vec<Turn>>,
         #[serde(default)]
         images: Vec<String>,
     }
@@ -450,22 +461,47 @@ fn read_alpaca(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let rows: Vec<Row> = serde_json::from_str(&text).map_err(|e| {
         ferr(format!(
-            "{e} (read as alpaca JSON: an array of {{instruction, input, output, images}}, as \
-             LLaMA-Factory's SFT files are)"
+            "{e} (read as LLaMA-Factory's SFT JSON: an array of alpaca rows {{instruction, input, \
+             output, images}} or ShareGPT rows {{messages, images}})"
         ))
     })?;
     rows.into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let Some(instruction) = r.instruction else {
-                return Err(ferr(format!("row {i}: no `instruction`")));
-            };
-            let problem = match r.input.trim().is_empty() {
-                true => instruction,
-                false => format!("{instruction}\n{}", r.input),
-            };
+            let (problem, response) =
+                match (r.instruction, r.messages) {
+                    (Some(instruction), _) => match r.input.trim().is_empty() {
+                        true => (instruction, r.output),
+                        false => (format!("{instruction}\n{}", r.input), r.output),
+                    },
+                    (None, Some(turns)) => {
+                        let talk: Vec<&Turn> =
+                            turns.iter().filter(|t| t.role != "system").collect();
+                        match talk.as_slice() {
+                            [u, a]
+                                if matches!(u.role.as_str(), "user" | "human")
+                                    && matches!(a.role.as_str(), "assistant" | "gpt") =>
+                            {
+                                (u.content.clone(), a.content.clone())
+                            }
+                            _ => {
+                                return Err(ferr(format!(
+                                "row {i}: a conversation of one user turn and one assistant turn \
+                                 is read (this one: {})",
+                                talk.iter().map(|t| t.role.as_str()).collect::<Vec<_>>().join(", ")
+                            )))
+                            }
+                        }
+                    }
+                    (None, None) => {
+                        return Err(ferr(format!(
+                        "row {i}: neither `instruction` (alpaca) nor `messages` / `conversations` \
+                         (ShareGPT)"
+                    )))
+                    }
+                };
             let boxed =
-                crate::reward::extract_boxed(&crate::reward::normalize_whitespace(&r.output));
+                crate::reward::extract_boxed(&crate::reward::normalize_whitespace(&response));
             // mathruler's "None": no box, or one that never closes — nothing to score against.
             let answer = if boxed == "None" {
                 String::new()
@@ -479,7 +515,7 @@ fn read_alpaca(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
                 answer,
                 images: r.images.into_iter().map(ImageRef::File).collect(),
                 source: vec![],
-                meta: serde_json::json!({ "response": r.output }),
+                meta: serde_json::json!({ "response": response }),
             })
         })
         .collect()
@@ -494,7 +530,7 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRecord>, WriteError> {
     };
     let ext = path.extension().and_then(|e| e.to_str());
     if ext == Some("json") {
-        return read_alpaca(path);
+        return read_sft_json(path);
     }
     let is_parquet = ext == Some("parquet");
     if !is_parquet {
