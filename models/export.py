@@ -1135,6 +1135,13 @@ class _TargetLogProbs(torch.autograd.Function):
 HEAD_CHUNKS = 8  # --head-chunks: the vocabulary head runs over the positions in this many chunks, one after another
 
 
+def pad_chunks(x, k):
+    """x [N, …] as [k, ⌈N/k⌉, …]: dimension 0 padded with zeros to a multiple of k, in k chunks."""
+    n = (x.shape[0] + k - 1) // k
+    pad = [0, 0] * (x.dim() - 1) + [0, n * k - x.shape[0]]
+    return F.pad(x, pad).reshape(k, n, *x.shape[1:])
+
+
 class _ChunkedHead(torch.autograd.Function):
     """log softmax(h·Wᵀ / T) at the targets and each distribution's entropy, for [N, D] hidden
     states and the [V, D] head, with no full [N, V] tensor: the positions go through the head in
@@ -1145,15 +1152,9 @@ class _ChunkedHead(torch.autograd.Function):
     grad h = (g/T)·W[target] − (softmax · g/T) W. Only h and the N log-normalisers are kept."""
 
     @staticmethod
-    def _chunks(x, k):
-        n = (x.shape[0] + k - 1) // k
-        pad = [0, 0] * (x.dim() - 1) + [0, n * k - x.shape[0]]
-        return F.pad(x, pad).reshape(k, n, *x.shape[1:])
-
-    @staticmethod
     def forward(ctx, h, weight, targets, temperature):
         K, N = HEAD_CHUNKS, h.shape[0]
-        hp = _ChunkedHead._chunks(h, K)
+        hp = pad_chunks(h, K)
         lse, ent, link = [], [], None
         for k in range(K):
             hk = hp[k] if link is None else hp[k] + link
@@ -1181,7 +1182,7 @@ class _ChunkedHead(torch.autograd.Function):
         h, weight, targets, temperature, lse = ctx.saved_tensors
         K, N = HEAD_CHUNKS, h.shape[0]
         gs = g / temperature
-        hp, lp, gp = (_ChunkedHead._chunks(x, K) for x in (h, lse, gs))
+        hp, lp, gp = (pad_chunks(x, K) for x in (h, lse, gs))
         grads, link = [], (gs[:1] * 0.0).sum().to(h.dtype)
         for k in range(K):
             p = torch.exp((hp[k] + link) @ weight.t() / temperature - lp[k].unsqueeze(-1))
@@ -1222,7 +1223,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scaling):
         K, (B, h, g, S, d) = ATTENTION_CHUNKS, q.shape
-        qp = _ChunkedHead._chunks(q.transpose(0, 3), K)  # [K, n, h, g, B, d]
+        qp = pad_chunks(q.transpose(0, 3), K)  # [K, n, h, g, B, d]
         n = qp.shape[1]
         keep = mask.bool()[:, None, :]
         outs, lses, link = [], [], None
@@ -1250,8 +1251,8 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v, mask, o, lse = ctx.saved_tensors
         scaling, K, (B, h, g, S, d) = ctx.scaling, ATTENTION_CHUNKS, q.shape
         D = (do.float() * o.float()).sum(-1)  # [B, h, g, S]
-        qp, dop = (_ChunkedHead._chunks(x.transpose(0, 3), K) for x in (q, do))
-        lp, Dp = (_ChunkedHead._chunks(x.transpose(0, 3), K) for x in (lse, D))  # [K, n, h, g, B]
+        qp, dop = (pad_chunks(x.transpose(0, 3), K) for x in (q, do))
+        lp, Dp = (pad_chunks(x.transpose(0, 3), K) for x in (lse, D))  # [K, n, h, g, B]
         n = qp.shape[1]
         keep = mask.bool()[:, None, :]
         dqs, dk, dv = [], None, None
@@ -1700,9 +1701,10 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
 def check_recompute_order(out, feeds):
     """ONNX Runtime's own execution order, from its profile: no node of the backward pass's
     recomputations (a node downstream of a zero taken from a gradient, see _Recompute,
-    _ChunkedHead and _ChunkedAttention) may run before the loss is computed, or every layer's recomputed activations
-    would be alive at once. The forward pass's own chaining zeros (the head's chunks) are told
-    apart as the ones the loss depends on. Returns (recomputed nodes run, gradient zeros)."""
+    _ChunkedHead and _ChunkedAttention) may run before the loss is computed, or every layer's
+    recomputed activations would be alive at once. The forward pass's own chaining zeros (the
+    head's and attention's chunks) are told apart as the ones the loss depends on. Returns
+    (recomputed nodes run, gradient zeros)."""
     import collections
     import onnx
     import onnxruntime as ort
@@ -1790,8 +1792,8 @@ def verify_training(model, out, names, shapes_, step, tol=1e-5, lp_tol=1e-4):
             raise SystemExit("verify: train.onnx differs from torch autograd")
     # 1b. ONNX Runtime recomputes each layer in the backward pass, not during the forward
     ran, layers = check_recompute_order(out, feeds(train_batch(model)))
-    print(f"  recomputation ({layers} gradient zeros: the layers, the head's and attention's chunks): {ran} nodes, none before "
-          f"the forward pass ends", flush=True)
+    print(f"  recomputation ({layers} gradient zeros: the layers, the head's and attention's chunks): {ran} nodes, "
+          f"none before the forward pass ends", flush=True)
     # 2. the wrapper against an independent path: the HF forward with LoRA added by hooks
     batch = train_batch(model)
     ws = [w.clone().requires_grad_(True) for w in lora]
