@@ -3,7 +3,7 @@
 //! the reference answer and the scoring rule. Errors name the file and the item (and its line).
 
 use super::score::{self, Scored};
-use crate::tasks::source::{decode_rgb, load_rgb};
+use crate::tasks::source::{decode_rgb, image_size_of, load_rgb};
 use crate::tasks::templates::FORMAT_SENTENCE;
 use crate::tasks::write::{read_dataset, ImageRef, SampleRecord};
 use base64::Engine as _;
@@ -88,19 +88,13 @@ impl ImageSource {
     /// `(width, height)` as [`ImageSource::load`] gives it, from the file's header (a TSV
     /// cell's base64 is decoded, its pixels are not).
     pub fn size(&self) -> Result<(u32, u32), crate::tasks::source::SourceError> {
-        use crate::tasks::{source::SourceError, SkipReason};
-        let header = |bytes: &[u8], path: &Path| {
-            image::ImageReader::new(std::io::Cursor::new(bytes))
-                .with_guessed_format()
-                .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?
-                .into_dimensions()
-                .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
-        };
         match self {
             ImageSource::File(p) => crate::tasks::source::image_size(p),
             ImageSource::Resized(_, w, h) => Ok((*w, *h)),
-            ImageSource::Base64(b64, name) => header(&base64_bytes(b64, name)?, Path::new(name)),
-            ImageSource::Stored(bytes, name) => header(bytes, Path::new(name)),
+            ImageSource::Base64(b64, name) => {
+                image_size_of(&base64_bytes(b64, name)?, Path::new(name))
+            }
+            ImageSource::Stored(bytes, name) => image_size_of(bytes, Path::new(name)),
         }
     }
 

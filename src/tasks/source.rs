@@ -622,6 +622,15 @@ pub fn discover_rgbd_in(dir: &Path, walk: &mut Walk) -> std::io::Result<Discover
 /// Decodes a photo to RGB: any supported format by content, EXIF orientation applied,
 /// grayscale expanded, alpha dropped.
 /// `(width, height)` of the image at `path`, from its header (the pixels are not decoded).
+/// `(width, height)` of an image held in memory (`path` names it in errors), from its header.
+pub fn image_size_of(bytes: &[u8], path: &Path) -> Result<(u32, u32), SourceError> {
+    ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?
+        .into_dimensions()
+        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
+}
+
 pub fn image_size(path: &Path) -> Result<(u32, u32), SourceError> {
     ImageReader::open(path)
         .map_err(|e| SourceError::new(SkipReason::Io, path, e))?

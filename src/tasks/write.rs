@@ -58,15 +58,10 @@ impl ImageRef {
 
     /// `(width, height)` from the header (the pixels are not decoded).
     pub fn size(&self, root: &Path) -> Result<(u32, u32), super::source::SourceError> {
-        use super::{source::SourceError, SkipReason};
         match self {
             ImageRef::File(p) => super::source::image_size(&root.join(p)),
             ImageRef::Embedded { name, bytes } => {
-                image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
-                    .with_guessed_format()
-                    .map_err(|e| SourceError::new(SkipReason::Decode, Path::new(name), e))?
-                    .into_dimensions()
-                    .map_err(|e| SourceError::new(SkipReason::Decode, Path::new(name), e))
+                super::source::image_size_of(bytes, Path::new(name))
             }
         }
     }
@@ -77,12 +72,6 @@ impl ImageRef {
             ImageRef::File(p) => super::source::load_rgb(&root.join(p)),
             ImageRef::Embedded { name, bytes } => super::source::decode_rgb(bytes, Path::new(name)),
         }
-    }
-}
-
-impl From<&str> for ImageRef {
-    fn from(p: &str) -> Self {
-        ImageRef::File(p.to_string())
     }
 }
 
