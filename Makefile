@@ -79,6 +79,8 @@ $(EXPORT_VENV)/.done: models/requirements.txt
 fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the goldens (needs torch; not run by CI)
 	rm -rf models/tiny
 	$(EXPORT_VENV)/bin/python models/export.py --tiny --out models/tiny --verify --goldens
+	rm -rf models/tiny-fp16
+	$(EXPORT_VENV)/bin/python models/export.py models/tiny/hf --dtype fp16 --out models/tiny-fp16 --verify --goldens
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_pil_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_rope_goldens.py

@@ -583,13 +583,19 @@ impl DeviceArgs {
         engine.set_cpu_slices(self.cpu_slices)?;
         let dtype = &engine.package.manifest.dtype;
         if dtype != "fp32" {
-            // A builder decoder's precision is its I/O's; this project's fp16 packages store
-            // their weights in fp16 and compute in fp32.
+            // A builder decoder's precision is its I/O's; this project's half packages compute
+            // in half as transformers does in that dtype, and return fp32 logits.
             match engine.package.is_genai() {
                 true => eprintln!("{}: {dtype} embeddings, cache and logits", model.display()),
                 false => eprintln!(
-                    "{}: weights stored in {dtype}, arithmetic in fp32",
-                    model.display()
+                    "{}: {dtype} weights, arithmetic and cache (norms, softmax and rotary angles in fp32){}",
+                    model.display(),
+                    if engine.provider() == "cpu" {
+                        "; on the CPU, ONNX Runtime widens it to fp32 where it has no fp16 \
+                         kernel: an fp32 package is the CPU's"
+                    } else {
+                        ""
+                    }
                 ),
             }
         }

@@ -456,3 +456,44 @@ fn export_replaces_only_its_own_files_and_refuses_any_other_folder() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The fp16 package (computing in fp16): an adapter merges into its fp16 weights — through
+/// PEFT's fp32 LoRA branch — and the merged package, optimised too, gives the tokens of the
+/// package with the adapter fed as inputs, logits within fp16's rounding of the merge.
+#[test]
+fn adapter_merges_into_an_fp16_package() {
+    let dir16 = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-fp16");
+    let Some(mut base) = engine_or_skip(&dir16) else {
+        return;
+    };
+    let adapter = random_adapter();
+    let (plain, _) = greedy(&mut base);
+    base.set_lora(&adapter).unwrap();
+    let (want, want_trace) = greedy(&mut base);
+    assert_ne!(
+        want, plain,
+        "the adapter changes nothing; the test would prove nothing"
+    );
+    let dir = std::env::temp_dir().join(format!("ssrl-export-fp16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for optimize in [false, true] {
+        let out = dir.join(format!("merged-{optimize}"));
+        let opts = ExportOptions {
+            adapter: Some(adapter.clone()),
+            fp16: false,
+            optimize,
+        };
+        let rep = export(&dir16, &out, &opts, None).unwrap();
+        assert_eq!(rep.merged.len(), 5, "{rep:?}");
+        let mut merged = Engine::open(&out, None).unwrap();
+        assert_eq!(merged.package.manifest.dtype, "fp16");
+        let (got, got_trace) = greedy(&mut merged);
+        assert_eq!(got, want, "optimize {optimize}");
+        let (d, scale) = max_diff(&want_trace, &got_trace);
+        assert!(
+            d <= 2e-2 * scale.max(1.0),
+            "optimize {optimize}: logits differ by {d}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,6 +9,10 @@ use spatial_ssrl::model::session::{self, RuntimeError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+fn tiny_fp16() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-fp16")
+}
+
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
 }
@@ -71,6 +75,13 @@ fn tiny_package_matches_its_contract() {
     assert_eq!(m.tokens.pad, id("<|endoftext|>"));
     assert!(m.tokens.eos.contains(&id("<|im_end|>")));
     if let Some(r) = validate(&p) {
+        r.unwrap();
+    }
+    // The fp16 package: the same model, its activations and cache typed fp16 in every graph.
+    let h = Package::open(&tiny_fp16()).unwrap();
+    assert_eq!(h.manifest.dtype, "fp16");
+    assert_eq!(h.activation_type(), ort::value::TensorElementType::Float16);
+    if let Some(r) = validate(&h) {
         r.unwrap();
     }
 }
@@ -209,18 +220,77 @@ fn library_search_order() {
 /// goldens written by the exporter: loss, token log-probs, every LoRA gradient and the stats.
 #[test]
 fn train_graph_matches_torch_autograd_goldens() {
-    use ort::value::Tensor;
-    use spatial_ssrl::model::package::TRAIN_INPUTS;
-    use spatial_ssrl::tasks::npy;
-    let p = Package::open(&tiny()).unwrap();
-    let env = match session::environment(None) {
-        Ok(e) => e,
+    let Some(env) = ort_env() else { return };
+    let dir = tiny();
+    let out = run_train_goldens(env, &dir, &dir.join("goldens/train"), &[]);
+    assert_near_goldens(&out, &dir.join("goldens/train"), 1e-5, 1e-4);
+}
+
+/// The fp16 training graph (forward and backward in fp16, fp32 LoRA tensors and gradients)
+/// against torch autograd in fp16 on the same inputs (relative 2e-2: two fp16 implementations
+/// round differently), against the fp32 graph of the same weights on the same inputs (relative
+/// 5e-2: fp16's own error), and with loss scaling: at scale 1,024 the gradients are the
+/// same, divided back in the graph; at 1e30 they overflow, which the trainer's scaler detects.
+#[test]
+fn fp16_train_graph_matches_autograd_and_the_fp32_graph() {
+    let Some(env) = ort_env() else { return };
+    let dir = tiny_fp16();
+    let gd = dir.join("goldens/train");
+    let out = run_train_goldens(env, &dir, &gd, &[]);
+    assert_near_goldens(&out, &gd, 2e-2, 2e-2);
+    // The fp32 package on the fp16 goldens' inputs (its embeddings are exact in fp32).
+    let wide = run_train_goldens(env, &tiny(), &gd, &[]);
+    let grads = |o: &Outputs| -> Vec<(String, Vec<f32>)> {
+        o.iter()
+            .filter(|(n, _)| n.starts_with("grad."))
+            .cloned()
+            .collect()
+    };
+    for ((name, a), (_, b)) in grads(&out).iter().zip(grads(&wide)) {
+        let rel = max_diff(a, &b) / max_abs(&b);
+        assert!(rel < 5e-2, "{name}: fp16 vs fp32 graph, relative {rel}");
+    }
+    let scaled = run_train_goldens(env, &dir, &gd, &[("loss_scale", 1024.0)]);
+    for ((name, a), (_, b)) in grads(&scaled).iter().zip(grads(&out)) {
+        let rel = max_diff(a, &b) / max_abs(&b);
+        assert!(
+            rel < 1e-2,
+            "{name}: scaled by 1024 and back, relative {rel}"
+        );
+    }
+    let over = run_train_goldens(env, &dir, &gd, &[("loss_scale", 1e30)]);
+    assert!(
+        !grads(&over)
+            .iter()
+            .all(|(_, g)| g.iter().all(|x| x.is_finite())),
+        "fp16 gradients at loss scale 1e30 should overflow"
+    );
+}
+
+type Outputs = Vec<(String, Vec<f32>)>;
+
+fn ort_env() -> Option<&'static ort::environment::Environment> {
+    match session::environment(None) {
+        Ok(e) => Some(e),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "SKIP: {e}");
-            return;
+            None
         }
-    };
-    let gd = tiny().join("goldens/train");
+    }
+}
+
+/// `dir`'s train.onnx on the inputs saved in `gd` (`in.NAME.npy`; the embeddings converted to
+/// the package's activation type), scalars in `set` replacing theirs: every output as f32.
+fn run_train_goldens(
+    env: &'static ort::environment::Environment,
+    dir: &Path,
+    gd: &Path,
+    set: &[(&str, f32)],
+) -> Outputs {
+    use ort::value::{Tensor, TensorElementType as T};
+    use spatial_ssrl::model::package::TRAIN_INPUTS;
+    use spatial_ssrl::tasks::npy;
+    let p = Package::open(dir).unwrap();
     let mut names: Vec<String> = TRAIN_INPUTS.iter().map(|(n, _)| n.to_string()).collect();
     for t in &p.manifest.lora.tensors {
         names.push(format!("{}.A", t.name));
@@ -228,21 +298,28 @@ fn train_graph_matches_torch_autograd_goldens() {
     }
     let mut inputs: Vec<(String, ort::session::SessionInputValue<'static>)> = Vec::new();
     for n in &names {
-        let a = npy::read(&gd.join(format!("in.{n}.npy"))).unwrap();
-        let ty = TRAIN_INPUTS
-            .iter()
-            .find(|(k, _)| k == n)
-            .map(|(_, t)| *t)
-            .unwrap_or(ort::value::TensorElementType::Float32);
+        let mut a = npy::read(&gd.join(format!("in.{n}.npy"))).unwrap();
+        if let Some((_, v)) = set.iter().find(|(k, _)| k == n) {
+            a.data = vec![*v];
+        }
+        let ty = match TRAIN_INPUTS.iter().find(|(k, _)| k == n) {
+            Some(_) if n == "inputs_embeds" => p.activation_type(),
+            Some((_, t)) => *t,
+            None => T::Float32,
+        };
         let shape: Vec<i64> = a.shape.iter().map(|d| *d as i64).collect();
-        let v: ort::session::SessionInputValue<'static> =
-            if ty == ort::value::TensorElementType::Int64 {
+        let v: ort::session::SessionInputValue<'static> = match ty {
+            T::Int64 => {
                 Tensor::from_array((shape, a.data.iter().map(|x| *x as i64).collect::<Vec<_>>()))
                     .unwrap()
                     .into()
-            } else {
-                Tensor::from_array((shape, a.data)).unwrap().into()
-            };
+            }
+            T::Float16 => {
+                let h: Vec<half::f16> = a.data.iter().map(|x| half::f16::from_f32(*x)).collect();
+                Tensor::from_array((shape, h)).unwrap().into()
+            }
+            _ => Tensor::from_array((shape, a.data)).unwrap().into(),
+        };
         inputs.push((n.clone(), v));
     }
     let mut sess = ort::session::Session::builder(env)
@@ -250,41 +327,85 @@ fn train_graph_matches_torch_autograd_goldens() {
         .commit_from_file(p.graph_path(&p.manifest.graphs.train))
         .unwrap();
     let out = sess.run(inputs).unwrap();
-    let mut checked = 0;
-    for (name, value) in out.iter() {
-        let want = npy::read(&gd.join(format!("out.{name}.npy"))).unwrap();
-        let (_, got) = value.try_extract_tensor::<f32>().unwrap();
-        let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let err = got
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let tol = if name == "stats" { 1e-4 } else { 1e-5 };
+    let res: Outputs = out
+        .iter()
+        .map(|(name, value)| {
+            let (_, v) = value.try_extract_tensor::<f32>().unwrap();
+            (name.to_string(), v.to_vec())
+        })
+        .collect();
+    assert_eq!(res.len(), 2 + 2 * p.manifest.lora.tensors.len() + 1);
+    res
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6)
+}
+
+/// Every output within `tol` of the autograd golden (relative to its largest value, at least
+/// 1), the stats within `stats_tol`.
+fn assert_near_goldens(out: &Outputs, gd: &Path, tol: f32, stats_tol: f32) {
+    for (name, got) in out {
+        let want = spatial_ssrl::tasks::npy::read(&gd.join(format!("out.{name}.npy"))).unwrap();
+        let scale = max_abs(&want.data);
+        let err = max_diff(got, &want.data);
+        let tol = if name == "stats" { stats_tol } else { tol };
         assert!(
             err <= tol * scale.max(1.0),
             "{name}: max |ort − torch| {err} (scale {scale})"
         );
-        checked += 1;
     }
-    assert_eq!(checked, 2 + 2 * p.manifest.lora.tensors.len() + 1);
 }
 
 /// A package whose training graph takes another set of batch inputs (exported by an earlier
-/// models/export.py, before `rollout_is_weights`) is refused by name, with what to do.
+/// models/export.py, before `loss_scale`) is refused by name, with what to do; so is a manifest
+/// of a dtype this runtime does not know.
 #[test]
 fn a_package_from_another_exporter_version_is_refused_with_the_fix() {
     let dir = scratch("old_contract");
     let text = std::fs::read_to_string(tiny().join("manifest.json")).unwrap();
     let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
     let inputs = m["train"]["inputs"].as_array_mut().unwrap();
-    assert_eq!(inputs.pop().unwrap(), "rollout_is_weights");
+    assert_eq!(inputs.pop().unwrap(), "loss_scale");
     std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
     let e = Package::open(&dir).unwrap_err().to_string();
     assert!(
         e.contains("manifest.json")
             && e.contains("differ from this runtime's contract")
             && e.contains("export it again"),
+        "{e}"
+    );
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["dtype"] = "int8".into();
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    let e = Package::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("dtype is \"int8\""), "{e}");
+}
+
+/// A manifest saying fp16 over fp32 graphs (say, edited by hand) is refused when the graphs
+/// are checked, naming the graph, the input and both types.
+#[test]
+fn half_manifest_over_fp32_graphs_is_refused_by_the_contract() {
+    let dir = tiny_copy("dtype_mismatch");
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["dtype"] = "fp16".into();
+    std::fs::write(&path, m.to_string()).unwrap();
+    let Some(r) = validate(&Package::open(&dir).unwrap()) else {
+        return;
+    };
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("vision.onnx") && e.contains("image_features") && e.contains("Float16"),
         "{e}"
     );
 }

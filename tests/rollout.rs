@@ -13,8 +13,17 @@ fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
 }
 
+/// The tiny model exported with `--dtype fp16`: weights, arithmetic and cache in fp16.
+fn tiny_fp16() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-fp16")
+}
+
 fn engine() -> Option<Engine> {
-    match Engine::open(&tiny(), None) {
+    engine_of(&tiny())
+}
+
+fn engine_of(dir: &Path) -> Option<Engine> {
+    match Engine::open(dir, None) {
         Ok(e) => Some(e),
         Err(EngineError::Package(spatial_ssrl::model::package::PackageError::Runtime(e))) => {
             let _ = writeln!(std::io::stderr(), "SKIP: {e}");
@@ -25,9 +34,13 @@ fn engine() -> Option<Engine> {
 }
 
 fn golden() -> (serde_json::Value, Vec<Request>) {
+    golden_of(&tiny())
+}
+
+/// The transformers goldens of the package `dir` (run in the package's dtype) and their requests.
+fn golden_of(dir: &Path) -> (serde_json::Value, Vec<Request>) {
     let g: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tiny().join("goldens/rollout.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("goldens/rollout.json")).unwrap()).unwrap();
     let reqs = g["prompts"]
         .as_array()
         .unwrap()
@@ -46,7 +59,7 @@ fn golden() -> (serde_json::Value, Vec<Request>) {
                 images: files
                     .iter()
                     .map(|f| {
-                        image::open(tiny().join("goldens").join(f.as_str().unwrap()))
+                        image::open(dir.join("goldens").join(f.as_str().unwrap()))
                             .unwrap()
                             .to_rgb8()
                     })
@@ -72,8 +85,31 @@ fn greedy(n: usize) -> GenerationConfig {
 
 #[test]
 fn greedy_rollout_matches_transformers() {
-    let Some(mut e) = engine() else { return };
-    let (g, reqs) = golden();
+    if let Some(mut e) = engine() {
+        assert_matches_goldens(&mut e, &tiny(), 1e-4);
+    }
+}
+
+/// The fp16 package (weights, matrix products, attention and cache in fp16; norms, softmax and
+/// rotary angles in fp32) against transformers run in fp16 on the same weights: the same greedy
+/// tokens, and logits within fp16's rounding (3e-2 on logits of magnitude ~1–5); against the
+/// fp32 package, the same tokens too.
+#[test]
+fn greedy_rollout_in_fp16_matches_transformers_in_fp16() {
+    let Some(mut e) = engine_of(&tiny_fp16()) else {
+        return;
+    };
+    assert_eq!(e.package.manifest.dtype, "fp16");
+    assert_matches_goldens(&mut e, &tiny_fp16(), 3e-2);
+    let (g16, _) = golden_of(&tiny_fp16());
+    let (g32, _) = golden();
+    assert_eq!(g16["greedy_tokens"], g32["greedy_tokens"]);
+}
+
+/// The engine's prompt, positions, logits of prefill + 5 decode steps (within `tol`) and greedy
+/// tokens against the package `dir`'s transformers goldens.
+fn assert_matches_goldens(e: &mut Engine, dir: &Path, tol: f32) {
+    let (g, reqs) = golden_of(dir);
     // Chat template rendered by minijinja exactly as transformers renders it.
     for (r, want) in reqs.iter().zip(g["rendered"].as_array().unwrap()) {
         let msgs = spatial_ssrl::model::prompt::PromptBuilder::content(&r.problem, None);
@@ -111,7 +147,7 @@ fn greedy_rollout_matches_transformers() {
         .collect();
     assert_eq!(trace.rope_deltas, deltas);
     // Greedy tokens and the logits of every step.
-    let want = spatial_ssrl::tasks::npy::read(&tiny().join("goldens/step_logits.npy")).unwrap();
+    let want = spatial_ssrl::tasks::npy::read(&dir.join("goldens/step_logits.npy")).unwrap();
     let (steps, b, v) = (want.shape[0], want.shape[1], want.shape[2]);
     assert_eq!(trace.steps.len(), steps);
     let mut worst = 0f32;
@@ -122,7 +158,8 @@ fn greedy_rollout_matches_transformers() {
             }
         }
     }
-    assert!(worst < 1e-4, "max |logit − transformers| = {worst}");
+    eprintln!("{}: max |logit − transformers| {worst:.2e}", dir.display());
+    assert!(worst < tol, "max |logit − transformers| = {worst}");
     for (c, want) in out.iter().zip(g["greedy_tokens"].as_array().unwrap()) {
         let want: Vec<u32> = want
             .as_array()

@@ -369,6 +369,37 @@ fn rollout_correction_is_reported_and_near_one_on_the_cpu() {
     assert!(m["rollout/logprob_mismatch_max"] < 1e-2);
 }
 
+/// GRPO on the fp16 package (rollouts, log-probs and the training step in fp16; LoRA tensors,
+/// gradients and AdamW in fp32): finite losses and gradients, no update skipped, the sampler's
+/// and the training graph's log-probs reported and close, and the loss scale where its
+/// back-offs put it (65,536 halved once per overflowed micro-batch).
+#[test]
+fn grpo_runs_in_fp16_with_dynamic_loss_scaling() {
+    let dir = tempdir("fp16");
+    let data = text_tasks(&dir, 8);
+    let mut c = config(&dir, data);
+    c.model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-fp16");
+    c.trainer.max_steps = 2;
+    let Some(seen) = step_metrics(c) else { return };
+    let mut backoffs = 0.0;
+    for m in &seen {
+        for k in ["actor/pg_loss_plus_kl", "actor/grad_norm", "actor/entropy"] {
+            assert!(m[k].is_finite(), "{k} = {}", m[k]);
+        }
+        assert!(m["actor/grad_norm"] > 0.0);
+        assert_eq!(m["actor/skipped_updates"], 0.0);
+        assert!(m["rollout/logprob_mismatch_max"] < 0.1, "{:?}", m);
+        eprintln!(
+            "fp16 step: loss scale {}, back-offs {}, log-prob mismatch max {:.2e}",
+            m["actor/loss_scale"],
+            m["actor/loss_scale_backoffs"],
+            m["rollout/logprob_mismatch_max"]
+        );
+        backoffs += m["actor/loss_scale_backoffs"];
+        assert_eq!(m["actor/loss_scale"], 65536.0 / 2f64.powf(backoffs));
+    }
+}
+
 #[test]
 fn learning_is_real_mean_reward_rises() {
     let dir = tempdir("learn");

@@ -67,8 +67,9 @@ pub enum Positions {
     Completion,
 }
 
-/// `train.onnx` batch inputs and their element types (the contract `models/export.py` writes).
-pub const TRAIN_INPUTS: [(&str, T); 15] = [
+/// `train.onnx` batch inputs and their element types (the contract `models/export.py` writes);
+/// `inputs_embeds` is of the package's activation type ([`Package::activation_type`]).
+pub const TRAIN_INPUTS: [(&str, T); 16] = [
     ("inputs_embeds", T::Float32),
     ("attention_mask", T::Int64),
     ("position_ids", T::Int64),
@@ -84,6 +85,7 @@ pub const TRAIN_INPUTS: [(&str, T); 15] = [
     ("kl_coef", T::Float32),
     ("token_count", T::Float32),
     ("rollout_is_weights", T::Float32),
+    ("loss_scale", T::Float32),
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +257,15 @@ impl Package {
                     "train inputs {:?} differ from this runtime's contract {contract:?} (a \
                      package from another version of models/export.py: export it again)",
                     manifest.train.inputs
+                ),
+            });
+        }
+        if !["fp32", "fp16", "bf16"].contains(&manifest.dtype.as_str()) {
+            return Err(PackageError::File {
+                path,
+                msg: format!(
+                    "dtype is {:?}; this runtime knows fp32, fp16 and bf16",
+                    manifest.dtype
                 ),
             });
         }
@@ -460,30 +471,43 @@ impl Package {
         self.dir.join(file)
     }
 
+    /// The element type of the package's activations — image features, embeddings, the KV
+    /// cache — at the graphs' edges: half for a package exported with `--dtype fp16|bf16`
+    /// (whose graphs compute in half, as transformers does in that dtype), fp32 otherwise.
+    /// Logits, log-probs, LoRA tensors and their gradients are fp32 in every package.
+    pub fn activation_type(&self) -> T {
+        match self.manifest.dtype.as_str() {
+            "fp16" => T::Float16,
+            "bf16" => T::Bfloat16,
+            _ => T::Float32,
+        }
+    }
+
     /// The I/O contract of each graph, from the manifest.
     pub fn signatures(&self) -> Vec<(String, Signature)> {
         let m = &self.manifest;
+        let act = self.activation_type();
         let s = |v: &[(&str, T)]| {
             v.iter()
                 .map(|(n, t)| (n.to_string(), *t))
                 .collect::<Vec<_>>()
         };
         let mut dec_in = s(&[
-            ("inputs_embeds", T::Float32),
+            ("inputs_embeds", act),
             ("attention_mask", T::Int64),
             ("position_ids", T::Int64),
         ]);
         let mut dec_out = s(&[("logits", T::Float32)]);
         for i in 0..m.text.num_hidden_layers {
             for kv in ["key", "value"] {
-                dec_in.push((format!("past_key_values.{i}.{kv}"), T::Float32));
-                dec_out.push((format!("present.{i}.{kv}"), T::Float32));
+                dec_in.push((format!("past_key_values.{i}.{kv}"), act));
+                dec_out.push((format!("present.{i}.{kv}"), act));
             }
         }
         if m.kv_layout == KvLayout::Shared {
             for i in 0..m.text.num_hidden_layers {
                 for kv in ["key", "value"] {
-                    dec_in.push((format!("prefix_key_values.{i}.{kv}"), T::Float32));
+                    dec_in.push((format!("prefix_key_values.{i}.{kv}"), act));
                 }
             }
             dec_in.extend(s(&[
@@ -494,7 +518,7 @@ impl Package {
             if m.own_cache == OwnCache::InPlace {
                 for i in 0..m.text.num_hidden_layers {
                     for kv in ["key", "value"] {
-                        dec_in.push((format!("own_key_values.{i}.{kv}"), T::Float32));
+                        dec_in.push((format!("own_key_values.{i}.{kv}"), act));
                     }
                 }
                 dec_in.push(("own_mask".into(), T::Int64));
@@ -513,7 +537,7 @@ impl Package {
             .collect();
         dec_in.extend(lora.iter().cloned());
         let mut lp_in = s(&[
-            ("inputs_embeds", T::Float32),
+            ("inputs_embeds", act),
             ("attention_mask", T::Int64),
             ("position_ids", T::Int64),
             ("target_ids", T::Int64),
@@ -521,6 +545,7 @@ impl Package {
         ]);
         lp_in.extend(lora.iter().cloned());
         let mut train_in = s(&TRAIN_INPUTS);
+        train_in[0].1 = act;
         train_in.extend(lora.iter().cloned());
         let mut train_out = s(&[("loss", T::Float32), ("token_logprobs", T::Float32)]);
         train_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
@@ -530,14 +555,14 @@ impl Package {
                 m.graphs.vision.clone(),
                 Signature {
                     inputs: s(&[("pixel_values", T::Float32), ("image_grid_thw", T::Int64)]),
-                    outputs: s(&[("image_features", T::Float32)]),
+                    outputs: s(&[("image_features", act)]),
                 },
             ),
             (
                 m.graphs.embedding.clone(),
                 Signature {
-                    inputs: s(&[("input_ids", T::Int64), ("image_features", T::Float32)]),
-                    outputs: s(&[("inputs_embeds", T::Float32)]),
+                    inputs: s(&[("input_ids", T::Int64), ("image_features", act)]),
+                    outputs: s(&[("inputs_embeds", act)]),
                 },
             ),
             (
@@ -770,11 +795,12 @@ impl Package {
 }
 
 /// The element types an input or output of contract type `want` may have: `want` itself; an
-/// onnxruntime-genai folder's floating-point ones may also be half precision (its builder's
-/// `-p fp16` / `-p bf16`), which the engine converts at the graph's edge.
+/// onnxruntime-genai folder's floating-point ones may be of any float type (its builder's
+/// `-p fp16` / `-p bf16` decoder beside an fp32 vision graph, say), which the engine converts
+/// at the graph's edge.
 fn accepted_types(genai: bool, want: T) -> Vec<T> {
     match (genai, want) {
-        (true, T::Float32) => vec![T::Float32, T::Float16, T::Bfloat16],
+        (true, T::Float32 | T::Float16 | T::Bfloat16) => vec![T::Float32, T::Float16, T::Bfloat16],
         _ => vec![want],
     }
 }

@@ -14,14 +14,14 @@ use std::borrow::Cow;
 
 /// A floating-point tensor type the engine feeds and reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Float {
+pub(crate) enum Float {
     F32,
     F16,
     Bf16,
 }
 
 impl Float {
-    pub(super) fn of(t: T) -> Option<Float> {
+    pub(crate) fn of(t: T) -> Option<Float> {
         match t {
             T::Float32 => Some(Float::F32),
             T::Float16 => Some(Float::F16),
@@ -31,7 +31,7 @@ impl Float {
     }
 
     /// The type of `session`'s input `name`; fp32 where it has none of the three.
-    pub(super) fn of_input(session: &Session, name: &str) -> Float {
+    pub(crate) fn of_input(session: &Session, name: &str) -> Float {
         session
             .inputs()
             .iter()
@@ -42,7 +42,7 @@ impl Float {
     }
 
     /// Bytes per value.
-    pub(super) fn bytes(self) -> usize {
+    pub(crate) fn bytes(self) -> usize {
         match self {
             Float::F32 => 4,
             Float::F16 | Float::Bf16 => 2,
@@ -63,7 +63,7 @@ impl Float {
 
     /// A host tensor of `shape` holding `values` in this type (rounded to the nearest), as an
     /// input of `graph`.
-    pub(super) fn tensor(
+    pub(crate) fn tensor(
         self,
         graph: &'static str,
         shape: &[usize],

@@ -2,7 +2,7 @@
 
 pub mod bench;
 pub mod engine;
-mod float;
+pub(crate) mod float;
 mod gpu;
 pub mod job;
 mod kv;

@@ -196,6 +196,8 @@ pub struct State {
     pub params: Vec<NamedTensor>,
     pub exp_avg: Vec<NamedTensor>,
     pub exp_avg_sq: Vec<NamedTensor>,
+    /// The dynamic loss scale of an fp16 run.
+    pub loss_scale: Option<super::scale::LossScale>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -205,6 +207,8 @@ struct TrainerState {
     config: String,
     /// file name → (bytes, FNV-1a 64 hex)
     files: BTreeMap<String, (u64, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<super::scale::LossScale>,
 }
 
 const FORMAT: &str = "spatial-ssrl-checkpoint-1";
@@ -284,6 +288,7 @@ pub fn save(
         step: state.step,
         config: state.config.clone(),
         files: index,
+        loss_scale: state.loss_scale,
     };
     let p = tmp.join("trainer_state.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&ts).expect("json"))
@@ -381,6 +386,7 @@ pub fn load(dir: &Path) -> Result<State, CheckpointError> {
         params,
         exp_avg,
         exp_avg_sq,
+        loss_scale: ts.loss_scale,
     })
 }
 
@@ -653,9 +659,15 @@ mod tests {
             params: stored.clone(),
             exp_avg: stored.clone(),
             exp_avg_sq: stored.clone(),
+            loss_scale: Some(crate::train::scale::LossScale {
+                scale: 1024.0,
+                good_steps: 7,
+            }),
         };
         let dir = save(&root, &state, &spec(), "tiny", 0).unwrap();
         assert_eq!(load_adapter_for(&dir, &spec()).unwrap(), stored);
+        // (an fp16 run's loss scale comes back with it)
+        assert_eq!(load(&dir).unwrap().loss_scale, state.loss_scale);
         let _ = std::fs::remove_dir_all(root);
     }
 

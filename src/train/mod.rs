@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod plot;
+pub mod scale;
 
 use crate::kernels::{cpu, cuda, AdamW, AdvantageConfig, KernelError, SamplingParams};
 use crate::model::package::{PackageError, Positions};
@@ -15,6 +16,7 @@ use crate::model::rope::RopeConfig;
 use crate::model::session::{Device, DeviceChoice};
 use crate::reward::{self, RewardConfig, Score};
 use crate::rng::{mix64, Rng};
+use crate::rollout::float::Float;
 use crate::rollout::{Engine, EngineError, GenerationConfig, Prepared, Request};
 use crate::tasks::write::{read_dataset, SampleRecord};
 use batch::{MicroBatch, Row};
@@ -22,6 +24,7 @@ use checkpoint::{CheckpointError, NamedTensor, State};
 use config::TrainConfig;
 use ort::session::{Session, SessionInputValue};
 use rayon::prelude::*;
+use scale::LossScale;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -262,6 +265,12 @@ pub struct Trainer {
     engine: Engine,
     logprobs: Session,
     train: Session,
+    /// The graphs' embedding type (the package's activations: fp32, fp16 or bf16).
+    embeds_type: Float,
+    /// Dynamic loss scaling, for a package whose training graph runs in fp16.
+    loss_scale: Option<LossScale>,
+    /// Micro-batches run again at a lower loss scale during this step.
+    scale_backoffs: usize,
     params: Vec<Param>,
     /// Steps completed.
     step: usize,
@@ -519,12 +528,16 @@ impl Trainer {
             samples: Vec::new(),
             roots: Vec::new(),
         };
+        let embeds_type = Float::of_input(&train, "inputs_embeds");
         let mut t = Trainer {
             cfg,
             weights: engine.shared_weights(),
             engine,
             logprobs,
             train,
+            embeds_type,
+            loss_scale: (embeds_type == Float::F16).then(LossScale::default),
+            scale_backoffs: 0,
             params,
             step: 0,
             data: empty(),
@@ -617,6 +630,7 @@ impl Trainer {
             params: tensors(|p| &p.value),
             exp_avg: tensors(|p| &p.m),
             exp_avg_sq: tensors(|p| &p.v),
+            loss_scale: self.loss_scale,
         };
         let base = std::fs::canonicalize(&self.cfg.model).unwrap_or(self.cfg.model.clone());
         Ok(checkpoint::save(
@@ -668,6 +682,9 @@ impl Trainer {
             p.v = find(&s.exp_avg_sq)?;
         }
         self.step = s.step;
+        if self.loss_scale.is_some() {
+            self.loss_scale = Some(s.loss_scale.unwrap_or_default());
+        }
         self.prefetch = None;
         self.push_lora()
     }
@@ -768,10 +785,11 @@ impl Trainer {
         embeds: Vec<f32>,
     ) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
         let hidden = self.engine.package.manifest.text.hidden_size;
+        let shape = [mb.rows, mb.len, hidden];
         Ok(vec![
             (
                 "inputs_embeds".into(),
-                tensor(&[mb.rows, mb.len, hidden], embeds)?,
+                self.embeds_type.tensor("train", &shape, embeds)?.into(),
             ),
             (
                 "attention_mask".into(),
@@ -812,7 +830,38 @@ impl Trainer {
         );
         let mb = self.micro_batch(rows)?;
         let embeds = self.embed(&mb)?;
-        let mut inputs = self.batch_inputs(&mb, embeds)?;
+        loop {
+            let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+            let r = self.run_train(
+                &mb,
+                embeds.clone(),
+                [old, reference],
+                advantages,
+                [t, low, high, dual, kl_coef, token_count as f32, scale],
+                is_weights,
+            )?;
+            // fp16: gradients that overflowed at this scale are run again at a lower one.
+            let overflowed = !scale::all_finite(&r.grads);
+            let again = overflowed && self.loss_scale.as_mut().is_some_and(LossScale::back_off);
+            if !again {
+                return Ok(r);
+            }
+            self.scale_backoffs += 1;
+        }
+    }
+
+    /// One `train.onnx` run of the micro-batch `mb`; `settings` are temperature, the three clip
+    /// ratios, the KL coefficient, the token count and the loss scale.
+    fn run_train(
+        &mut self,
+        mb: &MicroBatch,
+        embeds: Vec<f32>,
+        [old, reference]: [&[Vec<f32>]; 2],
+        advantages: &[f32],
+        settings: [f32; 7],
+        is_weights: Option<&[Vec<f32>]>,
+    ) -> Result<MicroResult, TrainError> {
+        let mut inputs = self.batch_inputs(mb, embeds)?;
         let olds: Vec<&[f32]> = old.iter().map(Vec::as_slice).collect();
         let refs: Vec<&[f32]> = reference.iter().map(Vec::as_slice).collect();
         let shape = [mb.rows, mb.cols];
@@ -831,14 +880,16 @@ impl Trainer {
             "advantages".into(),
             tensor(&[mb.rows], advantages.to_vec())?,
         ));
-        for (name, v) in [
-            ("temperature", t),
-            ("clip_ratio_low", low),
-            ("clip_ratio_high", high),
-            ("clip_ratio_dual", dual),
-            ("kl_coef", kl_coef),
-            ("token_count", token_count as f32),
-        ] {
+        let names = [
+            "temperature",
+            "clip_ratio_low",
+            "clip_ratio_high",
+            "clip_ratio_dual",
+            "kl_coef",
+            "token_count",
+            "loss_scale",
+        ];
+        for (name, v) in names.into_iter().zip(settings) {
             inputs.push((name.into(), scalar(v)?));
         }
         for p in &self.params {
@@ -1112,6 +1163,7 @@ impl Trainer {
         let per_mini = cfg.actor.global_batch_size * g;
         let mut sums = [0f64; 6];
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
+        self.scale_backoffs = 0;
         for (k, mini) in (0..rows.len())
             .collect::<Vec<_>>()
             .chunks(per_mini)
@@ -1175,6 +1227,9 @@ impl Trainer {
                 for (p, gr) in self.params.iter_mut().zip(&grads) {
                     self.backend.adamw(p, gr, opt_step, &h)?;
                 }
+                if let Some(s) = &mut self.loss_scale {
+                    s.step_done();
+                }
             } else {
                 skipped += 1;
             }
@@ -1198,6 +1253,13 @@ impl Trainer {
         metrics.insert("actor/entropy".into(), sums[5] / tokens);
         metrics.insert("actor/grad_norm".into(), mean(norms.iter().copied()));
         metrics.insert("actor/skipped_updates".into(), skipped as f64);
+        if let Some(s) = self.loss_scale {
+            metrics.insert("actor/loss_scale".into(), f64::from(s.scale));
+            metrics.insert(
+                "actor/loss_scale_backoffs".into(),
+                self.scale_backoffs as f64,
+            );
+        }
         metrics.insert("actor/lr".into(), f64::from(cfg.actor.optim.lr));
         metrics.insert(
             "reward/overall".into(),
