@@ -714,6 +714,21 @@ fn cuda_rollout_matches_cpu() {
     }
 }
 
+/// On a GPU: the fp16 package keeps its fp16 cache on the GPU (rows moved as 2-byte values)
+/// and draws transformers' fp16 greedy tokens, logits within fp16's rounding; so does the
+/// cache on the host. Elsewhere a visible SKIP.
+#[test]
+fn cuda_fp16_cache_on_the_gpu_matches_transformers() {
+    let Some(mut gpu) = cuda_engine_of(&tiny_fp16()) else {
+        return;
+    };
+    assert!(gpu.cache_on_gpu(), "{}", gpu.provider());
+    for host in [false, true] {
+        gpu.set_host_cache(host);
+        assert_matches_goldens(&mut gpu, &tiny_fp16(), 3e-2);
+    }
+}
+
 /// The package as a plain onnxruntime-genai folder in a temporary directory: no manifest (so
 /// `genai_config.json` is read), no log-prob or training graph, and `decoder` (a file name and
 /// the folder it is copied from) as the decoder, or the package's own.

@@ -19,17 +19,26 @@ pub(super) struct OnGpu {
     /// The decoder returns the last position's logits only (`[rows, 1, vocab]`, packages from
     /// models/export.py), so the prefill's logits can stay on the GPU too.
     pub(super) last_only: bool,
+    /// The cache's type: fp32, or half for a package that computes in fp16 / bf16.
+    cache: Float,
 }
 
 impl OnGpu {
-    /// The GPU side for `decoder`, whose cache must be fp32: a half-precision decoder's cache
-    /// stays on the host (its rows are moved as bytes there; the GPU copies and kernels here
-    /// take fp32 rows).
+    /// The GPU side for `decoder`, whose cache may be of any float type (rows are moved as
+    /// bytes) but whose logits must be fp32, as this project's packages return them in every
+    /// dtype (the sampling kernels read them in place): an onnxruntime-genai half-precision
+    /// decoder's cache stays on the host.
     pub(super) fn new(cuda: Cuda, decoder: &Session, device_id: i32) -> Result<OnGpu, String> {
         let cache = Float::of_input(decoder, "past_key_values.0.key");
-        if cache != Float::F32 {
+        let logits = decoder
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "logits")
+            .and_then(|o| o.dtype().tensor_type())
+            .and_then(Float::of);
+        if logits != Some(Float::F32) {
             return Err(format!(
-                "the decoder's cache is {cache:?}; the GPU-resident cache is fp32 only"
+                "the decoder's logits are {logits:?}; the GPU-resident path samples fp32 logits"
             ));
         }
         let info = MemoryInfo::new(
@@ -50,10 +59,11 @@ impl OnGpu {
             cuda,
             alloc,
             last_only,
+            cache,
         })
     }
 
-    /// Copies f32 rows of `row` values: row `from` at `src` to row `to` at `dst`, per pair.
+    /// Copies rows of `bytes` bytes: row `from` at `src` to row `to` at `dst`, per pair.
     ///
     /// # Safety
     /// Every row named must lie within its buffer on this GPU; no two copies may overlap.
@@ -61,10 +71,9 @@ impl OnGpu {
         &self,
         dst: u64,
         src: u64,
-        row: usize,
+        bytes: usize,
         pairs: impl Iterator<Item = (usize, usize)>,
     ) -> Result<(), EngineError> {
-        let bytes = row * 4;
         for (to, from) in pairs {
             // SAFETY: the caller vouches for both rows.
             unsafe {
@@ -86,8 +95,9 @@ impl OnGpu {
         shape: &[usize],
         src: &[usize],
     ) -> Result<DynTensor, EngineError> {
-        let row = shape[1..].iter().product();
-        let mut out = self.tensor(shape)?;
+        let ty = super::float::float_of(v, "decoder")?;
+        let row = shape[1..].iter().product::<usize>() * ty.bytes();
+        let mut out = self.tensor_of(shape, ty)?;
         let (from, to) = (v.data_ptr_mut() as u64, out.data_ptr_mut() as u64);
         // SAFETY: every src[k] is a row of `v` (the callers' indices), k < shape[0]; distinct
         // buffers.
@@ -95,12 +105,25 @@ impl OnGpu {
         Ok(out)
     }
 
-    /// An uninitialised f32 tensor on the GPU.
+    /// An uninitialised f32 tensor on the GPU (for logits).
     pub(super) fn tensor(&self, shape: &[usize]) -> Result<DynTensor, EngineError> {
+        self.tensor_of(shape, Float::F32)
+    }
+
+    /// An uninitialised cache tensor on the GPU, of the decoder's cache type.
+    pub(super) fn cache_tensor(&self, shape: &[usize]) -> Result<DynTensor, EngineError> {
+        self.tensor_of(shape, self.cache)
+    }
+
+    /// An uninitialised tensor of `ty` on the GPU.
+    pub(super) fn tensor_of(&self, shape: &[usize], ty: Float) -> Result<DynTensor, EngineError> {
         let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
-        Ok(Tensor::<f32>::new(&self.alloc, shape)
-            .map_err(run_err("decoder"))?
-            .upcast())
+        let t = match ty {
+            Float::F32 => Tensor::<f32>::new(&self.alloc, shape).map(|t| t.upcast()),
+            Float::F16 => Tensor::<half::f16>::new(&self.alloc, shape).map(|t| t.upcast()),
+            Float::Bf16 => Tensor::<half::bf16>::new(&self.alloc, shape).map(|t| t.upcast()),
+        };
+        t.map_err(run_err("decoder"))
     }
 }
 

@@ -217,8 +217,8 @@ fn widen_into<V: Copy>(
 /// A new cache tensor of `shape` (`[rows, kv_heads, cap, head_dim]`, values of type `ty`)
 /// holding, in each block of `cap` positions, the first `len` positions of the same block of
 /// `prev` (blocks of `old` positions; `None`: nothing yet), the rest zero: on the host, or on
-/// the GPU with `gpu` (fp32 only, as [`OnGpu`]), where the copy is queued on the stream
-/// (synchronise before `prev` is dropped).
+/// the GPU with `gpu`, where the copy is queued on the stream (synchronise before `prev` is
+/// dropped).
 pub(super) fn widened_tensor(
     prev: Option<&mut DynTensor>,
     shape: [usize; 4],
@@ -238,17 +238,18 @@ pub(super) fn widened_tensor(
         }
         return Ok(t);
     };
-    let mut t = g.tensor(&shape)?;
+    let mut t = g.tensor_of(&shape, ty)?;
     let dst = t.data_ptr_mut() as u64;
+    let e = ty.bytes();
     // SAFETY: the whole of the new buffer; then the used positions of the first `blocks` blocks
     // of the old one (`old` ≥ len positions each) into the first `len` positions of each new
     // block; two distinct GPU buffers.
-    unsafe { g.cuda.zero_device(dst, blocks * cap * hd * 4) }.map_err(gpu_err)?;
+    unsafe { g.cuda.zero_device(dst, blocks * cap * hd * e) }.map_err(gpu_err)?;
     if let Some(p) = prev {
         let src = p.data_ptr_mut() as u64;
         let copy = unsafe {
             g.cuda
-                .copy_device_2d(dst, cap * hd * 4, src, old * hd * 4, len * hd * 4, blocks)
+                .copy_device_2d(dst, cap * hd * e, src, old * hd * e, len * hd * e, blocks)
         };
         copy.map_err(gpu_err)?;
     }
@@ -264,9 +265,9 @@ pub(super) fn move_rows(
     gpu: Option<&OnGpu>,
 ) -> Result<(), EngineError> {
     for v in data {
+        let row = row * float_of(v, "decoder")?.bytes();
         match gpu {
             None => {
-                let row = row * float_of(v, "decoder")?.bytes();
                 let d = bytes_mut(v)?;
                 for &(to, from) in moves {
                     d.copy_within(from * row..(from + 1) * row, to * row);

@@ -294,8 +294,10 @@ impl Runner<'_> {
             Some(g) => {
                 let mut sel = OutputSelector::default();
                 for i in 0..2 * layers {
-                    sel =
-                        sel.preallocate(kv_name("present", i), g.tensor(&[rows, kvh, total, hd])?);
+                    sel = sel.preallocate(
+                        kv_name("present", i),
+                        g.cache_tensor(&[rows, kvh, total, hd])?,
+                    );
                 }
                 if cols == 1 || g.last_only {
                     sel = sel.preallocate("logits", g.tensor(&[rows, 1, vocab])?);
