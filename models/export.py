@@ -1085,13 +1085,15 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
     manifest = {
         "format": "spatial-ssrl-package", "version": 1, "dtype": dtype, "opset": OPSET,
         "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
-                   "logprobs": "logprobs.onnx", "train": "train.onnx"},
+                   "logprobs": "logprobs.onnx", "train": "train.onnx", "sft": "sft.onnx"},
         # target_ids, completion_mask, old/ref log-probs and the log-prob outputs cover the last
         # C columns of the rows (the completion), not all S.
         "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion", "head_chunks": HEAD_CHUNKS,
                   "attention_chunks": ATTENTION_CHUNKS,
                   "loss": "EasyR1 GRPO: clamp ±20, clip low/high in log space, dual clip, k3 KL clamped to ±10, "
                           "sum over completion tokens / token_count"},
+        "sft": {"inputs": SFT_BATCH, "stats": SFT_STATS,
+                "loss": "cross-entropy of the labelled tokens (loss_mask), summed / token_count"},
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,
                  "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
                  "head_dim": hd, "vocab_size": tc.vocab_size, "mrope_section": mrope},
@@ -1141,12 +1143,13 @@ class _TargetLogProbs(torch.autograd.Function):
         picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) / temperature
         # H = lse − Σ p·z with p = e / Σe, z = logits / T.
         entropy = lse - (e * logits).sum(-1) / (total * temperature)
+        hit = (logits.argmax(-1) == targets).to(logits.dtype)
         ctx.save_for_backward(logits, targets, temperature, lse)
-        ctx.mark_non_differentiable(entropy)
-        return picked - lse, entropy
+        ctx.mark_non_differentiable(entropy, hit)
+        return picked - lse, entropy, hit
 
     @staticmethod
-    def backward(ctx, g, _g_entropy):
+    def backward(ctx, g, _g_entropy, _g_hit):
         logits, targets, temperature, lse = ctx.saved_tensors
         p = torch.exp(logits / temperature - lse.unsqueeze(-1))
         grad = (-p * g.unsqueeze(-1)).scatter_add(-1, targets.unsqueeze(-1), g.unsqueeze(-1))
@@ -1175,11 +1178,13 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, temperature):
         K, N = HEAD_CHUNKS, h.shape[0]
-        hp = pad_chunks(h, K)
-        lse, ent, link = [], [], None
+        hp, tp = pad_chunks(h, K), pad_chunks(targets, K)
+        lse, ent, hits, link = [], [], [], None
         for k in range(K):
             hk = hp[k] if link is None else hp[k] + link
             z = (hk @ weight.t()).float() / temperature
+            # (whether the target is the most likely token: the SFT graph's token accuracy)
+            hits.append((z.argmax(-1) == tp[k]).to(z.dtype))
             m = z.amax(-1, keepdim=True)
             e = torch.exp(z - m)
             total = e.sum(-1)
@@ -1193,14 +1198,15 @@ class _ChunkedHead(torch.autograd.Function):
             link = ((lk[:1] + ent[-1][:1]) * 0.0).sum().to(h.dtype)
         lse = torch.cat(lse)[:N]
         entropy = torch.cat(ent)[:N]
+        hit = torch.cat(hits)[:N]
         # (the target's logit rounded to h's type, as the products' logits are)
         picked = (h.float() * weight[targets].float()).sum(-1).to(h.dtype).float() / temperature
         ctx.save_for_backward(h, weight, targets, temperature, lse)
-        ctx.mark_non_differentiable(entropy)
-        return picked - lse, entropy
+        ctx.mark_non_differentiable(entropy, hit)
+        return picked - lse, entropy, hit
 
     @staticmethod
-    def backward(ctx, g, _g_entropy):
+    def backward(ctx, g, _g_entropy, _g_hit):
         h, weight, targets, temperature, lse = ctx.saved_tensors
         K, N = HEAD_CHUNKS, h.shape[0]
         gs = g / temperature
@@ -1296,8 +1302,9 @@ class _ChunkedAttention(torch.autograd.Function):
         return torch.cat(dqs, 3)[:, :, :, :S], dk, dv, None, None
 
 
-def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=False):
-    """log_softmax(logits / T) at the targets, and the entropy of each position's distribution,
+def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=False, hits=False):
+    """log_softmax(logits / T) at the targets, and the entropy of each position's distribution
+    (and with `hits`, whether the target is each position's most likely token),
     for the last C columns only (`targets` [B, C]: the completion's, which the runtime lays out
     at the end of every row): the prompt never reaches lm_head, and _ChunkedHead takes the
     completion through it a chunk of positions at a time, so no [B, C, V] tensor exists
@@ -1308,11 +1315,13 @@ def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, 
     # to a batch of copies for a batched product (1.24 GB each call at Qwen's vocabulary).
     hc = h.narrow(1, h.shape[1] - C, C).reshape(B * C, h.shape[2])
     if HEAD_CHUNKS == 1:
-        logp, entropy = _TargetLogProbs.apply(model.lm_head(hc).float(), targets.reshape(B * C),
-                                              temperature.to(torch.float32))
+        logp, entropy, hit = _TargetLogProbs.apply(model.lm_head(hc).float(), targets.reshape(B * C),
+                                                   temperature.to(torch.float32))
     else:
-        logp, entropy = _ChunkedHead.apply(hc, model.lm_head.weight, targets.reshape(B * C),
-                                           temperature.to(torch.float32))
+        logp, entropy, hit = _ChunkedHead.apply(hc, model.lm_head.weight, targets.reshape(B * C),
+                                                temperature.to(torch.float32))
+    if hits:
+        return logp.view(B, C), entropy.view(B, C), hit.view(B, C)
     return logp.view(B, C), entropy.view(B, C)
 
 
@@ -1374,6 +1383,51 @@ def train_step_fn(model, lora_names, scale):
     return step
 
 
+SFT_BATCH = ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "loss_mask", "token_count", "loss_scale"]
+SFT_STATS = ["tokens", "correct"]
+
+
+def sft_step_fn(model, lora_names, scale):
+    """(batch…, lora…) → (loss, grads…, stats): the SFT cold start's step traced into sft.onnx.
+    Cross-entropy of the response tokens (`loss_mask` [B, C]: 1 at a label, 0 at prompt, image
+    and padding positions, as LLaMA-Factory masks them with -100), summed and divided by
+    `token_count` (the optimizer step's label tokens, so micro-batches add up to the global
+    token mean); stats: label tokens and those the model ranks first (token accuracy)."""
+    nb = len(SFT_BATCH)
+
+    def step(*args):
+        b, ws = args[:nb], list(args[nb:])
+        with torch.enable_grad():
+            ws = [w.detach().requires_grad_(True) for w in ws]
+            lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
+            one = torch.ones((), dtype=torch.float32)
+            logp, _, hit = token_logprobs(model, b[0], b[1], b[2], b[3], one, lora, scale, recompute=True, hits=True)
+            m = b[4].to(logp.dtype)
+            loss = -(logp * m).sum() / b[5]
+            grads = [g / b[6] for g in torch.autograd.grad(loss * b[6], ws)]
+        with torch.no_grad():
+            stats = torch.stack([m.sum(), (hit * m).sum()])
+        return (loss.detach(), *grads, stats)
+
+    return step
+
+
+def sft_batch(model, B=2, S=24, seed=4):
+    """An SFT micro-batch: left padding on row 1, the response in the last C columns, its last
+    column padding on row 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1900, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.int64)
+    am[1 % B, :3] = 0
+    pos = (am.cumsum(-1) - 1).clamp(min=0)[None].expand(3, B, S).contiguous()
+    with torch.no_grad():
+        x = model.model.language_model.embed_tokens(ids)
+    tgt = torch.cat([ids[:, 1:], ids[:, :1]], 1)[:, S // 2:]
+    lm = torch.ones(B, S - S // 2)
+    lm[0, -1] = 0.0
+    return [x, am, pos, tgt, lm, lm.sum() * 2, torch.tensor(1.0)]
+
+
 def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
     """A GRPO micro-batch: a prompt with left padding on row 1, completion tokens at the end,
     positive and negative advantages, old/ref log-probs near the policy's, rollout-correction
@@ -1400,9 +1454,7 @@ def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
 
 
 def export_training(model, out, lora_names, shapes_, scale):
-    from torch._decomp import core_aten_decompositions
     from torch.export import Dim
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -1428,10 +1480,32 @@ def export_training(model, out, lora_names, shapes_, scale):
                 "target_ids": {0: b, 1: c}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims,
                lora_defaults(lora_names, shapes_))
     step = train_step_fn(model, lora_names, scale)
+    bs, bc = {0: b, 1: s}, {0: b, 1: c}
+    ds = [bs, bs, {1: b, 2: s}, bc, bc, bc, bc, {0: b}] + [None] * 6 + [bc, None] + [None] * len(lora)
+    out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
+    for k in ("completion_mask", "old_logprobs", "ref_logprobs", "rollout_is_weights", "loss_mask"):
+        dims[k] = {0: "batch_size", 1: "completion_length"}
+    dims["advantages"] = {0: "batch_size"}
+    export_joint(step, batch + lora, f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names, ds, dims)
+    # The SFT cold start's step: the same forward, recomputation and head, a cross-entropy loss.
+    sft = sft_step_fn(model, lora_names, scale)
+    ds = [bs, bs, {1: b, 2: s}, bc, bc, None, None] + [None] * len(lora)
+    export_joint(sft, sft_batch(model) + lora, f"{out}/sft.onnx", SFT_BATCH + lora_in,
+                 ["loss"] + [f"grad.{n}" for n in lora_in] + ["stats"], ds, dims)
+    return step, sft
+
+
+def export_joint(fn, example, path, in_names, out_names, ds, dims):
+    """A forward + backward step function traced with make_fx into core ATen ops (its autograd
+    calls become plain operations) and exported as one graph."""
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     t0 = time.time()
-    gm = make_fx(step, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
-                 _allow_non_fake_inputs=True)(*batch, *lora)
-    print(f"  train step traced: {len(gm.graph.nodes)} nodes in {time.time() - t0:.1f} s", flush=True)
+    gm = make_fx(fn, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
+                 _allow_non_fake_inputs=True)(*example)
+    print(f"  {os.path.basename(path)} step traced: {len(gm.graph.nodes)} nodes in {time.time() - t0:.1f} s",
+          flush=True)
 
     class Joint(nn.Module):
         def __init__(self, gm):
@@ -1441,15 +1515,7 @@ def export_training(model, out, lora_names, shapes_, scale):
         def forward(self, *args):
             return self.gm(*args)
 
-    bs, bc = {0: b, 1: s}, {0: b, 1: c}
-    ds = [bs, bs, {1: b, 2: s}, bc, bc, bc, bc, {0: b}] + [None] * 6 + [bc, None] + [None] * len(lora)
-    out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
-    for k in ("completion_mask", "old_logprobs", "ref_logprobs", "rollout_is_weights"):
-        dims[k] = {0: "batch_size", 1: "completion_length"}
-    dims["advantages"] = {0: "batch_size"}
-    export(Joint(gm).eval(), tuple(batch + lora), f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names,
-           (tuple(ds),), dims, split_slices=False)
-    return step
+    export(Joint(gm).eval(), tuple(example), path, in_names, out_names, (tuple(ds),), dims, split_slices=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1962,6 +2028,78 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
             raise SystemExit("verify: logprobs.onnx differs from torch")
 
 
+def verify_sft(model, out, names, shapes_, sft):
+    """sft.onnx against torch autograd of the same step, against the transformers forward with
+    LoRA hooks (an independent cross-entropy), and micro-batches adding up."""
+    import onnxruntime as ort
+
+    tols = TOL[DTYPE]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = Typed(f"{out}/sft.onnx", so)
+    scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
+    lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
+    torch.manual_seed(6)
+    lora = []
+    for n in names:
+        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+
+    def feeds(batch):
+        return {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(SFT_BATCH + lora_in, list(batch) + lora)}
+
+    def rel(got, ref):
+        return max(np.abs(g - f32(r)).max() / (float(r.abs().max()) + 1e-12) for g, r in zip(got, ref))
+
+    for tag, batch in (("B=2 S=24", sft_batch(model)), ("B=3 S=40", sft_batch(model, B=3, S=40, seed=7))):
+        got = sess.run(None, feeds(batch))
+        ref = sft(*batch, *lora)
+        dl, dg, ds = abs(float(got[0]) - float(ref[0])), rel(got[1:-1], ref[1:-1]), np.abs(got[-1] - f32(ref[-1])).max()
+        print(f"  sft.onnx vs torch autograd [{tag}]: loss {dl:.1e}, grads rel {dg:.1e}, stats {ds:.1e}", flush=True)
+        if dl > tols["loss"] * max(1.0, abs(float(ref[0]))) or dg > tols["grads"] or ds > 1.0:
+            raise SystemExit("verify: sft.onnx differs from torch autograd")
+    # the transformers forward with LoRA hooks: an independent cross-entropy and its gradients
+    batch = sft_batch(model)
+    ws = [w.clone().requires_grad_(True) for w in lora]
+    hooks = []
+    for j, n in enumerate(names):
+        _, i, target = n.split(".")
+        layer = model.model.language_model.layers[int(i)]
+        lin = getattr(layer.self_attn, target, None) or getattr(layer.mlp, target)
+        A, B = ws[2 * j], ws[2 * j + 1]
+        hooks.append(lin.register_forward_hook(
+            (lambda A, B: lambda m, inp, o: lora_add(o, inp[0], A, B, scale))(A, B)))
+    try:
+        o = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    C = batch[3].shape[1]
+    logits = o.logits[:, -C:].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[3].reshape(-1), reduction="none")
+    loss = (ce * batch[4].reshape(-1)).sum() / batch[5]
+    loss.backward()
+    got = sess.run(None, feeds(batch))
+    dg = max(float((w.grad - torch.from_numpy(g)).abs().max() / (w.grad.abs().max() + 1e-12)) for w, g in zip(ws, got[1:-1]))
+    acc = float(((logits.argmax(-1) == batch[3]).float() * batch[4]).sum())
+    print(f"  sft.onnx vs transformers cross-entropy + hooks: loss {abs(float(got[0]) - loss.item()):.1e}, "
+          f"grads rel {dg:.1e}, correct tokens {got[-1][1]:.0f} vs {acc:.0f}")
+    if abs(float(got[0]) - loss.item()) > tols["logprobs"] or dg > max(1e-4, tols["grads"]) or abs(got[-1][1] - acc) > 1:
+        raise SystemExit("verify: sft.onnx differs from the transformers cross-entropy")
+    # micro-batches of 1 + 2 rows add up to the batch of 3
+    big = sft_batch(model, B=3, S=20, seed=8)
+    big[5] = big[4].sum()
+    whole = sess.run(None, feeds(big))
+    parts = []
+    for sl in (slice(0, 1), slice(1, 3)):
+        mb = [t[sl] if k in (0, 1, 3, 4) else (t[:, sl] if k == 2 else t) for k, t in enumerate(big)]
+        parts.append(sess.run(None, feeds(mb)))
+    dl = abs(float(whole[0]) - sum(float(p[0]) for p in parts))
+    dg = max(np.abs(w - (a + b)).max() for w, a, b in zip(whole[1:-1], parts[0][1:-1], parts[1][1:-1]))
+    print(f"  sft micro-batches 1 + 2 rows vs one batch of 3: loss {dl:.1e}, grads {dg:.1e}")
+    if dl > tols["sum"] or dg > tols["sum"]:
+        raise SystemExit("verify: SFT micro-batches do not add up")
+
+
 def write_goldens(model, hf_dir, out, names, shapes_, step):
     """Reference values from transformers for the Rust tests: chat-template prompt ids, M-RoPE
     positions for a left-padded batch with several images, logits of prefill + 5 greedy steps,
@@ -2058,6 +2196,14 @@ def write_goldens(model, hf_dir, out, names, shapes_, step):
     outs = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
     for k, v in zip(outs, res):
         np.save(os.path.join(gd, "train", f"out.{k}.npy"), f32(v))
+    # one SFT step, the same way
+    os.makedirs(os.path.join(gd, "sft"), exist_ok=True)
+    batch = sft_batch(model)
+    res = sft_step_fn(model, names, json.load(open(f"{out}/manifest.json"))["lora"]["scale"])(*batch, *lora)
+    for k, v in zip(SFT_BATCH + lora_in, list(batch) + lora):
+        np.save(os.path.join(gd, "sft", f"in.{k}.npy"), f32(v) if v.is_floating_point() else v.numpy())
+    for k, v in zip(["loss"] + [f"grad.{n}" for n in lora_in] + ["stats"], res):
+        np.save(os.path.join(gd, "sft", f"out.{k}.npy"), f32(v))
     print(f"  goldens: {gd} (greedy {np.array(greedy).T.tolist()}, rope deltas {deltas.tolist()})")
 
 
@@ -2127,7 +2273,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     globals()["WEIGHTS"] = SharedWeights(a.out, model)
     names, shapes = export_package(model, a.out, a.lora_rank, a.lora_alpha, targets)
-    step = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)
+    step, sft = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)
     if WEIGHTS.kept:
         print(f"  {WEIGHTS.kept} weights kept a second layout (a use that cannot read the stored one)", flush=True)
     print(f"  {WEIGHTS_FILE}: {WEIGHTS.at / 1e9:.3f} GB, {len(WEIGHTS.stored)} tensors, shared by every graph",
@@ -2136,6 +2282,7 @@ def main(argv=None):
     if a.verify:
         verify(model, hf_dir, a.out, names, shapes, tol=TOL[a.dtype]["logits"])
         verify_training(model, hf_dir, a.out, names, shapes, step)
+        verify_sft(model, a.out, names, shapes, sft)
     if a.goldens:
         write_goldens(model, hf_dir, a.out, names, shapes, step)
 

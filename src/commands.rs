@@ -34,7 +34,8 @@ pub struct PlotArgs {
     /// Output PNG (default: RUN/curves.png).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
-    /// Metrics to draw, comma-separated (default: rewards, KL, entropy, grad norm, lengths).
+    /// Metrics to draw, comma-separated (default: those of the run among SFT loss, token
+    /// accuracy, lr and grad norm, GRPO rewards, KL, entropy, grad norm, lengths).
     #[arg(long, value_delimiter = ',')]
     keys: Vec<String>,
 }
@@ -281,6 +282,148 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 a.config
                     .as_deref()
                     .unwrap_or(Path::new("train.toml"))
+                    .display()
+            );
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SftArgs {
+    /// Run settings (TOML, LLaMA-Factory's key names); see --print-config for every key and
+    /// its default (the official cold start's).
+    #[arg(long, value_name = "FILE", required_unless_present = "print_config")]
+    config: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the run folder, exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// Print the effective configuration (the defaults without --config) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Override max_steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+}
+
+pub fn run_sft(a: SftArgs) -> Result<()> {
+    use spatial_ssrl::train::sft::{Sft, SftConfig};
+    let mut cfg = match &a.config {
+        Some(p) => SftConfig::load(p)?,
+        None => SftConfig::default(),
+    };
+    if let Some(n) = a.max_steps {
+        cfg.max_steps = n;
+    }
+    if a.print_config {
+        out!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let log = cfg.out.join("metrics.jsonl");
+    let saved = !train::checkpoint::list(&cfg.out.join("checkpoints")).is_empty();
+    let mut resume = a.resume;
+    if log.exists() && !saved {
+        eprintln!(
+            "{}: the run there stopped before its first checkpoint, so nothing was saved: \
+             starting it over",
+            cfg.out.display()
+        );
+        resume = false;
+    } else if !a.resume && log.exists() {
+        bail!(
+            "{}: a run is already there; pass --resume to continue it, or set `out` to a new folder",
+            cfg.out.display()
+        );
+    }
+    let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
+    if resume {
+        match t.latest_checkpoint() {
+            Some(dir) => {
+                t.restore(&dir)?;
+                eprintln!("resumed from {} (step {})", dir.display(), t.step());
+            }
+            None => bail!(
+                "{}: no checkpoint to resume from (none was saved yet)",
+                cfg.out.join("checkpoints").display()
+            ),
+        }
+    }
+    let total = t.total_steps();
+    eprintln!(
+        "SFT: {} examples, {} × {} per step, {} steps ({} per epoch), lr {} {}",
+        t.examples(),
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        total,
+        t.steps_per_epoch(),
+        cfg.learning_rate,
+        cfg.lr_scheduler_type
+    );
+    let stop = stop_on_ctrl_c(
+        "finishing this step, then saving a checkpoint",
+        "exiting without a checkpoint",
+    )?;
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len} · {msg} · ETA {eta}")
+            .expect("valid template"),
+    );
+    pb.set_position(t.step() as u64);
+    say(
+        &pb,
+        format!(
+            "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "step", "loss", "tok acc", "lr", "grad", "tok/s"
+        ),
+    );
+    let end = t.run(stop, |m, step, left_out| {
+        for e in left_out {
+            say(&pb, format!("step {step}: example left out: {e}"));
+        }
+        let g = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+        say(
+            &pb,
+            format!(
+                "{step:>6} {:>9.4} {:>9.4} {:>9.2e} {:>9.3} {:>9.1}",
+                g("sft/loss"),
+                g("sft/token_accuracy"),
+                g("sft/lr"),
+                g("sft/grad_norm"),
+                g("sft/tokens_per_s")
+            ),
+        );
+        pb.set_position(step as u64);
+        pb.set_message(format!("loss {:.3}", g("sft/loss")));
+    })?;
+    pb.finish_and_clear();
+    let plot_path = cfg.out.join("curves.png");
+    let rows = train::read_metrics(&log)?;
+    if write_plot(&cfg.out, &rows, &plot_path, &[])? {
+        eprintln!("curves: {}", plot_path.display());
+    }
+    match end {
+        RunEnd::Finished { checkpoint } => {
+            if let Some(c) = checkpoint {
+                eprintln!(
+                    "done: adapter in {} — merge it with `ssrl export --model {} --adapter {} --out DIR` \
+                     and start GRPO from that package",
+                    c.display(),
+                    cfg.model.display(),
+                    c.display()
+                );
+            }
+        }
+        RunEnd::Interrupted { checkpoint } => {
+            eprintln!(
+                "interrupted: checkpoint {} — continue with `ssrl sft --config {} --resume`",
+                checkpoint.display(),
+                a.config
+                    .as_deref()
+                    .unwrap_or(Path::new("sft.toml"))
                     .display()
             );
             std::process::exit(130);

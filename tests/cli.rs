@@ -451,7 +451,7 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
         return;
     }
     let out = String::from_utf8_lossy(&r.stdout);
-    for g in ["vision", "embedding", "decoder", "logprobs", "train"] {
+    for g in ["vision", "embedding", "decoder", "logprobs", "train", "sft"] {
         assert!(out.contains(&format!("  {g}.onnx: ok (")), "{out}");
     }
     // Each graph's size with the weights it reads from the shared file, and the file.
@@ -460,7 +460,7 @@ fn inspect_checks_every_graph_and_names_the_cache_layout() {
         "{out}"
     );
     assert!(
-        out.contains("weights: weights.data, 3.3 MB (shared by 5 graphs, each tensor stored once)"),
+        out.contains("weights: weights.data, 3.3 MB (shared by 6 graphs, each tensor stored once)"),
         "{out}"
     );
     assert!(

@@ -106,7 +106,14 @@ fn external_data_packages_export_and_run() {
     std::fs::create_dir_all(&src).unwrap();
     let m = Package::open(&tiny()).unwrap().manifest;
     let g = &m.graphs;
-    let graphs = [&g.vision, &g.embedding, &g.decoder, &g.logprobs, &g.train];
+    let graphs = [
+        &g.vision,
+        &g.embedding,
+        &g.decoder,
+        &g.logprobs,
+        &g.train,
+        &g.sft,
+    ];
     for e in std::fs::read_dir(tiny()).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if e.path().is_file() && !graphs.iter().any(|g| **g == name) && name != WEIGHTS_FILE {
@@ -163,18 +170,18 @@ fn external_data_packages_export_and_run() {
         stages.push((s.graph.to_string(), s.what, s.done, s.total))
     })
     .unwrap();
-    assert_eq!((rep.merged.len(), rep.optimized.len()), (5, 3));
+    assert_eq!((rep.merged.len(), rep.optimized.len()), (6, 3));
     // Progress: each graph written, then each inference graph optimised, counted to the end.
     let whats: Vec<&str> = stages.iter().map(|s| s.1).collect();
     assert_eq!(
         whats,
-        [["written"; 5].as_slice(), &["optimised"; 3]].concat()
+        [["written"; 6].as_slice(), &["optimised"; 3]].concat()
     );
     assert!(stages
         .iter()
         .enumerate()
-        .all(|(i, s)| s.2 == i + 1 && s.3 == 8));
-    assert_eq!(stages[7].0, g.decoder);
+        .all(|(i, s)| s.2 == i + 1 && s.3 == 9));
+    assert_eq!(stages[8].0, g.decoder);
     // Each graph's own copy read in, one shared copy written out.
     assert!(
         rep.bytes_in > 8_000_000 && rep.bytes_out > 3_000_000 && rep.bytes_out * 2 < rep.bytes_in,
@@ -256,7 +263,7 @@ fn merged_package_equals_base_plus_adapter() {
         None,
     )
     .unwrap();
-    assert_eq!(rep.merged.len(), 5);
+    assert_eq!(rep.merged.len(), 6);
     assert_eq!(rep.optimized.len(), 3);
     let mut merged = Engine::open(&out, None).unwrap();
     let (got, got_trace) = greedy(&mut merged);
@@ -298,7 +305,7 @@ fn merged_package_equals_base_plus_adapter() {
     export(&tiny(), &half_base, &opts(None, true), None).unwrap();
     let half_merged = dir.join("half-merged");
     let rep = export(&half_base, &half_merged, &opts(Some(adapter), false), None).unwrap();
-    assert_eq!(rep.merged.len(), 5);
+    assert_eq!(rep.merged.len(), 6);
     let (_, merged_trace) = greedy(&mut Engine::open(&half_merged, None).unwrap());
     let (d, scale) = max_diff(&want_trace, &merged_trace);
     assert!(
@@ -484,7 +491,7 @@ fn adapter_merges_into_an_fp16_package() {
             optimize,
         };
         let rep = export(&dir16, &out, &opts, None).unwrap();
-        assert_eq!(rep.merged.len(), 5, "{rep:?}");
+        assert_eq!(rep.merged.len(), 6, "{rep:?}");
         let mut merged = Engine::open(&out, None).unwrap();
         assert_eq!(merged.package.manifest.dtype, "fp16");
         let (got, got_trace) = greedy(&mut merged);

@@ -226,6 +226,24 @@ fn train_graph_matches_torch_autograd_goldens() {
     assert_near_goldens(&out, &dir.join("goldens/train"), 1e-5, 1e-4);
 }
 
+/// One SFT step through `sft.onnx` from Rust against its torch autograd goldens (loss, every
+/// LoRA gradient, label and correct-label counts), in fp32 and in fp16.
+#[test]
+fn sft_graph_matches_torch_autograd_goldens() {
+    let Some(env) = ort_env() else { return };
+    // (fp16: a near tie may rank the other way, one correct label in 23)
+    for (dir, tol, stats_tol) in [(tiny(), 1e-5, 0.0), (tiny_fp16(), 2e-2, 0.05)] {
+        let gd = dir.join("goldens/sft");
+        let out = run_goldens(env, &dir, true, &gd, &[]);
+        assert_near_goldens(&out, &gd, tol, stats_tol);
+        let (_, stats) = out.iter().find(|(n, _)| n == "stats").unwrap();
+        assert_eq!(
+            stats[0], 23.0,
+            "label tokens: 2 rows × 12 columns, one masked"
+        );
+    }
+}
+
 /// The fp16 training graph (forward and backward in fp16, fp32 LoRA tensors and gradients)
 /// against torch autograd in fp16 on the same inputs (relative 2e-2: two fp16 implementations
 /// round differently), against the fp32 graph of the same weights on the same inputs (relative
@@ -287,11 +305,28 @@ fn run_train_goldens(
     gd: &Path,
     set: &[(&str, f32)],
 ) -> Outputs {
+    run_goldens(env, dir, false, gd, set)
+}
+
+/// [`run_train_goldens`] of train.onnx, or with `sft` of sft.onnx.
+fn run_goldens(
+    env: &'static ort::environment::Environment,
+    dir: &Path,
+    sft: bool,
+    gd: &Path,
+    set: &[(&str, f32)],
+) -> Outputs {
     use ort::value::{Tensor, TensorElementType as T};
-    use spatial_ssrl::model::package::TRAIN_INPUTS;
+    use spatial_ssrl::model::package::{SFT_INPUTS, TRAIN_INPUTS};
     use spatial_ssrl::tasks::npy;
     let p = Package::open(dir).unwrap();
-    let mut names: Vec<String> = TRAIN_INPUTS.iter().map(|(n, _)| n.to_string()).collect();
+    let contract: &[(&str, T)] = if sft { &SFT_INPUTS } else { &TRAIN_INPUTS };
+    let graph = if sft {
+        &p.manifest.graphs.sft
+    } else {
+        &p.manifest.graphs.train
+    };
+    let mut names: Vec<String> = contract.iter().map(|(n, _)| n.to_string()).collect();
     for t in &p.manifest.lora.tensors {
         names.push(format!("{}.A", t.name));
         names.push(format!("{}.B", t.name));
@@ -302,7 +337,7 @@ fn run_train_goldens(
         if let Some((_, v)) = set.iter().find(|(k, _)| k == n) {
             a.data = vec![*v];
         }
-        let ty = match TRAIN_INPUTS.iter().find(|(k, _)| k == n) {
+        let ty = match contract.iter().find(|(k, _)| k == n) {
             Some(_) if n == "inputs_embeds" => p.activation_type(),
             Some((_, t)) => *t,
             None => T::Float32,
@@ -324,7 +359,7 @@ fn run_train_goldens(
     }
     let mut sess = ort::session::Session::builder(env)
         .unwrap()
-        .commit_from_file(p.graph_path(&p.manifest.graphs.train))
+        .commit_from_file(p.graph_path(graph))
         .unwrap();
     let out = sess.run(inputs).unwrap();
     let res: Outputs = out
@@ -334,7 +369,8 @@ fn run_train_goldens(
             (name.to_string(), v.to_vec())
         })
         .collect();
-    assert_eq!(res.len(), 2 + 2 * p.manifest.lora.tensors.len() + 1);
+    let first = if sft { 1 } else { 2 };
+    assert_eq!(res.len(), first + 2 * p.manifest.lora.tensors.len() + 1);
     res
 }
 

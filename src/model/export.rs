@@ -201,13 +201,18 @@ pub fn export_with(
     // A failed export leaves no half-written copy behind (a large model's is many GB); after
     // the final rename there is nothing left to remove.
     let _partial = RemoveOnDrop(&tmp);
-    let graphs = [
-        m.graphs.vision.clone(),
-        m.graphs.embedding.clone(),
-        m.graphs.decoder.clone(),
-        m.graphs.logprobs.clone(),
-        m.graphs.train.clone(),
-    ];
+    let graphs: Vec<String> = [
+        &m.graphs.vision,
+        &m.graphs.embedding,
+        &m.graphs.decoder,
+        &m.graphs.logprobs,
+        &m.graphs.train,
+        &m.graphs.sft,
+    ]
+    .into_iter()
+    .filter(|g| !g.is_empty())
+    .cloned()
+    .collect();
     let adapter: Option<Adapter> = opts.adapter.as_ref().map(|t| {
         let mut map = Adapter::new();
         for (name, v) in t {

@@ -35,7 +35,29 @@ pub struct Graphs {
     pub decoder: String,
     pub logprobs: String,
     pub train: String,
+    /// The SFT cold start's training graph; "" in packages exported before it.
+    #[serde(default)]
+    pub sft: String,
 }
+
+/// `sft.onnx`'s batch inputs, in order, and its statistics.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SftSpec {
+    pub inputs: Vec<String>,
+    pub stats: Vec<String>,
+}
+
+/// `sft.onnx` batch inputs and their element types; `inputs_embeds` is of the package's
+/// activation type, as in [`TRAIN_INPUTS`].
+pub const SFT_INPUTS: [(&str, T); 7] = [
+    ("inputs_embeds", T::Float32),
+    ("attention_mask", T::Int64),
+    ("position_ids", T::Int64),
+    ("target_ids", T::Int64),
+    ("loss_mask", T::Float32),
+    ("token_count", T::Float32),
+    ("loss_scale", T::Float32),
+];
 
 /// The training graph's batch inputs, in order, and its loss statistics.
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +199,9 @@ pub struct Manifest {
     pub dtype: String,
     pub graphs: Graphs,
     pub train: TrainSpec,
+    /// `sft.onnx`'s contract (packages exported before it have none).
+    #[serde(default)]
+    pub sft: Option<SftSpec>,
     pub text: TextSpec,
     pub vision: VisionSpec,
     pub tokens: TokenSpec,
@@ -260,6 +285,19 @@ impl Package {
                 ),
             });
         }
+        if let Some(sft) = &manifest.sft {
+            let contract: Vec<&str> = SFT_INPUTS.iter().map(|(n, _)| *n).collect();
+            if sft.inputs != contract {
+                return Err(PackageError::File {
+                    path,
+                    msg: format!(
+                        "sft inputs {:?} differ from this runtime's contract {contract:?} (a \
+                         package from another version of models/export.py: export it again)",
+                        sft.inputs
+                    ),
+                });
+            }
+        }
         if !["fp32", "fp16", "bf16"].contains(&manifest.dtype.as_str()) {
             return Err(PackageError::File {
                 path,
@@ -270,7 +308,11 @@ impl Package {
             });
         }
         let g = &manifest.graphs;
-        for g in [&g.vision, &g.embedding, &g.decoder, &g.logprobs, &g.train] {
+        let sft = Some(&g.sft).filter(|f| !f.is_empty());
+        for g in [&g.vision, &g.embedding, &g.decoder, &g.logprobs, &g.train]
+            .into_iter()
+            .chain(sft)
+        {
             let p = dir.join(g);
             if !p.is_file() {
                 return Err(PackageError::File {
@@ -397,6 +439,7 @@ impl Package {
                 decoder,
                 logprobs: String::new(),
                 train: String::new(),
+                sft: String::new(),
             },
             train: TrainSpec {
                 inputs: vec![],
@@ -405,6 +448,7 @@ impl Package {
                 head_chunks: None,
                 attention_chunks: None,
             },
+            sft: None,
             text: TextSpec {
                 hidden_size: hidden,
                 num_hidden_layers: num(dec, "num_hidden_layers")? as usize,
@@ -550,6 +594,12 @@ impl Package {
         let mut train_out = s(&[("loss", T::Float32), ("token_logprobs", T::Float32)]);
         train_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
         train_out.push(("stats".into(), T::Float32));
+        let mut sft_in = s(&SFT_INPUTS);
+        sft_in[0].1 = act;
+        sft_in.extend(lora.iter().cloned());
+        let mut sft_out = s(&[("loss", T::Float32)]);
+        sft_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
+        sft_out.push(("stats".into(), T::Float32));
         vec![
             (
                 m.graphs.vision.clone(),
@@ -587,6 +637,13 @@ impl Package {
                 Signature {
                     inputs: train_in,
                     outputs: train_out,
+                },
+            ),
+            (
+                m.graphs.sft.clone(),
+                Signature {
+                    inputs: sft_in,
+                    outputs: sft_out,
                 },
             ),
         ]

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod plot;
 pub mod scale;
+pub mod sft;
 
 use crate::kernels::{cpu, cuda, AdamW, AdvantageConfig, KernelError, SamplingParams};
 use crate::model::package::{PackageError, Positions};
@@ -100,7 +101,47 @@ enum Backend {
     Cuda(Box<cuda::Cuda>),
 }
 
+impl Param {
+    /// The package's LoRA tensors at PEFT's init (A uniform in ±1/√fan_in, B zero), seeded.
+    fn init(lora: &crate::model::package::LoraSpec, seed: u64) -> Vec<Param> {
+        let mut params = Vec::new();
+        for t in &lora.tensors {
+            let fan_in = t.a[1] as f64;
+            let bound = 1.0 / fan_in.sqrt();
+            let mut r = Rng::keyed(seed, &[crate::rng::hash_str(&t.name)]);
+            let a: Vec<f32> = (0..t.a.iter().product::<usize>())
+                .map(|_| ((r.f64() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            for (suffix, shape, value) in
+                [("A", &t.a, a), ("B", &t.b, vec![0.0; t.b.iter().product()])]
+            {
+                let n = value.len();
+                params.push(Param {
+                    name: format!("{}.{suffix}", t.name),
+                    shape: shape.clone(),
+                    value,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                });
+            }
+        }
+        params
+    }
+}
+
 impl Backend {
+    /// The kernels `kernels` names (`cpu`, `cuda`, or `auto`: CUDA where a device answers).
+    fn select(kernels: &str, device_id: i32) -> Result<Backend, TrainError> {
+        Ok(match kernels {
+            "cpu" => Backend::Cpu,
+            want => match cuda::Cuda::new(device_id.max(0) as usize) {
+                Ok(c) => Backend::Cuda(Box::new(c)),
+                Err(e) if want == "cuda" => return Err(e.into()),
+                Err(_) => Backend::Cpu,
+            },
+        })
+    }
+
     fn name(&self) -> String {
         match self {
             Backend::Cpu => "cpu".into(),
@@ -488,35 +529,8 @@ impl Trainer {
         // peak 13.0 → 9.2 GB for 9 % of the step's speed.
         let logprobs = engine.open_graph(&m.graphs.logprobs, true)?;
         let train = engine.open_graph(&m.graphs.train, true)?;
-        let backend = match cfg.trainer.kernels.as_str() {
-            "cpu" => Backend::Cpu,
-            want => match cuda::Cuda::new(cfg.rollout.device_id.max(0) as usize) {
-                Ok(c) => Backend::Cuda(Box::new(c)),
-                Err(e) if want == "cuda" => return Err(e.into()),
-                Err(_) => Backend::Cpu,
-            },
-        };
-        let mut params = Vec::new();
-        for t in &m.lora.tensors {
-            let fan_in = t.a[1] as f64;
-            let bound = 1.0 / fan_in.sqrt();
-            let mut r = Rng::keyed(cfg.trainer.seed, &[crate::rng::hash_str(&t.name)]);
-            let a: Vec<f32> = (0..t.a.iter().product::<usize>())
-                .map(|_| ((r.f64() * 2.0 - 1.0) * bound) as f32)
-                .collect();
-            for (suffix, shape, value) in
-                [("A", &t.a, a), ("B", &t.b, vec![0.0; t.b.iter().product()])]
-            {
-                let n = value.len();
-                params.push(Param {
-                    name: format!("{}.{suffix}", t.name),
-                    shape: shape.clone(),
-                    value,
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                });
-            }
-        }
+        let backend = Backend::select(&cfg.trainer.kernels, cfg.rollout.device_id)?;
+        let params = Param::init(&m.lora, cfg.trainer.seed);
         let rope = RopeConfig {
             image_token_id: m.tokens.image,
             video_token_id: m.tokens.video,
@@ -760,50 +774,20 @@ impl Trainer {
         Ok(out)
     }
 
-    /// `rows` laid out for the graphs, the per-token tensors narrowed to the completion's
-    /// columns where the package's graphs take only those.
     fn micro_batch(&self, rows: &[Row<'_>]) -> Result<MicroBatch, TrainError> {
-        let m = &self.engine.package.manifest;
-        let mut mb = batch::build(rows, m.tokens.pad, &self.rope).map_err(EngineError::from)?;
-        if m.train.positions == Positions::Completion {
-            mb.completion_columns();
-        }
-        Ok(mb)
+        lay_out(&self.engine, &self.rope, rows)
     }
 
-    /// The rows' token embeddings with their image features in place.
     fn embed(&mut self, mb: &MicroBatch) -> Result<Vec<f32>, TrainError> {
-        Ok(self
-            .engine
-            .embed_rows(mb.ids.clone(), mb.rows, mb.len, mb.features.clone())?)
+        embed(&mut self.engine, mb)
     }
 
-    /// The inputs every graph shares: embeddings, mask, positions, targets.
     fn batch_inputs(
         &self,
         mb: &MicroBatch,
         embeds: Vec<f32>,
     ) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
-        let hidden = self.engine.package.manifest.text.hidden_size;
-        let shape = [mb.rows, mb.len, hidden];
-        Ok(vec![
-            (
-                "inputs_embeds".into(),
-                self.embeds_type.tensor("train", &shape, embeds)?.into(),
-            ),
-            (
-                "attention_mask".into(),
-                tensor(&[mb.rows, mb.len], mb.attention_mask.clone())?,
-            ),
-            (
-                "position_ids".into(),
-                tensor(&[3, mb.rows, mb.len], mb.position_ids.clone())?,
-            ),
-            (
-                "target_ids".into(),
-                tensor(&[mb.rows, mb.cols], mb.target_ids.clone())?,
-            ),
-        ])
+        batch_inputs(&self.engine, self.embeds_type, mb, embeds)
     }
 
     /// One `train.onnx` call: the loss of `rows` (summed over their completion tokens and
@@ -1427,6 +1411,52 @@ pub struct MicroResult {
 pub enum RunEnd {
     Finished { checkpoint: Option<PathBuf> },
     Interrupted { checkpoint: PathBuf },
+}
+
+/// `rows` laid out for the graphs, the per-token tensors narrowed to the completion's columns
+/// where the package's graphs take only those.
+fn lay_out(engine: &Engine, rope: &RopeConfig, rows: &[Row<'_>]) -> Result<MicroBatch, TrainError> {
+    let m = &engine.package.manifest;
+    let mut mb = batch::build(rows, m.tokens.pad, rope).map_err(EngineError::from)?;
+    if m.train.positions == Positions::Completion {
+        mb.completion_columns();
+    }
+    Ok(mb)
+}
+
+/// The rows' token embeddings with their image features in place.
+fn embed(engine: &mut Engine, mb: &MicroBatch) -> Result<Vec<f32>, TrainError> {
+    Ok(engine.embed_rows(mb.ids.clone(), mb.rows, mb.len, mb.features.clone())?)
+}
+
+/// The inputs every training graph shares: embeddings (in the graphs' type `ty`), mask,
+/// positions, targets.
+fn batch_inputs(
+    engine: &Engine,
+    ty: Float,
+    mb: &MicroBatch,
+    embeds: Vec<f32>,
+) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
+    let hidden = engine.package.manifest.text.hidden_size;
+    let shape = [mb.rows, mb.len, hidden];
+    Ok(vec![
+        (
+            "inputs_embeds".into(),
+            ty.tensor("train", &shape, embeds)?.into(),
+        ),
+        (
+            "attention_mask".into(),
+            tensor(&[mb.rows, mb.len], mb.attention_mask.clone())?,
+        ),
+        (
+            "position_ids".into(),
+            tensor(&[3, mb.rows, mb.len], mb.position_ids.clone())?,
+        ),
+        (
+            "target_ids".into(),
+            tensor(&[mb.rows, mb.cols], mb.target_ids.clone())?,
+        ),
+    ])
 }
 
 fn tensor<T>(shape: &[usize], data: Vec<T>) -> Result<SessionInputValue<'static>, TrainError>

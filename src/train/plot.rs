@@ -6,7 +6,11 @@ use crate::tasks::draw::{draw_text, text_metrics};
 use image::{Rgb, RgbImage};
 
 /// The panels drawn by default, those present in the run.
-pub const DEFAULT_KEYS: [&str; 9] = [
+pub const DEFAULT_KEYS: [&str; 13] = [
+    "sft/loss",
+    "sft/token_accuracy",
+    "sft/lr",
+    "sft/grad_norm",
     "reward/overall",
     "reward/accuracy",
     "val/reward",
