@@ -7,7 +7,7 @@ SSRL  := ./target/release/ssrl
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo: ort ## the whole system on the bundled data: tasks → rollouts → GRPO steps → checkpoint → exported package → eval
+demo: ort ## the whole recipe on the bundled data: tasks → rollouts → SFT cold start → merged package → GRPO → checkpoint → exported package → eval
 	$(CARGO) build --release --locked
 	rm -rf demo-out
 	$(SSRL) tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out --per-image 2 --seed 0
@@ -15,15 +15,20 @@ demo: ort ## the whole system on the bundled data: tasks → rollouts → GRPO s
 	$(SSRL) inspect --model models/tiny
 	$(SSRL) rollout --model models/tiny --data demo-out/data/part-00000.parquet --group 5 \
 	                --max-new-tokens 32 --limit 16 --out demo-out/rollouts.jsonl
+	$(SSRL) sft --config configs/demo-sft.toml
+	$(SSRL) export --model models/tiny --adapter demo-out/sft/checkpoints/global_step_80 --out demo-out/tiny-sft
 	$(SSRL) train --config configs/demo.toml
-	$(SSRL) export --model models/tiny --adapter demo-out/run/checkpoints/global_step_6 \
+	$(SSRL) export --model demo-out/tiny-sft --adapter demo-out/run/checkpoints/global_step_6 \
 	               --out demo-out/tiny-grpo --optimize
 	$(SSRL) inspect --model demo-out/tiny-grpo
 	$(SSRL) eval --model models/tiny --data demo-out/val/data/part-00000.parquet --limit 8 \
 	             --max-new-tokens 16 --out demo-out/eval-base
+	$(SSRL) eval --model demo-out/tiny-sft --data demo-out/val/data/part-00000.parquet --limit 8 \
+	             --max-new-tokens 16 --out demo-out/eval-sft
 	$(SSRL) eval --model demo-out/tiny-grpo --data demo-out/val/data/part-00000.parquet --limit 8 \
 	             --max-new-tokens 16 --out demo-out/eval-grpo
-	$(SSRL) eval --compare demo-out/eval-base demo-out/eval-grpo
+	$(SSRL) eval --compare demo-out/eval-base demo-out/eval-sft
+	$(SSRL) eval --compare demo-out/eval-sft demo-out/eval-grpo
 	$(SSRL) eval --model models/tiny --bench whatsup --images fixtures/photos --max-new-tokens 16 \
 	             --data tests/fixtures/bench/whatsup/data/controlled_images_dataset.json \
 	             --out demo-out/eval-whatsup
