@@ -7,8 +7,9 @@ use spatial_ssrl::train::{self, config::TrainConfig, plot, RunEnd, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// `ssrl train` and `ssrl sft`: a run's settings file and how to start it.
 #[derive(clap::Args)]
-pub struct TrainArgs {
+pub struct RunArgs {
     /// Run settings (TOML); see --print-config for every key and its default.
     #[arg(long, value_name = "FILE", required_unless_present = "print_config")]
     config: Option<PathBuf>,
@@ -18,7 +19,7 @@ pub struct TrainArgs {
     /// Print the effective configuration (the defaults without --config) as TOML and exit.
     #[arg(long)]
     print_config: bool,
-    /// Override trainer.max_steps.
+    /// Override the run's optimizer steps (train.toml's trainer.max_steps, sft.toml's max_steps).
     #[arg(long)]
     max_steps: Option<usize>,
     /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
@@ -155,7 +156,77 @@ fn row(m: &train::Metrics, step: usize) -> String {
     s
 }
 
-pub fn run_train(a: TrainArgs) -> Result<()> {
+/// Whether a run in `out` resumes: a run folder with a checkpoint resumes with `--resume` and
+/// is refused without it; one stopped before its first checkpoint saved nothing to continue
+/// from and starts over (its metrics are rewritten), with or without `--resume`.
+fn resume_or_start(out: &Path, resume: bool) -> Result<bool> {
+    let log = out.join("metrics.jsonl");
+    let saved = !train::checkpoint::list(&out.join("checkpoints")).is_empty();
+    if log.exists() && !saved {
+        eprintln!(
+            "{}: the run there stopped before its first checkpoint, so nothing was saved: \
+             starting it over",
+            out.display()
+        );
+        return Ok(false);
+    }
+    if !resume && log.exists() {
+        bail!(
+            "{}: a run is already there; pass --resume to continue it, or set `out` to a new folder",
+            out.display()
+        );
+    }
+    Ok(resume)
+}
+
+/// A training run's Ctrl-C flag (finish the step, save, exit) and its step bar, at `step` of
+/// `total`.
+fn run_bar(total: usize, step: usize) -> Result<(&'static AtomicBool, ProgressBar)> {
+    let stop = stop_on_ctrl_c(
+        "finishing this step, then saving a checkpoint",
+        "exiting without a checkpoint",
+    )?;
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len} · {msg} · ETA {eta}")
+            .expect("valid template"),
+    );
+    pb.set_position(step as u64);
+    Ok((stop, pb))
+}
+
+/// Draws the run folder's metrics.jsonl to its curves.png, and says where.
+fn draw_curves(out: &Path) -> Result<()> {
+    let plot_path = out.join("curves.png");
+    let rows = train::read_metrics(&out.join("metrics.jsonl"))?;
+    if write_plot(out, &rows, &plot_path, &[])? {
+        eprintln!("curves: {}", plot_path.display());
+    }
+    Ok(())
+}
+
+/// Ends a run that Ctrl-C stopped (exit status 130), saying how to continue it.
+fn interrupted(command: &str, a: &RunArgs, checkpoint: &Path) -> ! {
+    let default = format!("{command}.toml");
+    eprintln!(
+        "interrupted: checkpoint {} — continue with `ssrl {command} --config {} --resume`",
+        checkpoint.display(),
+        a.config.as_deref().unwrap_or(Path::new(&default)).display()
+    );
+    std::process::exit(130);
+}
+
+/// The checkpoint a `--resume` continues from, or why there is none.
+fn newest_checkpoint(latest: Option<PathBuf>, out: &Path) -> Result<PathBuf> {
+    latest.with_context(|| {
+        format!(
+            "{}: no checkpoint to resume from (none was saved yet)",
+            out.join("checkpoints").display()
+        )
+    })
+}
+
+pub fn run_train(a: RunArgs) -> Result<()> {
     let mut cfg = match &a.config {
         Some(p) => TrainConfig::load(p)?,
         None => TrainConfig::default(),
@@ -167,24 +238,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         out!("{}", cfg.to_toml());
         return Ok(());
     }
-    let log = cfg.out.join("metrics.jsonl");
-    // A run stopped before its first checkpoint saved nothing to continue from: it starts
-    // over (its metrics are rewritten), with or without --resume.
-    let saved = !train::checkpoint::list(&cfg.out.join("checkpoints")).is_empty();
-    let mut resume = a.resume;
-    if log.exists() && !saved {
-        eprintln!(
-            "{}: the run there stopped before its first checkpoint, so nothing was saved: \
-             starting it over",
-            cfg.out.display()
-        );
-        resume = false;
-    } else if !a.resume && log.exists() {
-        bail!(
-            "{}: a run is already there; pass --resume to continue it, or set `out` to a new folder",
-            cfg.out.display()
-        );
-    }
+    let resume = resume_or_start(&cfg.out, a.resume)?;
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
     if t.overlong != (0, 0) {
         eprintln!(
@@ -205,16 +259,9 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         );
     }
     if resume {
-        match t.latest_checkpoint() {
-            Some(dir) => {
-                t.restore(&dir)?;
-                eprintln!("resumed from {} (step {})", dir.display(), t.step());
-            }
-            None => bail!(
-                "{}: no checkpoint to resume from (none was saved yet)",
-                cfg.out.join("checkpoints").display()
-            ),
-        }
+        let dir = newest_checkpoint(t.latest_checkpoint(), &cfg.out)?;
+        t.restore(&dir)?;
+        eprintln!("resumed from {} (step {})", dir.display(), t.step());
     }
     let total = t.total_steps();
     eprintln!(
@@ -225,16 +272,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         t.provider(),
         t.backend()
     );
-    let stop = stop_on_ctrl_c(
-        "finishing this step, then saving a checkpoint",
-        "exiting without a checkpoint",
-    )?;
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} step {pos}/{len} · {msg} · ETA {eta}")
-            .expect("valid template"),
-    );
-    pb.set_position(t.step() as u64);
+    let (stop, pb) = run_bar(total, t.step())?;
     let mut header = format!("{:>6}", "step");
     for (_, h) in COLUMNS {
         header += &format!(" {h:>9}");
@@ -264,53 +302,19 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         ));
     })?;
     pb.finish_and_clear();
-    let plot_path = cfg.out.join("curves.png");
-    let rows = train::read_metrics(&cfg.out.join("metrics.jsonl"))?;
-    if write_plot(&cfg.out, &rows, &plot_path, &[])? {
-        eprintln!("curves: {}", plot_path.display());
-    }
+    draw_curves(&cfg.out)?;
     match end {
         RunEnd::Finished { checkpoint } => {
             if let Some(c) = checkpoint {
                 eprintln!("done: adapter in {}", c.display());
             }
         }
-        RunEnd::Interrupted { checkpoint } => {
-            eprintln!(
-                "interrupted: checkpoint {} — continue with `ssrl train --config {} --resume`",
-                checkpoint.display(),
-                a.config
-                    .as_deref()
-                    .unwrap_or(Path::new("train.toml"))
-                    .display()
-            );
-            std::process::exit(130);
-        }
+        RunEnd::Interrupted { checkpoint } => interrupted("train", &a, &checkpoint),
     }
     Ok(())
 }
 
-#[derive(clap::Args)]
-pub struct SftArgs {
-    /// Run settings (TOML, LLaMA-Factory's key names); see --print-config for every key and
-    /// its default (the official cold start's).
-    #[arg(long, value_name = "FILE", required_unless_present = "print_config")]
-    config: Option<PathBuf>,
-    /// Continue from the newest checkpoint in the run folder, exactly where it stopped.
-    #[arg(long)]
-    resume: bool,
-    /// Print the effective configuration (the defaults without --config) as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// Override max_steps.
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
-    #[arg(long, value_name = "FILE")]
-    ort_lib: Option<PathBuf>,
-}
-
-pub fn run_sft(a: SftArgs) -> Result<()> {
+pub fn run_sft(a: RunArgs) -> Result<()> {
     use spatial_ssrl::train::sft::{Sft, SftConfig};
     let mut cfg = match &a.config {
         Some(p) => SftConfig::load(p)?,
@@ -323,34 +327,12 @@ pub fn run_sft(a: SftArgs) -> Result<()> {
         out!("{}", cfg.to_toml());
         return Ok(());
     }
-    let log = cfg.out.join("metrics.jsonl");
-    let saved = !train::checkpoint::list(&cfg.out.join("checkpoints")).is_empty();
-    let mut resume = a.resume;
-    if log.exists() && !saved {
-        eprintln!(
-            "{}: the run there stopped before its first checkpoint, so nothing was saved: \
-             starting it over",
-            cfg.out.display()
-        );
-        resume = false;
-    } else if !a.resume && log.exists() {
-        bail!(
-            "{}: a run is already there; pass --resume to continue it, or set `out` to a new folder",
-            cfg.out.display()
-        );
-    }
+    let resume = resume_or_start(&cfg.out, a.resume)?;
     let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
     if resume {
-        match t.latest_checkpoint() {
-            Some(dir) => {
-                t.restore(&dir)?;
-                eprintln!("resumed from {} (step {})", dir.display(), t.step());
-            }
-            None => bail!(
-                "{}: no checkpoint to resume from (none was saved yet)",
-                cfg.out.join("checkpoints").display()
-            ),
-        }
+        let dir = newest_checkpoint(t.latest_checkpoint(), &cfg.out)?;
+        t.restore(&dir)?;
+        eprintln!("resumed from {} (step {})", dir.display(), t.step());
     }
     let total = t.total_steps();
     eprintln!(
@@ -363,16 +345,7 @@ pub fn run_sft(a: SftArgs) -> Result<()> {
         cfg.learning_rate,
         cfg.lr_scheduler_type
     );
-    let stop = stop_on_ctrl_c(
-        "finishing this step, then saving a checkpoint",
-        "exiting without a checkpoint",
-    )?;
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} step {pos}/{len} · {msg} · ETA {eta}")
-            .expect("valid template"),
-    );
-    pb.set_position(t.step() as u64);
+    let (stop, pb) = run_bar(total, t.step())?;
     say(
         &pb,
         format!(
@@ -400,11 +373,7 @@ pub fn run_sft(a: SftArgs) -> Result<()> {
         pb.set_message(format!("loss {:.3}", g("sft/loss")));
     })?;
     pb.finish_and_clear();
-    let plot_path = cfg.out.join("curves.png");
-    let rows = train::read_metrics(&log)?;
-    if write_plot(&cfg.out, &rows, &plot_path, &[])? {
-        eprintln!("curves: {}", plot_path.display());
-    }
+    draw_curves(&cfg.out)?;
     match end {
         RunEnd::Finished { checkpoint } => {
             if let Some(c) = checkpoint {
@@ -417,17 +386,7 @@ pub fn run_sft(a: SftArgs) -> Result<()> {
                 );
             }
         }
-        RunEnd::Interrupted { checkpoint } => {
-            eprintln!(
-                "interrupted: checkpoint {} — continue with `ssrl sft --config {} --resume`",
-                checkpoint.display(),
-                a.config
-                    .as_deref()
-                    .unwrap_or(Path::new("sft.toml"))
-                    .display()
-            );
-            std::process::exit(130);
-        }
+        RunEnd::Interrupted { checkpoint } => interrupted("sft", &a, &checkpoint),
     }
     Ok(())
 }

@@ -101,12 +101,12 @@ Prints the model's shape and its LoRA layout.\n\nExample:\n  ssrl inspect --mode
     #[command(
         long_about = "GRPO fine-tuning on pretext tasks, all through ONNX Runtime (no torch).\n\nEach step samples data.rollout_batch_size prompts, rolls out rollout.n responses each with the current LoRA, scores them with the verifiable reward, computes group advantages, gets old and reference log-probs (logprobs.onnx), and takes one AdamW step per mini-batch of actor.global_batch_size prompts through train.onnx (EasyR1's clipped loss with k3 KL, global token-mean). Defaults are the paper's.\n\nThe run folder gets train.toml, metrics.jsonl (one line per step), curves.png and checkpoints/global_step_N/ (PEFT adapter + optimizer state, the last trainer.save_limit kept). Ctrl-C finishes the step and saves a checkpoint; --resume continues exactly.\n\nExamples:\n  ssrl train --print-config > train.toml   # every key with its default\n  ssrl train --config train.toml\n  ssrl train --config train.toml --resume"
     )]
-    Train(commands::TrainArgs),
+    Train(commands::RunArgs),
     /// The SFT cold start: LoRA supervised fine-tuning that teaches the answer format (sft.onnx → AdamW).
     #[command(
         long_about = "The first stage of Spatial-SSRL's recipe: LoRA SFT on responses in the reasoning format, as the official cold start runs it with LLaMA-Factory, all through ONNX Runtime (no torch).\n\nData, each as it ships: LLaMA-Factory alpaca JSON (the released SFT-coldstart.json: instruction, input, output, images), ShareGPT messages / conversations JSON, or `ssrl tasks` output, whose response is made from each answer by data.response_template (<think> … </think> \\boxed{answer}). The labels are the response's tokens (prompt and image tokens masked); the loss is their token mean over each optimizer step (micro-batches add up exactly). AdamW with a cosine schedule and warm-up; the keys and defaults are LLaMA-Factory's and the official run's (lora_rank 128, lora_alpha 256, lora_target all, learning_rate 1e-5, num_train_epochs 5, 4 × 8 per step, save_steps 15). The package's LoRA must match: export it with --lora-rank/--lora-alpha/--lora-targets.\n\nThe run folder gets sft.toml, metrics.jsonl (loss, token accuracy, lr, grad norm, tokens/s), curves.png and checkpoints/global_step_N/ (PEFT adapter + optimizer state). Ctrl-C finishes the step and saves; --resume continues exactly. Merge the adapter with `ssrl export --adapter` and start GRPO from that package, which is then also its reference.\n\nExamples:\n  ssrl sft --print-config > sft.toml\n  ssrl sft --config sft.toml\n  ssrl export --model PKG --adapter runs/sft/checkpoints/global_step_75 --out PKG-sft"
     )]
-    Sft(commands::SftArgs),
+    Sft(commands::RunArgs),
     /// Draw a run's training curves (metrics.jsonl) to a PNG.
     Plot(commands::PlotArgs),
     /// Write a deployment package: an adapter merged into the weights, fp16 storage, offline ORT optimisations.

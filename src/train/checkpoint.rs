@@ -307,6 +307,11 @@ pub fn save(
     Ok(dst)
 }
 
+/// The newest complete checkpoint under `root`, if any.
+pub fn latest(root: &Path) -> Option<PathBuf> {
+    list(root).pop().map(|(_, p)| p)
+}
+
 /// Complete checkpoints under `root` (no `.partial`), oldest first.
 pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
     let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(root)

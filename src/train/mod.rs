@@ -102,6 +102,59 @@ enum Backend {
 }
 
 impl Param {
+    /// A checkpoint's state: the tensors, AdamW's moments, the step, the settings' key and an
+    /// fp16 run's loss scale.
+    fn state(
+        params: &[Param],
+        step: usize,
+        config: String,
+        loss_scale: Option<LossScale>,
+    ) -> State {
+        let tensors = |f: fn(&Param) -> &Vec<f32>| -> Vec<NamedTensor> {
+            params
+                .iter()
+                .map(|p| NamedTensor {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    data: f(p).clone(),
+                })
+                .collect()
+        };
+        State {
+            step,
+            config,
+            params: tensors(|p| &p.value),
+            exp_avg: tensors(|p| &p.m),
+            exp_avg_sq: tensors(|p| &p.v),
+            loss_scale,
+        }
+    }
+
+    /// The tensors and moments of the checkpoint `s` (read from `dir`), each of its shape.
+    fn restore(params: &mut [Param], s: &State, dir: &Path) -> Result<(), TrainError> {
+        for p in params {
+            let find = |v: &[NamedTensor]| -> Result<Vec<f32>, TrainError> {
+                let t = v.iter().find(|t| t.name == p.name).ok_or_else(|| {
+                    TrainError::Resume(format!("{}: no tensor {}", dir.display(), p.name))
+                })?;
+                if t.shape != p.shape {
+                    return Err(TrainError::Resume(format!(
+                        "{}: {} has shape {:?}, the package {:?}",
+                        dir.display(),
+                        p.name,
+                        t.shape,
+                        p.shape
+                    )));
+                }
+                Ok(t.data.clone())
+            };
+            p.value = find(&s.params)?;
+            p.m = find(&s.exp_avg)?;
+            p.v = find(&s.exp_avg_sq)?;
+        }
+        Ok(())
+    }
+
     /// The package's LoRA tensors at PEFT's init (A uniform in ±1/√fan_in, B zero), seeded.
     fn init(lora: &crate::model::package::LoraSpec, seed: u64) -> Vec<Param> {
         let mut params = Vec::new();
@@ -628,32 +681,19 @@ impl Trainer {
 
     /// Writes a checkpoint of the current state.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
-        let tensors = |f: fn(&Param) -> &Vec<f32>| -> Vec<NamedTensor> {
-            self.params
-                .iter()
-                .map(|p| NamedTensor {
-                    name: p.name.clone(),
-                    shape: p.shape.clone(),
-                    data: f(p).clone(),
-                })
-                .collect()
-        };
-        let state = State {
-            step: self.step,
-            config: self.cfg.resume_key(),
-            params: tensors(|p| &p.value),
-            exp_avg: tensors(|p| &p.m),
-            exp_avg_sq: tensors(|p| &p.v),
-            loss_scale: self.loss_scale,
-        };
-        let base = std::fs::canonicalize(&self.cfg.model).unwrap_or(self.cfg.model.clone());
-        Ok(checkpoint::save(
-            &self.checkpoint_root(),
-            &state,
+        let state = Param::state(
+            &self.params,
+            self.step,
+            self.cfg.resume_key(),
+            self.loss_scale,
+        );
+        write_checkpoint(
+            &self.cfg.out,
+            &self.cfg.model,
             &self.engine.package.manifest.lora,
-            &base.display().to_string(),
+            &state,
             self.cfg.trainer.save_limit,
-        )?)
+        )
     }
 
     /// Restores a checkpoint (its configuration must match this run's, except run length and
@@ -675,26 +715,7 @@ impl Trainer {
                 diff.join("; ")
             )));
         }
-        for p in &mut self.params {
-            let find = |v: &[NamedTensor]| -> Result<Vec<f32>, TrainError> {
-                let t = v.iter().find(|t| t.name == p.name).ok_or_else(|| {
-                    TrainError::Resume(format!("{}: no tensor {}", dir.display(), p.name))
-                })?;
-                if t.shape != p.shape {
-                    return Err(TrainError::Resume(format!(
-                        "{}: {} has shape {:?}, the package {:?}",
-                        dir.display(),
-                        p.name,
-                        t.shape,
-                        p.shape
-                    )));
-                }
-                Ok(t.data.clone())
-            };
-            p.value = find(&s.params)?;
-            p.m = find(&s.exp_avg)?;
-            p.v = find(&s.exp_avg_sq)?;
-        }
+        Param::restore(&mut self.params, &s, dir)?;
         self.step = s.step;
         if self.loss_scale.is_some() {
             self.loss_scale = Some(s.loss_scale.unwrap_or_default());
@@ -705,9 +726,7 @@ impl Trainer {
 
     /// The newest complete checkpoint of this run, if any.
     pub fn latest_checkpoint(&self) -> Option<PathBuf> {
-        checkpoint::list(&self.checkpoint_root())
-            .pop()
-            .map(|(_, p)| p)
+        checkpoint::latest(&self.checkpoint_root())
     }
 
     /// Dataset indices of step `step` (0-based): epoch-wise permutation seeded by
@@ -1349,13 +1368,7 @@ impl Trainer {
         stop: &AtomicBool,
         mut on_step: impl FnMut(&Metrics, usize, &[String]),
     ) -> Result<RunEnd, TrainError> {
-        std::fs::create_dir_all(&self.cfg.out).map_err(io_err(&self.cfg.out))?;
-        let cfg_path = self.cfg.out.join("train.toml");
-        std::fs::write(&cfg_path, self.cfg.to_toml()).map_err(io_err(&cfg_path))?;
-        let log = self.cfg.out.join("metrics.jsonl");
-        // Lines of steps after the checkpoint are redone; from step 0 every line is (the
-        // validation before training too).
-        truncate_metrics(&log, (self.step > 0).then_some(self.step))?;
+        let log = open_run(&self.cfg.out, "train.toml", &self.cfg.to_toml(), self.step)?;
         let total = self.total_steps();
         let val_freq = self.cfg.trainer.val_freq;
         if self.step == 0 && self.cfg.trainer.val_before_train && self.has_validation() {
@@ -1415,6 +1428,37 @@ pub enum RunEnd {
 
 /// `rows` laid out for the graphs, the per-token tensors narrowed to the completion's columns
 /// where the package's graphs take only those.
+/// Opens the run folder `out` at `step`: writes its settings (`toml`) as `name` and drops the
+/// metric lines of steps after `step`, which the run redoes (from step 0 every line, the
+/// validation before training too). Returns the metrics file.
+fn open_run(out: &Path, name: &str, toml: &str, step: usize) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let cfg_path = out.join(name);
+    std::fs::write(&cfg_path, toml).map_err(io_err(&cfg_path))?;
+    let log = out.join("metrics.jsonl");
+    truncate_metrics(&log, (step > 0).then_some(step))?;
+    Ok(log)
+}
+
+/// Writes `state` as a checkpoint under `out/checkpoints` (a PEFT adapter of `lora` on the
+/// base `model`, whose path it records, and the optimizer's state), keeping the newest `keep`.
+fn write_checkpoint(
+    out: &Path,
+    model: &Path,
+    lora: &crate::model::package::LoraSpec,
+    state: &State,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let base = std::fs::canonicalize(model).unwrap_or(model.to_path_buf());
+    Ok(checkpoint::save(
+        &out.join("checkpoints"),
+        state,
+        lora,
+        &base.display().to_string(),
+        keep,
+    )?)
+}
+
 fn lay_out(engine: &Engine, rope: &RopeConfig, rows: &[Row<'_>]) -> Result<MicroBatch, TrainError> {
     let m = &engine.package.manifest;
     let mut mb = batch::build(rows, m.tokens.pad, rope).map_err(EngineError::from)?;

@@ -9,11 +9,11 @@
 //! PEFT checkpoints, exact resume, Ctrl-C saves; `metrics.jsonl` has `sft/loss`,
 //! `sft/token_accuracy`, `sft/lr`, `sft/grad_norm`, `sft/tokens_per_s`.
 
-use super::checkpoint::{self, NamedTensor, State};
+use super::checkpoint;
 use super::scale::{self, LossScale};
 use super::{
-    append_metrics, batch, batch_inputs, embed, io_err, lay_out, scalar, tensor, truncate_metrics,
-    Backend, Metrics, Param, RunEnd, TrainError,
+    append_metrics, batch, batch_inputs, embed, io_err, lay_out, scalar, tensor, Backend, Metrics,
+    Param, RunEnd, TrainError,
 };
 use crate::kernels::AdamW;
 use crate::model::rope::RopeConfig;
@@ -658,46 +658,27 @@ impl Sft {
         Ok(m)
     }
 
-    fn checkpoint_root(&self) -> PathBuf {
-        self.cfg.out.join("checkpoints")
-    }
-
     /// Writes a checkpoint of the current state (a PEFT adapter `ssrl export --adapter`
     /// merges, and the optimizer's moments for a resume).
     pub fn save(&self) -> Result<PathBuf, TrainError> {
-        let tensors = |f: fn(&Param) -> &Vec<f32>| -> Vec<NamedTensor> {
-            self.params
-                .iter()
-                .map(|p| NamedTensor {
-                    name: p.name.clone(),
-                    shape: p.shape.clone(),
-                    data: f(p).clone(),
-                })
-                .collect()
-        };
-        let state = State {
-            step: self.step,
-            config: self.cfg.resume_key(),
-            params: tensors(|p| &p.value),
-            exp_avg: tensors(|p| &p.m),
-            exp_avg_sq: tensors(|p| &p.v),
-            loss_scale: self.loss_scale,
-        };
-        let base = std::fs::canonicalize(&self.cfg.model).unwrap_or(self.cfg.model.clone());
-        Ok(checkpoint::save(
-            &self.checkpoint_root(),
-            &state,
+        let state = Param::state(
+            &self.params,
+            self.step,
+            self.cfg.resume_key(),
+            self.loss_scale,
+        );
+        super::write_checkpoint(
+            &self.cfg.out,
+            &self.cfg.model,
             &self.engine.package.manifest.lora,
-            &base.display().to_string(),
+            &state,
             self.cfg.save_total_limit,
-        )?)
+        )
     }
 
     /// The newest complete checkpoint of this run, if any.
     pub fn latest_checkpoint(&self) -> Option<PathBuf> {
-        checkpoint::list(&self.checkpoint_root())
-            .pop()
-            .map(|(_, p)| p)
+        checkpoint::latest(&self.cfg.out.join("checkpoints"))
     }
 
     /// Restores a checkpoint of a run with the same settings (but its length and saving).
@@ -710,19 +691,7 @@ impl Sft {
                 dir.display()
             )));
         }
-        for p in &mut self.params {
-            let find = |v: &[NamedTensor]| -> Result<Vec<f32>, TrainError> {
-                v.iter()
-                    .find(|t| t.name == p.name && t.shape == p.shape)
-                    .map(|t| t.data.clone())
-                    .ok_or_else(|| {
-                        TrainError::Resume(format!("{}: no tensor {}", dir.display(), p.name))
-                    })
-            };
-            p.value = find(&s.params)?;
-            p.m = find(&s.exp_avg)?;
-            p.v = find(&s.exp_avg_sq)?;
-        }
+        Param::restore(&mut self.params, &s, dir)?;
         self.step = s.step;
         if self.loss_scale.is_some() {
             self.loss_scale = Some(s.loss_scale.unwrap_or_default());
@@ -738,11 +707,7 @@ impl Sft {
         stop: &AtomicBool,
         mut on_step: impl FnMut(&Metrics, usize, &[String]),
     ) -> Result<RunEnd, TrainError> {
-        std::fs::create_dir_all(&self.cfg.out).map_err(io_err(&self.cfg.out))?;
-        let cfg_path = self.cfg.out.join("sft.toml");
-        std::fs::write(&cfg_path, self.cfg.to_toml()).map_err(io_err(&cfg_path))?;
-        let log = self.cfg.out.join("metrics.jsonl");
-        truncate_metrics(&log, (self.step > 0).then_some(self.step))?;
+        let log = super::open_run(&self.cfg.out, "sft.toml", &self.cfg.to_toml(), self.step)?;
         let total = self.total_steps();
         while self.step < total {
             if stop.load(Ordering::SeqCst) {
