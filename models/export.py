@@ -1412,17 +1412,23 @@ def sft_step_fn(model, lora_names, scale):
     return step
 
 
-def sft_batch(model, B=2, S=24, seed=4):
-    """An SFT micro-batch: left padding on row 1, the response in the last C columns, its last
-    column padding on row 0."""
-    g = torch.Generator().manual_seed(seed)
+def batch_rows(model, B, S, g):
+    """B rows of S random tokens from generator `g` (row 1 left-padded by 3): their
+    embeddings, attention mask, positions, and the next-token targets of the last
+    C = S − S//2 columns."""
     ids = torch.randint(0, 1900, (B, S), generator=g)
     am = torch.ones(B, S, dtype=torch.int64)
     am[1 % B, :3] = 0
     pos = (am.cumsum(-1) - 1).clamp(min=0)[None].expand(3, B, S).contiguous()
     with torch.no_grad():
         x = model.model.language_model.embed_tokens(ids)
-    tgt = torch.cat([ids[:, 1:], ids[:, :1]], 1)[:, S // 2:]
+    return x, am, pos, torch.cat([ids[:, 1:], ids[:, :1]], 1)[:, S // 2:]
+
+
+def sft_batch(model, B=2, S=24, seed=4):
+    """An SFT micro-batch: left padding on row 1, the response in the last C columns, its last
+    column padding on row 0."""
+    x, am, pos, tgt = batch_rows(model, B, S, torch.Generator().manual_seed(seed))
     lm = torch.ones(B, S - S // 2)
     lm[0, -1] = 0.0
     return [x, am, pos, tgt, lm, lm.sum() * 2, torch.tensor(1.0)]
@@ -1433,14 +1439,8 @@ def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
     positive and negative advantages, old/ref log-probs near the policy's, rollout-correction
     weights in [0.5, 1.5)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 1900, (B, S), generator=g)
-    am = torch.ones(B, S, dtype=torch.int64)
-    am[1 % B, :3] = 0
-    pos = (am.cumsum(-1) - 1).clamp(min=0)[None].expand(3, B, S).contiguous()
-    with torch.no_grad():
-        x = model.model.language_model.embed_tokens(ids)
+    x, am, pos, tgt = batch_rows(model, B, S, g)
     # The completion is the last C = S − S//2 columns; its last column is padding.
-    tgt = torch.cat([ids[:, 1:], ids[:, :1]], 1)[:, S // 2:]
     cm = torch.ones(B, S - S // 2)
     cm[:, -1] = 0.0
     with torch.no_grad():
@@ -1458,10 +1458,7 @@ def export_training(model, out, lora_names, shapes_, scale):
 
     for p in model.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(2)
-    lora = []
-    for n in lora_names:
-        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+    lora = random_lora(lora_names, shapes_, 2)
     lora_in = [f"{n}.{m}" for n in lora_names for m in ("A", "B")]
     b, s = Dim("batch_size", min=1, max=4096), Dim("sequence_length", min=2, max=1 << 17)
     c = Dim("completion_length", min=1, max=1 << 17)
@@ -1909,10 +1906,7 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
     lp_sess = Typed(f"{out}/logprobs.onnx", so)
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
     lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
-    torch.manual_seed(5)
-    lora = []
-    for n in names:
-        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+    lora = random_lora(names, shapes_, 5)
 
     def feeds(batch):
         return {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(TRAIN_BATCH + lora_in, list(batch) + lora)}
@@ -1935,14 +1929,7 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
     # 2. the wrapper against an independent path: the HF forward with LoRA added by hooks
     batch = train_batch(model)
     ws = [w.clone().requires_grad_(True) for w in lora]
-    hooks = []
-    for j, n in enumerate(names):
-        _, i, target = n.split(".")
-        layer = model.model.language_model.layers[int(i)]
-        lin = getattr(layer.self_attn, target, None) or getattr(layer.mlp, target)
-        A, B = ws[2 * j], ws[2 * j + 1]
-        hooks.append(lin.register_forward_hook(
-            (lambda A, B: lambda m, inp, o: lora_add(o, inp[0], A, B, scale))(A, B)))
+    hooks = lora_hooks(model, names, ws, scale)
     try:
         o = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False)
     finally:
@@ -2028,6 +2015,30 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
             raise SystemExit("verify: logprobs.onnx differs from torch")
 
 
+def random_lora(names, shapes_, seed):
+    """A random adapter (A and B per name, N(0, 0.1²)) from torch's generator seeded `seed`."""
+    torch.manual_seed(seed)
+    lora = []
+    for n in names:
+        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+    return lora
+
+
+def lora_hooks(model, names, ws, scale):
+    """The LoRA tensors `ws` (A, B per name) added to the transformers model's projections by
+    forward hooks, as PEFT adds them: an independent path to check the graphs' LoRA against.
+    Returns the hooks, to remove."""
+    hooks = []
+    for j, n in enumerate(names):
+        _, i, target = n.split(".")
+        layer = model.model.language_model.layers[int(i)]
+        lin = getattr(layer.self_attn, target, None) or getattr(layer.mlp, target)
+        A, B = ws[2 * j], ws[2 * j + 1]
+        hooks.append(lin.register_forward_hook(
+            (lambda A, B: lambda m, inp, o: lora_add(o, inp[0], A, B, scale))(A, B)))
+    return hooks
+
+
 def verify_sft(model, out, names, shapes_, sft):
     """sft.onnx against torch autograd of the same step, against the transformers forward with
     LoRA hooks (an independent cross-entropy), and micro-batches adding up."""
@@ -2039,10 +2050,7 @@ def verify_sft(model, out, names, shapes_, sft):
     sess = Typed(f"{out}/sft.onnx", so)
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
     lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
-    torch.manual_seed(6)
-    lora = []
-    for n in names:
-        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+    lora = random_lora(names, shapes_, 6)
 
     def feeds(batch):
         return {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(SFT_BATCH + lora_in, list(batch) + lora)}
@@ -2060,14 +2068,7 @@ def verify_sft(model, out, names, shapes_, sft):
     # the transformers forward with LoRA hooks: an independent cross-entropy and its gradients
     batch = sft_batch(model)
     ws = [w.clone().requires_grad_(True) for w in lora]
-    hooks = []
-    for j, n in enumerate(names):
-        _, i, target = n.split(".")
-        layer = model.model.language_model.layers[int(i)]
-        lin = getattr(layer.self_attn, target, None) or getattr(layer.mlp, target)
-        A, B = ws[2 * j], ws[2 * j + 1]
-        hooks.append(lin.register_forward_hook(
-            (lambda A, B: lambda m, inp, o: lora_add(o, inp[0], A, B, scale))(A, B)))
+    hooks = lora_hooks(model, names, ws, scale)
     try:
         o = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False)
     finally:
@@ -2184,10 +2185,7 @@ def write_goldens(model, hf_dir, out, names, shapes_, step):
               open(os.path.join(gd, "rollout.json"), "w"), indent=1)
     # one training step
     batch = train_batch(model)
-    torch.manual_seed(5)
-    lora = []
-    for n in names:
-        lora += [torch.randn(*shapes_[n][0]) * 0.1, torch.randn(*shapes_[n][1]) * 0.1]
+    lora = random_lora(names, shapes_, 5)
     lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
     res = step(*batch, *lora)
     for k, v in zip(TRAIN_BATCH + lora_in, list(batch) + lora):
