@@ -288,3 +288,51 @@ fn a_package_that_cannot_run_the_config_is_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ssrl tasks` output (JSONL here, as the task engine writes it): each response is the
+/// template with the sample's answer, each prompt gets the format sentence as GRPO's prompts
+/// do; the run learns the templated response, and the fp16 package (dynamic loss scaling)
+/// learns it as the fp32 one does.
+#[test]
+fn task_samples_train_with_the_templated_response_in_fp32_and_fp16() {
+    let dir = tempdir("tasks");
+    let data = dir.join("tasks.jsonl");
+    let mut f = std::fs::File::create(&data).unwrap();
+    for i in 0..8 {
+        let answer = ["A", "B"][i % 2];
+        let line = serde_json::json!({
+            "id": format!("t{i}"), "task": "depth", "answer": answer, "images": [],
+            "source": [], "meta": {}, "problem": format!("Which point is closer, A or B? Scene {i}."),
+        });
+        writeln!(f, "{line}").unwrap();
+    }
+    drop(f);
+    for (pkg, tag) in [("models/tiny", "fp32"), ("models/tiny-fp16", "fp16")] {
+        let mut c = config(&dir, data.clone());
+        c.model = root().join(pkg);
+        c.out = dir.join(tag);
+        c.max_steps = 16;
+        c.data.response_template = "<think>Compare.</think> \\boxed{{answer}}".into();
+        let Some(mut t) = sft(c) else { return };
+        let seen = run_all(&mut t);
+        let (first, last) = (&seen[0], &seen[15]);
+        eprintln!(
+            "{tag}: loss {:.3} → {:.3}, token accuracy {:.3} → {:.3}, loss scale {:?}",
+            first["sft/loss"],
+            last["sft/loss"],
+            first["sft/token_accuracy"],
+            last["sft/token_accuracy"],
+            last.get("sft/loss_scale")
+        );
+        // The labels: "<think>Compare.</think> \boxed{A}<|im_end|>\n" — the same count for
+        // every sample, whatever its prompt (the format sentence is in the prompt, not here).
+        assert_eq!(first["sft/tokens"] % 4.0, 0.0);
+        assert!(last["sft/loss"] < 0.7 * first["sft/loss"], "{tag}");
+        assert!(
+            last["sft/token_accuracy"] > first["sft/token_accuracy"] + 0.3,
+            "{tag}"
+        );
+        assert_eq!(last.contains_key("sft/loss_scale"), tag == "fp16");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
