@@ -1928,13 +1928,7 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
           f"none before the forward pass ends", flush=True)
     # 2. the wrapper against an independent path: the HF forward with LoRA added by hooks
     batch = train_batch(model)
-    ws = [w.clone().requires_grad_(True) for w in lora]
-    hooks = lora_hooks(model, names, ws, scale)
-    try:
-        o = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    ws, o = hooked_forward(model, names, lora, scale, batch)
     C = batch[3].shape[1]
     logp_all = torch.log_softmax(o.logits[:, -C:].float() / batch[8], -1)
     logp = torch.gather(logp_all, -1, batch[3][..., None]).squeeze(-1)
@@ -2039,6 +2033,19 @@ def lora_hooks(model, names, ws, scale):
     return hooks
 
 
+def hooked_forward(model, names, lora, scale, batch):
+    """The transformers forward of `batch` (embeddings, mask, positions) with fresh leaf copies
+    of `lora` added by hooks: (the copies, whose .grad a backward fills; the output)."""
+    ws = [w.clone().requires_grad_(True) for w in lora]
+    hooks = lora_hooks(model, names, ws, scale)
+    try:
+        o = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ws, o
+
+
 def verify_sft(model, out, names, shapes_, sft):
     """sft.onnx against torch autograd of the same step, against the transformers forward with
     LoRA hooks (an independent cross-entropy), and micro-batches adding up."""
@@ -2067,13 +2074,7 @@ def verify_sft(model, out, names, shapes_, sft):
             raise SystemExit("verify: sft.onnx differs from torch autograd")
     # the transformers forward with LoRA hooks: an independent cross-entropy and its gradients
     batch = sft_batch(model)
-    ws = [w.clone().requires_grad_(True) for w in lora]
-    hooks = lora_hooks(model, names, ws, scale)
-    try:
-        o = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    ws, o = hooked_forward(model, names, lora, scale, batch)
     C = batch[3].shape[1]
     logits = o.logits[:, -C:].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[3].reshape(-1), reduction="none")
