@@ -1584,9 +1584,9 @@ def past0_of(rows, kvh, hd, L):
 # logits and log-probs, and the training graph's against torch autograd (relative gradients;
 # `fp32 grads`: a half graph's gradients against fp32 autograd of the same weights).
 TOL = {"fp32": {"logits": 1e-4, "logprobs": 1e-4, "grads": 1e-5, "loss": 1e-5, "sum": 1e-6, "fd": 1e-3},
-       "fp16": {"logits": 3e-2, "logprobs": 3e-2, "grads": 2e-2, "loss": 1e-3, "sum": 1e-4, "fd": 3e-2,
+       "fp16": {"logits": 3e-2, "logprobs": 3e-2, "grads": 2e-2, "loss": 1e-3, "sum": 1e-4, "fd": 5e-2,
                 "fp32 grads": 5e-2},
-       "bf16": {"logits": 2.5e-1, "logprobs": 2.5e-1, "grads": 1e-1, "loss": 1e-2, "sum": 1e-3, "fd": 1e-1,
+       "bf16": {"logits": 2.5e-1, "logprobs": 2.5e-1, "grads": 1e-1, "loss": 1e-2, "sum": 1e-3, "fd": 2e-1,
                 "fp32 grads": 2e-1}}
 
 
@@ -1969,7 +1969,8 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
     f = feeds(batch)
     key = f"{names[0]}.B"
     grad = train.run([f"grad.{key}"], f)[0][0, 0]
-    h = 1e-2
+    # (a half graph's loss moves by its rounding too: a wider step keeps that below the slope's)
+    h = 1e-2 if DTYPE == "fp32" else 1e-1
     f[key] = f[key].copy()
     f[key][0, 0] += h
     up = float(train.run(["loss"], f)[0])
@@ -1977,7 +1978,7 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
     down = float(train.run(["loss"], f)[0])
     fd = (up - down) / (2 * h)
     print(f"  finite difference d loss / d {key}[0,0]: {fd:.6f} vs analytic {grad:.6f}")
-    if abs(fd - grad) > tols["fd"] * max(1.0, abs(grad)) + 2e-4:
+    if abs(fd - grad) > tols["fd"] * abs(grad) + 2e-4:
         raise SystemExit("verify: finite difference disagrees with the gradient")
     # 4. micro-batches add up to the mini-batch: token_count = the mini-batch's completion tokens
     big = train_batch(model, B=4, S=20, seed=3)
