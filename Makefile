@@ -81,11 +81,15 @@ $(EXPORT_VENV)/.done: models/requirements.txt
 	$(EXPORT_VENV)/bin/pip install -q -r models/requirements.txt
 	touch $@
 
+# The test packages' LoRA: small, on q and v (the exporter's default is EasyR1's recipe).
+TINY_LORA := --lora-rank 8 --lora-alpha 16 --lora-targets q_proj,v_proj
+
 fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the goldens (needs torch; not run by CI)
 	rm -rf models/tiny
-	$(EXPORT_VENV)/bin/python models/export.py --tiny --out models/tiny --verify --goldens
+	$(EXPORT_VENV)/bin/python models/export.py --tiny --out models/tiny $(TINY_LORA) --verify --goldens
 	rm -rf models/tiny-fp16
-	$(EXPORT_VENV)/bin/python models/export.py models/tiny/hf --dtype fp16 --out models/tiny-fp16 --verify --goldens
+	$(EXPORT_VENV)/bin/python models/export.py models/tiny/hf --dtype fp16 --out models/tiny-fp16 $(TINY_LORA) \
+	    --verify --goldens
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_pil_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_rope_goldens.py

@@ -2223,9 +2223,12 @@ def main(argv=None):
                          "model in that dtype: weights, matrix products, attention and the KV cache in half; norms, "
                          "softmax, rotary angles and the log-softmax in fp32; LoRA factors and their gradients fp32 "
                          "(as PEFT keeps them). bf16 needs a GPU: ONNX Runtime's CPU provider has no bf16 kernels")
-    ap.add_argument("--lora-rank", type=int, default=8)
+    # EasyR1's LoRA recipe by default: rank 64, its default alpha 16, every linear layer of the
+    # language model (the vision tower is not a LoRA target here, as EasyR1 excludes it for vLLM).
+    ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
-    ap.add_argument("--lora-targets", default="q_proj,v_proj", help=f"comma separated, from {','.join(LORA_TARGETS)}")
+    ap.add_argument("--lora-targets", default="all",
+                    help=f"`all` ({','.join(LORA_TARGETS)}: the language model's linear layers) or a comma list of them")
     ap.add_argument("--verify", action="store_true", help="check every graph against transformers (fails above 1e-4)")
     ap.add_argument("--goldens", action="store_true", help="write transformers goldens for the Rust tests to OUT/goldens")
     ap.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (18 or newer)")
@@ -2245,7 +2248,8 @@ def main(argv=None):
     globals()["HEAD_CHUNKS"] = a.head_chunks
     globals()["ATTENTION_CHUNKS"] = a.attention_chunks
     globals()["DTYPE"] = a.dtype
-    targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
+    targets = list(LORA_TARGETS) if a.lora_targets.strip() == "all" else \
+        [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     for t in targets:
         if t not in LORA_TARGETS:
             ap.error(f"unknown LoRA target {t!r}")

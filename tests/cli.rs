@@ -896,14 +896,15 @@ fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
     let dir = std::env::temp_dir().join(format!("ssrl-cli-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    // --print-config writes the defaults (the paper's) as a file --config reads back.
+    // --print-config writes the defaults (the paper's; the learning rate EasyR1's LoRA recipe's)
+    // as a file --config reads back.
     let out = ssrl().args(["train", "--print-config"]).output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for key in [
         "rollout_batch_size = 256",
         "n = 5",
-        "lr = 0.000001",
+        "lr = 0.00001",
         "kl_coef = 0.01",
         "clip_ratio_high = 0.3",
     ] {

@@ -254,7 +254,8 @@ impl Default for RolloutConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
-            lr: 1e-6,
+            // EasyR1's LoRA recipe (the paper's full fine-tune takes 1e-6).
+            lr: 1e-5,
             betas: [0.9, 0.999],
             weight_decay: 1e-2,
             eps: 1e-8,
