@@ -905,10 +905,7 @@ impl Trainer {
         let (_, st) = res["stats"]
             .try_extract_tensor::<f32>()
             .map_err(run_err("train"))?;
-        let mut stats = [0f64; 6];
-        for (s, v) in stats.iter_mut().zip(st) {
-            *s = f64::from(*v);
-        }
+        let stats = Stats::read(&self.engine.package.manifest.train.stats, st, "train")?;
         let mut grads = Vec::with_capacity(self.params.len());
         for p in &self.params {
             let (_, g) = res[format!("grad.{}", p.name).as_str()]
@@ -1164,7 +1161,7 @@ impl Trainer {
         // 5. One optimizer step per mini-batch.
         let (mut t_train, mut t_optim) = (0.0, 0.0);
         let per_mini = cfg.actor.global_batch_size * g;
-        let mut sums = [0f64; 6];
+        let mut sums = Stats::default();
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
         self.scale_backoffs = 0;
         for (k, mini) in (0..rows.len())
@@ -1202,9 +1199,7 @@ impl Trainer {
                     is_weights.as_deref().map(pick).as_deref(),
                 )?;
                 loss_sum += r.loss;
-                for (s, v) in sums.iter_mut().zip(r.stats) {
-                    *s += v;
-                }
+                sums.add(&r.stats);
                 for (acc, gv) in grads.iter_mut().zip(&r.grads) {
                     for (a, b) in acc.iter_mut().zip(gv) {
                         *a += b;
@@ -1244,16 +1239,20 @@ impl Trainer {
         peak("train", &mut metrics);
         time("step", t_start, &mut metrics);
         // 6. Metrics.
-        let tokens = sums[0].max(1.0);
+        let tokens = sums.get("tokens").max(1.0);
         metrics.insert(
             "actor/pg_loss_plus_kl".into(),
             loss_sum / rows.len().div_ceil(per_mini) as f64,
         );
-        metrics.insert("actor/pg_clipfrac_higher".into(), sums[1] / tokens);
-        metrics.insert("actor/pg_clipfrac_lower".into(), sums[2] / tokens);
-        metrics.insert("actor/ppo_kl".into(), sums[3] / tokens);
-        metrics.insert("actor/kl_loss".into(), sums[4] / tokens);
-        metrics.insert("actor/entropy".into(), sums[5] / tokens);
+        for (stat, metric) in [
+            ("pg_clipfrac_higher", "pg_clipfrac_higher"),
+            ("pg_clipfrac_lower", "pg_clipfrac_lower"),
+            ("ppo_kl", "ppo_kl"),
+            ("kl", "kl_loss"),
+            ("entropy", "entropy"),
+        ] {
+            metrics.insert(format!("actor/{metric}"), sums.get(stat) / tokens);
+        }
         metrics.insert("actor/grad_norm".into(), mean(norms.iter().copied()));
         metrics.insert("actor/skipped_updates".into(), skipped as f64);
         if let Some(s) = self.loss_scale {
@@ -1415,9 +1414,51 @@ pub struct MicroResult {
     pub loss: f64,
     /// Per LoRA tensor, in [`Trainer::lora`] order.
     pub grads: Vec<Vec<f32>>,
-    /// Sums over completion tokens: tokens, clipped-higher, clipped-lower, −log-ratio, k3 KL,
-    /// entropy.
-    pub stats: [f64; 6],
+    /// Sums over completion tokens, by the manifest's names: tokens, pg_clipfrac_higher,
+    /// pg_clipfrac_lower, ppo_kl (−log-ratio), kl (k3), entropy.
+    pub stats: Stats,
+}
+
+/// A training graph's statistics (its `stats` output), each by the name the package's manifest
+/// gives it (`train.stats`, `sft.stats`), summed over micro-batches.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats(BTreeMap<String, f64>);
+
+impl Stats {
+    /// The `stats` output `values` of `graph`, named by `names`; a count that differs from the
+    /// names' is an error (the manifest does not describe the graph).
+    fn read(names: &[String], values: &[f32], graph: &'static str) -> Result<Stats, TrainError> {
+        if names.len() != values.len() {
+            return Err(TrainError::Run {
+                graph,
+                msg: format!(
+                    "{} statistics, but manifest.json names {} ({})",
+                    values.len(),
+                    names.len(),
+                    names.join(", ")
+                ),
+            });
+        }
+        Ok(Stats(
+            names
+                .iter()
+                .zip(values)
+                .map(|(n, v)| (n.clone(), f64::from(*v)))
+                .collect(),
+        ))
+    }
+
+    /// Adds `other`'s sums to these.
+    pub fn add(&mut self, other: &Stats) {
+        for (k, v) in &other.0 {
+            *self.0.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    /// The sum named `name`; 0 for a statistic the graph does not report.
+    pub fn get(&self, name: &str) -> f64 {
+        self.0.get(name).copied().unwrap_or(0.0)
+    }
 }
 
 #[derive(Debug)]
@@ -1572,6 +1613,32 @@ impl From<PackageError> for TrainError {
 
 #[cfg(test)]
 mod tests {
+    /// Statistics are read by the manifest's names and summed by name; a graph reporting
+    /// another count than the manifest names is refused, naming them.
+    #[test]
+    fn statistics_are_named_by_the_manifest() {
+        let names: Vec<String> = ["tokens", "kl", "entropy"].map(String::from).to_vec();
+        let mut a = super::Stats::read(&names, &[4.0, 0.5, 2.0], "train").unwrap();
+        let b = super::Stats::read(&names, &[6.0, 1.5, 3.0], "train").unwrap();
+        a.add(&b);
+        assert_eq!(
+            (a.get("tokens"), a.get("kl"), a.get("entropy")),
+            (10.0, 2.0, 5.0)
+        );
+        assert_eq!(
+            a.get("ppo_kl"),
+            0.0,
+            "a statistic the graph does not report"
+        );
+        let e = super::Stats::read(&names, &[1.0, 2.0], "train")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2 statistics") && e.contains("tokens, kl, entropy"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn tis_weights_are_capped_ratios_of_old_to_rollout() {
         let old = vec![vec![-1.0f32, -0.5, -3.0], vec![-2.0]];

@@ -357,7 +357,7 @@ struct Prepped {
 struct Micro {
     loss: f64,
     grads: Vec<Vec<f32>>,
-    stats: [f64; 2],
+    stats: super::Stats,
 }
 
 /// The SFT run: the package's sessions, the LoRA tensors, the data.
@@ -365,6 +365,8 @@ pub struct Sft {
     pub cfg: SftConfig,
     engine: Engine,
     sft: Session,
+    /// The names of `sft.onnx`'s statistics (the manifest's `sft.stats`).
+    stat_names: Vec<String>,
     embeds_type: Float,
     loss_scale: Option<LossScale>,
     params: Vec<Param>,
@@ -390,14 +392,14 @@ impl Sft {
         engine.preprocessor.min_pixels = cfg.image_min_pixels;
         engine.preprocessor.max_pixels = cfg.image_max_pixels;
         let m = engine.package.manifest.clone();
-        if engine.package.is_genai() || m.graphs.sft.is_empty() {
+        let Some(spec) = m.sft.clone().filter(|_| !m.graphs.sft.is_empty()) else {
             return Err(TrainError::Data {
                 path: cfg.model.join("manifest.json"),
                 msg: "the package has no SFT graph (sft.onnx): export it again with \
                       models/export.py"
                     .into(),
             });
-        }
+        };
         let mut have = m.lora.targets.clone();
         let mut want = cfg.targets();
         have.sort();
@@ -444,6 +446,7 @@ impl Sft {
             cfg,
             engine,
             sft,
+            stat_names: spec.stats,
             embeds_type,
             examples,
             step: 0,
@@ -575,7 +578,7 @@ impl Sft {
                 return Ok(Micro {
                     loss,
                     grads,
-                    stats: [f64::from(st[0]), f64::from(st[1])],
+                    stats: super::Stats::read(&self.stat_names, &st, "sft")?,
                 });
             }
         }
@@ -595,7 +598,7 @@ impl Sft {
             .iter()
             .map(|p| vec![0.0; p.value.len()])
             .collect();
-        let (mut loss, mut stats) = (0.0, [0.0; 2]);
+        let (mut loss, mut stats) = (0.0, super::Stats::default());
         for chunk in prepared.chunks(self.cfg.per_device_train_batch_size) {
             let rows: Vec<Row<'_>> = chunk
                 .iter()
@@ -608,8 +611,7 @@ impl Sft {
                 .collect();
             let r = self.micro_step(&rows, tokens)?;
             loss += r.loss;
-            stats[0] += r.stats[0];
-            stats[1] += r.stats[1];
+            stats.add(&r.stats);
             for (acc, gv) in grads.iter_mut().zip(&r.grads) {
                 for (a, b) in acc.iter_mut().zip(gv) {
                     *a += b;
@@ -645,7 +647,10 @@ impl Sft {
             self.step as f64 / self.steps_per_epoch() as f64,
         );
         m.insert("sft/loss".into(), loss);
-        m.insert("sft/token_accuracy".into(), stats[1] / stats[0].max(1.0));
+        m.insert(
+            "sft/token_accuracy".into(),
+            stats.get("correct") / stats.get("tokens").max(1.0),
+        );
         m.insert("sft/lr".into(), f64::from(lr));
         m.insert("sft/grad_norm".into(), f64::from(norm));
         m.insert("sft/tokens".into(), tokens as f64);
