@@ -150,11 +150,34 @@ pub struct ActorConfig {
     pub optim: OptimConfig,
 }
 
+/// How group advantages are normalised (`algorithm.adv_estimator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvEstimator {
+    /// EasyR1's GRPO: (s − mean) / (std + 1e-6).
+    Grpo,
+    /// Dr. GRPO: no std scaling.
+    DrGrpo,
+    /// TRL's: ε = 1e-4.
+    Trl,
+}
+
+impl AdvEstimator {
+    /// The kernels' settings for it.
+    pub fn config(self) -> crate::kernels::AdvantageConfig {
+        use crate::kernels::AdvantageConfig;
+        match self {
+            AdvEstimator::Grpo => AdvantageConfig::EASYR1,
+            AdvEstimator::DrGrpo => AdvantageConfig::DR_GRPO,
+            AdvEstimator::Trl => AdvantageConfig::TRL,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlgorithmConfig {
-    /// "grpo" (EasyR1), "dr_grpo" (no std scaling) or "trl" (TRL's ε).
-    pub adv_estimator: String,
+    pub adv_estimator: AdvEstimator,
     pub use_kl_loss: bool,
     /// k3 ("low_var_kl") is the only penalty the training graph computes.
     pub kl_penalty: String,
@@ -284,7 +307,7 @@ impl Default for ActorConfig {
 impl Default for AlgorithmConfig {
     fn default() -> Self {
         AlgorithmConfig {
-            adv_estimator: "grpo".into(),
+            adv_estimator: AdvEstimator::Grpo,
             use_kl_loss: true,
             kl_penalty: "low_var_kl".into(),
             kl_coef: 1e-2,
@@ -455,15 +478,6 @@ impl TrainConfig {
                  the old policy every weight is 1)",
             );
         }
-        if !matches!(
-            self.algorithm.adv_estimator.as_str(),
-            "grpo" | "dr_grpo" | "trl"
-        ) {
-            return bad(
-                "algorithm.adv_estimator",
-                "\"grpo\", \"dr_grpo\" or \"trl\"",
-            );
-        }
         if self.algorithm.kl_penalty != "low_var_kl" {
             return bad(
                 "algorithm.kl_penalty",
@@ -513,6 +527,24 @@ mod tests {
 
     /// actor.tis_cap: off by default, a positive cap with recomputed old log-probs, and a clear
     /// error otherwise.
+    /// The advantage estimator is read by name; another is refused with the three it can be.
+    #[test]
+    fn adv_estimator_is_one_of_three() {
+        let c: TrainConfig = toml::from_str("[algorithm]\nadv_estimator = \"dr_grpo\"").unwrap();
+        assert_eq!(c.algorithm.adv_estimator, AdvEstimator::DrGrpo);
+        assert_eq!(
+            c.algorithm.adv_estimator.config(),
+            crate::kernels::AdvantageConfig::DR_GRPO
+        );
+        let e = toml::from_str::<TrainConfig>("[algorithm]\nadv_estimator = \"ppo\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ppo") && e.contains("grpo") && e.contains("dr_grpo") && e.contains("trl"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn tis_cap_needs_recomputed_old_logprobs() {
         let mut c = TrainConfig::default();

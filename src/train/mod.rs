@@ -1099,11 +1099,7 @@ impl Trainer {
             scores.push((self.reward)(&text, s));
         }
         let overall: Vec<f32> = scores.iter().map(|s| s.overall as f32).collect();
-        let adv_cfg = match cfg.algorithm.adv_estimator.as_str() {
-            "dr_grpo" => AdvantageConfig::DR_GRPO,
-            "trl" => AdvantageConfig::TRL,
-            _ => AdvantageConfig::EASYR1,
-        };
+        let adv_cfg = cfg.algorithm.adv_estimator.config();
         let advantages = self.backend.advantages(&overall, g, &adv_cfg)?;
         time("reward", t, &mut metrics);
         let rows: Vec<Row<'_>> = completions
