@@ -240,6 +240,9 @@ pub fn run_train(a: RunArgs) -> Result<()> {
     }
     let resume = resume_or_start(&cfg.out, a.resume)?;
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
+    if let Some(note) = t.precision_note() {
+        eprintln!("{note}");
+    }
     if t.overlong != (0, 0) {
         eprintln!(
             "left out as too long (data.max_prompt_length {}, or no room for \
@@ -329,6 +332,9 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
     }
     let resume = resume_or_start(&cfg.out, a.resume)?;
     let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
+    if let Some(note) = t.precision_note() {
+        eprintln!("{note}");
+    }
     if resume {
         let dir = newest_checkpoint(t.latest_checkpoint(), &cfg.out)?;
         t.restore(&dir)?;
@@ -683,23 +689,8 @@ impl DeviceArgs {
         engine.set_host_cache(self.host_cache);
         engine.set_own_cache(!self.append_cache);
         engine.set_cpu_slices(self.cpu_slices)?;
-        let dtype = &engine.package.manifest.dtype;
-        if dtype != "fp32" {
-            // A builder decoder's precision is its I/O's; this project's half packages compute
-            // in half as transformers does in that dtype, and return fp32 logits.
-            match engine.package.is_genai() {
-                true => eprintln!("{}: {dtype} embeddings, cache and logits", model.display()),
-                false => eprintln!(
-                    "{}: {dtype} weights, arithmetic and cache (norms, softmax and rotary angles in fp32){}",
-                    model.display(),
-                    if engine.provider() == "cpu" {
-                        "; on the CPU, ONNX Runtime widens it to fp32 where it has no fp16 \
-                         kernel: an fp32 package is the CPU's"
-                    } else {
-                        ""
-                    }
-                ),
-            }
+        if let Some(note) = engine.precision_note() {
+            eprintln!("{note}");
         }
         if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {
             eprintln!(

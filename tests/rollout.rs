@@ -86,6 +86,7 @@ fn greedy(n: usize) -> GenerationConfig {
 #[test]
 fn greedy_rollout_matches_transformers() {
     if let Some(mut e) = engine() {
+        assert_eq!(e.precision_note(), None);
         assert_matches_goldens(&mut e, &tiny(), 1e-4);
     }
 }
@@ -100,6 +101,12 @@ fn greedy_rollout_in_fp16_matches_transformers_in_fp16() {
         return;
     };
     assert_eq!(e.package.manifest.dtype, "fp16");
+    // What the commands say when it opens on the CPU.
+    let note = e.precision_note().unwrap();
+    assert!(
+        note.contains("fp16 weights, arithmetic and cache") && note.contains("the CPU's"),
+        "{note}"
+    );
     assert_matches_goldens(&mut e, &tiny_fp16(), 3e-2);
     let (g16, _) = golden_of(&tiny_fp16());
     let (g32, _) = golden();

@@ -487,6 +487,30 @@ impl Engine {
         &self.provider
     }
 
+    /// What a package in half precision computes in half, and on the CPU what that costs;
+    /// `None` for fp32. A builder decoder's precision is its I/O's; this project's half
+    /// packages compute in half as transformers does in that dtype and return fp32 logits.
+    pub fn precision_note(&self) -> Option<String> {
+        let dtype = &self.package.manifest.dtype;
+        if dtype == "fp32" {
+            return None;
+        }
+        let dir = self.package.dir.display();
+        Some(match self.package.is_genai() {
+            true => format!("{dir}: {dtype} embeddings, cache and logits"),
+            false => format!(
+                "{dir}: {dtype} weights, arithmetic and cache (norms, softmax and rotary angles in \
+                 fp32){}",
+                if self.provider == "cpu" {
+                    "; on the CPU, ONNX Runtime widens it to fp32 where it has no fp16 kernel, \
+                     with fp32 copies of the weights in each session: an fp32 package is the CPU's"
+                } else {
+                    ""
+                }
+            ),
+        })
+    }
+
     /// Replaces LoRA tensors by name (PEFT layout, `lora.{layer}.{target}.A|B`); no session rebuild.
     pub fn set_lora(&mut self, tensors: &[(String, Vec<f32>)]) -> Result<(), EngineError> {
         if self.lora.is_empty() && !tensors.is_empty() {

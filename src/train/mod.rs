@@ -649,6 +649,11 @@ impl Trainer {
         self.engine.provider()
     }
 
+    /// [`Engine::precision_note`] of the policy's package.
+    pub fn precision_note(&self) -> Option<String> {
+        self.engine.precision_note()
+    }
+
     pub fn has_validation(&self) -> bool {
         !self.val.samples.is_empty()
     }

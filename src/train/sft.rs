@@ -454,6 +454,11 @@ impl Sft {
         })
     }
 
+    /// [`Engine::precision_note`] of the package.
+    pub fn precision_note(&self) -> Option<String> {
+        self.engine.precision_note()
+    }
+
     pub fn examples(&self) -> usize {
         self.examples.len()
     }
