@@ -13,8 +13,9 @@
 //! graph inputs, swapped with [`Engine::set_lora`] between calls without rebuilding sessions.
 //! On CUDA / TensorRT the cache and logits stay on the GPU and tokens are drawn there by the
 //! CUDA kernels, on the stream the sessions run on. Half-precision decoders (onnxruntime-genai's
-//! fp16 / bf16 builds) take their types at the graphs' edges (`float.rs`); their cache stays on
-//! the host.
+//! fp16 / bf16 builds, and this project's packages exported in half precision) take their types
+//! at the graphs' edges (`float.rs`); a half cache stays on the GPU as an fp32 one does, but for
+//! decoders whose logits are half (onnxruntime-genai's), whose cache stays on the host.
 
 use super::gpu::{trt_profiles, OnGpu};
 use super::kv::own_cache_in_place;
@@ -23,136 +24,24 @@ use super::request::{
 };
 use super::runner::{Graphs, LoraInput, Runner};
 use super::share::{deal, joined, prompt_shares, PromptCost};
+pub(crate) use super::types::input;
+use super::types::run_err;
+pub use super::types::{Completion, EngineError, EngineStats, Finish, Trace};
 use crate::kernels::cuda::Cuda;
 use crate::model::package::{Package, PackageError};
-use crate::model::processor::{
-    grid_thw, image_tokens, preprocess, PreprocessorConfig, ProcessorError,
-};
-use crate::model::prompt::{PromptBuilder, PromptError};
-use crate::model::rope::RopeError;
+use crate::model::processor::{grid_thw, image_tokens, preprocess, PreprocessorConfig};
+use crate::model::prompt::PromptBuilder;
 use crate::model::session::{
     environment, session_builder, with_kernel_hint, ComputeStream, Device, DeviceChoice,
-    ProviderError,
 };
 use crate::model::weights::SharedWeights;
 use image::RgbImage;
-use ort::session::{Session, SessionInputValue};
+use ort::session::Session;
 use ort::value::Tensor;
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error(transparent)]
-    Package(#[from] PackageError),
-    #[error(transparent)]
-    Prompt(#[from] PromptError),
-    #[error(transparent)]
-    Image(#[from] ProcessorError),
-    #[error(transparent)]
-    Rope(#[from] RopeError),
-    #[error("{graph}: {msg}")]
-    Run { graph: &'static str, msg: String },
-    #[error("LoRA: {0}")]
-    Lora(String),
-    #[error("{0}")]
-    Config(String),
-    #[error(transparent)]
-    Provider(#[from] ProviderError),
-    /// A request whose prompt cannot be built, by its position among the requests.
-    #[error("prompt {at}: {cause}")]
-    InPrompt { at: usize, cause: Box<EngineError> },
-}
-
-pub(super) fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> EngineError {
-    move |e| EngineError::Run {
-        graph,
-        msg: e.to_string(),
-    }
-}
-
-/// An owned tensor input of `graph`.
-pub(crate) fn input<T>(
-    graph: &'static str,
-    shape: &[usize],
-    data: Vec<T>,
-) -> Result<SessionInputValue<'static>, EngineError>
-where
-    T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
-{
-    let shape: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
-    Ok(Tensor::from_array((shape, data))
-        .map_err(run_err(graph))?
-        .into())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Finish {
-    Stop,
-    Length,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Completion {
-    pub prompt_index: usize,
-    pub sample_index: usize,
-    pub tokens: Vec<u32>,
-    pub logprobs: Vec<f32>,
-    pub finish: Finish,
-}
-
-/// Optional record of each step's last-position logits, for parity checks: `steps[s]` holds
-/// `(row ids, logits [rows, vocab])`, rows numbered `prompt · group + sample`.
-#[derive(Debug, Default)]
-pub struct Trace {
-    pub prompt_ids: Vec<Vec<u32>>,
-    pub position_ids: Vec<i64>,
-    pub rope_deltas: Vec<i64>,
-    pub steps: Vec<(Vec<usize>, Vec<f32>)>,
-}
-
-/// Where the engine's time went since the last [`Engine::take_stats`].
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct EngineStats {
-    /// Inside ONNX Runtime `run` calls (all graphs).
-    pub ort_s: f64,
-    pub vision_s: f64,
-    /// Prefill (embedding excluded) and the decode loop (sampling and cache bookkeeping
-    /// included).
-    pub prefill_s: f64,
-    pub decode_s: f64,
-    pub prefill_tokens: usize,
-    pub decode_steps: usize,
-    pub generated_tokens: usize,
-    /// Outside ONNX Runtime: image preprocessing, sampling, and cache row selection.
-    pub preprocess_s: f64,
-    pub sample_s: f64,
-    pub cache_s: f64,
-    /// CPU slices: time a slice sat idle waiting for the slowest one to finish.
-    pub slice_wait_s: f64,
-}
-
-impl EngineStats {
-    /// Adds one of `workers` concurrent workers' stats: counts add up, times are averaged over
-    /// the workers (each time is then a share of the wall time, as with one worker).
-    fn add(&mut self, o: &EngineStats, workers: usize) {
-        let w = workers.max(1) as f64;
-        self.ort_s += o.ort_s / w;
-        self.vision_s += o.vision_s / w;
-        self.prefill_s += o.prefill_s / w;
-        self.decode_s += o.decode_s / w;
-        self.preprocess_s += o.preprocess_s / w;
-        self.sample_s += o.sample_s / w;
-        self.cache_s += o.cache_s / w;
-        self.slice_wait_s += o.slice_wait_s / w;
-        self.prefill_tokens += o.prefill_tokens;
-        self.decode_steps += o.decode_steps;
-        self.generated_tokens += o.generated_tokens;
-    }
-}
 
 pub struct Engine {
     pub package: Package,

@@ -3,7 +3,7 @@
 //! works in f32 on the host — pixels, image features, embeddings and logits are converted where
 //! they enter or leave a graph — and moves cache values as bytes, whatever their type.
 
-use super::engine::{run_err, EngineError};
+use super::types::{run_err, EngineError};
 use half::{bf16, f16};
 use ort::memory::MemoryInfo;
 use ort::session::{Session, SessionInputValue};

@@ -1,9 +1,9 @@
 //! The GPU side of the decode loop ([`OnGpu`]: ONNX Runtime's CUDA allocator and the CUDA
 //! kernels that move rows on it), and TensorRT's optimisation profiles for the engine's graphs.
 
-use super::engine::{run_err, EngineError};
 use super::float::Float;
 use super::kv::kv_name;
+use super::types::{run_err, EngineError};
 use crate::kernels::cuda::Cuda;
 use crate::model::package::{KvLayout, Manifest, OwnCache};
 use crate::model::session::{TrtProfile, TrtShapes};

@@ -3,9 +3,9 @@
 //! the decoder reads in place ([`OwnBuf`]), and the row moves when rows finish — on the host,
 //! or on the GPU through [`OnGpu`].
 
-use super::engine::EngineError;
 use super::float::{bytes, bytes_mut, float_of, Float};
 use super::gpu::{gpu_err, OnGpu};
+use super::types::EngineError;
 use crate::model::package::{KvLayout, Manifest, OwnCache, TextSpec};
 use ort::session::SessionInputValue;
 use ort::value::DynTensor;

@@ -9,6 +9,7 @@ mod kv;
 pub mod request;
 mod runner;
 mod share;
+mod types;
 
 pub use engine::{Completion, Engine, EngineError, EngineStats, Finish, Trace};
 pub use request::{GenerationConfig, ImageGrids, NoRoom, Prepared, Request};

@@ -2,7 +2,7 @@
 //! rendered, EasyR1's format sentence added, image placeholders expanded) and its images'
 //! grids, checked against the room the model's context leaves.
 
-use super::engine::EngineError;
+use super::types::EngineError;
 use crate::kernels::SamplingParams;
 use crate::model::processor::{grid_thw, image_tokens, PreprocessorConfig};
 use crate::model::prompt::PromptBuilder;

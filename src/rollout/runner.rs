@@ -2,7 +2,6 @@
 //! vision, prefill, batched decode steps with per-sequence stop, the cache's rows kept, moved
 //! and dropped (`kv.rs`), tokens drawn on the host or on the GPU.
 
-use super::engine::{input, run_err, Completion, EngineError, EngineStats, Finish, Trace};
 use super::float::{bytes, bytes_mut, values_f32, Float};
 use super::gpu::{gpu_err, OnGpu};
 use super::kv::{
@@ -11,6 +10,7 @@ use super::kv::{
 };
 use super::request::{GenerationConfig, Prepared};
 use super::share::length_groups;
+use super::types::{input, run_err, Completion, EngineError, EngineStats, Finish, Trace};
 use crate::kernels::{cpu, Logits, RowKey, Sampled, SamplingParams};
 use crate::model::package::{KvLayout, Manifest};
 use crate::model::processor::{preprocess_into, PreprocessorConfig};

@@ -2,7 +2,7 @@
 //! the vision calls' deal, the prefill's groups of near-equal length, and the slices' results
 //! joined back in prompt order.
 
-use super::engine::Completion;
+use super::types::Completion;
 
 /// The completions of the slices' shares as one list in prompt order, prompt indices counted
 /// over all the prompts.
