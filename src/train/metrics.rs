@@ -1,0 +1,89 @@
+//! A run's metrics: the flat EasyR1-style map of a step, the run folder's `metrics.jsonl`
+//! (appended per step, cut back to a checkpoint on resume) and its settings file.
+
+use super::*;
+
+/// Metrics of one step (or one validation), flat keys as EasyR1 logs them.
+pub type Metrics = BTreeMap<String, f64>;
+
+pub(super) fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut s, mut n) = (0.0, 0usize);
+    for x in v {
+        s += x;
+        n += 1;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+/// `rows` laid out for the graphs, the per-token tensors narrowed to the completion's columns
+/// where the package's graphs take only those.
+/// Opens the run folder `out` at `step`: writes its settings (`toml`) as `name` and drops the
+/// metric lines of steps after `step`, which the run redoes (from step 0 every line, the
+/// validation before training too). Returns the metrics file.
+pub(super) fn open_run(
+    out: &Path,
+    name: &str,
+    toml: &str,
+    step: usize,
+) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let cfg_path = out.join(name);
+    std::fs::write(&cfg_path, toml).map_err(io_err(&cfg_path))?;
+    let log = out.join("metrics.jsonl");
+    truncate_metrics(&log, (step > 0).then_some(step))?;
+    Ok(log)
+}
+
+pub(super) fn append_metrics(path: &Path, m: &Metrics) -> Result<(), TrainError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let line = serde_json::to_string(m).expect("finite metrics serialise");
+    writeln!(f, "{line}").map_err(io_err(path))
+}
+
+/// Drops metric lines of steps after `step` (work a resume will redo); `None` drops them all.
+pub(super) fn truncate_metrics(path: &Path, step: Option<usize>) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Metrics>(l)
+                .ok()
+                .and_then(|m| m.get("step").copied())
+                .zip(step)
+                .is_some_and(|(s, step)| s as usize <= step)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.partial");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Reads a run's metrics.jsonl.
+pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| TrainError::Io {
+                path: path.to_path_buf(),
+                msg: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
