@@ -1083,7 +1083,7 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
             "merge_size": pre["merge_size"]}}}]}},
         open(f"{out}/processor_config.json", "w"), indent=2)
     manifest = {
-        "format": "spatial-ssrl-package", "version": 1, "dtype": dtype, "opset": OPSET,
+        "format": "spatial-ssrl-package", "version": 1, "family": "qwen2_5_vl", "dtype": dtype, "opset": OPSET,
         "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
                    "logprobs": "logprobs.onnx", "train": "train.onnx", "sft": "sft.onnx"},
         # target_ids, completion_mask, old/ref log-probs and the log-prob outputs cover the last

@@ -424,6 +424,22 @@ fn a_package_from_another_exporter_version_is_refused_with_the_fix() {
     std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
     let e = Package::open(&dir).unwrap_err().to_string();
     assert!(e.contains("dtype is \"int8\""), "{e}");
+    // A family this runtime does not know is named, with the one it does.
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["family"] = "qwen3_vl".into();
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    let e = Package::open(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("manifest.json") && e.contains("qwen3_vl") && e.contains("qwen2_5_vl"),
+        "{e}"
+    );
+    // One without a family (earlier exports) is Qwen2.5-VL's.
+    m.as_object_mut().unwrap().remove("family");
+    let parsed: spatial_ssrl::model::package::Manifest = serde_json::from_value(m).unwrap();
+    assert_eq!(
+        parsed.family,
+        spatial_ssrl::model::package::Family::Qwen25Vl
+    );
 }
 
 /// A manifest saying fp16 over fp32 graphs (say, edited by hand) is refused when the graphs

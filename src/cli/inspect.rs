@@ -18,8 +18,9 @@ pub(crate) fn run_inspect(a: InspectArgs) -> Result<()> {
     let p = Package::open(&a.model)?;
     let m = &p.manifest;
     outln!(
-        "{}: Qwen2.5-VL {} ({}), text {} layers × hidden {} ({} / {} heads, head_dim {}), vocab {}, mrope {:?}",
+        "{}: {} {} ({}), text {} layers × hidden {} ({} / {} heads, head_dim {}), vocab {}, mrope {:?}",
         a.model.display(),
+        m.family.name(),
         if p.is_genai() {
             "onnxruntime-genai folder (rollouts only)"
         } else {

@@ -191,11 +191,41 @@ pub enum OwnCache {
     InPlace,
 }
 
+/// The model family a package holds: which processor, positions, prompt and graph contract
+/// the runtime uses with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Family {
+    /// Qwen2.5-VL (3B, 7B): 14-pixel patches, window attention, M-RoPE [16, 24, 24].
+    #[default]
+    #[serde(rename = "qwen2_5_vl")]
+    Qwen25Vl,
+}
+
+impl Family {
+    /// The family's name in manifests and genai_config.json (`qwen2_5_vl`).
+    pub fn id(self) -> &'static str {
+        match self {
+            Family::Qwen25Vl => "qwen2_5_vl",
+        }
+    }
+
+    /// The family's name for people (`Qwen2.5-VL`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Qwen25Vl => "Qwen2.5-VL",
+        }
+    }
+}
+
 /// `manifest.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
+    /// The model family (packages exported before it had one are Qwen2.5-VL's); another one is
+    /// refused by name.
+    #[serde(default)]
+    pub family: Family,
     pub dtype: String,
     pub graphs: Graphs,
     pub train: TrainSpec,
@@ -432,6 +462,7 @@ impl Package {
         let manifest = Manifest {
             format: "onnxruntime-genai".into(),
             version: 1,
+            family: Family::Qwen25Vl,
             dtype: dtype.into(),
             graphs: Graphs {
                 vision: file(vis, "vision")?,
