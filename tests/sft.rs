@@ -336,3 +336,42 @@ fn task_samples_train_with_the_templated_response_in_fp32_and_fp16() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An example whose image cannot be read, and one whose prompt leaves no room in `cutoff_len`,
+/// are left out and named in the step that met them; the others train.
+#[test]
+fn unreadable_and_overlong_examples_are_left_out_by_name() {
+    let dir = tempdir("leftout");
+    let data = cold_start_set(&dir);
+    let mut rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    let rows_v = rows.as_array_mut().unwrap();
+    rows_v.push(serde_json::json!({
+        "instruction": "<image>Which patch is flipped?", "input": "",
+        "output": "<think>x</think> \\boxed{1}", "images": ["coldstart_SFT_images/missing.jpg"]
+    }));
+    rows_v.push(serde_json::json!({
+        "instruction": "word ".repeat(400), "input": "", "output": "<think>x</think> \\boxed{1}"
+    }));
+    std::fs::write(&data, rows.to_string()).unwrap();
+    let mut c = config(&dir, data);
+    c.max_steps = 3; // 10 examples, 4 per step: every example once
+    c.cutoff_len = 600;
+    let Some(mut t) = sft(c) else { return };
+    let stop = AtomicBool::new(false);
+    let mut left = Vec::new();
+    let mut examples = 0.0;
+    t.run(&stop, |m, _, left_out| {
+        left.extend(left_out.iter().cloned());
+        examples += m["sft/examples"];
+    })
+    .unwrap();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().any(|e| e.contains("missing.jpg")), "{left:?}");
+    assert!(
+        left.iter().any(|e| e.contains("cutoff_len 600")),
+        "{left:?}"
+    );
+    assert_eq!(examples, 8.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
