@@ -28,7 +28,7 @@ use crate::model::session::{Device, DeviceChoice};
 use crate::reward::{self, RewardConfig, Score};
 use crate::rng::{mix64, Rng};
 use crate::rollout::float::Float;
-use crate::rollout::{Engine, EngineError, GenerationConfig, Prepared, Request};
+use crate::rollout::{Completion, Engine, EngineError, GenerationConfig, Prepared, Request};
 use crate::tasks::write::{read_dataset, SampleRecord};
 use batch::{MicroBatch, Row};
 use checkpoint::{CheckpointError, NamedTensor, State};
@@ -204,6 +204,48 @@ pub fn device_choice(cfg: &TrainConfig) -> DeviceChoice {
         // One copy of the weights for the engine's, the log-prob and the training sessions.
         shared_weights: r.shared_weights,
     }
+}
+
+/// Each phase's time of a step into its metrics, and the process's peak resident memory over
+/// it (Linux: the peak is reset as each phase ends; elsewhere nothing is recorded).
+struct PhaseClock {
+    can_reset: bool,
+}
+
+impl PhaseClock {
+    fn start() -> PhaseClock {
+        PhaseClock {
+            can_reset: crate::rollout::bench::reset_peak_rss(),
+        }
+    }
+
+    /// `perf/peak_rss_gb/{k}`: the peak since the last phase ended.
+    fn peak(&self, k: &str, m: &mut Metrics) {
+        if self.can_reset {
+            m.insert(
+                format!("perf/peak_rss_gb/{k}"),
+                crate::rollout::bench::rss_mb().1 / 1024.0,
+            );
+            crate::rollout::bench::reset_peak_rss();
+        }
+    }
+
+    /// `timing_s/{k}` since `t` (and the phase's peak, but for the whole step's).
+    fn time(&self, k: &str, t: Instant, m: &mut Metrics) {
+        m.insert(format!("timing_s/{k}"), t.elapsed().as_secs_f64());
+        if k != "step" {
+            self.peak(k, m);
+        }
+    }
+}
+
+/// The log-probs a step's update takes: the old policy's and the reference's per row, the
+/// rollout correction's weights, and the KL coefficient in force.
+struct StepLogprobs {
+    old: Vec<Vec<f32>>,
+    reference: Vec<Vec<f32>>,
+    is_weights: Option<Vec<Vec<f32>>>,
+    kl_coef: f32,
 }
 
 impl Trainer {
@@ -720,40 +762,61 @@ impl Trainer {
     /// One GRPO step: rollout, reward, advantages, old/ref log-probs, then one optimizer step
     /// per mini-batch. Returns the step's metrics.
     pub fn train_step(&mut self) -> Result<Metrics, TrainError> {
-        let cfg = self.cfg.clone();
-        let g = cfg.rollout.n;
         let t_start = Instant::now();
         let mut metrics = Metrics::new();
-        // Each phase's time, and the process's peak resident memory over it (Linux: the peak is
-        // reset as each phase ends; elsewhere nothing is recorded).
-        let can_reset = crate::rollout::bench::reset_peak_rss();
-        let peak = |k: &str, m: &mut Metrics| {
-            if can_reset {
-                m.insert(
-                    format!("perf/peak_rss_gb/{k}"),
-                    crate::rollout::bench::rss_mb().1 / 1024.0,
-                );
-                crate::rollout::bench::reset_peak_rss();
-            }
-        };
-        let time = |k: &str, t: Instant, m: &mut Metrics| {
-            m.insert(format!("timing_s/{k}"), t.elapsed().as_secs_f64());
-            if k != "step" {
-                peak(k, m);
-            }
-        };
-        // 1. Prompts: decoded in the background during the previous step (double buffering), and
-        // the next step's decoding starts now. `timing_s/data` is the wait for them.
+        let clock = PhaseClock::start();
         let t = Instant::now();
+        let (idx, reqs) = self.step_prompts(&mut metrics)?;
+        clock.time("data", t, &mut metrics);
+        let t = Instant::now();
+        let (prepared, completions) = self.roll_out(&reqs)?;
+        clock.time("rollout", t, &mut metrics);
+        let t = Instant::now();
+        let (scores, advantages) = self.rewards(&idx, &completions)?;
+        clock.time("reward", t, &mut metrics);
+        let rows: Vec<Row<'_>> = completions
+            .iter()
+            .map(|c| Row {
+                prompt: &prepared.prompts[c.prompt_index],
+                completion: &c.tokens,
+                grids: &prepared.grids[c.prompt_index],
+                features: &prepared.features[c.prompt_index],
+            })
+            .collect();
+        let t = Instant::now();
+        let lp = self.policy_logprobs(&rows, &completions, &mut metrics)?;
+        clock.time("logprobs", t, &mut metrics);
+        self.update(&rows, &advantages, &lp, &mut metrics)?;
+        clock.peak("train", &mut metrics);
+        clock.time("step", t_start, &mut metrics);
+        self.step_metrics(&idx, &completions, &scores, &advantages, &mut metrics);
+        self.step += 1;
+        self.updating = false;
+        metrics.insert("step".into(), self.step as f64);
+        metrics.insert(
+            "epoch".into(),
+            (self.step - 1) as f64 / self.steps_per_epoch as f64,
+        );
+        Ok(metrics)
+    }
+
+    /// The step's prompts (their indices in the dataset and their requests, images decoded):
+    /// decoded in the background during the previous step (double buffering), the next step's
+    /// decoding started now. A prompt whose images cannot be decoded is left out of the step
+    /// (named in `left_out`), not the run's end.
+    fn step_prompts(
+        &mut self,
+        metrics: &mut Metrics,
+    ) -> Result<(Vec<usize>, Vec<Request>), TrainError> {
+        let seed = self.cfg.trainer.seed;
         let idx = self.batch_indices(self.step);
-        let salt = |step: usize| mix64(cfg.trainer.seed ^ (step as u64) << 20);
+        let salt = |step: usize| mix64(seed ^ (step as u64) << 20);
         let loaded = match self.prefetch.take() {
             Some((step, handle)) if step == self.step => handle
                 .join()
                 .map_err(|_| TrainError::Resume("the image loader thread panicked".into()))?,
             _ => load_requests(&self.data.pending(&idx), salt(self.step)),
         };
-        // A prompt whose images cannot be decoded is left out of the step, not the run's end.
         self.left_out.clear();
         let (idx, reqs) = usable(&idx, loaded, &mut self.left_out);
         if !self.left_out.is_empty() {
@@ -777,12 +840,14 @@ impl Trainer {
                 std::thread::spawn(move || load_requests(&next, salt)),
             ));
         }
-        time("data", t, &mut metrics);
-        // 2. Rollout.
-        let t = Instant::now();
-        let prepared: Prepared = self.engine.prepare(&reqs, self.format().as_deref())?;
+        Ok((idx, reqs))
+    }
+
+    /// `rollout.n` samples of each prompt with the current LoRA.
+    fn roll_out(&mut self, reqs: &[Request]) -> Result<(Prepared, Vec<Completion>), TrainError> {
+        let cfg = &self.cfg;
         let gen = GenerationConfig {
-            group: g,
+            group: cfg.rollout.n,
             max_new_tokens: cfg.data.max_response_length,
             sampling: SamplingParams {
                 temperature: cfg.rollout.temperature,
@@ -793,14 +858,19 @@ impl Trainer {
             verbatim: false,
             format_sentence: self.format(),
         };
-        let completions = self
-            .engine
-            .generate_prepared(&reqs, &prepared, &gen, None)?;
-        time("rollout", t, &mut metrics);
-        // 3. Rewards and advantages.
-        let t = Instant::now();
+        let prepared: Prepared = self.engine.prepare(reqs, self.format().as_deref())?;
+        let completions = self.engine.generate_prepared(reqs, &prepared, &gen, None)?;
+        Ok((prepared, completions))
+    }
+
+    /// Each sample's reward against its prompt's sample (`idx`), and the group advantages.
+    fn rewards(
+        &self,
+        idx: &[usize],
+        completions: &[Completion],
+    ) -> Result<(Vec<Score>, Vec<f32>), TrainError> {
         let mut scores = Vec::with_capacity(completions.len());
-        for c in &completions {
+        for c in completions {
             let s = &self.data.samples[idx[c.prompt_index]];
             let text = self
                 .engine
@@ -810,20 +880,23 @@ impl Trainer {
             scores.push((self.reward)(&text, s));
         }
         let overall: Vec<f32> = scores.iter().map(|s| s.overall as f32).collect();
-        let adv_cfg = cfg.algorithm.adv_estimator.config();
-        let advantages = self.backend.advantages(&overall, g, &adv_cfg)?;
-        time("reward", t, &mut metrics);
-        let rows: Vec<Row<'_>> = completions
-            .iter()
-            .map(|c| Row {
-                prompt: &prepared.prompts[c.prompt_index],
-                completion: &c.tokens,
-                grids: &prepared.grids[c.prompt_index],
-                features: &prepared.features[c.prompt_index],
-            })
-            .collect();
-        // 4. Old and reference log-probs.
-        let t = Instant::now();
+        let adv_cfg = self.cfg.algorithm.adv_estimator.config();
+        let advantages = self
+            .backend
+            .advantages(&overall, self.cfg.rollout.n, &adv_cfg)?;
+        Ok((scores, advantages))
+    }
+
+    /// The old policy's log-probs (recomputed, or the sampler's), the reference's (LoRA off)
+    /// where the KL term needs them, and the rollout correction's weights; the sampler /
+    /// trainer mismatch and the weights' statistics go to `metrics`.
+    fn policy_logprobs(
+        &mut self,
+        rows: &[Row<'_>],
+        completions: &[Completion],
+        metrics: &mut Metrics,
+    ) -> Result<StepLogprobs, TrainError> {
+        let cfg = self.cfg.clone();
         let rollout_lp: Vec<Vec<f32>> = completions.iter().map(|c| c.logprobs.clone()).collect();
         let kl_coef = if cfg.algorithm.use_kl_loss {
             cfg.algorithm.kl_coef
@@ -835,7 +908,7 @@ impl Trainer {
             .into_iter()
             .filter_map(|(wanted, lora)| wanted.then_some(lora))
             .collect();
-        let mut computed = self.completion_logprobs_for(&rows, &settings)?.into_iter();
+        let mut computed = self.completion_logprobs_for(rows, &settings)?.into_iter();
         let old = if recompute {
             let old = computed.next().expect("asked for");
             let diffs: Vec<f64> = old
@@ -864,10 +937,27 @@ impl Trainer {
             }
             w
         });
-        time("logprobs", t, &mut metrics);
-        // 5. One optimizer step per mini-batch.
+        Ok(StepLogprobs {
+            old,
+            reference,
+            is_weights,
+            kl_coef,
+        })
+    }
+
+    /// One optimizer step per mini-batch of `actor.global_batch_size` prompts: its
+    /// micro-batches through `train.onnx`, the gradients clipped, AdamW; the new LoRA into the
+    /// engine. The loss, its statistics, the gradient norms and the time split go to `metrics`.
+    fn update(
+        &mut self,
+        rows: &[Row<'_>],
+        advantages: &[f32],
+        lp: &StepLogprobs,
+        metrics: &mut Metrics,
+    ) -> Result<(), TrainError> {
+        let cfg = self.cfg.clone();
         let (mut t_train, mut t_optim) = (0.0, 0.0);
-        let per_mini = cfg.actor.global_batch_size * g;
+        let per_mini = cfg.actor.global_batch_size * cfg.rollout.n;
         let mut sums = Stats::default();
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
         self.scale_backoffs = 0;
@@ -898,12 +988,12 @@ impl Trainer {
                 let adv: Vec<f32> = micro.iter().map(|&i| advantages[i]).collect();
                 let r = self.loss_and_grads(
                     &part,
-                    &pick(&old),
-                    &pick(&reference),
+                    &pick(&lp.old),
+                    &pick(&lp.reference),
                     &adv,
-                    kl_coef,
+                    lp.kl_coef,
                     token_count,
-                    is_weights.as_deref().map(pick).as_deref(),
+                    lp.is_weights.as_deref().map(pick).as_deref(),
                 )?;
                 loss_sum += r.loss;
                 sums.add(&r.stats);
@@ -943,9 +1033,6 @@ impl Trainer {
         self.push_lora()?;
         metrics.insert("timing_s/train".into(), t_train);
         metrics.insert("timing_s/optimizer".into(), t_optim);
-        peak("train", &mut metrics);
-        time("step", t_start, &mut metrics);
-        // 6. Metrics.
         let tokens = sums.get("tokens").max(1.0);
         metrics.insert(
             "actor/pg_loss_plus_kl".into(),
@@ -970,6 +1057,19 @@ impl Trainer {
             );
         }
         metrics.insert("actor/lr".into(), f64::from(cfg.actor.optim.lr));
+        Ok(())
+    }
+
+    /// The step's rewards (overall and per task), advantages, response lengths and rollout
+    /// throughput, into `metrics`.
+    fn step_metrics(
+        &self,
+        idx: &[usize],
+        completions: &[Completion],
+        scores: &[Score],
+        advantages: &[f32],
+        metrics: &mut Metrics,
+    ) {
         metrics.insert(
             "reward/overall".into(),
             mean(scores.iter().map(|s| s.overall)),
@@ -1017,7 +1117,7 @@ impl Trainer {
         for task in by_task {
             let sel: Vec<&Score> = completions
                 .iter()
-                .zip(&scores)
+                .zip(scores)
                 .filter(|(c, _)| self.data.samples[idx[c.prompt_index]].task == task)
                 .map(|(_, s)| s)
                 .collect();
@@ -1034,14 +1134,6 @@ impl Trainer {
             "throughput/tokens_per_s".into(),
             lens.iter().sum::<f64>() / metrics["timing_s/rollout"].max(1e-9),
         );
-        self.step += 1;
-        self.updating = false;
-        metrics.insert("step".into(), self.step as f64);
-        metrics.insert(
-            "epoch".into(),
-            (self.step - 1) as f64 / self.steps_per_epoch as f64,
-        );
-        Ok(metrics)
     }
 
     /// `e`, after a checkpoint of the steps finished so far where they have none yet and the
