@@ -318,7 +318,7 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
         total,
         t.steps_per_epoch(),
         cfg.learning_rate,
-        cfg.lr_scheduler_type
+        cfg.lr_scheduler_type.name()
     );
     let (stop, pb) = run_bar(total, t.step())?;
     say(

@@ -47,8 +47,7 @@ pub struct SftConfig {
     pub per_device_train_batch_size: usize,
     /// Micro-batches per optimizer step.
     pub gradient_accumulation_steps: usize,
-    /// `cosine`, `linear` (both to 0 after the warm-up), `constant` or `constant_with_warmup`.
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: Scheduler,
     /// Share of the steps the learning rate rises linearly from 0.
     pub warmup_ratio: f64,
     /// Tokens per example, prompt (images included) and response: a longer response is cut
@@ -99,6 +98,32 @@ pub struct SftData {
     pub format_prompt: String,
 }
 
+/// The learning-rate schedule (`lr_scheduler_type`, transformers' names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// Linear warm-up, then a cosine to 0.
+    Cosine,
+    /// Linear warm-up, then linearly to 0.
+    Linear,
+    /// The learning rate throughout, no warm-up.
+    Constant,
+    /// Linear warm-up, then the learning rate.
+    ConstantWithWarmup,
+}
+
+impl Scheduler {
+    /// Its name in sft.toml.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Cosine => "cosine",
+            Scheduler::Linear => "linear",
+            Scheduler::Constant => "constant",
+            Scheduler::ConstantWithWarmup => "constant_with_warmup",
+        }
+    }
+}
+
 /// The default response of an `ssrl tasks` sample: the reasoning format GRPO's reward checks.
 pub const RESPONSE_TEMPLATE: &str =
     "<think>\nI look at the marked parts of the image and compare them before answering.\n</think>\n\\boxed{{answer}}";
@@ -114,7 +139,7 @@ impl Default for SftConfig {
             max_steps: 0,
             per_device_train_batch_size: 4,
             gradient_accumulation_steps: 8,
-            lr_scheduler_type: "cosine".into(),
+            lr_scheduler_type: Scheduler::Cosine,
             warmup_ratio: 0.1,
             cutoff_len: 4096,
             max_samples: 4000,
@@ -234,14 +259,6 @@ impl SftConfig {
         if self.max_steps == 0 && !positive(self.num_train_epochs) {
             return Err(bad("set max_steps or a positive num_train_epochs".into()));
         }
-        if !["cosine", "linear", "constant", "constant_with_warmup"]
-            .contains(&self.lr_scheduler_type.as_str())
-        {
-            return Err(bad(format!(
-                "lr_scheduler_type {:?}: cosine, linear, constant or constant_with_warmup",
-                self.lr_scheduler_type
-            )));
-        }
         if self.cutoff_len < 2 {
             return Err(bad("cutoff_len must be at least 2".into()));
         }
@@ -266,14 +283,14 @@ impl SftConfig {
 pub fn learning_rate(cfg: &SftConfig, step: usize, total: usize) -> f32 {
     let warm = (cfg.warmup_ratio * total as f64).ceil() as usize;
     let lr = f64::from(cfg.learning_rate);
-    if step < warm && cfg.lr_scheduler_type != "constant" {
+    if step < warm && cfg.lr_scheduler_type != Scheduler::Constant {
         return (lr * step as f64 / warm.max(1) as f64) as f32;
     }
     let progress = (step - warm.min(step)) as f64 / (total - warm.min(total)).max(1) as f64;
-    (match cfg.lr_scheduler_type.as_str() {
-        "cosine" => lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-        "linear" => lr * (1.0 - progress).max(0.0),
-        _ => lr,
+    (match cfg.lr_scheduler_type {
+        Scheduler::Cosine => lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        Scheduler::Linear => lr * (1.0 - progress).max(0.0),
+        Scheduler::Constant | Scheduler::ConstantWithWarmup => lr,
     }) as f32
 }
 
@@ -758,14 +775,14 @@ mod tests {
         let want = 1e-5 * 0.5 * (1.0 + (std::f64::consts::PI * 33.0 / 67.0).cos());
         assert!((f64::from(learning_rate(&c, mid, total)) - want).abs() < 1e-11);
         assert!(learning_rate(&c, 74, total) < 1e-8);
-        c.lr_scheduler_type = "linear".into();
+        c.lr_scheduler_type = Scheduler::Linear;
         assert!(
             (learning_rate(&c, 8 + 67 / 2, total) - 1e-5 * (1.0 - 33.0 / 67.0) as f32).abs()
                 < 1e-11
         );
-        c.lr_scheduler_type = "constant".into();
+        c.lr_scheduler_type = Scheduler::Constant;
         assert_eq!(learning_rate(&c, 0, total), 1e-5);
-        c.lr_scheduler_type = "constant_with_warmup".into();
+        c.lr_scheduler_type = Scheduler::ConstantWithWarmup;
         assert_eq!(learning_rate(&c, 0, total), 0.0);
         assert_eq!(learning_rate(&c, 40, total), 1e-5);
     }
@@ -817,7 +834,25 @@ mod tests {
             (4, 8, 15)
         );
         assert_eq!(c.targets().len(), 7);
+        assert!(c.to_toml().contains("lr_scheduler_type = \"cosine\""));
+        assert_eq!(c.lr_scheduler_type.name(), "cosine");
         let e = toml::from_str::<SftConfig>("learning_rat = 1e-4").unwrap_err();
         assert!(e.to_string().contains("learning_rat"), "{e}");
+        // A schedule of another name is refused with the four it can be.
+        let e = toml::from_str::<SftConfig>("lr_scheduler_type = \"step\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            [
+                "step",
+                "cosine",
+                "linear",
+                "constant",
+                "constant_with_warmup"
+            ]
+            .iter()
+            .all(|k| e.contains(k)),
+            "{e}"
+        );
     }
 }
