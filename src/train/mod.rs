@@ -597,9 +597,7 @@ impl Trainer {
                 is_weights,
             )?;
             // fp16: gradients that overflowed at this scale are run again at a lower one.
-            let overflowed = !scale::all_finite(&r.grads);
-            let again = overflowed && self.loss_scale.as_mut().is_some_and(LossScale::back_off);
-            if !again {
+            if !scale::rerun(&mut self.loss_scale, &r.grads) {
                 return Ok(r);
             }
             self.scale_backoffs += 1;

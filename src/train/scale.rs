@@ -61,6 +61,16 @@ pub fn all_finite(grads: &[Vec<f32>]) -> bool {
     grads.iter().flatten().all(|g| g.is_finite())
 }
 
+/// Whether the micro-batch whose gradients are `grads` runs again: with loss scaling (`scale`
+/// is some, fp16), when a gradient overflowed and the scale could back off. Without it the
+/// gradients are not scanned (an fp32 run's non-finite norm skips the update instead).
+pub fn rerun(scale: &mut Option<LossScale>, grads: &[Vec<f32>]) -> bool {
+    match scale {
+        Some(s) => !all_finite(grads) && s.back_off(),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +106,13 @@ mod tests {
         assert!(all_finite(&[vec![1.0, -2.0], vec![]]));
         assert!(!all_finite(&[vec![1.0], vec![f32::INFINITY]]));
         assert!(!all_finite(&[vec![f32::NAN]]));
+        // Only an overflow under loss scaling runs a micro-batch again, and halves the scale.
+        let (ok, bad) = (vec![vec![1.0f32]], vec![vec![f32::INFINITY]]);
+        let mut on = Some(LossScale::default());
+        assert!(!rerun(&mut on, &ok));
+        assert_eq!(on.unwrap().scale, INIT);
+        assert!(rerun(&mut on, &bad));
+        assert_eq!(on.unwrap().scale, INIT / 2.0);
+        assert!(!rerun(&mut None, &bad));
     }
 }

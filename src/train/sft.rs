@@ -595,8 +595,7 @@ impl Sft {
             for p in &self.params {
                 grads.push(f(&format!("grad.{}", p.name))?);
             }
-            let overflowed = !scale::all_finite(&grads);
-            if !(overflowed && self.loss_scale.as_mut().is_some_and(LossScale::back_off)) {
+            if !scale::rerun(&mut self.loss_scale, &grads) {
                 return Ok(Micro {
                     loss,
                     grads,
