@@ -894,14 +894,11 @@ impl Trainer {
         completions: &[Completion],
         metrics: &mut Metrics,
     ) -> Result<StepLogprobs, TrainError> {
-        let cfg = self.cfg.clone();
         let rollout_lp: Vec<Vec<f32>> = completions.iter().map(|c| c.logprobs.clone()).collect();
-        let kl_coef = if cfg.algorithm.use_kl_loss {
-            cfg.algorithm.kl_coef
-        } else {
-            0.0
-        };
-        let recompute = cfg.actor.old_logprobs == "recompute";
+        let alg = &self.cfg.algorithm;
+        let kl_coef = if alg.use_kl_loss { alg.kl_coef } else { 0.0 };
+        let recompute = self.cfg.actor.old_logprobs == "recompute";
+        let tis_cap = self.cfg.actor.tis_cap;
         let settings: Vec<bool> = [(recompute, true), (kl_coef != 0.0, false)]
             .into_iter()
             .filter_map(|(wanted, lora)| wanted.then_some(lora))
@@ -928,8 +925,8 @@ impl Trainer {
             rollout_lp.clone()
         };
         let reference = computed.next().unwrap_or_else(|| old.clone());
-        let is_weights = (cfg.actor.tis_cap > 0.0).then(|| {
-            let (w, stats) = tis_weights(&old, &rollout_lp, cfg.actor.tis_cap);
+        let is_weights = (tis_cap > 0.0).then(|| {
+            let (w, stats) = tis_weights(&old, &rollout_lp, tis_cap);
             for (k, v) in stats {
                 metrics.insert(format!("rollout/{k}"), v);
             }
@@ -953,9 +950,21 @@ impl Trainer {
         lp: &StepLogprobs,
         metrics: &mut Metrics,
     ) -> Result<(), TrainError> {
-        let cfg = self.cfg.clone();
+        let a = &self.cfg.actor;
+        let per_mini = a.global_batch_size * self.cfg.rollout.n;
+        let (micro_rows, micro_tokens, max_norm) = (
+            a.micro_batch_size_per_device_for_update,
+            a.max_token_len_per_micro_batch,
+            a.max_grad_norm,
+        );
+        let h = AdamW {
+            lr: a.optim.lr,
+            beta1: a.optim.betas[0],
+            beta2: a.optim.betas[1],
+            eps: a.optim.eps,
+            weight_decay: a.optim.weight_decay,
+        };
         let (mut t_train, mut t_optim) = (0.0, 0.0);
-        let per_mini = cfg.actor.global_batch_size * cfg.rollout.n;
         let mut sums = Stats::default();
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
         self.scale_backoffs = 0;
@@ -972,11 +981,7 @@ impl Trainer {
                 .map(|p| vec![0.0; p.value.len()])
                 .collect();
             let mini_rows: Vec<Row<'_>> = mini.iter().map(|&i| rows[i]).collect();
-            let ranges = batch::split(
-                &mini_rows,
-                cfg.actor.micro_batch_size_per_device_for_update,
-                cfg.actor.max_token_len_per_micro_batch,
-            );
+            let ranges = batch::split(&mini_rows, micro_rows, micro_tokens);
             for range in ranges {
                 let micro = &mini[range];
                 let part: Vec<Row<'_>> = micro.iter().map(|&i| rows[i]).collect();
@@ -1004,16 +1009,9 @@ impl Trainer {
             t_train += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|v| v.as_mut_slice()).collect();
-            let norm = self.backend.clip(&mut views, cfg.actor.max_grad_norm)?;
+            let norm = self.backend.clip(&mut views, max_norm)?;
             norms.push(f64::from(norm));
             if norm.is_finite() {
-                let h = AdamW {
-                    lr: cfg.actor.optim.lr,
-                    beta1: cfg.actor.optim.betas[0],
-                    beta2: cfg.actor.optim.betas[1],
-                    eps: cfg.actor.optim.eps,
-                    weight_decay: cfg.actor.optim.weight_decay,
-                };
                 let opt_step = (self.step * (rows.len().div_ceil(per_mini)) + k + 1) as u32;
                 // From here until the step ends, the weights are between states.
                 self.updating = true;
@@ -1054,7 +1052,7 @@ impl Trainer {
                 self.scale_backoffs as f64,
             );
         }
-        metrics.insert("actor/lr".into(), f64::from(cfg.actor.optim.lr));
+        metrics.insert("actor/lr".into(), f64::from(h.lr));
         Ok(())
     }
 
