@@ -90,6 +90,9 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	rm -rf models/tiny-fp16
 	$(EXPORT_VENV)/bin/python models/export.py models/tiny/hf --dtype fp16 --out models/tiny-fp16 $(TINY_LORA) \
 	    --verify --goldens
+	rm -rf models/tiny-vision-lora
+	$(EXPORT_VENV)/bin/python models/export.py models/tiny/hf --out models/tiny-vision-lora --lora-rank 8 \
+	    --lora-alpha 16 --lora-targets q_proj,v_proj,vision --verify --goldens
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_pil_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_rope_goldens.py

@@ -277,9 +277,11 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
 class Vision(nn.Module):
     """Patches in the processor's order throughout (attention is order-free within a window or a
     frame, and the merger groups the 4 consecutive patches of a merge block), so no window
-    permutation is needed: window and frame attention scatter the patches into padded blocks."""
+    permutation is needed: window and frame attention scatter the patches into padded blocks.
+    LoRA deltas (`lora.visual.{block}.{qkv|proj|gate_proj|up_proj|down_proj}`,
+    `lora.visual.merger.{mlp_0|mlp_2}`) on the targets in `lora_names`, as graph inputs."""
 
-    def __init__(self, model):
+    def __init__(self, model, lora_names=(), scale=1.0):
         super().__init__()
         self.vis = model.model.visual
         c = self.vis.config
@@ -287,6 +289,7 @@ class Vision(nn.Module):
         self.win = c.window_size // c.spatial_merge_size // c.patch_size
         self.full = set(c.fullatt_block_indexes)
         self.heads = c.num_heads
+        self.lora_names, self.scale = list(lora_names), scale
 
     def layout(self, grid, P):
         g = grid.to(torch.int64)
@@ -325,12 +328,17 @@ class Vision(nn.Module):
         torch._check(n_frames <= P)
         return pos_hw, (win_slot, n_win, L), (gframe * lf + r, n_frames, lf)
 
-    def attend(self, blk, x, cos, sin, blocks):
+    def lin(self, lora, key, mod, x):
+        y = mod(x)
+        ab = lora.get(key)
+        return y if ab is None else lora_add(y, x, ab[0], ab[1], self.scale)
+
+    def attend(self, i, blk, x, cos, sin, blocks, lora):
         slot, n, L = blocks
         P, C = x.shape
         a, H = blk.attn, self.heads
         d = C // H
-        q, k, v = a.qkv(x).reshape(P, 3, H, d).permute(1, 0, 2, 3).unbind(0)
+        q, k, v = self.lin(lora, f"lora.visual.{i}.qkv", a.qkv, x).reshape(P, 3, H, d).permute(1, 0, 2, 3).unbind(0)
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
 
         def pad(z):
@@ -341,9 +349,28 @@ class Vision(nn.Module):
         att = torch.matmul(pad(q), pad(k).transpose(2, 3)) * a.scaling + bias
         att = torch.softmax(att.float(), dim=-1).to(q.dtype)
         o = torch.matmul(att, pad(v)).transpose(1, 2).reshape(n * L, C)[slot]
-        return a.proj(o)
+        return self.lin(lora, f"lora.visual.{i}.proj", a.proj, o)
 
-    def forward(self, pixel_values, image_grid_thw):
+    def block(self, i, blk, x, cos, sin, blocks, lora):
+        x = x + self.attend(i, blk, rms_norm(blk.norm1, x), cos, sin, blocks, lora)
+        m, y = blk.mlp, rms_norm(blk.norm2, x)
+        p = f"lora.visual.{i}."
+        if not any(k.startswith(p) and not k.endswith(("qkv", ".proj")) for k in lora):
+            return x + m(y)
+        g = m.act_fn(self.lin(lora, p + "gate_proj", m.gate_proj, y)) * self.lin(lora, p + "up_proj", m.up_proj, y)
+        return x + self.lin(lora, p + "down_proj", m.down_proj, g)
+
+    def merge(self, x, lora):
+        mg = self.vis.merger
+        if not any(k.startswith("lora.visual.merger.") for k in lora):
+            return mg(x)
+        x = mg.ln_q(x).view(-1, mg.hidden_size)
+        x = mg.mlp[1](self.lin(lora, "lora.visual.merger.mlp_0", mg.mlp[0], x))
+        return self.lin(lora, "lora.visual.merger.mlp_2", mg.mlp[2], x)
+
+    def features(self, pixel_values, image_grid_thw, lora, recompute=False):
+        """The merged image features; `recompute` (the vision gradient graph) runs each block
+        through _Recompute, so the backward keeps one block's activations at a time."""
         # The patch embedding is a Conv3d whose kernel equals its stride over exactly one patch
         # per row, i.e. a matrix product: exported as one (ONNX Runtime's 3-D convolution on the
         # CPU took 45 % of the vision graph).
@@ -352,9 +379,23 @@ class Vision(nn.Module):
         pos_hw, windows, frames = self.layout(image_grid_thw, x.shape[0])
         cos, sin = self.vis.rotary_pos_emb(x, pos_hw)
         for i, blk in enumerate(self.vis.blocks):
-            x = x + self.attend(blk, rms_norm(blk.norm1, x), cos, sin, frames if i in self.full else windows)
-            x = x + blk.mlp(rms_norm(blk.norm2, x))
-        return self.vis.merger(x)
+            blocks = frames if i in self.full else windows
+            if not recompute:
+                x = self.block(i, blk, x, cos, sin, blocks, lora)
+                continue
+            names = sorted(k for k in lora if k.startswith(f"lora.visual.{i}."))
+            flat = [t for k in names for t in lora[k]]
+
+            def step(x, *ab, i=i, blk=blk, blocks=blocks, names=names):
+                lo = {k: (ab[2 * j], ab[2 * j + 1]) for j, k in enumerate(names)}
+                return self.block(i, blk, x, cos, sin, blocks, lo)
+
+            x = _Recompute.apply(step, x, *flat)
+        return self.merge(x, lora)
+
+    def forward(self, pixel_values, image_grid_thw, lora_tensors=()):
+        lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
+        return self.features(pixel_values, image_grid_thw, lora)
 
 
 class Embedding(nn.Module):
@@ -380,15 +421,46 @@ class Embedding(nn.Module):
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The vision tower's linear layers (each block's attention qkv and proj, its MLP) and the
+# merger's two (`--lora-targets vision`: all of them).
+VISION_TARGETS = ("visual.qkv", "visual.proj", "visual.gate_proj", "visual.up_proj", "visual.down_proj",
+                  "visual.merger")
+
+
+def is_visual(name):
+    return name.startswith("lora.visual.")
+
+
+def target_of(name):
+    """The `--lora-targets` entry a LoRA tensor name belongs to."""
+    parts = name.split(".")
+    if not is_visual(name):
+        return parts[2]
+    return "visual.merger" if parts[2] == "merger" else f"visual.{parts[3]}"
 
 
 def lora_shapes(model, targets, rank):
-    """{name: (A shape, B shape)} in PEFT's layout: A [r, in], B [out, r]."""
+    """{name: (A shape, B shape)} in PEFT's layout: A [r, in], B [out, r]: the language model's
+    (`lora.{layer}.{target}`), then the vision tower's (`lora.visual.{block}.{target}`,
+    `lora.visual.merger.mlp_0|mlp_2`)."""
     out = {}
+
+    def add(name, lin):
+        out[name] = ((rank, lin.in_features), (lin.out_features, rank))
+
     for i, layer in enumerate(model.model.language_model.layers):
         for t in targets:
-            lin = getattr(layer.self_attn, t, None) or getattr(layer.mlp, t)
-            out[f"lora.{i}.{t}"] = ((rank, lin.in_features), (lin.out_features, rank))
+            if t in LORA_TARGETS:
+                add(f"lora.{i}.{t}", getattr(layer.self_attn, t, None) or getattr(layer.mlp, t))
+    vis = model.model.visual
+    for i, blk in enumerate(vis.blocks):
+        for t in targets:
+            if t in VISION_TARGETS and t != "visual.merger":
+                short = t.split(".")[1]
+                add(f"lora.visual.{i}.{short}", getattr(blk.attn, short, None) or getattr(blk.mlp, short))
+    if "visual.merger" in targets:
+        for j in (0, 2):
+            add(f"lora.visual.merger.mlp_{j}", vis.merger.mlp[j])
     return out
 
 
@@ -898,6 +970,8 @@ def export(mod, args, path, input_names, output_names, dynamic_shapes, dim_names
         # torch's own data file beside the graph: read in, rewritten into the shared file.
         from onnx.external_data_helper import load_external_data_for_model
         load_external_data_for_model(m, os.path.dirname(os.path.abspath(path)))
+    # (the vision tower's backward, vision_grad.onnx, reads its weights in place as the
+    # training graphs do: one copy each, shared with vision.onnx)
     text = not path.endswith("vision.onnx")
     renamed, flipped = WEIGHTS.canonicalise(m, text)
     in_place = use_weights_in_place(m) if text else 0
@@ -951,16 +1025,23 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
     L, kvh = tc.num_hidden_layers, tc.num_key_value_heads
     hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     D = tc.hidden_size
+    shapes = lora_shapes(model, lora_targets, lora_rank)
+    vis = [n for n in shapes if is_visual(n)]
     torch.manual_seed(1)
     with torch.no_grad():
         # vision: two images of different sizes so nothing specialises to one grid
-        grid = torch.tensor([[1, 12, 16], [1, 6, 10]])
-        px = torch.randn(int((grid.prod(1)).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2)
+        px, grid = vision_example(model)
         P = Dim("num_patches", min=4, max=1 << 20)
-        export(Vision(model).eval(), (px, grid), f"{out}/vision.onnx", ["pixel_values", "image_grid_thw"],
-               ["image_features"], {"pixel_values": {0: P}, "image_grid_thw": {0: Dim("num_images", max=1024)}},
-               {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"},
-                "image_features": {0: "num_logical_patches"}})
+        ds = {"pixel_values": {0: P}, "image_grid_thw": {0: Dim("num_images", max=1024)}}
+        dims = {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"},
+                "image_features": {0: "num_logical_patches"}}
+        args, in_names = (px, grid), ["pixel_values", "image_grid_thw"]
+        if vis:
+            vlora = random_lora(vis, shapes, 3)
+            args, ds["lora_tensors"] = (px, grid, vlora), [{} for _ in vlora]
+            in_names += [f"{n}.{m}" for n in vis for m in ("A", "B")]
+        export(Vision(model, vis, lora_alpha / lora_rank).eval(), args, f"{out}/vision.onnx", in_names,
+               ["image_features"], ds, dims, lora_defaults(vis, shapes))
         # embedding
         ids = torch.randint(0, 100, (2, 7))
         ids[0, 2:4] = cfg.image_token_id
@@ -971,8 +1052,7 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
                {"input_ids": {0: "batch_size", 1: "sequence_length"}, "image_features": {0: "num_logical_patches"},
                 "inputs_embeds": {0: "batch_size", 1: "sequence_length"}})
         # decoder with KV cache and LoRA inputs
-        shapes = lora_shapes(model, lora_targets, lora_rank)
-        names = list(shapes)
+        names = [n for n in shapes if not is_visual(n)]
         lora = []
         for n in names:
             lora += [torch.randn(*shapes[n][0]) * 0.1, torch.randn(*shapes[n][1]) * 0.1]
@@ -1032,7 +1112,15 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
                (x, am, pos, past, prefix, pmask, slot_rows, row_slots, own, own_mask, lora), f"{out}/decoder.onnx",
                in_names, out_names, ds, dims,
                {**lora_defaults(names, shapes), **prefix_defaults(L, kvh, hd), **own_defaults(L, kvh, hd)})
-    return names, shapes
+    return names + vis, shapes
+
+
+def vision_example(model):
+    """Pixel rows of two images of different sizes (12×16 and 6×10 patches) and their grid."""
+    vc = model.config.vision_config
+    grid = torch.tensor([[1, 12, 16], [1, 6, 10]])
+    px = torch.randn(int((grid.prod(1)).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2)
+    return px, grid
 
 
 def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alpha, dtype):
@@ -1085,7 +1173,8 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
     manifest = {
         "format": "spatial-ssrl-package", "version": 1, "family": "qwen2_5_vl", "dtype": dtype, "opset": OPSET,
         "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
-                   "logprobs": "logprobs.onnx", "train": "train.onnx", "sft": "sft.onnx"},
+                   "logprobs": "logprobs.onnx", "train": "train.onnx", "sft": "sft.onnx",
+                   **({"vision_grad": "vision_grad.onnx"} if any(map(is_visual, lora_names)) else {})},
         # target_ids, completion_mask, old/ref log-probs and the log-prob outputs cover the last
         # C columns of the rows (the completion), not all S.
         "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion", "head_chunks": HEAD_CHUNKS,
@@ -1104,7 +1193,7 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
                    "vision_start": cfg.vision_start_token_id, "vision_end": cfg.vision_end_token_id,
                    "eos": eos, "pad": tc.pad_token_id},
         "lora": {"rank": rank, "alpha": alpha, "scale": alpha / rank,
-                 "targets": sorted({n.split(".")[2] for n in lora_names}, key=LORA_TARGETS.index),
+                 "targets": [t for t in LORA_TARGETS + VISION_TARGETS if t in set(map(target_of, lora_names))],
                  "tensors": [{"name": n, "A": list(lora_shapes_[n][0]), "B": list(lora_shapes_[n][1])} for n in lora_names]},
         # decoder.onnx reads a prompt's cache in place for all its samples (prefix_key_values,
         # prefix_mask, slot_rows, row_slots; see decoder_core); only each row's own tokens are
@@ -1362,23 +1451,34 @@ class LogProbs(nn.Module):
                               self.scale)
 
 
-def train_step_fn(model, lora_names, scale):
-    """(batch…, lora…) → (loss, token_logprobs, grads…, stats): the function traced into train.onnx."""
+def scaled_grads(loss, loss_scale, ws, embeds):
+    """The LoRA gradients of `loss` by backward on loss · loss_scale, divided back (loss scaling:
+    an fp16 graph's half-precision gradients stay above its underflow; the scale is 1 for fp32
+    and bf16, dynamic for fp16), and with `embeds` (a package with vision-tower LoRA) the
+    gradient of loss · loss_scale at the input embeddings, fp32 and still scaled: the trainer
+    gathers its image rows and takes them through the vision tower (vision_grad.onnx), which
+    divides the scale back."""
+    gs = torch.autograd.grad(loss * loss_scale, ws + ([embeds] if embeds is not None else []))
+    grads = [g / loss_scale for g in gs[:len(ws)]]
+    return grads + ([gs[-1].float()] if embeds is not None else [])
+
+
+def train_step_fn(model, lora_names, scale, embeds_grad=False):
+    """(batch…, lora…) → (loss, token_logprobs, grads…, stats[, grad.inputs_embeds]): the
+    function traced into train.onnx."""
     nb = len(TRAIN_BATCH)
 
     def step(*args):
         b, ws = args[:nb], list(args[nb:])
         with torch.enable_grad():
             ws = [w.detach().requires_grad_(True) for w in ws]
+            x = b[0].detach().requires_grad_(True) if embeds_grad else b[0]
             lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
-            logp, ent = token_logprobs(model, b[0], b[1], b[2], b[3], b[8], lora, scale, recompute=True)
+            logp, ent = token_logprobs(model, x, b[1], b[2], b[3], b[8], lora, scale, recompute=True)
             loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13],
                                     b[14])
-            # Loss scaling: the backward pass runs on loss · loss_scale, so that an fp16 graph's
-            # half-precision gradients stay above its underflow; the fp32 LoRA gradients are
-            # divided back (1 for fp32 and bf16; the trainer scales fp16 dynamically).
-            grads = [g / b[15] for g in torch.autograd.grad(loss * b[15], ws)]
-        return (loss.detach(), logp.detach(), *grads, stats)
+            grads = scaled_grads(loss, b[15], ws, x if embeds_grad else None)
+        return (loss.detach(), logp.detach(), *grads[:len(ws)], stats, *grads[len(ws):])
 
     return step
 
@@ -1387,7 +1487,7 @@ SFT_BATCH = ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "l
 SFT_STATS = ["tokens", "correct"]
 
 
-def sft_step_fn(model, lora_names, scale):
+def sft_step_fn(model, lora_names, scale, embeds_grad=False):
     """(batch…, lora…) → (loss, grads…, stats): the SFT cold start's step traced into sft.onnx.
     Cross-entropy of the response tokens (`loss_mask` [B, C]: 1 at a label, 0 at prompt, image
     and padding positions, as LLaMA-Factory masks them with -100), summed and divided by
@@ -1399,15 +1499,34 @@ def sft_step_fn(model, lora_names, scale):
         b, ws = args[:nb], list(args[nb:])
         with torch.enable_grad():
             ws = [w.detach().requires_grad_(True) for w in ws]
+            x = b[0].detach().requires_grad_(True) if embeds_grad else b[0]
             lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
             one = torch.ones((), dtype=torch.float32)
-            logp, _, hit = token_logprobs(model, b[0], b[1], b[2], b[3], one, lora, scale, recompute=True, hits=True)
+            logp, _, hit = token_logprobs(model, x, b[1], b[2], b[3], one, lora, scale, recompute=True, hits=True)
             m = b[4].to(logp.dtype)
             loss = -(logp * m).sum() / b[5]
-            grads = [g / b[6] for g in torch.autograd.grad(loss * b[6], ws)]
+            grads = scaled_grads(loss, b[6], ws, x if embeds_grad else None)
         with torch.no_grad():
             stats = torch.stack([m.sum(), (hit * m).sum()])
-        return (loss.detach(), *grads, stats)
+        return (loss.detach(), *grads[:len(ws)], stats, *grads[len(ws):])
+
+    return step
+
+
+def vision_grad_fn(model, vis_names, scale):
+    """(pixel_values, image_grid_thw, grad_features, loss_scale, vision lora…) → the vision
+    LoRA gradients: the vision tower's backward from `grad_features` (the gradient of the scaled
+    loss at the image features, fp32), each block recomputed in the backward, divided by
+    `loss_scale`. Traced into vision_grad.onnx."""
+    V = Vision(model, vis_names, scale)
+
+    def step(px, grid, grad_features, loss_scale, *ws):
+        with torch.enable_grad():
+            ws = [w.detach().requires_grad_(True) for w in ws]
+            lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(vis_names)}
+            f = V.features(px, grid, lora, recompute=True)
+            gs = torch.autograd.grad(f, ws, grad_features.reshape(f.shape).to(f.dtype))
+        return tuple(g / loss_scale for g in gs)
 
     return step
 
@@ -1443,6 +1562,14 @@ def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
     # The completion is the last C = S − S//2 columns; its last column is padding.
     cm = torch.ones(B, S - S // 2)
     cm[:, -1] = 0.0
+    return grpo_batch(model, x, am, pos, tgt, cm, g, settings)
+
+
+def grpo_batch(model, x, am, pos, tgt, cm, g, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
+    """TRAIN_BATCH of rows (embeddings, mask, positions, targets, completion mask): old/ref
+    log-probs near the base model's, advantages from 1 to −1, rollout-correction weights in
+    [0.5, 1.5), the settings, the token count (twice the rows': a mini-batch of two such)."""
+    B = x.shape[0]
     with torch.no_grad():
         lp, _ = token_logprobs(model, x, am, pos, tgt, torch.tensor(settings[0]), {}, 1.0)
     old = lp + 0.3 * torch.randn(*lp.shape, generator=g)
@@ -1453,9 +1580,10 @@ def train_batch(model, B=2, S=24, seed=0, settings=(1.0, 0.2, 0.3, 3.0, 0.01)):
     return [x, am, pos, tgt, cm, old, ref, adv, t, low, high, dual, kl, cm.sum() * 2, isw, torch.tensor(1.0)]
 
 
-def export_training(model, out, lora_names, shapes_, scale):
+def export_training(model, out, names, shapes_, scale):
     from torch.export import Dim
 
+    lora_names, vis = [n for n in names if not is_visual(n)], [n for n in names if is_visual(n)]
     for p in model.parameters():
         p.requires_grad_(False)
     lora = random_lora(lora_names, shapes_, 2)
@@ -1476,20 +1604,41 @@ def export_training(model, out, lora_names, shapes_, scale):
                {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "position_ids": {1: b, 2: s},
                 "target_ids": {0: b, 1: c}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims,
                lora_defaults(lora_names, shapes_))
-    step = train_step_fn(model, lora_names, scale)
+    step = train_step_fn(model, lora_names, scale, embeds_grad=bool(vis))
     bs, bc = {0: b, 1: s}, {0: b, 1: c}
     ds = [bs, bs, {1: b, 2: s}, bc, bc, bc, bc, {0: b}] + [None] * 6 + [bc, None] + [None] * len(lora)
-    out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"]
+    # (a package with vision-tower LoRA: the scaled loss's gradient at the input embeddings too)
+    extra = ["grad.inputs_embeds"] if vis else []
+    dims["grad.inputs_embeds"] = {0: "batch_size", 1: "sequence_length"}
+    out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"] + extra
     for k in ("completion_mask", "old_logprobs", "ref_logprobs", "rollout_is_weights", "loss_mask"):
         dims[k] = {0: "batch_size", 1: "completion_length"}
     dims["advantages"] = {0: "batch_size"}
     export_joint(step, batch + lora, f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names, ds, dims)
     # The SFT cold start's step: the same forward, recomputation and head, a cross-entropy loss.
-    sft = sft_step_fn(model, lora_names, scale)
+    sft = sft_step_fn(model, lora_names, scale, embeds_grad=bool(vis))
     ds = [bs, bs, {1: b, 2: s}, bc, bc, None, None] + [None] * len(lora)
     export_joint(sft, sft_batch(model) + lora, f"{out}/sft.onnx", SFT_BATCH + lora_in,
-                 ["loss"] + [f"grad.{n}" for n in lora_in] + ["stats"], ds, dims)
-    return step, sft
+                 ["loss"] + [f"grad.{n}" for n in lora_in] + ["stats"] + extra, ds, dims)
+    vgrad = None
+    if vis:
+        # The vision tower's backward, run by the trainer once per image and optimizer step on
+        # the image rows of grad.inputs_embeds summed over the micro-batches.
+        vgrad = vision_grad_fn(model, vis, scale)
+        px, grid = vision_example(model)
+        with torch.no_grad():
+            nf = Vision(model).features(px, grid, {}).shape[0]
+        gf = torch.randn(nf, model.config.vision_config.out_hidden_size)
+        vlora = random_lora(vis, shapes_, 6)
+        vin = [f"{n}.{m}" for n in vis for m in ("A", "B")]
+        P, n = Dim("num_patches", min=4, max=1 << 20), Dim("num_logical_patches", min=1, max=1 << 18)
+        ds = [{0: P}, {0: Dim("num_images", max=1024)}, {0: n}, None] + [None] * len(vlora)
+        export_joint(vgrad, [px, grid, gf, torch.tensor(1.0)] + vlora, f"{out}/vision_grad.onnx",
+                     ["pixel_values", "image_grid_thw", "grad_features", "loss_scale"] + vin,
+                     [f"grad.{k}" for k in vin], ds,
+                     {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"},
+                      "grad_features": {0: "num_logical_patches"}})
+    return step, sft, vgrad
 
 
 def export_joint(fn, example, path, in_names, out_names, ds, dims):
@@ -1907,14 +2056,17 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
     lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
     lora = random_lora(names, shapes_, 5)
+    # (a package with vision-tower LoRA: the training graph's last output, grad.inputs_embeds, is
+    # checked by verify_vision)
+    trim = (lambda o: list(o)[:-1]) if "vision_grad" in json.load(open(f"{out}/manifest.json"))["graphs"] else list
 
     def feeds(batch):
         return {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(TRAIN_BATCH + lora_in, list(batch) + lora)}
 
     # 1. ORT against torch autograd, at the export shape and a new one
     for tag, batch in (("B=2 S=24", train_batch(model)), ("B=3 S=40", train_batch(model, B=3, S=40, seed=1))):
-        got = train.run(None, feeds(batch))
-        ref = [f32(t) for t in step(*batch, *lora)]
+        got = trim(train.run(None, feeds(batch)))
+        ref = [f32(t) for t in trim(step(*batch, *lora))]
         dl, dlp = abs(float(got[0]) - float(ref[0])), np.abs(got[1] - ref[1]).max()
         rel = max(np.abs(g - r).max() / (np.abs(r).max() + 1e-12) for g, r in zip(got[2:-1], ref[2:-1]))
         dst = np.abs(got[-1] - ref[-1]).max()
@@ -1934,7 +2086,7 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
     logp = torch.gather(logp_all, -1, batch[3][..., None]).squeeze(-1)
     loss, _ = grpo_loss(logp, logp, *batch[4:8], *batch[9:15])
     loss.backward()
-    ref = step(*batch, *lora)
+    ref = trim(step(*batch, *lora))
     with torch.no_grad():
         plain = model(inputs_embeds=batch[0], attention_mask=batch[1], position_ids=batch[2], use_cache=False).logits
         base_lp = torch.gather(torch.log_softmax(plain[:, -C:].float() / batch[8], -1), -1,
@@ -1958,7 +2110,7 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
             ref32 = step32(*b32, *lora)
         finally:
             globals()["DTYPE"] = half
-        got = train.run(None, feeds(batch))
+        got = trim(train.run(None, feeds(batch)))
         rel32 = max(np.abs(g - f32(r)).max() / (float(r.abs().max()) + 1e-12) for g, r in zip(got[2:-1], ref32[2:-1]))
         dlp32 = np.abs(got[1] - f32(ref32[1]))[f32(batch[4]) > 0].max()
         print(f"  train.onnx ({half}) vs fp32 autograd: grads rel {rel32:.1e}, log-probs {dlp32:.1e} "
@@ -1984,11 +2136,11 @@ def verify_training(model, hf_dir, out, names, shapes_, step):
     big = train_batch(model, B=4, S=20, seed=3)
     total = big[4].sum()
     big[13] = total
-    whole = train.run(None, feeds(big))
+    whole = trim(train.run(None, feeds(big)))
     parts = []
     for sl in (slice(0, 1), slice(1, 4)):
         mb = [t[sl] if k in (0, 1, 3, 4, 5, 6, 7, 14) else (t[:, sl] if k == 2 else t) for k, t in enumerate(big)]
-        parts.append(train.run(None, feeds(mb)))
+        parts.append(trim(train.run(None, feeds(mb))))
     dl = abs(float(whole[0]) - sum(float(p[0]) for p in parts))
     dg = max(np.abs(w - (a + b)).max() for w, a, b in zip(whole[2:-1], parts[0][2:-1], parts[1][2:-1]))
     print(f"  micro-batches 1 + 3 rows vs one batch of 4: loss {dl:.1e}, grads {dg:.1e}")
@@ -2019,15 +2171,26 @@ def random_lora(names, shapes_, seed):
     return lora
 
 
+def module_of(model, name):
+    """The transformers module a LoRA tensor name adapts."""
+    p = name.split(".")
+    if not is_visual(name):
+        layer = model.model.language_model.layers[int(p[1])]
+        return getattr(layer.self_attn, p[2], None) or getattr(layer.mlp, p[2])
+    vis = model.model.visual
+    if p[2] == "merger":
+        return vis.merger.mlp[int(p[3].split("_")[1])]
+    blk = vis.blocks[int(p[2])]
+    return getattr(blk.attn, p[3], None) or getattr(blk.mlp, p[3])
+
+
 def lora_hooks(model, names, ws, scale):
     """The LoRA tensors `ws` (A, B per name) added to the transformers model's projections by
     forward hooks, as PEFT adds them: an independent path to check the graphs' LoRA against.
     Returns the hooks, to remove."""
     hooks = []
     for j, n in enumerate(names):
-        _, i, target = n.split(".")
-        layer = model.model.language_model.layers[int(i)]
-        lin = getattr(layer.self_attn, target, None) or getattr(layer.mlp, target)
+        lin = module_of(model, n)
         A, B = ws[2 * j], ws[2 * j + 1]
         hooks.append(lin.register_forward_hook(
             (lambda A, B: lambda m, inp, o: lora_add(o, inp[0], A, B, scale))(A, B)))
@@ -2059,6 +2222,7 @@ def verify_sft(model, out, names, shapes_, sft):
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
     lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]
     lora = random_lora(names, shapes_, 6)
+    trim = (lambda o: list(o)[:-1]) if "vision_grad" in json.load(open(f"{out}/manifest.json"))["graphs"] else list
 
     def feeds(batch):
         return {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(SFT_BATCH + lora_in, list(batch) + lora)}
@@ -2067,8 +2231,8 @@ def verify_sft(model, out, names, shapes_, sft):
         return max(np.abs(g - f32(r)).max() / (float(r.abs().max()) + 1e-12) for g, r in zip(got, ref))
 
     for tag, batch in (("B=2 S=24", sft_batch(model)), ("B=3 S=40", sft_batch(model, B=3, S=40, seed=7))):
-        got = sess.run(None, feeds(batch))
-        ref = sft(*batch, *lora)
+        got = trim(sess.run(None, feeds(batch)))
+        ref = trim(sft(*batch, *lora))
         dl, dg, ds = abs(float(got[0]) - float(ref[0])), rel(got[1:-1], ref[1:-1]), np.abs(got[-1] - f32(ref[-1])).max()
         print(f"  sft.onnx vs torch autograd [{tag}]: loss {dl:.1e}, grads rel {dg:.1e}, stats {ds:.1e}", flush=True)
         if dl > tols["loss"] * max(1.0, abs(float(ref[0]))) or dg > tols["grads"] or ds > 1.0:
@@ -2081,7 +2245,7 @@ def verify_sft(model, out, names, shapes_, sft):
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[3].reshape(-1), reduction="none")
     loss = (ce * batch[4].reshape(-1)).sum() / batch[5]
     loss.backward()
-    got = sess.run(None, feeds(batch))
+    got = trim(sess.run(None, feeds(batch)))
     dg = max(float((w.grad - torch.from_numpy(g)).abs().max() / (w.grad.abs().max() + 1e-12)) for w, g in zip(ws, got[1:-1]))
     acc = float(((logits.argmax(-1) == batch[3]).float() * batch[4]).sum())
     print(f"  sft.onnx vs transformers cross-entropy + hooks: loss {abs(float(got[0]) - loss.item()):.1e}, "
@@ -2091,16 +2255,187 @@ def verify_sft(model, out, names, shapes_, sft):
     # micro-batches of 1 + 2 rows add up to the batch of 3
     big = sft_batch(model, B=3, S=20, seed=8)
     big[5] = big[4].sum()
-    whole = sess.run(None, feeds(big))
+    whole = trim(sess.run(None, feeds(big)))
     parts = []
     for sl in (slice(0, 1), slice(1, 3)):
         mb = [t[sl] if k in (0, 1, 3, 4) else (t[:, sl] if k == 2 else t) for k, t in enumerate(big)]
-        parts.append(sess.run(None, feeds(mb)))
+        parts.append(trim(sess.run(None, feeds(mb))))
     dl = abs(float(whole[0]) - sum(float(p[0]) for p in parts))
     dg = max(np.abs(w - (a + b)).max() for w, a, b in zip(whole[1:-1], parts[0][1:-1], parts[1][1:-1]))
     print(f"  sft micro-batches 1 + 2 rows vs one batch of 3: loss {dl:.1e}, grads {dg:.1e}")
     if dl > tols["sum"] or dg > tols["sum"]:
         raise SystemExit("verify: SFT micro-batches do not add up")
+
+
+def vision_batch(model, seed=9):
+    """A GRPO micro-batch of two rows with an image each (224×168 and 84×112), laid out as the
+    trainer lays rows out: [left pad | prompt | completion], positions by transformers'
+    get_rope_index, the graphs seeing all but the last token (S = P + C − 1). Returns a dict:
+    pixel rows `pv` and `grid` (torch), the prompts and completions (lists), the full `ids`,
+    `mask` and `pos` [.., P + C], `P`, `C`, and `batch` (TRAIN_BATCH on the base model's
+    embeddings, as train_batch makes it)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    cfg, tc = model.config, model.config.text_config
+    proc = Qwen2VLImageProcessorPil()
+    pvs, grids = [], []
+    for k, (w, h) in enumerate(((224, 168), (84, 112))):
+        pi = proc(images=[synthetic_image(w, h, 21 + k)], return_tensors="np")
+        pvs.append(pi["pixel_values"].astype(np.float32))
+        grids += pi["image_grid_thw"].tolist()
+    g = torch.Generator().manual_seed(seed)
+    C, prompts, comps = 6, [], []
+    for (t, h, w), k in zip(grids, (5, 2)):
+        text = torch.randint(0, 1900, (k + 3,), generator=g).tolist()
+        prompts.append(text[:k] + [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // 4)
+                       + [cfg.vision_end_token_id] + text[k:])
+        comps.append(torch.randint(0, 1900, (C,), generator=g).tolist())
+    P = max(map(len, prompts))
+    ids = torch.tensor([[tc.pad_token_id] * (P - len(p)) + p + c for p, c in zip(prompts, comps)])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + C) for p in prompts])
+    pv, grid = torch.from_numpy(np.concatenate(pvs)), torch.tensor(grids)
+    with torch.no_grad():
+        mm = (ids == cfg.image_token_id).to(torch.int32)
+        pos, _ = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)
+        pos = torch.where(mask.bool()[None], pos, 0)
+        S = P + C - 1
+        x = Embedding(model)(ids[:, :S], Vision(model).features(pv, grid, {}))
+    batch = grpo_batch(model, x, mask[:, :S], pos[:, :, :S].contiguous(), ids[:, P:], torch.ones(2, C), g)
+    return {"pv": pv, "grid": grid, "prompts": prompts, "completions": comps, "ids": ids, "mask": mask, "pos": pos,
+            "P": P, "C": C, "batch": batch}
+
+
+def vision_chain_reference(model, vb, names, lora, scale):
+    """The GRPO loss of `vb` through the whole transformers model from the pixels, every LoRA
+    tensor (language and vision) added by hooks, and its gradients: (loss, grads in `names`
+    order)."""
+    ws = [w.clone().requires_grad_(True) for w in lora]
+    hooks = lora_hooks(model, names, ws, scale)
+    ids, b, P, C = vb["ids"], vb["batch"], vb["P"], vb["C"]
+    try:
+        mm = (ids == model.config.image_token_id).to(torch.int64)
+        o = model(input_ids=ids, attention_mask=vb["mask"], pixel_values=vb["pv"], image_grid_thw=vb["grid"],
+                  mm_token_type_ids=mm, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    logp = torch.gather(torch.log_softmax(o.logits[:, P - 1:P - 1 + C].float() / b[8], -1), -1,
+                        b[3][..., None]).squeeze(-1)
+    loss, _ = grpo_loss(logp, logp, *b[4:8], *b[9:15])
+    loss.backward()
+    return loss.detach(), [w.grad for w in ws]
+
+
+def verify_vision(model, out, lang, vis, shapes_):
+    """Vision-tower LoRA: vision.onnx against transformers' vision tower with the adapter added
+    by hooks, and the trainer's chain (vision.onnx → embedding.onnx → train.onnx's
+    grad.inputs_embeds at the image rows → vision_grad.onnx) against autograd through the whole
+    transformers model from the pixels; the loss scale divided back; a finite difference."""
+    import onnxruntime as ort
+    tols = TOL[DTYPE]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = {k: Typed(f"{out}/{k}.onnx", so) for k in ("vision", "embedding", "train", "vision_grad")}
+    scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
+    ll, vl = random_lora(lang, shapes_, 5), random_lora(vis, shapes_, 7)
+    lin = [f"{n}.{m}" for n in lang for m in ("A", "B")]
+    vin = [f"{n}.{m}" for n in vis for m in ("A", "B")]
+    vb = vision_batch(model)
+    pv, grid = f32(vb["pv"]), vb["grid"].numpy()
+    vfeeds = {k: f32(v) for k, v in zip(vin, vl)}
+    # 1. the vision tower with LoRA
+    feats = sess["vision"].run(None, {"pixel_values": pv, "image_grid_thw": grid, **vfeeds})[0]
+    hooks = lora_hooks(model, vis, vl, scale)
+    try:
+        with torch.no_grad():
+            ref = f32(model.model.visual(vb["pv"], grid_thw=vb["grid"]).pooler_output)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        base = f32(model.model.visual(vb["pv"], grid_thw=vb["grid"]).pooler_output)
+    d, moved = np.abs(feats - ref).max(), np.abs(ref - base).max()
+    print(f"  vision.onnx with vision LoRA vs transformers + hooks: {d:.1e} (the adapter moves the features by "
+          f"{moved:.2f})", flush=True)
+    if d > tols["logits"] or moved < 1e-3:
+        raise SystemExit("verify: vision.onnx with LoRA differs from transformers")
+    # 2. the chain against autograd through the whole model
+    loss_ref, grads_ref = vision_chain_reference(model, vb, lang + vis, ll + vl, scale)
+    P, C = vb["P"], vb["C"]
+    ids = vb["ids"][:, :P + C - 1].numpy()
+    image = ids == model.config.image_token_id
+
+    def chain(vfeeds, loss_scale=1.0):
+        f = sess["vision"].run(None, {"pixel_values": pv, "image_grid_thw": grid, **vfeeds})[0]
+        emb = sess["embedding"].run(None, {"input_ids": ids, "image_features": f})[0]
+        feeds = {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(TRAIN_BATCH, vb["batch"])}
+        feeds.update({"inputs_embeds": emb, "loss_scale": np.array(loss_scale, np.float32)})
+        feeds.update({k: f32(v) for k, v in zip(lin, ll)})
+        names = ["loss", "grad.inputs_embeds"] + [f"grad.{k}" for k in lin]
+        res = dict(zip(names, sess["train"].run(names, feeds)))
+        gf = res["grad.inputs_embeds"][image]
+        vg = sess["vision_grad"].run(None, {"pixel_values": pv, "image_grid_thw": grid, "grad_features": gf,
+                                            "loss_scale": np.array(loss_scale, np.float32), **vfeeds})
+        return float(res["loss"]), [res[f"grad.{k}"] for k in lin] + vg
+
+    def rel(got, ref):
+        ref = [f32(r) if torch.is_tensor(r) else r for r in ref]
+        return max(np.abs(g - r).max() / (np.abs(r).max() + 1e-12) for g, r in zip(got, ref))
+
+    loss, grads = chain(vfeeds)
+    n = len(lin)
+    dl, rl, rv = abs(loss - float(loss_ref)), rel(grads[:n], grads_ref[:n]), rel(grads[n:], grads_ref[n:])
+    print(f"  vision chain vs autograd from the pixels: loss {dl:.1e}, language grads rel {rl:.1e}, "
+          f"vision grads rel {rv:.1e}", flush=True)
+    lim = max(1e-4, tols["grads"])
+    if dl > max(1e-4, tols["loss"]) or rl > lim or rv > lim:
+        raise SystemExit("verify: the vision-LoRA gradient chain differs from autograd")
+    _, scaled = chain(vfeeds, 1024.0)
+    ds = rel(scaled[n:], grads[n:])
+    print(f"  at loss scale 1024: vision grads rel {ds:.1e}")
+    if ds > lim:
+        raise SystemExit("verify: vision_grad.onnx does not divide the loss scale back")
+    # 3. a finite difference through ONNX Runtime, on the merger's last B (every image row reads it)
+    key = f"{vis[-1]}.B"
+    k = vin.index(key)
+    h = 1e-2 if DTYPE == "fp32" else 1e-1
+    f = dict(vfeeds)
+    f[key] = f[key].copy()
+    f[key][0, 0] += h
+    up, _ = chain(f)
+    f[key][0, 0] -= 2 * h
+    down, _ = chain(f)
+    fd, an = (up - down) / (2 * h), float(grads[n + k][0, 0])
+    print(f"  finite difference d loss / d {key}[0,0]: {fd:.6f} vs analytic {an:.6f}")
+    if abs(fd - an) > tols["fd"] * abs(an) + 2e-4:
+        raise SystemExit("verify: finite difference disagrees with the vision gradient")
+
+
+def write_vision_goldens(model, out, lang, vis, shapes_):
+    """goldens/vision: vision_batch's rows (prompt and completion ids, pixel rows, grids), an
+    adapter on every target (language and vision), the GRPO settings and the old / reference
+    log-probs and advantages; and torch autograd's loss and every LoRA gradient through the whole
+    transformers model from the pixels."""
+    gd = os.path.join(out, "goldens", "vision")
+    os.makedirs(gd, exist_ok=True)
+    scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
+    names = lang + vis
+    lora = random_lora(lang, shapes_, 5) + random_lora(vis, shapes_, 7)
+    vb = vision_batch(model)
+    loss, grads = vision_chain_reference(model, vb, names, lora, scale)
+    b = vb["batch"]
+    for k, v in zip([f"{n}.{m}" for n in names for m in ("A", "B")], lora):
+        np.save(os.path.join(gd, f"in.{k}.npy"), f32(v))
+        np.save(os.path.join(gd, f"out.grad.{k}.npy"), f32(grads.pop(0)))
+    np.save(os.path.join(gd, "pixel_values.npy"), f32(vb["pv"]))
+    for k in ("old_logprobs", "ref_logprobs", "rollout_is_weights"):
+        np.save(os.path.join(gd, f"in.{k}.npy"), f32(b[TRAIN_BATCH.index(k)]))
+    json.dump({"prompts": vb["prompts"], "completions": vb["completions"], "image_grid_thw": vb["grid"].tolist(),
+               "advantages": f32(b[7]).tolist(),
+               "settings": {k: float(b[TRAIN_BATCH.index(k)]) for k in
+                            ("temperature", "clip_ratio_low", "clip_ratio_high", "clip_ratio_dual", "kl_coef",
+                             "token_count")},
+               "loss": float(loss)}, open(os.path.join(gd, "batch.json"), "w"), indent=1)
+    print(f"  vision goldens: {gd} (loss {float(loss):.6f})")
 
 
 def write_goldens(model, hf_dir, out, names, shapes_, step):
@@ -2228,7 +2563,9 @@ def main(argv=None):
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-targets", default="all",
-                    help=f"`all` ({','.join(LORA_TARGETS)}: the language model's linear layers) or a comma list of them")
+                    help=f"a comma list of LoRA targets: `all` ({','.join(LORA_TARGETS)}: the language model's linear "
+                         f"layers) or some of them, and `vision` ({','.join(VISION_TARGETS)}: every linear layer "
+                         "of the vision tower and its merger) or some of those, e.g. `all,vision`")
     ap.add_argument("--verify", action="store_true", help="check every graph against transformers (fails above 1e-4)")
     ap.add_argument("--goldens", action="store_true", help="write transformers goldens for the Rust tests to OUT/goldens")
     ap.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (18 or newer)")
@@ -2248,11 +2585,15 @@ def main(argv=None):
     globals()["HEAD_CHUNKS"] = a.head_chunks
     globals()["ATTENTION_CHUNKS"] = a.attention_chunks
     globals()["DTYPE"] = a.dtype
-    targets = list(LORA_TARGETS) if a.lora_targets.strip() == "all" else \
-        [t.strip() for t in a.lora_targets.split(",") if t.strip()]
-    for t in targets:
-        if t not in LORA_TARGETS:
-            ap.error(f"unknown LoRA target {t!r}")
+    targets = []
+    for t in (t.strip() for t in a.lora_targets.split(",")):
+        group = {"all": LORA_TARGETS, "vision": VISION_TARGETS}.get(t, (t,) if t else ())
+        for g in group:
+            if g not in LORA_TARGETS + VISION_TARGETS:
+                ap.error(f"unknown LoRA target {g!r} (the language model's: {', '.join(LORA_TARGETS)}; "
+                         f"the vision tower's: {', '.join(VISION_TARGETS)})")
+            if g not in targets:
+                targets.append(g)
     if sum([a.tiny, bool(a.hf_dir), bool(a.random_init)]) != 1:
         ap.error("give one of HF_DIR, --tiny and --random-init MODEL")
     if (a.text_layers or a.vision_depth) and not a.random_init:
@@ -2277,18 +2618,23 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     globals()["WEIGHTS"] = SharedWeights(a.out, model)
     names, shapes = export_package(model, a.out, a.lora_rank, a.lora_alpha, targets)
-    step, sft = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)
+    step, sft, vgrad = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)
     if WEIGHTS.kept:
         print(f"  {WEIGHTS.kept} weights kept a second layout (a use that cannot read the stored one)", flush=True)
     print(f"  {WEIGHTS_FILE}: {WEIGHTS.at / 1e9:.3f} GB, {len(WEIGHTS.stored)} tensors, shared by every graph",
           flush=True)
     write_package_files(model, hf_dir, a.out, names, shapes, a.lora_rank, a.lora_alpha, a.dtype)
+    lang, vis = [n for n in names if not is_visual(n)], [n for n in names if is_visual(n)]
     if a.verify:
-        verify(model, hf_dir, a.out, names, shapes, tol=TOL[a.dtype]["logits"])
-        verify_training(model, hf_dir, a.out, names, shapes, step)
-        verify_sft(model, a.out, names, shapes, sft)
+        verify(model, hf_dir, a.out, lang, shapes, tol=TOL[a.dtype]["logits"])
+        verify_training(model, hf_dir, a.out, lang, shapes, step)
+        verify_sft(model, a.out, lang, shapes, sft)
+        if vis:
+            verify_vision(model, a.out, lang, vis, shapes)
     if a.goldens:
-        write_goldens(model, hf_dir, a.out, names, shapes, step)
+        write_goldens(model, hf_dir, a.out, lang, shapes, step)
+        if vis:
+            write_vision_goldens(model, a.out, lang, vis, shapes)
 
 
 if __name__ == "__main__":
