@@ -375,3 +375,43 @@ fn unreadable_and_overlong_examples_are_left_out_by_name() {
     assert_eq!(examples, 8.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On a package with LoRA on the vision tower too, the cold start trains the language model's
+/// adapter and leaves the tower's at zero (LLaMA-Factory freezes the vision tower), saying so;
+/// the checkpoint still holds every tensor, so `ssrl train` can start from it.
+#[test]
+fn the_cold_start_leaves_a_vision_tower_adapter_at_zero() {
+    let dir = tempdir("vision");
+    let mut c = config(&dir, cold_start_set(&dir));
+    c.model = root().join("models/tiny-vision-lora");
+    c.max_steps = 2;
+    let Some(mut t) = sft(c) else { return };
+    let note = t.vision_note().unwrap();
+    assert!(
+        note.contains("visual.qkv") && note.contains("zero"),
+        "{note}"
+    );
+    for _ in 0..2 {
+        let m = t.train_step().unwrap();
+        assert!(m["sft/loss"].is_finite(), "{m:?}");
+    }
+    let ck = t.save().unwrap();
+    let tensors = checkpoint::read_safetensors(&ck.join("adapter_model.safetensors")).unwrap();
+    let b = |vision: bool| {
+        tensors
+            .iter()
+            .filter(|t| t.name.contains(".visual.") == vision && t.name.contains("lora_B"))
+            .map(|t| t.data.iter().map(|v| v.abs()).fold(0f32, f32::max))
+            .collect::<Vec<_>>()
+    };
+    let (lang, vision) = (b(false), b(true));
+    assert!(
+        !vision.is_empty() && vision.iter().all(|&m| m == 0.0),
+        "{vision:?}"
+    );
+    assert!(
+        !lang.is_empty() && lang.iter().all(|&m| m > 0.0),
+        "{lang:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -209,7 +209,7 @@ pub fn run_train(a: RunArgs) -> Result<()> {
     }
     let resume = resume_or_start(&cfg.out, a.resume)?;
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
-    if let Some(note) = t.precision_note() {
+    for note in [t.precision_note(), t.vision_note()].into_iter().flatten() {
         eprintln!("{note}");
     }
     if t.overlong != (0, 0) {
@@ -301,7 +301,7 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
     }
     let resume = resume_or_start(&cfg.out, a.resume)?;
     let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
-    if let Some(note) = t.precision_note() {
+    for note in [t.precision_note(), t.vision_note()].into_iter().flatten() {
         eprintln!("{note}");
     }
     if resume {

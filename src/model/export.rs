@@ -221,6 +221,7 @@ pub fn export_with(
         &m.graphs.logprobs,
         &m.graphs.train,
         &m.graphs.sft,
+        &m.graphs.vision_grad,
     ]
     .into_iter()
     .filter(|g| !g.is_empty())
@@ -284,19 +285,42 @@ pub fn export_with(
     // (SharedWeights then hands every session the same copy).
     let data_path = tmp.join(WEIGHTS_FILE);
     let mut data: Option<DataFile> = None;
+    // Adapter name → (the weight it was merged into, its merged values), for merges by name.
+    let mut by_name = std::collections::HashMap::new();
     for file in &graphs {
         let src = pkg.graph_path(file);
         let mut g = Graph::open_file(&src).map_err(|e| ferr(&src, e))?;
         report.bytes_in += std::fs::metadata(&src).map_or(0, |m| m.len()) + g.external_bytes;
         data_files.extend(g.external_files.iter().cloned());
         if let Some(a) = &adapter {
-            let merged = g
-                .merge_lora(a, m.lora.scale as f32)
-                .map_err(|e| ferr(&src, e))?;
-            if !merged.is_empty() && merged.len() != a.len() {
+            // (the language model's graphs take its tensors, the vision graphs the tower's)
+            let inputs = g.inputs();
+            let aimed = a
+                .keys()
+                .filter(|n| inputs.contains(&format!("{n}.A")))
+                .count();
+            // vision_grad.onnx (the vision tower's backward) takes the weights vision.onnx's
+            // merge made: the exporter pruned its last projection's LoRA branch, whose output
+            // only the backward pass needed.
+            let merged = if *file == m.graphs.vision_grad {
+                g.merge_lora_by_name(&by_name)
+            } else {
+                g.merge_lora_weights(a, m.lora.scale as f32).map(|pairs| {
+                    let mut names = Vec::new();
+                    for (n, w) in pairs {
+                        if let Some(v) = g.initializer(&w).and_then(|t| t.values()) {
+                            by_name.insert(n.clone(), (w, v));
+                        }
+                        names.push(n);
+                    }
+                    names
+                })
+            }
+            .map_err(|e| ferr(&src, e))?;
+            if merged.len() != aimed {
                 return Err(ferr(
                     &src,
-                    format!("merged {} of {} LoRA targets", merged.len(), a.len()),
+                    format!("merged {} of its {aimed} LoRA targets", merged.len()),
                 ));
             }
             report.merged.push((file.clone(), merged));

@@ -771,6 +771,19 @@ impl Graph {
     /// `[out, in]`; or `Gemm` / `FusedMatMul` with `transB` — and sets `W += scale · Aᵀ Bᵀ`. The graph's own LoRA defaults become zero.
     /// Returns the merged names.
     pub fn merge_lora(&mut self, adapter: &Adapter, scale: f32) -> Result<Vec<String>, ProtoError> {
+        Ok(self
+            .merge_lora_weights(adapter, scale)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    /// [`Graph::merge_lora`], returning each merged adapter name with the weight it went into.
+    pub fn merge_lora_weights(
+        &mut self,
+        adapter: &Adapter,
+        scale: f32,
+    ) -> Result<Vec<(String, String)>, ProtoError> {
         let producer: HashMap<String, usize> = self
             .nodes
             .iter()
@@ -814,23 +827,26 @@ impl Graph {
                 continue;
             }
             let ctx = |m: &str| ProtoError(format!("{name}: {m}"));
-            let ta = *users(&a_name, "Transpose")
-                .first()
-                .ok_or_else(|| ctx("no Transpose(A)"))?;
-            let tb = *users(&b_name, "Transpose")
-                .first()
-                .ok_or_else(|| ctx("no Transpose(B)"))?;
-            let m2 = users(&nodes[tb].outputs[0], "MatMul")
-                .into_iter()
-                .find(|&i| nodes[i].inputs.get(1) == Some(&nodes[tb].outputs[0]))
-                .ok_or_else(|| ctx("no MatMul(·, Bᵀ)"))?;
-            let a_t = &nodes[ta].outputs[0];
-            if !users(a_t, "MatMul")
-                .iter()
-                .any(|&i| nodes[i].inputs.get(1) == Some(a_t))
-            {
-                return Err(ctx("no MatMul(x, Aᵀ)"));
-            }
+            // x·Mᵀ: MatMul(x, Transpose(M)) (3-D activations, the language model), or
+            // Gemm(x, M) with transB and no bias (2-D ones, the vision tower).
+            let times_t = |m: &str| -> Option<usize> {
+                if let Some(&t) = users(m, "Transpose").first() {
+                    let mt = &nodes[t].outputs[0];
+                    return users(mt, "MatMul")
+                        .into_iter()
+                        .find(|&i| nodes[i].inputs.get(1) == Some(mt));
+                }
+                users(m, "Gemm").into_iter().find(|&i| {
+                    let n = &nodes[i];
+                    n.inputs.get(1).map(String::as_str) == Some(m)
+                        && n.inputs.len() == 2
+                        && n.int_attr("transB") == Some(1)
+                        && n.int_attr("transA").unwrap_or(0) == 0
+                })
+            };
+            times_t(&a_name).ok_or_else(|| ctx("no MatMul(x, Aᵀ) or Gemm(x, A, transB)"))?;
+            let m2 =
+                times_t(&b_name).ok_or_else(|| ctx("no MatMul(·, Bᵀ) or Gemm(·, B, transB)"))?;
             let mul =
                 forward(nodes[m2].outputs[0].clone(), "Mul").ok_or_else(|| ctx("no scale Mul"))?;
             let add =
@@ -945,13 +961,13 @@ impl Graph {
                     wv[at] += (f64::from(scale) * acc) as f32;
                 }
             }
-            updates.push((w_name, wv));
+            updates.push((w_name.clone(), wv));
             for n in [a_name, b_name] {
                 if let Some(t) = self.initializer(&n) {
                     updates.push((n, vec![0f32; t.dims.iter().product()]));
                 }
             }
-            merged.push(name.clone());
+            merged.push((name.clone(), w_name));
         }
         for (n, v) in updates {
             self.initializer_mut(&n)
@@ -959,6 +975,70 @@ impl Graph {
                 .set_values(&v);
         }
         Ok(merged)
+    }
+
+    /// Merges by weight name what another graph of the package merged by pattern: for each
+    /// adapter name in `merged` (name → the weight it went into there, with its merged values)
+    /// that this graph takes as inputs, the weight of that name gets those values and the LoRA
+    /// defaults become zero. For a graph whose LoRA branch the exporter's optimiser pruned
+    /// where only the backward pass reads the weight (vision_grad.onnx's last projection).
+    /// Returns the merged names; an input whose weight this graph lacks is an error.
+    pub fn merge_lora_by_name(
+        &mut self,
+        merged: &HashMap<String, (String, Vec<f32>)>,
+    ) -> Result<Vec<String>, ProtoError> {
+        let inputs = self.inputs();
+        let mut names: Vec<&String> = merged
+            .keys()
+            .filter(|n| inputs.contains(&format!("{n}.A")))
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            let (w, values) = &merged[name];
+            // The weight by its name, and the other layout's (`….T`: [in, out]) transposed,
+            // whichever the graph holds.
+            let other = match w.strip_suffix(".T") {
+                Some(base) => base.to_string(),
+                None => format!("{w}.T"),
+            };
+            let mut found = false;
+            if let Some(t) = self.initializer_mut(w) {
+                t.set_values(values);
+                found = true;
+            }
+            if let Some(t) = self.initializer_mut(&other) {
+                let (rows, cols) = match t.dims[..] {
+                    [r, c] if r * c == values.len() => (r, c),
+                    _ => {
+                        return Err(ProtoError(format!(
+                            "{name}: {other} has shape {:?}",
+                            t.dims
+                        )))
+                    }
+                };
+                // t is [rows, cols]; values are its transpose, [cols, rows].
+                let mut v = vec![0f32; values.len()];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        v[i * cols + j] = values[j * rows + i];
+                    }
+                }
+                t.set_values(&v);
+                found = true;
+            }
+            if !found {
+                return Err(ProtoError(format!("{name}: no weight {w} in this graph")));
+            }
+            for ab in ["A", "B"] {
+                if let Some(t) = self.initializer_mut(&format!("{name}.{ab}")) {
+                    let n = t.dims.iter().product::<usize>();
+                    t.set_values(&vec![0f32; n]);
+                }
+            }
+            out.push(name.clone());
+        }
+        Ok(out)
     }
 }
 

@@ -38,6 +38,11 @@ pub struct Graphs {
     /// The SFT cold start's training graph; "" in packages exported before it.
     #[serde(default)]
     pub sft: String,
+    /// The vision tower's backward pass for its LoRA (packages with vision-tower LoRA targets;
+    /// "" otherwise): pixel rows, grids, the loss's gradient at the image features → the vision
+    /// LoRA gradients.
+    #[serde(default)]
+    pub vision_grad: String,
 }
 
 /// `sft.onnx`'s batch inputs, in order, and its statistics.
@@ -155,8 +160,36 @@ pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
     pub scale: f64,
+    /// The language model's targets (`q_proj` …) and the vision tower's (`visual.qkv` …).
     pub targets: Vec<String>,
     pub tensors: Vec<LoraTensor>,
+}
+
+impl LoraTensor {
+    /// A vision-tower tensor (`lora.visual.{block}.{target}`, `lora.visual.merger.mlp_0|mlp_2`):
+    /// an input of the vision graphs; the others are the language model's graphs'.
+    pub fn is_vision(&self) -> bool {
+        is_vision_name(&self.name)
+    }
+}
+
+/// Whether a LoRA tensor name (with or without its `.A` / `.B`) is the vision tower's.
+pub fn is_vision_name(name: &str) -> bool {
+    name.starts_with("lora.visual.")
+}
+
+impl LoraSpec {
+    /// The language model's tensors (the decoder's, log-prob and training graphs' inputs).
+    pub fn text(&self) -> impl Iterator<Item = &LoraTensor> {
+        self.tensors.iter().filter(|t| !t.is_vision())
+    }
+    /// The vision tower's tensors (vision.onnx's and vision_grad.onnx's inputs).
+    pub fn vision(&self) -> impl Iterator<Item = &LoraTensor> {
+        self.tensors.iter().filter(|t| t.is_vision())
+    }
+    pub fn has_vision(&self) -> bool {
+        self.vision().next().is_some()
+    }
 }
 
 /// How the decoder keeps its cache. `Append`: the graph concatenates past and new keys, so
@@ -471,6 +504,7 @@ impl Package {
                 logprobs: String::new(),
                 train: String::new(),
                 sft: String::new(),
+                vision_grad: String::new(),
             },
             train: TrainSpec {
                 inputs: vec![],
@@ -599,17 +633,23 @@ impl Package {
                 dec_in.push(("own_mask".into(), T::Int64));
             }
         }
-        let lora: Vec<(String, T)> = m
-            .lora
-            .tensors
-            .iter()
-            .flat_map(|t| {
+        let inputs_of = |ts: &mut dyn Iterator<Item = &LoraTensor>| -> Vec<(String, T)> {
+            ts.flat_map(|t| {
                 [
                     (format!("{}.A", t.name), T::Float32),
                     (format!("{}.B", t.name), T::Float32),
                 ]
             })
-            .collect();
+            .collect()
+        };
+        let lora = inputs_of(&mut m.lora.text());
+        let vision_lora = inputs_of(&mut m.lora.vision());
+        // With vision-tower LoRA the training graphs also give the (scaled) loss's gradient at
+        // the input embeddings, which the trainer takes through vision_grad.onnx.
+        let embeds_grad: Vec<(String, T)> = match vision_lora.is_empty() {
+            true => vec![],
+            false => vec![("grad.inputs_embeds".into(), T::Float32)],
+        };
         dec_in.extend(lora.iter().cloned());
         let mut lp_in = s(&[
             ("inputs_embeds", act),
@@ -625,17 +665,32 @@ impl Package {
         let mut train_out = s(&[("loss", T::Float32), ("token_logprobs", T::Float32)]);
         train_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
         train_out.push(("stats".into(), T::Float32));
+        train_out.extend(embeds_grad.iter().cloned());
         let mut sft_in = s(&SFT_INPUTS);
         sft_in[0].1 = act;
         sft_in.extend(lora.iter().cloned());
         let mut sft_out = s(&[("loss", T::Float32)]);
         sft_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
         sft_out.push(("stats".into(), T::Float32));
+        sft_out.extend(embeds_grad.iter().cloned());
+        let mut vision_in = s(&[("pixel_values", T::Float32), ("image_grid_thw", T::Int64)]);
+        vision_in.extend(vision_lora.iter().cloned());
+        let mut vgrad_in = s(&[
+            ("pixel_values", T::Float32),
+            ("image_grid_thw", T::Int64),
+            ("grad_features", T::Float32),
+            ("loss_scale", T::Float32),
+        ]);
+        vgrad_in.extend(vision_lora.iter().cloned());
+        let vgrad_out = vision_lora
+            .iter()
+            .map(|(n, t)| (format!("grad.{n}"), *t))
+            .collect();
         vec![
             (
                 m.graphs.vision.clone(),
                 Signature {
-                    inputs: s(&[("pixel_values", T::Float32), ("image_grid_thw", T::Int64)]),
+                    inputs: vision_in,
                     outputs: s(&[("image_features", act)]),
                 },
             ),
@@ -675,6 +730,13 @@ impl Package {
                 Signature {
                     inputs: sft_in,
                     outputs: sft_out,
+                },
+            ),
+            (
+                m.graphs.vision_grad.clone(),
+                Signature {
+                    inputs: vgrad_in,
+                    outputs: vgrad_out,
                 },
             ),
         ]

@@ -476,7 +476,7 @@ impl Engine {
             self.stats.preprocess_s += t.elapsed().as_secs_f64();
             return self.on_own(|r| {
                 pre.iter()
-                    .map(|p| r.vision_features(&p.pixel_values, p.grid_thw))
+                    .map(|p| r.vision_features(&p.pixel_values, p.grid_thw, true))
                     .collect()
             });
         }
@@ -505,6 +505,19 @@ impl Engine {
     }
 
     /// Runs `work` on a worker over the engine's own sessions; its stats join the engine's.
+    /// The vision tower on one preprocessed image (`pixels` of `grid`, as
+    /// [`preprocess`](crate::model::processor::preprocess) makes them), with the current
+    /// vision-tower LoRA (`lora`) or without (the base tower, the reference policy's):
+    /// `[tokens, out_hidden_size]` flattened.
+    pub fn image_features_of(
+        &mut self,
+        pixels: &[f32],
+        grid: [u32; 3],
+        lora: bool,
+    ) -> Result<Vec<f32>, EngineError> {
+        self.on_own(|r| r.vision_features(pixels, grid, lora))
+    }
+
     fn on_own<T>(&mut self, work: impl FnOnce(&mut Runner<'_>) -> T) -> T {
         let mut r = Runner {
             g: &mut self.graphs,

@@ -12,7 +12,7 @@ use super::request::{GenerationConfig, Prepared};
 use super::share::length_groups;
 use super::types::{input, run_err, Completion, EngineError, EngineStats, Finish, Trace};
 use crate::kernels::{cpu, Logits, RowKey, Sampled, SamplingParams};
-use crate::model::package::{KvLayout, Manifest};
+use crate::model::package::{is_vision_name, KvLayout, Manifest};
 use crate::model::processor::{preprocess_into, PreprocessorConfig};
 use crate::model::rope::{rope_index, RopeConfig};
 use image::RgbImage;
@@ -275,6 +275,7 @@ impl Runner<'_> {
         inputs.extend(
             self.lora
                 .iter()
+                .filter(|(n, _, _)| !is_vision_name(n))
                 .map(|(n, _, t)| (n.clone(), SessionInputValue::from(t))),
         );
         // On the GPU: the cache (and one-token logits) into GPU buffers; the rest to the host.
@@ -498,17 +499,19 @@ impl Runner<'_> {
         self.stats.preprocess_s += t.elapsed().as_secs_f64();
         let features = grid
             .map_err(EngineError::from)
-            .and_then(|g| self.vision_features(&pixels, g));
+            .and_then(|g| self.vision_features(&pixels, g, true));
         self.g.pixels = pixels;
         features
     }
 
-    /// The vision tower on one preprocessed image (its pixel rows and patch grid):
+    /// The vision tower on one preprocessed image (its pixel rows and patch grid), with the
+    /// vision-tower LoRA (`lora`; without it, the base tower: the inputs' zero defaults):
     /// `[tokens, out_hidden_size]` flattened.
     pub(super) fn vision_features(
         &mut self,
         pixels: &[f32],
         grid: [u32; 3],
+        lora: bool,
     ) -> Result<Vec<f32>, EngineError> {
         let rows = (grid[0] * grid[1] * grid[2]) as usize;
         let g: Vec<i64> = grid.iter().map(|v| i64::from(*v)).collect();
@@ -519,10 +522,18 @@ impl Runner<'_> {
                 .into(),
             half => half.tensor("vision", &shape, pixels.to_vec())?.into(),
         };
-        let inputs: Vec<(String, SessionInputValue<'_>)> = vec![
+        let mut inputs: Vec<(String, SessionInputValue<'_>)> = vec![
             ("pixel_values".into(), pixels),
             ("image_grid_thw".into(), input("vision", &[1, 3], g)?),
         ];
+        if lora {
+            inputs.extend(
+                self.lora
+                    .iter()
+                    .filter(|(n, _, _)| is_vision_name(n))
+                    .map(|(n, _, t)| (n.clone(), SessionInputValue::from(t))),
+            );
+        }
         let t = Instant::now();
         let out = self.g.vision.run(inputs).map_err(run_err("vision"))?;
         let dt = t.elapsed().as_secs_f64();

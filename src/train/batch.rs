@@ -82,6 +82,29 @@ impl MicroBatch {
     pub fn tokens(&self) -> usize {
         self.completion_len.iter().sum()
     }
+
+    /// The rows of a per-position `[rows, len, hidden]` tensor (the loss's gradient at the
+    /// input embeddings) where the embedding graph put the image features: the placeholder
+    /// positions (`placeholders`: the image and video token ids) in row-major order, as many as
+    /// there are features — `[feature rows, hidden]`, in the features' order.
+    pub fn feature_rows(
+        &self,
+        per_position: &[f32],
+        hidden: usize,
+        placeholders: [i64; 2],
+    ) -> Vec<f32> {
+        let n = self.features.len() / hidden.max(1);
+        let mut out = Vec::with_capacity(n * hidden);
+        for (pos, id) in self.ids.iter().enumerate() {
+            if out.len() == n * hidden {
+                break;
+            }
+            if placeholders.contains(id) {
+                out.extend_from_slice(&per_position[pos * hidden..(pos + 1) * hidden]);
+            }
+        }
+        out
+    }
 }
 
 /// Columns `first..len` of every `len`-column row of `v`.

@@ -127,9 +127,25 @@ fn parse_safetensors(bytes: &[u8]) -> Result<Vec<NamedTensor>, String> {
     Ok(out)
 }
 
-/// PEFT's key for a package LoRA tensor (`lora.{layer}.{target}` + `A`/`B`) on Qwen2.5-VL
-/// (transformers ≥ 4.52 module paths).
+/// PEFT's key for a package LoRA tensor (`lora.{layer}.{target}`, `lora.visual.{block}.{target}`,
+/// `lora.visual.merger.mlp_{0|2}` + `A`/`B`) on Qwen2.5-VL (transformers ≥ 4.52 module paths).
 pub fn peft_key(name: &str, which: char) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("lora.visual.") {
+        let (block, target) = rest.split_once('.')?;
+        let module = match (block, target) {
+            ("merger", "mlp_0" | "mlp_2") => format!("merger.mlp.{}", &target[4..]),
+            (_, "qkv" | "proj") if block.parse::<usize>().is_ok() => {
+                format!("blocks.{block}.attn.{target}")
+            }
+            (_, "gate_proj" | "up_proj" | "down_proj") if block.parse::<usize>().is_ok() => {
+                format!("blocks.{block}.mlp.{target}")
+            }
+            _ => return None,
+        };
+        return Some(format!(
+            "base_model.model.model.visual.{module}.lora_{which}.weight"
+        ));
+    }
     let mut it = name.split('.');
     let (Some("lora"), Some(layer), Some(target), None) =
         (it.next(), it.next(), it.next(), it.next())
@@ -149,6 +165,23 @@ pub fn peft_key(name: &str, which: char) -> Option<String> {
 /// The package name of a PEFT key, accepting both the ≥ 4.52 (`model.language_model.layers`)
 /// and older (`model.layers`) module paths.
 pub fn package_name(key: &str) -> Option<(String, char)> {
+    if let Some(v) = key
+        .strip_prefix("base_model.model.model.visual.")
+        .or_else(|| key.strip_prefix("base_model.model.visual."))
+    {
+        let (module, which) = v.rsplit_once(".lora_")?;
+        let which = match which {
+            "A.weight" => 'A',
+            "B.weight" => 'B',
+            _ => return None,
+        };
+        let name = match module.split('.').collect::<Vec<_>>()[..] {
+            ["merger", "mlp", j @ ("0" | "2")] => format!("lora.visual.merger.mlp_{j}"),
+            ["blocks", b, "attn" | "mlp", t] => format!("lora.visual.{b}.{t}"),
+            _ => return None,
+        };
+        return Some((name, which));
+    }
     let rest = key
         .strip_prefix("base_model.model.model.language_model.layers.")
         .or_else(|| key.strip_prefix("base_model.model.model.layers."))?;
@@ -164,6 +197,44 @@ pub fn package_name(key: &str) -> Option<(String, char)> {
     Some((format!("lora.{layer}.{target}"), which))
 }
 
+/// PEFT's `target_modules` for the package's targets: their names where that list matches no
+/// other module (PEFT matches a listed name against every module path's last part), else a
+/// regular expression PEFT matches whole against the module paths — the vision tower's MLP has
+/// gate / up / down projections too, and its attention and merger are named by position.
+pub fn target_modules(targets: &[String]) -> serde_json::Value {
+    let unique = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    if targets.iter().all(|t| unique.contains(&t.as_str())) {
+        return serde_json::json!(targets);
+    }
+    let lang: Vec<&str> = targets
+        .iter()
+        .map(String::as_str)
+        .filter(|t| !t.starts_with("visual."))
+        .collect();
+    let blocks: Vec<&str> = targets
+        .iter()
+        .filter_map(|t| t.strip_prefix("visual."))
+        .filter(|t| *t != "merger")
+        .collect();
+    let mut parts = Vec::new();
+    if !lang.is_empty() {
+        parts.push(format!(
+            r".*\.layers\.\d+\.(self_attn|mlp)\.({})",
+            lang.join("|")
+        ));
+    }
+    if !blocks.is_empty() {
+        parts.push(format!(
+            r".*visual\.blocks\.\d+\.(attn|mlp)\.({})",
+            blocks.join("|")
+        ));
+    }
+    if targets.iter().any(|t| t == "visual.merger") {
+        parts.push(r".*visual\.merger\.mlp\.(0|2)".into());
+    }
+    serde_json::json!(parts.join("|"))
+}
+
 /// PEFT's `adapter_config.json` for the package's LoRA layout.
 pub fn adapter_config(spec: &LoraSpec, base_model: &str) -> serde_json::Value {
     serde_json::json!({
@@ -173,7 +244,7 @@ pub fn adapter_config(spec: &LoraSpec, base_model: &str) -> serde_json::Value {
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": 0.0,
-        "target_modules": spec.targets,
+        "target_modules": target_modules(&spec.targets),
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
@@ -474,9 +545,14 @@ pub fn adapter_scale(config: &Path, spec: &LoraSpec) -> Result<f64, CheckpointEr
     if let Some(list) = field("target_modules").and_then(|x| x.as_array()) {
         for t in list {
             let name = t.as_str().unwrap_or_default();
-            // PEFT matches a listed name against the module path's last part.
+            // PEFT matches a listed name against the module path's last part (the merger's
+            // layers are `mlp.0` and `mlp.2`).
             let short = name.rsplit('.').next().unwrap_or(name);
-            if !spec.targets.iter().any(|p| p == short) {
+            let have = |p: &String| match p.as_str() {
+                "visual.merger" => short == "0" || short == "2",
+                p => p.rsplit('.').next() == Some(short),
+            };
+            if !spec.targets.iter().any(have) {
                 return Err(bad(
                     "target_modules",
                     format!(
@@ -634,6 +710,70 @@ mod tests {
         let (s, l) = (&stored[1], &loaded[1]);
         assert!(s.name.ends_with(".B") && s.data[1] != 0.0);
         l.data[1] / s.data[1]
+    }
+
+    /// Every kind of LoRA tensor name goes to PEFT's key for Qwen2.5-VL's module path and back
+    /// (the older `model.layers` / `visual` paths read too); names of nothing are refused.
+    #[test]
+    fn peft_keys_cover_the_language_model_and_the_vision_tower() {
+        for (name, key) in [
+            (
+                "lora.3.down_proj",
+                "base_model.model.model.language_model.layers.3.mlp.down_proj.lora_B.weight",
+            ),
+            (
+                "lora.visual.0.qkv",
+                "base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight",
+            ),
+            (
+                "lora.visual.31.proj",
+                "base_model.model.model.visual.blocks.31.attn.proj.lora_B.weight",
+            ),
+            (
+                "lora.visual.2.up_proj",
+                "base_model.model.model.visual.blocks.2.mlp.up_proj.lora_B.weight",
+            ),
+            (
+                "lora.visual.merger.mlp_2",
+                "base_model.model.model.visual.merger.mlp.2.lora_B.weight",
+            ),
+        ] {
+            assert_eq!(peft_key(name, 'B').as_deref(), Some(key));
+            assert_eq!(package_name(key), Some((name.to_string(), 'B')));
+        }
+        assert_eq!(
+            package_name("base_model.model.visual.merger.mlp.0.lora_A.weight"),
+            Some(("lora.visual.merger.mlp_0".into(), 'A'))
+        );
+        for bad in [
+            "lora.visual.merger.mlp_1",
+            "lora.visual.x.qkv",
+            "lora.visual.0.q_proj",
+        ] {
+            assert_eq!(peft_key(bad, 'A'), None, "{bad}");
+        }
+    }
+
+    /// `target_modules` lists names where PEFT's suffix match finds those modules only, and is a
+    /// whole-path pattern where the vision tower has modules of the same name (its MLP) or
+    /// targets named by position (its attention, the merger).
+    #[test]
+    fn target_modules_match_the_adapters_modules_only() {
+        let t = |v: &[&str]| target_modules(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            t(&["q_proj", "v_proj"]),
+            serde_json::json!(["q_proj", "v_proj"])
+        );
+        assert_eq!(
+            t(&["q_proj", "gate_proj"]),
+            serde_json::json!(r".*\.layers\.\d+\.(self_attn|mlp)\.(q_proj|gate_proj)")
+        );
+        assert_eq!(
+            t(&["v_proj", "visual.qkv", "visual.down_proj", "visual.merger"]),
+            serde_json::json!(
+                r".*\.layers\.\d+\.(self_attn|mlp)\.(v_proj)|.*visual\.blocks\.\d+\.(attn|mlp)\.(qkv|down_proj)|.*visual\.merger\.mlp\.(0|2)"
+            )
+        );
     }
 
     /// The config's `lora_alpha`, `r` and `use_rslora` set the adapter's scale, carried into B

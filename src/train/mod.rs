@@ -139,6 +139,8 @@ pub struct Trainer {
     engine: Engine,
     logprobs: Session,
     train: Session,
+    /// The vision tower's backward (a package with vision-tower LoRA).
+    vision_grad: Option<Session>,
     /// The graphs' embedding type (the package's activations: fp32, fp16 or bf16).
     embeds_type: Float,
     /// Dynamic loss scaling, for a package whose training graph runs in fp16.
@@ -170,6 +172,40 @@ pub struct Trainer {
     updating: bool,
     /// The weights the sessions read (when shared): kept until they are gone.
     weights: Option<std::sync::Arc<std::sync::Mutex<crate::model::weights::SharedWeights>>>,
+}
+
+/// The note of a package with vision-tower LoRA: what trains it (`how`), and where the
+/// adapter goes.
+pub(crate) fn vision_note(lora: &crate::model::package::LoraSpec, how: &str) -> Option<String> {
+    let targets: Vec<&str> = lora
+        .targets
+        .iter()
+        .map(String::as_str)
+        .filter(|t| t.starts_with("visual."))
+        .collect();
+    (!targets.is_empty()).then(|| {
+        format!(
+            "the package has LoRA on the vision tower ({}): {how}. Loaders of language-model \
+             LoRA only (vLLM) would drop its tensors from the checkpoints; ssrl export \
+             --adapter merges them all",
+            targets.join(", ")
+        )
+    })
+}
+
+/// A step's images for the vision tower's LoRA: each prompt's pixel rows (its images' one
+/// after the other) and grids, and each row's prompt.
+struct StepImages {
+    pixels: Vec<Vec<f32>>,
+    grids: Vec<Vec<[u32; 3]>>,
+    prompt_of: Vec<usize>,
+}
+
+/// Adds each gradient of `more` into `acc`'s.
+fn add_into(acc: &mut [Vec<f32>], more: &[Vec<f32>]) {
+    for (a, b) in acc.iter_mut().zip(more) {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    }
 }
 
 /// Where the graphs run, from `rollout.device` and its options (`validate` has checked the
@@ -330,6 +366,18 @@ impl Trainer {
         // peak 13.0 → 9.2 GB for 9 % of the step's speed.
         let logprobs = engine.open_graph(&m.graphs.logprobs, true)?;
         let train = engine.open_graph(&m.graphs.train, true)?;
+        let vision_grad = match (m.lora.has_vision(), m.graphs.vision_grad.as_str()) {
+            (false, _) => None,
+            (true, "") => {
+                return Err(TrainError::Data {
+                    path: cfg.model.join("manifest.json"),
+                    msg: "the package has vision-tower LoRA inputs but no vision_grad graph to \
+                          train them: export it again with models/export.py"
+                        .into(),
+                })
+            }
+            (true, g) => Some(engine.open_graph(g, true)?),
+        };
         let backend = Backend::select(&cfg.trainer.kernels, cfg.rollout.device_id)?;
         let params = Param::init(&m.lora, cfg.trainer.seed);
         let rope = RopeConfig {
@@ -350,6 +398,7 @@ impl Trainer {
             engine,
             logprobs,
             train,
+            vision_grad,
             embeds_type,
             loss_scale: (embeds_type == Float::F16).then(LossScale::default),
             scale_backoffs: 0,
@@ -400,6 +449,14 @@ impl Trainer {
     /// [`Engine::precision_note`] of the policy's package.
     pub fn precision_note(&self) -> Option<String> {
         self.engine.precision_note()
+    }
+
+    /// What a run with vision-tower LoRA should know about its adapter; `None` without one.
+    pub fn vision_note(&self) -> Option<String> {
+        vision_note(
+            &self.engine.package.manifest.lora,
+            "ssrl train trains it with the language model's",
+        )
     }
 
     pub fn has_validation(&self) -> bool {
@@ -528,14 +585,7 @@ impl Trainer {
             for (slot, &lora) in out.iter_mut().zip(loras) {
                 let mut inputs = self.batch_inputs(&mb, embeds.clone())?;
                 inputs.push(("temperature".into(), scalar(self.cfg.rollout.temperature)?));
-                for p in &self.params {
-                    let v = if lora {
-                        p.value.clone()
-                    } else {
-                        vec![0.0; p.value.len()]
-                    };
-                    inputs.push((p.name.clone(), tensor(&p.shape, v)?));
-                }
+                inputs.extend(Param::text_inputs(&self.params, !lora)?);
                 let res = self.logprobs.run(inputs).map_err(run_err("logprobs"))?;
                 let (_, lp) = res["token_logprobs"]
                     .try_extract_tensor::<f32>()
@@ -597,7 +647,9 @@ impl Trainer {
                 is_weights,
             )?;
             // fp16: gradients that overflowed at this scale are run again at a lower one.
-            if !scale::rerun(&mut self.loss_scale, &r.grads) {
+            // (with vision-tower LoRA, the image features' gradient too)
+            let finite = || scale::all_finite(&r.grads) && scale::finite(&r.feature_grads);
+            if !scale::rerun(&mut self.loss_scale, finite) {
                 return Ok(r);
             }
             self.scale_backoffs += 1;
@@ -646,9 +698,7 @@ impl Trainer {
         for (name, v) in names.into_iter().zip(settings) {
             inputs.push((name.into(), scalar(v)?));
         }
-        for p in &self.params {
-            inputs.push((p.name.clone(), tensor(&p.shape, p.value.clone())?));
-        }
+        inputs.extend(Param::text_inputs(&self.params, false)?);
         let res = self.train.run(inputs).map_err(run_err("train"))?;
         let (_, loss) = res["loss"]
             .try_extract_tensor::<f32>()
@@ -656,19 +706,162 @@ impl Trainer {
         let (_, st) = res["stats"]
             .try_extract_tensor::<f32>()
             .map_err(run_err("train"))?;
-        let stats = Stats::read(&self.engine.package.manifest.train.stats, st, "train")?;
-        let mut grads = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let (_, g) = res[format!("grad.{}", p.name).as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(run_err("train"))?;
-            grads.push(g.to_vec());
-        }
+        let m = &self.engine.package.manifest;
+        let stats = Stats::read(&m.train.stats, st, "train")?;
+        let grads = Param::read_grads(&self.params, &res, "train")?;
+        let feature_grads = match self.vision_grad {
+            None => Vec::new(),
+            Some(_) => {
+                let (_, g) = res["grad.inputs_embeds"]
+                    .try_extract_tensor::<f32>()
+                    .map_err(run_err("train"))?;
+                let placeholders = [i64::from(m.tokens.image), i64::from(m.tokens.video)];
+                let scale = settings[6];
+                let mut rows = mb.feature_rows(g, m.text.hidden_size, placeholders);
+                rows.iter_mut().for_each(|v| *v /= scale);
+                rows
+            }
+        };
         Ok(MicroResult {
             loss: f64::from(loss[0]),
             grads,
+            feature_grads,
             stats,
         })
+    }
+
+    /// The image features of one prompt's images (`pixels`: their pixel rows one after the
+    /// other, as [`preprocess`](crate::model::processor::preprocess) makes them; `grids`: theirs)
+    /// with the current vision-tower LoRA (`lora`) or without it (the reference policy's).
+    pub fn image_features(
+        &mut self,
+        pixels: &[f32],
+        grids: &[[u32; 3]],
+        lora: bool,
+    ) -> Result<Vec<f32>, TrainError> {
+        let patches = |g: &[u32; 3]| (g[0] * g[1] * g[2]) as usize;
+        let width = pixels.len() / grids.iter().map(patches).sum::<usize>().max(1);
+        let (mut out, mut at) = (Vec::new(), 0);
+        for g in grids {
+            let n = patches(g) * width;
+            out.extend(
+                self.engine
+                    .image_features_of(&pixels[at..at + n], *g, lora)?,
+            );
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// The vision-tower LoRA gradients of one prompt's images (as [`Trainer::image_features`]
+    /// takes them) from the loss's gradient at their features (`feature_grads`, unscaled, as
+    /// [`MicroResult::feature_grads`] gives them, summed over the micro-batches): one
+    /// vision_grad.onnx run at the current loss scale, run again at a lower one should the
+    /// half-precision backward overflow. In parameter order, zeros for the language model's.
+    pub fn vision_grads(
+        &mut self,
+        pixels: &[f32],
+        grids: &[[u32; 3]],
+        feature_grads: &[f32],
+    ) -> Result<Vec<Vec<f32>>, TrainError> {
+        let Some(sess) = self.vision_grad.as_mut() else {
+            return Err(TrainError::Run {
+                graph: "vision_grad",
+                msg: "the package has no vision-tower LoRA".into(),
+            });
+        };
+        let d = self.engine.package.manifest.vision.out_hidden_size;
+        let patches: usize = grids.iter().map(|g| (g[0] * g[1] * g[2]) as usize).sum();
+        let grid: Vec<i64> = grids.iter().flatten().map(|&v| i64::from(v)).collect();
+        loop {
+            let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+            let mut inputs = vec![
+                (
+                    "pixel_values".to_string(),
+                    tensor(&[patches, pixels.len() / patches.max(1)], pixels.to_vec())?,
+                ),
+                (
+                    "image_grid_thw".into(),
+                    tensor(&[grids.len(), 3], grid.clone())?,
+                ),
+                (
+                    "grad_features".into(),
+                    tensor(
+                        &[feature_grads.len() / d, d],
+                        feature_grads.iter().map(|g| g * scale).collect(),
+                    )?,
+                ),
+                ("loss_scale".into(), scalar(scale)?),
+            ];
+            for p in self.params.iter().filter(|p| p.is_vision()) {
+                inputs.push((p.name.clone(), tensor(&p.shape, p.value.clone())?));
+            }
+            let res = sess.run(inputs).map_err(run_err("vision_grad"))?;
+            let grads: Vec<Vec<f32>> = self
+                .params
+                .iter()
+                .map(|p| {
+                    if !p.is_vision() {
+                        return Ok(vec![0.0; p.value.len()]);
+                    }
+                    let (_, g) = res[format!("grad.{}", p.name).as_str()]
+                        .try_extract_tensor::<f32>()
+                        .map_err(run_err("vision_grad"))?;
+                    Ok(g.to_vec())
+                })
+                .collect::<Result<_, TrainError>>()?;
+            if !scale::rerun(&mut self.loss_scale, || scale::all_finite(&grads)) {
+                return Ok(grads);
+            }
+            self.scale_backoffs += 1;
+        }
+    }
+
+    /// Each prompt's image features, with (`lora`) or without the vision-tower LoRA.
+    fn prompt_features(
+        &mut self,
+        images: &StepImages,
+        lora: bool,
+    ) -> Result<Vec<Vec<f32>>, TrainError> {
+        images
+            .pixels
+            .iter()
+            .zip(&images.grids)
+            .map(|(px, g)| self.image_features(px, g, lora))
+            .collect()
+    }
+
+    /// The step's prompts' pixels for the vision tower's backward (`None` without vision-tower
+    /// LoRA), preprocessed again as the rollout did.
+    fn step_images(
+        &self,
+        reqs: &[Request],
+        completions: &[Completion],
+    ) -> Result<Option<StepImages>, TrainError> {
+        if self.vision_grad.is_none() {
+            return Ok(None);
+        }
+        let cfg = &self.engine.preprocessor;
+        let each = reqs
+            .par_iter()
+            .map(|r| {
+                let mut px = Vec::new();
+                let mut grids = Vec::new();
+                for img in &r.images {
+                    let p =
+                        crate::model::processor::preprocess(img, cfg).map_err(EngineError::from)?;
+                    px.extend(p.pixel_values);
+                    grids.push(p.grid_thw);
+                }
+                Ok((px, grids))
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        let (pixels, grids) = each.into_iter().unzip();
+        Ok(Some(StepImages {
+            pixels,
+            grids,
+            prompt_of: completions.iter().map(|c| c.prompt_index).collect(),
+        }))
     }
 
     /// Sets LoRA tensors by package name (`lora.0.q_proj.A`), in the trainer and the engine.
@@ -782,9 +975,25 @@ impl Trainer {
             })
             .collect();
         let t = Instant::now();
-        let lp = self.policy_logprobs(&rows, &completions, &mut metrics)?;
+        // With vision-tower LoRA: the prompts' pixels for its backward, and the reference
+        // policy's (the base tower's) image features.
+        let images = self.step_images(&reqs, &completions)?;
+        let base = match &images {
+            Some(im) if self.kl_coef() != 0.0 => Some(self.prompt_features(im, false)?),
+            _ => None,
+        };
+        let ref_rows: Option<Vec<Row<'_>>> = base.as_ref().map(|b| {
+            rows.iter()
+                .zip(&completions)
+                .map(|(r, c)| Row {
+                    features: &b[c.prompt_index],
+                    ..*r
+                })
+                .collect()
+        });
+        let lp = self.policy_logprobs(&rows, ref_rows.as_deref(), &completions, &mut metrics)?;
         clock.time("logprobs", t, &mut metrics);
-        self.update(&rows, &advantages, &lp, &mut metrics)?;
+        self.update(&rows, images.as_ref(), &advantages, &lp, &mut metrics)?;
         clock.peak("train", &mut metrics);
         clock.time("step", t_start, &mut metrics);
         self.step_metrics(&idx, &completions, &scores, &advantages, &mut metrics);
@@ -885,25 +1094,54 @@ impl Trainer {
         Ok((scores, advantages))
     }
 
+    /// The KL term's coefficient (0 without it).
+    fn kl_coef(&self) -> f32 {
+        let alg = &self.cfg.algorithm;
+        if alg.use_kl_loss {
+            alg.kl_coef
+        } else {
+            0.0
+        }
+    }
+
     /// The old policy's log-probs (recomputed, or the sampler's), the reference's (LoRA off)
     /// where the KL term needs them, and the rollout correction's weights; the sampler /
-    /// trainer mismatch and the weights' statistics go to `metrics`.
+    /// trainer mismatch and the weights' statistics go to `metrics`. `ref_rows` are the rows
+    /// with the base vision tower's image features (a package with vision-tower LoRA; else
+    /// `rows` serve both).
     fn policy_logprobs(
         &mut self,
         rows: &[Row<'_>],
+        ref_rows: Option<&[Row<'_>]>,
         completions: &[Completion],
         metrics: &mut Metrics,
     ) -> Result<StepLogprobs, TrainError> {
         let rollout_lp: Vec<Vec<f32>> = completions.iter().map(|c| c.logprobs.clone()).collect();
-        let alg = &self.cfg.algorithm;
-        let kl_coef = if alg.use_kl_loss { alg.kl_coef } else { 0.0 };
+        let kl_coef = self.kl_coef();
         let recompute = self.cfg.actor.old_logprobs == "recompute";
         let tis_cap = self.cfg.actor.tis_cap;
-        let settings: Vec<bool> = [(recompute, true), (kl_coef != 0.0, false)]
-            .into_iter()
-            .filter_map(|(wanted, lora)| wanted.then_some(lora))
-            .collect();
-        let mut computed = self.completion_logprobs_for(rows, &settings)?.into_iter();
+        let wanted = [(recompute, true), (kl_coef != 0.0, false)];
+        let computed = match ref_rows {
+            // (the two settings embed different features)
+            Some(base) => {
+                let mut out = Vec::new();
+                for (want, lora) in wanted {
+                    if want {
+                        let on = if lora { rows } else { base };
+                        out.extend(self.completion_logprobs_for(on, &[lora])?);
+                    }
+                }
+                out
+            }
+            None => {
+                let settings: Vec<bool> = wanted
+                    .into_iter()
+                    .filter_map(|(want, lora)| want.then_some(lora))
+                    .collect();
+                self.completion_logprobs_for(rows, &settings)?
+            }
+        };
+        let mut computed = computed.into_iter();
         let old = if recompute {
             let old = computed.next().expect("asked for");
             let diffs: Vec<f64> = old
@@ -946,6 +1184,7 @@ impl Trainer {
     fn update(
         &mut self,
         rows: &[Row<'_>],
+        images: Option<&StepImages>,
         advantages: &[f32],
         lp: &StepLogprobs,
         metrics: &mut Metrics,
@@ -980,6 +1219,26 @@ impl Trainer {
                 .iter()
                 .map(|p| vec![0.0; p.value.len()])
                 .collect();
+            // With vision-tower LoRA: after an optimizer step the image features are the
+            // updated tower's (the rollout's before the first), and the loss's gradient at
+            // them is summed per prompt over the micro-batches, then taken through the tower
+            // once per prompt.
+            let fresh = match images {
+                Some(im) if k > 0 => Some(self.prompt_features(im, true)?),
+                _ => None,
+            };
+            let rows: Vec<Row<'_>> = match (&fresh, images) {
+                (Some(f), Some(im)) => rows
+                    .iter()
+                    .zip(&im.prompt_of)
+                    .map(|(r, &p)| Row {
+                        features: &f[p],
+                        ..*r
+                    })
+                    .collect(),
+                _ => rows.to_vec(),
+            };
+            let mut feature_grads: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
             let mini_rows: Vec<Row<'_>> = mini.iter().map(|&i| rows[i]).collect();
             let ranges = batch::split(&mini_rows, micro_rows, micro_tokens);
             for range in ranges {
@@ -1000,10 +1259,34 @@ impl Trainer {
                 )?;
                 loss_sum += r.loss;
                 sums.add(&r.stats);
-                for (acc, gv) in grads.iter_mut().zip(&r.grads) {
-                    for (a, b) in acc.iter_mut().zip(gv) {
-                        *a += b;
+                add_into(&mut grads, &r.grads);
+                if let Some(im) = images {
+                    let mut at = 0;
+                    for &i in micro {
+                        let n = rows[i].features.len();
+                        let acc = feature_grads
+                            .entry(im.prompt_of[i])
+                            .or_insert_with(|| vec![0.0; n]);
+                        let part =
+                            r.feature_grads
+                                .get(at..at + n)
+                                .ok_or_else(|| TrainError::Run {
+                                    graph: "train",
+                                    msg: format!(
+                                    "{} image-feature gradient values for rows with {} features",
+                                    r.feature_grads.len(),
+                                    at + n
+                                ),
+                                })?;
+                        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+                        at += n;
                     }
+                }
+            }
+            if let Some(im) = images {
+                for (p, g) in &feature_grads {
+                    let vg = self.vision_grads(&im.pixels[*p], &im.grids[*p], g)?;
+                    add_into(&mut grads, &vg);
                 }
             }
             t_train += t.elapsed().as_secs_f64();

@@ -20,6 +20,52 @@ pub(super) enum Backend {
 }
 
 impl Param {
+    /// A vision-tower tensor: an input of vision.onnx and vision_grad.onnx, not of the
+    /// language model's graphs.
+    pub(super) fn is_vision(&self) -> bool {
+        crate::model::package::is_vision_name(&self.name)
+    }
+
+    /// The language model's LoRA inputs of a graph: each tensor by name, its values or (with
+    /// `zero`) zeros (the base model).
+    pub(super) fn text_inputs(
+        params: &[Param],
+        zero: bool,
+    ) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
+        params
+            .iter()
+            .filter(|p| !p.is_vision())
+            .map(|p| {
+                let v = match zero {
+                    true => vec![0.0; p.value.len()],
+                    false => p.value.clone(),
+                };
+                Ok((p.name.clone(), tensor(&p.shape, v)?))
+            })
+            .collect()
+    }
+
+    /// A training graph's LoRA gradients (`grad.{name}`) in parameter order; the vision tower's
+    /// tensors, which the graph does not take, get zeros (vision_grad.onnx gives theirs).
+    pub(super) fn read_grads(
+        params: &[Param],
+        res: &ort::session::SessionOutputs<'_>,
+        graph: &'static str,
+    ) -> Result<Vec<Vec<f32>>, TrainError> {
+        params
+            .iter()
+            .map(|p| {
+                if p.is_vision() {
+                    return Ok(vec![0.0; p.value.len()]);
+                }
+                let (_, g) = res[format!("grad.{}", p.name).as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(run_err(graph))?;
+                Ok(g.to_vec())
+            })
+            .collect()
+    }
+
     /// A checkpoint's state: the tensors, AdamW's moments, the step, the settings' key and an
     /// fp16 run's loss scale.
     pub(super) fn state(
@@ -157,8 +203,13 @@ impl Backend {
 #[derive(Debug, Clone)]
 pub struct MicroResult {
     pub loss: f64,
-    /// Per LoRA tensor, in [`Trainer::lora`] order.
+    /// Per LoRA tensor, in [`Trainer::lora`] order (zeros for the vision tower's: see
+    /// `feature_grads`).
     pub grads: Vec<Vec<f32>>,
+    /// With vision-tower LoRA: the loss's gradient at the rows' image features, in the rows'
+    /// order (`[image tokens, out_hidden_size]` as their features are), unscaled; empty
+    /// otherwise. [`Trainer::vision_grads`] takes it through the vision tower.
+    pub feature_grads: Vec<f32>,
     /// Sums over completion tokens, by the manifest's names: tokens, pg_clipfrac_higher,
     /// pg_clipfrac_lower, ppo_kl (−log-ratio), kl (k3), entropy.
     pub stats: Stats,

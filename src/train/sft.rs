@@ -417,7 +417,15 @@ impl Sft {
                     .into(),
             });
         };
-        let mut have = m.lora.targets.clone();
+        // The language model's targets: sft.toml's `lora_target` names those (a vision-tower
+        // LoRA in the package is held at zero, as LLaMA-Factory freezes the vision tower).
+        let mut have: Vec<String> = m
+            .lora
+            .targets
+            .iter()
+            .filter(|t| !t.starts_with("visual."))
+            .cloned()
+            .collect();
         let mut want = cfg.targets();
         have.sort();
         want.sort();
@@ -469,6 +477,14 @@ impl Sft {
             step: 0,
             left_out: Vec::new(),
         })
+    }
+
+    /// What a cold start on a package with vision-tower LoRA should know; `None` without one.
+    pub fn vision_note(&self) -> Option<String> {
+        super::vision_note(
+            &self.engine.package.manifest.lora,
+            "the cold start leaves its adapter at zero, as LLaMA-Factory's freezes the vision tower",
+        )
     }
 
     /// [`Engine::precision_note`] of the package.
@@ -579,9 +595,7 @@ impl Sft {
             inputs.push(("token_count".into(), scalar(token_count as f32)?));
             let s = self.loss_scale.map_or(1.0, |s| s.scale);
             inputs.push(("loss_scale".into(), scalar(s)?));
-            for p in &self.params {
-                inputs.push((p.name.clone(), tensor(&p.shape, p.value.clone())?));
-            }
+            inputs.extend(Param::text_inputs(&self.params, false)?);
             let res = self.sft.run(inputs).map_err(super::run_err("sft"))?;
             let f = |name: &str| -> Result<Vec<f32>, TrainError> {
                 let (_, v) = res[name]
@@ -591,11 +605,10 @@ impl Sft {
             };
             let loss = f64::from(f("loss")?[0]);
             let st = f("stats")?;
-            let mut grads = Vec::with_capacity(self.params.len());
-            for p in &self.params {
-                grads.push(f(&format!("grad.{}", p.name))?);
-            }
-            if !scale::rerun(&mut self.loss_scale, &grads) {
+            // (the vision tower's LoRA, where the package has one, stays as initialised —
+            // zero — as LLaMA-Factory's cold start freezes the vision tower)
+            let grads = Param::read_grads(&self.params, &res, "sft")?;
+            if !scale::rerun(&mut self.loss_scale, || scale::all_finite(&grads)) {
                 return Ok(Micro {
                     loss,
                     grads,
