@@ -711,3 +711,76 @@ fn unreadable_images_are_left_out_and_a_failed_step_keeps_the_finished_ones() {
     assert_eq!(t.step(), 4);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A completion that samples an image placeholder id (the tiny model can: its vocabulary holds
+/// them) keeps that token's embedding in training, as the sampler fed it back, and does not take
+/// a later row's image features: a micro-batch with such a row before a row with an image gives
+/// the loss and gradients of the two rows run apart.
+#[test]
+fn a_sampled_image_placeholder_does_not_take_another_rows_features() {
+    let dir = tempdir("placeholder");
+    let c = config(&dir, text_tasks(&dir, 4));
+    let Some(mut t) = trainer(c) else { return };
+    let tokens = spatial_ssrl::model::package::Package::open(&tiny())
+        .unwrap()
+        .manifest
+        .tokens;
+    let engine = spatial_ssrl::rollout::Engine::open(&tiny(), None).unwrap();
+    let img = image::open(tiny().join("goldens/image_0_0.png"))
+        .unwrap()
+        .to_rgb8();
+    let p = spatial_ssrl::model::processor::preprocess(&img, &engine.preprocessor).unwrap();
+    let features = t
+        .image_features(&p.pixel_values, &[p.grid_thw], true)
+        .unwrap();
+    let n = (p.grid_thw[0] * p.grid_thw[1] * p.grid_thw[2] / 4) as usize;
+    let mut with_image = vec![10u32, 11, tokens.vision_start];
+    with_image.extend(std::iter::repeat_n(tokens.image, n));
+    with_image.extend([tokens.vision_end, 12, 13]);
+    let text_prompt = vec![20u32, 21, 22];
+    // Row 0 samples the image placeholder (and the video one) mid-completion.
+    let sampled = vec![30u32, tokens.image, 31, tokens.video, 32];
+    let plain = vec![40u32, 41, 42, 43];
+    let rows = [
+        Row {
+            prompt: &text_prompt,
+            completion: &sampled,
+            grids: &[],
+            features: &[],
+        },
+        Row {
+            prompt: &with_image,
+            completion: &plain,
+            grids: std::slice::from_ref(&p.grid_thw),
+            features: &features,
+        },
+    ];
+    let lp = |r: &Row<'_>| vec![-2.0f32; r.completion.len()];
+    let count = sampled.len() + plain.len();
+    let run = |t: &mut Trainer, rows: &[Row<'_>], adv: &[f32]| {
+        let old: Vec<Vec<f32>> = rows.iter().map(lp).collect();
+        t.loss_and_grads(rows, &old, &old, adv, 0.01, count, None)
+            .unwrap()
+    };
+    let both = run(&mut t, &rows, &[1.0, -0.5]);
+    let first = run(&mut t, &rows[..1], &[1.0]);
+    let second = run(&mut t, &rows[1..], &[-0.5]);
+    let dl = (both.loss - (first.loss + second.loss)).abs();
+    assert!(
+        dl <= 1e-5,
+        "loss {} vs {} + {}",
+        both.loss,
+        first.loss,
+        second.loss
+    );
+    for (k, g) in both.grads.iter().enumerate() {
+        let scale = g.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let d = g
+            .iter()
+            .zip(first.grads[k].iter().zip(&second.grads[k]))
+            .map(|(a, (b, c))| (a - (b + c)).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-4 * scale, "gradient {k}: {d} apart (scale {scale})");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -83,10 +83,32 @@ impl MicroBatch {
         self.completion_len.iter().sum()
     }
 
+    /// The positions (flat, in `ids`) of image or video placeholder ids (`placeholders`) that
+    /// a completion sampled: the model's own tokens there, not images. The embedding graph
+    /// gives the features to the placeholders in row-major order, so such a token in an
+    /// earlier row would take a later row's image features; the trainer embeds these
+    /// positions apart ([`MicroBatch::embedding_ids`]).
+    pub fn sampled_placeholders(&self, placeholders: [i64; 2]) -> Vec<usize> {
+        (0..self.ids.len())
+            .filter(|&pos| pos % self.len > self.first && placeholders.contains(&self.ids[pos]))
+            .collect()
+    }
+
+    /// `ids` with the sampled placeholders (`at`, from [`MicroBatch::sampled_placeholders`])
+    /// replaced by `pad`, so that the embedding graph gives the image features to the prompts'
+    /// placeholders only.
+    pub fn embedding_ids(&self, at: &[usize], pad: i64) -> Vec<i64> {
+        let mut ids = self.ids.clone();
+        for &pos in at {
+            ids[pos] = pad;
+        }
+        ids
+    }
+
     /// The rows of a per-position `[rows, len, hidden]` tensor (the loss's gradient at the
-    /// input embeddings) where the embedding graph put the image features: the placeholder
-    /// positions (`placeholders`: the image and video token ids) in row-major order, as many as
-    /// there are features — `[feature rows, hidden]`, in the features' order.
+    /// input embeddings) where the embedding graph put the image features: the prompts'
+    /// placeholder positions (`placeholders`: the image and video token ids) in row-major
+    /// order, as many as there are features — `[feature rows, hidden]`, in the features' order.
     pub fn feature_rows(
         &self,
         per_position: &[f32],
@@ -99,7 +121,7 @@ impl MicroBatch {
             if out.len() == n * hidden {
                 break;
             }
-            if placeholders.contains(id) {
+            if placeholders.contains(id) && pos % self.len <= self.first {
                 out.extend_from_slice(&per_position[pos * hidden..(pos + 1) * hidden]);
             }
         }
@@ -141,7 +163,10 @@ pub fn build(rows: &[Row<'_>], pad: u32, rope: &RopeConfig) -> Result<MicroBatch
             .collect();
         for t in 0..len {
             ids.push(i64::from(full[t].0));
-            ids_u32.push(full[t].0);
+            // A placeholder id a completion sampled is a text position (the sampler gave it
+            // one), not the start of an image block.
+            let sampled = t >= p && [rope.image_token_id, rope.video_token_id].contains(&full[t].0);
+            ids_u32.push(if sampled { pad } else { full[t].0 });
             mask.push(i64::from(full[t].1));
             target_ids.push(i64::from(full[t + 1].0));
             let in_completion = t + 1 >= p && t + 1 < p + r.completion.len();

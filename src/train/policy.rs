@@ -293,9 +293,25 @@ pub(super) fn lay_out(
     Ok(mb)
 }
 
-/// The rows' token embeddings with their image features in place.
+/// The rows' token embeddings with their image features in place: the features go to the
+/// prompts' placeholders, and a placeholder id a completion sampled gets its token's own
+/// embedding, as it had when the sampler fed it back.
 pub(super) fn embed(engine: &mut Engine, mb: &MicroBatch) -> Result<Vec<f32>, TrainError> {
-    Ok(engine.embed_rows(mb.ids.clone(), mb.rows, mb.len, mb.features.clone())?)
+    let t = &engine.package.manifest.tokens;
+    let placeholders = [i64::from(t.image), i64::from(t.video)];
+    let pad = i64::from(t.pad);
+    let sampled = mb.sampled_placeholders(placeholders);
+    let ids = mb.embedding_ids(&sampled, pad);
+    let mut embeds = engine.embed_rows(ids, mb.rows, mb.len, mb.features.clone())?;
+    if !sampled.is_empty() {
+        let d = embeds.len() / (mb.rows * mb.len).max(1);
+        let own = engine.embed_rows(placeholders.to_vec(), 1, 2, Vec::new())?;
+        for pos in sampled {
+            let k = usize::from(mb.ids[pos] == placeholders[1]);
+            embeds[pos * d..(pos + 1) * d].copy_from_slice(&own[k * d..(k + 1) * d]);
+        }
+    }
+    Ok(embeds)
 }
 
 /// The inputs every training graph shares: embeddings (in the graphs' type `ty`), mask,
