@@ -93,6 +93,9 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	rm -rf models/tiny-vision-lora
 	$(EXPORT_VENV)/bin/python models/export.py models/tiny/hf --out models/tiny-vision-lora --lora-rank 8 \
 	    --lora-alpha 16 --lora-targets q_proj,v_proj,vision --verify --goldens
+	rm -rf models/tiny-qwen3-vl
+	$(EXPORT_VENV)/bin/python models/export.py --tiny --family qwen3_vl --out models/tiny-qwen3-vl --lora-rank 8 \
+	    --lora-alpha 16 --lora-targets q_proj,v_proj --verify --goldens
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_pil_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_rope_goldens.py

@@ -51,7 +51,7 @@ CHAT_TEMPLATE = (
 TINY_CORPUS = [os.path.join(HERE, "tiny_corpus.txt")]
 
 
-def build_tiny_tokenizer(out_dir, vocab_size=2000):
+def build_tiny_tokenizer(out_dir, vocab_size=2000, chat_template=CHAT_TEMPLATE):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -76,9 +76,9 @@ def build_tiny_tokenizer(out_dir, vocab_size=2000):
                "additional_special_tokens": [c for c, _ in QWEN25VL_ADDED[1:14]], "bos_token": None,
                "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
                "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
-               "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "chat_template": CHAT_TEMPLATE},
+               "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "chat_template": chat_template},
               open(os.path.join(out_dir, "tokenizer_config.json"), "w"), indent=2)
-    json.dump({"chat_template": CHAT_TEMPLATE}, open(os.path.join(out_dir, "chat_template.json"), "w"), indent=2)
+    json.dump({"chat_template": chat_template}, open(os.path.join(out_dir, "chat_template.json"), "w"), indent=2)
     return {c: tok.token_to_id(c) for c, _ in QWEN25VL_ADDED}
 
 
@@ -208,9 +208,21 @@ def normalise_config_dict(d):
     return d
 
 
+def family_of(hf_dir):
+    """The model family of a Hugging Face folder, from its config.json's model_type."""
+    t = json.load(open(os.path.join(hf_dir, "config.json"))).get("model_type", "qwen2_5_vl")
+    if t not in ("qwen2_5_vl", "qwen3_vl"):
+        raise SystemExit(f"{hf_dir}: model_type {t!r}; the exporter knows qwen2_5_vl and qwen3_vl")
+    return t
+
+
 def load_model(hf_dir):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    if family_of(hf_dir) == "qwen3_vl":
+        from transformers import Qwen3VLForConditionalGeneration
+        model = Qwen3VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch_dtype(), attn_implementation="eager")
+        return model.eval()
     raw = json.load(open(os.path.join(hf_dir, "config.json")))
     cfg = Qwen2_5_VLConfig(**normalise_config_dict(raw))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, config=cfg, dtype=torch_dtype(),

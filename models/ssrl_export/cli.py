@@ -42,8 +42,9 @@ import os
 
 from . import settings
 from .settings import TOL, WEIGHTS_FILE
-from .builders import REAL_TEXT, build_random, build_tiny, load_model
+from .builders import REAL_TEXT, build_random, build_tiny, family_of, load_model
 from .lora import LORA_TARGETS, VISION_TARGETS, is_visual
+from . import qwen3_vl
 from .qwen2_5_vl import export_package, write_package_files
 from .onnx_io import SharedWeights
 from .training import export_training
@@ -55,6 +56,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_dir", nargs="?", help="Hugging Face Qwen2.5-VL checkpoint folder")
     ap.add_argument("--tiny", action="store_true", help="build and export the tiny random-weight test model")
+    ap.add_argument("--family", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
+                    help="with --tiny: the model family to build (a checkpoint's own config.json names its family; "
+                         "qwen3_vl packages have the inference graphs only, for now)")
     ap.add_argument("--random-init", choices=sorted(REAL_TEXT), metavar="MODEL",
                     help=f"build and export MODEL ({', '.join(sorted(REAL_TEXT))}) at its real geometry with random "
                          "weights and the tiny tokenizer (special tokens on Qwen's ids): for benchmarks and GPU checks "
@@ -113,8 +117,8 @@ def main(argv=None):
     hf_dir = a.hf_dir
     if a.tiny:
         hf_dir = os.path.join(a.out, "hf")
-        print(f"building the tiny model in {hf_dir}", flush=True)
-        build_tiny(hf_dir)
+        print(f"building the tiny {a.family} model in {hf_dir}", flush=True)
+        (qwen3_vl.build_tiny if a.family == "qwen3_vl" else build_tiny)(hf_dir)
     if a.random_init:
         hf_dir = os.path.join(a.out, "hf")
         print(f"building {a.random_init} with random weights in {hf_dir}", flush=True)
@@ -126,6 +130,16 @@ def main(argv=None):
           f"{', external data' if settings.EXTERNAL_DATA else ''})", flush=True)
     os.makedirs(a.out, exist_ok=True)
     settings.WEIGHTS = SharedWeights(a.out, model)
+    if family_of(hf_dir) == "qwen3_vl":
+        names, shapes = qwen3_vl.export(model, a.out, a.lora_rank, a.lora_alpha, targets)
+        qwen3_vl.write_package_files(model, hf_dir, a.out, names, shapes, a.lora_rank, a.lora_alpha, a.dtype)
+        print(f"  {WEIGHTS_FILE}: {settings.WEIGHTS.at / 1e9:.3f} GB, shared by every graph", flush=True)
+        if a.verify:
+            qwen3_vl.verify(model, hf_dir, a.out, names, shapes, tol=TOL[a.dtype]["logits"])
+        if a.goldens:
+            write_goldens(model, hf_dir, a.out, names, shapes, None, qwen3_vl.CHAT_TEMPLATE,
+                          qwen3_vl.processor(hf_dir))
+        return
     names, shapes = export_package(model, a.out, a.lora_rank, a.lora_alpha, targets)
     step, sft, vgrad = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)
     if settings.WEIGHTS.kept:

@@ -42,18 +42,19 @@ def write_vision_goldens(model, out, lang, vis, shapes_):
     print(f"  vision goldens: {gd} (loss {float(loss):.6f})")
 
 
-def write_goldens(model, hf_dir, out, names, shapes_, step):
+def write_goldens(model, hf_dir, out, names, shapes_, step, template=CHAT_TEMPLATE, proc=None):
     """Reference values from transformers for the Rust tests: chat-template prompt ids, M-RoPE
     positions for a left-padded batch with several images, logits of prefill + 5 greedy steps,
-    teacher-forced log-probs, and one train.onnx step (inputs and torch autograd outputs)."""
+    teacher-forced log-probs, and (with `step`) one train.onnx and one sft.onnx step (inputs
+    and torch autograd outputs). `template` and `proc` (the image processor) are the family's."""
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     gd = os.path.join(out, "goldens")
-    os.makedirs(os.path.join(gd, "train"), exist_ok=True)
+    os.makedirs(gd, exist_ok=True)
     tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(hf_dir, "tokenizer.json"))
-    tok.chat_template = CHAT_TEMPLATE
-    proc = Qwen2VLImageProcessorPil()
+    tok.chat_template = template
+    proc = proc or Qwen2VLImageProcessorPil()
     cfg, tc = model.config, model.config.text_config
     prompts = [("Which patch is flipped?", [(224, 168)]), ("Sort the three regions by depth.", [(84, 252), (140, 112)])]
     rows, grids, pvs, images = [], [], [], []
@@ -124,7 +125,11 @@ def write_goldens(model, hf_dir, out, names, shapes_, step):
                "sequences": all_ids.tolist(), "step_logits": "step_logits.npy [6, B, V]: last position, prefill then 5 steps",
                "teacher_forced_logprobs": "teacher_forced_logprobs.npy [B, S-1]: log p(token t+1 | ≤ t), T = 1"},
               open(os.path.join(gd, "rollout.json"), "w"), indent=1)
+    if step is None:
+        print(f"  goldens: {gd} (greedy {np.array(greedy).T.tolist()}, rope deltas {deltas.tolist()})")
+        return
     # one training step
+    os.makedirs(os.path.join(gd, "train"), exist_ok=True)
     batch = train_batch(model)
     lora = random_lora(names, shapes_, 5)
     lora_in = [f"{n}.{m}" for n in names for m in ("A", "B")]

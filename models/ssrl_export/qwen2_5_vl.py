@@ -178,7 +178,7 @@ def shared_prefix_slots(prefix, rows):
 
 
 def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale, prefix=None, own=None,
-                 recompute=False):
+                 recompute=False, deepstack=None):
     """The text decoder: M-RoPE, GQA attention with a causal ∧ padding mask, optional KV cache
     (`past` None: no cache), an optional shared prompt cache (`prefix`, see shared_prefix_slots:
     attention runs over the prompt's cache, then the row's own cache), an optional buffer of the
@@ -217,8 +217,11 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         """Layer i on h: the new h, and the layer's keys and values (past ones included)."""
         at = layer.self_attn
         x = rms_norm(layer.input_layernorm, h)
-        q = proj(lora, i, "q_proj", at.q_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
-        k = proj(lora, i, "k_proj", at.k_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
+        # (Qwen3: a per-head RMSNorm of the queries and keys before the rotary embedding)
+        q = proj(lora, i, "q_proj", at.q_proj, x).view(B, S, -1, at.head_dim)
+        q = (rms_norm(at.q_norm, q) if hasattr(at, "q_norm") else q).transpose(1, 2)
+        k = proj(lora, i, "k_proj", at.k_proj, x).view(B, S, -1, at.head_dim)
+        k = (rms_norm(at.k_norm, k) if hasattr(at, "k_norm") else k).transpose(1, 2)
         v = proj(lora, i, "v_proj", at.v_proj, x).view(B, S, -1, at.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past is not None:
@@ -283,8 +286,21 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         return o
 
     h, presents = embeds, []
+    if deepstack is not None:
+        # DeepStack (Qwen3-VL): the vision tower's intermediate features [K, N, D] added to the
+        # hidden states of the first K layers at the image positions (`visual_mask` [B, S], in
+        # row-major order, as the embedding scatters the image features).
+        feats, vmask = deepstack
+        flat = vmask.reshape(-1).to(torch.int64)
+        at_pos = torch.cumsum(flat, 0) * flat
+        at_pos = torch.where(at_pos <= feats.shape[1], at_pos, torch.zeros_like(at_pos))
+
+        def visual_add(h, i):
+            f = torch.cat([torch.zeros(1, h.shape[-1], dtype=h.dtype), feats[i].to(h.dtype)], 0)
+            return h + f[at_pos].reshape(h.shape)
     if recompute:
         assert past is None and prefix is None and own is None, "recompute is for the training graph"
+        assert deepstack is None, "DeepStack is not in the training graphs yet"
         for i, layer in enumerate(lm.layers):
             names = sorted(k for k in lora if k.startswith(f"lora.{i}."))
             flat = [t for k in names for t in lora[k]]
@@ -297,6 +313,8 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         return rms_norm(lm.norm, h), presents
     for i, layer in enumerate(lm.layers):
         h, k, v = layer_step(i, layer, h, lora)
+        if deepstack is not None and i < deepstack[0].shape[0]:
+            h = visual_add(h, i)
         presents += [k, v]
     return rms_norm(lm.norm, h), presents
 
@@ -307,16 +325,22 @@ class Decoder(nn.Module):
         self.model, self.lora_names, self.scale = model, lora_names, scale
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, prefix_key_values, prefix_mask,
-                slot_rows, row_slots, own_key_values, own_mask, lora_tensors):
+                slot_rows, row_slots, own_key_values, own_mask, lora_tensors, deepstack_features=None,
+                visual_mask=None):
         lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
         prefix = (prefix_key_values, prefix_mask, slot_rows, row_slots)
+        deepstack = None if deepstack_features is None else (deepstack_features, visual_mask)
         h, presents = decoder_core(self.model, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                   lora, self.scale, prefix, (own_key_values, own_mask))
+                                   lora, self.scale, prefix, (own_key_values, own_mask), deepstack=deepstack)
         # The last position only: the engine left-pads prompts, so that is every row's next token.
         return (self.model.lm_head(h[:, -1:]).float(), *presents)
 
 
-def export_package(model, out, lora_rank, lora_alpha, lora_targets):
+def export_package(model, out, lora_rank, lora_alpha, lora_targets, vision=None):
+    """vision.onnx, embedding.onnx and decoder.onnx. `vision`: another family's vision graph
+    module and its extra outputs (name → dimension names); Qwen2.5-VL's by default. A vision
+    tower with DeepStack layers gives the decoder `deepstack_features` [K, N, D] and
+    `visual_mask` [B, S] (the positions that take them, as image_features' placeholders)."""
     from torch.export import Dim
 
     os.makedirs(out, exist_ok=True)
@@ -339,8 +363,10 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
             vlora = random_lora(vis, shapes, 3)
             args, ds["lora_tensors"] = (px, grid, vlora), [{} for _ in vlora]
             in_names += [f"{n}.{m}" for n in vis for m in ("A", "B")]
-        export(Vision(model, vis, lora_alpha / lora_rank).eval(), args, f"{out}/vision.onnx", in_names,
-               ["image_features"], ds, dims, lora_defaults(vis, shapes))
+        module, extra = (Vision(model, vis, lora_alpha / lora_rank), {}) if vision is None else vision
+        dims.update(extra)
+        export(module.eval(), args, f"{out}/vision.onnx", in_names, ["image_features"] + list(extra), ds, dims,
+               lora_defaults(vis, shapes))
         # embedding
         ids = torch.randint(0, 100, (2, 7))
         ids[0, 2:4] = cfg.image_token_id
@@ -407,8 +433,18 @@ def export_package(model, out, lora_rank, lora_alpha, lora_targets):
               "slot_rows": {0: slots}, "row_slots": {0: Dim("row_slots", max=4096)},
               "own_key_values": [{0: ob, 2: cap} for _ in range(2 * L)], "own_mask": {0: ob, 1: cap},
               "lora_tensors": [{} for _ in lora]}
-        export(Decoder(model, names, lora_alpha / lora_rank).eval(),
-               (x, am, pos, past, prefix, pmask, slot_rows, row_slots, own, own_mask, lora), f"{out}/decoder.onnx",
+        args = (x, am, pos, past, prefix, pmask, slot_rows, row_slots, own, own_mask, lora)
+        K = len(getattr(vc, "deepstack_visual_indexes", None) or [])
+        if K:
+            vmask = torch.zeros(B, S, dtype=torch.int64)
+            vmask[0, 1:3] = 1
+            vmask[2, 2:5] = 1
+            args += (torch.randn(K, 5, D).to(dt), vmask)
+            in_names += ["deepstack_features", "visual_mask"]
+            ds.update({"deepstack_features": {1: Dim("num_visual_tokens", max=1 << 20)}, "visual_mask": {0: b, 1: s}})
+            dims.update({"deepstack_features": {1: "num_visual_tokens"},
+                         "visual_mask": {0: "batch_size", 1: "sequence_length"}})
+        export(Decoder(model, names, lora_alpha / lora_rank).eval(), args, f"{out}/decoder.onnx",
                in_names, out_names, ds, dims,
                {**lora_defaults(names, shapes), **prefix_defaults(L, kvh, hd), **own_defaults(L, kvh, hd)})
     return names + vis, shapes
