@@ -424,13 +424,16 @@ fn a_package_from_another_exporter_version_is_refused_with_the_fix() {
     std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
     let e = Package::open(&dir).unwrap_err().to_string();
     assert!(e.contains("dtype is \"int8\""), "{e}");
-    // A family this runtime does not know is named, with the one it does.
+    // A family this runtime does not know is named, with the ones it does.
     let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
-    m["family"] = "qwen3_vl".into();
+    m["family"] = "llava_next".into();
     std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
     let e = Package::open(&dir).unwrap_err().to_string();
     assert!(
-        e.contains("manifest.json") && e.contains("qwen3_vl") && e.contains("qwen2_5_vl"),
+        e.contains("manifest.json")
+            && e.contains("llava_next")
+            && e.contains("qwen2_5_vl")
+            && e.contains("qwen3_vl"),
         "{e}"
     );
     // One without a family (earlier exports) is Qwen2.5-VL's.

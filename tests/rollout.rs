@@ -113,6 +113,56 @@ fn greedy_rollout_in_fp16_matches_transformers_in_fp16() {
     assert_eq!(g16["greedy_tokens"], g32["greedy_tokens"]);
 }
 
+/// A Qwen3-VL package (patch 16, learned vision position embeddings, DeepStack features into
+/// the first language layers, q/k-normed Qwen3 layers, interleaved M-RoPE, its chat template)
+/// rolls out as transformers' Qwen3VLForConditionalGeneration generates: the same prompt ids
+/// and positions, logits of prefill and decode steps within 1e-4, the same greedy tokens —
+/// with CPU slices too. Training it is refused until its training graphs exist.
+#[test]
+fn greedy_rollout_of_qwen3_vl_matches_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-qwen3-vl");
+    let Some(mut e) = engine_of(&dir) else { return };
+    assert_eq!(
+        e.package.manifest.family,
+        spatial_ssrl::model::package::Family::Qwen3Vl
+    );
+    assert_eq!(e.package.manifest.vision.deepstack_layers, 2);
+    assert_matches_goldens(&mut e, &dir, 1e-4);
+    let (g, reqs) = golden_of(&dir);
+    e.set_cpu_slices(Some(2)).unwrap();
+    let out = e.generate(&reqs, &greedy(6), None).unwrap();
+    for (c, want) in out.iter().zip(g["greedy_tokens"].as_array().unwrap()) {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(c.tokens, want, "with two CPU slices");
+    }
+    let tmp = std::env::temp_dir().join(format!("ssrl-qwen3-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("tasks.jsonl");
+    let line =
+        r#"{"id": "t0", "task": "letter", "answer": "a", "images": [], "problem": "Say a."}"#;
+    std::fs::write(&data, format!("{line}\n")).unwrap();
+    let mut cfg = spatial_ssrl::train::config::TrainConfig {
+        model: dir.clone(),
+        out: tmp.join("run"),
+        ..Default::default()
+    };
+    cfg.data.train_files = vec![data];
+    let err = spatial_ssrl::train::Trainer::new(cfg, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("Qwen3-VL") && err.contains("no log-prob or training graph"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
 /// The engine's prompt, positions, logits of prefill + 5 decode steps (within `tol`) and greedy
 /// tokens against the package `dir`'s transformers goldens.
 fn assert_matches_goldens(e: &mut Engine, dir: &Path, tol: f32) {

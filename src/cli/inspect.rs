@@ -38,11 +38,15 @@ pub(crate) fn run_inspect(a: InspectArgs) -> Result<()> {
     if let Some(n) = p.context_length() {
         outln!("context: {n} tokens, prompt and generated");
     }
+    let attention = match (m.vision.window_size, m.vision.deepstack_layers) {
+        (0, 0) => "full attention".to_string(),
+        (0, k) => format!("full attention, DeepStack into the first {k} language layers"),
+        (w, _) => format!("window {w} px"),
+    };
     outln!(
-        "vision: patch {}, merge {}, window {} px → features of {}; {}",
+        "vision: patch {}, merge {}, {attention} → features of {}; {}",
         m.vision.patch_size,
         m.vision.spatial_merge_size,
-        m.vision.window_size,
         m.vision.out_hidden_size,
         match m.lora.tensors.is_empty() {
             true => "no LoRA inputs".to_string(),
@@ -72,7 +76,11 @@ pub(crate) fn run_inspect(a: InspectArgs) -> Result<()> {
             }
         );
     }
-    if !p.is_genai() {
+    if !p.is_genai() && m.graphs.train.is_empty() {
+        outln!(
+            "log-prob and training graphs: none (inference graphs only: rollouts and evaluation)"
+        );
+    } else if !p.is_genai() {
         use spatial_ssrl::model::package::Positions;
         let t = &m.train;
         outln!(

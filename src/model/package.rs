@@ -33,7 +33,11 @@ pub struct Graphs {
     pub vision: String,
     pub embedding: String,
     pub decoder: String,
+    /// The log-prob and training graphs ("" in packages without them: onnxruntime-genai
+    /// folders, Qwen3-VL packages so far).
+    #[serde(default)]
     pub logprobs: String,
+    #[serde(default)]
     pub train: String,
     /// The SFT cold start's training graph; "" in packages exported before it.
     #[serde(default)]
@@ -65,7 +69,7 @@ pub const SFT_INPUTS: [(&str, T); 7] = [
 ];
 
 /// The training graph's batch inputs, in order, and its loss statistics.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct TrainSpec {
     pub inputs: Vec<String>,
     pub stats: Vec<String>,
@@ -134,6 +138,11 @@ pub struct VisionSpec {
     pub temporal_patch_size: u32,
     pub tokens_per_second: f32,
     pub window_size: u32,
+    /// DeepStack (Qwen3-VL): how many vision blocks' merged features vision.onnx also gives
+    /// (`deepstack_features` [K, tokens, D]) and the decoder adds to its first K layers' hidden
+    /// states at the image positions (`visual_mask`); 0 for Qwen2.5-VL.
+    #[serde(default)]
+    pub deepstack_layers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +241,11 @@ pub enum Family {
     #[default]
     #[serde(rename = "qwen2_5_vl")]
     Qwen25Vl,
+    /// Qwen3-VL (2B, 4B, 8B dense): 16-pixel patches, learned vision position embeddings,
+    /// DeepStack features into the first language layers, interleaved M-RoPE. Inference graphs
+    /// only so far (no log-prob or training graphs).
+    #[serde(rename = "qwen3_vl")]
+    Qwen3Vl,
 }
 
 impl Family {
@@ -239,6 +253,7 @@ impl Family {
     pub fn id(self) -> &'static str {
         match self {
             Family::Qwen25Vl => "qwen2_5_vl",
+            Family::Qwen3Vl => "qwen3_vl",
         }
     }
 
@@ -246,6 +261,7 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Qwen25Vl => "Qwen2.5-VL",
+            Family::Qwen3Vl => "Qwen3-VL",
         }
     }
 }
@@ -261,6 +277,8 @@ pub struct Manifest {
     pub family: Family,
     pub dtype: String,
     pub graphs: Graphs,
+    /// The training graph's contract (a package without training graphs has the default).
+    #[serde(default)]
     pub train: TrainSpec,
     /// `sft.onnx`'s contract (packages exported before it have none).
     #[serde(default)]
@@ -338,7 +356,8 @@ impl Package {
             });
         }
         let contract: Vec<&str> = TRAIN_INPUTS.iter().map(|(n, _)| *n).collect();
-        if manifest.train.inputs != contract {
+        // (a package without a training graph has no training contract to check)
+        if !manifest.graphs.train.is_empty() && manifest.train.inputs != contract {
             return Err(PackageError::File {
                 path,
                 msg: format!(
@@ -371,10 +390,13 @@ impl Package {
             });
         }
         let g = &manifest.graphs;
-        let sft = Some(&g.sft).filter(|f| !f.is_empty());
-        for g in [&g.vision, &g.embedding, &g.decoder, &g.logprobs, &g.train]
+        // (the log-prob, training and SFT graphs and the vision tower's backward where named)
+        let optional = [&g.logprobs, &g.train, &g.sft, &g.vision_grad]
             .into_iter()
-            .chain(sft)
+            .filter(|f| !f.is_empty());
+        for g in [&g.vision, &g.embedding, &g.decoder]
+            .into_iter()
+            .chain(optional)
         {
             let p = dir.join(g);
             if !p.is_file() {
@@ -534,6 +556,7 @@ impl Package {
                 temporal_patch_size: 2,
                 tokens_per_second: vis["tokens_per_second"].as_f64().unwrap_or(2.0) as f32,
                 window_size: vis["window_size"].as_u64().unwrap_or(112) as u32,
+                deepstack_layers: 0,
             },
             tokens: TokenSpec {
                 image: num(model, "image_token_id")? as u32,
@@ -673,6 +696,13 @@ impl Package {
         sft_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
         sft_out.push(("stats".into(), T::Float32));
         sft_out.extend(embeds_grad.iter().cloned());
+        if m.vision.deepstack_layers > 0 {
+            dec_in.extend(s(&[("deepstack_features", act), ("visual_mask", T::Int64)]));
+        }
+        let mut vision_out = s(&[("image_features", act)]);
+        if m.vision.deepstack_layers > 0 {
+            vision_out.push(("deepstack_features".into(), act));
+        }
         let mut vision_in = s(&[("pixel_values", T::Float32), ("image_grid_thw", T::Int64)]);
         vision_in.extend(vision_lora.iter().cloned());
         let mut vgrad_in = s(&[
@@ -691,7 +721,7 @@ impl Package {
                 m.graphs.vision.clone(),
                 Signature {
                     inputs: vision_in,
-                    outputs: s(&[("image_features", act)]),
+                    outputs: vision_out,
                 },
             ),
             (

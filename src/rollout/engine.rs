@@ -22,7 +22,7 @@ use super::kv::own_cache_in_place;
 use super::request::{
     prompt_ids, tokenize, GenerationConfig, NoRoom, Prepared, PromptText, Request,
 };
-use super::runner::{Graphs, LoraInput, Runner};
+use super::runner::{Graphs, LoraInput, Runner, VisionOut};
 use super::share::{deal, joined, prompt_shares, PromptCost};
 pub(crate) use super::types::input;
 use super::types::run_err;
@@ -448,14 +448,19 @@ impl Engine {
         let (prompts, grids) = tokenize(&self.prompts, &self.preprocessor, merge, &all, &at, text)?;
         let images: Vec<&RgbImage> = requests.iter().flat_map(|r| &r.images).collect();
         let mut each = self.vision_features(&images)?.into_iter();
-        let features = requests
-            .iter()
-            .map(|r| each.by_ref().take(r.images.len()).flatten().collect())
-            .collect();
+        let (mut features, mut deepstack) = (Vec::new(), Vec::new());
+        let k = self.package.manifest.vision.deepstack_layers;
+        for r in requests {
+            let mine: Vec<VisionOut> = each.by_ref().take(r.images.len()).collect();
+            let (f, d) = join_images(&mine, k);
+            features.push(f);
+            deepstack.push(d);
+        }
         Ok(Prepared {
             prompts,
             grids,
             features,
+            deepstack,
         })
     }
 
@@ -464,7 +469,7 @@ impl Engine {
     /// preprocessed on the rayon pool first. With CPU slices the images are shared out among
     /// them, and each slice preprocesses an image just before its vision call, on its own
     /// thread (one image's pixels alive at a time, their memory reused).
-    fn vision_features(&mut self, images: &[&RgbImage]) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn vision_features(&mut self, images: &[&RgbImage]) -> Result<Vec<VisionOut>, EngineError> {
         let k = self.slices.len().min(images.len());
         let cfg = &self.preprocessor;
         if k < 2 {
@@ -495,7 +500,7 @@ impl Engine {
                 .map(|&i| r.image_features(images[i], &cfg))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        let mut features = vec![Vec::new(); images.len()];
+        let mut features = vec![(Vec::new(), Vec::new()); images.len()];
         for (part, share) in parts.into_iter().zip(&shares) {
             for (f, &i) in part.into_iter().zip(share) {
                 features[i] = f;
@@ -504,7 +509,6 @@ impl Engine {
         Ok(features)
     }
 
-    /// Runs `work` on a worker over the engine's own sessions; its stats join the engine's.
     /// The vision tower on one preprocessed image (`pixels` of `grid`, as
     /// [`preprocess`](crate::model::processor::preprocess) makes them), with the current
     /// vision-tower LoRA (`lora`) or without (the base tower, the reference policy's):
@@ -515,9 +519,10 @@ impl Engine {
         grid: [u32; 3],
         lora: bool,
     ) -> Result<Vec<f32>, EngineError> {
-        self.on_own(|r| r.vision_features(pixels, grid, lora))
+        self.on_own(|r| r.vision_features(pixels, grid, lora).map(|(f, _)| f))
     }
 
+    /// Runs `work` on a worker over the engine's own sessions; its stats join the engine's.
     fn on_own<T>(&mut self, work: impl FnOnce(&mut Runner<'_>) -> T) -> T {
         let mut r = Runner {
             g: &mut self.graphs,
@@ -526,6 +531,7 @@ impl Engine {
             gpu: self.gpu.as_ref(),
             own_in_place: self.own_in_place,
             stats: EngineStats::default(),
+            deepstack: None,
         };
         let out = work(&mut r);
         let stats = r.stats;
@@ -564,6 +570,7 @@ impl Engine {
                                     gpu: None,
                                     own_in_place,
                                     stats: EngineStats::default(),
+                                    deepstack: None,
                                 };
                                 let t = Instant::now();
                                 let out = work(&mut r, share);
@@ -719,17 +726,21 @@ impl Engine {
         let parts = self.on_slices(shares.clone(), |r, share: Vec<usize>| {
             let requests: Vec<&Request> = share.iter().map(|&i| &requests[i]).collect();
             let (prompts, grids) = tokenize(&builder, &pre, merge, &requests, &share, text)?;
-            let features = requests
+            let k = r.m.vision.deepstack_layers;
+            let (features, deepstack) = requests
                 .iter()
                 .map(|q| {
                     let f = q.images.iter().map(|img| r.image_features(img, &pre));
-                    Ok(f.collect::<Result<Vec<_>, EngineError>>()?.concat())
+                    Ok(join_images(&f.collect::<Result<Vec<_>, EngineError>>()?, k))
                 })
-                .collect::<Result<_, EngineError>>()?;
+                .collect::<Result<Vec<_>, EngineError>>()?
+                .into_iter()
+                .unzip();
             let prepared = Prepared {
                 prompts,
                 grids,
                 features,
+                deepstack,
             };
             let ids: Vec<u64> = requests.iter().map(|q| q.id).collect();
             r.generate(&ids, &prepared, cfg, None)
@@ -778,4 +789,19 @@ impl Engine {
         })?;
         Ok(joined(parts, &shares))
     }
+}
+
+/// One request's images' vision outputs (features, DeepStack features) as the request's: the
+/// features one image after another, and the `k` DeepStack layers' `[K, tokens, D]`, layer by
+/// layer with the images one after another in each.
+fn join_images(outs: &[VisionOut], k: usize) -> VisionOut {
+    let features = outs.iter().flat_map(|(f, _)| f.iter().copied()).collect();
+    let mut deep = Vec::with_capacity(outs.iter().map(|(_, d)| d.len()).sum());
+    for j in 0..k {
+        for (_, d) in outs {
+            let per = d.len() / k;
+            deep.extend_from_slice(&d[j * per..(j + 1) * per]);
+        }
+    }
+    (features, deep)
 }

@@ -37,6 +37,9 @@ pub struct Prepared {
     pub grids: Vec<ImageGrids>,
     /// `[image tokens, out_hidden_size]` flattened, per request.
     pub features: Vec<Vec<f32>>,
+    /// A DeepStack package's `[K, image tokens, out_hidden_size]` per request (empty
+    /// otherwise).
+    pub deepstack: Vec<Vec<f32>>,
 }
 
 impl Prepared {
@@ -46,6 +49,10 @@ impl Prepared {
             prompts: share.iter().map(|&i| self.prompts[i].clone()).collect(),
             grids: share.iter().map(|&i| self.grids[i].clone()).collect(),
             features: share.iter().map(|&i| self.features[i].clone()).collect(),
+            deepstack: share
+                .iter()
+                .map(|&i| self.deepstack.get(i).cloned().unwrap_or_default())
+                .collect(),
         }
     }
 }

@@ -84,7 +84,15 @@ pub(super) struct Runner<'e> {
     /// [`Engine::set_own_cache`]).
     pub(super) own_in_place: bool,
     pub(super) stats: EngineStats,
+    /// The next decoder call's DeepStack inputs (a prefill's: the features `[K, N, D]`, N,
+    /// and the visual mask `[rows, cols]`); without them a package with DeepStack layers gets
+    /// none (decode steps: no image tokens).
+    pub(super) deepstack: Option<(Vec<f32>, usize, Vec<i64>)>,
 }
+
+/// The vision tower's outputs for one image: its features `[tokens, D]` and a DeepStack
+/// package's `[K, tokens, D]` (empty for others).
+pub(super) type VisionOut = (Vec<f32>, Vec<f32>);
 
 /// One decoder step's logits at each row's last position: `[rows, vocab]`.
 enum StepLogits {
@@ -220,6 +228,22 @@ impl Runner<'_> {
                 input("decoder", &[3, rows, cols], pos)?,
             ),
         ];
+        let k = self.m.vision.deepstack_layers;
+        if k > 0 {
+            let d = self.m.vision.out_hidden_size;
+            let (feats, n, vmask) = self
+                .deepstack
+                .take()
+                .unwrap_or_else(|| (Vec::new(), 0, vec![0; rows * cols]));
+            inputs.push((
+                "deepstack_features".into(),
+                (floats.embeds).tensor("decoder", &[k, n, d], feats)?.into(),
+            ));
+            inputs.push((
+                "visual_mask".into(),
+                input("decoder", &[rows, cols], vmask)?,
+            ));
+        }
         // A cache with room: each buffer is both the past fed and the present ONNX Runtime
         // writes (preallocated below), so the step only writes its token.
         let share = kv.shares_present();
@@ -487,12 +511,13 @@ impl Runner<'_> {
         }
     }
 
-    /// Preprocesses `img` into the worker's image buffer, then runs the vision tower on it.
+    /// Preprocesses `img` into the worker's image buffer, then runs the vision tower on it
+    /// (see [`Runner::vision_features`]).
     pub(super) fn image_features(
         &mut self,
         img: &RgbImage,
         cfg: &PreprocessorConfig,
-    ) -> Result<Vec<f32>, EngineError> {
+    ) -> Result<VisionOut, EngineError> {
         let t = Instant::now();
         let mut pixels = std::mem::take(&mut self.g.pixels);
         let grid = preprocess_into(img, cfg, &mut pixels);
@@ -506,13 +531,14 @@ impl Runner<'_> {
 
     /// The vision tower on one preprocessed image (its pixel rows and patch grid), with the
     /// vision-tower LoRA (`lora`; without it, the base tower: the inputs' zero defaults):
-    /// `[tokens, out_hidden_size]` flattened.
+    /// `[tokens, out_hidden_size]` flattened, and a DeepStack package's `[K, tokens,
+    /// out_hidden_size]` (empty for others).
     pub(super) fn vision_features(
         &mut self,
         pixels: &[f32],
         grid: [u32; 3],
         lora: bool,
-    ) -> Result<Vec<f32>, EngineError> {
+    ) -> Result<VisionOut, EngineError> {
         let rows = (grid[0] * grid[1] * grid[2]) as usize;
         let g: Vec<i64> = grid.iter().map(|v| i64::from(*v)).collect();
         let shape = [rows, pixels.len() / rows.max(1)];
@@ -539,7 +565,14 @@ impl Runner<'_> {
         let dt = t.elapsed().as_secs_f64();
         self.stats.ort_s += dt;
         self.stats.vision_s += dt;
-        Ok(values_f32(&out["image_features"], "vision")?.into_owned())
+        let deep = match self.m.vision.deepstack_layers {
+            0 => Vec::new(),
+            _ => values_f32(&out["deepstack_features"], "vision")?.into_owned(),
+        };
+        Ok((
+            values_f32(&out["image_features"], "vision")?.into_owned(),
+            deep,
+        ))
     }
 
     /// One prefill call on prompts of `lengths` tokens padded to `width` positions (padding at
@@ -733,11 +766,31 @@ impl Runner<'_> {
         }
         let t = &m.text;
         let shared = m.kv_layout == KvLayout::Shared;
+        let k = m.vision.deepstack_layers;
+        if k > 0 {
+            // DeepStack: layer j's features of every request in request order (as the
+            // embedding takes the image features), at the prompts' placeholders.
+            let d = m.vision.out_hidden_size;
+            let mut deep = Vec::with_capacity(k * features.0.len());
+            for j in 0..k {
+                for r in &prepared.deepstack {
+                    let n = r.len() / (k * d).max(1);
+                    deep.extend_from_slice(&r[j * n * d..(j + 1) * n * d]);
+                }
+            }
+            let placeholders = [m.tokens.image, m.tokens.video];
+            let vmask = ids
+                .iter()
+                .map(|t| i64::from(placeholders.contains(t)))
+                .collect();
+            self.deepstack = Some((deep, features.1, vmask));
+        }
         let embeds = self.embed(ids.iter().map(|v| i64::from(*v)).collect(), b, s, features)?;
         let t_prefill = Instant::now();
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let groups = length_groups(&lengths);
-        let (prefill_logits, mut kv) = if self.gpu.is_none() && groups.len() > 1 {
+        // (a DeepStack prefill runs as one call: its features follow the whole batch's order)
+        let (prefill_logits, mut kv) = if self.gpu.is_none() && groups.len() > 1 && k == 0 {
             self.prefill_apart(&embeds, &pos, &mask, &lengths, &groups, shared, !packed)?
         } else {
             self.prefill_call(embeds, &mask, pos, &lengths, s, shared, !packed)?

@@ -358,6 +358,16 @@ impl Trainer {
                     .into(),
             });
         }
+        if m.graphs.train.is_empty() || m.graphs.logprobs.is_empty() {
+            return Err(TrainError::Data {
+                path: cfg.model.join("manifest.json"),
+                msg: format!(
+                    "the package has no log-prob or training graph ({} packages have inference \
+                     graphs only, so far): it can roll out and be evaluated, not trained",
+                    m.family.name()
+                ),
+            });
+        }
         // Both graphs' activations (GBs at the real widths) go back after each call instead of
         // staying in ONNX Runtime's arena through the other graph's calls and the rollouts, and
         // their weights are not packed beside themselves (Engine::open_graph). 3B widths, 2
