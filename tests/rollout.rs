@@ -70,6 +70,22 @@ fn golden_of(dir: &Path) -> (serde_json::Value, Vec<Request>) {
     (g, reqs)
 }
 
+/// The goldens' greedy tokens of each prompt.
+fn greedy_tokens(g: &serde_json::Value) -> Vec<Vec<u32>> {
+    g["greedy_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
 fn greedy(n: usize) -> GenerationConfig {
     GenerationConfig {
         group: 1,
@@ -131,13 +147,7 @@ fn greedy_rollout_of_qwen3_vl_matches_transformers() {
     let (g, reqs) = golden_of(&dir);
     e.set_cpu_slices(Some(2)).unwrap();
     let out = e.generate(&reqs, &greedy(6), None).unwrap();
-    for (c, want) in out.iter().zip(g["greedy_tokens"].as_array().unwrap()) {
-        let want: Vec<u32> = want
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+    for (c, want) in out.iter().zip(greedy_tokens(&g)) {
         assert_eq!(c.tokens, want, "with two CPU slices");
     }
     let tmp = std::env::temp_dir().join(format!("ssrl-qwen3-{}", std::process::id()));
@@ -217,13 +227,7 @@ fn assert_matches_goldens(e: &mut Engine, dir: &Path, tol: f32) {
     }
     eprintln!("{}: max |logit − transformers| {worst:.2e}", dir.display());
     assert!(worst < tol, "max |logit − transformers| = {worst}");
-    for (c, want) in out.iter().zip(g["greedy_tokens"].as_array().unwrap()) {
-        let want: Vec<u32> = want
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+    for (c, want) in out.iter().zip(greedy_tokens(&g)) {
         assert_eq!(c.tokens, want);
         assert_eq!(c.logprobs.len(), want.len());
         assert!(c.logprobs.iter().all(|l| *l <= 0.0));

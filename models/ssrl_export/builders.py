@@ -115,13 +115,18 @@ def build_tiny(hf_dir, seed=0):
 
     sp = build_tiny_tokenizer(hf_dir)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(sp)).eval()
+    save_tiny(Qwen2_5_VLForConditionalGeneration(tiny_config(sp)).eval(), hf_dir, PREPROCESSOR)
+
+
+def save_tiny(model, hf_dir, preprocessor):
+    """A tiny model's matrices drawn with std 0.08 (so that logits are far from uniform and
+    greedy comparisons mean something), saved with its preprocessor config in `hf_dir`."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(hf_dir)
-    json.dump(PREPROCESSOR, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
+    json.dump(preprocessor, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
 
 
 QWEN_SPECIAL_BASE = 151643  # Qwen2.5's added tokens, in QWEN25VL_ADDED's order, from this id on

@@ -59,8 +59,9 @@ def main(argv=None):
     ap.add_argument("--family", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
                     help="with --tiny: the model family to build (a checkpoint's own config.json names its family; "
                          "qwen3_vl packages have the inference graphs only, for now)")
-    ap.add_argument("--random-init", choices=sorted(REAL_TEXT), metavar="MODEL",
-                    help=f"build and export MODEL ({', '.join(sorted(REAL_TEXT))}) at its real geometry with random "
+    real = sorted(REAL_TEXT) + sorted(qwen3_vl.REAL)
+    ap.add_argument("--random-init", choices=real, metavar="MODEL",
+                    help=f"build and export MODEL ({', '.join(real)}) at its real geometry with random "
                          "weights and the tiny tokenizer (special tokens on Qwen's ids): for benchmarks and GPU checks "
                          "without a download")
     ap.add_argument("--text-layers", type=int, help="with --random-init: text layers (default: the model's)")
@@ -122,7 +123,8 @@ def main(argv=None):
     if a.random_init:
         hf_dir = os.path.join(a.out, "hf")
         print(f"building {a.random_init} with random weights in {hf_dir}", flush=True)
-        build_random(a.random_init, hf_dir, a.text_layers, a.vision_depth)
+        build = qwen3_vl.build_random if a.random_init in qwen3_vl.REAL else build_random
+        build(a.random_init, hf_dir, a.text_layers, a.vision_depth)
     model = load_model(hf_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     settings.EXTERNAL_DATA = weight_bytes > 1_800_000_000

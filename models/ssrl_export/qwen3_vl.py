@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers.vision_utils import _interpolation_axis_taps_weights
 
 from . import settings
-from .builders import PREPROCESSOR, build_tiny_tokenizer
+from .builders import PREPROCESSOR, build_tiny_tokenizer, remap_special_tokens, save_tiny
 from .lora import LORA_TARGETS
 from .onnx_io import Typed
 from .qwen2_5_vl import Vision as Vision25
@@ -66,11 +66,49 @@ def build_tiny(hf_dir, seed=0):
 
     sp = build_tiny_tokenizer(hf_dir, chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(tiny_config(sp)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+    save_tiny(Qwen3VLForConditionalGeneration(tiny_config(sp)).eval(), hf_dir, PREPROCESSOR3)
+
+
+# The real geometries (Qwen/Qwen3-VL-4B-Instruct's config.json), for --random-init.
+REAL = {
+    "qwen3-vl-4b": (
+        dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128),
+        dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+             num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+    ),
+}
+
+
+def build_random(name, hf_dir, text_layers=None, vision_depth=None, seed=0):
+    """`name`'s real configuration with random weights (transformers' initialisation) and the
+    tiny tokenizer standing in for Qwen's, its special tokens on Qwen's ids; `text_layers` /
+    `vision_depth` cut the depth only (the DeepStack blocks those below the cut, or the last
+    block; as many language layers as they feed at least)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    build_tiny_tokenizer(hf_dir, chat_template=CHAT_TEMPLATE)
+    sp = remap_special_tokens(hf_dir)
+    t, v = (dict(d) for d in REAL[name])
+    t.update(hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6, initializer_range=0.02,
+             rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                              "mrope_interleaved": True},
+             bos_token_id=sp["<|endoftext|>"], eos_token_id=sp["<|im_end|>"], pad_token_id=sp["<|endoftext|>"])
+    v.update(hidden_act="gelu_pytorch_tanh", in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2)
+    if vision_depth:
+        v["depth"] = vision_depth
+        v["deepstack_visual_indexes"] = [i for i in v["deepstack_visual_indexes"] if i < vision_depth] or [vision_depth - 1]
+    if text_layers:
+        t["num_hidden_layers"] = max(text_layers, len(v["deepstack_visual_indexes"]))
+    cfg = Qwen3VLConfig(text_config=t, vision_config=v, image_token_id=sp["<|image_pad|>"],
+                        video_token_id=sp["<|video_pad|>"], vision_start_token_id=sp["<|vision_start|>"],
+                        vision_end_token_id=sp["<|vision_end|>"], tie_word_embeddings=True)
+    cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"  {name}: {t['num_hidden_layers']} text layers, {v['depth']} vision blocks (DeepStack "
+          f"{v['deepstack_visual_indexes']}), {n / 1e6:.1f} M parameters ({n * 4 / 1e9:.2f} GB fp32)", flush=True)
     model.save_pretrained(hf_dir)
     json.dump(PREPROCESSOR3, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
 

@@ -83,17 +83,24 @@ def scaled_grads(loss, loss_scale, ws, embeds):
     return grads + ([gs[-1].float()] if embeds is not None else [])
 
 
+def step_leaves(args, nb, lora_names, embeds_grad):
+    """A step function's arguments split into the batch `b` and fresh leaves that need
+    gradients: the LoRA tensors (a list, and by name as (A, B)) and, with `embeds_grad`, the
+    input embeddings (else `b[0]` as it is)."""
+    b = args[:nb]
+    ws = [w.detach().requires_grad_(True) for w in args[nb:]]
+    x = b[0].detach().requires_grad_(True) if embeds_grad else b[0]
+    return b, ws, x, {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
+
+
 def train_step_fn(model, lora_names, scale, embeds_grad=False):
     """(batch…, lora…) → (loss, token_logprobs, grads…, stats[, grad.inputs_embeds]): the
     function traced into train.onnx."""
     nb = len(TRAIN_BATCH)
 
     def step(*args):
-        b, ws = args[:nb], list(args[nb:])
         with torch.enable_grad():
-            ws = [w.detach().requires_grad_(True) for w in ws]
-            x = b[0].detach().requires_grad_(True) if embeds_grad else b[0]
-            lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
+            b, ws, x, lora = step_leaves(args, nb, lora_names, embeds_grad)
             logp, ent = token_logprobs(model, x, b[1], b[2], b[3], b[8], lora, scale, recompute=True)
             loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13],
                                     b[14])
@@ -112,11 +119,8 @@ def sft_step_fn(model, lora_names, scale, embeds_grad=False):
     nb = len(SFT_BATCH)
 
     def step(*args):
-        b, ws = args[:nb], list(args[nb:])
         with torch.enable_grad():
-            ws = [w.detach().requires_grad_(True) for w in ws]
-            x = b[0].detach().requires_grad_(True) if embeds_grad else b[0]
-            lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
+            b, ws, x, lora = step_leaves(args, nb, lora_names, embeds_grad)
             one = torch.ones((), dtype=torch.float32)
             logp, _, hit = token_logprobs(model, x, b[1], b[2], b[3], one, lora, scale, recompute=True, hits=True)
             m = b[4].to(logp.dtype)
