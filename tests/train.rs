@@ -107,12 +107,14 @@ fn rows_are_laid_out_for_the_graphs() {
             completion: &c1,
             grids: &[],
             features: &[],
+            deepstack: &[],
         },
         Row {
             prompt: &p2,
             completion: &c2,
             grids: &[],
             features: &[],
+            deepstack: &[],
         },
     ];
     let mb = batch::build(&rows, 0, &rope()).unwrap();
@@ -189,6 +191,7 @@ fn the_loss_graph_is_easyr1s_loss_and_micro_batches_add_up() {
             completion: &completions[i],
             grids: &[],
             features: &[],
+            deepstack: &[],
         })
         .collect();
     // Make LoRA non-zero so reference (LoRA off) and policy differ.
@@ -538,6 +541,7 @@ fn micro_batches_respect_rows_and_padded_tokens() {
             completion: &completion,
             grids: &[],
             features: &[],
+            deepstack: &[],
         })
         .collect();
     // Rows only: chunks of 4.
@@ -747,12 +751,14 @@ fn a_sampled_image_placeholder_does_not_take_another_rows_features() {
             completion: &sampled,
             grids: &[],
             features: &[],
+            deepstack: &[],
         },
         Row {
             prompt: &with_image,
             completion: &plain,
             grids: std::slice::from_ref(&p.grid_thw),
             features: &features,
+            deepstack: &[],
         },
     ];
     let lp = |r: &Row<'_>| vec![-2.0f32; r.completion.len()];

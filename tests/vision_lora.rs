@@ -154,6 +154,7 @@ fn the_vision_gradient_chain_matches_autograd_from_the_pixels() {
             completion: &completions[r],
             grids: &grids[r..r + 1],
             features: &features[r],
+            deepstack: &[],
         })
         .collect();
     let per_row = |k: &str| -> Vec<Vec<f32>> {

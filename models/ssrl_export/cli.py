@@ -134,10 +134,13 @@ def main(argv=None):
     settings.WEIGHTS = SharedWeights(a.out, model)
     if family_of(hf_dir) == "qwen3_vl":
         names, shapes = qwen3_vl.export(model, a.out, a.lora_rank, a.lora_alpha, targets)
+        export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank,
+                        deepstack=len(model.config.vision_config.deepstack_visual_indexes))
         qwen3_vl.write_package_files(model, hf_dir, a.out, names, shapes, a.lora_rank, a.lora_alpha, a.dtype)
         print(f"  {WEIGHTS_FILE}: {settings.WEIGHTS.at / 1e9:.3f} GB, shared by every graph", flush=True)
         if a.verify:
             qwen3_vl.verify(model, hf_dir, a.out, names, shapes, tol=TOL[a.dtype]["logits"])
+            qwen3_vl.verify_training(model, hf_dir, a.out, names, shapes)
         if a.goldens:
             write_goldens(model, hf_dir, a.out, names, shapes, None, qwen3_vl.CHAT_TEMPLATE,
                           qwen3_vl.processor(hf_dir))

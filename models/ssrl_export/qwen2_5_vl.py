@@ -300,7 +300,6 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
             return h + f[at_pos].reshape(h.shape)
     if recompute:
         assert past is None and prefix is None and own is None, "recompute is for the training graph"
-        assert deepstack is None, "DeepStack is not in the training graphs yet"
         for i, layer in enumerate(lm.layers):
             names = sorted(k for k in lora if k.startswith(f"lora.{i}."))
             flat = [t for k in names for t in lora[k]]
@@ -310,6 +309,8 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
                 return layer_step(i, layer, h, lo)[0]
 
             h = _Recompute.apply(block, h, *flat)
+            if deepstack is not None and i < deepstack[0].shape[0]:
+                h = visual_add(h, i)
         return rms_norm(lm.norm, h), presents
     for i, layer in enumerate(lm.layers):
         h, k, v = layer_step(i, layer, h, lora)
@@ -458,6 +459,19 @@ def vision_example(model):
     return px, grid
 
 
+def training_contracts():
+    """The manifest's `train` and `sft` sections: the training graphs' batch inputs, statistics
+    and layout."""
+    return {
+        "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion", "head_chunks": settings.HEAD_CHUNKS,
+                  "attention_chunks": settings.ATTENTION_CHUNKS,
+                  "loss": "EasyR1 GRPO: clamp ±20, clip low/high in log space, dual clip, k3 KL clamped to ±10, "
+                          "sum over completion tokens / token_count"},
+        "sft": {"inputs": SFT_BATCH, "stats": SFT_STATS,
+                "loss": "cross-entropy of the labelled tokens (loss_mask), summed / token_count"},
+    }
+
+
 def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alpha, dtype):
     cfg, tc, vc = model.config, model.config.text_config, model.config.vision_config
     hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -512,12 +526,7 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
                    **({"vision_grad": "vision_grad.onnx"} if any(map(is_visual, lora_names)) else {})},
         # target_ids, completion_mask, old/ref log-probs and the log-prob outputs cover the last
         # C columns of the rows (the completion), not all S.
-        "train": {"inputs": TRAIN_BATCH, "stats": STATS, "positions": "completion", "head_chunks": settings.HEAD_CHUNKS,
-                  "attention_chunks": settings.ATTENTION_CHUNKS,
-                  "loss": "EasyR1 GRPO: clamp ±20, clip low/high in log space, dual clip, k3 KL clamped to ±10, "
-                          "sum over completion tokens / token_count"},
-        "sft": {"inputs": SFT_BATCH, "stats": SFT_STATS,
-                "loss": "cross-entropy of the labelled tokens (loss_mask), summed / token_count"},
+        **training_contracts(),
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,
                  "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
                  "head_dim": hd, "vocab_size": tc.vocab_size, "mrope_section": mrope},

@@ -22,7 +22,7 @@ from .builders import PREPROCESSOR, build_tiny_tokenizer, remap_special_tokens, 
 from .lora import LORA_TARGETS
 from .onnx_io import Typed
 from .qwen2_5_vl import Vision as Vision25
-from .qwen2_5_vl import export_package, rope_index
+from .qwen2_5_vl import export_package, rope_index, training_contracts
 from .settings import f32
 
 # Qwen3-VL's chat template, reduced to what the runtime renders: no default system turn; images
@@ -171,7 +171,9 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
     eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
     manifest = {
         "format": "spatial-ssrl-package", "version": 1, "family": "qwen3_vl", "dtype": dtype, "opset": settings.OPSET,
-        "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"},
+        "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
+                   "logprobs": "logprobs.onnx", "train": "train.onnx", "sft": "sft.onnx"},
+        **training_contracts(),
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,
                  "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
                  "head_dim": tc.head_dim, "vocab_size": tc.vocab_size,
@@ -300,3 +302,60 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
         raise SystemExit("verify: the decoder's DeepStack inputs change nothing")
     if max(worst.values()) > tol:
         raise SystemExit("verify: a Qwen3-VL graph differs from transformers")
+
+
+def verify_training(model, hf_dir, out, names, shapes_):
+    """The training graphs with DeepStack: a GRPO micro-batch of two rows with an image each
+    through vision.onnx → embedding.onnx → train.onnx (with the vision graph's DeepStack
+    features at the image positions) against autograd through transformers' whole model from the
+    pixels, with a random adapter on every target; logprobs.onnx against that forward's
+    log-probs; sft.onnx's gradients against train.onnx's where the two losses agree (one
+    row-token, advantage −1, no clipping or KL: the policy loss is the log-prob's negative)."""
+    import onnxruntime as ort
+
+    from .contracts import TRAIN_BATCH
+    from .lora import random_lora
+    from .verify import vision_batch, vision_chain_reference
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = {g: Typed(f"{out}/{g}.onnx", so) for g in ("vision", "embedding", "train", "logprobs")}
+    scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
+    lora = random_lora(names, shapes_, 5)
+    lin = [f"{n}.{m}" for n in names for m in ("A", "B")]
+    vb = vision_batch(model, proc=processor(hf_dir), vision=lambda pv, grid: Vision(model)(pv, grid)[0])
+    loss_ref, grads_ref = vision_chain_reference(model, vb, names, lora, scale)
+    P, C = vb["P"], vb["C"]
+    ids = vb["ids"][:, :P + C - 1].numpy()
+    feats, deep = sess["vision"].run(None, {"pixel_values": f32(vb["pv"]), "image_grid_thw": vb["grid"].numpy()})
+    emb = sess["embedding"].run(None, {"input_ids": ids, "image_features": feats})[0]
+    feeds = {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(TRAIN_BATCH, vb["batch"])}
+    feeds.update({"inputs_embeds": emb, "deepstack_features": deep,
+                  "visual_mask": (ids == model.config.image_token_id).astype(np.int64)})
+    feeds.update({k: f32(v) for k, v in zip(lin, lora)})
+    outs = ["loss"] + [f"grad.{k}" for k in lin]
+    got = sess["train"].run(outs, feeds)
+    dl = abs(float(got[0]) - float(loss_ref))
+    rel = max(np.abs(g - f32(r)).max() / (float(r.abs().max()) + 1e-12) for g, r in zip(got[1:], grads_ref))
+    # logprobs.onnx against the same forward's log-probs of the completion
+    lp_feeds = {k: feeds[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "target_ids", "temperature",
+                                      "deepstack_features", "visual_mask")}
+    lp_feeds.update({k: f32(v) for k, v in zip(lin, lora)})
+    lp = sess["logprobs"].run(["token_logprobs"], lp_feeds)[0]
+    from .lora import lora_hooks
+    hooks = lora_hooks(model, names, lora, scale)
+    try:
+        with torch.no_grad():
+            mm = (vb["ids"] == model.config.image_token_id).to(torch.int64)
+            o = model(input_ids=vb["ids"], attention_mask=vb["mask"], pixel_values=vb["pv"],
+                      image_grid_thw=vb["grid"], mm_token_type_ids=mm, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    ref_lp = torch.gather(torch.log_softmax(o.logits[:, P - 1:P - 1 + C].float(), -1), -1,
+                          vb["batch"][3][..., None]).squeeze(-1)
+    dlp = np.abs(lp - f32(ref_lp)).max()
+    print(f"  Qwen3-VL train.onnx with DeepStack vs autograd from the pixels: loss {dl:.1e}, grads rel {rel:.1e}; "
+          f"logprobs.onnx {dlp:.1e}", flush=True)
+    if dl > 1e-4 or rel > 1e-4 or dlp > 1e-4:
+        raise SystemExit("verify: a Qwen3-VL training graph differs from transformers")

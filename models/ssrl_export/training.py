@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from . import settings
+from .settings import torch_dtype
 from .ops import _ChunkedHead, _TargetLogProbs
 from .lora import is_visual, lora_defaults, random_lora
 from .contracts import SFT_BATCH, TRAIN_BATCH
@@ -11,14 +12,15 @@ from .qwen2_5_vl import Vision, decoder_core, vision_example
 from .onnx_io import export, export_joint
 
 
-def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=False, hits=False):
+def token_logprobs(model, embeds, mask, pos, targets, temperature, lora, scale, recompute=False, hits=False,
+                   deepstack=None):
     """log_softmax(logits / T) at the targets, and the entropy of each position's distribution
     (and with `hits`, whether the target is each position's most likely token),
     for the last C columns only (`targets` [B, C]: the completion's, which the runtime lays out
     at the end of every row): the prompt never reaches lm_head, and _ChunkedHead takes the
     completion through it a chunk of positions at a time, so no [B, C, V] tensor exists
     (--head-chunks 1: _TargetLogProbs, the logits of every position at once)."""
-    h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale, recompute=recompute)
+    h, _ = decoder_core(model, embeds, mask, pos, None, lora, scale, recompute=recompute, deepstack=deepstack)
     B, C = targets.shape
     # As a [B·C, hidden] matrix: on the 3-D slice torch's decomposition expands lm_head's weight
     # to a batch of copies for a batched product (1.24 GB each call at Qwen's vocabulary).
@@ -65,10 +67,12 @@ class LogProbs(nn.Module):
         super().__init__()
         self.model, self.lora_names, self.scale = model, lora_names, scale
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, target_ids, temperature, lora_tensors):
+    def forward(self, inputs_embeds, attention_mask, position_ids, target_ids, temperature, lora_tensors,
+                deepstack_features=None, visual_mask=None):
         lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
+        deepstack = None if deepstack_features is None else (deepstack_features, visual_mask)
         return token_logprobs(self.model, inputs_embeds, attention_mask, position_ids, target_ids, temperature, lora,
-                              self.scale)
+                              self.scale, deepstack=deepstack)
 
 
 def scaled_grads(loss, loss_scale, ws, embeds):
@@ -86,11 +90,13 @@ def scaled_grads(loss, loss_scale, ws, embeds):
 def step_leaves(args, nb, lora_names, embeds_grad):
     """A step function's arguments split into the batch `b` and fresh leaves that need
     gradients: the LoRA tensors (a list, and by name as (A, B)) and, with `embeds_grad`, the
-    input embeddings (else `b[0]` as it is)."""
-    b = args[:nb]
-    ws = [w.detach().requires_grad_(True) for w in args[nb:]]
+    input embeddings (else `b[0]` as it is); then the DeepStack inputs (features, visual mask)
+    that follow the LoRA tensors in a DeepStack package's graphs, or None."""
+    b, k = args[:nb], nb + 2 * len(lora_names)
+    ws = [w.detach().requires_grad_(True) for w in args[nb:k]]
     x = b[0].detach().requires_grad_(True) if embeds_grad else b[0]
-    return b, ws, x, {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}
+    deep = tuple(args[k:k + 2]) or None
+    return b, ws, x, {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}, deep
 
 
 def train_step_fn(model, lora_names, scale, embeds_grad=False):
@@ -100,8 +106,8 @@ def train_step_fn(model, lora_names, scale, embeds_grad=False):
 
     def step(*args):
         with torch.enable_grad():
-            b, ws, x, lora = step_leaves(args, nb, lora_names, embeds_grad)
-            logp, ent = token_logprobs(model, x, b[1], b[2], b[3], b[8], lora, scale, recompute=True)
+            b, ws, x, lora, deep = step_leaves(args, nb, lora_names, embeds_grad)
+            logp, ent = token_logprobs(model, x, b[1], b[2], b[3], b[8], lora, scale, recompute=True, deepstack=deep)
             loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13],
                                     b[14])
             grads = scaled_grads(loss, b[15], ws, x if embeds_grad else None)
@@ -120,9 +126,10 @@ def sft_step_fn(model, lora_names, scale, embeds_grad=False):
 
     def step(*args):
         with torch.enable_grad():
-            b, ws, x, lora = step_leaves(args, nb, lora_names, embeds_grad)
+            b, ws, x, lora, deep = step_leaves(args, nb, lora_names, embeds_grad)
             one = torch.ones((), dtype=torch.float32)
-            logp, _, hit = token_logprobs(model, x, b[1], b[2], b[3], one, lora, scale, recompute=True, hits=True)
+            logp, _, hit = token_logprobs(model, x, b[1], b[2], b[3], one, lora, scale, recompute=True, hits=True,
+                                          deepstack=deep)
             m = b[4].to(logp.dtype)
             loss = -(logp * m).sum() / b[5]
             grads = scaled_grads(loss, b[6], ws, x if embeds_grad else None)
@@ -200,7 +207,20 @@ def grpo_batch(model, x, am, pos, tgt, cm, g, settings=(1.0, 0.2, 0.3, 3.0, 0.01
     return [x, am, pos, tgt, cm, old, ref, adv, t, low, high, dual, kl, cm.sum() * 2, isw, torch.tensor(1.0)]
 
 
-def export_training(model, out, names, shapes_, scale):
+def deepstack_example(model, B, S, K):
+    """DeepStack inputs for rows [B, S]: a visual mask on 7 prompt positions (rows 0 and 1)
+    and K layers of random features for them."""
+    vmask = torch.zeros(B, S, dtype=torch.int64)
+    vmask[0, 4:7] = 1
+    vmask[1 % B, 5:9] = 1
+    n = int(vmask.sum())
+    return [torch.randn(K, n, model.config.text_config.hidden_size).to(torch_dtype()), vmask]
+
+
+def export_training(model, out, names, shapes_, scale, deepstack=0):
+    """logprobs.onnx, train.onnx and sft.onnx (and vision_grad.onnx with vision-tower LoRA);
+    with `deepstack` K > 0 (Qwen3-VL) each takes `deepstack_features` [K, N, D] and
+    `visual_mask` [B, S] after its LoRA inputs, as the decoder does."""
     from torch.export import Dim
 
     lora_names, vis = [n for n in names if not is_visual(n)], [n for n in names if is_visual(n)]
@@ -210,19 +230,31 @@ def export_training(model, out, names, shapes_, scale):
     lora_in = [f"{n}.{m}" for n in lora_names for m in ("A", "B")]
     b, s = Dim("batch_size", min=1, max=4096), Dim("sequence_length", min=2, max=1 << 17)
     c = Dim("completion_length", min=1, max=1 << 17)
-    batch = train_batch(model)
+    # (with DeepStack, 5 rows of 45 columns: the tracer gives equal sizes one symbol, and the
+    # DeepStack features' K layers or the positions' 3 axes would make the batch size a
+    # constant, a length that fills the attention's chunks the chunks' padding)
+    rows, cols = (5, 45) if deepstack else (2, 24)
+    batch = train_batch(model, B=rows, S=cols)
     dims = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "sequence_length"},
             "position_ids": {1: "batch_size", 2: "sequence_length"},
             "target_ids": {0: "batch_size", 1: "completion_length"},
             "token_logprobs": {0: "batch_size", 1: "completion_length"},
             "token_entropy": {0: "batch_size", 1: "completion_length"}}
+    deep, deep_in, deep_ds = [], [], {}
+    if deepstack:
+        deep = deepstack_example(model, batch[0].shape[0], batch[0].shape[1], deepstack)
+        deep_in = ["deepstack_features", "visual_mask"]
+        deep_ds = {"deepstack_features": {1: Dim("num_visual_tokens", min=1, max=1 << 20)}, "visual_mask": {0: b, 1: s}}
+        dims.update({"deepstack_features": {1: "num_visual_tokens"},
+                     "visual_mask": {0: "batch_size", 1: "sequence_length"}})
     with torch.no_grad():
-        export(LogProbs(model, lora_names, scale).eval(), (batch[0], batch[1], batch[2], batch[3], batch[8], lora),
+        export(LogProbs(model, lora_names, scale).eval(),
+               (batch[0], batch[1], batch[2], batch[3], batch[8], lora, *deep),
                f"{out}/logprobs.onnx", ["inputs_embeds", "attention_mask", "position_ids", "target_ids", "temperature"]
-               + lora_in, ["token_logprobs", "token_entropy"],
+               + lora_in + deep_in, ["token_logprobs", "token_entropy"],
                {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "position_ids": {1: b, 2: s},
-                "target_ids": {0: b, 1: c}, "temperature": {}, "lora_tensors": [{} for _ in lora]}, dims,
+                "target_ids": {0: b, 1: c}, "temperature": {}, "lora_tensors": [{} for _ in lora], **deep_ds}, dims,
                lora_defaults(lora_names, shapes_))
     step = train_step_fn(model, lora_names, scale, embeds_grad=bool(vis))
     bs, bc = {0: b, 1: s}, {0: b, 1: c}
@@ -234,12 +266,16 @@ def export_training(model, out, names, shapes_, scale):
     for k in ("completion_mask", "old_logprobs", "ref_logprobs", "rollout_is_weights", "loss_mask"):
         dims[k] = {0: "batch_size", 1: "completion_length"}
     dims["advantages"] = {0: "batch_size"}
-    export_joint(step, batch + lora, f"{out}/train.onnx", TRAIN_BATCH + lora_in, out_names, ds, dims)
+    deep_list = [deep_ds[k] for k in deep_in]
+    export_joint(step, batch + lora + deep, f"{out}/train.onnx", TRAIN_BATCH + lora_in + deep_in, out_names,
+                 ds + deep_list, dims)
     # The SFT cold start's step: the same forward, recomputation and head, a cross-entropy loss.
     sft = sft_step_fn(model, lora_names, scale, embeds_grad=bool(vis))
     ds = [bs, bs, {1: b, 2: s}, bc, bc, None, None] + [None] * len(lora)
-    export_joint(sft, sft_batch(model) + lora, f"{out}/sft.onnx", SFT_BATCH + lora_in,
-                 ["loss"] + [f"grad.{n}" for n in lora_in] + ["stats"] + extra, ds, dims)
+    sb = sft_batch(model, B=rows, S=cols)
+    deep = deepstack_example(model, sb[0].shape[0], sb[0].shape[1], deepstack) if deepstack else []
+    export_joint(sft, sb + lora + deep, f"{out}/sft.onnx", SFT_BATCH + lora_in + deep_in,
+                 ["loss"] + [f"grad.{n}" for n in lora_in] + ["stats"] + extra, ds + deep_list, dims)
     vgrad = None
     if vis:
         # The vision tower's backward, run by the trainer once per image and optimizer step on

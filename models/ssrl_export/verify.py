@@ -477,16 +477,18 @@ def verify_sft(model, out, names, shapes_, sft):
         raise SystemExit("verify: SFT micro-batches do not add up")
 
 
-def vision_batch(model, seed=9):
+def vision_batch(model, seed=9, proc=None, vision=None):
     """A GRPO micro-batch of two rows with an image each (224×168 and 84×112), laid out as the
     trainer lays rows out: [left pad | prompt | completion], positions by transformers'
     get_rope_index, the graphs seeing all but the last token (S = P + C − 1). Returns a dict:
     pixel rows `pv` and `grid` (torch), the prompts and completions (lists), the full `ids`,
     `mask` and `pos` [.., P + C], `P`, `C`, and `batch` (TRAIN_BATCH on the base model's
-    embeddings, as train_batch makes it)."""
+    embeddings, as train_batch makes it). `proc` and `vision` (pixels, grid → features) are the
+    family's; Qwen2.5-VL's by default."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     cfg, tc = model.config, model.config.text_config
-    proc = Qwen2VLImageProcessorPil()
+    proc = proc or Qwen2VLImageProcessorPil()
+    vision = vision or (lambda pv, grid: Vision(model).features(pv, grid, {}))
     pvs, grids = [], []
     for k, (w, h) in enumerate(((224, 168), (84, 112))):
         pi = proc(images=[synthetic_image(w, h, 21 + k)], return_tensors="np")
@@ -508,7 +510,7 @@ def vision_batch(model, seed=9):
         pos, _ = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)
         pos = torch.where(mask.bool()[None], pos, 0)
         S = P + C - 1
-        x = Embedding(model)(ids[:, :S], Vision(model).features(pv, grid, {}))
+        x = Embedding(model)(ids[:, :S], vision(pv, grid))
     batch = grpo_batch(model, x, mask[:, :S], pos[:, :, :S].contiguous(), ids[:, P:], torch.ones(2, C), g)
     return {"pv": pv, "grid": grid, "prompts": prompts, "completions": comps, "ids": ids, "mask": mask, "pos": pos,
             "P": P, "C": C, "batch": batch}

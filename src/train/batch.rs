@@ -15,6 +15,8 @@ pub struct Row<'a> {
     pub grids: &'a [[u32; 3]],
     /// `[image tokens, out_hidden_size]` flattened.
     pub features: &'a [f32],
+    /// A DeepStack package's `[K, image tokens, out_hidden_size]` (empty otherwise).
+    pub deepstack: &'a [f32],
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +42,9 @@ pub struct MicroBatch {
     pub completion_mask: Vec<f32>,
     /// Image features of all rows, in row order.
     pub features: Vec<f32>,
+    /// DeepStack features `[K, all rows' image tokens, D]`: layer by layer, the rows in order
+    /// (empty without DeepStack).
+    pub deepstack: Vec<f32>,
 }
 
 impl MicroBatch {
@@ -103,6 +108,16 @@ impl MicroBatch {
             ids[pos] = pad;
         }
         ids
+    }
+
+    /// The positions that take image features (and DeepStack features): the prompts'
+    /// placeholders, as `[rows, len]` 0 / 1 (the decoder's and training graphs' `visual_mask`).
+    pub fn visual_mask(&self, placeholders: [i64; 2]) -> Vec<i64> {
+        (0..self.ids.len())
+            .map(|pos| {
+                i64::from(pos % self.len <= self.first && placeholders.contains(&self.ids[pos]))
+            })
+            .collect()
     }
 
     /// The rows of a per-position `[rows, len, hidden]` tensor (the loss's gradient at the
@@ -175,6 +190,18 @@ pub fn build(rows: &[Row<'_>], pad: u32, rope: &RopeConfig) -> Result<MicroBatch
         grids.extend_from_slice(r.grids);
         features.extend_from_slice(r.features);
     }
+    // K DeepStack layers per image token: each row's [K, n, D] regrouped layer by layer.
+    let k = rows
+        .iter()
+        .find(|r| !r.features.is_empty() && !r.deepstack.is_empty())
+        .map_or(0, |r| r.deepstack.len() / r.features.len());
+    let mut deepstack = Vec::with_capacity(k * features.len());
+    for j in 0..k {
+        for r in rows {
+            let per = r.deepstack.len() / k;
+            deepstack.extend_from_slice(&r.deepstack[j * per..(j + 1) * per]);
+        }
+    }
     let mask_u8: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
     let (position_ids, _) = rope_index(&ids_u32, &mask_u8, n, &grids, &[], &[], rope)?;
     Ok(MicroBatch {
@@ -190,6 +217,7 @@ pub fn build(rows: &[Row<'_>], pad: u32, rope: &RopeConfig) -> Result<MicroBatch
         target_ids,
         completion_mask,
         features,
+        deepstack,
     })
 }
 

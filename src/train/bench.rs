@@ -95,6 +95,7 @@ pub fn run(
             completion: c,
             grids: &[],
             features: &[],
+            deepstack: &[],
         })
         .collect();
     // One micro-batch per call, whatever the configuration says.

@@ -982,6 +982,10 @@ impl Trainer {
                 completion: &c.tokens,
                 grids: &prepared.grids[c.prompt_index],
                 features: &prepared.features[c.prompt_index],
+                deepstack: prepared
+                    .deepstack
+                    .get(c.prompt_index)
+                    .map_or(&[][..], Vec::as_slice),
             })
             .collect();
         let t = Instant::now();

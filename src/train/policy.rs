@@ -322,9 +322,31 @@ pub(super) fn batch_inputs(
     mb: &MicroBatch,
     embeds: Vec<f32>,
 ) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
-    let hidden = engine.package.manifest.text.hidden_size;
+    let m = &engine.package.manifest;
+    let hidden = m.text.hidden_size;
     let shape = [mb.rows, mb.len, hidden];
-    Ok(vec![
+    let k = m.vision.deepstack_layers;
+    let deepstack = match k {
+        0 => vec![],
+        _ => {
+            // (the features' width is the language model's: DeepStack adds them to its states)
+            let n = mb.features.len() / hidden.max(1);
+            let t = &m.tokens;
+            let placeholders = [i64::from(t.image), i64::from(t.video)];
+            vec![
+                (
+                    "deepstack_features".to_string(),
+                    ty.tensor("train", &[k, n, hidden], mb.deepstack.clone())?
+                        .into(),
+                ),
+                (
+                    "visual_mask".into(),
+                    tensor(&[mb.rows, mb.len], mb.visual_mask(placeholders))?,
+                ),
+            ]
+        }
+    };
+    let mut inputs = vec![
         (
             "inputs_embeds".into(),
             ty.tensor("train", &shape, embeds)?.into(),
@@ -341,7 +363,9 @@ pub(super) fn batch_inputs(
             "target_ids".into(),
             tensor(&[mb.rows, mb.cols], mb.target_ids.clone())?,
         ),
-    ])
+    ];
+    inputs.extend(deepstack);
+    Ok(inputs)
 }
 
 pub(super) fn tensor<T>(

@@ -367,6 +367,7 @@ struct Prepped {
     response: Vec<u32>,
     grids: Vec<[u32; 3]>,
     features: Vec<f32>,
+    deepstack: Vec<f32>,
 }
 
 /// What one `sft.onnx` call gives: the loss (its labels' sum / the step's label count), the
@@ -582,6 +583,7 @@ impl Sft {
                 response,
                 grids: p.grids[0].clone(),
                 features: p.features[0].clone(),
+                deepstack: p.deepstack.first().cloned().unwrap_or_default(),
             });
         }
         Ok(out)
@@ -648,6 +650,7 @@ impl Sft {
                     completion: &p.response,
                     grids: &p.grids,
                     features: &p.features,
+                    deepstack: &p.deepstack,
                 })
                 .collect();
             let r = self.micro_step(&rows, tokens)?;
