@@ -415,3 +415,36 @@ fn the_cold_start_leaves_a_vision_tower_adapter_at_zero() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The cold start on the Qwen3-VL package (DeepStack features through sft.onnx): the loss of
+/// its responses falls and the token accuracy rises.
+#[test]
+fn the_cold_start_learns_on_qwen3_vl() {
+    let dir = tempdir("qwen3");
+    let mut c = config(&dir, cold_start_set(&dir));
+    c.model = root().join("models/tiny-qwen3-vl");
+    c.image_min_pixels = 4096;
+    c.image_max_pixels = 65_536;
+    c.max_steps = 10;
+    let Some(mut t) = sft(c) else { return };
+    let mut first = None;
+    let mut last = Metrics::new();
+    for _ in 0..10 {
+        last = t.train_step().unwrap();
+        first.get_or_insert(last.clone());
+    }
+    let first = first.unwrap();
+    assert!(
+        last["sft/loss"] < 0.8 * first["sft/loss"],
+        "loss {} → {}",
+        first["sft/loss"],
+        last["sft/loss"]
+    );
+    assert!(
+        last["sft/token_accuracy"] > first["sft/token_accuracy"],
+        "token accuracy {} → {}",
+        first["sft/token_accuracy"],
+        last["sft/token_accuracy"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
