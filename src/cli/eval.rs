@@ -148,10 +148,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(t) = &lora {
         engine.set_lora(t)?;
     }
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} items · ETA {eta}")
-            .expect("valid template"),
+    let pb = styled(
+        ProgressBar::new(0),
+        "{bar:30} {pos}/{len} items · ETA {eta}",
     );
     let s = spatial_ssrl::eval::run_items(&mut engine, &cfg, &items, |done, total| {
         pb.set_length(total as u64);

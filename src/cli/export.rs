@@ -48,10 +48,9 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         .map(|d| adapter_tensors(d, &a.model))
         .transpose()?;
     // A large model's graphs take minutes each: a bar over the stages, each stage's time.
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} · {msg} · {elapsed}")
-            .expect("valid template"),
+    let pb = styled(
+        ProgressBar::new(0),
+        "{bar:30} {pos}/{len} · {msg} · {elapsed}",
     );
     let t = std::time::Instant::now();
     let mut last = 0.0;

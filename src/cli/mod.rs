@@ -51,6 +51,11 @@ pub fn stop_on_ctrl_c(first: &'static str, second: &'static str) -> Result<&'sta
 }
 
 /// A line above the progress bar, or plain stderr when the bar is hidden (not a terminal).
+/// `pb` drawn as `template` (indicatif's template syntax): the commands' bars look alike.
+pub fn styled(pb: ProgressBar, template: &'static str) -> ProgressBar {
+    pb.with_style(ProgressStyle::with_template(template).expect("valid template"))
+}
+
 pub fn say(pb: &ProgressBar, line: String) {
     if pb.is_hidden() {
         eprintln!("{line}");

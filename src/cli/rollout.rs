@@ -106,10 +106,9 @@ pub(crate) fn run_rollout(a: RolloutArgs) -> Result<()> {
         "finishing this batch of prompts, then stopping (their responses are kept)",
         "exiting (the batches finished so far are kept)",
     )?;
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}")
-            .expect("valid template"),
+    let pb = styled(
+        ProgressBar::new(total as u64),
+        "{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}",
     );
     pb.set_position(done as u64);
     pb.reset_eta();

@@ -151,14 +151,13 @@ pub(crate) fn run_tasks(a: TasksArgs) -> Result<()> {
         jpeg_quality: a.jpeg_quality,
         shard_sources: a.shard_sources,
     };
-    let pb = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} sources · {msg} · ETA {eta}")
-            .expect("valid template"),
+    let pb = styled(
+        if a.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        },
+        "{bar:30} {pos}/{len} sources · {msg} · ETA {eta}",
     );
     pb.set_message("0 samples");
     let bar = Bar {

@@ -155,10 +155,9 @@ pub(crate) fn run_bar(total: usize, step: usize) -> Result<(&'static AtomicBool,
         "finishing this step, then saving a checkpoint",
         "exiting without a checkpoint",
     )?;
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} step {pos}/{len} · {msg} · ETA {eta}")
-            .expect("valid template"),
+    let pb = styled(
+        ProgressBar::new(total as u64),
+        "{bar:30} step {pos}/{len} · {msg} · ETA {eta}",
     );
     pb.set_position(step as u64);
     Ok((stop, pb))
