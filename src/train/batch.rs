@@ -114,10 +114,14 @@ impl MicroBatch {
     /// placeholders, as `[rows, len]` 0 / 1 (the decoder's and training graphs' `visual_mask`).
     pub fn visual_mask(&self, placeholders: [i64; 2]) -> Vec<i64> {
         (0..self.ids.len())
-            .map(|pos| {
-                i64::from(pos % self.len <= self.first && placeholders.contains(&self.ids[pos]))
-            })
+            .map(|pos| i64::from(self.prompt_placeholder(pos, placeholders)))
             .collect()
+    }
+
+    /// Whether flat position `pos` holds one of the `placeholders` within its row's prompt
+    /// (the completion's columns are those after `first`).
+    fn prompt_placeholder(&self, pos: usize, placeholders: [i64; 2]) -> bool {
+        pos % self.len <= self.first && placeholders.contains(&self.ids[pos])
     }
 
     /// The rows of a per-position `[rows, len, hidden]` tensor (the loss's gradient at the
@@ -132,11 +136,11 @@ impl MicroBatch {
     ) -> Vec<f32> {
         let n = self.features.len() / hidden.max(1);
         let mut out = Vec::with_capacity(n * hidden);
-        for (pos, id) in self.ids.iter().enumerate() {
+        for pos in 0..self.ids.len() {
             if out.len() == n * hidden {
                 break;
             }
-            if placeholders.contains(id) && pos % self.len <= self.first {
+            if self.prompt_placeholder(pos, placeholders) {
                 out.extend_from_slice(&per_position[pos * hidden..(pos + 1) * hidden]);
             }
         }

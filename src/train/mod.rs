@@ -595,7 +595,7 @@ impl Trainer {
             for (slot, &lora) in out.iter_mut().zip(loras) {
                 let mut inputs = self.batch_inputs(&mb, embeds.clone())?;
                 inputs.push(("temperature".into(), scalar(self.cfg.rollout.temperature)?));
-                inputs.extend(Param::text_inputs(&self.params, !lora)?);
+                inputs.extend(Param::inputs(&self.params, false, !lora)?);
                 let res = self.logprobs.run(inputs).map_err(run_err("logprobs"))?;
                 let (_, lp) = res["token_logprobs"]
                     .try_extract_tensor::<f32>()
@@ -708,7 +708,7 @@ impl Trainer {
         for (name, v) in names.into_iter().zip(settings) {
             inputs.push((name.into(), scalar(v)?));
         }
-        inputs.extend(Param::text_inputs(&self.params, false)?);
+        inputs.extend(Param::inputs(&self.params, false, false)?);
         let res = self.train.run(inputs).map_err(run_err("train"))?;
         let (_, loss) = res["loss"]
             .try_extract_tensor::<f32>()
@@ -718,7 +718,7 @@ impl Trainer {
             .map_err(run_err("train"))?;
         let m = &self.engine.package.manifest;
         let stats = Stats::read(&m.train.stats, st, "train")?;
-        let grads = Param::read_grads(&self.params, &res, "train")?;
+        let grads = Param::read_grads(&self.params, &res, "train", false)?;
         let feature_grads = match self.vision_grad {
             None => Vec::new(),
             Some(_) => {
@@ -803,23 +803,9 @@ impl Trainer {
                 ),
                 ("loss_scale".into(), scalar(scale)?),
             ];
-            for p in self.params.iter().filter(|p| p.is_vision()) {
-                inputs.push((p.name.clone(), tensor(&p.shape, p.value.clone())?));
-            }
+            inputs.extend(Param::inputs(&self.params, true, false)?);
             let res = sess.run(inputs).map_err(run_err("vision_grad"))?;
-            let grads: Vec<Vec<f32>> = self
-                .params
-                .iter()
-                .map(|p| {
-                    if !p.is_vision() {
-                        return Ok(vec![0.0; p.value.len()]);
-                    }
-                    let (_, g) = res[format!("grad.{}", p.name).as_str()]
-                        .try_extract_tensor::<f32>()
-                        .map_err(run_err("vision_grad"))?;
-                    Ok(g.to_vec())
-                })
-                .collect::<Result<_, TrainError>>()?;
+            let grads = Param::read_grads(&self.params, &res, "vision_grad", true)?;
             if !scale::rerun(&mut self.loss_scale, || scale::all_finite(&grads)) {
                 return Ok(grads);
             }

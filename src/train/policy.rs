@@ -26,15 +26,17 @@ impl Param {
         crate::model::package::is_vision_name(&self.name)
     }
 
-    /// The language model's LoRA inputs of a graph: each tensor by name, its values or (with
-    /// `zero`) zeros (the base model).
-    pub(super) fn text_inputs(
+    /// The LoRA inputs of a graph of the language model's (`vision` false) or the vision
+    /// tower's (`vision`): each tensor by name, its values or (with `zero`) zeros (the base
+    /// model).
+    pub(super) fn inputs(
         params: &[Param],
+        vision: bool,
         zero: bool,
     ) -> Result<Vec<(String, SessionInputValue<'static>)>, TrainError> {
         params
             .iter()
-            .filter(|p| !p.is_vision())
+            .filter(|p| p.is_vision() == vision)
             .map(|p| {
                 let v = match zero {
                     true => vec![0.0; p.value.len()],
@@ -45,17 +47,19 @@ impl Param {
             .collect()
     }
 
-    /// A training graph's LoRA gradients (`grad.{name}`) in parameter order; the vision tower's
-    /// tensors, which the graph does not take, get zeros (vision_grad.onnx gives theirs).
+    /// A graph's LoRA gradients (`grad.{name}`) in parameter order: the language model's
+    /// (`vision` false: the training graphs') or the vision tower's (vision_grad.onnx's); the
+    /// other tower's tensors, which the graph does not take, get zeros.
     pub(super) fn read_grads(
         params: &[Param],
         res: &ort::session::SessionOutputs<'_>,
         graph: &'static str,
+        vision: bool,
     ) -> Result<Vec<Vec<f32>>, TrainError> {
         params
             .iter()
             .map(|p| {
-                if p.is_vision() {
+                if p.is_vision() != vision {
                     return Ok(vec![0.0; p.value.len()]);
                 }
                 let (_, g) = res[format!("grad.{}", p.name).as_str()]

@@ -604,7 +604,7 @@ impl Sft {
             inputs.push(("token_count".into(), scalar(token_count as f32)?));
             let s = self.loss_scale.map_or(1.0, |s| s.scale);
             inputs.push(("loss_scale".into(), scalar(s)?));
-            inputs.extend(Param::text_inputs(&self.params, false)?);
+            inputs.extend(Param::inputs(&self.params, false, false)?);
             let res = self.sft.run(inputs).map_err(super::run_err("sft"))?;
             let f = |name: &str| -> Result<Vec<f32>, TrainError> {
                 let (_, v) = res[name]
@@ -616,7 +616,7 @@ impl Sft {
             let st = f("stats")?;
             // (the vision tower's LoRA, where the package has one, stays as initialised —
             // zero — as LLaMA-Factory's cold start freezes the vision tower)
-            let grads = Param::read_grads(&self.params, &res, "sft")?;
+            let grads = Param::read_grads(&self.params, &res, "sft", false)?;
             if !scale::rerun(&mut self.loss_scale, || scale::all_finite(&grads)) {
                 return Ok(Micro {
                     loss,
