@@ -159,8 +159,16 @@ fn main() {
         Command::Export(a) => run_export(a),
         Command::Eval(a) => run_eval(a),
     };
+    let world = spatial_ssrl::dist::world();
     if let Err(e) = r {
+        if world.size > 1 {
+            // A data-parallel run: the others may be waiting for this rank in a collective,
+            // so it ends them all (the checkpoints written so far are whole).
+            eprintln!("error ({}): {e:#}", world.who());
+            world.abort(1);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+    spatial_ssrl::dist::finish();
 }

@@ -21,6 +21,7 @@ pub(crate) use rollout::*;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use spatial_ssrl::dist::World;
 use spatial_ssrl::reward::RewardConfig;
 use spatial_ssrl::tasks::{position::Geometry, shuffle::Variant, Format, TaskKind};
 use spatial_ssrl::train::{config::TrainConfig, plot, RunEnd, Trainer};
@@ -48,6 +49,18 @@ pub fn stop_on_ctrl_c(first: &'static str, second: &'static str) -> Result<&'sta
     })
     .context("cannot install the Ctrl-C handler")?;
     Ok(&STOP)
+}
+
+/// SIGUSR1 sets the same flag as Ctrl-C: launchers forward it to every rank (`kill -USR1` on
+/// `mpirun`, `scancel --signal=USR1`), where a Ctrl-C at `mpirun` ends the ranks at once.
+pub fn stop_on_usr1() {
+    extern "C" fn on_usr1(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
+    }
 }
 
 /// A line above the progress bar, or plain stderr when the bar is hidden (not a terminal).
@@ -173,13 +186,13 @@ impl DeviceArgs {
         profile: Option<&Path>,
     ) -> Result<spatial_ssrl::rollout::Engine> {
         use spatial_ssrl::model::session::{CudaArena, Device, DeviceChoice, TrtLimits};
+        // (under a launcher, each rank takes the GPU of its local rank past --device-id)
+        let device_id = spatial_ssrl::dist::device_of(self.device_id);
         let device = match self.device {
             DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::Cuda {
-                device_id: self.device_id,
-            },
+            DeviceArg::Cuda => Device::Cuda { device_id },
             DeviceArg::Tensorrt => Device::TensorRt {
-                device_id: self.device_id,
+                device_id,
                 fp16: self.trt_fp16,
                 cache_dir: self.trt_cache.clone(),
                 workspace_bytes: self.trt_workspace,

@@ -148,17 +148,23 @@ pub(crate) fn resume_or_start(out: &Path, resume: bool) -> Result<bool> {
     Ok(resume)
 }
 
-/// A training run's Ctrl-C flag (finish the step, save, exit) and its step bar, at `step` of
-/// `total`.
-pub(crate) fn run_bar(total: usize, step: usize) -> Result<(&'static AtomicBool, ProgressBar)> {
+/// A training run's Ctrl-C flag (finish the step, save, exit; SIGUSR1 too, which launchers
+/// forward to every rank) and its step bar, at `step` of `total` (drawn by rank 0 alone).
+pub(crate) fn run_bar(
+    world: &World,
+    total: usize,
+    step: usize,
+) -> Result<(&'static AtomicBool, ProgressBar)> {
     let stop = stop_on_ctrl_c(
         "finishing this step, then saving a checkpoint",
         "exiting without a checkpoint",
     )?;
-    let pb = styled(
-        ProgressBar::new(total as u64),
-        "{bar:30} step {pos}/{len} · {msg} · ETA {eta}",
-    );
+    stop_on_usr1();
+    let pb = match world.is_root() {
+        true => ProgressBar::new(total as u64),
+        false => ProgressBar::hidden(),
+    };
+    let pb = styled(pb, "{bar:30} step {pos}/{len} · {msg} · ETA {eta}");
     pb.set_position(step as u64);
     Ok((stop, pb))
 }
@@ -176,6 +182,11 @@ pub(crate) fn draw_curves(out: &Path) -> Result<()> {
 /// Ends a run that Ctrl-C stopped (exit status 130), saying how to continue it.
 pub(crate) fn interrupted(command: &str, a: &RunArgs, checkpoint: &Path) -> ! {
     let default = format!("{command}.toml");
+    let world = spatial_ssrl::dist::world();
+    spatial_ssrl::dist::finish();
+    if !world.is_root() {
+        std::process::exit(130);
+    }
     eprintln!(
         "interrupted: checkpoint {} — continue with `ssrl {command} --config {} --resume`",
         checkpoint.display(),
@@ -184,14 +195,51 @@ pub(crate) fn interrupted(command: &str, a: &RunArgs, checkpoint: &Path) -> ! {
     std::process::exit(130);
 }
 
-/// The checkpoint a `--resume` continues from, or why there is none.
-pub(crate) fn newest_checkpoint(latest: Option<PathBuf>, out: &Path) -> Result<PathBuf> {
-    latest.with_context(|| {
-        format!(
-            "{}: no checkpoint to resume from (none was saved yet)",
-            out.join("checkpoints").display()
-        )
-    })
+/// The checkpoint a `--resume` continues from (rank 0's choice, for every rank), or why there
+/// is none.
+pub(crate) fn newest_checkpoint(
+    world: &World,
+    latest: Option<PathBuf>,
+    out: &Path,
+) -> Result<PathBuf> {
+    let latest = root_decides(world, || {
+        latest.with_context(|| {
+            format!(
+                "{}: no checkpoint to resume from (none was saved yet)",
+                out.join("checkpoints").display()
+            )
+        })
+    })?;
+    Ok(latest)
+}
+
+/// What rank 0 computes with `f`, on every rank (its error too).
+fn root_decides<T: serde::Serialize + serde::de::DeserializeOwned>(
+    world: &World,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if world.size == 1 {
+        return f();
+    }
+    let r: std::result::Result<T, String> = match world.is_root() {
+        true => {
+            let r = f().map_err(|e| format!("{e:#}"));
+            world.send_from_root(&r);
+            r
+        }
+        false => world.recv_from_root(),
+    };
+    r.map_err(anyhow::Error::msg)
+}
+
+/// Joins the launcher's ranks (a world of one without a launcher) and decides on rank 0
+/// whether the run in `out` resumes ([`resume_or_start`]), before any rank writes there.
+pub(crate) fn start_run(out: &Path, resume: bool) -> Result<(&'static World, bool)> {
+    let world = spatial_ssrl::dist::init()?;
+    let resume = root_decides(world, || resume_or_start(out, resume))?;
+    world.barrier();
+    world.announce("each step's prompts are dealt over them, rank 0 writes the run folder");
+    Ok((world, resume))
 }
 
 pub fn run_train(a: RunArgs) -> Result<()> {
@@ -206,12 +254,15 @@ pub fn run_train(a: RunArgs) -> Result<()> {
         out!("{}", cfg.to_toml());
         return Ok(());
     }
-    let resume = resume_or_start(&cfg.out, a.resume)?;
+    let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
+    let root = world.is_root();
     for note in [t.precision_note(), t.vision_note()].into_iter().flatten() {
-        eprintln!("{note}");
+        if root {
+            eprintln!("{note}");
+        }
     }
-    if t.overlong != (0, 0) {
+    if t.overlong != (0, 0) && root {
         eprintln!(
             "left out as too long (data.max_prompt_length {}, or no room for \
              data.max_response_length {} in the model's context): {} training and {} validation \
@@ -219,7 +270,7 @@ pub fn run_train(a: RunArgs) -> Result<()> {
             cfg.data.max_prompt_length, cfg.data.max_response_length, t.overlong.0, t.overlong.1
         );
     }
-    if !t.unusable.is_empty() {
+    if !t.unusable.is_empty() && root {
         let n = t.unusable.len();
         let shown: Vec<&str> = t.unusable.iter().take(3).map(String::as_str).collect();
         eprintln!(
@@ -230,26 +281,35 @@ pub fn run_train(a: RunArgs) -> Result<()> {
         );
     }
     if resume {
-        let dir = newest_checkpoint(t.latest_checkpoint(), &cfg.out)?;
+        let dir = newest_checkpoint(world, t.latest_checkpoint(), &cfg.out)?;
         t.restore(&dir)?;
-        eprintln!("resumed from {} (step {})", dir.display(), t.step());
+        if root {
+            eprintln!("resumed from {} (step {})", dir.display(), t.step());
+        }
     }
     let total = t.total_steps();
-    eprintln!(
-        "GRPO: {} prompts × {} samples per step, {} steps; ONNX Runtime on {}, kernels on {}",
-        cfg.data.rollout_batch_size,
-        cfg.rollout.n,
-        total,
-        t.provider(),
-        t.backend()
-    );
-    let (stop, pb) = run_bar(total, t.step())?;
+    if root {
+        eprintln!(
+            "GRPO: {} prompts × {} samples per step, {} steps; ONNX Runtime on {}, kernels on {}",
+            cfg.data.rollout_batch_size,
+            cfg.rollout.n,
+            total,
+            t.provider(),
+            t.backend()
+        );
+    }
+    let (stop, pb) = run_bar(world, total, t.step())?;
     let mut header = format!("{:>6}", "step");
     for (_, h) in COLUMNS {
         header += &format!(" {h:>9}");
     }
-    say(&pb, header);
+    if root {
+        say(&pb, header);
+    }
     let end = t.run(stop, |m, step, left_out| {
+        if !root {
+            return;
+        }
         for e in left_out {
             say(
                 &pb,
@@ -273,10 +333,12 @@ pub fn run_train(a: RunArgs) -> Result<()> {
         ));
     })?;
     pb.finish_and_clear();
-    draw_curves(&cfg.out)?;
+    if root {
+        draw_curves(&cfg.out)?;
+    }
     match end {
         RunEnd::Finished { checkpoint } => {
-            if let Some(c) = checkpoint {
+            if let (Some(c), true) = (checkpoint, root) {
                 eprintln!("done: adapter in {}", c.display());
             }
         }
@@ -298,36 +360,52 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
         out!("{}", cfg.to_toml());
         return Ok(());
     }
-    let resume = resume_or_start(&cfg.out, a.resume)?;
+    let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
+    let root = world.is_root();
     for note in [t.precision_note(), t.vision_note()].into_iter().flatten() {
-        eprintln!("{note}");
+        if root {
+            eprintln!("{note}");
+        }
     }
     if resume {
-        let dir = newest_checkpoint(t.latest_checkpoint(), &cfg.out)?;
+        let dir = newest_checkpoint(world, t.latest_checkpoint(), &cfg.out)?;
         t.restore(&dir)?;
-        eprintln!("resumed from {} (step {})", dir.display(), t.step());
+        if root {
+            eprintln!("resumed from {} (step {})", dir.display(), t.step());
+        }
     }
     let total = t.total_steps();
-    eprintln!(
-        "SFT: {} examples, {} × {} per step, {} steps ({} per epoch), lr {} {}",
-        t.examples(),
-        cfg.per_device_train_batch_size,
-        cfg.gradient_accumulation_steps,
-        total,
-        t.steps_per_epoch(),
-        cfg.learning_rate,
-        cfg.lr_scheduler_type.name()
-    );
-    let (stop, pb) = run_bar(total, t.step())?;
-    say(
-        &pb,
-        format!(
-            "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "step", "loss", "tok acc", "lr", "grad", "tok/s"
-        ),
-    );
+    if root {
+        eprintln!(
+            "SFT: {} examples, {} × {} per step{}, {} steps ({} per epoch), lr {} {}",
+            t.examples(),
+            cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps,
+            match world.size {
+                1 => String::new(),
+                n => format!(" × {n} ranks"),
+            },
+            total,
+            t.steps_per_epoch(),
+            cfg.learning_rate,
+            cfg.lr_scheduler_type.name()
+        );
+    }
+    let (stop, pb) = run_bar(world, total, t.step())?;
+    if root {
+        say(
+            &pb,
+            format!(
+                "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "step", "loss", "tok acc", "lr", "grad", "tok/s"
+            ),
+        );
+    }
     let end = t.run(stop, |m, step, left_out| {
+        if !root {
+            return;
+        }
         for e in left_out {
             say(&pb, format!("step {step}: example left out: {e}"));
         }
@@ -347,10 +425,12 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
         pb.set_message(format!("loss {:.3}", g("sft/loss")));
     })?;
     pb.finish_and_clear();
-    draw_curves(&cfg.out)?;
+    if root {
+        draw_curves(&cfg.out)?;
+    }
     match end {
         RunEnd::Finished { checkpoint } => {
-            if let Some(c) = checkpoint {
+            if let (Some(c), true) = (checkpoint, root) {
                 eprintln!(
                     "done: adapter in {} — merge it with `ssrl export --model {} --adapter {} --out DIR` \
                      and start GRPO from that package",

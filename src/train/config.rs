@@ -201,6 +201,9 @@ pub struct TrainerConfig {
     /// Kernels for advantages, gradient norm and AdamW: "auto" (CUDA when a GPU is present),
     /// "cpu" or "cuda".
     pub kernels: String,
+    /// Data parallel: compare every rank's LoRA tensors (a digest) every N steps and at each
+    /// checkpoint, stopping the run where one differs (0 = at checkpoints only).
+    pub replica_check_freq: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -326,6 +329,7 @@ impl Default for TrainerConfig {
             save_limit: 3,
             seed: 1,
             kernels: "auto".into(),
+            replica_check_freq: 10,
         }
     }
 }
@@ -509,6 +513,7 @@ impl TrainConfig {
         c.trainer.save_limit = 0;
         c.trainer.val_freq = 0;
         c.trainer.val_before_train = false;
+        c.trainer.replica_check_freq = 0;
         c.out = PathBuf::new();
         c.to_toml()
     }

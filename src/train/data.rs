@@ -39,13 +39,18 @@ impl Dataset {
     }
 }
 
-/// Decodes the images of a batch on the rayon pool; request ids are keyed by `salt` and the
-/// position in the batch. A sample whose images cannot be decoded gives `file: cause`.
-pub(super) fn load_requests(items: &[PendingRequest], salt: u64) -> Vec<Result<Request, String>> {
+/// Decodes the images of a batch on the rayon pool; each request's id (which keys its random
+/// streams) is keyed by `salt` and its key in `keys` (its position in the step's whole batch,
+/// whichever rank loads it). A sample whose images cannot be decoded gives `file: cause`.
+pub(super) fn load_requests(
+    items: &[PendingRequest],
+    keys: &[usize],
+    salt: u64,
+) -> Vec<Result<Request, String>> {
     items
         .par_iter()
-        .enumerate()
-        .map(|(k, (sample, root))| {
+        .zip(keys)
+        .map(|((sample, root), &k)| {
             Ok(Request {
                 id: mix64(salt ^ mix64(k as u64 + 1)),
                 problem: sample.problem.clone(),
@@ -55,24 +60,27 @@ pub(super) fn load_requests(items: &[PendingRequest], salt: u64) -> Vec<Result<R
         .collect()
 }
 
-/// The samples of `idx` whose images decoded (`loaded`, in the same order) and their requests;
-/// the others' causes are added to `left_out`.
+/// The keys of `keys` whose requests loaded (`loaded`, in the same order) and those requests;
+/// the others, each with its cause, in `left_out`.
 pub(super) fn usable(
-    idx: &[usize],
+    keys: &[usize],
     loaded: Vec<Result<Request, String>>,
-    left_out: &mut Vec<String>,
-) -> (Vec<usize>, Vec<Request>) {
-    let (mut kept, mut reqs) = (Vec::with_capacity(idx.len()), Vec::with_capacity(idx.len()));
-    for (&i, r) in idx.iter().zip(loaded) {
+) -> (Vec<usize>, Vec<Request>, Vec<(usize, String)>) {
+    let (mut kept, mut reqs) = (
+        Vec::with_capacity(keys.len()),
+        Vec::with_capacity(keys.len()),
+    );
+    let mut left_out = Vec::new();
+    for (&k, r) in keys.iter().zip(loaded) {
         match r {
             Ok(r) => {
-                kept.push(i);
+                kept.push(k);
                 reqs.push(r);
             }
-            Err(e) => left_out.push(e),
+            Err(e) => left_out.push((k, e)),
         }
     }
-    (kept, reqs)
+    (kept, reqs, left_out)
 }
 
 pub(super) type Prefetch = (usize, std::thread::JoinHandle<Vec<Result<Request, String>>>);

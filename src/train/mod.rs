@@ -7,6 +7,7 @@ pub mod batch;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+mod parallel;
 pub mod plot;
 pub mod scale;
 pub mod sft;
@@ -72,6 +73,9 @@ pub enum TrainError {
     },
     #[error("{path}: {msg}")]
     Io { path: PathBuf, msg: String },
+    /// Another rank of a data-parallel run failed (its message), or the ranks disagree.
+    #[error("rank {rank}: {msg}")]
+    Rank { rank: usize, msg: String },
 }
 
 fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> TrainError {
@@ -98,15 +102,10 @@ pub fn img_score(format_weight: f64) -> RewardFn {
 
 /// Rollout correction as verl's truncated importance sampling: each token's weight
 /// min(exp(old − rollout), cap), the training graph's recomputed old log-prob against the
-/// sampler's. Returns the weights (per row, in completion order) and their statistics:
-/// `tis_weight_mean`, `tis_weight_max` (both after the cap) and `tis_capped_frac`, the share of
-/// tokens the cap cut.
-pub fn tis_weights(
-    old: &[Vec<f32>],
-    rollout: &[Vec<f32>],
-    cap: f32,
-) -> (Vec<Vec<f32>>, Vec<(&'static str, f64)>) {
-    let (mut n, mut sum, mut max, mut capped) = (0usize, 0f64, 0f64, 0usize);
+/// sampler's. Returns the weights (per row, in completion order) and their tally: the weights'
+/// mean and max (both after the cap), and the tokens the cap cut (`hits`).
+pub fn tis_weights(old: &[Vec<f32>], rollout: &[Vec<f32>], cap: f32) -> (Vec<Vec<f32>>, Tally) {
+    let mut tally = Tally::default();
     let w: Vec<Vec<f32>> = old
         .iter()
         .zip(rollout)
@@ -116,22 +115,56 @@ pub fn tis_weights(
                 .map(|(a, b)| {
                     let ratio = (a - b).clamp(-20.0, 20.0).exp();
                     let v = ratio.min(cap);
-                    n += 1;
-                    sum += f64::from(v);
-                    max = max.max(f64::from(v));
-                    capped += usize::from(ratio > cap);
+                    tally.add(f64::from(v), ratio > cap);
                     v
                 })
                 .collect()
         })
         .collect();
-    let n_f = n.max(1) as f64;
-    let stats = vec![
-        ("tis_weight_mean", sum / n_f),
-        ("tis_weight_max", max),
-        ("tis_capped_frac", capped as f64 / n_f),
-    ];
-    (w, stats)
+    (w, tally)
+}
+
+/// Running statistics of per-token values that ranks add up: count, sum, maximum, and how
+/// many were hits (over a cap, say).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub n: u64,
+    pub sum: f64,
+    pub max: f64,
+    pub hits: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, v: f64, hit: bool) {
+        self.n += 1;
+        self.sum += v;
+        self.max = if self.n == 1 { v } else { self.max.max(v) };
+        self.hits += u64::from(hit);
+    }
+
+    /// Both tallies as one.
+    pub fn merge(self, o: Tally) -> Tally {
+        Tally {
+            n: self.n + o.n,
+            sum: self.sum + o.sum,
+            max: match (self.n, o.n) {
+                (0, _) => o.max,
+                (_, 0) => self.max,
+                _ => self.max.max(o.max),
+            },
+            hits: self.hits + o.hits,
+        }
+    }
+
+    /// The mean (0 for none).
+    pub fn mean(&self) -> f64 {
+        self.sum / self.n.max(1) as f64
+    }
+
+    /// The share of hits (0 for none).
+    pub fn hit_share(&self) -> f64 {
+        self.hits as f64 / self.n.max(1) as f64
+    }
 }
 
 pub struct Trainer {
@@ -172,6 +205,9 @@ pub struct Trainer {
     updating: bool,
     /// The weights the sessions read (when shared): kept until they are gone.
     weights: Option<std::sync::Arc<std::sync::Mutex<crate::model::weights::SharedWeights>>>,
+    /// The data-parallel ranks (one without a launcher): each step's prompts are dealt over
+    /// them and their gradients summed.
+    world: &'static crate::dist::World,
 }
 
 /// The note of a package with vision-tower LoRA: what trains it (`how`), and where the
@@ -214,7 +250,8 @@ fn add_into(acc: &mut [Vec<f32>], more: &[Vec<f32>]) {
 pub fn device_choice(cfg: &TrainConfig) -> DeviceChoice {
     let r = &cfg.rollout;
     let nonzero = |n: usize| (n > 0).then_some(n);
-    let device = match Device::from_name(&r.device, r.device_id).unwrap_or_default() {
+    let device_id = crate::dist::device_of(r.device_id);
+    let device = match Device::from_name(&r.device, device_id).unwrap_or_default() {
         Device::TensorRt { device_id, .. } => Device::TensorRt {
             device_id,
             fp16: r.trt_fp16,
@@ -388,7 +425,10 @@ impl Trainer {
             }
             (true, g) => Some(engine.open_graph(g, true)?),
         };
-        let backend = Backend::select(&cfg.trainer.kernels, cfg.rollout.device_id)?;
+        let backend = Backend::select(
+            &cfg.trainer.kernels,
+            crate::dist::device_of(cfg.rollout.device_id),
+        )?;
         let params = Param::init(&m.lora, cfg.trainer.seed);
         let rope = RopeConfig {
             image_token_id: m.tokens.image,
@@ -425,6 +465,7 @@ impl Trainer {
             unusable: Vec::new(),
             left_out: Vec::new(),
             updating: false,
+            world: crate::dist::world(),
         };
         t.push_lora()?;
         Ok(t)
@@ -499,21 +540,27 @@ impl Trainer {
         self.cfg.out.join("checkpoints")
     }
 
-    /// Writes a checkpoint of the current state.
+    /// Writes a checkpoint of the current state. Data parallel, every rank calls it at the
+    /// same point: the replicas are checked identical, rank 0 writes, and every rank gets its
+    /// folder (or its error).
     pub fn save(&self) -> Result<PathBuf, TrainError> {
-        let state = Param::state(
-            &self.params,
-            self.step,
-            self.cfg.resume_key(),
-            self.loss_scale,
-        );
-        write_checkpoint(
-            &self.cfg.out,
-            &self.cfg.model,
-            &self.engine.package.manifest.lora,
-            &state,
-            self.cfg.trainer.save_limit,
-        )
+        parallel::check_replicas(self.world, &self.params, self.step)?;
+        let written = self.world.is_root().then(|| {
+            let state = Param::state(
+                &self.params,
+                self.step,
+                self.cfg.resume_key(),
+                self.loss_scale,
+            );
+            write_checkpoint(
+                &self.cfg.out,
+                &self.cfg.model,
+                &self.engine.package.manifest.lora,
+                &state,
+                self.cfg.trainer.save_limit,
+            )
+        });
+        parallel::from_root(self.world, written)
     }
 
     /// Restores a checkpoint (its configuration must match this run's, except run length and
@@ -880,49 +927,27 @@ impl Trainer {
         self.push_lora()
     }
 
-    /// Runs validation: one greedy (or `val_temperature`) sample per held-out prompt.
+    /// Runs validation: one greedy (or `val_temperature`) sample per held-out prompt, the
+    /// prompts dealt over the ranks and their scores gathered.
     pub fn validate(&mut self) -> Result<Metrics, TrainError> {
         let n = self.val.samples.len().min(self.cfg.data.val_batch_size);
-        let idx: Vec<usize> = (0..n).collect();
+        let mine = self.world.share(n);
         let mut metrics = Metrics::new();
         if n == 0 {
             return Ok(metrics);
         }
-        let mut scores = Vec::new();
-        let chunk = self
-            .cfg
-            .actor
-            .micro_batch_size_per_device_for_experience
-            .max(1);
-        for part in idx.chunks(chunk) {
-            let loaded = load_requests(&self.val.pending(part), 0x7661_6c00 ^ part[0] as u64);
-            let (part, reqs) = usable(part, loaded, &mut self.left_out);
-            if reqs.is_empty() {
-                continue;
-            }
-            let gen = GenerationConfig {
-                group: 1,
-                max_new_tokens: self.cfg.data.max_response_length,
-                sampling: SamplingParams {
-                    temperature: self.cfg.rollout.val_temperature,
-                    top_k: 0,
-                    top_p: self.cfg.rollout.val_top_p,
-                    seed: self.cfg.trainer.seed,
-                },
-                verbatim: false,
-                format_sentence: self.format(),
-            };
-            let out = self.engine.generate(&reqs, &gen, None)?;
-            for c in out {
-                let s = &self.val.samples[part[c.prompt_index]];
-                let text = self
-                    .engine
-                    .prompts
-                    .decode(&c.tokens)
-                    .map_err(EngineError::from)?;
-                scores.push((s.task.clone(), (self.reward)(&text, s), c.tokens.len()));
-            }
+        let out = self.validate_share(&mine);
+        let (scores, left) = parallel::agree(self.world, out)?;
+        let (mut scores_all, mut left_all) = (Vec::new(), Vec::new());
+        for (s, l) in self.world.gather(&(scores, left)) {
+            scores_all.extend(s);
+            left_all.extend(l);
         }
+        scores_all.sort_by_key(|s: &(usize, String, Score, usize)| s.0);
+        left_all.sort_unstable();
+        self.left_out.extend(left_all.into_iter().map(|(_, e)| e));
+        let scores: Vec<(String, Score, usize)> =
+            scores_all.into_iter().map(|s| (s.1, s.2, s.3)).collect();
         metrics.insert(
             "val/reward".into(),
             mean(scores.iter().map(|s| s.1.overall)),
@@ -946,20 +971,70 @@ impl Trainer {
         Ok(metrics)
     }
 
+    /// This rank's validation prompts (positions in the validation set) scored: (position,
+    /// task, score, response tokens) each, and those whose images cannot be read.
+    #[allow(clippy::type_complexity)]
+    fn validate_share(
+        &mut self,
+        mine: &[usize],
+    ) -> Result<(Vec<(usize, String, Score, usize)>, Vec<(usize, String)>), TrainError> {
+        let (mut scores, mut left) = (Vec::new(), Vec::new());
+        let chunk = self
+            .cfg
+            .actor
+            .micro_batch_size_per_device_for_experience
+            .max(1);
+        for part in mine.chunks(chunk) {
+            let loaded = load_requests(&self.val.pending(part), part, 0x7661_6c00);
+            let (part, reqs, gone) = usable(part, loaded);
+            left.extend(gone);
+            if reqs.is_empty() {
+                continue;
+            }
+            let gen = GenerationConfig {
+                group: 1,
+                max_new_tokens: self.cfg.data.max_response_length,
+                sampling: SamplingParams {
+                    temperature: self.cfg.rollout.val_temperature,
+                    top_k: 0,
+                    top_p: self.cfg.rollout.val_top_p,
+                    seed: self.cfg.trainer.seed,
+                },
+                verbatim: false,
+                format_sentence: self.format(),
+            };
+            let out = self.engine.generate(&reqs, &gen, None)?;
+            for c in out {
+                let at = part[c.prompt_index];
+                let s = &self.val.samples[at];
+                let text = self
+                    .engine
+                    .prompts
+                    .decode(&c.tokens)
+                    .map_err(EngineError::from)?;
+                scores.push((at, s.task.clone(), (self.reward)(&text, s), c.tokens.len()));
+            }
+        }
+        Ok((scores, left))
+    }
+
     /// One GRPO step: rollout, reward, advantages, old/ref log-probs, then one optimizer step
-    /// per mini-batch. Returns the step's metrics.
+    /// per mini-batch. Returns the step's metrics. Data parallel, each rank does this for its
+    /// share of the step's prompts, and the ranks sum their gradients before each update.
     pub fn train_step(&mut self) -> Result<Metrics, TrainError> {
         let t_start = Instant::now();
         let mut metrics = Metrics::new();
         let clock = PhaseClock::start();
         let t = Instant::now();
-        let (idx, reqs) = self.step_prompts(&mut metrics)?;
+        let share = self.step_prompts(&mut metrics)?;
         clock.time("data", t, &mut metrics);
         let t = Instant::now();
-        let (prepared, completions) = self.roll_out(&reqs)?;
+        let out = self.roll_out(&share.reqs);
+        let (prepared, completions) = parallel::agree(self.world, out)?;
         clock.time("rollout", t, &mut metrics);
         let t = Instant::now();
-        let (scores, advantages) = self.rewards(&idx, &completions)?;
+        let out = self.rewards(&share.idx, &completions);
+        let (scores, advantages) = parallel::agree(self.world, out)?;
         clock.time("reward", t, &mut metrics);
         let rows: Vec<Row<'_>> = completions
             .iter()
@@ -977,11 +1052,13 @@ impl Trainer {
         let t = Instant::now();
         // With vision-tower LoRA: the prompts' pixels for its backward, and the reference
         // policy's (the base tower's) image features.
-        let images = self.step_images(&reqs, &completions)?;
+        let images = self.step_images(&share.reqs, &completions);
+        let images = parallel::agree(self.world, images)?;
         let base = match &images {
-            Some(im) if self.kl_coef() != 0.0 => Some(self.prompt_features(im, false)?),
+            Some(im) if self.kl_coef() != 0.0 => Some(self.prompt_features(im, false)),
             _ => None,
         };
+        let base = parallel::agree(self.world, base.transpose())?;
         let ref_rows: Option<Vec<Row<'_>>> = base.as_ref().map(|b| {
             rows.iter()
                 .zip(&completions)
@@ -991,12 +1068,43 @@ impl Trainer {
                 })
                 .collect()
         });
-        let lp = self.policy_logprobs(&rows, ref_rows.as_deref(), &completions, &mut metrics)?;
+        let lp = self.policy_logprobs(&rows, ref_rows.as_deref(), &completions, &mut metrics);
+        let lp = parallel::agree(self.world, lp)?;
         clock.time("logprobs", t, &mut metrics);
-        self.update(&rows, images.as_ref(), &advantages, &lp, &mut metrics)?;
+        // Each row's mini-batch: its prompt's place among the step's prompts on all ranks.
+        let gbs = self.cfg.actor.global_batch_size;
+        let mini_of: Vec<usize> = (completions.iter())
+            .map(|c| share.order[c.prompt_index] / gbs)
+            .collect();
+        let minis = share.prompts.div_ceil(gbs);
+        self.update(
+            &rows,
+            &mini_of,
+            minis,
+            images.as_ref(),
+            &advantages,
+            &lp,
+            &mut metrics,
+        )?;
         clock.peak("train", &mut metrics);
         clock.time("step", t_start, &mut metrics);
-        self.step_metrics(&idx, &completions, &scores, &advantages, &mut metrics);
+        let sampled: Vec<Sampled> = (completions.iter().zip(&scores).zip(&advantages))
+            .map(|((c, s), a)| Sampled {
+                order: share.order[c.prompt_index],
+                task: self.data.samples[share.idx[c.prompt_index]].task.clone(),
+                overall: s.overall,
+                format: s.format,
+                accuracy: s.accuracy,
+                advantage: *a,
+                tokens: c.tokens.len(),
+                clipped: c.finish == crate::rollout::Finish::Length,
+            })
+            .collect();
+        let mut sampled: Vec<Sampled> = self.world.gather(&sampled).concat();
+        // (in the step's prompt order, each prompt's samples as generated: as one process)
+        sampled.sort_by_key(|s| s.order);
+        parallel::merge_metrics(self.world, &mut metrics);
+        step_metrics(&sampled, &mut metrics);
         self.step += 1;
         self.updating = false;
         metrics.insert("step".into(), self.step as f64);
@@ -1007,29 +1115,39 @@ impl Trainer {
         Ok(metrics)
     }
 
-    /// The step's prompts (their indices in the dataset and their requests, images decoded):
-    /// decoded in the background during the previous step (double buffering), the next step's
+    /// This rank's share of the step's prompts (their requests with images decoded): decoded
+    /// in the background during the previous step (double buffering), the next step's
     /// decoding started now. A prompt whose images cannot be decoded is left out of the step
-    /// (named in `left_out`), not the run's end.
-    fn step_prompts(
-        &mut self,
-        metrics: &mut Metrics,
-    ) -> Result<(Vec<usize>, Vec<Request>), TrainError> {
+    /// (named in `left_out`, on every rank), not the run's end.
+    fn step_prompts(&mut self, metrics: &mut Metrics) -> Result<StepShare, TrainError> {
         let seed = self.cfg.trainer.seed;
-        let idx = self.batch_indices(self.step);
+        let all = self.batch_indices(self.step);
+        let mine = self.world.share(all.len());
         let salt = |step: usize| mix64(seed ^ (step as u64) << 20);
         let loaded = match self.prefetch.take() {
             Some((step, handle)) if step == self.step => handle
                 .join()
                 .map_err(|_| TrainError::Resume("the image loader thread panicked".into()))?,
-            _ => load_requests(&self.data.pending(&idx), salt(self.step)),
+            _ => load_requests(
+                &self.data.pending(&pick(&all, &mine)),
+                &mine,
+                salt(self.step),
+            ),
         };
-        self.left_out.clear();
-        let (idx, reqs) = usable(&idx, loaded, &mut self.left_out);
+        let (kept, reqs, left) = usable(&mine, loaded);
+        // Which of the step's prompts every rank kept, and why the others were left out.
+        let (mut order_all, mut left_all) = (Vec::new(), Vec::new());
+        for (k, l) in self.world.gather(&(kept.clone(), left)) {
+            order_all.extend(k);
+            left_all.extend(l);
+        }
+        order_all.sort_unstable();
+        left_all.sort_unstable();
+        self.left_out = left_all.into_iter().map(|(_, e)| e).collect();
         if !self.left_out.is_empty() {
             metrics.insert("data/unreadable_prompts".into(), self.left_out.len() as f64);
         }
-        if reqs.is_empty() {
+        if order_all.is_empty() {
             return Err(TrainError::Data {
                 path: self.cfg.data.train_files[0].clone(),
                 msg: format!(
@@ -1040,18 +1158,35 @@ impl Trainer {
             });
         }
         if self.step + 1 < self.total_steps() {
-            let next = self.data.pending(&self.batch_indices(self.step + 1));
+            let next_all = self.batch_indices(self.step + 1);
+            let next_mine = self.world.share(next_all.len());
+            let next = self.data.pending(&pick(&next_all, &next_mine));
             let salt = salt(self.step + 1);
             self.prefetch = Some((
                 self.step + 1,
-                std::thread::spawn(move || load_requests(&next, salt)),
+                std::thread::spawn(move || load_requests(&next, &next_mine, salt)),
             ));
         }
-        Ok((idx, reqs))
+        Ok(StepShare {
+            idx: pick(&all, &kept),
+            order: (kept.iter())
+                .map(|p| {
+                    order_all
+                        .binary_search(p)
+                        .expect("every rank's kept are gathered")
+                })
+                .collect(),
+            prompts: order_all.len(),
+            reqs,
+        })
     }
 
     /// `rollout.n` samples of each prompt with the current LoRA.
     fn roll_out(&mut self, reqs: &[Request]) -> Result<(Prepared, Vec<Completion>), TrainError> {
+        if reqs.is_empty() {
+            // (a rank whose share of the step could not be read)
+            return Ok((Prepared::default(), Vec::new()));
+        }
         let cfg = &self.cfg;
         let gen = GenerationConfig {
             group: cfg.rollout.n,
@@ -1085,6 +1220,9 @@ impl Trainer {
                 .decode(&c.tokens)
                 .map_err(EngineError::from)?;
             scores.push((self.reward)(&text, s));
+        }
+        if scores.is_empty() {
+            return Ok((scores, Vec::new()));
         }
         let overall: Vec<f32> = scores.iter().map(|s| s.overall as f32).collect();
         let adv_cfg = self.cfg.algorithm.adv_estimator.config();
@@ -1144,30 +1282,32 @@ impl Trainer {
         let mut computed = computed.into_iter();
         let old = if recompute {
             let old = computed.next().expect("asked for");
-            let diffs: Vec<f64> = old
-                .iter()
-                .flatten()
-                .zip(rollout_lp.iter().flatten())
-                .map(|(a, b)| f64::from((a - b).abs()))
-                .collect();
-            metrics.insert(
-                "rollout/logprob_mismatch_mean".into(),
-                mean(diffs.iter().copied()),
-            );
-            metrics.insert(
-                "rollout/logprob_mismatch_max".into(),
-                diffs.iter().copied().fold(0.0, f64::max),
-            );
+            let mut diffs = Tally::default();
+            (old.iter().flatten().zip(rollout_lp.iter().flatten()))
+                .for_each(|(a, b)| diffs.add(f64::from((a - b).abs()), false));
+            // (over every rank's tokens)
+            let diffs = self
+                .world
+                .gather(&diffs)
+                .into_iter()
+                .fold(Tally::default(), Tally::merge);
+            metrics.insert("rollout/logprob_mismatch_mean".into(), diffs.mean());
+            metrics.insert("rollout/logprob_mismatch_max".into(), diffs.max);
             old
         } else {
             rollout_lp.clone()
         };
         let reference = computed.next().unwrap_or_else(|| old.clone());
         let is_weights = (tis_cap > 0.0).then(|| {
-            let (w, stats) = tis_weights(&old, &rollout_lp, tis_cap);
-            for (k, v) in stats {
-                metrics.insert(format!("rollout/{k}"), v);
-            }
+            let (w, tally) = tis_weights(&old, &rollout_lp, tis_cap);
+            let t = self
+                .world
+                .gather(&tally)
+                .into_iter()
+                .fold(Tally::default(), Tally::merge);
+            metrics.insert("rollout/tis_weight_mean".into(), t.mean());
+            metrics.insert("rollout/tis_weight_max".into(), t.max);
+            metrics.insert("rollout/tis_capped_frac".into(), t.hit_share());
             w
         });
         Ok(StepLogprobs {
@@ -1178,19 +1318,23 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step per mini-batch of `actor.global_batch_size` prompts: its
-    /// micro-batches through `train.onnx`, the gradients clipped, AdamW; the new LoRA into the
-    /// engine. The loss, its statistics, the gradient norms and the time split go to `metrics`.
+    /// One optimizer step per mini-batch of `actor.global_batch_size` prompts (`minis` of
+    /// them; row `i` in mini-batch `mini_of[i]`): its micro-batches through `train.onnx`, the
+    /// gradients summed over the ranks, clipped, AdamW; the new LoRA into the engine. A rank
+    /// with no rows in a mini-batch adds zeros. The loss, its statistics, the gradient norms
+    /// and the time split go to `metrics`.
+    #[allow(clippy::too_many_arguments)]
     fn update(
         &mut self,
         rows: &[Row<'_>],
+        mini_of: &[usize],
+        minis: usize,
         images: Option<&StepImages>,
         advantages: &[f32],
         lp: &StepLogprobs,
         metrics: &mut Metrics,
     ) -> Result<(), TrainError> {
         let a = &self.cfg.actor;
-        let per_mini = a.global_batch_size * self.cfg.rollout.n;
         let (micro_rows, micro_tokens, max_norm) = (
             a.micro_batch_size_per_device_for_update,
             a.max_token_len_per_micro_batch,
@@ -1203,17 +1347,18 @@ impl Trainer {
             eps: a.optim.eps,
             weight_decay: a.optim.weight_decay,
         };
-        let (mut t_train, mut t_optim) = (0.0, 0.0);
+        let (mut t_train, mut t_optim, mut t_sum) = (0.0, 0.0, 0.0);
         let mut sums = Stats::default();
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
         self.scale_backoffs = 0;
-        for (k, mini) in (0..rows.len())
-            .collect::<Vec<_>>()
-            .chunks(per_mini)
-            .enumerate()
-        {
+        for k in 0..minis {
             let t = Instant::now();
-            let token_count: usize = mini.iter().map(|&i| rows[i].completion.len()).sum();
+            let mini: Vec<usize> = (0..rows.len()).filter(|&i| mini_of[i] == k).collect();
+            let mini = &mini[..];
+            // EasyR1's global token mean: the mini-batch's tokens on every rank.
+            let token_count = self
+                .world
+                .sum_usize(mini.iter().map(|&i| rows[i].completion.len()).sum());
             let mut grads: Vec<Vec<f32>> = self
                 .params
                 .iter()
@@ -1289,13 +1434,15 @@ impl Trainer {
                     add_into(&mut grads, &vg);
                 }
             }
+            t_sum += parallel::sum_grads(self.world, &mut grads);
+            parallel::agree_loss_scale(self.world, &mut self.loss_scale);
             t_train += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|v| v.as_mut_slice()).collect();
             let norm = self.backend.clip(&mut views, max_norm)?;
             norms.push(f64::from(norm));
             if norm.is_finite() {
-                let opt_step = (self.step * (rows.len().div_ceil(per_mini)) + k + 1) as u32;
+                let opt_step = (self.step * minis + k + 1) as u32;
                 // From here until the step ends, the weights are between states.
                 self.updating = true;
                 for (p, gr) in self.params.iter_mut().zip(&grads) {
@@ -1310,12 +1457,22 @@ impl Trainer {
             t_optim += t.elapsed().as_secs_f64();
         }
         self.push_lora()?;
-        metrics.insert("timing_s/train".into(), t_train);
+        metrics.insert("timing_s/train".into(), t_train - t_sum);
         metrics.insert("timing_s/optimizer".into(), t_optim);
+        if self.world.size > 1 {
+            metrics.insert("timing_s/allreduce".into(), t_sum);
+        }
+        // (each rank's losses are its tokens' share of the global token mean: they add up)
+        let all = self.world.gather(&(loss_sum, sums));
+        let loss_sum: f64 = all.iter().map(|a| a.0).sum();
+        let sums = all.into_iter().fold(Stats::default(), |mut acc, a| {
+            acc.add(&a.1);
+            acc
+        });
         let tokens = sums.get("tokens").max(1.0);
         metrics.insert(
             "actor/pg_loss_plus_kl".into(),
-            loss_sum / rows.len().div_ceil(per_mini) as f64,
+            loss_sum / minis.max(1) as f64,
         );
         for (stat, metric) in [
             ("pg_clipfrac_higher", "pg_clipfrac_higher"),
@@ -1339,93 +1496,23 @@ impl Trainer {
         Ok(())
     }
 
-    /// The step's rewards (overall and per task), advantages, response lengths and rollout
-    /// throughput, into `metrics`.
-    fn step_metrics(
-        &self,
-        idx: &[usize],
-        completions: &[Completion],
-        scores: &[Score],
-        advantages: &[f32],
-        metrics: &mut Metrics,
-    ) {
-        metrics.insert(
-            "reward/overall".into(),
-            mean(scores.iter().map(|s| s.overall)),
-        );
-        metrics.insert(
-            "reward/format".into(),
-            mean(scores.iter().map(|s| s.format)),
-        );
-        metrics.insert(
-            "reward/accuracy".into(),
-            mean(scores.iter().map(|s| s.accuracy)),
-        );
-        let adv64: Vec<f64> = advantages.iter().map(|a| f64::from(*a)).collect();
-        metrics.insert("advantage/mean".into(), mean(adv64.iter().copied()));
-        metrics.insert(
-            "advantage/abs_mean".into(),
-            mean(adv64.iter().map(|a| a.abs())),
-        );
-        metrics.insert(
-            "advantage/max".into(),
-            adv64.iter().copied().fold(f64::MIN, f64::max),
-        );
-        metrics.insert(
-            "advantage/min".into(),
-            adv64.iter().copied().fold(f64::MAX, f64::min),
-        );
-        let lens: Vec<f64> = completions.iter().map(|c| c.tokens.len() as f64).collect();
-        metrics.insert("response_length/mean".into(), mean(lens.iter().copied()));
-        metrics.insert(
-            "response_length/max".into(),
-            lens.iter().copied().fold(0.0, f64::max),
-        );
-        metrics.insert(
-            "response_length/clip_ratio".into(),
-            mean(
-                completions
-                    .iter()
-                    .map(|c| f64::from(u8::from(c.finish == crate::rollout::Finish::Length))),
-            ),
-        );
-        let by_task: std::collections::BTreeSet<String> = idx
-            .iter()
-            .map(|&i| self.data.samples[i].task.clone())
-            .collect();
-        for task in by_task {
-            let sel: Vec<&Score> = completions
-                .iter()
-                .zip(scores)
-                .filter(|(c, _)| self.data.samples[idx[c.prompt_index]].task == task)
-                .map(|(_, s)| s)
-                .collect();
-            metrics.insert(
-                format!("reward/overall/{task}"),
-                mean(sel.iter().map(|s| s.overall)),
-            );
-            metrics.insert(
-                format!("reward/accuracy/{task}"),
-                mean(sel.iter().map(|s| s.accuracy)),
-            );
-        }
-        metrics.insert(
-            "throughput/tokens_per_s".into(),
-            lens.iter().sum::<f64>() / metrics["timing_s/rollout"].max(1e-9),
-        );
-    }
-
     /// `e`, after a checkpoint of the steps finished so far where they have none yet and the
     /// weights are whole (the failure came before the step's first optimizer update), so that
     /// `--resume` continues from there once the cause is mended.
     fn kept_after(&self, e: TrainError) -> TrainError {
-        if self.updating || self.step == 0 {
+        if self.updating || self.step == 0 || !parallel::shared(self.world, &e) {
             return e;
         }
-        let saved = checkpoint::list(&self.checkpoint_root())
-            .pop()
-            .filter(|(step, _)| *step == self.step)
-            .map(|(_, dir)| dir);
+        // (rank 0's listing, so that every rank takes the same way)
+        let listed = self.world.is_root().then(|| {
+            Ok(checkpoint::list(&self.checkpoint_root())
+                .pop()
+                .filter(|(step, _)| *step == self.step)
+                .map(|(_, dir)| dir))
+        });
+        let Ok(saved) = parallel::from_root(self.world, listed) else {
+            return e;
+        };
         match saved.map_or_else(|| self.save(), Ok) {
             Ok(checkpoint) => TrainError::Kept {
                 cause: Box::new(e),
@@ -1445,17 +1532,26 @@ impl Trainer {
         stop: &AtomicBool,
         mut on_step: impl FnMut(&Metrics, usize, &[String]),
     ) -> Result<RunEnd, TrainError> {
-        let log = open_run(&self.cfg.out, "train.toml", &self.cfg.to_toml(), self.step)?;
+        let log = parallel::open_log(
+            self.world,
+            &self.cfg.out,
+            "train.toml",
+            &self.cfg.to_toml(),
+            self.step,
+        )?;
         let total = self.total_steps();
         let val_freq = self.cfg.trainer.val_freq;
+        let check = self.cfg.trainer.replica_check_freq;
         if self.step == 0 && self.cfg.trainer.val_before_train && self.has_validation() {
             let mut m = self.validate()?;
             m.insert("step".into(), 0.0);
-            append_metrics(&log, &m)?;
+            log.append(&m)?;
             on_step(&m, 0, &self.left_out);
         }
         while self.step < total {
-            if stop.load(Ordering::SeqCst) {
+            // (Ctrl-C reaches every rank, not always before the same step: any rank's stop
+            // stops them all here)
+            if self.world.any(stop.load(Ordering::SeqCst)) {
                 let ckpt = self.save()?;
                 return Ok(RunEnd::Interrupted { checkpoint: ckpt });
             }
@@ -1463,17 +1559,20 @@ impl Trainer {
                 Ok(m) => m,
                 Err(e) => return Err(self.kept_after(e)),
             };
+            if check > 0 && self.step % check == 0 {
+                parallel::check_replicas(self.world, &self.params, self.step)?;
+            }
             if val_freq > 0 && self.step % val_freq == 0 && self.has_validation() {
                 match self.validate() {
                     Ok(v) => m.extend(v),
                     Err(e) => {
                         // The step itself is done: its metrics are kept with it.
-                        append_metrics(&log, &m)?;
+                        log.append(&m)?;
                         return Err(self.kept_after(e));
                     }
                 }
             }
-            append_metrics(&log, &m)?;
+            log.append(&m)?;
             on_step(&m, self.step, &self.left_out);
             let save_freq = self.cfg.trainer.save_freq;
             if (save_freq > 0 && self.step % save_freq == 0) || self.step == total {
@@ -1484,6 +1583,93 @@ impl Trainer {
             checkpoint: self.latest_checkpoint(),
         })
     }
+}
+
+/// One sample of a step as the metrics need it, gathered from every rank: its prompt's place
+/// in the step, its task, its scores and advantage, its length and whether it hit the limit.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Sampled {
+    order: usize,
+    task: String,
+    overall: f64,
+    format: f64,
+    accuracy: f64,
+    advantage: f32,
+    tokens: usize,
+    clipped: bool,
+}
+
+/// The step's rewards (overall and per task), advantages, response lengths and rollout
+/// throughput, into `metrics`.
+fn step_metrics(sampled: &[Sampled], metrics: &mut Metrics) {
+    metrics.insert(
+        "reward/overall".into(),
+        mean(sampled.iter().map(|s| s.overall)),
+    );
+    metrics.insert(
+        "reward/format".into(),
+        mean(sampled.iter().map(|s| s.format)),
+    );
+    metrics.insert(
+        "reward/accuracy".into(),
+        mean(sampled.iter().map(|s| s.accuracy)),
+    );
+    let adv64: Vec<f64> = sampled.iter().map(|s| f64::from(s.advantage)).collect();
+    metrics.insert("advantage/mean".into(), mean(adv64.iter().copied()));
+    metrics.insert(
+        "advantage/abs_mean".into(),
+        mean(adv64.iter().map(|a| a.abs())),
+    );
+    metrics.insert(
+        "advantage/max".into(),
+        adv64.iter().copied().fold(f64::MIN, f64::max),
+    );
+    metrics.insert(
+        "advantage/min".into(),
+        adv64.iter().copied().fold(f64::MAX, f64::min),
+    );
+    let lens: Vec<f64> = sampled.iter().map(|s| s.tokens as f64).collect();
+    metrics.insert("response_length/mean".into(), mean(lens.iter().copied()));
+    metrics.insert(
+        "response_length/max".into(),
+        lens.iter().copied().fold(0.0, f64::max),
+    );
+    metrics.insert(
+        "response_length/clip_ratio".into(),
+        mean(sampled.iter().map(|s| f64::from(u8::from(s.clipped)))),
+    );
+    let by_task: std::collections::BTreeSet<&str> =
+        sampled.iter().map(|s| s.task.as_str()).collect();
+    for task in by_task {
+        let sel: Vec<&Sampled> = sampled.iter().filter(|s| s.task == task).collect();
+        metrics.insert(
+            format!("reward/overall/{task}"),
+            mean(sel.iter().map(|s| s.overall)),
+        );
+        metrics.insert(
+            format!("reward/accuracy/{task}"),
+            mean(sel.iter().map(|s| s.accuracy)),
+        );
+    }
+    metrics.insert(
+        "throughput/tokens_per_s".into(),
+        lens.iter().sum::<f64>() / metrics["timing_s/rollout"].max(1e-9),
+    );
+}
+
+/// This rank's share of a step's prompts: dataset indices, requests (images decoded) and
+/// each one's place among the step's usable prompts over all ranks (its mini-batch), with how
+/// many those are.
+struct StepShare {
+    idx: Vec<usize>,
+    reqs: Vec<Request>,
+    order: Vec<usize>,
+    prompts: usize,
+}
+
+/// `all`'s items at `positions`.
+fn pick(all: &[usize], positions: &[usize]) -> Vec<usize> {
+    positions.iter().map(|&p| all[p]).collect()
 }
 
 #[derive(Debug)]
@@ -1530,17 +1716,21 @@ mod tests {
     fn tis_weights_are_capped_ratios_of_old_to_rollout() {
         let old = vec![vec![-1.0f32, -0.5, -3.0], vec![-2.0]];
         let rollout = vec![vec![-1.0f32, -1.5, -2.0], vec![-0.5]];
-        let (w, stats) = super::tis_weights(&old, &rollout, 2.0);
+        let (w, tally) = super::tis_weights(&old, &rollout, 2.0);
         let e = |x: f32| x.exp();
         assert_eq!(w[0][0], 1.0);
         assert_eq!(w[0][1], 2.0, "e^1 = 2.72 is capped at 2");
         assert!((w[0][2] - e(-1.0)).abs() < 1e-7);
         assert!((w[1][0] - e(-1.5)).abs() < 1e-7);
-        let get = |k: &str| stats.iter().find(|s| s.0 == k).unwrap().1;
         let mean = (1.0 + 2.0 + f64::from(e(-1.0)) + f64::from(e(-1.5))) / 4.0;
-        assert!((get("tis_weight_mean") - mean).abs() < 1e-6);
-        assert_eq!(get("tis_weight_max"), 2.0);
-        assert_eq!(get("tis_capped_frac"), 0.25);
+        assert!((tally.mean() - mean).abs() < 1e-6);
+        assert_eq!(tally.max, 2.0);
+        assert_eq!(tally.hit_share(), 0.25);
+        // Ranks' tallies add up to one over all their tokens.
+        let (_, a) = super::tis_weights(&old[..1], &rollout[..1], 2.0);
+        let (_, b) = super::tis_weights(&old[1..], &rollout[1..], 2.0);
+        assert_eq!(a.merge(b), tally);
+        assert_eq!(Tally::default().merge(b), b);
     }
 
     use super::*;

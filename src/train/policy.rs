@@ -221,7 +221,7 @@ pub struct MicroResult {
 
 /// A training graph's statistics (its `stats` output), each by the name the package's manifest
 /// gives it (`train.stats`, `sft.stats`), summed over micro-batches.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Stats(BTreeMap<String, f64>);
 
 impl Stats {

@@ -12,8 +12,8 @@
 use super::checkpoint;
 use super::scale::{self, LossScale};
 use super::{
-    append_metrics, batch, batch_inputs, embed, io_err, lay_out, scalar, tensor, Backend, Metrics,
-    Param, RunEnd, TrainError,
+    batch, batch_inputs, embed, io_err, lay_out, scalar, tensor, Backend, Metrics, Param, RunEnd,
+    TrainError,
 };
 use crate::kernels::AdamW;
 use crate::model::rope::RopeConfig;
@@ -80,6 +80,9 @@ pub struct SftConfig {
     pub device_id: i32,
     /// AdamW and clipping kernels: `auto` (CUDA where a device answers), `cuda` or `cpu`.
     pub kernels: String,
+    /// Data parallel: compare every rank's LoRA tensors (a digest) every this many steps and
+    /// at each checkpoint, stopping the run where one differs (0: at checkpoints only).
+    pub replica_check_steps: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,6 +162,7 @@ impl Default for SftConfig {
             device: "cpu".into(),
             device_id: 0,
             kernels: "auto".into(),
+            replica_check_steps: 10,
         }
     }
 }
@@ -222,6 +226,7 @@ impl SftConfig {
         c.device = String::new();
         c.device_id = 0;
         c.kernels = String::new();
+        c.replica_check_steps = 0;
         c.to_toml()
     }
 
@@ -396,12 +401,15 @@ pub struct Sft {
     /// Examples left out (images that cannot be read, prompts longer than `cutoff_len`), as
     /// `sample ID: cause`, over the run.
     pub left_out: Vec<String>,
+    /// The data-parallel ranks: each step's examples are dealt over them.
+    world: &'static crate::dist::World,
 }
 
 impl Sft {
     pub fn new(cfg: SftConfig, ort_lib: Option<&Path>) -> Result<Sft, TrainError> {
         cfg.validate()?;
-        let device = Device::from_name(&cfg.device, cfg.device_id).unwrap_or_default();
+        let device_id = crate::dist::device_of(cfg.device_id);
+        let device = Device::from_name(&cfg.device, device_id).unwrap_or_default();
         let choice = DeviceChoice {
             device,
             ..Default::default()
@@ -467,7 +475,7 @@ impl Sft {
             });
         }
         Ok(Sft {
-            backend: Backend::select(&cfg.kernels, cfg.device_id)?,
+            backend: Backend::select(&cfg.kernels, device_id)?,
             params: Param::init(&m.lora, cfg.seed),
             rope: RopeConfig {
                 image_token_id: m.tokens.image,
@@ -484,6 +492,7 @@ impl Sft {
             examples,
             step: 0,
             left_out: Vec::new(),
+            world: crate::dist::world(),
         })
     }
 
@@ -504,8 +513,11 @@ impl Sft {
         self.examples.len()
     }
 
+    /// Examples per optimizer step: per device × accumulation × ranks, as the HF trainer's.
     fn per_step(&self) -> usize {
-        self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps
+        self.cfg.per_device_train_batch_size
+            * self.cfg.gradient_accumulation_steps
+            * self.world.size
     }
 
     pub fn steps_per_epoch(&self) -> usize {
@@ -632,10 +644,25 @@ impl Sft {
     pub fn train_step(&mut self) -> Result<Metrics, TrainError> {
         let t0 = Instant::now();
         let total = self.total_steps();
-        let picked = self.step_examples(self.step);
-        let prepared = self.prepare(&picked)?;
+        let all = self.step_examples(self.step);
+        let picked: Vec<usize> = (self.world.share(all.len()).iter())
+            .map(|&p| all[p])
+            .collect();
+        let before = self.left_out.len();
+        let prepared = self.prepare(&picked);
+        let prepared = super::parallel::agree(self.world, prepared)?;
+        // Every rank's left-out examples, on every rank.
+        if self.world.size > 1 {
+            let mine = self.left_out.split_off(before);
+            self.left_out
+                .extend(self.world.gather(&mine).into_iter().flatten());
+        }
         let mut m = Metrics::new();
-        let tokens: usize = prepared.iter().map(|p| p.response.len()).sum();
+        // (the loss is the token mean over the examples of every rank)
+        let tokens = self
+            .world
+            .sum_usize(prepared.iter().map(|p| p.response.len()).sum());
+        let examples = self.world.sum_usize(prepared.len());
         let mut grads: Vec<Vec<f32>> = self
             .params
             .iter()
@@ -656,16 +683,20 @@ impl Sft {
             let r = self.micro_step(&rows, tokens)?;
             loss += r.loss;
             stats.add(&r.stats);
-            for (acc, gv) in grads.iter_mut().zip(&r.grads) {
-                for (a, b) in acc.iter_mut().zip(gv) {
-                    *a += b;
-                }
-            }
+            super::add_into(&mut grads, &r.grads);
         }
+        let t_sum = super::parallel::sum_grads(self.world, &mut grads);
+        super::parallel::agree_loss_scale(self.world, &mut self.loss_scale);
+        let all = self.world.gather(&(loss, stats));
+        let loss: f64 = all.iter().map(|a| a.0).sum();
+        let stats = all.into_iter().fold(super::Stats::default(), |mut acc, a| {
+            acc.add(&a.1);
+            acc
+        });
         let lr = learning_rate(&self.cfg, self.step, total);
         let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|v| v.as_mut_slice()).collect();
         let norm = self.backend.clip(&mut views, self.cfg.max_grad_norm)?;
-        if prepared.is_empty() || !norm.is_finite() {
+        if examples == 0 || !norm.is_finite() {
             m.insert("sft/skipped_updates".into(), 1.0);
         } else {
             let h = AdamW {
@@ -698,31 +729,43 @@ impl Sft {
         m.insert("sft/lr".into(), f64::from(lr));
         m.insert("sft/grad_norm".into(), f64::from(norm));
         m.insert("sft/tokens".into(), tokens as f64);
-        m.insert("sft/examples".into(), prepared.len() as f64);
-        m.insert("sft/tokens_per_s".into(), tokens as f64 / secs.max(1e-9));
+        m.insert("sft/examples".into(), examples as f64);
         m.insert("timing_s/step".into(), secs);
+        if self.world.size > 1 {
+            m.insert("timing_s/allreduce".into(), t_sum);
+        }
         if let Some(s) = self.loss_scale {
             m.insert("sft/loss_scale".into(), f64::from(s.scale));
         }
+        super::parallel::merge_metrics(self.world, &mut m);
+        m.insert(
+            "sft/tokens_per_s".into(),
+            tokens as f64 / m["timing_s/step"].max(1e-9),
+        );
         Ok(m)
     }
 
     /// Writes a checkpoint of the current state (a PEFT adapter `ssrl export --adapter`
     /// merges, and the optimizer's moments for a resume).
+    /// Data parallel, as [`super::Trainer::save`]: replicas checked, rank 0 writes.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
-        let state = Param::state(
-            &self.params,
-            self.step,
-            self.cfg.resume_key(),
-            self.loss_scale,
-        );
-        super::write_checkpoint(
-            &self.cfg.out,
-            &self.cfg.model,
-            &self.engine.package.manifest.lora,
-            &state,
-            self.cfg.save_total_limit,
-        )
+        super::parallel::check_replicas(self.world, &self.params, self.step)?;
+        let written = self.world.is_root().then(|| {
+            let state = Param::state(
+                &self.params,
+                self.step,
+                self.cfg.resume_key(),
+                self.loss_scale,
+            );
+            super::write_checkpoint(
+                &self.cfg.out,
+                &self.cfg.model,
+                &self.engine.package.manifest.lora,
+                &state,
+                self.cfg.save_total_limit,
+            )
+        });
+        super::parallel::from_root(self.world, written)
     }
 
     /// The newest complete checkpoint of this run, if any.
@@ -756,17 +799,27 @@ impl Sft {
         stop: &AtomicBool,
         mut on_step: impl FnMut(&Metrics, usize, &[String]),
     ) -> Result<RunEnd, TrainError> {
-        let log = super::open_run(&self.cfg.out, "sft.toml", &self.cfg.to_toml(), self.step)?;
+        let log = super::parallel::open_log(
+            self.world,
+            &self.cfg.out,
+            "sft.toml",
+            &self.cfg.to_toml(),
+            self.step,
+        )?;
         let total = self.total_steps();
+        let check = self.cfg.replica_check_steps;
         while self.step < total {
-            if stop.load(Ordering::SeqCst) {
+            if self.world.any(stop.load(Ordering::SeqCst)) {
                 return Ok(RunEnd::Interrupted {
                     checkpoint: self.save()?,
                 });
             }
             let before = self.left_out.len();
             let m = self.train_step()?;
-            append_metrics(&log, &m)?;
+            if check > 0 && self.step % check == 0 {
+                super::parallel::check_replicas(self.world, &self.params, self.step)?;
+            }
+            log.append(&m)?;
             on_step(&m, self.step, &self.left_out[before..]);
             let every = self.cfg.save_steps;
             if (every > 0 && self.step % every == 0) || self.step == total {

@@ -1,0 +1,161 @@
+//! What GRPO and SFT share to run data parallel ([`crate::dist`]): each rank's GPU, errors
+//! agreed on by every rank, gradients summed, the replicas' identity checked, and the metrics
+//! that differ per rank (times, memory) reduced as one process would report them.
+
+use super::*;
+use crate::dist::World;
+
+/// `r` on every rank: where any rank failed, every rank returns that rank's error as
+/// [`TrainError::Rank`] (the failing rank too) — so that all leave the step together instead
+/// of waiting in a collective for one that has gone, and each knows the failure is shared.
+pub(super) fn agree<T>(world: &World, r: Result<T, TrainError>) -> Result<T, TrainError> {
+    if world.size == 1 {
+        return r;
+    }
+    let mine: Option<String> = r.as_ref().err().map(|e| e.to_string());
+    let failed = (world.gather(&mine).into_iter().enumerate())
+        .find_map(|(rank, e)| e.map(|msg| TrainError::Rank { rank, msg }));
+    match failed {
+        Some(e) => Err(e),
+        None => r,
+    }
+}
+
+/// Whether every rank has `e` at this point (a world of one, or an error [`agree`] shared):
+/// only then may the ranks go on to a collective such as a checkpoint.
+pub(super) fn shared(world: &World, e: &TrainError) -> bool {
+    world.size == 1 || matches!(e, TrainError::Rank { .. })
+}
+
+/// Each gradient summed over the ranks, in place (one collective over all tensors); its
+/// seconds.
+pub(super) fn sum_grads(world: &World, grads: &mut [Vec<f32>]) -> f64 {
+    if world.size == 1 {
+        return 0.0;
+    }
+    let t = Instant::now();
+    let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(Vec::len).sum());
+    grads.iter().for_each(|g| flat.extend_from_slice(g));
+    world.sum_f32(&mut flat);
+    let mut at = 0;
+    for g in grads.iter_mut() {
+        let n = g.len();
+        g.copy_from_slice(&flat[at..at + n]);
+        at += n;
+    }
+    t.elapsed().as_secs_f64()
+}
+
+/// Every rank's LoRA tensors (and their optimizer moments) compared by digest after `step`:
+/// ranks that apply the same summed gradients keep identical replicas; one that does not is
+/// an error naming it, before it can write a diverged checkpoint.
+pub(super) fn check_replicas(
+    world: &World,
+    params: &[Param],
+    step: usize,
+) -> Result<(), TrainError> {
+    if world.size == 1 {
+        return Ok(());
+    }
+    let d = crate::dist::digest(
+        params
+            .iter()
+            .flat_map(|p| [&p.value[..], &p.m[..], &p.v[..]]),
+    );
+    let all = world.gather(&d);
+    match all.iter().position(|x| *x != all[0]) {
+        None => Ok(()),
+        Some(rank) => Err(TrainError::Rank {
+            rank,
+            msg: format!(
+                "its LoRA tensors differ from rank 0's after step {step} (digest {:016x} vs \
+                 {:016x}): the replicas diverged, so the run stops before saving them",
+                all[rank], all[0]
+            ),
+        }),
+    }
+}
+
+/// The loss scale every rank continues with: the lowest (a rank whose half-precision gradients
+/// overflowed backed off; the others follow, so that every rank scales alike).
+pub(super) fn agree_loss_scale(world: &World, s: &mut Option<LossScale>) {
+    if world.size == 1 {
+        return;
+    }
+    if let Some(s) = s {
+        let all = world.gather(&*s);
+        if let Some(low) = all
+            .into_iter()
+            .reduce(|a, b| if b.scale < a.scale { b } else { a })
+        {
+            *s = low;
+        }
+    }
+}
+
+/// The step's metrics as one process reports them: times and peak memory are each rank's,
+/// so their maximum over the ranks (the step waits for the slowest) is kept; the rest every
+/// rank computed from values gathered from all, and rank 0's are kept. Adds `dist/ranks`.
+pub(super) fn merge_metrics(world: &World, m: &mut Metrics) {
+    if world.size == 1 {
+        return;
+    }
+    let per_rank = |k: &str| k.starts_with("timing_s/") || k.starts_with("perf/");
+    let mine: Vec<(String, f64)> = (m.iter())
+        .filter(|(k, _)| per_rank(k))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    for (k, v) in world.gather(&mine).into_iter().flatten() {
+        let e = m.entry(k).or_insert(v);
+        *e = e.max(v);
+    }
+    let root = world.broadcast(m.clone());
+    *m = root;
+    m.insert("dist/ranks".into(), world.size as f64);
+}
+
+/// Rank 0's `result` (which only rank 0 computed: `Some` there, `None` elsewhere) on every
+/// rank; its failure is rank 0's error on the others.
+pub(super) fn from_root<T: serde::Serialize + serde::de::DeserializeOwned>(
+    world: &World,
+    result: Option<Result<T, TrainError>>,
+) -> Result<T, TrainError> {
+    if world.size == 1 {
+        return result.expect("rank 0 computes it");
+    }
+    match result {
+        Some(r) => {
+            let sent: Result<&T, String> = r.as_ref().map_err(|e| e.to_string());
+            world.send_from_root(&sent);
+            r
+        }
+        None => world
+            .recv_from_root::<Result<T, String>>()
+            .map_err(|msg| TrainError::Rank { rank: 0, msg }),
+    }
+}
+
+/// A run's metrics.jsonl: written by rank 0 alone.
+pub(super) struct RunLog(Option<PathBuf>);
+
+impl RunLog {
+    pub(super) fn append(&self, m: &Metrics) -> Result<(), TrainError> {
+        match &self.0 {
+            Some(p) => append_metrics(p, m),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The run folder's settings file and metrics.jsonl readied by rank 0 ([`open_run`]).
+pub(super) fn open_log(
+    world: &World,
+    out: &Path,
+    name: &str,
+    toml: &str,
+    step: usize,
+) -> Result<RunLog, TrainError> {
+    let opened = world.is_root().then(|| open_run(out, name, toml, step));
+    let path = from_root(world, opened)?;
+    Ok(RunLog(world.is_root().then_some(path)))
+}
