@@ -108,6 +108,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         }
         return Ok(());
     }
+    // Under mpirun / srun the items are dealt over the ranks; rank 0 writes the folder.
+    let world = spatial_ssrl::dist::init()?;
+    world.announce("the items are dealt over them, rank 0 writes the folder");
     let (model, data, out) = (
         a.model.expect("clap requires it"),
         a.data.expect("clap requires it"),
@@ -148,15 +151,19 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(t) = &lora {
         engine.set_lora(t)?;
     }
-    let pb = styled(
-        ProgressBar::new(0),
-        "{bar:30} {pos}/{len} items · ETA {eta}",
-    );
+    let pb = match world.is_root() {
+        true => ProgressBar::new(0),
+        false => ProgressBar::hidden(),
+    };
+    let pb = styled(pb, "{bar:30} {pos}/{len} items · ETA {eta}");
     let s = spatial_ssrl::eval::run_items(&mut engine, &cfg, &items, |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
+    if !world.is_root() {
+        return Ok(());
+    }
     let rows: Vec<(&str, &spatial_ssrl::eval::Score)> = std::iter::once(("overall", &s.overall))
         .chain(s.by_category.iter().map(|(k, v)| (k.as_str(), v)))
         .chain(s.by_variant.iter().map(|(k, v)| (k.as_str(), v)))

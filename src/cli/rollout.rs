@@ -85,9 +85,14 @@ pub(crate) fn run_rollout(a: RolloutArgs) -> Result<()> {
         },
         out: a.out.clone(),
     };
+    // Under mpirun / srun the prompts are dealt over the ranks; rank 0 writes the output.
+    let world = spatial_ssrl::dist::init()?;
+    let root = world.is_root();
     // The data and the output checked, then the model loaded, before anything is written: a
     // wrong --model or library leaves no trace.
     let plan = job.plan()?;
+    world.barrier();
+    world.announce("the prompts are dealt over them, rank 0 writes the output");
     let mut engine = a.device.open(
         &a.model,
         a.ort_lib.as_deref(),
@@ -96,7 +101,7 @@ pub(crate) fn run_rollout(a: RolloutArgs) -> Result<()> {
         None,
     )?;
     let (total, done) = plan.prompts();
-    if done > 0 {
+    if done > 0 && root {
         eprintln!(
             "continuing {}: {done} of {total} prompts done",
             job.partial_path().display()
@@ -106,17 +111,20 @@ pub(crate) fn run_rollout(a: RolloutArgs) -> Result<()> {
         "finishing this batch of prompts, then stopping (their responses are kept)",
         "exiting (the batches finished so far are kept)",
     )?;
-    let pb = styled(
-        ProgressBar::new(total as u64),
-        "{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}",
-    );
+    stop_on_usr1();
+    let pb = match root {
+        true => ProgressBar::new(total as u64),
+        false => ProgressBar::hidden(),
+    };
+    let pb = styled(pb, "{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}");
     pb.set_position(done as u64);
     pb.reset_eta();
     let t0 = std::time::Instant::now();
     let s = plan.run(&mut engine, stop, |p| match p {
-        Progress::Skipped { id, index, why } => {
+        Progress::Skipped { id, index, why } if root => {
             say(&pb, format!("skipping sample {id} ({index}): {why}"));
         }
+        Progress::Skipped { .. } => {}
         Progress::Batch { done, tokens, .. } => {
             pb.set_position(done as u64);
             let rate = tokens as f64 / t0.elapsed().as_secs_f64();
@@ -124,7 +132,15 @@ pub(crate) fn run_rollout(a: RolloutArgs) -> Result<()> {
         }
     })?;
     pb.finish_and_clear();
+    if !root {
+        if s.stopped {
+            spatial_ssrl::dist::finish();
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     if s.stopped {
+        spatial_ssrl::dist::finish();
         eprintln!(
             "interrupted: {} of {} prompts in {} — run the same command again to continue",
             s.finished,

@@ -369,7 +369,7 @@ fn run_at_bench_pixels(
     // that stopped at an item without room would be locked to a budget it cannot finish with.
     check_room(engine, &cfg.data, items, gen, budget)?;
     let max_new_tokens = gen.max_new_tokens;
-    std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
+    let world = crate::dist::world();
     let key = RunKey {
         bench: cfg.bench.name().into(),
         data: cfg.data.display().to_string(),
@@ -382,10 +382,119 @@ fn run_at_bench_pixels(
         top_k: cfg.sampling.top_k,
         top_p: cfg.sampling.top_p,
     };
-    let key_path = cfg.out.join("run.json");
     let items_path = cfg.out.join("items.jsonl");
+    // Data parallel, rank 0 alone reads and writes the folder; the others learn what is done.
+    let mut file = None;
+    let done: HashSet<String> = if world.is_root() {
+        let opened = open_items(cfg, &key, &items_path);
+        if world.size > 1 {
+            world.send_from_root(&opened.as_ref().map(|o| &o.1).map_err(|e| e.to_string()));
+        }
+        let (f, done) = opened?;
+        file = Some(f);
+        done
+    } else {
+        world
+            .recv_from_root::<Result<HashSet<String>, String>>()
+            .map_err(|e| ferr(&cfg.out, format!("rank 0: {e}")))?
+    };
+    let todo: Vec<&bench::BenchItem> = items.iter().filter(|s| !done.contains(&s.id)).collect();
+    let total = items.len();
+    let mut finished = total - todo.len();
+    progress(finished, total);
+    // Rounds of a batch per rank, each rank's items dealt round robin; rank 0 writes a
+    // round's items in the data's order, as one process would.
+    for round in todo.chunks(cfg.batch.max(1) * world.size) {
+        let chunk: Vec<&bench::BenchItem> =
+            world.share(round.len()).iter().map(|&p| round[p]).collect();
+        let mut lines: Vec<(usize, String)> = Vec::new();
+        if !chunk.is_empty() {
+            let mut reqs = Vec::with_capacity(chunk.len());
+            for s in &chunk {
+                reqs.push(Request {
+                    id: crate::rng::hash_str(&s.id),
+                    problem: s.prompt.clone(),
+                    images: s
+                        .images
+                        .iter()
+                        .map(bench::ImageSource::load)
+                        .collect::<Result<_, _>>()?,
+                });
+            }
+            let out = engine.generate(&reqs, gen, None)?;
+            for c in out {
+                let s = chunk[c.prompt_index];
+                let response = engine
+                    .prompts
+                    .decode(&c.tokens)
+                    .map_err(EngineError::from)?;
+                let r = s.score(&response, cfg.reasoning);
+                let item = Item {
+                    id: s.id.clone(),
+                    category: s.category.clone(),
+                    variant: s.variant.clone(),
+                    problem: s.prompt.clone(),
+                    response,
+                    predicted: r.predicted,
+                    answer: s.answer.clone(),
+                    correct: r.score >= 1.0,
+                    score: r.score,
+                    strict: r.strict,
+                    tokens: c.tokens.len(),
+                    qid: s.qid.clone(),
+                    source: s.source.clone(),
+                };
+                let at = world.share(round.len())[c.prompt_index];
+                lines.push((at, serde_json::to_string(&item).expect("json")));
+            }
+        }
+        let mut all: Vec<(usize, String)> = world.gather(&lines).concat();
+        all.sort_by_key(|l| l.0);
+        if let Some(file) = &mut file {
+            let text: String = all.iter().map(|l| format!("{}\n", l.1)).collect();
+            file.write_all(text.as_bytes())
+                .and_then(|()| file.flush())
+                .map_err(|e| ferr(&items_path, e))?;
+        }
+        finished += round.len();
+        progress(finished, total);
+    }
+    let summary = world.is_root().then(|| {
+        // Only this data's items count (a --limit run continued without one keeps its items).
+        let wanted: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        let scored: Vec<Item> = read_items(&items_path)?
+            .into_iter()
+            .filter(|i| wanted.contains(i.id.as_str()))
+            .collect();
+        let summary = summarize(&scored, cfg);
+        let sp = cfg.out.join("summary.json");
+        std::fs::write(&sp, serde_json::to_vec_pretty(&summary).expect("json"))
+            .map_err(|e| ferr(&sp, e))?;
+        Ok::<Summary, EvalError>(summary)
+    });
+    match summary {
+        Some(s) if world.size == 1 => s,
+        Some(s) => {
+            world.send_from_root(&s.as_ref().map_err(|e| e.to_string()));
+            s
+        }
+        None => world
+            .recv_from_root::<Result<Summary, String>>()
+            .map_err(|e| ferr(&cfg.out, format!("rank 0: {e}"))),
+    }
+}
+
+/// The run folder readied for `key`: items.jsonl with the complete items of an earlier run of
+/// the same settings (a torn last line dropped), opened to append, and those items' ids.
+fn open_items(
+    cfg: &EvalConfig,
+    key: &RunKey,
+    items_path: &Path,
+) -> Result<(std::fs::File, HashSet<String>), EvalError> {
+    std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
+    let key_path = cfg.out.join("run.json");
     // A torn last line (interrupted write) is dropped; complete items are kept.
-    let existing = std::fs::read_to_string(&items_path).unwrap_or_default();
+    let existing = std::fs::read_to_string(items_path).unwrap_or_default();
     let any_item = existing
         .lines()
         .any(|l| serde_json::from_str::<Item>(l).is_ok());
@@ -394,7 +503,7 @@ fn run_at_bench_pixels(
         // first item (interrupted in its first batch, say) starts over with the new ones.
         Ok(text) if any_item => {
             let old: RunKey = serde_json::from_slice(&text).map_err(|e| ferr(&key_path, e))?;
-            if old != key {
+            if &old != key {
                 return Err(ferr(
                     &key_path,
                     format!(
@@ -404,7 +513,7 @@ fn run_at_bench_pixels(
                 ));
             }
         }
-        _ => std::fs::write(&key_path, serde_json::to_vec_pretty(&key).expect("json"))
+        _ => std::fs::write(&key_path, serde_json::to_vec_pretty(key).expect("json"))
             .map_err(|e| ferr(&key_path, e))?,
     }
     let mut body = String::new();
@@ -416,72 +525,12 @@ fn run_at_bench_pixels(
             done.insert(it.id);
         }
     }
-    std::fs::write(&items_path, body).map_err(|e| ferr(&items_path, e))?;
-    let todo: Vec<&bench::BenchItem> = items.iter().filter(|s| !done.contains(&s.id)).collect();
-    let mut file = std::fs::OpenOptions::new()
+    std::fs::write(items_path, body).map_err(|e| ferr(items_path, e))?;
+    let file = std::fs::OpenOptions::new()
         .append(true)
-        .open(&items_path)
-        .map_err(|e| ferr(&items_path, e))?;
-    let total = items.len();
-    let mut finished = total - todo.len();
-    progress(finished, total);
-    for chunk in todo.chunks(cfg.batch.max(1)) {
-        let mut reqs = Vec::with_capacity(chunk.len());
-        for s in chunk {
-            reqs.push(Request {
-                id: crate::rng::hash_str(&s.id),
-                problem: s.prompt.clone(),
-                images: s
-                    .images
-                    .iter()
-                    .map(bench::ImageSource::load)
-                    .collect::<Result<_, _>>()?,
-            });
-        }
-        let out = engine.generate(&reqs, gen, None)?;
-        let mut lines = String::new();
-        for c in out {
-            let s = chunk[c.prompt_index];
-            let response = engine
-                .prompts
-                .decode(&c.tokens)
-                .map_err(EngineError::from)?;
-            let r = s.score(&response, cfg.reasoning);
-            let item = Item {
-                id: s.id.clone(),
-                category: s.category.clone(),
-                variant: s.variant.clone(),
-                problem: s.prompt.clone(),
-                response,
-                predicted: r.predicted,
-                answer: s.answer.clone(),
-                correct: r.score >= 1.0,
-                score: r.score,
-                strict: r.strict,
-                tokens: c.tokens.len(),
-                qid: s.qid.clone(),
-                source: s.source.clone(),
-            };
-            lines += &serde_json::to_string(&item).expect("json");
-            lines.push('\n');
-        }
-        file.write_all(lines.as_bytes())
-            .and_then(|()| file.flush())
-            .map_err(|e| ferr(&items_path, e))?;
-        finished += chunk.len();
-        progress(finished, total);
-    }
-    // Only this data's items count (a --limit run continued without one keeps its items).
-    let wanted: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
-    let scored: Vec<Item> = read_items(&items_path)?
-        .into_iter()
-        .filter(|i| wanted.contains(i.id.as_str()))
-        .collect();
-    let summary = summarize(&scored, cfg);
-    let sp = cfg.out.join("summary.json");
-    std::fs::write(&sp, serde_json::to_vec_pretty(&summary).expect("json"))
-        .map_err(|e| ferr(&sp, e))?;
-    Ok(summary)
+        .open(items_path)
+        .map_err(|e| ferr(items_path, e))?;
+    Ok((file, done))
 }
 
 /// Refuses, before anything is generated, a budget (`gen.max_new_tokens`, named by `budget`)

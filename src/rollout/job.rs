@@ -9,6 +9,7 @@
 use super::{Engine, EngineError, GenerationConfig, Request};
 use crate::reward::{self, RewardConfig};
 use crate::tasks::write::{read_dataset, SampleRecord, WriteError};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,7 +89,7 @@ pub struct Plan {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RolloutSummary {
     /// Prompts in the data (after `limit`), and those written with all their responses.
     pub total: usize,
@@ -209,6 +210,7 @@ impl Plan {
     ) -> Result<RolloutSummary, RolloutError> {
         let job = &self.job;
         let cfg = &job.cfg;
+        let world = crate::dist::world();
         let (tmp, key_path) = (job.partial_path(), job.settings_path());
         let io_err = |path: &Path| {
             let path = path.display().to_string();
@@ -217,36 +219,48 @@ impl Plan {
                 msg: e.to_string(),
             }
         };
-        if let Some(dir) = tmp.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // Data parallel, rank 0 alone writes; every rank goes by rank 0's finished prompts.
+        let mut out = None;
+        if world.is_root() {
+            if let Some(dir) = tmp.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            }
+            std::fs::write(&key_path, self.settings.to_string()).map_err(io_err(&key_path))?;
+            // Only whole prompts are kept (a torn last line or a prompt's first samples dropped).
+            std::fs::write(&tmp, &self.kept).map_err(io_err(&tmp))?;
+            out = Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&tmp)
+                    .map_err(io_err(&tmp))?,
+            );
         }
-        std::fs::write(&key_path, self.settings.to_string()).map_err(io_err(&key_path))?;
-        // Only whole prompts are kept (a torn last line or a prompt's first samples dropped).
-        std::fs::write(&tmp, &self.kept).map_err(io_err(&tmp))?;
-        let mut out = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
+        let done: HashSet<usize> = world.broadcast(self.done.clone());
         let todo: Vec<Todo<'_>> = (self.samples.iter().enumerate())
-            .filter(|(i, _)| !self.done.contains(i))
+            .filter(|(i, _)| !done.contains(i))
             .collect();
         let total = self.samples.len();
         let t0 = Instant::now();
-        let (mut tokens, mut skipped, mut finished) = (0usize, 0usize, self.done.len());
+        let (mut tokens, mut skipped, mut finished) = (0usize, 0usize, done.len());
         let mut stopped = false;
         // Prompts done or skipped, for the progress.
         let mut attempted = total - todo.len();
-        let chunks: Vec<&[Todo<'_>]> = todo.chunks(job.batch.max(1)).collect();
-        let load = |chunk: &[Todo<'_>]| {
+        // Rounds of a batch per rank, each rank's prompts dealt round robin; rank 0 writes a
+        // round's responses in the data's order, as one process would.
+        let rounds: Vec<&[Todo<'_>]> = todo.chunks(job.batch.max(1) * world.size).collect();
+        let load = |chunk: Vec<Todo<'_>>| {
             chunk
                 .iter()
                 .map(|(_, (s, root))| s.load_images(root))
                 .collect::<Vec<_>>()
         };
         std::thread::scope(|scope| -> Result<(), RolloutError> {
-            let mut next = chunks.first().map(|&c| scope.spawn(move || load(c)));
-            for (k, &chunk) in chunks.iter().enumerate() {
-                if stop.load(Ordering::SeqCst) {
+            let mut next = rounds.first().map(|&r| {
+                let c = pick(world, r);
+                scope.spawn(move || load(c))
+            });
+            for (k, &round) in rounds.iter().enumerate() {
+                if world.any(stop.load(Ordering::SeqCst)) {
                     stopped = true;
                     break;
                 }
@@ -255,14 +269,37 @@ impl Plan {
                     .expect("a load runs for every batch")
                     .join()
                     .expect("the image loader panicked");
-                next = chunks.get(k + 1).map(|&c| scope.spawn(move || load(c)));
-                let b = roll_batch(engine, cfg, chunk, loaded, &mut progress)?;
-                out.write_all(b.lines.as_bytes())
-                    .and_then(|()| out.flush())
-                    .map_err(io_err(&tmp))?;
-                (finished, skipped, tokens) =
-                    (finished + b.rolled, skipped + b.skipped, tokens + b.tokens);
-                attempted += chunk.len();
+                next = rounds.get(k + 1).map(|&r| {
+                    let c = pick(world, r);
+                    scope.spawn(move || load(c))
+                });
+                let chunk = pick(world, round);
+                let mut skips = Vec::new();
+                let b = roll_batch(engine, cfg, &chunk, loaded, &mut skips)?;
+                let all = world.gather(&(b, skips));
+                let (mut lines, mut skips) = (Vec::new(), Vec::new());
+                for (b, s) in all {
+                    (finished, skipped, tokens) =
+                        (finished + b.rolled, skipped + b.skipped, tokens + b.tokens);
+                    lines.extend(b.lines);
+                    skips.extend(s);
+                }
+                skips.sort_by_key(|s: &Skip| s.1);
+                for (id, index, why) in skips {
+                    progress(Progress::Skipped {
+                        id: &id,
+                        index,
+                        why,
+                    });
+                }
+                lines.sort_by_key(|l| (l.0, l.1));
+                if let Some(out) = &mut out {
+                    let text: String = lines.iter().map(|l| format!("{}\n", l.2)).collect();
+                    out.write_all(text.as_bytes())
+                        .and_then(|()| out.flush())
+                        .map_err(io_err(&tmp))?;
+                }
+                attempted += round.len();
                 progress(Progress::Batch {
                     done: attempted,
                     total,
@@ -285,18 +322,45 @@ impl Plan {
         if stopped {
             return Ok(summary);
         }
-        let text = std::fs::read_to_string(&tmp).map_err(io_err(&tmp))?;
+        let ended = world.is_root().then(|| self.finish(&mut summary));
+        match ended {
+            Some(r) if world.size == 1 => r.map(|()| summary),
+            Some(r) => {
+                world.send_from_root(&r.as_ref().map(|()| &summary).map_err(|e| e.to_string()));
+                r.map(|()| summary)
+            }
+            None => world
+                .recv_from_root::<Result<RolloutSummary, String>>()
+                .map_err(|msg| RolloutError::Io {
+                    path: tmp.display().to_string(),
+                    msg: format!("rank 0: {msg}"),
+                }),
+        }
+    }
+
+    /// A finished run's partial file made the output, its settings file removed, and the
+    /// responses counted and their rewards averaged into `summary`.
+    fn finish(&self, summary: &mut RolloutSummary) -> Result<(), RolloutError> {
+        let job = &self.job;
+        let (tmp, key_path) = (job.partial_path(), job.settings_path());
+        let text = std::fs::read_to_string(&tmp).map_err(|e| RolloutError::Io {
+            path: tmp.display().to_string(),
+            msg: e.to_string(),
+        })?;
         let lines: Vec<serde_json::Value> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .collect();
-        if lines.is_empty() && total > 0 {
+        if lines.is_empty() && summary.total > 0 {
             return Err(RolloutError::Nothing {
                 data: job.data.display().to_string(),
-                skipped,
+                skipped: summary.skipped,
             });
         }
-        std::fs::rename(&tmp, &job.out).map_err(io_err(&job.out))?;
+        std::fs::rename(&tmp, &job.out).map_err(|e| RolloutError::Io {
+            path: job.out.display().to_string(),
+            msg: e.to_string(),
+        })?;
         let _ = std::fs::remove_file(&key_path);
         let rewards: Vec<f64> = (lines.iter())
             .filter_map(|v| v["reward"]["overall"].as_f64())
@@ -304,20 +368,30 @@ impl Plan {
         summary.responses = lines.len();
         summary.mean_reward =
             (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
-        Ok(summary)
+        Ok(())
     }
 }
 
 /// A sample to roll out: its index in the data, and it with its images' folder.
 type Todo<'s> = (usize, &'s (SampleRecord, PathBuf));
 
-/// What one batch gave: its JSONL lines, the prompts rolled out and skipped, tokens generated.
+/// This rank's samples of a round (all of them for one process).
+fn pick<'s>(world: &crate::dist::World, round: &[Todo<'s>]) -> Vec<Todo<'s>> {
+    world.share(round.len()).iter().map(|&p| round[p]).collect()
+}
+
+/// What one batch gave: its JSONL lines (each with its prompt's index and sample, which order
+/// them), the prompts rolled out and skipped, tokens generated.
+#[derive(Serialize, Deserialize)]
 struct Batch {
-    lines: String,
+    lines: Vec<(usize, usize, String)>,
     rolled: usize,
     skipped: usize,
     tokens: usize,
 }
+
+/// A sample left out: its id, index and why.
+type Skip = (String, usize, String);
 
 /// Rolls out one batch: `chunk`'s samples, their images decoded (`loaded`, in order). A sample
 /// whose images cannot be read, whose prompt cannot be built from them (placeholders that do
@@ -328,10 +402,10 @@ fn roll_batch(
     cfg: &GenerationConfig,
     chunk: &[Todo<'_>],
     loaded: Vec<Result<Vec<image::RgbImage>, crate::tasks::source::SourceError>>,
-    progress: &mut impl FnMut(Progress<'_>),
+    skips: &mut Vec<Skip>,
 ) -> Result<Batch, RolloutError> {
     let mut b = Batch {
-        lines: String::new(),
+        lines: Vec::new(),
         rolled: 0,
         skipped: 0,
         tokens: 0,
@@ -350,12 +424,7 @@ fn roll_batch(
             }
             Err(e) => {
                 b.skipped += 1;
-                let why = e.to_string();
-                progress(Progress::Skipped {
-                    id: &s.id,
-                    index,
-                    why,
-                });
+                skips.push((s.id.clone(), index, e.to_string()));
             }
         }
     }
@@ -363,11 +432,7 @@ fn roll_batch(
     for (at, why) in &unusable {
         let (index, s) = sources[*at];
         b.skipped += 1;
-        progress(Progress::Skipped {
-            id: &s.id,
-            index,
-            why: why.clone(),
-        });
+        skips.push((s.id.clone(), index, why.clone()));
     }
     for (at, _) in unusable.iter().rev() {
         sources.remove(*at);
@@ -391,11 +456,10 @@ fn roll_batch(
             ),
         };
         b.tokens += c.tokens.len();
-        b.lines += &serde_json::json!({"prompt_id": s.id, "prompt_index": index,
+        let line = serde_json::json!({"prompt_id": s.id, "prompt_index": index,
         "task": s.task, "sample": c.sample_index, "tokens": c.tokens, "text": text,
-        "logprobs": c.logprobs, "finish": c.finish, "answer": answer, "reward": reward})
-        .to_string();
-        b.lines.push('\n');
+        "logprobs": c.logprobs, "finish": c.finish, "answer": answer, "reward": reward});
+        b.lines.push((index, c.sample_index, line.to_string()));
     }
     Ok(b)
 }
