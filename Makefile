@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SSRL  := ./target/release/ssrl
 
-.PHONY: demo test gpu-check nvrtc ort fixture real-3b bench lint fuzz clean help
+.PHONY: demo test mpi gpu-check nvrtc ort fixture real-3b bench lint fuzz clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,8 +40,15 @@ ORT_WHEEL := onnxruntime==1.31.1
 ORT_DIR   := vendor/ort
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_DIR)/libonnxruntime.so
 
+# Data parallel (MPI) is built and its two-rank tests run where an MPI library is installed
+# (`mpicc` found: Open MPI or MPICH, with libclang for the bindings); elsewhere they say SKIP.
+MPI_FEATURES := $(if $(shell command -v mpicc 2>/dev/null),--features mpi,)
+
 test: nvrtc ort ## build and run every test (what CI runs)
-	LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked
+	LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked $(MPI_FEATURES)
+
+mpi: ## install Open MPI and libclang (Debian/Ubuntu, as root), for `cargo build --release --features mpi`
+	apt-get install -y -q openmpi-bin libopenmpi-dev libclang-dev
 
 gpu-check: nvrtc ## on an NVIDIA server: the GPU tests, failing where they would skip (ORT_DYLIB_PATH: onnxruntime-gpu's library)
 	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test kernels_cuda
