@@ -54,6 +54,7 @@ gpu-check: nvrtc ## on an NVIDIA server: the GPU tests, failing where they would
 	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test kernels_cuda
 	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test rollout -- cuda
 	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test cli -- rollout_writes
+	$(if $(MPI_FEATURES),SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked $(MPI_FEATURES) --test parallel -- nccl,@echo "no mpicc: the NCCL check needs make mpi")
 
 # ONNX Runtime's shared library from the PyPI wheel (ssrl loads it at run time; nothing links it).
 ort: $(ORT_DIR)/.done

@@ -435,6 +435,65 @@ mod mpi_world {
     }
 }
 
+/// Sums over the ranks' GPUs with NCCL (cudarc's bindings, `libnccl.so` loaded at run time):
+/// the communicator's unique id made on rank 0 and sent to the others over MPI, as NCCL's
+/// documentation does it. A host buffer goes to the device, is summed in place there and comes
+/// back; between GPUs of a node NCCL takes NVLink, between nodes the network it finds.
+#[cfg(feature = "mpi")]
+pub struct GpuSum {
+    comm: cudarc::nccl::safe::Comm,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+#[cfg(feature = "mpi")]
+impl GpuSum {
+    /// The communicator of `world`'s ranks, each on the GPU of `stream` (a world of one makes
+    /// a communicator of one). Every rank calls it at the same point.
+    pub fn open(
+        world: &World,
+        stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<GpuSum, String> {
+        use cudarc::nccl::safe::{Comm, Id};
+        use std::ffi::c_char;
+        let nccl = |e: cudarc::nccl::result::NcclError| format!("NCCL: {e:?}");
+        let id = match world.is_root() {
+            true => {
+                let id = Id::new().map_err(|e| format!("{} (is libnccl.so installed?)", nccl(e)));
+                if world.size > 1 {
+                    let sent: Result<Vec<c_char>, String> = id
+                        .as_ref()
+                        .map(|i| i.internal().to_vec())
+                        .map_err(Clone::clone);
+                    world.send_from_root(&sent);
+                }
+                id?
+            }
+            false => {
+                let got: Result<Vec<c_char>, String> = world.recv_from_root();
+                let bytes: [c_char; 128] = got
+                    .map_err(|e| format!("rank 0: {e}"))?
+                    .try_into()
+                    .map_err(|_| "rank 0 sent an NCCL id of another size".to_string())?;
+                Id::uninit(bytes)
+            }
+        };
+        let comm = Comm::from_rank(stream.clone(), world.rank, world.size, id).map_err(nccl)?;
+        Ok(GpuSum { comm, stream })
+    }
+
+    /// `v` summed over the ranks, in place, through the GPUs.
+    pub fn sum_f32(&self, v: &mut [f32]) -> Result<(), String> {
+        use cudarc::nccl::safe::ReduceOp;
+        let cuda = |e: cudarc::driver::DriverError| format!("CUDA: {e}");
+        let mut d = self.stream.clone_htod(v).map_err(cuda)?;
+        self.comm
+            .all_reduce_in_place(&mut d, &ReduceOp::Sum)
+            .map_err(|e| format!("NCCL all-reduce: {e:?}"))?;
+        self.stream.memcpy_dtoh(&d, v).map_err(cuda)?;
+        self.stream.synchronize().map_err(cuda)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -134,6 +134,10 @@ enum BenchCommand {
     /// graphs on synthetic rows of a chosen shape, resident memory once the sessions are open
     /// and the peak while each graph runs.
     Train(BenchTrainArgs),
+    /// The gradient sum of a data-parallel step alone, under `mpirun -np N`: time and
+    /// bandwidth of summing a LoRA's gradients over the ranks with MPI on the host (and with
+    /// NCCL through the GPUs, --gpu).
+    Allreduce(BenchAllreduceArgs),
 }
 
 fn main() {
@@ -151,6 +155,7 @@ fn main() {
         Command::Bench(BenchCommand::Kernels(a)) => run_bench_kernels(a),
         Command::Bench(BenchCommand::Rollout(a)) => run_bench_rollout(a),
         Command::Bench(BenchCommand::Train(a)) => run_bench_train(a),
+        Command::Bench(BenchCommand::Allreduce(a)) => run_bench_allreduce(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Rollout(a) => run_rollout(a),
         Command::Train(a) => run_train(a),

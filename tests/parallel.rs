@@ -17,6 +17,8 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+mod common;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -503,4 +505,31 @@ fn rollout_and_eval_on_two_ranks_write_what_one_process_writes() {
     assert_eq!(read(&one, "items.jsonl").lines().count(), 9);
     assert_eq!(read(&one, "items.jsonl"), read(&two, "items.jsonl"));
     assert_eq!(read(&one, "summary.json"), read(&two, "summary.json"));
+}
+
+/// NCCL through the GPU with a communicator of one: the sum of one rank's gradients is those
+/// gradients, bit for bit, after the trip through the device and back. (Several GPUs are what
+/// it is for; that needs more than one device and is not tested here.)
+#[test]
+fn nccl_sums_through_the_gpu_with_a_communicator_of_one() {
+    #[cfg(not(feature = "mpi"))]
+    common::gpu_skip("built without the mpi feature, which carries NCCL");
+    #[cfg(feature = "mpi")]
+    {
+        let cuda = match spatial_ssrl::kernels::cuda::Cuda::new(0) {
+            Ok(c) => c,
+            Err(e) => return common::gpu_skip(&format!("no CUDA device ({e})")),
+        };
+        let world = spatial_ssrl::dist::World::solo();
+        let sum = match spatial_ssrl::dist::GpuSum::open(&world, cuda.stream().clone()) {
+            Ok(s) => s,
+            Err(e) => return common::gpu_skip(&format!("no NCCL ({e})")),
+        };
+        let grads: Vec<f32> = (0..100_003)
+            .map(|i| (i as f32 * 0.37).sin() * 1e-3)
+            .collect();
+        let mut v = grads.clone();
+        sum.sum_f32(&mut v).unwrap();
+        assert_eq!(v, grads);
+    }
 }

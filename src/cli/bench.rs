@@ -324,3 +324,94 @@ pub fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     );
     write_json(&a.json, &r)
 }
+
+#[derive(clap::Args)]
+pub struct BenchAllreduceArgs {
+    /// MiB of f32 gradients summed per round. 457 is Qwen2.5-VL-3B's LoRA at rank 64 on every
+    /// linear layer of the language model (119.7 M values), 616 is 7B's (161.5 M).
+    #[arg(long, default_value_t = 457, value_parser = at_least_one)]
+    pub(crate) mib: usize,
+    /// Timed rounds (after one untimed).
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+    pub(crate) rounds: usize,
+    /// Also sum through the GPUs with NCCL (each rank on GPU --device-id + its local rank).
+    #[arg(long)]
+    pub(crate) gpu: bool,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) device_id: i32,
+}
+
+/// A sum over the ranks, in place (one of the ways `ssrl bench allreduce` times).
+type SumFn<'a> = dyn FnMut(&mut [f32]) -> Result<()> + 'a;
+/// Times a named [`SumFn`] and reports it on rank 0.
+type ReportFn<'a> = dyn FnMut(&str, &mut SumFn<'_>) -> Result<()> + 'a;
+
+/// The gradient sum of a data-parallel step, alone: run it under `mpirun -np N`.
+pub fn run_bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
+    let world = spatial_ssrl::dist::init()?;
+    if world.size == 1 {
+        bail!(
+            "one process has nothing to sum with: run it under a launcher, \
+             `mpirun -np 2 ssrl bench allreduce` (built with --features mpi)"
+        );
+    }
+    let n = a.mib * (1 << 20) / 4;
+    let mut v: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut report = |name: &str, sum: &mut SumFn<'_>| -> Result<()> {
+        sum(&mut v)?;
+        let mut secs = Vec::with_capacity(a.rounds);
+        for _ in 0..a.rounds {
+            world.barrier();
+            let t = std::time::Instant::now();
+            sum(&mut v)?;
+            secs.push(t.elapsed().as_secs_f64());
+        }
+        let mut worst = secs.clone();
+        world.max_f64(&mut worst);
+        worst.sort_by(f64::total_cmp);
+        let median = worst[worst.len() / 2];
+        let bytes = (n * 4) as f64;
+        let bus = bytes * 2.0 * (world.size - 1) as f64 / world.size as f64;
+        if world.is_root() {
+            outln!(
+                "{name}: {} ranks, {:.1} MB of f32: {:.1} ms (median of {}, slowest rank), \
+                 algorithm bandwidth {:.2} GB/s, bus bandwidth {:.2} GB/s",
+                world.size,
+                bytes / 1e6,
+                median * 1e3,
+                a.rounds,
+                bytes / median / 1e9,
+                bus / median / 1e9
+            );
+        }
+        Ok(())
+    };
+    report("MPI (host)", &mut |v| {
+        world.sum_f32(v);
+        Ok(())
+    })?;
+    if a.gpu {
+        gpu_allreduce(world, a.device_id, &mut report)?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "mpi")]
+fn gpu_allreduce(
+    world: &spatial_ssrl::dist::World,
+    device_id: i32,
+    report: &mut ReportFn<'_>,
+) -> Result<()> {
+    let ordinal = spatial_ssrl::dist::device_of(device_id).max(0) as usize;
+    let cuda = spatial_ssrl::kernels::cuda::Cuda::new(ordinal)?;
+    let sum = spatial_ssrl::dist::GpuSum::open(world, cuda.stream().clone())
+        .map_err(anyhow::Error::msg)?;
+    report("NCCL (host → GPU → host)", &mut |v| {
+        sum.sum_f32(v).map_err(anyhow::Error::msg)
+    })
+}
+
+#[cfg(not(feature = "mpi"))]
+fn gpu_allreduce(_: &spatial_ssrl::dist::World, _: i32, _: &mut ReportFn<'_>) -> Result<()> {
+    unreachable!("several ranks need the mpi build")
+}

@@ -204,6 +204,21 @@ pub struct TrainerConfig {
     /// Data parallel: compare every rank's LoRA tensors (a digest) every N steps and at each
     /// checkpoint, stopping the run where one differs (0 = at checkpoints only).
     pub replica_check_freq: usize,
+    /// Data parallel: how gradients are summed over the ranks.
+    pub allreduce: Allreduce,
+}
+
+/// How data-parallel ranks sum their gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allreduce {
+    /// NCCL through the GPUs where every rank's kernels run on CUDA, else MPI on the host.
+    #[default]
+    Auto,
+    /// MPI on the host buffers.
+    Mpi,
+    /// NCCL through the GPUs (an error where a rank has no CUDA kernels or no NCCL).
+    Nccl,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -330,6 +345,7 @@ impl Default for TrainerConfig {
             seed: 1,
             kernels: "auto".into(),
             replica_check_freq: 10,
+            allreduce: Allreduce::Auto,
         }
     }
 }
@@ -514,6 +530,7 @@ impl TrainConfig {
         c.trainer.val_freq = 0;
         c.trainer.val_before_train = false;
         c.trainer.replica_check_freq = 0;
+        c.trainer.allreduce = Allreduce::Auto;
         c.out = PathBuf::new();
         c.to_toml()
     }

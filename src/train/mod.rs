@@ -208,6 +208,8 @@ pub struct Trainer {
     /// The data-parallel ranks (one without a launcher): each step's prompts are dealt over
     /// them and their gradients summed.
     world: &'static crate::dist::World,
+    /// How the ranks sum their gradients.
+    reducer: parallel::Reducer,
 }
 
 /// The note of a package with vision-tower LoRA: what trains it (`how`), and where the
@@ -430,6 +432,8 @@ impl Trainer {
             crate::dist::device_of(cfg.rollout.device_id),
         )?;
         let params = Param::init(&m.lora, cfg.trainer.seed);
+        let world = crate::dist::world();
+        let reducer = parallel::Reducer::open(world, &backend, cfg.trainer.allreduce)?;
         let rope = RopeConfig {
             image_token_id: m.tokens.image,
             video_token_id: m.tokens.video,
@@ -465,7 +469,8 @@ impl Trainer {
             unusable: Vec::new(),
             left_out: Vec::new(),
             updating: false,
-            world: crate::dist::world(),
+            world,
+            reducer,
         };
         t.push_lora()?;
         Ok(t)
@@ -491,6 +496,11 @@ impl Trainer {
 
     pub fn backend(&self) -> String {
         self.backend.name()
+    }
+
+    /// How the ranks sum their gradients: "nccl" or "mpi".
+    pub fn allreduce(&self) -> &'static str {
+        self.reducer.name()
     }
 
     pub fn provider(&self) -> &str {
@@ -1347,7 +1357,7 @@ impl Trainer {
             eps: a.optim.eps,
             weight_decay: a.optim.weight_decay,
         };
-        let (mut t_train, mut t_optim, mut t_sum) = (0.0, 0.0, 0.0);
+        let (mut t_train, mut t_optim, mut t_wait, mut t_sum) = (0.0, 0.0, 0.0, 0.0);
         let mut sums = Stats::default();
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
         self.scale_backoffs = 0;
@@ -1434,7 +1444,8 @@ impl Trainer {
                     add_into(&mut grads, &vg);
                 }
             }
-            t_sum += parallel::sum_grads(self.world, &mut grads);
+            let (wait, sum) = parallel::sum_grads(self.world, &self.reducer, &mut grads)?;
+            (t_wait, t_sum) = (t_wait + wait, t_sum + sum);
             parallel::agree_loss_scale(self.world, &mut self.loss_scale);
             t_train += t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -1457,9 +1468,11 @@ impl Trainer {
             t_optim += t.elapsed().as_secs_f64();
         }
         self.push_lora()?;
-        metrics.insert("timing_s/train".into(), t_train - t_sum);
+        metrics.insert("timing_s/train".into(), t_train - t_wait - t_sum);
         metrics.insert("timing_s/optimizer".into(), t_optim);
         if self.world.size > 1 {
+            // (the wait is this rank's for the slowest: the largest over the ranks is kept)
+            metrics.insert("timing_s/rank_wait".into(), t_wait);
             metrics.insert("timing_s/allreduce".into(), t_sum);
         }
         // (each rank's losses are its tokens' share of the global token mean: they add up)

@@ -27,23 +27,104 @@ pub(super) fn shared(world: &World, e: &TrainError) -> bool {
     world.size == 1 || matches!(e, TrainError::Rank { .. })
 }
 
-/// Each gradient summed over the ranks, in place (one collective over all tensors); its
-/// seconds.
-pub(super) fn sum_grads(world: &World, grads: &mut [Vec<f32>]) -> f64 {
-    if world.size == 1 {
-        return 0.0;
+/// How a run sums its gradients over the ranks: NCCL through the GPUs, or MPI on the host.
+pub(super) struct Reducer {
+    #[cfg(feature = "mpi")]
+    gpu: Option<crate::dist::GpuSum>,
+}
+
+impl Reducer {
+    /// The reducer `how` asks for: `Auto` takes NCCL where every rank's kernels run on CUDA
+    /// (its communicator on their stream), MPI otherwise. Every rank calls it at the same point.
+    pub(super) fn open(
+        world: &World,
+        backend: &Backend,
+        how: config::Allreduce,
+    ) -> Result<Reducer, TrainError> {
+        use config::Allreduce;
+        let stream = match backend {
+            Backend::Cuda(c) => Some(c.stream().clone()),
+            Backend::Cpu => None,
+        };
+        let everywhere = world.size > 1 && !world.any(stream.is_none());
+        let bad = |msg: String| {
+            TrainError::Config(config::ConfigError::Value {
+                key: "allreduce",
+                msg,
+            })
+        };
+        if how == Allreduce::Nccl && !everywhere {
+            return Err(bad(format!(
+                "\"nccl\" sums through the GPUs: every rank's kernels must run on CUDA{}",
+                if cfg!(feature = "mpi") {
+                    ""
+                } else {
+                    " (and ssrl be built with --features mpi)"
+                }
+            )));
+        }
+        if world.size == 1 || how == Allreduce::Mpi || !everywhere {
+            return Ok(Reducer {
+                #[cfg(feature = "mpi")]
+                gpu: None,
+            });
+        }
+        #[cfg(feature = "mpi")]
+        {
+            let opened = crate::dist::GpuSum::open(world, stream.expect("every rank has CUDA"));
+            let opened = agree(world, opened.map_err(bad))?;
+            Ok(Reducer { gpu: Some(opened) })
+        }
+        #[cfg(not(feature = "mpi"))]
+        unreachable!("a world of several ranks needs the mpi build")
     }
+
+    /// "nccl" or "mpi" (the metrics' and messages' name).
+    pub(super) fn name(&self) -> &'static str {
+        #[cfg(feature = "mpi")]
+        if self.gpu.is_some() {
+            return "nccl";
+        }
+        "mpi"
+    }
+}
+
+/// Each gradient summed over the ranks, in place (one collective over all tensors). Returns
+/// the seconds this rank waited for the others to arrive (the ranks' imbalance) and the
+/// seconds of the sum itself.
+pub(super) fn sum_grads(
+    world: &World,
+    reducer: &Reducer,
+    grads: &mut [Vec<f32>],
+) -> Result<(f64, f64), TrainError> {
+    if world.size == 1 {
+        return Ok((0.0, 0.0));
+    }
+    let t = Instant::now();
+    world.barrier();
+    let wait = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(Vec::len).sum());
     grads.iter().for_each(|g| flat.extend_from_slice(g));
-    world.sum_f32(&mut flat);
+    #[cfg(feature = "mpi")]
+    if let Some(gpu) = &reducer.gpu {
+        gpu.sum_f32(&mut flat)
+            .map_err(|msg| TrainError::Run { graph: "nccl", msg })?;
+    } else {
+        world.sum_f32(&mut flat);
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = reducer;
+        world.sum_f32(&mut flat);
+    }
     let mut at = 0;
     for g in grads.iter_mut() {
         let n = g.len();
         g.copy_from_slice(&flat[at..at + n]);
         at += n;
     }
-    t.elapsed().as_secs_f64()
+    Ok((wait, t.elapsed().as_secs_f64()))
 }
 
 /// Every rank's LoRA tensors (and their optimizer moments) compared by digest after `step`:

@@ -83,6 +83,8 @@ pub struct SftConfig {
     /// Data parallel: compare every rank's LoRA tensors (a digest) every this many steps and
     /// at each checkpoint, stopping the run where one differs (0: at checkpoints only).
     pub replica_check_steps: usize,
+    /// Data parallel: how gradients are summed over the ranks (`auto`, `mpi`, `nccl`).
+    pub allreduce: super::config::Allreduce,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +165,7 @@ impl Default for SftConfig {
             device_id: 0,
             kernels: "auto".into(),
             replica_check_steps: 10,
+            allreduce: super::config::Allreduce::Auto,
         }
     }
 }
@@ -227,6 +230,7 @@ impl SftConfig {
         c.device_id = 0;
         c.kernels = String::new();
         c.replica_check_steps = 0;
+        c.allreduce = super::config::Allreduce::Auto;
         c.to_toml()
     }
 
@@ -403,6 +407,8 @@ pub struct Sft {
     pub left_out: Vec<String>,
     /// The data-parallel ranks: each step's examples are dealt over them.
     world: &'static crate::dist::World,
+    /// How the ranks sum their gradients.
+    reducer: super::parallel::Reducer,
 }
 
 impl Sft {
@@ -474,8 +480,12 @@ impl Sft {
                 msg: "no examples".into(),
             });
         }
+        let backend = Backend::select(&cfg.kernels, device_id)?;
+        let world = crate::dist::world();
+        let reducer = super::parallel::Reducer::open(world, &backend, cfg.allreduce)?;
         Ok(Sft {
-            backend: Backend::select(&cfg.kernels, device_id)?,
+            backend,
+            reducer,
             params: Param::init(&m.lora, cfg.seed),
             rope: RopeConfig {
                 image_token_id: m.tokens.image,
@@ -492,7 +502,7 @@ impl Sft {
             examples,
             step: 0,
             left_out: Vec::new(),
-            world: crate::dist::world(),
+            world,
         })
     }
 
@@ -685,7 +695,7 @@ impl Sft {
             stats.add(&r.stats);
             super::add_into(&mut grads, &r.grads);
         }
-        let t_sum = super::parallel::sum_grads(self.world, &mut grads);
+        let (t_wait, t_sum) = super::parallel::sum_grads(self.world, &self.reducer, &mut grads)?;
         super::parallel::agree_loss_scale(self.world, &mut self.loss_scale);
         let all = self.world.gather(&(loss, stats));
         let loss: f64 = all.iter().map(|a| a.0).sum();
@@ -732,6 +742,7 @@ impl Sft {
         m.insert("sft/examples".into(), examples as f64);
         m.insert("timing_s/step".into(), secs);
         if self.world.size > 1 {
+            m.insert("timing_s/rank_wait".into(), t_wait);
             m.insert("timing_s/allreduce".into(), t_sum);
         }
         if let Some(s) = self.loss_scale {
