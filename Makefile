@@ -18,15 +18,15 @@ demo: ort ## the whole recipe on the bundled data: tasks → rollouts → SFT co
 	$(SSRL) sft --config configs/demo-sft.toml
 	$(SSRL) export --model models/tiny --adapter demo-out/sft/checkpoints/global_step_80 --out demo-out/tiny-sft
 	$(SSRL) train --config configs/demo.toml
-	$(SSRL) export --model demo-out/tiny-sft --adapter demo-out/run/checkpoints/global_step_6 \
+	$(SSRL) export --model demo-out/tiny-sft --adapter demo-out/run/checkpoints/global_step_24 \
 	               --out demo-out/tiny-grpo --optimize
 	$(SSRL) inspect --model demo-out/tiny-grpo
 	$(SSRL) eval --model models/tiny --data demo-out/val/data/part-00000.parquet --limit 8 \
-	             --max-new-tokens 16 --out demo-out/eval-base
+	             --max-new-tokens 24 --out demo-out/eval-base
 	$(SSRL) eval --model demo-out/tiny-sft --data demo-out/val/data/part-00000.parquet --limit 8 \
-	             --max-new-tokens 16 --out demo-out/eval-sft
+	             --max-new-tokens 24 --out demo-out/eval-sft
 	$(SSRL) eval --model demo-out/tiny-grpo --data demo-out/val/data/part-00000.parquet --limit 8 \
-	             --max-new-tokens 16 --out demo-out/eval-grpo
+	             --max-new-tokens 24 --out demo-out/eval-grpo
 	$(SSRL) eval --compare demo-out/eval-base demo-out/eval-sft
 	$(SSRL) eval --compare demo-out/eval-sft demo-out/eval-grpo
 	$(SSRL) eval --model models/tiny --bench whatsup --images fixtures/photos --max-new-tokens 16 \

@@ -12,12 +12,12 @@ pub const DEFAULT_KEYS: [&str; 13] = [
     "sft/lr",
     "sft/grad_norm",
     "reward/overall",
+    "reward/format",
     "reward/accuracy",
     "val/reward",
     "actor/kl_loss",
     "actor/entropy",
     "actor/grad_norm",
-    "actor/pg_clipfrac_higher",
     "response_length/mean",
     "rollout/logprob_mismatch_mean",
 ];
