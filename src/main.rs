@@ -37,8 +37,10 @@ The pipeline on the bundled data and the tiny test package (`make demo` runs it 
 ssrl tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out --per-image 2\n  \
 ssrl tasks --images fixtures/official --rgbd fixtures/official --out demo-out/val --seed 1\n  \
 ssrl rollout --model models/tiny --data demo-out/data --group 5 --out demo-out/rollouts.jsonl\n  \
+ssrl sft --config configs/demo-sft.toml\n  \
+ssrl export --model models/tiny --adapter demo-out/sft/checkpoints/global_step_80 --out demo-out/tiny-sft\n  \
 ssrl train --config configs/demo.toml\n  \
-ssrl export --model models/tiny --adapter demo-out/run/checkpoints/global_step_6 --out tiny-grpo\n  \
+ssrl export --model demo-out/tiny-sft --adapter demo-out/run/checkpoints/global_step_24 --out tiny-grpo\n  \
 ssrl eval --model tiny-grpo --data demo-out/val/data --max-new-tokens 64 --out eval-grpo\n\n\
 `ssrl <command> --help` explains each command, its files and its defaults."
 )]
