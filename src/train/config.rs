@@ -358,8 +358,25 @@ impl Default for RewardSection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {msg}")]
-    File { path: PathBuf, msg: String },
+    #[error("{path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value out of range, named with the file it came from.
+    #[error("{path}")]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
     #[error("{key}: {msg}")]
     Value { key: &'static str, msg: String },
 }
@@ -385,12 +402,15 @@ fn normalize(p: &Path) -> PathBuf {
 impl TrainConfig {
     /// Reads a TOML file; relative paths in it resolve against the file's folder.
     pub fn load(path: &Path) -> Result<TrainConfig, ConfigError> {
-        let file = |msg: String| ConfigError::File {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
-        let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e| file(e.to_string()))?;
+        let path_buf = || path.to_path_buf();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path_buf(),
+            source,
+        })?;
+        let mut cfg: TrainConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path_buf(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -408,7 +428,10 @@ impl TrainConfig {
             fix(&mut cfg.rollout.trt_cache);
         }
         // A value out of range is named with the file it came from.
-        cfg.validate().map_err(|e| file(e.to_string()))?;
+        cfg.validate().map_err(|e| ConfigError::Invalid {
+            path: path_buf(),
+            source: Box::new(e),
+        })?;
         Ok(cfg)
     }
 
@@ -644,9 +667,8 @@ mod tests {
         assert!(TrainConfig::default()
             .to_toml()
             .contains("image_dir = \"\""));
-        let e = load(&dir, "cuda_mem_limit = \"40 parsecs\"\n")
-            .unwrap_err()
-            .to_string();
+        // (the file, then the parser's cause, through the error's source chain)
+        let e = crate::error_chain(&load(&dir, "cuda_mem_limit = \"40 parsecs\"\n").unwrap_err());
         assert!(
             e.contains("train.toml") && e.contains("cuda_mem_limit") && e.contains("unknown unit"),
             "{e}"

@@ -54,7 +54,9 @@ pub(super) fn load_requests(
             Ok(Request {
                 id: mix64(salt ^ mix64(k as u64 + 1)),
                 problem: sample.problem.clone(),
-                images: sample.load_images(root).map_err(|e| e.to_string())?,
+                images: sample
+                    .load_images(root)
+                    .map_err(|e| crate::error_chain(&e))?,
             })
         })
         .collect()
@@ -125,7 +127,7 @@ pub(super) fn screened(
     let sizes: Vec<Result<Vec<(u32, u32)>, String>> = (d.samples.par_iter().zip(&d.roots))
         .map(|(s, root)| {
             (s.images.iter())
-                .map(|i| i.size(root).map_err(|e| e.to_string()))
+                .map(|i| i.size(root).map_err(|e| crate::error_chain(&e)))
                 .collect()
         })
         .collect();

@@ -80,9 +80,10 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| TrainError::Io {
+            serde_json::from_str(l).map_err(|source| TrainError::Metrics {
                 path: path.to_path_buf(),
-                msg: format!("line {}: {e}", i + 1),
+                line: i + 1,
+                source,
             })
         })
         .collect()

@@ -65,30 +65,53 @@ pub enum TrainError {
     #[error("{0}")]
     Resume(String),
     /// A failure after which the finished steps were saved.
-    #[error("{cause}\n(the {step} finished steps are saved in {checkpoint}: mend the cause, then run again with --resume)", checkpoint = .checkpoint.display())]
+    #[error("{}\n(the {step} finished steps are saved in {checkpoint}: mend the cause, then run again with --resume)", crate::error_chain(&**.cause), checkpoint = .checkpoint.display())]
     Kept {
         cause: Box<TrainError>,
         step: usize,
         checkpoint: PathBuf,
     },
-    #[error("{path}: {msg}")]
-    Io { path: PathBuf, msg: String },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A graph's run that ONNX Runtime refused.
+    #[error("{graph}")]
+    Graph {
+        graph: &'static str,
+        #[source]
+        source: ort::Error,
+    },
+    /// A line of a run's metrics.jsonl that is not a metrics object.
+    #[error("{path}: line {line}")]
+    Metrics {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A settings file that is not the TOML its reader expects.
+    #[error("{path}")]
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     /// Another rank of a data-parallel run failed (its message), or the ranks disagree.
     #[error("rank {rank}: {msg}")]
     Rank { rank: usize, msg: String },
 }
 
 fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> TrainError {
-    move |e| TrainError::Run {
-        graph,
-        msg: e.to_string(),
-    }
+    move |source| TrainError::Graph { graph, source }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::Io {
+    move |source| TrainError::Io {
         path: path.to_path_buf(),
-        msg: e.to_string(),
+        source,
     }
 }
 

@@ -12,7 +12,7 @@ pub(super) fn agree<T>(world: &World, r: Result<T, TrainError>) -> Result<T, Tra
     if world.size == 1 {
         return r;
     }
-    let mine: Option<String> = r.as_ref().err().map(|e| e.to_string());
+    let mine: Option<String> = r.as_ref().err().map(|e| crate::error_chain(e));
     let failed = (world.gather(&mine).into_iter().enumerate())
         .find_map(|(rank, e)| e.map(|msg| TrainError::Rank { rank, msg }));
     match failed {
@@ -206,7 +206,7 @@ pub(super) fn from_root<T: serde::Serialize + serde::de::DeserializeOwned>(
     }
     match result {
         Some(r) => {
-            let sent: Result<&T, String> = r.as_ref().map_err(|e| e.to_string());
+            let sent: Result<&T, String> = r.as_ref().map_err(|e| crate::error_chain(e));
             world.send_from_root(&sent);
             r
         }

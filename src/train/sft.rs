@@ -197,9 +197,9 @@ impl SftConfig {
     /// Reads `path` (relative paths in it resolve against its folder).
     pub fn load(path: &Path) -> Result<SftConfig, TrainError> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let mut c: SftConfig = toml::from_str(&text).map_err(|e| TrainError::Data {
+        let mut c: SftConfig = toml::from_str(&text).map_err(|source| TrainError::Toml {
             path: path.to_path_buf(),
-            msg: e.to_string(),
+            source,
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
         let at = |p: &mut PathBuf| {
