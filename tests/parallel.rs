@@ -6,7 +6,6 @@
 //! The ranks are this test binary itself, started under `mpirun` to run [`rank_worker`]. Where
 //! the crate is built without the `mpi` feature or `mpirun` is missing, the tests say SKIP.
 
-use spatial_ssrl::reward::Score;
 use spatial_ssrl::train::checkpoint;
 use spatial_ssrl::train::config::TrainConfig;
 use spatial_ssrl::train::sft::{Sft, SftConfig};
@@ -15,9 +14,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 mod common;
+
+use common::letter_reward;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -28,25 +28,6 @@ fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Share of the response's non-space characters that are the answer letter: a dense reward
-/// the random-weight model's samples differ in, so that advantages and gradients are not zero.
-fn letter_reward() -> spatial_ssrl::train::RewardFn {
-    Arc::new(|text: &str, s: &spatial_ssrl::tasks::write::SampleRecord| {
-        let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
-        let hit = chars
-            .iter()
-            .filter(|c| c.to_lowercase().to_string() == s.answer)
-            .count();
-        let v = hit as f64 / chars.len().max(1) as f64;
-        Score {
-            overall: v,
-            format: 0.0,
-            accuracy: v,
-            predicted: String::new(),
-        }
-    })
 }
 
 /// Whether two ranks can be started: the `mpi` build and a working `mpirun`; else SKIP.

@@ -2,8 +2,10 @@
 //! hand, micro-batches adding up to one batch, the row layout, learning on a task the tiny
 //! model can learn, exact resume, refused checkpoints and Ctrl-C behaviour.
 
+mod common;
+
+use common::letter_reward;
 use spatial_ssrl::model::rope::RopeConfig;
-use spatial_ssrl::reward::Score;
 use spatial_ssrl::train::batch::{self, Row};
 use spatial_ssrl::train::checkpoint;
 use spatial_ssrl::train::config::TrainConfig;
@@ -11,7 +13,6 @@ use spatial_ssrl::train::{Metrics, RunEnd, TrainError, Trainer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
@@ -56,25 +57,6 @@ fn config(dir: &Path, data: PathBuf) -> TrainConfig {
     c.trainer.save_freq = 0;
     c.trainer.kernels = "cpu".into();
     c
-}
-
-/// Share of the response's non-space characters equal to the answer letter: a dense reward a
-/// random-weight model can climb.
-fn letter_reward() -> spatial_ssrl::train::RewardFn {
-    Arc::new(|text: &str, s: &spatial_ssrl::tasks::write::SampleRecord| {
-        let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
-        let hit = chars
-            .iter()
-            .filter(|c| c.to_lowercase().to_string() == s.answer)
-            .count();
-        let v = hit as f64 / chars.len().max(1) as f64;
-        Score {
-            overall: v,
-            format: 0.0,
-            accuracy: v,
-            predicted: String::new(),
-        }
-    })
 }
 
 fn trainer(c: TrainConfig) -> Option<Trainer> {

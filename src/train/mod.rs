@@ -179,6 +179,14 @@ impl Tally {
         }
     }
 
+    /// Every rank's tallies as one (the same on every rank).
+    pub fn over(self, world: &crate::dist::World) -> Tally {
+        world
+            .gather(&self)
+            .into_iter()
+            .fold(Tally::default(), Tally::merge)
+    }
+
     /// The mean (0 for none).
     pub fn mean(&self) -> f64 {
         self.sum / self.n.max(1) as f64
@@ -573,27 +581,20 @@ impl Trainer {
         self.cfg.out.join("checkpoints")
     }
 
-    /// Writes a checkpoint of the current state. Data parallel, every rank calls it at the
-    /// same point: the replicas are checked identical, rank 0 writes, and every rank gets its
-    /// folder (or its error).
+    /// Writes a checkpoint of the current state ([`parallel::save`]: data parallel, every
+    /// rank calls it at the same point and rank 0 writes).
     pub fn save(&self) -> Result<PathBuf, TrainError> {
-        parallel::check_replicas(self.world, &self.params, self.step)?;
-        let written = self.world.is_root().then(|| {
-            let state = Param::state(
-                &self.params,
-                self.step,
-                self.cfg.resume_key(),
-                self.loss_scale,
-            );
-            write_checkpoint(
-                &self.cfg.out,
-                &self.cfg.model,
-                &self.engine.package.manifest.lora,
-                &state,
-                self.cfg.trainer.save_limit,
-            )
-        });
-        parallel::from_root(self.world, written)
+        parallel::save(
+            self.world,
+            &self.params,
+            self.step,
+            self.cfg.resume_key(),
+            self.loss_scale,
+            &self.cfg.out,
+            &self.cfg.model,
+            &self.engine.package.manifest.lora,
+            self.cfg.trainer.save_limit,
+        )
     }
 
     /// Restores a checkpoint (its configuration must match this run's, except run length and
@@ -1319,11 +1320,7 @@ impl Trainer {
             (old.iter().flatten().zip(rollout_lp.iter().flatten()))
                 .for_each(|(a, b)| diffs.add(f64::from((a - b).abs()), false));
             // (over every rank's tokens)
-            let diffs = self
-                .world
-                .gather(&diffs)
-                .into_iter()
-                .fold(Tally::default(), Tally::merge);
+            let diffs = diffs.over(self.world);
             metrics.insert("rollout/logprob_mismatch_mean".into(), diffs.mean());
             metrics.insert("rollout/logprob_mismatch_max".into(), diffs.max);
             old
@@ -1333,11 +1330,7 @@ impl Trainer {
         let reference = computed.next().unwrap_or_else(|| old.clone());
         let is_weights = (tis_cap > 0.0).then(|| {
             let (w, tally) = tis_weights(&old, &rollout_lp, tis_cap);
-            let t = self
-                .world
-                .gather(&tally)
-                .into_iter()
-                .fold(Tally::default(), Tally::merge);
+            let t = tally.over(self.world);
             metrics.insert("rollout/tis_weight_mean".into(), t.mean());
             metrics.insert("rollout/tis_weight_max".into(), t.max);
             metrics.insert("rollout/tis_capped_frac".into(), t.hit_share());
@@ -1498,13 +1491,7 @@ impl Trainer {
             metrics.insert("timing_s/rank_wait".into(), t_wait);
             metrics.insert("timing_s/allreduce".into(), t_sum);
         }
-        // (each rank's losses are its tokens' share of the global token mean: they add up)
-        let all = self.world.gather(&(loss_sum, sums));
-        let loss_sum: f64 = all.iter().map(|a| a.0).sum();
-        let sums = all.into_iter().fold(Stats::default(), |mut acc, a| {
-            acc.add(&a.1);
-            acc
-        });
+        let (loss_sum, sums) = parallel::sum_loss(self.world, loss_sum, sums);
         let tokens = sums.get("tokens").max(1.0);
         metrics.insert(
             "actor/pg_loss_plus_kl".into(),

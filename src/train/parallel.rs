@@ -240,3 +240,41 @@ pub(super) fn open_log(
     let path = from_root(world, opened)?;
     Ok(RunLog(world.is_root().then_some(path)))
 }
+
+/// A run's loss and graph statistics summed over the ranks (each rank's loss is its tokens'
+/// share of the global token mean, so the shares add up).
+pub(super) fn sum_loss(world: &World, loss: f64, stats: Stats) -> (f64, Stats) {
+    if world.size == 1 {
+        return (loss, stats);
+    }
+    let all = world.gather(&(loss, stats));
+    let loss = all.iter().map(|a| a.0).sum();
+    let stats = all.into_iter().fold(Stats::default(), |mut acc, a| {
+        acc.add(&a.1);
+        acc
+    });
+    (loss, stats)
+}
+
+/// A checkpoint of `params` after `step` (a PEFT adapter and the optimizer's moments). Every
+/// rank calls it at the same point: the replicas are checked identical, rank 0 writes, and
+/// every rank gets its folder (or its error).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn save(
+    world: &World,
+    params: &[Param],
+    step: usize,
+    resume_key: String,
+    loss_scale: Option<LossScale>,
+    out: &Path,
+    model: &Path,
+    lora: &crate::model::package::LoraSpec,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    check_replicas(world, params, step)?;
+    let written = world.is_root().then(|| {
+        let state = Param::state(params, step, resume_key, loss_scale);
+        write_checkpoint(out, model, lora, &state, keep)
+    });
+    from_root(world, written)
+}

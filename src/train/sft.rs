@@ -697,12 +697,7 @@ impl Sft {
         }
         let (t_wait, t_sum) = super::parallel::sum_grads(self.world, &self.reducer, &mut grads)?;
         super::parallel::agree_loss_scale(self.world, &mut self.loss_scale);
-        let all = self.world.gather(&(loss, stats));
-        let loss: f64 = all.iter().map(|a| a.0).sum();
-        let stats = all.into_iter().fold(super::Stats::default(), |mut acc, a| {
-            acc.add(&a.1);
-            acc
-        });
+        let (loss, stats) = super::parallel::sum_loss(self.world, loss, stats);
         let lr = learning_rate(&self.cfg, self.step, total);
         let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|v| v.as_mut_slice()).collect();
         let norm = self.backend.clip(&mut views, self.cfg.max_grad_norm)?;
@@ -757,26 +752,19 @@ impl Sft {
     }
 
     /// Writes a checkpoint of the current state (a PEFT adapter `ssrl export --adapter`
-    /// merges, and the optimizer's moments for a resume).
-    /// Data parallel, as [`super::Trainer::save`]: replicas checked, rank 0 writes.
+    /// merges, and the optimizer's moments for a resume); data parallel, as GRPO's.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
-        super::parallel::check_replicas(self.world, &self.params, self.step)?;
-        let written = self.world.is_root().then(|| {
-            let state = Param::state(
-                &self.params,
-                self.step,
-                self.cfg.resume_key(),
-                self.loss_scale,
-            );
-            super::write_checkpoint(
-                &self.cfg.out,
-                &self.cfg.model,
-                &self.engine.package.manifest.lora,
-                &state,
-                self.cfg.save_total_limit,
-            )
-        });
-        super::parallel::from_root(self.world, written)
+        super::parallel::save(
+            self.world,
+            &self.params,
+            self.step,
+            self.cfg.resume_key(),
+            self.loss_scale,
+            &self.cfg.out,
+            &self.cfg.model,
+            &self.engine.package.manifest.lora,
+            self.cfg.save_total_limit,
+        )
     }
 
     /// The newest complete checkpoint of this run, if any.

@@ -90,3 +90,22 @@ pub fn gpu_skip(why: &str) {
     }
     let _ = writeln!(std::io::stderr(), "SKIP: {why}");
 }
+
+/// Share of the response's non-space characters equal to the answer letter: a dense reward a
+/// random-weight model can climb, and whose samples differ (so advantages are not zero).
+pub fn letter_reward() -> spatial_ssrl::train::RewardFn {
+    std::sync::Arc::new(|text: &str, s: &SampleRecord| {
+        let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
+        let hit = chars
+            .iter()
+            .filter(|c| c.to_lowercase().to_string() == s.answer)
+            .count();
+        let v = hit as f64 / chars.len().max(1) as f64;
+        spatial_ssrl::reward::Score {
+            overall: v,
+            format: 0.0,
+            accuracy: v,
+            predicted: String::new(),
+        }
+    })
+}
