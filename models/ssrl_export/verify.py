@@ -16,6 +16,23 @@ from .onnx_io import Typed, empty_cache
 from .training import grpo_batch, grpo_loss, sft_batch, token_logprobs, train_batch, train_step_fn
 
 
+
+def follow_greedy(logits, ref, step):
+    """The package's greedy tokens at a decoding step, checked against transformers' logits `ref`:
+    equal, or — in half precision only — a near tie, where transformers' own top token leads the
+    package's choice by no more than the dtype's logits tolerance; the check then goes on with
+    transformers' token, so that both keep decoding the same sequence."""
+    nxt, want = logits.argmax(-1), ref.argmax(-1)
+    if (nxt == want).all():
+        return nxt
+    gap = float(max(ref[i, want[i]] - ref[i, nxt[i]] for i in range(len(nxt))))
+    tol = TOL[settings.DTYPE]["logits"]
+    if settings.DTYPE == "fp32" or gap > tol:
+        raise SystemExit(f"verify: greedy token differs at step {step} (transformers' choice leads by {gap:.2e})")
+    print(f"  decode step {step}: a near tie in {settings.DTYPE} (transformers' top two {gap:.1e} apart, "
+          f"within {tol}): following transformers' token")
+    return want
+
 def synthetic_image(w, h, seed):
     from PIL import Image
 
@@ -99,13 +116,11 @@ def verify(model, hf_dir, out, lora_names, lora_shapes_, tol=1e-4):
                             pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
                             mm_token_type_ids=mm).logits[:, -1])
         note("logits" if step == 0 else "decode logits", np.abs(logits - ref).max())
-        nxt = logits.argmax(-1)
+        nxt = follow_greedy(logits, ref, step)
         greedy0.append(int(nxt[0]))
         if step > 0:
             step_logits.append(logits)
         step_ids.append(nxt.astype(np.int64))
-        if not (nxt == ref.argmax(-1)).all():
-            raise SystemExit(f"verify: greedy token differs at step {step}")
         past = {k.replace("present", "past_key_values"): v for k, v in zip(
             [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")], outs[1:])}
         cur_ids = nxt[:, None].astype(np.int64)
