@@ -90,9 +90,14 @@ fn rank_worker() {
     let (kind, path) = job.split_once(':').unwrap();
     let stop = AtomicBool::new(false);
     match kind {
-        "grpo" => {
+        "grpo" | "grpo-resume" => {
             let c = TrainConfig::load(Path::new(path)).unwrap();
             let mut t = Trainer::new(c, None).unwrap().with_reward(letter_reward());
+            if kind == "grpo-resume" {
+                // (every rank restores rank 0's newest checkpoint, as ssrl train --resume does)
+                let dir = world.broadcast(t.latest_checkpoint().unwrap());
+                t.restore(&dir).unwrap();
+            }
             t.run(&stop, |_, _, _| {}).unwrap();
         }
         "sft" => {
@@ -262,6 +267,24 @@ fn grpo_on_two_ranks_equals_one_process() {
     // micro-batches: equal up to float summation)
     same_metrics(&a, &b, &["actor/", "rollout/logprob_mismatch"], 1e-3);
     same_adapter(&one.out, &two.out, 1e-4);
+
+    // Two ranks stopped after step 2 and resumed on two ranks end where the others did.
+    let mut part = grpo_config(&dir, "resumed");
+    part.trainer.max_steps = 2;
+    part.trainer.save_freq = 2;
+    let file = dir.join("part.toml");
+    std::fs::write(&file, part.to_toml()).unwrap();
+    on_two_ranks(&format!("grpo:{}", file.display()));
+    part.trainer.max_steps = 3;
+    std::fs::write(&file, part.to_toml()).unwrap();
+    on_two_ranks(&format!("grpo-resume:{}", file.display()));
+    same_metrics(
+        &a[1..],
+        &metrics(&part.out)[1..],
+        &["actor/", "rollout/logprob_mismatch"],
+        1e-3,
+    );
+    same_adapter(&one.out, &part.out, 1e-4);
 }
 
 /// Nine examples: eight a step (per device 2 × accumulation 4 on one process, × 2 on two
