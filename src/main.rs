@@ -151,6 +151,32 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Only the commands that share their work over ranks may run under a launcher: N copies
+    // of any other would each do all of it, into the same files.
+    let ranked = matches!(
+        cli.command,
+        Command::Train(_)
+            | Command::Sft(_)
+            | Command::Rollout(_)
+            | Command::Eval(_)
+            | Command::Bench(BenchCommand::Allreduce(_))
+    );
+    if !ranked {
+        if let Ok(Some(l)) = spatial_ssrl::dist::launch_from(|k| std::env::var(k).ok()) {
+            if l.size > 1 {
+                // (rank 0 alone says why; every rank stops)
+                if l.rank == 0 {
+                    eprintln!(
+                        "error: launched by {} as {} ranks, but this command runs as one process \
+                         (it uses the machine's cores itself): run it without the launcher; \
+                         train, sft, rollout, eval and bench allreduce share their work over ranks",
+                        l.launcher, l.size
+                    );
+                }
+                std::process::exit(2);
+            }
+        }
+    }
     let r = match cli.command {
         Command::Tasks(a) => run_tasks(a),
         Command::Reward(a) => run_reward(a),

@@ -537,3 +537,29 @@ fn nccl_sums_through_the_gpu_with_a_communicator_of_one() {
         assert_eq!(v, grads);
     }
 }
+
+/// A command that does not share its work over ranks refuses a launch of several (two copies
+/// of `ssrl tasks` would write the same folder), naming the commands that do.
+#[test]
+fn commands_without_ranks_refuse_a_launcher() {
+    if !mpirun_ready() {
+        return;
+    }
+    let dir = tempdir("refuse");
+    let out = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
+        .arg(env!("CARGO_BIN_EXE_ssrl"))
+        .args(["tasks", "--images"])
+        .arg(root().join("fixtures/photos"))
+        .arg("--out")
+        .arg(dir.join("tasks"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("as 2 ranks, but this command runs as one process"),
+        "{err}"
+    );
+    assert!(!dir.join("tasks").exists(), "nothing was written");
+}
