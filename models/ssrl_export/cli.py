@@ -57,8 +57,7 @@ def main(argv=None):
     ap.add_argument("hf_dir", nargs="?", help="Hugging Face Qwen2.5-VL checkpoint folder")
     ap.add_argument("--tiny", action="store_true", help="build and export the tiny random-weight test model")
     ap.add_argument("--family", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
-                    help="with --tiny: the model family to build (a checkpoint's own config.json names its family; "
-                         "qwen3_vl packages have the inference graphs only, for now)")
+                    help="with --tiny: the model family to build (a checkpoint's own config.json names its family)")
     real = sorted(REAL_TEXT) + sorted(qwen3_vl.REAL)
     ap.add_argument("--random-init", choices=real, metavar="MODEL",
                     help=f"build and export MODEL ({', '.join(real)}) at its real geometry with random "

@@ -242,8 +242,8 @@ pub enum Family {
     #[serde(rename = "qwen2_5_vl")]
     Qwen25Vl,
     /// Qwen3-VL (2B, 4B, 8B dense): 16-pixel patches, learned vision position embeddings,
-    /// DeepStack features into the first language layers, interleaved M-RoPE. Inference graphs
-    /// only so far (no log-prob or training graphs).
+    /// DeepStack features into the first language layers, interleaved M-RoPE. Every graph
+    /// Qwen2.5-VL has; LoRA on the language model only, so far.
     #[serde(rename = "qwen3_vl")]
     Qwen3Vl,
 }

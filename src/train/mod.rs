@@ -432,8 +432,9 @@ impl Trainer {
             return Err(TrainError::Data {
                 path: cfg.model.join("manifest.json"),
                 msg: format!(
-                    "the package has no log-prob or training graph ({} packages have inference \
-                     graphs only, so far): it can roll out and be evaluated, not trained",
+                    "the package has no log-prob or training graph (a {} package exported before \
+                     they existed): it can roll out and be evaluated; export it again with \
+                     models/export.py to train it",
                     m.family.name()
                 ),
             });

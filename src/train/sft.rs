@@ -427,16 +427,9 @@ impl Sft {
         let Some(spec) = m.sft.clone().filter(|_| !m.graphs.sft.is_empty()) else {
             return Err(TrainError::Data {
                 path: cfg.model.join("manifest.json"),
-                msg: format!(
-                    "the package has no SFT graph (sft.onnx): export it again with \
-                     models/export.py{}",
-                    match m.family {
-                        crate::model::package::Family::Qwen3Vl => {
-                            " (Qwen3-VL packages have inference graphs only, so far)"
-                        }
-                        _ => "",
-                    }
-                ),
+                msg: "the package has no SFT graph (sft.onnx; it was exported before there was \
+                      one): export it again with models/export.py"
+                    .into(),
             });
         };
         // The language model's targets: sft.toml's `lora_target` names those (a vision-tower
