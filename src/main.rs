@@ -153,14 +153,13 @@ fn main() {
     let cli = Cli::parse();
     // Only the commands that share their work over ranks may run under a launcher: N copies
     // of any other would each do all of it, into the same files.
-    let ranked = matches!(
-        cli.command,
-        Command::Train(_)
-            | Command::Sft(_)
-            | Command::Rollout(_)
-            | Command::Eval(_)
-            | Command::Bench(BenchCommand::Allreduce(_))
-    );
+    let ranked = match &cli.command {
+        Command::Train(_) | Command::Sft(_) | Command::Rollout(_) => true,
+        Command::Bench(BenchCommand::Allreduce(_)) => true,
+        // (an evaluation is shared; a comparison of two is one process's)
+        Command::Eval(a) => a.compare.is_empty(),
+        _ => false,
+    };
     if !ranked {
         if let Ok(Some(l)) = spatial_ssrl::dist::launch_from(|k| std::env::var(k).ok()) {
             if l.size > 1 {

@@ -619,9 +619,6 @@ pub fn discover_rgbd_in(dir: &Path, walk: &mut Walk) -> std::io::Result<Discover
     Ok(found)
 }
 
-/// Decodes a photo to RGB: any supported format by content, EXIF orientation applied,
-/// grayscale expanded, alpha dropped.
-/// `(width, height)` of the image at `path`, from its header (the pixels are not decoded).
 /// `(width, height)` of an image held in memory (`path` names it in errors), from its header.
 pub fn image_size_of(bytes: &[u8], path: &Path) -> Result<(u32, u32), SourceError> {
     ImageReader::new(std::io::Cursor::new(bytes))
@@ -631,6 +628,7 @@ pub fn image_size_of(bytes: &[u8], path: &Path) -> Result<(u32, u32), SourceErro
         .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
 }
 
+/// `(width, height)` of the image at `path`, from its header (the pixels are not decoded).
 pub fn image_size(path: &Path) -> Result<(u32, u32), SourceError> {
     ImageReader::open(path)
         .map_err(|e| SourceError::new(SkipReason::Io, path, e))?
@@ -640,6 +638,7 @@ pub fn image_size(path: &Path) -> Result<(u32, u32), SourceError> {
         .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
 }
 
+/// The photo at `path` decoded to RGB ([`decode_rgb`]).
 pub fn load_rgb(path: &Path) -> Result<RgbImage, SourceError> {
     let bytes = std::fs::read(path).map_err(|e| SourceError::new(SkipReason::Io, path, e))?;
     decode_rgb(&bytes, path)
@@ -692,6 +691,9 @@ pub fn checked_decoder<'a, R: std::io::BufRead + std::io::Seek + 'a>(
     Ok(decoder)
 }
 
+/// Decodes a photo to RGB: any supported format by content, EXIF orientation applied,
+/// grayscale expanded, alpha dropped; a JPEG without its end-of-image marker is refused as
+/// truncated (decoders would pad it with grey).
 pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, SourceError> {
     let err = |e: image::ImageError| SourceError::new(SkipReason::Decode, path, e);
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
