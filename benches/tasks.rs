@@ -5,6 +5,7 @@
 //!
 //! `cargo bench --bench tasks` (or `make bench`); results also go to target/bench-tasks.json.
 
+use spatial_ssrl::data::images;
 use spatial_ssrl::rng::Rng;
 use spatial_ssrl::tasks::{self, position, source, TaskKind, TasksConfig};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ fn make_inputs(root: &Path) -> (PathBuf, PathBuf) {
     let mut n = 0;
     for dir in ["photos", "official"] {
         for p in source::discover_images(&fixtures().join(dir)).unwrap() {
-            let i = source::load_rgb(&p).unwrap();
+            let i = images::load_rgb(&p).unwrap();
             // Several copies with different crops so there are enough sources to time.
             for k in 0..4u32 {
                 let (w, h) = i.dimensions();

@@ -4,6 +4,7 @@
 //! - [`reward`]: EasyR1's verifiable format + accuracy reward.
 //! - [`kernels`]: log-probs, sampling, advantages and the optimizer step (CPU and CUDA).
 
+pub mod data;
 pub mod dist;
 pub mod eval;
 pub mod kernels;

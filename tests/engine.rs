@@ -382,7 +382,7 @@ fn write_image_struct_parquet(path: &Path, rows: &[Option<Vec<StructImage>>]) {
 
 #[test]
 fn parquet_image_structs_are_read_as_images() {
-    use spatial_ssrl::tasks::write::{read_samples, ImageRef};
+    use spatial_ssrl::data::records::{read_samples, ImageRef};
     let root = scratch("image_structs");
     let f = fixtures();
     let rocket = std::fs::read(f.join("photos/rocket.jpg")).unwrap();
@@ -436,7 +436,7 @@ fn parquet_image_structs_are_read_as_images() {
         .ends_with("train.parquet row 2 image 1"));
     // Each decodes to the file it came from, and its header gives the same size.
     let want =
-        |name: &str| spatial_ssrl::tasks::source::load_rgb(&f.join("photos").join(name)).unwrap();
+        |name: &str| spatial_ssrl::data::images::load_rgb(&f.join("photos").join(name)).unwrap();
     let got = s[0].load_images(&root).unwrap();
     assert_eq!(got[0], want("rocket.jpg"));
     assert_eq!(s[0].images[0].size(&root).unwrap(), got[0].dimensions());
@@ -472,7 +472,7 @@ fn parquet_image_structs_are_read_as_images() {
 /// to `ssrl tasks`' own output: each file's images are found with no `image_dir`.
 #[test]
 fn released_layouts_find_their_images() {
-    use spatial_ssrl::tasks::write::{parquet_bytes, read_dataset, ImageRef, SampleRecord};
+    use spatial_ssrl::data::records::{parquet_bytes, read_dataset, ImageRef, SampleRecord};
     let root = scratch("released_layouts");
     let photo = fixtures().join("photos/rocket.jpg");
     let sample = |task: &str| SampleRecord {
@@ -505,7 +505,7 @@ fn released_layouts_find_their_images() {
         let img = got[0].0.load_images(&got[0].1).unwrap();
         assert_eq!(
             img[0].dimensions(),
-            spatial_ssrl::tasks::source::load_rgb(&photo)
+            spatial_ssrl::data::images::load_rgb(&photo)
                 .unwrap()
                 .dimensions()
         );
@@ -524,7 +524,7 @@ fn released_layouts_find_their_images() {
 /// against and the response kept as the SFT target.
 #[test]
 fn alpaca_json_reads_as_the_cold_start_set_ships() {
-    use spatial_ssrl::tasks::write::{read_dataset, read_samples, ImageRef};
+    use spatial_ssrl::data::records::{read_dataset, read_samples, ImageRef};
     let root = scratch("alpaca").join("Spatial-SSRL-81k");
     std::fs::create_dir_all(root.join("coldstart_SFT_images")).unwrap();
     std::fs::copy(

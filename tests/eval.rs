@@ -3,10 +3,10 @@
 //! runs end to end, items are scored by their benchmark's rule, runs resume after an
 //! interruption without duplicates or changes, and two runs compare side by side.
 
+use spatial_ssrl::data::FORMAT_SENTENCE;
 use spatial_ssrl::eval::bench::{self, Bench, ImageSource, ReadOptions, Rule};
 use spatial_ssrl::eval::{self, EvalConfig};
 use spatial_ssrl::rollout::Engine;
-use spatial_ssrl::tasks::templates::FORMAT_SENTENCE;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

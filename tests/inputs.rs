@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use spatial_ssrl::data::images;
 use spatial_ssrl::tasks::{self, source, Progress, SkipReason, TaskKind, TasksConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -170,8 +171,8 @@ fn an_image_claiming_too_many_pixels_is_skipped_before_decoding() {
     two_photos(&inp);
     let huge = inp.join("huge.png");
     std::fs::write(&huge, png_claiming(60_000, 60_000)).unwrap();
-    let e = source::load_rgb(&huge).unwrap_err();
-    assert_eq!(e.reason, SkipReason::TooLarge, "{e}");
+    let e = images::load_rgb(&huge).unwrap_err();
+    assert_eq!(e.fault, images::ImageFault::TooLarge, "{e}");
     assert!(e.to_string().contains("huge.png"), "{e}");
     let w = Warnings::default();
     let s = tasks::run(&photo_config(vec![inp], &dir.join("out")), &w).unwrap();
@@ -186,8 +187,8 @@ fn an_image_claiming_too_many_pixels_is_skipped_before_decoding() {
     );
     // Just under the limit in pixels, the header alone is not refused.
     let fine = png_claiming(16_384, 16_384);
-    let r = source::decode_rgb(&fine, Path::new("fine.png")).unwrap_err();
-    assert_ne!(r.reason, SkipReason::TooLarge, "{r}");
+    let r = images::decode_rgb(&fine, Path::new("fine.png")).unwrap_err();
+    assert_ne!(r.fault, images::ImageFault::TooLarge, "{r}");
 }
 
 /// Intrinsics no camera has, or a file that cannot be read as intrinsics, are refused naming

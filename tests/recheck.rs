@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use image::RgbImage;
+use spatial_ssrl::data::images;
 use spatial_ssrl::tasks::{self, source, SampleRecord};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,7 @@ fn of_task(task: &str) -> Vec<&'static SampleRecord> {
 }
 
 fn source_rgb(s: &SampleRecord) -> RgbImage {
-    source::load_rgb(Path::new(&s.source[0])).unwrap()
+    images::load_rgb(Path::new(&s.source[0])).unwrap()
 }
 
 fn grid(s: &SampleRecord) -> (u32, u32, u32, u32) {

@@ -309,7 +309,7 @@ fn samples_do_not_depend_on_the_batch_and_lora_swaps_apply() {
             seed: 9,
         },
         verbatim: false,
-        format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
+        format_sentence: Some(spatial_ssrl::data::FORMAT_SENTENCE.into()),
     };
     let both = e.generate(&reqs, &cfg, None).unwrap();
     let alone = e.generate(&reqs[1..], &cfg, None).unwrap();

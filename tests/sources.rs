@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use spatial_ssrl::data::images;
 use spatial_ssrl::tasks::depth_order;
 use spatial_ssrl::tasks::source::{self, Layout, RgbdFrame};
 use std::path::Path;
@@ -59,23 +60,23 @@ fn photos_decode_to_rgb_with_their_sizes() {
         ("coffee.png", 600, 400),
         ("rocket.jpg", 640, 427),
     ] {
-        let img = source::load_rgb(&p.join(name)).unwrap();
+        let img = images::load_rgb(&p.join(name)).unwrap();
         assert_eq!(img.dimensions(), (w, h), "{name}");
     }
     // Grayscale expands to three equal channels.
-    let cam = source::load_rgb(&p.join("camera.png")).unwrap();
+    let cam = images::load_rgb(&p.join("camera.png")).unwrap();
     assert!(cam.pixels().all(|px| px[0] == px[1] && px[1] == px[2]));
     // The official RGBA photo loses its alpha channel.
-    let rgba = source::load_rgb(&fixtures().join("official/RGB_img.png")).unwrap();
+    let rgba = images::load_rgb(&fixtures().join("official/RGB_img.png")).unwrap();
     assert_eq!(rgba.dimensions(), (902, 1186));
 }
 
 #[test]
 fn webp_sources_decode() {
     let dir = scratch("webp");
-    let img = source::load_rgb(&fixtures().join("photos/chelsea.png")).unwrap();
+    let img = images::load_rgb(&fixtures().join("photos/chelsea.png")).unwrap();
     img.save(dir.join("chelsea.webp")).unwrap();
-    let back = source::load_rgb(&dir.join("chelsea.webp")).unwrap();
+    let back = images::load_rgb(&dir.join("chelsea.webp")).unwrap();
     assert_eq!(back, img, "lossless WebP round trip");
     assert_eq!(source::discover_images(&dir).unwrap().len(), 1);
 }
@@ -112,10 +113,10 @@ fn exif_orientation_is_applied() {
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
         .encode_image(&img)
         .unwrap();
-    let plain = source::decode_rgb(&jpeg, Path::new("plain.jpg")).unwrap();
+    let plain = images::decode_rgb(&jpeg, Path::new("plain.jpg")).unwrap();
     assert_eq!(plain.dimensions(), (64, 32));
     // Orientation 6: rotate 90° clockwise to display; the left (red) half ends up on top.
-    let rotated = source::decode_rgb(&with_orientation(&jpeg, 6), Path::new("rot.jpg")).unwrap();
+    let rotated = images::decode_rgb(&with_orientation(&jpeg, 6), Path::new("rot.jpg")).unwrap();
     assert_eq!(rotated.dimensions(), (32, 64));
     assert!(rotated.get_pixel(16, 8)[0] > 200 && rotated.get_pixel(16, 56)[2] > 200);
 }

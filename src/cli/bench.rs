@@ -124,7 +124,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
     )?;
     let requests: Vec<Request> = match &a.data {
         None => bench::synthetic_requests(a.batch),
-        Some(path) => spatial_ssrl::tasks::write::read_dataset(path, None, a.batch)
+        Some(path) => spatial_ssrl::data::records::read_dataset(path, None, a.batch)
             .context("cannot read samples")?
             .iter()
             .enumerate()
@@ -147,7 +147,7 @@ pub fn run_bench_rollout(a: BenchRolloutArgs) -> Result<()> {
             seed: 0,
         },
         verbatim: false,
-        format_sentence: Some(spatial_ssrl::tasks::templates::FORMAT_SENTENCE.into()),
+        format_sentence: Some(spatial_ssrl::data::FORMAT_SENTENCE.into()),
     };
     let slices = match engine.cpu_slices() {
         0 => String::new(),

@@ -239,6 +239,6 @@ impl DeviceArgs {
 /// A benchmark's results as JSON at `path`, its folder made first.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value)?;
-    spatial_ssrl::tasks::write::write_atomic(path, &bytes, false)?;
+    spatial_ssrl::data::records::write_atomic(path, &bytes, false)?;
     Ok(())
 }

@@ -81,7 +81,7 @@ pub(crate) fn run_rollout(a: RolloutArgs) -> Result<()> {
             },
             verbatim: false,
             format_sentence: (!a.no_format_prompt)
-                .then(|| spatial_ssrl::tasks::templates::FORMAT_SENTENCE.to_string()),
+                .then(|| spatial_ssrl::data::FORMAT_SENTENCE.to_string()),
         },
         out: a.out.clone(),
     };

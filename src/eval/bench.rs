@@ -3,9 +3,9 @@
 //! the reference answer and the scoring rule. Errors name the file and the item (and its line).
 
 use super::score::{self, Scored};
-use crate::tasks::source::{decode_rgb, image_size_of, load_rgb};
-use crate::tasks::templates::FORMAT_SENTENCE;
-use crate::tasks::write::{read_dataset, ImageRef, SampleRecord};
+use crate::data::images::{decode_rgb, image_size_of, load_rgb};
+use crate::data::records::{read_dataset, ImageRef, SampleRecord};
+use crate::data::FORMAT_SENTENCE;
 use base64::Engine as _;
 use image::RgbImage;
 use serde_json::value::RawValue;
@@ -87,9 +87,9 @@ pub enum ImageSource {
 impl ImageSource {
     /// `(width, height)` as [`ImageSource::load`] gives it, from the file's header (a TSV
     /// cell's base64 is decoded, its pixels are not).
-    pub fn size(&self) -> Result<(u32, u32), crate::tasks::source::SourceError> {
+    pub fn size(&self) -> Result<(u32, u32), crate::data::images::ImageError> {
         match self {
-            ImageSource::File(p) => crate::tasks::source::image_size(p),
+            ImageSource::File(p) => crate::data::images::image_size(p),
             ImageSource::Resized(_, w, h) => Ok((*w, *h)),
             ImageSource::Base64(b64, name) => {
                 image_size_of(&base64_bytes(b64, name)?, Path::new(name))
@@ -98,7 +98,7 @@ impl ImageSource {
         }
     }
 
-    pub fn load(&self) -> Result<RgbImage, crate::tasks::source::SourceError> {
+    pub fn load(&self) -> Result<RgbImage, crate::data::images::ImageError> {
         match self {
             ImageSource::File(p) => load_rgb(p),
             ImageSource::Resized(p, w, h) => Ok(image::imageops::resize(
@@ -116,12 +116,12 @@ impl ImageSource {
 }
 
 /// The bytes of a TSV cell's base64 image (`name` names it in errors).
-fn base64_bytes(b64: &str, name: &str) -> Result<Vec<u8>, crate::tasks::source::SourceError> {
+fn base64_bytes(b64: &str, name: &str) -> Result<Vec<u8>, crate::data::images::ImageError> {
     base64::engine::general_purpose::STANDARD
         .decode(b64.trim().as_bytes())
         .map_err(|e| {
-            crate::tasks::source::SourceError::new(
-                crate::tasks::SkipReason::Decode,
+            crate::data::images::ImageError::new(
+                crate::data::images::ImageFault::Decode,
                 Path::new(name),
                 format!("image is not base64: {e}"),
             )
@@ -187,7 +187,7 @@ pub enum ReadError {
     File { path: PathBuf, msg: String },
     /// A pretext set, as the task writer's reader reports it (it names the file).
     #[error(transparent)]
-    Samples(#[from] crate::tasks::write::WriteError),
+    Samples(#[from] crate::data::records::WriteError),
 }
 
 /// What a reader needs besides the file.

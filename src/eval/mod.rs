@@ -21,7 +21,7 @@ pub enum EvalError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Image(#[from] crate::tasks::source::SourceError),
+    Image(#[from] crate::data::images::ImageError),
     #[error(transparent)]
     Read(#[from] bench::ReadError),
     #[error("{path}: {msg}")]
@@ -86,7 +86,7 @@ impl EvalConfig {
     fn images_root(&self) -> PathBuf {
         self.images_root
             .clone()
-            .unwrap_or_else(|| crate::tasks::write::default_images_root(&self.data))
+            .unwrap_or_else(|| crate::data::records::default_images_root(&self.data))
     }
 }
 
@@ -559,7 +559,7 @@ fn check_room(
         })
         .collect();
     let file_sizes: HashMap<&Path, (u32, u32)> = (files.into_par_iter())
-        .map(|p| Ok((p, crate::tasks::source::image_size(p)?)))
+        .map(|p| Ok((p, crate::data::images::image_size(p)?)))
         .collect::<Result<_, EvalError>>()?;
     let sizes = items
         .par_iter()

@@ -7,8 +7,8 @@
 //! model is loaded; [`Plan::run`] generates.
 
 use super::{Engine, EngineError, GenerationConfig, Request};
+use crate::data::records::{read_dataset, SampleRecord, WriteError};
 use crate::reward::{self, RewardConfig};
-use crate::tasks::write::{read_dataset, SampleRecord, WriteError};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -401,7 +401,7 @@ fn roll_batch(
     engine: &mut Engine,
     cfg: &GenerationConfig,
     chunk: &[Todo<'_>],
-    loaded: Vec<Result<Vec<image::RgbImage>, crate::tasks::source::SourceError>>,
+    loaded: Vec<Result<Vec<image::RgbImage>, crate::data::images::ImageError>>,
     skips: &mut Vec<Skip>,
 ) -> Result<Batch, RolloutError> {
     let mut b = Batch {

@@ -17,7 +17,7 @@ pub mod shuffle;
 pub mod source;
 pub mod templates;
 pub mod window;
-pub mod write;
+use crate::data::records as write;
 
 use crate::rng::Rng;
 use image::RgbImage;
@@ -399,9 +399,9 @@ fn process_source(
         warnings: Vec::new(),
     };
     let loaded: Result<Input, SourceError> = match src {
-        Source::Rgb { path } => {
-            source::load_rgb(path).map(|img| Input::Rgb(source::limit_side(img, cfg.max_side).0))
-        }
+        Source::Rgb { path } => crate::data::images::load_rgb(path)
+            .map(|img| Input::Rgb(source::limit_side(img, cfg.max_side).0))
+            .map_err(SourceError::from),
         Source::Rgbd(s) => source::load_rgbd(s, cfg.max_side).map(Input::Rgbd),
     };
     let input = match loaded {

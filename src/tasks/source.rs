@@ -20,7 +20,8 @@
 
 use super::npy;
 use super::SkipReason;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use crate::data::images::{checked_decoder, load_rgb, ImageError, ImageFault};
+use image::{DynamicImage, ImageReader, RgbImage};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,20 @@ impl std::fmt::Display for SourceError {
 }
 
 impl std::error::Error for SourceError {}
+
+/// An image's fault as the tasks' summary counts it.
+impl From<ImageError> for SourceError {
+    fn from(e: ImageError) -> Self {
+        SourceError {
+            reason: match e.fault {
+                ImageFault::Io => SkipReason::Io,
+                ImageFault::Decode => SkipReason::Decode,
+                ImageFault::TooLarge => SkipReason::TooLarge,
+            },
+            message: e.message,
+        }
+    }
+}
 
 /// Pinhole intrinsics in pixels of the colour image.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
@@ -617,113 +632,6 @@ pub fn discover_rgbd_in(dir: &Path, walk: &mut Walk) -> std::io::Result<Discover
     }
     found.frames.sort_by(|a, b| a.color.cmp(&b.color));
     Ok(found)
-}
-
-/// `(width, height)` of an image held in memory (`path` names it in errors), from its header.
-pub fn image_size_of(bytes: &[u8], path: &Path) -> Result<(u32, u32), SourceError> {
-    ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?
-        .into_dimensions()
-        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
-}
-
-/// `(width, height)` of the image at `path`, from its header (the pixels are not decoded).
-pub fn image_size(path: &Path) -> Result<(u32, u32), SourceError> {
-    ImageReader::open(path)
-        .map_err(|e| SourceError::new(SkipReason::Io, path, e))?
-        .with_guessed_format()
-        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?
-        .into_dimensions()
-        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))
-}
-
-/// The photo at `path` decoded to RGB ([`decode_rgb`]).
-pub fn load_rgb(path: &Path) -> Result<RgbImage, SourceError> {
-    let bytes = std::fs::read(path).map_err(|e| SourceError::new(SkipReason::Io, path, e))?;
-    decode_rgb(&bytes, path)
-}
-
-/// A JPEG is complete when an end-of-image marker follows its last start-of-scan marker.
-/// (Decoders pad a truncated scan with grey instead of failing.) Entropy-coded data stuffs
-/// every 0xFF byte, so the markers cannot occur inside it.
-pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
-    match (last(0xDA), last(0xD9)) {
-        (Some(sos), Some(eoi)) => eoi > sos,
-        _ => false,
-    }
-}
-
-/// The most pixels a source image may have (16,384², 268 M): a larger one is skipped from its
-/// header, before any pixel is decoded (a 10 MB PNG can claim 60,000 × 60,000 pixels, 11 GB
-/// decoded). `--max-side` applies after decoding, so it cannot guard this.
-pub const MAX_PIXELS: u64 = 1 << 28;
-
-/// A decoder for `reader` under this project's limits: at most [`MAX_PIXELS`], and at most
-/// 2 GiB allocated by the decoder itself (the image crate's own check, for formats whose
-/// header understates what they allocate). Each thread that decodes goes through here.
-pub fn checked_decoder<'a, R: std::io::BufRead + std::io::Seek + 'a>(
-    mut reader: ImageReader<R>,
-    path: &Path,
-) -> Result<impl ImageDecoder + 'a, SourceError> {
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(2 << 30);
-    reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| match e {
-        image::ImageError::Limits(l) => SourceError::new(
-            SkipReason::TooLarge,
-            path,
-            format!("{l}: more than a source may take (at most {MAX_PIXELS} pixels; not decoded)"),
-        ),
-        e => SourceError::new(SkipReason::Decode, path, e),
-    })?;
-    let (w, h) = decoder.dimensions();
-    if u64::from(w) * u64::from(h) > MAX_PIXELS {
-        return Err(SourceError::new(
-            SkipReason::TooLarge,
-            path,
-            format!(
-                "{w} × {h} pixels, over the {MAX_PIXELS}-pixel limit of a source (not decoded)"
-            ),
-        ));
-    }
-    Ok(decoder)
-}
-
-/// Decodes a photo to RGB: any supported format by content, EXIF orientation applied,
-/// grayscale expanded, alpha dropped; a JPEG without its end-of-image marker is refused as
-/// truncated (decoders would pad it with grey).
-pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, SourceError> {
-    let err = |e: image::ImageError| SourceError::new(SkipReason::Decode, path, e);
-    let reader = ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| SourceError::new(SkipReason::Decode, path, e))?;
-    match reader.format() {
-        None => {
-            return Err(SourceError::new(
-                SkipReason::Decode,
-                path,
-                "not a recognised image format",
-            ))
-        }
-        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
-            return Err(SourceError::new(
-                SkipReason::Decode,
-                path,
-                "truncated JPEG (no end-of-image marker)",
-            ))
-        }
-        _ => {}
-    }
-    let mut decoder = checked_decoder(reader, path)?;
-    let orientation = decoder.orientation().map_err(err)?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(err)?;
-    img.apply_orientation(orientation);
-    Ok(match img {
-        DynamicImage::ImageRgb8(i) => i,
-        other => other.to_rgb8(),
-    })
 }
 
 /// A decoded RGB-D frame; `depth` is row-major, same size as `rgb`, NaN = invalid.

@@ -98,9 +98,6 @@ pub fn position(camera: u8, target: u8, facing: usize, options: &[String; 4], fa
     )
 }
 
-/// EasyR1's `math.jinja` format sentence, appended (after one space) to every RL prompt.
-pub const FORMAT_SENTENCE: &str = "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}.";
-
 #[cfg(test)]
 mod tests {
     use super::*;

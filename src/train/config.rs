@@ -257,7 +257,7 @@ impl Default for DataConfig {
             max_pixels: 4_194_304,
             shuffle: true,
             seed: 1,
-            format_prompt: crate::tasks::templates::FORMAT_SENTENCE.into(),
+            format_prompt: crate::data::FORMAT_SENTENCE.into(),
         }
     }
 }

@@ -22,6 +22,7 @@ pub use metrics::{read_metrics, Metrics};
 use policy::*;
 pub use policy::{MicroResult, Stats};
 
+use crate::data::records::{read_dataset, SampleRecord};
 use crate::kernels::{cpu, cuda, AdamW, AdvantageConfig, KernelError, SamplingParams};
 use crate::model::package::{PackageError, Positions};
 use crate::model::rope::RopeConfig;
@@ -30,7 +31,6 @@ use crate::reward::{self, RewardConfig, Score};
 use crate::rng::{mix64, Rng};
 use crate::rollout::float::Float;
 use crate::rollout::{Completion, Engine, EngineError, GenerationConfig, Prepared, Request};
-use crate::tasks::write::{read_dataset, SampleRecord};
 use batch::{MicroBatch, Row};
 use checkpoint::{CheckpointError, NamedTensor, State};
 use config::TrainConfig;
@@ -54,10 +54,10 @@ pub enum TrainError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
     #[error(transparent)]
-    Image(#[from] crate::tasks::source::SourceError),
+    Image(#[from] crate::data::images::ImageError),
     /// A data file that cannot be read (the message names the file).
     #[error(transparent)]
-    Dataset(#[from] crate::tasks::write::WriteError),
+    Dataset(#[from] crate::data::records::WriteError),
     #[error("{path}: {msg}")]
     Data { path: PathBuf, msg: String },
     #[error("{graph}: {msg}")]

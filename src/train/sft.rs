@@ -15,13 +15,13 @@ use super::{
     batch, batch_inputs, embed, io_err, lay_out, scalar, tensor, Backend, Metrics, Param, RunEnd,
     TrainError,
 };
+use crate::data::records::{read_dataset, SampleRecord};
 use crate::kernels::AdamW;
 use crate::model::rope::RopeConfig;
 use crate::model::session::{Device, DeviceChoice};
 use crate::rng::Rng;
 use crate::rollout::float::Float;
 use crate::rollout::{Engine, Request};
-use crate::tasks::write::{read_dataset, SampleRecord};
 use batch::Row;
 use ort::session::Session;
 use serde::{Deserialize, Serialize};
@@ -176,7 +176,7 @@ impl Default for SftData {
             train_files: Vec::new(),
             image_dir: PathBuf::new(),
             response_template: RESPONSE_TEMPLATE.into(),
-            format_prompt: crate::tasks::templates::FORMAT_SENTENCE.into(),
+            format_prompt: crate::data::FORMAT_SENTENCE.into(),
         }
     }
 }
@@ -309,7 +309,7 @@ struct Example {
     problem: String,
     /// JSON rows' instructions are used as they are; `ssrl tasks` problems get the format prompt.
     verbatim: bool,
-    images: Vec<crate::tasks::write::ImageRef>,
+    images: Vec<crate::data::records::ImageRef>,
     root: PathBuf,
     response: Vec<u32>,
 }

@@ -2,7 +2,7 @@
 //! Shared helpers for the integration tests.
 
 use image::RgbImage;
-use spatial_ssrl::tasks::{self, SampleRecord, TasksConfig};
+use spatial_ssrl::tasks::{SampleRecord, TasksConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -37,7 +37,7 @@ pub fn read_all(out: &Path) -> Vec<SampleRecord> {
         .collect();
     files.sort();
     for f in files {
-        v.extend(tasks::write::read_samples(&f).unwrap());
+        v.extend(spatial_ssrl::data::records::read_samples(&f).unwrap());
     }
     v
 }

@@ -57,20 +57,20 @@ impl ImageRef {
     }
 
     /// `(width, height)` from the header (the pixels are not decoded).
-    pub fn size(&self, root: &Path) -> Result<(u32, u32), super::source::SourceError> {
+    pub fn size(&self, root: &Path) -> Result<(u32, u32), super::images::ImageError> {
         match self {
-            ImageRef::File(p) => super::source::image_size(&root.join(p)),
+            ImageRef::File(p) => super::images::image_size(&root.join(p)),
             ImageRef::Embedded { name, bytes } => {
-                super::source::image_size_of(bytes, Path::new(name))
+                super::images::image_size_of(bytes, Path::new(name))
             }
         }
     }
 
-    /// The decoded image (see [`super::source::decode_rgb`]).
-    pub fn load(&self, root: &Path) -> Result<image::RgbImage, super::source::SourceError> {
+    /// The decoded image (see [`super::images::decode_rgb`]).
+    pub fn load(&self, root: &Path) -> Result<image::RgbImage, super::images::ImageError> {
         match self {
-            ImageRef::File(p) => super::source::load_rgb(&root.join(p)),
-            ImageRef::Embedded { name, bytes } => super::source::decode_rgb(bytes, Path::new(name)),
+            ImageRef::File(p) => super::images::load_rgb(&root.join(p)),
+            ImageRef::Embedded { name, bytes } => super::images::decode_rgb(bytes, Path::new(name)),
         }
     }
 }
@@ -409,7 +409,7 @@ impl SampleRecord {
     pub fn load_images(
         &self,
         root: &Path,
-    ) -> Result<Vec<image::RgbImage>, super::source::SourceError> {
+    ) -> Result<Vec<image::RgbImage>, super::images::ImageError> {
         self.images.iter().map(|i| i.load(root)).collect()
     }
 }

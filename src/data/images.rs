@@ -1,0 +1,147 @@
+//! Images under this project's limits: headers read without decoding, photos decoded to RGB
+//! (by content, EXIF orientation applied, truncated JPEGs refused, sizes bounded before any
+//! pixel is decoded). Every stage that reads an image — tasks, rollouts, training, evaluation —
+//! comes through here.
+
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use std::path::Path;
+
+/// What went wrong with an image: the file could not be read, is not a (whole) image, or
+/// claims more pixels than a source may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFault {
+    Io,
+    Decode,
+    TooLarge,
+}
+
+/// An image that cannot be used: what went wrong, and a message naming the file.
+#[derive(Debug, Clone)]
+pub struct ImageError {
+    pub fault: ImageFault,
+    pub message: String,
+}
+
+impl ImageError {
+    pub fn new(fault: ImageFault, path: &Path, detail: impl std::fmt::Display) -> Self {
+        ImageError {
+            fault,
+            message: format!("{}: {detail}", path.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ImageError {}
+
+/// `(width, height)` of an image held in memory (`path` names it in errors), from its header.
+pub fn image_size_of(bytes: &[u8], path: &Path) -> Result<(u32, u32), ImageError> {
+    ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::new(ImageFault::Decode, path, e))?
+        .into_dimensions()
+        .map_err(|e| ImageError::new(ImageFault::Decode, path, e))
+}
+
+/// `(width, height)` of the image at `path`, from its header (the pixels are not decoded).
+pub fn image_size(path: &Path) -> Result<(u32, u32), ImageError> {
+    ImageReader::open(path)
+        .map_err(|e| ImageError::new(ImageFault::Io, path, e))?
+        .with_guessed_format()
+        .map_err(|e| ImageError::new(ImageFault::Decode, path, e))?
+        .into_dimensions()
+        .map_err(|e| ImageError::new(ImageFault::Decode, path, e))
+}
+
+/// The photo at `path` decoded to RGB ([`decode_rgb`]).
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let bytes = std::fs::read(path).map_err(|e| ImageError::new(ImageFault::Io, path, e))?;
+    decode_rgb(&bytes, path)
+}
+
+/// A JPEG is complete when an end-of-image marker follows its last start-of-scan marker.
+/// (Decoders pad a truncated scan with grey instead of failing.) Entropy-coded data stuffs
+/// every 0xFF byte, so the markers cannot occur inside it.
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
+}
+
+/// The most pixels a source image may have (16,384², 268 M): a larger one is skipped from its
+/// header, before any pixel is decoded (a 10 MB PNG can claim 60,000 × 60,000 pixels, 11 GB
+/// decoded). `--max-side` applies after decoding, so it cannot guard this.
+pub const MAX_PIXELS: u64 = 1 << 28;
+
+/// A decoder for `reader` under this project's limits: at most [`MAX_PIXELS`], and at most
+/// 2 GiB allocated by the decoder itself (the image crate's own check, for formats whose
+/// header understates what they allocate). Each thread that decodes goes through here.
+pub fn checked_decoder<'a, R: std::io::BufRead + std::io::Seek + 'a>(
+    mut reader: ImageReader<R>,
+    path: &Path,
+) -> Result<impl ImageDecoder + 'a, ImageError> {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(2 << 30);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(l) => ImageError::new(
+            ImageFault::TooLarge,
+            path,
+            format!("{l}: more than a source may take (at most {MAX_PIXELS} pixels; not decoded)"),
+        ),
+        e => ImageError::new(ImageFault::Decode, path, e),
+    })?;
+    let (w, h) = decoder.dimensions();
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(ImageError::new(
+            ImageFault::TooLarge,
+            path,
+            format!(
+                "{w} × {h} pixels, over the {MAX_PIXELS}-pixel limit of a source (not decoded)"
+            ),
+        ));
+    }
+    Ok(decoder)
+}
+
+/// Decodes a photo to RGB: any supported format by content, EXIF orientation applied,
+/// grayscale expanded, alpha dropped; a JPEG without its end-of-image marker is refused as
+/// truncated (decoders would pad it with grey).
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
+    let err = |e: image::ImageError| ImageError::new(ImageFault::Decode, path, e);
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::new(ImageFault::Decode, path, e))?;
+    match reader.format() {
+        None => {
+            return Err(ImageError::new(
+                ImageFault::Decode,
+                path,
+                "not a recognised image format",
+            ))
+        }
+        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
+            return Err(ImageError::new(
+                ImageFault::Decode,
+                path,
+                "truncated JPEG (no end-of-image marker)",
+            ))
+        }
+        _ => {}
+    }
+    let mut decoder = checked_decoder(reader, path)?;
+    let orientation = decoder.orientation().map_err(err)?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(err)?;
+    img.apply_orientation(orientation);
+    Ok(match img {
+        DynamicImage::ImageRgb8(i) => i,
+        other => other.to_rgb8(),
+    })
+}
