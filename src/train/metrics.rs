@@ -88,3 +88,75 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Metrics>, TrainError> {
         })
         .collect()
 }
+
+/// One sample of a step as the metrics need it, gathered from every rank: its prompt's place
+/// in the step, its task, its scores and advantage, its length and whether it hit the limit.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct Sampled {
+    pub(super) order: usize,
+    pub(super) task: String,
+    pub(super) overall: f64,
+    pub(super) format: f64,
+    pub(super) accuracy: f64,
+    pub(super) advantage: f32,
+    pub(super) tokens: usize,
+    pub(super) clipped: bool,
+}
+
+/// The step's rewards (overall and per task), advantages, response lengths and rollout
+/// throughput, into `metrics`.
+pub(super) fn step_metrics(sampled: &[Sampled], metrics: &mut Metrics) {
+    metrics.insert(
+        "reward/overall".into(),
+        mean(sampled.iter().map(|s| s.overall)),
+    );
+    metrics.insert(
+        "reward/format".into(),
+        mean(sampled.iter().map(|s| s.format)),
+    );
+    metrics.insert(
+        "reward/accuracy".into(),
+        mean(sampled.iter().map(|s| s.accuracy)),
+    );
+    let adv64: Vec<f64> = sampled.iter().map(|s| f64::from(s.advantage)).collect();
+    metrics.insert("advantage/mean".into(), mean(adv64.iter().copied()));
+    metrics.insert(
+        "advantage/abs_mean".into(),
+        mean(adv64.iter().map(|a| a.abs())),
+    );
+    metrics.insert(
+        "advantage/max".into(),
+        adv64.iter().copied().fold(f64::MIN, f64::max),
+    );
+    metrics.insert(
+        "advantage/min".into(),
+        adv64.iter().copied().fold(f64::MAX, f64::min),
+    );
+    let lens: Vec<f64> = sampled.iter().map(|s| s.tokens as f64).collect();
+    metrics.insert("response_length/mean".into(), mean(lens.iter().copied()));
+    metrics.insert(
+        "response_length/max".into(),
+        lens.iter().copied().fold(0.0, f64::max),
+    );
+    metrics.insert(
+        "response_length/clip_ratio".into(),
+        mean(sampled.iter().map(|s| f64::from(u8::from(s.clipped)))),
+    );
+    let by_task: std::collections::BTreeSet<&str> =
+        sampled.iter().map(|s| s.task.as_str()).collect();
+    for task in by_task {
+        let sel: Vec<&Sampled> = sampled.iter().filter(|s| s.task == task).collect();
+        metrics.insert(
+            format!("reward/overall/{task}"),
+            mean(sel.iter().map(|s| s.overall)),
+        );
+        metrics.insert(
+            format!("reward/accuracy/{task}"),
+            mean(sel.iter().map(|s| s.accuracy)),
+        );
+    }
+    metrics.insert(
+        "throughput/tokens_per_s".into(),
+        lens.iter().sum::<f64>() / metrics["timing_s/rollout"].max(1e-9),
+    );
+}
