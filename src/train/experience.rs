@@ -29,9 +29,9 @@ impl Trainer {
         let mine = self.world.share(all.len());
         let salt = |step: usize| mix64(seed ^ (step as u64) << 20);
         let loaded = match self.prefetch.take() {
-            Some((step, handle)) if step == self.step => handle
-                .join()
-                .map_err(|_| TrainError::Resume("the image loader thread panicked".into()))?,
+            Some((step, handle)) if step == self.step => {
+                handle.join().map_err(|_| TrainError::LoaderPanicked)?
+            }
             _ => load_requests(
                 &self.data.pending(&pick(&all, &mine)),
                 &mine,

@@ -109,6 +109,13 @@ pub enum TrainError {
         #[source]
         source: toml::de::Error,
     },
+    /// The thread decoding the next step's images panicked (a bug, not bad data: a file that
+    /// cannot be decoded is left out and named instead).
+    #[error("the image loader thread panicked")]
+    LoaderPanicked,
+    /// LoRA tensors given by name that the package does not have, or of another size.
+    #[error("{0}")]
+    Lora(String),
     /// Another rank of a data-parallel run failed (its message), or the ranks disagree.
     #[error("rank {rank}: {msg}")]
     Rank { rank: usize, msg: String },
@@ -657,9 +664,9 @@ impl Trainer {
                 .params
                 .iter_mut()
                 .find(|p| &p.name == name)
-                .ok_or_else(|| TrainError::Resume(format!("no LoRA tensor {name}")))?;
+                .ok_or_else(|| TrainError::Lora(format!("no LoRA tensor {name}")))?;
             if v.len() != p.value.len() {
-                return Err(TrainError::Resume(format!(
+                return Err(TrainError::Lora(format!(
                     "{name}: {} values for shape {:?}",
                     v.len(),
                     p.shape
