@@ -1,5 +1,6 @@
-//! `ssrl train`, `ssrl sft` and `ssrl plot`: the runs' settings files, their progress tables,
-//! Ctrl-C and resume, and their curves.
+//! `ssrl train`, and what the two training commands (`train`, `sft`) share: the run's
+//! settings, its folder (resume or start), Ctrl-C and SIGUSR1, the progress table, the ranks of a
+//! data-parallel launch, and the curves at the end.
 
 use super::*;
 
@@ -20,83 +21,6 @@ pub struct RunArgs {
     /// libonnxruntime.so to load (default: $ORT_DYLIB_PATH, then vendor/ort).
     #[arg(long, value_name = "FILE")]
     pub(crate) ort_lib: Option<PathBuf>,
-}
-
-#[derive(clap::Args)]
-pub struct PlotArgs {
-    /// Run folder (holds metrics.jsonl).
-    #[arg(value_name = "RUN")]
-    pub(crate) run: PathBuf,
-    /// Output PNG (default: RUN/curves.png).
-    #[arg(long, value_name = "FILE")]
-    pub(crate) out: Option<PathBuf>,
-    /// Metrics to draw, comma-separated (default: those of the run among SFT loss, token
-    /// accuracy, lr and grad norm, GRPO rewards, KL, entropy, grad norm, lengths).
-    #[arg(long, value_delimiter = ',')]
-    pub(crate) keys: Vec<String>,
-}
-
-/// Draws `rows` (the run's metrics) to `out`; false when none of `keys` has a value.
-pub(crate) fn write_plot(
-    run: &Path,
-    rows: &[spatial_ssrl::train::Metrics],
-    out: &Path,
-    keys: &[String],
-) -> Result<bool> {
-    let keys: Vec<&str> = if keys.is_empty() {
-        plot::DEFAULT_KEYS.to_vec()
-    } else {
-        keys.iter().map(String::as_str).collect()
-    };
-    let title = format!(
-        "{} — {} steps",
-        run.display(),
-        rows.iter()
-            .filter_map(|m| m.get("step"))
-            .fold(0.0f64, |a, b| a.max(*b))
-    );
-    let Some(img) = plot::plot(rows, &keys, &title) else {
-        return Ok(false);
-    };
-    img.save(out)
-        .with_context(|| format!("{}: cannot write", out.display()))?;
-    Ok(true)
-}
-
-pub fn run_plot(a: PlotArgs) -> Result<()> {
-    let out = a.out.unwrap_or_else(|| a.run.join("curves.png"));
-    // Metrics asked for by name must be in the run: a typo is named, with what there is.
-    let rows = spatial_ssrl::train::read_metrics(&a.run.join("metrics.jsonl"))?;
-    let have: std::collections::BTreeSet<&str> = rows
-        .iter()
-        .flat_map(|m| m.keys().map(String::as_str))
-        .filter(|k| *k != "step")
-        .collect();
-    let missing: Vec<&str> = (a.keys.iter().map(String::as_str))
-        .filter(|k| !have.contains(k))
-        .collect();
-    let listed = || have.iter().copied().collect::<Vec<_>>().join(", ");
-    if !missing.is_empty() && missing.len() == a.keys.len() {
-        bail!(
-            "{}: no metric {} in metrics.jsonl; it has {}",
-            a.run.display(),
-            missing.join(", "),
-            listed()
-        );
-    }
-    if !missing.is_empty() {
-        eprintln!(
-            "warning: not in {}/metrics.jsonl, left out: {} (it has {})",
-            a.run.display(),
-            missing.join(", "),
-            listed()
-        );
-    }
-    if !write_plot(&a.run, &rows, &out, &a.keys)? {
-        bail!("{}: no metric to draw in metrics.jsonl", a.run.display());
-    }
-    outln!("wrote {}", out.display());
-    Ok(())
 }
 
 pub(crate) const COLUMNS: [(&str, &str); 8] = [
@@ -343,104 +267,6 @@ pub fn run_train(a: RunArgs) -> Result<()> {
             }
         }
         RunEnd::Interrupted { checkpoint } => interrupted("train", &a, &checkpoint),
-    }
-    Ok(())
-}
-
-pub fn run_sft(a: RunArgs) -> Result<()> {
-    use spatial_ssrl::train::sft::{Sft, SftConfig};
-    let mut cfg = match &a.config {
-        Some(p) => SftConfig::load(p)?,
-        None => SftConfig::default(),
-    };
-    if let Some(n) = a.max_steps {
-        cfg.max_steps = n;
-    }
-    if a.print_config {
-        out!("{}", cfg.to_toml());
-        return Ok(());
-    }
-    let (world, resume) = start_run(&cfg.out, a.resume)?;
-    let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
-    let root = world.is_root();
-    for note in [t.precision_note(), t.vision_note()].into_iter().flatten() {
-        if root {
-            eprintln!("{note}");
-        }
-    }
-    if resume {
-        let dir = newest_checkpoint(world, t.latest_checkpoint(), &cfg.out)?;
-        t.restore(&dir)?;
-        if root {
-            eprintln!("resumed from {} (step {})", dir.display(), t.step());
-        }
-    }
-    let total = t.total_steps();
-    if root {
-        eprintln!(
-            "SFT: {} examples, {} × {} per step{}, {} steps ({} per epoch), lr {} {}",
-            t.examples(),
-            cfg.per_device_train_batch_size,
-            cfg.gradient_accumulation_steps,
-            match world.size {
-                1 => String::new(),
-                n => format!(" × {n} ranks"),
-            },
-            total,
-            t.steps_per_epoch(),
-            cfg.learning_rate,
-            cfg.lr_scheduler_type.name()
-        );
-    }
-    let (stop, pb) = run_bar(world, total, t.step())?;
-    if root {
-        say(
-            &pb,
-            format!(
-                "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                "step", "loss", "tok acc", "lr", "grad", "tok/s"
-            ),
-        );
-    }
-    let end = t.run(stop, |m, step, left_out| {
-        if !root {
-            return;
-        }
-        for e in left_out {
-            say(&pb, format!("step {step}: example left out: {e}"));
-        }
-        let g = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-        say(
-            &pb,
-            format!(
-                "{step:>6} {:>9.4} {:>9.4} {:>9.2e} {:>9.3} {:>9.1}",
-                g("sft/loss"),
-                g("sft/token_accuracy"),
-                g("sft/lr"),
-                g("sft/grad_norm"),
-                g("sft/tokens_per_s")
-            ),
-        );
-        pb.set_position(step as u64);
-        pb.set_message(format!("loss {:.3}", g("sft/loss")));
-    })?;
-    pb.finish_and_clear();
-    if root {
-        draw_curves(&cfg.out)?;
-    }
-    match end {
-        RunEnd::Finished { checkpoint } => {
-            if let (Some(c), true) = (checkpoint, root) {
-                eprintln!(
-                    "done: adapter in {} — merge it with `ssrl export --model {} --adapter {} --out DIR` \
-                     and start GRPO from that package",
-                    c.display(),
-                    cfg.model.display(),
-                    c.display()
-                );
-            }
-        }
-        RunEnd::Interrupted { checkpoint } => interrupted("sft", &a, &checkpoint),
     }
     Ok(())
 }
