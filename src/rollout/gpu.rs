@@ -2,7 +2,7 @@
 //! kernels that move rows on it), and TensorRT's optimisation profiles for the engine's graphs.
 
 use super::float::Float;
-use super::kv::kv_name;
+use super::types::kv_name;
 use super::types::{run_err, EngineError};
 use crate::kernels::cuda::Cuda;
 use crate::model::package::{KvLayout, Manifest, OwnCache};

@@ -5,15 +5,11 @@
 
 use super::float::{bytes, bytes_mut, float_of, Float};
 use super::gpu::{gpu_err, OnGpu};
+pub(super) use super::types::kv_name;
 use super::types::EngineError;
 use crate::model::package::{KvLayout, Manifest, OwnCache, TextSpec};
 use ort::session::SessionInputValue;
 use ort::value::DynTensor;
-
-pub(super) fn kv_name(prefix: &str, i: usize) -> String {
-    let kind = if i % 2 == 0 { "key" } else { "value" };
-    format!("{prefix}.{}.{kind}", i / 2)
-}
 
 /// The decoder's cache between steps.
 pub(super) struct Kv {

@@ -120,3 +120,10 @@ impl EngineStats {
         self.generated_tokens += o.generated_tokens;
     }
 }
+
+/// The graph input or output of cache slot `i` under `prefix` (`past_key_values.3.value`): the
+/// layers' keys at even slots, values at odd ones.
+pub(super) fn kv_name(prefix: &str, i: usize) -> String {
+    let kind = if i % 2 == 0 { "key" } else { "value" };
+    format!("{prefix}.{}.{kind}", i / 2)
+}
