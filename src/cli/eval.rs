@@ -151,11 +151,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(t) = &lora {
         engine.set_lora(t)?;
     }
-    let pb = match world.is_root() {
-        true => ProgressBar::new(0),
-        false => ProgressBar::hidden(),
-    };
-    let pb = styled(pb, "{bar:30} {pos}/{len} items · ETA {eta}");
+    let pb = styled(rank_bar(0), "{bar:30} {pos}/{len} items · ETA {eta}");
     let s = spatial_ssrl::eval::run_items(&mut engine, &cfg, &items, |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);

@@ -67,13 +67,32 @@ pub fn stop_on_usr1() {
     }
 }
 
+/// A line to stderr from rank 0 alone (every rank of a data-parallel run would say it).
+pub fn note(line: impl std::fmt::Display) {
+    if spatial_ssrl::dist::world().is_root() {
+        eprintln!("{line}");
+    }
+}
+
+/// A progress bar of `len` steps, drawn by rank 0 alone (hidden on the others).
+pub fn rank_bar(len: u64) -> ProgressBar {
+    match spatial_ssrl::dist::world().is_root() {
+        true => ProgressBar::new(len),
+        false => ProgressBar::hidden(),
+    }
+}
+
 /// A line above the progress bar, or plain stderr when the bar is hidden (not a terminal).
 /// `pb` drawn as `template` (indicatif's template syntax): the commands' bars look alike.
 pub fn styled(pb: ProgressBar, template: &'static str) -> ProgressBar {
     pb.with_style(ProgressStyle::with_template(template).expect("valid template"))
 }
 
+/// Under a launcher only rank 0 speaks: the others' lines would repeat its own.
 pub fn say(pb: &ProgressBar, line: String) {
+    if !spatial_ssrl::dist::world().is_root() {
+        return;
+    }
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {

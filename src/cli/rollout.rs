@@ -101,30 +101,28 @@ pub(crate) fn run_rollout(a: RolloutArgs) -> Result<()> {
         None,
     )?;
     let (total, done) = plan.prompts();
-    if done > 0 && root {
-        eprintln!(
+    if done > 0 {
+        note(format!(
             "continuing {}: {done} of {total} prompts done",
             job.partial_path().display()
-        );
+        ));
     }
     let stop = stop_on_ctrl_c(
         "finishing this batch of prompts, then stopping (their responses are kept)",
         "exiting (the batches finished so far are kept)",
     )?;
     stop_on_usr1();
-    let pb = match root {
-        true => ProgressBar::new(total as u64),
-        false => ProgressBar::hidden(),
-    };
-    let pb = styled(pb, "{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}");
+    let pb = styled(
+        rank_bar(total as u64),
+        "{bar:30} {pos}/{len} prompts · {msg} · ETA {eta}",
+    );
     pb.set_position(done as u64);
     pb.reset_eta();
     let t0 = std::time::Instant::now();
     let s = plan.run(&mut engine, stop, |p| match p {
-        Progress::Skipped { id, index, why } if root => {
+        Progress::Skipped { id, index, why } => {
             say(&pb, format!("skipping sample {id} ({index}): {why}"));
         }
-        Progress::Skipped { .. } => {}
         Progress::Batch { done, tokens, .. } => {
             pb.set_position(done as u64);
             let rate = tokens as f64 / t0.elapsed().as_secs_f64();

@@ -18,50 +18,38 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
     }
     let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
-    let root = world.is_root();
-    for note in [t.precision_note(), t.vision_note()].into_iter().flatten() {
-        if root {
-            eprintln!("{note}");
-        }
-    }
-    if resume {
-        let dir = newest_checkpoint(world, t.latest_checkpoint(), &cfg.out)?;
-        t.restore(&dir)?;
-        if root {
-            eprintln!("resumed from {} (step {})", dir.display(), t.step());
-        }
-    }
+    [t.precision_note(), t.vision_note()]
+        .into_iter()
+        .flatten()
+        .for_each(note);
+    resume_from(world, resume, t.latest_checkpoint(), &cfg.out, |dir| {
+        t.restore(dir)?;
+        Ok(t.step())
+    })?;
     let total = t.total_steps();
-    if root {
-        eprintln!(
-            "SFT: {} examples, {} × {} per step{}, {} steps ({} per epoch), lr {} {}",
-            t.examples(),
-            cfg.per_device_train_batch_size,
-            cfg.gradient_accumulation_steps,
-            match world.size {
-                1 => String::new(),
-                n => format!(" × {n} ranks"),
-            },
-            total,
-            t.steps_per_epoch(),
-            cfg.learning_rate,
-            cfg.lr_scheduler_type.name()
-        );
-    }
-    let (stop, pb) = run_bar(world, total, t.step())?;
-    if root {
-        say(
-            &pb,
-            format!(
-                "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                "step", "loss", "tok acc", "lr", "grad", "tok/s"
-            ),
-        );
-    }
+    note(format!(
+        "SFT: {} examples, {} × {} per step{}, {} steps ({} per epoch), lr {} {}",
+        t.examples(),
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        match world.size {
+            1 => String::new(),
+            n => format!(" × {n} ranks"),
+        },
+        total,
+        t.steps_per_epoch(),
+        cfg.learning_rate,
+        cfg.lr_scheduler_type.name()
+    ));
+    let (stop, pb) = run_bar(total, t.step())?;
+    say(
+        &pb,
+        format!(
+            "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "step", "loss", "tok acc", "lr", "grad", "tok/s"
+        ),
+    );
     let end = t.run(stop, |m, step, left_out| {
-        if !root {
-            return;
-        }
         for e in left_out {
             say(&pb, format!("step {step}: example left out: {e}"));
         }
@@ -80,23 +68,13 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
         pb.set_position(step as u64);
         pb.set_message(format!("loss {:.3}", g("sft/loss")));
     })?;
-    pb.finish_and_clear();
-    if root {
-        draw_curves(&cfg.out)?;
-    }
-    match end {
-        RunEnd::Finished { checkpoint } => {
-            if let (Some(c), true) = (checkpoint, root) {
-                eprintln!(
-                    "done: adapter in {} — merge it with `ssrl export --model {} --adapter {} --out DIR` \
-                     and start GRPO from that package",
-                    c.display(),
-                    cfg.model.display(),
-                    c.display()
-                );
-            }
-        }
-        RunEnd::Interrupted { checkpoint } => interrupted("sft", &a, &checkpoint),
-    }
-    Ok(())
+    end_run("sft", &a, &cfg.out, pb, end, |c| {
+        format!(
+            "done: adapter in {} — merge it with `ssrl export --model {} --adapter {} --out DIR` \
+             and start GRPO from that package",
+            c.display(),
+            cfg.model.display(),
+            c.display()
+        )
+    })
 }

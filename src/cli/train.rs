@@ -74,21 +74,16 @@ pub(crate) fn resume_or_start(out: &Path, resume: bool) -> Result<bool> {
 
 /// A training run's Ctrl-C flag (finish the step, save, exit; SIGUSR1 too, which launchers
 /// forward to every rank) and its step bar, at `step` of `total` (drawn by rank 0 alone).
-pub(crate) fn run_bar(
-    world: &World,
-    total: usize,
-    step: usize,
-) -> Result<(&'static AtomicBool, ProgressBar)> {
+pub(crate) fn run_bar(total: usize, step: usize) -> Result<(&'static AtomicBool, ProgressBar)> {
     let stop = stop_on_ctrl_c(
         "finishing this step, then saving a checkpoint",
         "exiting without a checkpoint",
     )?;
     stop_on_usr1();
-    let pb = match world.is_root() {
-        true => ProgressBar::new(total as u64),
-        false => ProgressBar::hidden(),
-    };
-    let pb = styled(pb, "{bar:30} step {pos}/{len} · {msg} · ETA {eta}");
+    let pb = styled(
+        rank_bar(total as u64),
+        "{bar:30} step {pos}/{len} · {msg} · ETA {eta}",
+    );
     pb.set_position(step as u64);
     Ok((stop, pb))
 }
@@ -119,14 +114,20 @@ pub(crate) fn interrupted(command: &str, a: &RunArgs, checkpoint: &Path) -> ! {
     std::process::exit(130);
 }
 
-/// The checkpoint a `--resume` continues from (rank 0's choice, for every rank), or why there
-/// is none.
-pub(crate) fn newest_checkpoint(
+/// With `resume`, the run continues from its newest checkpoint (rank 0's choice, for every
+/// rank): `restore` loads it and returns the step it reached, which is said; without one the
+/// error says there is none.
+pub(crate) fn resume_from(
     world: &World,
+    resume: bool,
     latest: Option<PathBuf>,
     out: &Path,
-) -> Result<PathBuf> {
-    let latest = root_decides(world, || {
+    restore: impl FnOnce(&Path) -> Result<usize>,
+) -> Result<()> {
+    if !resume {
+        return Ok(());
+    }
+    let dir = root_decides(world, || {
         latest.with_context(|| {
             format!(
                 "{}: no checkpoint to resume from (none was saved yet)",
@@ -134,7 +135,34 @@ pub(crate) fn newest_checkpoint(
             )
         })
     })?;
-    Ok(latest)
+    let step = restore(&dir)?;
+    note(format!("resumed from {} (step {step})", dir.display()));
+    Ok(())
+}
+
+/// A training run's end: its bar cleared, its curves drawn, and `done(checkpoint)` said (rank 0
+/// alone); a run Ctrl-C or SIGUSR1 stopped exits as [`interrupted`].
+pub(crate) fn end_run(
+    command: &str,
+    a: &RunArgs,
+    out: &Path,
+    pb: ProgressBar,
+    end: RunEnd,
+    done: impl FnOnce(&Path) -> String,
+) -> Result<()> {
+    pb.finish_and_clear();
+    if spatial_ssrl::dist::world().is_root() {
+        draw_curves(out)?;
+    }
+    match end {
+        RunEnd::Finished { checkpoint } => {
+            if let Some(c) = checkpoint {
+                note(done(&c));
+            }
+            Ok(())
+        }
+        RunEnd::Interrupted { checkpoint } => interrupted(command, a, &checkpoint),
+    }
 }
 
 /// What rank 0 computes with `f`, on every rank (its error too).
@@ -180,60 +208,48 @@ pub fn run_train(a: RunArgs) -> Result<()> {
     }
     let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
-    let root = world.is_root();
-    for note in [t.precision_note(), t.vision_note()].into_iter().flatten() {
-        if root {
-            eprintln!("{note}");
-        }
-    }
-    if t.overlong != (0, 0) && root {
-        eprintln!(
+    [t.precision_note(), t.vision_note()]
+        .into_iter()
+        .flatten()
+        .for_each(note);
+    if t.overlong != (0, 0) {
+        note(format!(
             "left out as too long (data.max_prompt_length {}, or no room for \
              data.max_response_length {} in the model's context): {} training and {} validation \
              prompts",
             cfg.data.max_prompt_length, cfg.data.max_response_length, t.overlong.0, t.overlong.1
-        );
+        ));
     }
-    if !t.unusable.is_empty() && root {
+    if !t.unusable.is_empty() {
         let n = t.unusable.len();
         let shown: Vec<&str> = t.unusable.iter().take(3).map(String::as_str).collect();
-        eprintln!(
+        note(format!(
             "left out as unusable: {n} prompt{} ({}{})",
             if n == 1 { "" } else { "s" },
             shown.join("; "),
             if n > 3 { "; …" } else { "" }
-        );
+        ));
     }
-    if resume {
-        let dir = newest_checkpoint(world, t.latest_checkpoint(), &cfg.out)?;
-        t.restore(&dir)?;
-        if root {
-            eprintln!("resumed from {} (step {})", dir.display(), t.step());
-        }
-    }
+    resume_from(world, resume, t.latest_checkpoint(), &cfg.out, |dir| {
+        t.restore(dir)?;
+        Ok(t.step())
+    })?;
     let total = t.total_steps();
-    if root {
-        eprintln!(
-            "GRPO: {} prompts × {} samples per step, {} steps; ONNX Runtime on {}, kernels on {}",
-            cfg.data.rollout_batch_size,
-            cfg.rollout.n,
-            total,
-            t.provider(),
-            t.backend()
-        );
-    }
-    let (stop, pb) = run_bar(world, total, t.step())?;
+    note(format!(
+        "GRPO: {} prompts × {} samples per step, {} steps; ONNX Runtime on {}, kernels on {}",
+        cfg.data.rollout_batch_size,
+        cfg.rollout.n,
+        total,
+        t.provider(),
+        t.backend()
+    ));
+    let (stop, pb) = run_bar(total, t.step())?;
     let mut header = format!("{:>6}", "step");
     for (_, h) in COLUMNS {
         header += &format!(" {h:>9}");
     }
-    if root {
-        say(&pb, header);
-    }
+    say(&pb, header);
     let end = t.run(stop, |m, step, left_out| {
-        if !root {
-            return;
-        }
         for e in left_out {
             say(
                 &pb,
@@ -256,17 +272,7 @@ pub fn run_train(a: RunArgs) -> Result<()> {
             m.get("reward/overall").copied().unwrap_or(0.0)
         ));
     })?;
-    pb.finish_and_clear();
-    if root {
-        draw_curves(&cfg.out)?;
-    }
-    match end {
-        RunEnd::Finished { checkpoint } => {
-            if let (Some(c), true) = (checkpoint, root) {
-                eprintln!("done: adapter in {}", c.display());
-            }
-        }
-        RunEnd::Interrupted { checkpoint } => interrupted("train", &a, &checkpoint),
-    }
-    Ok(())
+    end_run("train", &a, &cfg.out, pb, end, |c| {
+        format!("done: adapter in {}", c.display())
+    })
 }
