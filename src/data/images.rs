@@ -140,8 +140,63 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
     let orientation = decoder.orientation().map_err(err)?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(err)?;
     img.apply_orientation(orientation);
-    Ok(match img {
-        DynamicImage::ImageRgb8(i) => i,
-        other => other.to_rgb8(),
-    })
+    Ok(to_rgb8(img))
+}
+
+/// `DynamicImage::to_rgb8` with the common 8-bit layouts done directly (grey repeated, alpha
+/// dropped: the same pixels as image's conversion, which goes through a general per-pixel path
+/// several times slower); other layouts through image's conversion.
+fn to_rgb8(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let mut pixels = vec![0u8; w as usize * h as usize * 3];
+    let out = pixels.chunks_exact_mut(3);
+    match &img {
+        DynamicImage::ImageRgb8(_) => return img.into_rgb8(),
+        DynamicImage::ImageLuma8(i) => out.zip(i.as_raw()).for_each(|(o, &l)| o.fill(l)),
+        DynamicImage::ImageLumaA8(i) => out
+            .zip(i.as_raw().chunks_exact(2))
+            .for_each(|(o, p)| o.fill(p[0])),
+        DynamicImage::ImageRgba8(i) => out
+            .zip(i.as_raw().chunks_exact(4))
+            .for_each(|(o, p)| o.copy_from_slice(&p[..3])),
+        _ => return img.to_rgb8(),
+    }
+    RgbImage::from_raw(w, h, pixels).expect("buffer size matches")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_conversions_give_image_crates_pixels() {
+        let grey = image::GrayImage::from_fn(7, 5, |x, y| image::Luma([(x * 31 + y * 7) as u8]));
+        let grey_a = image::GrayAlphaImage::from_fn(7, 5, |x, y| {
+            image::LumaA([(x * 13 + y) as u8, (y * 50) as u8])
+        });
+        let rgba = image::RgbaImage::from_fn(7, 5, |x, y| {
+            image::Rgba([x as u8 * 30, y as u8 * 40, 200, (x * y) as u8])
+        });
+        let rgb16 = image::ImageBuffer::<image::Rgb<u16>, _>::from_fn(7, 5, |x, y| {
+            image::Rgb([x as u16 * 9000, y as u16 * 13000, 65535])
+        });
+        for img in [
+            DynamicImage::ImageLuma8(grey),
+            DynamicImage::ImageLumaA8(grey_a),
+            DynamicImage::ImageRgba8(rgba),
+            DynamicImage::ImageRgb16(rgb16),
+        ] {
+            assert_eq!(to_rgb8(img.clone()), img.to_rgb8(), "{:?}", img.color());
+        }
+        // The fixtures in those layouts, decoded: a grey PNG and an RGBA one.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        for (file, color) in [
+            ("photos/camera.png", image::ColorType::L8),
+            ("official/RGB_img.png", image::ColorType::Rgba8),
+        ] {
+            let img = image::open(root.join(file)).unwrap();
+            assert_eq!(img.color(), color, "{file}");
+            assert_eq!(load_rgb(&root.join(file)).unwrap(), img.to_rgb8(), "{file}");
+        }
+    }
 }

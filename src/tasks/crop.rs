@@ -77,23 +77,35 @@ pub fn generate(img: &RgbImage, rng: &mut Rng) -> Result<Generated, SkipReason> 
         let gt = rng.below(4);
         let mut pool: Vec<&str> = KINDS.to_vec();
         let mut options: Vec<(RgbImage, &str, Option<[u32; 4]>)> = Vec::with_capacity(4);
+        // The distances between the options placed so far (every pair, once).
+        let mut pair_mads: Vec<f64> = Vec::with_capacity(6);
         let mut ok = true;
         for slot in 0..4 {
             if slot == gt {
                 options.push((truth.clone(), "true", Some([x, y, x + side, y + side])));
                 continue;
             }
-            // Draw kinds without replacement until one is distinct from every option so far
-            // and from the true patch.
+            // Draw kinds without replacement until one is distinct from the true patch and
+            // from every distractor so far.
             let mut placed = false;
             while !pool.is_empty() {
                 let kind = pool.remove(rng.below(pool.len()));
                 let (im, region) = distractor(img, &truth, kind, x, y, side);
-                let distinct = imgops::mean_abs_diff_sampled(&im, &truth) >= MIN_OPTION_MAD
-                    && options
-                        .iter()
-                        .all(|(o, _, _)| imgops::mean_abs_diff_sampled(&im, o) >= MIN_OPTION_MAD);
+                let mut mads = Vec::with_capacity(4);
+                let distinct = std::iter::once(&truth)
+                    .chain(
+                        options
+                            .iter()
+                            .enumerate()
+                            .filter(|&(i, _)| i != gt)
+                            .map(|(_, o)| &o.0),
+                    )
+                    .all(|o| {
+                        mads.push(imgops::mean_abs_diff_sampled(&im, o));
+                        mads[mads.len() - 1] >= MIN_OPTION_MAD
+                    });
                 if distinct {
+                    pair_mads.extend(mads);
                     options.push((im, kind, region));
                     placed = true;
                     break;
@@ -104,20 +116,10 @@ pub fn generate(img: &RgbImage, rng: &mut Rng) -> Result<Generated, SkipReason> 
                 break;
             }
         }
-        // The true patch must also differ from distractors placed before its slot.
-        if !ok
-            || options.iter().enumerate().any(|(i, (o, _, _))| {
-                i != gt && imgops::mean_abs_diff_sampled(o, &options[gt].0) < MIN_OPTION_MAD
-            })
-        {
+        if !ok {
             continue;
         }
-        let mut min_mad = f64::MAX;
-        for i in 0..4 {
-            for j in i + 1..4 {
-                min_mad = min_mad.min(imgops::mean_abs_diff_sampled(&options[i].0, &options[j].0));
-            }
-        }
+        let min_mad = pair_mads.iter().copied().fold(f64::MAX, f64::min);
         let mut black = img.clone();
         imgops::fill_rect(&mut black, x, y, side, side, [0, 0, 0]);
         let meta_opts: Vec<_> = options

@@ -4,8 +4,24 @@
 use image::{imageops, RgbImage};
 
 /// Copy of the `w × h` region at `(x, y)`.
+/// The region must lie inside the image.
 pub fn crop(img: &RgbImage, x: u32, y: u32, w: u32, h: u32) -> RgbImage {
-    imageops::crop_imm(img, x, y, w, h).to_image()
+    assert!(
+        x + w <= img.width() && y + h <= img.height(),
+        "crop outside the image"
+    );
+    let stride = img.width() as usize * 3;
+    let (x0, row) = (x as usize * 3, w as usize * 3);
+    let mut out = Vec::with_capacity(row * h as usize);
+    for src in img
+        .as_raw()
+        .chunks_exact(stride)
+        .skip(y as usize)
+        .take(h as usize)
+    {
+        out.extend_from_slice(&src[x0..x0 + row]);
+    }
+    RgbImage::from_raw(w, h, out).expect("buffer size matches")
 }
 
 /// Flip around the x-axis (upside down), `cv2.flip(img, 0)`.
@@ -57,24 +73,53 @@ pub fn resize_bilinear(src: &RgbImage, dw: u32, dh: u32) -> RgbImage {
     let xt: Vec<_> = (0..dw).map(|x| taps(x, sx, sw)).collect();
     let raw = src.as_raw();
     let stride = sw as usize * 3;
-    let mut out = vec![0u8; dw as usize * dh as usize * 3];
-    for (y, row) in out.chunks_exact_mut(dw as usize * 3).enumerate() {
-        let (y0, y1, b) = taps(y as u32, sy, sh);
-        let r0 = &raw[y0 * stride..(y0 + 1) * stride];
-        let r1 = &raw[y1 * stride..(y1 + 1) * stride];
-        for (x, &(x0, x1, a)) in xt.iter().enumerate() {
+    // Two passes with the one-pass arithmetic, operation for operation (so the same bits): each
+    // source row interpolated along x once (`top` / `bot` of every output pixel), then the rows
+    // blended along y, a loop the compiler vectorises.
+    let horizontal = |r: usize, dst: &mut Vec<f32>| {
+        let row = &raw[r * stride..(r + 1) * stride];
+        dst.clear();
+        for &(x0, x1, a) in &xt {
             for c in 0..3 {
-                let p00 = f32::from(r0[x0 * 3 + c]);
-                let p01 = f32::from(r0[x1 * 3 + c]);
-                let p10 = f32::from(r1[x0 * 3 + c]);
-                let p11 = f32::from(r1[x1 * 3 + c]);
-                let top = p00 + (p01 - p00) * a;
-                let bot = p10 + (p11 - p10) * a;
-                row[x * 3 + c] = (top + (bot - top) * b).round().clamp(0.0, 255.0) as u8;
+                let p0 = f32::from(row[x0 * 3 + c]);
+                let p1 = f32::from(row[x1 * 3 + c]);
+                dst.push(p0 + (p1 - p0) * a);
             }
+        }
+    };
+    let n = dw as usize * 3;
+    let (mut top, mut bot) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut have_top, mut have_bot) = (usize::MAX, usize::MAX);
+    let mut out = vec![0u8; n * dh as usize];
+    for (y, row) in out.chunks_exact_mut(n).enumerate() {
+        let (y0, y1, b) = taps(y as u32, sy, sh);
+        if have_top != y0 {
+            if have_bot == y0 {
+                std::mem::swap(&mut top, &mut bot);
+                have_bot = usize::MAX;
+            } else {
+                horizontal(y0, &mut top);
+            }
+            have_top = y0;
+        }
+        if have_bot != y1 {
+            horizontal(y1, &mut bot);
+            have_bot = y1;
+        }
+        for ((o, &t), &u) in row.iter_mut().zip(&top).zip(&bot) {
+            *o = round_to_u8(t + (u - t) * b);
         }
     }
     RgbImage::from_raw(dw, dh, out).expect("buffer size matches")
+}
+
+/// `v.round().clamp(0.0, 255.0) as u8` (halves away from zero) without the libm call: for
+/// v ≥ 0 the fraction `v - trunc(v)` is exact, and every v < 0 gives 0 either way.
+#[inline]
+fn round_to_u8(v: f32) -> u8 {
+    let i = v as i32;
+    let up = i32::from(v - i as f32 >= 0.5);
+    (i + up).clamp(0, 255) as u8
 }
 
 /// Mean absolute difference per channel value (0..255) between two images of equal size.
@@ -96,17 +141,30 @@ pub fn mean_abs_diff_sampled(a: &RgbImage, b: &RgbImage) -> f64 {
     let stride = w as usize * 3;
     let (ra, rb) = (a.as_raw(), b.as_raw());
     let (mut s, mut n) = (0u64, 0u64);
+    let cols = (w as usize).div_ceil(2);
     for y in (0..h as usize).step_by(2) {
         let (pa, pb) = (
             &ra[y * stride..(y + 1) * stride],
             &rb[y * stride..(y + 1) * stride],
         );
-        for x in (0..w as usize).step_by(2) {
-            for c in 0..3 {
-                s += u64::from(pa[x * 3 + c].abs_diff(pb[x * 3 + c]));
-            }
-            n += 3;
+        // Pixels 0, 2, 4, …: the first three bytes of every six (the last pixel alone when
+        // the width is odd).
+        let (ca, cb) = (pa.chunks_exact(6), pb.chunks_exact(6));
+        let pair = |x: &[u8], y: &[u8]| {
+            u32::from(x[0].abs_diff(y[0]))
+                + u32::from(x[1].abs_diff(y[1]))
+                + u32::from(x[2].abs_diff(y[2]))
+        };
+        let mut row = if ca.remainder().is_empty() {
+            0
+        } else {
+            pair(ca.remainder(), cb.remainder())
+        };
+        for (x, y) in ca.zip(cb) {
+            row += pair(x, y);
         }
+        s += u64::from(row);
+        n += 3 * cols as u64;
     }
     s as f64 / n.max(1) as f64
 }
@@ -144,6 +202,102 @@ mod tests {
         assert_eq!(ccw.get_pixel(0, 0), img.get_pixel(4, 0));
         assert_eq!(flip_vertical(&img).get_pixel(1, 0), img.get_pixel(1, 2));
         assert_eq!(flip_horizontal(&img).get_pixel(0, 1), img.get_pixel(4, 1));
+    }
+
+    /// The one-pass resize the two-pass one replaced, kept to prove the bits unchanged.
+    fn resize_one_pass(src: &RgbImage, dw: u32, dh: u32) -> RgbImage {
+        let (sw, sh) = src.dimensions();
+        let taps = |d: u32, scale: f64, n: u32| -> (usize, usize, f32) {
+            let f = (f64::from(d) + 0.5) * scale - 0.5;
+            let i = f.floor();
+            let mut a = (f - i) as f32;
+            let mut i0 = i as i64;
+            if i0 < 0 {
+                i0 = 0;
+                a = 0.0;
+            }
+            let last = i64::from(n) - 1;
+            if i0 >= last {
+                i0 = last;
+                a = 0.0;
+            }
+            (i0 as usize, (i0 + 1).min(last) as usize, a)
+        };
+        let (sx, sy) = (f64::from(sw) / f64::from(dw), f64::from(sh) / f64::from(dh));
+        RgbImage::from_fn(dw, dh, |x, y| {
+            let (x0, x1, a) = taps(x, sx, sw);
+            let (y0, y1, b) = taps(y, sy, sh);
+            let p = |x: usize, y: usize, c: usize| f32::from(src.get_pixel(x as u32, y as u32)[c]);
+            image::Rgb(std::array::from_fn(|c| {
+                let top = p(x0, y0, c) + (p(x1, y0, c) - p(x0, y0, c)) * a;
+                let bot = p(x0, y1, c) + (p(x1, y1, c) - p(x0, y1, c)) * a;
+                (top + (bot - top) * b).round().clamp(0.0, 255.0) as u8
+            }))
+        })
+    }
+
+    fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
+        let mut r = crate::rng::Rng::keyed(seed, &[]);
+        RgbImage::from_fn(w, h, |_, _| {
+            image::Rgb([r.below(256) as u8, r.below(256) as u8, r.below(256) as u8])
+        })
+    }
+
+    #[test]
+    fn two_pass_resize_gives_the_one_pass_bits() {
+        // Down, up, non-integer and mixed factors, odd sizes, and a real photo.
+        let photo = crate::data::images::load_rgb(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/photos/coffee.png"),
+        )
+        .unwrap();
+        let cases = [
+            (noise(97, 61, 1), 45, 30),
+            (noise(40, 40, 2), 113, 77),
+            (noise(451, 451, 3), 225, 225),
+            (noise(33, 90, 4), 50, 20),
+            (noise(5, 5, 5), 1, 9),
+            (photo.clone(), 300, 200),
+            (photo, 451, 451),
+        ];
+        for (src, w, h) in &cases {
+            let got = resize_bilinear(src, *w, *h);
+            assert_eq!(
+                got,
+                resize_one_pass(src, *w, *h),
+                "{:?} → {w}×{h}",
+                src.dimensions()
+            );
+        }
+    }
+
+    #[test]
+    fn rounding_is_libm_round() {
+        for v in [
+            0.0f32, 0.49999997, 0.5, 1.5, 2.5, 254.5, 254.49998, 255.4, 255.5, 300.0, -0.3, -0.5,
+            -7.0,
+        ] {
+            assert_eq!(round_to_u8(v), v.round().clamp(0.0, 255.0) as u8, "{v}");
+        }
+    }
+
+    #[test]
+    fn crop_and_sampled_distance_match_their_definitions() {
+        let (a, b) = (noise(37, 23, 6), noise(37, 23, 7));
+        assert_eq!(
+            crop(&a, 3, 5, 20, 11),
+            imageops::crop_imm(&a, 3, 5, 20, 11).to_image()
+        );
+        // Every other row and column, the last odd column included.
+        let (mut s, mut n) = (0u64, 0u64);
+        for y in (0..23).step_by(2) {
+            for x in (0..37).step_by(2) {
+                for c in 0..3 {
+                    s += u64::from(a.get_pixel(x, y)[c].abs_diff(b.get_pixel(x, y)[c]));
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(mean_abs_diff_sampled(&a, &b), s as f64 / n as f64);
     }
 
     #[test]

@@ -97,34 +97,38 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
             found: body.len(),
         });
     }
-    let get = |i: usize| -> [u8; 8] {
-        let mut b = [0u8; 8];
-        let s = &body[i * width..(i + 1) * width];
-        if little {
-            b[..width].copy_from_slice(s);
-        } else {
-            for (k, v) in s.iter().rev().enumerate() {
-                b[k] = *v;
-            }
-        }
-        b
+    // One loop per element type (the conversion chosen once, not per element).
+    fn elems<const W: usize>(
+        body: &[u8],
+        n: usize,
+        little: bool,
+        f: fn([u8; W]) -> f32,
+    ) -> Vec<f32> {
+        body[..n * W]
+            .chunks_exact(W)
+            .map(|c| {
+                let mut b: [u8; W] = c.try_into().expect("chunks of W bytes");
+                if !little {
+                    b.reverse();
+                }
+                f(b)
+            })
+            .collect()
+    }
+    let body = &body[..n * width];
+    let mut data: Vec<f32> = match size {
+        "f4" => elems::<4>(body, n, little, f32::from_le_bytes),
+        "f8" => elems::<8>(body, n, little, |b| f64::from_le_bytes(b) as f32),
+        "f2" => elems::<2>(body, n, little, |b| half_to_f32(u16::from_le_bytes(b))),
+        "i4" => elems::<4>(body, n, little, |b| i32::from_le_bytes(b) as f32),
+        "u4" => elems::<4>(body, n, little, |b| u32::from_le_bytes(b) as f32),
+        "i8" => elems::<8>(body, n, little, |b| i64::from_le_bytes(b) as f32),
+        "u8" => elems::<8>(body, n, little, |b| u64::from_le_bytes(b) as f32),
+        "i2" => elems::<2>(body, n, little, |b| f32::from(i16::from_le_bytes(b))),
+        "u2" => elems::<2>(body, n, little, |b| f32::from(u16::from_le_bytes(b))),
+        "i1" => elems::<1>(body, n, little, |b| f32::from(b[0] as i8)),
+        _ => elems::<1>(body, n, little, |b| f32::from(b[0])),
     };
-    let conv = |b: [u8; 8]| -> f32 {
-        match size {
-            "f4" => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            "f8" => f64::from_le_bytes(b) as f32,
-            "f2" => half_to_f32(u16::from_le_bytes([b[0], b[1]])),
-            "i4" => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
-            "u4" => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
-            "i8" => i64::from_le_bytes(b) as f32,
-            "u8" => u64::from_le_bytes(b) as f32,
-            "i2" => f32::from(i16::from_le_bytes([b[0], b[1]])),
-            "u2" => f32::from(u16::from_le_bytes([b[0], b[1]])),
-            "i1" => f32::from(b[0] as i8),
-            _ => f32::from(b[0]),
-        }
-    };
-    let mut data: Vec<f32> = (0..n).map(|i| conv(get(i))).collect();
     if fortran && shape.len() > 1 {
         // Reorder column-major to row-major.
         let mut out = vec![0f32; n];
@@ -224,6 +228,49 @@ mod tests {
         assert_eq!(
             parse(&npy(">f8", "(1,)", false, &body)).unwrap().data,
             vec![1.0]
+        );
+    }
+
+    #[test]
+    fn reads_every_width_in_both_byte_orders() {
+        let be: Vec<u8> = [2.5f32, -0.125]
+            .iter()
+            .flat_map(|f| f.to_be_bytes())
+            .collect();
+        assert_eq!(
+            parse(&npy(">f4", "(2,)", false, &be)).unwrap().data,
+            vec![2.5, -0.125]
+        );
+        let le: Vec<u8> = [-300i16, 7].iter().flat_map(|f| f.to_le_bytes()).collect();
+        assert_eq!(
+            parse(&npy("<i2", "(2,)", false, &le)).unwrap().data,
+            vec![-300.0, 7.0]
+        );
+        let be: Vec<u8> = [40000u16, 1].iter().flat_map(|f| f.to_be_bytes()).collect();
+        assert_eq!(
+            parse(&npy(">u2", "(2,)", false, &be)).unwrap().data,
+            vec![40000.0, 1.0]
+        );
+        assert_eq!(
+            parse(&npy("|i1", "(2,)", false, &[0xFF, 5])).unwrap().data,
+            vec![-1.0, 5.0]
+        );
+        // f16 1.5 = 0x3E00, -2 = 0xC000.
+        let le: Vec<u8> = [0x3E00u16, 0xC000]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        assert_eq!(
+            parse(&npy("<f2", "(2,)", false, &le)).unwrap().data,
+            vec![1.5, -2.0]
+        );
+        let le: Vec<u8> = [-5i64, 1 << 40]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        assert_eq!(
+            parse(&npy("<i8", "(2,)", false, &le)).unwrap().data,
+            vec![-5.0, (1u64 << 40) as f32]
         );
     }
 
