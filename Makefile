@@ -2,13 +2,13 @@
 CARGO ?= cargo
 SSRL  := ./target/release/ssrl
 
-.PHONY: demo test mpi gpu-check nvrtc ort fixture real-3b bench lint fuzz clean help
+.PHONY: demo test mpi fast-jpeg gpu-check nvrtc ort fixture real-3b bench lint fuzz clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 demo: ort ## the whole recipe on the bundled data: tasks → rollouts → SFT cold start → merged package → GRPO → checkpoint → exported package → eval
-	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked $(JPEG_FEATURES)
 	rm -rf demo-out
 	$(SSRL) tasks --images fixtures/photos --rgbd fixtures/rgbd --out demo-out --per-image 2 --seed 0
 	$(SSRL) tasks --images fixtures/official --rgbd fixtures/official --out demo-out/val --per-image 1 --seed 1
@@ -43,12 +43,18 @@ export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_DIR)/libonnxruntime.so
 # Data parallel (MPI) is built and its two-rank tests run where an MPI library is installed
 # (`mpicc` found: Open MPI or MPICH, with libclang for the bindings); elsewhere they say SKIP.
 MPI_FEATURES := $(if $(shell command -v mpicc 2>/dev/null),--features mpi,)
+# ssrl tasks writes JPEG through libjpeg-turbo's SIMD encoder where nasm is installed (`make
+# fast-jpeg`), through the pure-Rust encoder elsewhere (about 2.8× slower to encode).
+JPEG_FEATURES := $(if $(shell command -v nasm 2>/dev/null),--features fast-jpeg,)
 
 test: nvrtc ort ## build and run every test (what CI runs)
-	LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked $(MPI_FEATURES)
+	LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked $(MPI_FEATURES) $(JPEG_FEATURES)
 
 mpi: ## install Open MPI and libclang (Debian/Ubuntu, as root), for `cargo build --release --features mpi`
 	apt-get install -y -q openmpi-bin libopenmpi-dev libclang-dev
+
+fast-jpeg: ## install nasm (Debian/Ubuntu, as root), for `cargo build --release --features fast-jpeg`
+	apt-get install -y -q nasm
 
 gpu-check: nvrtc ## on an NVIDIA server: the GPU tests, failing where they would skip (ORT_DYLIB_PATH: onnxruntime-gpu's library)
 	SSRL_REQUIRE_GPU=1 LD_LIBRARY_PATH="$(CURDIR)/$(NVRTC_DIR):$$LD_LIBRARY_PATH" $(CARGO) test --locked --test kernels_cuda
@@ -79,8 +85,8 @@ $(NVRTC_DIR)/.done:
 	  && rm -rf $(NVRTC_DIR)/wheel && touch $@ \
 	  || echo "note: $(NVRTC_WHEEL) unavailable; CUDA compile checks will SKIP"
 
-bench: ## task-generation throughput (samples/s per core at 640x480)
-	$(CARGO) bench --locked --bench tasks
+bench: ## task-generation throughput: samples/s per core at 640x480, then per official input against the official scripts
+	$(CARGO) bench --locked --bench tasks $(JPEG_FEATURES)
 
 EXPORT_VENV ?= .venv-export
 

@@ -266,8 +266,15 @@ struct RunFingerprint {
     position_geometry: position::Geometry,
     shuffle_variant: Option<String>,
     jpeg_quality: u8,
+    /// Runs written before the codec was recorded used jpeg-encoder.
+    #[serde(default = "legacy_codec")]
+    jpeg_codec: String,
     shard_sources: usize,
     sources: Vec<Vec<String>>,
+}
+
+fn legacy_codec() -> String {
+    "jpeg-encoder".into()
 }
 
 fn display(p: &Path) -> String {
@@ -332,21 +339,50 @@ pub fn discover(cfg: &TasksConfig, progress: &dyn Progress) -> Result<Vec<Source
     Ok(sources)
 }
 
-/// Baseline JPEG with 4:2:0 chroma (libjpeg's and OpenCV's default). The scalar encoder keeps
-/// the bytes identical on every CPU.
+/// The JPEG encoder this build writes with, recorded in run.json: the bytes of a run depend on it
+/// (the pixels do not), so a run resumes only under a build with the same one.
+pub const JPEG_CODEC: &str = if cfg!(feature = "fast-jpeg") {
+    "libjpeg-turbo"
+} else {
+    "jpeg-encoder"
+};
+
+/// Baseline JPEG with 4:2:0 chroma and the standard tables (libjpeg's and OpenCV's `imwrite`
+/// defaults). With the `fast-jpeg` feature this is libjpeg-turbo's encoder with its SIMD paths
+/// (mozjpeg's build of it, in its fastest, libjpeg-compatible profile), whose integer DCT gives
+/// the same bytes with or without SIMD; otherwise the scalar pure-Rust `jpeg-encoder`. Either way
+/// the bytes are the same on every CPU.
 pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(img.as_raw().len() / 8);
-    let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality);
-    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
-    // Dimensions are bounded by --max-side and the sources' u16-sized JPEG/PNG limits.
-    enc.encode(
-        img.as_raw(),
-        img.width() as u16,
-        img.height() as u16,
-        jpeg_encoder::ColorType::Rgb,
-    )
-    .expect("JPEG encoding into memory does not fail");
-    buf
+    #[cfg(feature = "fast-jpeg")]
+    {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_fastest_defaults();
+        c.set_size(img.width() as usize, img.height() as usize);
+        c.set_quality(f32::from(quality));
+        c.set_chroma_sampling_pixel_sizes((2, 2), (2, 2));
+        let buf = Vec::with_capacity(img.as_raw().len() / 8);
+        let mut s = c
+            .start_compress(buf)
+            .expect("JPEG encoding into memory does not fail");
+        s.write_scanlines(img.as_raw())
+            .expect("JPEG encoding into memory does not fail");
+        s.finish().expect("JPEG encoding into memory does not fail")
+    }
+    #[cfg(not(feature = "fast-jpeg"))]
+    {
+        let mut buf = Vec::with_capacity(img.as_raw().len() / 8);
+        let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality);
+        enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+        // Dimensions are bounded by --max-side and the sources' u16-sized JPEG/PNG limits.
+        enc.encode(
+            img.as_raw(),
+            img.width() as u16,
+            img.height() as u16,
+            jpeg_encoder::ColorType::Rgb,
+        )
+        .expect("JPEG encoding into memory does not fail");
+        buf
+    }
 }
 
 struct SourceOutput {
@@ -565,6 +601,7 @@ pub fn run_until(
         position_geometry: cfg.position_geometry,
         shuffle_variant: cfg.shuffle_variant.map(|v| v.name()),
         jpeg_quality: cfg.jpeg_quality,
+        jpeg_codec: JPEG_CODEC.into(),
         shard_sources: cfg.shard_sources.max(1),
         sources: sources
             .iter()
@@ -602,7 +639,15 @@ pub fn run_until(
                 .into_iter()
                 .flatten()
                 .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| match k.as_str() {
+                    "jpeg_codec" => format!(
+                        "jpeg_codec: the run was written by {}, this build writes with {JPEG_CODEC}; \
+                         resume it with a build {} the fast-jpeg feature",
+                        old.jpeg_codec,
+                        if JPEG_CODEC == "libjpeg-turbo" { "without" } else { "with" }
+                    ),
+                    _ => k.clone(),
+                })
                 .collect();
             return Err(TasksError::ResumeMismatch {
                 path: run_json,
@@ -751,6 +796,46 @@ pub fn run_until(
 #[cfg(test)]
 mod tests {
     use super::SkipReason::{self, *};
+    use std::path::Path;
+
+    fn root() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Whichever encoder the build has, the JPEG decodes to the picture (quality 95, 4:2:0).
+    #[test]
+    fn written_jpeg_decodes_to_the_picture() {
+        for f in ["chelsea.png", "coffee.png", "astronaut.png"] {
+            let img =
+                crate::data::images::load_rgb(&root().join("fixtures/photos").join(f)).unwrap();
+            let jpeg = super::encode_jpeg(&img, 95);
+            assert_eq!(&jpeg[..2], &[0xFF, 0xD8], "{f}: a JPEG");
+            let back = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+            assert_eq!(back.dimensions(), img.dimensions(), "{f}");
+            let mad = super::imgops::mean_abs_diff(&back, &img);
+            assert!(
+                mad < 2.5,
+                "{f}: mean |Δ| {mad} after a quality-95 round trip"
+            );
+            // Quality is honoured: 50 gives a smaller file.
+            assert!(
+                super::encode_jpeg(&img, 50).len() < jpeg.len() * 2 / 3,
+                "{f}"
+            );
+        }
+    }
+
+    /// With libjpeg-turbo the bytes are OpenCV's `imwrite` bytes for the same pixels, so a run's
+    /// images are what the official scripts would write.
+    #[cfg(feature = "fast-jpeg")]
+    #[test]
+    fn libjpeg_turbo_writes_opencvs_bytes() {
+        let img =
+            crate::data::images::load_rgb(&root().join("fixtures/photos/chelsea.png")).unwrap();
+        let golden = std::fs::read(root().join("tests/fixtures/opencv/chelsea-q95.jpg")).unwrap();
+        assert_eq!(super::encode_jpeg(&img, 95), golden);
+        assert_eq!(super::JPEG_CODEC, "libjpeg-turbo");
+    }
 
     /// The names the table and the errors print are `summary.json`'s.
     #[test]
