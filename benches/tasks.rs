@@ -3,11 +3,20 @@
 //! all cores, and the relative-position pair search on the full-size official MegaDepth frames
 //! (the official script allows it 15 s).
 //!
-//! `cargo bench --bench tasks` (or `make bench`); results also go to target/bench-tasks.json.
+//! Then the official scripts' own inputs, one task and one input at a time on one thread (N
+//! copies, one decode per sample, as `benches/official/run.sh` times the official scripts): ssrl's
+//! samples/s against the official figures in `benches/official-tasks.json`, and against the codec
+//! floor (decoding the input plus encoding that sample's images, alone).
+//!
+//! `cargo bench --bench tasks` (or `make bench`, which turns on `fast-jpeg` where nasm is
+//! installed); results also go to target/bench-tasks.json. `SSRL_BENCH_OFFICIAL_ONLY=1` runs the
+//! second part alone.
 
 use spatial_ssrl::data::images;
 use spatial_ssrl::rng::Rng;
-use spatial_ssrl::tasks::{self, position, source, TaskKind, TasksConfig};
+use spatial_ssrl::tasks::{
+    self, crop, depth_order, flip, position, shuffle, source, TaskKind, TasksConfig,
+};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -82,8 +91,166 @@ fn make_inputs(root: &Path) -> (PathBuf, PathBuf) {
     (img, rgbd)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One task on N copies of one input: ssrl's ms per sample, the codec floor's, the official one's.
+fn official_inputs(root: &Path) -> Vec<serde_json::Value> {
+    let official: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/official-tasks.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    println!(
+        "\nthe official inputs, one thread, one decode per sample (JPEG encoder: {})",
+        tasks::JPEG_CODEC
+    );
+    println!(
+        "{:<9} {:<24} {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "task", "input", "ssrl ms", "official", "ratio", "codec ms", "×floor"
+    );
+    let rgb = [
+        "official/RGB_img.png",
+        "photos/astronaut.png",
+        "photos/camera.png",
+        "photos/chelsea.png",
+        "photos/coffee.png",
+        "photos/rocket.jpg",
+    ];
+    let mut plan: Vec<(TaskKind, &str)> = Vec::new();
+    for t in [TaskKind::Shuffle, TaskKind::Flip, TaskKind::Crop] {
+        plan.extend(rgb.iter().map(|f| (t, *f)));
+    }
+    plan.push((TaskKind::Depth, "official/RGB-D_img3.png"));
+    plan.push((TaskKind::Position, "official/RGB-D_img1.jpg"));
+    plan.push((TaskKind::Position, "official/RGB-D_img2.jpg"));
+    let mut rows = Vec::new();
+    for (task, file) in plan {
+        let src = fixtures().join(file);
+        let dir = root.join("copies");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Enough copies for about two seconds of work.
+        let official_ms = official["median_ms"][task.name()][file].as_f64().unwrap();
+        let n = ((2000.0 / official_ms * 2.0) as usize).clamp(4, 400);
+        let stem = |k: usize| dir.join(format!("f{k:04}"));
+        let frame = |n: &str| fixtures().join("official").join(n);
+        for k in 0..n {
+            match task {
+                // DIODE's layout and MegaDepth's side-by-side one.
+                TaskKind::Depth => {
+                    std::fs::copy(&src, stem(k).with_extension("png")).unwrap();
+                    std::fs::copy(
+                        frame("RGB-D_depth3.npy"),
+                        dir.join(format!("f{k:04}_depth.npy")),
+                    )
+                    .unwrap();
+                    std::fs::copy(
+                        frame("RGB-D_depth_mask3.npy"),
+                        dir.join(format!("f{k:04}_depth_mask.npy")),
+                    )
+                    .unwrap();
+                }
+                TaskKind::Position => {
+                    let h5 = file
+                        .replace("official/RGB-D_img", "RGB-D_depth")
+                        .replace(".jpg", ".h5");
+                    std::fs::copy(&src, stem(k).with_extension("jpg")).unwrap();
+                    std::fs::copy(frame(&h5), stem(k).with_extension("h5")).unwrap();
+                }
+                _ => {
+                    let ext = src.extension().unwrap().to_string_lossy().to_string();
+                    std::fs::copy(&src, stem(k).with_extension(ext)).unwrap();
+                }
+            }
+        }
+        let out = root.join("out-official");
+        let _ = std::fs::remove_dir_all(&out);
+        let (images, rgbd) = match task.needs_depth() {
+            true => (vec![], vec![dir.clone()]),
+            false => (vec![dir.clone()], vec![]),
+        };
+        let cfg = TasksConfig {
+            images,
+            rgbd,
+            out,
+            tasks: vec![task],
+            per_image: 1,
+            threads: 1,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let s = tasks::run(&cfg, &tasks::Silent).unwrap();
+        let ssrl_ms = t.elapsed().as_secs_f64() * 1000.0 / s.produced.max(1) as f64;
+        // The floor: the input's decode, and the encode of one sample's images.
+        let (mut dec, mut enc) = (Vec::new(), Vec::new());
+        for k in 0..5u64 {
+            let mut r = Rng::keyed(k, &[]);
+            let t = Instant::now();
+            let g = if task.needs_depth() {
+                let found = source::discover_rgbd(&dir).unwrap().frames;
+                let f = source::load_rgbd(&found[0], 0).unwrap();
+                dec.push(t.elapsed().as_secs_f64());
+                match task {
+                    TaskKind::Depth => depth_order::generate(&f, &mut r),
+                    _ => position::generate(&f, &mut r, position::Geometry::Sign),
+                }
+            } else {
+                let img = images::load_rgb(&src).unwrap();
+                dec.push(t.elapsed().as_secs_f64());
+                match task {
+                    TaskKind::Shuffle => {
+                        let v = shuffle::Variant::sample(&mut r);
+                        shuffle::generate(&img, &mut r, v)
+                    }
+                    TaskKind::Flip => flip::generate(&img, &mut r),
+                    _ => crop::generate(&img, &mut r),
+                }
+            };
+            let g = g.expect("the official inputs give samples");
+            let t = Instant::now();
+            for i in &g.images {
+                std::hint::black_box(tasks::encode_jpeg(i, 95));
+            }
+            enc.push(t.elapsed().as_secs_f64());
+        }
+        let floor_ms = (median(dec) + median(enc)) * 1000.0;
+        let name = file.rsplit('/').next().unwrap();
+        println!(
+            "{:<9} {:<24} {:>9.2} {:>9.2} {:>6.2}× {:>9.2} {:>6.2}×",
+            task.name(),
+            name,
+            ssrl_ms,
+            official_ms,
+            official_ms / ssrl_ms,
+            floor_ms,
+            ssrl_ms / floor_ms
+        );
+        rows.push(
+            serde_json::json!({"task": task.name(), "input": file, "samples": s.produced,
+            "ssrl_ms": ssrl_ms, "official_ms": official_ms, "speedup": official_ms / ssrl_ms,
+            "codec_floor_ms": floor_ms, "over_floor": ssrl_ms / floor_ms}),
+        );
+    }
+    rows
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tasks");
+    if std::env::var_os("SSRL_BENCH_OFFICIAL_ONLY").is_some() {
+        let rows = official_inputs(&root);
+        let json = serde_json::json!({"official_inputs": rows, "jpeg_codec": tasks::JPEG_CODEC});
+        std::fs::write(
+            root.parent().unwrap().join("bench-tasks-official.json"),
+            serde_json::to_vec_pretty(&json).unwrap(),
+        )
+        .unwrap();
+        return;
+    }
     let (img, rgbd) = make_inputs(&root.join("in"));
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -178,7 +345,8 @@ fn main() {
         let mut r = Rng::keyed(0, &[]);
         let _ = position::generate(&fr, &mut r, position::Geometry::Sign);
     }
-    let json = serde_json::json!({"per_task": rows, "mix_samples_per_s": mix, "cores": cores, "weighted_81k_per_core": weighted, "pair_search": search});
+    let official = official_inputs(&root);
+    let json = serde_json::json!({"per_task": rows, "mix_samples_per_s": mix, "cores": cores, "weighted_81k_per_core": weighted, "pair_search": search, "official_inputs": official, "jpeg_codec": tasks::JPEG_CODEC});
     std::fs::write(
         root.parent().unwrap().join("bench-tasks.json"),
         serde_json::to_vec_pretty(&json).unwrap(),
