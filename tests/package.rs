@@ -441,7 +441,7 @@ fn a_package_from_another_exporter_version_is_refused_with_the_fix() {
     let parsed: spatial_ssrl::model::package::Manifest = serde_json::from_value(m).unwrap();
     assert_eq!(
         parsed.family,
-        spatial_ssrl::model::package::Family::Qwen25Vl
+        spatial_ssrl::model::package::Family::QWEN2_5_VL
     );
 }
 

@@ -140,7 +140,7 @@ fn greedy_rollout_of_qwen3_vl_matches_transformers() {
     let Some(mut e) = engine_of(&dir) else { return };
     assert_eq!(
         e.package.manifest.family,
-        spatial_ssrl::model::package::Family::Qwen3Vl
+        spatial_ssrl::model::package::Family::QWEN3_VL
     );
     assert_eq!(e.package.manifest.vision.deepstack_layers, 2);
     assert_matches_goldens(&mut e, &dir, 1e-4);

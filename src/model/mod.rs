@@ -1,7 +1,9 @@
-//! One exported Qwen2.5-VL package and the host-side work around its graphs: loading and
-//! validation, ONNX Runtime, image preprocessing and M-RoPE position ids.
+//! One exported package (a Qwen2.5-VL or Qwen3-VL model: `family/`) and the host-side work
+//! around its graphs: loading and validation, ONNX Runtime, image preprocessing and M-RoPE
+//! position ids.
 
 pub mod export;
+pub mod family;
 pub mod onnx_edit;
 pub mod package;
 pub mod processor;

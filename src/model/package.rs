@@ -233,38 +233,7 @@ pub enum OwnCache {
     InPlace,
 }
 
-/// The model family a package holds: which processor, positions, prompt and graph contract
-/// the runtime uses with it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum Family {
-    /// Qwen2.5-VL (3B, 7B): 14-pixel patches, window attention, M-RoPE [16, 24, 24].
-    #[default]
-    #[serde(rename = "qwen2_5_vl")]
-    Qwen25Vl,
-    /// Qwen3-VL (2B, 4B, 8B dense): 16-pixel patches, learned vision position embeddings,
-    /// DeepStack features into the first language layers, interleaved M-RoPE. Every graph
-    /// Qwen2.5-VL has; LoRA on the language model only, so far.
-    #[serde(rename = "qwen3_vl")]
-    Qwen3Vl,
-}
-
-impl Family {
-    /// The family's name in manifests and genai_config.json (`qwen2_5_vl`).
-    pub fn id(self) -> &'static str {
-        match self {
-            Family::Qwen25Vl => "qwen2_5_vl",
-            Family::Qwen3Vl => "qwen3_vl",
-        }
-    }
-
-    /// The family's name for people (`Qwen2.5-VL`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Qwen25Vl => "Qwen2.5-VL",
-            Family::Qwen3Vl => "Qwen3-VL",
-        }
-    }
-}
+pub use super::family::Family;
 
 /// `manifest.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -291,6 +260,13 @@ pub struct Manifest {
     pub kv_layout: KvLayout,
     #[serde(default)]
     pub own_cache: OwnCache,
+}
+
+impl Manifest {
+    /// The host-side M-RoPE settings, as the package's family reads them.
+    pub fn rope(&self) -> crate::model::rope::RopeConfig {
+        self.family.rope(self)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -517,7 +493,7 @@ impl Package {
         let manifest = Manifest {
             format: "onnxruntime-genai".into(),
             version: 1,
-            family: Family::Qwen25Vl,
+            family: Family::QWEN2_5_VL,
             dtype: dtype.into(),
             graphs: Graphs {
                 vision: file(vis, "vision")?,

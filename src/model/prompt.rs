@@ -1,7 +1,9 @@
 //! Prompts as the trainer sees them: EasyR1's assembly (problem, one space, the format sentence,
 //! split on `<image>` into image and text parts), the package's chat template rendered with
-//! minijinja, each `<|image_pad|>` expanded to the image's token count, then tokenized.
+//! minijinja, each image placeholder (`<|image_pad|>`, the family's) expanded to the image's
+//! token count, then tokenized.
 
+use super::family::Family;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +29,8 @@ pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
 impl PromptBuilder {
     /// Reads `tokenizer.json` and the chat template (`chat_template.json`, else
-    /// `tokenizer_config.json`) from a package folder.
-    pub fn from_dir(dir: &Path) -> Result<PromptBuilder, PromptError> {
+    /// `tokenizer_config.json`) from a package folder of `family`.
+    pub fn from_dir(dir: &Path, family: Family) -> Result<PromptBuilder, PromptError> {
         let tp = dir.join("tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&tp).map_err(|e| PromptError::File {
             path: tp.display().to_string(),
@@ -56,7 +58,7 @@ impl PromptBuilder {
         Ok(PromptBuilder {
             tokenizer,
             template,
-            image_pad: "<|image_pad|>".into(),
+            image_pad: family.spec().image_pad.into(),
         })
     }
 
@@ -154,7 +156,7 @@ mod tests {
     #[test]
     fn spliced_pads_equal_tokenizing_the_expanded_text() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
-        let p = PromptBuilder::from_dir(&dir).unwrap();
+        let p = PromptBuilder::from_dir(&dir, Family::QWEN2_5_VL).unwrap();
         let problems = [
             "How many chairs are there?",
             "<image>Which region is closer, A or B?",

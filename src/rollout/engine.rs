@@ -226,7 +226,7 @@ impl Engine {
         Ok(Engine {
             own_in_place,
             context: package.context_length(),
-            prompts: Arc::new(PromptBuilder::from_dir(dir)?),
+            prompts: Arc::new(PromptBuilder::from_dir(dir, package.manifest.family)?),
             preprocessor,
             package,
             graphs: Graphs::new(vision, embedding, decoder),

@@ -14,7 +14,7 @@ use super::types::{input, run_err, Completion, EngineError, EngineStats, Finish,
 use crate::kernels::{cpu, Logits, RowKey, Sampled, SamplingParams};
 use crate::model::package::{is_vision_name, KvLayout, Manifest};
 use crate::model::processor::{preprocess_into, PreprocessorConfig};
-use crate::model::rope::{rope_index, RopeConfig};
+use crate::model::rope::rope_index;
 use image::RgbImage;
 use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorElementType, TensorRef};
@@ -739,7 +739,6 @@ impl Runner<'_> {
         mut trace: Option<&mut Trace>,
     ) -> Result<Vec<Completion>, EngineError> {
         let m = self.m.clone();
-        let merge = m.vision.spatial_merge_size;
         let prompts = &prepared.prompts;
         let grids: Vec<[u32; 3]> = prepared.grids.iter().flatten().copied().collect();
         let features = {
@@ -752,12 +751,7 @@ impl Runner<'_> {
         let packed = m.kv_layout == KvLayout::Packed;
         let (ids, mask, s) = padded_batch(prompts, m.tokens.pad, packed);
         let mask_u8: Vec<u8> = mask.iter().flatten().map(|&v| v as u8).collect();
-        let rope_cfg = RopeConfig {
-            image_token_id: m.tokens.image,
-            video_token_id: m.tokens.video,
-            spatial_merge_size: merge,
-            tokens_per_second: m.vision.tokens_per_second,
-        };
+        let rope_cfg = m.rope();
         let (pos, deltas) = rope_index(&ids, &mask_u8, b, &grids, &[], &[], &rope_cfg)?;
         if let Some(t) = trace.as_deref_mut() {
             t.prompt_ids = prompts.clone();

@@ -459,12 +459,7 @@ impl Trainer {
         let params = Param::init(&m.lora, cfg.trainer.seed);
         let world = crate::dist::world();
         let reducer = parallel::Reducer::open(world, &backend, cfg.trainer.allreduce)?;
-        let rope = RopeConfig {
-            image_token_id: m.tokens.image,
-            video_token_id: m.tokens.video,
-            spatial_merge_size: m.vision.spatial_merge_size,
-            tokens_per_second: m.vision.tokens_per_second,
-        };
+        let rope = m.rope();
         let reward = img_score(cfg.reward.format_weight);
         let empty = || Dataset {
             samples: Vec::new(),

@@ -480,12 +480,7 @@ impl Sft {
             backend,
             reducer,
             params: Param::init(&m.lora, cfg.seed),
-            rope: RopeConfig {
-                image_token_id: m.tokens.image,
-                video_token_id: m.tokens.video,
-                spatial_merge_size: m.vision.spatial_merge_size,
-                tokens_per_second: m.vision.tokens_per_second,
-            },
+            rope: m.rope(),
             loss_scale: (embeds_type == Float::F16).then(LossScale::default),
             cfg,
             engine,
