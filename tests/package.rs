@@ -428,7 +428,8 @@ fn a_package_from_another_exporter_version_is_refused_with_the_fix() {
     let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
     m["family"] = "llava_next".into();
     std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
-    let e = Package::open(&dir).unwrap_err().to_string();
+    // The error and its causes, as ssrl prints them.
+    let e = spatial_ssrl::error_chain(&Package::open(&dir).unwrap_err());
     assert!(
         e.contains("manifest.json")
             && e.contains("llava_next")

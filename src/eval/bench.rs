@@ -185,6 +185,13 @@ impl BenchItem {
 pub enum ReadError {
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
+    /// The file cannot be opened or parsed: the reader's or the system's error as the source.
+    #[error("{}", path.display())]
+    Cause {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A pretext set, as the task writer's reader reports it (it names the file).
     #[error(transparent)]
     Samples(#[from] crate::data::records::WriteError),
@@ -315,11 +322,15 @@ fn json_items(path: &Path) -> Result<Vec<(usize, usize, Value)>, ReadError> {
         path: path.to_path_buf(),
         msg,
     };
+    let cause = |e: Box<dyn std::error::Error + Send + Sync>| ReadError::Cause {
+        path: path.to_path_buf(),
+        source: e,
+    };
     if path.extension().is_some_and(|e| e == "parquet") {
         use parquet::file::reader::{FileReader, SerializedFileReader};
-        let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-        let reader = SerializedFileReader::new(file).map_err(|e| err(e.to_string()))?;
-        let rows = reader.get_row_iter(None).map_err(|e| err(e.to_string()))?;
+        let file = std::fs::File::open(path).map_err(|e| cause(e.into()))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| cause(e.into()))?;
+        let rows = reader.get_row_iter(None).map_err(|e| cause(e.into()))?;
         return rows
             .enumerate()
             .map(|(i, r)| {
@@ -328,7 +339,7 @@ fn json_items(path: &Path) -> Result<Vec<(usize, usize, Value)>, ReadError> {
             })
             .collect();
     }
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| cause(e.into()))?;
     let line_of = |s: &str| {
         text[..s.as_ptr() as usize - text.as_ptr() as usize]
             .matches('\n')
@@ -793,7 +804,10 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(b'\t')
         .from_path(path)
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| ReadError::Cause {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
     let header: Vec<String> = rdr
         .headers()
         .map_err(|e| err(format!("line 1: {e}")))?

@@ -26,12 +26,29 @@ pub enum EvalError {
     Read(#[from] bench::ReadError),
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
+    /// A file of the run cannot be read, parsed or written: the cause as the source.
+    #[error("{}", path.display())]
+    Cause {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 fn ferr(path: &Path, msg: impl std::fmt::Display) -> EvalError {
     EvalError::File {
         path: path.to_path_buf(),
         msg: msg.to_string(),
+    }
+}
+
+/// [`EvalError::Cause`] of `path`.
+fn cause<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    path: &Path,
+) -> impl Fn(E) -> EvalError + '_ {
+    move |e| EvalError::Cause {
+        path: path.to_path_buf(),
+        source: e.into(),
     }
 }
 #[derive(Debug, Clone)]
@@ -388,7 +405,12 @@ fn run_at_bench_pixels(
     let done: HashSet<String> = if world.is_root() {
         let opened = open_items(cfg, &key, &items_path);
         if world.size > 1 {
-            world.send_from_root(&opened.as_ref().map(|o| &o.1).map_err(|e| e.to_string()));
+            world.send_from_root(
+                &opened
+                    .as_ref()
+                    .map(|o| &o.1)
+                    .map_err(|e| crate::error_chain(e)),
+            );
         }
         let (f, done) = opened?;
         file = Some(f);
@@ -454,7 +476,7 @@ fn run_at_bench_pixels(
             let text: String = all.iter().map(|l| format!("{}\n", l.1)).collect();
             file.write_all(text.as_bytes())
                 .and_then(|()| file.flush())
-                .map_err(|e| ferr(&items_path, e))?;
+                .map_err(cause(&items_path))?;
         }
         finished += round.len();
         progress(finished, total);
@@ -469,13 +491,13 @@ fn run_at_bench_pixels(
         let summary = summarize(&scored, cfg);
         let sp = cfg.out.join("summary.json");
         std::fs::write(&sp, serde_json::to_vec_pretty(&summary).expect("json"))
-            .map_err(|e| ferr(&sp, e))?;
+            .map_err(cause(&sp))?;
         Ok::<Summary, EvalError>(summary)
     });
     match summary {
         Some(s) if world.size == 1 => s,
         Some(s) => {
-            world.send_from_root(&s.as_ref().map_err(|e| e.to_string()));
+            world.send_from_root(&s.as_ref().map_err(|e| crate::error_chain(e)));
             s
         }
         None => world
@@ -491,7 +513,7 @@ fn open_items(
     key: &RunKey,
     items_path: &Path,
 ) -> Result<(std::fs::File, HashSet<String>), EvalError> {
-    std::fs::create_dir_all(&cfg.out).map_err(|e| ferr(&cfg.out, e))?;
+    std::fs::create_dir_all(&cfg.out).map_err(cause(&cfg.out))?;
     let key_path = cfg.out.join("run.json");
     // A torn last line (interrupted write) is dropped; complete items are kept.
     let existing = std::fs::read_to_string(items_path).unwrap_or_default();
@@ -502,7 +524,7 @@ fn open_items(
         // A run with items continues only with its own settings; one that stopped before its
         // first item (interrupted in its first batch, say) starts over with the new ones.
         Ok(text) if any_item => {
-            let old: RunKey = serde_json::from_slice(&text).map_err(|e| ferr(&key_path, e))?;
+            let old: RunKey = serde_json::from_slice(&text).map_err(cause(&key_path))?;
             if &old != key {
                 return Err(ferr(
                     &key_path,
@@ -514,7 +536,7 @@ fn open_items(
             }
         }
         _ => std::fs::write(&key_path, serde_json::to_vec_pretty(key).expect("json"))
-            .map_err(|e| ferr(&key_path, e))?,
+            .map_err(cause(&key_path))?,
     }
     let mut body = String::new();
     let mut done: HashSet<String> = HashSet::new();
@@ -525,11 +547,11 @@ fn open_items(
             done.insert(it.id);
         }
     }
-    std::fs::write(items_path, body).map_err(|e| ferr(items_path, e))?;
+    std::fs::write(items_path, body).map_err(cause(items_path))?;
     let file = std::fs::OpenOptions::new()
         .append(true)
         .open(items_path)
-        .map_err(|e| ferr(items_path, e))?;
+        .map_err(cause(items_path))?;
     Ok((file, done))
 }
 
@@ -631,8 +653,8 @@ pub fn read_summary(run: &Path) -> Result<Summary, EvalError> {
         };
         return Err(ferr(run, why));
     }
-    let text = std::fs::read(&p).map_err(|e| ferr(&p, e))?;
-    serde_json::from_slice(&text).map_err(|e| ferr(&p, e))
+    let text = std::fs::read(&p).map_err(cause(&p))?;
+    serde_json::from_slice(&text).map_err(cause(&p))
 }
 
 /// Two runs side by side: `(row, accuracy A, accuracy B)` for overall, each task and variant.

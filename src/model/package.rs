@@ -26,6 +26,25 @@ pub enum PackageError {
     },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("{}: cannot read", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {what}", path.display())]
+    Json {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: ONNX Runtime", path.display())]
+    Ort {
+        path: PathBuf,
+        #[source]
+        source: ort::Error,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -318,10 +337,12 @@ impl Package {
                 dir.display()
             ),
         })?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| PackageError::File {
-            path: path.clone(),
-            msg: format!("invalid manifest: {e}"),
-        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|source| PackageError::Json {
+                path: path.clone(),
+                what: "invalid manifest",
+                source,
+            })?;
         if manifest.format != "spatial-ssrl-package" {
             return Err(PackageError::File {
                 path,
@@ -397,9 +418,16 @@ impl Package {
             path: path.clone(),
             msg,
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let text = std::fs::read_to_string(&path).map_err(|source| PackageError::Read {
+            path: path.clone(),
+            source,
+        })?;
         let cfg: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+            serde_json::from_str(&text).map_err(|source| PackageError::Json {
+                path: path.clone(),
+                what: "not JSON",
+                source,
+            })?;
         let model = &cfg["model"];
         if model["type"] != "qwen2_5_vl" {
             return Err(bad(format!(
@@ -458,9 +486,9 @@ impl Package {
             }
         }
         let decoder = file(dec, "decoder")?;
-        let bytes = std::fs::read(dir.join(&decoder)).map_err(|e| PackageError::File {
+        let bytes = std::fs::read(dir.join(&decoder)).map_err(|source| PackageError::Read {
             path: dir.join(&decoder),
-            msg: e.to_string(),
+            source,
         })?;
         let gqa = bytes
             .windows(b"GroupQueryAttention".len())
@@ -773,9 +801,9 @@ impl Package {
         for (file, _) in self.signatures() {
             let path = self.graph_path(&file);
             let session = ort::session::Session::builder(env)
-                .map_err(|e| PackageError::File {
+                .map_err(|source| PackageError::Ort {
                     path: path.clone(),
-                    msg: e.to_string(),
+                    source,
                 })?
                 .commit_from_file(&path)
                 .map_err(|e| PackageError::File {

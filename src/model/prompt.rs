@@ -4,16 +4,30 @@
 //! token count, then tokenized.
 
 use super::family::Family;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
-    #[error("{path}: {msg}")]
-    File { path: String, msg: String },
-    #[error("chat template: {0}")]
-    Template(String),
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    #[error("{}: cannot load the tokenizer", path.display())]
+    LoadTokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("{}: not valid JSON", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: no chat_template in chat_template.json or tokenizer_config.json", .0.display())]
+    NoTemplate(PathBuf),
+    #[error("chat template")]
+    Template(#[source] minijinja::Error),
+    #[error("tokenizer")]
+    Tokenizer(#[source] tokenizers::Error),
+    #[error("the tokenizer has no token {0}")]
+    NoToken(String),
     #[error("the prompt has {placeholders} image placeholders but {images} images were given")]
     ImageCount { placeholders: usize, images: usize },
 }
@@ -32,29 +46,21 @@ impl PromptBuilder {
     /// `tokenizer_config.json`) from a package folder of `family`.
     pub fn from_dir(dir: &Path, family: Family) -> Result<PromptBuilder, PromptError> {
         let tp = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tp).map_err(|e| PromptError::File {
-            path: tp.display().to_string(),
-            msg: e.to_string(),
-        })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tp)
+            .map_err(|source| PromptError::LoadTokenizer { path: tp, source })?;
         let mut template = None;
         for f in ["chat_template.json", "tokenizer_config.json"] {
             let p = dir.join(f);
             if let Ok(text) = std::fs::read_to_string(&p) {
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| PromptError::File {
-                        path: p.display().to_string(),
-                        msg: e.to_string(),
-                    })?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|source| PromptError::Json { path: p, source })?;
                 if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
                     template = Some(t.to_string());
                     break;
                 }
             }
         }
-        let template = template.ok_or_else(|| PromptError::File {
-            path: dir.display().to_string(),
-            msg: "no chat_template in chat_template.json or tokenizer_config.json".into(),
-        })?;
+        let template = template.ok_or_else(|| PromptError::NoTemplate(dir.to_path_buf()))?;
         Ok(PromptBuilder {
             tokenizer,
             template,
@@ -94,16 +100,14 @@ impl PromptBuilder {
         let mut env = minijinja::Environment::new();
         env.set_keep_trailing_newline(true);
         env.add_template("chat", &self.template)
-            .map_err(|e| PromptError::Template(e.to_string()))?;
-        let t = env
-            .get_template("chat")
-            .map_err(|e| PromptError::Template(e.to_string()))?;
+            .map_err(PromptError::Template)?;
+        let t = env.get_template("chat").map_err(PromptError::Template)?;
         t.render(minijinja::context! {
             messages => minijinja::Value::from_serialize(messages),
             add_generation_prompt => true,
             add_vision_id => false,
         })
-        .map_err(|e| PromptError::Template(e.to_string()))
+        .map_err(PromptError::Template)
     }
 
     /// Expands each `<|image_pad|>` to `tokens[i]` copies (in order) and tokenizes. The text
@@ -122,7 +126,7 @@ impl PromptBuilder {
         let pad = self
             .tokenizer
             .token_to_id(&self.image_pad)
-            .ok_or_else(|| PromptError::Tokenizer(format!("no token {}", self.image_pad)))?;
+            .ok_or_else(|| PromptError::NoToken(self.image_pad.clone()))?;
         let mut ids = Vec::with_capacity(image_tokens.iter().sum::<usize>() + rendered.len() / 2);
         for (i, part) in parts.iter().enumerate() {
             if i > 0 {
@@ -132,7 +136,7 @@ impl PromptBuilder {
                 let enc = self
                     .tokenizer
                     .encode_fast(*part, false)
-                    .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+                    .map_err(PromptError::Tokenizer)?;
                 ids.extend_from_slice(enc.get_ids());
             }
         }
@@ -142,13 +146,34 @@ impl PromptBuilder {
     pub fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
         self.tokenizer
             .decode(ids, true)
-            .map_err(|e| PromptError::Tokenizer(e.to_string()))
+            .map_err(PromptError::Tokenizer)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chat template that does not parse is reported with minijinja's own error as the
+    /// cause, so the report names what is wrong and where.
+    #[test]
+    fn template_errors_keep_their_cause() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
+        let mut p = PromptBuilder::from_dir(&dir, Family::QWEN2_5_VL).unwrap();
+        p.template = "{% for m in messages %}{{ m.role }".into();
+        let e = p.render(&PromptBuilder::verbatim("hi")).unwrap_err();
+        let cause = std::error::Error::source(&e).expect("minijinja's error as the source");
+        assert!(cause.to_string().contains("syntax error"), "{cause}");
+        let chain = crate::error_chain(&e);
+        assert!(
+            chain.starts_with("chat template: ") && chain.contains("syntax error"),
+            "{chain}"
+        );
+        let missing = PromptBuilder::from_dir(&dir.join("hf/nothing"), Family::QWEN2_5_VL)
+            .err()
+            .expect("no tokenizer there");
+        assert!(std::error::Error::source(&missing).is_some(), "{missing}");
+    }
 
     /// Spliced pad ids equal tokenizing the expanded text in one piece, for rendered prompts
     /// with zero, one and several images and placeholders against spaces, newlines, digits

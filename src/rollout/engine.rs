@@ -331,7 +331,7 @@ impl Engine {
             .filter_map(|(at, r)| {
                 let sizes: Vec<(u32, u32)> = r.images.iter().map(|i| i.dimensions()).collect();
                 match self.prompt_length(&r.problem, &sizes, cfg) {
-                    Err(e) => Some((at, e.to_string())),
+                    Err(e) => Some((at, crate::error_chain(&e))),
                     Ok(len) => NoRoom::of(at, len, cfg.max_new_tokens, self.context)
                         .map(|r| (at, format!("its prompt's {r}"))),
                 }

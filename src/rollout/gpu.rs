@@ -128,10 +128,7 @@ impl OnGpu {
 }
 
 pub(super) fn gpu_err(e: crate::kernels::KernelError) -> EngineError {
-    EngineError::Run {
-        graph: "decoder",
-        msg: format!("GPU cache: {e}"),
-    }
+    EngineError::GpuCache(e)
 }
 
 /// TensorRT optimisation profiles of the vision, embedding and decoder graphs (in that order)

@@ -33,10 +33,23 @@ pub enum RolloutError {
         settings: String,
         msg: String,
     },
-    #[error("{path}: cannot write: {msg}")]
-    Io { path: String, msg: String },
+    #[error("{}: cannot write", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: cannot read", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Rank 0's failure, as another rank of a data-parallel run hears of it.
+    #[error("rank 0: {0}")]
+    Root(String),
     #[error("no sample of {data} could be rolled out ({skipped} skipped; see the warnings)")]
     Nothing { data: String, skipped: usize },
 }
@@ -213,10 +226,10 @@ impl Plan {
         let world = crate::dist::world();
         let (tmp, key_path) = (job.partial_path(), job.settings_path());
         let io_err = |path: &Path| {
-            let path = path.display().to_string();
-            move |e: std::io::Error| RolloutError::Io {
+            let path = path.to_path_buf();
+            move |source: std::io::Error| RolloutError::Write {
                 path: path.clone(),
-                msg: e.to_string(),
+                source,
             }
         };
         // Data parallel, rank 0 alone writes; every rank goes by rank 0's finished prompts.
@@ -326,15 +339,16 @@ impl Plan {
         match ended {
             Some(r) if world.size == 1 => r.map(|()| summary),
             Some(r) => {
-                world.send_from_root(&r.as_ref().map(|()| &summary).map_err(|e| e.to_string()));
+                world.send_from_root(
+                    &r.as_ref()
+                        .map(|()| &summary)
+                        .map_err(|e| crate::error_chain(e)),
+                );
                 r.map(|()| summary)
             }
             None => world
                 .recv_from_root::<Result<RolloutSummary, String>>()
-                .map_err(|msg| RolloutError::Io {
-                    path: tmp.display().to_string(),
-                    msg: format!("rank 0: {msg}"),
-                }),
+                .map_err(RolloutError::Root),
         }
     }
 
@@ -343,9 +357,9 @@ impl Plan {
     fn finish(&self, summary: &mut RolloutSummary) -> Result<(), RolloutError> {
         let job = &self.job;
         let (tmp, key_path) = (job.partial_path(), job.settings_path());
-        let text = std::fs::read_to_string(&tmp).map_err(|e| RolloutError::Io {
-            path: tmp.display().to_string(),
-            msg: e.to_string(),
+        let text = std::fs::read_to_string(&tmp).map_err(|source| RolloutError::Read {
+            path: tmp.clone(),
+            source,
         })?;
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -357,9 +371,9 @@ impl Plan {
                 skipped: summary.skipped,
             });
         }
-        std::fs::rename(&tmp, &job.out).map_err(|e| RolloutError::Io {
-            path: job.out.display().to_string(),
-            msg: e.to_string(),
+        std::fs::rename(&tmp, &job.out).map_err(|source| RolloutError::Write {
+            path: job.out.clone(),
+            source,
         })?;
         let _ = std::fs::remove_file(&key_path);
         let rewards: Vec<f64> = (lines.iter())
@@ -424,7 +438,7 @@ fn roll_batch(
             }
             Err(e) => {
                 b.skipped += 1;
-                skips.push((s.id.clone(), index, e.to_string()));
+                skips.push((s.id.clone(), index, crate::error_chain(&e)));
             }
         }
     }

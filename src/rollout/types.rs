@@ -22,6 +22,15 @@ pub enum EngineError {
     Rope(#[from] RopeError),
     #[error("{graph}: {msg}")]
     Run { graph: &'static str, msg: String },
+    /// ONNX Runtime's own error from one of the engine's graphs.
+    #[error("{graph}")]
+    Ort {
+        graph: &'static str,
+        #[source]
+        source: ort::Error,
+    },
+    #[error("decoder: GPU cache")]
+    GpuCache(#[source] crate::kernels::KernelError),
     #[error("LoRA: {0}")]
     Lora(String),
     #[error("{0}")]
@@ -34,10 +43,7 @@ pub enum EngineError {
 }
 
 pub(super) fn run_err(graph: &'static str) -> impl Fn(ort::Error) -> EngineError {
-    move |e| EngineError::Run {
-        graph,
-        msg: e.to_string(),
-    }
+    move |source| EngineError::Ort { graph, source }
 }
 
 /// An owned tensor input of `graph`.

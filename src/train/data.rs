@@ -147,7 +147,7 @@ pub(super) fn screened(
         let len = match engine.prompt_length(&s.problem, &sizes, &gen) {
             Ok(len) => len,
             Err(e) => {
-                unusable.push(format!("sample {}: {e}", s.id));
+                unusable.push(format!("sample {}: {}", s.id, crate::error_chain(&e)));
                 continue;
             }
         };

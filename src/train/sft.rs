@@ -328,7 +328,7 @@ fn examples(cfg: &SftConfig, engine: &Engine) -> Result<Vec<Example>, TrainError
         let rows = read_dataset(f, root.map(PathBuf::as_path), limit - out.len().min(limit))
             .map_err(|e| TrainError::Data {
                 path: f.clone(),
-                msg: e.to_string(),
+                msg: crate::error_chain(&e),
             })?;
         for (s, root) in rows {
             let (text, verbatim) =
@@ -558,7 +558,8 @@ impl Sft {
             {
                 Ok(v) => v,
                 Err(e) => {
-                    self.left_out.push(format!("sample {}: {e}", ex.id));
+                    self.left_out
+                        .push(format!("sample {}: {}", ex.id, crate::error_chain(&e)));
                     continue;
                 }
             };
@@ -572,7 +573,8 @@ impl Sft {
             let p = match self.engine.prepare(std::slice::from_ref(&req), format) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.left_out.push(format!("sample {}: {e}", ex.id));
+                    self.left_out
+                        .push(format!("sample {}: {}", ex.id, crate::error_chain(&e)));
                     continue;
                 }
             };
