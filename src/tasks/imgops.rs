@@ -44,6 +44,27 @@ pub fn rotate_ccw(img: &RgbImage) -> RgbImage {
     imageops::rotate270(img)
 }
 
+/// The two source samples of output position `d` and the second one's weight, for a scale of
+/// `scale` source pixels per output pixel over `n` source pixels (half-pixel centres, edges
+/// clamped).
+fn taps(d: u32, scale: f64, n: u32) -> (usize, usize, f32) {
+    let f = (f64::from(d) + 0.5) * scale - 0.5;
+    let i = f.floor();
+    let mut a = (f - i) as f32;
+    let mut i0 = i as i64;
+    if i0 < 0 {
+        i0 = 0;
+        a = 0.0;
+    }
+    let last = i64::from(n) - 1;
+    if i0 >= last {
+        i0 = last;
+        a = 0.0;
+    }
+    let i1 = (i0 + 1).min(last);
+    (i0 as usize, i1 as usize, a)
+}
+
 /// Bilinear resize with OpenCV's `INTER_LINEAR` sampling (half-pixel centres, edge clamp,
 /// no anti-aliasing), which is what the official generators use through `cv2.resize`.
 pub fn resize_bilinear(src: &RgbImage, dw: u32, dh: u32) -> RgbImage {
@@ -53,23 +74,6 @@ pub fn resize_bilinear(src: &RgbImage, dw: u32, dh: u32) -> RgbImage {
     }
     let sx = f64::from(sw) / f64::from(dw);
     let sy = f64::from(sh) / f64::from(dh);
-    let taps = |d: u32, scale: f64, n: u32| -> (usize, usize, f32) {
-        let f = (f64::from(d) + 0.5) * scale - 0.5;
-        let i = f.floor();
-        let mut a = (f - i) as f32;
-        let mut i0 = i as i64;
-        if i0 < 0 {
-            i0 = 0;
-            a = 0.0;
-        }
-        let last = i64::from(n) - 1;
-        if i0 >= last {
-            i0 = last;
-            a = 0.0;
-        }
-        let i1 = (i0 + 1).min(last);
-        (i0 as usize, i1 as usize, a)
-    };
     let xt: Vec<_> = (0..dw).map(|x| taps(x, sx, sw)).collect();
     let raw = src.as_raw();
     let stride = sw as usize * 3;
@@ -204,25 +208,10 @@ mod tests {
         assert_eq!(flip_horizontal(&img).get_pixel(0, 1), img.get_pixel(4, 1));
     }
 
-    /// The one-pass resize the two-pass one replaced, kept to prove the bits unchanged.
+    /// The one-pass resize the two-pass one replaced (the same taps), kept to prove the bits
+    /// unchanged.
     fn resize_one_pass(src: &RgbImage, dw: u32, dh: u32) -> RgbImage {
         let (sw, sh) = src.dimensions();
-        let taps = |d: u32, scale: f64, n: u32| -> (usize, usize, f32) {
-            let f = (f64::from(d) + 0.5) * scale - 0.5;
-            let i = f.floor();
-            let mut a = (f - i) as f32;
-            let mut i0 = i as i64;
-            if i0 < 0 {
-                i0 = 0;
-                a = 0.0;
-            }
-            let last = i64::from(n) - 1;
-            if i0 >= last {
-                i0 = last;
-                a = 0.0;
-            }
-            (i0 as usize, (i0 + 1).min(last) as usize, a)
-        };
         let (sx, sy) = (f64::from(sw) / f64::from(dw), f64::from(sh) / f64::from(dh));
         RgbImage::from_fn(dw, dh, |x, y| {
             let (x0, x1, a) = taps(x, sx, sw);
