@@ -82,6 +82,12 @@ def build_tiny_tokenizer(out_dir, vocab_size=2000, chat_template=CHAT_TEMPLATE):
     return {c: tok.token_to_id(c) for c, _ in QWEN25VL_ADDED}
 
 
+def vision_token_ids(sp):
+    """The config's vision token ids from the tokenizer's special tokens `sp`."""
+    return dict(image_token_id=sp["<|image_pad|>"], video_token_id=sp["<|video_pad|>"],
+                vision_start_token_id=sp["<|vision_start|>"], vision_end_token_id=sp["<|vision_end|>"])
+
+
 def tiny_config(sp):
     from transformers import Qwen2_5_VLConfig
 
@@ -94,9 +100,7 @@ def tiny_config(sp):
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, hidden_act="silu", in_channels=3,
                   patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
                   out_hidden_size=128, fullatt_block_indexes=[1], tokens_per_second=2)
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=sp["<|image_pad|>"],
-                           video_token_id=sp["<|video_pad|>"], vision_start_token_id=sp["<|vision_start|>"],
-                           vision_end_token_id=sp["<|vision_end|>"], tie_word_embeddings=True)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **vision_token_ids(sp))
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     return cfg
 
@@ -182,18 +186,23 @@ def build_random(name, hf_dir, text_layers=None, vision_depth=None, seed=0):
     if vision_depth:
         vision["depth"] = vision_depth
         vision["fullatt_block_indexes"] = sorted({i for i in range(7, vision_depth, 8)} | {vision_depth - 1})
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=sp["<|image_pad|>"],
-                           video_token_id=sp["<|video_pad|>"], vision_start_token_id=sp["<|vision_start|>"],
-                           vision_end_token_id=sp["<|vision_end|>"], tie_word_embeddings=tie)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **vision_token_ids(sp))
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    save_random(Qwen2_5_VLForConditionalGeneration, cfg, hf_dir, seed, PREPROCESSOR,
+                f"{name}: {text['num_hidden_layers']} text layers, {vision['depth']} vision blocks")
+
+
+def save_random(model_class, cfg, hf_dir, seed, preprocessor, about):
+    """`model_class(cfg)` with transformers' initialisation under `seed`, its size printed after
+    `about`, saved with its preprocessor config in `hf_dir`."""
     torch.manual_seed(seed)
     t0 = time.time()
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = model_class(cfg).eval()
     n = sum(p.numel() for p in model.parameters())
-    print(f"  {name}: {text['num_hidden_layers']} text layers, {vision['depth']} vision blocks, "
-          f"{n / 1e6:.1f} M parameters ({n * 4 / 1e9:.2f} GB fp32), built in {time.time() - t0:.1f} s", flush=True)
+    print(f"  {about}, {n / 1e6:.1f} M parameters ({n * 4 / 1e9:.2f} GB fp32), built in {time.time() - t0:.1f} s",
+          flush=True)
     model.save_pretrained(hf_dir)
-    json.dump(PREPROCESSOR, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
+    json.dump(preprocessor, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
 
 
 def normalise_config_dict(d):

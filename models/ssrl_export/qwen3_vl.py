@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from transformers.vision_utils import _interpolation_axis_taps_weights
 
 from . import settings
-from .builders import PREPROCESSOR, build_tiny_tokenizer, remap_special_tokens, save_tiny
+from .builders import (PREPROCESSOR, build_tiny_tokenizer, remap_special_tokens, save_random, save_tiny,
+                       vision_token_ids)
 from .lora import LORA_TARGETS
 from .onnx_io import Typed
 from .qwen2_5_vl import Vision as Vision25
@@ -52,9 +53,7 @@ def tiny_config(sp):
     vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, hidden_act="gelu_pytorch_tanh",
                   in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=128,
                   num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=sp["<|image_pad|>"],
-                        video_token_id=sp["<|video_pad|>"], vision_start_token_id=sp["<|vision_start|>"],
-                        vision_end_token_id=sp["<|vision_end|>"], tie_word_embeddings=True)
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **vision_token_ids(sp))
     cfg.architectures = ["Qwen3VLForConditionalGeneration"]
     return cfg
 
@@ -100,17 +99,11 @@ def build_random(name, hf_dir, text_layers=None, vision_depth=None, seed=0):
         v["deepstack_visual_indexes"] = [i for i in v["deepstack_visual_indexes"] if i < vision_depth] or [vision_depth - 1]
     if text_layers:
         t["num_hidden_layers"] = max(text_layers, len(v["deepstack_visual_indexes"]))
-    cfg = Qwen3VLConfig(text_config=t, vision_config=v, image_token_id=sp["<|image_pad|>"],
-                        video_token_id=sp["<|video_pad|>"], vision_start_token_id=sp["<|vision_start|>"],
-                        vision_end_token_id=sp["<|vision_end|>"], tie_word_embeddings=True)
+    cfg = Qwen3VLConfig(text_config=t, vision_config=v, tie_word_embeddings=True, **vision_token_ids(sp))
     cfg.architectures = ["Qwen3VLForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(cfg).eval()
-    n = sum(p.numel() for p in model.parameters())
-    print(f"  {name}: {t['num_hidden_layers']} text layers, {v['depth']} vision blocks (DeepStack "
-          f"{v['deepstack_visual_indexes']}), {n / 1e6:.1f} M parameters ({n * 4 / 1e9:.2f} GB fp32)", flush=True)
-    model.save_pretrained(hf_dir)
-    json.dump(PREPROCESSOR3, open(os.path.join(hf_dir, "preprocessor_config.json"), "w"), indent=2)
+    save_random(Qwen3VLForConditionalGeneration, cfg, hf_dir, seed, PREPROCESSOR3,
+                f"{name}: {t['num_hidden_layers']} text layers, {v['depth']} vision blocks "
+                f"(DeepStack {v['deepstack_visual_indexes']})")
 
 
 class Vision(Vision25):
