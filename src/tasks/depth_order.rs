@@ -33,12 +33,7 @@ pub fn percentile(v: &mut [f32], q: f64) -> f32 {
 
 /// `(depth − d_min) / (d_max − d_min)` for valid pixels within `[d_min, d_max]`, NaN elsewhere.
 pub fn normalise(depth: &[f32]) -> Option<(Vec<f32>, f32, f32)> {
-    let mut valid: Vec<f32> = depth.iter().copied().filter(|v| v.is_finite()).collect();
-    if valid.is_empty() {
-        return None;
-    }
-    let d_min = percentile(&mut valid, PERCENTILES.0);
-    let d_max = percentile(&mut valid, PERCENTILES.1);
+    let [d_min, d_max] = finite_percentiles(depth, [PERCENTILES.0, PERCENTILES.1])?;
     if d_max <= d_min {
         return None;
     }
@@ -53,6 +48,78 @@ pub fn normalise(depth: &[f32]) -> Option<(Vec<f32>, f32, f32)> {
         })
         .collect();
     Some((norm, d_min, d_max))
+}
+
+/// [`percentile`] of the finite values of `v` at each of `qs`, the same values, found by a
+/// radix select: a histogram of the values' top 16 bits (in total order) finds the buckets
+/// that hold the order statistics, and only those buckets' values are selected among — two
+/// passes over `v` and no copy of it. `None` when no value is finite.
+pub fn finite_percentiles<const Q: usize>(v: &[f32], qs: [f64; Q]) -> Option<[f32; Q]> {
+    // f32 → u32 keeping the total order (`f32::total_cmp`).
+    let key = |x: f32| {
+        let b = x.to_bits();
+        if b >> 31 == 1 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    };
+    let value = |k: u32| f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k });
+    let mut hist = vec![0u32; 1 << 16];
+    let mut n = 0usize;
+    for &x in v.iter().filter(|x| x.is_finite()) {
+        hist[(key(x) >> 16) as usize] += 1;
+        n += 1;
+    }
+    if n == 0 {
+        return None;
+    }
+    // The ranks wanted: each quantile's floor position and the one after (as `percentile`).
+    let spots: Vec<(usize, usize, f64)> = qs
+        .iter()
+        .map(|&q| {
+            let pos = q / 100.0 * (n - 1) as f64;
+            let lo = pos.floor() as usize;
+            (lo, (lo + 1).min(n - 1), pos - lo as f64)
+        })
+        .collect();
+    let mut ranks: Vec<usize> = spots.iter().flat_map(|&(lo, hi, _)| [lo, hi]).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    // Each rank's bucket and its rank within the bucket.
+    let mut at = Vec::with_capacity(ranks.len());
+    let (mut bucket, mut below) = (0usize, 0usize);
+    for &r in &ranks {
+        while below + hist[bucket] as usize <= r {
+            below += hist[bucket] as usize;
+            bucket += 1;
+        }
+        at.push((bucket as u32, r - below));
+    }
+    let mut buckets: Vec<u32> = at.iter().map(|a| a.0).collect();
+    buckets.dedup();
+    let mut members: Vec<Vec<u32>> = buckets
+        .iter()
+        .map(|&b| Vec::with_capacity(hist[b as usize] as usize))
+        .collect();
+    for &x in v.iter().filter(|x| x.is_finite()) {
+        let k = key(x);
+        if let Some(i) = buckets.iter().position(|&b| b == k >> 16) {
+            members[i].push(k);
+        }
+    }
+    let mut stat = |r: usize| {
+        let (b, within) = at[ranks.binary_search(&r).expect("a wanted rank")];
+        let m = &mut members[buckets.binary_search(&b).expect("a wanted bucket")];
+        value(*m.select_nth_unstable(within).1)
+    };
+    let mut out = [0f32; Q];
+    for (o, &(lo, hi, frac)) in out.iter_mut().zip(&spots) {
+        let a = f64::from(stat(lo));
+        let b = if hi == lo { a } else { f64::from(stat(hi)) };
+        *o = (a + (b - a) * frac) as f32;
+    }
+    Some(out)
 }
 
 struct Region {
@@ -78,34 +145,49 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
     let nan = NanCount::new(&norm, w, h);
     let mut regions: Vec<Region> = Vec::with_capacity(3);
     let mut stats: [Option<window::MinMax>; 2] = [None, None];
-    for (lo, hi) in BINS {
+    // Per window size, every pixel whose window passes, by bin, in row-major order (one scan
+    // for the three bins).
+    let mut passing: [Option<[Vec<(usize, usize)>; 3]>; 2] = [None, None];
+    let apart_d2 = (2.0 * style.radius + 2.0).powi(2);
+    for (bin, (lo, hi)) in BINS.into_iter().enumerate() {
         let mut found = None;
         for (wi, (k, thr)) in WINDOWS.into_iter().enumerate() {
             let half = k / 2;
             let mm = stats[wi].get_or_insert_with(|| window::min_max(&norm, w, h, k));
-            let mut pass: Vec<(usize, usize)> = Vec::new();
-            let (y_lo, y_hi) = (half.max(margin), h.saturating_sub(half.max(margin)));
-            let (x_lo, x_hi) = (half.max(margin), w.saturating_sub(half.max(margin)));
-            for y in y_lo..y_hi {
-                for x in x_lo..x_hi {
-                    let c = norm[y * w + x];
-                    if !(c >= lo && c <= hi) {
-                        continue;
-                    }
-                    let (x0, y0) = (x - half, y - half);
-                    let i = y0 * mm.ow + x0;
-                    if mm.max[i] - mm.min[i] >= thr || nan.count(x0, y0, k) > 0 {
-                        continue;
-                    }
-                    let apart = regions.iter().all(|r| {
-                        let d2 = (r.x as f32 - x as f32).powi(2) + (r.y as f32 - y as f32).powi(2);
-                        d2 >= (2.0 * style.radius + 2.0).powi(2)
-                    });
-                    if apart {
-                        pass.push((x, y));
+            let lists = passing[wi].get_or_insert_with(|| {
+                let mut lists: [Vec<(usize, usize)>; 3] = Default::default();
+                let (y_lo, y_hi) = (half.max(margin), h.saturating_sub(half.max(margin)));
+                let (x_lo, x_hi) = (half.max(margin), w.saturating_sub(half.max(margin)));
+                for y in y_lo..y_hi {
+                    for x in x_lo..x_hi {
+                        let c = norm[y * w + x];
+                        let Some(b) = BINS.iter().position(|&(lo, hi)| c >= lo && c <= hi) else {
+                            continue;
+                        };
+                        let (x0, y0) = (x - half, y - half);
+                        let i = y0 * mm.ow + x0;
+                        if mm.max[i] - mm.min[i] >= thr || nan.count(x0, y0, k) > 0 {
+                            continue;
+                        }
+                        lists[b].push((x, y));
                     }
                 }
-            }
+                lists
+            });
+            let pass: Vec<(usize, usize)> = lists[bin]
+                .iter()
+                .copied()
+                .filter(|&(x, y)| {
+                    regions.iter().all(|r| {
+                        let d2 = (r.x as f32 - x as f32).powi(2) + (r.y as f32 - y as f32).powi(2);
+                        d2 >= apart_d2
+                    })
+                })
+                .collect();
+            debug_assert!(pass.iter().all(|&(x, y)| {
+                let c = norm[y * w + x];
+                c >= lo && c <= hi
+            }));
             if !pass.is_empty() {
                 let (x, y) = pass[rng.below(pass.len())];
                 let i = (y - half) * mm.ow + (x - half);
@@ -184,5 +266,60 @@ mod tests {
         assert!((percentile(&mut v, 99.5) - 9.955).abs() < 1e-5);
         let mut one = vec![4.0f32];
         assert_eq!(percentile(&mut one, 50.0), 4.0);
+    }
+
+    /// The radix select gives `percentile`'s values bit for bit: random depths, heavy ties,
+    /// a constant map, negatives and zeros of both signs, non-finite pixels among them.
+    #[test]
+    fn radix_percentiles_equal_the_definition() {
+        let mut r = crate::rng::Rng::keyed(3, &[]);
+        let mut cases: Vec<Vec<f32>> = vec![
+            (0..100_000)
+                .map(|_| r.below(1_000_000) as f32 / 997.0)
+                .collect(),
+            (0..50_000).map(|_| (r.below(7) as f32) * 0.5).collect(),
+            vec![2.5; 1000],
+            vec![
+                -3.0,
+                -0.0,
+                0.0,
+                1e-30,
+                -1e-30,
+                7.0,
+                f32::NAN,
+                f32::INFINITY,
+                -1.0,
+            ],
+            vec![4.0],
+            (0..20_000)
+                .map(|i| {
+                    if i % 3 == 0 {
+                        f32::NAN
+                    } else {
+                        1.0 + (i % 101) as f32 * 1e-7
+                    }
+                })
+                .collect(),
+        ];
+        // A real depth map (DIODE's, metres).
+        let npy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/official/RGB-D_depth3.npy");
+        cases.push(crate::tasks::npy::read(&npy).unwrap().data);
+        for (i, v) in cases.iter().enumerate() {
+            let mut finite: Vec<f32> = v.iter().copied().filter(|x| x.is_finite()).collect();
+            for qs in [[0.5, 99.5], [0.0, 100.0], [50.0, 37.3]] {
+                let want = [
+                    percentile(&mut finite, qs[0]),
+                    percentile(&mut finite, qs[1]),
+                ];
+                let got = finite_percentiles(v, qs).unwrap();
+                assert_eq!(
+                    got.map(f32::to_bits),
+                    want.map(f32::to_bits),
+                    "case {i}, {qs:?}"
+                );
+            }
+        }
+        assert!(finite_percentiles(&[f32::NAN, f32::NEG_INFINITY], [1.0]).is_none());
     }
 }
