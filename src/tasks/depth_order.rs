@@ -122,6 +122,9 @@ pub fn finite_percentiles<const Q: usize>(v: &[f32], qs: [f64; Q]) -> Option<[f3
     Some(out)
 }
 
+/// Pixels `(x, y)` for each of the three bins.
+type ByBin = [Vec<(usize, usize)>; 3];
+
 struct Region {
     x: usize,
     y: usize,
@@ -147,7 +150,7 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
     let mut stats: [Option<window::MinMax>; 2] = [None, None];
     // Per window size, every pixel whose window passes, by bin, in row-major order (one scan
     // for the three bins).
-    let mut passing: [Option<[Vec<(usize, usize)>; 3]>; 2] = [None, None];
+    let mut passing: [Option<ByBin>; 2] = [None, None];
     let apart_d2 = (2.0 * style.radius + 2.0).powi(2);
     for (bin, (lo, hi)) in BINS.into_iter().enumerate() {
         let mut found = None;
@@ -155,7 +158,7 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
             let half = k / 2;
             let mm = stats[wi].get_or_insert_with(|| window::min_max(&norm, w, h, k));
             let lists = passing[wi].get_or_insert_with(|| {
-                let mut lists: [Vec<(usize, usize)>; 3] = Default::default();
+                let mut lists = ByBin::default();
                 let (y_lo, y_hi) = (half.max(margin), h.saturating_sub(half.max(margin)));
                 let (x_lo, x_hi) = (half.max(margin), w.saturating_sub(half.max(margin)));
                 for y in y_lo..y_hi {
