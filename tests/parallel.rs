@@ -106,7 +106,9 @@ fn rank_worker() {
         }
         other => panic!("unknown job {other}"),
     }
-    eprintln!("{} done", world.who());
+    // One write, so that the two ranks' lines, merged by mpirun, cannot interleave.
+    let line = format!("{} done\n", world.who());
+    std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes()).unwrap();
     spatial_ssrl::dist::finish();
 }
 
