@@ -113,8 +113,39 @@ pub fn candidate_blocks(norm: &[f32], w: usize, h: usize) -> Vec<Block> {
             }
         }
     }
-    out.sort_unstable_by_key(|b| (b.dist2 << 32) | (b.y * w + b.x) as u64);
-    out
+    let idx_bits = usize::BITS - (w * h).leading_zeros();
+    sort_by_unique_key(out, |b| (b.dist2 << idx_bits) | (b.y * w + b.x) as u64)
+}
+
+/// `v` sorted by `key`, which must be unique (so any correct sort gives this order): an LSD
+/// radix sort of (key, index) pairs on 16-bit digits — a few linear passes where a comparison
+/// sort of a million candidate blocks takes most of a frame's search.
+fn sort_by_unique_key<T: Copy>(v: Vec<T>, key: impl Fn(&T) -> u64) -> Vec<T> {
+    let mut keys: Vec<(u64, u32)> = (v.iter().enumerate())
+        .map(|(i, b)| (key(b), i as u32))
+        .collect();
+    let top = keys.iter().map(|k| k.0).max().unwrap_or(0);
+    let passes = (u64::BITS - top.leading_zeros()).div_ceil(16);
+    let mut tmp = vec![(0u64, 0u32); keys.len()];
+    let mut count = vec![0usize; 1 << 16];
+    for pass in 0..passes {
+        let digit = |k: u64| ((k >> (16 * pass)) & 0xFFFF) as usize;
+        count.fill(0);
+        for k in &keys {
+            count[digit(k.0)] += 1;
+        }
+        let mut at = 0;
+        for c in count.iter_mut() {
+            (*c, at) = (at, at + *c);
+        }
+        for &k in &keys {
+            let d = digit(k.0);
+            tmp[count[d]] = k;
+            count[d] += 1;
+        }
+        std::mem::swap(&mut keys, &mut tmp);
+    }
+    keys.iter().map(|&(_, i)| v[i as usize]).collect()
 }
 
 fn far_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
@@ -495,6 +526,44 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The radix sort orders as the comparison sort it replaced, on random keys and on the
+    /// official frames' candidate blocks.
+    #[test]
+    fn radix_sort_orders_as_the_comparison_sort() {
+        let mut r = crate::rng::Rng::keyed(5, &[]);
+        let mut v: Vec<u64> = (0..50_000).map(|_| r.below(1 << 40) as u64).collect();
+        v.sort_unstable();
+        v.dedup();
+        let mut shuffled = v.clone();
+        r.shuffle(&mut shuffled);
+        assert_eq!(sort_by_unique_key(shuffled, |k| *k), v);
+        assert!(sort_by_unique_key(Vec::<u64>::new(), |k| *k).is_empty());
+        for f in ["RGB-D_depth1.h5", "RGB-D_depth2.h5"] {
+            let src = crate::tasks::source::RgbdSource {
+                layout: crate::tasks::source::Layout::Megadepth,
+                color: std::path::PathBuf::new(),
+                depth: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fixtures/official")
+                    .join(f),
+                mask: None,
+                encoding: crate::tasks::source::DepthEncoding::H5,
+                resample_depth: false,
+                intrinsics: None,
+                metric: false,
+            };
+            let (w, h, depth) = crate::tasks::source::load_depth(&src).unwrap();
+            let norm = normalise(&depth).unwrap();
+            let got = candidate_blocks(&norm, w, h);
+            let mut want = got.clone();
+            want.sort_unstable_by_key(|b| (b.dist2 << 32) | (b.y * w + b.x) as u64);
+            assert!(got.len() > 100_000, "{f}: {}", got.len());
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| (a.y, a.x) == (b.y, b.x)),
+                "{f}"
+            );
+        }
+    }
 
     /// The official tables are Eq. 7 with camera x right, z forward: check every cell.
     #[test]
