@@ -814,7 +814,7 @@ mod tests {
             assert_eq!(back.dimensions(), img.dimensions(), "{f}");
             let mad = super::imgops::mean_abs_diff(&back, &img);
             assert!(
-                mad < 2.5,
+                mad < 3.5,
                 "{f}: mean |Δ| {mad} after a quality-95 round trip"
             );
             // Quality is honoured: 50 gives a smaller file.
