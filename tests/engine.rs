@@ -123,6 +123,25 @@ fn resume_redoes_only_the_interrupted_shard() {
     other.seed = 1;
     let err = tasks::run(&other, &tasks::Silent).unwrap_err();
     assert!(err.to_string().contains("seed"), "{err}");
+    // So is a run a build with the other JPEG encoder wrote (its images' bytes would differ),
+    // saying which build continues it.
+    let run_json = part.join("run.json");
+    let original = std::fs::read(&run_json).unwrap();
+    let mut run: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    let other_codec = match tasks::JPEG_CODEC {
+        "libjpeg-turbo" => "jpeg-encoder",
+        _ => "libjpeg-turbo",
+    };
+    run["jpeg_codec"] = other_codec.into();
+    std::fs::write(&run_json, run.to_string()).unwrap();
+    let mut again = c.clone();
+    again.resume = true;
+    let err = tasks::run(&again, &tasks::Silent).unwrap_err().to_string();
+    assert!(
+        err.contains("jpeg_codec") && err.contains(other_codec) && err.contains("fast-jpeg"),
+        "{err}"
+    );
+    std::fs::write(&run_json, &original).unwrap();
 
     let mut r = c.clone();
     r.resume = true;
@@ -149,6 +168,11 @@ fn resume_redoes_only_the_interrupted_shard() {
     let full_summary: tasks::Summary =
         serde_json::from_slice(&std::fs::read(full.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s.tasks, full_summary.tasks);
+    // The encoder the speed and the bytes depend on is recorded with the run.
+    assert_eq!(full_summary.jpeg_codec, tasks::JPEG_CODEC);
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(full.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["jpeg_codec"], tasks::JPEG_CODEC);
 }
 
 #[test]

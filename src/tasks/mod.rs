@@ -216,6 +216,9 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Samples produced by this invocation per second (resumed shards excluded).
     pub samples_per_s: f64,
+    /// The JPEG encoder that wrote the images ([`JPEG_CODEC`]), which the speed depends on.
+    #[serde(default)]
+    pub jpeg_codec: String,
     pub data_files: Vec<String>,
     /// Stopped (Ctrl-C) before every shard was written; `--resume` continues.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -672,6 +675,7 @@ pub fn run_until(
     let mut summary = Summary {
         sources: sources.len() as u64,
         shards: shards.len(),
+        jpeg_codec: JPEG_CODEC.into(),
         ..Default::default()
     };
     let mut done = vec![false; shards.len()];
