@@ -148,20 +148,21 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
 /// several times slower); other layouts through image's conversion.
 fn to_rgb8(img: DynamicImage) -> RgbImage {
     let (w, h) = (img.width(), img.height());
-    let mut pixels = vec![0u8; w as usize * h as usize * 3];
-    let out = pixels.chunks_exact_mut(3);
-    match &img {
-        DynamicImage::ImageRgb8(_) => return img.into_rgb8(),
-        DynamicImage::ImageLuma8(i) => out.zip(i.as_raw()).for_each(|(o, &l)| o.fill(l)),
-        DynamicImage::ImageLumaA8(i) => out
-            .zip(i.as_raw().chunks_exact(2))
-            .for_each(|(o, p)| o.fill(p[0])),
-        DynamicImage::ImageRgba8(i) => out
-            .zip(i.as_raw().chunks_exact(4))
-            .for_each(|(o, p)| o.copy_from_slice(&p[..3])),
-        _ => return img.to_rgb8(),
+    // `src` in pixels of `n` bytes, each made RGB by `f`.
+    let convert = |src: &[u8], n: usize, f: fn(&mut [u8], &[u8])| {
+        let mut rgb = vec![0u8; w as usize * h as usize * 3];
+        rgb.chunks_exact_mut(3)
+            .zip(src.chunks_exact(n))
+            .for_each(|(o, p)| f(o, p));
+        RgbImage::from_raw(w, h, rgb).expect("buffer size matches")
+    };
+    match img {
+        DynamicImage::ImageRgb8(i) => i,
+        DynamicImage::ImageLuma8(i) => convert(i.as_raw(), 1, |o, p| o.fill(p[0])),
+        DynamicImage::ImageLumaA8(i) => convert(i.as_raw(), 2, |o, p| o.fill(p[0])),
+        DynamicImage::ImageRgba8(i) => convert(i.as_raw(), 4, |o, p| o.copy_from_slice(&p[..3])),
+        other => other.to_rgb8(),
     }
-    RgbImage::from_raw(w, h, pixels).expect("buffer size matches")
 }
 
 #[cfg(test)]

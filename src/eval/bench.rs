@@ -315,6 +315,16 @@ fn pretext(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> 
         .collect())
 }
 
+/// [`ReadError::Cause`] of `path`.
+fn cause<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    path: &Path,
+) -> impl Fn(E) -> ReadError + '_ {
+    move |e| ReadError::Cause {
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
 /// A JSON array, JSON lines or a Parquet file (as the Hugging Face copies ship) as
 /// `(index, line, value)`; syntax errors name the line (Parquet: the row).
 fn json_items(path: &Path) -> Result<Vec<(usize, usize, Value)>, ReadError> {
@@ -322,15 +332,11 @@ fn json_items(path: &Path) -> Result<Vec<(usize, usize, Value)>, ReadError> {
         path: path.to_path_buf(),
         msg,
     };
-    let cause = |e: Box<dyn std::error::Error + Send + Sync>| ReadError::Cause {
-        path: path.to_path_buf(),
-        source: e,
-    };
     if path.extension().is_some_and(|e| e == "parquet") {
         use parquet::file::reader::{FileReader, SerializedFileReader};
-        let file = std::fs::File::open(path).map_err(|e| cause(e.into()))?;
-        let reader = SerializedFileReader::new(file).map_err(|e| cause(e.into()))?;
-        let rows = reader.get_row_iter(None).map_err(|e| cause(e.into()))?;
+        let file = std::fs::File::open(path).map_err(cause(path))?;
+        let reader = SerializedFileReader::new(file).map_err(cause(path))?;
+        let rows = reader.get_row_iter(None).map_err(cause(path))?;
         return rows
             .enumerate()
             .map(|(i, r)| {
@@ -339,7 +345,7 @@ fn json_items(path: &Path) -> Result<Vec<(usize, usize, Value)>, ReadError> {
             })
             .collect();
     }
-    let text = std::fs::read_to_string(path).map_err(|e| cause(e.into()))?;
+    let text = std::fs::read_to_string(path).map_err(cause(path))?;
     let line_of = |s: &str| {
         text[..s.as_ptr() as usize - text.as_ptr() as usize]
             .matches('\n')
@@ -804,10 +810,7 @@ fn tsv(path: &Path, opt: &ReadOptions) -> Result<Vec<BenchItem>, ReadError> {
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(b'\t')
         .from_path(path)
-        .map_err(|e| ReadError::Cause {
-            path: path.to_path_buf(),
-            source: e.into(),
-        })?;
+        .map_err(cause(path))?;
     let header: Vec<String> = rdr
         .headers()
         .map_err(|e| err(format!("line 1: {e}")))?

@@ -101,8 +101,9 @@ pub fn generate(img: &RgbImage, rng: &mut Rng) -> Result<Generated, SkipReason> 
                             .map(|(_, o)| &o.0),
                     )
                     .all(|o| {
-                        mads.push(imgops::mean_abs_diff_sampled(&im, o));
-                        mads[mads.len() - 1] >= MIN_OPTION_MAD
+                        let d = imgops::mean_abs_diff_sampled(&im, o);
+                        mads.push(d);
+                        d >= MIN_OPTION_MAD
                     });
                 if distinct {
                     pair_mads.extend(mads);

@@ -98,14 +98,8 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
         });
     }
     // One loop per element type (the conversion chosen once, not per element).
-    fn elems<const W: usize>(
-        body: &[u8],
-        n: usize,
-        little: bool,
-        f: fn([u8; W]) -> f32,
-    ) -> Vec<f32> {
-        body[..n * W]
-            .chunks_exact(W)
+    fn elems<const W: usize>(body: &[u8], little: bool, f: fn([u8; W]) -> f32) -> Vec<f32> {
+        body.chunks_exact(W)
             .map(|c| {
                 let mut b: [u8; W] = c.try_into().expect("chunks of W bytes");
                 if !little {
@@ -117,17 +111,17 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
     }
     let body = &body[..n * width];
     let mut data: Vec<f32> = match size {
-        "f4" => elems::<4>(body, n, little, f32::from_le_bytes),
-        "f8" => elems::<8>(body, n, little, |b| f64::from_le_bytes(b) as f32),
-        "f2" => elems::<2>(body, n, little, |b| half_to_f32(u16::from_le_bytes(b))),
-        "i4" => elems::<4>(body, n, little, |b| i32::from_le_bytes(b) as f32),
-        "u4" => elems::<4>(body, n, little, |b| u32::from_le_bytes(b) as f32),
-        "i8" => elems::<8>(body, n, little, |b| i64::from_le_bytes(b) as f32),
-        "u8" => elems::<8>(body, n, little, |b| u64::from_le_bytes(b) as f32),
-        "i2" => elems::<2>(body, n, little, |b| f32::from(i16::from_le_bytes(b))),
-        "u2" => elems::<2>(body, n, little, |b| f32::from(u16::from_le_bytes(b))),
-        "i1" => elems::<1>(body, n, little, |b| f32::from(b[0] as i8)),
-        _ => elems::<1>(body, n, little, |b| f32::from(b[0])),
+        "f4" => elems::<4>(body, little, f32::from_le_bytes),
+        "f8" => elems::<8>(body, little, |b| f64::from_le_bytes(b) as f32),
+        "f2" => elems::<2>(body, little, |b| half_to_f32(u16::from_le_bytes(b))),
+        "i4" => elems::<4>(body, little, |b| i32::from_le_bytes(b) as f32),
+        "u4" => elems::<4>(body, little, |b| u32::from_le_bytes(b) as f32),
+        "i8" => elems::<8>(body, little, |b| i64::from_le_bytes(b) as f32),
+        "u8" => elems::<8>(body, little, |b| u64::from_le_bytes(b) as f32),
+        "i2" => elems::<2>(body, little, |b| f32::from(i16::from_le_bytes(b))),
+        "u2" => elems::<2>(body, little, |b| f32::from(u16::from_le_bytes(b))),
+        "i1" => elems::<1>(body, little, |b| f32::from(b[0] as i8)),
+        _ => elems::<1>(body, little, |b| f32::from(b[0])),
     };
     if fortran && shape.len() > 1 {
         // Reorder column-major to row-major.
