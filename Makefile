@@ -110,6 +110,9 @@ fixture: $(EXPORT_VENV)/.done ## regenerate the tiny model package and the golde
 	rm -rf models/tiny-qwen3-vl
 	$(EXPORT_VENV)/bin/python models/export.py --tiny --family qwen3_vl --out models/tiny-qwen3-vl --lora-rank 8 \
 	    --lora-alpha 16 --lora-targets q_proj,v_proj --verify --goldens
+	rm -rf models/tiny-qwen3-vl-vision-lora
+	$(EXPORT_VENV)/bin/python models/export.py models/tiny-qwen3-vl/hf --out models/tiny-qwen3-vl-vision-lora \
+	    --lora-rank 8 --lora-alpha 16 --lora-targets q_proj,v_proj,vision --verify --goldens
 	$(EXPORT_VENV)/bin/python models/make_processor_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_pil_goldens.py
 	$(EXPORT_VENV)/bin/python models/make_rope_goldens.py

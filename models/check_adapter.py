@@ -15,7 +15,7 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 
 def main(argv=None):
@@ -24,7 +24,9 @@ def main(argv=None):
     ap.add_argument("hf_dir")
     a = ap.parse_args(argv)
     c = json.load(open(f"{a.checkpoint}/adapter_config.json"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(a.hf_dir)
+    family = json.load(open(f"{a.hf_dir}/config.json")).get("model_type")
+    cls = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else Qwen2_5_VLForConditionalGeneration
+    model = cls.from_pretrained(a.hf_dir)
     peft = get_peft_model(model, LoraConfig(r=c["r"], lora_alpha=c["lora_alpha"], lora_dropout=0.0, bias="none",
                                             target_modules=c["target_modules"]))
     tensors = load_file(f"{a.checkpoint}/adapter_model.safetensors")

@@ -86,6 +86,27 @@ fn tiny_package_matches_its_contract() {
     }
 }
 
+/// Every committed package of either family, with and without vision-tower LoRA, has exactly
+/// its contract's inputs and outputs in every graph (what `ssrl inspect` checks): the
+/// Qwen3-VL graphs' DeepStack inputs and, with vision-tower LoRA, their gradients.
+#[test]
+fn every_committed_package_meets_its_contract() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    for name in [
+        "tiny",
+        "tiny-fp16",
+        "tiny-vision-lora",
+        "tiny-qwen3-vl",
+        "tiny-qwen3-vl-vision-lora",
+    ] {
+        let p = Package::open(&root.join(name)).unwrap();
+        let Some(r) = validate(&p) else { return };
+        if let Err(e) = r {
+            panic!("{name}: {}", spatial_ssrl::error_chain(&e));
+        }
+    }
+}
+
 /// A manifest whose sizes disagree with its graphs is refused when the graphs load — by
 /// `inspect`'s validation and by the engine before any run (it indexed past a tensor's end
 /// mid-rollout) — naming the graph, the input or output, and the manifest field.

@@ -381,9 +381,23 @@ fn unreadable_and_overlong_examples_are_left_out_by_name() {
 /// the checkpoint still holds every tensor, so `ssrl train` can start from it.
 #[test]
 fn the_cold_start_leaves_a_vision_tower_adapter_at_zero() {
-    let dir = tempdir("vision");
+    leaves_the_vision_adapter_at_zero("models/tiny-vision-lora", "vision");
+}
+
+/// The same on Qwen3-VL, whose tower's adapter includes the DeepStack mergers'.
+#[test]
+fn the_qwen3_vl_cold_start_leaves_its_vision_tower_adapter_at_zero() {
+    leaves_the_vision_adapter_at_zero("models/tiny-qwen3-vl-vision-lora", "vision-qwen3");
+}
+
+fn leaves_the_vision_adapter_at_zero(pkg: &str, name: &str) {
+    let dir = tempdir(name);
     let mut c = config(&dir, cold_start_set(&dir));
-    c.model = root().join("models/tiny-vision-lora");
+    c.model = root().join(pkg);
+    if pkg.contains("qwen3") {
+        c.image_min_pixels = 4096;
+        c.image_max_pixels = 65_536;
+    }
     c.max_steps = 2;
     let Some(mut t) = sft(c) else { return };
     let note = t.vision_note().unwrap();

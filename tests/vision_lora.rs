@@ -1,8 +1,9 @@
-//! LoRA on the vision tower (the tiny package exported with `--lora-targets q_proj,v_proj,vision`):
-//! the trainer's gradient chain — image features with the adapter, `train.onnx`'s gradient at
-//! the embeddings gathered at the image rows, `vision_grad.onnx` — against torch autograd through
-//! the whole transformers model from the pixels; GRPO moving the tower's adapter, its PEFT
-//! checkpoint, and the merge of it into the vision graph.
+//! LoRA on the vision tower (the tiny packages of both families exported with `--lora-targets
+//! q_proj,v_proj,vision`): the trainer's gradient chain — image features with the adapter,
+//! `train.onnx`'s gradient at the embeddings gathered at the image rows (and, for Qwen3-VL, at
+//! the DeepStack features), `vision_grad.onnx` — against torch autograd through the whole
+//! transformers model from the pixels; GRPO moving the tower's adapter, its PEFT checkpoint, and
+//! the merge of it into the vision graph.
 
 use spatial_ssrl::model::export::{export, ExportOptions};
 use spatial_ssrl::model::processor::preprocess;
@@ -15,8 +16,13 @@ use spatial_ssrl::train::Trainer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-fn package() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-vision-lora")
+/// Qwen2.5-VL's tiny package with vision-tower LoRA.
+const QWEN2_5: &str = "models/tiny-vision-lora";
+/// Qwen3-VL's: its merger target takes the DeepStack mergers too.
+const QWEN3: &str = "models/tiny-qwen3-vl-vision-lora";
+
+fn package(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -42,9 +48,9 @@ fn photo_tasks(dir: &Path, n: usize) -> PathBuf {
     p
 }
 
-fn config(dir: &Path, data: PathBuf) -> TrainConfig {
+fn config(pkg: &str, dir: &Path, data: PathBuf) -> TrainConfig {
     let mut c = TrainConfig {
-        model: package(),
+        model: package(pkg),
         out: dir.join("run"),
         ..Default::default()
     };
@@ -91,20 +97,35 @@ fn rel(got: &[f32], want: &[f32]) -> f32 {
 /// adapter → language model with the adapter → EasyR1's loss).
 #[test]
 fn the_vision_gradient_chain_matches_autograd_from_the_pixels() {
-    let dir = tempdir("chain");
-    let gd = package().join("goldens/vision");
+    chain_matches_autograd(QWEN2_5, "lora.visual.merger.mlp_2");
+}
+
+/// The same for Qwen3-VL, whose tower also feeds the language model through DeepStack: the
+/// loss's gradient at the DeepStack features joins the features' in the tower's backward.
+#[test]
+fn the_qwen3_vl_vision_gradient_chain_with_deepstack_matches_autograd() {
+    chain_matches_autograd(QWEN3, "lora.visual.deepstack_merger_list.1.linear_fc2");
+}
+
+/// `must_have`: a vision-tower tensor the package's adapter has.
+fn chain_matches_autograd(pkg: &str, must_have: &str) {
+    let dir = tempdir(&format!("chain-{}", pkg.rsplit('/').next().unwrap()));
+    let gd = package(pkg).join("goldens/vision");
     let b: serde_json::Value =
         serde_json::from_slice(&std::fs::read(gd.join("batch.json")).unwrap()).unwrap();
     let settings = &b["settings"];
     let f = |k: &str| settings[k].as_f64().unwrap() as f32;
-    let mut c = config(&dir, photo_tasks(&dir, 2));
+    let mut c = config(pkg, &dir, photo_tasks(&dir, 2));
     c.rollout.temperature = f("temperature");
     c.actor.clip_ratio_low = f("clip_ratio_low");
     c.actor.clip_ratio_high = f("clip_ratio_high");
     c.actor.clip_ratio_dual = f("clip_ratio_dual");
     let Some(mut t) = trainer(c) else { return };
     let names: Vec<String> = t.lora().into_iter().map(|p| p.name).collect();
-    assert!(names.iter().any(|n| n.starts_with("lora.visual.merger.")));
+    assert!(
+        names.iter().any(|n| n == &format!("{must_have}.B")),
+        "{must_have} not in {names:?}"
+    );
     let golden: Vec<(String, Vec<f32>)> = names
         .iter()
         .map(|n| {
@@ -142,19 +163,18 @@ fn the_vision_gradient_chain_matches_autograd_from_the_pixels() {
         pixels.push(pv.data[at..at + n].to_vec());
         at += n;
     }
-    let features: Vec<Vec<f32>> = (0..2)
-        .map(|r| {
-            t.image_features(&pixels[r], &grids[r..r + 1], true)
-                .unwrap()
-        })
+    let outputs: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+        .map(|r| t.image_outputs(&pixels[r], &grids[r..r + 1], true).unwrap())
         .collect();
+    let deepstack = outputs[0].1.len() / outputs[0].0.len();
+    assert_eq!(deepstack, usize::from(pkg == QWEN3) * 2, "DeepStack layers");
     let rows: Vec<Row<'_>> = (0..2)
         .map(|r| Row {
             prompt: &prompts[r],
             completion: &completions[r],
             grids: &grids[r..r + 1],
-            features: &features[r],
-            deepstack: &[],
+            features: &outputs[r].0,
+            deepstack: &outputs[r].1,
         })
         .collect();
     let per_row = |k: &str| -> Vec<Vec<f32>> {
@@ -184,12 +204,14 @@ fn the_vision_gradient_chain_matches_autograd_from_the_pixels() {
         "loss {} vs torch {want_loss}",
         r.loss
     );
-    // The vision tower's gradients: each prompt's image rows through vision_grad.onnx.
+    // The vision tower's gradients: each prompt's image rows (and DeepStack rows) through
+    // vision_grad.onnx.
     let mut grads = r.grads.clone();
     let mut at = 0;
-    for (row, feats) in features.iter().enumerate() {
-        let part = &r.feature_grads[at..at + feats.len()];
-        at += feats.len();
+    for (row, (feats, _)) in outputs.iter().enumerate() {
+        let n = feats.len() * (1 + deepstack);
+        let part = &r.feature_grads[at..at + n];
+        at += n;
         let vg = t
             .vision_grads(&pixels[row], &grids[row..row + 1], part)
             .unwrap();
@@ -229,8 +251,35 @@ fn the_vision_gradient_chain_matches_autograd_from_the_pixels() {
 /// equal the trained adapter's.
 #[test]
 fn grpo_trains_the_vision_tower_and_its_adapter_merges() {
-    let dir = tempdir("grpo");
-    let c = config(&dir, photo_tasks(&dir, 4));
+    grpo_trains_and_merges(
+        QWEN2_5,
+        &[
+            "base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight",
+            "base_model.model.model.visual.blocks.1.mlp.down_proj.lora_B.weight",
+            "base_model.model.model.visual.merger.mlp.2.lora_B.weight",
+        ],
+    );
+}
+
+/// The same on Qwen3-VL: its DeepStack mergers' adapters move too (their features reach the
+/// first language layers), and the checkpoint names them by transformers' module paths.
+#[test]
+fn grpo_trains_the_qwen3_vl_vision_tower_and_its_adapter_merges() {
+    grpo_trains_and_merges(
+        QWEN3,
+        &[
+            "base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight",
+            "base_model.model.model.visual.blocks.2.mlp.linear_fc1.lora_B.weight",
+            "base_model.model.model.visual.merger.linear_fc2.lora_B.weight",
+            "base_model.model.model.visual.deepstack_merger_list.1.linear_fc1.lora_A.weight",
+        ],
+    );
+}
+
+/// `want`: vision-tower keys the checkpoint must hold.
+fn grpo_trains_and_merges(pkg: &str, want: &[&str]) {
+    let dir = tempdir(&format!("grpo-{}", pkg.rsplit('/').next().unwrap()));
+    let c = config(pkg, &dir, photo_tasks(&dir, 4));
     let Some(mut t) = trainer(c) else { return };
     for _ in 0..2 {
         let m = t.train_step().unwrap();
@@ -258,12 +307,8 @@ fn grpo_trains_the_vision_tower_and_its_adapter_merges() {
         .into_iter()
         .map(|t| t.name)
         .collect();
-    for k in [
-        "base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight",
-        "base_model.model.model.visual.blocks.1.mlp.down_proj.lora_B.weight",
-        "base_model.model.model.visual.merger.mlp.2.lora_B.weight",
-        "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
-    ] {
+    let lang = ["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"];
+    for k in want.iter().chain(&lang) {
         assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
     }
     let cfg: serde_json::Value =
@@ -275,7 +320,7 @@ fn grpo_trains_the_vision_tower_and_its_adapter_merges() {
     );
     // The merge: every vision-tower tensor into vision.onnx (and its backward's graph).
     let merged = dir.join("merged");
-    let spec = spatial_ssrl::model::package::Package::open(&package())
+    let spec = spatial_ssrl::model::package::Package::open(&package(pkg))
         .unwrap()
         .manifest
         .lora;
@@ -289,7 +334,7 @@ fn grpo_trains_the_vision_tower_and_its_adapter_merges() {
         fp16: false,
         optimize: false,
     };
-    let rep = export(&package(), &merged, &opts, None).unwrap();
+    let rep = export(&package(pkg), &merged, &opts, None).unwrap();
     let into = |g: &str| {
         rep.merged
             .iter()
@@ -299,29 +344,33 @@ fn grpo_trains_the_vision_tower_and_its_adapter_merges() {
     assert_eq!(into("vision.onnx"), vision_b, "{:?}", rep.merged);
     assert_eq!(into("vision_grad.onnx"), vision_b);
     assert_eq!(into("decoder.onnx"), lora.len() / 2 - vision_b);
-    let img = image::open(package().join("goldens/image_0_0.png"))
+    let img = image::open(package(pkg).join("goldens/image_0_0.png"))
         .unwrap()
         .to_rgb8();
     let mut engine = Engine::open(&merged, None).unwrap();
     let p = preprocess(&img, &engine.preprocessor).unwrap();
-    let trained = t
-        .image_features(&p.pixel_values, &[p.grid_thw], true)
-        .unwrap();
-    let base = t
-        .image_features(&p.pixel_values, &[p.grid_thw], false)
-        .unwrap();
+    // (the features, and a Qwen3-VL tower's DeepStack features, each compared)
+    let grid = [p.grid_thw];
+    let trained = t.image_outputs(&p.pixel_values, &grid, true).unwrap();
+    let base = t.image_outputs(&p.pixel_values, &grid, false).unwrap();
     let got = engine
-        .image_features_of(&p.pixel_values, p.grid_thw, false)
+        .prompt_image_outputs(&p.pixel_values, &grid, false)
         .unwrap();
-    let d = rel(&got, &trained);
-    let apart = rel(&base, &trained);
-    assert!(
-        d <= 1e-4,
-        "merged features differ from the adapter's by {d}"
-    );
-    assert!(
-        apart > 1e2 * d.max(1e-6),
-        "the adapter moved the features by {apart} only"
-    );
+    assert_eq!(got.1.is_empty(), pkg == QWEN2_5);
+    for (what, got, trained, base) in [
+        ("features", &got.0, &trained.0, &base.0),
+        ("DeepStack features", &got.1, &trained.1, &base.1),
+    ] {
+        if got.is_empty() {
+            continue;
+        }
+        let d = rel(got, trained);
+        let apart = rel(base, trained);
+        assert!(d <= 1e-4, "merged {what} differ from the adapter's by {d}");
+        assert!(
+            apart > 1e2 * d.max(1e-6),
+            "the adapter moved the {what} by {apart} only"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -43,7 +43,7 @@ import os
 from . import settings
 from .settings import TOL, WEIGHTS_FILE
 from .builders import REAL_TEXT, build_random, build_tiny, family_of, load_model
-from .lora import LORA_TARGETS, VISION_TARGETS, is_visual
+from .lora import LORA_TARGETS, VISION_TARGETS, VISION_TARGETS_QWEN3, is_visual, vision_targets
 from . import qwen3_vl
 from .qwen2_5_vl import export_package, write_package_files
 from .onnx_io import SharedWeights
@@ -77,8 +77,10 @@ def main(argv=None):
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-targets", default="all",
                     help=f"a comma list of LoRA targets: `all` ({','.join(LORA_TARGETS)}: the language model's linear "
-                         f"layers) or some of them, and `vision` ({','.join(VISION_TARGETS)}: every linear layer "
-                         "of the vision tower and its merger) or some of those, e.g. `all,vision`")
+                         f"layers) or some of them, and `vision` (every linear layer of the vision tower and its "
+                         f"mergers: Qwen2.5-VL's {','.join(VISION_TARGETS)}; Qwen3-VL's "
+                         f"{','.join(VISION_TARGETS_QWEN3)}, its merger target taking the DeepStack mergers too) "
+                         "or some of those, e.g. `all,vision`")
     ap.add_argument("--verify", action="store_true", help="check every graph against transformers (fails above 1e-4)")
     ap.add_argument("--goldens", action="store_true", help="write transformers goldens for the Rust tests to OUT/goldens")
     ap.add_argument("--opset", type=int, default=settings.OPSET, help="ONNX opset (18 or newer)")
@@ -98,15 +100,6 @@ def main(argv=None):
     settings.HEAD_CHUNKS = a.head_chunks
     settings.ATTENTION_CHUNKS = a.attention_chunks
     settings.DTYPE = a.dtype
-    targets = []
-    for t in (t.strip() for t in a.lora_targets.split(",")):
-        group = {"all": LORA_TARGETS, "vision": VISION_TARGETS}.get(t, (t,) if t else ())
-        for g in group:
-            if g not in LORA_TARGETS + VISION_TARGETS:
-                ap.error(f"unknown LoRA target {g!r} (the language model's: {', '.join(LORA_TARGETS)}; "
-                         f"the vision tower's: {', '.join(VISION_TARGETS)})")
-            if g not in targets:
-                targets.append(g)
     if sum([a.tiny, bool(a.hf_dir), bool(a.random_init)]) != 1:
         ap.error("give one of HF_DIR, --tiny and --random-init MODEL")
     if (a.text_layers or a.vision_depth) and not a.random_init:
@@ -114,6 +107,22 @@ def main(argv=None):
     for flag, v in (("--text-layers", a.text_layers), ("--vision-depth", a.vision_depth)):
         if v is not None and v < 1:
             ap.error(f"{flag} must be at least 1")
+    if a.tiny:
+        family = a.family
+    elif a.random_init:
+        family = "qwen3_vl" if a.random_init in qwen3_vl.REAL else "qwen2_5_vl"
+    else:
+        family = family_of(a.hf_dir)
+    known = vision_targets(family)
+    targets = []
+    for t in (t.strip() for t in a.lora_targets.split(",")):
+        group = {"all": LORA_TARGETS, "vision": known}.get(t, (t,) if t else ())
+        for g in group:
+            if g not in LORA_TARGETS + known:
+                ap.error(f"unknown LoRA target {g!r} for {family} (the language model's: {', '.join(LORA_TARGETS)}; "
+                         f"the vision tower's: {', '.join(known)})")
+            if g not in targets:
+                targets.append(g)
     hf_dir = a.hf_dir
     if a.tiny:
         hf_dir = os.path.join(a.out, "hf")
@@ -131,18 +140,26 @@ def main(argv=None):
           f"{', external data' if settings.EXTERNAL_DATA else ''})", flush=True)
     os.makedirs(a.out, exist_ok=True)
     settings.WEIGHTS = SharedWeights(a.out, model)
-    if family_of(hf_dir) == "qwen3_vl":
+    if family == "qwen3_vl":
         names, shapes = qwen3_vl.export(model, a.out, a.lora_rank, a.lora_alpha, targets)
-        export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank,
-                        deepstack=len(model.config.vision_config.deepstack_visual_indexes))
+        lang, vis = [n for n in names if not is_visual(n)], [n for n in names if is_visual(n)]
+        scale = a.lora_alpha / a.lora_rank
+        export_training(model, a.out, names, shapes, scale,
+                        deepstack=len(model.config.vision_config.deepstack_visual_indexes),
+                        vision=qwen3_vl.Vision(model, vis, scale))
         qwen3_vl.write_package_files(model, hf_dir, a.out, names, shapes, a.lora_rank, a.lora_alpha, a.dtype)
         print(f"  {WEIGHTS_FILE}: {settings.WEIGHTS.at / 1e9:.3f} GB, shared by every graph", flush=True)
+        family_vision = dict(proc=qwen3_vl.processor(hf_dir), vision=qwen3_vl.Vision)
         if a.verify:
-            qwen3_vl.verify(model, hf_dir, a.out, names, shapes, tol=TOL[a.dtype]["logits"])
-            qwen3_vl.verify_training(model, hf_dir, a.out, names, shapes)
+            qwen3_vl.verify(model, hf_dir, a.out, lang, shapes, tol=TOL[a.dtype]["logits"])
+            qwen3_vl.verify_training(model, hf_dir, a.out, lang, shapes)
+            if vis:
+                verify_vision(model, a.out, lang, vis, shapes, **family_vision)
         if a.goldens:
-            write_goldens(model, hf_dir, a.out, names, shapes, None, qwen3_vl.CHAT_TEMPLATE,
+            write_goldens(model, hf_dir, a.out, lang, shapes, None, qwen3_vl.CHAT_TEMPLATE,
                           qwen3_vl.processor(hf_dir))
+            if vis:
+                write_vision_goldens(model, a.out, lang, vis, shapes, **family_vision)
         return
     names, shapes = export_package(model, a.out, a.lora_rank, a.lora_alpha, targets)
     step, sft, vgrad = export_training(model, a.out, names, shapes, a.lora_alpha / a.lora_rank)

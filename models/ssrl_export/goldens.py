@@ -14,17 +14,21 @@ from .training import sft_batch, sft_step_fn, token_logprobs, train_batch
 from .verify import synthetic_image, vision_batch, vision_chain_reference
 
 
-def write_vision_goldens(model, out, lang, vis, shapes_):
+def write_vision_goldens(model, out, lang, vis, shapes_, proc=None, vision=None):
     """goldens/vision: vision_batch's rows (prompt and completion ids, pixel rows, grids), an
     adapter on every target (language and vision), the GRPO settings and the old / reference
     log-probs and advantages; and torch autograd's loss and every LoRA gradient through the whole
-    transformers model from the pixels."""
+    transformers model from the pixels. `proc` and `vision` (the vision module's class) are the
+    family's; Qwen2.5-VL's by default."""
     gd = os.path.join(out, "goldens", "vision")
     os.makedirs(gd, exist_ok=True)
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
     names = lang + vis
     lora = random_lora(lang, shapes_, 5) + random_lora(vis, shapes_, 7)
-    vb = vision_batch(model)
+    if vision is None:
+        vb = vision_batch(model)
+    else:
+        vb = vision_batch(model, proc=proc, vision=lambda pv, grid: vision(model).features(pv, grid, {})[0])
     loss, grads = vision_chain_reference(model, vb, names, lora, scale)
     b = vb["batch"]
     for k, v in zip([f"{n}.{m}" for n in names for m in ("A", "B")], lora):

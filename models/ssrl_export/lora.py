@@ -10,9 +10,18 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # The vision tower's linear layers (each block's attention qkv and proj, its MLP) and the
-# merger's two (`--lora-targets vision`: all of them).
+# merger's two (`--lora-targets vision`: all of them), per family: Qwen2.5-VL's gated MLP and
+# merger `mlp.0` / `mlp.2`; Qwen3-VL's two-layer MLP and mergers `linear_fc1` / `linear_fc2`,
+# where `visual.merger` also takes the DeepStack mergers (the same module, one per DeepStack
+# layer).
 VISION_TARGETS = ("visual.qkv", "visual.proj", "visual.gate_proj", "visual.up_proj", "visual.down_proj",
                   "visual.merger")
+VISION_TARGETS_QWEN3 = ("visual.qkv", "visual.proj", "visual.linear_fc1", "visual.linear_fc2", "visual.merger")
+
+
+def vision_targets(family):
+    """The vision tower's LoRA targets of a family (`qwen2_5_vl`, `qwen3_vl`)."""
+    return VISION_TARGETS_QWEN3 if family == "qwen3_vl" else VISION_TARGETS
 
 
 def is_visual(name):
@@ -24,13 +33,22 @@ def target_of(name):
     parts = name.split(".")
     if not is_visual(name):
         return parts[2]
-    return "visual.merger" if parts[2] == "merger" else f"visual.{parts[3]}"
+    return "visual.merger" if parts[2] in ("merger", "deepstack_merger_list") else f"visual.{parts[3]}"
+
+
+def merger_layers(merger):
+    """A merger's linear layers by their tensor-name suffix: Qwen2.5-VL's `mlp_0` / `mlp_2`
+    (`merger.mlp[0|2]`), Qwen3-VL's `linear_fc1` / `linear_fc2`."""
+    if hasattr(merger, "mlp"):
+        return {f"mlp_{j}": merger.mlp[j] for j in (0, 2)}
+    return {"linear_fc1": merger.linear_fc1, "linear_fc2": merger.linear_fc2}
 
 
 def lora_shapes(model, targets, rank):
     """{name: (A shape, B shape)} in PEFT's layout: A [r, in], B [out, r]: the language model's
-    (`lora.{layer}.{target}`), then the vision tower's (`lora.visual.{block}.{target}`,
-    `lora.visual.merger.mlp_0|mlp_2`)."""
+    (`lora.{layer}.{target}`), then the vision tower's (`lora.visual.{block}.{target}`, the
+    merger's `lora.visual.merger.{mlp_0|mlp_2|linear_fc1|linear_fc2}` and Qwen3-VL's DeepStack
+    mergers' `lora.visual.deepstack_merger_list.{k}.{linear_fc1|linear_fc2}`)."""
     out = {}
 
     def add(name, lin):
@@ -43,12 +61,15 @@ def lora_shapes(model, targets, rank):
     vis = model.model.visual
     for i, blk in enumerate(vis.blocks):
         for t in targets:
-            if t in VISION_TARGETS and t != "visual.merger":
+            if t.startswith("visual.") and t != "visual.merger":
                 short = t.split(".")[1]
                 add(f"lora.visual.{i}.{short}", getattr(blk.attn, short, None) or getattr(blk.mlp, short))
     if "visual.merger" in targets:
-        for j in (0, 2):
-            add(f"lora.visual.merger.mlp_{j}", vis.merger.mlp[j])
+        for short, lin in merger_layers(vis.merger).items():
+            add(f"lora.visual.merger.{short}", lin)
+        for k, mg in enumerate(getattr(vis, "deepstack_merger_list", ())):
+            for short, lin in merger_layers(mg).items():
+                add(f"lora.visual.deepstack_merger_list.{k}.{short}", lin)
     return out
 
 
@@ -79,7 +100,9 @@ def module_of(model, name):
         return getattr(layer.self_attn, p[2], None) or getattr(layer.mlp, p[2])
     vis = model.model.visual
     if p[2] == "merger":
-        return vis.merger.mlp[int(p[3].split("_")[1])]
+        return merger_layers(vis.merger)[p[3]]
+    if p[2] == "deepstack_merger_list":
+        return merger_layers(vis.deepstack_merger_list[int(p[3])])[p[4]]
     blk = vis.blocks[int(p[2])]
     return getattr(blk.attn, p[3], None) or getattr(blk.mlp, p[3])
 

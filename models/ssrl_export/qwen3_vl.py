@@ -6,8 +6,9 @@ image positions), Qwen3 text layers (per-head RMSNorm of queries and keys), inte
 (inside the text model's rotary embedding) and the chat template without a default system turn.
 
 The inference graphs (vision.onnx with a `deepstack_features` output, embedding.onnx,
-decoder.onnx with `deepstack_features` / `visual_mask` inputs) share Qwen2.5-VL's wrappers;
-the log-prob and training graphs are not exported for this family yet."""
+decoder.onnx with `deepstack_features` / `visual_mask` inputs) share Qwen2.5-VL's wrappers; the
+log-prob and training graphs take the DeepStack inputs too, and with vision-tower LoRA give the
+loss's gradient at them for vision_grad.onnx (the tower's backward from both its outputs)."""
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from transformers.vision_utils import _interpolation_axis_taps_weights
 from . import settings
 from .builders import (PREPROCESSOR, build_tiny_tokenizer, remap_special_tokens, save_random, save_tiny,
                        vision_token_ids)
-from .lora import LORA_TARGETS
+from .lora import LORA_TARGETS, VISION_TARGETS_QWEN3, is_visual, lora_shapes, target_of
+from .ops import _Recompute
 from .onnx_io import Typed
 from .qwen2_5_vl import Vision as Vision25
 from .qwen2_5_vl import export_package, rope_index, training_contracts
@@ -110,9 +112,13 @@ class Vision(Vision25):
     """Qwen3-VL's vision tower on the processor's patch order: the patch embedding as a matrix
     product, the learned position table resampled to each image's grid (bilinear, corners
     aligned, as transformers' gather of 4 taps), full attention per frame, and the DeepStack
-    mergers' outputs stacked as `deepstack_features` [K, N, D]."""
+    mergers' outputs stacked as `deepstack_features` [K, N, D]. LoRA deltas
+    (`lora.visual.{block}.{qkv|proj|linear_fc1|linear_fc2}`, the merger's
+    `lora.visual.merger.{linear_fc1|linear_fc2}` and the DeepStack mergers'
+    `lora.visual.deepstack_merger_list.{k}.{linear_fc1|linear_fc2}`) on the targets in
+    `lora_names`, as graph inputs."""
 
-    def __init__(self, model):
+    def __init__(self, model, lora_names=(), scale=1.0):
         torch.nn.Module.__init__(self)
         self.vis = model.model.visual
         c = self.vis.config
@@ -120,9 +126,26 @@ class Vision(Vision25):
         self.win = 1  # (no window attention: layout's windows go unused)
         self.side = self.vis.num_grid_per_side
         self.ds = list(c.deepstack_visual_indexes)
-        self.lora_names, self.scale = [], 1.0
+        self.lora_names, self.scale = list(lora_names), scale
 
-    def forward(self, pixel_values, image_grid_thw):
+    def block(self, i, blk, x, cos, sin, frames, lora):
+        x = x + self.attend(i, blk, blk.norm1(x), cos, sin, frames, lora)
+        m, y, p = blk.mlp, blk.norm2(x), f"lora.visual.{i}."
+        return x + self.lin(lora, p + "linear_fc2", m.linear_fc2,
+                            m.act_fn(self.lin(lora, p + "linear_fc1", m.linear_fc1, y)))
+
+    def merge_with(self, mg, key, x, lora):
+        """A patch merger (the final one, or a DeepStack one) with the LoRA under `key`."""
+        if not any(k.startswith(key) for k in lora):
+            return mg(x)
+        x = mg.norm(x.view(-1, mg.hidden_size) if mg.use_postshuffle_norm else x).view(-1, mg.hidden_size)
+        x = mg.act_fn(self.lin(lora, key + "linear_fc1", mg.linear_fc1, x))
+        return self.lin(lora, key + "linear_fc2", mg.linear_fc2, x)
+
+    def features(self, pixel_values, image_grid_thw, lora, recompute=False):
+        """(merged image features, DeepStack features [K, N, D]); `recompute` (the vision
+        gradient graph) runs each block through _Recompute, so the backward keeps one block's
+        activations at a time."""
         proj = self.vis.patch_embed.proj
         x = F.linear(pixel_values.to(proj.weight.dtype), proj.weight.reshape(proj.out_channels, -1), proj.bias)
         P = x.shape[0]
@@ -138,20 +161,39 @@ class Vision(Vision25):
         cos, sin = self.vis.rotary_pos_emb(x, pos_hw)
         deep = []
         for i, blk in enumerate(self.vis.blocks):
-            x = x + self.attend(i, blk, blk.norm1(x), cos, sin, frames, {})
-            x = x + blk.mlp(blk.norm2(x))
+            if not recompute:
+                x = self.block(i, blk, x, cos, sin, frames, lora)
+            else:
+                names = sorted(k for k in lora if k.startswith(f"lora.visual.{i}."))
+                flat = [t for k in names for t in lora[k]]
+
+                def step(x, *ab, i=i, blk=blk, names=names):
+                    lo = {k: (ab[2 * j], ab[2 * j + 1]) for j, k in enumerate(names)}
+                    return self.block(i, blk, x, cos, sin, frames, lo)
+
+                x = _Recompute.apply(step, x, *flat)
             if i in self.ds:
-                deep.append(self.vis.deepstack_merger_list[self.ds.index(i)](x))
-        return self.vis.merger(x), torch.stack(deep)
+                k = self.ds.index(i)
+                deep.append(self.merge_with(self.vis.deepstack_merger_list[k],
+                                            f"lora.visual.deepstack_merger_list.{k}.", x, lora))
+        return self.merge_with(self.vis.merger, "lora.visual.merger.", x, lora), torch.stack(deep)
+
+    def forward(self, pixel_values, image_grid_thw, lora_tensors=()):
+        lora = {n: (lora_tensors[2 * j], lora_tensors[2 * j + 1]) for j, n in enumerate(self.lora_names)}
+        return self.features(pixel_values, image_grid_thw, lora)
 
 
 def export(model, out, lora_rank, lora_alpha, lora_targets):
-    """The inference graphs of a Qwen3-VL package (LoRA on the language model only)."""
-    bad = [t for t in lora_targets if t not in LORA_TARGETS]
+    """The inference graphs of a Qwen3-VL package; with vision targets, vision.onnx takes the
+    tower's LoRA tensors as inputs."""
+    bad = [t for t in lora_targets if t not in LORA_TARGETS + VISION_TARGETS_QWEN3]
     if bad:
-        raise SystemExit(f"LoRA targets {bad}: Qwen3-VL packages take LoRA on the language model only, for now")
+        raise SystemExit(f"LoRA targets {bad}: not a Qwen3-VL linear layer (the vision tower's are "
+                         f"{', '.join(VISION_TARGETS_QWEN3)})")
+    vis = [n for n in lora_shapes(model, lora_targets, lora_rank) if is_visual(n)]
     extra = {"deepstack_features": {1: "num_logical_patches"}}
-    return export_package(model, out, lora_rank, lora_alpha, lora_targets, vision=(Vision(model), extra))
+    return export_package(model, out, lora_rank, lora_alpha, lora_targets,
+                          vision=(Vision(model, vis, lora_alpha / lora_rank), extra))
 
 
 def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alpha, dtype):
@@ -165,7 +207,8 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
     manifest = {
         "format": "spatial-ssrl-package", "version": 1, "family": "qwen3_vl", "dtype": dtype, "opset": settings.OPSET,
         "graphs": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
-                   "logprobs": "logprobs.onnx", "train": "train.onnx", "sft": "sft.onnx"},
+                   "logprobs": "logprobs.onnx", "train": "train.onnx", "sft": "sft.onnx",
+                   **({"vision_grad": "vision_grad.onnx"} if any(map(is_visual, lora_names)) else {})},
         **training_contracts(),
         "text": {"hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers,
                  "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
@@ -179,7 +222,7 @@ def write_package_files(model, hf_dir, out, lora_names, lora_shapes_, rank, alph
                    "vision_start": cfg.vision_start_token_id, "vision_end": cfg.vision_end_token_id,
                    "eos": eos, "pad": tc.pad_token_id},
         "lora": {"rank": rank, "alpha": alpha, "scale": alpha / rank,
-                 "targets": [t for t in LORA_TARGETS if any(n.endswith("." + t) for n in lora_names)],
+                 "targets": [t for t in LORA_TARGETS + VISION_TARGETS_QWEN3 if t in set(map(target_of, lora_names))],
                  "tensors": [{"name": n, "A": list(lora_shapes_[n][0]), "B": list(lora_shapes_[n][1])}
                              for n in lora_names]},
         "kv_layout": "shared",

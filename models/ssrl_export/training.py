@@ -75,42 +75,50 @@ class LogProbs(nn.Module):
                               self.scale, deepstack=deepstack)
 
 
-def scaled_grads(loss, loss_scale, ws, embeds):
+def scaled_grads(loss, loss_scale, ws, extra):
     """The LoRA gradients of `loss` by backward on loss · loss_scale, divided back (loss scaling:
     an fp16 graph's half-precision gradients stay above its underflow; the scale is 1 for fp32
-    and bf16, dynamic for fp16), and with `embeds` (a package with vision-tower LoRA) the
-    gradient of loss · loss_scale at the input embeddings, fp32 and still scaled: the trainer
-    gathers its image rows and takes them through the vision tower (vision_grad.onnx), which
-    divides the scale back."""
-    gs = torch.autograd.grad(loss * loss_scale, ws + ([embeds] if embeds is not None else []))
+    and bf16, dynamic for fp16), and the gradients of loss · loss_scale at the `extra` leaves
+    (a package with vision-tower LoRA: the input embeddings, and with DeepStack its features),
+    fp32 and still scaled: the trainer gathers their image rows and takes them through the
+    vision tower (vision_grad.onnx), which divides the scale back."""
+    gs = torch.autograd.grad(loss * loss_scale, ws + extra)
     grads = [g / loss_scale for g in gs[:len(ws)]]
-    return grads + ([gs[-1].float()] if embeds is not None else [])
+    return grads + [g.float() for g in gs[len(ws):]]
 
 
 def step_leaves(args, nb, lora_names, embeds_grad):
-    """A step function's arguments split into the batch `b` and fresh leaves that need
-    gradients: the LoRA tensors (a list, and by name as (A, B)) and, with `embeds_grad`, the
-    input embeddings (else `b[0]` as it is); then the DeepStack inputs (features, visual mask)
-    that follow the LoRA tensors in a DeepStack package's graphs, or None."""
+    """A step function's arguments split into the batch `b`, fresh leaves that need gradients
+    — the LoRA tensors (a list, and by name as (A, B)) — the input embeddings `x`, the DeepStack
+    inputs (features, visual mask) that follow the LoRA tensors in a DeepStack package's graphs
+    (or None), and the leaves whose gradients the step also returns: with `embeds_grad` the
+    embeddings and the DeepStack features (fresh leaves then), else none."""
     b, k = args[:nb], nb + 2 * len(lora_names)
     ws = [w.detach().requires_grad_(True) for w in args[nb:k]]
-    x = b[0].detach().requires_grad_(True) if embeds_grad else b[0]
     deep = tuple(args[k:k + 2]) or None
-    return b, ws, x, {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}, deep
+    if not embeds_grad:
+        return b, ws, b[0], {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}, deep, []
+    x = b[0].detach().requires_grad_(True)
+    extra = [x]
+    if deep is not None:
+        deep = (deep[0].detach().requires_grad_(True), deep[1])
+        extra.append(deep[0])
+    return b, ws, x, {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(lora_names)}, deep, extra
 
 
 def train_step_fn(model, lora_names, scale, embeds_grad=False):
-    """(batch…, lora…) → (loss, token_logprobs, grads…, stats[, grad.inputs_embeds]): the
-    function traced into train.onnx."""
+    """(batch…, lora…[, deepstack_features, visual_mask]) → (loss, token_logprobs, grads…,
+    stats[, grad.inputs_embeds[, grad.deepstack_features]]): the function traced into
+    train.onnx."""
     nb = len(TRAIN_BATCH)
 
     def step(*args):
         with torch.enable_grad():
-            b, ws, x, lora, deep = step_leaves(args, nb, lora_names, embeds_grad)
+            b, ws, x, lora, deep, extra = step_leaves(args, nb, lora_names, embeds_grad)
             logp, ent = token_logprobs(model, x, b[1], b[2], b[3], b[8], lora, scale, recompute=True, deepstack=deep)
             loss, stats = grpo_loss(logp, ent.detach(), b[4], b[5], b[6], b[7], b[9], b[10], b[11], b[12], b[13],
                                     b[14])
-            grads = scaled_grads(loss, b[15], ws, x if embeds_grad else None)
+            grads = scaled_grads(loss, b[15], ws, extra)
         return (loss.detach(), logp.detach(), *grads[:len(ws)], stats, *grads[len(ws):])
 
     return step
@@ -126,13 +134,13 @@ def sft_step_fn(model, lora_names, scale, embeds_grad=False):
 
     def step(*args):
         with torch.enable_grad():
-            b, ws, x, lora, deep = step_leaves(args, nb, lora_names, embeds_grad)
+            b, ws, x, lora, deep, extra = step_leaves(args, nb, lora_names, embeds_grad)
             one = torch.ones((), dtype=torch.float32)
             logp, _, hit = token_logprobs(model, x, b[1], b[2], b[3], one, lora, scale, recompute=True, hits=True,
                                           deepstack=deep)
             m = b[4].to(logp.dtype)
             loss = -(logp * m).sum() / b[5]
-            grads = scaled_grads(loss, b[6], ws, x if embeds_grad else None)
+            grads = scaled_grads(loss, b[6], ws, extra)
         with torch.no_grad():
             stats = torch.stack([m.sum(), (hit * m).sum()])
         return (loss.detach(), *grads[:len(ws)], stats, *grads[len(ws):])
@@ -140,19 +148,23 @@ def sft_step_fn(model, lora_names, scale, embeds_grad=False):
     return step
 
 
-def vision_grad_fn(model, vis_names, scale):
-    """(pixel_values, image_grid_thw, grad_features, loss_scale, vision lora…) → the vision
-    LoRA gradients: the vision tower's backward from `grad_features` (the gradient of the scaled
-    loss at the image features, fp32), each block recomputed in the backward, divided by
-    `loss_scale`. Traced into vision_grad.onnx."""
-    V = Vision(model, vis_names, scale)
+def vision_grad_fn(V, vis_names, deepstack=False):
+    """(pixel_values, image_grid_thw, grad_features[, grad_deepstack], loss_scale, vision lora…)
+    → the vision LoRA gradients: the backward of the vision tower `V` (the family's, with
+    `features(…, recompute=True)`) from `grad_features` (the gradient of the scaled loss at the
+    image features, fp32) and, with `deepstack`, `grad_deepstack` (at its DeepStack features
+    [K, N, D]), each block recomputed in the backward, divided by `loss_scale`. Traced into
+    vision_grad.onnx."""
 
-    def step(px, grid, grad_features, loss_scale, *ws):
+    def step(px, grid, grad_features, *rest):
+        gd, loss_scale, ws = (rest[0], rest[1], rest[2:]) if deepstack else (None, rest[0], rest[1:])
         with torch.enable_grad():
             ws = [w.detach().requires_grad_(True) for w in ws]
             lora = {n: (ws[2 * j], ws[2 * j + 1]) for j, n in enumerate(vis_names)}
-            f = V.features(px, grid, lora, recompute=True)
-            gs = torch.autograd.grad(f, ws, grad_features.reshape(f.shape).to(f.dtype))
+            out = V.features(px, grid, lora, recompute=True)
+            outs = list(out) if deepstack else [out]
+            seeds = [grad_features] + ([gd] if deepstack else [])
+            gs = torch.autograd.grad(outs, ws, [g.reshape(o.shape).to(o.dtype) for g, o in zip(seeds, outs)])
         return tuple(g / loss_scale for g in gs)
 
     return step
@@ -217,10 +229,13 @@ def deepstack_example(model, B, S, K):
     return [torch.randn(K, n, model.config.text_config.hidden_size).to(torch_dtype()), vmask]
 
 
-def export_training(model, out, names, shapes_, scale, deepstack=0):
-    """logprobs.onnx, train.onnx and sft.onnx (and vision_grad.onnx with vision-tower LoRA);
-    with `deepstack` K > 0 (Qwen3-VL) each takes `deepstack_features` [K, N, D] and
-    `visual_mask` [B, S] after its LoRA inputs, as the decoder does."""
+def export_training(model, out, names, shapes_, scale, deepstack=0, vision=None):
+    """logprobs.onnx, train.onnx and sft.onnx (and vision_grad.onnx with vision-tower LoRA,
+    through `vision`: the family's vision module with the LoRA names and scale, Qwen2.5-VL's by
+    default); with `deepstack` K > 0 (Qwen3-VL) each takes `deepstack_features` [K, N, D] and
+    `visual_mask` [B, S] after its LoRA inputs, as the decoder does, and with vision-tower LoRA
+    the training graphs give the scaled loss's gradient at those features too
+    (`grad.deepstack_features`), which vision_grad.onnx takes as `grad_deepstack`."""
     from torch.export import Dim
 
     lora_names, vis = [n for n in names if not is_visual(n)], [n for n in names if is_visual(n)]
@@ -259,9 +274,11 @@ def export_training(model, out, names, shapes_, scale, deepstack=0):
     step = train_step_fn(model, lora_names, scale, embeds_grad=bool(vis))
     bs, bc = {0: b, 1: s}, {0: b, 1: c}
     ds = [bs, bs, {1: b, 2: s}, bc, bc, bc, bc, {0: b}] + [None] * 6 + [bc, None] + [None] * len(lora)
-    # (a package with vision-tower LoRA: the scaled loss's gradient at the input embeddings too)
-    extra = ["grad.inputs_embeds"] if vis else []
+    # (a package with vision-tower LoRA: the scaled loss's gradient at the input embeddings too,
+    # and at the DeepStack features)
+    extra = (["grad.inputs_embeds"] + (["grad.deepstack_features"] if deepstack else [])) if vis else []
     dims["grad.inputs_embeds"] = {0: "batch_size", 1: "sequence_length"}
+    dims["grad.deepstack_features"] = {1: "num_visual_tokens"}
     out_names = ["loss", "token_logprobs"] + [f"grad.{n}" for n in lora_in] + ["stats"] + extra
     for k in ("completion_mask", "old_logprobs", "ref_logprobs", "rollout_is_weights", "loss_mask"):
         dims[k] = {0: "batch_size", 1: "completion_length"}
@@ -279,19 +296,25 @@ def export_training(model, out, names, shapes_, scale, deepstack=0):
     vgrad = None
     if vis:
         # The vision tower's backward, run by the trainer once per image and optimizer step on
-        # the image rows of grad.inputs_embeds summed over the micro-batches.
-        vgrad = vision_grad_fn(model, vis, scale)
+        # the image rows of grad.inputs_embeds (and grad.deepstack_features) summed over the
+        # micro-batches.
+        V = vision if vision is not None else Vision(model, vis, scale)
+        vgrad = vision_grad_fn(V, vis, deepstack=bool(deepstack))
         px, grid = vision_example(model)
         with torch.no_grad():
-            nf = Vision(model).features(px, grid, {}).shape[0]
-        gf = torch.randn(nf, model.config.vision_config.out_hidden_size)
+            f = V.features(px, grid, {})
+        nf = (f[0] if deepstack else f).shape[0]
+        D = model.config.vision_config.out_hidden_size
+        gf = [torch.randn(nf, D)] + ([torch.randn(deepstack, nf, D)] if deepstack else [])
         vlora = random_lora(vis, shapes_, 6)
         vin = [f"{n}.{m}" for n in vis for m in ("A", "B")]
         P, n = Dim("num_patches", min=4, max=1 << 20), Dim("num_logical_patches", min=1, max=1 << 18)
-        ds = [{0: P}, {0: Dim("num_images", max=1024)}, {0: n}, None] + [None] * len(vlora)
-        export_joint(vgrad, [px, grid, gf, torch.tensor(1.0)] + vlora, f"{out}/vision_grad.onnx",
-                     ["pixel_values", "image_grid_thw", "grad_features", "loss_scale"] + vin,
+        gds = [{0: n}] + ([{1: n}] if deepstack else [])
+        ds = [{0: P}, {0: Dim("num_images", max=1024)}] + gds + [None] + [None] * len(vlora)
+        gnames = ["grad_features"] + (["grad_deepstack"] if deepstack else [])
+        export_joint(vgrad, [px, grid, *gf, torch.tensor(1.0)] + vlora, f"{out}/vision_grad.onnx",
+                     ["pixel_values", "image_grid_thw"] + gnames + ["loss_scale"] + vin,
                      [f"grad.{k}" for k in vin], ds,
                      {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"},
-                      "grad_features": {0: "num_logical_patches"}})
+                      "grad_features": {0: "num_logical_patches"}, "grad_deepstack": {1: "num_logical_patches"}})
     return step, sft, vgrad

@@ -552,11 +552,13 @@ def vision_chain_reference(model, vb, names, lora, scale):
     return loss.detach(), [w.grad for w in ws]
 
 
-def verify_vision(model, out, lang, vis, shapes_):
+def verify_vision(model, out, lang, vis, shapes_, proc=None, vision=None):
     """Vision-tower LoRA: vision.onnx against transformers' vision tower with the adapter added
     by hooks, and the trainer's chain (vision.onnx → embedding.onnx → train.onnx's
-    grad.inputs_embeds at the image rows → vision_grad.onnx) against autograd through the whole
-    transformers model from the pixels; the loss scale divided back; a finite difference."""
+    grad.inputs_embeds at the image rows, and with DeepStack grad.deepstack_features →
+    vision_grad.onnx) against autograd through the whole transformers model from the pixels; the
+    loss scale divided back; a finite difference. `proc` and `vision` (the vision module's
+    class) are the family's; Qwen2.5-VL's by default."""
     import onnxruntime as ort
     tols = TOL[settings.DTYPE]
     so = ort.SessionOptions()
@@ -566,23 +568,33 @@ def verify_vision(model, out, lang, vis, shapes_):
     ll, vl = random_lora(lang, shapes_, 5), random_lora(vis, shapes_, 7)
     lin = [f"{n}.{m}" for n in lang for m in ("A", "B")]
     vin = [f"{n}.{m}" for n in vis for m in ("A", "B")]
-    vb = vision_batch(model)
+    V = (vision or Vision)(model)
+    deepstack = hasattr(model.model.visual, "deepstack_merger_list")
+    first = (lambda o: o[0]) if deepstack else (lambda o: o)
+    vb = vision_batch(model, proc=proc, vision=lambda pv, grid: first(V.features(pv, grid, {})))
     pv, grid = f32(vb["pv"]), vb["grid"].numpy()
     vfeeds = {k: f32(v) for k, v in zip(vin, vl)}
-    # 1. the vision tower with LoRA
-    feats = sess["vision"].run(None, {"pixel_values": pv, "image_grid_thw": grid, **vfeeds})[0]
+
+    def tower():
+        o = model.model.visual(vb["pv"], grid_thw=vb["grid"])
+        return [f32(o.pooler_output)] + [f32(d) for d in (o.deepstack_features if deepstack else [])]
+
+    # 1. the vision tower with LoRA (and its DeepStack features)
+    got = sess["vision"].run(None, {"pixel_values": pv, "image_grid_thw": grid, **vfeeds})
+    got = [got[0]] + (list(got[1]) if deepstack else [])
     hooks = lora_hooks(model, vis, vl, scale)
     try:
         with torch.no_grad():
-            ref = f32(model.model.visual(vb["pv"], grid_thw=vb["grid"]).pooler_output)
+            ref = tower()
     finally:
         for h in hooks:
             h.remove()
     with torch.no_grad():
-        base = f32(model.model.visual(vb["pv"], grid_thw=vb["grid"]).pooler_output)
-    d, moved = np.abs(feats - ref).max(), np.abs(ref - base).max()
-    print(f"  vision.onnx with vision LoRA vs transformers + hooks: {d:.1e} (the adapter moves the features by "
-          f"{moved:.2f})", flush=True)
+        base = tower()
+    d = max(np.abs(g - r).max() for g, r in zip(got, ref))
+    moved = min(np.abs(r - b).max() for r, b in zip(ref, base))
+    print(f"  vision.onnx with vision LoRA vs transformers + hooks: {d:.1e} (the adapter moves the features"
+          f"{' and each DeepStack layer' if deepstack else ''} by ≥ {moved:.2f})", flush=True)
     if d > tols["logits"] or moved < 1e-3:
         raise SystemExit("verify: vision.onnx with LoRA differs from transformers")
     # 2. the chain against autograd through the whole model
@@ -592,15 +604,19 @@ def verify_vision(model, out, lang, vis, shapes_):
     image = ids == model.config.image_token_id
 
     def chain(vfeeds, loss_scale=1.0):
-        f = sess["vision"].run(None, {"pixel_values": pv, "image_grid_thw": grid, **vfeeds})[0]
-        emb = sess["embedding"].run(None, {"input_ids": ids, "image_features": f})[0]
+        vo = sess["vision"].run(None, {"pixel_values": pv, "image_grid_thw": grid, **vfeeds})
+        emb = sess["embedding"].run(None, {"input_ids": ids, "image_features": vo[0]})[0]
         feeds = {k: f32(v) if v.is_floating_point() else v.numpy() for k, v in zip(TRAIN_BATCH, vb["batch"])}
         feeds.update({"inputs_embeds": emb, "loss_scale": np.array(loss_scale, np.float32)})
+        if deepstack:
+            feeds.update({"deepstack_features": vo[1], "visual_mask": image.astype(np.int64)})
         feeds.update({k: f32(v) for k, v in zip(lin, ll)})
-        names = ["loss", "grad.inputs_embeds"] + [f"grad.{k}" for k in lin]
+        names = ["loss", "grad.inputs_embeds"] + (["grad.deepstack_features"] if deepstack else []) \
+            + [f"grad.{k}" for k in lin]
         res = dict(zip(names, sess["train"].run(names, feeds)))
         gf = res["grad.inputs_embeds"][image]
-        vg = sess["vision_grad"].run(None, {"pixel_values": pv, "image_grid_thw": grid, "grad_features": gf,
+        gd = {"grad_deepstack": res["grad.deepstack_features"]} if deepstack else {}
+        vg = sess["vision_grad"].run(None, {"pixel_values": pv, "image_grid_thw": grid, "grad_features": gf, **gd,
                                             "loss_scale": np.array(loss_scale, np.float32), **vfeeds})
         return float(res["loss"]), [res[f"grad.{k}"] for k in lin] + vg
 

@@ -194,7 +194,8 @@ pub struct LoraSpec {
 }
 
 impl LoraTensor {
-    /// A vision-tower tensor (`lora.visual.{block}.{target}`, `lora.visual.merger.mlp_0|mlp_2`):
+    /// A vision-tower tensor (`lora.visual.{block}.{target}`, the mergers'
+    /// `lora.visual.merger.…` and Qwen3-VL's `lora.visual.deepstack_merger_list.{k}.…`):
     /// an input of the vision graphs; the others are the language model's graphs'.
     pub fn is_vision(&self) -> bool {
         is_vision_name(&self.name)
@@ -672,10 +673,16 @@ impl Package {
         let lora = inputs_of(&mut m.lora.text());
         let vision_lora = inputs_of(&mut m.lora.vision());
         // With vision-tower LoRA the training graphs also give the (scaled) loss's gradient at
-        // the input embeddings, which the trainer takes through vision_grad.onnx.
-        let embeds_grad: Vec<(String, T)> = match vision_lora.is_empty() {
-            true => vec![],
-            false => vec![("grad.inputs_embeds".into(), T::Float32)],
+        // the input embeddings (and a DeepStack package's at its DeepStack features), which the
+        // trainer takes through vision_grad.onnx.
+        let deepstack = m.vision.deepstack_layers > 0;
+        let embeds_grad: Vec<(String, T)> = match (vision_lora.is_empty(), deepstack) {
+            (true, _) => vec![],
+            (false, false) => vec![("grad.inputs_embeds".into(), T::Float32)],
+            (false, true) => s(&[
+                ("grad.inputs_embeds", T::Float32),
+                ("grad.deepstack_features", T::Float32),
+            ]),
         };
         dec_in.extend(lora.iter().cloned());
         let mut lp_in = s(&[
@@ -700,11 +707,15 @@ impl Package {
         sft_out.extend(lora.iter().map(|(n, t)| (format!("grad.{n}"), *t)));
         sft_out.push(("stats".into(), T::Float32));
         sft_out.extend(embeds_grad.iter().cloned());
-        if m.vision.deepstack_layers > 0 {
-            dec_in.extend(s(&[("deepstack_features", act), ("visual_mask", T::Int64)]));
+        if deepstack {
+            // (the DeepStack inputs follow the LoRA inputs in every language-model graph)
+            let deep = s(&[("deepstack_features", act), ("visual_mask", T::Int64)]);
+            for inputs in [&mut dec_in, &mut lp_in, &mut train_in, &mut sft_in] {
+                inputs.extend(deep.iter().cloned());
+            }
         }
         let mut vision_out = s(&[("image_features", act)]);
-        if m.vision.deepstack_layers > 0 {
+        if deepstack {
             vision_out.push(("deepstack_features".into(), act));
         }
         let mut vision_in = s(&[("pixel_values", T::Float32), ("image_grid_thw", T::Int64)]);
@@ -715,6 +726,9 @@ impl Package {
             ("grad_features", T::Float32),
             ("loss_scale", T::Float32),
         ]);
+        if deepstack {
+            vgrad_in.push(("grad_deepstack".into(), T::Float32));
+        }
         vgrad_in.extend(vision_lora.iter().cloned());
         let vgrad_out = vision_lora
             .iter()

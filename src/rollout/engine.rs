@@ -522,6 +522,38 @@ impl Engine {
         self.on_own(|r| r.vision_features(pixels, grid, lora).map(|(f, _)| f))
     }
 
+    /// The vision tower on one prompt's preprocessed images (`pixels`: their pixel rows one
+    /// after the other; `grids`: theirs), one call per image, with or without the vision-tower
+    /// LoRA (as [`Engine::image_features_of`]): the prompt's features `[tokens, D]` and, for a
+    /// DeepStack package, its DeepStack features `[K, tokens, D]` (empty for others), laid out as
+    /// [`Engine::prepare`] lays a request's out.
+    pub fn prompt_image_outputs(
+        &mut self,
+        pixels: &[f32],
+        grids: &[[u32; 3]],
+        lora: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        let patches = |g: &[u32; 3]| (g[0] * g[1] * g[2]) as usize;
+        let width = pixels.len() / grids.iter().map(patches).sum::<usize>().max(1);
+        let k = self.package.manifest.vision.deepstack_layers;
+        let mut outs = Vec::with_capacity(grids.len());
+        let mut at = 0;
+        for g in grids {
+            let n = patches(g) * width;
+            let px = pixels.get(at..at + n).ok_or_else(|| EngineError::Run {
+                graph: "vision",
+                msg: format!(
+                    "{} pixel values for images of {} patches",
+                    pixels.len(),
+                    grids.iter().map(patches).sum::<usize>()
+                ),
+            })?;
+            outs.push(self.on_own(|r| r.vision_features(px, *g, lora))?);
+            at += n;
+        }
+        Ok(join_images(&outs, k))
+    }
+
     /// Runs `work` on a worker over the engine's own sessions; its stats join the engine's.
     fn on_own<T>(&mut self, work: impl FnOnce(&mut Runner<'_>) -> T) -> T {
         let mut r = Runner {

@@ -42,6 +42,8 @@ pub struct MicroBatch {
     pub completion_mask: Vec<f32>,
     /// Image features of all rows, in row order.
     pub features: Vec<f32>,
+    /// Each row's share of `features` (values, not tokens).
+    pub row_features: Vec<usize>,
     /// DeepStack features `[K, all rows' image tokens, D]`: layer by layer, the rows in order
     /// (empty without DeepStack).
     pub deepstack: Vec<f32>,
@@ -148,6 +150,31 @@ impl MicroBatch {
     }
 }
 
+/// The loss's gradient at a micro-batch's image features (`main`: `[tokens, d]`, the rows'
+/// one after another) and at its DeepStack features (`deep`: `[k, tokens, d]`, layer by layer)
+/// regrouped by row (`tokens`: each row's image tokens): each row's features' gradient, then
+/// its `k` DeepStack layers' — `[1 + k, row tokens, d]` per row, the rows in order.
+pub fn rows_with_deepstack(
+    main: &[f32],
+    deep: &[f32],
+    k: usize,
+    tokens: &[usize],
+    d: usize,
+) -> Vec<f32> {
+    let all: usize = tokens.iter().sum();
+    let mut out = Vec::with_capacity(main.len() + deep.len());
+    let mut at = 0;
+    for &n in tokens {
+        out.extend_from_slice(&main[at * d..(at + n) * d]);
+        for j in 0..k {
+            let layer = j * all + at;
+            out.extend_from_slice(&deep[layer * d..(layer + n) * d]);
+        }
+        at += n;
+    }
+    out
+}
+
 /// Columns `first..len` of every `len`-column row of `v`.
 fn completion_part<T: Copy>(v: &[T], len: usize, first: usize) -> Vec<T> {
     v.chunks(len)
@@ -221,6 +248,7 @@ pub fn build(rows: &[Row<'_>], pad: u32, rope: &RopeConfig) -> Result<MicroBatch
         target_ids,
         completion_mask,
         features,
+        row_features: rows.iter().map(|r| r.features.len()).collect(),
         deepstack,
     })
 }

@@ -128,17 +128,23 @@ fn parse_safetensors(bytes: &[u8]) -> Result<Vec<NamedTensor>, String> {
 }
 
 /// PEFT's key for a package LoRA tensor (`lora.{layer}.{target}`, `lora.visual.{block}.{target}`,
-/// `lora.visual.merger.mlp_{0|2}` + `A`/`B`) on Qwen2.5-VL (transformers ≥ 4.52 module paths).
+/// the merger's `lora.visual.merger.{mlp_0|mlp_2|linear_fc1|linear_fc2}`, Qwen3-VL's DeepStack
+/// mergers' `lora.visual.deepstack_merger_list.{k}.{linear_fc1|linear_fc2}`, + `A`/`B`) on
+/// Qwen2.5-VL and Qwen3-VL (transformers ≥ 4.52 module paths).
 pub fn peft_key(name: &str, which: char) -> Option<String> {
     if let Some(rest) = name.strip_prefix("lora.visual.") {
-        let (block, target) = rest.split_once('.')?;
-        let module = match (block, target) {
-            ("merger", "mlp_0" | "mlp_2") => format!("merger.mlp.{}", &target[4..]),
-            (_, "qkv" | "proj") if block.parse::<usize>().is_ok() => {
-                format!("blocks.{block}.attn.{target}")
+        let number = |s: &str| s.parse::<usize>().is_ok();
+        let module = match rest.split('.').collect::<Vec<_>>()[..] {
+            ["merger", t @ ("mlp_0" | "mlp_2")] => format!("merger.mlp.{}", &t[4..]),
+            ["merger", t @ ("linear_fc1" | "linear_fc2")] => format!("merger.{t}"),
+            ["deepstack_merger_list", k, t @ ("linear_fc1" | "linear_fc2")] if number(k) => {
+                format!("deepstack_merger_list.{k}.{t}")
             }
-            (_, "gate_proj" | "up_proj" | "down_proj") if block.parse::<usize>().is_ok() => {
-                format!("blocks.{block}.mlp.{target}")
+            [b, t @ ("qkv" | "proj")] if number(b) => format!("blocks.{b}.attn.{t}"),
+            [b, t @ ("gate_proj" | "up_proj" | "down_proj" | "linear_fc1" | "linear_fc2")]
+                if number(b) =>
+            {
+                format!("blocks.{b}.mlp.{t}")
             }
             _ => return None,
         };
@@ -177,9 +183,13 @@ pub fn package_name(key: &str) -> Option<(String, char)> {
         };
         let name = match module.split('.').collect::<Vec<_>>()[..] {
             ["merger", "mlp", j @ ("0" | "2")] => format!("lora.visual.merger.mlp_{j}"),
+            ["merger", t] => format!("lora.visual.merger.{t}"),
+            ["deepstack_merger_list", k, t] => format!("lora.visual.deepstack_merger_list.{k}.{t}"),
             ["blocks", b, "attn" | "mlp", t] => format!("lora.visual.{b}.{t}"),
             _ => return None,
         };
+        // (only modules a package names: `merger.norm` or `blocks.0.mlp.fc9` are none)
+        peft_key(&name, which)?;
         return Some((name, which));
     }
     let rest = key
@@ -197,11 +207,14 @@ pub fn package_name(key: &str) -> Option<(String, char)> {
     Some((format!("lora.{layer}.{target}"), which))
 }
 
-/// PEFT's `target_modules` for the package's targets: their names where that list matches no
-/// other module (PEFT matches a listed name against every module path's last part), else a
-/// regular expression PEFT matches whole against the module paths — the vision tower's MLP has
-/// gate / up / down projections too, and its attention and merger are named by position.
-pub fn target_modules(targets: &[String]) -> serde_json::Value {
+/// PEFT's `target_modules` for the package's LoRA layout: its targets' names where that list
+/// matches no other module (PEFT matches a listed name against every module path's last part),
+/// else a regular expression PEFT matches whole against the module paths — the vision tower's
+/// MLP has names of the language model's (Qwen2.5-VL's gate / up / down projections) or of the
+/// mergers' (Qwen3-VL's `linear_fc1` / `linear_fc2`), and its attention and Qwen2.5-VL's merger
+/// are named by position. Qwen3-VL's merger target takes its DeepStack mergers too.
+pub fn target_modules(spec: &LoraSpec) -> serde_json::Value {
+    let targets = &spec.targets;
     let unique = ["q_proj", "k_proj", "v_proj", "o_proj"];
     if targets.iter().all(|t| unique.contains(&t.as_str())) {
         return serde_json::json!(targets);
@@ -230,7 +243,14 @@ pub fn target_modules(targets: &[String]) -> serde_json::Value {
         ));
     }
     if targets.iter().any(|t| t == "visual.merger") {
-        parts.push(r".*visual\.merger\.mlp\.(0|2)".into());
+        let qwen3 =
+            (spec.tensors.iter()).any(|t| t.name.starts_with("lora.visual.merger.linear_fc"));
+        parts.push(match qwen3 {
+            true => {
+                r".*visual\.(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2)".into()
+            }
+            false => r".*visual\.merger\.mlp\.(0|2)".into(),
+        });
     }
     serde_json::json!(parts.join("|"))
 }
@@ -244,7 +264,7 @@ pub fn adapter_config(spec: &LoraSpec, base_model: &str) -> serde_json::Value {
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": 0.0,
-        "target_modules": target_modules(&spec.targets),
+        "target_modules": target_modules(spec),
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
@@ -549,7 +569,7 @@ pub fn adapter_scale(config: &Path, spec: &LoraSpec) -> Result<f64, CheckpointEr
             // layers are `mlp.0` and `mlp.2`).
             let short = name.rsplit('.').next().unwrap_or(name);
             let have = |p: &String| match p.as_str() {
-                "visual.merger" => short == "0" || short == "2",
+                "visual.merger" => ["0", "2", "linear_fc1", "linear_fc2"].contains(&short),
                 p => p.rsplit('.').next() == Some(short),
             };
             if !spec.targets.iter().any(have) {
@@ -737,6 +757,19 @@ mod tests {
                 "lora.visual.merger.mlp_2",
                 "base_model.model.model.visual.merger.mlp.2.lora_B.weight",
             ),
+            // Qwen3-VL's
+            (
+                "lora.visual.1.linear_fc1",
+                "base_model.model.model.visual.blocks.1.mlp.linear_fc1.lora_B.weight",
+            ),
+            (
+                "lora.visual.merger.linear_fc2",
+                "base_model.model.model.visual.merger.linear_fc2.lora_B.weight",
+            ),
+            (
+                "lora.visual.deepstack_merger_list.2.linear_fc1",
+                "base_model.model.model.visual.deepstack_merger_list.2.linear_fc1.lora_B.weight",
+            ),
         ] {
             assert_eq!(peft_key(name, 'B').as_deref(), Some(key));
             assert_eq!(package_name(key), Some((name.to_string(), 'B')));
@@ -749,9 +782,15 @@ mod tests {
             "lora.visual.merger.mlp_1",
             "lora.visual.x.qkv",
             "lora.visual.0.q_proj",
+            "lora.visual.merger.norm",
+            "lora.visual.deepstack_merger_list.x.linear_fc1",
         ] {
             assert_eq!(peft_key(bad, 'A'), None, "{bad}");
         }
+        assert_eq!(
+            package_name("base_model.model.model.visual.merger.norm.lora_A.weight"),
+            None
+        );
     }
 
     /// `target_modules` lists names where PEFT's suffix match finds those modules only, and is a
@@ -759,7 +798,12 @@ mod tests {
     /// targets named by position (its attention, the merger).
     #[test]
     fn target_modules_match_the_adapters_modules_only() {
-        let t = |v: &[&str]| target_modules(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let t = |v: &[&str]| {
+            target_modules(&LoraSpec {
+                targets: v.iter().map(|s| s.to_string()).collect(),
+                ..spec()
+            })
+        };
         assert_eq!(
             t(&["q_proj", "v_proj"]),
             serde_json::json!(["q_proj", "v_proj"])
@@ -772,6 +816,26 @@ mod tests {
             t(&["v_proj", "visual.qkv", "visual.down_proj", "visual.merger"]),
             serde_json::json!(
                 r".*\.layers\.\d+\.(self_attn|mlp)\.(v_proj)|.*visual\.blocks\.\d+\.(attn|mlp)\.(qkv|down_proj)|.*visual\.merger\.mlp\.(0|2)"
+            )
+        );
+        // Qwen3-VL's merger target (its tensors say so): the merger and the DeepStack mergers.
+        let qwen3 = LoraSpec {
+            targets: vec![
+                "q_proj".into(),
+                "visual.linear_fc2".into(),
+                "visual.merger".into(),
+            ],
+            tensors: vec![LoraTensor {
+                name: "lora.visual.merger.linear_fc1".into(),
+                a: vec![8, 16],
+                b: vec![16, 8],
+            }],
+            ..spec()
+        };
+        assert_eq!(
+            target_modules(&qwen3),
+            serde_json::json!(
+                r".*\.layers\.\d+\.(self_attn|mlp)\.(q_proj)|.*visual\.blocks\.\d+\.(attn|mlp)\.(linear_fc2)|.*visual\.(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2)"
             )
         );
     }

@@ -30,6 +30,7 @@ use metrics::*;
 pub use metrics::{read_metrics, Metrics};
 use policy::*;
 pub use policy::{MicroResult, Stats};
+pub use update::ImageOutputs;
 use update::*;
 
 use crate::data::records::{read_dataset, SampleRecord};
@@ -717,7 +718,8 @@ impl Trainer {
             rows.iter()
                 .zip(&completions)
                 .map(|(r, c)| Row {
-                    features: &b[c.prompt_index],
+                    features: &b[c.prompt_index].0,
+                    deepstack: &b[c.prompt_index].1,
                     ..*r
                 })
                 .collect()

@@ -211,8 +211,10 @@ pub struct MicroResult {
     /// `feature_grads`).
     pub grads: Vec<Vec<f32>>,
     /// With vision-tower LoRA: the loss's gradient at the rows' image features, in the rows'
-    /// order (`[image tokens, out_hidden_size]` as their features are), unscaled; empty
-    /// otherwise. [`Trainer::vision_grads`] takes it through the vision tower.
+    /// order (`[image tokens, out_hidden_size]` as their features are; a DeepStack package's
+    /// rows `[1 + K, image tokens, out_hidden_size]`: the features' gradient, then each
+    /// DeepStack layer's), unscaled; empty otherwise. [`Trainer::vision_grads`] takes a
+    /// prompt's part through the vision tower.
     pub feature_grads: Vec<f32>,
     /// Sums over completion tokens, by the manifest's names: tokens, pg_clipfrac_higher,
     /// pg_clipfrac_lower, ppo_kl (−log-ratio), kl (k3), entropy.

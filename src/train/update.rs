@@ -12,6 +12,10 @@ pub(super) struct StepImages {
     pub(super) prompt_of: Vec<usize>,
 }
 
+/// One prompt's image features `[tokens, D]` and, for a DeepStack package, its DeepStack
+/// features `[K, tokens, D]` (empty for others).
+pub type ImageOutputs = (Vec<f32>, Vec<f32>);
+
 /// Adds each gradient of `more` into `acc`'s.
 pub(super) fn add_into(acc: &mut [Vec<f32>], more: &[Vec<f32>]) {
     for (a, b) in acc.iter_mut().zip(more) {
@@ -134,9 +138,21 @@ impl Trainer {
                     .map_err(run_err("train"))?;
                 let placeholders = [i64::from(m.tokens.image), i64::from(m.tokens.video)];
                 let scale = settings[6];
-                let mut rows = mb.feature_rows(g, m.text.hidden_size, placeholders);
-                rows.iter_mut().for_each(|v| *v /= scale);
-                rows
+                let d = m.text.hidden_size;
+                let main = mb.feature_rows(g, d, placeholders);
+                let mut out = match m.vision.deepstack_layers {
+                    0 => main,
+                    k => {
+                        let (_, deep) = res["grad.deepstack_features"]
+                            .try_extract_tensor::<f32>()
+                            .map_err(run_err("train"))?;
+                        let tokens: Vec<usize> =
+                            mb.row_features.iter().map(|n| n / d.max(1)).collect();
+                        batch::rows_with_deepstack(&main, deep, k, &tokens, d)
+                    }
+                };
+                out.iter_mut().for_each(|v| *v /= scale);
+                out
             }
         };
         Ok(MicroResult {
@@ -156,18 +172,18 @@ impl Trainer {
         grids: &[[u32; 3]],
         lora: bool,
     ) -> Result<Vec<f32>, TrainError> {
-        let patches = |g: &[u32; 3]| (g[0] * g[1] * g[2]) as usize;
-        let width = pixels.len() / grids.iter().map(patches).sum::<usize>().max(1);
-        let (mut out, mut at) = (Vec::new(), 0);
-        for g in grids {
-            let n = patches(g) * width;
-            out.extend(
-                self.engine
-                    .image_features_of(&pixels[at..at + n], *g, lora)?,
-            );
-            at += n;
-        }
-        Ok(out)
+        Ok(self.image_outputs(pixels, grids, lora)?.0)
+    }
+
+    /// As [`Trainer::image_features`], with a DeepStack package's DeepStack features
+    /// `[K, tokens, D]` (empty for others): (features, DeepStack features).
+    pub fn image_outputs(
+        &mut self,
+        pixels: &[f32],
+        grids: &[[u32; 3]],
+        lora: bool,
+    ) -> Result<ImageOutputs, TrainError> {
+        Ok(self.engine.prompt_image_outputs(pixels, grids, lora)?)
     }
 
     /// The vision-tower LoRA gradients of one prompt's images (as [`Trainer::image_features`]
@@ -187,11 +203,16 @@ impl Trainer {
                 msg: "the package has no vision-tower LoRA".into(),
             });
         };
-        let d = self.engine.package.manifest.vision.out_hidden_size;
+        let v = &self.engine.package.manifest.vision;
+        let (d, k) = (v.out_hidden_size, v.deepstack_layers);
         let patches: usize = grids.iter().map(|g| (g[0] * g[1] * g[2]) as usize).sum();
         let grid: Vec<i64> = grids.iter().flatten().map(|&v| i64::from(v)).collect();
+        // (the features' gradient, then a DeepStack package's K layers of it)
+        let n = feature_grads.len() / (1 + k) / d.max(1);
+        let (main, deep) = feature_grads.split_at(n * d);
         loop {
             let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+            let scaled = |g: &[f32]| g.iter().map(|g| g * scale).collect::<Vec<f32>>();
             let mut inputs = vec![
                 (
                     "pixel_values".to_string(),
@@ -201,15 +222,12 @@ impl Trainer {
                     "image_grid_thw".into(),
                     tensor(&[grids.len(), 3], grid.clone())?,
                 ),
-                (
-                    "grad_features".into(),
-                    tensor(
-                        &[feature_grads.len() / d, d],
-                        feature_grads.iter().map(|g| g * scale).collect(),
-                    )?,
-                ),
+                ("grad_features".into(), tensor(&[n, d], scaled(main))?),
                 ("loss_scale".into(), scalar(scale)?),
             ];
+            if k > 0 {
+                inputs.push(("grad_deepstack".into(), tensor(&[k, n, d], scaled(deep))?));
+            }
             inputs.extend(Param::inputs(&self.params, true, false)?);
             let res = sess.run(inputs).map_err(run_err("vision_grad"))?;
             let grads = Param::read_grads(&self.params, &res, "vision_grad", true)?;
@@ -220,17 +238,18 @@ impl Trainer {
         }
     }
 
-    /// Each prompt's image features, with (`lora`) or without the vision-tower LoRA.
+    /// Each prompt's image features and DeepStack features, with (`lora`) or without the
+    /// vision-tower LoRA.
     pub(super) fn prompt_features(
         &mut self,
         images: &StepImages,
         lora: bool,
-    ) -> Result<Vec<Vec<f32>>, TrainError> {
+    ) -> Result<Vec<ImageOutputs>, TrainError> {
         images
             .pixels
             .iter()
             .zip(&images.grids)
-            .map(|(px, g)| self.image_features(px, g, lora))
+            .map(|(px, g)| self.image_outputs(px, g, lora))
             .collect()
     }
 
@@ -326,7 +345,8 @@ impl Trainer {
                     .iter()
                     .zip(&im.prompt_of)
                     .map(|(r, &p)| Row {
-                        features: &f[p],
+                        features: &f[p].0,
+                        deepstack: &f[p].1,
                         ..*r
                     })
                     .collect(),
@@ -355,9 +375,11 @@ impl Trainer {
                 sums.add(&r.stats);
                 add_into(&mut grads, &r.grads);
                 if let Some(im) = images {
+                    // (each row's features' gradient, then its DeepStack layers')
+                    let per = 1 + self.engine.package.manifest.vision.deepstack_layers;
                     let mut at = 0;
                     for &i in micro {
-                        let n = rows[i].features.len();
+                        let n = rows[i].features.len() * per;
                         let acc = feature_grads
                             .entry(im.prompt_of[i])
                             .or_insert_with(|| vec![0.0; n]);
