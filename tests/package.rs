@@ -184,14 +184,31 @@ fn a_wrong_package_is_refused_clearly() {
         }
         Ok(_) => panic!("the engine opened a package whose decoder is the embedding graph"),
     }
-    // A graph that is not ONNX at all.
+    // A graph that is not ONNX at all: named, with ONNX Runtime's own error kept as the cause
+    // (by inspect's validation and by the engine).
     std::fs::write(dir.join("vision.onnx"), b"not a model").unwrap();
     if let Some(r) = validate(&p) {
-        let e = r.unwrap_err().to_string();
+        let e = r.unwrap_err();
+        let top = e.to_string();
         assert!(
-            e.contains("vision.onnx") && e.contains("cannot load"),
-            "{e}"
+            top.contains("vision.onnx") && top.contains("cannot load"),
+            "{top}"
         );
+        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+        assert!(
+            cause.as_deref().is_some_and(|c| c.to_lowercase().contains("protobuf")),
+            "ONNX Runtime's error is not the cause: {cause:?}"
+        );
+        match spatial_ssrl::rollout::Engine::open(&dir, None) {
+            Err(e) => {
+                let chain = spatial_ssrl::error_chain(&e);
+                assert!(
+                    chain.contains("vision.onnx") && chain.to_lowercase().contains("protobuf"),
+                    "{chain}"
+                );
+            }
+            Ok(_) => panic!("the engine opened a package whose vision graph is not ONNX"),
+        }
     }
     // No manifest, and a missing graph.
     std::fs::remove_file(dir.join("manifest.json")).unwrap();

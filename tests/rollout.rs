@@ -702,7 +702,8 @@ fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
             e.provider()
         ),
         Err(e) => {
-            let msg = e.to_string();
+            // (as ssrl prints it: the provider's message with ONNX Runtime's under it)
+            let msg = spatial_ssrl::error_chain(&e);
             assert!(
                 msg.contains("cuda execution provider unavailable")
                     && msg.contains("--allow-fallback"),

@@ -45,6 +45,15 @@ pub enum PackageError {
         #[source]
         source: ort::Error,
     },
+    /// A graph ONNX Runtime cannot load, with what to do about it where its error says
+    /// ([`kernel_hint`](super::session::kernel_hint)).
+    #[error("{}: ONNX Runtime cannot load it{hint}", path.display())]
+    Load {
+        path: PathBuf,
+        hint: &'static str,
+        #[source]
+        source: ort::Error,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -820,12 +829,10 @@ impl Package {
                     source,
                 })?
                 .commit_from_file(&path)
-                .map_err(|e| PackageError::File {
+                .map_err(|source| PackageError::Load {
                     path: path.clone(),
-                    msg: format!(
-                        "ONNX Runtime cannot load it: {}",
-                        super::session::with_kernel_hint(e.to_string(), "cpu")
-                    ),
+                    hint: super::session::kernel_hint(source.message(), "cpu"),
+                    source,
                 })?;
             self.check_graph(&file, &session)?;
         }

@@ -277,10 +277,23 @@ pub struct DeviceChoice {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{device} execution provider unavailable: {msg} (pass --allow-fallback to run on the CPU instead)")]
+#[error("{device} execution provider unavailable{hint} (pass --allow-fallback to run on the CPU instead)")]
 pub struct ProviderError {
     pub device: &'static str,
-    pub msg: String,
+    /// What to do about it, where ONNX Runtime's error says ([`gpu_library_hint`]).
+    pub hint: &'static str,
+    #[source]
+    pub source: ort::Error,
+}
+
+impl ProviderError {
+    fn new(device: &'static str, source: ort::Error) -> Self {
+        ProviderError {
+            device,
+            hint: gpu_library_hint(source.message()),
+            source,
+        }
+    }
 }
 
 /// The CUDA provider on GPU `device_id`. TF32 is off: fp32 graphs then give the CPU's
@@ -323,16 +336,13 @@ pub fn session_builder(
     stream: Option<ComputeStream>,
 ) -> Result<(ort::session::builder::SessionBuilder, String), ProviderError> {
     use ort::ep;
-    let perr = |msg: String| ProviderError {
-        device: choice.device.name(),
-        msg,
-    };
+    let perr = |e: ort::Error| ProviderError::new(choice.device.name(), e);
     // Idle ONNX Runtime workers spin by default, taking the cores that sampling and cache
     // bookkeeping need between calls (+15-20 % tokens/s on 2 cores with spinning off).
     let builder = ort::session::Session::builder(env)
-        .map_err(|e| perr(e.to_string()))?
+        .map_err(perr)?
         .with_intra_op_spinning(false)
-        .map_err(|e| perr(e.to_string()))?;
+        .map_err(|e| perr(e.into()))?;
     let eps = match &choice.device {
         Device::Cpu => return Ok((builder, "cpu".into())),
         Device::Cuda { device_id } => vec![cuda_ep(*device_id, &choice.arena, stream)],
@@ -372,42 +382,40 @@ pub fn session_builder(
     match builder.with_execution_providers(eps) {
         Ok(b) => Ok((b, choice.device.name().into())),
         Err(e) if choice.allow_fallback => {
-            let msg = with_gpu_library_hint(e.to_string());
+            // (the provider's label for people: why it fell back, and what to load instead)
+            let msg = format!("{}{}", e.message(), gpu_library_hint(e.message()));
             Ok((
                 e.recover(),
                 format!("cpu (fallback from {}: {msg})", choice.device.name()),
             ))
         }
-        Err(e) => Err(ProviderError {
-            device: choice.device.name(),
-            msg: with_gpu_library_hint(e.to_string()),
-        }),
+        Err(e) => Err(ProviderError::new(choice.device.name(), e.into())),
     }
 }
 
-/// ONNX Runtime's "Could not find an implementation" on the CPU provider: an operator of the
-/// graph has no CPU kernel in its precision (a bf16 build's MatMul, say); says where it may run.
-pub fn with_kernel_hint(msg: String, provider: &str) -> String {
-    if !(provider.starts_with("cpu") && msg.contains("Could not find an implementation")) {
-        return msg;
+/// ONNX Runtime's "Could not find an implementation" (`msg`) on the CPU provider: an operator
+/// of the graph has no CPU kernel in its precision (a bf16 build's MatMul, say); says where it
+/// may run (empty for other errors and providers).
+pub fn kernel_hint(msg: &str, provider: &str) -> &'static str {
+    match provider.starts_with("cpu") && msg.contains("Could not find an implementation") {
+        true => {
+            " (ONNX Runtime's CPU provider has no kernel for it in this graph's precision: \
+             half-precision builds, bf16 above all, are made for --device cuda)"
+        }
+        false => "",
     }
-    format!(
-        "{msg} (ONNX Runtime's CPU provider has no kernel for it in this graph's precision: \
-         half-precision builds, bf16 above all, are made for --device cuda)"
-    )
 }
 
-/// ONNX Runtime's "not enabled in this build" means the library loaded is the CPU build: says
-/// which library to load instead.
-fn with_gpu_library_hint(msg: String) -> String {
-    if !msg.contains("not enabled in this build") {
-        return msg;
+/// ONNX Runtime's "not enabled in this build" (`msg`) means the library loaded is the CPU
+/// build: says which library to load instead (empty for other errors).
+fn gpu_library_hint(msg: &str) -> &'static str {
+    match msg.contains("not enabled in this build") {
+        true => {
+            "; the libonnxruntime loaded is the CPU build: point --ort-lib or ORT_DYLIB_PATH at \
+             onnxruntime-gpu's (README, \"On an NVIDIA server\")"
+        }
+        false => "",
     }
-    format!(
-        "{}; the libonnxruntime loaded is the CPU build: point --ort-lib or ORT_DYLIB_PATH at \
-         onnxruntime-gpu's (README, \"On an NVIDIA server\")",
-        msg.trim_end_matches('.')
-    )
 }
 
 #[cfg(test)]
@@ -429,26 +437,28 @@ mod tests {
     }
 
     /// A CPU build of the library is named as the cause, with the way to the GPU build; other
-    /// provider errors pass as they are.
+    /// provider errors get no hint.
     #[test]
     fn a_cpu_library_gets_the_gpu_library_hint() {
-        let m =
-            with_gpu_library_hint("CUDA execution provider is not enabled in this build.".into());
+        let m = gpu_library_hint("CUDA execution provider is not enabled in this build.");
         assert!(
             m.contains("CPU build") && m.contains("ORT_DYLIB_PATH"),
             "{m}"
         );
-        let other = "libcudnn.so.9: cannot open shared object file".to_string();
-        assert_eq!(with_gpu_library_hint(other.clone()), other);
+        assert_eq!(
+            gpu_library_hint("libcudnn.so.9: cannot open shared object file"),
+            ""
+        );
     }
 
-    /// A missing CPU kernel gets the way to the GPU; other errors, and other providers, pass.
+    /// A missing CPU kernel gets the way to the GPU; other errors, and other providers, none.
     #[test]
     fn a_missing_cpu_kernel_gets_the_device_hint() {
-        let m = "Could not find an implementation for MatMul(13) node with name 'q'".to_string();
-        assert!(with_kernel_hint(m.clone(), "cpu").contains("--device cuda"));
-        assert_eq!(with_kernel_hint(m.clone(), "cuda"), m);
-        assert_eq!(with_kernel_hint("other".into(), "cpu"), "other");
+        let m = "Could not find an implementation for MatMul(13) node with name 'q'";
+        assert!(kernel_hint(m, "cpu").contains("--device cuda"));
+        assert!(kernel_hint(m, "cpu (fallback from cuda: …)").contains("--device cuda"));
+        assert_eq!(kernel_hint(m, "cuda"), "");
+        assert_eq!(kernel_hint("other", "cpu"), "");
     }
 
     /// Patches follow the image budget and the package's patch size; the prompt budget defaults

@@ -32,7 +32,7 @@ use crate::model::package::{Package, PackageError};
 use crate::model::processor::{grid_thw, image_tokens, preprocess, PreprocessorConfig};
 use crate::model::prompt::PromptBuilder;
 use crate::model::session::{
-    environment, session_builder, with_kernel_hint, ComputeStream, Device, DeviceChoice,
+    environment, kernel_hint, session_builder, ComputeStream, Device, DeviceChoice,
 };
 use crate::model::weights::SharedWeights;
 use image::RgbImage;
@@ -82,6 +82,30 @@ fn file_error(path: &Path, msg: impl ToString) -> EngineError {
     })
 }
 
+/// ONNX Runtime's own error setting up a session for the graph at `path`.
+fn ort_error(path: &Path) -> impl Fn(ort::Error) -> EngineError + '_ {
+    move |source| {
+        PackageError::Ort {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    }
+}
+
+/// ONNX Runtime's error loading the graph at `path` on `provider`, with what to do about it
+/// where the error says ([`kernel_hint`]).
+fn load_error<'a>(path: &'a Path, provider: &'a str) -> impl Fn(ort::Error) -> EngineError + 'a {
+    move |source| {
+        PackageError::Load {
+            path: path.to_path_buf(),
+            hint: kernel_hint(source.message(), provider),
+            source,
+        }
+        .into()
+    }
+}
+
 /// `b` reading its graph's weights from `weights` (with no pre-packed copies), when given.
 fn shared(
     b: ort::session::builder::SessionBuilder,
@@ -89,7 +113,7 @@ fn shared(
     path: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
     let Some(w) = weights else { return Ok(b) };
-    let b = b.with_prepacking(false).map_err(|e| file_error(path, e))?;
+    let b = (b.with_prepacking(false)).map_err(|e| ort_error(path)(e.into()))?;
     let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
     w.attach(b, path).map_err(|e| file_error(path, e))
 }
@@ -181,7 +205,7 @@ impl Engine {
             let mut b = profiled(b, choice.profile.as_deref(), file, "", &path)?;
             let session = b
                 .commit_from_file(&path)
-                .map_err(|e| file_error(&path, with_kernel_hint(e.to_string(), &provider)))?;
+                .map_err(load_error(&path, &provider))?;
             // Names and types up front: a wrong graph is one error naming the file and the
             // input, not a failed run later.
             package.check_graph(file, &session)?;
@@ -354,16 +378,17 @@ impl Engine {
     /// (as the trainer does).
     pub fn open_graph(&self, file: &str, release: bool) -> Result<Session, EngineError> {
         let path = self.package.graph_path(file);
-        let (b, _) = session_builder(self.env, &self.choice, None, None)?;
+        let (b, provider) = session_builder(self.env, &self.choice, None, None)?;
         let mut b = shared(b, self.weights.as_ref(), &path)?;
         if release && self.choice.device == Device::Cpu {
             let no_arena = ort::ep::CPU::default().with_arena_allocator(false).build();
-            let err = |e: ort::Error| file_error(&path, e);
+            let err = ort_error(&path);
             b = (b.with_execution_providers([no_arena])).map_err(|e| err(e.into()))?;
             b = b.with_memory_pattern(false).map_err(|e| err(e.into()))?;
             b = b.with_prepacking(false).map_err(|e| err(e.into()))?;
         }
-        b.commit_from_file(&path).map_err(|e| file_error(&path, e))
+        b.commit_from_file(&path)
+            .map_err(load_error(&path, &provider))
     }
 
     /// The time split since the last call, and resets it.
@@ -647,9 +672,9 @@ impl Engine {
                 let b = shared(b, self.weights.as_ref(), &path)?;
                 profiled(b, self.choice.profile.as_deref(), file, &slice, &path)?
                     .with_intra_threads(1)
-                    .map_err(|e| file_error(&path, e))?
+                    .map_err(|e| ort_error(&path)(e.into()))?
                     .commit_from_file(&path)
-                    .map_err(|e| file_error(&path, e))
+                    .map_err(load_error(&path, "cpu"))
             };
             let thread = rayon::ThreadPoolBuilder::new()
                 .num_threads(1)
