@@ -196,7 +196,9 @@ fn a_wrong_package_is_refused_clearly() {
         );
         let cause = std::error::Error::source(&e).map(|c| c.to_string());
         assert!(
-            cause.as_deref().is_some_and(|c| c.to_lowercase().contains("protobuf")),
+            cause
+                .as_deref()
+                .is_some_and(|c| c.to_lowercase().contains("protobuf")),
             "ONNX Runtime's error is not the cause: {cause:?}"
         );
         match spatial_ssrl::rollout::Engine::open(&dir, None) {
