@@ -74,25 +74,30 @@ pub fn resize_bilinear(src: &RgbImage, dw: u32, dh: u32) -> RgbImage {
     }
     let sx = f64::from(sw) / f64::from(dw);
     let sy = f64::from(sh) / f64::from(dh);
-    let xt: Vec<_> = (0..dw).map(|x| taps(x, sx, sw)).collect();
+    // Each output column's two source pixels (as byte offsets in a row) and weight.
+    let xt: Vec<_> = (0..dw)
+        .map(|x| {
+            let (x0, x1, a) = taps(x, sx, sw);
+            (x0 * 3, x1 * 3, a)
+        })
+        .collect();
     let raw = src.as_raw();
     let stride = sw as usize * 3;
     // Two passes with the one-pass arithmetic, operation for operation (so the same bits): each
     // source row interpolated along x once (`top` / `bot` of every output pixel), then the rows
     // blended along y, a loop the compiler vectorises.
-    let horizontal = |r: usize, dst: &mut Vec<f32>| {
+    let horizontal = |r: usize, dst: &mut [f32]| {
         let row = &raw[r * stride..(r + 1) * stride];
-        dst.clear();
-        for &(x0, x1, a) in &xt {
+        for (o, &(i0, i1, a)) in dst.chunks_exact_mut(3).zip(&xt) {
+            let (p, q) = (&row[i0..i0 + 3], &row[i1..i1 + 3]);
             for c in 0..3 {
-                let p0 = f32::from(row[x0 * 3 + c]);
-                let p1 = f32::from(row[x1 * 3 + c]);
-                dst.push(p0 + (p1 - p0) * a);
+                let (p0, p1) = (f32::from(p[c]), f32::from(q[c]));
+                o[c] = p0 + (p1 - p0) * a;
             }
         }
     };
     let n = dw as usize * 3;
-    let (mut top, mut bot) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut top, mut bot) = (vec![0f32; n], vec![0f32; n]);
     let (mut have_top, mut have_bot) = (usize::MAX, usize::MAX);
     let mut out = vec![0u8; n * dh as usize];
     for (y, row) in out.chunks_exact_mut(n).enumerate() {
