@@ -22,6 +22,17 @@ def rms_norm(norm, x):
     return norm.weight * (x.float() / torch.sqrt(var + norm.variance_epsilon)).to(x.dtype)
 
 
+def layer_norm(norm, x):
+    """`norm` (an nn.LayerNorm) on x; a half-precision x goes through fp32 and back, as torch
+    computes a half-precision LayerNorm (fp32 statistics and affine, one rounding): the same
+    values, and a backward that exports with consistent types (the half-precision
+    decomposition divides an fp16 tensor by an fp32 scalar, which ONNX Runtime refuses to load)."""
+    if x.dtype == torch.float32:
+        return norm(x)
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(),
+                        None if norm.bias is None else norm.bias.float(), norm.eps).to(x.dtype)
+
+
 class _Recompute(torch.autograd.Function):
     """Activation checkpointing that graph optimisers and schedulers cannot undo: the forward
     keeps only the block's inputs; the backward recomputes the block from them plus a zero taken

@@ -93,7 +93,13 @@ class Vision(nn.Module):
         bias = torch.where(valid, 0.0, torch.finfo(torch.float32).min).reshape(n, 1, 1, L)
         att = torch.matmul(pad(q), pad(k).transpose(2, 3)) * a.scaling + bias
         att = torch.softmax(att.float(), dim=-1).to(q.dtype)
-        o = torch.matmul(att, pad(v)).transpose(1, 2).reshape(n * L, C)[slot]
+        o = torch.matmul(att, pad(v)).transpose(1, 2).reshape(n * L, C)
+        if o.requires_grad and o.dtype != torch.float32:
+            # (the vision gradient graph in half precision: the gather's backward is a
+            # scatter-add, which ONNX Runtime's CPU provider has no fp16 kernel for)
+            o = o.float()[slot].to(q.dtype)
+        else:
+            o = o[slot]
         return self.lin(lora, f"lora.visual.{i}.proj", a.proj, o)
 
     def block(self, i, blk, x, cos, sin, blocks, lora):
@@ -295,9 +301,13 @@ def decoder_core(model, embeds, attention_mask, position_ids, past, lora, scale,
         at_pos = torch.cumsum(flat, 0) * flat
         at_pos = torch.where(at_pos <= feats.shape[1], at_pos, torch.zeros_like(at_pos))
 
+        # (gathered in fp32 where the features take a gradient: the gather's backward is a
+        # scatter-add, which ONNX Runtime's CPU provider has no fp16 kernel for)
+        dt = torch.float32 if feats.requires_grad else h.dtype
+
         def visual_add(h, i):
-            f = torch.cat([torch.zeros(1, h.shape[-1], dtype=h.dtype), feats[i].to(h.dtype)], 0)
-            return h + f[at_pos].reshape(h.shape)
+            f = torch.cat([torch.zeros(1, h.shape[-1], dtype=dt), feats[i].to(dt)], 0)
+            return h + f[at_pos].reshape(h.shape).to(h.dtype)
     if recompute:
         assert past is None and prefix is None and own is None, "recompute is for the training graph"
         for i, layer in enumerate(lm.layers):

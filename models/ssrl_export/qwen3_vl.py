@@ -22,7 +22,7 @@ from . import settings
 from .builders import (PREPROCESSOR, build_tiny_tokenizer, remap_special_tokens, save_random, save_tiny,
                        vision_token_ids)
 from .lora import LORA_TARGETS, VISION_TARGETS_QWEN3, is_visual, lora_shapes, target_of
-from .ops import _Recompute
+from .ops import _Recompute, layer_norm
 from .onnx_io import Typed
 from .qwen2_5_vl import Vision as Vision25
 from .qwen2_5_vl import export_package, rope_index, training_contracts
@@ -129,16 +129,16 @@ class Vision(Vision25):
         self.lora_names, self.scale = list(lora_names), scale
 
     def block(self, i, blk, x, cos, sin, frames, lora):
-        x = x + self.attend(i, blk, blk.norm1(x), cos, sin, frames, lora)
-        m, y, p = blk.mlp, blk.norm2(x), f"lora.visual.{i}."
+        x = x + self.attend(i, blk, layer_norm(blk.norm1, x), cos, sin, frames, lora)
+        m, y, p = blk.mlp, layer_norm(blk.norm2, x), f"lora.visual.{i}."
         return x + self.lin(lora, p + "linear_fc2", m.linear_fc2,
                             m.act_fn(self.lin(lora, p + "linear_fc1", m.linear_fc1, y)))
 
     def merge_with(self, mg, key, x, lora):
         """A patch merger (the final one, or a DeepStack one) with the LoRA under `key`."""
-        if not any(k.startswith(key) for k in lora):
+        if not any(k.startswith(key) for k in lora) and x.dtype == torch.float32:
             return mg(x)
-        x = mg.norm(x.view(-1, mg.hidden_size) if mg.use_postshuffle_norm else x).view(-1, mg.hidden_size)
+        x = layer_norm(mg.norm, x.view(-1, mg.hidden_size) if mg.use_postshuffle_norm else x).view(-1, mg.hidden_size)
         x = mg.act_fn(self.lin(lora, key + "linear_fc1", mg.linear_fc1, x))
         return self.lin(lora, key + "linear_fc2", mg.linear_fc2, x)
 
