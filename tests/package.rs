@@ -208,6 +208,12 @@ fn a_wrong_package_is_refused_clearly() {
                     chain.contains("vision.onnx") && chain.to_lowercase().contains("protobuf"),
                     "{chain}"
                 );
+                // (ONNX Runtime's error is the cause, not text folded into the message)
+                let cause = std::error::Error::source(&e).map(|c| c.to_string());
+                assert!(
+                    cause.is_some_and(|c| c.to_lowercase().contains("protobuf")),
+                    "{chain}"
+                );
             }
             Ok(_) => panic!("the engine opened a package whose vision graph is not ONNX"),
         }

@@ -45,6 +45,9 @@ pub enum PackageError {
         #[source]
         source: ort::Error,
     },
+    /// The shared weights could not serve a graph's.
+    #[error(transparent)]
+    Weights(#[from] super::weights::WeightsError),
     /// A graph ONNX Runtime cannot load, with what to do about it where its error says
     /// ([`kernel_hint`](super::session::kernel_hint)).
     #[error("{}: ONNX Runtime cannot load it{hint}", path.display())]

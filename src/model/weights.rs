@@ -10,7 +10,7 @@
 //! for the CUDA provider ([`SharedWeights::on_cuda`]) each is copied to the GPU once and every
 //! session reads that copy.
 
-use crate::model::onnx_edit::{external_initializers, ExternalTensor};
+use crate::model::onnx_edit::{external_initializers, ExternalTensor, ProtoError};
 use ort::session::builder::SessionBuilder;
 use ort::value::DynValue;
 use ort::AsPointer;
@@ -61,6 +61,49 @@ fn element(data_type: u64) -> Option<(ort::sys::ONNXTensorElementDataType, usize
     })
 }
 
+/// Why the store could not serve a graph's weights, with the error underneath as its source.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{}: cannot read the graph", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: cannot list its external weights", path.display())]
+    Graph {
+        path: PathBuf,
+        #[source]
+        source: ProtoError,
+    },
+    #[error("{}: cannot map it", path.display())]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: shared initializer {name}", graph.display())]
+    Initializer {
+        graph: PathBuf,
+        name: String,
+        #[source]
+        source: ort::Error,
+    },
+    #[error("{name}: copy to the GPU")]
+    ToGpu {
+        name: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// ONNX Runtime's C API refused to make the tensor (its message: the API gives text).
+    #[error("{name}: {msg}")]
+    Tensor { name: String, msg: String },
+    #[error("shared weights: ONNX Runtime")]
+    Ort(#[source] ort::Error),
+    #[error("shared weights: the GPU")]
+    Gpu(#[source] crate::kernels::KernelError),
+}
+
 /// An error from ONNX Runtime's C API as text (and the status released).
 fn status(st: ort::sys::OrtStatusPtr) -> Result<(), String> {
     if st.0.is_null() {
@@ -91,9 +134,9 @@ impl SharedWeights {
 
     /// A store whose tensors live on CUDA device `id`, for sessions of the CUDA provider on it:
     /// each tensor copied there once, whichever sessions read it.
-    pub fn on_cuda(dir: &Path, id: i32) -> Result<SharedWeights, String> {
+    pub fn on_cuda(dir: &Path, id: i32) -> Result<SharedWeights, WeightsError> {
         let cuda =
-            crate::kernels::cuda::Cuda::new(id.max(0) as usize).map_err(|e| e.to_string())?;
+            crate::kernels::cuda::Cuda::new(id.max(0) as usize).map_err(WeightsError::Gpu)?;
         Ok(SharedWeights {
             home: Home::Cuda {
                 cuda,
@@ -123,24 +166,33 @@ impl SharedWeights {
         &mut self,
         mut b: SessionBuilder,
         graph: &Path,
-    ) -> Result<SessionBuilder, String> {
-        let bytes = std::fs::read(graph).map_err(|e| format!("{}: {e}", graph.display()))?;
-        let tensors =
-            external_initializers(&bytes).map_err(|e| format!("{}: {e}", graph.display()))?;
+    ) -> Result<SessionBuilder, WeightsError> {
+        let bytes = std::fs::read(graph).map_err(|source| WeightsError::Read {
+            path: graph.to_path_buf(),
+            source,
+        })?;
+        let tensors = external_initializers(&bytes).map_err(|source| WeightsError::Graph {
+            path: graph.to_path_buf(),
+            source,
+        })?;
         for t in &tensors {
             let Some(value) = self.value(t)? else {
                 continue;
             };
             b = b
                 .with_initializer(&t.name, value)
-                .map_err(|e| format!("{}: shared initializer {}: {e}", graph.display(), t.name))?;
+                .map_err(|e| WeightsError::Initializer {
+                    graph: graph.to_path_buf(),
+                    name: t.name.clone(),
+                    source: e.into(),
+                })?;
         }
         Ok(b)
     }
 
     /// The tensor for `t` (made the first time it is asked for), or `None` where the store
     /// cannot serve it.
-    fn value(&mut self, t: &ExternalTensor) -> Result<Option<Arc<DynValue>>, String> {
+    fn value(&mut self, t: &ExternalTensor) -> Result<Option<Arc<DynValue>>, WeightsError> {
         let Some((ty, size)) = element(t.data_type) else {
             return Ok(None);
         };
@@ -165,7 +217,7 @@ impl SharedWeights {
                     options.populate();
                 }
                 let m = unsafe { options.map(&file) }
-                    .map_err(|e| format!("{}: cannot map: {e}", path.display()))?;
+                    .map_err(|source| WeightsError::Map { path, source })?;
                 let m = Arc::new(m);
                 self.maps.insert(t.location.clone(), m.clone());
                 m
@@ -200,7 +252,10 @@ impl SharedWeights {
             Home::Cpu => (unsafe { map.as_ptr().add(at) } as usize, None),
             Home::Cuda { cuda, id, buffers } => {
                 use cudarc::driver::DevicePtr;
-                let fail = |e: cudarc::driver::DriverError| format!("{}: to the GPU: {e}", t.name);
+                let fail = |source| WeightsError::ToGpu {
+                    name: t.name.clone(),
+                    source,
+                };
                 let s = cuda.stream();
                 let buf = s.clone_htod(&map[at..at + length as usize]).map_err(fail)?;
                 s.synchronize().map_err(fail)?;
@@ -223,7 +278,7 @@ impl SharedWeights {
                 MemoryType::Default,
             ),
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(WeightsError::Ort)?;
         let shape: Vec<i64> = t.dims.iter().map(|d| *d as i64).collect();
         let mut out: *mut ort::sys::OrtValue = std::ptr::null_mut();
         // SAFETY: `data` holds the tensor's bytes (the mapping, checked above, or the device copy
@@ -240,8 +295,12 @@ impl SharedWeights {
                 &mut out,
             )
         };
-        status(st).map_err(|e| format!("{}: {e}", t.name))?;
-        let ptr = std::ptr::NonNull::new(out).ok_or_else(|| format!("{}: no value", t.name))?;
+        let tensor_err = |msg| WeightsError::Tensor {
+            name: t.name.clone(),
+            msg,
+        };
+        status(st).map_err(tensor_err)?;
+        let ptr = std::ptr::NonNull::new(out).ok_or_else(|| tensor_err("no value".into()))?;
         // SAFETY: a tensor value just created (over host or device memory), owned from here on.
         let value = unsafe { DynValue::from_ptr(ptr, Some(&ort::memory::Allocator::default())) };
         let value = Arc::new(value);

@@ -115,7 +115,8 @@ fn shared(
     let Some(w) = weights else { return Ok(b) };
     let b = (b.with_prepacking(false)).map_err(|e| ort_error(path)(e.into()))?;
     let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
-    w.attach(b, path).map_err(|e| file_error(path, e))
+    w.attach(b, path)
+        .map_err(|e| EngineError::Package(PackageError::Weights(e)))
 }
 
 /// One CPU slice: its sessions and the thread they run on, kept for the engine's life.
