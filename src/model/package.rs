@@ -59,6 +59,18 @@ pub enum PackageError {
     },
 }
 
+impl PackageError {
+    /// ONNX Runtime's error loading the graph at `path` on `provider`, with what to do about it
+    /// where the error says ([`kernel_hint`](super::session::kernel_hint)).
+    pub fn load(path: &Path, provider: &str, source: ort::Error) -> PackageError {
+        PackageError::Load {
+            path: path.to_path_buf(),
+            hint: super::session::kernel_hint(source.message(), provider),
+            source,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Graphs {
     pub vision: String,
@@ -832,11 +844,7 @@ impl Package {
                     source,
                 })?
                 .commit_from_file(&path)
-                .map_err(|source| PackageError::Load {
-                    path: path.clone(),
-                    hint: super::session::kernel_hint(source.message(), "cpu"),
-                    source,
-                })?;
+                .map_err(|source| PackageError::load(&path, "cpu", source))?;
             self.check_graph(&file, &session)?;
         }
         Ok(())

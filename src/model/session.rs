@@ -383,7 +383,12 @@ pub fn session_builder(
         Ok(b) => Ok((b, choice.device.name().into())),
         Err(e) if choice.allow_fallback => {
             // (the provider's label for people: why it fell back, and what to load instead)
-            let msg = format!("{}{}", e.message(), gpu_library_hint(e.message()));
+            let hint = gpu_library_hint(e.message());
+            let text = match hint.is_empty() {
+                true => e.message(),
+                false => e.message().trim_end_matches('.'),
+            };
+            let msg = format!("{text}{hint}");
             Ok((
                 e.recover(),
                 format!("cpu (fallback from {}: {msg})", choice.device.name()),

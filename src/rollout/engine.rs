@@ -31,9 +31,7 @@ use crate::kernels::cuda::Cuda;
 use crate::model::package::{Package, PackageError};
 use crate::model::processor::{grid_thw, image_tokens, preprocess, PreprocessorConfig};
 use crate::model::prompt::PromptBuilder;
-use crate::model::session::{
-    environment, kernel_hint, session_builder, ComputeStream, Device, DeviceChoice,
-};
+use crate::model::session::{environment, session_builder, ComputeStream, Device, DeviceChoice};
 use crate::model::weights::SharedWeights;
 use image::RgbImage;
 use ort::session::Session;
@@ -93,17 +91,9 @@ fn ort_error(path: &Path) -> impl Fn(ort::Error) -> EngineError + '_ {
     }
 }
 
-/// ONNX Runtime's error loading the graph at `path` on `provider`, with what to do about it
-/// where the error says ([`kernel_hint`]).
+/// ONNX Runtime's error loading the graph at `path` on `provider` ([`PackageError::load`]).
 fn load_error<'a>(path: &'a Path, provider: &'a str) -> impl Fn(ort::Error) -> EngineError + 'a {
-    move |source| {
-        PackageError::Load {
-            path: path.to_path_buf(),
-            hint: kernel_hint(source.message(), provider),
-            source,
-        }
-        .into()
-    }
+    move |source| PackageError::load(path, provider, source).into()
 }
 
 /// `b` reading its graph's weights from `weights` (with no pre-packed copies), when given.
@@ -535,24 +525,12 @@ impl Engine {
         Ok(features)
     }
 
-    /// The vision tower on one preprocessed image (`pixels` of `grid`, as
-    /// [`preprocess`](crate::model::processor::preprocess) makes them), with the current
-    /// vision-tower LoRA (`lora`) or without (the base tower, the reference policy's):
-    /// `[tokens, out_hidden_size]` flattened.
-    pub fn image_features_of(
-        &mut self,
-        pixels: &[f32],
-        grid: [u32; 3],
-        lora: bool,
-    ) -> Result<Vec<f32>, EngineError> {
-        self.on_own(|r| r.vision_features(pixels, grid, lora).map(|(f, _)| f))
-    }
-
     /// The vision tower on one prompt's preprocessed images (`pixels`: their pixel rows one
-    /// after the other; `grids`: theirs), one call per image, with or without the vision-tower
-    /// LoRA (as [`Engine::image_features_of`]): the prompt's features `[tokens, D]` and, for a
-    /// DeepStack package, its DeepStack features `[K, tokens, D]` (empty for others), laid out as
-    /// [`Engine::prepare`] lays a request's out.
+    /// after the other, as [`preprocess`](crate::model::processor::preprocess) makes them;
+    /// `grids`: theirs), one call per image, with the current vision-tower LoRA (`lora`) or
+    /// without (the base tower, the reference policy's): the prompt's features `[tokens, D]`
+    /// and, for a DeepStack package, its DeepStack features `[K, tokens, D]` (empty for others),
+    /// laid out as [`Engine::prepare`] lays a request's out.
     pub fn prompt_image_outputs(
         &mut self,
         pixels: &[f32],
