@@ -25,10 +25,7 @@ def write_vision_goldens(model, out, lang, vis, shapes_, proc=None, vision=None)
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
     names = lang + vis
     lora = random_lora(lang, shapes_, 5) + random_lora(vis, shapes_, 7)
-    if vision is None:
-        vb = vision_batch(model)
-    else:
-        vb = vision_batch(model, proc=proc, vision=lambda pv, grid: vision(model).features(pv, grid, {})[0])
+    vb = vision_batch(model, proc=proc, vision=vision)
     loss, grads = vision_chain_reference(model, vb, names, lora, scale)
     b = vb["batch"]
     for k, v in zip([f"{n}.{m}" for n in names for m in ("A", "B")], lora):

@@ -357,7 +357,7 @@ def verify_training(model, hf_dir, out, names, shapes_):
     scale = json.load(open(f"{out}/manifest.json"))["lora"]["scale"]
     lora = random_lora(names, shapes_, 5)
     lin = [f"{n}.{m}" for n in names for m in ("A", "B")]
-    vb = vision_batch(model, proc=processor(hf_dir), vision=lambda pv, grid: Vision(model)(pv, grid)[0])
+    vb = vision_batch(model, proc=processor(hf_dir), vision=Vision)
     loss_ref, grads_ref = vision_chain_reference(model, vb, names, lora, scale)
     P, C = vb["P"], vb["C"]
     ids = vb["ids"][:, :P + C - 1].numpy()

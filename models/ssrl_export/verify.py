@@ -498,12 +498,17 @@ def vision_batch(model, seed=9, proc=None, vision=None):
     get_rope_index, the graphs seeing all but the last token (S = P + C − 1). Returns a dict:
     pixel rows `pv` and `grid` (torch), the prompts and completions (lists), the full `ids`,
     `mask` and `pos` [.., P + C], `P`, `C`, and `batch` (TRAIN_BATCH on the base model's
-    embeddings, as train_batch makes it). `proc` and `vision` (pixels, grid → features) are the
-    family's; Qwen2.5-VL's by default."""
+    embeddings, as train_batch makes it). `proc` and `vision` (the vision module's class; a
+    DeepStack tower's first output is the features) are the family's; Qwen2.5-VL's by default."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     cfg, tc = model.config, model.config.text_config
     proc = proc or Qwen2VLImageProcessorPil()
-    vision = vision or (lambda pv, grid: Vision(model).features(pv, grid, {}))
+    tower = (vision or Vision)(model)
+
+    def features(pv, grid):
+        f = tower.features(pv, grid, {})
+        return f[0] if isinstance(f, tuple) else f
+
     pvs, grids = [], []
     for k, (w, h) in enumerate(((224, 168), (84, 112))):
         pi = proc(images=[synthetic_image(w, h, 21 + k)], return_tensors="np")
@@ -525,7 +530,7 @@ def vision_batch(model, seed=9, proc=None, vision=None):
         pos, _ = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)
         pos = torch.where(mask.bool()[None], pos, 0)
         S = P + C - 1
-        x = Embedding(model)(ids[:, :S], vision(pv, grid))
+        x = Embedding(model)(ids[:, :S], features(pv, grid))
     batch = grpo_batch(model, x, mask[:, :S], pos[:, :, :S].contiguous(), ids[:, P:], torch.ones(2, C), g)
     return {"pv": pv, "grid": grid, "prompts": prompts, "completions": comps, "ids": ids, "mask": mask, "pos": pos,
             "P": P, "C": C, "batch": batch}
@@ -568,10 +573,8 @@ def verify_vision(model, out, lang, vis, shapes_, proc=None, vision=None):
     ll, vl = random_lora(lang, shapes_, 5), random_lora(vis, shapes_, 7)
     lin = [f"{n}.{m}" for n in lang for m in ("A", "B")]
     vin = [f"{n}.{m}" for n in vis for m in ("A", "B")]
-    V = (vision or Vision)(model)
     deepstack = hasattr(model.model.visual, "deepstack_merger_list")
-    first = (lambda o: o[0]) if deepstack else (lambda o: o)
-    vb = vision_batch(model, proc=proc, vision=lambda pv, grid: first(V.features(pv, grid, {})))
+    vb = vision_batch(model, proc=proc, vision=vision)
     pv, grid = f32(vb["pv"]), vb["grid"].numpy()
     vfeeds = {k: f32(v) for k, v in zip(vin, vl)}
 
