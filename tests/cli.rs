@@ -892,6 +892,57 @@ fn rollout_writes_one_scored_line_per_response() {
 }
 
 #[test]
+fn sft_config_is_taught_and_checked_where_it_is_read() {
+    let dir = std::env::temp_dir().join(format!("ssrl-cli-sft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // --print-config writes the official cold start's values, and --max-steps overrides its
+    // length, as a file --config reads back.
+    let out = succeeded(ssrl().args(["sft", "--print-config", "--max-steps", "7"]));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "learning_rate = 0.00001",
+        "lora_rank = 128",
+        "max_steps = 7",
+        "lr_scheduler_type = \"cosine\"",
+    ] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+    let cfg = dir.join("cold.toml");
+    let with_data = text
+        .replace("model = \"\"", "model = \"pkg\"")
+        .replace("train_files = []", "train_files = [\"sft.json\"]");
+    std::fs::write(&cfg, &with_data).unwrap();
+    let printed = succeeded(ssrl().args(["sft", "--print-config", "--config"]).arg(&cfg));
+    // (relative paths resolve against the file's folder)
+    let printed = String::from_utf8(printed.stdout).unwrap();
+    assert!(
+        printed.contains(&format!("{}", dir.join("sft.json").display())),
+        "{printed}"
+    );
+    // A value out of range is refused as the file is read, naming that file (not a default
+    // name) and the value, before anything is opened or written.
+    std::fs::write(
+        &cfg,
+        with_data.replace("warmup_ratio = 0.1", "warmup_ratio = 1.5"),
+    )
+    .unwrap();
+    let out = ssrl()
+        .args(["sft", "--print-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cold.toml") && err.contains("warmup_ratio 1.5"),
+        "{err}"
+    );
+    assert!(!dir.join("runs").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn train_config_is_taught_checked_and_runs_are_not_overwritten() {
     let dir = std::env::temp_dir().join(format!("ssrl-cli-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -28,7 +28,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use spatial_ssrl::dist::World;
 use spatial_ssrl::reward::RewardConfig;
 use spatial_ssrl::tasks::{position::Geometry, shuffle::Variant, Format, TaskKind};
-use spatial_ssrl::train::{config::TrainConfig, RunEnd, Trainer};
+use spatial_ssrl::train::{
+    config::{RunConfig, TrainConfig},
+    RunEnd, Trainer,
+};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

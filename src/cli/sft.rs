@@ -5,17 +5,9 @@ use super::*;
 
 pub fn run_sft(a: RunArgs) -> Result<()> {
     use spatial_ssrl::train::sft::{Sft, SftConfig};
-    let mut cfg = match &a.config {
-        Some(p) => SftConfig::load(p)?,
-        None => SftConfig::default(),
-    };
-    if let Some(n) = a.max_steps {
-        cfg.max_steps = n;
-    }
-    if a.print_config {
-        out!("{}", cfg.to_toml());
+    let Some(cfg) = run_config::<SftConfig>(&a)? else {
         return Ok(());
-    }
+    };
     let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
     [t.precision_note(), t.vision_note()]

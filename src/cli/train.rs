@@ -194,18 +194,27 @@ pub(crate) fn start_run(out: &Path, resume: bool) -> Result<(&'static World, boo
     Ok((world, resume))
 }
 
-pub fn run_train(a: RunArgs) -> Result<()> {
+/// The run's settings: `--config`'s file, or the defaults, with `--max-steps` applied; `None`
+/// when `--print-config` printed them instead.
+pub(crate) fn run_config<C: RunConfig>(a: &RunArgs) -> Result<Option<C>> {
     let mut cfg = match &a.config {
-        Some(p) => TrainConfig::load(p)?,
-        None => TrainConfig::default(),
+        Some(p) => C::load(p)?,
+        None => C::default(),
     };
     if let Some(n) = a.max_steps {
-        cfg.trainer.max_steps = n;
+        cfg.set_max_steps(n);
     }
     if a.print_config {
         out!("{}", cfg.to_toml());
-        return Ok(());
+        return Ok(None);
     }
+    Ok(Some(cfg))
+}
+
+pub fn run_train(a: RunArgs) -> Result<()> {
+    let Some(cfg) = run_config::<TrainConfig>(&a)? else {
+        return Ok(());
+    };
     let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
     [t.precision_note(), t.vision_note()]

@@ -399,6 +399,30 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
+/// What the training commands (`ssrl train`, `ssrl sft`) share about their settings: read from
+/// a TOML file (relative paths against its folder, values checked and named with the file),
+/// the run's length overridden from the command line, printed back as TOML.
+pub trait RunConfig: Default + Sized {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn load(path: &Path) -> Result<Self, Self::Error>;
+    /// Sets the run's optimizer steps.
+    fn set_max_steps(&mut self, steps: usize);
+    fn to_toml(&self) -> String;
+}
+
+impl RunConfig for TrainConfig {
+    type Error = ConfigError;
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        TrainConfig::load(path)
+    }
+    fn set_max_steps(&mut self, steps: usize) {
+        self.trainer.max_steps = steps;
+    }
+    fn to_toml(&self) -> String {
+        TrainConfig::to_toml(self)
+    }
+}
+
 impl TrainConfig {
     /// Reads a TOML file; relative paths in it resolve against the file's folder.
     pub fn load(path: &Path) -> Result<TrainConfig, ConfigError> {

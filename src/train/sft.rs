@@ -211,6 +211,8 @@ impl SftConfig {
         at(&mut c.out);
         at(&mut c.data.image_dir);
         c.data.train_files.iter_mut().for_each(at);
+        // A value out of range is named with the file it came from.
+        c.check(path)?;
         Ok(c)
     }
 
@@ -241,9 +243,15 @@ impl SftConfig {
         }
     }
 
+    /// Checks the values (a configuration built in code rather than read from a file is
+    /// named as `sft.toml`).
     pub fn validate(&self) -> Result<(), TrainError> {
+        self.check(Path::new("sft.toml"))
+    }
+
+    fn check(&self, file: &Path) -> Result<(), TrainError> {
         let bad = |msg: String| TrainError::Data {
-            path: PathBuf::from("sft.toml"),
+            path: file.to_path_buf(),
             msg,
         };
         if self.model.as_os_str().is_empty() {
@@ -283,6 +291,19 @@ impl SftConfig {
             )));
         }
         Ok(())
+    }
+}
+
+impl super::config::RunConfig for SftConfig {
+    type Error = TrainError;
+    fn load(path: &Path) -> Result<Self, TrainError> {
+        SftConfig::load(path)
+    }
+    fn set_max_steps(&mut self, steps: usize) {
+        self.max_steps = steps;
+    }
+    fn to_toml(&self) -> String {
+        SftConfig::to_toml(self)
     }
 }
 
