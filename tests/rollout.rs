@@ -719,6 +719,18 @@ fn an_unavailable_provider_is_an_error_unless_fallback_is_allowed() {
                 "{}",
                 e.provider()
             );
+            // The trainer's setting: after the fallback its sessions share the CPU's one copy
+            // of the weights (the GPU's store is not tried, and nothing is said about it).
+            let shared = DeviceChoice {
+                shared_weights: true,
+                ..fallback
+            };
+            let e = Engine::open_on(&tiny(), None, &shared).unwrap();
+            let store = e
+                .shared_weights()
+                .expect("the CPU's store after a fallback");
+            assert!(store.lock().unwrap().tensors() > 10);
+            assert_eq!(e.weights_note(), None);
             // The CPU build of the library: the error and the fallback both say which to load.
             if msg.contains("not enabled in this build") {
                 for m in [msg.as_str(), e.provider()] {

@@ -244,7 +244,10 @@ impl DeviceArgs {
         engine.set_host_cache(self.host_cache);
         engine.set_own_cache(!self.append_cache);
         engine.set_cpu_slices(self.cpu_slices)?;
-        if let Some(note) = engine.precision_note() {
+        for note in [engine.precision_note(), engine.weights_note()]
+            .into_iter()
+            .flatten()
+        {
             eprintln!("{note}");
         }
         if engine.provider() != "cpu" || self.device != DeviceArg::Cpu {

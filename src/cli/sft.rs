@@ -10,7 +10,7 @@ pub fn run_sft(a: RunArgs) -> Result<()> {
     };
     let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Sft::new(cfg.clone(), a.ort_lib.as_deref())?;
-    [t.precision_note(), t.vision_note()]
+    [t.precision_note(), t.weights_note(), t.vision_note()]
         .into_iter()
         .flatten()
         .for_each(note);

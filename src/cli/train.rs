@@ -217,7 +217,7 @@ pub fn run_train(a: RunArgs) -> Result<()> {
     };
     let (world, resume) = start_run(&cfg.out, a.resume)?;
     let mut t = Trainer::new(cfg.clone(), a.ort_lib.as_deref())?;
-    [t.precision_note(), t.vision_note()]
+    [t.precision_note(), t.weights_note(), t.vision_note()]
         .into_iter()
         .flatten()
         .for_each(note);

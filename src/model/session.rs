@@ -271,7 +271,8 @@ pub struct DeviceChoice {
     /// Every session reads one copy of the package's weights
     /// ([`SharedWeights`](crate::model::weights::SharedWeights)), whatever graphs are open (the
     /// trainer's setting): on the CPU one mapping of its data files, with no pre-packed copies;
-    /// under the CUDA provider one device copy. Off, each session loads its own (on the CPU
+    /// under the CUDA provider one device copy; after a fallback to the CPU provider, the CPU's
+    /// mapping. Off, each session loads its own (on the CPU
     /// packed for speed: small batches decode up to 1.5–2× as fast).
     pub shared_weights: bool,
 }

@@ -70,6 +70,8 @@ pub struct Engine {
     /// With [`DeviceChoice::shared_weights`] (CPU or CUDA): the one copy of the weights every
     /// session reads. Last: dropped after the sessions.
     weights: Option<Arc<Mutex<SharedWeights>>>,
+    /// Why the sessions could not share one copy of the weights where it was asked for.
+    weights_note: Option<String>,
 }
 
 /// An error opening the graph at `path`.
@@ -131,6 +133,34 @@ fn profiled(
         .map_err(|e| file_error(path, format!("cannot profile: {e}")))
 }
 
+/// The store of the one copy of the weights every session of the package in `dir` reads, for
+/// sessions on `provider` (the label [`session_builder`] gave): the mapped file on the CPU —
+/// after a fallback from a GPU provider too — and one device copy under the CUDA provider; with
+/// the note saying why where the GPU's store cannot be made (each session then loads its own).
+/// TensorRT builds its engines from each graph's own weights.
+fn weight_store(
+    dir: &Path,
+    device: &Device,
+    provider: &str,
+) -> (Option<Arc<Mutex<SharedWeights>>>, Option<String>) {
+    let store = match device {
+        _ if provider.starts_with("cpu") => SharedWeights::new(dir),
+        Device::Cuda { device_id } => match SharedWeights::on_cuda(dir, *device_id) {
+            Ok(w) => w,
+            Err(e) => {
+                let note = format!(
+                    "one copy of the weights on GPU {device_id} is not available ({}): each \
+                     session holds its own copy",
+                    crate::error_chain(&e)
+                );
+                return (None, Some(note));
+            }
+        },
+        _ => return (None, None),
+    };
+    (Some(Arc::new(Mutex::new(store))), None)
+}
+
 impl Engine {
     /// Opens a package on the CPU execution provider.
     pub fn open(dir: &Path, ort_lib: Option<&Path>) -> Result<Engine, EngineError> {
@@ -178,19 +208,15 @@ impl Engine {
             }
             _ => None,
         };
-        // One copy of the weights: the mapped file on the CPU, one device copy under the CUDA
-        // provider (where the GPU cannot be reached, each session loads its own as before);
-        // TensorRT builds its engines from each graph's own weights.
-        let weights = match (&choice.device, choice.shared_weights) {
-            (Device::Cpu, true) => Some(SharedWeights::new(dir)),
-            (Device::Cuda { device_id }, true) => SharedWeights::on_cuda(dir, *device_id).ok(),
-            _ => None,
-        }
-        .map(|w| Arc::new(Mutex::new(w)));
+        // One copy of the weights, for the provider the first session gets (`weight_store`).
+        let (mut weights, mut weights_note) = (None, None);
         let mut load = |file: &str, k: usize| -> Result<Session, EngineError> {
             let path = package.graph_path(file);
             let profile = profiles.as_ref().map(|p| &p[k]);
             let (b, used) = session_builder(env, choice, profile, stream)?;
+            if k == 0 && choice.shared_weights {
+                (weights, weights_note) = weight_store(dir, &choice.device, &used);
+            }
             provider = used;
             let b = shared(b, weights.as_ref(), &path)?;
             let mut b = profiled(b, choice.profile.as_deref(), file, "", &path)?;
@@ -254,6 +280,7 @@ impl Engine {
             gpu,
             parked: None,
             weights,
+            weights_note,
         })
     }
 
@@ -390,6 +417,12 @@ impl Engine {
     /// The execution provider in use (with the reason, after a fallback).
     pub fn provider(&self) -> &str {
         &self.provider
+    }
+
+    /// Why each session holds its own copy of the weights where one shared copy was asked for
+    /// (the GPU's weight store could not be set up); `None` otherwise.
+    pub fn weights_note(&self) -> Option<String> {
+        self.weights_note.clone()
     }
 
     /// What a package in half precision computes in half, and on the CPU what that costs;

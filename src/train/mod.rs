@@ -528,6 +528,11 @@ impl Trainer {
         self.engine.provider()
     }
 
+    /// [`Engine::weights_note`] of the policy's package.
+    pub fn weights_note(&self) -> Option<String> {
+        self.engine.weights_note()
+    }
+
     /// [`Engine::precision_note`] of the policy's package.
     pub fn precision_note(&self) -> Option<String> {
         self.engine.precision_note()

@@ -523,6 +523,11 @@ impl Sft {
         )
     }
 
+    /// [`Engine::weights_note`] of the package.
+    pub fn weights_note(&self) -> Option<String> {
+        self.engine.weights_note()
+    }
+
     /// [`Engine::precision_note`] of the package.
     pub fn precision_note(&self) -> Option<String> {
         self.engine.precision_note()
