@@ -511,3 +511,63 @@ fn half_manifest_over_fp32_graphs_is_refused_by_the_contract() {
         "{e}"
     );
 }
+
+/// A package whose weights file is cut short (an interrupted copy), missing, or not a file is
+/// refused when it is opened, naming the file, whether the sessions share one copy of the
+/// weights (the trainer's way) or load their own.
+#[test]
+fn weights_that_cannot_be_read_are_named() {
+    use spatial_ssrl::model::session::DeviceChoice;
+    let dir = tiny_copy("bad-weights");
+    if validate(&Package::open(&dir).unwrap()).is_none() {
+        return;
+    }
+    let data = dir.join("weights.data");
+    let whole = std::fs::read(&data).unwrap();
+    // (what breaks it, and what the error must say besides the file's name)
+    let cases: [(&str, &dyn Fn(), &str); 3] = [
+        (
+            "cut short",
+            &|| std::fs::write(&data, &whole[..whole.len() / 2]).unwrap(),
+            &format!("{} bytes, but", whole.len() / 2),
+        ),
+        (
+            "missing",
+            &|| std::fs::remove_file(&data).unwrap(),
+            "cannot open",
+        ),
+        (
+            "a folder",
+            &|| std::fs::create_dir(&data).unwrap(),
+            "not a file",
+        ),
+    ];
+    for (case, break_it, says) in cases {
+        break_it();
+        // `ssrl inspect`'s validation, then the engine both ways.
+        let e = validate(&Package::open(&dir).unwrap())
+            .unwrap()
+            .unwrap_err();
+        let chain = spatial_ssrl::error_chain(&e);
+        assert!(
+            chain.contains("weights.data") && chain.contains(says),
+            "{case}: {chain}"
+        );
+        for shared_weights in [true, false] {
+            let choice = DeviceChoice {
+                shared_weights,
+                ..Default::default()
+            };
+            match spatial_ssrl::rollout::Engine::open_on(&dir, None, &choice) {
+                Err(e) => {
+                    let chain = spatial_ssrl::error_chain(&e);
+                    assert!(
+                        chain.contains("weights.data") && chain.contains(says),
+                        "{case}: {chain}"
+                    );
+                }
+                Ok(_) => panic!("{case}: the engine opened a package with no usable weights"),
+            }
+        }
+    }
+}

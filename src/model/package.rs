@@ -838,6 +838,7 @@ impl Package {
         let env = environment(ort_lib)?;
         for (file, _) in self.signatures() {
             let path = self.graph_path(&file);
+            super::weights::check_external_data(&path)?;
             let session = ort::session::Session::builder(env)
                 .map_err(|source| PackageError::Ort {
                     path: path.clone(),

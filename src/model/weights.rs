@@ -76,6 +76,27 @@ pub enum WeightsError {
         #[source]
         source: ProtoError,
     },
+    /// A weight file a graph names that cannot be opened as a file.
+    #[error("{}: cannot open the weights {} reads", path.display(), graph.display())]
+    Missing {
+        path: PathBuf,
+        graph: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A weight file shorter than the tensors a graph reads from it.
+    #[error(
+        "{}: {len} bytes, but {} reads its weights up to byte {end}: the file is cut short (an \
+         interrupted copy or download? export or copy the package again)",
+        path.display(),
+        graph.display()
+    )]
+    Short {
+        path: PathBuf,
+        graph: PathBuf,
+        len: u64,
+        end: u64,
+    },
     #[error("{}: cannot map it", path.display())]
     Map {
         path: PathBuf,
@@ -102,6 +123,57 @@ pub enum WeightsError {
     Ort(#[source] ort::Error),
     #[error("shared weights: the GPU")]
     Gpu(#[source] crate::kernels::KernelError),
+}
+
+/// Checks that every weight file the graph at `graph` names is a file that holds each of its
+/// tensors (what an interrupted copy breaks), before ONNX Runtime reads them: its own report
+/// names a tensor and an offset, not the file, nor that the file is short. A graph that cannot
+/// be read or parsed is left to ONNX Runtime, whose error says why.
+pub fn check_external_data(graph: &Path) -> Result<(), WeightsError> {
+    let Ok(bytes) = std::fs::read(graph) else {
+        return Ok(());
+    };
+    let Ok(tensors) = external_initializers(&bytes) else {
+        return Ok(());
+    };
+    // The end of the last tensor each file must hold.
+    let mut ends: Vec<(&str, u64)> = Vec::new();
+    for t in &tensors {
+        let size = element(t.data_type).map_or(0, |(_, size)| size as u64);
+        let length = t
+            .length
+            .unwrap_or(t.dims.iter().product::<usize>() as u64 * size);
+        let end = t.offset.saturating_add(length);
+        match ends.iter_mut().find(|(l, _)| *l == t.location) {
+            Some((_, e)) => *e = (*e).max(end),
+            None => ends.push((&t.location, end)),
+        }
+    }
+    let dir = graph.parent().unwrap_or(Path::new(""));
+    for (location, end) in ends {
+        let path = dir.join(location);
+        let missing = |source| WeightsError::Missing {
+            path: path.clone(),
+            graph: graph.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(&path).map_err(missing)?;
+        if !meta.is_file() {
+            return Err(missing(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a file",
+            )));
+        }
+        if meta.len() < end {
+            return Err(WeightsError::Short {
+                path,
+                graph: graph.to_path_buf(),
+                len: meta.len(),
+                end,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// An error from ONNX Runtime's C API as text (and the status released).

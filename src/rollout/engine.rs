@@ -32,7 +32,7 @@ use crate::model::package::{Package, PackageError};
 use crate::model::processor::{grid_thw, image_tokens, preprocess, PreprocessorConfig};
 use crate::model::prompt::PromptBuilder;
 use crate::model::session::{environment, session_builder, ComputeStream, Device, DeviceChoice};
-use crate::model::weights::SharedWeights;
+use crate::model::weights::{check_external_data, SharedWeights};
 use image::RgbImage;
 use ort::session::Session;
 use ort::value::Tensor;
@@ -98,12 +98,14 @@ fn load_error<'a>(path: &'a Path, provider: &'a str) -> impl Fn(ort::Error) -> E
     move |source| PackageError::load(path, provider, source).into()
 }
 
-/// `b` reading its graph's weights from `weights` (with no pre-packed copies), when given.
+/// `b` reading its graph's weights from `weights` (with no pre-packed copies), when given; the
+/// graph's weight files are checked first ([`check_external_data`]), shared or not.
 fn shared(
     b: ort::session::builder::SessionBuilder,
     weights: Option<&Arc<Mutex<SharedWeights>>>,
     path: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
+    check_external_data(path).map_err(PackageError::Weights)?;
     let Some(w) = weights else { return Ok(b) };
     let b = (b.with_prepacking(false)).map_err(|e| ort_error(path)(e.into()))?;
     let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
