@@ -286,6 +286,9 @@ fn grpo_trains_and_merges(pkg: &str, want: &[&str]) {
         for k in ["actor/grad_norm", "actor/pg_loss_plus_kl", "actor/kl_loss"] {
             assert!(m[k].is_finite(), "{k} = {}", m[k]);
         }
+        // The tower's share of the update's time is reported, within it.
+        let (vision, train) = (m["timing_s/train_vision"], m["timing_s/train"]);
+        assert!(vision > 0.0 && vision < train, "{vision} of {train}");
     }
     let lora = t.lora();
     let moved = lora

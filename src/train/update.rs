@@ -316,6 +316,8 @@ impl Trainer {
             weight_decay: a.optim.weight_decay,
         };
         let (mut t_train, mut t_optim, mut t_wait, mut t_sum) = (0.0, 0.0, 0.0, 0.0);
+        // (the vision tower's share of t_train: its features again, and its backward)
+        let mut t_vision = 0.0;
         let mut sums = Stats::default();
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
         self.scale_backoffs = 0;
@@ -336,10 +338,12 @@ impl Trainer {
             // updated tower's (the rollout's before the first), and the loss's gradient at
             // them is summed per prompt over the micro-batches, then taken through the tower
             // once per prompt.
+            let tv = Instant::now();
             let fresh = match images {
                 Some(im) if k > 0 => Some(self.prompt_features(im, true)?),
                 _ => None,
             };
+            t_vision += tv.elapsed().as_secs_f64();
             let rows: Vec<Row<'_>> = match (&fresh, images) {
                 (Some(f), Some(im)) => rows
                     .iter()
@@ -400,10 +404,12 @@ impl Trainer {
                 }
             }
             if let Some(im) = images {
+                let tv = Instant::now();
                 for (p, g) in &feature_grads {
                     let vg = self.vision_grads(&im.pixels[*p], &im.grids[*p], g)?;
                     add_into(&mut grads, &vg);
                 }
+                t_vision += tv.elapsed().as_secs_f64();
             }
             let (wait, sum) = parallel::sum_grads(self.world, &self.reducer, &mut grads)?;
             (t_wait, t_sum) = (t_wait + wait, t_sum + sum);
@@ -431,6 +437,10 @@ impl Trainer {
         self.push_lora()?;
         metrics.insert("timing_s/train".into(), t_train - t_wait - t_sum);
         metrics.insert("timing_s/optimizer".into(), t_optim);
+        if images.is_some() {
+            // (part of timing_s/train)
+            metrics.insert("timing_s/train_vision".into(), t_vision);
+        }
         if self.world.size > 1 {
             // (the wait is this rank's for the slowest: the largest over the ranks is kept)
             metrics.insert("timing_s/rank_wait".into(), t_wait);
