@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""spatial-ssrl model exporter: a Hugging Face Qwen2.5-VL checkpoint → an ONNX model package.
+"""spatial-ssrl model exporter: a Hugging Face Qwen2.5-VL or Qwen3-VL checkpoint → an ONNX model
+package.
 
     python models/export.py HF_DIR --out PACKAGE [--verify]
-    python models/export.py --tiny --out models/tiny [--verify]
-    python models/export.py --random-init qwen2.5-vl-3b [--text-layers N] [--vision-depth N] --out PACKAGE
+    python models/export.py --tiny [--family qwen3_vl] --out models/tiny [--verify]
+    python models/export.py --random-init qwen2.5-vl-3b|qwen2.5-vl-7b|qwen3-vl-4b [--text-layers N]
+        [--vision-depth N] --out PACKAGE
 
 The exporter is the package models/ssrl_export/ (`--help` describes the graphs):
   settings.py    the command line's settings (opset, dtype, chunking) and dtype helpers

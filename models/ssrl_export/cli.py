@@ -1,18 +1,23 @@
-"""spatial-ssrl model exporter: a Hugging Face Qwen2.5-VL checkpoint → an ONNX model package.
+"""spatial-ssrl model exporter: a Hugging Face Qwen2.5-VL or Qwen3-VL checkpoint → an ONNX model
+package (the family is read from the checkpoint's config.json).
 
     python models/export.py HF_DIR --out PACKAGE [--verify]
-    python models/export.py --tiny --out models/tiny [--verify]
-    python models/export.py --random-init qwen2.5-vl-3b [--text-layers N] [--vision-depth N] --out PACKAGE
+    python models/export.py --tiny [--family qwen3_vl] --out models/tiny [--verify]
+    python models/export.py --random-init qwen2.5-vl-3b|qwen2.5-vl-7b|qwen3-vl-4b [--text-layers N]
+        [--vision-depth N] --out PACKAGE
 
 The package holds
-  vision.onnx     pixel_values [P, 1176], image_grid_thw [N, 3] → image_features [P/4, D]
+  vision.onnx     pixel_values [P, 1176] (Qwen3-VL: [P, 1536], patches of 16), image_grid_thw [N, 3]
+                  → image_features [P/4, D] (Qwen3-VL also deepstack_features [K, P/4, D], added
+                  to the first K language layers' hidden states at the image positions)
   embedding.onnx  input_ids [B, S], image_features [M, D] → inputs_embeds [B, S, D]
   decoder.onnx    inputs_embeds, attention_mask [B, T], position_ids [3, B, S],
                   past_key_values.{i}.key/value, lora.{i}.{target}.A/B,
                   optional shared prompt cache: prefix_key_values.{i}.key/value [Bp, kv_heads, P, d],
                   prefix_mask [Bp, P], slot_rows [Bp·Gs], row_slots [B],
                   optional rows' own cache in place: own_key_values.{i}.key/value [B, kv_heads, C, d],
-                  own_mask [B, C]
+                  own_mask [B, C]; Qwen3-VL's every language-model graph also deepstack_features
+                  [K, N, D] and visual_mask [B, S] (where the image tokens are)
                   → logits [B, 1, V] (the last position: all a generation step needs; a
                     prefill of B × S tokens would otherwise return B·S·V floats), present.{i}.key/value
                   A prompt's G samples read its cache in place (one [G·heads, d] × [d, P] product
@@ -22,11 +27,16 @@ The package holds
                   past (kept short) and the new keys and values, which the runtime moves into its
                   buffer now and then: no step copies a row's whole own cache either. Without
                   these inputs it is a plain past/present decoder (onnxruntime-genai runs it so).
-  logprobs.onnx   inputs_embeds, attention_mask, position_ids, target_ids [B, S], temperature [], lora.*
-                  → token_logprobs [B, S], token_entropy [B, S]
+  logprobs.onnx   inputs_embeds, attention_mask, position_ids, target_ids [B, C], temperature [], lora.*
+                  → token_logprobs [B, C], token_entropy [B, C] (the last C positions: the completion)
   train.onnx      the GRPO step as one joint forward+backward graph (EasyR1's loss, see grpo_loss):
                   batch, completion_mask, old/ref log-probs, advantages [B], loss settings,
-                  token_count, lora.* → loss, token_logprobs, grad.lora.*, stats [6]
+                  token_count, lora.* → loss, token_logprobs, grad.lora.*, stats [6]; with
+                  vision-tower LoRA also the gradient at the image features (and DeepStack features)
+  sft.onnx        the SFT cold start's step: token-mean cross-entropy over the response → loss,
+                  grad.lora.* (and the image features' gradient with vision-tower LoRA)
+  vision_grad.onnx  with vision-tower LoRA (--lora-targets …,vision): the tower's backward from the
+                  features' gradient → grad.lora.visual.*
   genai_config.json (onnxruntime-genai's layout), manifest.json (graphs, I/O, LoRA layout),
   config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json, chat_template.json.
 
@@ -54,7 +64,7 @@ from .goldens import write_goldens, write_vision_goldens
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("hf_dir", nargs="?", help="Hugging Face Qwen2.5-VL checkpoint folder")
+    ap.add_argument("hf_dir", nargs="?", help="Hugging Face Qwen2.5-VL or Qwen3-VL checkpoint folder")
     ap.add_argument("--tiny", action="store_true", help="build and export the tiny random-weight test model")
     ap.add_argument("--family", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
                     help="with --tiny: the model family to build (a checkpoint's own config.json names its family)")
