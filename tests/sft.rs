@@ -104,6 +104,18 @@ fn sft_learns_its_responses_and_the_merged_package_writes_the_format() {
         (t.examples(), t.steps_per_epoch(), t.total_steps()),
         (8, 2, 40)
     );
+    // Its sessions (vision, embedding, decoder, sft.onnx) read one copy of the package's
+    // weights, each tensor once: no more than weights.data holds.
+    let (tensors, bytes) = t
+        .shared_weights()
+        .expect("the cold start shares its weights");
+    let file = std::fs::metadata(c.model.join("weights.data"))
+        .unwrap()
+        .len();
+    assert!(
+        tensors > 20 && bytes > file / 2 && bytes <= file,
+        "{tensors} tensors, {bytes} of {file} bytes"
+    );
     let seen = run_all(&mut t);
     assert_eq!(seen.len(), 40);
     let (first, last) = (&seen[0], &seen[39]);

@@ -437,8 +437,12 @@ impl Sft {
         cfg.validate()?;
         let device_id = crate::dist::device_of(cfg.device_id);
         let device = Device::from_name(&cfg.device, device_id).unwrap_or_default();
+        // Every session reads one copy of the weights, as the GRPO trainer's do (each loading
+        // its own held 2.5× the weights at the real widths; the packed copies speed up only
+        // small-batch decoding, which the cold start does not do).
         let choice = DeviceChoice {
             device,
+            shared_weights: true,
             ..Default::default()
         };
         let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
@@ -521,6 +525,14 @@ impl Sft {
             &self.engine.package.manifest.lora,
             "the cold start leaves its adapter at zero, as LLaMA-Factory's freezes the vision tower",
         )
+    }
+
+    /// The distinct tensors and bytes of the one copy of the weights every session reads
+    /// (`None` where each loads its own: the GPU's store could not be made).
+    pub fn shared_weights(&self) -> Option<(usize, u64)> {
+        let w = self.engine.shared_weights()?;
+        let w = w.lock().unwrap_or_else(|e| e.into_inner());
+        Some((w.tensors(), w.bytes()))
     }
 
     /// [`Engine::weights_note`] of the package.
