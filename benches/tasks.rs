@@ -10,7 +10,8 @@
 //!
 //! `cargo bench --bench tasks` (or `make bench`, which turns on `fast-jpeg` where nasm is
 //! installed); results also go to target/bench-tasks.json. `SSRL_BENCH_OFFICIAL_ONLY=1` runs the
-//! second part alone.
+//! second part alone; `SSRL_BENCH_DIR=/dev/shm/bench` writes the samples there instead of
+//! target/bench-tasks.
 
 use spatial_ssrl::data::images;
 use spatial_ssrl::rng::Rng;
@@ -240,12 +241,17 @@ fn official_inputs(root: &Path) -> Vec<serde_json::Value> {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tasks");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    // Where the inputs are copied and the samples written (`SSRL_BENCH_DIR`: e.g. a tmpfs, to
+    // take the file system's cost of creating files out of the figures).
+    let root = std::env::var_os("SSRL_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target.join("bench-tasks"));
     if std::env::var_os("SSRL_BENCH_OFFICIAL_ONLY").is_some() {
         let rows = official_inputs(&root);
         let json = serde_json::json!({"official_inputs": rows, "jpeg_codec": tasks::JPEG_CODEC});
         std::fs::write(
-            root.parent().unwrap().join("bench-tasks-official.json"),
+            target.join("bench-tasks-official.json"),
             serde_json::to_vec_pretty(&json).unwrap(),
         )
         .unwrap();
@@ -348,7 +354,7 @@ fn main() {
     let official = official_inputs(&root);
     let json = serde_json::json!({"per_task": rows, "mix_samples_per_s": mix, "cores": cores, "weighted_81k_per_core": weighted, "pair_search": search, "official_inputs": official, "jpeg_codec": tasks::JPEG_CODEC});
     std::fs::write(
-        root.parent().unwrap().join("bench-tasks.json"),
+        target.join("bench-tasks.json"),
         serde_json::to_vec_pretty(&json).unwrap(),
     )
     .unwrap();
