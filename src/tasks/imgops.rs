@@ -116,10 +116,22 @@ pub fn resize_bilinear(src: &RgbImage, dw: u32, dh: u32) -> RgbImage {
             have_bot = y1;
         }
         for ((o, &t), &u) in row.iter_mut().zip(&top).zip(&bot) {
-            *o = round_to_u8(t + (u - t) * b);
+            *o = round_blend(t + (u - t) * b);
         }
     }
     RgbImage::from_raw(dw, dh, out).expect("buffer size matches")
+}
+
+/// [`round_to_u8`] of a blend of two values in 0..=255 with a weight in [0, 1] (within an ulp
+/// of that range), in a form the compiler vectorises: such a value needs no saturating
+/// conversion (the checked one kept the loop scalar, 40 % of the resize).
+#[inline]
+fn round_blend(v: f32) -> u8 {
+    debug_assert!((-1.0..=256.0).contains(&v), "{v}");
+    // SAFETY: v is finite and far inside i32's range (the blend's inputs are bytes).
+    let i: i32 = unsafe { v.to_int_unchecked() };
+    let up = i32::from(v - i as f32 >= 0.5);
+    (i + up).clamp(0, 255) as u8
 }
 
 /// `v.round().clamp(0.0, 255.0) as u8` (halves away from zero) without the libm call: for
@@ -271,6 +283,17 @@ mod tests {
             -7.0,
         ] {
             assert_eq!(round_to_u8(v), v.round().clamp(0.0, 255.0) as u8, "{v}");
+        }
+        // The blend's rounding over its whole range, at every representable step near the
+        // halves and the ends.
+        let mut v = -0.0001f32;
+        while v <= 255.001 {
+            assert_eq!(round_blend(v), round_to_u8(v), "{v}");
+            v = if (v.fract() - 0.5).abs() < 1e-3 || v < 0.01 || v > 254.99 {
+                f32::from_bits(v.to_bits() + 1).max(v + f32::EPSILON)
+            } else {
+                v + 0.0009765625
+            };
         }
     }
 
