@@ -126,6 +126,17 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ 
     }
 }
 
+/// Writes `bytes` to `path` in place (its folder made first): for files that something
+/// committed later names — a task shard's images, which no reader sees before the shard file
+/// that lists them is renamed into place, and which a resumed run writes again whole if the
+/// shard was not. Half the file-system operations of [`write_atomic`].
+pub fn write_plain(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    std::fs::write(path, bytes).map_err(io(path))
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader (or a resumed
 /// run) sees either the old file or the complete new one. `durable` also fsyncs.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), WriteError> {

@@ -473,10 +473,11 @@ fn process_source(
                         } else {
                             format!("images/{}/{id}_{i}.jpg", task.name())
                         };
-                        write::write_atomic(
+                        // (in place: the shard file, renamed into place after its images,
+                        // is what commits them)
+                        write::write_plain(
                             &cfg.out.join(&rel),
                             &encode_jpeg(img, cfg.jpeg_quality),
-                            false,
                         )?;
                         images.push(write::ImageRef::File(rel));
                     }
