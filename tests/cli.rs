@@ -905,6 +905,7 @@ fn sft_config_is_taught_and_checked_where_it_is_read() {
         "lora_rank = 128",
         "max_steps = 7",
         "lr_scheduler_type = \"cosine\"",
+        "shared_weights = true",
     ] {
         assert!(text.contains(key), "{key} missing from:\n{text}");
     }

@@ -78,6 +78,11 @@ pub struct SftConfig {
     /// Where the graphs run: `cpu`, `cuda` or `tensorrt`.
     pub device: String,
     pub device_id: i32,
+    /// Every session reads one copy of the weights (on the CPU one memory-mapped copy, under
+    /// CUDA one device copy); false: each loads its own — on the CPU packed, up to ~15 % faster
+    /// steps for one more copy of the weights per session (Qwen2.5-VL-3B's widths, 2 layers:
+    /// peak 3.45 GB shared, 5.25 GB not).
+    pub shared_weights: bool,
     /// AdamW and clipping kernels: `auto` (CUDA where a device answers), `cuda` or `cpu`.
     pub kernels: String,
     /// Data parallel: compare every rank's LoRA tensors (a digest) every this many steps and
@@ -163,6 +168,7 @@ impl Default for SftConfig {
             seed: 42,
             device: "cpu".into(),
             device_id: 0,
+            shared_weights: true,
             kernels: "auto".into(),
             replica_check_steps: 10,
             allreduce: super::config::Allreduce::Auto,
@@ -437,12 +443,9 @@ impl Sft {
         cfg.validate()?;
         let device_id = crate::dist::device_of(cfg.device_id);
         let device = Device::from_name(&cfg.device, device_id).unwrap_or_default();
-        // Every session reads one copy of the weights, as the GRPO trainer's do (each loading
-        // its own held 2.5× the weights at the real widths; the packed copies speed up only
-        // small-batch decoding, which the cold start does not do).
         let choice = DeviceChoice {
             device,
-            shared_weights: true,
+            shared_weights: cfg.shared_weights,
             ..Default::default()
         };
         let mut engine = Engine::open_on(&cfg.model, ort_lib, &choice)?;
