@@ -289,6 +289,12 @@ fn grpo_trains_and_merges(pkg: &str, want: &[&str]) {
         // The tower's share of the update's time is reported, within it.
         let (vision, train) = (m["timing_s/train_vision"], m["timing_s/train"]);
         assert!(vision > 0.0 && vision < train, "{vision} of {train}");
+        // Two prompts in two mini-batches of one: the tower's backward once per prompt, and
+        // its features recomputed after the first optimizer step for the second prompt only.
+        assert_eq!(
+            (m["perf/vision_backwards"], m["perf/vision_forwards"]),
+            (2.0, 1.0)
+        );
     }
     let lora = t.lora();
     let moved = lora

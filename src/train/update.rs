@@ -318,6 +318,8 @@ impl Trainer {
         let (mut t_train, mut t_optim, mut t_wait, mut t_sum) = (0.0, 0.0, 0.0, 0.0);
         // (the vision tower's share of t_train: its features again, and its backward)
         let mut t_vision = 0.0;
+        // (and its passes: forwards for the recomputed features, backwards)
+        let (mut v_forwards, mut v_backwards) = (0usize, 0usize);
         let mut sums = Stats::default();
         let (mut loss_sum, mut norms, mut skipped) = (0.0, Vec::new(), 0usize);
         self.scale_backoffs = 0;
@@ -335,23 +337,35 @@ impl Trainer {
                 .map(|p| vec![0.0; p.value.len()])
                 .collect();
             // With vision-tower LoRA: after an optimizer step the image features are the
-            // updated tower's (the rollout's before the first), and the loss's gradient at
-            // them is summed per prompt over the micro-batches, then taken through the tower
-            // once per prompt.
+            // updated tower's (the rollout's before the first) — computed again for this
+            // mini-batch's prompts only — and the loss's gradient at them is summed per prompt
+            // over the micro-batches, then taken through the tower once per prompt.
             let tv = Instant::now();
-            let fresh = match images {
-                Some(im) if k > 0 => Some(self.prompt_features(im, true)?),
-                _ => None,
+            let fresh: BTreeMap<usize, ImageOutputs> = match images {
+                Some(im) if k > 0 => {
+                    let prompts: std::collections::BTreeSet<usize> =
+                        mini.iter().map(|&i| im.prompt_of[i]).collect();
+                    let mut f = BTreeMap::new();
+                    for p in prompts {
+                        f.insert(p, self.image_outputs(&im.pixels[p], &im.grids[p], true)?);
+                    }
+                    v_forwards += f.len();
+                    f
+                }
+                _ => BTreeMap::new(),
             };
             t_vision += tv.elapsed().as_secs_f64();
-            let rows: Vec<Row<'_>> = match (&fresh, images) {
-                (Some(f), Some(im)) => rows
+            let rows: Vec<Row<'_>> = match images {
+                Some(im) if !fresh.is_empty() => rows
                     .iter()
                     .zip(&im.prompt_of)
-                    .map(|(r, &p)| Row {
-                        features: &f[p].0,
-                        deepstack: &f[p].1,
-                        ..*r
+                    .map(|(r, p)| match fresh.get(p) {
+                        Some(f) => Row {
+                            features: &f.0,
+                            deepstack: &f.1,
+                            ..*r
+                        },
+                        None => *r,
                     })
                     .collect(),
                 _ => rows.to_vec(),
@@ -409,6 +423,7 @@ impl Trainer {
                     let vg = self.vision_grads(&im.pixels[*p], &im.grids[*p], g)?;
                     add_into(&mut grads, &vg);
                 }
+                v_backwards += feature_grads.len();
                 t_vision += tv.elapsed().as_secs_f64();
             }
             let (wait, sum) = parallel::sum_grads(self.world, &self.reducer, &mut grads)?;
@@ -440,6 +455,8 @@ impl Trainer {
         if images.is_some() {
             // (part of timing_s/train)
             metrics.insert("timing_s/train_vision".into(), t_vision);
+            metrics.insert("perf/vision_forwards".into(), v_forwards as f64);
+            metrics.insert("perf/vision_backwards".into(), v_backwards as f64);
         }
         if self.world.size > 1 {
             // (the wait is this rank's for the slowest: the largest over the ranks is kept)
