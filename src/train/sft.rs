@@ -79,9 +79,9 @@ pub struct SftConfig {
     pub device: String,
     pub device_id: i32,
     /// Every session reads one copy of the weights (on the CPU one memory-mapped copy, under
-    /// CUDA one device copy); false: each loads its own — on the CPU packed, up to ~15 % faster
-    /// steps for one more copy of the weights per session (Qwen2.5-VL-3B's widths, 2 layers:
-    /// peak 3.45 GB shared, 5.25 GB not).
+    /// CUDA one device copy); false: each loads its own — on the CPU packed, somewhat faster
+    /// for one more copy of the weights per session (Qwen2.5-VL-3B's widths, 2 layers, a
+    /// two-step run: peak 3.45 GB and 30.0 s shared, 5.25 GB and 26.9 s not).
     pub shared_weights: bool,
     /// AdamW and clipping kernels: `auto` (CUDA where a device answers), `cuda` or `cpu`.
     pub kernels: String,
