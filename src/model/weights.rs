@@ -128,7 +128,8 @@ pub enum WeightsError {
 /// Checks that every weight file the graph at `graph` names is a file that holds each of its
 /// tensors (what an interrupted copy breaks), before ONNX Runtime reads them: its own report
 /// names a tensor and an offset, not the file, nor that the file is short. A graph that cannot
-/// be read or parsed is left to ONNX Runtime, whose error says why.
+/// be read or parsed is left to ONNX Runtime, whose error says why. ([`SharedWeights::attach`]
+/// checks the same on the tensors it lists.)
 pub fn check_external_data(graph: &Path) -> Result<(), WeightsError> {
     let Ok(bytes) = std::fs::read(graph) else {
         return Ok(());
@@ -136,9 +137,14 @@ pub fn check_external_data(graph: &Path) -> Result<(), WeightsError> {
     let Ok(tensors) = external_initializers(&bytes) else {
         return Ok(());
     };
+    check_files(graph, &tensors)
+}
+
+/// [`check_external_data`] on the external tensors of the graph at `graph`.
+fn check_files(graph: &Path, tensors: &[ExternalTensor]) -> Result<(), WeightsError> {
     // The end of the last tensor each file must hold.
     let mut ends: Vec<(&str, u64)> = Vec::new();
-    for t in &tensors {
+    for t in tensors {
         let size = element(t.data_type).map_or(0, |(_, size)| size as u64);
         let length = t
             .length
@@ -233,7 +239,8 @@ impl SharedWeights {
     /// mapped and made into a tensor the first time any graph names it, the same tensor for
     /// every graph after. An initializer the store cannot serve (a file outside the package, a
     /// size that disagrees with its shape, an odd type or alignment) is left to ONNX Runtime,
-    /// which reads it itself and reports what is wrong with it.
+    /// which reads it itself and reports what is wrong with it. The graph's data files are
+    /// checked first, as [`check_external_data`] checks them.
     pub fn attach(
         &mut self,
         mut b: SessionBuilder,
@@ -247,6 +254,7 @@ impl SharedWeights {
             path: graph.to_path_buf(),
             source,
         })?;
+        check_files(graph, &tensors)?;
         for t in &tensors {
             let Some(value) = self.value(t)? else {
                 continue;

@@ -99,14 +99,17 @@ fn load_error<'a>(path: &'a Path, provider: &'a str) -> impl Fn(ort::Error) -> E
 }
 
 /// `b` reading its graph's weights from `weights` (with no pre-packed copies), when given; the
-/// graph's weight files are checked first ([`check_external_data`]), shared or not.
+/// graph's weight files are checked first ([`check_external_data`], which the store's
+/// `attach` does on the tensors it lists), shared or not.
 fn shared(
     b: ort::session::builder::SessionBuilder,
     weights: Option<&Arc<Mutex<SharedWeights>>>,
     path: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, EngineError> {
-    check_external_data(path).map_err(PackageError::Weights)?;
-    let Some(w) = weights else { return Ok(b) };
+    let Some(w) = weights else {
+        check_external_data(path).map_err(PackageError::Weights)?;
+        return Ok(b);
+    };
     let b = (b.with_prepacking(false)).map_err(|e| ort_error(path)(e.into()))?;
     let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
     w.attach(b, path)
