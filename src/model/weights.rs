@@ -16,7 +16,7 @@ use ort::value::DynValue;
 use ort::AsPointer;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Where a tensor's bytes lie and what they hold: one value per key, whatever its name.
 type Key = (String, u64, u64, u64, Vec<usize>);
@@ -196,6 +196,13 @@ fn status(st: ort::sys::OrtStatusPtr) -> Result<(), String> {
         s
     };
     Err(msg)
+}
+
+/// The distinct tensors and bytes `store` has handed to sessions so far; `None` without a
+/// store (each session loads its own weights).
+pub fn store_size(store: Option<&Arc<Mutex<SharedWeights>>>) -> Option<(usize, u64)> {
+    let w = store?.lock().unwrap_or_else(|e| e.into_inner());
+    Some((w.tensors(), w.bytes()))
 }
 
 impl SharedWeights {

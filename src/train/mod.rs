@@ -397,9 +397,7 @@ impl Trainer {
     /// The distinct tensors and bytes of the one copy every session reads
     /// (`rollout.shared_weights`, on the CPU or CUDA), `None` when each loads its own.
     pub fn shared_weights(&self) -> Option<(usize, u64)> {
-        let w = self.weights.as_ref()?;
-        let w = w.lock().unwrap_or_else(|e| e.into_inner());
-        Some((w.tensors(), w.bytes()))
+        crate::model::weights::store_size(self.weights.as_ref())
     }
 
     /// The policy alone — the package's sessions (the engine's, the log-prob and the training

@@ -436,6 +436,9 @@ pub struct Sft {
     world: &'static crate::dist::World,
     /// How the ranks sum their gradients.
     reducer: super::parallel::Reducer,
+    /// The weights the sessions read (when shared), `sft` among them: last, so that they are
+    /// dropped after every session that reads them (the engine's own go first).
+    weights: Option<std::sync::Arc<std::sync::Mutex<crate::model::weights::SharedWeights>>>,
 }
 
 impl Sft {
@@ -511,6 +514,8 @@ impl Sft {
             rope: m.rope(),
             loss_scale: (embeds_type == Float::F16).then(LossScale::default),
             cfg,
+            // (taken before the engine moves in)
+            weights: engine.shared_weights(),
             engine,
             sft,
             stat_names: spec.stats,
@@ -533,9 +538,7 @@ impl Sft {
     /// The distinct tensors and bytes of the one copy of the weights every session reads
     /// (`None` where each loads its own: the GPU's store could not be made).
     pub fn shared_weights(&self) -> Option<(usize, u64)> {
-        let w = self.engine.shared_weights()?;
-        let w = w.lock().unwrap_or_else(|e| e.into_inner());
-        Some((w.tensors(), w.bytes()))
+        crate::model::weights::store_size(self.weights.as_ref())
     }
 
     /// [`Engine::weights_note`] of the package.
