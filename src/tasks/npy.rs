@@ -97,17 +97,22 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
             found: body.len(),
         });
     }
-    // One loop per element type (the conversion chosen once, not per element).
-    fn elems<const W: usize>(body: &[u8], little: bool, f: fn([u8; W]) -> f32) -> Vec<f32> {
-        body.chunks_exact(W)
-            .map(|c| {
-                let mut b: [u8; W] = c.try_into().expect("chunks of W bytes");
-                if !little {
+    // One loop per element type and byte order, each monomorphised (the conversion inlined
+    // into the loop: a little-endian `f4` body becomes a copy).
+    fn elems<const W: usize>(body: &[u8], little: bool, f: impl Fn([u8; W]) -> f32) -> Vec<f32> {
+        let chunks = body.chunks_exact(W);
+        let word = |c: &[u8]| -> [u8; W] { c.try_into().expect("chunks of W bytes") };
+        if little {
+            chunks.map(|c| f(word(c))).collect()
+        } else {
+            chunks
+                .map(|c| {
+                    let mut b = word(c);
                     b.reverse();
-                }
-                f(b)
-            })
-            .collect()
+                    f(b)
+                })
+                .collect()
+        }
     }
     let body = &body[..n * width];
     let mut data: Vec<f32> = match size {

@@ -767,10 +767,13 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
                 format!("mask is {mw}×{mh}, depth is {w}×{h}"),
             ));
         }
-        for y in 0..h {
-            for x in 0..w {
-                if m.data[y * mw + x] == 0.0 {
-                    data[y * w + x] = f32::NAN;
+        for (row, mrow) in data
+            .chunks_exact_mut(w.max(1))
+            .zip(m.data.chunks_exact(mw.max(1)))
+        {
+            for (v, &keep) in row.iter_mut().zip(mrow) {
+                if keep == 0.0 {
+                    *v = f32::NAN;
                 }
             }
         }
