@@ -3,7 +3,7 @@
 use super::draw::{self, MarkerStyle};
 use super::source::RgbdFrame;
 use super::templates;
-use super::window::{self, NanCount};
+use super::window::{self, Nans};
 use super::{Generated, SkipReason};
 use crate::rng::Rng;
 use serde_json::json;
@@ -48,12 +48,27 @@ pub fn finite_percentiles<const Q: usize>(v: &[f32], qs: [f64; Q]) -> Option<[f3
         }
     };
     let value = |k: u32| f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k });
-    let mut hist = vec![0u32; 1 << 16];
-    let mut n = 0usize;
-    for &x in v.iter().filter(|x| x.is_finite()) {
-        hist[(key(x) >> 16) as usize] += 1;
-        n += 1;
+    // Four interleaved histograms, summed after: neighbouring pixels mostly share a bucket,
+    // and one counter incremented back to back waits on its own last store.
+    // Non-finite values add 0 instead of branching (invalid pixels come in irregular
+    // patterns); their keys' buckets (≤ 0x007F, ≥ 0xFF80) hold no finite value.
+    let mut hists = vec![0u32; 4 << 16];
+    let mut quads = v.chunks_exact(4);
+    for q in &mut quads {
+        for (j, &x) in q.iter().enumerate() {
+            hists[(j << 16) | (key(x) >> 16) as usize] += u32::from(x.is_finite());
+        }
     }
+    for &x in quads.remainder() {
+        hists[(key(x) >> 16) as usize] += u32::from(x.is_finite());
+    }
+    let (hist, rest) = hists.split_at_mut(1 << 16);
+    for part in rest.chunks_exact(1 << 16) {
+        for (a, b) in hist.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    let n: usize = hist.iter().map(|&c| c as usize).sum();
     if n == 0 {
         return None;
     }
@@ -85,10 +100,22 @@ pub fn finite_percentiles<const Q: usize>(v: &[f32], qs: [f64; Q]) -> Option<[f3
         .iter()
         .map(|&b| Vec::with_capacity(hist[b as usize] as usize))
         .collect();
-    for &x in v.iter().filter(|x| x.is_finite()) {
+    // Each bucket's slot among the wanted ones (NONE for the rest): one load per value.
+    const NONE: u8 = u8::MAX;
+    assert!(
+        buckets.len() < usize::from(NONE),
+        "at most 127 quantiles at once"
+    );
+    let mut slot = vec![NONE; 1 << 16];
+    for (i, &b) in buckets.iter().enumerate() {
+        slot[b as usize] = i as u8;
+    }
+    // (non-finite values fall in buckets that are never wanted: no test needed)
+    for &x in v {
         let k = key(x);
-        if let Some(i) = buckets.iter().position(|&b| b == k >> 16) {
-            members[i].push(k);
+        let s = slot[(k >> 16) as usize];
+        if s != NONE {
+            members[usize::from(s)].push(k);
         }
     }
     let mut stat = |r: usize| {
@@ -105,8 +132,8 @@ pub fn finite_percentiles<const Q: usize>(v: &[f32], qs: [f64; Q]) -> Option<[f3
     Some(out)
 }
 
-/// Pixels `(x, y)` for each of the three bins.
-type ByBin = [Vec<(usize, usize)>; 3];
+/// Pixels (row-major index `y * w + x`) for each of the three bins.
+type ByBin = [Vec<u32>; 3];
 
 struct Region {
     x: usize,
@@ -114,6 +141,20 @@ struct Region {
     window: usize,
     min: f32,
     max: f32,
+}
+
+/// `(x, y)` of each row-major index in `list` (ascending): one division per row reached, not
+/// per pixel.
+fn coords(list: &[u32], w: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let (mut y, mut row_end) = (0, 0);
+    list.iter().map(move |&i| {
+        let i = i as usize;
+        if i >= row_end {
+            y = i / w;
+            row_end = (y + 1) * w;
+        }
+        (i + w - row_end, y)
+    })
 }
 
 /// Three regions, one per depth bin, each a small window of nearly constant depth, marked
@@ -128,8 +169,9 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
     let (norm, d_min, d_max) = normalise(&frame.depth).ok_or(SkipReason::InvalidDepth)?;
     let style = MarkerStyle::matplotlib_like(w as u32, h as u32, 15.0, 0.3, 1.5);
     let margin = style.radius.ceil() as usize + 1;
-    let nan = NanCount::new(&norm, w, h);
     let mut regions: Vec<Region> = Vec::with_capacity(3);
+    // A window holding a pixel without normalised depth (invalid, or outside the percentiles)
+    // never passes: such pixels spoil its range.
     let mut stats: [Option<window::MinMax>; 2] = [None, None];
     // Per window size, every pixel whose window passes, by bin, in row-major order (one scan
     // for the three bins).
@@ -139,46 +181,51 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
         let mut found = None;
         for (wi, (k, thr)) in WINDOWS.into_iter().enumerate() {
             let half = k / 2;
-            let mm = stats[wi].get_or_insert_with(|| window::min_max(&norm, w, h, k));
+            let mm = stats[wi].get_or_insert_with(|| window::min_max(&norm, w, h, k, Nans::Spoil));
             let lists = passing[wi].get_or_insert_with(|| {
                 let mut lists = ByBin::default();
                 let (y_lo, y_hi) = (half.max(margin), h.saturating_sub(half.max(margin)));
                 let (x_lo, x_hi) = (half.max(margin), w.saturating_sub(half.max(margin)));
                 for y in y_lo..y_hi {
+                    let row = &norm[y * w..(y + 1) * w];
+                    let at = (y - half) * mm.ow;
+                    let (lo, hi) = (&mm.min[at..at + mm.ow], &mm.max[at..at + mm.ow]);
                     for x in x_lo..x_hi {
-                        let c = norm[y * w + x];
-                        let Some(b) = BINS.iter().position(|&(lo, hi)| c >= lo && c <= hi) else {
-                            continue;
-                        };
-                        let (x0, y0) = (x - half, y - half);
-                        let i = y0 * mm.ow + x0;
-                        if mm.max[i] - mm.min[i] >= thr || nan.count(x0, y0, k) > 0 {
+                        // The window with top-left (x − half, y − half).
+                        if hi[x - half] - lo[x - half] >= thr {
                             continue;
                         }
-                        lists[b].push((x, y));
+                        let c = row[x];
+                        if let Some(b) = BINS.iter().position(|&(lo, hi)| c >= lo && c <= hi) {
+                            lists[b].push((y * w + x) as u32);
+                        }
                     }
                 }
                 lists
             });
-            let pass: Vec<(usize, usize)> = lists[bin]
-                .iter()
-                .copied()
-                .filter(|&(x, y)| {
-                    regions.iter().all(|r| {
-                        let d2 = (r.x as f32 - x as f32).powi(2) + (r.y as f32 - y as f32).powi(2);
-                        d2 >= apart_d2
-                    })
+            let apart = |&(x, y): &(usize, usize)| {
+                regions.iter().all(|r| {
+                    let d2 = (r.x as f32 - x as f32).powi(2) + (r.y as f32 - y as f32).powi(2);
+                    d2 >= apart_d2
                 })
-                .collect();
-            if !pass.is_empty() {
-                let (x, y) = pass[rng.below(pass.len())];
-                let i = (y - half) * mm.ow + (x - half);
+            };
+            let count = match regions.is_empty() {
+                true => lists[bin].len(),
+                false => coords(&lists[bin], w).filter(apart).count(),
+            };
+            if count > 0 {
+                let pick = rng.below(count);
+                let (x, y) = coords(&lists[bin], w)
+                    .filter(apart)
+                    .nth(pick)
+                    .expect("counted");
+                let at = (y - half) * mm.ow + (x - half);
                 found = Some(Region {
                     x,
                     y,
                     window: k,
-                    min: mm.min[i],
-                    max: mm.max[i],
+                    min: mm.min[at],
+                    max: mm.max[at],
                 });
                 break;
             }

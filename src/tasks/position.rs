@@ -42,14 +42,27 @@ pub enum PairKind {
     Far,
 }
 
+/// A candidate block: its centre and the range of its normalised depth. (16 bytes: a million
+/// of them are ordered per frame.)
 #[derive(Debug, Clone, Copy)]
 pub struct Block {
-    pub y: usize,
-    pub x: usize,
+    pub y: u32,
+    pub x: u32,
     pub min: f32,
     pub max: f32,
-    /// Squared distance to the centre, in half pixels: (2y − h)² + (2x − w)².
-    pub dist2: u64,
+}
+
+impl Block {
+    /// `(x, y)` as indices.
+    pub fn at(&self) -> (usize, usize) {
+        (self.x as usize, self.y as usize)
+    }
+
+    /// Squared distance to the centre of a `w × h` image, in half pixels: (2y − h)² + (2x − w)².
+    pub fn dist2(&self, w: usize, h: usize) -> u64 {
+        let d = |v: u32, n: usize| (2 * i64::from(v) - n as i64).unsigned_abs();
+        d(self.y, h).pow(2) + d(self.x, w).pow(2)
+    }
 }
 
 /// Min-max normalised depth (valid → [0, 1], invalid NaN; a constant map becomes all 1).
@@ -82,70 +95,70 @@ pub fn normalise(depth: &[f32]) -> Option<Vec<f32>> {
 /// 0.15, sorted by distance to the centre (ties by row, then column).
 pub fn candidate_blocks(norm: &[f32], w: usize, h: usize) -> Vec<Block> {
     let half = BLOCK / 2;
-    let mm = window::min_max(norm, w, h, BLOCK);
+    let mm = window::min_max(norm, w, h, BLOCK, window::Nans::Skip);
     if mm.ow == 0 {
         return vec![];
     }
     let (cy, cx) = (h as f64 / 2.0, w as f64 / 2.0);
     let (my, mx) = (CENTER_MARGIN * h as f64, CENTER_MARGIN * w as f64);
-    let (h2, w2) = (h as i64, w as i64);
     let y_lo = half.max((cy - my).ceil().max(0.0) as usize);
     let y_hi = (h - half - 1).min((cy + my).floor() as usize);
     let x_lo = half.max((cx - mx).ceil().max(0.0) as usize);
     let x_hi = (w - half - 1).min((cx + mx).floor() as usize);
     // Built in raster order (sequential reads of the window statistics), then sorted by
     // (distance², row, column).
-    let mut out: Vec<Block> = Vec::new();
+    let span = |lo: usize, hi: usize| (hi + 1).saturating_sub(lo);
+    let mut out: Vec<Block> = Vec::with_capacity(span(y_lo, y_hi) * span(x_lo, x_hi));
     for y in y_lo..=y_hi {
         let base = (y - half) * mm.ow;
         for x in x_lo..=x_hi {
             let i = base + (x - half);
             let (lo, hi) = (mm.min[i], mm.max[i]);
             if lo.is_finite() && hi - lo <= INNER_THR {
-                let dist2 = ((2 * y as i64 - h2).pow(2) + (2 * x as i64 - w2).pow(2)) as u64;
                 out.push(Block {
-                    y,
-                    x,
+                    y: y as u32,
+                    x: x as u32,
                     min: lo,
                     max: hi,
-                    dist2,
                 });
             }
         }
     }
-    let idx_bits = usize::BITS - (w * h).leading_zeros();
-    sort_by_unique_key(out, |b| (b.dist2 << idx_bits) | (b.y * w + b.x) as u64)
+    // Raster order is (row, column) order, so a stable sort by distance alone gives it.
+    stable_sort_by_key(out, |b| b.dist2(w, h))
 }
 
-/// `v` sorted by `key`, which must be unique (so any correct sort gives this order): an LSD
-/// radix sort of (key, index) pairs on 16-bit digits — a few linear passes where a comparison
-/// sort of a million candidate blocks takes most of a frame's search.
-fn sort_by_unique_key<T: Copy>(v: Vec<T>, key: impl Fn(&T) -> u64) -> Vec<T> {
-    let mut keys: Vec<(u64, u32)> = (v.iter().enumerate())
-        .map(|(i, b)| (key(b), i as u32))
-        .collect();
-    let top = keys.iter().map(|k| k.0).max().unwrap_or(0);
-    let passes = (u64::BITS - top.leading_zeros()).div_ceil(16);
-    let mut tmp = vec![(0u64, 0u32); keys.len()];
-    let mut count = vec![0usize; 1 << 16];
-    for pass in 0..passes {
-        let digit = |k: u64| ((k >> (16 * pass)) & 0xFFFF) as usize;
-        count.fill(0);
-        for k in &keys {
-            count[digit(k.0)] += 1;
+/// `v` stably sorted by `key`: an LSD radix sort of the records themselves on 11-bit digits
+/// (two passes for a frame's distances) — where a comparison sort of a million candidate
+/// blocks, or a sort of keys followed by a gather from random places, takes most of a frame's
+/// search.
+fn stable_sort_by_key<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> u64) -> Vec<T> {
+    const BITS: u32 = 11;
+    const MASK: u64 = (1 << BITS) - 1;
+    let top = v.iter().map(&key).max().unwrap_or(0);
+    let passes = (u64::BITS - top.leading_zeros()).div_ceil(BITS) as usize;
+    // Every pass's digit counts in one read.
+    let mut counts = vec![[0usize; 1 << BITS]; passes];
+    for k in v.iter().map(&key) {
+        for (p, c) in counts.iter_mut().enumerate() {
+            c[((k >> (BITS as usize * p)) & MASK) as usize] += 1;
         }
+    }
+    let mut tmp = v.clone();
+    for (p, count) in counts.iter_mut().enumerate() {
+        let digit = |t: &T| ((key(t) >> (BITS as usize * p)) & MASK) as usize;
         let mut at = 0;
         for c in count.iter_mut() {
             (*c, at) = (at, at + *c);
         }
-        for &k in &keys {
-            let d = digit(k.0);
-            tmp[count[d]] = k;
+        for t in &v {
+            let d = digit(t);
+            tmp[count[d]] = *t;
             count[d] += 1;
         }
-        std::mem::swap(&mut keys, &mut tmp);
+        std::mem::swap(&mut v, &mut tmp);
     }
-    keys.iter().map(|&(_, i)| v[i as usize]).collect()
+    v
 }
 
 fn far_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
@@ -194,18 +207,30 @@ pub fn find_pair(blocks: &[Block], kind: PairKind, min_dist: f64) -> Option<(usi
         }
         PairKind::Near => {
             // Row index: candidate order positions per row, ascending.
-            let h = blocks.iter().map(|b| b.y).max()? + 1;
-            let mut rows: Vec<Vec<usize>> = vec![Vec::new(); h];
+            // Row index: each row's candidate order positions, ascending, packed row after
+            // row (`order[starts[y]..starts[y + 1]]`).
+            let h = blocks.iter().map(|b| b.y as usize).max()? + 1;
+            let mut starts = vec![0usize; h + 1];
+            for b in blocks {
+                starts[b.y as usize + 1] += 1;
+            }
+            for y in 0..h {
+                starts[y + 1] += starts[y];
+            }
+            let mut order = vec![0u32; n];
+            let mut fill = starts.clone();
             for (i, b) in blocks.iter().enumerate() {
-                rows[b.y].push(i);
+                order[fill[b.y as usize]] = i as u32;
+                fill[b.y as usize] += 1;
             }
             for (i, a) in blocks.iter().enumerate() {
-                let y0 = a.y.saturating_sub(NEAR_ROW_BAND as usize - 1);
-                let y1 = (a.y + NEAR_ROW_BAND as usize - 1).min(h - 1);
+                let y = a.y as usize;
+                let y0 = y.saturating_sub(NEAR_ROW_BAND as usize - 1);
+                let y1 = (y + NEAR_ROW_BAND as usize - 1).min(h - 1);
                 let mut best: Option<usize> = None;
-                for row in &rows[y0..=y1] {
-                    let start = row.partition_point(|&j| j <= i);
-                    for &j in &row[start..] {
+                for row in (y0..=y1).map(|y| &order[starts[y]..starts[y + 1]]) {
+                    let start = row.partition_point(|&j| j as usize <= i);
+                    for j in row[start..].iter().map(|&j| j as usize) {
                         if best.is_some_and(|b| j >= b) {
                             break;
                         }
@@ -390,8 +415,9 @@ pub fn generate(
         .iter()
         .map(|b| {
             let mut m = f32::NEG_INFINITY;
-            for y in b.y - half..=b.y + half {
-                for x in b.x - half..=b.x + half {
+            let (bx, by) = b.at();
+            for y in by - half..=by + half {
+                for x in bx - half..=bx + half {
                     let v = frame.depth[y * w + x];
                     if v.is_finite() {
                         m = m.max(v);
@@ -537,8 +563,15 @@ mod tests {
         v.dedup();
         let mut shuffled = v.clone();
         r.shuffle(&mut shuffled);
-        assert_eq!(sort_by_unique_key(shuffled, |k| *k), v);
-        assert!(sort_by_unique_key(Vec::<u64>::new(), |k| *k).is_empty());
+        assert_eq!(stable_sort_by_key(shuffled, |k| *k), v);
+        assert!(stable_sort_by_key(Vec::<u64>::new(), |k| *k).is_empty());
+        // Stable: equal keys keep their order (the low bits of these values ride along).
+        let pairs: Vec<u64> = (0..40_000u64)
+            .map(|i| ((r.below(300) as u64) << 20) | i)
+            .collect();
+        let mut want = pairs.clone();
+        want.sort_by_key(|p| p >> 20);
+        assert_eq!(stable_sort_by_key(pairs, |p| p >> 20), want);
         for f in ["RGB-D_depth1.h5", "RGB-D_depth2.h5"] {
             let src = crate::tasks::source::RgbdSource {
                 layout: crate::tasks::source::Layout::Megadepth,
@@ -556,7 +589,7 @@ mod tests {
             let norm = normalise(&depth).unwrap();
             let got = candidate_blocks(&norm, w, h);
             let mut want = got.clone();
-            want.sort_unstable_by_key(|b| (b.dist2 << 32) | (b.y * w + b.x) as u64);
+            want.sort_unstable_by_key(|b| (b.dist2(w, h), b.y, b.x));
             assert!(got.len() > 100_000, "{f}: {}", got.len());
             assert!(
                 got.iter().zip(&want).all(|(a, b)| (a.y, a.x) == (b.y, b.x)),
@@ -596,7 +629,8 @@ mod tests {
         let b = candidate_blocks(&norm, w, h);
         assert!(!b.is_empty());
         for p in b.windows(2) {
-            assert!((p[0].dist2, p[0].y, p[0].x) < (p[1].dist2, p[1].y, p[1].x));
+            let key = |b: &Block| (b.dist2(w, h), b.y, b.x);
+            assert!(key(&p[0]) < key(&p[1]));
         }
     }
 
@@ -607,14 +641,13 @@ mod tests {
         for trial in 0..30 {
             let n = 60 + trial * 7;
             let blocks: Vec<Block> = (0..n)
-                .map(|i| {
+                .map(|_| {
                     let lo = r.f64() as f32 * 0.85;
                     Block {
-                        y: r.below(120),
-                        x: r.below(200),
+                        y: r.below(120) as u32,
+                        x: r.below(200) as u32,
                         min: lo,
                         max: lo + r.f64() as f32 * 0.15,
-                        dist2: i as u64,
                     }
                 })
                 .collect();

@@ -1,5 +1,5 @@
-//! O(H·W) square-window statistics over depth maps (van Herk / Gil–Werman min and max, and an
-//! integral image of invalid pixels), so region searches that the official scripts run as
+//! O(H·W) square-window statistics over depth maps (min and max by doubling along rows and
+//! van Herk / Gil–Werman down columns; NaN pixels left out or spoiling their windows), so region searches that the official scripts run as
 //! per-pixel Python loops take milliseconds.
 
 /// Branch-free min or max for NaN-free input (compiles to `minps` / `maxps`).
@@ -18,8 +18,18 @@ fn pick<const MAX: bool>(a: f32, b: f32) -> f32 {
     }
 }
 
-/// Min and max over every `k×k` window; NaN pixels are ignored (a window of only NaN gives
-/// `min = +inf`, `max = -inf`). Index `[y0 * ow + x0]` is the window with top-left `(x0, y0)`.
+/// What a NaN pixel does to the windows that hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nans {
+    /// Left out: a window's statistics are those of its other pixels (a window of only NaN
+    /// gives `min = +inf`, `max = -inf`).
+    Skip,
+    /// Spoil the window: `min = -inf`, `max = +inf`, so its range is infinite.
+    Spoil,
+}
+
+/// Min and max over every `k×k` window, NaN pixels treated as `nans` says. Index
+/// `[y0 * ow + x0]` is the window with top-left `(x0, y0)`.
 pub struct MinMax {
     pub ow: usize,
     pub oh: usize,
@@ -27,7 +37,18 @@ pub struct MinMax {
     pub max: Vec<f32>,
 }
 
-pub fn min_max(src: &[f32], w: usize, h: usize, k: usize) -> MinMax {
+/// Row buffers for the horizontal pass of [`min_max`].
+struct Rows {
+    lo: [Vec<f32>; 2],
+    hi: [Vec<f32>; 2],
+}
+
+/// Both statistics in one sweep, in cache-sized pieces: each source row once through a
+/// vectorised doubling pass along the row (⌊log₂k⌋ + 1 steps), then the column direction by
+/// van Herk / Gil–Werman over blocks of `k` rows (a block's suffixes and the next block's
+/// running prefix, three whole-row operations per row) — the working set is two blocks of rows,
+/// never the whole map.
+pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax {
     if k == 0 || w < k || h < k {
         return MinMax {
             ow: 0,
@@ -37,98 +58,140 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize) -> MinMax {
         };
     }
     let (ow, oh) = (w - k + 1, h - k + 1);
-    let min = pass::<false>(src, w, h, k);
-    let max = pass::<true>(src, w, h, k);
-    debug_assert_eq!(min.len(), ow * oh);
-    MinMax { ow, oh, min, max }
-}
-
-/// Window min/max by doubling: after the pass for span `p`, `v[i]` covers `i..i+2p`; a window
-/// of `k` is then two overlapping spans. ⌊log₂k⌋ + 1 vectorised passes per axis.
-fn pass<const MAX: bool>(src: &[f32], w: usize, h: usize, k: usize) -> Vec<f32> {
-    let (ow, oh) = (w - k + 1, h - k + 1);
-    let fill = if MAX {
-        f32::NEG_INFINITY
-    } else {
-        f32::INFINITY
+    let fill = match nans {
+        Nans::Skip => (f32::INFINITY, f32::NEG_INFINITY),
+        Nans::Spoil => (f32::NEG_INFINITY, f32::INFINITY),
     };
-    let pick = pick::<MAX>;
     let mut span = 1;
     while span * 2 <= k {
         span *= 2;
     }
-    // Horizontal, ping-ponging between two row buffers.
-    let mut rows = vec![0f32; ow * h];
-    let (mut b, mut c) = (vec![0f32; w], vec![0f32; w]);
-    for y in 0..h {
-        for (d, s) in b.iter_mut().zip(&src[y * w..(y + 1) * w]) {
-            *d = if s.is_nan() { fill } else { *s };
+    let mut rows = Rows {
+        lo: [vec![0f32; w], vec![0f32; w]],
+        hi: [vec![0f32; w], vec![0f32; w]],
+    };
+    // Row y's window statistics along x into (lo, hi) (each `ow` long).
+    let mut horizontal = |y: usize, lo: &mut [f32], hi: &mut [f32]| {
+        let Rows {
+            lo: [b_lo, c_lo],
+            hi: [b_hi, c_hi],
+        } = &mut rows;
+        // (selects, not branches: NaN pixels come in irregular patterns)
+        let (row, (nan_lo, nan_hi)) = (&src[y * w..(y + 1) * w], fill);
+        for (l, &s) in b_lo.iter_mut().zip(row) {
+            *l = if s.is_nan() { nan_lo } else { s };
+        }
+        for (u, &s) in b_hi.iter_mut().zip(row) {
+            *u = if s.is_nan() { nan_hi } else { s };
         }
         let mut p = 1;
         while p < span {
             let n = w + 1 - 2 * p;
-            for ((d, x), z) in c[..n].iter_mut().zip(&b[..n]).zip(&b[p..p + n]) {
-                *d = pick(*x, *z);
+            for (d, (x, z)) in c_lo[..n]
+                .iter_mut()
+                .zip(b_lo[..n].iter().zip(&b_lo[p..p + n]))
+            {
+                *d = pick::<false>(*x, *z);
             }
-            std::mem::swap(&mut b, &mut c);
+            for (d, (x, z)) in c_hi[..n]
+                .iter_mut()
+                .zip(b_hi[..n].iter().zip(&b_hi[p..p + n]))
+            {
+                *d = pick::<true>(*x, *z);
+            }
+            std::mem::swap(b_lo, c_lo);
+            std::mem::swap(b_hi, c_hi);
             p *= 2;
         }
-        let out = &mut rows[y * ow..(y + 1) * ow];
-        for ((o, x), z) in out
+        let far = k - span;
+        for (d, (x, z)) in lo
             .iter_mut()
-            .zip(&b[..ow])
-            .zip(&b[k - span..k - span + ow])
+            .zip(b_lo[..ow].iter().zip(&b_lo[far..far + ow]))
         {
-            *o = pick(*x, *z);
+            *d = pick::<false>(*x, *z);
         }
-    }
-    // Vertical, on whole rows.
-    let mut p = 1;
-    while p < span {
-        for y in 0..=h - 2 * p {
-            let (a, c) = rows.split_at_mut((y + p) * ow);
-            for (d, s) in a[y * ow..(y + 1) * ow].iter_mut().zip(&c[..ow]) {
-                *d = pick(*d, *s);
+        for (d, (x, z)) in hi
+            .iter_mut()
+            .zip(b_hi[..ow].iter().zip(&b_hi[far..far + ow]))
+        {
+            *d = pick::<true>(*x, *z);
+        }
+    };
+    // `cur`: block b's rows as suffix statistics (row j covers rows j..k of the block);
+    // `next`: block b + 1's rows as read; `pre`: the running prefix of `next`.
+    let mut cur = (vec![0f32; k * ow], vec![0f32; k * ow]);
+    let mut next = (vec![0f32; k * ow], vec![0f32; k * ow]);
+    let mut pre = (vec![0f32; ow], vec![0f32; ow]);
+    let suffixes = |(lo, hi): &mut (Vec<f32>, Vec<f32>)| {
+        for j in (0..k - 1).rev() {
+            let (a, b) = lo.split_at_mut((j + 1) * ow);
+            for (d, s) in a[j * ow..].iter_mut().zip(&b[..ow]) {
+                *d = pick::<false>(*d, *s);
+            }
+            let (a, b) = hi.split_at_mut((j + 1) * ow);
+            for (d, s) in a[j * ow..].iter_mut().zip(&b[..ow]) {
+                *d = pick::<true>(*d, *s);
             }
         }
-        p *= 2;
+    };
+    for j in 0..k {
+        let r = j * ow..(j + 1) * ow;
+        horizontal(j, &mut cur.0[r.clone()], &mut cur.1[r]);
     }
-    let mut dst = vec![0f32; ow * oh];
-    for y0 in 0..oh {
-        let (a, c) = (
-            &rows[y0 * ow..(y0 + 1) * ow],
-            &rows[(y0 + k - span) * ow..(y0 + k - span + 1) * ow],
-        );
-        for ((d, x), z) in dst[y0 * ow..(y0 + 1) * ow].iter_mut().zip(a).zip(c) {
-            *d = pick(*x, *z);
-        }
-    }
-    dst
-}
-
-/// Integral image of NaN pixels: `count(x0, y0, k)` gives the NaNs in a `k×k` window.
-pub struct NanCount {
-    w: usize,
-    sums: Vec<u32>,
-}
-
-impl NanCount {
-    pub fn new(src: &[f32], w: usize, h: usize) -> Self {
-        let mut sums = vec![0u32; (w + 1) * (h + 1)];
-        for y in 0..h {
-            let mut row = 0u32;
-            for x in 0..w {
-                row += u32::from(src[y * w + x].is_nan());
-                sums[(y + 1) * (w + 1) + x + 1] = sums[y * (w + 1) + x + 1] + row;
+    suffixes(&mut cur);
+    let mut min = Vec::with_capacity(ow * oh);
+    let mut max = Vec::with_capacity(ow * oh);
+    let mut base = 0;
+    loop {
+        // Window rows y0 = base + j: block b's suffix from row j, and block b + 1's prefix
+        // up to row j − 1 (rows base + k … y0 + k − 1).
+        min.extend_from_slice(&cur.0[..ow]);
+        max.extend_from_slice(&cur.1[..ow]);
+        for j in 1..k.min(oh - base) {
+            let r = (j - 1) * ow..j * ow;
+            horizontal(
+                base + k + j - 1,
+                &mut next.0[r.clone()],
+                &mut next.1[r.clone()],
+            );
+            if j == 1 {
+                pre.0.copy_from_slice(&next.0[r.clone()]);
+                pre.1.copy_from_slice(&next.1[r.clone()]);
+            } else {
+                for (d, s) in pre.0.iter_mut().zip(&next.0[r.clone()]) {
+                    *d = pick::<false>(*d, *s);
+                }
+                for (d, s) in pre.1.iter_mut().zip(&next.1[r.clone()]) {
+                    *d = pick::<true>(*d, *s);
+                }
             }
+            let row = j * ow..(j + 1) * ow;
+            min.extend(
+                cur.0[row.clone()]
+                    .iter()
+                    .zip(&pre.0)
+                    .map(|(a, b)| pick::<false>(*a, *b)),
+            );
+            max.extend(
+                cur.1[row]
+                    .iter()
+                    .zip(&pre.1)
+                    .map(|(a, b)| pick::<true>(*a, *b)),
+            );
         }
-        NanCount { w, sums }
+        base += k;
+        if base >= oh {
+            break;
+        }
+        // Block b + 1 has a window row, so all its k rows exist: read its last, then its
+        // suffixes, and it becomes the current block.
+        let r = (k - 1) * ow..k * ow;
+        horizontal(base + k - 1, &mut next.0[r.clone()], &mut next.1[r]);
+        suffixes(&mut next);
+        std::mem::swap(&mut cur, &mut next);
     }
-
-    pub fn count(&self, x0: usize, y0: usize, k: usize) -> u32 {
-        let s = |x: usize, y: usize| self.sums[y * (self.w + 1) + x];
-        s(x0 + k, y0 + k) + s(x0, y0) - s(x0 + k, y0) - s(x0, y0 + k)
-    }
+    debug_assert_eq!(min.len(), ow * oh);
+    MinMax { ow, oh, min, max }
 }
 
 #[cfg(test)]
@@ -137,8 +200,19 @@ mod tests {
 
     #[test]
     fn matches_brute_force_with_nans() {
-        for k in [1usize, 2, 3, 4, 5, 8, 9] {
+        for k in [1usize, 2, 3, 4, 5, 8, 9, 16, 17] {
             check(23, 17, k);
+        }
+        // Heights that are and are not a multiple of k, windows as wide as the map.
+        for (w, h, k) in [
+            (9, 40, 4),
+            (9, 41, 4),
+            (5, 30, 5),
+            (40, 9, 9),
+            (7, 7, 7),
+            (1, 12, 1),
+        ] {
+            check(w, h, k);
         }
     }
 
@@ -153,8 +227,13 @@ mod tests {
                 }
             })
             .collect();
-        let mm = min_max(&src, w, h, k);
-        let nc = NanCount::new(&src, w, h);
+        let skip = min_max(&src, w, h, k, Nans::Skip);
+        let spoil = min_max(&src, w, h, k, Nans::Spoil);
+        assert_eq!((skip.ow, skip.oh), (w - k + 1, h - k + 1));
+        assert_eq!(
+            (skip.min.len(), spoil.max.len()),
+            (skip.ow * skip.oh, skip.ow * skip.oh)
+        );
         for y0 in 0..=h - k {
             for x0 in 0..=w - k {
                 let (mut lo, mut hi, mut nans) = (f32::INFINITY, f32::NEG_INFINITY, 0);
@@ -169,9 +248,21 @@ mod tests {
                         }
                     }
                 }
-                assert_eq!(mm.min[y0 * mm.ow + x0], lo);
-                assert_eq!(mm.max[y0 * mm.ow + x0], hi);
-                assert_eq!(nc.count(x0, y0, k), nans);
+                let i = y0 * skip.ow + x0;
+                assert_eq!(
+                    (skip.min[i], skip.max[i]),
+                    (lo, hi),
+                    "{w}×{h} k {k} at {x0},{y0}"
+                );
+                let spoilt = match nans {
+                    0 => (lo, hi),
+                    _ => (f32::NEG_INFINITY, f32::INFINITY),
+                };
+                assert_eq!(
+                    (spoil.min[i], spoil.max[i]),
+                    spoilt,
+                    "{w}×{h} k {k} at {x0},{y0}"
+                );
             }
         }
     }
