@@ -191,6 +191,32 @@ fn an_image_claiming_too_many_pixels_is_skipped_before_decoding() {
     assert_ne!(r.fault, images::ImageFault::TooLarge, "{r}");
 }
 
+/// A whole (end-of-image marker present) 4×4 JPEG whose frame header claims `w × h` pixels.
+fn jpeg_claiming(w: u16, h: u16) -> Vec<u8> {
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&image::RgbImage::new(4, 4))
+        .unwrap();
+    // SOF0: FF C0, length (2), precision (1), height (2), width (2).
+    let sof = jpeg.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
+    jpeg[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+    jpeg[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+    jpeg
+}
+
+/// A JPEG is held to the same limit from its header, whichever decoder the build uses.
+#[test]
+fn a_jpeg_claiming_too_many_pixels_is_refused_before_decoding() {
+    let e = images::decode_rgb(&jpeg_claiming(60_000, 60_000), Path::new("huge.jpg")).unwrap_err();
+    assert_eq!(e.fault, images::ImageFault::TooLarge, "{e}");
+    assert!(e.to_string().contains("huge.jpg"), "{e}");
+    // Under the limit the header is not refused (the scan is too short for such a frame: a
+    // decoder may pad it or fail, but not for its size).
+    if let Err(r) = images::decode_rgb(&jpeg_claiming(2_000, 1_500), Path::new("fine.jpg")) {
+        assert_ne!(r.fault, images::ImageFault::TooLarge, "{r}");
+    }
+}
+
 /// Intrinsics no camera has, or a file that cannot be read as intrinsics, are refused naming
 /// the file (they were taken as missing, or used, changing metric position answers).
 #[test]
