@@ -1,6 +1,6 @@
 //! O(H·W) square-window statistics over depth maps (min and max by doubling along rows and
-//! van Herk / Gil–Werman down columns; NaN pixels left out or spoiling their windows), so region searches that the official scripts run as
-//! per-pixel Python loops take milliseconds.
+//! van Herk / Gil–Werman down columns; NaN pixels left out or spoiling their windows), so
+//! region searches that the official scripts run as per-pixel Python loops take milliseconds.
 
 /// Branch-free min or max for NaN-free input (compiles to `minps` / `maxps`).
 #[inline(always)]
@@ -15,6 +15,22 @@ fn pick<const MAX: bool>(a: f32, b: f32) -> f32 {
         a
     } else {
         b
+    }
+}
+
+/// `d[i] = pick(a[i], b[i])` (vectorised).
+#[inline(always)]
+fn pick_into<const MAX: bool>(d: &mut [f32], a: &[f32], b: &[f32]) {
+    for (d, (x, z)) in d.iter_mut().zip(a.iter().zip(b)) {
+        *d = pick::<MAX>(*x, *z);
+    }
+}
+
+/// `d[i] = pick(d[i], s[i])` (vectorised).
+#[inline(always)]
+fn fold<const MAX: bool>(d: &mut [f32], s: &[f32]) {
+    for (d, s) in d.iter_mut().zip(s) {
+        *d = pick::<MAX>(*d, *s);
     }
 }
 
@@ -87,35 +103,15 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax 
         let mut p = 1;
         while p < span {
             let n = w + 1 - 2 * p;
-            for (d, (x, z)) in c_lo[..n]
-                .iter_mut()
-                .zip(b_lo[..n].iter().zip(&b_lo[p..p + n]))
-            {
-                *d = pick::<false>(*x, *z);
-            }
-            for (d, (x, z)) in c_hi[..n]
-                .iter_mut()
-                .zip(b_hi[..n].iter().zip(&b_hi[p..p + n]))
-            {
-                *d = pick::<true>(*x, *z);
-            }
+            pick_into::<false>(&mut c_lo[..n], &b_lo[..n], &b_lo[p..p + n]);
+            pick_into::<true>(&mut c_hi[..n], &b_hi[..n], &b_hi[p..p + n]);
             std::mem::swap(b_lo, c_lo);
             std::mem::swap(b_hi, c_hi);
             p *= 2;
         }
         let far = k - span;
-        for (d, (x, z)) in lo
-            .iter_mut()
-            .zip(b_lo[..ow].iter().zip(&b_lo[far..far + ow]))
-        {
-            *d = pick::<false>(*x, *z);
-        }
-        for (d, (x, z)) in hi
-            .iter_mut()
-            .zip(b_hi[..ow].iter().zip(&b_hi[far..far + ow]))
-        {
-            *d = pick::<true>(*x, *z);
-        }
+        pick_into::<false>(lo, &b_lo[..ow], &b_lo[far..far + ow]);
+        pick_into::<true>(hi, &b_hi[..ow], &b_hi[far..far + ow]);
     };
     // `cur`: block b's rows as suffix statistics (row j covers rows j..k of the block);
     // `next`: block b + 1's rows as read; `pre`: the running prefix of `next`.
@@ -125,13 +121,9 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax 
     let suffixes = |(lo, hi): &mut (Vec<f32>, Vec<f32>)| {
         for j in (0..k - 1).rev() {
             let (a, b) = lo.split_at_mut((j + 1) * ow);
-            for (d, s) in a[j * ow..].iter_mut().zip(&b[..ow]) {
-                *d = pick::<false>(*d, *s);
-            }
+            fold::<false>(&mut a[j * ow..], &b[..ow]);
             let (a, b) = hi.split_at_mut((j + 1) * ow);
-            for (d, s) in a[j * ow..].iter_mut().zip(&b[..ow]) {
-                *d = pick::<true>(*d, *s);
-            }
+            fold::<true>(&mut a[j * ow..], &b[..ow]);
         }
     };
     for j in 0..k {
@@ -158,12 +150,8 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax 
                 pre.0.copy_from_slice(&next.0[r.clone()]);
                 pre.1.copy_from_slice(&next.1[r.clone()]);
             } else {
-                for (d, s) in pre.0.iter_mut().zip(&next.0[r.clone()]) {
-                    *d = pick::<false>(*d, *s);
-                }
-                for (d, s) in pre.1.iter_mut().zip(&next.1[r.clone()]) {
-                    *d = pick::<true>(*d, *s);
-                }
+                fold::<false>(&mut pre.0, &next.0[r.clone()]);
+                fold::<true>(&mut pre.1, &next.1[r.clone()]);
             }
             let row = j * ow..(j + 1) * ow;
             min.extend(
