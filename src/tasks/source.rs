@@ -672,11 +672,7 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
                 }
             };
             let mut d = a.data;
-            for v in &mut d {
-                if !v.is_finite() || *v <= 0.0 {
-                    *v = f32::NAN;
-                }
-            }
+            invalid_to_nan(&mut d);
             (w, h, d)
         }
         DepthEncoding::H5 => {
@@ -698,11 +694,7 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
             let mut d = ds
                 .read_f32()
                 .map_err(|e| SourceError::new(SkipReason::Decode, p, e))?;
-            for v in &mut d {
-                if !v.is_finite() || *v <= 0.0 {
-                    *v = f32::NAN;
-                }
-            }
+            invalid_to_nan(&mut d);
             (*w as usize, *h as usize, d)
         }
         DepthEncoding::Png16 { scale } => {
@@ -771,14 +763,26 @@ pub fn load_depth(src: &RgbdSource) -> Result<(usize, usize, Vec<f32>), SourceEr
             .chunks_exact_mut(w.max(1))
             .zip(m.data.chunks_exact(mw.max(1)))
         {
+            // (a select and a store for every pixel, not a branch: masks are irregular)
             for (v, &keep) in row.iter_mut().zip(mrow) {
-                if keep == 0.0 {
-                    *v = f32::NAN;
-                }
+                *v = if keep == 0.0 { f32::NAN } else { *v };
             }
         }
     }
     Ok((w, h, data))
+}
+
+/// Depths that are not finite and positive become NaN (invalid), with a select per pixel
+/// rather than a branch: invalid pixels come in irregular patterns.
+fn invalid_to_nan(d: &mut [f32]) {
+    for v in d {
+        let x = *v;
+        *v = if x.is_finite() & (x > 0.0) {
+            x
+        } else {
+            f32::NAN
+        };
+    }
 }
 
 /// Nearest-neighbour resampling of a depth map (never mixes depths across edges).
