@@ -305,6 +305,17 @@ mod tests {
         (a + (b - a) * frac) as f32
     }
 
+    /// Row-major indices back to (x, y), across skipped rows and row ends.
+    #[test]
+    fn coords_follow_the_rows() {
+        let got: Vec<_> = coords(&[0, 3, 4, 9, 10, 11, 23], 4).collect();
+        assert_eq!(
+            got,
+            [(0, 0), (3, 0), (0, 1), (1, 2), (2, 2), (3, 2), (3, 5)]
+        );
+        assert_eq!(coords(&[], 4).count(), 0);
+    }
+
     #[test]
     fn percentile_matches_numpy_linear() {
         // np.percentile([1,2,3,4,5,6,7,8,9,10], [0.5, 99.5]) == [1.045, 9.955]
