@@ -396,3 +396,30 @@ impl SharedWeights {
         Ok(Some(value))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A weight file that opens but cannot be mapped (here a folder, which Linux opens
+    /// read-only) is an error naming it, not a tensor the store leaves out.
+    #[test]
+    fn a_weight_file_that_cannot_be_mapped_is_named() {
+        let dir = std::env::temp_dir().join(format!("ssrl-weights-map-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("weights.data")).unwrap();
+        let mut store = SharedWeights::new(&dir);
+        let t = ExternalTensor {
+            name: "w".into(),
+            dims: vec![2, 2],
+            data_type: 1,
+            location: "weights.data".into(),
+            offset: 0,
+            length: Some(16),
+        };
+        let e = store.value(&t).expect_err("a folder cannot be mapped");
+        assert!(matches!(e, WeightsError::Map { .. }), "{e:?}");
+        assert!(e.to_string().contains("weights.data"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
