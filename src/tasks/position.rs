@@ -206,7 +206,6 @@ pub fn find_pair(blocks: &[Block], kind: PairKind, min_dist: f64) -> Option<(usi
             None
         }
         PairKind::Near => {
-            // Row index: candidate order positions per row, ascending.
             // Row index: each row's candidate order positions, ascending, packed row after
             // row (`order[starts[y]..starts[y + 1]]`).
             let h = blocks.iter().map(|b| b.y as usize).max()? + 1;
