@@ -4,6 +4,9 @@
 //! - [`reward`]: EasyR1's verifiable format + accuracy reward.
 //! - [`kernels`]: log-probs, sampling, advantages and the optimizer step (CPU and CUDA).
 
+#[macro_use]
+mod simd;
+
 pub mod data;
 pub mod dist;
 pub mod eval;

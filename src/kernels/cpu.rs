@@ -374,25 +374,10 @@ impl Live {
     }
 }
 
+avx2_twin! {
 /// One row of [`sample`], compiled for AVX2 as well where the CPU has it (checked at run time;
 /// the same operations in the same order, so the same token and log-prob bit for bit).
-fn sample_row(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { sample_row_avx2(values, key, p) };
-    }
-    sample_row_body(values, key, p)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sample_row_avx2(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
-    sample_row_body(values, key, p)
-}
-
-#[inline(always)]
-fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
+fn sample_row / sample_row_baseline(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled {
     let vocab = values.len();
     let greedy = p.temperature <= 0.0;
     let t = if greedy { 1.0 } else { p.temperature };
@@ -479,6 +464,7 @@ fn sample_row_body(values: &[f32], key: &RowKey, p: &SamplingParams) -> Sampled 
         token: token as u32,
         logprob: (f64::from(scaled[token]) - log_z) as f32,
     }
+}
 }
 
 /// Group-normalised advantages: `(s − mean) / (std + eps)` per group of `group_size`
@@ -661,9 +647,8 @@ mod tests {
                             top_p,
                             seed: 3,
                         };
-                        let base = sample_row_body(&row, &key, &p);
-                        // SAFETY: the CPU has AVX2.
-                        let wide = unsafe { sample_row_avx2(&row, &key, &p) };
+                        let base = sample_row_baseline(&row, &key, &p);
+                        let wide = sample_row(&row, &key, &p);
                         assert_eq!(base.token, wide.token, "V {vocab}, spread {spread}, {p:?}");
                         assert_eq!(base.logprob.to_bits(), wide.logprob.to_bits());
                     }
