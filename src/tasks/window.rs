@@ -1,5 +1,5 @@
 //! O(H·W) square-window statistics over depth maps (min and max by doubling along rows and
-//! van Herk / Gil–Werman down columns; NaN pixels left out or spoiling their windows), so
+//! van Herk / Gil–Werman down columns; invalid pixels left out or spoiling their windows), so
 //! region searches that the official scripts run as per-pixel Python loops take milliseconds.
 
 /// Branch-free min or max for NaN-free input (compiles to `minps` / `maxps`).
@@ -18,7 +18,9 @@ fn pick<const MAX: bool>(a: f32, b: f32) -> f32 {
     }
 }
 
-/// `d[i] = pick(a[i], b[i])` (vectorised).
+/// `d[i] = pick(a[i], b[i])` (vectorised). `d` is never one of the sources: `d = pick(d, s)`
+/// becomes a store only where `s` wins, which AVX2 code makes a masked store (slow on some
+/// CPUs).
 #[inline(always)]
 fn pick_into<const MAX: bool>(d: &mut [f32], a: &[f32], b: &[f32]) {
     for (d, (x, z)) in d.iter_mut().zip(a.iter().zip(b)) {
@@ -26,19 +28,11 @@ fn pick_into<const MAX: bool>(d: &mut [f32], a: &[f32], b: &[f32]) {
     }
 }
 
-/// `d[i] = pick(d[i], s[i])` (vectorised).
-#[inline(always)]
-fn fold<const MAX: bool>(d: &mut [f32], s: &[f32]) {
-    for (d, s) in d.iter_mut().zip(s) {
-        *d = pick::<MAX>(*d, *s);
-    }
-}
-
 /// What a NaN pixel does to the windows that hold it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nans {
-    /// Left out: a window's statistics are those of its other pixels (a window of only NaN
-    /// gives `min = +inf`, `max = -inf`).
+    /// Left out, and so are ±inf pixels: a window's statistics are those of its finite pixels
+    /// (a window of none gives `min = +inf`, `max = -inf`).
     Skip,
     /// Spoil the window: `min = -inf`, `max = +inf`, so its range is infinite.
     Spoil,
@@ -53,52 +47,63 @@ pub struct MinMax {
     pub max: Vec<f32>,
 }
 
-/// Row buffers for the horizontal pass of [`min_max`].
-struct Rows {
+/// The suffix statistics of a block of `k` rows (`ow` wide) of minima and maxima, into `suf`:
+/// row j covers rows j..k.
+#[inline(always)]
+fn suffixes(raw: &(Vec<f32>, Vec<f32>), suf: &mut (Vec<f32>, Vec<f32>), k: usize, ow: usize) {
+    let last = (k - 1) * ow..k * ow;
+    suf.0[last.clone()].copy_from_slice(&raw.0[last.clone()]);
+    suf.1[last.clone()].copy_from_slice(&raw.1[last]);
+    for j in (0..k - 1).rev() {
+        let row = j * ow..(j + 1) * ow;
+        let (a, b) = suf.0.split_at_mut((j + 1) * ow);
+        pick_into::<false>(&mut a[j * ow..], &raw.0[row.clone()], &b[..ow]);
+        let (a, b) = suf.1.split_at_mut((j + 1) * ow);
+        pick_into::<true>(&mut a[j * ow..], &raw.1[row], &b[..ow]);
+    }
+}
+
+/// The horizontal pass of [`min_max`]: its settings and row buffers.
+struct Rows<'a> {
+    src: &'a [f32],
+    w: usize,
+    k: usize,
+    /// The largest power of two ≤ k.
+    span: usize,
+    nans: Nans,
     lo: [Vec<f32>; 2],
     hi: [Vec<f32>; 2],
 }
 
-/// Both statistics in one sweep, in cache-sized pieces: each source row once through a
-/// vectorised doubling pass along the row (⌊log₂k⌋ + 1 steps), then the column direction by
-/// van Herk / Gil–Werman over blocks of `k` rows (a block's suffixes and the next block's
-/// running prefix, three whole-row operations per row) — the working set is two blocks of rows,
-/// never the whole map.
-pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax {
-    if k == 0 || w < k || h < k {
-        return MinMax {
-            ow: 0,
-            oh: 0,
-            min: vec![],
-            max: vec![],
-        };
-    }
-    let (ow, oh) = (w - k + 1, h - k + 1);
-    let fill = match nans {
-        Nans::Skip => (f32::INFINITY, f32::NEG_INFINITY),
-        Nans::Spoil => (f32::NEG_INFINITY, f32::INFINITY),
-    };
-    let mut span = 1;
-    while span * 2 <= k {
-        span *= 2;
-    }
-    let mut rows = Rows {
-        lo: [vec![0f32; w], vec![0f32; w]],
-        hi: [vec![0f32; w], vec![0f32; w]],
-    };
-    // Row y's window statistics along x into (lo, hi) (each `ow` long).
-    let mut horizontal = |y: usize, lo: &mut [f32], hi: &mut [f32]| {
+impl Rows<'_> {
+    /// Row y's window statistics along x into (lo, hi) (each `ow` long).
+    #[inline(always)]
+    fn horizontal(&mut self, y: usize, lo: &mut [f32], hi: &mut [f32]) {
         let Rows {
+            src,
+            w,
+            k,
+            span,
+            nans,
             lo: [b_lo, c_lo],
             hi: [b_hi, c_hi],
-        } = &mut rows;
+        } = self;
+        let (w, k, span, ow) = (*w, *k, *span, lo.len());
         // (selects, not branches: NaN pixels come in irregular patterns)
-        let (row, (nan_lo, nan_hi)) = (&src[y * w..(y + 1) * w], fill);
+        let row = &src[y * w..(y + 1) * w];
+        let (nan_lo, nan_hi) = match nans {
+            Nans::Skip => (f32::INFINITY, f32::NEG_INFINITY),
+            Nans::Spoil => (f32::NEG_INFINITY, f32::INFINITY),
+        };
+        let left_out = |s: f32| match nans {
+            Nans::Skip => !s.is_finite(),
+            Nans::Spoil => s.is_nan(),
+        };
         for (l, &s) in b_lo.iter_mut().zip(row) {
-            *l = if s.is_nan() { nan_lo } else { s };
+            *l = if left_out(s) { nan_lo } else { s };
         }
         for (u, &s) in b_hi.iter_mut().zip(row) {
-            *u = if s.is_nan() { nan_hi } else { s };
+            *u = if left_out(s) { nan_hi } else { s };
         }
         let mut p = 1;
         while p < span {
@@ -112,25 +117,52 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax 
         let far = k - span;
         pick_into::<false>(lo, &b_lo[..ow], &b_lo[far..far + ow]);
         pick_into::<true>(hi, &b_hi[..ow], &b_hi[far..far + ow]);
+    }
+}
+
+avx2_twin! {
+/// Both statistics in one sweep, in cache-sized pieces: each source row once through a
+/// vectorised doubling pass along the row (⌊log₂k⌋ + 1 steps), then the column direction by
+/// van Herk / Gil–Werman over blocks of `k` rows (a block's suffixes and the next block's
+/// running prefix, three whole-row operations per row) — the working set is two blocks of rows,
+/// never the whole map.
+///
+/// Compiled for AVX2 as well where the CPU has it (checked at run time; min and max are exact,
+/// so the same statistics bit for bit).
+pub fn min_max / min_max_baseline(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax {
+    if k == 0 || w < k || h < k {
+        return MinMax {
+            ow: 0,
+            oh: 0,
+            min: vec![],
+            max: vec![],
+        };
+    }
+    let (ow, oh) = (w - k + 1, h - k + 1);
+    let mut span = 1;
+    while span * 2 <= k {
+        span *= 2;
+    }
+    let mut rows = Rows {
+        src,
+        w,
+        k,
+        span,
+        nans,
+        lo: [vec![0f32; w], vec![0f32; w]],
+        hi: [vec![0f32; w], vec![0f32; w]],
     };
     // `cur`: block b's rows as suffix statistics (row j covers rows j..k of the block);
-    // `next`: block b + 1's rows as read; `pre`: the running prefix of `next`.
+    // `next`: block b + 1's rows as read; `pre`: the running prefix of `next` (and a spare).
     let mut cur = (vec![0f32; k * ow], vec![0f32; k * ow]);
     let mut next = (vec![0f32; k * ow], vec![0f32; k * ow]);
     let mut pre = (vec![0f32; ow], vec![0f32; ow]);
-    let suffixes = |(lo, hi): &mut (Vec<f32>, Vec<f32>)| {
-        for j in (0..k - 1).rev() {
-            let (a, b) = lo.split_at_mut((j + 1) * ow);
-            fold::<false>(&mut a[j * ow..], &b[..ow]);
-            let (a, b) = hi.split_at_mut((j + 1) * ow);
-            fold::<true>(&mut a[j * ow..], &b[..ow]);
-        }
-    };
+    let mut pre_spare = (vec![0f32; ow], vec![0f32; ow]);
     for j in 0..k {
         let r = j * ow..(j + 1) * ow;
-        horizontal(j, &mut cur.0[r.clone()], &mut cur.1[r]);
+        rows.horizontal(j, &mut next.0[r.clone()], &mut next.1[r]);
     }
-    suffixes(&mut cur);
+    suffixes(&next, &mut cur, k, ow);
     let mut min = Vec::with_capacity(ow * oh);
     let mut max = Vec::with_capacity(ow * oh);
     let mut base = 0;
@@ -141,7 +173,7 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax 
         max.extend_from_slice(&cur.1[..ow]);
         for j in 1..k.min(oh - base) {
             let r = (j - 1) * ow..j * ow;
-            horizontal(
+            rows.horizontal(
                 base + k + j - 1,
                 &mut next.0[r.clone()],
                 &mut next.1[r.clone()],
@@ -150,8 +182,9 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax 
                 pre.0.copy_from_slice(&next.0[r.clone()]);
                 pre.1.copy_from_slice(&next.1[r.clone()]);
             } else {
-                fold::<false>(&mut pre.0, &next.0[r.clone()]);
-                fold::<true>(&mut pre.1, &next.1[r.clone()]);
+                pick_into::<false>(&mut pre_spare.0, &pre.0, &next.0[r.clone()]);
+                pick_into::<true>(&mut pre_spare.1, &pre.1, &next.1[r.clone()]);
+                std::mem::swap(&mut pre, &mut pre_spare);
             }
             let row = j * ow..(j + 1) * ow;
             min.extend(
@@ -171,15 +204,15 @@ pub fn min_max(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax 
         if base >= oh {
             break;
         }
-        // Block b + 1 has a window row, so all its k rows exist: read its last, then its
-        // suffixes, and it becomes the current block.
+        // Block b + 1 has a window row, so all its k rows exist: read its last, and its
+        // suffixes become the current block.
         let r = (k - 1) * ow..k * ow;
-        horizontal(base + k - 1, &mut next.0[r.clone()], &mut next.1[r]);
-        suffixes(&mut next);
-        std::mem::swap(&mut cur, &mut next);
+        rows.horizontal(base + k - 1, &mut next.0[r.clone()], &mut next.1[r]);
+        suffixes(&next, &mut cur, k, ow);
     }
     debug_assert_eq!(min.len(), ow * oh);
     MinMax { ow, oh, min, max }
+}
 }
 
 #[cfg(test)]
@@ -207,16 +240,22 @@ mod tests {
     fn check(w: usize, h: usize, k: usize) {
         let mut r = crate::rng::Rng::keyed(5, &[]);
         let src: Vec<f32> = (0..w * h)
-            .map(|_| {
-                if r.below(7) == 0 {
-                    f32::NAN
-                } else {
-                    r.f64() as f32
-                }
+            .map(|_| match r.below(40) {
+                0..=5 => f32::NAN,
+                6 => f32::INFINITY,
+                7 => f32::NEG_INFINITY,
+                _ => r.f64() as f32,
             })
             .collect();
         let skip = min_max(&src, w, h, k, Nans::Skip);
         let spoil = min_max(&src, w, h, k, Nans::Spoil);
+        // The AVX2 build (where the CPU has it) and the baseline build agree to the bit.
+        for (got, nans) in [(&skip, Nans::Skip), (&spoil, Nans::Spoil)] {
+            let base = min_max_baseline(&src, w, h, k, nans);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.min), bits(&base.min), "{w}×{h} k {k} {nans:?}");
+            assert_eq!(bits(&got.max), bits(&base.max), "{w}×{h} k {k} {nans:?}");
+        }
         assert_eq!((skip.ow, skip.oh), (w - k + 1, h - k + 1));
         assert_eq!(
             (skip.min.len(), spoil.max.len()),
@@ -224,15 +263,19 @@ mod tests {
         );
         for y0 in 0..=h - k {
             for x0 in 0..=w - k {
+                // Skip: the finite pixels; Spoil: every pixel, a NaN spoiling the window.
                 let (mut lo, mut hi, mut nans) = (f32::INFINITY, f32::NEG_INFINITY, 0);
+                let (mut all_lo, mut all_hi) = (f32::INFINITY, f32::NEG_INFINITY);
                 for y in y0..y0 + k {
                     for x in x0..x0 + k {
                         let v = src[y * w + x];
                         if v.is_nan() {
                             nans += 1;
                         } else {
-                            lo = lo.min(v);
-                            hi = hi.max(v);
+                            (all_lo, all_hi) = (all_lo.min(v), all_hi.max(v));
+                            if v.is_finite() {
+                                (lo, hi) = (lo.min(v), hi.max(v));
+                            }
                         }
                     }
                 }
@@ -243,7 +286,7 @@ mod tests {
                     "{w}×{h} k {k} at {x0},{y0}"
                 );
                 let spoilt = match nans {
-                    0 => (lo, hi),
+                    0 => (all_lo, all_hi),
                     _ => (f32::NEG_INFINITY, f32::INFINITY),
                 };
                 assert_eq!(
