@@ -330,15 +330,14 @@ fn main() {
         let reps = 5;
         let mut cands = 0;
         for k in 0..reps {
-            let norm = position::normalise(&fr.depth).unwrap();
-            let blocks = position::candidate_blocks(&norm, fr.width(), fr.height());
+            let blocks = position::Candidates::new(&fr.depth, fr.width(), fr.height()).unwrap();
             cands = blocks.len();
             let kind = if k % 2 == 0 {
                 position::PairKind::Far
             } else {
                 position::PairKind::Near
             };
-            let _ = position::find_pair(&blocks, kind, (fr.width().min(fr.height()) / 8) as f64);
+            let _ = blocks.find_pair(kind, (fr.width().min(fr.height()) / 8) as f64);
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0 / reps as f64;
         let name = f.color.file_name().unwrap().to_string_lossy().to_string();

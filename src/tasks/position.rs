@@ -3,8 +3,10 @@
 //! Candidate 15×15 blocks of nearly constant normalised depth are ranked by distance to the
 //! image centre, and the first pair (in that order) that satisfies the "near" or "far" rule is
 //! marked. The official search is a quadratic Python loop with a 15 s timeout; here block
-//! statistics come from O(H·W) sliding windows and the pair search prunes with suffix bounds
-//! (far) or a row index (near), so it finds the same first pair in milliseconds.
+//! statistics come from O(H·W) sliding windows of the raw depth, and the pair is found from the
+//! block nearest the centre by rings outwards (the first pair on real frames starts there);
+//! only when the first few blocks have no partner are all candidates ordered and searched, with
+//! suffix bounds (far) or a row index (near). The same first pair, in milliseconds.
 
 use super::draw::{self, MarkerStyle};
 use super::source::RgbdFrame;
@@ -13,6 +15,7 @@ use super::window;
 use super::{Generated, SkipReason};
 use crate::rng::Rng;
 use serde_json::json;
+use std::ops::Range;
 
 pub const BLOCK: usize = 15;
 pub const CENTER_MARGIN: f64 = 0.45;
@@ -65,67 +68,358 @@ impl Block {
     }
 }
 
-/// Min-max normalised depth (valid → [0, 1], invalid NaN; a constant map becomes all 1).
-pub fn normalise(depth: &[f32]) -> Option<Vec<f32>> {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &d in depth.iter().filter(|d| d.is_finite()) {
-        lo = lo.min(d);
-        hi = hi.max(d);
+avx2_twin! {
+/// The range `(min, max)` of the finite values of `depth`; `None` when none is finite.
+fn finite_range / finite_range_baseline(depth: &[f32]) -> Option<(f32, f32)> {
+    // Eight lanes of selects (vectorised; invalid pixels come in irregular patterns).
+    let (mut lo, mut hi) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
+    let mut chunks = depth.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            let (v, ok) = (c[k], c[k].abs() < f32::INFINITY);
+            let a = if ok { v } else { f32::INFINITY };
+            let b = if ok { v } else { f32::NEG_INFINITY };
+            lo[k] = if lo[k] < a { lo[k] } else { a };
+            hi[k] = if hi[k] > b { hi[k] } else { b };
+        }
     }
-    if !lo.is_finite() {
-        return None;
+    for &v in chunks.remainder().iter().filter(|v| v.is_finite()) {
+        lo[0] = lo[0].min(v);
+        hi[0] = hi[0].max(v);
     }
-    Some(
-        depth
-            .iter()
-            .map(|&d| {
-                if !d.is_finite() {
-                    f32::NAN
-                } else if hi == lo {
-                    1.0
-                } else {
-                    (d - lo) / (hi - lo)
-                }
-            })
-            .collect(),
-    )
+    let lo = lo.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = hi.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    lo.is_finite().then_some((lo, hi))
+}
 }
 
-/// Every 15×15 block centred within ±45 % of the image centre whose valid depth spans at most
-/// 0.15, sorted by distance to the centre (ties by row, then column).
-pub fn candidate_blocks(norm: &[f32], w: usize, h: usize) -> Vec<Block> {
-    let half = BLOCK / 2;
-    let mm = window::min_max(norm, w, h, BLOCK, window::Nans::Skip);
-    if mm.ow == 0 {
-        return vec![];
-    }
-    let (cy, cx) = (h as f64 / 2.0, w as f64 / 2.0);
-    let (my, mx) = (CENTER_MARGIN * h as f64, CENTER_MARGIN * w as f64);
-    let y_lo = half.max((cy - my).ceil().max(0.0) as usize);
-    let y_hi = (h - half - 1).min((cy + my).floor() as usize);
-    let x_lo = half.max((cx - mx).ceil().max(0.0) as usize);
-    let x_hi = (w - half - 1).min((cx + mx).floor() as usize);
-    // Built in raster order (sequential reads of the window statistics), then sorted by
-    // (distance², row, column).
-    let span = |lo: usize, hi: usize| (hi + 1).saturating_sub(lo);
-    let mut out: Vec<Block> = Vec::with_capacity(span(y_lo, y_hi) * span(x_lo, x_hi));
-    for y in y_lo..=y_hi {
-        let base = (y - half) * mm.ow;
-        for x in x_lo..=x_hi {
-            let i = base + (x - half);
-            let (lo, hi) = (mm.min[i], mm.max[i]);
-            if lo.is_finite() && hi - lo <= INNER_THR {
-                out.push(Block {
-                    y: y as u32,
-                    x: x as u32,
-                    min: lo,
-                    max: hi,
-                });
+avx2_twin! {
+/// One row of window statistics: finite values min-max normalised over `[lo, hi]` in place
+/// (all 1 when `lo == hi`; the rest left as they are), and how many of its blocks qualify.
+fn normalise_row / normalise_row_baseline(min: &mut [f32], max: &mut [f32], lo: f32, hi: f32) -> usize {
+    for vs in [&mut *min, &mut *max] {
+        if hi == lo {
+            for v in vs {
+                *v = if v.is_finite() { 1.0 } else { *v };
+            }
+        } else {
+            let span = hi - lo;
+            for v in vs {
+                let n = (*v - lo) / span;
+                *v = if v.is_finite() { n } else { *v };
             }
         }
     }
-    // Raster order is (row, column) order, so a stable sort by distance alone gives it.
-    stable_sort_by_key(out, |b| b.dist2(w, h))
+    min.iter()
+        .zip(max.iter())
+        .map(|(&l, &u)| usize::from(l.is_finite() && u - l <= INNER_THR))
+        .sum()
+}
+}
+
+/// How many of the blocks nearest the centre [`Candidates::find_pair`] pairs by a pass over
+/// the window statistics before it orders every candidate.
+const NEAREST: usize = 4;
+
+/// A frame's candidate blocks: every 15×15 block centred within ±45 % of the image centre whose
+/// valid depth, min-max normalised over the frame, spans at most 0.15. The search walks them in
+/// order of distance to the centre, ties by row then column ([`Candidates::sorted`]).
+///
+/// On real frames the pair found starts at the block nearest the centre, so the search takes
+/// that block (or one of the few next to it) and finds its partner in rings outwards over the
+/// window statistics, keeping the partner that comes first in the order, rather than ordering a
+/// million blocks to walk them; it orders them only when those first blocks have no partner.
+pub struct Candidates {
+    w: usize,
+    h: usize,
+    /// Window statistics of the depth (window top-left `(x − 7, y − 7)` for the block centred
+    /// at `(x, y)`), normalised where a candidate can be centred (rows `ys`, columns `xs`).
+    mm: window::MinMax,
+    /// Centre rows and columns inside the margin (empty ranges when none).
+    ys: Range<usize>,
+    xs: Range<usize>,
+    len: usize,
+    sorted: std::cell::OnceCell<Vec<Block>>,
+    /// The range of the frame's valid depth.
+    pub depth_range: (f32, f32),
+}
+
+impl Candidates {
+    /// The candidates of a `w × h` depth map (non-finite = invalid); `None` when no pixel is
+    /// valid.
+    pub fn new(depth: &[f32], w: usize, h: usize) -> Option<Self> {
+        let (lo, hi) = finite_range(depth)?;
+        let half = BLOCK / 2;
+        // Window statistics of the raw depth, then normalised where a candidate can be centred:
+        // `(d − lo) / (hi − lo)` never decreases as `d` grows (in floating point too), so the
+        // normalised window's min and max are exactly the normalised min and max — no
+        // normalised copy of the map.
+        let mut mm = window::min_max(depth, w, h, BLOCK, window::Nans::Skip);
+        let (cy, cx) = (h as f64 / 2.0, w as f64 / 2.0);
+        let (my, mx) = (CENTER_MARGIN * h as f64, CENTER_MARGIN * w as f64);
+        let (ys, xs) = if mm.ow == 0 {
+            (0..0, 0..0)
+        } else {
+            let y_lo = half.max((cy - my).ceil().max(0.0) as usize);
+            let y_hi = (h - half - 1).min((cy + my).floor() as usize);
+            let x_lo = half.max((cx - mx).ceil().max(0.0) as usize);
+            let x_hi = (w - half - 1).min((cx + mx).floor() as usize);
+            (y_lo..(y_hi + 1).max(y_lo), x_lo..(x_hi + 1).max(x_lo))
+        };
+        let mut len = 0;
+        for y in ys.clone() {
+            let at = (y - half) * mm.ow + xs.start - half;
+            let (min, max) = (&mut mm.min[at..][..xs.len()], &mut mm.max[at..][..xs.len()]);
+            len += normalise_row(min, max, lo, hi);
+        }
+        Some(Candidates {
+            w,
+            h,
+            mm,
+            ys,
+            xs,
+            len,
+            sorted: Default::default(),
+            depth_range: (lo, hi),
+        })
+    }
+
+    /// How many blocks qualify.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The window minima and maxima of the blocks centred on row `y`, columns `xs`.
+    fn row(&self, y: usize) -> (&[f32], &[f32]) {
+        let half = BLOCK / 2;
+        let at = (y - half) * self.mm.ow + self.xs.start - half;
+        let n = self.xs.len();
+        (&self.mm.min[at..at + n], &self.mm.max[at..at + n])
+    }
+
+    /// Row `y`'s candidate blocks, left to right.
+    fn blocks_in_row(&self, y: usize) -> impl Iterator<Item = Block> + '_ {
+        self.blocks_in(y, self.xs.clone())
+    }
+
+    /// `cols` within the candidates' columns.
+    fn clip(&self, cols: Range<usize>) -> Range<usize> {
+        let start = cols.start.clamp(self.xs.start, self.xs.end);
+        start..cols.end.clamp(start, self.xs.end)
+    }
+
+    /// Row `y`'s candidate blocks in columns `cols`, left to right.
+    fn blocks_in(&self, y: usize, cols: Range<usize>) -> impl Iterator<Item = Block> + '_ {
+        let cols = self.clip(cols);
+        let (lo, hi) = self.row(y);
+        let at = cols.start - self.xs.start..cols.end - self.xs.start;
+        lo[at.clone()]
+            .iter()
+            .zip(&hi[at])
+            .zip(cols)
+            .filter(|((l, u), _)| l.is_finite() && **u - **l <= INNER_THR)
+            .map(move |((&min, &max), x)| Block {
+                y: y as u32,
+                x: x as u32,
+                min,
+                max,
+            })
+    }
+
+    /// The columns `x` with |2x − w| ≤ `s` (distance to the centre's column in half pixels).
+    fn cols_within(&self, s: u64) -> Range<usize> {
+        let (w, s) = (self.w as i64, s.min(1 << 40) as i64);
+        let lo = (w - s + 1).div_euclid(2).max(0) as usize;
+        lo..(w + s).div_euclid(2) as usize + 1
+    }
+
+    /// Squared distance of row `y` to the centre's row, in half pixels.
+    fn row_d2(&self, y: usize) -> u64 {
+        (2 * y as i64 - self.h as i64).unsigned_abs().pow(2)
+    }
+
+    /// The search order's key: distance to the centre, then row, then column.
+    fn key(&self, b: &Block) -> (u64, u32, u32) {
+        (b.dist2(self.w, self.h), b.y, b.x)
+    }
+
+    /// Every candidate in the search order.
+    pub fn sorted(&self) -> &[Block] {
+        self.sorted.get_or_init(|| {
+            let mut out = Vec::with_capacity(self.len);
+            for y in self.ys.clone() {
+                out.extend(self.blocks_in_row(y));
+            }
+            // Raster order is (row, column) order, so a stable sort by distance alone gives it.
+            stable_sort_by_key(out, |b| b.dist2(self.w, self.h))
+        })
+    }
+
+    /// The candidates' rows from the centre outwards (by distance to the centre's row), with
+    /// that distance squared: no block of a later row is nearer the centre than the row itself.
+    fn rows_outward(&self) -> Vec<(u64, usize)> {
+        let mut rows: Vec<(u64, usize)> = self.ys.clone().map(|y| (self.row_d2(y), y)).collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    /// The first `k` candidates of the search order (all of them when there are fewer).
+    fn nearest(&self, k: usize) -> Vec<Block> {
+        let mut best: Vec<Block> = Vec::with_capacity(k + 1);
+        for (d2, y) in self.rows_outward() {
+            if best.len() == k && best.last().is_some_and(|b| d2 > b.dist2(self.w, self.h)) {
+                break;
+            }
+            for b in self.blocks_in_row(y) {
+                if best.len() == k && best.last().is_some_and(|l| self.key(&b) > self.key(l)) {
+                    continue;
+                }
+                let at = best.partition_point(|o| self.key(o) < self.key(&b));
+                best.insert(at, b);
+                best.truncate(k);
+            }
+        }
+        best
+    }
+
+    /// The first candidate after `a` in the search order that pairs with it under `kind`.
+    ///
+    /// Found by rings around the centre, each a quarter more in area than the discs inside it:
+    /// every candidate of a ring is tested, and the first ring that holds a partner holds the
+    /// first one in the order — so about the disc out to the partner is read, not the frame.
+    fn first_partner(&self, a: &Block, kind: PairKind, min_dist: f64) -> Option<Block> {
+        match kind {
+            PairKind::Far => self.first_partner_by(
+                a,
+                kind,
+                |min, max| far_depth(a, min, max),
+                |b| far_place(a, b, min_dist),
+            ),
+            PairKind::Near => self.first_partner_by(
+                a,
+                kind,
+                |min, max| near_depth(a, min, max),
+                |b| near_place(a, b, min_dist),
+            ),
+        }
+    }
+
+    /// [`Candidates::first_partner`] for a rule in two parts: on the depth ranges, tested on
+    /// every block of a ring without branches, and on the places of the few that pass.
+    fn first_partner_by(
+        &self,
+        a: &Block,
+        kind: PairKind,
+        depth_ok: impl Fn(f32, f32) -> bool,
+        place_ok: impl Fn(&Block) -> bool,
+    ) -> Option<Block> {
+        let rows = match kind {
+            PairKind::Far => self.ys.clone(),
+            PairKind::Near => {
+                let band = NEAR_ROW_BAND as usize - 1;
+                let y = a.y as usize;
+                self.ys.start.max(y.saturating_sub(band))..self.ys.end.min(y + band + 1)
+            }
+        };
+        if rows.is_empty() || self.xs.is_empty() {
+            return None;
+        }
+        // The farthest candidate: a corner of the candidates' rectangle.
+        let edge = |r: &Range<usize>, n: usize| {
+            let d = |v: usize| (2 * v as i64 - n as i64).unsigned_abs();
+            d(r.start).max(d(r.end - 1)).pow(2)
+        };
+        let farthest = edge(&self.ys, self.h) + edge(&self.xs, self.w);
+        let after = self.key(a);
+        let (mut inner, mut outer) = (None::<u64>, (1u64 << 14).min(farthest));
+        loop {
+            let mut best: Option<(Block, (u64, u32, u32))> = None;
+            for y in rows.clone() {
+                let dy2 = self.row_d2(y);
+                if dy2 > outer {
+                    continue;
+                }
+                let out = self.cols_within((outer - dy2).isqrt());
+                let done = match inner {
+                    Some(d2) if d2 >= dy2 => self.cols_within((d2 - dy2).isqrt()),
+                    _ => out.start..out.start,
+                };
+                let (lo, hi) = self.row(y);
+                for cols in [out.start..done.start, done.end..out.end] {
+                    let cols = self.clip(cols);
+                    let at = cols.start - self.xs.start..cols.end - self.xs.start;
+                    let (lo, hi) = (&lo[at.clone()], &hi[at]);
+                    for (c, (lo, hi)) in lo.chunks(32).zip(hi.chunks(32)).enumerate() {
+                        let mut hits = 0u32;
+                        for (k, (&min, &max)) in lo.iter().zip(hi).enumerate() {
+                            let pass = (min.abs() < f32::INFINITY)
+                                & (max - min <= INNER_THR)
+                                & depth_ok(min, max);
+                            hits |= u32::from(pass) << k;
+                        }
+                        while hits != 0 {
+                            let k = hits.trailing_zeros() as usize;
+                            hits &= hits - 1;
+                            let i = c * 32 + k;
+                            let b = Block {
+                                y: y as u32,
+                                x: (cols.start + i) as u32,
+                                min: lo[k],
+                                max: hi[k],
+                            };
+                            if place_ok(&b) {
+                                let key = self.key(&b);
+                                if key > after && best.is_none_or(|(_, bk)| key < bk) {
+                                    best = Some((b, key));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if best.is_some() || outer >= farthest {
+                return best.map(|(b, _)| b);
+            }
+            inner = Some(outer);
+            outer = (outer + outer / 4).min(farthest);
+        }
+    }
+
+    /// The first pair `(a, b)`, `a` before `b` in the search order, satisfying the rule of
+    /// `kind` — the pair [`find_pair`] finds in [`Candidates::sorted`].
+    pub fn find_pair(&self, kind: PairKind, min_dist: f64) -> Option<(Block, Block)> {
+        self.find_pair_from(kind, min_dist, NEAREST).0
+    }
+
+    /// [`Candidates::find_pair`] trying the `k` nearest blocks by rings first; also says
+    /// whether it came to ordering every candidate.
+    fn find_pair_from(
+        &self,
+        kind: PairKind,
+        min_dist: f64,
+        k: usize,
+    ) -> (Option<(Block, Block)>, bool) {
+        // Within the budget by far: the ordered search spends at most `len` comparisons on
+        // each of these first blocks, so it could not have given up before them.
+        if (self.len as u64).saturating_mul(k as u64) < SEARCH_BUDGET {
+            let first = self.nearest(k);
+            for a in &first {
+                if let Some(b) = self.first_partner(a, kind, min_dist) {
+                    return (Some((*a, b)), false);
+                }
+            }
+            if first.len() == self.len {
+                return (None, false);
+            }
+        }
+        let blocks = self.sorted();
+        let pair = find_pair(blocks, kind, min_dist).map(|(i, j)| (blocks[i], blocks[j]));
+        (pair, true)
+    }
 }
 
 /// `v` stably sorted by `key`: an LSD radix sort of the records themselves on 11-bit digits
@@ -162,19 +456,40 @@ fn stable_sort_by_key<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> u64) -> Vec<T>
 }
 
 fn far_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
-    a.min.max(b.min) - a.max.min(b.max) >= DEPTH_SEP
-        && ((a.y as f64 - b.y as f64).powi(2) + (a.x as f64 - b.x as f64).powi(2)).sqrt()
-            >= min_dist
+    far_depth(a, b.min, b.max) && far_place(a, b, min_dist)
 }
 
 fn near_ok(a: &Block, b: &Block, min_dist: f64) -> bool {
-    (a.max - b.min).abs() <= DEPTH_SEP
-        && (b.max - a.min).abs() <= DEPTH_SEP
-        && (b.y as i64 - a.y as i64).abs() < NEAR_ROW_BAND
-        && (a.x as f64 - b.x as f64).abs() >= min_dist
+    near_depth(a, b.min, b.max) && near_place(a, b, min_dist)
 }
 
-/// The first pair `(i, j)`, `i < j` in candidate order, satisfying the rule of `kind`.
+/// The far rule's depth part for a block `b` of range `[min, max]`: the ranges at least 0.25
+/// apart. (Without branches: tested on every candidate. `f32::max` and `f32::min` as selects,
+/// which equal them on the finite ranges of candidates.)
+#[inline(always)]
+fn far_depth(a: &Block, min: f32, max: f32) -> bool {
+    let hi_min = if a.min > min { a.min } else { min };
+    let lo_max = if a.max < max { a.max } else { max };
+    hi_min - lo_max >= DEPTH_SEP
+}
+
+/// The far rule's place part: centres at least `min_dist` apart.
+fn far_place(a: &Block, b: &Block, min_dist: f64) -> bool {
+    ((a.y as f64 - b.y as f64).powi(2) + (a.x as f64 - b.x as f64).powi(2)).sqrt() >= min_dist
+}
+
+/// The near rule's depth part: each range's top within 0.25 of the other's bottom.
+#[inline(always)]
+fn near_depth(a: &Block, min: f32, max: f32) -> bool {
+    ((a.max - min).abs() <= DEPTH_SEP) & ((max - a.min).abs() <= DEPTH_SEP)
+}
+
+/// The near rule's place part: rows less than 30 apart, columns at least `min_dist` apart.
+fn near_place(a: &Block, b: &Block, min_dist: f64) -> bool {
+    (b.y as i64 - a.y as i64).abs() < NEAR_ROW_BAND && (a.x as f64 - b.x as f64).abs() >= min_dist
+}
+
+/// The first pair `(i, j)`, `i < j` in the order of `blocks`, satisfying the rule of `kind`.
 pub fn find_pair(blocks: &[Block], kind: PairKind, min_dist: f64) -> Option<(usize, usize)> {
     let n = blocks.len();
     let mut budget = SEARCH_BUDGET;
@@ -387,8 +702,7 @@ pub fn generate(
     if geometry == Geometry::Metric && (frame.intrinsics.is_none() || !frame.metric) {
         return Err(SkipReason::NoIntrinsics);
     }
-    let norm = normalise(&frame.depth).ok_or(SkipReason::InvalidDepth)?;
-    let blocks = candidate_blocks(&norm, w, h);
+    let blocks = Candidates::new(&frame.depth, w, h).ok_or(SkipReason::InvalidDepth)?;
     let min_dist = (w.min(h) / 8) as f64;
     let first = if rng.bool() {
         PairKind::Near
@@ -400,14 +714,16 @@ pub fn generate(
     } else {
         PairKind::Near
     };
-    let (kind, (i, j)) = match find_pair(&blocks, first, min_dist) {
+    let (kind, (a, b)) = match blocks.find_pair(first, min_dist) {
         Some(p) => (first, p),
         None => (
             second,
-            find_pair(&blocks, second, min_dist).ok_or(SkipReason::NoPair)?,
+            blocks
+                .find_pair(second, min_dist)
+                .ok_or(SkipReason::NoPair)?,
         ),
     };
-    let centres = [blocks[i], blocks[j]];
+    let centres = [a, b];
     // Raw depth: nanmax over the block, as the official script reads it.
     let half = BLOCK / 2;
     let raw: Vec<f64> = centres
@@ -458,13 +774,7 @@ pub fn generate(
                 .collect();
             let d_x = xs[tgt] - xs[cam];
             let d_z = raw[tgt] - raw[cam];
-            let (lo, hi) = frame
-                .depth
-                .iter()
-                .filter(|v| v.is_finite())
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                    (a.min(v), b.max(v))
-                });
+            let (lo, hi) = blocks.depth_range;
             let delta_depth = f64::from(DEPTH_SEP) * f64::from(hi - lo);
             let delta_lateral = DIFF_X_PX as f64 * 0.5 * (raw[0] + raw[1]) / k.fx;
             let (xt, zt, dxs, dzs, lx, lz) =
@@ -572,22 +882,10 @@ mod tests {
         want.sort_by_key(|p| p >> 20);
         assert_eq!(stable_sort_by_key(pairs, |p| p >> 20), want);
         for f in ["RGB-D_depth1.h5", "RGB-D_depth2.h5"] {
-            let src = crate::tasks::source::RgbdSource {
-                layout: crate::tasks::source::Layout::Megadepth,
-                color: std::path::PathBuf::new(),
-                depth: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("fixtures/official")
-                    .join(f),
-                mask: None,
-                encoding: crate::tasks::source::DepthEncoding::H5,
-                resample_depth: false,
-                intrinsics: None,
-                metric: false,
-            };
-            let (w, h, depth) = crate::tasks::source::load_depth(&src).unwrap();
-            let norm = normalise(&depth).unwrap();
-            let got = candidate_blocks(&norm, w, h);
-            let mut want = got.clone();
+            let (w, h, depth) = official_depth(f);
+            let c = Candidates::new(&depth, w, h).unwrap();
+            let got = c.sorted();
+            let mut want = got.to_vec();
             want.sort_unstable_by_key(|b| (b.dist2(w, h), b.y, b.x));
             assert!(got.len() > 100_000, "{f}: {}", got.len());
             assert!(
@@ -595,6 +893,190 @@ mod tests {
                 "{f}"
             );
         }
+    }
+
+    fn official_depth(f: &str) -> (usize, usize, Vec<f32>) {
+        let src = crate::tasks::source::RgbdSource {
+            layout: crate::tasks::source::Layout::Megadepth,
+            color: std::path::PathBuf::new(),
+            depth: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/official")
+                .join(f),
+            mask: None,
+            encoding: crate::tasks::source::DepthEncoding::H5,
+            resample_depth: false,
+            intrinsics: None,
+            metric: false,
+        };
+        crate::tasks::source::load_depth(&src).unwrap()
+    }
+
+    /// The candidates as the official script finds them: the map min-max normalised first
+    /// (invalid → NaN, a constant map → 1), then each block's range over its valid pixels.
+    fn candidates_by_definition(depth: &[f32], w: usize, h: usize) -> Vec<Block> {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for &d in depth.iter().filter(|d| d.is_finite()) {
+            (lo, hi) = (lo.min(d), hi.max(d));
+        }
+        let norm: Vec<f32> = depth
+            .iter()
+            .map(|&d| match d.is_finite() {
+                false => f32::NAN,
+                true if hi == lo => 1.0,
+                true => (d - lo) / (hi - lo),
+            })
+            .collect();
+        let half = BLOCK as i64 / 2;
+        let (cy, cx) = (h as f64 / 2.0, w as f64 / 2.0);
+        let (my, mx) = (CENTER_MARGIN * h as f64, CENTER_MARGIN * w as f64);
+        let mut out = vec![];
+        for y in half..h as i64 - half {
+            for x in half..w as i64 - half {
+                if (y as f64 - cy).abs() > my || (x as f64 - cx).abs() > mx {
+                    continue;
+                }
+                let (mut mn, mut mxv) = (f32::INFINITY, f32::NEG_INFINITY);
+                for yy in y - half..=y + half {
+                    for xx in x - half..=x + half {
+                        let v = norm[yy as usize * w + xx as usize];
+                        if !v.is_nan() {
+                            (mn, mxv) = (mn.min(v), mxv.max(v));
+                        }
+                    }
+                }
+                if mn.is_finite() && mxv - mn <= INNER_THR {
+                    out.push(Block {
+                        y: y as u32,
+                        x: x as u32,
+                        min: mn,
+                        max: mxv,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|b| (b.dist2(w, h), b.y, b.x));
+        out
+    }
+
+    /// A depth map with planes, steps, a ramp, noise, invalid patches and a few ±inf pixels.
+    fn scene(r: &mut Rng, w: usize, h: usize) -> Vec<f32> {
+        let (a, b) = (r.f64() as f32 * 4.0, r.f64() as f32 * 0.02);
+        let step = r.below(w);
+        let hole = (r.below(w), r.below(h));
+        (0..w * h)
+            .map(|i| {
+                let (x, y) = (i % w, i / w);
+                let mut d = 1.0 + a + b * y as f32;
+                if x > step {
+                    d += 0.3 + r.f64() as f32;
+                }
+                d += (r.f64() as f32 - 0.5) * 0.02;
+                if x.abs_diff(hole.0) < 9 && y.abs_diff(hole.1) < 6 {
+                    d = f32::NAN;
+                }
+                match r.below(500) {
+                    0 => f32::INFINITY,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::NAN,
+                    _ => d,
+                }
+            })
+            .collect()
+    }
+
+    /// The blocks from the window statistics of the raw depth, normalised after, are the
+    /// blocks of the normalised map, to the bit; ordered by distance, then row, then column.
+    #[test]
+    fn candidates_are_the_blocks_of_the_normalised_map() {
+        let mut r = Rng::keyed(3, &[]);
+        for (w, h) in [(60, 40), (41, 57), (90, 33), (16, 16), (15, 30)] {
+            let depth = scene(&mut r, w, h);
+            let c = Candidates::new(&depth, w, h).unwrap();
+            let want = candidates_by_definition(&depth, w, h);
+            let got = c.sorted();
+            assert_eq!(c.len(), want.len(), "{w}×{h}");
+            for (g, e) in got.iter().zip(&want) {
+                assert_eq!(
+                    (g.x, g.y, g.min.to_bits(), g.max.to_bits()),
+                    (e.x, e.y, e.min.to_bits(), e.max.to_bits()),
+                    "{w}×{h}"
+                );
+            }
+        }
+        // A constant map normalises to 1; a map with no valid pixel has no candidates.
+        let c = Candidates::new(&[2.5; 40 * 30], 40, 30).unwrap();
+        assert!(c.sorted().iter().all(|b| (b.min, b.max) == (1.0, 1.0)));
+        assert_eq!(
+            c.len(),
+            candidates_by_definition(&[2.5; 40 * 30], 40, 30).len()
+        );
+        assert!(Candidates::new(&[f32::NAN; 40 * 30], 40, 30).is_none());
+        assert!(Candidates::new(&[1.0; 10 * 10], 10, 10).unwrap().is_empty());
+    }
+
+    /// The AVX2 builds (where the CPU has them) of the depth range and the row normalisation
+    /// give the baseline builds' bits.
+    #[test]
+    fn avx2_range_and_rows_equal_the_baseline() {
+        let mut r = Rng::keyed(4, &[]);
+        for n in [0usize, 1, 7, 8, 9, 100, 1001] {
+            let mut v = scene(&mut r, n.max(1), 1);
+            v.truncate(n);
+            assert_eq!(finite_range(&v), finite_range_baseline(&v), "{n}");
+            let (lo, hi) = finite_range(&v).unwrap_or((0.0, 0.0));
+            for (lo, hi) in [(lo, hi), (lo, lo)] {
+                let (mut a, mut b) = (v.clone(), v.iter().map(|x| x + 0.1).collect::<Vec<_>>());
+                let (mut c, mut d) = (a.clone(), b.clone());
+                let n1 = normalise_row(&mut a, &mut b, lo, hi);
+                let n2 = normalise_row_baseline(&mut c, &mut d, lo, hi);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!((n1, bits(&a), bits(&b)), (n2, bits(&c), bits(&d)), "{n}");
+            }
+        }
+    }
+
+    /// The search from the nearest blocks finds the pair the ordered search finds — on the
+    /// official frames, and on synthetic scenes where it must fall back to ordering them all.
+    #[test]
+    fn pairs_from_the_nearest_blocks_equal_the_ordered_search() {
+        for f in ["RGB-D_depth1.h5", "RGB-D_depth2.h5"] {
+            let (w, h, depth) = official_depth(f);
+            let c = Candidates::new(&depth, w, h).unwrap();
+            let md = (w.min(h) / 8) as f64;
+            for kind in [PairKind::Far, PairKind::Near] {
+                let (got, ordered) = c.find_pair_from(kind, md, NEAREST);
+                let want =
+                    find_pair(c.sorted(), kind, md).map(|(i, j)| (c.sorted()[i], c.sorted()[j]));
+                assert!(!ordered && got.is_some(), "{f} {kind:?}");
+                assert_eq!(got.map(at), want.map(at), "{f} {kind:?}");
+            }
+        }
+        let mut r = Rng::keyed(9, &[]);
+        let (mut by_pass, mut by_order) = (0, 0);
+        for trial in 0..60 {
+            let (w, h) = (40 + r.below(50), 30 + r.below(40));
+            let depth = scene(&mut r, w, h);
+            let c = Candidates::new(&depth, w, h).unwrap();
+            let md = [4.0, 10.0, 25.0][trial % 3];
+            for kind in [PairKind::Far, PairKind::Near] {
+                let sorted = c.sorted();
+                let want = find_pair(sorted, kind, md).map(|(i, j)| (sorted[i], sorted[j]));
+                for k in [1, 2, 4] {
+                    let (got, ordered) = c.find_pair_from(kind, md, k);
+                    assert_eq!(got.map(at), want.map(at), "trial {trial} {kind:?} k {k}");
+                    if ordered {
+                        by_order += 1;
+                    } else {
+                        by_pass += 1;
+                    }
+                }
+            }
+        }
+        assert!(by_pass > 20 && by_order > 20, "{by_pass} {by_order}");
+    }
+
+    fn at(p: (Block, Block)) -> ((usize, usize), (usize, usize)) {
+        (p.0.at(), p.1.at())
     }
 
     /// The official tables are Eq. 7 with camera x right, z forward: check every cell.
@@ -624,8 +1106,11 @@ mod tests {
     #[test]
     fn candidates_are_ordered_by_distance_then_raster() {
         let (w, h) = (37usize, 23usize);
-        let norm: Vec<f32> = (0..w * h).map(|i| ((i * 31) % 17) as f32 / 400.0).collect();
-        let b = candidate_blocks(&norm, w, h);
+        // Small variations, and one far pixel in a corner that sets the normalising range.
+        let mut depth: Vec<f32> = (0..w * h).map(|i| ((i * 31) % 17) as f32 / 400.0).collect();
+        depth[0] = 10.0;
+        let c = Candidates::new(&depth, w, h).unwrap();
+        let b = c.sorted();
         assert!(!b.is_empty());
         for p in b.windows(2) {
             let key = |b: &Block| (b.dist2(w, h), b.y, b.x);
