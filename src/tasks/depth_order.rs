@@ -20,17 +20,24 @@ pub fn normalise(depth: &[f32]) -> Option<(Vec<f32>, f32, f32)> {
     if d_max <= d_min {
         return None;
     }
-    let norm = depth
+    Some((normalised(depth, d_min, d_max), d_min, d_max))
+}
+
+avx2_twin! {
+/// `(d − d_min) / (d_max − d_min)` for `d` within `[d_min, d_max]`, NaN elsewhere.
+fn normalised / normalised_baseline(depth: &[f32], d_min: f32, d_max: f32) -> Vec<f32> {
+    depth
         .iter()
         .map(|&d| {
+            let n = (d - d_min) / (d_max - d_min);
             if d.is_finite() && d >= d_min && d <= d_max {
-                (d - d_min) / (d_max - d_min)
+                n
             } else {
                 f32::NAN
             }
         })
-        .collect();
-    Some((norm, d_min, d_max))
+        .collect()
+}
 }
 
 /// NumPy's default (linear) percentiles of the finite values of `v` at each of `qs`, found by a
@@ -329,6 +336,27 @@ mod tests {
         );
         let mut one = vec![4.0f32];
         assert_eq!(percentile(&mut one, 50.0), 4.0);
+    }
+
+    /// The AVX2 build of the normalisation (where the CPU has it) gives the baseline's bits,
+    /// and NaN exactly outside the percentile range.
+    #[test]
+    fn avx2_normalisation_equals_the_baseline() {
+        let mut r = crate::rng::Rng::keyed(8, &[]);
+        let v: Vec<f32> = (0..1003)
+            .map(|i| match i % 11 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -1.0,
+                _ => r.f64() as f32 * 10.0,
+            })
+            .collect();
+        let (got, base) = (normalised(&v, 1.0, 9.0), normalised_baseline(&v, 1.0, 9.0));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&base));
+        for (n, d) in got.iter().zip(&v) {
+            assert_eq!(n.is_nan(), !(1.0..=9.0).contains(d), "{d}");
+        }
     }
 
     /// The radix select gives `percentile`'s values bit for bit: random depths, heavy ties,
