@@ -45,6 +45,24 @@ pub struct MinMax {
     pub oh: usize,
     pub min: Vec<f32>,
     pub max: Vec<f32>,
+    /// In `Skip` mode, the range of the map's finite pixels, found on the way; `(+inf, -inf)`
+    /// when none is finite, in `Spoil` mode, and when the map is smaller than the window (no
+    /// pixel read).
+    pub range: (f32, f32),
+}
+
+/// `acc` lane-wise folded with `row` by `pick` (eight lanes: vectorised; the rest into lane 0).
+#[inline(always)]
+fn fold_lanes<const MAX: bool>(acc: &mut [f32; 8], row: &[f32]) {
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = pick::<MAX>(v, *a);
+        }
+    }
+    for &v in chunks.remainder() {
+        acc[0] = pick::<MAX>(v, acc[0]);
+    }
 }
 
 /// The suffix statistics of a block of `k` rows (`ow` wide) of minima and maxima, into `suf`:
@@ -73,6 +91,8 @@ struct Rows<'a> {
     nans: Nans,
     lo: [Vec<f32>; 2],
     hi: [Vec<f32>; 2],
+    /// Lane-wise min and max of every pixel read, left-out pixels as their fill.
+    seen: ([f32; 8], [f32; 8]),
 }
 
 impl Rows<'_> {
@@ -87,6 +107,7 @@ impl Rows<'_> {
             nans,
             lo: [b_lo, c_lo],
             hi: [b_hi, c_hi],
+            seen,
         } = self;
         let (w, k, span, ow) = (*w, *k, *span, lo.len());
         // (selects, not branches: NaN pixels come in irregular patterns)
@@ -104,6 +125,10 @@ impl Rows<'_> {
         }
         for (u, &s) in b_hi.iter_mut().zip(row) {
             *u = if left_out(s) { nan_hi } else { s };
+        }
+        if let Nans::Skip = nans {
+            fold_lanes::<false>(&mut seen.0, b_lo);
+            fold_lanes::<true>(&mut seen.1, b_hi);
         }
         let mut p = 1;
         while p < span {
@@ -136,6 +161,7 @@ pub fn min_max / min_max_baseline(src: &[f32], w: usize, h: usize, k: usize, nan
             oh: 0,
             min: vec![],
             max: vec![],
+            range: (f32::INFINITY, f32::NEG_INFINITY),
         };
     }
     let (ow, oh) = (w - k + 1, h - k + 1);
@@ -151,6 +177,7 @@ pub fn min_max / min_max_baseline(src: &[f32], w: usize, h: usize, k: usize, nan
         nans,
         lo: [vec![0f32; w], vec![0f32; w]],
         hi: [vec![0f32; w], vec![0f32; w]],
+        seen: ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]),
     };
     // `cur`: block b's rows as suffix statistics (row j covers rows j..k of the block);
     // `next`: block b + 1's rows as read; `pre`: the running prefix of `next` (and a spare).
@@ -211,7 +238,18 @@ pub fn min_max / min_max_baseline(src: &[f32], w: usize, h: usize, k: usize, nan
         suffixes(&next, &mut cur, k, ow);
     }
     debug_assert_eq!(min.len(), ow * oh);
-    MinMax { ow, oh, min, max }
+    let (lo, hi) = &rows.seen;
+    let range = (
+        lo.iter().fold(f32::INFINITY, |a, &v| pick::<false>(v, a)),
+        hi.iter().fold(f32::NEG_INFINITY, |a, &v| pick::<true>(v, a)),
+    );
+    MinMax {
+        ow,
+        oh,
+        min,
+        max,
+        range,
+    }
 }
 }
 
@@ -257,6 +295,11 @@ mod tests {
             assert_eq!(bits(&got.max), bits(&base.max), "{w}×{h} k {k} {nans:?}");
         }
         assert_eq!((skip.ow, skip.oh), (w - k + 1, h - k + 1));
+        let finite = src.iter().filter(|v| v.is_finite());
+        let range = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+        assert_eq!(skip.range, range, "{w}×{h} k {k}");
         assert_eq!(
             (skip.min.len(), spoil.max.len()),
             (skip.ow * skip.oh, skip.ow * skip.oh)
