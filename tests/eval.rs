@@ -194,7 +194,7 @@ fn vsi_samples_frames_like_numpy_and_keeps_the_prompt_quirks() {
     assert_eq!(items[2].images.len(), 6);
     // The Spatial-SSRL layout: mp4_path (its folder holds the frames) and options A-D, null
     // where a question has fewer.
-    let dir = std::env::temp_dir().join(format!("ssrl-eval-vsi-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("eval-vsi");
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("vsi_ssrl.json");
     std::fs::write(
@@ -279,7 +279,7 @@ fn vlmevalkit_tsv_prompts_images_and_references() {
 }
 
 fn expect_err(b: Bench, name: &str, text: &str, wants: &[&str]) {
-    let dir = std::env::temp_dir().join(format!("ssrl-eval-bad-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("eval-bad");
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();

@@ -24,10 +24,7 @@ fn root() -> PathBuf {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ssrl-dp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch(&format!("dp-{name}"))
 }
 
 /// Whether two ranks can be started: the `mpi` build and a working `mpirun`; else SKIP.

@@ -19,10 +19,7 @@ fn tiny() -> PathBuf {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ssrl-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch(&format!("train-{name}"))
 }
 
 /// A text-only task set: short prompts keep each CPU step well under a second.
