@@ -164,6 +164,56 @@ fn coords(list: &[u32], w: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
     })
 }
 
+avx2_twin! {
+/// Every pixel at least `margin` (and half a window) inside the frame whose `k × k` window's
+/// range is under `thr`, by the bin its normalised depth falls in, in row-major order. Tested
+/// 32 pixels at a time without branches (which pass comes in irregular patterns), the passing
+/// ones then pushed.
+fn passing_pixels / passing_pixels_baseline(
+    norm: &[f32],
+    w: usize,
+    h: usize,
+    mm: &window::MinMax,
+    k: usize,
+    margin: usize,
+    thr: f32,
+) -> ByBin {
+    let half = k / 2;
+    let mut lists = ByBin::default();
+    let (y_lo, y_hi) = (half.max(margin), h.saturating_sub(half.max(margin)));
+    let (x_lo, x_hi) = (half.max(margin), w.saturating_sub(half.max(margin)));
+    if x_lo >= x_hi {
+        return lists;
+    }
+    for y in y_lo..y_hi {
+        // Pixel x's window has its top-left at (x − half, y − half).
+        let at = (y - half) * mm.ow;
+        let lo = &mm.min[at + x_lo - half..at + x_hi - half];
+        let hi = &mm.max[at + x_lo - half..at + x_hi - half];
+        let depth = &norm[y * w + x_lo..y * w + x_hi];
+        let chunks = lo.chunks(32).zip(hi.chunks(32)).zip(depth.chunks(32));
+        for (c, ((lo, hi), depth)) in chunks.enumerate() {
+            let mut bits = [0u32; 3];
+            for (i, ((&l, &u), &d)) in lo.iter().zip(hi).zip(depth).enumerate() {
+                // (never NaN: a window holding a NaN pixel spans −inf..+inf)
+                let flat = u - l < thr;
+                for (m, &(b_lo, b_hi)) in bits.iter_mut().zip(&BINS) {
+                    *m |= u32::from(flat & (d >= b_lo) & (d <= b_hi)) << i;
+                }
+            }
+            let first = (y * w + x_lo + c * 32) as u32;
+            for (list, mut m) in lists.iter_mut().zip(bits) {
+                while m != 0 {
+                    list.push(first + m.trailing_zeros());
+                    m &= m - 1;
+                }
+            }
+        }
+    }
+    lists
+}
+}
+
 /// Three regions, one per depth bin, each a small window of nearly constant depth, marked
 /// 1–3 in random order; the answer lists the marks from nearest to farthest.
 ///
@@ -189,27 +239,8 @@ pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReaso
         for (wi, (k, thr)) in WINDOWS.into_iter().enumerate() {
             let half = k / 2;
             let mm = stats[wi].get_or_insert_with(|| window::min_max(&norm, w, h, k, Nans::Spoil));
-            let lists = passing[wi].get_or_insert_with(|| {
-                let mut lists = ByBin::default();
-                let (y_lo, y_hi) = (half.max(margin), h.saturating_sub(half.max(margin)));
-                let (x_lo, x_hi) = (half.max(margin), w.saturating_sub(half.max(margin)));
-                for y in y_lo..y_hi {
-                    let row = &norm[y * w..(y + 1) * w];
-                    let at = (y - half) * mm.ow;
-                    let (lo, hi) = (&mm.min[at..at + mm.ow], &mm.max[at..at + mm.ow]);
-                    for x in x_lo..x_hi {
-                        // The window with top-left (x − half, y − half).
-                        if hi[x - half] - lo[x - half] >= thr {
-                            continue;
-                        }
-                        let c = row[x];
-                        if let Some(b) = BINS.iter().position(|&(lo, hi)| c >= lo && c <= hi) {
-                            lists[b].push((y * w + x) as u32);
-                        }
-                    }
-                }
-                lists
-            });
+            let lists =
+                passing[wi].get_or_insert_with(|| passing_pixels(&norm, w, h, mm, k, margin, thr));
             let apart = |&(x, y): &(usize, usize)| {
                 regions.iter().all(|r| {
                     let d2 = (r.x as f32 - x as f32).powi(2) + (r.y as f32 - y as f32).powi(2);
@@ -336,6 +367,50 @@ mod tests {
         );
         let mut one = vec![4.0f32];
         assert_eq!(percentile(&mut one, 50.0), 4.0);
+    }
+
+    /// The passing pixels by bin are those of the per-pixel definition, in row-major order, in
+    /// both builds: maps with invalid pixels, values on the bins' bounds and between bins, rows
+    /// that are and are not multiples of 32 wide, margins that leave nothing.
+    #[test]
+    fn passing_pixels_are_the_definitions() {
+        let mut r = crate::rng::Rng::keyed(12, &[]);
+        for (w, h, k, margin, thr) in [
+            (100, 40, 5, 3, 0.2f32),
+            (67, 33, 11, 2, 0.3),
+            (31, 50, 3, 1, 0.05),
+            (40, 40, 25, 0, 0.5),
+            (12, 12, 11, 9, 0.5),
+        ] {
+            let norm: Vec<f32> = (0..w * h)
+                .map(|i| match r.below(20) {
+                    0 => f32::NAN,
+                    1 => [0.0, 0.3, 0.35, 0.65, 0.7, 1.0, 0.32][r.below(7)],
+                    _ => ((i % w) as f32 / w as f32 + r.f64() as f32 * 0.1).min(1.0),
+                })
+                .collect();
+            let mm = window::min_max(&norm, w, h, k, Nans::Spoil);
+            let half = k / 2;
+            let mut want = ByBin::default();
+            for y in half.max(margin)..h.saturating_sub(half.max(margin)) {
+                for x in half.max(margin)..w.saturating_sub(half.max(margin)) {
+                    let at = (y - half) * mm.ow + x - half;
+                    if mm.max[at] - mm.min[at] >= thr {
+                        continue;
+                    }
+                    let c = norm[y * w + x];
+                    if let Some(b) = BINS.iter().position(|&(lo, hi)| c >= lo && c <= hi) {
+                        want[b].push((y * w + x) as u32);
+                    }
+                }
+            }
+            let got = passing_pixels(&norm, w, h, &mm, k, margin, thr);
+            assert_eq!(got, want, "{w}×{h} k {k}");
+            assert_eq!(
+                passing_pixels_baseline(&norm, w, h, &mm, k, margin, thr),
+                want
+            );
+        }
     }
 
     /// The AVX2 build of the normalisation (where the CPU has it) gives the baseline's bits,
