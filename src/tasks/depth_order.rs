@@ -7,6 +7,7 @@ use super::window::{self, Nans};
 use super::{Generated, SkipReason};
 use crate::rng::Rng;
 use serde_json::json;
+use std::cell::OnceCell;
 
 /// Normalised-depth bins: 1 = near, 2 = middle, 3 = far (bounds inclusive).
 pub const BINS: [(f32, f32); 3] = [(0.0, 0.3), (0.35, 0.65), (0.7, 1.0)];
@@ -222,25 +223,46 @@ fn passing_pixels / passing_pixels_baseline(
 /// keep every sample answerable: a marker must fit inside the frame and must not overlap
 /// another marker.
 pub fn generate(frame: &RgbdFrame, rng: &mut Rng) -> Result<Generated, SkipReason> {
+    generate_shared(frame, &Shared::default(), rng)
+}
+
+/// What every sample of one frame computes alike, kept for the frame's next samples (`ssrl
+/// tasks --per-image N`): the normalised depth and, per window size as first needed, the window
+/// statistics and the passing pixels. Only the draws differ between samples.
+#[derive(Default)]
+pub struct Shared {
+    norm: OnceCell<Option<(Vec<f32>, f32, f32)>>,
+    stats: [OnceCell<window::MinMax>; 2],
+    passing: [OnceCell<ByBin>; 2],
+}
+
+/// [`generate`] with what `shared` holds of this frame (a `Shared` serves one frame only).
+pub fn generate_shared(
+    frame: &RgbdFrame,
+    shared: &Shared,
+    rng: &mut Rng,
+) -> Result<Generated, SkipReason> {
     let (w, h) = (frame.width(), frame.height());
-    let (norm, d_min, d_max) = normalise(&frame.depth).ok_or(SkipReason::InvalidDepth)?;
+    let (norm, d_min, d_max) = shared
+        .norm
+        .get_or_init(|| normalise(&frame.depth))
+        .as_ref()
+        .ok_or(SkipReason::InvalidDepth)?;
+    let (norm, d_min, d_max) = (norm.as_slice(), *d_min, *d_max);
     let style = MarkerStyle::matplotlib_like(w as u32, h as u32, 15.0, 0.3, 1.5);
     let margin = style.radius.ceil() as usize + 1;
     let mut regions: Vec<Region> = Vec::with_capacity(3);
     // A window holding a pixel without normalised depth (invalid, or outside the percentiles)
-    // never passes: such pixels spoil its range.
-    let mut stats: [Option<window::MinMax>; 2] = [None, None];
-    // Per window size, every pixel whose window passes, by bin, in row-major order (one scan
-    // for the three bins).
-    let mut passing: [Option<ByBin>; 2] = [None, None];
+    // never passes: such pixels spoil its range. Per window size, every pixel whose window
+    // passes, by bin, in row-major order (one scan for the three bins).
+    let (stats, passing) = (&shared.stats, &shared.passing);
     let apart_d2 = (2.0 * style.radius + 2.0).powi(2);
     for bin in 0..BINS.len() {
         let mut found = None;
         for (wi, (k, thr)) in WINDOWS.into_iter().enumerate() {
             let half = k / 2;
-            let mm = stats[wi].get_or_insert_with(|| window::min_max(&norm, w, h, k, Nans::Spoil));
-            let lists =
-                passing[wi].get_or_insert_with(|| passing_pixels(&norm, w, h, mm, k, margin, thr));
+            let mm = stats[wi].get_or_init(|| window::min_max(norm, w, h, k, Nans::Spoil));
+            let lists = passing[wi].get_or_init(|| passing_pixels(norm, w, h, mm, k, margin, thr));
             let apart = |&(x, y): &(usize, usize)| {
                 regions.iter().all(|r| {
                     let d2 = (r.x as f32 - x as f32).powi(2) + (r.y as f32 - y as f32).powi(2);

@@ -399,9 +399,17 @@ enum Input {
     Rgbd(source::RgbdFrame),
 }
 
+/// What the samples of one source and task share (computed once, on the first sample).
+#[derive(Default)]
+struct Shared {
+    depth: depth_order::Shared,
+    position: position::Shared,
+}
+
 fn generate_one(
     task: TaskKind,
     input: &Input,
+    shared: &Shared,
     rng: &mut Rng,
     cfg: &TasksConfig,
 ) -> Result<Generated, SkipReason> {
@@ -414,8 +422,10 @@ fn generate_one(
         }
         (TaskKind::Flip, Input::Rgb(img)) => flip::generate(img, rng),
         (TaskKind::Crop, Input::Rgb(img)) => crop::generate(img, rng),
-        (TaskKind::Depth, Input::Rgbd(f)) => depth_order::generate(f, rng),
-        (TaskKind::Position, Input::Rgbd(f)) => position::generate(f, rng, cfg.position_geometry),
+        (TaskKind::Depth, Input::Rgbd(f)) => depth_order::generate_shared(f, &shared.depth, rng),
+        (TaskKind::Position, Input::Rgbd(f)) => {
+            position::generate_shared(f, &shared.position, rng, cfg.position_geometry)
+        }
         _ => unreachable!("tasks are routed by source kind"),
     }
 }
@@ -461,9 +471,10 @@ fn process_source(
     let source_names: Vec<String> = src.files().iter().map(|p| display(p)).collect();
     for &task in &tasks {
         let stats = out.stats.entry(task).or_default();
+        let shared = Shared::default();
         for k in 0..cfg.per_image {
             let mut rng = Rng::keyed(cfg.seed, &[gi as u64, task as u64, k as u64]);
-            match generate_one(task, &input, &mut rng, cfg) {
+            match generate_one(task, &input, &shared, &mut rng, cfg) {
                 Ok(g) => {
                     let id = format!("{}-{gi:06}-{k}", task.name());
                     let mut images = Vec::with_capacity(g.images.len());
@@ -820,6 +831,56 @@ mod tests {
 
     fn root() -> &'static Path {
         Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// A frame's samples drawn with what they share kept from the first are the samples drawn
+    /// afresh: depth and position (both rules, both geometries where the frame allows) on the
+    /// official and the repo's RGB-D frames.
+    #[test]
+    fn shared_frame_work_gives_the_fresh_samples() {
+        use super::{depth_order, position, source};
+        use crate::rng::Rng;
+        let same = |a: &super::Generated, b: &super::Generated| {
+            a.problem == b.problem
+                && a.answer == b.answer
+                && a.meta == b.meta
+                && a.images
+                    .iter()
+                    .map(|i| i.as_raw())
+                    .eq(b.images.iter().map(|i| i.as_raw()))
+        };
+        type Drawn = Result<super::Generated, SkipReason>;
+        let agree = |a: &Drawn, b: &Drawn| match (a, b) {
+            (Ok(a), Ok(b)) => same(a, b),
+            (Err(x), Err(y)) => x == y,
+            _ => false,
+        };
+        let mut frames = 0;
+        for dir in ["fixtures/official", "fixtures/rgbd"] {
+            for found in source::discover_rgbd(&root().join(dir)).unwrap().frames {
+                let f = source::load_rgbd(&found, 0).unwrap();
+                let (depth, pos) = (depth_order::Shared::default(), position::Shared::default());
+                for k in 0..6u64 {
+                    let rng = || Rng::keyed(k, &[7]);
+                    let (a, b) = (
+                        depth_order::generate(&f, &mut rng()),
+                        depth_order::generate_shared(&f, &depth, &mut rng()),
+                    );
+                    assert!(agree(&a, &b), "{}", found.color.display());
+                    let geometry = match k % 2 {
+                        0 => position::Geometry::Sign,
+                        _ => position::Geometry::Metric,
+                    };
+                    let (a, b) = (
+                        position::generate(&f, &mut rng(), geometry),
+                        position::generate_shared(&f, &pos, &mut rng(), geometry),
+                    );
+                    assert!(agree(&a, &b), "{}", found.color.display());
+                }
+                frames += 1;
+            }
+        }
+        assert!(frames >= 6, "{frames}");
     }
 
     /// Whichever encoder the build has, the JPEG decodes to the picture (quality 95, 4:2:0).

@@ -15,6 +15,7 @@ use super::window;
 use super::{Generated, SkipReason};
 use crate::rng::Rng;
 use serde_json::json;
+use std::cell::OnceCell;
 use std::ops::Range;
 
 pub const BLOCK: usize = 15;
@@ -685,12 +686,38 @@ pub fn generate(
     rng: &mut Rng,
     geometry: Geometry,
 ) -> Result<Generated, SkipReason> {
+    generate_shared(frame, &Shared::default(), rng, geometry)
+}
+
+/// What every sample of one frame computes alike, kept for the frame's next samples (`ssrl
+/// tasks --per-image N`): the candidates and, per rule as first needed, the first pair — a
+/// frame's samples differ only in the rule drawn, the labels and the facing.
+#[derive(Default)]
+pub struct Shared {
+    blocks: OnceCell<Option<Candidates>>,
+    pairs: [OnceCell<Option<(Block, Block)>>; 2],
+}
+
+/// [`generate`] with what `shared` holds of this frame (a `Shared` serves one frame only).
+pub fn generate_shared(
+    frame: &RgbdFrame,
+    shared: &Shared,
+    rng: &mut Rng,
+    geometry: Geometry,
+) -> Result<Generated, SkipReason> {
     let (w, h) = (frame.width(), frame.height());
     if geometry == Geometry::Metric && (frame.intrinsics.is_none() || !frame.metric) {
         return Err(SkipReason::NoIntrinsics);
     }
-    let blocks = Candidates::new(&frame.depth, w, h).ok_or(SkipReason::InvalidDepth)?;
+    let blocks = shared
+        .blocks
+        .get_or_init(|| Candidates::new(&frame.depth, w, h))
+        .as_ref()
+        .ok_or(SkipReason::InvalidDepth)?;
     let min_dist = (w.min(h) / 8) as f64;
+    let pair = |kind: PairKind| {
+        *shared.pairs[kind as usize].get_or_init(|| blocks.find_pair(kind, min_dist))
+    };
     let first = if rng.bool() {
         PairKind::Near
     } else {
@@ -701,14 +728,9 @@ pub fn generate(
     } else {
         PairKind::Near
     };
-    let (kind, (a, b)) = match blocks.find_pair(first, min_dist) {
+    let (kind, (a, b)) = match pair(first) {
         Some(p) => (first, p),
-        None => (
-            second,
-            blocks
-                .find_pair(second, min_dist)
-                .ok_or(SkipReason::NoPair)?,
-        ),
+        None => (second, pair(second).ok_or(SkipReason::NoPair)?),
     };
     let centres = [a, b];
     // Raw depth: nanmax over the block, as the official script reads it.
