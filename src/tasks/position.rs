@@ -69,15 +69,6 @@ impl Block {
     }
 }
 
-/// The range `(min, max)` of the finite values of `depth`; `None` when none is finite.
-fn finite_range(depth: &[f32]) -> Option<(f32, f32)> {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &v in depth.iter().filter(|v| v.is_finite()) {
-        (lo, hi) = (lo.min(v), hi.max(v));
-    }
-    lo.is_finite().then_some((lo, hi))
-}
-
 avx2_twin! {
 /// One row of window statistics: finite values min-max normalised over `[lo, hi]` in place
 /// (all 1 when `lo == hi`; the rest left as they are), and how many of its blocks qualify.
@@ -139,10 +130,7 @@ impl Candidates {
         // normalised window's min and max are exactly the normalised min and max — no
         // normalised copy of the map. (The range comes from the same sweep.)
         let mut mm = window::min_max(depth, w, h, BLOCK, window::Nans::Skip);
-        let (lo, hi) = match mm.ow {
-            0 => finite_range(depth)?,
-            _ => Some(mm.range).filter(|r| r.0.is_finite())?,
-        };
+        let (lo, hi) = Some(mm.range).filter(|r| r.0.is_finite())?;
         let (cy, cx) = (h as f64 / 2.0, w as f64 / 2.0);
         let (my, mx) = (CENTER_MARGIN * h as f64, CENTER_MARGIN * w as f64);
         let (ys, xs) = if mm.ow == 0 {
@@ -1031,7 +1019,8 @@ mod tests {
         for n in [0usize, 1, 7, 8, 9, 100, 1001] {
             let mut v = scene(&mut r, n.max(1), 1);
             v.truncate(n);
-            let (lo, hi) = finite_range(&v).unwrap_or((0.0, 0.0));
+            let finite = v.iter().filter(|x| x.is_finite());
+            let (lo, hi) = finite.fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
             for (lo, hi) in [(lo, hi), (lo, lo)] {
                 let (mut a, mut b) = (v.clone(), v.iter().map(|x| x + 0.1).collect::<Vec<_>>());
                 let (mut c, mut d) = (a.clone(), b.clone());

@@ -45,9 +45,8 @@ pub struct MinMax {
     pub oh: usize,
     pub min: Vec<f32>,
     pub max: Vec<f32>,
-    /// In `Skip` mode, the range of the map's finite pixels, found on the way; `(+inf, -inf)`
-    /// when none is finite, in `Spoil` mode, and when the map is smaller than the window (no
-    /// pixel read).
+    /// In `Skip` mode, the range of the map's finite pixels, found on the way (`(+inf, -inf)`
+    /// when none is finite); `(+inf, -inf)` in `Spoil` mode.
     pub range: (f32, f32),
 }
 
@@ -156,12 +155,19 @@ avx2_twin! {
 /// so the same statistics bit for bit).
 pub fn min_max / min_max_baseline(src: &[f32], w: usize, h: usize, k: usize, nans: Nans) -> MinMax {
     if k == 0 || w < k || h < k {
+        // No window: the range still, by a plain pass.
+        let mut range = (f32::INFINITY, f32::NEG_INFINITY);
+        if nans == Nans::Skip {
+            for &v in src.iter().filter(|v| v.is_finite()) {
+                range = (pick::<false>(v, range.0), pick::<true>(v, range.1));
+            }
+        }
         return MinMax {
             ow: 0,
             oh: 0,
             min: vec![],
             max: vec![],
-            range: (f32::INFINITY, f32::NEG_INFINITY),
+            range,
         };
     }
     let (ow, oh) = (w - k + 1, h - k + 1);
@@ -273,6 +279,17 @@ mod tests {
         ] {
             check(w, h, k);
         }
+    }
+
+    /// A map smaller than the window has no windows, and still its finite range.
+    #[test]
+    fn no_window_still_gives_the_range() {
+        let src = [3.0, f32::NAN, -1.0, f32::INFINITY, 2.0, f32::NEG_INFINITY];
+        let m = min_max(&src, 3, 2, 3, Nans::Skip);
+        assert_eq!((m.ow, m.oh, m.min.len()), (0, 0, 0));
+        assert_eq!(m.range, (-1.0, 3.0));
+        let none = min_max(&[f32::NAN; 4], 2, 2, 3, Nans::Skip);
+        assert_eq!(none.range, (f32::INFINITY, f32::NEG_INFINITY));
     }
 
     fn check(w: usize, h: usize, k: usize) {
